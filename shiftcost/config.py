@@ -1,0 +1,189 @@
+"""Settings: environment variables ``SHIFTCOST_*``, optionally a TOML file.
+
+Precedence, highest first: values passed to ``Settings(...)``, environment variables
+(``SHIFTCOST_DATABASE_URL`` ...), a ``.env`` file if present, then the TOML file named by
+``SHIFTCOST_CONFIG`` (flat ``key = value`` pairs using the field names), then defaults.
+
+To add a setting, add a typed field with a default to ``Settings``; its environment
+variable is ``SHIFTCOST_`` followed by the upper-cased field name.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from shiftcost.errors import ConfigError
+
+CONFIG_FILE_VARIABLE = "SHIFTCOST_CONFIG"
+
+
+class Settings(BaseSettings):
+    """Every shiftcost setting, each overridable by ``SHIFTCOST_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SHIFTCOST_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    database_url: str = Field(
+        default="sqlite:///shiftcost.db",
+        description="SQLAlchemy URL of the database; the default is the SQLite file "
+        "shiftcost.db in the working directory. Put passwords here only through the "
+        "environment, never in a committed file.",
+    )
+
+    # --- pipeline: where batches arrive and where artifacts go -----------------------
+    landing: str = Field(
+        default="landing",
+        description="Where new batches arrive: a local folder (default ./landing) or any fsspec "
+        "URL such as s3://bucket/prefix or memory://landing. Each .npz/.pt file or ImageFolder "
+        "sub-folder is one batch.",
+    )
+    artifacts_dir: str = Field(
+        default="shiftcost-artifacts",
+        description="Local folder for model weights, reference stats, reference data and "
+        "Evidently drift reports.",
+    )
+    model_name: str = Field(default="model", description="Name of the deployed model that batches are assessed against.")
+    poll_interval_s: float = Field(default=60.0, gt=0, description="Seconds between two polls of the landing location.")
+    flow_mode: Literal["inline", "deployment"] = Field(
+        default="inline",
+        description="inline (embedded): the watch flow runs assess, and assess runs retrain, as subflows in "
+        "its own process; deployment (production): they start the assess and retrain deployments on the "
+        "gpu work pool with run_deployment, keyed by the batch fingerprint.",
+    )
+    assess_deployment: str = Field(
+        default="assess/shiftcost-assess", description="flow-name/deployment-name of assess in deployment mode."
+    )
+    retrain_deployment: str = Field(
+        default="retrain/shiftcost-retrain", description="flow-name/deployment-name of retrain in deployment mode."
+    )
+    claim_lease_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds after which a batch claimed by a crashed assessment may be claimed again.",
+    )
+    device: str = Field(default="auto", description="Torch device for forward passes and retraining: auto, cpu, cuda[:N].")
+
+    # --- drift detection --------------------------------------------------------------
+    drift_embedding_method: Literal["model", "distance", "ratio", "mmd"] = Field(
+        default="model", description="Evidently embedding drift method."
+    )
+    drift_embeddings_threshold: float | None = Field(
+        default=None, description="Embedding drift score threshold (default: the method's own)."
+    )
+    drift_image_stats_threshold: float | None = Field(
+        default=None, description="Per-column threshold of the image-statistics tests (default: Evidently's)."
+    )
+    drift_image_stats_share: float = Field(
+        default=0.5, gt=0, le=1, description="Share of drifted image statistics that makes that group drift."
+    )
+    drift_predictions_threshold: float | None = Field(
+        default=None, description="Threshold of the prediction-distribution test (default: Evidently's)."
+    )
+    drift_min_groups: int = Field(default=1, ge=1, description="Drift groups that must drift for the batch to drift.")
+    drift_max_rows: int = Field(default=1000, ge=10, description="Rows per side the embedding drift test subsamples to.")
+
+    # --- decision -----------------------------------------------------------------------
+    always_assess: bool = Field(default=False, description="Predict costs and check budgets even without drift.")
+    use_upper_bound: bool = Field(
+        default=True, description="Check the upper bound of the predicted interval against budgets (else the point)."
+    )
+    min_accuracy_drop: float | None = Field(
+        default=None, description="Retrain only when the accuracy drop on a labelled batch exceeds this."
+    )
+    on_not_converging: Literal["skip", "defer"] = Field(
+        default="skip", description="What to do when retraining is predicted not to reach the cutoff."
+    )
+    budget_name: str = Field(default="default", description="Name of the budget created from budget_kwh / budget_co2.")
+    budget_kwh: float | None = Field(default=None, ge=0, description="kWh cap of the default budget (none: no cap).")
+    budget_co2: float | None = Field(default=None, ge=0, description="kg CO2e cap of the default budget (none: no cap).")
+    budget_period: Literal["per_run", "daily", "monthly", "rolling_days"] = Field(
+        default="monthly", description="Period of the default budget."
+    )
+    budget_rolling_days: int | None = Field(default=None, ge=1, description="Days of a rolling_days default budget.")
+
+    # --- cost prediction and retraining ----------------------------------------------------
+    interval_level: float = Field(default=0.9, gt=0, lt=1, description="Coverage of the cost prediction intervals.")
+    country_iso_code: str = Field(default="USA", description="3-letter ISO code of the grid (carbon intensity).")
+    carbon_intensity_kg_per_kwh: float | None = Field(
+        default=None, ge=0, description="Carbon intensity for predictions (default: CodeCarbon's figure for the country)."
+    )
+    cutoff_tolerance: float = Field(
+        default=0.03, ge=0, lt=1, description="Retraining stops at the reference accuracy minus this."
+    )
+    retrain_max_epochs: float | None = Field(default=20.0, gt=0, description="Epoch cap of one retraining.")
+    retrain_max_steps: int | None = Field(default=None, ge=1, description="Optimizer step cap of one retraining.")
+    retrain_batch_size: int = Field(default=64, ge=1, description="Mini-batch size of retraining.")
+    retrain_lr: float = Field(default=1e-3, gt=0, description="Learning rate of retraining.")
+    retrain_holdout_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Share of a batch held out to check the cutoff."
+    )
+    retrain_seed: int = Field(default=0, description="Seed of retraining and of the drift tests.")
+    energy_sample_s: float = Field(default=1.0, gt=0, description="CodeCarbon power sampling interval in seconds.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings, env_settings, dotenv_settings, file_secret_settings,
+        ]
+        config_file = os.environ.get(CONFIG_FILE_VARIABLE)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_checked_toml(config_file)))
+        return tuple(sources)
+
+
+def _checked_toml(path_text: str) -> Path:
+    """Fail with one clear sentence when the configuration file is missing or not TOML."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"The configuration file {path} named by {CONFIG_FILE_VARIABLE} does not exist; "
+            "fix the path or unset the variable."
+        )
+    try:
+        tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(
+            f"The configuration file {path} is not valid TOML ({error}); fix it or unset "
+            f"{CONFIG_FILE_VARIABLE}."
+        ) from error
+    return path
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings now (environment and files are read on every call).
+
+    An invalid value becomes a ``ConfigError`` naming the setting and its variable.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = ".".join(str(part) for part in first["loc"]) or "?"
+        raise ConfigError(
+            f"The setting {name} (environment variable SHIFTCOST_{name.upper()}) is invalid: "
+            f"{first['msg']}; fix its value."
+        ) from error
