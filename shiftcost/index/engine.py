@@ -1,0 +1,729 @@
+"""The index engine: one forward pass over a batch feeds every index.
+
+:func:`compute_reference_stats` summarises the reference data once per model version;
+:func:`assess` then costs exactly one pass over each new batch. During the pass the
+hooked activations go, still on the device, into streaming accumulators (per-class sums,
+fixed-edge histograms, a bounded embedding sample, prediction statistics); the indices
+are computed from those at the end:
+
+- RESQUE_dist per layer (headline: the primary layer), grouped by the batch's labels or,
+  without labels, by the model's predicted class (``resque_dist_variant``);
+- inv_ARI: k-means on the embedding sample started at the reference centroids;
+- layer shift: Wasserstein-1 between the reference and new histograms over the
+  reference std, averaged over layers;
+- RESQUE_task when asked (``task=True``) or when the batch has labels the reference
+  never had (a task change, reported in ``notes``);
+- PreIndex p (paired form) only when the clean originals of the batch are given;
+- accuracy, mean loss and mean prediction entropy of the current model on the batch.
+
+Input problems (wrong image shape, empty batch, labels outside the model's classes,
+NaN/inf activations, stats of another model) raise ``InputError`` with one sentence.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# scipy.stats and sklearn.cluster serve every pass's final step; importing them with the
+# engine keeps their one-off import (seconds) out of the first pass's measured time.
+import scipy.stats  # noqa: F401
+import sklearn.cluster  # noqa: F401
+import torch
+from torch import nn
+
+from shiftcost.errors import InputError
+from shiftcost.imagestats import IMAGE_STAT_NAMES, image_stats
+from shiftcost.index.accumulators import (
+    ClassSums,
+    EmbeddingSample,
+    LayerHistogram,
+    PairedHistogramDistance,
+    PredictionStats,
+    edges_from_range,
+    inv_ari_from_sample,
+    resque_dist_from_sums,
+    resque_task_from_sample,
+)
+from shiftcost.index.capture import capture_batches, iter_chunks, resolve_device, resolve_layers
+from shiftcost.index.functional import DEFAULT_MAX_SAMPLES, layer_shift
+from shiftcost.index.reference import ReferenceStats
+
+__all__ = ["IndexReport", "assess", "compute_reference_stats", "image_statistics"]
+
+Progress = Callable[[int, "int | None"], None]
+
+DEFAULT_BINS = 128
+PREINDEX_BINS = 32
+PREINDEX_METRIC = "wasserstein"
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class IndexReport:
+    """Every index and free feature from one pass over a batch.
+
+    ``to_dict()`` gives the JSON view. ``embedding_sample`` (features, labels, ids of the
+    sampled rows of the primary layer) and ``image_stats`` (per-image pixel statistics
+    of the same rows, columns named by ``image_stat_names``) are kept as attributes for
+    the drift detector and are not part of the JSON.
+    """
+
+    resque_dist: float | None
+    resque_dist_variant: str
+    resque_dist_by_layer: dict[str, float]
+    excluded_classes: list[int]
+    inv_ari: float | None
+    layer_shift: float | None
+    layer_shift_by_layer: dict[str, float]
+    resque_task: float | None
+    task_change: bool
+    new_classes: list[int]
+    preindex_p: float | None
+    accuracy: float | None
+    mean_loss: float | None
+    mean_entropy: float
+    predicted_counts: list[int]
+    reference_accuracy: float | None
+    samples: int
+    embedding_samples: int
+    seconds: float
+    device: str
+    layers: list[str]
+    notes: list[str] = field(default_factory=list)
+    embedding_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    image_stats: torch.Tensor | None = field(default=None, repr=False)
+    image_stat_names: tuple[str, ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; ``resque_task`` and ``preindex_p`` appear only when computed."""
+        data: dict[str, Any] = {
+            "resque_dist": self.resque_dist,
+            "resque_dist_variant": self.resque_dist_variant,
+            "resque_dist_by_layer": dict(self.resque_dist_by_layer),
+            "excluded_classes": list(self.excluded_classes),
+            "inv_ari": self.inv_ari,
+            "layer_shift": self.layer_shift,
+            "layer_shift_by_layer": dict(self.layer_shift_by_layer),
+        }
+        if self.resque_task is not None:
+            data["resque_task"] = self.resque_task
+        if self.preindex_p is not None:
+            data["preindex_p"] = self.preindex_p
+        data.update(
+            {
+                "task_change": self.task_change,
+                "new_classes": list(self.new_classes),
+                "accuracy": self.accuracy,
+                "mean_loss": self.mean_loss,
+                "mean_entropy": self.mean_entropy,
+                "predicted_counts": list(self.predicted_counts),
+                "reference_accuracy": self.reference_accuracy,
+                "samples": self.samples,
+                "embedding_samples": self.embedding_samples,
+                "seconds": self.seconds,
+                "device": self.device,
+                "layers": list(self.layers),
+                "notes": list(self.notes),
+            }
+        )
+        return data
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def image_statistics(x: torch.Tensor) -> torch.Tensor:
+    """Per-image pixel statistics (N, 4) float64, columns :data:`IMAGE_STAT_NAMES`."""
+    stats = image_stats(x)
+    return torch.stack([stats[name] for name in IMAGE_STAT_NAMES], dim=1).to(torch.float64)
+
+
+def _images_for_statistics(batch: Any) -> torch.Tensor:
+    # On CPU the caller's NCHW chunk is the same data and its statistics run ~20% faster
+    # than on the channels_last copy; on CUDA they run where the images already are.
+    if batch.x.device.type == "cpu" and batch.source_x is not None and batch.source_x.device.type == "cpu":
+        return batch.source_x
+    return batch.x
+
+
+def _chunk_checker(
+    spec: Any, *, labels: str, source: str, paired: bool = False
+) -> Callable[[Any, Any], None]:
+    """Host-side checks of one chunk against the model spec; ``labels`` in {"model", "any", "required"}."""
+    expected = (int(spec.in_channels), int(spec.image_size), int(spec.image_size))
+
+    def check(x: Any, y: Any) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"{source} holds a {type(x).__name__} where images were expected; give a float tensor N x C x H x W.")
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise InputError(
+                f"{source} has images of shape {tuple(x.shape[1:]) if x.dim() == 4 else tuple(x.shape)} but the model "
+                f"expects {expected[0]}x{expected[1]}x{expected[2]} (C x H x W); convert the images to that size and channel count."
+            )
+        if not x.is_floating_point():
+            raise InputError(f"{source} has images of dtype {x.dtype}; give float images with values in [0, 1].")
+        n = x.shape[0] // 2 if paired else x.shape[0]
+        if y is None:
+            if labels == "required":
+                raise InputError(f"{source} has no labels; the reference data needs a label per image.")
+            return
+        if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != n:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise InputError(f"{source} has labels of shape {got} for {n} images; give one integer label per image.")
+        if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+            raise InputError(f"{source} has labels of dtype {y.dtype}; give integer class ids.")
+        if n == 0:
+            return
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0:
+            raise InputError(f"{source} has the negative label {lo}; class ids start at 0.")
+        if labels != "any" and hi >= spec.num_classes:
+            hint = "; pass task=True (--task) if the batch is a new task" if labels == "model" else ""
+            raise InputError(
+                f"{source} has label {hi} but the model has {spec.num_classes} classes (0..{spec.num_classes - 1}){hint}."
+            )
+
+    return check
+
+
+def _first_chunk_guard(x: Any, source: str) -> None:
+    if isinstance(x, torch.Tensor) and x.shape[0] == 0:
+        raise InputError(f"{source} is empty; give at least one image.")
+
+
+class _Block:
+    """The hooked layers side by side in one (N, ΣD) float64 matrix.
+
+    Per-batch work then costs a few large tensor operations instead of a few per layer,
+    which matters for small models whose forward pass is itself cheap.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.slices: dict[str, slice] = {}
+
+    def join(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [features[name] for name in self.names]
+        if not self.slices:
+            offset = 0
+            for name, part in zip(self.names, parts):
+                self.slices[name] = slice(offset, offset + part.shape[1])
+                offset += part.shape[1]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def layer_of(self, column: int) -> str:
+        return next(name for name, cols in self.slices.items() if cols.start <= column < cols.stop)
+
+
+class _GroupedSums:
+    """Per-class sums of the joined features and per-class counts, on the device.
+
+    One scatter per batch for all layers, with no host synchronisation (the number of
+    rows is the model's class count, fixed in advance). CPU accumulates in sample order
+    (``index_put_`` with ``accumulate=True`` runs sequentially there); CUDA uses a one-hot
+    product, whose result, unlike atomic adds, does not change from run to run. At the
+    end the columns are handed out as one :class:`ClassSums` per layer.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.sums: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+
+    def update(self, joined: torch.Tensor, labels: torch.Tensor) -> None:
+        labels = labels.to(joined.device, non_blocking=True)
+        if self.sums is None:
+            self.sums = joined.new_zeros(self.num_classes, joined.shape[1])
+            self.counts = torch.zeros(self.num_classes, dtype=torch.int64, device=joined.device)
+        assert self.counts is not None
+        if joined.device.type == "cpu":
+            self.sums.index_put_((labels,), joined, accumulate=True)
+        else:
+            one_hot = torch.nn.functional.one_hot(labels, self.num_classes).to(joined.dtype)
+            self.sums.addmm_(one_hot.T, joined)
+        self.counts += torch.bincount(labels, minlength=self.num_classes)
+
+    def class_sums(self, block: _Block) -> dict[str, ClassSums]:
+        assert self.sums is not None and self.counts is not None
+        sums, counts = self.sums.cpu(), self.counts.cpu()
+        template = ClassSums().state_dict()
+        out = {}
+        for name in block.names:
+            accumulator = ClassSums()
+            accumulator.load_state_dict({**template, "sums": sums[:, block.slices[name]].contiguous(), "counts": counts.clone()})
+            out[name] = accumulator
+        return out
+
+
+class _JoinedHistograms:
+    """The fixed-edge histogram and moments of every layer, from the joined feature matrix.
+
+    Bins are those of :class:`LayerHistogram` (half-open, the last one closed; values
+    beyond the edges count in the end bins; NaN/inf are not binned but counted): the bin
+    is first guessed from the uniform bin width, then corrected against the stored edges,
+    so a value on an edge lands exactly where ``torch.bucketize`` would put it. One set of
+    operations per batch serves all layers; at the end each layer gets its own
+    ``LayerHistogram`` (through its state dict).
+    """
+
+    def __init__(self, block: _Block, edges: dict[str, torch.Tensor], device: torch.device) -> None:
+        self.block = block
+        self.edges = edges
+        bins = {int(e.shape[0]) - 1 for e in edges.values()}
+        if len(bins) != 1:
+            raise InputError("The reference stats use a different bin count per layer; rebuild them with `shiftcost reference`.")
+        self.bins = bins.pop()
+        self.device = device
+        self._columns_ready = False
+        self.counts = torch.zeros(len(block.names) * self.bins + 1, dtype=torch.int64, device=device)
+
+    def _prepare(self) -> None:
+        # Per-column constants: which layer, where its edges start, its range and centre.
+        layer_of, lo, scale, pivot = [], [], [], []
+        for index, name in enumerate(self.block.names):
+            e = self.edges[name]
+            width = self.block.slices[name].stop - self.block.slices[name].start
+            layer_of += [index] * width
+            lo += [float(e[0])] * width
+            scale += [self.bins / float(e[-1] - e[0])] * width
+            pivot += [float((e[0] + e[-1]) / 2)] * width
+        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
+        self.layer_of = as_tensor(layer_of, torch.int64)
+        self.edge_base = self.layer_of * (self.bins + 1)
+        self.bin_base = self.layer_of * self.bins
+        self.lo = as_tensor(lo, torch.float64)
+        self.scale = as_tensor(scale, torch.float64)
+        self.pivot = as_tensor(pivot, torch.float64)
+        self.flat_edges = torch.cat([self.edges[name] for name in self.block.names]).to(self.device)
+        columns = self.layer_of.shape[0]
+        self.moments = torch.zeros(3, columns, dtype=torch.float64, device=self.device)  # n, Σ(x−c), Σ(x−c)²
+        self.nonfinite = torch.zeros(columns, dtype=torch.int64, device=self.device)
+        self._columns_ready = True
+
+    def update(self, joined: torch.Tensor) -> None:
+        if not self._columns_ready:
+            self._prepare()
+        finite = torch.isfinite(joined)
+        safe = torch.where(finite, joined, self.lo)
+        guess = ((safe - self.lo) * self.scale).floor_().clamp_(0, self.bins - 1).to(torch.int64)
+        position = guess + self.edge_base
+        below = safe < self.flat_edges[position]
+        above = (safe >= self.flat_edges[position + 1]) & (guess < self.bins - 1)
+        guess = (guess - below.to(torch.int64) + above.to(torch.int64)).clamp_(0, self.bins - 1)
+        spill = len(self.block.names) * self.bins
+        flat = torch.where(finite, guess + self.bin_base, spill)
+        self.counts += torch.bincount(flat.reshape(-1), minlength=spill + 1)
+        centred = torch.where(finite, joined - self.pivot, 0.0)
+        self.moments += torch.stack([finite.sum(dim=0).to(torch.float64), centred.sum(dim=0), (centred * centred).sum(dim=0)])
+        self.nonfinite += (~finite).sum(dim=0)
+
+    def nonfinite_columns(self) -> torch.Tensor | None:
+        """Which feature columns held NaN or inf values (None before any update)."""
+        return self.nonfinite > 0 if self._columns_ready else None
+
+    def histograms(self) -> dict[str, LayerHistogram]:
+        counts = self.counts.cpu()
+        moments = self.moments.cpu() if self._columns_ready else None
+        nonfinite = self.nonfinite.cpu() if self._columns_ready else None
+        out = {}
+        for index, name in enumerate(self.block.names):
+            histogram = LayerHistogram(self.edges[name])
+            state = histogram.state_dict()
+            state["counts"] = counts[index * self.bins : (index + 1) * self.bins].clone()
+            if moments is not None and nonfinite is not None:
+                cols = self.block.slices[name]
+                n, s1, s2 = moments[:, cols].sum(dim=1).tolist()
+                state.update(count=int(n), sum_centred=s1, sumsq_centred=s2, nonfinite=int(nonfinite[cols].sum()))
+            histogram.load_state_dict(state)
+            out[name] = histogram
+        return out
+
+
+class _NonFinite:
+    """Where NaN/inf appeared: per feature column (from counts or ranges the pass keeps anyway)
+    and in the logits. Flags stay on the device until the single check at the end."""
+
+    def __init__(self) -> None:
+        self.logits: torch.Tensor | None = None
+
+    def update_logits(self, logits: torch.Tensor) -> None:
+        bad = ~torch.isfinite(logits).all()
+        self.logits = bad if self.logits is None else self.logits | bad
+
+    def check(self, block: _Block, bad_columns: torch.Tensor | None, source: str) -> None:
+        columns = [] if bad_columns is None else torch.nonzero(bad_columns).flatten().tolist()
+        if columns:
+            where = f"layer '{block.layer_of(columns[0])}'"
+        elif self.logits is not None and bool(self.logits):
+            where = "the logits"
+        else:
+            return
+        raise InputError(
+            f"The model produced NaN or infinite values at {where} on {source}; check the images for NaN/inf "
+            "pixels and the model weights."
+        )
+
+
+def _split_sample(sample: EmbeddingSample, width: int) -> tuple[EmbeddingSample, EmbeddingSample]:
+    """Split a sample of ``[embedding | image statistics]`` rows into two aligned samples.
+
+    One sample over the joined columns costs one compaction instead of two; the rows it
+    keeps depend only on ids, labels and seed, so both halves hold the same rows.
+    """
+    state = sample.state_dict()
+    halves = []
+    for columns in (slice(0, width), slice(width, None)):
+        half = EmbeddingSample(sample.max_samples, sample.seed, sample.min_per_class)
+        half.load_state_dict({**state, "features": state["features"][:, columns].contiguous()})
+        halves.append(half)
+    return halves[0], halves[1]
+
+
+def _report_progress(progress: Progress | None, done: int, total: int | None) -> None:
+    if progress is not None:
+        progress(done, total)
+
+
+def _total(x: Any) -> int | None:
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) else None
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def compute_reference_stats(
+    model: nn.Module,
+    spec: Any,
+    x: Any,
+    y: Any = None,
+    *,
+    layers: Iterable[str] | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    autocast: bool | None = False,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    seed: int = 0,
+    bins: int = DEFAULT_BINS,
+    progress: Progress | None = None,
+) -> ReferenceStats:
+    """Summarise the labelled reference data ``(x, y)`` for ``model`` (see :class:`ReferenceStats`).
+
+    ``x`` is an image tensor (N, C, H, W) with labels ``y``, or a re-iterable source of
+    ``(x, y)`` chunks (a list, or an object whose ``__iter__`` starts over). Two passes:
+    the first gathers everything except the histograms and each layer's min/max, the
+    second bins every layer's activations on edges spanning that range, so no value of
+    the reference falls outside its histogram. ``layers`` default to the classifier's
+    input; the first one is the primary layer.
+    """
+    from shiftcost.data.models import model_fingerprint
+
+    started = time.perf_counter()
+    names = resolve_layers(model, None if layers is None else list(layers), spec)
+    source = "The reference data"
+    _first_chunk_guard(x, source)
+    if not isinstance(x, torch.Tensor) and iter(x) is x:
+        raise InputError(
+            "The reference data is a one-shot iterator; give a tensor or a re-iterable source (e.g. a list of chunks), "
+            "because the reference takes two passes."
+        )
+    check = _chunk_checker(spec, labels="required", source=source)
+    total = _total(x)
+    grand_total = None if total is None else 2 * total
+
+    block = _Block(names)
+    grouped = _GroupedSums(spec.num_classes)
+    sample = EmbeddingSample(max_samples, seed)  # over [primary layer | image statistics]
+    predictions = PredictionStats(spec.num_classes)
+    nonfinite = _NonFinite()
+    lows: torch.Tensor | None = None
+    highs: torch.Tensor | None = None
+    seen = 0
+    run_device = resolve_device(device)
+    for batch in capture_batches(
+        model, iter_chunks(x, y, batch_size), names, device=run_device, autocast=autocast, check_chunk=check
+    ):
+        if batch.count == 0:
+            continue
+        assert batch.y is not None
+        labels = batch.y
+        ids = torch.arange(seen, seen + batch.count, dtype=torch.int64)
+        joined = block.join(batch.features)
+        nonfinite.update_logits(batch.logits)
+        grouped.update(joined, labels)
+        lo, hi = torch.aminmax(joined, dim=0)
+        lows = lo if lows is None else torch.minimum(lows, lo)
+        highs = hi if highs is None else torch.maximum(highs, hi)
+        sample.update(torch.cat([batch.features[names[0]], image_statistics(_images_for_statistics(batch))], dim=1), labels, ids)
+        predictions.update(batch.logits, labels)
+        seen += batch.count
+        _report_progress(progress, seen, grand_total)
+    if seen == 0:
+        raise InputError(f"{source} is empty; give at least one image.")
+    assert lows is not None and highs is not None
+    # NaN and inf propagate into the running minima and maxima, so these flag them per column.
+    nonfinite.check(block, ~(torch.isfinite(lows) & torch.isfinite(highs)), source)
+    edges = {name: edges_from_range(float(lows[cols].min()), float(highs[cols].max()), bins) for name, cols in block.slices.items()}
+    joined_histograms = _JoinedHistograms(block, edges, run_device)
+    done = seen
+    for batch in capture_batches(model, iter_chunks(x, y, batch_size), names, device=run_device, autocast=autocast):
+        joined_histograms.update(block.join(batch.features))
+        done += batch.count
+        _report_progress(progress, done, grand_total)
+    if done != 2 * seen:
+        raise InputError(
+            f"{source} gave {seen} images on the first pass and {done - seen} on the second; give a source that yields "
+            "the same data each time it is iterated."
+        )
+
+    embedding_sample, image_sample = _split_sample(sample, block.slices[names[0]].stop)
+    stats = ReferenceStats(
+        spec=spec,
+        fingerprint=model_fingerprint(model),
+        layers=tuple(names),
+        class_sums=grouped.class_sums(block),
+        histograms=joined_histograms.histograms(),
+        embedding_sample=embedding_sample,
+        image_stats_sample=image_sample,
+        image_stat_names=IMAGE_STAT_NAMES,
+        predictions=predictions,
+        samples=seen,
+        bins=int(bins),
+        max_samples=int(max_samples),
+        seed=int(seed),
+    )
+    for name, std in stats.reference_std.items():
+        if not std > 0:
+            raise InputError(
+                f"Layer '{name}' gives the same value for every reference image, so layer shift is undefined there; "
+                "hook another layer."
+            )
+    if len(stats.classes) < 2:
+        raise InputError(f"{source} holds only class {stats.classes}; the reference needs at least two classes.")
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+# --------------------------------------------------------------------------- assess
+
+
+def _paired_chunks(
+    x: Any, y: Any, clean: Any, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Chunks of ``cat([shifted, clean])`` so that one forward call serves both halves."""
+    shifted_chunks = iter_chunks(x, y, batch_size)
+    clean_chunks = iter_chunks(clean, None, batch_size)
+    for shifted, original in itertools.zip_longest(shifted_chunks, clean_chunks):
+        if shifted is None or original is None or shifted[0].shape[0] != original[0].shape[0]:
+            raise InputError(
+                "The clean originals (paired_clean_x) do not pair up with the batch; give exactly one clean image per "
+                "shifted image, in the same order."
+            )
+        if not isinstance(original[0], torch.Tensor):
+            raise InputError("The clean originals hold something other than image tensors; give a float tensor N x C x H x W.")
+        yield torch.cat([shifted[0], original[0]]), shifted[1]
+
+
+def assess(
+    model: nn.Module,
+    spec: Any,
+    reference: ReferenceStats,
+    x: Any,
+    y: Any = None,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    autocast: bool | None = False,
+    task: bool = False,
+    paired_clean_x: Any = None,
+    progress: Progress | None = None,
+    check_model: bool = True,
+) -> IndexReport:
+    """All indices for the batch ``(x, y)`` against ``reference``, in one forward pass.
+
+    ``x`` is an image tensor (N, C, H, W) with optional labels ``y``, or an iterable of
+    ``(x, y)`` chunks / image tensors (a stream, read once). Without labels RESQUE_dist and
+    inv_ARI group the batch by predicted class. ``task=True`` treats the labels as a new
+    task's (any non-negative ids) and adds RESQUE_task; labels the reference never had
+    trigger RESQUE_task too. ``paired_clean_x`` (the clean originals of ``x``, same order)
+    adds PreIndex p, at the price of a forward pass over them. ``check_model`` compares the
+    model's fingerprint with the one stored in ``reference``.
+    """
+    started = time.perf_counter()
+    if check_model:
+        reference.check_compatible(model)
+    names = list(reference.layers)
+    primary = reference.primary_layer
+    source = "The batch"
+    _first_chunk_guard(x, source)
+    if task and y is None and isinstance(x, torch.Tensor):
+        raise InputError("RESQUE_task needs the new task's labels but the batch has none; give labels or drop --task.")
+    paired = paired_clean_x is not None
+    check = _chunk_checker(spec, labels="any" if task else "model", source=source, paired=paired)
+    if paired:
+        _first_chunk_guard(paired_clean_x, "The clean originals")
+        chunks = _paired_chunks(x, y, paired_clean_x, max(1, batch_size // 2))
+    else:
+        chunks = iter_chunks(x, y, batch_size)
+    total = _total(x)
+    run_device = resolve_device(device)
+
+    ref_classes = set(reference.classes)
+    block = _Block(names)
+    grouped = _GroupedSums(spec.num_classes)
+    joined_histograms = _JoinedHistograms(block, {name: reference.histograms[name].edges for name in names}, run_device)
+    sample = EmbeddingSample(reference.max_samples, reference.seed)  # over [primary layer | image statistics]
+    predictions = PredictionStats(spec.num_classes)
+    preindex_layers = [name for name in names if (reference.class_sums[name].num_features or 0) > spec.num_classes]
+    paired_distances = {name: PairedHistogramDistance(PREINDEX_BINS, PREINDEX_METRIC) for name in preindex_layers}
+    nonfinite = _NonFinite()
+    seen_labels: set[int] = set()
+    labelled: bool | None = None
+    seen = 0
+
+    for batch in capture_batches(model, chunks, names, device=run_device, autocast=autocast, check_chunk=check):
+        n = batch.count // 2 if paired else batch.count
+        if n == 0:
+            continue
+        features, logits = batch.features, batch.logits
+        if paired:
+            clean_features = {name: features[name][n:] for name in preindex_layers}
+            features = {name: f[:n] for name, f in features.items()}
+            logits = logits[:n]
+            for name in preindex_layers:
+                paired_distances[name].update(clean_features[name], features[name], layer=name)
+        has_labels = batch.y is not None
+        if labelled is None:
+            labelled = has_labels
+        elif labelled != has_labels:
+            raise InputError(f"{source} mixes chunks with and without labels; label every chunk or none.")
+        if task and not has_labels:
+            raise InputError("RESQUE_task needs the new task's labels but the batch has none; give labels or drop --task.")
+        if has_labels:
+            seen_labels.update(torch.unique(batch.y).tolist())
+        # Grouping: the batch's labels when they are the model's classes, else the predictions.
+        predicted = logits.argmax(dim=1)
+        group = batch.y if has_labels and not task else predicted
+        sample_labels = batch.y if has_labels else predicted
+        ids = torch.arange(seen, seen + n, dtype=torch.int64)
+        joined = block.join(features)
+        nonfinite.update_logits(logits)
+        grouped.update(joined, group)
+        joined_histograms.update(joined)
+        sample.update(torch.cat([features[primary], image_statistics(_images_for_statistics(batch)[:n])], dim=1), sample_labels, ids)
+        predictions.update(logits, None if task or not has_labels else batch.y)
+        seen += n
+        _report_progress(progress, seen, total)
+
+    if seen == 0:
+        raise InputError(f"{source} is empty; give at least one image.")
+    nonfinite.check(block, joined_histograms.nonfinite_columns(), "the batch")
+    class_sums = grouped.class_sums(block)
+    histograms = joined_histograms.histograms()
+    sample, image_sample = _split_sample(sample, block.slices[primary].stop)
+    notes: list[str] = []
+    variant = "labels" if labelled and not task else "predicted"
+    if variant == "predicted":
+        why = "task mode" if task else "the batch has no labels"
+        notes.append(f"RESQUE_dist groups the batch by the model's predicted class ({why}).")
+
+    # RESQUE_dist, per layer; the primary layer's value is the headline.
+    by_layer: dict[str, float] = {}
+    excluded: list[int] = []
+    new_group_classes = set(class_sums[primary].compute().classes)
+    if not ref_classes & new_group_classes:
+        notes.append(
+            f"RESQUE_dist not computed: the batch shares no class with the reference (batch {sorted(new_group_classes)}, "
+            f"reference {sorted(ref_classes)})."
+        )
+    else:
+        for name in names:
+            result = resque_dist_from_sums(reference.class_sums[name], class_sums[name], layer=name)
+            by_layer[name] = result.value
+            if name == primary:
+                excluded = sorted(result.reference_only + result.new_only)
+        if excluded:
+            notes.append(f"Classes {excluded} are on one side only and were left out of RESQUE_dist.")
+
+    # inv_ARI on the embedding sample, k-means started at the reference centroids.
+    sampled = sample.compute()
+    inv_ari_value: float | None = None
+    if sampled.features.shape[0] < len(ref_classes):
+        notes.append(
+            f"inv_ARI not computed: the batch has {sampled.features.shape[0]} images, fewer than the "
+            f"{len(ref_classes)} reference classes."
+        )
+    else:
+        inv_ari_value = inv_ari_from_sample(reference.class_sums[primary], sample).value
+
+    # Layer shift: W1 between reference and new histograms over the reference std.
+    shift_by_layer: dict[str, float] = {}
+    reference_std = reference.reference_std
+    for name in names:
+        shift_by_layer[name] = layer_shift(
+            reference.histograms[name].compute(),
+            histograms[name].compute(),
+            reference.histograms[name].edges,
+            reference_std[name],
+            layer=name,
+        )
+    shift = sum(shift_by_layer.values()) / len(shift_by_layer)
+
+    # RESQUE_task: asked for, or triggered by labels the reference never had.
+    new_classes = sorted(seen_labels - ref_classes) if labelled else []
+    task_change = bool(new_classes) or task
+    resque_task_value: float | None = None
+    if task_change:
+        if new_classes and not task:
+            notes.append(f"Task change: labels {new_classes} are not among the reference classes; RESQUE_task computed.")
+        if len(seen_labels) < 2:
+            if task:
+                raise InputError(f"{source} holds only label {sorted(seen_labels)}; RESQUE_task needs at least two classes.")
+            notes.append("RESQUE_task not computed: the batch holds a single class.")
+        else:
+            resque_task_value = resque_task_from_sample(sample).value
+    if task:
+        notes.append("Task mode: the labels are the new task's, so accuracy and loss are not computed.")
+
+    preindex_value: float | None = None
+    if paired:
+        if paired_distances:
+            values = [paired_distances[name].compute() for name in preindex_layers]
+            preindex_value = sum(values) / len(values)
+        else:
+            notes.append(f"PreIndex p not computed: no hooked layer is wider than the {spec.num_classes} classes.")
+
+    outputs = predictions.compute()
+    image_rows = image_sample.compute()
+    return IndexReport(
+        resque_dist=by_layer.get(primary),
+        resque_dist_variant=variant,
+        resque_dist_by_layer=by_layer,
+        excluded_classes=excluded,
+        inv_ari=inv_ari_value,
+        layer_shift=shift,
+        layer_shift_by_layer=shift_by_layer,
+        resque_task=resque_task_value,
+        task_change=task_change,
+        new_classes=new_classes,
+        preindex_p=preindex_value,
+        accuracy=outputs["accuracy"],
+        mean_loss=outputs["mean_loss"],
+        mean_entropy=outputs["mean_entropy"],
+        predicted_counts=outputs["predicted_counts"],
+        reference_accuracy=reference.accuracy,
+        samples=seen,
+        embedding_samples=int(sampled.features.shape[0]),
+        seconds=time.perf_counter() - started,
+        device=str(run_device),
+        layers=names,
+        notes=notes,
+        embedding_sample=(sampled.features, sampled.labels, sampled.ids),
+        image_stats=image_rows.features,
+        image_stat_names=reference.image_stat_names,
+    )
