@@ -1,0 +1,202 @@
+"""Corruptions: identity at zero, seeding, monotone strength, clamping, and the formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from shiftcost.data.demo import load_digits
+from shiftcost.errors import InputError
+from shiftcost.shifts import CORRUPTIONS, DEFAULT_SWEEP, corrupt, plasma_fractal
+
+KINDS = tuple(CORRUPTIONS)
+RANDOM_KINDS = ("gaussian_noise", "shot_noise", "impulse_noise", "frost")
+SWEPT = ("gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "contrast")
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    return load_digits()[0][:128]
+
+
+def _strongest(kind: str) -> float:
+    return DEFAULT_SWEEP[kind][-1]
+
+
+def _mean_change(x: torch.Tensor, kind: str, intensity: float, seed: int = 0) -> float:
+    return float((corrupt(x, kind, intensity, seed=seed) - x).abs().mean())
+
+
+def test_every_spec_kind_is_offered():
+    assert set(KINDS) == {"gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "contrast", "brightness", "frost"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_intensity_zero_returns_an_identical_copy(digits, kind):
+    x = digits.clone()
+    x[0, 0, 0, 0] = 1.5  # even values outside [0, 1] pass through untouched
+    for clamp in (None, True, False):
+        out = corrupt(x, kind, 0.0, seed=5, clamp=clamp)
+        assert torch.equal(out, x) and out is not x
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_seed_same_output_and_input_untouched(digits, kind):
+    before = digits.clone()
+    a = corrupt(digits, kind, _strongest(kind), seed=7)
+    b = corrupt(digits, kind, _strongest(kind), seed=7)
+    assert torch.equal(a, b)
+    assert torch.equal(digits, before)
+    assert a.shape == digits.shape and a.dtype == digits.dtype
+    if kind in RANDOM_KINDS:
+        assert not torch.equal(a, corrupt(digits, kind, _strongest(kind), seed=8))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_strength_grows_along_the_default_sweep(digits, kind):
+    levels = DEFAULT_SWEEP[kind]
+    changes = [_mean_change(digits, kind, level) for level in levels]
+    assert changes[0] == 0.0
+    assert all(b >= a for a, b in zip(changes, changes[1:])), changes
+    assert changes[-1] > 0.01
+
+
+# Kinds whose draws do not depend on the intensity: the same seed couples every level,
+# so the change must grow with the intensity for every pair, not only on the sweep grid.
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(("gaussian_noise", "impulse_noise", "contrast", "brightness", "frost", "gaussian_blur")),
+    a=st.floats(0.0, 1.0),
+    b=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+    clamp=st.sampled_from((None, True)),
+)
+def test_strength_is_monotone_for_any_pair_of_intensities(kind, a, b, seed, clamp):
+    x = load_digits(image_size=8)[0][:16]
+    low, high = sorted((a, b))
+    change = [float((corrupt(x, kind, t, seed=seed, clamp=clamp) - x).abs().mean()) for t in (low, high)]
+    assert change[1] >= change[0] - 1e-6
+
+
+def test_gaussian_noise_is_unclamped_by_default_and_clamped_on_request(digits):
+    sigma = 0.3
+    raw = corrupt(digits, "gaussian_noise", sigma, seed=3)
+    expected = digits + sigma * torch.randn(digits.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(raw, expected, atol=1e-6)
+    assert float(raw.min()) < 0.0 and float(raw.max()) > 1.0
+    clamped = corrupt(digits, "gaussian_noise", sigma, seed=3, clamp=True)
+    assert torch.equal(clamped, raw.clamp(0, 1))
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "gaussian_noise"])
+def test_other_kinds_stay_in_the_unit_range(digits, kind):
+    top = 1.0 if kind in ("impulse_noise", "contrast", "brightness", "frost") else 3.0
+    out = corrupt(digits, kind, top, seed=1)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_clamp_false_leaves_brightness_above_one(digits):
+    assert float(corrupt(digits, "brightness", 0.5, clamp=False).max()) > 1.0
+
+
+def test_shot_noise_is_poisson_with_the_documented_scale():
+    scale, level = 0.1, 0.25
+    x = torch.full((64, 1, 32, 32), level)
+    out = corrupt(x, "shot_noise", scale, seed=2, clamp=False)
+    counts = out / scale**2  # Poisson(level / scale^2) = Poisson(25)
+    assert torch.allclose(counts, counts.round(), atol=1e-3)
+    assert float(counts.mean()) == pytest.approx(25, rel=0.01)
+    assert float(counts.var()) == pytest.approx(25, rel=0.05)
+    assert torch.equal(corrupt(torch.zeros(2, 1, 4, 4), "shot_noise", 0.5), torch.zeros(2, 1, 4, 4))
+
+
+def test_impulse_noise_hits_the_given_fraction_of_pixels_in_all_channels():
+    x = torch.full((32, 3, 32, 32), 0.5)
+    out = corrupt(x, "impulse_noise", 0.2, seed=4)
+    hit = out != 0.5
+    assert torch.equal(hit.all(dim=1), hit.any(dim=1))  # a pixel is hit in every channel or none
+    assert float(hit[:, 0].float().mean()) == pytest.approx(0.2, abs=0.01)
+    assert set(out[hit].unique().tolist()) == {0.0, 1.0}
+    assert float((out[hit] == 1.0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 1.5])
+def test_gaussian_blur_matches_scipy(digits, sigma):
+    out = corrupt(digits[:8], "gaussian_blur", sigma)
+    # torch "reflect" padding is scipy's "mirror"; both truncate the kernel at three sigmas.
+    reference = ndimage.gaussian_filter(digits[:8].numpy().astype(np.float64), sigma=(0, 0, sigma, sigma), mode="mirror", truncate=3.0)
+    assert np.allclose(out.numpy(), reference, atol=1e-5)
+
+
+def test_contrast_moves_pixels_towards_the_image_mean(digits):
+    x = digits[:4]
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(corrupt(x, "contrast", 0.25), mean + 0.75 * (x - mean), atol=1e-6)
+    flat = corrupt(x, "contrast", 1.0)
+    assert torch.allclose(flat, mean.expand_as(x), atol=1e-6)
+
+
+def test_brightness_adds_and_clamps(digits):
+    assert torch.allclose(corrupt(digits, "brightness", 0.2), (digits + 0.2).clamp(0, 1))
+
+
+def test_frost_blends_a_plasma_fractal(digits):
+    out = corrupt(digits, "frost", 1.0, seed=9, clamp=False)
+    n, _, h, w = digits.shape
+    ice = plasma_fractal(n, h, w, generator=torch.Generator().manual_seed(9))
+    assert torch.allclose(out, 0.6 * digits + 0.75 * ice, atol=1e-6)
+
+
+def test_plasma_fractal_is_a_seeded_low_frequency_texture():
+    make = lambda seed: plasma_fractal(8, 64, 64, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    field = make(0)
+    assert field.shape == (8, 1, 64, 64)
+    assert torch.allclose(field.amin(dim=(2, 3)), torch.zeros(8, 1)) and torch.allclose(field.amax(dim=(2, 3)), torch.ones(8, 1))
+    assert torch.equal(field, make(0)) and not torch.equal(field, make(1))
+    assert not torch.allclose(field[0], field[1])  # every image gets its own texture
+    power = torch.fft.rfft2(field - field.mean(dim=(2, 3), keepdim=True)).abs() ** 2
+    low, high = power[..., 1:4, 1:4].mean(), power[..., 24:32, 24:32].mean()
+    assert float(low) > 100 * float(high)  # a fractal, not white noise
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", KINDS)
+def test_output_does_not_depend_on_the_device(digits, kind):
+    cpu = corrupt(digits, kind, _strongest(kind), seed=3)
+    gpu = corrupt(digits.cuda(), kind, _strongest(kind), seed=3).cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-5)
+
+
+def test_unknown_kind_lists_the_kinds_and_suggests_a_match(digits):
+    with pytest.raises(InputError) as caught:
+        corrupt(digits, "gaussian_nosie", 0.1)
+    message = str(caught.value)
+    assert "did you mean gaussian_noise" in message and all(kind in message for kind in KINDS)
+
+
+@pytest.mark.parametrize(
+    ("kind", "intensity"), [("gaussian_noise", -0.1), ("contrast", 1.5), ("impulse_noise", 2.0), ("gaussian_blur", float("nan"))]
+)
+def test_out_of_range_intensity_is_refused(digits, kind, intensity):
+    with pytest.raises(InputError, match=kind):
+        corrupt(digits, kind, intensity)
+
+
+def test_non_batch_input_is_refused():
+    with pytest.raises(InputError, match="N x C x H x W"):
+        corrupt(torch.rand(16, 16), "contrast", 0.5)
+    with pytest.raises(InputError, match="N x C x H x W"):
+        corrupt(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), "contrast", 0.5)
+
+
+def test_default_sweep_levels_are_usable_and_increasing():
+    for kind in SWEPT:
+        assert len(DEFAULT_SWEEP[kind]) >= 5 and DEFAULT_SWEEP[kind][0] == 0.0
+    for kind, levels in DEFAULT_SWEEP.items():
+        assert kind in CORRUPTIONS
+        assert list(levels) == sorted(set(levels))
+        corrupt(torch.rand(1, 1, 4, 4), kind, levels[-1])
