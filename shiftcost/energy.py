@@ -1,0 +1,448 @@
+"""Energy and carbon measurement of a piece of work, through CodeCarbon's offline tracker.
+
+One :class:`EnergyMeter` measures one run: it wraps a fresh
+``codecarbon.OfflineEmissionsTracker`` and turns what CodeCarbon reports into an
+:class:`EnergyMeasurement` that says not only how much, but *how* each figure was
+obtained (counter-measured or estimated from a power model), so an audit can tell the two
+apart.
+
+Behaviour of CodeCarbon 3.3 that this module guards against (read from its source):
+
+- ``OfflineEmissionsTracker.__init__``, ``start()`` and ``stop()`` are wrapped in
+  ``suppress(Exception)``: any error inside is logged and swallowed, and ``stop()`` then
+  returns ``None``. A ``None`` result is a failed measurement here
+  (:class:`EnergyMeasurementError`), never zero.
+- ``stop()`` must run once per tracker; the meter calls it once and caches the result.
+- An unknown ``country_iso_code`` does not fail: CodeCarbon silently falls back to a world
+  average carbon intensity. The code is therefore checked against CodeCarbon's own energy
+  mix table before the tracker is built (:class:`~shiftcost.errors.ConfigError`).
+- The tracker reads ``~/.codecarbon.config``, ``./.codecarbon.config`` and ``CODECARBON_*``
+  environment variables for every setting not passed explicitly. The meter passes every
+  setting that could send data over the network or write files (output methods, HTTP
+  endpoint, Electricity Maps token, lock file), so no configuration file can turn those on.
+  Hardware facts (``force_cpu_power``, ``force_ram_power``, ``pue``) are still honoured from
+  the configuration when not given, and recorded in the measurement.
+- Files: with ``save_to_file=False`` (the default) the tracker writes nothing at all: no
+  ``emissions.csv`` (no output handler is created), no ``/tmp/.codecarbon.lock`` (taken
+  only when ``allow_multiple_runs`` is false; the meter sets it true so that concurrent
+  measured runs on one machine are possible, and no SIGINT/SIGTERM handlers are installed
+  either). ``.codecarbon.config`` is only read, never written, by the tracker.
+- The default sampling interval is 15 s; the meter samples every ``measure_power_secs``
+  (default 1 s). CodeCarbon additionally samples CPU load every second in a thread and once
+  more on ``stop()``, so even sub-second runs get a figure.
+- Without RAPL (e.g. in a VM or container) CPU power is *estimated* as the CPU's TDP times
+  a function of its load; an unknown CPU model gets 4 W per thread. RAM power is always an
+  estimate from a DIMM model (at least 10 W on x86). NVIDIA GPUs are measured through
+  NVML's energy counter when it is available, else from sampled power.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from shiftcost.errors import ConfigError, ShiftcostError
+
+__all__ = [
+    "EnergyMeasurement",
+    "EnergyMeasurementError",
+    "EnergyMeter",
+    "measure_energy",
+    "known_country_codes",
+    "KWH_TO_JOULES",
+]
+
+KWH_TO_JOULES = 3.6e6
+_MIN_RUN_S = 0.06
+
+# How CodeCarbon's CPU modes (``codecarbon.external.hardware.CPU._mode``) obtain a figure.
+_CPU_MODE_MEASURED = {
+    "intel_rapl": True,
+    "windows_emi": True,
+    "intel_power_gadget": True,
+    "apple_powermetrics": True,
+    "cpu_load": False,
+    "constant": False,
+}
+
+
+class EnergyMeasurementError(ShiftcostError):
+    """CodeCarbon could not produce a measurement (it returned nothing or garbage).
+
+    ``partial`` optionally carries the result of the work that was measured (e.g. a
+    finished retraining whose energy figure is missing), so that nothing is lost.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, partial: Any = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+@dataclass(frozen=True)
+class EnergyMeasurement:
+    """What one measured run cost, and how each figure was obtained.
+
+    Energies are in kWh, powers in W (CodeCarbon's mean over its samples), emissions in
+    kg CO2e, carbon intensity in kg CO2e per kWh. The ``*_method`` fields name the
+    mechanism behind each component and ``*_measured`` says whether it came from a
+    hardware energy counter (True) or a power model/estimate (False); ``gpu_measured`` is
+    None when no GPU was tracked.
+    """
+
+    energy_kwh: float
+    emissions_kg: float
+    cpu_energy_kwh: float
+    gpu_energy_kwh: float
+    ram_energy_kwh: float
+    cpu_power_w: float
+    gpu_power_w: float
+    ram_power_w: float
+    duration_s: float
+    cpu_model: str
+    gpu_model: str
+    gpu_count: int
+    cpu_count: int
+    country_iso_code: str
+    country_name: str
+    region: str | None
+    carbon_intensity_kg_per_kwh: float | None
+    carbon_intensity_source: str
+    cpu_method: str
+    cpu_measured: bool
+    cpu_tdp_w: float | None
+    gpu_method: str
+    gpu_measured: bool | None
+    ram_method: str
+    ram_measured: bool
+    tracking_mode: str
+    pue: float
+    measure_power_secs: float
+    codecarbon_version: str
+    cpu_utilization_percent: float = 0.0
+    gpu_utilization_percent: float = 0.0
+
+    @property
+    def energy_joules(self) -> float:
+        """Total energy in joules."""
+        return self.energy_kwh * KWH_TO_JOULES
+
+    @property
+    def fully_measured(self) -> bool:
+        """True when no component's figure came from an estimate."""
+        return self.cpu_measured and self.ram_measured and self.gpu_measured is not False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EnergyMeasurement":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def known_country_codes() -> dict[str, str]:
+    """ISO 3166-1 alpha-3 codes CodeCarbon has grid data for, mapped to country names."""
+    from codecarbon.input import DataSource
+
+    return {code: row.get("country_name", code) for code, row in DataSource().get_global_energy_mix_data().items()}
+
+
+def _check_country(country_iso_code: str) -> str:
+    import difflib
+
+    code = (country_iso_code or "").strip().upper()
+    known = known_country_codes()
+    if code in known:
+        return code
+    close = difflib.get_close_matches(code, list(known), n=3, cutoff=0.5)
+    hint = f" (close: {', '.join(close)})" if close else ""
+    raise ConfigError(
+        f"country code {country_iso_code!r} is not one CodeCarbon has grid data for{hint}; "
+        "give a 3-letter ISO code such as USA, FRA or DEU."
+    )
+
+
+def _import_codecarbon() -> Any:
+    try:
+        import codecarbon
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ConfigError(
+            "energy tracking needs the codecarbon package, which is not installed; "
+            "install it (pip install 'codecarbon>=3.3,<3.4') or turn energy tracking off."
+        ) from error
+    return codecarbon
+
+
+class EnergyMeter:
+    """Measures one run with a fresh CodeCarbon ``OfflineEmissionsTracker``.
+
+    Use ``start()`` then ``stop()`` exactly once each (or ``with EnergyMeter(...) as m``).
+    ``stop()`` returns an :class:`EnergyMeasurement` or raises
+    :class:`EnergyMeasurementError`; calling it again returns the same object without
+    touching the tracker again. No network access; nothing written unless
+    ``save_to_file`` is true (then CodeCarbon appends a row to ``output_dir/output_file``).
+
+    ``tracking_mode="process"`` (default) attributes CPU load and RAM of this process and
+    its children only, so other work on a shared machine does not inflate the figure;
+    ``"machine"`` measures the whole machine.
+    """
+
+    def __init__(
+        self,
+        *,
+        country_iso_code: str = "USA",
+        region: str | None = None,
+        measure_power_secs: float = 1.0,
+        tracking_mode: str = "process",
+        save_to_file: bool = False,
+        output_dir: str | None = None,
+        output_file: str = "emissions.csv",
+        project_name: str = "shiftcost",
+        experiment_name: str = "run",
+        gpu_ids: list[int] | None = None,
+        force_cpu_power: float | None = None,
+        force_ram_power: float | None = None,
+        pue: float | None = None,
+        force_carbon_intensity_g_co2e_kwh: float | None = None,
+    ) -> None:
+        if tracking_mode not in ("process", "machine"):
+            raise ConfigError(f"tracking mode {tracking_mode!r} is unknown; use 'process' or 'machine'.")
+        if not (measure_power_secs > 0 and math.isfinite(measure_power_secs)):
+            raise ConfigError(f"measure_power_secs must be a positive number of seconds, got {measure_power_secs!r}.")
+        self.country_iso_code = _check_country(country_iso_code)
+        self.region = region
+        self.measure_power_secs = float(measure_power_secs)
+        self.tracking_mode = tracking_mode
+        self.save_to_file = save_to_file
+        self.output_dir = output_dir
+        self.output_file = output_file
+        self.project_name = project_name
+        self.experiment_name = experiment_name
+        self.gpu_ids = gpu_ids
+        self.force_cpu_power = force_cpu_power
+        self.force_ram_power = force_ram_power
+        self.pue = pue
+        self.force_carbon_intensity = force_carbon_intensity_g_co2e_kwh
+        self.measurement: EnergyMeasurement | None = None
+        self.error: EnergyMeasurementError | None = None
+        self._tracker: Any = None
+        self._stopped = False
+        self._started_at: float | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> "EnergyMeter":
+        """Build the tracker and start measuring. Raises if CodeCarbon fails to start."""
+        if self._tracker is not None:
+            raise RuntimeError("an EnergyMeter measures one run only; create a new one")
+        codecarbon = _import_codecarbon()
+        # CodeCarbon logs a few lines before it applies its own log_level setting.
+        logging.getLogger("codecarbon").setLevel(logging.ERROR)
+        self._tracker = codecarbon.OfflineEmissionsTracker(**self._tracker_kwargs())
+        if not hasattr(self._tracker, "_start_time"):
+            # The constructor raised inside CodeCarbon's suppress(): half-built object.
+            raise self._fail("CodeCarbon's tracker could not be constructed (see its log above)")
+        self._tracker.start()
+        if getattr(self._tracker, "_start_time", None) is None:
+            raise self._fail("CodeCarbon's tracker did not start (see its log above)")
+        self._started_at = time.perf_counter()
+        return self
+
+    def stop(self) -> EnergyMeasurement:
+        """Stop the tracker (once) and return the measurement, or raise if there is none."""
+        if self._stopped:
+            if self.measurement is not None:
+                return self.measurement
+            raise self.error or EnergyMeasurementError("energy measurement failed")
+        if self._tracker is None:
+            raise RuntimeError("EnergyMeter.stop() called before start()")
+        self._stopped = True
+        # CodeCarbon skips its final sample when the previous one is under 50 ms old, so a
+        # run shorter than that would be reported as zero; pad it to its resolution.
+        short = _MIN_RUN_S - (time.perf_counter() - (self._started_at or 0.0))
+        if short > 0:
+            time.sleep(short)
+        emissions = self._tracker.stop()
+        data = getattr(self._tracker, "final_emissions_data", None)
+        if emissions is None or data is None:
+            raise self._fail("CodeCarbon returned no measurement when stopped (its error is in the log above)")
+        # A sampling error inside CodeCarbon can also leave a well-formed record of zero:
+        # a healthy run has at least two completed samples (one at start, one later).
+        samples = getattr(self._tracker, "_power_measurement_count", None)
+        if isinstance(samples, int) and samples < 2:
+            raise self._fail(f"CodeCarbon completed {samples} power samples, so its figure is not a measurement (its error is in the log above)")
+        try:
+            self.measurement = self._to_measurement(data)
+        except (TypeError, ValueError, AttributeError) as error:
+            raise self._fail(f"CodeCarbon returned an unusable measurement ({error})") from error
+        return self.measurement
+
+    def __enter__(self) -> "EnergyMeter":
+        return self.start()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.stop()
+        except EnergyMeasurementError:
+            # Never hide the body's own exception behind a measurement failure;
+            # the failure stays available in ``self.error``.
+            if exc_type is None:
+                raise
+
+    # -- internals ---------------------------------------------------------------
+
+    def _fail(self, reason: str) -> EnergyMeasurementError:
+        self._stopped = True
+        self.error = EnergyMeasurementError(
+            f"energy measurement failed: {reason}; check the CodeCarbon settings "
+            "(.codecarbon.config, CODECARBON_* variables) or run without energy tracking."
+        )
+        return self.error
+
+    def _tracker_kwargs(self) -> dict[str, Any]:
+        from codecarbon.output_methods.base_output import OutputMethod
+
+        kwargs: dict[str, Any] = dict(
+            country_iso_code=self.country_iso_code,
+            measure_power_secs=self.measure_power_secs,
+            tracking_mode=self.tracking_mode,
+            log_level="error",
+            project_name=self.project_name,
+            experiment_name=self.experiment_name,
+            output_methods=[OutputMethod.CSV] if self.save_to_file else [],
+            # Explicit values, so that no config file can enable network output or the
+            # global lock file (see module docstring).
+            emissions_endpoint=False,
+            electricitymaps_api_token="",
+            allow_multiple_runs=True,
+            api_call_interval=-1,
+            output_handlers=[],
+        )
+        if self.save_to_file:
+            kwargs["output_dir"] = self.output_dir or "."
+            kwargs["output_file"] = self.output_file
+        if self.region is not None:
+            kwargs["region"] = self.region
+        if self.gpu_ids is not None:
+            kwargs["gpu_ids"] = list(self.gpu_ids)
+        if self.force_cpu_power is not None:
+            kwargs["force_cpu_power"] = self.force_cpu_power
+        if self.force_ram_power is not None:
+            kwargs["force_ram_power"] = self.force_ram_power
+        if self.pue is not None:
+            kwargs["pue"] = self.pue
+        if self.force_carbon_intensity is not None:
+            kwargs["force_carbon_intensity_g_co2e_kwh"] = self.force_carbon_intensity
+        return kwargs
+
+    def _methods(self) -> dict[str, Any]:
+        """Read how each component was tracked from the tracker's hardware objects."""
+        cpu_method, cpu_measured, cpu_tdp = "none", False, None
+        gpu_method, gpu_measured = "none", None
+        ram_method, ram_measured = "none", False
+        for hw in getattr(self._tracker, "_hardware", []):
+            kind = type(hw).__name__
+            if kind == "CPU":
+                mode = getattr(hw, "_mode", "unknown")
+                cpu_measured = _CPU_MODE_MEASURED.get(mode, False)
+                tdp = getattr(hw, "_tdp", None)
+                cpu_tdp = float(tdp) if tdp is not None and not cpu_measured else None
+                if mode == "cpu_load":
+                    cpu_method = "estimated: CPU load x TDP"
+                elif mode == "constant":
+                    cpu_method = "estimated: 50% of TDP"
+                else:
+                    cpu_method = f"measured: {mode}"
+                if not cpu_measured and getattr(self._tracker, "_force_cpu_power", None) is not None:
+                    cpu_method += " (TDP given by user)"
+                elif getattr(hw, "_is_generic_tdp", False):
+                    cpu_method += " (generic TDP, CPU model unknown)"
+            elif kind == "GPU":
+                devices = getattr(getattr(hw, "devices", None), "devices", []) or []
+                fallback = any(getattr(d, "_use_power_fallback", False) for d in devices)
+                gpu_measured = not fallback
+                gpu_method = "estimated: sampled NVML/SMI power x time" if fallback else "measured: GPU energy counter (NVML/AMD SMI)"
+            elif kind == "RAM":
+                forced = getattr(hw, "_force_ram_power", None) is not None
+                ram_method = "estimated: RAM power given by user" if forced else "estimated: DIMM power model"
+                ram_measured = False
+            elif kind in ("AppleSiliconChip", "Raspberry"):
+                part = getattr(hw, "chip_part", "CPU")
+                if part == "CPU":
+                    cpu_method, cpu_measured = f"measured: {kind}", True
+                elif part == "GPU":
+                    gpu_method, gpu_measured = f"measured: {kind}", True
+                elif part == "RAM":
+                    ram_method, ram_measured = f"measured: {kind}", True
+        return dict(
+            cpu_method=cpu_method,
+            cpu_measured=cpu_measured,
+            cpu_tdp_w=cpu_tdp,
+            gpu_method=gpu_method,
+            gpu_measured=gpu_measured,
+            ram_method=ram_method,
+            ram_measured=ram_measured,
+        )
+
+    def _to_measurement(self, data: Any) -> EnergyMeasurement:
+        energy = float(data.energy_consumed)
+        emissions = float(data.emissions)
+        if not (math.isfinite(energy) and math.isfinite(emissions)) or energy < 0 or emissions < 0:
+            raise ValueError(f"energy {energy!r} kWh, emissions {emissions!r} kg")
+        if self.force_carbon_intensity is not None:
+            source = "given by user"
+        elif self.region:
+            source = f"CodeCarbon offline data for {self.country_iso_code}/{self.region}"
+        else:
+            source = f"CodeCarbon offline data for {self.country_iso_code}"
+        return EnergyMeasurement(
+            energy_kwh=energy,
+            emissions_kg=emissions,
+            cpu_energy_kwh=float(data.cpu_energy),
+            gpu_energy_kwh=float(data.gpu_energy),
+            ram_energy_kwh=float(data.ram_energy),
+            cpu_power_w=float(data.cpu_power),
+            gpu_power_w=float(data.gpu_power),
+            ram_power_w=float(data.ram_power),
+            duration_s=float(data.duration),
+            cpu_model=str(data.cpu_model or ""),
+            gpu_model=str(data.gpu_model or ""),
+            gpu_count=int(data.gpu_count or 0),
+            cpu_count=int(data.cpu_count or 0),
+            country_iso_code=str(data.country_iso_code or self.country_iso_code),
+            country_name=str(data.country_name or ""),
+            region=data.region or None,
+            # The intensity CodeCarbon actually applied, whatever its data path.
+            carbon_intensity_kg_per_kwh=(emissions / energy) if energy > 0 else None,
+            carbon_intensity_source=source,
+            tracking_mode=str(data.tracking_mode),
+            pue=float(data.pue),
+            measure_power_secs=self.measure_power_secs,
+            codecarbon_version=str(data.codecarbon_version),
+            cpu_utilization_percent=float(data.cpu_utilization_percent or 0.0),
+            gpu_utilization_percent=float(data.gpu_utilization_percent or 0.0),
+            **self._methods(),
+        )
+
+
+@contextmanager
+def measure_energy(**options: Any) -> Iterator[EnergyMeter]:
+    """Measure the body of a ``with`` block; options are :class:`EnergyMeter`'s.
+
+    The meter is yielded; after the block, ``meter.measurement`` holds the result. If the
+    body raises, the tracker is still stopped (its figure stays in ``meter.measurement``)
+    and the body's exception propagates; if only the measurement fails,
+    :class:`EnergyMeasurementError` is raised.
+    """
+    meter = EnergyMeter(**options)
+    with meter:
+        yield meter

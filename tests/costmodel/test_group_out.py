@@ -1,0 +1,92 @@
+"""Leave-one-corruption-out evaluation, checked against fits made by hand through the public API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shiftcost.costmodel import CostModel, estimate_joules_per_sample_epoch, leave_one_group_out
+from shiftcost.errors import InputError
+
+from .synth import typed_rows
+
+
+def test_held_out_predictions_equal_a_model_fitted_on_the_other_groups():
+    rows = typed_rows(seed=1)
+    rows[3] = dict(rows[3], epochs=rows[3]["epochs"] * 1.5, energy_kwh=rows[3]["energy_kwh"] * 2.5)  # odd J in type0
+    report = leave_one_group_out(rows, "corruption", alpha=0.5)
+    assert len(report.points) == len(rows)
+    for held_out in ("type0", "type3"):
+        train = [r for r in rows if r["corruption"] != held_out]
+        test = [r for r in rows if r["corruption"] == held_out]
+        model = CostModel(alpha=0.5).fit(train, groups="corruption")
+        joules = float(np.median([r["energy_kwh"] * 3.6e6 / (r["epochs"] * r["samples"]) for r in train]))
+        assert joules == pytest.approx(estimate_joules_per_sample_epoch(train))
+        expected = model.predict(test, joules_per_sample_epoch=joules)
+        got = [p for p in report.points if p["corruption"] == held_out]
+        for point, pred, row in zip(got, expected, test):
+            assert point["epochs_pred"] == pred.epochs and point["energy_kwh_upper"] == pred.energy_kwh_upper
+            assert point["ape_energy"] == pytest.approx(abs(pred.energy_kwh - row["energy_kwh"]) / row["energy_kwh"])
+            assert point["energy_covered"] == (pred.energy_kwh_lower <= row["energy_kwh"] <= pred.energy_kwh_upper)
+
+
+def test_summary_figures_are_medians_and_fractions_of_the_points():
+    report = leave_one_group_out(typed_rows(seed=2), "corruption")
+    points = report.points
+    summary = report.summary
+    assert summary["mdape_energy"] == pytest.approx(float(np.median([p["ape_energy"] for p in points])))
+    assert summary["coverage_energy"] == pytest.approx(float(np.mean([p["energy_covered"] for p in points])))
+    assert summary["coverage_epochs"] == pytest.approx(float(np.mean([p["epochs_covered"] for p in points])))
+    assert set(summary["per_group"]) == {f"type{t}" for t in range(5)}
+    assert sum(g["n"] for g in summary["per_group"].values()) == len(points)
+    assert report.to_dict()["summary"]["level"] == 0.9
+
+
+def test_a_shared_cost_law_transfers_to_an_unseen_type():
+    # Noise 0.15 on log(epochs + 1): a model that generalises across types errs by roughly 10%.
+    summary = leave_one_group_out(typed_rows(seed=3), "corruption").summary
+    assert summary["mdape_energy"] < 0.25
+    assert summary["coverage_energy"] >= 0.8
+
+
+def test_censored_held_out_runs_are_scored_as_lower_bounds():
+    rows = typed_rows(seed=4)
+    capped = []
+    for r in rows:
+        if r["epochs"] > 15:
+            r = dict(r, epochs=15.0, reached_cutoff=False, energy_kwh=15.0 * 500 * 3.0 / 3.6e6)
+        capped.append(r)
+    assert 2 <= sum(not r["reached_cutoff"] for r in capped) <= 10
+    report = leave_one_group_out(capped, "corruption")
+    censored = [p for p in report.points if p["censored"]]
+    assert all(p["ape_energy"] is None and p["epochs_covered"] in (None, False) for p in censored)
+    assert report.summary["n_censored"] == len(censored)
+    assert report.summary["censored_definite_misses"] == sum(p["epochs_upper"] < p["epochs"] for p in censored)
+    assert report.summary["censored_flagged"] == sum(p["predicted_not_to_converge"] for p in censored)
+
+
+def test_group_out_needs_two_labelled_groups():
+    rows = typed_rows(seed=5)
+    with pytest.raises(InputError, match="at least 2 values of 'corruption'"):
+        leave_one_group_out([dict(r, corruption="same") for r in rows])
+    with pytest.raises(InputError, match="needs a 'corruption' value"):
+        leave_one_group_out([dict(r, corruption=None) if i == 0 else r for i, r in enumerate(rows)])
+
+
+def test_joules_estimate_ignores_censored_and_zero_cost_runs():
+    rows = [
+        {"energy_kwh": 2.0, "epochs": 1.0, "samples": 3.6e6, "reached_cutoff": True},
+        {"energy_kwh": 4.0, "epochs": 1.0, "samples": 3.6e6, "reached_cutoff": True},
+        {"energy_kwh": 99.0, "epochs": 1.0, "samples": 3.6e6, "reached_cutoff": False},
+        {"energy_kwh": 0.001, "epochs": 0.0, "samples": 3.6e6, "reached_cutoff": True},
+    ]
+    assert estimate_joules_per_sample_epoch(rows) == pytest.approx(3.0)
+    with pytest.raises(InputError, match="joules per sample-epoch"):
+        estimate_joules_per_sample_epoch(rows[2:])
+
+
+def test_report_contrasts_unseen_types_with_seen_types():
+    rows = typed_rows(seed=6)
+    summary = leave_one_group_out(rows, "corruption").summary
+    pooled = CostModel().fit(rows).loo_
+    assert summary["seen_types_loo"] == pooled and pooled["cv"] == "leave-one-out"

@@ -1,0 +1,308 @@
+"""Calibration sweeps on a tiny real CNN and tiny synthetic images, with the real tracker."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from shiftcost.calibrate import (
+    COLUMNS,
+    CORRELATION_FEATURES,
+    CORRELATION_MEASURES,
+    SweepInterrupted,
+    analyse,
+    full_batch_grad_norm,
+    run_sweep,
+)
+from shiftcost.data.batches import Batch, save_batch
+from shiftcost.data.demo import train_classifier
+from shiftcost.data.models import build_model, save_model
+from shiftcost.errors import ConfigError, InputError
+
+FAST_ENERGY = {"measure_power_secs": 0.2}
+# A shift so strong that the pixels overflow to infinity: a real crash inside the point.
+OVERFLOW = 1e39
+SWEEP = {"gaussian_noise": (0.0, 0.6, OVERFLOW, 1.2), "contrast": (0.0, 0.7, 0.9)}
+RETRAIN = dict(repeats=2, max_epochs=2.0, eval_every=1, batch_size=16, lr=3e-3, probe=False, device="cpu")
+
+
+def bars(n_per_class: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three classes of 8x8 images: a bright horizontal band at one of three heights, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(3).repeat_interleave(n_per_class)
+    x = 0.15 * torch.rand(len(y), 1, 8, 8, generator=g)
+    for k in range(3):
+        x[y == k, :, 1 + 2 * k : 3 + 2 * k, :] += 0.8
+    order = torch.randperm(len(y), generator=g)
+    return x.clamp(0, 1)[order], y[order]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x, y = bars()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, spec = build_model("digits_cnn", 3, in_channels=1, image_size=8)
+        train_classifier(model, x, y, epochs=8, batch_size=16, lr=1e-2)
+    finally:
+        torch.set_num_threads(threads)
+    return model, spec, x, y
+
+
+@pytest.fixture(scope="module")
+def swept(tiny, tmp_path_factory):
+    model, spec, x, y = tiny
+    out = tmp_path_factory.mktemp("sweep")
+    calls: list[tuple[int, int, str]] = []
+    # The reference and the new data are the same images, so the clean points are exactly unshifted.
+    result = run_sweep(
+        model, spec, x, y, x, y, sweep=SWEEP, energy_options=FAST_ENERGY, out_dir=out,
+        progress=lambda done, total, label: calls.append((done, total, label)), **RETRAIN,
+    )
+    return result, out, calls
+
+
+def test_one_row_per_point_with_every_column(swept) -> None:
+    result, _, calls = swept
+    expected = [(kind, float(i)) for kind, values in SWEEP.items() for i in values]
+    assert [(r["corruption"], r["intensity"]) for r in result.rows] == expected
+    for row in result.rows:
+        assert set(COLUMNS) <= set(row)
+    measured = [r for r in result.rows if r["status"] != "failed"]
+    assert len(measured) == len(expected) - 1
+    for row in measured:
+        assert row["status"] in ("reached", "already_met", "cap_reached")
+        assert len(row["runs"]) == RETRAIN["repeats"]
+        # The row's measures are the means of its repeats.
+        for name in ("steps", "epochs", "param_change"):
+            assert row[name] == pytest.approx(sum(run[name] for run in row["runs"]) / len(row["runs"]))
+        assert row["energy_kwh"] == pytest.approx(sum(run["energy"]["energy_kwh"] for run in row["runs"]) / 2)
+        assert row["energy_kwh"] > 0 and row["emissions_kg"] > 0
+        assert row["censored"] == any(run["status"] == "cap_reached" for run in row["runs"])
+        assert row["reached_cutoff"] == (not row["censored"])
+        assert row["energy_method"] and "CPU" in row["energy_method"]
+        for name in ("resque_dist", "inv_ari", "layer_shift", "preindex_p", "accuracy", "mean_loss", "mean_entropy", "initial_grad_norm"):
+            assert math.isfinite(row[name])
+    assert [c[0] for c in calls] == list(range(len(expected) + 1))
+    assert result.timing["points"] == len(expected) and result.timing["wall_s"] > 0 and result.timing["cpu_s"] > 0
+
+
+def test_failing_point_is_recorded_and_the_sweep_goes_on(swept) -> None:
+    result, _, _ = swept
+    failed = result.failed
+    assert [(r["corruption"], r["intensity"]) for r in failed] == [("gaussian_noise", OVERFLOW)]
+    assert failed[0]["error"].startswith("indices: InputError") and "infinite" in failed[0]["error"]
+    after = [r for r in result.rows if r["corruption"] == "gaussian_noise" and r["intensity"] == 1.2]
+    assert after[0]["status"] != "failed" and after[0]["steps"] is not None
+
+
+def test_clean_points_are_unshifted_and_shifts_raise_the_index(swept) -> None:
+    result, _, _ = swept
+    for kind in SWEEP:
+        rows = [r for r in result.rows if r["corruption"] == kind and r["status"] != "failed"]
+        clean = [r for r in rows if r["intensity"] == 0.0]
+        assert len(clean) == 1
+        assert clean[0]["resque_dist"] == pytest.approx(0.0, abs=1e-9)
+        assert clean[0]["preindex_p"] == pytest.approx(0.0, abs=1e-12)
+        assert clean[0]["accuracy_drop"] == pytest.approx(0.0, abs=1e-12)
+        assert max(r["resque_dist"] for r in rows) > 0.01
+
+
+def _float(text: str) -> float | None:
+    return float(text) if text not in ("", "None") else None
+
+
+def test_correlations_match_scipy_on_the_written_table(swept) -> None:
+    result, out, _ = swept
+    with (out / "points.csv").open(newline="") as handle:
+        table = [r for r in csv.DictReader(handle) if r["status"] != "failed"]
+    written = json.loads((out / "correlations.json").read_text())
+    checked = 0
+    for scope in ["overall", *SWEEP]:
+        rows = table if scope == "overall" else [r for r in table if r["corruption"] == scope]
+        grid = written["overall"] if scope == "overall" else written["per_type"][scope]
+        for feature in CORRELATION_FEATURES:
+            for measure in CORRELATION_MEASURES:
+                pairs = [(_float(r[feature]), _float(r[measure])) for r in rows]
+                pairs = [p for p in pairs if p[0] is not None and p[1] is not None]
+                cell = grid[feature][measure]
+                assert cell["n"] == len(pairs)
+                a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+                if len(pairs) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+                    assert cell["spearman"] is None and cell["pearson"] is None
+                    continue
+                assert cell["pearson"] == pytest.approx(stats.pearsonr(a, b)[0], abs=1e-9)
+                assert cell["spearman"] == pytest.approx(stats.spearmanr(a, b)[0], abs=1e-9)
+                assert cell["spearman_p"] == pytest.approx(stats.spearmanr(a, b)[1], rel=1e-6, abs=1e-12)
+                checked += 1
+    assert checked >= 20  # the comparison must not pass vacuously
+
+
+def test_files_are_written(swept) -> None:
+    result, out, _ = swept
+    for name in ("points.json", "points.csv", "correlations.json", "report.md", "loco.json", "sweep.json"):
+        assert (out / name).stat().st_size > 0, name
+    png = (out / "resque_dist_vs_energy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    points = json.loads((out / "points.json").read_text())
+    assert len(points) == len(result.rows)
+    with (out / "points.csv").open(newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(result.rows)
+    report = (out / "report.md").read_text()
+    assert "Spearman" in report and "Failed points" in report
+    # Too few points for a cost model here: the reason is recorded, not a crash.
+    assert result.cost_model is None and "too few" in result.cost_model_error
+    assert json.loads((out / "sweep.json").read_text())["files"]["plot"].endswith(".png")
+
+
+def test_full_batch_gradient_norm_matches_per_sample_sum(tiny) -> None:
+    model, _, x, y = tiny
+    # Wrong labels, so the gradient is far from zero and float32 rounding stays relative.
+    x, y = x[:20], (y[:20] + 1) % 3
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads_before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    value = full_batch_grad_norm(model, x, y, device="cpu", batch_size=7)
+    # Independent: per-sample gradients in float64 on a float64 copy, averaged, then the norm.
+    import copy
+
+    twin = copy.deepcopy(model).double().eval()
+    total = None
+    for xi, yi in zip(x.double(), y):
+        loss = F.cross_entropy(twin(xi[None]), yi[None])
+        grads = torch.autograd.grad(loss, list(twin.parameters()))
+        flat = torch.cat([g.flatten() for g in grads])
+        total = flat if total is None else total + flat
+    assert value == pytest.approx(float(total.norm() / len(x)), rel=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for p, g in zip(model.parameters(), grads_before):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    assert not model.training
+
+
+def _synthetic_rows() -> list[dict]:
+    """Rows as a sweep makes them: three kinds whose cost follows the index; the kind
+    "odd" spends three times the joules per sample-epoch of the others."""
+    rows = []
+    for kind, factor, joules in (("a", 1.0, 2.0), ("b", 1.3, 2.0), ("c", 0.8, 2.0), ("odd", 1.1, 6.0)):
+        for i in range(8):
+            shift = 0.02 + 0.03 * i
+            epochs = math.exp(8 * factor * shift) - 1
+            samples = 100
+            kwh = epochs * samples * joules / 3.6e6
+            rows.append(
+                {
+                    "corruption": kind, "intensity": float(i), "status": "reached", "reached_cutoff": True, "censored": False,
+                    "resque_dist": shift, "inv_ari": 0.5 * shift + 0.01 * (i % 3), "layer_shift": 2 * shift,
+                    "accuracy": 1 - shift, "accuracy_drop": shift, "mean_loss": 3 * shift, "mean_entropy": 0.1 + 0.01 * (i % 2),
+                    "preindex_p": shift / 10, "epochs": epochs, "steps": epochs * 2, "samples": samples, "energy_kwh": kwh,
+                    "emissions_kg": kwh * 0.4, "grad_norm": None, "initial_grad_norm": shift, "param_change": shift / 5,
+                    "runs": [{"epochs": epochs, "train_samples": samples, "replay_samples": 0, "energy": {"energy_kwh": kwh}}],
+                }
+            )
+    return rows
+
+
+def test_loco_maps_epochs_to_energy_with_joules_from_the_training_kinds_only() -> None:
+    rows = _synthetic_rows()
+    result = analyse(rows, probe={"joules_per_sample_epoch": 2.0})
+    assert result.cost_model is not None and result.loco is not None
+    points = result.loco["points"]
+    assert {p["corruption"] for p in points} == {"a", "b", "c", "odd"}
+    for point in points:
+        # Every kind's prediction uses the training kinds' median J/sample-epoch: 2.0 J, even for "odd".
+        assert point["joules_per_sample_epoch"] == pytest.approx(2.0)
+        assert point["energy_kwh_pred"] == pytest.approx(point["epochs_pred"] * 100 * 2.0 / 3.6e6)
+    odd = result.loco["summary"]["per_group"]["odd"]
+    assert odd["mdape_energy"] > 0.5  # three times the joules the model was told about
+    expected_sweep = sum(r["energy_kwh"] for r in rows) * 3.6e6 / sum(r["epochs"] * 100 for r in rows)
+    assert result.joules_per_sample_epoch["sweep"] == pytest.approx(expected_sweep)
+    assert result.loco_probe is not None
+    assert "preindex_p" not in result.cost_model.features_  # production batches have no clean originals
+    assert "x" in result.plot_curve and len(result.plot_curve["x"]) == len(result.plot_curve["energy_kwh"])
+
+
+def test_bad_sweeps_are_refused_before_any_work(tiny) -> None:
+    model, spec, x, y = tiny
+    with pytest.raises(InputError, match="Unknown corruption"):
+        run_sweep(model, spec, x, y, x, y, sweep={"gausian_noise": (0.0,)}, **RETRAIN)
+    with pytest.raises(InputError, match="at most 1"):
+        run_sweep(model, spec, x, y, x, y, sweep={"contrast": (0.0, 1.5)}, **RETRAIN)
+    with pytest.raises(ConfigError, match="repeats"):
+        run_sweep(model, spec, x, y, x, y, sweep={"contrast": (0.0,)}, **(RETRAIN | {"repeats": 0}))
+    with pytest.raises(InputError, match="new data has no labels"):
+        run_sweep(model, spec, x, y, x, None, sweep={"contrast": (0.0,)}, **RETRAIN)
+
+
+def test_interrupted_sweep_keeps_the_finished_points(tiny, tmp_path) -> None:
+    model, spec, x, y = tiny
+
+    def interrupt_after_two(done: int, total: int, label: str) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(SweepInterrupted) as caught:
+        run_sweep(
+            model, spec, x, y, x, y, sweep={"contrast": (0.0, 0.7, 0.9)}, energy_options=FAST_ENERGY,
+            out_dir=tmp_path, progress=interrupt_after_two, **(RETRAIN | {"repeats": 1}),
+        )
+    assert [r["intensity"] for r in caught.value.rows] == [0.0, 0.7]
+    written = json.loads((tmp_path / "points.json").read_text())
+    assert [r["intensity"] for r in written] == [0.0, 0.7] and written[1]["energy_kwh"] > 0
+
+
+def _shiftcost_command() -> list[str]:
+    script = Path(sys.executable).with_name("shiftcost")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from shiftcost.cli import main; main()"]
+
+
+def test_cli_quick_json_end_to_end(tiny, tmp_path) -> None:
+    model, spec, x, y = tiny
+    save_model(model, spec, tmp_path / "model.safetensors")
+    save_batch(Batch(x, y, "reference"), tmp_path / "reference.npz")
+    save_batch(Batch(x, y, "new"), tmp_path / "new.npz")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            *_shiftcost_command(), "calibrate", "--model", str(tmp_path / "model.safetensors"),
+            "--reference", str(tmp_path / "reference.npz"), "--data", str(tmp_path / "new.npz"),
+            "--quick", "--json", "--out", str(out), "--device", "cpu", "--batch-size", "16",
+        ],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert len(data["rows"]) == 6 and all("runs" not in row for row in data["rows"])
+    assert {r["corruption"] for r in data["rows"]} == {"gaussian_noise", "contrast"}
+    assert data["correlations"]["overall"]["resque_dist"]["energy_kwh"]["n"] == 6
+    assert data["probe"]["joules_per_sample_epoch"] > 0
+    for path in data["files"].values():
+        assert Path(path).stat().st_size > 0
+
+
+
+def test_cli_refuses_an_incomplete_set_of_files(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from shiftcost.cli import app
+
+    result = CliRunner().invoke(app, ["calibrate", "--model", str(tmp_path / "model.safetensors"), "--quick"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, InputError)
+    assert "--reference" in str(result.exception) and "--data" in str(result.exception)
+    assert not (tmp_path / "shiftcost-calibration").exists()
