@@ -1,0 +1,1 @@
+"""Alembic migration scripts for the shiftcost schema (run them with ``shiftcost db upgrade``)."""

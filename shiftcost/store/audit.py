@@ -1,0 +1,622 @@
+"""Audit queries: what retraining cost, how good the predictions were, what was decided, why.
+
+Each query is a SQLAlchemy Core statement; its SQL is in the function's docstring and
+``AuditResult.sql`` holds every statement as compiled for the database it ran on, with
+placeholders. Filters are always bound parameters, never formatted into the SQL.
+
+Common filters: ``model`` (a model *name*: all its versions), ``since`` (inclusive) and
+``until`` (exclusive), both UTC, on the natural timestamp of each query (run start,
+decision time, reservation time, calibration time). ``limit`` keeps the newest rows
+(shown oldest first for cost and errors, newest first for decisions); totals always
+cover every matching row, from separate aggregate statements.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, and_, case, func, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import String
+
+from shiftcost.store.models import (
+    Batch,
+    Budget,
+    Calibration,
+    CostPrediction,
+    Decision,
+    LedgerEntry,
+    Model,
+    RetrainRun,
+)
+
+QUERIES = ("cost", "errors", "decisions", "budget", "calibrations")
+
+
+@dataclass
+class AuditResult:
+    """Rows of one audit query, the column order to show, totals, and the SQL that ran."""
+
+    name: str
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    totals: dict[str, Any] = field(default_factory=dict)
+    sql: list[str] = field(default_factory=list)
+
+
+class utc_day(FunctionElement[str]):
+    """The UTC calendar day of a timestamp as ``YYYY-MM-DD`` text, on SQLite and PostgreSQL."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(utc_day)
+def _utc_day_sqlite(element: utc_day, compiler: Any, **kw: Any) -> str:
+    # SQLite stores the timestamps as UTC text; date() keeps the day part.
+    return f"date({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(utc_day, "postgresql")
+def _utc_day_postgresql(element: utc_day, compiler: Any, **kw: Any) -> str:
+    return f"to_char(({compiler.process(element.clauses, **kw)}) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+
+
+class _Runner:
+    """Runs Core statements on the session's connection and keeps their SQL for the result."""
+
+    def __init__(self, session: Session) -> None:
+        self.connection = session.connection()
+        self.sql: list[str] = []
+
+    def rows(self, query: Select) -> list[dict[str, Any]]:
+        self.sql.append(str(query.compile(dialect=self.connection.dialect)))
+        result = self.connection.execute(query)
+        keys = list(result.keys())
+        return [dict(zip(keys, row, strict=True)) for row in result.all()]
+
+    def one(self, query: Select) -> dict[str, Any]:
+        return self.rows(query)[0]
+
+
+def _window(query: Select, column: Any, since: datetime | None, until: datetime | None) -> Select:
+    if since is not None:
+        query = query.where(column >= since)
+    if until is not None:
+        query = query.where(column < until)
+    return query
+
+
+def _model_ids(model: str) -> Select:
+    """``SELECT id FROM models WHERE name = :model``: every version of a model name."""
+    return select(Model.id).where(Model.name == model)
+
+
+def _newest(query: Select, limit: int | None, *keys: str) -> Select:
+    """Order by the selected columns ``keys``; with ``limit``, keep the newest rows, oldest first."""
+    order = [query.selected_columns[key] for key in keys]
+    if limit is None:
+        return query.order_by(*order)
+    newest = query.order_by(*(column.desc() for column in order)).limit(limit).subquery()
+    return select(newest).order_by(*(newest.c[key] for key in keys))
+
+
+def _float(value: Any) -> float:
+    return float(value or 0.0)
+
+
+# --- cost history -----------------------------------------------------------------------
+
+
+def cost_history(
+    session: Session,
+    *,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int | None = None,
+) -> AuditResult:
+    """Actual cost of every retrain run: kWh, kg CO2e, epochs, with status and method.
+
+    SELECT rr.id AS run_id, rr.started_at, rr.finished_at, m.name AS model,
+           m.version, nm.version AS new_version, rr.batch_id, rr.status, rr.reached_cutoff,
+           rr.epochs, rr.steps, rr.energy_kwh, rr.emissions_kg, rr.energy_method,
+           rr.carbon_intensity, rr.wall_seconds
+    FROM retrain_runs rr
+    JOIN models m ON m.id = rr.model_id
+    LEFT JOIN models nm ON nm.id = rr.new_model_id
+    WHERE rr.model_id IN (SELECT id FROM models WHERE name = :model)
+      AND rr.started_at >= :since AND rr.started_at < :until
+    ORDER BY rr.started_at, rr.id            -- newest :limit rows when limited
+
+    Totals (all matching runs, no limit):
+    SELECT rr.status, count(*), sum(rr.energy_kwh), sum(rr.emissions_kg), sum(rr.epochs)
+    FROM retrain_runs rr WHERE <same filters> GROUP BY rr.status
+    Runs without a measurement (running, failed before measuring) add nothing to sums.
+    """
+    rr = RetrainRun
+    m = aliased(Model, name="m")
+    nm = aliased(Model, name="nm")
+
+    def filtered(query: Select) -> Select:
+        if model is not None:
+            query = query.where(rr.model_id.in_(_model_ids(model)))
+        return _window(query, rr.started_at, since, until)
+
+    query = filtered(
+        select(
+            rr.id.label("run_id"), rr.started_at, rr.finished_at, m.name.label("model"),
+            m.version, nm.version.label("new_version"), rr.batch_id, rr.status,
+            rr.reached_cutoff, rr.epochs, rr.steps, rr.energy_kwh, rr.emissions_kg,
+            rr.energy_method, rr.carbon_intensity, rr.wall_seconds,
+        )
+        .join(m, m.id == rr.model_id)
+        .outerjoin(nm, nm.id == rr.new_model_id)
+    )
+    totals_query = filtered(
+        select(
+            rr.status, func.count().label("runs"), func.sum(rr.energy_kwh).label("energy_kwh"),
+            func.sum(rr.emissions_kg).label("emissions_kg"), func.sum(rr.epochs).label("epochs"),
+        ).group_by(rr.status)
+    )
+    runner = _Runner(session)
+    rows = runner.rows(_newest(query, limit, "started_at", "run_id"))
+    per_status = runner.rows(totals_query)
+    totals = {
+        "runs": sum(int(t["runs"]) for t in per_status),
+        "by_status": {t["status"]: int(t["runs"]) for t in sorted(per_status, key=lambda t: t["status"])},
+        "energy_kwh": sum(_float(t["energy_kwh"]) for t in per_status),
+        "emissions_kg": sum(_float(t["emissions_kg"]) for t in per_status),
+        "epochs": sum(_float(t["epochs"]) for t in per_status),
+        "shown": len(rows),
+    }
+    columns = ["run_id", "started_at", "model", "version", "new_version", "status", "reached_cutoff",
+               "epochs", "steps", "energy_kwh", "emissions_kg", "energy_method", "wall_seconds"]
+    return AuditResult("cost", columns, rows, totals, runner.sql)
+
+
+# --- prediction error -----------------------------------------------------------------------
+
+_MEASURES = {"epochs": ("epochs", "epochs"), "kwh": ("energy_kwh", "energy_kwh"),
+             "co2": ("emissions_kg", "emissions_kg")}
+
+
+def prediction_errors(
+    session: Session,
+    *,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int | None = None,
+) -> AuditResult:
+    """Predicted vs actual epochs, kWh and kg CO2e of each measured retrain, with interval hits.
+
+    SELECT rr.id AS run_id, rr.started_at, m.name AS model, m.version, rr.status,
+           cp.predicted_not_to_converge,
+           cp.epochs AS predicted_epochs, cp.epochs_lower, cp.epochs_upper, rr.epochs AS actual_epochs,
+           cp.energy_kwh AS predicted_kwh, cp.energy_kwh_lower, cp.energy_kwh_upper,
+           rr.energy_kwh AS actual_kwh, (the same for emissions_kg as *_co2), cp.interval_level,
+           (cp.energy_kwh - rr.energy_kwh) / NULLIF(rr.energy_kwh, 0) AS kwh_relative_error,
+           CASE WHEN cp.energy_kwh_lower IS NULL OR cp.energy_kwh_upper IS NULL
+                     OR rr.energy_kwh IS NULL THEN NULL
+                WHEN rr.energy_kwh >= cp.energy_kwh_lower AND rr.energy_kwh <= cp.energy_kwh_upper
+                THEN 1 ELSE 0 END AS kwh_in_interval       (likewise for epochs and co2)
+    FROM retrain_runs rr
+    JOIN decisions d ON d.id = rr.decision_id
+    JOIN cost_predictions cp ON cp.id = d.cost_prediction_id
+    JOIN models m ON m.id = rr.model_id
+    WHERE rr.status IN ('succeeded', 'cap_reached') AND rr.energy_kwh IS NOT NULL
+      AND rr.model_id IN (SELECT id FROM models WHERE name = :model)
+      AND rr.started_at >= :since AND rr.started_at < :until
+    ORDER BY rr.started_at, rr.id            -- newest :limit rows when limited
+
+    A ``cap_reached`` run stopped before the cutoff, so its actual cost is a lower bound;
+    its status is shown. Totals, over every matching run (the same statement reduced to
+    the error and hit columns, no limit): median absolute percentage error (MdAPE) and
+    interval coverage per measure, over the runs that have both sides.
+    """
+    rr = RetrainRun
+    cp = CostPrediction
+    m = aliased(Model, name="m")
+
+    def relative_error(measure: str) -> Any:
+        predicted, actual = getattr(cp, _MEASURES[measure][0]), getattr(rr, _MEASURES[measure][1])
+        return ((predicted - actual) / func.nullif(actual, 0)).label(f"{measure}_relative_error")
+
+    def hit(measure: str) -> Any:
+        column = _MEASURES[measure][0]
+        lower, upper = getattr(cp, f"{column}_lower"), getattr(cp, f"{column}_upper")
+        actual = getattr(rr, _MEASURES[measure][1])
+        return case(
+            (lower.is_(None) | upper.is_(None) | actual.is_(None), None),
+            (and_(actual >= lower, actual <= upper), 1),
+            else_=0,
+        ).label(f"{measure}_in_interval")
+
+    def filtered(query: Select) -> Select:
+        query = (
+            query.select_from(rr)
+            .join(Decision, Decision.id == rr.decision_id)
+            .join(cp, cp.id == Decision.cost_prediction_id)
+            .where(rr.status.in_(["succeeded", "cap_reached"]), rr.energy_kwh.is_not(None))
+        )
+        if model is not None:
+            query = query.where(rr.model_id.in_(_model_ids(model)))
+        return _window(query, rr.started_at, since, until)
+
+    derived = [relative_error(m_) for m_ in _MEASURES] + [hit(m_) for m_ in _MEASURES]
+    query = filtered(
+        select(
+            rr.id.label("run_id"), rr.started_at, m.name.label("model"), m.version, rr.status,
+            cp.predicted_not_to_converge,
+            cp.epochs.label("predicted_epochs"), cp.epochs_lower, cp.epochs_upper,
+            rr.epochs.label("actual_epochs"),
+            cp.energy_kwh.label("predicted_kwh"), cp.energy_kwh_lower, cp.energy_kwh_upper,
+            rr.energy_kwh.label("actual_kwh"),
+            cp.emissions_kg.label("predicted_co2"), cp.emissions_kg_lower, cp.emissions_kg_upper,
+            rr.emissions_kg.label("actual_co2"), cp.interval_level, *derived,
+        )
+    ).join(m, m.id == rr.model_id)
+    runner = _Runner(session)
+    rows = runner.rows(_newest(query, limit, "started_at", "run_id"))
+    for row in rows:
+        for measure in _MEASURES:
+            key = f"{measure}_in_interval"
+            row[key] = None if row[key] is None else bool(row[key])
+    if limit is None:
+        totals = _error_totals(rows)  # every matching run is already here
+    elif runner.connection.dialect.name == "postgresql":
+        totals = _error_totals_in_sql(runner, filtered, derived)
+    else:
+        totals = _error_totals(runner.rows(filtered(select(*derived))))
+    totals["shown"] = len(rows)
+    columns = ["run_id", "started_at", "model", "version", "status", "predicted_epochs", "actual_epochs",
+               "predicted_kwh", "energy_kwh_lower", "energy_kwh_upper", "actual_kwh", "kwh_relative_error",
+               "kwh_in_interval", "predicted_co2", "actual_co2", "co2_in_interval"]
+    return AuditResult("errors", columns, rows, totals, runner.sql)
+
+
+def _error_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """MdAPE (percent) and interval coverage per measure, from fetched error/hit columns."""
+    totals: dict[str, Any] = {"runs": len(rows)}
+    for measure in _MEASURES:
+        errors = [abs(r[f"{measure}_relative_error"]) for r in rows if r[f"{measure}_relative_error"] is not None]
+        hits = [bool(r[f"{measure}_in_interval"]) for r in rows if r[f"{measure}_in_interval"] is not None]
+        totals[f"{measure}_mdape_pct"] = 100 * statistics.median(errors) if errors else None
+        totals[f"{measure}_coverage"] = sum(hits) / len(hits) if hits else None
+    return totals
+
+
+def _error_totals_in_sql(runner: _Runner, filtered: Any, derived: list[Any]) -> dict[str, Any]:
+    """The same totals aggregated by PostgreSQL, so no per-run rows cross the wire.
+
+    SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY abs(kwh_relative_error)),
+           avg(kwh_in_interval), ...  FROM (<errors statement, error and hit columns>) AS e
+
+    ``percentile_cont(0.5)`` averages the two middle values, exactly as ``statistics.median``.
+    """
+    inner = filtered(select(*derived)).subquery("e")
+    columns = [func.count().label("runs")]
+    for measure in _MEASURES:
+        error, hits = inner.c[f"{measure}_relative_error"], inner.c[f"{measure}_in_interval"]
+        columns.append(func.percentile_cont(0.5).within_group(func.abs(error)).label(f"{measure}_mdape"))
+        columns.append(func.avg(hits).label(f"{measure}_coverage"))
+    row = runner.one(select(*columns))
+    totals: dict[str, Any] = {"runs": int(row["runs"])}
+    for measure in _MEASURES:
+        mdape, coverage = row[f"{measure}_mdape"], row[f"{measure}_coverage"]
+        totals[f"{measure}_mdape_pct"] = None if mdape is None else 100 * float(mdape)
+        totals[f"{measure}_coverage"] = None if coverage is None else float(coverage)
+    return totals
+
+
+# --- decisions ----------------------------------------------------------------------------------
+
+
+def decisions(
+    session: Session,
+    *,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    skipped_for_budget: bool = False,
+    action: str | None = None,
+    limit: int | None = None,
+) -> AuditResult:
+    """Every decision with its reasons, newest first (optionally only those a budget blocked).
+
+    SELECT d.id AS decision_id, d.created_at, m.name AS model, m.version, d.batch_id,
+           b.source_uri, d.action, d.blocked_by_budget, d.reasons,
+           cp.energy_kwh AS predicted_kwh, cp.energy_kwh_upper AS predicted_kwh_upper,
+           cp.emissions_kg AS predicted_co2, cp.emissions_kg_upper AS predicted_co2_upper
+    FROM decisions d
+    JOIN models m ON m.id = d.model_id
+    JOIN batches b ON b.id = d.batch_id
+    LEFT JOIN cost_predictions cp ON cp.id = d.cost_prediction_id
+    WHERE d.model_id IN (SELECT id FROM models WHERE name = :model)
+      AND d.created_at >= :since AND d.created_at < :until
+      AND d.action <> 'retrain' AND d.blocked_by_budget IS true   -- --skipped-for-budget
+      AND d.action = :action
+    ORDER BY d.created_at DESC, d.id DESC
+    LIMIT :limit
+
+    Totals come from a second statement with the same filters and no limit:
+    SELECT d.action, count(*) FROM decisions d WHERE <same filters> GROUP BY d.action
+    """
+    m = aliased(Model, name="m")
+    cp = CostPrediction
+
+    def filtered(query: Select) -> Select:
+        if model is not None:
+            query = query.where(Decision.model_id.in_(_model_ids(model)))
+        if skipped_for_budget:
+            query = query.where(Decision.action != "retrain", Decision.blocked_by_budget.is_(True))
+        if action is not None:
+            query = query.where(Decision.action == action)
+        return _window(query, Decision.created_at, since, until)
+
+    query = (
+        filtered(
+            select(
+                Decision.id.label("decision_id"), Decision.created_at, m.name.label("model"), m.version,
+                Decision.batch_id, Batch.source_uri, Decision.action, Decision.blocked_by_budget,
+                Decision.reasons, cp.energy_kwh.label("predicted_kwh"),
+                cp.energy_kwh_upper.label("predicted_kwh_upper"), cp.emissions_kg.label("predicted_co2"),
+                cp.emissions_kg_upper.label("predicted_co2_upper"),
+            ).select_from(Decision)
+        )
+        .join(m, m.id == Decision.model_id)
+        .join(Batch, Batch.id == Decision.batch_id)
+        .outerjoin(cp, cp.id == Decision.cost_prediction_id)
+        .order_by(Decision.created_at.desc(), Decision.id.desc())
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    counts_query = filtered(select(Decision.action, func.count().label("n"))).group_by(Decision.action)
+    runner = _Runner(session)
+    rows = runner.rows(query)
+    by_action = {row["action"]: int(row["n"]) for row in runner.rows(counts_query)}
+    totals = {"decisions": sum(by_action.values()), "by_action": dict(sorted(by_action.items())),
+              "shown": len(rows)}
+    columns = ["decision_id", "created_at", "model", "version", "batch_id", "action",
+               "blocked_by_budget", "reasons", "predicted_kwh_upper", "predicted_co2_upper"]
+    return AuditResult("decisions", columns, rows, totals, runner.sql)
+
+
+# --- budget burn ---------------------------------------------------------------------------------
+
+
+def _burn_query(budget_ids: list[int], since: datetime | None, until: datetime | None,
+                *, per_run: bool) -> Select:
+    """Per budget and UTC day: reservations, settled and open amounts, releases.
+
+    SELECT r.budget_id, <UTC day of r.created_at> AS day, count(r.id) AS reservations,
+           sum(CASE WHEN c.kind = 'settle' THEN c.energy_kwh ELSE 0 END) AS settled_kwh,
+           sum(CASE WHEN c.id IS NULL THEN r.energy_kwh ELSE 0 END)    AS reserved_kwh,
+           (same for emissions_kg),
+           sum(CASE WHEN c.id IS NULL THEN 1 ELSE 0 END)               AS open,
+           sum(CASE WHEN c.kind = 'release' THEN 1 ELSE 0 END)         AS released
+    FROM budget_ledger r LEFT JOIN budget_ledger c ON c.reservation_id = r.id
+    WHERE r.kind = 'reserve' AND r.budget_id IN (:ids)
+      AND r.created_at >= :since AND r.created_at < :until
+    GROUP BY r.budget_id, day
+
+    For per-run budgets the same statement is grouped by (budget, day, decision) first and
+    re-aggregated per day, adding ``max(settled + reserved)`` as the costliest run of the
+    day. Months and rolling windows are summed from the days in Python.
+    """
+    r = aliased(LedgerEntry, name="r")
+    c = aliased(LedgerEntry, name="c")
+    is_open = c.id.is_(None)
+    settled = c.kind == "settle"
+    day = utc_day(r.created_at).label("day")
+    settled_kwh = func.sum(case((settled, c.energy_kwh), else_=0.0))
+    settled_co2 = func.sum(case((settled, c.emissions_kg), else_=0.0))
+    reserved_kwh = func.sum(case((is_open, r.energy_kwh), else_=0.0))
+    reserved_co2 = func.sum(case((is_open, r.emissions_kg), else_=0.0))
+    sums = [
+        func.count(r.id).label("reservations"),
+        settled_kwh.label("settled_kwh"), settled_co2.label("settled_co2"),
+        reserved_kwh.label("reserved_kwh"), reserved_co2.label("reserved_co2"),
+        func.sum(case((is_open, 1), else_=0)).label("open"),
+        func.sum(case((c.kind == "release", 1), else_=0)).label("released"),
+    ]
+    keys = [r.budget_id, day, r.decision_id] if per_run else [r.budget_id, day]
+    extra = [(settled_kwh + reserved_kwh).label("spent_kwh"),
+             (settled_co2 + reserved_co2).label("spent_co2")] if per_run else []
+    grouped = _window(
+        select(*keys, *sums, *extra)
+        .select_from(r)
+        .outerjoin(c, c.reservation_id == r.id)
+        .where(r.kind == "reserve", r.budget_id.in_(budget_ids)),
+        r.created_at, since, until,
+    ).group_by(*keys)
+    if not per_run:
+        return grouped
+    p = grouped.subquery("per_run").c
+    return select(
+        p.budget_id, p.day,
+        *(func.sum(p[column.name]).label(column.name) for column in sums),
+        func.max(p.spent_kwh).label("max_run_kwh"), func.max(p.spent_co2).label("max_run_co2"),
+    ).group_by(p.budget_id, p.day)
+
+
+def budget_burn(
+    session: Session,
+    *,
+    model: str | None = None,
+    budget: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> AuditResult:
+    """Reserved, settled and remaining kWh / kg CO2e per budget and period.
+
+    One row per period with ledger activity: calendar day (daily), calendar month
+    (monthly), day (rolling: ``remaining`` is for the N-day window ending at that day's
+    end), day (per_run: ``remaining`` is the headroom of that day's costliest run, i.e.
+    cap minus its spend). ``model`` keeps budgets whose scope is that model or ``*``.
+    SQL: ``_burn_query``; the budgets come from
+    ``SELECT * FROM budgets WHERE scope IN (:model, '*') AND name = :budget ORDER BY name``.
+    """
+    budget_query = select(Budget).order_by(Budget.name)
+    if model is not None:
+        budget_query = budget_query.where(Budget.scope.in_([model, "*"]))
+    if budget is not None:
+        budget_query = budget_query.where(Budget.name == budget)
+    budgets = list(session.scalars(budget_query))
+    runner = _Runner(session)
+    runner.sql.append(str(budget_query.compile(dialect=runner.connection.dialect)))
+    rows: list[dict[str, Any]] = []
+    if budgets:
+        longest = max(b.rolling_days or 0 for b in budgets)
+        # Rolling windows reaching back before `since` need the days before it too.
+        query_since = since - timedelta(days=longest) if since is not None else None
+        by_budget: dict[int, dict[date, dict[str, Any]]] = defaultdict(dict)
+        for per_run in (False, True):
+            ids = [b.id for b in budgets if (b.period == "per_run") == per_run]
+            if ids:
+                for row in runner.rows(_burn_query(ids, query_since, until, per_run=per_run)):
+                    by_budget[row["budget_id"]][date.fromisoformat(row["day"])] = row
+        for b in budgets:
+            rows.extend(_period_rows(b, by_budget.get(b.id, {}), since))
+    totals = {
+        "budgets": len(budgets),
+        **{key: sum(row[key] for row in rows)
+           for key in ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2")},
+    }
+    columns = ["budget", "period", "period_start", "period_end", "reservations", "open", "released",
+               "reserved_kwh", "settled_kwh", "remaining_kwh", "reserved_co2", "settled_co2", "remaining_co2"]
+    return AuditResult("budget", columns, rows, totals, runner.sql)
+
+
+def _period_rows(b: Budget, days: dict[date, dict[str, Any]], since: datetime | None) -> list[dict[str, Any]]:
+    def midnight(day: date) -> datetime:
+        return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+    shown = [d for d in sorted(days) if since is None or midnight(d) + timedelta(days=1) > since]
+    if b.period == "monthly":
+        months: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+        for day in shown:
+            months[(day.year, day.month)].append(days[day])
+        out = []
+        for year, month in sorted(months):
+            start = datetime(year, month, 1, tzinfo=UTC)
+            end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+            out.append(_burn_row(b, f"{year:04d}-{month:02d}", start, end, months[(year, month)]))
+        return out
+    if b.period == "rolling_days":
+        assert b.rolling_days is not None
+        out, window, spent = [], deque(), [0.0, 0.0]
+        for day in sorted(days):  # a sliding sum over the N days ending with `day`
+            window.append(day)
+            spent[0] += _spent(days[day], "kwh")
+            spent[1] += _spent(days[day], "co2")
+            while (day - window[0]).days >= b.rolling_days:
+                gone = days[window.popleft()]
+                spent[0] -= _spent(gone, "kwh")
+                spent[1] -= _spent(gone, "co2")
+            if day not in shown:
+                continue
+            end = midnight(day) + timedelta(days=1)
+            row = _burn_row(b, day.isoformat(), end - timedelta(days=b.rolling_days), end, [days[day]])
+            row["remaining_kwh"] = None if b.kwh_cap is None else b.kwh_cap - spent[0]
+            row["remaining_co2"] = None if b.co2_cap is None else b.co2_cap - spent[1]
+            out.append(row)
+        return out
+    out = []
+    for day in shown:
+        row = _burn_row(b, day.isoformat(), midnight(day), midnight(day) + timedelta(days=1), [days[day]])
+        if b.period == "per_run":
+            row["remaining_kwh"] = None if b.kwh_cap is None else b.kwh_cap - _float(days[day]["max_run_kwh"])
+            row["remaining_co2"] = None if b.co2_cap is None else b.co2_cap - _float(days[day]["max_run_co2"])
+        out.append(row)
+    return out
+
+
+def _spent(part: dict[str, Any], measure: str) -> float:
+    return _float(part[f"settled_{measure}"]) + _float(part[f"reserved_{measure}"])
+
+
+def _burn_row(b: Budget, period: str, start: datetime | None, end: datetime | None,
+              parts: list[dict[str, Any]]) -> dict[str, Any]:
+    def total(key: str) -> float:
+        return sum(_float(part[key]) for part in parts)
+
+    settled_kwh, reserved_kwh = total("settled_kwh"), total("reserved_kwh")
+    settled_co2, reserved_co2 = total("settled_co2"), total("reserved_co2")
+    return {
+        "budget": b.name,
+        "budget_period": b.period,
+        "period": period,
+        "period_start": start,
+        "period_end": end,
+        "reservations": int(total("reservations")),
+        "open": int(total("open")),
+        "released": int(total("released")),
+        "reserved_kwh": reserved_kwh,
+        "settled_kwh": settled_kwh,
+        "remaining_kwh": None if b.kwh_cap is None else b.kwh_cap - settled_kwh - reserved_kwh,
+        "reserved_co2": reserved_co2,
+        "settled_co2": settled_co2,
+        "remaining_co2": None if b.co2_cap is None else b.co2_cap - settled_co2 - reserved_co2,
+        "kwh_cap": b.kwh_cap,
+        "co2_cap": b.co2_cap,
+    }
+
+
+# --- calibration history -------------------------------------------------------------------------
+
+
+def calibrations(
+    session: Session,
+    *,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> AuditResult:
+    """Every cost-model version: architecture, version, source, points, leave-one-out error.
+
+    SELECT c.id AS calibration_id, c.created_at, c.architecture, c.version, c.source,
+           c.n_points, c.loo_error, c.interval_level, m.name AS model, c.parameters
+    FROM calibrations c LEFT JOIN models m ON m.id = c.model_id
+    WHERE c.architecture IN (SELECT architecture FROM models WHERE name = :model)
+      AND c.created_at >= :since AND c.created_at < :until
+    ORDER BY c.architecture, c.version
+    """
+    m = aliased(Model, name="m")
+    c = Calibration
+    query = (
+        select(
+            c.id.label("calibration_id"), c.created_at, c.architecture, c.version, c.source,
+            c.n_points, c.loo_error, c.interval_level, m.name.label("model"), c.parameters,
+        )
+        .outerjoin(m, m.id == c.model_id)
+        .order_by(c.architecture, c.version)
+    )
+    if model is not None:
+        query = query.where(c.architecture.in_(select(Model.architecture).where(Model.name == model)))
+    runner = _Runner(session)
+    rows = runner.rows(_window(query, c.created_at, since, until))
+    errors = [row["loo_error"] for row in rows if row["loo_error"] is not None]
+    totals = {"versions": len(rows), "latest_loo_error": errors[-1] if errors else None}
+    columns = ["calibration_id", "created_at", "architecture", "version", "source", "n_points",
+               "loo_error", "interval_level", "model"]
+    return AuditResult("calibrations", columns, rows, totals, runner.sql)
+
+
+def run(session: Session, name: str, **filters: Any) -> AuditResult:
+    """Run the audit query called ``name`` (one of ``QUERIES``) with its filters."""
+    queries = {
+        "cost": cost_history,
+        "errors": prediction_errors,
+        "decisions": decisions,
+        "budget": budget_burn,
+        "calibrations": calibrations,
+    }
+    return queries[name](session, **filters)

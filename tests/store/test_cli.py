@@ -1,0 +1,138 @@
+"""``shiftcost db``, ``budget`` and ``audit`` commands, through Typer's runner and one real process."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from shiftcost.cli import app
+from shiftcost.store import ledger, migrate
+from shiftcost.store import repository as repo
+
+from . import seed
+
+runner = CliRunner()
+
+
+def invoke(*args: str, url: str | None = None):
+    extra = ["--database-url", url] if url else []
+    return runner.invoke(app, [*args, *extra], catch_exceptions=True)
+
+
+def test_db_upgrade_current_downgrade(empty_database_url: str) -> None:
+    current = invoke("db", "current", "--json", url=empty_database_url)
+    assert current.exit_code == 0, current.output
+    assert json.loads(current.output)["current"] == [] and not json.loads(current.output)["up_to_date"]
+
+    upgraded = invoke("db", "upgrade", "--json", url=empty_database_url)
+    assert upgraded.exit_code == 0, upgraded.output
+    assert json.loads(upgraded.output)["after"] == list(migrate.head_revisions())
+
+    refused = invoke("db", "downgrade", "base", url=empty_database_url)
+    assert refused.exit_code != 0 and "--yes" in str(refused.exception)
+    assert migrate.current_revisions(empty_database_url) == migrate.head_revisions()
+
+    downgraded = invoke("db", "downgrade", "base", "--yes", url=empty_database_url)
+    assert downgraded.exit_code == 0, downgraded.output
+    assert migrate.current_revisions(empty_database_url) == ()
+
+
+def test_budget_commands(database_url: str, db) -> None:
+    created = invoke("budget", "create", "day", "--period", "daily", "--kwh", "5", "--co2", "2", "--json",
+                     url=database_url)
+    assert created.exit_code == 0, created.output
+    assert json.loads(created.output)["kwh_cap"] == 5.0
+
+    negative = invoke("budget", "create", "bad", "--period", "daily", "--kwh", "-1", url=database_url)
+    assert negative.exit_code != 0
+    assert "caps must be zero or more" in str(negative.exception)
+    assert [b.name for b in ledger.list_budgets(db)] == ["day"]
+
+    (decision_id,) = seed.decisions(db, 1)
+    reservation = ledger.reserve(db, "day", 2.0, 0.5, decision_id)
+    listed = json.loads(invoke("budget", "list", "--json", url=database_url).output)
+    assert listed[0]["remaining_kwh"] == pytest.approx(3.0) and listed[0]["open_reservations"] == 1
+
+    dry = json.loads(invoke("budget", "release-open", "--older-than", "0", "--dry-run", "--json",
+                            url=database_url).output)
+    assert [r["reservation_id"] for r in dry["reservations"]] == [reservation] and not dry["released"]
+    assert len(ledger.open_reservations(db)) == 1
+
+    young = json.loads(invoke("budget", "release-open", "--older-than", "2h", "--json", url=database_url).output)
+    assert young["reservations"] == []
+    released = json.loads(invoke("budget", "release-open", "--older-than", "0", "--json", url=database_url).output)
+    assert [r["reservation_id"] for r in released["reservations"]] == [reservation]
+    assert ledger.open_reservations(db) == []
+    assert ledger.remaining(db, "day").remaining_kwh == pytest.approx(5.0)
+
+
+def test_audit_formats(database_url: str, db) -> None:
+    with db.session() as session:
+        decision = seed.decision(session, seed.model(session, name="digits"), action="skip",
+                                 blocked_by_budget=True)
+        retrained = seed.decision(session, seed.model(session, name="other"))
+        run = repo.start_retrain_run(session, retrained.batch.model_id, decision_id=retrained.id)
+        repo.finish_retrain_run(session, run.id, "succeeded", epochs=2.0, energy_kwh=0.25, emissions_kg=0.1)
+
+    as_json = invoke("audit", "decisions", "--skipped-for-budget", "--format", "json", url=database_url)
+    assert as_json.exit_code == 0, as_json.output
+    payload = json.loads(as_json.output)
+    assert [row["decision_id"] for row in payload["rows"]] == [decision.id]
+
+    as_csv = invoke("audit", "cost", "--model", "other", "--since", "30d", "--format", "csv", url=database_url)
+    rows = list(csv.DictReader(io.StringIO(as_csv.output)))
+    assert [(int(r["run_id"]), float(r["energy_kwh"])) for r in rows] == [(run.id, 0.25)]
+
+    table = invoke("audit", "cost", url=database_url)
+    assert table.exit_code == 0 and "energy_kwh=0.25" in table.output
+
+    for query in ("errors", "budget", "calibrations"):
+        result = invoke("audit", query, "--json", url=database_url)
+        assert result.exit_code == 0, (query, result.output)
+        assert json.loads(result.output)["query"] == query
+
+    with_sql = invoke("audit", "calibrations", "--model", "digits", "--show-sql", url=database_url)
+    assert with_sql.exit_code == 0 and "FROM calibrations" in with_sql.stderr
+    assert "'digits'" not in with_sql.stderr  # bound, not formatted into the statement
+
+    bad_time = invoke("audit", "cost", "--since", "last tuesday", url=database_url)
+    assert bad_time.exit_code != 0 and "Cannot read the time" in str(bad_time.exception)
+
+
+def _run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    executable = Path(sys.executable).with_name("shiftcost")
+    return subprocess.run([str(executable), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_real_process_from_another_directory(empty_database_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "SHIFTCOST_DATABASE_URL": empty_database_url}
+    env.pop("SHIFTCOST_CONFIG", None)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    not_yet = invoke("audit", "cost", url=empty_database_url)
+    assert not_yet.exit_code != 0 and "run `shiftcost db upgrade`" in str(not_yet.exception)
+
+    upgraded = _run_cli(["db", "upgrade"], env, elsewhere)
+    assert upgraded.returncode == 0, upgraded.stderr
+    current = _run_cli(["db", "current", "--json"], env, elsewhere)
+    assert json.loads(current.stdout)["up_to_date"] is True
+
+
+def test_unreachable_database_is_one_sentence_without_the_password(tmp_path: Path) -> None:
+    url = "postgresql+psycopg2://auditor:s3cret-pw@127.0.0.1:1/ledger"
+    env = {**os.environ, "SHIFTCOST_DATABASE_URL": url}
+    result = _run_cli(["budget", "list"], env, tmp_path)
+    assert result.returncode == 3
+    message = result.stderr.strip()
+    assert "s3cret-pw" not in result.stderr + result.stdout
+    assert "postgresql+psycopg2://auditor:***@127.0.0.1:1/ledger" in message
+    assert "Traceback" not in message and len(message.splitlines()) == 1

@@ -1,0 +1,106 @@
+"""Migrations: empty -> head -> base -> head on both databases, no drift from the models."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+
+from shiftcost.store import migrate, open_database
+from shiftcost.store.db import make_engine
+from shiftcost.store.errors import SchemaVersionError
+from shiftcost.store.models import Base
+
+EXPECTED_TABLES = {
+    "models", "reference_stats", "batches", "drift_reports", "index_runs", "cost_predictions",
+    "decisions", "retrain_runs", "calibrations", "energy_probes", "budgets", "budget_ledger",
+}
+
+
+def _tables(engine) -> set[str]:
+    return set(inspect(engine).get_table_names()) - {"alembic_version"}
+
+
+def test_upgrade_downgrade_upgrade(empty_database_url: str) -> None:
+    engine = make_engine(empty_database_url)
+    try:
+        assert _tables(engine) == set()
+        assert migrate.current_revisions(engine) == ()
+        migrate.upgrade(engine)
+        assert _tables(engine) == EXPECTED_TABLES
+        assert migrate.current_revisions(engine) == migrate.head_revisions()
+        migrate.downgrade(engine, "base")
+        assert _tables(engine) == set()
+        assert migrate.current_revisions(engine) == ()
+        migrate.upgrade(engine)
+        assert _tables(engine) == EXPECTED_TABLES
+    finally:
+        engine.dispose()
+
+
+def test_autogenerate_finds_no_difference(empty_database_url: str) -> None:
+    engine = make_engine(empty_database_url)
+    try:
+        migrate.upgrade(engine)
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            differences = compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+    assert differences == []
+
+
+def test_unmigrated_database_asks_for_upgrade(empty_database_url: str) -> None:
+    with pytest.raises(SchemaVersionError, match="run `shiftcost db upgrade`"):
+        open_database(empty_database_url)
+
+
+def test_older_schema_asks_for_upgrade(empty_database_url: str) -> None:
+    migrate.upgrade(empty_database_url)
+    engine = make_engine(empty_database_url)
+    try:
+        with engine.begin() as connection:
+            # A database stamped by an older shiftcost (revision the code still knows):
+            # simulate by pointing at base, i.e. no revision but tables present.
+            connection.exec_driver_sql("DELETE FROM alembic_version")
+    finally:
+        engine.dispose()
+    with pytest.raises(SchemaVersionError) as raised:
+        open_database(empty_database_url)
+    assert "shiftcost db upgrade" in str(raised.value)
+    assert "needs 0001" in str(raised.value) or migrate.head_revisions()[0] in str(raised.value)
+
+
+def test_newer_schema_asks_to_upgrade_shiftcost(database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("UPDATE alembic_version SET version_num = 'ffffffff'")
+    finally:
+        engine.dispose()
+    with pytest.raises(SchemaVersionError, match="newer than this shiftcost"):
+        open_database(database_url)
+
+
+def test_open_database_can_upgrade_first(empty_database_url: str) -> None:
+    database = open_database(empty_database_url, upgrade=True)
+    try:
+        assert migrate.current_revisions(database.engine) == migrate.head_revisions()
+    finally:
+        database.dispose()
+
+
+def test_revisions_do_not_import_the_models() -> None:
+    versions = migrate.migrations_directory() / "versions"
+    scripts = [p for p in versions.glob("*.py") if p.name != "__init__.py"]
+    assert scripts, "no revision scripts found"
+    for script in scripts:
+        tree = ast.parse(Path(script).read_text())
+        imported = {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        } | {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not any(name.startswith("shiftcost") for name in imported), script.name
