@@ -1,0 +1,19 @@
+"""Prefect flows: watch, assess, retrain.
+
+``watch`` polls the landing location, registers each new batch once and hands every
+waiting batch to ``assess``; ``assess`` makes one forward pass, tests for drift, predicts
+the cost, decides under the budgets and stores it all, handing a retrain decision to
+``retrain``; ``retrain`` retrains with the energy measured, settles the ledger, refits the
+cost model and registers the new model version. Hand-offs run inline as subflows
+(embedded mode) or as deployments on the work pools (``flow_mode = "deployment"``).
+
+Every flow takes ``overrides``: settings to change for this run (non-secret ones; the
+database URL with its password belongs in the environment, not in flow parameters,
+which the Prefect server stores).
+"""
+
+import os
+
+# No usage statistics leave an air-gapped host unless asked for.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

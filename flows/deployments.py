@@ -1,0 +1,150 @@
+"""The three deployments, as ``prefect.yaml`` declares them and as ``shiftcost serve`` runs them.
+
+Production: ``prefect deploy --all`` reads ``prefect.yaml``; the Prefect server schedules
+``watch`` and workers on the ``cpu`` and ``gpu`` work pools run the flows (see
+docker/compose.yaml). Embedded: ``shiftcost serve`` builds the same deployments here and
+serves them from one process with Prefect's ``serve``, on Prefect's ephemeral API (SQLite,
+no server to install) unless ``PREFECT_API_URL`` names a server. The ephemeral API runs no
+scheduler service, so the watch schedule is kept by a ticker thread beside the runner:
+every poll interval it starts a ``watch`` run of the served deployment, keyed by the
+interval's slot so that two tickers never start the same poll twice.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from shiftcost.config import Settings
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """One deployment: its flow (by module path), name, work pool and schedule."""
+
+    flow_name: str
+    name: str
+    module: str
+    function: str
+    work_pool: str
+    scheduled: bool
+    description: str
+
+    @property
+    def full_name(self) -> str:
+        """``flow-name/deployment-name``, as ``run_deployment`` takes it."""
+        return f"{self.flow_name}/{self.name}"
+
+    @property
+    def entrypoint(self) -> str:
+        """The ``prefect.yaml`` entrypoint: file path and flow function."""
+        return f"{self.module.replace('.', '/')}.py:{self.function}"
+
+
+DEPLOYMENTS = (
+    DeploymentSpec("watch", "shiftcost-watch", "flows.watch", "watch", "cpu", True, "Poll the landing location and register new batches."),
+    DeploymentSpec("assess", "shiftcost-assess", "flows.assess", "assess", "gpu", False, "Assess one batch: drift, indices, cost, decision."),
+    DeploymentSpec("retrain", "shiftcost-retrain", "flows.retrain", "retrain", "gpu", False, "Retrain on one batch, settle the budget, learn."),
+)
+
+
+def _flow(spec: DeploymentSpec) -> Any:
+    import importlib
+
+    return getattr(importlib.import_module(spec.module), spec.function)
+
+
+def served_deployments(settings: Settings, overrides: dict[str, Any] | None = None, *, scheduled: bool = True) -> list[Any]:
+    """The deployments ``shiftcost serve`` runs: watch every ``poll_interval_s`` (when ``scheduled``), the others on demand."""
+    from prefect.deployments.runner import EntrypointType
+
+    deployments = []
+    for spec in DEPLOYMENTS:
+        interval = timedelta(seconds=settings.poll_interval_s) if spec.scheduled and scheduled else None
+        deployments.append(
+            _flow(spec).to_deployment(
+                spec.name,
+                interval=interval,
+                # One poll at a time; overlapping polls would be safe (the database guards
+                # every batch) but wasteful.
+                concurrency_limit=1 if spec.scheduled else None,
+                parameters={"overrides": overrides} if overrides else None,
+                description=spec.description,
+                tags=["shiftcost", spec.work_pool],
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+        )
+    return deployments
+
+
+def _tick(interval_s: float, stop: threading.Event, log: Any) -> None:
+    """Start a watch run every ``interval_s`` seconds until ``stop`` is set."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    watch = next(spec for spec in DEPLOYMENTS if spec.scheduled)
+    while not stop.is_set():
+        slot = int(time.time() // interval_s)
+        try:
+            run = run_deployment(watch.full_name, timeout=0, as_subflow=False, idempotency_key=f"tick-{slot}")
+            log(f"poll {slot}: watch run {run.name} scheduled")
+        except ObjectNotFound:
+            stop.wait(1.0)  # the runner has not registered the deployments yet
+            continue
+        except Exception as error:  # noqa: BLE001 - a failed tick must not end the serving
+            log(f"poll {slot}: could not start a watch run ({error}); trying again next poll")
+        stop.wait(max(0.0, (slot + 1) * interval_s - time.time()))
+
+
+@contextmanager
+def prefect_api(startup_timeout_s: int = 180) -> Iterator[str]:
+    """The Prefect API to use: ``PREFECT_API_URL`` when set, else Prefect's ephemeral server.
+
+    The ephemeral server (Prefect's own API on SQLite in ``PREFECT_HOME``) is started here,
+    once, and its URL exported, so that the flow runs ``serve`` starts in subprocesses
+    report to it instead of each starting a server of their own.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        yield configured
+        return
+    server = SubprocessASGIServer()
+    server.start(timeout=startup_timeout_s)
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        server.stop()
+
+
+def serve(settings: Settings, *, overrides: dict[str, Any] | None = None, limit: int | None = None) -> None:
+    """Serve the three deployments from this process, polling every ``poll_interval_s``, until interrupted."""
+    from prefect import serve as prefect_serve
+    from prefect.logging import get_logger
+
+    logger = get_logger("shiftcost.serve")
+    with prefect_api() as url:
+        logger.info("Prefect API at %s", url)
+        stop = threading.Event()
+        ticker = threading.Thread(target=_tick, args=(settings.poll_interval_s, stop, logger.info), name="shiftcost-ticker", daemon=True)
+        ticker.start()
+        try:
+            prefect_serve(*served_deployments(settings, overrides, scheduled=False), limit=limit, print_starting_message=True)
+        finally:
+            stop.set()
+            ticker.join(timeout=10)

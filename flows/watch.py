@@ -1,0 +1,38 @@
+"""The watch flow: poll the landing location, register batches once, assess what waits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.assess import assess
+from flows.handoff import Overrides, batch_key, settings_for, start_deployment
+from tasks import intake
+
+
+@flow(name="watch", persist_result=False)
+def watch(overrides: Overrides = None) -> list[dict[str, Any]]:
+    """One poll: register every new batch, then assess each waiting batch (failures do not stop the others)."""
+    settings = settings_for(overrides)
+    logger = get_run_logger()
+    for landed in intake.discover_batches(settings):
+        state = intake.register_batch(settings, landed.uri, return_state=True)
+        if not state.is_completed():
+            logger.error("could not register %s: %s", landed.uri, state.message)
+    results: list[dict[str, Any]] = []
+    for pending in intake.pending_batches(settings):
+        if settings.flow_mode == "deployment":
+            # Keyed by the batch's state too: a batch given back after a crash gets a new run.
+            key = f"{batch_key(settings, pending.fingerprint)}:{pending.updated_at.isoformat()}"
+            run_id = start_deployment(settings.assess_deployment, {"batch_id": pending.batch_id, "overrides": overrides}, key)
+            results.append({"batch_id": pending.batch_id, "assess_flow_run": run_id})
+            continue
+        state = assess(pending.batch_id, overrides, return_state=True)
+        run_id = str(state.state_details.flow_run_id)
+        if state.is_completed():
+            results.append(state.result() | {"assess_flow_run": run_id})
+        else:
+            logger.error("assessing batch %d failed: %s", pending.batch_id, state.message)
+            results.append({"batch_id": pending.batch_id, "assess_flow_run": run_id, "flow_state": state.type.value, "message": state.message})
+    return results

@@ -1,0 +1,655 @@
+"""Assessment of one batch: load, one forward pass, drift, cost, decision, storage.
+
+The steps, each a function a Prefect task can wrap:
+
+1. :func:`load_for_assessment` reads the current model version, its reference stats and
+   the batch, and validates the batch against the model;
+2. :func:`index_pass` makes the single forward pass (``shiftcost.index.engine.assess``):
+   indices, embedding sample, image statistics and predicted classes;
+3. :func:`check_drift` runs the Evidently drift tests on those outputs of the same pass
+   and writes Evidently's HTML report;
+4. :func:`estimate_cost` predicts epochs, kWh and kg CO2e (skipped without drift unless
+   ``always_assess``);
+5. :func:`store_assessment` decides under the budgets and stores everything in one
+   transaction: drift reports, index run, cost prediction, decision, budget reservation
+   and the batch's new status, or nothing at all.
+
+:func:`assess_batch` chains them for a claimed batch; a user-caused problem (unreadable
+batch, wrong image size, too few images) marks the batch failed with its reason, any
+other failure gives the claim back so that a retry processes the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shiftcost import landing
+from shiftcost.errors import ConfigError, InputError
+from shiftcost.pipeline.claims import Claim, ClaimLost, claim_for_assessment, fail_claimed, guarded_update, release_claim
+from shiftcost.pipeline.common import Artifacts, json_safe, carbon_intensity, load_cost_model, training_samples
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+    from torch import nn
+
+    from shiftcost.config import Settings
+    from shiftcost.costmodel import CostPrediction
+    from shiftcost.data import Batch, ModelSpec
+    from shiftcost.drift import DriftResult
+    from shiftcost.index.engine import IndexReport
+    from shiftcost.index.reference import ReferenceStats
+    from shiftcost.policy import Decision, Reason
+    from shiftcost.store import Database
+
+__all__ = [
+    "REPORT_FEATURES",
+    "AssessOutcome",
+    "CostEstimate",
+    "DriftCheck",
+    "LoadedBatch",
+    "align_labels",
+    "assess_batch",
+    "check_drift",
+    "estimate_cost",
+    "fail_assessment",
+    "index_pass",
+    "load_for_assessment",
+    "load_model_and_reference",
+    "outcome_of",
+    "report_features",
+    "store_assessment",
+]
+
+#: Features of the cost model that the index report can supply.
+REPORT_FEATURES = ("resque_dist", "inv_ari", "layer_shift", "resque_task", "preindex_p", "accuracy", "mean_loss", "mean_entropy")
+_SEVERITY = {"info": 0, "allow": 0, "defer": 1, "skip": 2}
+# Where a batch goes after its decision: a skip is finished, the others wait for more.
+_STATUS_AFTER = {"skip": "done", "defer": "assessed", "retrain": "assessed"}
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class LoadedBatch:
+    """A claimed batch with everything its assessment needs, in memory."""
+
+    claim: Claim
+    source_uri: str
+    fingerprint: str
+    model_id: int
+    model_name: str
+    model_version: int
+    model: nn.Module
+    spec: ModelSpec
+    reference: ReferenceStats
+    reference_stats_id: int
+    data: Batch
+    new_task: bool
+    """The labels include classes the model has no output for (a task change)."""
+    unknown_labels: list[Any] = field(default_factory=list)
+
+    @property
+    def batch_id(self) -> int:
+        return self.claim.batch_id
+
+
+@dataclass(frozen=True)
+class DriftCheck:
+    """The drift result of a batch and where its Evidently report was written."""
+
+    result: DriftResult
+    html_path: Path
+
+    @property
+    def verdict(self) -> bool:
+        return self.result.verdict
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """The predicted cost of retraining on a batch, or why it could not be predicted."""
+
+    prediction: CostPrediction | None
+    problem: str | None
+    features: dict[str, float]
+    samples: int
+    joules_per_sample_epoch: float
+    carbon_intensity: float
+    calibration_id: int
+    cost_model_version: int
+    energy_probe_id: int
+
+
+@dataclass
+class AssessOutcome:
+    """What happened to one batch; ``processed`` is False when another run had it."""
+
+    batch_id: int
+    status: str
+    processed: bool
+    source_uri: str | None = None
+    fingerprint: str | None = None
+    action: str | None = None
+    decision_id: int | None = None
+    summary: str | None = None
+    reasons: list[dict[str, Any]] = field(default_factory=list)
+    drift: bool | None = None
+    drift_report: str | None = None
+    indices: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    failure_reason: str | None = None
+    model_version: int | None = None
+
+    @property
+    def retrain_pending(self) -> bool:
+        """Whether this assessment decided to retrain (and reserved the budget for it)."""
+        return self.processed and self.action == "retrain"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self) | {"retrain_pending": self.retrain_pending})
+
+
+# ----------------------------------------------------------------------------- 1. load
+
+
+def load_for_assessment(db: Database, settings: Settings, claim: Claim) -> LoadedBatch:
+    """Read the newest model version, its reference stats and the batch; validate the batch.
+
+    A batch the model cannot take raises ``InputError``; a missing model file or
+    reference stats raise ``ConfigError`` (the batch is not at fault).
+    """
+    from shiftcost.data import check_batch, load_batch
+    from shiftcost.store import repository
+
+    with db.session(readonly=True) as session:
+        row = repository.get_batch(session, claim.batch_id)
+        source_uri, fingerprint, model_name = row.source_uri, row.fingerprint, row.model_name
+        model_row = repository.get_model(session, model_name)
+        stats_row = repository.latest_reference_stats(session, model_row.id)
+        model_id, version, weights = model_row.id, model_row.version, model_row.weights_uri
+    if stats_row is None or not weights:
+        raise ConfigError(
+            f"Model {model_name} version {version} has no weights file or reference stats registered; "
+            "register it with shiftcost.pipeline.bootstrap."
+        )
+    model, spec, reference = load_model_and_reference(model_name, version, weights, stats_row.uri)
+    with landing.local_copy(source_uri) as path:
+        data = load_batch(path, spec=spec)
+    data.source = source_uri
+    data, new_task, unknown = align_labels(data, spec)
+    check_batch(dataclasses.replace(data, y=None) if new_task else data, spec)
+    return LoadedBatch(
+        claim=claim,
+        source_uri=source_uri,
+        fingerprint=fingerprint,
+        model_id=model_id,
+        model_name=model_name,
+        model_version=version,
+        model=model,
+        spec=spec,
+        reference=reference,
+        reference_stats_id=stats_row.id,
+        data=data,
+        new_task=new_task,
+        unknown_labels=unknown,
+    )
+
+
+def load_model_and_reference(name: str, version: int, weights: str, stats_uri: str) -> tuple[Any, Any, Any]:
+    from shiftcost.data import load_model
+    from shiftcost.index.reference import ReferenceStats
+
+    try:
+        model, spec = load_model(weights)
+        reference = ReferenceStats.load(stats_uri, model=model)
+    except InputError as error:
+        raise ConfigError(f"Model {name} version {version} cannot be used: {error}") from None
+    return model, spec, reference
+
+
+def align_labels(data: Batch, spec: ModelSpec) -> tuple[Batch, bool, list[Any]]:
+    """Map named labels to the model's label ids; detect labels the model has no output for."""
+    import torch
+
+    if data.y is None:
+        return data, False, []
+    if data.classes is not None:
+        unknown = [name for name in data.classes if name not in spec.classes]
+        if unknown:
+            return data, True, unknown
+        ids = torch.tensor([spec.classes.index(name) for name in data.classes], dtype=torch.int64)
+        if int(data.y.max()) >= len(ids):
+            raise InputError(f"Batch {data.source} has label {int(data.y.max())} but names only {len(ids)} classes; name every class.")
+        return dataclasses.replace(data, y=ids[data.y], classes=spec.classes), False, []
+    unknown_ids = sorted(int(label) for label in data.y.unique() if int(label) >= spec.num_classes)
+    return data, bool(unknown_ids), unknown_ids
+
+
+# ----------------------------------------------------------------------------- 2. forward pass
+
+
+def index_pass(settings: Settings, loaded: LoadedBatch) -> IndexReport:
+    """The one forward pass over the batch: every index and the drift inputs."""
+    from shiftcost.index.engine import assess
+
+    data = loaded.data
+    return assess(
+        loaded.model,
+        loaded.spec,
+        loaded.reference,
+        data.x,
+        data.y,
+        task=loaded.new_task,
+        device=settings.device,
+        check_model=False,  # checked when the reference stats were loaded for this model
+    )
+
+
+# ----------------------------------------------------------------------------- 3. drift
+
+
+def check_drift(settings: Settings, loaded: LoadedBatch, report: IndexReport) -> DriftCheck:
+    """Evidently drift tests on the embeddings, image statistics and predictions of the pass."""
+    from shiftcost.drift import DriftThresholds, detect_drift
+
+    thresholds = DriftThresholds(
+        embeddings=settings.drift_embeddings_threshold,
+        image_stats=settings.drift_image_stats_threshold,
+        image_stats_share=settings.drift_image_stats_share,
+        predictions=settings.drift_predictions_threshold,
+        min_drifted_groups=settings.drift_min_groups,
+    )
+    result = detect_drift(
+        _reference_inputs(loaded.reference),
+        _batch_inputs(report),
+        embedding_method=settings.drift_embedding_method,
+        thresholds=thresholds,
+        max_embedding_rows=settings.drift_max_rows,
+        seed=settings.retrain_seed,
+    )
+    path = result.save_html(Artifacts.from_settings(settings).drift_report(loaded.batch_id, loaded.fingerprint))
+    return DriftCheck(result, path)
+
+
+def _reference_inputs(reference: ReferenceStats) -> Any:
+    from shiftcost.drift import DriftInputs
+
+    images = reference.image_stats_sample.compute().features
+    counts = reference.predictions.compute()["predicted_counts"]
+    return DriftInputs(
+        embeddings=reference.embedding_sample.compute().features,
+        image_stats=_columns(images, reference.image_stat_names),
+        predictions=_expand_counts(counts),
+    )
+
+
+def _batch_inputs(report: IndexReport) -> Any:
+    from shiftcost.drift import DriftInputs
+
+    assert report.embedding_sample is not None and report.image_stats is not None
+    return DriftInputs(
+        embeddings=report.embedding_sample[0],
+        image_stats=_columns(report.image_stats, report.image_stat_names),
+        predictions=_expand_counts(report.predicted_counts),
+    )
+
+
+def _columns(table: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    values = table.detach().cpu().numpy()
+    return {name: values[:, i] for i, name in enumerate(names)}
+
+
+def _expand_counts(counts: list[int]) -> Any:
+    """One predicted class per image from per-class counts (what a categorical test sees)."""
+    import numpy as np
+
+    return np.repeat(np.arange(len(counts)), np.asarray(counts, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------- 4. cost
+
+
+def report_features(report: IndexReport) -> dict[str, float]:
+    """The index report's values under the cost model's feature names (missing ones left out)."""
+    values = {name: getattr(report, name) for name in REPORT_FEATURES}
+    return {name: float(value) for name, value in values.items() if value is not None and math.isfinite(value)}
+
+
+def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report: IndexReport, drift: DriftCheck) -> CostEstimate | None:
+    """Predicted epochs, kWh and kg CO2e of retraining on the batch.
+
+    None when no drift was detected and ``always_assess`` is off: a batch that did not
+    move costs nothing to assess. A batch whose indices the cost model cannot use (a
+    feature it was fitted on is missing) gives an estimate with ``problem`` set.
+    """
+    from shiftcost.store import repository
+
+    if not drift.verdict and not settings.always_assess:
+        return None
+    architecture = loaded.spec.architecture
+    with db.session(readonly=True) as session:
+        stored = load_cost_model(session, architecture)
+        probe = repository.latest_energy_probe(session, architecture)
+        probe_values = None if probe is None else (probe.id, probe.joules_per_sample_epoch)
+    if stored is None:
+        raise ConfigError(f"No cost model is calibrated for architecture {architecture}; bootstrap one from a calibration sweep.")
+    if probe_values is None:
+        raise ConfigError(
+            f"No energy probe is recorded for architecture {architecture}, so epochs cannot be turned into kWh; "
+            "run `shiftcost probe-energy` or give joules_per_sample_epoch when bootstrapping."
+        )
+    cost_model, calibration = stored
+    probe_id, joules = probe_values
+    features = report_features(report)
+    samples = training_samples(len(loaded.data), settings.retrain_holdout_fraction)
+    intensity = carbon_intensity(settings)
+    prediction, problem = None, None
+    try:
+        (prediction,) = cost_model.predict([features], samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
+    except InputError as error:
+        problem = str(error)
+    return CostEstimate(
+        prediction=prediction,
+        problem=problem,
+        features=features,
+        samples=samples,
+        joules_per_sample_epoch=float(joules),
+        carbon_intensity=intensity,
+        calibration_id=calibration.id,
+        cost_model_version=cost_model.version_,
+        energy_probe_id=probe_id,
+    )
+
+
+# ----------------------------------------------------------------------------- 5. decide and store
+
+
+def store_assessment(
+    db: Database,
+    settings: Settings,
+    loaded: LoadedBatch,
+    report: IndexReport,
+    drift: DriftCheck,
+    estimate: CostEstimate | None,
+) -> AssessOutcome:
+    """Decide under the budgets and store the whole assessment in one transaction.
+
+    The applicable budgets are locked first, so the budget state the decision sees is the
+    one its reservation is checked against. If the claim on the batch was lost (another
+    run took over), nothing is written and the outcome says so.
+    """
+    from shiftcost.store import ledger, repository
+
+    try:
+        with db.session() as session:
+            _lock_budgets(session, loaded.model_name)
+            budgets = ledger.budget_status(session, loaded.model_name)
+            decision = decide_batch(settings, loaded, report, drift, estimate, budgets)
+            guarded_update(
+                session,
+                loaded.claim,
+                status=_STATUS_AFTER[decision.action],
+                model_id=loaded.model_id,
+                samples=len(loaded.data),
+                has_labels=loaded.data.has_labels,
+            )
+            _add_drift_reports(session, loaded.batch_id, drift)
+            index_run = repository.add_index_run(
+                session,
+                loaded.batch_id,
+                loaded.model_id,
+                report.samples,
+                reference_stats_id=loaded.reference_stats_id,
+                device=report.device,
+                seconds=report.seconds,
+                resque_dist_variant=report.resque_dist_variant,
+                details=json_safe(report.to_dict()),
+                **{name: getattr(report, name) for name in REPORT_FEATURES},
+            )
+            prediction_id = _add_prediction(session, index_run.id, estimate)
+            row = repository.record_decision(
+                session,
+                loaded.batch_id,
+                decision.action,
+                [reason.to_dict() for reason in decision.reasons],
+                cost_prediction_id=prediction_id,
+                blocked_by_budget=decision.blocked_by_budget,
+                budget_state=json_safe(list(decision.budget_state)),
+                policy=json_safe({key: value for key, value in decision.to_dict().items() if key not in ("reasons", "budget_state")}),
+            )
+            if decision.action == "retrain" and budgets:
+                ledger.reserve_many(session, [b.name for b in budgets], _reservable(decision.kwh), _reservable(decision.co2), row.id)
+    except ClaimLost:
+        return outcome_of(db, loaded.batch_id)
+    return AssessOutcome(
+        batch_id=loaded.batch_id,
+        status=_STATUS_AFTER[decision.action],
+        processed=True,
+        source_uri=loaded.source_uri,
+        fingerprint=loaded.fingerprint,
+        action=decision.action,
+        decision_id=row.id,
+        summary=decision.summary(),
+        reasons=[reason.to_dict() for reason in decision.reasons],
+        drift=drift.verdict,
+        drift_report=str(drift.html_path),
+        indices=report.to_dict(),
+        prediction=None if estimate is None or estimate.prediction is None else estimate.prediction.to_dict(),
+        model_version=loaded.model_version,
+    )
+
+
+def decide_batch(
+    settings: Settings,
+    loaded: LoadedBatch,
+    report: IndexReport,
+    drift: DriftCheck,
+    estimate: CostEstimate | None,
+    budgets: list[Any],
+) -> Decision:
+    """The policy's decision, plus what only the pipeline knows: task change, labels, features."""
+    from shiftcost.policy import CostFigures, PolicySettings, decide
+
+    policy = PolicySettings(
+        use_upper_bound=settings.use_upper_bound,
+        always_assess=settings.always_assess,
+        min_accuracy_drop=settings.min_accuracy_drop,
+        on_not_converging=settings.on_not_converging,
+    )
+    reference_accuracy = loaded.reference.accuracy
+    drop = None if report.accuracy is None or reference_accuracy is None else reference_accuracy - report.accuracy
+    prediction: Any = None
+    if estimate is not None:
+        prediction = estimate.prediction or CostFigures(None, None, None, None, None, None, False)
+    decision = decide(prediction, budgets, policy, drift_verdict=drift.verdict, accuracy_drop=drop, model_name=loaded.model_name)
+    return _with_reasons(decision, _pipeline_reasons(loaded, report, estimate, assessed=decision.assessed))
+
+
+def _pipeline_reasons(loaded: LoadedBatch, report: IndexReport, estimate: CostEstimate | None, *, assessed: bool) -> list[Reason]:
+    from shiftcost.policy import Reason
+
+    reasons = []
+    if report.task_change:
+        value = "not computed (a single class)" if report.resque_task is None else f"{report.resque_task:.4g}"
+        labels = loaded.unknown_labels or report.new_classes
+        reasons.append(
+            Reason(
+                "task_change",
+                f"Task change: the batch has labels {labels} that the model's reference never had; RESQUE_task = {value}.",
+                "info",
+                {"resque_task": report.resque_task, "new_labels": [str(label) for label in labels]},
+            )
+        )
+    if not assessed:
+        return reasons
+    if loaded.new_task:
+        reasons.append(
+            Reason(
+                "new_classes",
+                f"The batch has labels {loaded.unknown_labels} that the model has no output for, so retraining needs a new "
+                "classifier head, which this pipeline does not build; register a model for these classes.",
+                "skip",
+                {"new_labels": [str(label) for label in loaded.unknown_labels]},
+            )
+        )
+    if not loaded.data.has_labels:
+        reasons.append(Reason("no_labels", "The batch has no labels, so there is nothing to retrain on; label it to retrain.", "skip"))
+    if estimate is not None and estimate.problem is not None:
+        reasons.append(
+            Reason("cost_unpredictable", f"The cost of retraining could not be predicted ({estimate.problem})", "skip", {"features": estimate.features})
+        )
+    return reasons
+
+
+def _with_reasons(decision: Decision, extra: list[Reason]) -> Decision:
+    """The decision with ``extra`` reasons; the most severe effect still sets the action."""
+    if not extra:
+        return decision
+    reasons = decision.reasons + tuple(extra)
+    action = ("retrain", "defer", "skip")[max(_SEVERITY[reason.effect] for reason in reasons)]
+    return dataclasses.replace(decision, action=action, reasons=reasons, retry_after=decision.retry_after if action == "defer" else None)
+
+
+def _lock_budgets(session: Session, model_name: str) -> None:
+    """Lock the budgets that apply to the model (PostgreSQL; SQLite's write lock is held already)."""
+    from sqlalchemy import select
+
+    from shiftcost.store.models import Budget
+
+    query = select(Budget.id).where(Budget.scope.in_([model_name, "*"])).order_by(Budget.name).with_for_update()
+    session.execute(query).all()
+
+
+def _add_drift_reports(session: Session, batch_id: int, drift: DriftCheck) -> None:
+    from shiftcost.store import repository
+
+    result = drift.result
+    thresholds = json_safe(result.thresholds) | {"rule": result.rule, "verdict": result.verdict, "seed": result.seed}
+    for group in result.groups:
+        repository.add_drift_report(
+            session,
+            batch_id,
+            group.method,
+            group.name,
+            group.drifted,
+            score=group.score,
+            threshold=group.threshold,
+            thresholds=thresholds,
+            details=json_safe(group.to_dict()),
+            html_uri=str(drift.html_path),
+        )
+    drifted = sum(group.drifted for group in result.groups if group.tested)
+    repository.add_drift_report(
+        session,
+        batch_id,
+        result.rule,
+        "overall",
+        result.verdict,
+        score=float(drifted),
+        threshold=float(result.thresholds.get("min_drifted_groups", 1)),
+        thresholds=thresholds,
+        details={"drifted_groups": drifted, "evidently_version": result.evidently_version, "seconds": result.seconds},
+        html_uri=str(drift.html_path),
+    )
+
+
+def _add_prediction(session: Session, index_run_id: int, estimate: CostEstimate | None) -> int | None:
+    from shiftcost.store import repository
+
+    if estimate is None or estimate.prediction is None:
+        return None
+    p = estimate.prediction
+    if p.energy_kwh is None or p.emissions_kg is None:
+        return None
+    row = repository.add_cost_prediction(
+        session,
+        index_run_id,
+        p.epochs,
+        p.energy_kwh,
+        p.emissions_kg,
+        epochs_lower=_finite(p.epochs_lower),
+        epochs_upper=_finite(p.epochs_upper),
+        energy_kwh_lower=_finite(p.energy_kwh_lower),
+        energy_kwh_upper=_finite(p.energy_kwh_upper),
+        emissions_kg_lower=_finite(p.emissions_kg_lower),
+        emissions_kg_upper=_finite(p.emissions_kg_upper),
+        interval_level=p.level,
+        predicted_not_to_converge=p.predicted_not_to_converge,
+        joules_per_sample_epoch=estimate.joules_per_sample_epoch,
+        carbon_intensity=estimate.carbon_intensity,
+        samples=estimate.samples,
+        calibration_id=estimate.calibration_id,
+        details=json_safe(
+            {
+                "prediction": p.to_dict(),
+                "cost_model_version": estimate.cost_model_version,
+                "energy_probe_id": estimate.energy_probe_id,
+                "unbounded_upper": not all(map(math.isfinite, (p.epochs_upper, p.energy_kwh_upper or 0.0))),
+            }
+        ),
+    )
+    return row.id
+
+
+def _finite(value: float | None) -> float | None:
+    """Non-finite bounds (too few calibration runs for a finite interval) are stored as unknown."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _reservable(amount: float | None) -> float:
+    return 0.0 if amount is None else float(amount)
+
+
+# ----------------------------------------------------------------------------- the chain
+
+
+def fail_assessment(db: Database, claim: Claim, error: BaseException) -> AssessOutcome:
+    """Mark a claimed batch failed with the error's sentence; the outcome of the batch."""
+    fail_claimed(db, claim, str(error))
+    return outcome_of(db, claim.batch_id, processed=True)
+
+
+def outcome_of(db: Database, batch_id: int, *, processed: bool = False) -> AssessOutcome:
+    """The stored state of a batch (status, latest decision), e.g. when another run had it."""
+    from shiftcost.store import repository
+
+    with db.session(readonly=True) as session:
+        batch = repository.get_batch(session, batch_id)
+        decision = repository.latest_decision(session, batch_id)
+        return AssessOutcome(
+            batch_id=batch_id,
+            status=batch.status,
+            processed=processed,
+            source_uri=batch.source_uri,
+            fingerprint=batch.fingerprint,
+            action=None if decision is None else decision.action,
+            decision_id=None if decision is None else decision.id,
+            reasons=[] if decision is None else list(decision.reasons),
+            failure_reason=batch.failure_reason,
+        )
+
+
+def assess_batch(db: Database, settings: Settings, batch_id: int) -> AssessOutcome:
+    """Claim and assess one registered batch (see the module notes); processed at most once."""
+    claim = claim_for_assessment(db, batch_id, settings.claim_lease_s)
+    if claim is None:
+        return outcome_of(db, batch_id)
+    try:
+        loaded = load_for_assessment(db, settings, claim)
+        report = index_pass(settings, loaded)
+        drift = check_drift(settings, loaded, report)
+        estimate = estimate_cost(db, settings, loaded, report, drift)
+        return store_assessment(db, settings, loaded, report, drift, estimate)
+    except InputError as error:
+        return fail_assessment(db, claim, error)
+    except BaseException:
+        # Give the batch back for a retry; if the database is down too, the lease expires.
+        with contextlib.suppress(Exception):
+            release_claim(db, claim)
+        raise

@@ -1,0 +1,281 @@
+"""Putting a model under the pipeline's care: its first version, reference, cost model, budget.
+
+:func:`bootstrap` does it all at once; the pieces are separate for callers that have some
+of them already:
+
+- :func:`register_model_version` saves the weights and the labelled reference data, computes
+  the reference stats (the one-off summary every later batch is compared with) and
+  registers the version with them, in one transaction;
+- :func:`fit_cost_model` fits the initial cost model on calibration runs (rows as
+  ``shiftcost.costmodel.CostModel.fit`` takes them, e.g. from a calibration sweep) and
+  :func:`store_cost_model` stores a fitted one as the architecture's next calibration;
+- :func:`record_energy_probe` stores joules per training sample-epoch on this hardware, the
+  unit that turns predicted epochs into kWh (:func:`measure_energy_probe` measures it);
+- :func:`ensure_default_budget` creates the budget the settings describe, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from shiftcost.errors import InputError
+from shiftcost.pipeline.common import Artifacts, json_safe, connect, store_cost_model
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from shiftcost.config import Settings
+    from shiftcost.costmodel import CostModel
+    from shiftcost.data import ModelSpec
+    from shiftcost.retrain import ProbeResult
+    from shiftcost.store import Database
+
+__all__ = [
+    "Bootstrapped",
+    "ModelVersion",
+    "bootstrap",
+    "ensure_default_budget",
+    "fit_cost_model",
+    "measure_energy_probe",
+    "record_energy_probe",
+    "register_model_version",
+    "store_cost_model",
+]
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A registered model version and its reference."""
+
+    model_id: int
+    name: str
+    version: int
+    weights_uri: str
+    fingerprint: str
+    reference_stats_id: int
+    reference_uri: str
+    reference_data_uri: str
+    reference_accuracy: float | None
+    reference_samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Bootstrapped:
+    """Everything :func:`bootstrap` registered."""
+
+    model: ModelVersion
+    calibration_id: int
+    cost_model_version: int
+    energy_probe_id: int
+    joules_per_sample_epoch: float
+    budget: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def register_model_version(
+    db: Database,
+    settings: Settings,
+    model: nn.Module,
+    spec: ModelSpec,
+    reference_x: torch.Tensor,
+    reference_y: torch.Tensor,
+    *,
+    name: str | None = None,
+    layers: Sequence[str] | None = None,
+    parent_id: int | None = None,
+) -> ModelVersion:
+    """Save ``model`` and its reference data, compute its reference stats, register both.
+
+    ``reference_x`` / ``reference_y`` are labelled data the model serves well (its accuracy
+    there, minus the cutoff tolerance, is what retraining aims for). ``layers`` default to
+    the classifier's input. Returns the new version (the next number for ``name``).
+    """
+    from shiftcost.data import Batch, model_fingerprint, save_batch, save_model
+    from shiftcost.index.engine import compute_reference_stats
+    from shiftcost.store import repository
+
+    name = name or settings.model_name
+    artifacts = Artifacts.from_settings(settings)
+    fingerprint = model_fingerprint(model)
+    tag = f"model-{fingerprint[:16]}"
+    reference = compute_reference_stats(model, spec, reference_x, reference_y, layers=layers, device=settings.device, seed=settings.retrain_seed)
+    weights = save_model(model, spec, artifacts.model_weights(name, tag))
+    data = save_batch(Batch(reference_x, reference_y, "reference"), artifacts.reference_data(name, tag))
+    stats_path = reference.save(artifacts.reference_stats(name, tag))
+    with db.session() as session:
+        row = repository.register_model(
+            session,
+            name,
+            spec.architecture,
+            weights_uri=str(weights),
+            layers=list(reference.layers),
+            classes=list(spec.classes),
+            parent_id=parent_id,
+            fingerprint=fingerprint,
+            details={"reference_data_uri": str(data), "spec": spec.to_dict()},
+        )
+        stats = repository.add_reference_stats(
+            session, row.id, str(stats_path), reference.fingerprint, reference.samples,
+            accuracy=reference.accuracy, details=json_safe(reference.summary()),
+        )  # fmt: skip
+        return ModelVersion(
+            model_id=row.id,
+            name=name,
+            version=row.version,
+            weights_uri=str(weights),
+            fingerprint=fingerprint,
+            reference_stats_id=stats.id,
+            reference_uri=str(stats_path),
+            reference_data_uri=str(data),
+            reference_accuracy=reference.accuracy,
+            reference_samples=reference.samples,
+        )
+
+
+def fit_cost_model(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    level: float = 0.9,
+    groups: str | None = None,
+    features: Sequence[str] | None = None,
+) -> CostModel:
+    """Fit the initial cost model on calibration runs (see ``CostModel.fit`` for the rows)."""
+    from shiftcost.costmodel import CostModel
+
+    return CostModel(level=level, features=features).fit(list(rows), groups=groups, note="calibration")
+
+
+def record_energy_probe(
+    db: Database,
+    spec: ModelSpec,
+    joules_per_sample_epoch: float,
+    *,
+    hardware: str,
+    probe: ProbeResult | None = None,
+) -> int:
+    """Store joules per training sample-epoch of ``spec``'s architecture on ``hardware``."""
+    from shiftcost.store import repository
+
+    values: dict[str, Any] = {"measurement_method": "given"}
+    if probe is not None:
+        values = {
+            "batch_size": probe.batch_size,
+            "samples": probe.samples,
+            "epochs": probe.epochs,
+            "energy_kwh": probe.energy.energy_kwh,
+            "measurement_method": "measured" if probe.energy.fully_measured else "estimated",
+            "details": json_safe(probe.to_dict()),
+        }
+    with db.session() as session:
+        row = repository.add_energy_probe(
+            session, spec.architecture, hardware, f"{spec.in_channels}x{spec.image_size}x{spec.image_size}",
+            joules_per_sample_epoch, **values,
+        )  # fmt: skip
+        return row.id
+
+
+def measure_energy_probe(settings: Settings, model: nn.Module, spec: ModelSpec) -> ProbeResult:
+    """Measure joules per training sample-epoch of ``model`` on this machine (a few seconds)."""
+    from shiftcost.retrain import probe_joules_per_sample_epoch
+
+    return probe_joules_per_sample_epoch(
+        model, spec, device=settings.device, country_iso_code=settings.country_iso_code,
+        batch_size=settings.retrain_batch_size, energy_options={"measure_power_secs": min(settings.energy_sample_s, 0.5)},
+    )  # fmt: skip
+
+
+def ensure_default_budget(db: Database, settings: Settings) -> str | None:
+    """Create the budget named by ``budget_name`` from ``budget_kwh`` / ``budget_co2`` unless it exists.
+
+    Returns its name, or None when the settings cap nothing.
+    """
+    from shiftcost.store import ledger
+    from shiftcost.store.errors import NotFoundError
+
+    if settings.budget_kwh is None and settings.budget_co2 is None:
+        return None
+    try:
+        ledger.get_budget(db, settings.budget_name)
+    except NotFoundError:
+        ledger.create_budget(
+            db,
+            settings.budget_name,
+            period=settings.budget_period,
+            kwh_cap=settings.budget_kwh,
+            co2_cap=settings.budget_co2,
+            rolling_days=settings.budget_rolling_days if settings.budget_period == "rolling_days" else None,
+            description="created from the shiftcost settings",
+        )
+    return settings.budget_name
+
+
+def bootstrap(
+    settings: Settings,
+    model: nn.Module,
+    spec: ModelSpec,
+    reference_x: torch.Tensor,
+    reference_y: torch.Tensor,
+    *,
+    calibration: CostModel | Sequence[Mapping[str, Any]],
+    calibration_groups: str | None = None,
+    joules_per_sample_epoch: float | None = None,
+    hardware: str | None = None,
+    name: str | None = None,
+    db: Database | None = None,
+) -> Bootstrapped:
+    """Register a model's first version, its reference stats, the initial cost model and budget.
+
+    ``calibration`` is a fitted :class:`~shiftcost.costmodel.CostModel` or the calibration
+    runs to fit one on (grouped by the row key ``calibration_groups``, e.g. "corruption").
+    ``joules_per_sample_epoch`` defaults to the median over calibration runs that carry
+    energy, else to a short probe on this machine. ``db`` defaults to the settings' database.
+    """
+    if db is None:
+        with connect(settings) as database:
+            return bootstrap(
+                settings, model, spec, reference_x, reference_y, calibration=calibration, calibration_groups=calibration_groups,
+                joules_per_sample_epoch=joules_per_sample_epoch, hardware=hardware, name=name, db=database,
+            )  # fmt: skip
+    from shiftcost.costmodel import CostModel, estimate_joules_per_sample_epoch
+    from shiftcost.store import repository
+    from shiftcost.store.errors import NotFoundError
+
+    name = name or settings.model_name
+    with db.session(readonly=True) as session:
+        try:
+            existing = repository.get_model(session, name)
+        except NotFoundError:
+            existing = None
+    if existing is not None:
+        raise InputError(f"Model {name} is registered already (version {existing.version}); use another name or a fresh database.")
+
+    if isinstance(calibration, CostModel):
+        cost_model = calibration
+    else:
+        cost_model = fit_cost_model(calibration, level=settings.interval_level, groups=calibration_groups)
+    probe = None
+    if joules_per_sample_epoch is None and not isinstance(calibration, CostModel):
+        try:
+            joules_per_sample_epoch = estimate_joules_per_sample_epoch(calibration)
+            hardware = hardware or "estimated from the calibration runs"
+        except InputError:
+            pass
+    if joules_per_sample_epoch is None:
+        probe = measure_energy_probe(settings, model, spec)
+        joules_per_sample_epoch, hardware = probe.joules_per_sample_epoch, probe.hardware
+
+    version = register_model_version(db, settings, model, spec, reference_x, reference_y, name=name)
+    with db.session() as session:
+        calibration_row = store_cost_model(session, spec.architecture, cost_model, source="sweep", model_id=version.model_id)
+        calibration_id = calibration_row.id
+    probe_id = record_energy_probe(db, spec, joules_per_sample_epoch, hardware=hardware or "unknown", probe=probe)
+    budget = ensure_default_budget(db, settings)
+    return Bootstrapped(version, calibration_id, cost_model.version_, probe_id, float(joules_per_sample_epoch), budget)

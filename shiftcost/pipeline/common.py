@@ -1,0 +1,189 @@
+"""What every pipeline step shares: the database, the artifact folder, the cost model store.
+
+The cost model of an architecture lives in the ``calibrations`` table, one row per fitted
+version: ``fit_data`` holds that version's training rows and ``parameters`` the rest of it
+(estimator parameters, fitted state, leave-one-out error), so any version can be rebuilt
+exactly with :func:`load_cost_model` and every stored prediction explained later.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shiftcost.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from shiftcost.config import Settings
+    from shiftcost.costmodel import CostModel
+    from shiftcost.store import Database
+    from shiftcost.store.models import Calibration
+
+__all__ = [
+    "Artifacts",
+    "carbon_intensity",
+    "connect",
+    "json_safe",
+    "load_cost_model",
+    "store_cost_model",
+    "training_samples",
+]
+
+_UPGRADED: set[str] = set()
+_UPGRADE_LOCK = threading.Lock()
+
+
+@contextmanager
+def connect(settings: Settings) -> Iterator[Database]:
+    """Open the settings' database for one step and close it afterwards.
+
+    An embedded SQLite database is migrated to the newest schema on first use in a
+    process (that is what "embedded" promises); any other database must already be at
+    head (``shiftcost db upgrade``), else ``SchemaVersionError`` says so.
+    """
+    from shiftcost.store import open_database
+    from shiftcost.store.db import parse_url
+
+    url = settings.database_url
+    embedded = parse_url(url).get_backend_name() == "sqlite"
+    with _UPGRADE_LOCK:
+        upgrade = embedded and url not in _UPGRADED
+        database = open_database(url, upgrade=upgrade)
+        if upgrade:
+            _UPGRADED.add(url)
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Where model weights, reference stats and data, and drift reports are written."""
+
+    root: Path
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Artifacts:
+        return cls(Path(settings.artifacts_dir).expanduser().resolve())
+
+    def model_weights(self, model_name: str, tag: str) -> Path:
+        return self.root / "models" / _safe(model_name) / f"{tag}.safetensors"
+
+    def reference_stats(self, model_name: str, tag: str) -> Path:
+        return self.root / "reference" / _safe(model_name) / f"{tag}.safetensors"
+
+    def reference_data(self, model_name: str, tag: str) -> Path:
+        return self.root / "reference" / _safe(model_name) / f"{tag}-data.npz"
+
+    def drift_report(self, batch_id: int, fingerprint: str) -> Path:
+        return self.root / "drift" / f"batch-{batch_id}-{fingerprint.replace(':', '-')[:16]}.html"
+
+
+def _safe(name: str) -> str:
+    """A model name as a single path component."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
+
+
+def training_samples(batch_size: int, holdout_fraction: float) -> int:
+    """Samples per retraining epoch: the batch minus the held-out split, as the executor splits it."""
+    return batch_size - int(round(batch_size * holdout_fraction))
+
+
+def carbon_intensity(settings: Settings) -> float:
+    """kg CO2e per kWh for predictions: the setting, else CodeCarbon's figure for the country."""
+    if settings.carbon_intensity_kg_per_kwh is not None:
+        return float(settings.carbon_intensity_kg_per_kwh)
+    intensity = _grid_intensity(settings.country_iso_code.strip().upper())
+    if intensity is None:
+        raise ConfigError(
+            f"CodeCarbon has no carbon intensity for country code {settings.country_iso_code!r}; set "
+            "SHIFTCOST_COUNTRY_ISO_CODE to a 3-letter code such as USA or FRA, or set SHIFTCOST_CARBON_INTENSITY_KG_PER_KWH."
+        )
+    return intensity
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_intensity(code: str) -> float | None:
+    """CodeCarbon's yearly carbon intensity of a country's grid, kg CO2e per kWh (read once per code)."""
+    from codecarbon.input import DataSource
+
+    row = DataSource().get_global_energy_mix_data().get(code)
+    if row is None or not isinstance(row.get("carbon_intensity"), (int, float)):
+        return None
+    return float(row["carbon_intensity"]) / 1000.0  # g/kWh in CodeCarbon's table
+
+
+# ----------------------------------------------------------------------------- cost model store
+
+
+def store_cost_model(
+    session: Session,
+    architecture: str,
+    cost_model: CostModel,
+    *,
+    source: str,
+    model_id: int | None = None,
+) -> Calibration:
+    """Add the cost model's newest version as the next calibration row of ``architecture``."""
+    from shiftcost.costmodel import FORMAT
+    from shiftcost.store import repository
+
+    version = cost_model.history_.latest
+    data = version.to_dict()
+    rows = data.pop("rows")
+    loo = data.get("loo") or {}
+    return repository.add_calibration(
+        session,
+        architecture,
+        source,
+        {"rows": json_safe(rows)},
+        json_safe({"format": FORMAT, "version": data}),
+        n_points=len(rows),
+        model_id=model_id,
+        loo_error=loo.get("mdape_epochs"),
+        interval_level=version.params.get("level"),
+        details={
+            "cost_model_version": version.version,
+            "parent_version": version.parent,
+            "features": list(version.features),
+            "note": version.note,
+            "loo": json_safe(loo),
+        },
+    )
+
+
+def load_cost_model(session: Session, architecture: str) -> tuple[CostModel, Calibration] | None:
+    """The newest stored cost model of ``architecture`` and its calibration row, if any."""
+    from shiftcost.costmodel import CostModel
+    from shiftcost.store import repository
+
+    row = repository.latest_calibration(session, architecture)
+    if row is None:
+        return None
+    version = dict(row.parameters["version"])
+    version["rows"] = row.fit_data["rows"]
+    payload = {"format": row.parameters["format"], "params": version["params"], "history": [version]}
+    return CostModel.from_json(json.dumps(payload)), row
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON for a JSON column: non-finite floats become None, tuples lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return json_safe(value.item())
+    return value

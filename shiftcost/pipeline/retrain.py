@@ -1,0 +1,473 @@
+"""Retraining a batch the assessment decided to retrain, and learning from what it cost.
+
+1. :func:`claim_retrain` moves the batch from ``assessed`` to ``retraining`` and opens a
+   ``retrain_runs`` row, in one transaction, only if its latest decision is ``retrain``;
+2. :func:`load_for_retrain` reads the model, the batch, the reference and the indices the
+   decision was based on;
+3. :func:`execute_retrain` fine-tunes a copy of the model to the cutoff accuracy
+   (``shiftcost.retrain.retrain_to_cutoff``, CodeCarbon measuring);
+4. :func:`build_new_version` saves the new weights and computes the new version's
+   reference stats (over the parent's reference data and the batch), when the run
+   reached the cutoff by training;
+5. :func:`refit_cost_model` adds the measured run to the cost model and fits a new version;
+6. :func:`record_retrain_success` stores it all in one transaction: the finished run, the
+   ledger settled with the measured cost, the new model version and its reference stats,
+   the new cost model version, the batch done.
+
+Any failure goes to :func:`record_retrain_failure` instead: the run is marked failed with
+what it measured up to the crash, the budget reservation is released, the batch is marked
+failed, and the model stays as it was. A crashed run is not retried on its own: it spent
+energy, and spending more needs a new decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shiftcost import landing
+from shiftcost.errors import ConfigError, InputError, ShiftcostError
+from shiftcost.pipeline.assess import REPORT_FEATURES
+from shiftcost.pipeline.claims import Claim, ClaimLost, claim, guarded_update
+from shiftcost.pipeline.common import Artifacts, json_safe, load_cost_model, store_cost_model
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from shiftcost.config import Settings
+    from shiftcost.costmodel import CostModel
+    from shiftcost.data import Batch, ModelSpec
+    from shiftcost.index.reference import ReferenceStats
+    from shiftcost.retrain import RetrainResult
+    from shiftcost.store import Database
+
+__all__ = [
+    "NewVersion",
+    "RetrainFailed",
+    "RetrainInputs",
+    "RetrainJob",
+    "RetrainOutcome",
+    "build_new_version",
+    "claim_retrain",
+    "execute_retrain",
+    "load_for_retrain",
+    "record_retrain_failure",
+    "record_retrain_success",
+    "refit_cost_model",
+    "run_retrain",
+]
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    """A batch claimed for retraining: its claim, decision and open ``retrain_runs`` row."""
+
+    claim: Claim
+    decision_id: int
+    run_id: int
+
+    @property
+    def batch_id(self) -> int:
+        return self.claim.batch_id
+
+
+@dataclass
+class RetrainInputs:
+    """What retraining a batch needs, in memory."""
+
+    job: RetrainJob
+    model_id: int
+    model_name: str
+    model_version: int
+    model: nn.Module
+    spec: ModelSpec
+    reference: ReferenceStats
+    reference_data_uri: str | None
+    data: Batch
+    features: dict[str, float]
+    source_uri: str
+
+
+@dataclass
+class NewVersion:
+    """The retrained model's files and reference stats, ready to be registered."""
+
+    weights_path: Path
+    reference_path: Path
+    reference_data_path: Path
+    reference: ReferenceStats
+    fingerprint: str
+
+
+@dataclass
+class RetrainOutcome:
+    """What retraining a batch did: the run, its measured cost, the new versions."""
+
+    batch_id: int
+    status: str
+    """``succeeded``, ``cap_reached`` or ``failed``; ``not_started`` when the batch was not
+    waiting for retraining (already retrained, or its decision was not retrain)."""
+    run_id: int | None = None
+    decision_id: int | None = None
+    epochs: float | None = None
+    steps: int | None = None
+    reached_cutoff: bool | None = None
+    energy_kwh: float | None = None
+    emissions_kg: float | None = None
+    new_model_id: int | None = None
+    new_model_version: int | None = None
+    calibration_id: int | None = None
+    cost_model_version: int | None = None
+    settled: list[int] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+
+class RetrainFailed(ShiftcostError):
+    """Retraining a batch failed; the run, the ledger and the batch say so (``outcome``)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, outcome: RetrainOutcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+# ----------------------------------------------------------------------------- 1. claim
+
+
+def claim_retrain(db: Database, batch_id: int) -> RetrainJob | None:
+    """Claim an assessed batch whose latest decision is retrain; None if it is not one."""
+    from shiftcost.store import repository
+
+    with db.session() as session:
+        decision = repository.latest_decision(session, batch_id)
+        if decision is None or decision.action != "retrain":
+            return None
+        taken = claim(session, batch_id, "assessed", "retraining")
+        if taken is None:
+            return None
+        batch = repository.get_batch(session, batch_id)
+        run = repository.start_retrain_run(session, batch.model_id, decision_id=decision.id, batch_id=batch_id, samples=batch.samples)
+        return RetrainJob(taken, decision.id, run.id)
+
+
+# ----------------------------------------------------------------------------- 2. load
+
+
+def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> RetrainInputs:
+    """The model version the batch was assessed with, the batch, its reference and indices."""
+    from shiftcost.data import load_batch
+    from shiftcost.pipeline.assess import align_labels, load_model_and_reference
+    from shiftcost.store import repository
+    from shiftcost.store.models import IndexRun
+
+    with db.session(readonly=True) as session:
+        batch = repository.get_batch(session, job.batch_id)
+        model_row = repository.get_model_by_id(session, batch.model_id)
+        stats_row = repository.latest_reference_stats(session, model_row.id)
+        decision = repository.latest_decision(session, job.batch_id)
+        index_run = None
+        if decision is not None and decision.cost_prediction is not None:
+            index_run = session.get(IndexRun, decision.cost_prediction.index_run_id)
+        features = {} if index_run is None else {n: getattr(index_run, n) for n in REPORT_FEATURES if getattr(index_run, n) is not None}
+        source_uri, model_id, name, version = batch.source_uri, model_row.id, model_row.name, model_row.version
+        weights, details = model_row.weights_uri, dict(model_row.details or {})
+    if stats_row is None or not weights:
+        raise ConfigError(f"Model {name} version {version} has no weights file or reference stats registered.")
+    model, spec, reference = load_model_and_reference(name, version, weights, stats_row.uri)
+    with landing.local_copy(source_uri) as path:
+        data = load_batch(path, spec=spec)
+    data.source = source_uri
+    data, new_task, unknown = align_labels(data, spec)
+    if new_task:
+        raise InputError(f"Batch {source_uri} has labels {unknown} the model has no output for; it cannot be retrained on.")
+    return RetrainInputs(
+        job=job,
+        model_id=model_id,
+        model_name=name,
+        model_version=version,
+        model=model,
+        spec=spec,
+        reference=reference,
+        reference_data_uri=details.get("reference_data_uri"),
+        data=data,
+        features=features,
+        source_uri=source_uri,
+    )
+
+
+# ----------------------------------------------------------------------------- 3. retrain
+
+
+def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
+    """Fine-tune a copy of the model on the batch to the reference accuracy minus the tolerance."""
+    from shiftcost.retrain import retrain_to_cutoff
+
+    data = inputs.data
+    return retrain_to_cutoff(
+        inputs.model,
+        data.x,
+        data.y,
+        reference_accuracy=inputs.reference.accuracy,
+        tolerance=settings.cutoff_tolerance,
+        holdout_fraction=settings.retrain_holdout_fraction,
+        max_epochs=settings.retrain_max_epochs,
+        max_steps=settings.retrain_max_steps,
+        batch_size=settings.retrain_batch_size,
+        lr=settings.retrain_lr,
+        seed=settings.retrain_seed,
+        device=settings.device,
+        country_iso_code=settings.country_iso_code,
+        energy_options={"measure_power_secs": settings.energy_sample_s},
+        source=f"batch {inputs.source_uri}",
+    )
+
+
+# ----------------------------------------------------------------------------- 4. new version
+
+
+def produces_new_version(result: RetrainResult) -> bool:
+    """Only a run that reached the cutoff by training changed the model for the better."""
+    return result.status == "reached" and result.steps > 0
+
+
+def build_new_version(settings: Settings, inputs: RetrainInputs, result: RetrainResult) -> NewVersion | None:
+    """Save the retrained weights and compute their reference stats; None if nothing changed.
+
+    The new version's reference data is its parent's reference data plus the batch it
+    was retrained on: the data it is now expected to serve.
+    """
+    import torch
+
+    from shiftcost.data import Batch, load_batch, model_fingerprint, save_batch, save_model
+    from shiftcost.index.engine import compute_reference_stats
+
+    if not produces_new_version(result):
+        return None
+    assert result.model is not None
+    artifacts = Artifacts.from_settings(settings)
+    tag = f"run-{inputs.job.run_id}"
+    weights_path = save_model(result.model.cpu(), inputs.spec, artifacts.model_weights(inputs.model_name, tag))
+    x, y = inputs.data.x, inputs.data.y
+    if inputs.reference_data_uri:
+        parent = load_batch(inputs.reference_data_uri, spec=inputs.spec)
+        x, y = torch.cat([parent.x, x]), torch.cat([parent.y, y])
+    data_path = save_batch(Batch(x, y, "reference"), artifacts.reference_data(inputs.model_name, tag))
+    reference = compute_reference_stats(
+        result.model,
+        inputs.spec,
+        x,
+        y,
+        layers=inputs.reference.layers,
+        device=settings.device,
+        max_samples=inputs.reference.max_samples,
+        seed=inputs.reference.seed,
+        bins=inputs.reference.bins,
+    )
+    reference_path = reference.save(artifacts.reference_stats(inputs.model_name, tag))
+    return NewVersion(weights_path, reference_path, data_path, reference, model_fingerprint(result.model))
+
+
+# ----------------------------------------------------------------------------- 5. refit
+
+
+def refit_cost_model(db: Database, inputs: RetrainInputs, result: RetrainResult) -> tuple[CostModel | None, str | None]:
+    """The cost model refitted with this run (censored when the cap stopped it), or why not."""
+    with db.session(readonly=True) as session:
+        stored = load_cost_model(session, inputs.spec.architecture)
+    if stored is None:
+        return None, f"no cost model is stored for {inputs.spec.architecture}, so none was refitted"
+    cost_model, _ = stored
+    row = dict(inputs.features)
+    row.update(
+        epochs=result.epochs,
+        reached_cutoff=result.reached_cutoff,
+        samples=result.pool_samples,
+        energy_kwh=result.energy_kwh,
+        source="retrain",
+        batch_id=inputs.job.batch_id,
+        run_id=inputs.job.run_id,
+    )
+    try:
+        cost_model.refit([row], note=f"retrain run {inputs.job.run_id} on batch {inputs.job.batch_id}")
+    except InputError as error:
+        return None, f"the cost model was not refitted: {error}"
+    return cost_model, None
+
+
+# ----------------------------------------------------------------------------- 6. record
+
+
+def _run_measures(result: RetrainResult | None) -> dict[str, Any]:
+    if result is None:
+        return {}
+    measures: dict[str, Any] = {
+        "samples": result.pool_samples,
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "reached_cutoff": result.reached_cutoff,
+        "initial_accuracy": result.initial_accuracy,
+        "target_accuracy": result.target_accuracy,
+        "final_accuracy": result.final_accuracy,
+        "grad_norms": result.grad_norms,
+        "param_change": result.param_change,
+        "param_change_per_layer": result.param_change_per_layer,
+        "wall_seconds": result.wall_time_s,
+        "details": result.to_dict(),
+    }
+    energy = result.energy
+    if energy is not None:
+        measures.update(
+            energy_kwh=energy.energy_kwh,
+            emissions_kg=energy.emissions_kg,
+            cpu_energy_kwh=energy.cpu_energy_kwh,
+            gpu_energy_kwh=energy.gpu_energy_kwh,
+            ram_energy_kwh=energy.ram_energy_kwh,
+            cpu_power_w=energy.cpu_power_w,
+            gpu_power_w=energy.gpu_power_w,
+            ram_power_w=energy.ram_power_w,
+            cpu_model=energy.cpu_model[:300],
+            gpu_model=(energy.gpu_model or "")[:300] or None,
+            country_iso_code=energy.country_iso_code,
+            country_name=energy.country_name,
+            region=energy.region,
+            carbon_intensity=energy.carbon_intensity_kg_per_kwh,
+            energy_method="measured" if energy.fully_measured else "estimated",
+        )
+    return json_safe(measures)
+
+
+def record_retrain_success(
+    db: Database,
+    inputs: RetrainInputs,
+    result: RetrainResult,
+    new_version: NewVersion | None,
+    cost_model: CostModel | None,
+    notes: list[str] | None = None,
+) -> RetrainOutcome:
+    """Store the finished run, settle the ledger, register the new versions; one transaction."""
+    from shiftcost.store import ledger, repository
+
+    job = inputs.job
+    assert result.energy is not None
+    kwh, co2 = result.energy.energy_kwh, result.energy.emissions_kg
+    with db.session() as session:
+        guarded_update(session, job.claim, status="done")
+        new_model = None
+        if new_version is not None:
+            new_model = repository.register_model(
+                session,
+                inputs.model_name,
+                inputs.spec.architecture,
+                weights_uri=str(new_version.weights_path),
+                layers=list(new_version.reference.layers),
+                classes=list(inputs.spec.classes),
+                parent_id=inputs.model_id,
+                fingerprint=new_version.fingerprint,
+                details={"reference_data_uri": str(new_version.reference_data_path), "spec": inputs.spec.to_dict(), "retrain_run_id": job.run_id},
+            )
+            repository.add_reference_stats(
+                session,
+                new_model.id,
+                str(new_version.reference_path),
+                new_version.reference.fingerprint,
+                new_version.reference.samples,
+                accuracy=new_version.reference.accuracy,
+                details=json_safe(new_version.reference.summary()),
+            )
+        calibration = None
+        if cost_model is not None:
+            calibration = store_cost_model(session, inputs.spec.architecture, cost_model, source="refit", model_id=inputs.model_id)
+        status = "cap_reached" if result.status == "cap_reached" else "succeeded"
+        measures = _run_measures(result)
+        if notes:
+            measures["details"] = measures.get("details", {}) | {"notes": notes}
+        repository.finish_retrain_run(session, job.run_id, status, new_model_id=None if new_model is None else new_model.id, **measures)
+        settled = ledger.settle_decision(session, job.decision_id, kwh, co2)
+    return RetrainOutcome(
+        batch_id=job.batch_id,
+        status=status,
+        run_id=job.run_id,
+        decision_id=job.decision_id,
+        epochs=result.epochs,
+        steps=result.steps,
+        reached_cutoff=result.reached_cutoff,
+        energy_kwh=kwh,
+        emissions_kg=co2,
+        new_model_id=None if new_model is None else new_model.id,
+        new_model_version=None if new_model is None else new_model.version,
+        calibration_id=None if calibration is None else calibration.id,
+        cost_model_version=None if cost_model is None else cost_model.version_,
+        settled=settled,
+        notes=list(notes or []),
+    )
+
+
+def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException) -> RetrainOutcome:
+    """Mark the run and the batch failed and release the reservation; the model is unchanged.
+
+    Whatever the run measured before it failed (``error.partial``) is kept on the run.
+    """
+    from shiftcost.store import ledger, repository
+
+    partial = getattr(error, "partial", None)
+    measures = _run_measures(partial if hasattr(partial, "pool_samples") else None)
+    message = " ".join(str(error).split()) or type(error).__name__
+    reason = f"Retraining failed: {message}"
+    with db.session() as session:
+        try:
+            guarded_update(session, job.claim, status="failed", failure_reason=reason)
+        except ClaimLost:
+            pass  # another run recorded this batch's end already; still close this run
+        repository.finish_retrain_run(session, job.run_id, "failed", **(measures | {"error": message}))
+        released = ledger.release_decision(session, job.decision_id, reason)
+    return RetrainOutcome(
+        batch_id=job.batch_id,
+        status="failed",
+        run_id=job.run_id,
+        decision_id=job.decision_id,
+        epochs=measures.get("epochs"),
+        steps=measures.get("steps"),
+        energy_kwh=measures.get("energy_kwh"),
+        emissions_kg=measures.get("emissions_kg"),
+        released=released,
+        error=message,
+    )
+
+
+def not_started(db: Database, batch_id: int) -> RetrainOutcome:
+    """The outcome for a batch that was not waiting for retraining."""
+    from shiftcost.store import repository
+
+    with db.session(readonly=True) as session:
+        batch = repository.get_batch(session, batch_id)
+        return RetrainOutcome(batch_id, "not_started", notes=[f"batch status is {batch.status}"])
+
+
+def run_retrain(db: Database, settings: Settings, batch_id: int) -> RetrainOutcome:
+    """Retrain on a batch decided for retraining, once; raises ``RetrainFailed`` after recording a failure."""
+    job = claim_retrain(db, batch_id)
+    if job is None:
+        return not_started(db, batch_id)
+    try:
+        inputs = load_for_retrain(db, settings, job)
+        result = execute_retrain(settings, inputs)
+        new_version = build_new_version(settings, inputs, result)
+        cost_model, note = refit_cost_model(db, inputs, result)
+        return record_retrain_success(db, inputs, result, new_version, cost_model, [note] if note else None)
+    except BaseException as error:
+        try:
+            outcome = record_retrain_failure(db, job, error)
+        except Exception:
+            # The database is out of reach too: the run stays open and its reservation held
+            # until `shiftcost budget release-open` closes it; the original error matters more.
+            raise error from None
+        if not isinstance(error, Exception):
+            raise  # Ctrl-C and exits keep their meaning, after the bookkeeping
+        raise RetrainFailed(f"Retraining batch {batch_id} failed and was recorded as failed: {outcome.error}", outcome) from error

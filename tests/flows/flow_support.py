@@ -1,0 +1,107 @@
+"""Helpers of the pipeline and flow tests (the fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+MODEL_NAME = "digits"
+IMAGE_SIZE = 8
+#: The settings every pipeline test runs with (environment variables, so flows see them too).
+TEST_SETTINGS = {
+    "SHIFTCOST_MODEL_NAME": MODEL_NAME,
+    "SHIFTCOST_DEVICE": "cpu",
+    "SHIFTCOST_FLOW_MODE": "inline",
+    "SHIFTCOST_INTERVAL_LEVEL": "0.8",
+    "SHIFTCOST_CUTOFF_TOLERANCE": "0.1",
+    "SHIFTCOST_RETRAIN_LR": "0.01",
+    "SHIFTCOST_RETRAIN_MAX_EPOCHS": "8",
+    "SHIFTCOST_ENERGY_SAMPLE_S": "0.2",
+    "SHIFTCOST_COUNTRY_ISO_CODE": "FRA",
+}
+
+#: Run a test on SQLite only (the ``database_url`` fixture otherwise runs it on PostgreSQL too).
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    model: torch.nn.Module
+    spec: Any
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def hand_made_calibration() -> list[dict[str, Any]]:
+    """Ten calibration runs whose epochs grow with RESQUE_dist, with a little scatter."""
+    scatter = (0.2, -0.1, 0.15, -0.2, 0.0, 0.1, -0.15, 0.2, -0.05, 0.1)
+    return [
+        {"resque_dist": 0.03 * i, "epochs": 0.5 + 20.0 * 0.03 * i + scatter[i], "reached_cutoff": True}
+        for i in range(10)
+    ]
+
+
+def brightened(x: torch.Tensor, amount: float = 0.3) -> torch.Tensor:
+    """A clear, learnable shift: every pixel brighter by ``amount``."""
+    from shiftcost.shifts import corrupt
+
+    return corrupt(x, "brightness", amount, seed=0)
+
+
+@dataclass
+class PipelineEnv:
+    """A bootstrapped pipeline in a temporary folder: settings, data and helpers."""
+
+    settings: Any
+    root: Path
+    landing: Path
+    trained: TrainedModel
+    bootstrapped: Any
+
+    def drop(self, name: str, x: torch.Tensor, y: torch.Tensor | None, classes: tuple[str, ...] | None = None) -> Path:
+        """Write a batch into the landing folder as a producer should: a hidden name, then a rename."""
+        from shiftcost.data import Batch, save_batch
+
+        final = self.landing / name
+        hidden = save_batch(Batch(x, y, name, classes), self.landing / f".{name}.partial{final.suffix}")
+        hidden.rename(final)
+        return final
+
+    def stream(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.trained.splits["stream"]
+        return x[start:stop], y[start:stop]
+
+    def count(self, table: Any, *where: Any) -> int:
+        from sqlalchemy import func, select
+
+        from shiftcost.pipeline import connect
+
+        with connect(self.settings) as db, db.session(readonly=True) as session:
+            return int(session.scalar(select(func.count()).select_from(table).where(*where)))
+
+    def rows(self, table: Any, *where: Any) -> list[Any]:
+        from sqlalchemy import select
+
+        from shiftcost.pipeline import connect
+
+        with connect(self.settings) as db, db.session(readonly=True) as session:
+            return list(session.scalars(select(table).where(*where).order_by(table.id)))
+
+    def budget(self, name: str, *, period: str, kwh: float) -> None:
+        from shiftcost.pipeline import connect
+        from shiftcost.store import ledger
+
+        with connect(self.settings) as db:
+            ledger.create_budget(db, name, period=period, kwh_cap=kwh)
+
+    def remaining_kwh(self, name: str) -> float:
+        from shiftcost.pipeline import connect
+        from shiftcost.store import ledger
+
+        with connect(self.settings) as db:
+            value = ledger.remaining(db, name).remaining_kwh
+        assert value is not None
+        return value

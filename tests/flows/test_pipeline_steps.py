@@ -1,0 +1,142 @@
+"""The pipeline steps without Prefect: claims, the cost model store, fsspec landings, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from flow_support import PipelineEnv, hand_made_calibration, sqlite_only
+
+from shiftcost import pipeline
+from shiftcost.store import models as db
+
+
+@sqlite_only
+def test_a_claim_left_by_a_crashed_run_is_taken_over_after_its_lease_and_its_owner_can_write_nothing(
+    pipeline_env: PipelineEnv,
+) -> None:
+    env = pipeline_env
+    env.drop("clean.npz", *env.stream(0, 200))
+    settings = env.settings.model_copy(update={"claim_lease_s": 0.5})
+    with pipeline.connect(settings) as database:
+        (landed,) = pipeline.discover_batches(settings)
+        batch_id = pipeline.register_batch(database, settings, landed.uri).batch_id
+        crashed = pipeline.claim_for_assessment(database, batch_id, settings.claim_lease_s)
+        assert crashed is not None
+        # While the lease runs, nobody else may claim it and it is not pending.
+        assert pipeline.claim_for_assessment(database, batch_id, settings.claim_lease_s) is None
+        assert pipeline.pending_batches(database, settings.model_name, settings.claim_lease_s) == []
+        time.sleep(0.6)
+        assert [p.batch_id for p in pipeline.pending_batches(database, settings.model_name, settings.claim_lease_s)] == [batch_id]
+        outcome = pipeline.assess_batch(database, settings, batch_id)
+        assert outcome.processed and outcome.status == "done"
+        # The crashed run's claim is void: it can neither give the batch back nor fail it.
+        assert pipeline.release_claim(database, crashed) is False
+        from shiftcost.pipeline.claims import fail_claimed
+
+        assert fail_claimed(database, crashed, "late") is False
+    assert (env.count(db.Decision), env.count(db.IndexRun)) == (1, 1)
+    assert env.rows(db.Batch)[0].status == "done"
+
+
+@sqlite_only
+def test_a_stored_cost_model_predicts_exactly_as_the_fitted_one(pipeline_env: PipelineEnv) -> None:
+    env = pipeline_env
+    fitted = pipeline.fit_cost_model(hand_made_calibration(), level=0.8, features=["resque_dist"])
+    with pipeline.connect(env.settings) as database:
+        with database.session() as session:
+            row = pipeline.store_cost_model(session, "digits_cnn", fitted, source="sweep")
+        with database.session(readonly=True) as session:
+            loaded, latest = pipeline.load_cost_model(session, "digits_cnn")
+    assert latest.id == row.id and latest.version == 2  # version 1 came from the bootstrap
+    inputs = [{"resque_dist": value} for value in (0.0, 0.05, 0.2, 0.5)]
+    options = {"samples": 160, "joules_per_sample_epoch": 0.5, "carbon_intensity": 0.05}
+    assert [p.to_dict() for p in loaded.predict(inputs, **options)] == [p.to_dict() for p in fitted.predict(inputs, **options)]
+
+
+@sqlite_only
+def test_batches_in_an_fsspec_landing_location_go_through_the_library_pipeline(pipeline_env: PipelineEnv) -> None:
+    import fsspec
+
+    from shiftcost.data import Batch, content_fingerprint, save_batch
+
+    env = pipeline_env
+    local = save_batch(Batch(*env.stream(0, 200), "clean"), env.root / "clean.npz")
+    folder = f"/incoming-{env.root.name}"  # the memory filesystem is shared by the whole process
+    remote = fsspec.filesystem("memory")
+    remote.pipe(f"{folder}/clean.npz", local.read_bytes())
+    remote.pipe(f"{folder}/.half-written.npz", b"not yet")
+    settings = env.settings.model_copy(update={"landing": f"memory://{folder}"})
+
+    (result,) = pipeline.watch_once(settings)
+
+    assert result.registration.source_uri == f"memory://{folder}/clean.npz"
+    assert result.registration.fingerprint == content_fingerprint(local)
+    assert result.assessment.status == "done" and result.assessment.action == "skip"
+    assert pipeline.watch_once(settings) == []
+
+
+@sqlite_only
+def test_shiftcost_assess_path_runs_one_batch_once_and_reports_it(pipeline_env: PipelineEnv) -> None:
+    from typer.testing import CliRunner
+
+    from shiftcost.cli import app
+
+    env = pipeline_env
+    path = env.drop("clean.npz", *env.stream(0, 200))
+    runner = CliRunner()
+
+    first = runner.invoke(app, ["assess", str(path), "--json"])
+    second = runner.invoke(app, ["assess", str(path), "--json"])
+    table = runner.invoke(app, ["assess", str(path)])
+
+    assert first.exit_code == 0, first.output
+    done = json.loads(first.stdout)
+    assert done["registration"]["created"] and done["assessment"]["action"] == "skip"
+    again = json.loads(second.stdout)
+    assert not again["registration"]["created"] and not again["assessment"]["processed"]
+    assert again["assessment"]["decision_id"] == done["assessment"]["decision_id"]
+    assert "registered before" in table.stdout and "no_drift" in table.stdout
+    bad = env.root / "bad.npz"
+    bad.write_bytes(b"nonsense")
+    refused = runner.invoke(app, ["assess", str(bad), "--json"])
+    assert refused.exit_code == 2 and json.loads(refused.stdout)["assessment"]["status"] == "failed"
+    assert env.count(db.Decision) == 1
+
+
+def test_the_library_and_command_line_never_import_prefect() -> None:
+    code = (
+        "import sys, importlib, pkgutil, shiftcost.pipeline, shiftcost.landing, shiftcost.cli\n"
+        "for m in pkgutil.walk_packages(shiftcost.pipeline.__path__, 'shiftcost.pipeline.'): importlib.import_module(m.name)\n"
+        "print('prefect' in sys.modules)\n"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "False"
+
+
+@pytest.mark.parametrize("command", ["serve", "assess"])
+def test_the_pipeline_commands_have_help(command: str) -> None:
+    from typer.testing import CliRunner
+
+    from shiftcost.cli import app
+
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+def test_tasks_retry_passing_faults_and_never_a_users_mistake() -> None:
+    import sqlite3
+
+    from sqlalchemy import exc
+
+    from shiftcost.errors import ConfigError, InputError
+    from shiftcost.store.errors import DatabaseUnavailableError
+    from tasks.common import _transient
+
+    lost = exc.OperationalError("INSERT INTO decisions ...", {}, sqlite3.OperationalError("disk I/O error"))
+    assert _transient(lost) and _transient(DatabaseUnavailableError("Cannot use the database")) and _transient(ConnectionResetError())
+    assert not _transient(InputError("Batch x.npz is empty")) and not _transient(ConfigError("no cost model"))
+    assert not _transient(exc.IntegrityError("INSERT ...", {}, sqlite3.IntegrityError("UNIQUE constraint failed")))
