@@ -1,0 +1,50 @@
+"""The ``shiftcost`` command line.
+
+Each command lives in its own module and imports its heavy dependencies inside the
+command function, so ``shiftcost --help`` stays fast and a machine without, say,
+Prefect can still run ``shiftcost index``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from shiftcost.errors import ShiftcostError
+
+app = typer.Typer(
+    name="shiftcost",
+    help="Predict, budget and audit what retraining under data drift costs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+err_console = Console(stderr=True)
+
+
+def _register_commands() -> None:
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if module.name.startswith("_"):
+            continue
+        importlib.import_module(f"{__name__}.{module.name}").register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and a non-zero exit."""
+    try:
+        app()
+    except ShiftcostError as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)

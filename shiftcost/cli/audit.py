@@ -1,0 +1,229 @@
+"""``shiftcost audit cost|errors|decisions|budget|calibrations``: answer for past decisions."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from shiftcost.cli.db import DatabaseUrlOption, open_for_cli
+
+if TYPE_CHECKING:
+    from shiftcost.store.audit import AuditResult
+
+audit_app = typer.Typer(
+    name="audit",
+    help="Audit history: retrain cost, prediction error, decisions, budget burn, calibrations.",
+    no_args_is_help=True,
+)
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([hdw])$")
+
+
+def parse_time(text: str | None, *, now: datetime | None = None) -> datetime | None:
+    """An ISO date/datetime (naive = UTC) or a span back from now: ``12h``, ``90d``, ``4w``."""
+    if text is None:
+        return None
+    from shiftcost.errors import InputError
+
+    match = _RELATIVE.match(text.strip())
+    if match:
+        amount, unit = float(match.group(1)), match.group(2)
+        span = {"h": timedelta(hours=amount), "d": timedelta(days=amount), "w": timedelta(weeks=amount)}[unit]
+        return (now or datetime.now(UTC)) - span
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError as error:
+        raise InputError(
+            f"Cannot read the time {text!r}; use an ISO date such as 2025-01-31, a datetime such "
+            "as 2025-01-31T12:00, or a span back from now such as 90d."
+        ) from error
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        return "; ".join(map(str, value)) if isinstance(value, list) else json.dumps(value)
+    return str(value)
+
+
+def emit(result: AuditResult, output: OutputFormat, title: str) -> None:
+    """Print an audit result as a rich table, CSV (all columns) or JSON (rows and totals)."""
+    if output is OutputFormat.json:
+        payload = {
+            "query": result.name,
+            "rows": [{k: _plain(v) for k, v in row.items()} for row in result.rows],
+            "totals": result.totals,
+        }
+        typer.echo(json.dumps(payload, default=str))
+        return
+    if output is OutputFormat.csv:
+        buffer = io.StringIO()
+        fields = list(result.rows[0]) if result.rows else result.columns
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for row in result.rows:
+            writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else _plain(v)) for k, v in row.items()})
+        typer.echo(buffer.getvalue(), nl=False)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for column in result.columns:
+        table.add_column(column, overflow="fold")
+    for row in result.rows:
+        table.add_row(*(_cell(row.get(column)) for column in result.columns))
+    console = Console()
+    console.print(table)
+    console.print(
+        "totals: " + ", ".join(f"{k}={_cell(v) if not isinstance(v, dict) else v}" for k, v in result.totals.items()),
+        highlight=False,
+    )
+
+
+ModelOption = Annotated[str | None, typer.Option("--model", help="Only this model name (all its versions).")]
+SinceOption = Annotated[
+    str | None, typer.Option("--since", help="From this UTC time (ISO date/datetime, or 90d, 12h, 4w ago).")
+]
+UntilOption = Annotated[str | None, typer.Option("--until", help="Before this UTC time (same forms as --since).")]
+FormatOption = Annotated[OutputFormat, typer.Option("--format", help="Output format.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
+ShowSqlOption = Annotated[
+    bool, typer.Option("--show-sql", help="Also print the SQL statements the query ran (to stderr).")
+]
+LimitOption = Annotated[
+    int, typer.Option("--limit", min=0, help="Show the newest N rows (0: all); totals always cover all.")
+]
+
+
+def _run(name: str, title: str, database_url: str | None, output: OutputFormat, as_json: bool,
+         show_sql: bool = False, **filters: Any) -> None:
+    from shiftcost.store import audit
+
+    for key in ("since", "until"):
+        filters[key] = parse_time(filters.get(key))
+    if filters.get("limit") == 0:
+        filters["limit"] = None
+    database = open_for_cli(database_url)
+    try:
+        with database.session(readonly=True) as session:
+            result = audit.run(session, name, **filters)
+    finally:
+        database.dispose()
+    emit(result, OutputFormat.json if as_json else output, title)
+    if show_sql:
+        for statement in result.sql:
+            typer.echo(f"{statement};", err=True)
+
+
+@audit_app.command("cost")
+def cost(
+    model: ModelOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    limit: LimitOption = 1000,
+    output: FormatOption = OutputFormat.table,
+    as_json: JsonOption = False,
+    show_sql: ShowSqlOption = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Actual kWh, kg CO2e and epochs of every retrain run, with totals."""
+    _run("cost", "Retrain cost", database_url, output, as_json, show_sql,
+         model=model, since=since, until=until, limit=limit)
+
+
+@audit_app.command("errors")
+def errors(
+    model: ModelOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    limit: LimitOption = 1000,
+    output: FormatOption = OutputFormat.table,
+    as_json: JsonOption = False,
+    show_sql: ShowSqlOption = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Predicted vs actual cost of each retrain, interval hit or miss, MdAPE and coverage."""
+    _run("errors", "Prediction error", database_url, output, as_json, show_sql,
+         model=model, since=since, until=until, limit=limit)
+
+
+@audit_app.command("decisions")
+def decisions(
+    model: ModelOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    skipped_for_budget: Annotated[
+        bool, typer.Option("--skipped-for-budget", help="Only batches not retrained because of a budget.")
+    ] = False,
+    action: Annotated[str | None, typer.Option("--action", help="Only retrain, skip or defer.")] = None,
+    limit: LimitOption = 1000,
+    output: FormatOption = OutputFormat.table,
+    as_json: JsonOption = False,
+    show_sql: ShowSqlOption = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Every decision with its reasons, newest first; totals count all matching decisions."""
+    _run("decisions", "Decisions", database_url, output, as_json, show_sql,
+         model=model, since=since, until=until, skipped_for_budget=skipped_for_budget, action=action, limit=limit)
+
+
+@audit_app.command("budget")
+def budget(
+    model: ModelOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    name: Annotated[str | None, typer.Option("--budget", help="Only this budget.")] = None,
+    output: FormatOption = OutputFormat.table,
+    as_json: JsonOption = False,
+    show_sql: ShowSqlOption = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Reserved, settled and remaining kWh / kg CO2e per budget and period."""
+    _run("budget", "Budget burn", database_url, output, as_json, show_sql,
+         model=model, since=since, until=until, budget=name)
+
+
+@audit_app.command("calibrations")
+def calibrations(
+    model: ModelOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    output: FormatOption = OutputFormat.table,
+    as_json: JsonOption = False,
+    show_sql: ShowSqlOption = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Every cost-model version with its source, data points and leave-one-out error."""
+    _run("calibrations", "Cost-model versions", database_url, output, as_json, show_sql,
+         model=model, since=since, until=until)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(audit_app)

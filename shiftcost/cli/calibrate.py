@@ -1,0 +1,281 @@
+"""``shiftcost calibrate``: a calibration sweep of known shifts, retrained for real.
+
+With ``--demo`` (the default when no model is given) it trains the digits CNN and sweeps
+the digits "stream" split against the "holdout" split as reference. It prints how well
+each index correlates with what retraining cost and how well the fitted cost model
+predicts an unseen kind of shift, and writes the table, correlations, cost model, report
+and plot to ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from shiftcost.calibrate import SweepResult
+
+DEFAULT_OUT = Path("shiftcost-calibration")
+
+#: Retraining settings of --quick: a smoke test, not a calibration.
+QUICK_SETTINGS: dict[str, Any] = {"repeats": 1, "max_epochs": 3.0, "probe_seconds": 0.5}
+
+
+#: Column headings that keep the correlation tables within 80 columns.
+SHORT_MEASURES = {
+    "energy_kwh": "energy",
+    "emissions_kg": "CO2e",
+    "grad_norm": "grad",
+    "initial_grad_norm": "grad0",
+    "param_change": "dθ",
+}
+
+
+class _SweepProgress:
+    """A rich bar over the sweep's points with elapsed time and ETA."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("calibrating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[label]}"),
+            console=console,
+            transient=True,
+        )
+        self._task: Any = None
+
+    def __enter__(self) -> _SweepProgress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._bar.stop()
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if self._task is None:
+            self._task = self._bar.add_task("sweep", total=total, label=label)
+        self._bar.update(self._task, completed=done, label=label)
+
+
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return "-"
+    return format(value, spec)
+
+
+def _pct(value: Any) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{100 * value:.0f}%"
+
+
+def _print_tables(result: SweepResult, console: Console) -> None:
+    from rich.table import Table
+
+    points = Table(title="sweep points (means over repeats)")
+    for name in ("corruption", "level", "status", "RESQUE", "acc", "steps", "epochs", "Wh"):
+        points.add_column(name, justify="left" if name in ("corruption", "status") else "right")
+    for row in result.rows:
+        energy = row.get("energy_kwh")
+        points.add_row(
+            row["corruption"],
+            f"{row['intensity']:g}",
+            row["status"] if row["status"] != "failed" else "[red]failed[/]",
+            _fmt(row.get("resque_dist"), ".4f"),
+            _fmt(row.get("accuracy"), ".3f"),
+            _fmt(row.get("steps"), ".1f"),
+            _fmt(row.get("epochs"), ".2f"),
+            _fmt(None if energy is None else energy * 1000, ".3g"),
+        )
+    console.print(points)
+
+    corr = result.correlations
+    measures = corr["measures"]
+    for statistic, title in (("spearman", "Spearman rho"), ("pearson", "Pearson r")):
+        grid = Table(title=f"{title} of each feature with each cost measure, whole sweep ({corr['n_rows']} points)")
+        grid.add_column("feature")
+        for measure in measures:
+            grid.add_column(SHORT_MEASURES.get(measure, measure), justify="right")
+        for feature in corr["features"]:
+            cells = corr["overall"][feature]
+            grid.add_row(feature, *(_fmt(cells[m][statistic], "+.2f") for m in measures))
+        console.print(grid)
+
+    kinds = list(corr["per_type"])
+    within = Table(title="Spearman rho with energy within each corruption kind")
+    within.add_column("feature")
+    for kind in kinds:
+        within.add_column(kind, justify="right")
+    for feature in corr["features"]:
+        within.add_row(feature, *(_fmt(corr["per_type"][k][feature]["energy_kwh"]["spearman"], "+.2f") for k in kinds))
+    console.print(within)
+    best = result.best_index
+    console.print(
+        f"best index for energy: [bold]{best['best_index_overall']}[/] over the sweep, "
+        f"[bold]{best['best_index_within_type']}[/] within kinds"
+    )
+
+    if result.loco is None:
+        console.print(f"[yellow]leave-one-corruption-out not evaluated:[/] {result.loco_error}")
+    else:
+        summary = result.loco["summary"]
+        loco = Table(title=f"cost model, leave one corruption kind out ({summary['level']:.0%} intervals)")
+        for name in ("held-out kind", "n", "censored", "MdAPE energy", "coverage energy", "MdAPE epochs", "coverage epochs"):
+            loco.add_column(name, justify="left" if name == "held-out kind" else "right")
+        groups = dict(summary["per_group"])
+        groups["all"] = summary
+        for name, g in groups.items():
+            loco.add_row(
+                name, str(g["n"]), str(g["n_censored"]), _pct(g["mdape_energy"]), _pct(g["coverage_energy"]),
+                _pct(g["mdape_epochs"]), _pct(g["coverage_epochs"]),
+            )
+        console.print(loco)
+    if result.cost_model_error:
+        console.print(f"[yellow]cost model not fitted:[/] {result.cost_model_error}")
+    t = result.timing
+    j = result.joules_per_sample_epoch
+    console.print(
+        f"{t['points']} points, {t['retrain_runs']} retraining runs in {t['wall_s']:.0f} s wall / {t['cpu_s']:.0f} s CPU "
+        f"(load average {t.get('load_average_start')} -> {t.get('load_average_end')}); "
+        f"J per sample-epoch: probe {_fmt(j.get('probe'), '.3g')}, sweep {_fmt(j.get('sweep'), '.3g')}"
+    )
+    for failed in result.failed:
+        console.print(f"[red]failed point[/] {failed['corruption']} {failed['intensity']:g}: {failed['error']}")
+    if result.files:
+        console.print(f"written to {Path(result.files['report']).parent}: " + ", ".join(Path(p).name for p in result.files.values()))
+
+
+def _summary_json(result: SweepResult) -> dict[str, Any]:
+    """The JSON printed by --json: everything but each run's evaluation curve (in sweep.json)."""
+    full = result.to_dict()
+    full["rows"] = [{k: v for k, v in row.items() if k != "runs"} for row in full["rows"]]
+    for key in ("loco", "loco_probe"):
+        if full.get(key) is not None:
+            full[key] = {"summary": full[key]["summary"], "points": full[key]["points"]}
+    return full
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("calibrate")
+    def calibrate(
+        model: Annotated[
+            Path | None, typer.Option("--model", "-m", help="Model file (.safetensors or .pt) written by shiftcost.", show_default=False)
+        ] = None,
+        reference: Annotated[
+            Path | None,
+            typer.Option("--reference", "-r", help="Labelled reference batch (ImageFolder, .npz or .pt): target and index baseline.", show_default=False),
+        ] = None,
+        data: Annotated[
+            Path | None,
+            typer.Option("--data", "-d", help="Labelled new batch that every point corrupts and retrains on.", show_default=False),
+        ] = None,
+        demo: Annotated[
+            bool, typer.Option("--demo", help="Train the digits demo CNN and sweep the digits stream split (default without --model).")
+        ] = False,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the table, correlations, cost model, report and plot.")] = DEFAULT_OUT,
+        quick: Annotated[
+            bool, typer.Option("--quick", help="Smoke test: 2 kinds x 3 intensities, one short run per point (no real calibration).")
+        ] = False,
+        repeats: Annotated[
+            int | None, typer.Option("--repeats", min=1, help="Retraining runs per point, averaged (default 2; 1 with --quick).", show_default=False)
+        ] = None,
+        tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, max=0.99, help="Target = reference accuracy minus this.")] = 0.03,
+        eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Optimizer steps between cutoff checks.")] = 1,
+        holdout_fraction: Annotated[
+            float, typer.Option("--holdout-fraction", min=0.05, max=0.9, help="Share of the new data held out to judge the cutoff.")
+        ] = 0.3,
+        max_epochs: Annotated[
+            float | None, typer.Option("--max-epochs", min=0.01, help="Epoch cap per run (default 15; 3 with --quick).", show_default=False)
+        ] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training mini-batch size.")] = 64,
+        lr: Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate.")] = 1e-3,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the demo model, the corruptions and the first repeat.")] = 0,
+        threads: Annotated[int, typer.Option("--threads", min=1, help="Torch CPU threads during the sweep.")] = 1,
+        device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
+        country: Annotated[str, typer.Option("--country", help="3-letter ISO code of the grid (carbon intensity).")] = "USA",
+        as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    ) -> None:
+        """Corrupt new data with known shifts at known strengths, retrain to the cutoff for real, and measure how well the indices predict the cost.
+
+        For each corruption kind and intensity: the indices in one pass, then retraining until held-out accuracy is back at the reference accuracy minus --tolerance (CodeCarbon measures the energy). Prints Pearson/Spearman correlations of each index with steps, epochs, energy, emissions, gradient norm and parameter change, and the cost model's leave-one-corruption-out error; writes points.json/.csv, correlations.json, report.md, loco.json, costmodel.json and a PNG plot to --out.
+        """
+        from rich.console import Console
+
+        from shiftcost.calibrate import QUICK_SWEEP, run_sweep, torch_threads
+        from shiftcost.errors import InputError
+        from shiftcost.shifts import DEFAULT_SWEEP
+
+        err = Console(stderr=True)
+        given = [name for name, value in (("--model", model), ("--reference", reference), ("--data", data)) if value is not None]
+        if demo and given:
+            raise InputError(f"--demo trains its own model and data; drop {', '.join(given)} or drop --demo.")
+        if given and len(given) < 3:
+            missing = [name for name in ("--model", "--reference", "--data") if name not in given]
+            raise InputError(f"a sweep of your own model needs --model, --reference and --data; {', '.join(missing)} missing.")
+
+        with torch_threads(threads):
+            if given:
+                from shiftcost.data.batches import check_batch, load_batch
+                from shiftcost.data.models import load_model
+
+                net, spec = load_model(model)
+                batches = {}
+                for label, path in (("--reference", reference), ("--data", data)):
+                    batch = load_batch(path, spec=spec)
+                    check_batch(batch, spec)
+                    if batch.y is None:
+                        raise InputError(f"{label} {path} has no labels; the sweep retrains on it and needs a label per image.")
+                    batches[label] = batch
+                ref_x, ref_y = batches["--reference"].x, batches["--reference"].y
+                new_x, new_y = batches["--data"].x, batches["--data"].y
+            else:
+                from shiftcost.data.demo import train_demo_model
+
+                with err.status("training the digits demo CNN"):
+                    net, spec, splits = train_demo_model(seed=seed)
+                (ref_x, ref_y), (new_x, new_y) = splits["holdout"], splits["stream"]
+
+        options: dict[str, Any] = {"repeats": 2, "max_epochs": 15.0, "probe_seconds": 3.0}
+        if quick:
+            options.update(QUICK_SETTINGS)
+        if repeats is not None:
+            options["repeats"] = repeats
+        if max_epochs is not None:
+            options["max_epochs"] = max_epochs
+        with _SweepProgress(err) as progress:
+            result = run_sweep(
+                net,
+                spec,
+                ref_x,
+                ref_y,
+                new_x,
+                new_y,
+                sweep=QUICK_SWEEP if quick else DEFAULT_SWEEP,
+                seed=seed,
+                tolerance=tolerance,
+                eval_every=eval_every,
+                holdout_fraction=holdout_fraction,
+                batch_size=batch_size,
+                lr=lr,
+                threads=threads,
+                device=device,
+                country_iso_code=country,
+                progress=progress,
+                out_dir=out,
+                **options,
+            )
+        if len(result.failed) == len(result.rows):
+            raise InputError(f"every point of the sweep failed (first: {result.rows[0]['error']}); see {result.files['report']}.")
+        if as_json:
+            typer.echo(json.dumps(_summary_json(result), indent=1, allow_nan=False))
+        else:
+            _print_tables(result, Console())

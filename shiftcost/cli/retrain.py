@@ -1,0 +1,291 @@
+"""``shiftcost retrain`` and ``shiftcost probe-energy``: measured retraining and its unit cost.
+
+``shiftcost retrain`` fine-tunes a model on a labelled batch until held-out accuracy is
+back at the target, measures steps, epochs, kWh and kg CO2e, and writes the new model.
+``shiftcost probe-energy`` measures joules per training sample-epoch of a model on this
+machine, the unit that turns predicted epochs into predicted energy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from shiftcost.retrain import EvalPoint, RetrainResult
+
+# Exit status of `shiftcost retrain` when the step/epoch cap ended the run before the cutoff.
+EXIT_CAP_REACHED = 3
+
+ModelOption = Annotated[
+    Path, typer.Option("--model", "-m", help="Model file (.safetensors or .pt) written by shiftcost.", show_default=False)
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")]
+CountryOption = Annotated[
+    str, typer.Option("--country", help="3-letter ISO code of the grid the machine draws from (carbon intensity).")
+]
+RegionOption = Annotated[
+    str | None, typer.Option("--region", help="Region within the country (US states, Canadian provinces).", show_default=False)
+]
+TrackingOption = Annotated[
+    str, typer.Option("--tracking-mode", help="process: this process's CPU/RAM only; machine: the whole machine.")
+]
+
+
+def _energy_options(region: str | None, tracking_mode: str, emissions_csv: Path | None = None) -> dict[str, Any]:
+    options: dict[str, Any] = {"tracking_mode": tracking_mode}
+    if region:
+        options["region"] = region
+    if emissions_csv is not None:
+        from shiftcost.errors import InputError
+
+        if not emissions_csv.is_dir():
+            raise InputError(f"--emissions-csv {emissions_csv} is not a directory; create it or name an existing one.")
+        options.update(save_to_file=True, output_dir=str(emissions_csv))
+    return options
+
+
+class _Progress:
+    """A rich bar over optimizer steps, updated at each evaluation."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(
+            TextColumn("retraining"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("acc {task.fields[acc]:.3f} / target {task.fields[target]:.3f}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._bar.stop()
+
+    def __call__(self, point: EvalPoint, step_cap: int, target: float) -> None:
+        if self._task is None:
+            self._task = self._bar.add_task("retrain", total=step_cap, acc=point.accuracy, target=target)
+        self._bar.update(self._task, completed=point.step, acc=point.accuracy)
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _result_table(result: RetrainResult, out: Path | None) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"retrain: {result.status}", show_header=False)
+    table.add_column("measure", style="bold")
+    table.add_column("value")
+    rows = [
+        ("cutoff reached", "yes" if result.reached_cutoff else "NO"),
+        ("accuracy (initial -> final / target)", f"{_fmt(result.initial_accuracy, '.3f')} -> {_fmt(result.final_accuracy, '.3f')} / {result.target_accuracy:.3f}"),
+        ("steps / epochs", f"{result.steps} / {result.epochs:.2f}  (cap {result.max_steps} steps)"),
+        ("samples (train + replay / holdout)", f"{result.train_samples} + {result.replay_samples} / {result.holdout_samples}"),
+        ("mean gradient norm", _fmt(result.mean_grad_norm)),
+        ("parameter change ||dθ||/√n", _fmt(result.param_change)),
+        ("wall time (train / eval)", f"{result.wall_time_s:.2f} s ({result.train_time_s:.2f} / {result.eval_time_s:.2f})"),
+    ]
+    energy = result.energy
+    if energy is not None:
+        rows += [
+            ("energy", f"{energy.energy_kwh:.4g} kWh (CPU {energy.cpu_energy_kwh:.3g}, GPU {energy.gpu_energy_kwh:.3g}, RAM {energy.ram_energy_kwh:.3g})"),
+            ("emissions", f"{energy.emissions_kg:.4g} kg CO2e at {_fmt(energy.carbon_intensity_kg_per_kwh, '.3f')} kg/kWh ({energy.country_iso_code})"),
+            ("how measured", f"CPU {energy.cpu_method}; GPU {energy.gpu_method}; RAM {energy.ram_method}"),
+            ("hardware", f"{energy.cpu_model}" + (f"; {energy.gpu_model}" if energy.gpu_model else "")),
+        ]
+    else:
+        rows.append(("energy", result.energy_error or "not tracked"))
+    if out is not None:
+        rows.append(("new model", str(out)))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("retrain")
+    def retrain(
+        model: ModelOption,
+        batch: Annotated[
+            Path, typer.Option("--batch", "-b", help="Labelled batch: ImageFolder directory, .npz or .pt.", show_default=False)
+        ],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the retrained model (.safetensors or .pt).", show_default=False)],
+        reference: Annotated[
+            Path | None,
+            typer.Option(
+                "--reference",
+                "-r",
+                help="Labelled reference batch: sets the target (its accuracy minus --tolerance) and feeds --replay-fraction.",
+                show_default=False,
+            ),
+        ] = None,
+        target_accuracy: Annotated[
+            float | None, typer.Option("--target-accuracy", min=0.0, max=1.0, help="Held-out accuracy to reach.", show_default=False)
+        ] = None,
+        reference_accuracy: Annotated[
+            float | None,
+            typer.Option("--reference-accuracy", min=0.0, max=1.0, help="Known reference accuracy; target = it minus --tolerance.", show_default=False),
+        ] = None,
+        tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, max=0.99, help="Accuracy drop accepted below the reference.")] = 0.03,
+        replay_fraction: Annotated[
+            float, typer.Option("--replay-fraction", min=0.0, max=0.95, help="Share of each epoch's pool drawn from the reference batch.")
+        ] = 0.0,
+        holdout_fraction: Annotated[
+            float, typer.Option("--holdout-fraction", min=0.01, max=0.9, help="Share of the batch held out to judge the cutoff.")
+        ] = 0.2,
+        eval_every: Annotated[
+            int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between evaluations (default: a quarter epoch).", show_default=False)
+        ] = None,
+        max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Step cap.", show_default=False)] = None,
+        max_epochs: Annotated[float, typer.Option("--max-epochs", min=0.01, help="Epoch cap (fractions allowed).")] = 20.0,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training mini-batch size.")] = 64,
+        lr: Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate.")] = 1e-3,
+        optimizer: Annotated[str, typer.Option("--optimizer", help="adam, adamw or sgd (momentum 0.9).")] = "adam",
+        seed: Annotated[int, typer.Option("--seed", help="Seed for the split, shuffling and dropout.")] = 0,
+        device: DeviceOption = "auto",
+        country: CountryOption = "USA",
+        region: RegionOption = None,
+        tracking_mode: TrackingOption = "process",
+        no_energy: Annotated[bool, typer.Option("--no-energy", help="Do not measure energy (no CodeCarbon).")] = False,
+        emissions_csv: Annotated[
+            Path | None, typer.Option("--emissions-csv", help="Also append CodeCarbon's row to emissions.csv in this directory.", show_default=False)
+        ] = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Fine-tune a model on a labelled batch until held-out accuracy reaches the target.
+
+        Evaluates every --eval-every steps on a held-out part of the batch and stops at the first evaluation at or above the target, or at the step/epoch cap. Measures energy and emissions with CodeCarbon (offline; nothing written unless --emissions-csv).
+
+        Exit status: 0 when the target was reached (or already met), 3 when the cap ended the run first (the model is still written), 1 when the run failed.
+        """
+        from rich.console import Console
+
+        from shiftcost.data.batches import check_batch, load_batch
+        from shiftcost.data.models import load_model, save_model
+        from shiftcost.retrain import RetrainError, RetrainInterrupted, retrain_to_cutoff
+
+        err = Console(stderr=True)
+        net, spec = load_model(model)
+        new = load_batch(batch, spec=spec)
+        check_batch(new, spec)
+        ref_x = ref_y = None
+        if reference is not None:
+            ref = load_batch(reference, spec=spec)
+            check_batch(ref, spec)
+            ref_x, ref_y = ref.x, ref.y
+        progress = _Progress(err)
+        try:
+            with progress:
+                result = retrain_to_cutoff(
+                    net,
+                    new.x,
+                    new.y,
+                    reference_x=ref_x,
+                    reference_y=ref_y,
+                    replay_fraction=replay_fraction,
+                    holdout_fraction=holdout_fraction,
+                    target_accuracy=target_accuracy,
+                    reference_accuracy=reference_accuracy,
+                    tolerance=tolerance,
+                    eval_every=eval_every,
+                    max_steps=max_steps,
+                    max_epochs=max_epochs,
+                    batch_size=batch_size,
+                    lr=lr,
+                    optimizer=optimizer,
+                    seed=seed,
+                    device=device,
+                    country_iso_code=country,
+                    track_energy=not no_energy,
+                    energy_options=_energy_options(region, tracking_mode, emissions_csv),
+                    progress=progress,
+                    source=str(batch),
+                )
+        except (RetrainError, RetrainInterrupted) as failure:
+            if as_json:
+                typer.echo(json.dumps(failure.partial.to_dict(), indent=2))
+            else:
+                err.print(_result_table(failure.partial, None))
+            raise
+        saved = save_model(result.model.cpu(), spec, out)
+        if as_json:
+            payload = result.to_dict()
+            payload.update(model=str(model), batch=str(batch), out=str(saved))
+            typer.echo(json.dumps(payload, indent=2))
+        else:
+            Console().print(_result_table(result, saved))
+            if result.status == "cap_reached":
+                err.print("[yellow]the cap ended the run before the cutoff: the cost above is a lower bound.[/]")
+        if result.status == "cap_reached":
+            raise typer.Exit(EXIT_CAP_REACHED)
+
+    @app.command("probe-energy")
+    def probe_energy(
+        model: ModelOption,
+        samples: Annotated[int, typer.Option("--samples", min=2, help="Synthetic training samples of the model's input shape.")] = 512,
+        epochs: Annotated[int, typer.Option("--epochs", min=1, help="Minimum epochs to run.")] = 2,
+        min_seconds: Annotated[float, typer.Option("--min-seconds", min=0.0, help="Minimum measured duration; more epochs run until reached.")] = 3.0,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training mini-batch size.")] = 64,
+        device: DeviceOption = "auto",
+        country: CountryOption = "USA",
+        region: RegionOption = None,
+        tracking_mode: TrackingOption = "process",
+        as_json: JsonOption = False,
+    ) -> None:
+        """Measure joules per training sample-epoch of a model on this machine.
+
+        Trains a copy of the model on random inputs of its input shape under CodeCarbon and divides the measured energy by samples x epochs; predicted epochs x samples x this figure is the predicted energy of a retraining on this hardware.
+        """
+        from rich.console import Console
+        from rich.table import Table
+
+        from shiftcost.data.models import load_model
+        from shiftcost.retrain import probe_joules_per_sample_epoch
+
+        net, spec = load_model(model)
+        err = Console(stderr=True)
+        with err.status("probing energy per sample-epoch"):
+            result = probe_joules_per_sample_epoch(
+                net,
+                spec,
+                samples=samples,
+                epochs=epochs,
+                min_seconds=min_seconds,
+                batch_size=batch_size,
+                device=device,
+                country_iso_code=country,
+                energy_options=_energy_options(region, tracking_mode),
+            )
+        if as_json:
+            payload = result.to_dict()
+            payload["model"] = str(model)
+            typer.echo(json.dumps(payload, indent=2))
+            return
+        e = result.energy
+        table = Table(title=f"energy probe: {spec.architecture} on {result.hardware}", show_header=False)
+        table.add_column("measure", style="bold")
+        table.add_column("value")
+        for name, value in [
+            ("joules per sample-epoch", f"{result.joules_per_sample_epoch:.4g} J"),
+            ("seconds per sample-epoch", f"{result.seconds_per_sample_epoch:.4g} s"),
+            ("run", f"{result.samples} samples x {result.epochs} epochs, batch {result.batch_size}, {e.duration_s:.2f} s"),
+            ("energy", f"{e.energy_kwh:.4g} kWh (CPU {e.cpu_energy_kwh:.3g}, GPU {e.gpu_energy_kwh:.3g}, RAM {e.ram_energy_kwh:.3g})"),
+            ("how measured", f"CPU {e.cpu_method}; GPU {e.gpu_method}; RAM {e.ram_method}"),
+        ]:
+            table.add_row(name, value)
+        Console().print(table)
