@@ -6,10 +6,11 @@ from typing import Any
 
 from prefect import flow
 
-from flows.handoff import Overrides, batch_key, settings_for, start_deployment
+from flows.handoff import Overrides, batch_key, completed_result, settings_for, start_deployment
 from flows.retrain import retrain
 from shiftcost.errors import InputError
 from tasks import assess as steps
+from tasks import retrain as retrain_steps
 
 
 @flow(name="assess", persist_result=False, retries=1, retry_delay_seconds=2)
@@ -38,5 +39,8 @@ def assess(batch_id: int, overrides: Overrides = None) -> dict[str, Any]:
         else:
             # The retrain subflow's own state tells whether retraining failed; the assessment stands.
             state = retrain(batch_id, overrides, return_state=True)
-            result["retraining"] = state.result() if state.is_completed() else {"flow_state": state.type.value, "message": state.message}
+            if state.is_completed():
+                result["retraining"] = completed_result(state, lambda: retrain_steps.stored_outcome(settings, batch_id).to_dict())
+            else:
+                result["retraining"] = {"flow_state": state.type.value, "message": state.message}
     return result

@@ -7,7 +7,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.assess import assess
-from flows.handoff import Overrides, batch_key, settings_for, start_deployment
+from flows.handoff import Overrides, batch_key, completed_result, settings_for, start_deployment
+from tasks import assess as assess_steps
 from tasks import intake
 
 
@@ -31,7 +32,8 @@ def watch(overrides: Overrides = None) -> list[dict[str, Any]]:
         state = assess(pending.batch_id, overrides, return_state=True)
         run_id = str(state.state_details.flow_run_id)
         if state.is_completed():
-            results.append(state.result() | {"assess_flow_run": run_id})
+            outcome = completed_result(state, lambda: assess_steps.batch_outcome(settings, pending.batch_id).to_dict())
+            results.append(outcome | {"assess_flow_run": run_id})
         else:
             logger.error("assessing batch %d failed: %s", pending.batch_id, state.message)
             results.append({"batch_id": pending.batch_id, "assess_flow_run": run_id, "flow_state": state.type.value, "message": state.message})

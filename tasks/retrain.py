@@ -30,6 +30,13 @@ def not_started(settings: Settings, batch_id: int) -> pipeline.RetrainOutcome:
         return pipeline.not_started(db, batch_id)
 
 
+@task(name="retrain-outcome", timeout_seconds=120, **_DB)
+def stored_outcome(settings: Settings, batch_id: int) -> pipeline.RetrainOutcome:
+    """The stored outcome of the batch's latest retraining run."""
+    with pipeline.connect(settings) as db:
+        return pipeline.retrain_outcome_of(db, batch_id)
+
+
 @task(name="load-retrain-inputs", timeout_seconds=1800, **_DB)
 def load_inputs(settings: Settings, job: pipeline.RetrainJob) -> pipeline.RetrainInputs:
     """The model, the batch, the reference and the indices the decision used."""

@@ -68,6 +68,7 @@ from shiftcost.pipeline.retrain import (
     record_retrain_failure,
     record_retrain_success,
     refit_cost_model,
+    retrain_outcome_of,
     run_retrain,
 )
 
@@ -121,6 +122,7 @@ __all__ = [
     "record_retrain_failure",
     "record_retrain_success",
     "refit_cost_model",
+    "retrain_outcome_of",
     "register_batch",
     "register_model_version",
     "release_claim",

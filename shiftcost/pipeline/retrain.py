@@ -441,6 +441,45 @@ def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException) 
     )
 
 
+def retrain_outcome_of(db: Database, batch_id: int) -> RetrainOutcome:
+    """The stored outcome of the latest retraining run of a batch (``not_started`` if none).
+
+    The flows read it back when a finished retrain run's return value is lost.
+    """
+    from sqlalchemy import select
+
+    from shiftcost.store import models as rows
+
+    with db.session(readonly=True) as session:
+        run = session.scalars(
+            select(rows.RetrainRun).where(rows.RetrainRun.batch_id == batch_id).order_by(rows.RetrainRun.id.desc()).limit(1)
+        ).first()
+        if run is None:
+            return not_started(db, batch_id)
+        new_model = None if run.new_model_id is None else session.get(rows.Model, run.new_model_id)
+        entries = session.execute(
+            select(rows.LedgerEntry.id, rows.LedgerEntry.kind)
+            .where(rows.LedgerEntry.decision_id == run.decision_id, rows.LedgerEntry.kind.in_(("settle", "release")))
+            .order_by(rows.LedgerEntry.id)
+        ).all()
+        return RetrainOutcome(
+            batch_id=batch_id,
+            status=run.status,
+            run_id=run.id,
+            decision_id=run.decision_id,
+            epochs=run.epochs,
+            steps=run.steps,
+            reached_cutoff=run.reached_cutoff,
+            energy_kwh=run.energy_kwh,
+            emissions_kg=run.emissions_kg,
+            new_model_id=run.new_model_id,
+            new_model_version=None if new_model is None else new_model.version,
+            settled=[entry_id for entry_id, kind in entries if kind == "settle"],
+            released=[entry_id for entry_id, kind in entries if kind == "release"],
+            error=run.error,
+        )
+
+
 def not_started(db: Database, batch_id: int) -> RetrainOutcome:
     """The outcome for a batch that was not waiting for retraining."""
     from shiftcost.store import repository

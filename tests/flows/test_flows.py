@@ -12,6 +12,7 @@ import pytest
 import torch
 from flow_support import PipelineEnv, brightened, sqlite_only
 
+from shiftcost import pipeline
 from shiftcost.store import models as db
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -117,10 +118,31 @@ def test_a_drifted_batch_within_budget_is_retrained_settled_and_learned_from(pip
     assert new.fingerprint != old.fingerprint
     assert env.count(db.ReferenceStats, db.ReferenceStats.model_id == new.id) == 1
     assert only_batch(env).status == "done"
+    # What the flow returned is what the store says (the flows fall back on it when Prefect loses a result).
+    with pipeline.connect(env.settings) as database:
+        stored = pipeline.retrain_outcome_of(database, run.batch_id).to_dict()
+    returned = result["retraining"]
+    assert stored["settled"] == [settle.id] and stored["new_model_version"] == 2
+    not_on_the_run = {"calibration_id", "cost_model_version", "notes"}  # the refit's, not the run's
+    assert {key: value for key, value in returned.items() if key not in not_on_the_run} == {
+        key: value for key, value in stored.items() if key not in not_on_the_run
+    }
 
     # Polling again processes nothing twice.
     assert run_watch() == []
     assert (env.count(db.RetrainRun), env.count(db.LedgerEntry), env.count(db.Decision)) == (1, 2, 1)
+
+
+def test_a_completed_subflow_whose_result_was_lost_is_read_back_from_the_store() -> None:
+    from prefect.states import Completed
+
+    from flows.handoff import completed_result
+
+    def from_store() -> dict:
+        return {"read": "from the store"}
+
+    assert completed_result(Completed(data={"returned": 1}), from_store) == {"returned": 1}
+    assert completed_result(Completed(), from_store) == {"read": "from the store"}  # no data: results are not persisted
 
 
 def test_the_same_batch_dropped_twice_is_processed_once(pipeline_env: PipelineEnv) -> None:
