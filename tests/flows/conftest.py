@@ -20,6 +20,12 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The flows log to the console; shipping every line to the test server as well only costs time.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+# The test server's event services write to the same SQLite file as the flow-run API. Under
+# load a flow's state update then waited on their transactions for SQLite's whole 60-second
+# busy timeout, and came back without its result. No test reads task runs, events or
+# automations, so they are off; the flows' fallback for a lost result has its own test.
+for service in ("TASK_RUN_RECORDER", "EVENT_PERSISTER", "TRIGGERS"):
+    os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{service}_ENABLED", "false")
 
 
 @pytest.fixture(scope="session")
