@@ -422,6 +422,7 @@ def store_assessment(
                 blocked_by_budget=decision.blocked_by_budget,
                 budget_state=json_safe(list(decision.budget_state)),
                 policy=json_safe({key: value for key, value in decision.to_dict().items() if key not in ("reasons", "budget_state")}),
+                retry_after=decision.retry_after,
             )
             if decision.action == "retrain" and budgets:
                 ledger.reserve_many(session, [b.name for b in budgets], _reservable(decision.kwh), _reservable(decision.co2), row.id)

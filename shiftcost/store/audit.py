@@ -332,7 +332,7 @@ def decisions(
     """Every decision with its reasons, newest first (optionally only those a budget blocked).
 
     SELECT d.id AS decision_id, d.created_at, m.name AS model, m.version, d.batch_id,
-           b.source_uri, d.action, d.blocked_by_budget, d.reasons,
+           b.source_uri, d.action, d.blocked_by_budget, d.reasons, d.retry_after,
            cp.energy_kwh AS predicted_kwh, cp.energy_kwh_upper AS predicted_kwh_upper,
            cp.emissions_kg AS predicted_co2, cp.emissions_kg_upper AS predicted_co2_upper
     FROM decisions d
@@ -366,7 +366,7 @@ def decisions(
             select(
                 Decision.id.label("decision_id"), Decision.created_at, m.name.label("model"), m.version,
                 Decision.batch_id, Batch.source_uri, Decision.action, Decision.blocked_by_budget,
-                Decision.reasons, cp.energy_kwh.label("predicted_kwh"),
+                Decision.reasons, Decision.retry_after, cp.energy_kwh.label("predicted_kwh"),
                 cp.energy_kwh_upper.label("predicted_kwh_upper"), cp.emissions_kg.label("predicted_co2"),
                 cp.emissions_kg_upper.label("predicted_co2_upper"),
             ).select_from(Decision)
@@ -385,7 +385,7 @@ def decisions(
     totals = {"decisions": sum(by_action.values()), "by_action": dict(sorted(by_action.items())),
               "shown": len(rows)}
     columns = ["decision_id", "created_at", "model", "version", "batch_id", "action",
-               "blocked_by_budget", "reasons", "predicted_kwh_upper", "predicted_co2_upper"]
+               "blocked_by_budget", "reasons", "retry_after", "predicted_kwh_upper", "predicted_co2_upper"]
     return AuditResult("decisions", columns, rows, totals, runner.sql)
 
 

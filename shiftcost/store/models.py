@@ -274,6 +274,8 @@ class Decision(Base):
     blocked_by_budget: Mapped[bool] = mapped_column(Boolean, default=False)
     budget_state: Mapped[list[Any] | None]
     policy: Mapped[dict[str, Any] | None]
+    retry_after: Mapped[datetime | None]
+    """A deferral's end: when the budget period that was short ends and the batch is assessed again."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     batch: Mapped[Batch] = relationship()

@@ -273,11 +273,13 @@ def record_decision(
     blocked_by_budget: bool = False,
     budget_state: list[Any] | None = None,
     policy: dict[str, Any] | None = None,
+    retry_after: datetime | None = None,
 ) -> Decision:
     """Store a retrain/skip/defer decision with every reason and the budget state it saw.
 
     ``blocked_by_budget`` marks decisions where a budget rule is why the batch was not
-    retrained (``shiftcost audit decisions --skipped-for-budget`` lists them).
+    retrained (``shiftcost audit decisions --skipped-for-budget`` lists them). A ``defer``
+    may carry ``retry_after``: the watcher assesses the batch again from then on.
     """
     _check_choice(action, DECISION_ACTIONS, "decision action")
     reasons = list(reasons)
@@ -293,6 +295,7 @@ def record_decision(
         blocked_by_budget=bool(blocked_by_budget),
         budget_state=budget_state,
         policy=policy,
+        retry_after=retry_after if action == "defer" else None,
     )
     return _add(session, row)
 
