@@ -32,6 +32,16 @@ def register_batch(settings: Settings, uri: str) -> pipeline.Registration:
     return registration
 
 
+@task(name="requeue-deferred", cache_policy=NO_CACHE, timeout_seconds=120, retry_condition_fn=retry_on_passing_faults, **DB_RETRIES)
+def requeue_deferred(settings: Settings) -> list[int]:
+    """Give deferred batches whose retry time has passed back for assessment."""
+    with pipeline.connect(settings) as db:
+        moved = pipeline.requeue_deferred(db, settings.model_name)
+    if moved:
+        get_run_logger().info("deferred batch(es) %s are due again: assessing them afresh", ", ".join(map(str, moved)))
+    return moved
+
+
 @task(name="pending-batches", cache_policy=NO_CACHE, timeout_seconds=120, retry_condition_fn=retry_on_passing_faults, **DB_RETRIES)
 def pending_batches(settings: Settings) -> list[pipeline.PendingBatch]:
     """The batches waiting for assessment (new, or left behind by a crashed run)."""

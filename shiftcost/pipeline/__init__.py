@@ -51,7 +51,15 @@ from shiftcost.pipeline.bootstrap import (
     record_energy_probe,
     register_model_version,
 )
-from shiftcost.pipeline.claims import Claim, ClaimLost, PendingBatch, claim_for_assessment, pending_batches, release_claim
+from shiftcost.pipeline.claims import (
+    Claim,
+    ClaimLost,
+    PendingBatch,
+    claim_for_assessment,
+    pending_batches,
+    release_claim,
+    requeue_deferred,
+)
 from shiftcost.pipeline.common import Artifacts, carbon_intensity, connect, load_cost_model, store_cost_model
 from shiftcost.pipeline.intake import Registration, discover_batches, register_batch
 from shiftcost.pipeline.retrain import (
@@ -124,6 +132,7 @@ __all__ = [
     "refit_cost_model",
     "retrain_outcome_of",
     "register_batch",
+    "requeue_deferred",
     "register_model_version",
     "release_claim",
     "run_retrain",
@@ -183,12 +192,14 @@ def process_batch(settings: Settings, uri: str, *, retrain: bool = True, db: Dat
 
 
 def watch_once(settings: Settings, *, retrain: bool = True, db: Database | None = None) -> list[BatchResult]:
-    """One poll of the landing location: register what is new, then process every pending batch."""
+    """One poll of the landing location: register what is new, give back deferred batches
+    whose retry time has passed, then process every pending batch."""
     with _database(settings, db) as database:
         registrations = {}
         for landed in discover_batches(settings):
             registration = register_batch(database, settings, landed.uri)
             registrations[registration.batch_id] = registration
+        requeue_deferred(database, settings.model_name)
         results = [
             _continue(database, settings, registrations.get(pending.batch_id), pending.batch_id, retrain)
             for pending in pending_batches(database, settings.model_name, settings.claim_lease_s)

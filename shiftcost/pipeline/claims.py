@@ -3,8 +3,9 @@
 ::
 
     registered ──claim──> assessing ──store──> done        (skip)
-        ^                    │    │        └──> assessed    (retrain pending, or deferred)
-        └──── release ───────┘    └──fail───> failed
+      ^   ^                  │    │        └──> assessed    (retrain pending, or deferred)
+      │   └──── release ─────┘    └──fail───> failed
+      └── requeue (deferred, its retry time passed) ── assessed
     assessed ──claim──> retraining ──> done | failed
 
 A claim is ``UPDATE batches SET status = 'assessing', updated_at = :now WHERE id = :id AND
@@ -36,6 +37,7 @@ __all__ = [
     "fail_claimed",
     "pending_batches",
     "release_claim",
+    "requeue_deferred",
     "guarded_update",
 ]
 
@@ -156,3 +158,47 @@ def pending_batches(db: Database, model_name: str, lease_s: float) -> list[Pendi
     )
     with db.session(readonly=True) as session:
         return [PendingBatch(*row) for row in session.execute(query)]
+
+
+def requeue_deferred(db: Database, model_name: str, now: datetime | None = None) -> list[int]:
+    """Give deferred batches of ``model_name`` whose retry time has passed back for assessment.
+
+    A batch qualifies while it is ``assessed`` and its latest decision is a ``defer`` whose
+    ``retry_after`` (the end of the budget period that was short) is not after ``now``.
+    It goes back to ``registered``, so the next assessment decides afresh with the model,
+    drift and budgets of that moment; the earlier decision stays in the history. Each move
+    is a guarded UPDATE, so of racing watchers exactly one requeues a batch. Returns the
+    ids of the batches this call moved, oldest first.
+    """
+    from sqlalchemy import func, select, update
+    from sqlalchemy.orm import aliased
+
+    from shiftcost.store.models import Batch, Decision
+
+    now = _now() if now is None else now
+    earlier = aliased(Decision)
+    latest = select(func.max(earlier.id)).where(earlier.batch_id == Batch.id).correlate(Batch).scalar_subquery()
+    due = (
+        select(Batch.id, Batch.updated_at)
+        .join(Decision, Decision.id == latest)
+        .where(
+            Batch.model_name == model_name,
+            Batch.status == "assessed",
+            Decision.action == "defer",
+            Decision.retry_after.is_not(None),
+            Decision.retry_after <= now,
+        )
+        .order_by(Batch.registered_at, Batch.id)
+    )
+    moved: list[int] = []
+    with db.session() as session:
+        for batch_id, token in session.execute(due).all():
+            statement = (
+                update(Batch)
+                .where(Batch.id == batch_id, Batch.status == "assessed", Batch.updated_at == token)
+                .values(status="registered", updated_at=_now())
+                .execution_options(synchronize_session=False)
+            )
+            if session.execute(statement).rowcount == 1:
+                moved.append(batch_id)
+    return moved

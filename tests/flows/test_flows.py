@@ -133,6 +133,37 @@ def test_a_drifted_batch_within_budget_is_retrained_settled_and_learned_from(pip
     assert (env.count(db.RetrainRun), env.count(db.LedgerEntry), env.count(db.Decision)) == (1, 2, 1)
 
 
+@sqlite_only
+def test_a_deferred_batch_is_assessed_again_by_the_watcher_once_its_retry_time_has_come(pipeline_env: PipelineEnv) -> None:
+    from sqlalchemy import update
+
+    from shiftcost.store import ledger
+
+    env = pipeline_env
+    env.budget("monthly", period="monthly", kwh=1.0)
+    env.drop("clean.npz", *env.stream(0, 250))
+    (clean,) = run_watch()
+    with pipeline.connect(env.settings) as database:  # the rest of the month is held by another run
+        holding = ledger.reserve(database, "monthly", env.remaining_kwh("monthly") - 1e-12, 0.0, clean["decision_id"])
+    x, y = env.stream(250, 450)
+    env.drop("bright.npz", brightened(x), y)
+    (deferred,) = run_watch()
+    assert deferred["action"] == "defer" and deferred["status"] == "assessed"
+    assert run_watch() == []  # not due yet
+
+    # The month is over: move its end into the past and release what held it.
+    with pipeline.connect(env.settings) as database:
+        with database.session() as session:
+            session.execute(update(db.Decision).where(db.Decision.id == deferred["decision_id"]).values(retry_after=db.utcnow()))
+        ledger.release(database, holding, "the period it held is over")
+    (again,) = run_watch()
+
+    assert again["batch_id"] == deferred["batch_id"] and again["action"] == "retrain"
+    assert again["retraining"]["status"] == "succeeded"
+    assert [d.action for d in env.rows(db.Decision, db.Decision.batch_id == deferred["batch_id"])] == ["defer", "retrain"]
+    assert run_watch() == []
+
+
 def test_a_completed_subflow_whose_result_was_lost_is_read_back_from_the_store() -> None:
     from prefect.states import Completed
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
 
 import pytest
-from flow_support import PipelineEnv, hand_made_calibration, sqlite_only
+from flow_support import PipelineEnv, brightened, hand_made_calibration, sqlite_only
 
 from shiftcost import pipeline
 from shiftcost.store import models as db
@@ -140,3 +144,70 @@ def test_tasks_retry_passing_faults_and_never_a_users_mistake() -> None:
     assert _transient(lost) and _transient(DatabaseUnavailableError("Cannot use the database")) and _transient(ConnectionResetError())
     assert not _transient(InputError("Batch x.npz is empty")) and not _transient(ConfigError("no cost model"))
     assert not _transient(exc.IntegrityError("INSERT ...", {}, sqlite3.IntegrityError("UNIQUE constraint failed")))
+
+
+def _defer_a_drifted_batch(env: PipelineEnv, database: Any) -> tuple[int, int]:
+    """A monthly budget held almost whole by another reservation, then a drifted batch: deferred.
+
+    Returns ``(batch_id, reservation_id)`` of the deferred batch and the holding reservation.
+    """
+    from shiftcost.store import ledger
+
+    env.budget("monthly", period="monthly", kwh=1.0)
+    env.drop("clean.npz", *env.stream(0, 250))
+    (first,) = pipeline.watch_once(env.settings, db=database)
+    left = ledger.remaining(database, "monthly").remaining_kwh
+    holding = ledger.reserve(database, "monthly", left - 1e-12, 0.0, first.assessment.decision_id)
+    x, y = env.stream(250, 450)
+    env.drop("bright.npz", brightened(x), y)
+    (deferred,) = pipeline.watch_once(env.settings, db=database)
+    assert deferred.assessment.action == "defer" and deferred.assessment.status == "assessed"
+    return deferred.assessment.batch_id, holding
+
+
+def test_a_deferred_batch_is_assessed_afresh_once_its_budget_period_is_over(pipeline_env: PipelineEnv) -> None:
+    from shiftcost.store import audit, ledger
+
+    env = pipeline_env
+    with pipeline.connect(env.settings) as database:
+        batch_id, holding = _defer_a_drifted_batch(env, database)
+        (decision,) = env.rows(db.Decision, db.Decision.batch_id == batch_id)
+        month_end = ledger.remaining(database, "monthly").window_end
+        assert decision.retry_after == month_end and decision.blocked_by_budget
+        with database.session(readonly=True) as session:
+            (audited,) = audit.decisions(session, action="defer").rows
+        assert (audited["batch_id"], audited["retry_after"]) == (batch_id, month_end)
+        # Not before the period that was short ends; then exactly once.
+        assert pipeline.requeue_deferred(database, env.settings.model_name) == []
+        assert pipeline.watch_once(env.settings, db=database) == []
+        assert pipeline.requeue_deferred(database, env.settings.model_name, now=month_end - timedelta(seconds=1)) == []
+        assert pipeline.requeue_deferred(database, env.settings.model_name, now=month_end) == [batch_id]
+        assert pipeline.requeue_deferred(database, env.settings.model_name, now=month_end) == []
+        # A new period: the holding reservation is gone, so the fresh assessment retrains.
+        ledger.release(database, holding, "the period it held is over")
+        (again,) = pipeline.watch_once(env.settings, db=database)
+    assert again.assessment.batch_id == batch_id and again.assessment.action == "retrain"
+    assert again.retraining is not None and again.retraining.status == "succeeded"
+    decisions = env.rows(db.Decision, db.Decision.batch_id == batch_id)
+    assert [d.action for d in decisions] == ["defer", "retrain"] and decisions[1].retry_after is None
+    assert env.count(db.IndexRun, db.IndexRun.batch_id == batch_id) == 2  # both assessments are kept
+    assert env.rows(db.Batch, db.Batch.id == batch_id)[0].status == "done"
+
+
+def test_racing_watchers_requeue_a_due_deferred_batch_exactly_once(pipeline_env: PipelineEnv) -> None:
+    from shiftcost.store import ledger
+
+    env = pipeline_env
+    with pipeline.connect(env.settings) as database:
+        batch_id, _ = _defer_a_drifted_batch(env, database)
+        due = ledger.remaining(database, "monthly").window_end
+        start = threading.Barrier(8)
+
+        def requeue() -> list[int]:
+            start.wait()
+            return pipeline.requeue_deferred(database, env.settings.model_name, now=due)
+
+        with ThreadPoolExecutor(8) as pool:
+            moved = [batch for result in pool.map(lambda _: requeue(), range(8)) for batch in result]
+    assert moved == [batch_id]
+    assert env.rows(db.Batch, db.Batch.id == batch_id)[0].status == "registered"
