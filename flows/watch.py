@@ -14,14 +14,16 @@ from tasks import intake
 
 @flow(name="watch", persist_result=False)
 def watch(overrides: Overrides = None) -> list[dict[str, Any]]:
-    """One poll: register every new batch, give back deferred batches that are due, then assess
-    each waiting batch (failures do not stop the others)."""
+    """One poll: register every new batch, close retrain runs whose process was killed, give
+    back deferred batches that are due, then assess each waiting batch (failures do not stop
+    the others)."""
     settings = settings_for(overrides)
     logger = get_run_logger()
     for landed in intake.discover_batches(settings):
         state = intake.register_batch(settings, landed.uri, return_state=True)
         if not state.is_completed():
             logger.error("could not register %s: %s", landed.uri, state.message)
+    intake.fail_stale_retrains(settings)
     intake.requeue_deferred(settings)
     results: list[dict[str, Any]] = []
     for pending in intake.pending_batches(settings):

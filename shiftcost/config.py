@@ -76,6 +76,14 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds after which a batch claimed by a crashed assessment may be claimed again.",
     )
+    retrain_stale_after_s: float = Field(
+        default=7 * 3600.0,
+        gt=0,
+        description=(
+            "Seconds after which a retrain run still 'running' is taken as killed (the retrain task's own timeout is 6 h): "
+            "the watcher marks it and its batch failed and releases its reservation."
+        ),
+    )
     device: str = Field(default="auto", description="Torch device for forward passes and retraining: auto, cpu, cuda[:N].")
 
     # --- drift detection --------------------------------------------------------------

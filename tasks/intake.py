@@ -32,6 +32,16 @@ def register_batch(settings: Settings, uri: str) -> pipeline.Registration:
     return registration
 
 
+@task(name="fail-stale-retrains", cache_policy=NO_CACHE, timeout_seconds=120, retry_condition_fn=retry_on_passing_faults, **DB_RETRIES)
+def fail_stale_retrains(settings: Settings) -> list[int]:
+    """Close retrain runs whose process was killed; the ids of the runs closed."""
+    with pipeline.connect(settings) as db:
+        closed = pipeline.fail_stale_retrains(db, settings.model_name, settings.retrain_stale_after_s)
+    for outcome in closed:
+        get_run_logger().warning("retrain run %d (batch %s) %s; its reservation was released", outcome.run_id, outcome.batch_id, outcome.error)
+    return [outcome.run_id for outcome in closed if outcome.run_id is not None]
+
+
 @task(name="requeue-deferred", cache_policy=NO_CACHE, timeout_seconds=120, retry_condition_fn=retry_on_passing_faults, **DB_RETRIES)
 def requeue_deferred(settings: Settings) -> list[int]:
     """Give deferred batches whose retry time has passed back for assessment."""

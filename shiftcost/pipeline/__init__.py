@@ -71,6 +71,7 @@ from shiftcost.pipeline.retrain import (
     build_new_version,
     claim_retrain,
     execute_retrain,
+    fail_stale_retrains,
     load_for_retrain,
     not_started,
     record_retrain_failure,
@@ -116,6 +117,7 @@ __all__ = [
     "estimate_cost",
     "execute_retrain",
     "fail_assessment",
+    "fail_stale_retrains",
     "fit_cost_model",
     "index_pass",
     "load_cost_model",
@@ -192,13 +194,15 @@ def process_batch(settings: Settings, uri: str, *, retrain: bool = True, db: Dat
 
 
 def watch_once(settings: Settings, *, retrain: bool = True, db: Database | None = None) -> list[BatchResult]:
-    """One poll of the landing location: register what is new, give back deferred batches
-    whose retry time has passed, then process every pending batch."""
+    """One poll of the landing location: register what is new, close retrain runs whose
+    process was killed, give back deferred batches whose retry time has passed, then
+    process every pending batch."""
     with _database(settings, db) as database:
         registrations = {}
         for landed in discover_batches(settings):
             registration = register_batch(database, settings, landed.uri)
             registrations[registration.batch_id] = registration
+        fail_stale_retrains(database, settings.model_name, settings.retrain_stale_after_s)
         requeue_deferred(database, settings.model_name)
         results = [
             _continue(database, settings, registrations.get(pending.batch_id), pending.batch_id, retrain)

@@ -33,6 +33,8 @@ from shiftcost.pipeline.claims import Claim, ClaimLost, claim, guarded_update
 from shiftcost.pipeline.common import Artifacts, json_safe, load_cost_model, store_cost_model
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from torch import nn
 
     from shiftcost.config import Settings
@@ -439,6 +441,58 @@ def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException) 
         released=released,
         error=message,
     )
+
+
+def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now: datetime | None = None) -> list[RetrainOutcome]:
+    """Close the retrain runs of ``model_name`` still ``running`` ``older_than_s`` after they started.
+
+    Such a run's process was killed (a crash it survived would have recorded itself): the
+    run and its batch are marked failed and the decision's reservation is released, in one
+    transaction per run. The energy it spent is unknown and not charged. Each run is closed
+    by a guarded UPDATE, so of racing watchers exactly one closes it. Returns what was closed.
+    """
+    from datetime import timedelta
+
+    from sqlalchemy import select, update
+
+    from shiftcost.store import ledger
+    from shiftcost.store import models as rows
+
+    now = rows.utcnow() if now is None else now
+    hours = older_than_s / 3600.0
+    message = f"abandoned: still running {hours:.3g} h after it started, so its process was killed"
+    with db.session(readonly=True) as session:
+        stale = session.execute(
+            select(rows.RetrainRun.id, rows.RetrainRun.batch_id, rows.RetrainRun.decision_id)
+            .join(rows.Model, rows.Model.id == rows.RetrainRun.model_id)
+            .where(
+                rows.Model.name == model_name,
+                rows.RetrainRun.status == "running",
+                rows.RetrainRun.started_at < now - timedelta(seconds=older_than_s),
+            )
+            .order_by(rows.RetrainRun.id)
+        ).all()
+    closed: list[RetrainOutcome] = []
+    for run_id, batch_id, decision_id in stale:
+        with db.session() as session:
+            finished = session.execute(
+                update(rows.RetrainRun)
+                .where(rows.RetrainRun.id == run_id, rows.RetrainRun.status == "running")
+                .values(status="failed", error=message, finished_at=rows.utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            if finished.rowcount != 1:
+                continue  # another watcher closed it
+            if batch_id is not None:
+                session.execute(
+                    update(rows.Batch)
+                    .where(rows.Batch.id == batch_id, rows.Batch.status == "retraining")
+                    .values(status="failed", failure_reason=f"Retraining failed: {message}.", updated_at=rows.utcnow())
+                    .execution_options(synchronize_session=False)
+                )
+            released = [] if decision_id is None else ledger.release_decision(session, decision_id, f"retrain run {run_id} {message}")
+        closed.append(RetrainOutcome(batch_id, "failed", run_id=run_id, decision_id=decision_id, released=released, error=message))
+    return closed
 
 
 def retrain_outcome_of(db: Database, batch_id: int) -> RetrainOutcome:

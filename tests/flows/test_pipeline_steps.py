@@ -211,3 +211,34 @@ def test_racing_watchers_requeue_a_due_deferred_batch_exactly_once(pipeline_env:
             moved = [batch for result in pool.map(lambda _: requeue(), range(8)) for batch in result]
     assert moved == [batch_id]
     assert env.rows(db.Batch, db.Batch.id == batch_id)[0].status == "registered"
+
+
+def test_a_retrain_run_whose_process_was_killed_is_closed_once_and_its_reservation_released(pipeline_env: PipelineEnv) -> None:
+    env = pipeline_env
+    env.budget("monthly", period="monthly", kwh=1.0)
+    x, y = env.stream(0, 200)
+    env.drop("bright.npz", brightened(x), y)
+    model_name = env.settings.model_name
+    with pipeline.connect(env.settings) as database:
+        (assessed,) = pipeline.watch_once(env.settings, retrain=False, db=database)
+        assert assessed.assessment.action == "retrain"
+        killed = pipeline.claim_retrain(database, assessed.assessment.batch_id)  # its process dies here
+        assert killed is not None and env.remaining_kwh("monthly") < 1.0
+        assert pipeline.fail_stale_retrains(database, model_name, older_than_s=3600) == []  # it may still be running
+        later = db.utcnow() + timedelta(hours=2)
+        start = threading.Barrier(8)
+
+        def close() -> list[pipeline.RetrainOutcome]:
+            start.wait()
+            return pipeline.fail_stale_retrains(database, model_name, older_than_s=3600, now=later)
+
+        with ThreadPoolExecutor(8) as pool:
+            closed = [outcome for result in pool.map(lambda _: close(), range(8)) for outcome in result]
+    assert [(outcome.run_id, outcome.status) for outcome in closed] == [(killed.run_id, "failed")]
+    (run,) = env.rows(db.RetrainRun)
+    assert run.status == "failed" and run.error.startswith("abandoned") and run.finished_at is not None
+    (batch,) = env.rows(db.Batch)
+    assert batch.status == "failed" and "abandoned" in batch.failure_reason
+    assert [entry.kind for entry in env.rows(db.LedgerEntry)] == ["reserve", "release"]
+    assert env.remaining_kwh("monthly") == pytest.approx(1.0)
+    assert [model.version for model in env.rows(db.Model)] == [1]
