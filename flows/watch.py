@@ -15,12 +15,12 @@ from tasks import intake
 @flow(name="watch", persist_result=False)
 def watch(overrides: Overrides = None) -> list[dict[str, Any]]:
     """One poll: register every new batch, close retrain runs whose process was killed, give
-    back deferred batches that are due, then assess each waiting batch (failures do not stop
-    the others)."""
+    back deferred batches that are due, assess each waiting batch (failures do not stop the
+    others), then move processed landing entries to the archive."""
     settings = settings_for(overrides)
     logger = get_run_logger()
     for landed in intake.discover_batches(settings):
-        state = intake.register_batch(settings, landed.uri, return_state=True)
+        state = intake.register_batch(settings, landed, return_state=True)
         if not state.is_completed():
             logger.error("could not register %s: %s", landed.uri, state.message)
     intake.fail_stale_retrains(settings)
@@ -41,4 +41,7 @@ def watch(overrides: Overrides = None) -> list[dict[str, Any]]:
         else:
             logger.error("assessing batch %d failed: %s", pending.batch_id, state.message)
             results.append({"batch_id": pending.batch_id, "assess_flow_run": run_id, "flow_state": state.type.value, "message": state.message})
+    archived = intake.archive_processed(settings, return_state=True)
+    if not archived.is_completed():
+        logger.error("could not archive processed landing entries: %s", archived.message)
     return results

@@ -52,6 +52,17 @@ class Settings(BaseSettings):
         "URL such as s3://bucket/prefix or memory://landing. Each .npz/.pt file or ImageFolder "
         "sub-folder is one batch.",
     )
+    landing_archive: str = Field(
+        default="_archive",
+        description="Where processed landing entries move once their batch is final (done, failed, or a "
+        "duplicate): a folder or fsspec URL, or a name inside the landing location (the default _archive, "
+        "which polls ignore). Empty: leave them in place (polls still skip them without reading them).",
+    )
+    landing_retention_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Days an archived landing entry is kept before it is deleted (none: kept for ever).",
+    )
     artifacts_dir: str = Field(
         default="shiftcost-artifacts",
         description="Local folder for model weights, reference stats, reference data and "

@@ -1,4 +1,4 @@
-"""Tasks of the watcher: discover batches, register each once, list what waits."""
+"""Tasks of the watcher: discover new entries, register each once, list what waits, archive."""
 
 from __future__ import annotations
 
@@ -13,23 +13,40 @@ from tasks.common import DB_RETRIES, retry_on_passing_faults
 
 @task(name="discover-batches", cache_policy=NO_CACHE, timeout_seconds=300, retry_condition_fn=retry_on_passing_faults, **DB_RETRIES)
 def discover_batches(settings: Settings) -> list[LandedBatch]:
-    """The batches now in the landing location."""
-    found = pipeline.discover_batches(settings)
-    get_run_logger().info("%d batch(es) in %s", len(found), settings.landing)
+    """The entries of the landing location not known yet (known ones are skipped unread)."""
+    with pipeline.connect(settings) as db:
+        found = pipeline.discover_batches(db, settings)
+    if found:
+        get_run_logger().info("%d new entr%s in %s", len(found), "y" if len(found) == 1 else "ies", settings.landing)
     return found
 
 
 @task(name="register-batch", cache_policy=NO_CACHE, timeout_seconds=600, retry_condition_fn=retry_on_passing_faults, **DB_RETRIES)
-def register_batch(settings: Settings, uri: str) -> pipeline.Registration:
-    """Fingerprint and register one batch; known batches come back unchanged."""
+def register_batch(settings: Settings, landed: LandedBatch) -> pipeline.Registration:
+    """Examine, fingerprint and register one landed entry; known batches come back unchanged."""
     with pipeline.connect(settings) as db:
-        registration = pipeline.register_batch(db, settings, uri)
+        registration = pipeline.register_landed(db, settings, landed)
     logger = get_run_logger()
-    if registration.created and registration.status == "failed":
-        logger.warning("batch %s registered as failed: %s", uri, registration.failure_reason)
+    if registration.entry_state == "duplicate":
+        logger.info("%s holds the same bytes as batch %d: recorded as its duplicate", landed.uri, registration.batch_id)
+    elif registration.created and registration.status == "failed":
+        logger.warning("batch %s registered as failed: %s", landed.uri, registration.failure_reason)
     elif registration.created:
-        logger.info("batch %s registered as batch %d", uri, registration.batch_id)
+        logger.info("batch %s registered as batch %d", landed.uri, registration.batch_id)
     return registration
+
+
+@task(name="archive-processed", cache_policy=NO_CACHE, timeout_seconds=600, retry_condition_fn=retry_on_passing_faults, **DB_RETRIES)
+def archive_processed(settings: Settings) -> pipeline.ArchiveReport:
+    """Move processed landing entries to the archive and delete those past their retention."""
+    with pipeline.connect(settings) as db:
+        report = pipeline.archive_processed(db, settings)
+    logger = get_run_logger()
+    if report.archived or report.purged:
+        logger.info("archived %d landing entr(ies), deleted %d past retention", len(report.archived), len(report.purged))
+    for problem in report.problems:
+        logger.warning(problem)
+    return report
 
 
 @task(name="fail-stale-retrains", cache_policy=NO_CACHE, timeout_seconds=120, retry_condition_fn=retry_on_passing_faults, **DB_RETRIES)

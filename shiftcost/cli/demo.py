@@ -315,6 +315,8 @@ def demo_environment(workdir: Path) -> None:
             "PREFECT_LOGGING_TO_API_ENABLED": "false",
             "SHIFTCOST_DATABASE_URL": f"sqlite:///{workdir / 'shiftcost.db'}",
             "SHIFTCOST_LANDING": str(workdir / "landing"),
+            # The report reads each scenario file back where it landed, so nothing is archived.
+            "SHIFTCOST_LANDING_ARCHIVE": "",
             "SHIFTCOST_ARTIFACTS_DIR": str(workdir / "artifacts"),
             **DEMO_SETTINGS,
         }

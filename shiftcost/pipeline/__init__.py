@@ -61,7 +61,7 @@ from shiftcost.pipeline.claims import (
     requeue_deferred,
 )
 from shiftcost.pipeline.common import Artifacts, carbon_intensity, connect, load_cost_model, store_cost_model
-from shiftcost.pipeline.intake import Registration, discover_batches, register_batch
+from shiftcost.pipeline.intake import ArchiveReport, Registration, archive_processed, discover_batches, register_batch, register_landed
 from shiftcost.pipeline.retrain import (
     NewVersion,
     RetrainFailed,
@@ -86,6 +86,7 @@ if TYPE_CHECKING:
     from shiftcost.store import Database
 
 __all__ = [
+    "ArchiveReport",
     "Artifacts",
     "AssessOutcome",
     "BatchResult",
@@ -112,6 +113,7 @@ __all__ = [
     "claim_retrain",
     "connect",
     "decide_batch",
+    "archive_processed",
     "discover_batches",
     "ensure_default_budget",
     "estimate_cost",
@@ -134,6 +136,7 @@ __all__ = [
     "refit_cost_model",
     "retrain_outcome_of",
     "register_batch",
+    "register_landed",
     "requeue_deferred",
     "register_model_version",
     "release_claim",
@@ -199,9 +202,10 @@ def watch_once(settings: Settings, *, retrain: bool = True, db: Database | None 
     process every pending batch."""
     with _database(settings, db) as database:
         registrations = {}
-        for landed in discover_batches(settings):
-            registration = register_batch(database, settings, landed.uri)
-            registrations[registration.batch_id] = registration
+        for landed in discover_batches(database, settings):
+            registration = register_landed(database, settings, landed)
+            if registration.entry_state != "duplicate":
+                registrations[registration.batch_id] = registration
         fail_stale_retrains(database, settings.model_name, settings.retrain_stale_after_s)
         requeue_deferred(database, settings.model_name)
         results = [
@@ -213,4 +217,5 @@ def watch_once(settings: Settings, *, retrain: bool = True, db: Database | None 
             for batch_id, registration in registrations.items()
             if registration.created and registration.status == "failed"
         ]
+        archive_processed(database, settings)
         return failed + results

@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -54,6 +55,8 @@ RETRAIN_STATUSES = ("running", "succeeded", "failed", "cap_reached")
 CALIBRATION_SOURCES = ("sweep", "refit")
 BUDGET_PERIODS = ("per_run", "daily", "monthly", "rolling_days")
 LEDGER_KINDS = ("reserve", "settle", "release")
+LANDING_ENTRY_STATES = ("registered", "duplicate", "failed")
+LANDING_ENTRY_KINDS = ("file", "folder", "link", "special")
 
 # Deterministic constraint names, so migrations can drop and alter them by name.
 NAMING_CONVENTION = {
@@ -178,6 +181,40 @@ class Batch(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     model: Mapped[Model] = relationship()
+
+
+class LandingEntry(Base):
+    """One entry seen in the landing area, known by its location and metadata signature.
+
+    A poll skips an entry whose (location, signature) is here without reading its bytes;
+    the signature is the entry's kind, size and modification time (or etag on object
+    stores). ``batch_id`` is the batch its bytes are: the one it registered (``registered``,
+    ``failed``) or, for a ``duplicate``, the earlier batch it repeats. Entries move to the
+    archive once their batch is final (``archive_uri``, ``archived_at``) and are deleted
+    there after the retention period (``purged_at``).
+    """
+
+    __tablename__ = "landing_entries"
+    __table_args__ = (
+        UniqueConstraint("model_name", "location", "signature"),
+        CheckConstraint(_one_of("state", LANDING_ENTRY_STATES), name="state"),
+        CheckConstraint(_one_of("kind", LANDING_ENTRY_KINDS), name="kind"),
+        Index(None, "model_name", "purged_at", "archived_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(200))
+    location: Mapped[str] = mapped_column(Text)
+    signature: Mapped[str] = mapped_column(String(300))
+    kind: Mapped[str] = mapped_column(String(20))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(20))
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    archive_uri: Mapped[str | None] = mapped_column(Text)
+    archived_at: Mapped[datetime | None]
+    purged_at: Mapped[datetime | None]
 
 
 class DriftReport(Base):

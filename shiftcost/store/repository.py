@@ -171,10 +171,15 @@ def register_batch(
     registered for this model name (by any version), in which case the existing row is
     returned unchanged. Safe under concurrency: the insert is ``INSERT .. ON CONFLICT DO
     NOTHING`` on the unique (model_name, fingerprint) key, so racing callers get one row.
+    A known fingerprint is looked up first: on PostgreSQL even a conflicting insert draws
+    an id from the sequence, and a poll that registers nothing must not use ids up.
     """
     if samples < 0:
         raise InputError(f"The batch {source_uri} has a negative sample count ({samples}).")
     model = get_model_by_id(session, model_id)
+    known = find_batch(session, model.name, fingerprint)
+    if known is not None:
+        return known, False
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     now = utcnow()
     statement = (

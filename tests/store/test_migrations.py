@@ -17,7 +17,7 @@ from shiftcost.store.models import Base
 
 EXPECTED_TABLES = {
     "models", "reference_stats", "batches", "drift_reports", "index_runs", "cost_predictions",
-    "decisions", "retrain_runs", "calibrations", "energy_probes", "budgets", "budget_ledger",
+    "decisions", "retrain_runs", "calibrations", "energy_probes", "budgets", "budget_ledger", "landing_entries",
 }
 
 
