@@ -26,8 +26,8 @@ def test_a_claim_left_by_a_crashed_run_is_taken_over_after_its_lease_and_its_own
     env.drop("clean.npz", *env.stream(0, 200))
     settings = env.settings.model_copy(update={"claim_lease_s": 0.5})
     with pipeline.connect(settings) as database:
-        (landed,) = pipeline.discover_batches(settings)
-        batch_id = pipeline.register_batch(database, settings, landed.uri).batch_id
+        (landed,) = pipeline.discover_batches(database, settings)
+        batch_id = pipeline.register_landed(database, settings, landed).batch_id
         crashed = pipeline.claim_for_assessment(database, batch_id, settings.claim_lease_s)
         assert crashed is not None
         # While the lease runs, nobody else may claim it and it is not pending.
