@@ -65,8 +65,14 @@ class Settings(BaseSettings):
     )
     artifacts_dir: str = Field(
         default="shiftcost-artifacts",
-        description="Local folder for model weights, reference stats, reference data and "
-        "Evidently drift reports.",
+        description="Where model weights, reference stats, replay samples and Evidently drift reports go: a "
+        "local folder or any fsspec URL such as s3://bucket/artifacts or memory://artifacts.",
+    )
+    reference_replay_samples: int = Field(
+        default=2000,
+        ge=10,
+        description="The most labelled images a model version keeps as its replay sample and reference: a "
+        "retrained version draws them from its parent's sample and the batch, so stored data stays bounded.",
     )
     model_name: str = Field(default="model", description="Name of the deployed model that batches are assessed against.")
     poll_interval_s: float = Field(default=60.0, gt=0, description="Seconds between two polls of the landing location.")

@@ -1,4 +1,5 @@
-"""The landing area's entries: known by location and signature, duplicates, archive.
+"""The landing area's entries (known by location and signature, duplicates, archive), and an
+index on batches (model_name, status) for what every poll asks.
 
 Frozen history: this file must not import shiftcost.
 
@@ -43,9 +44,12 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_landing_entries_batch_id"), "landing_entries", ["batch_id"], unique=False)
     op.create_index(op.f("ix_landing_entries_model_name_purged_at_archived_at"), "landing_entries", ["model_name", "purged_at", "archived_at"], unique=False)
+    # A poll's questions (pending and deferred batches of a model) then do not scan its history.
+    op.create_index(op.f("ix_batches_model_name_status"), "batches", ["model_name", "status"], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_batches_model_name_status"), table_name="batches")
     op.drop_index(op.f("ix_landing_entries_model_name_purged_at_archived_at"), table_name="landing_entries")
     op.drop_index(op.f("ix_landing_entries_batch_id"), table_name="landing_entries")
     op.drop_table("landing_entries")

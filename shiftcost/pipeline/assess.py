@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shiftcost import landing
@@ -104,7 +103,7 @@ class DriftCheck:
     """The drift result of a batch and where its Evidently report was written."""
 
     result: DriftResult
-    html_path: Path
+    html_path: str
 
     @property
     def verdict(self) -> bool:
@@ -202,12 +201,14 @@ def load_for_assessment(db: Database, settings: Settings, claim: Claim) -> Loade
 
 
 def load_model_and_reference(name: str, version: int, weights: str, stats_uri: str) -> tuple[Any, Any, Any]:
+    from shiftcost.artifacts import reading
     from shiftcost.data import load_model
     from shiftcost.index.reference import ReferenceStats
 
     try:
-        model, spec = load_model(weights)
-        reference = ReferenceStats.load(stats_uri, model=model)
+        with reading(weights) as weights_path, reading(stats_uri) as stats_path:
+            model, spec = load_model(weights_path)
+            reference = ReferenceStats.load(stats_path, model=model)
     except InputError as error:
         raise ConfigError(f"Model {name} version {version} cannot be used: {error}") from None
     return model, spec, reference
@@ -273,8 +274,12 @@ def check_drift(settings: Settings, loaded: LoadedBatch, report: IndexReport) ->
         max_embedding_rows=settings.drift_max_rows,
         seed=settings.retrain_seed,
     )
-    path = result.save_html(Artifacts.from_settings(settings).drift_report(loaded.batch_id, loaded.fingerprint))
-    return DriftCheck(result, path)
+    from shiftcost.artifacts import writing
+
+    report_url = Artifacts.from_settings(settings).drift_report(loaded.batch_id, loaded.fingerprint)
+    with writing(report_url) as path:
+        result.save_html(path)
+    return DriftCheck(result, report_url)
 
 
 def _reference_inputs(reference: ReferenceStats) -> Any:

@@ -98,6 +98,7 @@ def register_model_version(
     there, minus the cutoff tolerance, is what retraining aims for). ``layers`` default to
     the classifier's input. Returns the new version (the next number for ``name``).
     """
+    from shiftcost.artifacts import bounded_sample, writing
     from shiftcost.data import Batch, model_fingerprint, save_batch, save_model
     from shiftcost.index.engine import compute_reference_stats
     from shiftcost.store import repository
@@ -107,9 +108,14 @@ def register_model_version(
     fingerprint = model_fingerprint(model)
     tag = f"model-{fingerprint[:16]}"
     reference = compute_reference_stats(model, spec, reference_x, reference_y, layers=layers, device=settings.device, seed=settings.retrain_seed)
-    weights = save_model(model, spec, artifacts.model_weights(name, tag))
-    data = save_batch(Batch(reference_x, reference_y, "reference"), artifacts.reference_data(name, tag))
-    stats_path = reference.save(artifacts.reference_stats(name, tag))
+    weights, data, stats_path = artifacts.model_weights(name, tag), artifacts.reference_data(name, tag), artifacts.reference_stats(name, tag)
+    with writing(weights) as path:
+        save_model(model, spec, path)
+    replay_x, replay_y = bounded_sample(reference_x, reference_y, settings.reference_replay_samples, settings.retrain_seed)
+    with writing(data) as path:
+        save_batch(Batch(replay_x, replay_y, "reference"), path)
+    with writing(stats_path) as path:
+        reference.save(path)
     with db.session() as session:
         row = repository.register_model(
             session,

@@ -1,4 +1,4 @@
-"""What every pipeline step shares: the database, the artifact folder, the cost model store.
+"""What every pipeline step shares: the database, the artifacts location, the cost model store.
 
 The cost model of an architecture lives in the ``calibrations`` table, one row per fitted
 version: ``fit_data`` holds that version's training rows and ``parameters`` the rest of it
@@ -14,10 +14,9 @@ import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shiftcost.artifacts import Artifacts
 from shiftcost.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -64,34 +63,6 @@ def connect(settings: Settings) -> Iterator[Database]:
         yield database
     finally:
         database.dispose()
-
-
-@dataclass(frozen=True)
-class Artifacts:
-    """Where model weights, reference stats and data, and drift reports are written."""
-
-    root: Path
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Artifacts:
-        return cls(Path(settings.artifacts_dir).expanduser().resolve())
-
-    def model_weights(self, model_name: str, tag: str) -> Path:
-        return self.root / "models" / _safe(model_name) / f"{tag}.safetensors"
-
-    def reference_stats(self, model_name: str, tag: str) -> Path:
-        return self.root / "reference" / _safe(model_name) / f"{tag}.safetensors"
-
-    def reference_data(self, model_name: str, tag: str) -> Path:
-        return self.root / "reference" / _safe(model_name) / f"{tag}-data.npz"
-
-    def drift_report(self, batch_id: int, fingerprint: str) -> Path:
-        return self.root / "drift" / f"batch-{batch_id}-{fingerprint.replace(':', '-')[:16]}.html"
-
-
-def _safe(name: str) -> str:
-    """A model name as a single path component."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
 
 
 def training_samples(batch_size: int, holdout_fraction: float) -> int:

@@ -23,7 +23,6 @@ energy, and spending more needs a new decision.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shiftcost import landing
@@ -95,9 +94,9 @@ class RetrainInputs:
 class NewVersion:
     """The retrained model's files and reference stats, ready to be registered."""
 
-    weights_path: Path
-    reference_path: Path
-    reference_data_path: Path
+    weights_path: str
+    reference_path: str
+    reference_data_path: str
     reference: ReferenceStats
     fingerprint: str
 
@@ -242,11 +241,13 @@ def produces_new_version(result: RetrainResult) -> bool:
 def build_new_version(settings: Settings, inputs: RetrainInputs, result: RetrainResult) -> NewVersion | None:
     """Save the retrained weights and compute their reference stats; None if nothing changed.
 
-    The new version's reference data is its parent's reference data plus the batch it
-    was retrained on: the data it is now expected to serve.
+    The new version's reference data is drawn from its parent's replay sample and the
+    batch it was retrained on (the data it is now expected to serve), at most
+    ``reference_replay_samples`` images: what a version stores does not grow with history.
     """
     import torch
 
+    from shiftcost.artifacts import bounded_sample, reading, writing
     from shiftcost.data import Batch, load_batch, model_fingerprint, save_batch, save_model
     from shiftcost.index.engine import compute_reference_stats
 
@@ -255,12 +256,18 @@ def build_new_version(settings: Settings, inputs: RetrainInputs, result: Retrain
     assert result.model is not None
     artifacts = Artifacts.from_settings(settings)
     tag = f"run-{inputs.job.run_id}"
-    weights_path = save_model(result.model.cpu(), inputs.spec, artifacts.model_weights(inputs.model_name, tag))
+    weights_path = artifacts.model_weights(inputs.model_name, tag)
+    with writing(weights_path) as path:
+        save_model(result.model.cpu(), inputs.spec, path)
     x, y = inputs.data.x, inputs.data.y
     if inputs.reference_data_uri:
-        parent = load_batch(inputs.reference_data_uri, spec=inputs.spec)
+        with reading(inputs.reference_data_uri) as path:
+            parent = load_batch(path, spec=inputs.spec)
         x, y = torch.cat([parent.x, x]), torch.cat([parent.y, y])
-    data_path = save_batch(Batch(x, y, "reference"), artifacts.reference_data(inputs.model_name, tag))
+    x, y = bounded_sample(x, y, settings.reference_replay_samples, settings.retrain_seed + inputs.job.run_id)
+    data_path = artifacts.reference_data(inputs.model_name, tag)
+    with writing(data_path) as path:
+        save_batch(Batch(x, y, "reference"), path)
     reference = compute_reference_stats(
         result.model,
         inputs.spec,
@@ -272,7 +279,9 @@ def build_new_version(settings: Settings, inputs: RetrainInputs, result: Retrain
         seed=inputs.reference.seed,
         bins=inputs.reference.bins,
     )
-    reference_path = reference.save(artifacts.reference_stats(inputs.model_name, tag))
+    reference_path = artifacts.reference_stats(inputs.model_name, tag)
+    with writing(reference_path) as path:
+        reference.save(path)
     return NewVersion(weights_path, reference_path, data_path, reference, model_fingerprint(result.model))
 
 

@@ -166,6 +166,8 @@ class Batch(Base):
         CheckConstraint("samples >= 0", name="samples_nonnegative"),
         Index(None, "model_id", "registered_at"),
         Index(None, "status"),
+        # What a poll asks (a model's pending or deferred batches) must not scan its history.
+        Index(None, "model_name", "status"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
