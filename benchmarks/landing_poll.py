@@ -124,7 +124,7 @@ def time_polls(repeats: int) -> list[float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[10, 1000, 10000])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--layouts", nargs="+", default=["archived", "in-place"], choices=["archived", "in-place"])
     parser.add_argument("--url", default=None, help="PostgreSQL URL (default: a SQLite file per count)")
     arguments = parser.parse_args()
