@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from shiftcost import landing
+from shiftcost.errors import ConfigError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -95,7 +96,10 @@ def _peek(landed: landing.LandedBatch) -> tuple[str, int, bool, str | None]:
     from shiftcost.data.batches import load_batch
     from shiftcost.errors import InputError
 
-    problem = landing.refusal(landed)
+    try:
+        problem = landing.refusal(landed)
+    except OSError as error:
+        problem = f"Batch {landed.uri} cannot be examined ({error.strerror or error}); check its permissions."
     if problem is not None:
         return landing.placeholder_fingerprint(landed.uri, landed.signature), 0, False, problem
     try:
@@ -269,7 +273,7 @@ def archive_processed(db: Database, settings: Settings, *, now: datetime | None 
             landing.move(location, target)
         except FileNotFoundError:
             target = None
-        except OSError as error:
+        except (OSError, ConfigError) as error:
             report.problems.append(f"Landing entry {location} could not be moved to {target} ({error}); it is tried again on the next poll.")
             continue
         with db.session() as session:
