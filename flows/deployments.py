@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from shiftcost.config import Settings
@@ -52,6 +53,30 @@ DEPLOYMENTS = (
     DeploymentSpec("assess", "shiftcost-assess", "flows.assess", "assess", "gpu", False, "Assess one batch: drift, indices, cost, decision."),
     DeploymentSpec("retrain", "shiftcost-retrain", "flows.retrain", "retrain", "gpu", False, "Retrain on one batch, settle the budget, learn."),
 )
+
+
+#: Names the project folder for the pull step; by default it is the folder holding the installed ``flows``.
+PROJECT_HOME_VARIABLE = "SHIFTCOST_HOME"
+
+
+def enter_project_directory() -> dict[str, str]:
+    """The pull step of ``prefect.yaml``: work in the project folder, where the entrypoints are.
+
+    That folder is ``$SHIFTCOST_HOME`` when set, else the one this ``flows`` package was
+    imported from: the checkout of an editable install, ``site-packages`` of a regular one
+    (the Docker image), both of which hold ``flows/<name>.py``. So the same deployments run
+    from a plain checkout and from the image, with no path written at deploy time.
+    """
+    configured = os.environ.get(PROJECT_HOME_VARIABLE)
+    home = Path(configured).expanduser() if configured else Path(__file__).resolve().parents[1]
+    missing = [spec.entrypoint.split(":")[0] for spec in DEPLOYMENTS if not (home / spec.entrypoint.split(":")[0]).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"The project folder {home} (from {PROJECT_HOME_VARIABLE if configured else 'the installed flows package'}) "
+            f"has no {', '.join(missing)}; set {PROJECT_HOME_VARIABLE} to the shiftcost checkout on this worker."
+        )
+    os.chdir(home)
+    return {"directory": str(home)}
 
 
 def _flow(spec: DeploymentSpec) -> Any:
