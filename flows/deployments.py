@@ -127,6 +127,25 @@ def _tick(interval_s: float, stop: threading.Event, log: Any) -> None:
         stop.wait(max(0.0, (slot + 1) * interval_s - time.time()))
 
 
+def check_prefect_api(url: str, timeout_s: float = 5.0) -> None:
+    """Fail with one sentence when no Prefect server answers at ``url`` (``PREFECT_API_URL``)."""
+    import httpx
+
+    from shiftcost.errors import ConfigError
+
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s)
+        problem = None if response.status_code == 200 else f"it answered HTTP {response.status_code} to /health"
+    except httpx.HTTPError as error:
+        problem = str(error) or type(error).__name__
+    if problem is not None:
+        hint = "; the URL of a server's API ends in /api" if not url.rstrip("/").endswith("/api") else ""
+        raise ConfigError(
+            f"PREFECT_API_URL is {url}, but no Prefect server answers there ({problem}){hint}: start one with "
+            "`prefect server start`, fix the variable, or unset it to run on an embedded API."
+        )
+
+
 @contextmanager
 def prefect_api(startup_timeout_s: int = 180) -> Iterator[str]:
     """The Prefect API to use: ``PREFECT_API_URL`` when set, else Prefect's ephemeral server.
@@ -140,6 +159,7 @@ def prefect_api(startup_timeout_s: int = 180) -> Iterator[str]:
 
     configured = PREFECT_API_URL.value()
     if configured:
+        check_prefect_api(configured)
         yield configured
         return
     server = SubprocessASGIServer()

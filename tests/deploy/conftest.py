@@ -20,3 +20,4 @@ _spec.loader.exec_module(_flow_fixtures)
 
 trained_model = _flow_fixtures.trained_model
 pipeline_env = _flow_fixtures.pipeline_env
+prefect_server = _flow_fixtures.prefect_server

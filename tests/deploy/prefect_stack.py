@@ -140,5 +140,8 @@ def stack_environment(prefect_home: Path) -> dict[str, str]:
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
         "SHIFTCOST_FLOW_MODE": "deployment",
+        # The test starts each watch run itself; scheduled polls every minute would only
+        # compete for the two cores (the schedule itself is checked on the deployment).
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
     }
     return environment

@@ -48,6 +48,14 @@ def flow_runs(api_url: str) -> dict[str, list]:
     return runs
 
 
+def deployment(api_url: str, name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
 def wait_for(check, timeout: float, stack: PrefectStack, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -59,8 +67,18 @@ def wait_for(check, timeout: float, stack: PrefectStack, what: str) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{stack.all_logs()}")
 
 
-def test_batches_go_watch_assess_retrain_through_a_server_and_workers(pipeline_env: PipelineEnv, stack: PrefectStack) -> None:
+def runs_of(runs: dict[str, list], flow: str, state: str) -> list:
+    return [run for run in runs.get(flow, []) if run.state is not None and run.state.type.value == state]
+
+
+def test_batches_go_watch_assess_retrain_through_a_server_and_workers(
+    pipeline_env: PipelineEnv, stack: PrefectStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """First without a gpu worker: the assess runs wait, announced, and are cancelled after the
+    hand-off timeout; then with one: the batches go through and the rows are in PostgreSQL."""
     env = pipeline_env
+    timeout_s = 8
+    stack.environment["SHIFTCOST_HANDOFF_TIMEOUT_S"] = str(timeout_s)
     env.budget("monthly", period="monthly", kwh=1.0)
     clean = env.drop("clean.npz", *env.stream(0, 200))
     x, y = env.stream(200, 400)
@@ -74,21 +92,35 @@ def test_batches_go_watch_assess_retrain_through_a_server_and_workers(pipeline_e
     assert "shiftcost-watch" in deployed and "shiftcost-retrain" in deployed
     pools = stack.run("work-pool", "ls")
     assert "cpu" in pools and "gpu" in pools
-    for pool in ("cpu", "gpu"):
-        stack.start(f"worker-{pool}", "worker", "start", "--pool", pool, "--type", "process")
+    (schedule,) = deployment(stack.api_url, "watch/shiftcost-watch").schedules
+    assert schedule.active and schedule.schedule.interval.total_seconds() == 60
+    stack.start("worker-cpu", "worker", "start", "--pool", "cpu", "--type", "process")
+
+    # No gpu worker: watch hands the two readable batches to assess, whose runs wait.
+    stack.run("deployment", "run", "watch/shiftcost-watch")
+    wait_for(lambda: len(flow_runs(stack.api_url).get("assess", [])) >= 2, 180, stack, "two assess runs")
+    wait_for(lambda: "No worker is polling work pool 'gpu'" in stack.log("worker-cpu", tail=100_000), 60, stack, "the no-worker warning")
+    time.sleep(timeout_s)
+    stack.run("deployment", "run", "watch/shiftcost-watch")
+    wait_for(lambda: len(runs_of(flow_runs(stack.api_url), "assess", "CANCELLED")) >= 2, 180, stack, "the waiting runs to be cancelled")
+    cancelled = runs_of(flow_runs(stack.api_url), "assess", "CANCELLED")
+    assert all(f"No worker of work pool 'gpu' started this run within {timeout_s} s" in run.state.message for run in cancelled)
+    assert {batch.status for batch in env.rows(db.Batch) if batch.status != "failed"} == {"registered"}
+
+    # A gpu worker: the batches are handed off afresh and go through.
+    stack.start("worker-gpu", "worker", "start", "--pool", "gpu", "--type", "process")
     stack.run("deployment", "run", "watch/shiftcost-watch")
 
     def settled() -> bool:
         runs = flow_runs(stack.api_url)
-        finished = [run for name in ("assess", "retrain") for run in runs.get(name, [])]
-        return len(runs.get("retrain", [])) == 1 and len(runs.get("assess", [])) == 2 and all(run.state.is_final() for run in finished)
+        return len(runs_of(runs, "assess", "COMPLETED")) == 2 and any(run.state.is_final() for run in runs.get("retrain", []))
 
     wait_for(settled, 300, stack, "two assess runs and one retrain run to finish")
 
     runs = flow_runs(stack.api_url)
     assert any(run.state.is_completed() for run in runs["watch"]), stack.all_logs()
-    for run in runs["assess"] + runs["retrain"]:
-        assert run.state.is_completed(), f"{run.name}: {run.state.type} {run.state.message}\n{stack.all_logs()}"
+    (retrain,) = runs["retrain"]
+    assert retrain.state.is_completed(), f"{retrain.name}: {retrain.state.type} {retrain.state.message}\n{stack.all_logs()}"
     by_name = {Path(batch.source_uri).name: batch for batch in env.rows(db.Batch)}
     # The duplicate is one batch with the original, under whichever name was listed first.
     assert len({"clean.npz", "clean-again.npz"} & set(by_name)) == 1
@@ -96,8 +128,8 @@ def test_batches_go_watch_assess_retrain_through_a_server_and_workers(pipeline_e
     shifted, corrupt = by_name["shifted.npz"], by_name["corrupt.npz"]
     assert (clean_batch.status, shifted.status, corrupt.status) == ("done", "done", "failed")
     assert "corrupt.npz is not a readable .npz" in (corrupt.failure_reason or "")
-    assert {run.parameters["batch_id"] for run in runs["assess"]} == {clean_batch.id, shifted.id}
-    assert runs["retrain"][0].parameters["batch_id"] == shifted.id
+    assert {run.parameters["batch_id"] for run in runs_of(runs, "assess", "COMPLETED")} == {clean_batch.id, shifted.id}
+    assert retrain.parameters["batch_id"] == shifted.id
     decisions = {decision.batch_id: decision.action for decision in env.rows(db.Decision)}
     assert decisions == {clean_batch.id: "skip", shifted.id: "retrain"}
     (retrain_run,) = env.rows(db.RetrainRun)
