@@ -14,8 +14,8 @@ from prefect_stack import ROOT, free_loopback_port
 def run_serve(api_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     environment = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     environment.pop("SHIFTCOST_CONFIG", None)
-    executable = Path(sys.executable).with_name("shiftcost")
-    return subprocess.run([str(executable), "serve"], env=environment, cwd=cwd, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-c", "from shiftcost.cli import main; main()", "serve"]  # the console script's entry point
+    return subprocess.run(command, env=environment, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("path", ["/api", ""])
