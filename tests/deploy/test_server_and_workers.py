@@ -98,11 +98,11 @@ def test_batches_go_watch_assess_retrain_through_a_server_and_workers(
 
     # No gpu worker: watch hands the two readable batches to assess, whose runs wait.
     stack.run("deployment", "run", "watch/shiftcost-watch")
-    wait_for(lambda: len(flow_runs(stack.api_url).get("assess", [])) >= 2, 180, stack, "two assess runs")
+    wait_for(lambda: len(flow_runs(stack.api_url).get("assess", [])) >= 2, 240, stack, "two assess runs")
     wait_for(lambda: "No worker is polling work pool 'gpu'" in stack.log("worker-cpu", tail=100_000), 60, stack, "the no-worker warning")
     time.sleep(timeout_s)
     stack.run("deployment", "run", "watch/shiftcost-watch")
-    wait_for(lambda: len(runs_of(flow_runs(stack.api_url), "assess", "CANCELLED")) >= 2, 180, stack, "the waiting runs to be cancelled")
+    wait_for(lambda: len(runs_of(flow_runs(stack.api_url), "assess", "CANCELLED")) >= 2, 240, stack, "the waiting runs to be cancelled")
     cancelled = runs_of(flow_runs(stack.api_url), "assess", "CANCELLED")
     assert all(f"No worker of work pool 'gpu' started this run within {timeout_s} s" in run.state.message for run in cancelled)
     assert {batch.status for batch in env.rows(db.Batch) if batch.status != "failed"} == {"registered"}
@@ -115,7 +115,7 @@ def test_batches_go_watch_assess_retrain_through_a_server_and_workers(
         runs = flow_runs(stack.api_url)
         return len(runs_of(runs, "assess", "COMPLETED")) == 2 and any(run.state.is_final() for run in runs.get("retrain", []))
 
-    wait_for(settled, 300, stack, "two assess runs and one retrain run to finish")
+    wait_for(settled, 420, stack, "two assess runs and one retrain run to finish")
 
     runs = flow_runs(stack.api_url)
     assert any(run.state.is_completed() for run in runs["watch"]), stack.all_logs()
