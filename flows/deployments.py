@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from shiftcost.config import Settings
@@ -52,6 +53,30 @@ DEPLOYMENTS = (
     DeploymentSpec("assess", "shiftcost-assess", "flows.assess", "assess", "gpu", False, "Assess one batch: drift, indices, cost, decision."),
     DeploymentSpec("retrain", "shiftcost-retrain", "flows.retrain", "retrain", "gpu", False, "Retrain on one batch, settle the budget, learn."),
 )
+
+
+#: Names the project folder for the pull step; by default it is the folder holding the installed ``flows``.
+PROJECT_HOME_VARIABLE = "SHIFTCOST_HOME"
+
+
+def enter_project_directory() -> dict[str, str]:
+    """The pull step of ``prefect.yaml``: work in the project folder, where the entrypoints are.
+
+    That folder is ``$SHIFTCOST_HOME`` when set, else the one this ``flows`` package was
+    imported from: the checkout of an editable install, ``site-packages`` of a regular one
+    (the Docker image), both of which hold ``flows/<name>.py``. So the same deployments run
+    from a plain checkout and from the image, with no path written at deploy time.
+    """
+    configured = os.environ.get(PROJECT_HOME_VARIABLE)
+    home = Path(configured).expanduser() if configured else Path(__file__).resolve().parents[1]
+    missing = [spec.entrypoint.split(":")[0] for spec in DEPLOYMENTS if not (home / spec.entrypoint.split(":")[0]).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"The project folder {home} (from {PROJECT_HOME_VARIABLE if configured else 'the installed flows package'}) "
+            f"has no {', '.join(missing)}; set {PROJECT_HOME_VARIABLE} to the shiftcost checkout on this worker."
+        )
+    os.chdir(home)
+    return {"directory": str(home)}
 
 
 def _flow(spec: DeploymentSpec) -> Any:
@@ -102,6 +127,25 @@ def _tick(interval_s: float, stop: threading.Event, log: Any) -> None:
         stop.wait(max(0.0, (slot + 1) * interval_s - time.time()))
 
 
+def check_prefect_api(url: str, timeout_s: float = 5.0) -> None:
+    """Fail with one sentence when no Prefect server answers at ``url`` (``PREFECT_API_URL``)."""
+    import httpx
+
+    from shiftcost.errors import ConfigError
+
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s)
+        problem = None if response.status_code == 200 else f"it answered HTTP {response.status_code} to /health"
+    except httpx.HTTPError as error:
+        problem = str(error) or type(error).__name__
+    if problem is not None:
+        hint = "; the URL of a server's API ends in /api" if not url.rstrip("/").endswith("/api") else ""
+        raise ConfigError(
+            f"PREFECT_API_URL is {url}, but no Prefect server answers there ({problem}){hint}: start one with "
+            "`prefect server start`, fix the variable, or unset it to run on an embedded API."
+        )
+
+
 @contextmanager
 def prefect_api(startup_timeout_s: int = 180) -> Iterator[str]:
     """The Prefect API to use: ``PREFECT_API_URL`` when set, else Prefect's ephemeral server.
@@ -115,6 +159,7 @@ def prefect_api(startup_timeout_s: int = 180) -> Iterator[str]:
 
     configured = PREFECT_API_URL.value()
     if configured:
+        check_prefect_api(configured)
         yield configured
         return
     server = SubprocessASGIServer()

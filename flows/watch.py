@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.assess import assess
-from flows.handoff import Overrides, batch_key, completed_result, settings_for, start_deployment
+from flows.handoff import Overrides, batch_key, cancel_unstarted_runs, completed_result, handoff_attempt, settings_for, start_deployment
 from tasks import assess as assess_steps
 from tasks import intake
 
@@ -25,12 +25,17 @@ def watch(overrides: Overrides = None) -> list[dict[str, Any]]:
             logger.error("could not register %s: %s", landed.uri, state.message)
     intake.fail_stale_retrains(settings)
     intake.requeue_deferred(settings)
+    if settings.flow_mode == "deployment":
+        cancel_unstarted_runs(settings.assess_deployment, settings.handoff_timeout_s)
     results: list[dict[str, Any]] = []
     for pending in intake.pending_batches(settings):
         if settings.flow_mode == "deployment":
-            # Keyed by the batch's state too: a batch given back after a crash gets a new run.
-            key = f"{batch_key(settings, pending.fingerprint)}:{pending.updated_at.isoformat()}"
-            run_id = start_deployment(settings.assess_deployment, {"batch_id": pending.batch_id, "overrides": overrides}, key)
+            # Keyed by the batch's state too: a batch given back after a crash gets a new run,
+            # and so does one whose last run no worker started in time (cancelled above).
+            waiting = f"{batch_key(settings, pending.fingerprint)}:{pending.updated_at.isoformat()}"
+            keys = [f"{waiting}:{n}" for n in range(handoff_attempt(pending.updated_at, settings.handoff_timeout_s) + 1)]
+            parameters = {"batch_id": pending.batch_id, "overrides": overrides}
+            run_id = start_deployment(settings.assess_deployment, parameters, keys[-1], settings.handoff_timeout_s, keys[:-1])
             results.append({"batch_id": pending.batch_id, "assess_flow_run": run_id})
             continue
         state = assess(pending.batch_id, overrides, return_state=True)

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     retrain_deployment: str = Field(
         default="retrain/shiftcost-retrain", description="flow-name/deployment-name of retrain in deployment mode."
     )
+    handoff_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Deployment mode: seconds an assess run may wait for a worker of its work pool to start it; "
+        "after that the watcher cancels it with the reason and hands the batch off afresh on a later poll.",
+    )
     claim_lease_s: float = Field(
         default=3600.0,
         gt=0,

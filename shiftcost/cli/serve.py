@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
 
         Settings come from SHIFTCOST_* variables or the SHIFTCOST_CONFIG file, as for every command; set
         SHIFTCOST_FLOW_MODE=deployment to hand batches between the served deployments instead of running them
-        as subflows. Runs are visible in the Prefect UI when PREFECT_API_URL points at a server.
+        as subflows. Runs are visible in the Prefect UI when PREFECT_API_URL points at a server; when it is set
+        and no server answers there, the command stops with one sentence saying so (exit status 2).
         """
         import os
 

@@ -1,0 +1,30 @@
+"""A wrong PREFECT_API_URL is one sentence with the remedy, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect_stack import ROOT, free_loopback_port
+
+
+def run_serve(api_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    environment.pop("SHIFTCOST_CONFIG", None)
+    command = [sys.executable, "-c", "from shiftcost.cli import main; main()", "serve"]  # the console script's entry point
+    return subprocess.run(command, env=environment, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("path", ["/api", ""])
+def test_serve_against_a_prefect_api_url_where_nothing_answers_says_so_in_one_sentence(tmp_path: Path, path: str) -> None:
+    url = f"http://127.0.0.1:{free_loopback_port()}{path}"
+    result = run_serve(url, tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"PREFECT_API_URL is {url}, but no Prefect server answers there" in lines[0]
+    assert "prefect server start" in lines[0]
+    assert ("ends in /api" in lines[0]) == (path == "")
