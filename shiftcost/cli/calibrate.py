@@ -122,6 +122,7 @@ def _print_tables(result: SweepResult, console: Console) -> None:
     console.print(
         f"best index for energy: [bold]{best['best_index_overall']}[/] over the sweep, "
         f"[bold]{best['best_index_within_type']}[/] within kinds"
+        + (f" (a tie-break: {', '.join(best['within_type_tie'])} tie within kinds)" if best.get("within_type_tie") else "")
     )
 
     if result.loco is None:
