@@ -293,6 +293,7 @@ def run_sweep(
     reference_stats: Any = None,
     progress: Progress | None = None,
     out_dir: str | os.PathLike[str] | None = None,
+    time_budget_s: float | None = None,
 ) -> SweepResult:
     """Run a calibration sweep of ``model`` and evaluate how well the indices predict the cost.
 
@@ -316,12 +317,17 @@ def run_sweep(
     :mod:`shiftcost.forecast.protocol`, the same as ``shiftcost retrain``. ``features`` are the cost model's; ``level`` its interval coverage.
     ``progress(done, total, label)`` is called before the first point and after each one.
     With ``out_dir`` the outputs are written there (see :meth:`SweepResult.write`).
+    With ``time_budget_s`` the points are taken round-robin over the kinds (every kind's
+    first intensity, then every kind's second, ...) and the sweep stops before a point that
+    would likely end past the budget, so a short budget still covers every kind.
     """
     from shiftcost.index.engine import assess, compute_reference_stats
 
     _check_data(reference_x, reference_y, "the reference data")
     _check_data(new_x, new_y, "the new data")
     plan = _check_plan(sweep, new_x)
+    if time_budget_s is not None:
+        plan = _round_robin(plan)
     _check_settings(repeats, threads, level, features)
     started_wall = time.perf_counter()
     started_cpu = _cpu_seconds()
@@ -379,6 +385,10 @@ def run_sweep(
             progress(0, len(plan), "starting")
         try:
             for done, (kind, intensity) in enumerate(plan, start=1):
+                spent = time.perf_counter() - started_wall
+                if time_budget_s is not None and rows and spent + spent / len(rows) > time_budget_s:
+                    settings["stopped_early"] = f"time budget of {time_budget_s:g} s: {len(rows)} of {len(plan)} points"
+                    break
                 row = _run_point(
                     model, spec, reference_stats, new_x, new_y, kind, intensity, seed, repeats, retrain_kwargs, assess,
                     probe_steps=probe_steps,
@@ -1074,6 +1084,16 @@ def _check_plan(sweep: Mapping[str, Sequence[float]], new_x: torch.Tensor) -> li
             corrupt(new_x[:1], kind, intensity)  # raises InputError for an unknown kind or a bad intensity
             plan.append((kind, float(intensity)))
     return plan
+
+
+def _round_robin(plan: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Every kind's first point, then every kind's second, and so on."""
+    rank: dict[str, int] = {}
+    ranked = []
+    for order, (kind, intensity) in enumerate(plan):
+        rank[kind] = rank.get(kind, -1) + 1
+        ranked.append((rank[kind], order, kind, intensity))
+    return [(kind, intensity) for _, _, kind, intensity in sorted(ranked)]
 
 
 def _check_data(x: Any, y: Any, what: str) -> None:
