@@ -35,7 +35,7 @@ from shiftcost.costmodel import CostModel, CostPrediction
 from shiftcost.energy import HostEnergyRate
 from shiftcost.errors import InputError
 from shiftcost.forecast import protocol
-from shiftcost.forecast.probe import PROBE_FEATURES, ProbeTrajectory, probe_features
+from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, ProbeTrajectory, probe_features
 
 __all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATURES"]
 
@@ -178,8 +178,13 @@ class Forecaster:
             return self._finish(prediction, "index", dict(prediction.features), None, batch_samples, carbon_intensity)
         row = self._stage1_row(features, probe.epochs, probe.accuracy, probe.loss, probe.target_accuracy, probe.ceiling)
         prediction = self.stage1.predict([row], max_epochs=self.max_epochs)[0]
+        known = None
+        if probe.accuracy[0] >= probe.target_accuracy:
+            # The retrain's first evaluation is on the same held-out split (same seed): it stops there.
+            known = Interval(0.0, 0.0, 0.0, prediction.level)
         return self._finish(
-            prediction, "probe", dict(features) | row, probe.cost.to_dict(), batch_samples, carbon_intensity
+            prediction, "probe", dict(features) | row, probe.cost.to_dict(), batch_samples, carbon_intensity,
+            epochs=known, p_not_converge=0.0 if known else None,
         )
 
     def in_flight(
@@ -253,6 +258,11 @@ class Forecaster:
         if epochs is None:
             epochs = Interval(prediction.epochs, prediction.epochs_lower, prediction.epochs_upper, prediction.level)
             p_not_converge = prediction.p_not_converge
+        # A log-linear model extrapolates exponentially, and no calibration run says anything
+        # beyond its cap: forecasts stop at a horizon of a few caps (and are flagged).
+        horizon = HORIZON_CAPS * self.max_epochs
+        high = min(epochs.high, horizon) if math.isfinite(epochs.high) else math.inf  # inf: too few runs for a bound
+        epochs = Interval(min(epochs.median, horizon), min(epochs.low, horizon), high, epochs.level)
         energy = self.energy_interval(epochs, batch_samples)
         co2 = None if energy is None or carbon_intensity is None else energy.map(lambda k: k * carbon_intensity)
         flag = bool(epochs.median >= self.max_epochs or (p_not_converge is not None and p_not_converge >= 0.5))

@@ -88,7 +88,14 @@ class ProbeTrajectory:
 
 
 def probe_features(
-    epochs: list[float], accuracy: list[float], loss: list[float], *, target: float, ceiling: float, cap_epochs: float
+    epochs: list[float],
+    accuracy: list[float],
+    loss: list[float],
+    *,
+    target: float,
+    ceiling: float,
+    cap_epochs: float,
+    horizon_caps: float | None = None,
 ) -> dict[str, float]:
     """The probe's (or a run's first evaluations') view of how learnable the shift is.
 
@@ -99,7 +106,7 @@ def probe_features(
     last three evaluations.
     """
     fit = fit_curve(epochs, accuracy, ceiling)
-    horizon = HORIZON_CAPS * cap_epochs
+    horizon = (HORIZON_CAPS if horizon_caps is None else horizon_caps) * cap_epochs
     crossing = min(epochs_to_target(fit, target), horizon)
     tail = max(1, min(3, len(accuracy) - 1))
     first_acc, last_acc = accuracy[0], float(np.mean(accuracy[-tail:]))

@@ -146,3 +146,23 @@ def test_best_index_within_kinds_names_its_tie_break() -> None:
     assert set(best["within_type_tie"]) == {"resque_dist", "inv_ari", "layer_shift"}
     assert best["best_index_within_type"] == "inv_ari"  # the highest overall among the tied
     assert "tie" in best["within_type_rule"]
+
+
+def test_a_probe_that_starts_at_the_target_forecasts_no_training() -> None:
+    from shiftcost.forecast.probe import ProbeCost, ProbeTrajectory
+
+    forecaster = fitted_forecaster()
+    cost = ProbeCost(steps=2, sample_gradients=32, samples_evaluated=90, seconds=0.1, energy_kwh=None, energy_measured=False)
+
+    def probe(first: float) -> ProbeTrajectory:
+        return ProbeTrajectory(
+            epochs=[0.0, 0.1, 0.2], accuracy=[first, 0.5, 0.5], loss=[1.0, 1.2, 1.3], initial_grad_norm=1.0, grad_noise_scale=None,
+            loss_drop_per_step=-0.1, target_accuracy=0.9, ceiling=0.93, pool_samples=70, holdout_samples=30, cost=cost,
+        )
+
+    row = forecast_rows()[20]
+    met = forecaster.predict(row, probe=probe(0.91), batch_samples=100)
+    assert (met.epochs.median, met.epochs.low, met.epochs.high) == (0.0, 0.0, 0.0) and not met.not_converging
+    assert met.energy_kwh.median > 0  # its one evaluation still costs
+    unmet = forecaster.predict(row, probe=probe(0.89), batch_samples=100)
+    assert unmet.epochs.median > 0 and unmet.epochs.median <= 3 * forecaster.max_epochs
