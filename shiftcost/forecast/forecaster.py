@@ -239,9 +239,15 @@ class Forecaster:
             prior = float(self.stage1.history_.latest.state["feature_mean"][self.stage1.features_.index(STAGE0_FEATURE)])
         else:
             prior = self.stage0_log_epochs(features)
-        return {STAGE0_FEATURE: prior} | probe_features(
+        row = {STAGE0_FEATURE: prior} | probe_features(
             list(epochs), list(accuracy), list(loss), target=target, ceiling=ceiling, cap_epochs=self.max_epochs
         )
+        # Held to the range calibration saw: a curve that never crosses (or a stage-0 value far
+        # outside) would otherwise be extrapolated exponentially by the log-linear fit.
+        state = self.stage1.history_.latest.state
+        for name, low, high in zip(self.stage1.features_, state["feature_min"], state["feature_max"]):
+            row[name] = min(max(row[name], low), high)
+        return row
 
     def _finish(
         self,

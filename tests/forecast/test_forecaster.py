@@ -53,10 +53,8 @@ def test_in_flight_forecast_is_conditioned_on_the_epochs_spent() -> None:
     assert forecast.stage == "in_flight"
     assert forecast.epochs.low >= 1.5 and forecast.epochs.low <= forecast.epochs.median <= forecast.epochs.high
     # Against Monte Carlo rejection sampling of the same normal law of log(epochs + 1).
-    row = {STAGE0_FEATURE: forecaster.stage0_log_epochs(forecast_rows()[5])}
-    from shiftcost.forecast.probe import probe_features
-
-    row |= probe_features(epochs, accuracy, loss, target=0.9, ceiling=0.93, cap_epochs=15.0)
+    row = forecaster._stage1_row(forecast_rows()[5], epochs, accuracy, loss, 0.9, 0.93)
+    assert row[STAGE0_FEATURE] <= max(r["x"][STAGE0_FEATURE] for r in forecaster.stage1.history_.latest.rows)
     plain = forecaster.stage1.predict([row])[0]
     mu = math.log1p(plain.epochs)
     half = 1.6448536269514722
