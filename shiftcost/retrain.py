@@ -438,6 +438,10 @@ def retrain_to_cutoff(
     finished result in ``.partial`` (``require_energy=False`` records the error in
     ``energy_error`` instead).
 
+    ``progress(point, step_cap, target)`` is called after every evaluation; when it returns
+    ``"stopped_by_budget"`` (see :class:`shiftcost.forecast.guard.BudgetGuard`) the run ends
+    there with that status, ``reached_cutoff`` false.
+
     Repeatable: with the same seed (and on CPU, the same thread count) the same steps and
     accuracies come out. The caller's model and the global random state are untouched.
 
