@@ -164,3 +164,14 @@ def test_a_probe_that_starts_at_the_target_forecasts_no_training() -> None:
     assert met.energy_kwh.median > 0  # its one evaluation still costs
     unmet = forecaster.predict(row, probe=probe(0.89), batch_samples=100)
     assert unmet.epochs.median > 0 and unmet.epochs.median <= 3 * forecaster.max_epochs
+
+
+def test_a_probe_pays_only_when_the_index_interval_straddles_the_budget() -> None:
+    from shiftcost.forecast.decide import probe_pays
+    from shiftcost.forecast.forecaster import Interval
+
+    interval = Interval(2.0, 1.0, 5.0, 0.9)
+    assert probe_pays(interval, budget_left_kwh=3.0, probe_energy_kwh=0.01).probe
+    assert not probe_pays(interval, budget_left_kwh=6.0, probe_energy_kwh=0.01).probe  # fits anyway
+    assert not probe_pays(interval, budget_left_kwh=0.5, probe_energy_kwh=0.01).probe  # deferred anyway
+    assert not probe_pays(interval, budget_left_kwh=3.0, probe_energy_kwh=1.0).probe  # would eat the budget
