@@ -48,6 +48,7 @@ from eval_shifts import EVAL_KINDS, eval_corrupt  # noqa: E402
 
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
 from shiftcost.forecast import protocol  # noqa: E402
+from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
 
 TOLERANCE = 0.03
@@ -85,6 +86,7 @@ def calibrate(model: Any, spec: Any, splits: dict[str, Any], reference_stats: An
     return run_sweep(
         model, spec, *splits["holdout"], *splits["stream"], sweep=sweep, repeats=1, probe=False, device="cpu",
         threads=1, reference_stats=reference_stats, energy_options={"measure_power_secs": 0.5}, level=LEVEL,
+        probe_steps=PROBE_STEPS,
     )
 
 

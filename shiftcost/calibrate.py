@@ -53,7 +53,6 @@ from torch import nn
 from shiftcost.data.demo import torch_threads
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.forecast import protocol
-from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS
 from shiftcost.forecast.probe import PROBE_FEATURES
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt
 
@@ -280,7 +279,7 @@ def run_sweep(
     lr: float = 1e-3,
     optimizer: str = "adam",
     holdout_fraction: float = protocol.HOLDOUT_FRACTION,
-    probe_steps: int = PROBE_STEPS,
+    probe_steps: int = 0,
     replay_fraction: float = 0.0,
     device: str | torch.device = "auto",
     country_iso_code: str = "USA",
@@ -311,7 +310,7 @@ def run_sweep(
     them): a model this small gains nothing from intra-op threads, and on a busy machine
     they spin against other processes and make every step several times slower.
     ``probe`` also measures joules per sample-epoch with the hardware probe for at least
-    ``probe_seconds``. ``probe_steps`` > 0 also runs the learning probe
+    ``probe_seconds``. ``probe_steps`` > 0 (``shiftcost calibrate`` uses 16) also runs the learning probe
     (:func:`shiftcost.forecast.probe.run_probe`) on every point, so that the forecast's
     probe stage is calibrated too. The holdout, cadence and cap default to
     :mod:`shiftcost.forecast.protocol`, the same as ``shiftcost retrain``. ``features`` are the cost model's; ``level`` its interval coverage.

@@ -328,3 +328,14 @@ def test_cli_refuses_unknown_kinds_and_features(tmp_path) -> None:
         assert isinstance(result.exception, InputError), result.output
         assert value.split(",")[1] in str(result.exception)
     assert not (tmp_path / "out").exists()
+
+
+def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
+    model, spec, x, y = tiny
+    result = run_sweep(
+        model, spec, x, y, x, y, sweep={"contrast": (0.0, 0.9)}, energy_options=FAST_ENERGY, probe_steps=3, **RETRAIN
+    )
+    for row in result.rows:
+        assert row["probe_sample_gradients"] == 3 * 16 and row["probe_seconds"] > 0
+        assert all(isinstance(row[name], float) for name in ("curve_log_epochs", "probe_progress", "probe_loss_drop"))
+    assert result.settings["probe_steps"] == 3
