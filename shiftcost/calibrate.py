@@ -52,6 +52,8 @@ from torch import nn
 
 from shiftcost.data.demo import torch_threads
 from shiftcost.errors import ConfigError, InputError
+from shiftcost.forecast import protocol
+from shiftcost.forecast.probe import PROBE_FEATURES
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt
 
 __all__ = [
@@ -139,6 +141,9 @@ COLUMNS: tuple[str, ...] = (
     "energy_method",
     "index_seconds",
     "point_seconds",
+    *PROBE_FEATURES,
+    "probe_sample_gradients",
+    "probe_seconds",
     "error",
 )
 
@@ -178,6 +183,7 @@ class SweepResult:
     settings: dict[str, Any]
     timing: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
+    forecaster: Any = None
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -223,6 +229,8 @@ class SweepResult:
         }
         if self.cost_model is not None:
             files["cost_model"] = out / "costmodel.json"
+        if self.forecaster is not None:
+            files["forecaster"] = out / "forecaster.json"
         self.files = {name: str(path) for name, path in files.items()}
         _write_text(files["table_json"], json.dumps(_jsonable(self.rows), indent=1, allow_nan=False))
         _write_csv(files["table_csv"], self.rows)
@@ -231,6 +239,8 @@ class SweepResult:
         _write_text(files["loco_json"], json.dumps(_jsonable(loco), indent=1, allow_nan=False))
         if self.cost_model is not None:
             _write_text(files["cost_model"], self.cost_model.to_json())
+        if self.forecaster is not None:
+            _write_text(files["forecaster"], self.forecaster.to_json())
         plot_sweep(self, files["plot"])
         _write_text(files["report"], markdown_report(self))
         _write_text(files["sweep_json"], json.dumps(self.to_dict(), indent=1, allow_nan=False))
@@ -262,13 +272,14 @@ def run_sweep(
     seed: int = 0,
     repeats: int = 2,
     tolerance: float = 0.03,
-    eval_every: int | None = 1,
-    max_epochs: float | None = 15.0,
+    eval_every: int | None = None,
+    max_epochs: float | None = protocol.MAX_EPOCHS,
     max_steps: int | None = None,
     batch_size: int = 64,
     lr: float = 1e-3,
     optimizer: str = "adam",
-    holdout_fraction: float = 0.3,
+    holdout_fraction: float = protocol.HOLDOUT_FRACTION,
+    probe_steps: int = 0,
     replay_fraction: float = 0.0,
     device: str | torch.device = "auto",
     country_iso_code: str = "USA",
@@ -281,6 +292,7 @@ def run_sweep(
     reference_stats: Any = None,
     progress: Progress | None = None,
     out_dir: str | os.PathLike[str] | None = None,
+    time_budget_s: float | None = None,
 ) -> SweepResult:
     """Run a calibration sweep of ``model`` and evaluate how well the indices predict the cost.
 
@@ -298,15 +310,23 @@ def run_sweep(
     them): a model this small gains nothing from intra-op threads, and on a busy machine
     they spin against other processes and make every step several times slower.
     ``probe`` also measures joules per sample-epoch with the hardware probe for at least
-    ``probe_seconds``. ``features`` are the cost model's; ``level`` its interval coverage.
+    ``probe_seconds``. ``probe_steps`` > 0 (``shiftcost calibrate`` uses 16) also runs the learning probe
+    (:func:`shiftcost.forecast.probe.run_probe`) on every point, so that the forecast's
+    probe stage is calibrated too. The holdout, cadence and cap default to
+    :mod:`shiftcost.forecast.protocol`, the same as ``shiftcost retrain``. ``features`` are the cost model's; ``level`` its interval coverage.
     ``progress(done, total, label)`` is called before the first point and after each one.
     With ``out_dir`` the outputs are written there (see :meth:`SweepResult.write`).
+    With ``time_budget_s`` the points are taken round-robin over the kinds (every kind's
+    first intensity, then every kind's second, ...) and the sweep stops before a point that
+    would likely end past the budget, so a short budget still covers every kind.
     """
     from shiftcost.index.engine import assess, compute_reference_stats
 
     _check_data(reference_x, reference_y, "the reference data")
     _check_data(new_x, new_y, "the new data")
     plan = _check_plan(sweep, new_x)
+    if time_budget_s is not None:
+        plan = _round_robin(plan)
     _check_settings(repeats, threads, level, features)
     started_wall = time.perf_counter()
     started_cpu = _cpu_seconds()
@@ -323,6 +343,7 @@ def run_sweep(
         "lr": lr,
         "optimizer": optimizer,
         "holdout_fraction": holdout_fraction,
+        "probe_steps": probe_steps,
         "replay_fraction": replay_fraction,
         "country_iso_code": country_iso_code,
         "threads": threads,
@@ -338,6 +359,7 @@ def run_sweep(
         if reference_stats is None:
             reference_stats = compute_reference_stats(model, spec, reference_x, reference_y, device=device, seed=seed)
         reference_accuracy = reference_stats.accuracy
+        protocol.check_above_chance(reference_accuracy, getattr(spec, "num_classes", None), tolerance, "the reference data")
         settings["reference_accuracy"] = reference_accuracy
         settings["device"] = str(_resolve_device(device))
         retrain_kwargs = dict(
@@ -362,8 +384,13 @@ def run_sweep(
             progress(0, len(plan), "starting")
         try:
             for done, (kind, intensity) in enumerate(plan, start=1):
+                spent = time.perf_counter() - started_wall
+                if time_budget_s is not None and rows and spent + spent / len(rows) > time_budget_s:
+                    settings["stopped_early"] = f"time budget of {time_budget_s:g} s: {len(rows)} of {len(plan)} points"
+                    break
                 row = _run_point(
-                    model, spec, reference_stats, new_x, new_y, kind, intensity, seed, repeats, retrain_kwargs, assess
+                    model, spec, reference_stats, new_x, new_y, kind, intensity, seed, repeats, retrain_kwargs, assess,
+                    probe_steps=probe_steps,
                 )
                 rows.append(row)
                 if progress is not None:
@@ -404,6 +431,7 @@ def _run_point(
     repeats: int,
     retrain_kwargs: dict[str, Any],
     assess: Callable[..., Any],
+    probe_steps: int = 0,
 ) -> dict[str, Any]:
     """One point of the sweep; never raises an ``Exception`` (a crash is recorded in the row)."""
     from shiftcost.retrain import RetrainError, retrain_to_cutoff
@@ -440,6 +468,9 @@ def _run_point(
                 raise
             row["runs"].append(run.to_dict())
         _summarise_runs(row)
+        if probe_steps > 0:
+            stage = "probe"
+            _probe_point(row, model, shifted, new_y, seed, probe_steps, retrain_kwargs)
     except Exception as error:  # noqa: BLE001 - one bad point must not end the sweep
         row["status"] = "failed"
         row["reached_cutoff"] = False
@@ -486,6 +517,25 @@ def _summarise_runs(row: dict[str, Any], failed: bool = False) -> None:
     else:
         reasons = sorted({run.get("energy_error") or "not measured" for run in runs if run.get("energy") is None})
         row["notes"].append(f"energy missing for some repeats: {'; '.join(reasons)}")
+
+
+def _probe_point(
+    row: dict[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, steps: int, retrain_kwargs: Mapping[str, Any]
+) -> None:
+    """The learning probe's features and cost on this point (what the forecast will see)."""
+    from shiftcost.forecast.probe import probe_features, run_probe
+
+    reference = retrain_kwargs["reference_accuracy"]
+    target = max(0.0, reference - retrain_kwargs["tolerance"])
+    cap = retrain_kwargs["max_epochs"] or protocol.MAX_EPOCHS
+    trajectory = run_probe(
+        model, x, y, target_accuracy=target, ceiling=reference, steps=steps, lr=retrain_kwargs["lr"],
+        optimizer=retrain_kwargs["optimizer"], holdout_fraction=retrain_kwargs["holdout_fraction"], seed=seed,
+        device=retrain_kwargs["device"],
+    )
+    row.update(probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap))
+    row["probe_sample_gradients"] = trajectory.cost.sample_gradients
+    row["probe_seconds"] = trajectory.cost.seconds
 
 
 def _first_grad_norm(run: Mapping[str, Any]) -> float | None:
@@ -566,9 +616,22 @@ def analyse(
     probe: Mapping[str, Any] | None = None,
     level: float = 0.90,
     features: Sequence[str] = COST_FEATURES,
+    max_epochs: float | None = None,
 ) -> SweepResult:
-    """Correlations, cost model, leave-one-corruption-out evaluation and plot curve of sweep rows."""
+    """Correlations, cost model, leave-one-corruption-out evaluation and plot curve of sweep rows.
+
+    ``max_epochs`` is the sweep's epoch cap (default: ``settings["max_epochs"]``, else the
+    protocol's): the cost model's "not to converge" flag is judged against it, whether or
+    not any run was capped. Alongside the index cost model a
+    :class:`~shiftcost.forecast.forecaster.Forecaster` is fitted (stage 0, stage 1 when the
+    rows carry the probe's features, and the host's energy rate from the measured runs).
+    """
     from shiftcost.costmodel import CostModel, leave_one_group_out
+    from shiftcost.energy import HostEnergyRate, run_work
+    from shiftcost.forecast.forecaster import Forecaster
+
+    if max_epochs is None:
+        max_epochs = (settings or {}).get("max_epochs") or protocol.MAX_EPOCHS
 
     usable = [row for row in rows if row["status"] != "failed"]
     correlations = correlate(usable)
@@ -582,11 +645,27 @@ def analyse(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         try:
-            cost_model = CostModel(level=level, features=list(features)).fit(
+            cost_model = CostModel(level=level, features=list(features), max_epochs=max_epochs).fit(
                 fit_rows, groups=GROUP_KEY, note="calibration sweep"
             )
         except Exception as error:  # noqa: BLE001
             cost_model_error = _describe(error)
+        forecaster = None
+        if cost_model is not None:
+            runs = [run_work(run) for row in usable for run in row.get("runs", [])]
+            hardware = next((run["energy"].get("cpu_model") for row in usable for run in row.get("runs", []) if run.get("energy")), None)
+            try:
+                rate = HostEnergyRate.fit(runs, hardware=hardware)
+            except Exception:  # noqa: BLE001 - no measured energy: epochs are still forecast
+                rate = None
+            try:
+                forecaster = Forecaster.fit(
+                    fit_rows, features=list(features), level=level, max_epochs=max_epochs, group_key=GROUP_KEY,
+                    energy_rate=rate, batch_size=int((settings or {}).get("batch_size") or 64),
+                    probe_settings={"steps": (settings or {}).get("probe_steps")},
+                )
+            except Exception as error:  # noqa: BLE001
+                cost_model_error = _describe(error)
 
         loco = loco_probe = None
         loco_error: str | None = None
@@ -619,6 +698,7 @@ def analyse(
         best_index=best_index(correlations),
         settings=dict(settings or {}),
         timing={},
+        forecaster=forecaster,
     )
 
 
@@ -696,15 +776,33 @@ def best_index(correlations: Mapping[str, Any], measure: str = "energy_kwh") -> 
         ranked = [n for n in names if scores.get(n) is not None]
         return max(ranked, key=lambda n: scores[n]) if ranked else None
 
+    def tied(names: Sequence[str]) -> list[str]:
+        ranked = [n for n in names if within.get(n) is not None]
+        if not ranked:
+            return []
+        best = max(within[n] for n in ranked)
+        return [n for n in ranked if abs(within[n] - best) <= 1e-9]
+
+    def top_within(names: Sequence[str]) -> str | None:
+        # Within kinds every index is often a perfect 1.0 (intensity orders each kind's
+        # points); then the pick is only a tie-break, by the overall Spearman.
+        candidates = tied(names)
+        if len(candidates) < 2:
+            return candidates[0] if candidates else None
+        return max(candidates, key=lambda n: (overall.get(n) is not None, overall.get(n) or 0.0))
+
     indices = [f for f in correlations["features"] if f in INDEX_FEATURES]
+    index_ties = tied(indices)
     return {
+        "within_type_tie": index_ties if len(index_ties) > 1 else [],
+        "within_type_rule": "highest mean within-kind Spearman; ties broken by the overall Spearman",
         "measure": measure,
         "overall_spearman": overall,
         "mean_within_type_spearman": within,
         "best_index_overall": top(overall, indices),
-        "best_index_within_type": top(within, indices),
+        "best_index_within_type": top_within(indices),
         "best_feature_overall": top(overall, correlations["features"]),
-        "best_feature_within_type": top(within, correlations["features"]),
+        "best_feature_within_type": top_within(correlations["features"]),
     }
 
 
@@ -715,7 +813,7 @@ def _fit_ready(row: Mapping[str, Any], features: Sequence[str]) -> bool:
 
 def _fit_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """The cost model's view of a point: features, target epochs, censoring, energy."""
-    keys = set(COST_FEATURES) | set(INDEX_FEATURES) | {"accuracy_drop"}
+    keys = set(COST_FEATURES) | set(INDEX_FEATURES) | set(PROBE_FEATURES) | {"accuracy_drop"}
     out = {name: row[name] for name in keys if _finite(row.get(name))}
     out.update(
         corruption=row[GROUP_KEY],
@@ -888,6 +986,11 @@ def markdown_report(result: SweepResult) -> str:
         "",
         f"Best index for energy: {b.get('best_index_overall')} over the whole sweep, {b.get('best_index_within_type')} within kinds "
         f"(best feature of all: {b.get('best_feature_overall')} overall, {b.get('best_feature_within_type')} within kinds).",
+        *(
+            [f"Within kinds the indices {', '.join(b['within_type_tie'])} tie; the pick among them is only a tie-break by the overall Spearman."]
+            if b.get("within_type_tie")
+            else []
+        ),
         "",
         "## Cost model",
         "",
@@ -980,6 +1083,16 @@ def _check_plan(sweep: Mapping[str, Sequence[float]], new_x: torch.Tensor) -> li
             corrupt(new_x[:1], kind, intensity)  # raises InputError for an unknown kind or a bad intensity
             plan.append((kind, float(intensity)))
     return plan
+
+
+def _round_robin(plan: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Every kind's first point, then every kind's second, and so on."""
+    rank: dict[str, int] = {}
+    ranked = []
+    for order, (kind, intensity) in enumerate(plan):
+        rank[kind] = rank.get(kind, -1) + 1
+        ranked.append((rank[kind], order, kind, intensity))
+    return [(kind, intensity) for _, _, kind, intensity in sorted(ranked)]
 
 
 def _check_data(x: Any, y: Any, what: str) -> None:

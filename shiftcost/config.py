@@ -161,7 +161,8 @@ class Settings(BaseSettings):
     retrain_batch_size: int = Field(default=64, ge=1, description="Mini-batch size of retraining.")
     retrain_lr: float = Field(default=1e-3, gt=0, description="Learning rate of retraining.")
     retrain_holdout_fraction: float = Field(
-        default=0.2, gt=0, lt=1, description="Share of a batch held out to check the cutoff."
+        default=0.3, gt=0, lt=1,
+        description="Share of a batch held out to check the cutoff (the measurement protocol's, as calibration uses).",
     )
     retrain_seed: int = Field(default=0, description="Seed of retraining and of the drift tests.")
     energy_sample_s: float = Field(default=1.0, gt=0, description="CodeCarbon power sampling interval in seconds.")

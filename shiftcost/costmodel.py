@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -52,6 +53,7 @@ from typing import Any
 import numpy as np
 from scipy import optimize, special
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from threadpoolctl import threadpool_limits
 
 from shiftcost.errors import InputError
@@ -61,6 +63,7 @@ __all__ = [
     "SHIFT_FEATURES",
     "CostModel",
     "CostModelHistory",
+    "CostModelNotFittedError",
     "CostModelVersion",
     "CostPrediction",
     "GroupOutReport",
@@ -90,6 +93,10 @@ _EPS = 1e-9
 
 
 # ----------------------------------------------------------------------------- results
+
+
+class CostModelNotFittedError(InputError, NotFittedError):
+    """Used before ``fit``: scikit-learn's ``NotFittedError`` and the command line's one-sentence error."""
 
 
 @dataclass(frozen=True)
@@ -266,12 +273,13 @@ class CostModel(BaseEstimator):
         dicts, ``y`` defaults to each row's ``"epochs"`` and ``censored`` to
         ``not row["reached_cutoff"]`` (or ``row["censored"]``); ``groups`` may be a key
         such as ``"corruption"``. For a censored run, ``y`` is the epochs spent before the
-        cap. Earlier versions stay in ``history_``.
+        cap. Like every scikit-learn estimator, ``fit`` starts afresh (a new history with
+        version 1); :meth:`refit` is the way to add runs to a fitted model as a new version.
         """
         self._check_params()
         rows = _build_rows(X, y, censored, groups, feature_names)
         names = self._choose_features(rows)
-        history = getattr(self, "history_", None) or CostModelHistory()
+        history = CostModelHistory()
         version = self._fit_version(rows, names, history.next_number(), parent=None, note=note)
         version.group_key = groups if isinstance(groups, str) else None
         history.append(version)
@@ -465,7 +473,7 @@ class CostModel(BaseEstimator):
     def _history(self) -> CostModelHistory:
         history = getattr(self, "history_", None)
         if history is None or not len(history):
-            raise InputError("the cost model has not been fitted; call fit() with calibration runs first.")
+            raise CostModelNotFittedError("the cost model has not been fitted; call fit() with calibration runs first.")
         return history
 
     def _check_params(self) -> None:
@@ -807,6 +815,15 @@ def _fit_tobit(
         bounds=bounds + [tau_bounds],
         options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-10},
     )
+    # L-BFGS-B often ends with an "ABNORMAL" line search at the optimum under these tight
+    # tolerances; only an iteration limit or a gradient still far from zero is a failure.
+    lo_all = np.append(lower, tau_bounds[0])
+    hi_all = np.append(upper, tau_bounds[1])
+    projected = np.where((result.x <= lo_all) & (result.jac > 0) | (result.x >= hi_all) & (result.jac < 0), 0.0, result.jac)
+    if result.status == 1 or (not result.success and float(np.max(np.abs(projected))) > 1e-3 * max(1.0, abs(float(result.fun)))):
+        warnings.warn(
+            f"the censored regression did not converge ({result.message}); its coefficients may be off.", ConvergenceWarning, stacklevel=3
+        )
     delta, tau = result.x[:-1], result.x[-1]
     beta_std = delta / tau
     coef = beta_std[1:] / scale

@@ -446,3 +446,70 @@ def measure_energy(**options: Any) -> Iterator[EnergyMeter]:
     meter = EnergyMeter(**options)
     with meter:
         yield meter
+
+
+# --------------------------------------------------------------------------- per-host rate
+
+
+#: Cost of evaluating a sample relative to training on it (forward vs forward + backward).
+EVAL_SAMPLE_WEIGHT = 1.0 / 3.0
+
+
+@dataclass(frozen=True)
+class HostEnergyRate:
+    """Joules per training sample-gradient on one host, refitted from real retrains.
+
+    A single probe on a shared CPU swings by an order of magnitude (0.64 vs 0.045 J per
+    sample-epoch in four runs), so the figure is the *median* over measured runs of
+    ``joules / (samples trained + EVAL_SAMPLE_WEIGHT * samples evaluated)``, and
+    ``spread`` is the median absolute deviation of those ratios divided by the median.
+    Evaluations count, so a retrain that needed no training is priced at its one
+    evaluation, never at 0 kWh.
+    """
+
+    joules_per_sample: float
+    spread: float
+    runs: int
+    hardware: str | None = None
+
+    def kwh(self, samples_trained: float, samples_evaluated: float) -> float:
+        """Estimated energy of training on and evaluating that many samples."""
+        return self.joules_per_sample * (samples_trained + EVAL_SAMPLE_WEIGHT * samples_evaluated) / KWH_TO_JOULES
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HostEnergyRate":
+        return cls(**{k: data[k] for k in ("joules_per_sample", "spread", "runs", "hardware") if k in data})
+
+    @classmethod
+    def fit(cls, runs: Any, hardware: str | None = None) -> "HostEnergyRate":
+        """From ``(energy_kwh, samples_trained, samples_evaluated)`` triples of measured runs."""
+        ratios = []
+        for energy_kwh, trained, evaluated in runs:
+            work = float(trained) + EVAL_SAMPLE_WEIGHT * float(evaluated)
+            if energy_kwh is not None and energy_kwh > 0 and work > 0:
+                ratios.append(energy_kwh * KWH_TO_JOULES / work)
+        if not ratios:
+            raise EnergyMeasurementError("no measured run with positive energy and work to fit the host's energy rate from.")
+        ratios.sort()
+        mid = len(ratios) // 2
+        median = ratios[mid] if len(ratios) % 2 else 0.5 * (ratios[mid - 1] + ratios[mid])
+        deviations = sorted(abs(r - median) for r in ratios)
+        mad = deviations[mid] if len(deviations) % 2 else 0.5 * (deviations[mid - 1] + deviations[mid])
+        return cls(joules_per_sample=median, spread=mad / median, runs=len(ratios), hardware=hardware)
+
+    def refit(self, runs: Any) -> "HostEnergyRate":
+        """A new rate from these runs; this one is kept when none of them was measured."""
+        try:
+            return HostEnergyRate.fit(runs, hardware=self.hardware)
+        except EnergyMeasurementError:
+            return self
+
+
+def run_work(run: dict[str, Any]) -> tuple[float | None, float, float]:
+    """``(energy_kwh, samples_trained, samples_evaluated)`` of a ``RetrainResult.to_dict()``."""
+    energy = run.get("energy") or {}
+    evaluated = len(run.get("curve") or []) * int(run.get("holdout_samples") or 0)
+    return energy.get("energy_kwh"), float(run.get("samples_seen") or 0), float(evaluated)

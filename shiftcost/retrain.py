@@ -43,7 +43,8 @@ __all__ = [
     "STATUSES",
 ]
 
-STATUSES = ("reached", "already_met", "cap_reached", "failed")
+#: ``stopped_by_budget``: the ``progress`` callback (a budget guard) returned that status.
+STATUSES = ("reached", "already_met", "cap_reached", "failed", "stopped_by_budget")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
@@ -415,7 +416,7 @@ def retrain_to_cutoff(
     track_energy: bool = True,
     energy_options: dict[str, Any] | None = None,
     require_energy: bool = True,
-    progress: Callable[[EvalPoint, int, float], None] | None = None,
+    progress: Callable[[EvalPoint, int, float], str | None] | None = None,
     source: str = "the batch",
 ) -> RetrainResult:
     """Fine-tune a copy of ``model`` on ``(x, y)`` until held-out accuracy reaches the target.
@@ -436,6 +437,10 @@ def retrain_to_cutoff(
     measurement fails, :class:`~shiftcost.energy.EnergyMeasurementError` is raised with the
     finished result in ``.partial`` (``require_energy=False`` records the error in
     ``energy_error`` instead).
+
+    ``progress(point, step_cap, target)`` is called after every evaluation; when it returns
+    ``"stopped_by_budget"`` (see :class:`shiftcost.forecast.guard.BudgetGuard`) the run ends
+    there with that status, ``reached_cutoff`` false.
 
     Repeatable: with the same seed (and on CPU, the same thread count) the same steps and
     accuracies come out. The caller's model and the global random state are untouched.
@@ -540,8 +545,8 @@ def retrain_to_cutoff(
             elapsed_s=time.perf_counter() - t_zero,
         )
         curve.append(point)
-        if progress is not None:
-            progress(point, step_cap, target_accuracy)
+        if progress is not None and progress(point, step_cap, target_accuracy) == "stopped_by_budget":
+            state["stop"] = "stopped_by_budget"
         return point
 
     if track_energy:
@@ -556,6 +561,8 @@ def retrain_to_cutoff(
             work.train()
             if evaluate_now().accuracy >= target_accuracy:
                 status = "already_met"
+            elif "stop" in state:
+                status = state["stop"]
             else:
                 status = "cap_reached"
                 done = False
@@ -581,6 +588,9 @@ def retrain_to_cutoff(
                         if state["step"] % every == 0 or state["step"] >= step_cap:
                             if evaluate_now().accuracy >= target_accuracy:
                                 status, done = "reached", True
+                                break
+                            if "stop" in state:
+                                status, done = state["stop"], True
                                 break
                             if state["step"] >= step_cap:
                                 done = True

@@ -306,3 +306,36 @@ def test_cli_refuses_an_incomplete_set_of_files(tmp_path) -> None:
     assert isinstance(result.exception, InputError)
     assert "--reference" in str(result.exception) and "--data" in str(result.exception)
     assert not (tmp_path / "shiftcost-calibration").exists()
+
+
+def test_a_time_budget_stops_the_sweep_early_but_keeps_every_kind_first(tiny) -> None:
+    model, spec, x, y = tiny
+    sweep = {"gaussian_noise": (0.0, 0.6, 1.2), "contrast": (0.0, 0.7, 0.9)}
+    result = run_sweep(
+        model, spec, x, y, x, y, sweep=sweep, energy_options=FAST_ENERGY, time_budget_s=1e-3, probe_steps=0, **RETRAIN
+    )
+    assert len(result.rows) == 1 and result.rows[0]["corruption"] == "gaussian_noise"
+    assert "time budget" in result.settings["stopped_early"]
+
+
+def test_cli_refuses_unknown_kinds_and_features(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from shiftcost.cli import app
+
+    for option, value in (("--kinds", "gaussian_noise,fog"), ("--features", "resque_dist,colour")):
+        result = CliRunner().invoke(app, ["calibrate", "--demo", option, value, "--out", str(tmp_path / "out")])
+        assert isinstance(result.exception, InputError), result.output
+        assert value.split(",")[1] in str(result.exception)
+    assert not (tmp_path / "out").exists()
+
+
+def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
+    model, spec, x, y = tiny
+    result = run_sweep(
+        model, spec, x, y, x, y, sweep={"contrast": (0.0, 0.9)}, energy_options=FAST_ENERGY, probe_steps=3, **RETRAIN
+    )
+    for row in result.rows:
+        assert row["probe_sample_gradients"] == 3 * 16 and row["probe_seconds"] > 0
+        assert all(isinstance(row[name], float) for name in ("curve_log_epochs", "probe_progress", "probe_loss_drop"))
+    assert result.settings["probe_steps"] == 3

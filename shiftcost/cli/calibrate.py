@@ -10,6 +10,7 @@ and plot to ``--out``.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -53,6 +54,7 @@ class _SweepProgress:
             console=console,
             transient=True,
         )
+        self._console = console
         self._task: Any = None
 
     def __enter__(self) -> _SweepProgress:
@@ -65,7 +67,11 @@ class _SweepProgress:
     def __call__(self, done: int, total: int, label: str) -> None:
         if self._task is None:
             self._task = self._bar.add_task("sweep", total=total, label=label)
+            self._started = time.perf_counter()
         self._bar.update(self._task, completed=done, label=label)
+        if not self._console.is_terminal:  # logs and CI: one plain line per point
+            elapsed = time.perf_counter() - self._started
+            self._console.print(f"calibrating [{done}/{total}] {label} ({elapsed:.0f} s)", highlight=False, soft_wrap=True)
 
 
 def _fmt(value: Any, spec: str = ".3g") -> str:
@@ -122,6 +128,7 @@ def _print_tables(result: SweepResult, console: Console) -> None:
     console.print(
         f"best index for energy: [bold]{best['best_index_overall']}[/] over the sweep, "
         f"[bold]{best['best_index_within_type']}[/] within kinds"
+        + (f" (a tie-break: {', '.join(best['within_type_tie'])} tie within kinds)" if best.get("within_type_tie") else "")
     )
 
     if result.loco is None:
@@ -189,10 +196,25 @@ def register(app: typer.Typer) -> None:
             int | None, typer.Option("--repeats", min=1, help="Retraining runs per point, averaged (default 2; 1 with --quick).", show_default=False)
         ] = None,
         tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, max=0.99, help="Target = reference accuracy minus this.")] = 0.03,
-        eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Optimizer steps between cutoff checks.")] = 1,
+        eval_every: Annotated[
+            int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between cutoff checks (default: a quarter epoch, as shiftcost retrain).", show_default=False)
+        ] = None,
         holdout_fraction: Annotated[
-            float, typer.Option("--holdout-fraction", min=0.05, max=0.9, help="Share of the new data held out to judge the cutoff.")
+            float, typer.Option("--holdout-fraction", min=0.05, max=0.9, help="Share of the new data held out to judge the cutoff (as shiftcost retrain).")
         ] = 0.3,
+        kinds: Annotated[
+            str | None, typer.Option("--kinds", help="Comma-separated corruption kinds to sweep (default: all built-in kinds).", show_default=False)
+        ] = None,
+        level: Annotated[float, typer.Option("--level", min=0.5, max=0.99, help="Coverage of the cost model's intervals.")] = 0.90,
+        features: Annotated[
+            str | None, typer.Option("--features", help="Comma-separated cost-model features (default: resque_dist,inv_ari,layer_shift,accuracy,mean_loss,mean_entropy).", show_default=False)
+        ] = None,
+        probe_steps: Annotated[
+            int, typer.Option("--probe-steps", min=0, help="Learning-probe steps per point for the forecast's probe stage (0: index stage only).")
+        ] = 16,
+        time_budget: Annotated[
+            float | None, typer.Option("--time-budget", min=1.0, help="Seconds: sweep kinds round-robin and stop before the budget runs out.", show_default=False)
+        ] = None,
         max_epochs: Annotated[
             float | None, typer.Option("--max-epochs", min=0.01, help="Epoch cap per run (default 15; 3 with --quick).", show_default=False)
         ] = None,
@@ -206,13 +228,28 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Corrupt new data with known shifts at known strengths, retrain to the cutoff for real, and measure how well the indices predict the cost.
 
-        For each corruption kind and intensity: the indices in one pass, then retraining until held-out accuracy is back at the reference accuracy minus --tolerance (CodeCarbon measures the energy). Prints Pearson/Spearman correlations of each index with steps, epochs, energy, emissions, gradient norm and parameter change, and the cost model's leave-one-corruption-out error; writes points.json/.csv, correlations.json, report.md, loco.json, costmodel.json and a PNG plot to --out.
+        For each corruption kind and intensity: the indices in one pass, then retraining until held-out accuracy is back at the reference accuracy minus --tolerance (CodeCarbon measures the energy). Prints Pearson/Spearman correlations of each index with steps, epochs, energy, emissions, gradient norm and parameter change, and the cost model's leave-one-corruption-out error; writes points.json/.csv, correlations.json, report.md, loco.json, costmodel.json (index stage), forecaster.json (index and probe stages, for shiftcost forecast and the retrain budget guard), reference.safetensors (the reference statistics used) and a PNG plot to --out. Progress goes to stderr, one line per point when it is not a terminal.
         """
         from rich.console import Console
 
-        from shiftcost.calibrate import QUICK_SWEEP, run_sweep, torch_threads
+        from shiftcost.calibrate import COST_FEATURES, QUICK_SWEEP, run_sweep, torch_threads
+        from shiftcost.costmodel import KNOWN_FEATURES
         from shiftcost.errors import InputError
         from shiftcost.shifts import DEFAULT_SWEEP
+
+        sweep = dict(QUICK_SWEEP if quick else DEFAULT_SWEEP)
+        if kinds is not None:
+            wanted = [k.strip() for k in kinds.split(",") if k.strip()]
+            unknown = [k for k in wanted if k not in DEFAULT_SWEEP]
+            if unknown or not wanted:
+                raise InputError(f"--kinds names unknown kinds {unknown or kinds!r}; choose from {', '.join(DEFAULT_SWEEP)}.")
+            sweep = {k: (QUICK_SWEEP if quick and k in QUICK_SWEEP else DEFAULT_SWEEP)[k] for k in wanted}
+        chosen_features = list(COST_FEATURES)
+        if features is not None:
+            chosen_features = [f.strip() for f in features.split(",") if f.strip()]
+            unknown = [f for f in chosen_features if f not in KNOWN_FEATURES]
+            if unknown or not chosen_features:
+                raise InputError(f"--features names unknown features {unknown or features!r}; choose from {', '.join(KNOWN_FEATURES)}.")
 
         err = Console(stderr=True)
         given = [name for name, value in (("--model", model), ("--reference", reference), ("--data", data)) if value is not None]
@@ -244,6 +281,18 @@ def register(app: typer.Typer) -> None:
                     net, spec, splits = train_demo_model(seed=seed)
                 (ref_x, ref_y), (new_x, new_y) = splits["holdout"], splits["stream"]
 
+        # The reference statistics the sweep's indices use, written beside the cost model so
+        # that `shiftcost forecast --reference-stats` sees the same baseline.
+        from shiftcost.index.engine import compute_reference_stats
+
+        with torch_threads(threads):
+            reference_stats = compute_reference_stats(net, spec, ref_x, ref_y, device=device, seed=seed)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InputError(f"cannot create the output directory {out} ({error.strerror}); choose a writable path with --out.") from None
+        reference_path = reference_stats.save(out / "reference.safetensors")
+
         options: dict[str, Any] = {"repeats": 2, "max_epochs": 15.0, "probe_seconds": 3.0}
         if quick:
             options.update(QUICK_SETTINGS)
@@ -259,7 +308,12 @@ def register(app: typer.Typer) -> None:
                 ref_y,
                 new_x,
                 new_y,
-                sweep=QUICK_SWEEP if quick else DEFAULT_SWEEP,
+                sweep=sweep,
+                level=level,
+                features=chosen_features,
+                probe_steps=probe_steps,
+                time_budget_s=time_budget,
+                reference_stats=reference_stats,
                 seed=seed,
                 tolerance=tolerance,
                 eval_every=eval_every,
@@ -273,6 +327,7 @@ def register(app: typer.Typer) -> None:
                 out_dir=out,
                 **options,
             )
+        result.files["reference_stats"] = str(reference_path)
         if len(result.failed) == len(result.rows):
             raise InputError(f"every point of the sweep failed (first: {result.rows[0]['error']}); see {result.files['report']}.")
         if as_json:

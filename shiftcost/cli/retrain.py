@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 # Exit status of `shiftcost retrain` when the step/epoch cap ended the run before the cutoff.
 EXIT_CAP_REACHED = 3
+# Exit status when the budget guard stopped the run (no model written).
+EXIT_STOPPED_BY_BUDGET = 4
 
 ModelOption = Annotated[
     Path, typer.Option("--model", "-m", help="Model file (.safetensors or .pt) written by shiftcost.", show_default=False)
@@ -54,7 +56,8 @@ def _energy_options(region: str | None, tracking_mode: str, emissions_csv: Path 
 class _Progress:
     """A rich bar over optimizer steps, updated at each evaluation."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, guard: Any = None) -> None:
+        self._guard = guard
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._bar = Progress(
@@ -75,10 +78,44 @@ class _Progress:
     def __exit__(self, *exc: Any) -> None:
         self._bar.stop()
 
-    def __call__(self, point: EvalPoint, step_cap: int, target: float) -> None:
+    def __call__(self, point: EvalPoint, step_cap: int, target: float) -> str | None:
         if self._task is None:
             self._task = self._bar.add_task("retrain", total=step_cap, acc=point.accuracy, target=target)
         self._bar.update(self._task, completed=point.step, acc=point.accuracy)
+        return None if self._guard is None else self._guard(point, step_cap, target)
+
+
+def _budget_guard(
+    net: Any, spec: Any, new: Any, ref_x: Any, ref_y: Any, cost_model: Path, budget_kwh: float | None,
+    reference_stats: Path | None, reference_accuracy: float | None, tolerance: float, device: str,
+) -> Any:
+    """The budget guard for this run, with the index forecast as its prior when reference stats are given."""
+    from shiftcost.errors import InputError
+    from shiftcost.forecast import protocol
+    from shiftcost.forecast.forecaster import Forecaster
+    from shiftcost.forecast.guard import BudgetGuard
+    import torch
+
+    from shiftcost.retrain import _evaluate
+
+    forecaster = Forecaster.load(cost_model)
+    features = initial = None
+    ceiling = reference_accuracy
+    if reference_stats is not None:
+        from shiftcost.index.engine import assess
+        from shiftcost.index.reference import ReferenceStats
+
+        stats = ReferenceStats.load(reference_stats, model=net)
+        report = assess(net, spec, stats, new.x, new.y, device=device)
+        features = {n: float(getattr(report, n)) for n in forecaster.stage0.features_ if getattr(report, n, None) is not None}
+        initial = forecaster.predict(features, batch_samples=len(new.y))
+        ceiling = ceiling if ceiling is not None else stats.accuracy
+    if ceiling is None and ref_x is not None:
+        ceiling, _ = _evaluate(net, ref_x, ref_y, torch.device("cpu"), 512)
+    if ceiling is None:
+        raise InputError("the budget guard needs the reference accuracy: give --reference, --reference-accuracy or --reference-stats.")
+    protocol.check_above_chance(ceiling, spec.num_classes, tolerance, "the reference")
+    return BudgetGuard(forecaster, budget_kwh=float(budget_kwh), batch_samples=len(new.y), ceiling=ceiling, features=features, initial=initial)
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -147,7 +184,7 @@ def register(app: typer.Typer) -> None:
         ] = 0.0,
         holdout_fraction: Annotated[
             float, typer.Option("--holdout-fraction", min=0.01, max=0.9, help="Share of the batch held out to judge the cutoff.")
-        ] = 0.2,
+        ] = 0.3,
         eval_every: Annotated[
             int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between evaluations (default: a quarter epoch).", show_default=False)
         ] = None,
@@ -165,13 +202,27 @@ def register(app: typer.Typer) -> None:
         emissions_csv: Annotated[
             Path | None, typer.Option("--emissions-csv", help="Also append CodeCarbon's row to emissions.csv in this directory.", show_default=False)
         ] = None,
+        cost_model: Annotated[
+            Path | None,
+            typer.Option("--cost-model", help="forecaster.json from shiftcost calibrate: guards --budget-kwh during the run.", show_default=False),
+        ] = None,
+        budget_kwh: Annotated[
+            float | None,
+            typer.Option("--budget-kwh", min=0.0, help="Stop (status stopped_by_budget, no model written) once the forecast's lower bound no longer fits.", show_default=False),
+        ] = None,
+        reference_stats: Annotated[
+            Path | None,
+            typer.Option("--reference-stats", help="Reference statistics: lets the guard use the index forecast as its prior.", show_default=False),
+        ] = None,
         as_json: JsonOption = False,
     ) -> None:
         """Fine-tune a model on a labelled batch until held-out accuracy reaches the target.
 
         Evaluates every --eval-every steps on a held-out part of the batch and stops at the first evaluation at or above the target, or at the step/epoch cap. Measures energy and emissions with CodeCarbon (offline; nothing written unless --emissions-csv).
 
-        Exit status: 0 when the target was reached (or already met), 3 when the cap ended the run first (the model is still written), 1 when the run failed.
+        With --cost-model and --budget-kwh a guard updates the forecast at every evaluation and stops the run when what is spent plus the forecast's lower bound exceeds the budget; the model is then left unchanged.
+
+        Exit status: 0 when the target was reached (or already met), 3 when the cap ended the run first (the model is still written), 4 when the budget guard stopped it (no model written), 1 when the run failed.
         """
         from rich.console import Console
 
@@ -188,7 +239,14 @@ def register(app: typer.Typer) -> None:
             ref = load_batch(reference, spec=spec)
             check_batch(ref, spec)
             ref_x, ref_y = ref.x, ref.y
-        progress = _Progress(err)
+        if (cost_model is None) != (budget_kwh is None):
+            from shiftcost.errors import InputError
+
+            raise InputError("the budget guard needs both --cost-model and --budget-kwh; give both or neither.")
+        guard = None
+        if cost_model is not None:
+            guard = _budget_guard(net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, tolerance, device)
+        progress = _Progress(err, guard)
         try:
             with progress:
                 result = retrain_to_cutoff(
@@ -222,17 +280,31 @@ def register(app: typer.Typer) -> None:
             else:
                 err.print(_result_table(failure.partial, None))
             raise
-        saved = save_model(result.model.cpu(), spec, out)
+        stopped = result.status == "stopped_by_budget"
+        saved = None if stopped else save_model(result.model.cpu(), spec, out)
         if as_json:
             payload = result.to_dict()
-            payload.update(model=str(model), batch=str(batch), out=str(saved))
+            payload.update(model=str(model), batch=str(batch), out=None if saved is None else str(saved))
+            payload.update(energy_kwh=result.energy_kwh, stopped_by_budget=stopped)
+            if guard is not None:
+                payload["guard"] = {
+                    "budget_kwh": guard.budget_kwh,
+                    "reason": guard.reason,
+                    "estimated_kwh": guard.spent_kwh,
+                    "measured_kwh": result.energy_kwh,
+                    "forecasts": guard.forecasts,
+                }
             typer.echo(json.dumps(payload, indent=2))
         else:
             Console().print(_result_table(result, saved))
             if result.status == "cap_reached":
                 err.print("[yellow]the cap ended the run before the cutoff: the cost above is a lower bound.[/]")
+            if stopped and guard is not None:
+                err.print(f"[yellow]stopped by the budget guard: {guard.reason}; the model was left unchanged.[/]")
         if result.status == "cap_reached":
             raise typer.Exit(EXIT_CAP_REACHED)
+        if stopped:
+            raise typer.Exit(EXIT_STOPPED_BY_BUDGET)
 
     @app.command("probe-energy")
     def probe_energy(

@@ -165,3 +165,23 @@ def test_refit_groups_new_runs_by_the_same_key():
     assert model.loo_["cv"] == "leave-one-group-out (4 groups)"
     folds = latest.state["fold_of_row"]
     assert len(set(folds)) == 5 and folds[-2] != folds[-1]  # the ungrouped run is a fold of its own
+
+
+def test_estimator_contract_fit_resets_and_unfitted_raises_not_fitted() -> None:
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    from shiftcost.errors import InputError
+
+    model = CostModel()
+    with pytest.raises(NotFittedError):
+        check_is_fitted(model)
+    with pytest.raises(NotFittedError) as caught:
+        model.predict([{"resque_dist": 0.1, "mean_entropy": 0.2}])
+    assert isinstance(caught.value, InputError)  # still one sentence on the command line
+    model.fit(linear_rows(seed=61, n=20))
+    check_is_fitted(model)
+    model.refit(linear_rows(seed=62, n=3))
+    assert model.version_ == 2
+    model.fit(linear_rows(seed=63, n=20))  # starts afresh, like any scikit-learn estimator
+    assert model.version_ == 1 and len(model.history_) == 1

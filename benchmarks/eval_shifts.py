@@ -1,0 +1,70 @@
+"""Shift kinds for *evaluating* cost forecasts only.
+
+None of these is in :mod:`shiftcost.shifts`, and nothing here may be used to calibrate a
+cost model or to choose any setting: ``benchmarks/forecast_accuracy.py`` calibrates on the
+built-in kinds and only then scores on these. Intensities were fixed before any forecast
+was scored on them (mild, medium, strong by eye on the digits) and must not be tuned.
+Every kind takes a batch N x C x H x W in [0, 1], an intensity and a seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+EVAL_KINDS: dict[str, tuple[float, ...]] = {
+    "rotate": (10.0, 20.0, 30.0),  # degrees, random sign per image
+    "translate": (0.07, 0.13, 0.19),  # shift as a share of the side, random direction per image
+    "pixelate": (1.5, 2.0, 3.0),  # downsampling factor
+    "invert_blend": (0.15, 0.3, 0.45),  # (1 - a) x + a (1 - x)
+    "occlusion": (0.25, 0.375, 0.5),  # side of a black square as a share of the image side
+    "gamma": (1.5, 2.5, 4.0),  # x ** gamma
+    "speckle_noise": (0.3, 0.6, 0.9),  # x + s x N(0, 1)
+    "motion_blur": (3.0, 5.0, 7.0),  # horizontal box kernel length in pixels
+}
+
+
+def eval_corrupt(x: torch.Tensor, kind: str, intensity: float, *, seed: int = 0) -> torch.Tensor:
+    """Apply evaluation-only shift ``kind`` to ``x`` (a new tensor, clamped to [0, 1])."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = x.shape
+    if kind == "rotate":
+        sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        angle = sign * math.radians(intensity)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+        out = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    elif kind == "translate":
+        shift = torch.rand(n, 2, generator=g) * 2 - 1
+        shift = shift / shift.norm(dim=1, keepdim=True).clamp(min=1e-6) * 2 * intensity
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+        theta[:, :, 2] = shift
+        out = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    elif kind == "pixelate":
+        small = (max(1, round(h / intensity)), max(1, round(w / intensity)))
+        out = F.interpolate(F.interpolate(x, size=small, mode="area"), size=(h, w), mode="nearest")
+    elif kind == "invert_blend":
+        out = (1 - intensity) * x + intensity * (1 - x)
+    elif kind == "occlusion":
+        side = max(1, round(intensity * min(h, w)))
+        top = torch.randint(0, h - side + 1, (n,), generator=g)
+        left = torch.randint(0, w - side + 1, (n,), generator=g)
+        rows = torch.arange(h)[None, :, None]
+        cols = torch.arange(w)[None, None, :]
+        mask = (rows >= top[:, None, None]) & (rows < top[:, None, None] + side)
+        mask = mask & (cols >= left[:, None, None]) & (cols < left[:, None, None] + side)
+        out = x.masked_fill(mask[:, None], 0.0)
+    elif kind == "gamma":
+        out = x.clamp(min=0) ** intensity
+    elif kind == "speckle_noise":
+        out = x + intensity * x * torch.randn(x.shape, generator=g)
+    elif kind == "motion_blur":
+        length = int(intensity)
+        kernel = torch.full((c, 1, 1, length), 1.0 / length)
+        out = F.conv2d(F.pad(x, (length // 2, length - 1 - length // 2, 0, 0), mode="replicate"), kernel, groups=c)
+    else:
+        raise ValueError(f"unknown evaluation shift {kind!r}; known: {', '.join(EVAL_KINDS)}")
+    return out.clamp(0.0, 1.0)

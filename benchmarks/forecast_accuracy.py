@@ -1,0 +1,439 @@
+"""How well cost forecasts transfer to shift kinds they were never calibrated on.
+
+Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shufflenet_v2_x0_5]
+       [--calibration-intensities 4] [--seeds 2] [--noise-seeds 4] [--bootstrap 1000] [--json out.json]
+
+For each architecture (the demo CNN, and torchvision's shufflenet_v2_x0_5 at 16x16, which
+trains on this CPU in about a minute):
+
+1. **Calibrate** with :func:`shiftcost.calibrate.run_sweep` on the built-in kinds of
+   :mod:`shiftcost.shifts` only (the learning probe runs on every point), giving the
+   forecaster (stage 0 + stage 1) and the calibration rows the baselines are fitted on.
+2. **Score** on the evaluation-only kinds of ``benchmarks/eval_shifts.py`` (never seen in
+   calibration or used to choose a setting), every intensity, ``--seeds`` seeds each: the
+   probe runs, then the real retrain under the one measurement protocol.
+3. Print per predictor (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
+   in-flight after the first quarter of the probe forecast): MdAPE of epochs on reached
+   runs, median |log error| (capped runs count as bounds), Harrell's C-index (capped runs
+   censored), 90% coverage (reached runs), overspend counts when budgeting on the upper
+   bound under caps at the 25/50/75th percentiles of measured cost, and paired bootstrap
+   95% CIs of stage 0 + probe minus each baseline. Then the budget guard replayed on every
+   run's evaluations (the guard only reads them, so the replay stops exactly where a live
+   guard would), the probe's cost against the median retrain, and the noise floor: one
+   batch per kind retrained with ``--noise-seeds`` seeds under the protocol (holdout 0.3)
+   and under the old command-line holdout of 0.2.
+
+Cost is counted in sample-gradient equivalents (samples trained + 1/3 of samples
+evaluated), the deterministic quantity that the host's energy rate converts to kWh; on a
+shared CPU, CodeCarbon's per-run figure is a load model and would only add noise here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from eval_shifts import EVAL_KINDS, eval_corrupt  # noqa: E402
+
+from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
+from shiftcost.forecast import protocol  # noqa: E402
+from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
+from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
+
+TOLERANCE = 0.03
+LEVEL = 0.90
+PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "in_flight_quarter")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_arch(arch: str, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]:
+    from shiftcost.data.demo import load_digits, split_digits, train_classifier, train_demo_model
+    from shiftcost.data.models import build_model
+
+    if arch == "digits_cnn":
+        return train_demo_model(seed=seed)
+    x, y = load_digits(16)
+    splits = split_digits(x, y, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, spec = build_model(arch, 10, in_channels=1, image_size=16)
+    train_classifier(model, *splits["train"], epochs=15, seed=seed)
+    return model, spec, splits
+
+
+# ----------------------------------------------------------------------------- one arch
+
+
+def calibrate(model: Any, spec: Any, splits: dict[str, Any], reference_stats: Any, intensities: int) -> Any:
+    """The calibration sweep on the built-in kinds only (never the evaluation kinds)."""
+    from shiftcost.calibrate import run_sweep
+
+    sweep = {kind: _subset(values, intensities) for kind, values in DEFAULT_SWEEP.items()}
+    assert not set(sweep) & set(EVAL_KINDS), "evaluation kinds must never enter calibration"
+    return run_sweep(
+        model, spec, *splits["holdout"], *splits["stream"], sweep=sweep, repeats=1, probe=False, device="cpu",
+        threads=1, reference_stats=reference_stats, energy_options={"measure_power_secs": 0.5}, level=LEVEL,
+        probe_steps=PROBE_STEPS,
+    )
+
+
+def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
+    from shiftcost.index.engine import assess, compute_reference_stats
+    from shiftcost.retrain import retrain_to_cutoff
+
+    started = time.perf_counter()
+    model, spec, splits = build_arch(arch)
+    ref_x, ref_y = splits["holdout"]
+    new_x, new_y = splits["stream"]
+    stats = compute_reference_stats(model, spec, ref_x, ref_y, device="cpu", seed=0)
+    ceiling = stats.accuracy
+    target = ceiling - TOLERANCE
+    protocol.check_above_chance(ceiling, spec.num_classes, TOLERANCE, f"{arch}'s reference split")
+    t0 = time.perf_counter()
+    sweep = calibrate(model, spec, splits, stats, args.calibration_intensities)
+    calibration_s = time.perf_counter() - t0
+    forecaster = sweep.forecaster
+    if forecaster is None or forecaster.stage1 is None:
+        raise SystemExit(f"{arch}: calibration gave no usable forecaster ({sweep.cost_model_error or forecaster.stage1_error})")
+    cal_rows = [r for r in sweep.rows if r["status"] != "failed"]
+    baselines = fit_baselines(cal_rows)
+    # Cost in sample-gradient equivalents: a rate of 3.6e6 J per sample makes kWh == work units.
+    unit = HostEnergyRate(joules_per_sample=3.6e6, spread=0.0, runs=0)
+    forecaster.energy_rate = unit
+    n = len(new_y)
+    pool, holdout = protocol.split_sizes(n)
+    per_epoch = protocol.steps_per_epoch(pool, 64)
+
+    def work(epochs: float, evaluations: int | None = None) -> float:
+        evals = protocol.evaluations(epochs, per_epoch) if evaluations is None else evaluations
+        return epochs * pool + EVAL_SAMPLE_WEIGHT * evals * holdout
+
+    runs: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for kind, intensities in EVAL_KINDS.items():
+        for intensity in intensities:
+            shifted = eval_corrupt(new_x, kind, intensity, seed=0)
+            report = assess(model, spec, stats, shifted, new_y, device="cpu")
+            features = {k: float(getattr(report, k)) for k in ("resque_dist", "inv_ari", "layer_shift", "accuracy", "mean_loss", "mean_entropy")}
+            stage0 = forecaster.predict(features)
+            for seed in range(args.seeds):
+                probe = _probe(model, shifted, new_y, target, ceiling, seed)
+                stage1 = forecaster.predict(features, probe=probe)
+                run = retrain_to_cutoff(
+                    model, shifted, new_y, seed=seed, reference_accuracy=ceiling, tolerance=TOLERANCE,
+                    holdout_fraction=protocol.HOLDOUT_FRACTION, max_epochs=protocol.MAX_EPOCHS, track_energy=False, device="cpu",
+                )
+                record = {
+                    "kind": kind, "intensity": intensity, "seed": seed, "epochs": run.epochs, "censored": run.status == "cap_reached",
+                    "status": run.status, "accuracy_drop": ceiling - features["accuracy"], "cost": work(run.epochs, len(run.curve)),
+                    "samples_seen": run.samples_seen, "eval_every": run.eval_every,
+                    "probe_sample_gradients": probe.cost.sample_gradients, "probe_samples_evaluated": probe.cost.samples_evaluated,
+                    "probe_seconds": probe.cost.seconds, "retrain_seconds": run.wall_time_s,
+                    "stage0": stage0.epochs, "stage0_probe": stage1.epochs,
+                }
+                record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
+                record["in_flight_quarter"] = _in_flight(forecaster, features, run, stage1, target, ceiling)
+                record["guard"] = _guard_replay(forecaster, features, run, stage1, ceiling, n)
+                runs.append(record)
+                print(
+                    f"  {arch} {kind} {intensity:g} seed {seed}: {run.status} {run.epochs:.2f} ep; "
+                    f"stage0 {stage0.epochs.median:.2f} probe {stage1.epochs.median:.2f} [{stage1.epochs.low:.2f}, {stage1.epochs.high:.2f}]",
+                    flush=True,
+                )
+    scoring_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    noise = noise_floor(model, new_x, new_y, ceiling, args.noise_seeds) if args.noise_seeds > 1 else None
+    noise_s = time.perf_counter() - t0
+    return {
+        "arch": arch,
+        "reference_accuracy": ceiling,
+        "calibration_points": len(cal_rows),
+        "calibration_stage0_loo": forecaster.stage0.loo_,
+        "calibration_stage1_loo": forecaster.stage1.loo_,
+        "stage1_coefficients": dict(zip(forecaster.stage1.features_, map(float, forecaster.stage1.coef_))),
+        "runs": runs,
+        "metrics": metrics(runs, args.bootstrap),
+        "budget": budget_table(runs, forecaster, work),
+        "probe_cost": probe_cost(runs),
+        "noise_floor": noise,
+        "seconds": {"total": time.perf_counter() - started, "calibration": calibration_s, "scoring": scoring_s, "noise": noise_s},
+    }
+
+
+def _probe(model: Any, x: Any, y: Any, target: float, ceiling: float, seed: int) -> Any:
+    from shiftcost.forecast.probe import run_probe
+
+    return run_probe(model, x, y, target_accuracy=target, ceiling=ceiling, seed=seed, device="cpu")
+
+
+def _in_flight(forecaster: Any, features: dict[str, float], run: Any, stage1: Any, target: float, ceiling: float) -> Any:
+    """The in-flight forecast once a quarter of the probe forecast's median is spent.
+
+    ``None`` when the run ended before that point (nothing left to forecast)."""
+    quarter = 0.25 * stage1.epochs.median
+    seen = [p for p in run.curve if p.epoch <= quarter + 1e-9]
+    if len(seen) < 3 or run.curve[len(seen) - 1] is run.curve[-1]:
+        return None
+    forecast = forecaster.in_flight(
+        [p.epoch for p in seen], [p.accuracy for p in seen], [p.loss for p in seen], target=target, ceiling=ceiling, features=features
+    )
+    return forecast.epochs
+
+
+def _guard_replay(forecaster: Any, features: dict[str, float], run: Any, stage1: Any, ceiling: float, n: int) -> Any:
+    """Per budget cap (filled in later): where a guard would have stopped this run."""
+    return {"curve": [(p.step, p.epoch, p.samples_seen, p.accuracy, p.loss) for p in run.curve], "target": run.target_accuracy, "initial": stage1, "n": n}
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def fit_baselines(rows: list[dict[str, Any]]) -> Any:
+    """Constant (median calibration epochs) and isotonic log1p(epochs) on accuracy drop, each
+    with a 90% interval from the calibration residuals (capped runs enter at what they spent)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    from shiftcost.forecast.forecaster import Interval
+
+    epochs = np.array([r["epochs"] for r in rows], dtype=float)
+    drop = np.array([r["accuracy_drop"] for r in rows], dtype=float)
+    z = np.log1p(epochs)
+    lo_q, hi_q = np.quantile(epochs, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    constant = Interval(float(np.median(epochs)), float(lo_q), float(hi_q), LEVEL)
+    iso = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(drop, z)
+    width = float(np.quantile(np.abs(z - iso.predict(drop)), LEVEL))
+
+    def predict(accuracy_drop: float) -> tuple[Any, Any]:
+        m = float(iso.predict([accuracy_drop])[0])
+        return constant, Interval(float(np.expm1(m)), float(max(np.expm1(m - width), 0.0)), float(np.expm1(m + width)), LEVEL)
+
+    return predict
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _cindex(pred: np.ndarray, truth: np.ndarray, censored: np.ndarray) -> float:
+    """Harrell's C: among pairs where the shorter run reached the cutoff, the share ordered alike."""
+    good = total = 0.0
+    for i in range(len(truth)):
+        if censored[i]:
+            continue
+        for j in range(len(truth)):
+            if truth[j] > truth[i]:
+                total += 1
+                good += 1.0 if pred[j] > pred[i] else 0.5 if pred[j] == pred[i] else 0.0
+    return good / total if total else math.nan
+
+
+def _scores(runs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    pairs = [(r, r[name]) for r in runs if r[name] is not None]
+    truth = np.array([r["epochs"] for r, _ in pairs])
+    cens = np.array([r["censored"] for r, _ in pairs])
+    med = np.array([p.median for _, p in pairs])
+    low = np.array([p.low for _, p in pairs])
+    high = np.array([p.high for _, p in pairs])
+    reached = ~cens & (truth > 0)
+    ape = np.abs(med[reached] - truth[reached]) / truth[reached]
+    log_err = np.log1p(med) - np.log1p(truth)
+    log_err = np.where(cens, np.maximum(-log_err, 0.0), np.abs(log_err))
+    known = ~cens
+    return {
+        "n": len(pairs),
+        "n_reached": int(reached.sum()),
+        "n_capped": int(cens.sum()),
+        "mdape": float(np.median(ape)) if len(ape) else math.nan,
+        "median_abs_log_error": float(np.median(log_err)) if len(log_err) else math.nan,
+        "c_index": _cindex(med, truth, cens),
+        "coverage": float(np.mean((low[known] <= truth[known]) & (truth[known] <= high[known]))) if known.any() else math.nan,
+        "capped_definite_misses": int((cens & (high < truth)).sum()),
+    }
+
+
+def metrics(runs: list[dict[str, Any]], resamples: int) -> dict[str, Any]:
+    table = {name: _scores(runs, name) for name in PREDICTORS}
+    rng = np.random.default_rng(0)
+    ci: dict[str, Any] = {}
+    for baseline in ("constant", "isotonic_accuracy_drop", "stage0"):
+        diffs = {"mdape": [], "c_index": []}
+        for _ in range(resamples):
+            sample = [runs[i] for i in rng.integers(0, len(runs), len(runs))]
+            a, b = _scores(sample, "stage0_probe"), _scores(sample, baseline)
+            diffs["mdape"].append(a["mdape"] - b["mdape"])
+            diffs["c_index"].append(a["c_index"] - b["c_index"])
+        ci[baseline] = {
+            k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in diffs.items()
+        }
+    return {"predictors": table, "stage0_probe_minus_baseline_ci95": ci}
+
+
+def budget_table(runs: list[dict[str, Any]], forecaster: Any, work: Any) -> dict[str, Any]:
+    """Budgeting on each predictor's upper bound, and the guard, under caps at cost percentiles."""
+    from shiftcost.forecast.guard import BudgetGuard
+    from shiftcost.retrain import EvalPoint
+
+    costs = np.array([r["cost"] for r in runs])
+    out: dict[str, Any] = {}
+    for pct in (25, 50, 75):
+        cap = float(np.percentile(costs, pct))
+        row: dict[str, Any] = {"cap": cap}
+        for name in ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"):
+            admitted = [r for r in runs if work(r[name].high if math.isfinite(r[name].high) else math.inf) <= cap]
+            point = [r for r in runs if work(r[name].median) <= cap]
+            row[name] = {
+                "admitted_upper": len(admitted),
+                "overspent_upper": sum(r["cost"] > cap for r in admitted),
+                "admitted_median": len(point),
+                "overspent_median": sum(r["cost"] > cap for r in point),
+            }
+        over_intervals, stopped, wasted, unguarded = [], 0, 0, 0
+        for r in runs:
+            g = r["guard"]
+            guard = BudgetGuard(forecaster, budget_kwh=cap, batch_samples=g["n"], ceiling=g["target"] + TOLERANCE, initial=g["initial"])
+            spent = r["cost"]
+            for k, (step, epoch, seen, acc, loss) in enumerate(g["curve"]):
+                point = EvalPoint(step=step, epoch=epoch, samples_seen=seen, accuracy=acc, loss=loss, grad_norm=None, elapsed_s=0.0)
+                if guard(point, 0, g["target"]) == "stopped_by_budget":
+                    stopped += 1
+                    wasted += int(r["status"] == "reached" and r["cost"] <= cap)  # it would have recovered within the cap
+                    spent = seen + EVAL_SAMPLE_WEIGHT * (k + 1) * guard.holdout
+                    break
+            unguarded += int(r["cost"] > cap)
+            interval_cost = r["eval_every"] * 64 + EVAL_SAMPLE_WEIGHT * guard.holdout
+            over_intervals.append(max(spent - cap, 0.0) / interval_cost)
+        row["guard"] = {
+            "stopped": stopped,
+            "stopped_but_would_have_recovered_within_cap": wasted,
+            "over_cap_without_guard": unguarded,
+            "over_cap_by_more_than_one_interval": int(sum(v > 1.0 for v in over_intervals)),
+            "max_overshoot_intervals": float(max(over_intervals)),
+        }
+        out[f"p{pct}"] = row
+    return out
+
+
+def probe_cost(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    retrain = float(np.median([r["samples_seen"] for r in runs]))
+    probe = float(np.median([r["probe_sample_gradients"] for r in runs]))
+    return {
+        "probe_sample_gradients": probe,
+        "probe_samples_evaluated": float(np.median([r["probe_samples_evaluated"] for r in runs])),
+        "probe_seconds_median": float(np.median([r["probe_seconds"] for r in runs])),
+        "median_retrain_sample_gradients": retrain,
+        "median_retrain_seconds": float(np.median([r["retrain_seconds"] for r in runs])),
+        "ratio": probe / retrain if retrain else math.inf,
+    }
+
+
+def noise_floor(model: Any, x: Any, y: Any, ceiling: float, seeds: int) -> dict[str, Any]:
+    """One batch per evaluation kind (middle intensity), ``seeds`` retrains, two holdout sizes."""
+    from shiftcost.retrain import retrain_to_cutoff
+
+    out: dict[str, Any] = {}
+    for fraction in (protocol.HOLDOUT_FRACTION, 0.2):
+        cvs, apes, per_kind = [], [], {}
+        for kind, intensities in EVAL_KINDS.items():
+            shifted = eval_corrupt(x, kind, intensities[len(intensities) // 2], seed=0)
+            epochs = np.array([
+                retrain_to_cutoff(
+                    model, shifted, y, seed=100 + s, reference_accuracy=ceiling, tolerance=TOLERANCE, holdout_fraction=fraction,
+                    max_epochs=protocol.MAX_EPOCHS, track_energy=False, device="cpu",
+                ).epochs
+                for s in range(seeds)
+            ])
+            per_kind[kind] = epochs.tolist()
+            if epochs.mean() > 0:
+                cvs.append(float(epochs.std(ddof=1) / epochs.mean()))
+            for i in range(seeds):
+                others = np.delete(epochs, i).mean()
+                if epochs[i] > 0:
+                    apes.append(abs(others - epochs[i]) / epochs[i])
+        out[f"holdout_{fraction:g}"] = {
+            "cv_median": float(np.median(cvs)) if cvs else math.nan,
+            "cv_range": [float(min(cvs)), float(max(cvs))] if cvs else None,
+            "leave_one_seed_out_mdape": float(np.median(apes)) if apes else math.nan,
+            "epochs": per_kind,
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def print_arch(result: dict[str, Any]) -> None:
+    print(f"\n=== {result['arch']} (reference accuracy {result['reference_accuracy']:.3f}; {result['calibration_points']} calibration points)")
+    print(f"calibration LOCO stage 0: {result['calibration_stage0_loo']}")
+    print(f"calibration LOCO stage 1: {result['calibration_stage1_loo']}")
+    print(f"stage 1 coefficients: {result['stage1_coefficients']}")
+    m = result["metrics"]["predictors"]
+    print(f"{'predictor':26s} {'n':>4s} {'reached':>7s} {'capped':>6s} {'MdAPE':>7s} {'med|log|':>8s} {'C-index':>7s} {'cov90':>6s} {'capped miss':>11s}")
+    for name, s in m.items():
+        print(
+            f"{name:26s} {s['n']:4d} {s['n_reached']:7d} {s['n_capped']:6d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} "
+            f"{s['c_index']:7.3f} {100 * s['coverage']:5.0f}% {s['capped_definite_misses']:11d}"
+        )
+    for base, ci in result["metrics"]["stage0_probe_minus_baseline_ci95"].items():
+        print(f"stage0+probe minus {base}: MdAPE diff 95% CI [{ci['mdape'][0]:+.3f}, {ci['mdape'][1]:+.3f}], C-index diff [{ci['c_index'][0]:+.3f}, {ci['c_index'][1]:+.3f}]")
+    for pct, row in result["budget"].items():
+        cells = "; ".join(
+            f"{name}: over {v['overspent_upper']}/{v['admitted_upper']} admitted (median rule {v['overspent_median']}/{v['admitted_median']})"
+            for name, v in row.items() if name not in ("cap", "guard")
+        )
+        print(f"cap {pct} = {row['cap']:.0f} sample-gradients: {cells}")
+        print(f"   guard: {row['guard']}")
+    print(f"probe cost: {result['probe_cost']}")
+    if result["noise_floor"]:
+        for name, nf in result["noise_floor"].items():
+            print(f"noise floor ({name}): CV median {nf['cv_median']:.2f}, range {nf['cv_range']}, leave-one-seed-out MdAPE {100 * nf['leave_one_seed_out_mdape']:.0f}%")
+    print(f"seconds: {result['seconds']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default="digits_cnn,shufflenet_v2_x0_5")
+    parser.add_argument("--calibration-intensities", type=int, default=6, help="intensities per built-in kind (0 included)")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--noise-seeds", type=int, default=4)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    load = os.getloadavg()
+    started = time.perf_counter()
+    results = []
+    for arch in args.archs.split(","):
+        result = score_arch(arch, args)
+        print_arch(result)
+        results.append(result)
+    print(f"\nwall {time.perf_counter() - started:.0f} s; load average at start {load}, at end {os.getloadavg()}; {os.cpu_count()} CPUs")
+    if args.json:
+        for r in results:
+            for run in r["runs"]:
+                for name in PREDICTORS:
+                    run[name] = None if run[name] is None else run[name].to_dict()
+                run.pop("guard")
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+def _subset(values: tuple[float, ...], count: int) -> tuple[float, ...]:
+    if count >= len(values):
+        return values
+    picks = np.linspace(0, len(values) - 1, count).round().astype(int)
+    return tuple(values[i] for i in sorted(set(picks)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Two-stage cost forecast: the index model (stage 0) and the probe's learning curve.
+
+Stage 0 is :class:`~shiftcost.costmodel.CostModel` on the shift indices: free, one
+forward pass, but it measures how far the data moved, not how hard the move is to learn.
+Stage 1 adds what a probe (:func:`~shiftcost.forecast.probe.run_probe`) saw: a censored
+(Tobit) regression of ``log(epochs + 1)`` on the stage-0 prediction and the probe's
+features (:data:`~shiftcost.forecast.probe.PROBE_FEATURES`), with the same CV+ intervals
+over shift kinds. The stage-0 prediction enters as a feature whose coefficient is fitted,
+so the index model is the prior and the probe's evidence moves the forecast only as far
+as calibration showed it to be informative. On calibration data the stage-0 feature is
+its out-of-fold value (the fold model that never saw the row's kind), so stage 1 does not
+learn to trust a stage 0 that had seen the answer.
+
+During a retrain the same stage-1 model reads the run's own evaluations (a longer probe)
+and the forecast is conditioned on what is known: a run that has not reached the cutoff
+after ``e`` epochs needs more than ``e`` (the predictive distribution is truncated there).
+
+Epochs are the forecast; energy and emissions are a conversion through the host's
+:class:`~shiftcost.energy.HostEnergyRate`, evaluations included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import special, stats
+
+from shiftcost.costmodel import CostModel, CostPrediction
+from shiftcost.energy import HostEnergyRate
+from shiftcost.errors import InputError
+from shiftcost.forecast import protocol
+from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, ProbeTrajectory, probe_features
+
+__all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATURES"]
+
+FORMAT = "shiftcost.forecaster/1"
+STAGE0_FEATURE = "stage0_log_epochs"
+STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
+#: More predicted by the index model, a slower curve: more cost; more progress or loss drop: less.
+STAGE1_SIGNS: dict[str, int] = {STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A median with a two-sided interval at ``level``; an infinite bound is written ``None``."""
+
+    median: float
+    low: float
+    high: float
+    level: float
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {k: (v if math.isfinite(v) else None) for k, v in asdict(self).items()}
+
+    def map(self, convert: Any) -> Interval:
+        return Interval(convert(self.median), convert(self.low), convert(self.high) if math.isfinite(self.high) else math.inf, self.level)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Forecast retraining cost for one batch (see :meth:`to_dict` for the stable names)."""
+
+    epochs: Interval
+    energy_kwh: Interval | None
+    co2_kg: Interval | None
+    stage: str
+    not_converging: bool
+    p_not_converge: float | None
+    features: dict[str, float]
+    probe: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs.to_dict(),
+            "energy_kwh": None if self.energy_kwh is None else self.energy_kwh.to_dict(),
+            "co2_kg": None if self.co2_kg is None else self.co2_kg.to_dict(),
+            "stage": self.stage,
+            "probe": self.probe,
+            "features": {k: (v if math.isfinite(v) else None) for k, v in self.features.items()},
+            "not_converging": self.not_converging,
+            "p_not_converge": self.p_not_converge,
+        }
+
+
+class Forecaster:
+    """Stage 0 (index model), optional stage 1 (probe), energy conversion, epoch cap."""
+
+    def __init__(
+        self,
+        stage0: CostModel,
+        stage1: CostModel | None = None,
+        *,
+        max_epochs: float = protocol.MAX_EPOCHS,
+        energy_rate: HostEnergyRate | None = None,
+        batch_size: int = 64,
+        probe_settings: Mapping[str, Any] | None = None,
+        stage1_error: str | None = None,
+    ) -> None:
+        self.stage0 = stage0
+        self.stage1 = stage1
+        self.max_epochs = float(max_epochs)
+        self.energy_rate = energy_rate
+        self.batch_size = int(batch_size)
+        self.probe_settings = dict(probe_settings or {})
+        self.stage1_error = stage1_error
+
+    # -- fitting -------------------------------------------------------------------------
+
+    @classmethod
+    def fit(
+        cls,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        features: Sequence[str],
+        level: float = 0.90,
+        max_epochs: float = protocol.MAX_EPOCHS,
+        group_key: str | None = "corruption",
+        energy_rate: HostEnergyRate | None = None,
+        batch_size: int = 64,
+        probe_settings: Mapping[str, Any] | None = None,
+    ) -> Forecaster:
+        """Fit stage 0 on ``features``; fit stage 1 when every row carries the probe's features.
+
+        ``max_epochs`` is the sweep's epoch cap: it sets the "not to converge" flag whether
+        or not any calibration run was capped.
+        """
+        rows = [dict(r) for r in rows]
+        stage0 = CostModel(level=level, features=list(features), max_epochs=max_epochs).fit(rows, groups=group_key, note="stage 0")
+        stage1 = None
+        error = None
+        if all(all(_finite(r.get(f)) for f in PROBE_FEATURES) for r in rows):
+            with_prior = [r | {STAGE0_FEATURE: z} for r, z in zip(rows, out_of_fold_log_epochs(stage0))]
+            try:
+                stage1 = CostModel(
+                    level=level, features=list(STAGE1_FEATURES), monotone=STAGE1_SIGNS, max_epochs=max_epochs
+                ).fit(with_prior, groups=group_key, note="stage 1: index prior + probe")
+            except InputError as failure:
+                error = str(failure)
+        else:
+            error = "the calibration rows carry no probe features (calibrate with probe steps > 0)"
+        return cls(
+            stage0,
+            stage1,
+            max_epochs=max_epochs,
+            energy_rate=energy_rate,
+            batch_size=batch_size,
+            probe_settings=probe_settings,
+            stage1_error=error,
+        )
+
+    # -- forecasting ---------------------------------------------------------------------
+
+    @property
+    def level(self) -> float:
+        return float(self.stage0.level)
+
+    def stage0_log_epochs(self, features: Mapping[str, Any]) -> float:
+        """Stage 0's ``log(epochs + offset)`` for one batch (not clipped at zero epochs)."""
+        return float(self.stage0.explain(dict(features))["log_epochs"])
+
+    def predict(
+        self,
+        features: Mapping[str, Any],
+        *,
+        probe: ProbeTrajectory | None = None,
+        batch_samples: int | None = None,
+        carbon_intensity: float | None = None,
+    ) -> Forecast:
+        """Stage 0 alone, or stage 1 when a probe trajectory is given and stage 1 is fitted."""
+        if probe is None or self.stage1 is None:
+            prediction = self.stage0.predict([dict(features)], max_epochs=self.max_epochs)[0]
+            return self._finish(prediction, "index", dict(prediction.features), None, batch_samples, carbon_intensity)
+        row = self._stage1_row(features, probe.epochs, probe.accuracy, probe.loss, probe.target_accuracy, probe.ceiling)
+        prediction = self.stage1.predict([row], max_epochs=self.max_epochs)[0]
+        known = None
+        if probe.accuracy[0] >= probe.target_accuracy:
+            # The retrain's first evaluation is on the same held-out split (same seed): it stops there.
+            known = Interval(0.0, 0.0, 0.0, prediction.level)
+        return self._finish(
+            prediction, "probe", dict(features) | row, probe.cost.to_dict(), batch_samples, carbon_intensity,
+            epochs=known, p_not_converge=0.0 if known else None,
+        )
+
+    def in_flight(
+        self,
+        epochs: Sequence[float],
+        accuracy: Sequence[float],
+        loss: Sequence[float],
+        *,
+        target: float,
+        ceiling: float,
+        features: Mapping[str, Any] | None = None,
+        batch_samples: int | None = None,
+        carbon_intensity: float | None = None,
+    ) -> Forecast:
+        """Forecast of the *total* epochs of a running retrain from its evaluations so far.
+
+        The run has not reached the cutoff after ``epochs[-1]``, so the forecast is the
+        stage-1 prediction conditioned on needing more than that. Without ``features``
+        (no reference statistics at hand) the index prior is the calibration average.
+        """
+        if self.stage1 is None:
+            raise InputError(f"this cost model has no probe stage ({self.stage1_error}); recalibrate with probe steps > 0.")
+        row = self._stage1_row(features, epochs, accuracy, loss, target, ceiling)
+        prediction = self.stage1.predict([row], max_epochs=self.max_epochs)[0]
+        spent = float(epochs[-1])
+        interval, p_fail = _condition_on_spent(prediction, spent, self.stage1.epochs_offset, self.max_epochs)
+        return self._finish(
+            prediction, "in_flight", dict(features or {}) | row, None, batch_samples, carbon_intensity,
+            epochs=interval, p_not_converge=p_fail,
+        )
+
+    def energy_interval(self, epochs: Interval, batch_samples: int | None) -> Interval | None:
+        """kWh of the epochs interval for a batch of ``batch_samples`` (evaluations included)."""
+        if self.energy_rate is None or batch_samples is None:
+            return None
+        pool, holdout = protocol.split_sizes(batch_samples)
+        per_epoch = protocol.steps_per_epoch(pool, self.batch_size)
+        rate = self.energy_rate
+        return epochs.map(lambda e: rate.kwh(e * pool, protocol.evaluations(e, per_epoch) * holdout))
+
+    def _stage1_row(
+        self,
+        features: Mapping[str, Any] | None,
+        epochs: Sequence[float],
+        accuracy: Sequence[float],
+        loss: Sequence[float],
+        target: float,
+        ceiling: float,
+    ) -> dict[str, float]:
+        assert self.stage1 is not None
+        if features is None:
+            prior = float(self.stage1.history_.latest.state["feature_mean"][self.stage1.features_.index(STAGE0_FEATURE)])
+        else:
+            prior = self.stage0_log_epochs(features)
+        row = {STAGE0_FEATURE: prior} | probe_features(
+            list(epochs), list(accuracy), list(loss), target=target, ceiling=ceiling, cap_epochs=self.max_epochs
+        )
+        # Held to the range calibration saw: a curve that never crosses (or a stage-0 value far
+        # outside) would otherwise be extrapolated exponentially by the log-linear fit.
+        state = self.stage1.history_.latest.state
+        for name, low, high in zip(self.stage1.features_, state["feature_min"], state["feature_max"]):
+            row[name] = min(max(row[name], low), high)
+        return row
+
+    def _finish(
+        self,
+        prediction: CostPrediction,
+        stage: str,
+        features: dict[str, Any],
+        probe: dict[str, Any] | None,
+        batch_samples: int | None,
+        carbon_intensity: float | None,
+        *,
+        epochs: Interval | None = None,
+        p_not_converge: float | None = None,
+    ) -> Forecast:
+        if epochs is None:
+            epochs = Interval(prediction.epochs, prediction.epochs_lower, prediction.epochs_upper, prediction.level)
+            p_not_converge = prediction.p_not_converge
+        # A log-linear model extrapolates exponentially, and no calibration run says anything
+        # beyond its cap: forecasts stop at a horizon of a few caps (and are flagged).
+        horizon = HORIZON_CAPS * self.max_epochs
+        high = min(epochs.high, horizon) if math.isfinite(epochs.high) else math.inf  # inf: too few runs for a bound
+        epochs = Interval(min(epochs.median, horizon), min(epochs.low, horizon), high, epochs.level)
+        energy = self.energy_interval(epochs, batch_samples)
+        co2 = None if energy is None or carbon_intensity is None else energy.map(lambda k: k * carbon_intensity)
+        flag = bool(epochs.median >= self.max_epochs or (p_not_converge is not None and p_not_converge >= 0.5))
+        numeric = {k: float(v) for k, v in features.items() if _finite(v)}
+        return Forecast(epochs, energy, co2, stage, flag, p_not_converge, numeric, probe)
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        payload = {
+            "format": FORMAT,
+            "stage0": json.loads(self.stage0.to_json()),
+            "stage1": None if self.stage1 is None else json.loads(self.stage1.to_json()),
+            "stage1_error": self.stage1_error,
+            "max_epochs": self.max_epochs,
+            "energy_rate": None if self.energy_rate is None else self.energy_rate.to_dict(),
+            "batch_size": self.batch_size,
+            "probe_settings": self.probe_settings,
+            "protocol": {"holdout_fraction": protocol.HOLDOUT_FRACTION, "evals_per_epoch": protocol.EVALS_PER_EPOCH},
+        }
+        return json.dumps(payload, allow_nan=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Forecaster:
+        """Read a forecaster, or a plain cost model (stage 0 only), from ``path``."""
+        path = Path(path)
+        try:
+            payload = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"cost model file {path} does not exist; write one with `shiftcost calibrate`.") from None
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputError(f"cost model file {path} is not readable JSON ({error}); write it again with `shiftcost calibrate`.") from None
+        if isinstance(payload, dict) and payload.get("format") == FORMAT:
+            stage1 = None if payload.get("stage1") is None else CostModel.from_json(json.dumps(payload["stage1"]))
+            rate = payload.get("energy_rate")
+            return cls(
+                CostModel.from_json(json.dumps(payload["stage0"])),
+                stage1,
+                max_epochs=payload.get("max_epochs", protocol.MAX_EPOCHS),
+                energy_rate=None if rate is None else HostEnergyRate.from_dict(rate),
+                batch_size=payload.get("batch_size", 64),
+                probe_settings=payload.get("probe_settings"),
+                stage1_error=payload.get("stage1_error"),
+            )
+        stage0 = CostModel.from_json(path.read_text())
+        cap = stage0.max_epochs or stage0.cap_epochs_ or protocol.MAX_EPOCHS
+        return cls(stage0, None, max_epochs=cap, stage1_error="a plain cost model file has no probe stage")
+
+
+def out_of_fold_log_epochs(model: CostModel) -> list[float]:
+    """Each training row's ``log(epochs + offset)`` from the fold model that left its fold out."""
+    version = model.history_.latest
+    state = version.state
+    out = []
+    for row, fold in zip(version.rows, state["fold_of_row"]):
+        fold_model = state["folds"][fold]
+        x = np.array([row["x"][n] for n in version.features], dtype=float)
+        out.append(float(fold_model["intercept"] + np.asarray(fold_model["coef"], dtype=float) @ x))
+    return out
+
+
+def _condition_on_spent(prediction: CostPrediction, spent: float, offset: float, cap: float) -> tuple[Interval, float]:
+    """The prediction's interval given that the run needs more than ``spent`` epochs.
+
+    The predictive law of ``z = log(epochs + offset)`` is taken as normal with the
+    prediction's median and the spread its conformal interval implies, truncated below at
+    ``log(spent + offset)``; its quantiles give the conditional median and interval.
+    """
+    level = prediction.level
+    half = special.ndtri(0.5 + level / 2)
+    mu = math.log(prediction.epochs + offset)
+    low_z = math.log(prediction.epochs_lower + offset)
+    high_z = math.log(prediction.epochs_upper + offset) if math.isfinite(prediction.epochs_upper) else mu + 4.0
+    sd = max((high_z - low_z) / (2 * half), 1e-3)
+    a = (math.log(spent + offset) - mu) / sd
+    law = stats.truncnorm(a, math.inf, loc=mu, scale=sd)
+    lo, med, hi = (float(q) for q in law.ppf([0.5 - level / 2, 0.5, 0.5 + level / 2]))
+
+    def back(z: float) -> float:
+        return max(math.exp(z) - offset, spent)
+
+    upper = back(hi) if math.isfinite(prediction.epochs_upper) else math.inf
+    p_fail = float(law.sf(math.log(cap + offset)))
+    return Interval(back(med), back(lo), upper, level), p_fail
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)

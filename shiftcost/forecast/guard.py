@@ -1,0 +1,96 @@
+"""The in-flight budget guard: stop a retrain the budget can no longer hold.
+
+:class:`BudgetGuard` is a ``progress`` callback of
+:func:`~shiftcost.retrain.retrain_to_cutoff`. At every evaluation it estimates what the
+run has spent (training and evaluations, through the host's energy rate), updates the
+forecast of the run's total epochs from its own evaluations
+(:meth:`~shiftcost.forecast.forecaster.Forecaster.in_flight`; the initial forecast until
+three evaluations exist), and returns ``"stopped_by_budget"`` (which ends the run, the
+caller's model untouched) when what is spent plus the forecast's *lower* bound of what is
+still needed exceeds the budget. Stopping on the lower bound stops only runs that will
+overspend even in the favourable case; because the check runs at every evaluation, a run
+overshoots its budget by at most one evaluation interval's cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shiftcost.forecast import protocol
+from shiftcost.forecast.forecaster import Forecast, Forecaster
+
+__all__ = ["BudgetGuard", "STOPPED_BY_BUDGET"]
+
+STOPPED_BY_BUDGET = "stopped_by_budget"
+MIN_POINTS = 3
+
+
+@dataclass
+class BudgetGuard:
+    """``progress`` callback that stops a retrain whose forecast no longer fits ``budget_kwh``.
+
+    ``batch_samples`` is the labelled batch's size (the protocol's split gives the pool and
+    holdout); ``ceiling`` is the reference accuracy the run climbs back to. ``initial`` is
+    the forecast made before the run (stage 0 or the probe); without it the guard only
+    starts forecasting once the run has ``MIN_POINTS`` evaluations. After the run,
+    ``reason``, ``spent_kwh`` and ``forecasts`` say what it saw.
+    """
+
+    forecaster: Forecaster
+    budget_kwh: float
+    batch_samples: int
+    ceiling: float
+    features: dict[str, Any] | None = None
+    initial: Forecast | None = None
+    holdout_fraction: float = protocol.HOLDOUT_FRACTION
+    spent_kwh: float = 0.0
+    reason: str | None = None
+    forecasts: list[dict[str, Any]] = field(default_factory=list)
+    _epochs: list[float] = field(default_factory=list, repr=False)
+    _accuracy: list[float] = field(default_factory=list, repr=False)
+    _loss: list[float] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.forecaster.energy_rate is None:
+            from shiftcost.errors import InputError
+
+            raise InputError("the cost model has no energy rate for this host, so a budget in kWh cannot be guarded; recalibrate with energy tracking.")
+        self.pool, self.holdout = protocol.split_sizes(self.batch_samples, self.holdout_fraction)
+
+    def __call__(self, point: Any, step_cap: int, target: float) -> str | None:
+        rate = self.forecaster.energy_rate
+        assert rate is not None
+        self._epochs.append(float(point.epoch))
+        self._accuracy.append(float(point.accuracy))
+        self._loss.append(float(point.loss))
+        self.spent_kwh = rate.kwh(point.samples_seen, len(self._epochs) * self.holdout)
+        if point.accuracy >= target:
+            return None  # the run stops by itself at this evaluation
+        forecast = self._forecast(target)
+        if forecast is None:
+            return None
+        spent_epochs = self._epochs[-1]
+        per_epoch = protocol.steps_per_epoch(self.pool, self.forecaster.batch_size)
+        remaining_epochs = max(forecast.epochs.low - spent_epochs, 0.0)
+        remaining_evals = protocol.evaluations(forecast.epochs.low, per_epoch) - protocol.evaluations(spent_epochs, per_epoch)
+        remaining_kwh = rate.kwh(remaining_epochs * self.pool, max(remaining_evals, 0) * self.holdout)
+        self.forecasts.append(
+            {"step": point.step, "epoch": spent_epochs, "spent_kwh": self.spent_kwh, "remaining_low_kwh": remaining_kwh}
+            | {"epochs": forecast.epochs.to_dict(), "stage": forecast.stage}
+        )
+        if self.spent_kwh + remaining_kwh > self.budget_kwh:
+            self.reason = (
+                f"after {spent_epochs:.2f} epochs ({self.spent_kwh:.3g} kWh spent) the forecast needs at least "
+                f"{forecast.epochs.low:.2f} epochs in all, {remaining_kwh:.3g} kWh more, beyond the budget of {self.budget_kwh:.3g} kWh"
+            )
+            return STOPPED_BY_BUDGET
+        return None
+
+    def _forecast(self, target: float) -> Forecast | None:
+        if len(self._epochs) >= MIN_POINTS and self.forecaster.stage1 is not None:
+            return self.forecaster.in_flight(
+                self._epochs, self._accuracy, self._loss, target=target, ceiling=self.ceiling, features=self.features,
+                batch_samples=self.batch_samples,
+            )
+        return self.initial

@@ -1,0 +1,105 @@
+"""``shiftcost forecast`` and ``shiftcost retrain --cost-model --budget-kwh``: the JSON names scripts rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shiftcost.data.batches import Batch, save_batch
+from shiftcost.data.demo import train_classifier
+from shiftcost.data.models import build_model, save_model
+from shiftcost.index.engine import compute_reference_stats
+from tests.forecast.helpers import bars, fitted_forecaster
+
+INTERVAL = {"median", "low", "high", "level"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("forecast")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x, y = bars()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, spec = build_model("digits_cnn", 3, in_channels=1, image_size=8)
+        train_classifier(model, x, y, epochs=8, batch_size=16, lr=1e-2)
+        save_model(model, spec, out / "model.safetensors")
+        compute_reference_stats(model, spec, x, y, device="cpu").save(out / "reference.safetensors")
+        save_batch(Batch((1 - x).contiguous(), y, "inverted"), out / "batch.npz")
+        fitted_forecaster().save(out / "forecaster.json")
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def shiftcost(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", "from shiftcost.cli import main; main()", *args],
+        capture_output=True, text=True, env=env, timeout=300, cwd=cwd,
+    )
+
+
+def forecast_args(files, *extra: str) -> list[str]:
+    return [
+        "forecast", "--model", str(files / "model.safetensors"), "--reference-stats", str(files / "reference.safetensors"),
+        "--batch", str(files / "batch.npz"), "--cost-model", str(files / "forecaster.json"), "--device", "cpu",
+        "--carbon-intensity", "0.4", *extra,
+    ]
+
+
+def test_forecast_json_names(files) -> None:
+    done = shiftcost(*forecast_args(files, "--probe-steps", "5", "--json"), cwd=files)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    for name in ("epochs", "energy_kwh", "co2_kg"):
+        assert set(data[name]) == INTERVAL, name
+        assert data[name]["low"] <= data[name]["median"]
+    assert data["co2_kg"]["median"] == pytest.approx(0.4 * data["energy_kwh"]["median"])
+    assert data["stage"] == "probe"
+    assert data["probe"]["steps"] == 5 and data["probe"]["seconds"] > 0 and data["probe"]["energy"] > 0
+    assert {"resque_dist", "accuracy", "curve_log_epochs"} <= set(data["features"])
+    assert isinstance(data["not_converging"], bool)
+
+
+def test_forecast_without_probe_is_the_index_stage(files) -> None:
+    done = shiftcost(*forecast_args(files, "--no-probe", "--json"), cwd=files)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["stage"] == "index" and data["probe"]["steps"] == 0
+    assert "curve_log_epochs" not in data["features"]
+
+
+def test_contradictory_probe_options_are_one_sentence(files) -> None:
+    done = shiftcost(*forecast_args(files, "--no-probe", "--probe-steps", "3"), cwd=files)
+    assert done.returncode == 2 and "contradict" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_retrain_with_a_budget_stops_and_writes_no_model(files) -> None:
+    out = files / "retrained.safetensors"
+    done = shiftcost(
+        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(out),
+        "--reference-accuracy", "0.97", "--cost-model", str(files / "forecaster.json"), "--budget-kwh", "60",
+        "--no-energy", "--device", "cpu", "--json", cwd=files,
+    )
+    assert done.returncode == 4, done.stderr
+    data = json.loads(done.stdout)
+    assert data["status"] == "stopped_by_budget" and data["stopped_by_budget"] is True
+    assert {"epochs", "steps", "energy_kwh"} <= set(data)
+    assert data["guard"]["estimated_kwh"] > 0 and data["guard"]["reason"]
+    assert not out.exists()
+
+
+def test_the_guard_needs_both_options(files) -> None:
+    done = shiftcost(
+        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(files / "x.pt"),
+        "--budget-kwh", "1", "--no-energy", cwd=files,
+    )
+    assert done.returncode == 2 and "--cost-model" in done.stderr

@@ -1,0 +1,177 @@
+"""Stage 0 / stage 1 forecasts, in-flight conditioning, energy, and the not-to-converge flag."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from shiftcost.calibrate import analyse, best_index
+from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate
+from shiftcost.errors import InputError
+from shiftcost.forecast import protocol
+from shiftcost.forecast.forecaster import STAGE0_FEATURE, Forecaster, out_of_fold_log_epochs
+from tests.forecast.helpers import INDEX, UNIT_RATE, fitted_forecaster, forecast_rows
+
+
+def test_stage1_uses_out_of_fold_index_predictions_and_the_probe() -> None:
+    forecaster = fitted_forecaster()
+    stage0 = forecaster.stage0
+    version = stage0.history_.latest
+    # Independent check of the out-of-fold prior: refit stage 0 without each kind, predict it.
+    from shiftcost.costmodel import CostModel
+
+    rows = forecast_rows()
+    oof = out_of_fold_log_epochs(stage0)
+    for kind in ("kind0", "kind3"):
+        train = [r for r in rows if r["corruption"] != kind]
+        model = CostModel(features=list(INDEX), max_epochs=15.0).fit(train, groups="corruption")
+        for i, row in enumerate(rows):
+            if row["corruption"] == kind:
+                assert oof[i] == pytest.approx(model.explain(row)["log_epochs"], abs=1e-5)
+    assert version.rows[0]["group"] == "kind0"
+    # The probe's curve feature carries the truth here: stage 1 leans on it.
+    coef = dict(zip(forecaster.stage1.features_, forecaster.stage1.coef_))
+    assert coef["curve_log_epochs"] > 0.3
+    assert forecaster.stage1.loo_["mdape_epochs"] < forecaster.stage0.loo_["mdape_epochs"]
+
+
+def slow_truncated_quantiles(mu: float, sd: float, bound: float, probs: list[float], n: int = 400_000) -> list[float]:
+    draws = np.random.default_rng(0).normal(mu, sd, n)
+    kept = draws[draws > bound]
+    return [float(np.quantile(kept, p)) for p in probs]
+
+
+def test_in_flight_forecast_is_conditioned_on_the_epochs_spent() -> None:
+    forecaster = fitted_forecaster()
+    epochs = [0.0, 0.5, 1.0, 1.5]
+    accuracy = [0.3, 0.35, 0.38, 0.4]
+    loss = [2.0, 1.9, 1.85, 1.8]
+    forecast = forecaster.in_flight(epochs, accuracy, loss, target=0.9, ceiling=0.93, features=forecast_rows()[5])
+    assert forecast.stage == "in_flight"
+    assert forecast.epochs.low >= 1.5 and forecast.epochs.low <= forecast.epochs.median <= forecast.epochs.high
+    # Against Monte Carlo rejection sampling of the same normal law of log(epochs + 1).
+    row = forecaster._stage1_row(forecast_rows()[5], epochs, accuracy, loss, 0.9, 0.93)
+    assert row[STAGE0_FEATURE] <= max(r["x"][STAGE0_FEATURE] for r in forecaster.stage1.history_.latest.rows)
+    plain = forecaster.stage1.predict([row])[0]
+    mu = math.log1p(plain.epochs)
+    half = 1.6448536269514722
+    sd = (math.log1p(plain.epochs_upper) - math.log1p(plain.epochs_lower)) / (2 * half)
+    lo, med, hi = slow_truncated_quantiles(mu, sd, math.log1p(1.5), [0.05, 0.5, 0.95])
+    assert forecast.epochs.median == pytest.approx(max(math.expm1(med), 1.5), rel=0.02)
+    assert forecast.epochs.low == pytest.approx(max(math.expm1(lo), 1.5), rel=0.02)
+    assert forecast.epochs.high == pytest.approx(math.expm1(hi), rel=0.03)
+
+
+def test_not_converging_uses_the_sweep_cap_even_when_no_run_was_capped() -> None:
+    rows = forecast_rows()
+    assert not any(not r["reached_cutoff"] for r in rows)
+    settings = {"max_epochs": 3.0, "batch_size": 16}
+    sweep_rows = [
+        r | {"status": "reached", "intensity": 0.5, "runs": [], "accuracy_drop": 0.97 - r["accuracy"], "energy_kwh": None}
+        for r in rows
+    ]
+    result = analyse(sweep_rows, settings=settings, features=list(INDEX))
+    assert result.cost_model.max_epochs == 3.0 and result.forecaster.max_epochs == 3.0
+    hardest = max(rows, key=lambda r: r["epochs"])
+    prediction = result.cost_model.predict([hardest])[0]
+    assert prediction.epochs > 3.0 and prediction.predicted_not_to_converge
+    assert result.forecaster.predict(hardest).not_converging
+
+
+def test_energy_counts_evaluations_so_zero_epochs_is_not_free() -> None:
+    forecaster = fitted_forecaster()
+    from shiftcost.forecast.forecaster import Interval
+
+    energy = forecaster.energy_interval(Interval(0.0, 0.0, 2.0, 0.9), batch_samples=100)
+    pool, holdout = protocol.split_sizes(100)
+    assert (pool, holdout) == (70, 30)
+    assert energy.median == pytest.approx(EVAL_SAMPLE_WEIGHT * holdout) and energy.median > 0
+    per_epoch = protocol.steps_per_epoch(pool, 16)
+    evals = 1 + math.ceil(2 * per_epoch / max(1, per_epoch // 4))
+    assert energy.high == pytest.approx(2 * pool + EVAL_SAMPLE_WEIGHT * evals * holdout)
+
+
+def test_host_energy_rate_is_the_median_ratio() -> None:
+    runs = [(1e-5, 1000, 300), (2e-5, 1000, 300), (9e-4, 1000, 300), (1.5e-5, 500, 0)]
+    rate = HostEnergyRate.fit(runs)
+    ratios = sorted(kwh * 3.6e6 / (t + e / 3) for kwh, t, e in runs)
+    assert rate.joules_per_sample == pytest.approx(np.median(ratios))
+    assert rate.spread == pytest.approx(np.median(np.abs(np.array(ratios) - np.median(ratios))) / np.median(ratios))
+    assert rate.refit([(None, 10, 0)]) is rate
+
+
+def test_round_trip_and_plain_cost_model_files(tmp_path) -> None:
+    forecaster = fitted_forecaster()
+    path = forecaster.save(tmp_path / "forecaster.json")
+    again = Forecaster.load(path)
+    row = forecast_rows()[7]
+    assert again.predict(row).to_dict() == forecaster.predict(row).to_dict()
+    (tmp_path / "costmodel.json").write_text(forecaster.stage0.to_json())
+    plain = Forecaster.load(tmp_path / "costmodel.json")
+    assert plain.stage1 is None and plain.max_epochs == 15.0
+    with pytest.raises(InputError, match="does not exist"):
+        Forecaster.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(InputError, match="not readable JSON"):
+        Forecaster.load(tmp_path / "bad.json")
+    assert json.loads(forecaster.to_json())["energy_rate"]["joules_per_sample"] == UNIT_RATE.joules_per_sample
+
+
+def test_chance_accuracy_is_refused_with_one_sentence() -> None:
+    with pytest.raises(InputError, match="no better than chance") as caught:
+        protocol.check_above_chance(0.097, 10, 0.03, "the reference data")
+    assert str(caught.value).count(". ") == 0
+    protocol.check_above_chance(0.9, 10, 0.03, "the reference data")
+
+
+def test_best_index_within_kinds_names_its_tie_break() -> None:
+    def cell(value):
+        return {"energy_kwh": {"spearman": value}}
+
+    features = ["resque_dist", "inv_ari", "layer_shift", "accuracy_drop"]
+    correlations = {
+        "features": features,
+        "overall": {"resque_dist": cell(0.5), "inv_ari": cell(0.8), "layer_shift": cell(0.6), "accuracy_drop": cell(0.9)},
+        "per_type": {
+            "a": {f: cell(1.0) for f in features},
+            "b": {f: cell(1.0) for f in features},
+        },
+    }
+    best = best_index(correlations)
+    assert set(best["within_type_tie"]) == {"resque_dist", "inv_ari", "layer_shift"}
+    assert best["best_index_within_type"] == "inv_ari"  # the highest overall among the tied
+    assert "tie" in best["within_type_rule"]
+
+
+def test_a_probe_that_starts_at_the_target_forecasts_no_training() -> None:
+    from shiftcost.forecast.probe import ProbeCost, ProbeTrajectory
+
+    forecaster = fitted_forecaster()
+    cost = ProbeCost(steps=2, sample_gradients=32, samples_evaluated=90, seconds=0.1, energy_kwh=None, energy_measured=False)
+
+    def probe(first: float) -> ProbeTrajectory:
+        return ProbeTrajectory(
+            epochs=[0.0, 0.1, 0.2], accuracy=[first, 0.5, 0.5], loss=[1.0, 1.2, 1.3], initial_grad_norm=1.0, grad_noise_scale=None,
+            loss_drop_per_step=-0.1, target_accuracy=0.9, ceiling=0.93, pool_samples=70, holdout_samples=30, cost=cost,
+        )
+
+    row = forecast_rows()[20]
+    met = forecaster.predict(row, probe=probe(0.91), batch_samples=100)
+    assert (met.epochs.median, met.epochs.low, met.epochs.high) == (0.0, 0.0, 0.0) and not met.not_converging
+    assert met.energy_kwh.median > 0  # its one evaluation still costs
+    unmet = forecaster.predict(row, probe=probe(0.89), batch_samples=100)
+    assert unmet.epochs.median > 0 and unmet.epochs.median <= 3 * forecaster.max_epochs
+
+
+def test_a_probe_pays_only_when_the_index_interval_straddles_the_budget() -> None:
+    from shiftcost.forecast.decide import probe_pays
+    from shiftcost.forecast.forecaster import Interval
+
+    interval = Interval(2.0, 1.0, 5.0, 0.9)
+    assert probe_pays(interval, budget_left_kwh=3.0, probe_energy_kwh=0.01).probe
+    assert not probe_pays(interval, budget_left_kwh=6.0, probe_energy_kwh=0.01).probe  # fits anyway
+    assert not probe_pays(interval, budget_left_kwh=0.5, probe_energy_kwh=0.01).probe  # deferred anyway
+    assert not probe_pays(interval, budget_left_kwh=3.0, probe_energy_kwh=1.0).probe  # would eat the budget

@@ -1,0 +1,81 @@
+"""The budget guard inside a real retrain: stops, status, model unchanged, spend reported."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from shiftcost.energy import EVAL_SAMPLE_WEIGHT
+from shiftcost.forecast.forecaster import Forecast, Interval
+from shiftcost.forecast.guard import STOPPED_BY_BUDGET, BudgetGuard
+from shiftcost.retrain import STATUSES, retrain_to_cutoff
+from tests.forecast.helpers import fitted_forecaster
+
+N = 400
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def task() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, generator=g)
+    x = torch.randn(N, 8, generator=g)
+    y = (x @ w > 0).long()
+    model = nn.Linear(8, 2)
+    with torch.no_grad():  # starts out predicting the opposite class: it must learn
+        model.weight.copy_(torch.stack([w, -w]) * 0.5)
+        model.bias.zero_()
+    return model, x, y
+
+
+def run(guard: BudgetGuard | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    return retrain_to_cutoff(
+        model, x, y, target_accuracy=0.95, holdout_fraction=0.3, eval_every=2, batch_size=16, lr=0.02, optimizer="sgd",
+        max_epochs=20, track_energy=False, progress=guard, device="cpu",
+    )
+
+
+def test_a_forecast_beyond_the_budget_stops_before_training_and_keeps_the_model() -> None:
+    model, x, y = task()
+    before = copy.deepcopy(model.state_dict())
+    pessimistic = Forecast(Interval(50.0, 40.0, 80.0, 0.9), None, None, "probe", False, None, {})
+    budget = 1000.0  # sample counts: one evaluation costs 120 / 3 = 40, 40 epochs cost far more
+    guard = BudgetGuard(fitted_forecaster(), budget_kwh=budget, batch_samples=N, ceiling=0.97, initial=pessimistic)
+    result = run(guard, model, x, y)
+    assert result.status == STOPPED_BY_BUDGET and STOPPED_BY_BUDGET in STATUSES
+    assert not result.reached_cutoff and result.steps == 0
+    assert guard.spent_kwh == pytest.approx(EVAL_SAMPLE_WEIGHT * 120) and guard.spent_kwh < budget
+    assert "beyond the budget" in guard.reason
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_spending_past_the_budget_stops_within_one_evaluation_interval() -> None:
+    model, x, y = task()
+    unguarded = run(None, model, x, y)
+    assert unguarded.status == "reached" and unguarded.steps > 6
+    budget = 150.0
+    guard = BudgetGuard(fitted_forecaster(), budget_kwh=budget, batch_samples=N, ceiling=0.97)
+    result = run(guard, model, x, y)
+    assert result.status == STOPPED_BY_BUDGET and 0 < result.steps < unguarded.steps
+    expected = result.samples_seen + EVAL_SAMPLE_WEIGHT * len(result.curve) * result.holdout_samples
+    assert guard.spent_kwh == pytest.approx(expected)
+    interval = 2 * 16 + EVAL_SAMPLE_WEIGHT * result.holdout_samples
+    assert guard.spent_kwh <= budget + interval
+    assert guard.forecasts and guard.forecasts[-1]["step"] == result.steps
+
+
+def test_an_ample_budget_changes_nothing() -> None:
+    model, x, y = task()
+    plain = run(None, model, x, y)
+    guarded = run(BudgetGuard(fitted_forecaster(), budget_kwh=1e9, batch_samples=N, ceiling=0.97), model, x, y)
+    assert guarded.status == plain.status == "reached"
+    assert guarded.steps == plain.steps and [p.accuracy for p in guarded.curve] == [p.accuracy for p in plain.curve]

@@ -1,0 +1,53 @@
+"""The probe: its cost accounting, its trajectory, and that it leaves the model alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from shiftcost.data.demo import train_classifier
+from shiftcost.data.models import build_model
+from shiftcost.energy import EVAL_SAMPLE_WEIGHT
+from shiftcost.forecast.probe import run_probe
+from tests.forecast.helpers import bars
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    x, y = bars()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, spec = build_model("digits_cnn", 3, in_channels=1, image_size=8)
+    train_classifier(model, x, y, epochs=8, batch_size=16, lr=1e-2)
+    yield model, spec, x, y
+    torch.set_num_threads(threads)
+
+
+def test_probe_cost_is_counted_exactly_and_the_model_is_untouched(tiny) -> None:
+    model, _, x, y = tiny
+    shifted = (1 - x).contiguous()  # inverted images: the model must relearn
+    before = copy.deepcopy(model.state_dict())
+    rng_state = torch.get_rng_state()
+    probe = run_probe(model, shifted, y, target_accuracy=0.9, ceiling=0.95, steps=6, samples=40, batch_size=8, joules_per_sample=7.2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng_state, torch.get_rng_state())
+    holdout = round(len(y) * 0.3)
+    assert probe.holdout_samples == holdout and probe.pool_samples == len(y) - holdout
+    cost = probe.cost
+    assert cost.steps == 6 and cost.sample_gradients == 6 * 8
+    assert cost.samples_evaluated == 7 * holdout
+    assert cost.energy_kwh == pytest.approx(7.2 * (48 + EVAL_SAMPLE_WEIGHT * 7 * holdout) / 3.6e6) and not cost.energy_measured
+    assert len(probe.accuracy) == len(probe.loss) == len(probe.epochs) == 7
+    assert probe.epochs[-1] == pytest.approx(48 / probe.pool_samples)
+    assert probe.initial_grad_norm > 0 and probe.loss[-1] < probe.loss[0]
+
+
+def test_the_same_seed_gives_the_same_probe(tiny) -> None:
+    model, _, x, y = tiny
+    a = run_probe(model, 1 - x, y, target_accuracy=0.9, ceiling=0.95, steps=4, seed=3)
+    b = run_probe(model, 1 - x, y, target_accuracy=0.9, ceiling=0.95, steps=4, seed=3)
+    assert a.accuracy == b.accuracy and a.loss == b.loss and a.grad_noise_scale == b.grad_noise_scale
