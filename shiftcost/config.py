@@ -77,12 +77,15 @@ class Settings(BaseSettings):
         description="Seconds after which a batch claimed by a crashed assessment may be claimed again.",
     )
     retrain_stale_after_s: float = Field(
-        default=7 * 3600.0,
+        default=900.0,
         gt=0,
         description=(
-            "Seconds after which a retrain run still 'running' is taken as killed (the retrain task's own timeout is 6 h): "
-            "the watcher marks it and its batch failed and releases its reservation."
+            "Lease of a running retrain: a run whose heartbeat is older than this is proven dead (its process was "
+            "killed); the watcher marks it and its batch failed and releases its reservation."
         ),
+    )
+    retrain_heartbeat_s: float = Field(
+        default=60.0, gt=0, description="Seconds between two heartbeats of a running retrain (keep well under the lease)."
     )
     device: str = Field(default="auto", description="Torch device for forward passes and retraining: auto, cpu, cuda[:N].")
 

@@ -96,5 +96,6 @@ def record_failure(settings: Settings, job: pipeline.RetrainJob, error: BaseExce
     """Mark the run and the batch failed and release the reservation; the model is unchanged."""
     with pipeline.connect(settings) as db:
         outcome = pipeline.record_retrain_failure(db, job, error)
-    get_run_logger().error("batch %d: retraining failed (%s); reservation released", job.batch_id, outcome.error)
+    closed = "spend measured until then settled" if outcome.settled else "reservation released" if outcome.released else "no reservation was open"
+    get_run_logger().error("batch %d: retraining failed (%s); %s", job.batch_id, outcome.error, closed)
     return outcome

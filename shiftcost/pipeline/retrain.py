@@ -359,8 +359,16 @@ def record_retrain_success(
     job = inputs.job
     assert result.energy is not None
     kwh, co2 = result.energy.energy_kwh, result.energy.emissions_kg
+    notes = list(notes or [])
     with db.session() as session:
-        guarded_update(session, job.claim, status="done")
+        try:
+            guarded_update(session, job.claim, status="done")
+        except ClaimLost:
+            # Closed as dead while it ran (no heartbeat within the lease): the batch stays
+            # failed, but what the run spent is real and is still recorded.
+            notes.append("the run was closed as dead while it ran; its spend is recorded as a late settlement "
+                         "and no new model version is registered")
+            new_version = None
         new_model = None
         if new_version is not None:
             new_model = repository.register_model(
@@ -407,14 +415,16 @@ def record_retrain_success(
         calibration_id=None if calibration is None else calibration.id,
         cost_model_version=None if cost_model is None else cost_model.version_,
         settled=settled,
-        notes=list(notes or []),
+        notes=notes,
     )
 
 
 def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException) -> RetrainOutcome:
-    """Mark the run and the batch failed and release the reservation; the model is unchanged.
+    """Mark the run and the batch failed and close the reservation; the model is unchanged.
 
-    Whatever the run measured before it failed (``error.partial``) is kept on the run.
+    Whatever the run measured before it failed (``error.partial``) is kept on the run and
+    settled in the ledger (energy spent is spent); with nothing measured, the
+    reservation is released.
     """
     from shiftcost.store import ledger, repository
 
@@ -428,7 +438,8 @@ def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException) 
         except ClaimLost:
             pass  # another run recorded this batch's end already; still close this run
         repository.finish_retrain_run(session, job.run_id, "failed", **(measures | {"error": message}))
-        released = ledger.release_decision(session, job.decision_id, reason)
+        closed = ledger.close_decision(session, job.decision_id, reason, measures.get("energy_kwh"), measures.get("emissions_kg"))
+    measured = measures.get("energy_kwh") is not None
     return RetrainOutcome(
         batch_id=job.batch_id,
         status="failed",
@@ -438,18 +449,22 @@ def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException) 
         steps=measures.get("steps"),
         energy_kwh=measures.get("energy_kwh"),
         emissions_kg=measures.get("emissions_kg"),
-        released=released,
+        settled=closed if measured else [],
+        released=[] if measured else closed,
         error=message,
     )
 
 
 def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now: datetime | None = None) -> list[RetrainOutcome]:
-    """Close the retrain runs of ``model_name`` still ``running`` ``older_than_s`` after they started.
+    """Close the retrain runs of ``model_name`` proven dead: ``running`` with no heartbeat
+    (before the first one: no start) within the last ``older_than_s`` seconds (the lease).
 
     Such a run's process was killed (a crash it survived would have recorded itself): the
     run and its batch are marked failed and the decision's reservation is released, in one
-    transaction per run. The energy it spent is unknown and not charged. Each run is closed
-    by a guarded UPDATE, so of racing watchers exactly one closes it. Returns what was closed.
+    transaction per run. The energy it spent is unknown and not charged (should the run
+    still finish, it records its spend as a late settlement). Each run is closed by a
+    guarded UPDATE, so of racing watchers exactly one closes it. Returns what was closed;
+    ``released`` is empty when there was nothing left to release.
     """
     from datetime import timedelta
 
@@ -459,8 +474,8 @@ def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now:
     from shiftcost.store import models as rows
 
     now = rows.utcnow() if now is None else now
-    hours = older_than_s / 3600.0
-    message = f"abandoned: still running {hours:.3g} h after it started, so its process was killed"
+    lease = timedelta(seconds=older_than_s)
+    message = f"abandoned: no heartbeat for {older_than_s / 3600.0:.3g} h (its lease), so its process was killed"
     with db.session(readonly=True) as session:
         stale = session.execute(
             select(rows.RetrainRun.id, rows.RetrainRun.batch_id, rows.RetrainRun.decision_id)
@@ -468,7 +483,7 @@ def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now:
             .where(
                 rows.Model.name == model_name,
                 rows.RetrainRun.status == "running",
-                rows.RetrainRun.started_at < now - timedelta(seconds=older_than_s),
+                ~ledger.live_run_condition(lease, now),
             )
             .order_by(rows.RetrainRun.id)
         ).all()
@@ -477,7 +492,7 @@ def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now:
         with db.session() as session:
             finished = session.execute(
                 update(rows.RetrainRun)
-                .where(rows.RetrainRun.id == run_id, rows.RetrainRun.status == "running")
+                .where(rows.RetrainRun.id == run_id, rows.RetrainRun.status == "running", ~ledger.live_run_condition(lease, now))
                 .values(status="failed", error=message, finished_at=rows.utcnow())
                 .execution_options(synchronize_session=False)
             )
@@ -545,15 +560,18 @@ def not_started(db: Database, batch_id: int) -> RetrainOutcome:
 
 def run_retrain(db: Database, settings: Settings, batch_id: int) -> RetrainOutcome:
     """Retrain on a batch decided for retraining, once; raises ``RetrainFailed`` after recording a failure."""
+    from shiftcost.pipeline.lease import heartbeat
+
     job = claim_retrain(db, batch_id)
     if job is None:
         return not_started(db, batch_id)
     try:
-        inputs = load_for_retrain(db, settings, job)
-        result = execute_retrain(settings, inputs)
-        new_version = build_new_version(settings, inputs, result)
-        cost_model, note = refit_cost_model(db, inputs, result)
-        return record_retrain_success(db, inputs, result, new_version, cost_model, [note] if note else None)
+        with heartbeat(db, job.run_id, settings.retrain_heartbeat_s):
+            inputs = load_for_retrain(db, settings, job)
+            result = execute_retrain(settings, inputs)
+            new_version = build_new_version(settings, inputs, result)
+            cost_model, note = refit_cost_model(db, inputs, result)
+            return record_retrain_success(db, inputs, result, new_version, cost_model, [note] if note else None)
     except BaseException as error:
         try:
             outcome = record_retrain_failure(db, job, error)
