@@ -19,6 +19,7 @@ def retrain(batch_id: int, overrides: Overrides = None) -> dict[str, Any]:
     job = steps.claim_retrain(settings, batch_id)
     if job is None:
         return steps.not_started(settings, batch_id).to_dict()
+    result = None
     try:
         # The run proves it is alive for as long as this flow runs its steps.
         with connect(settings) as db, heartbeat(db, job.run_id, settings.retrain_heartbeat_s):
@@ -28,6 +29,6 @@ def retrain(batch_id: int, overrides: Overrides = None) -> dict[str, Any]:
             cost_model, note = steps.refit_cost_model(settings, inputs, result)
             outcome = steps.record_success(settings, inputs, result, new_version, cost_model, note)
     except Exception as error:
-        outcome = steps.record_failure(settings, job, error)
+        outcome = steps.record_failure(settings, job, error, result)
         raise RetrainFailed(f"Retraining batch {batch_id} failed and was recorded as failed: {outcome.error}", outcome) from error
     return outcome.to_dict()

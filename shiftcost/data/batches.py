@@ -303,8 +303,12 @@ def save_batch(batch: Batch, path: str | os.PathLike[str]) -> Path:
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
-        handle.write(data)
         temporary = Path(handle.name)
+        try:
+            handle.write(data)
+        except BaseException:
+            temporary.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+            raise
     try:
         os.replace(temporary, path)
     finally:

@@ -248,19 +248,33 @@ def build_new_version(settings: Settings, inputs: RetrainInputs, result: Retrain
     import torch
 
     from shiftcost.data import Batch, load_batch, model_fingerprint, save_batch, save_model
-    from shiftcost.index.engine import compute_reference_stats
 
     if not produces_new_version(result):
         return None
     assert result.model is not None
     artifacts = Artifacts.from_settings(settings)
     tag = f"run-{inputs.job.run_id}"
-    weights_path = save_model(result.model.cpu(), inputs.spec, artifacts.model_weights(inputs.model_name, tag))
-    x, y = inputs.data.x, inputs.data.y
-    if inputs.reference_data_uri:
-        parent = load_batch(inputs.reference_data_uri, spec=inputs.spec)
-        x, y = torch.cat([parent.x, x]), torch.cat([parent.y, y])
-    data_path = save_batch(Batch(x, y, "reference"), artifacts.reference_data(inputs.model_name, tag))
+    written: list[Path] = []
+    try:
+        weights_path = save_model(result.model.cpu(), inputs.spec, artifacts.model_weights(inputs.model_name, tag))
+        written.append(weights_path)
+        x, y = inputs.data.x, inputs.data.y
+        if inputs.reference_data_uri:
+            parent = load_batch(inputs.reference_data_uri, spec=inputs.spec)
+            x, y = torch.cat([parent.x, x]), torch.cat([parent.y, y])
+        data_path = save_batch(Batch(x, y, "reference"), artifacts.reference_data(inputs.model_name, tag))
+        written.append(data_path)
+        reference, reference_path = _new_reference(settings, inputs, result, x, y, artifacts.reference_stats(inputs.model_name, tag))
+    except BaseException:
+        for path in written:  # no version is registered, so none of its files may stay behind
+            path.unlink(missing_ok=True)
+        raise
+    return NewVersion(weights_path, reference_path, data_path, reference, model_fingerprint(result.model))
+
+
+def _new_reference(settings: Settings, inputs: RetrainInputs, result: RetrainResult, x: Any, y: Any, path: Path) -> tuple[ReferenceStats, Path]:
+    from shiftcost.index.engine import compute_reference_stats
+
     reference = compute_reference_stats(
         result.model,
         inputs.spec,
@@ -272,8 +286,7 @@ def build_new_version(settings: Settings, inputs: RetrainInputs, result: Retrain
         seed=inputs.reference.seed,
         bins=inputs.reference.bins,
     )
-    reference_path = reference.save(artifacts.reference_stats(inputs.model_name, tag))
-    return NewVersion(weights_path, reference_path, data_path, reference, model_fingerprint(result.model))
+    return reference, reference.save(path)
 
 
 # ----------------------------------------------------------------------------- 5. refit
@@ -419,16 +432,16 @@ def record_retrain_success(
     )
 
 
-def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException) -> RetrainOutcome:
-    """Mark the run and the batch failed and close the reservation; the model is unchanged.
+def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException, measured: RetrainResult | None = None) -> RetrainOutcome:
+    """Mark the run and the batch failed and release the reservation; the model is unchanged.
 
-    Whatever the run measured before it failed (``error.partial``) is kept on the run and
-    settled in the ledger (energy spent is spent); with nothing measured, the
-    reservation is released.
+    Whatever the run measured before it failed is kept on the run: ``error.partial`` for a
+    crash while training, ``measured`` for a failure after training finished (saving the
+    new version to a full or read-only folder, say).
     """
     from shiftcost.store import ledger, repository
 
-    partial = getattr(error, "partial", None)
+    partial = getattr(error, "partial", None) or measured
     measures = _run_measures(partial if hasattr(partial, "pool_samples") else None)
     message = " ".join(str(error).split()) or type(error).__name__
     reason = f"Retraining failed: {message}"
@@ -438,8 +451,7 @@ def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException) 
         except ClaimLost:
             pass  # another run recorded this batch's end already; still close this run
         repository.finish_retrain_run(session, job.run_id, "failed", **(measures | {"error": message}))
-        closed = ledger.close_decision(session, job.decision_id, reason, measures.get("energy_kwh"), measures.get("emissions_kg"))
-    measured = measures.get("energy_kwh") is not None
+        released = ledger.release_decision(session, job.decision_id, reason)
     return RetrainOutcome(
         batch_id=job.batch_id,
         status="failed",
@@ -449,8 +461,7 @@ def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException) 
         steps=measures.get("steps"),
         energy_kwh=measures.get("energy_kwh"),
         emissions_kg=measures.get("emissions_kg"),
-        settled=closed if measured else [],
-        released=[] if measured else closed,
+        released=released,
         error=message,
     )
 
@@ -565,6 +576,7 @@ def run_retrain(db: Database, settings: Settings, batch_id: int) -> RetrainOutco
     job = claim_retrain(db, batch_id)
     if job is None:
         return not_started(db, batch_id)
+    result = None
     try:
         with heartbeat(db, job.run_id, settings.retrain_heartbeat_s):
             inputs = load_for_retrain(db, settings, job)
@@ -574,7 +586,7 @@ def run_retrain(db: Database, settings: Settings, batch_id: int) -> RetrainOutco
             return record_retrain_success(db, inputs, result, new_version, cost_model, [note] if note else None)
     except BaseException as error:
         try:
-            outcome = record_retrain_failure(db, job, error)
+            outcome = record_retrain_failure(db, job, error, result)
         except Exception:
             # The database is out of reach too: the run stays open and its reservation held
             # until `shiftcost budget release-open` closes it; the original error matters more.

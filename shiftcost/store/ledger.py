@@ -719,19 +719,6 @@ def settle_decision(target: Target, decision_id: int, kwh: float, co2: float) ->
         return ids
 
 
-def close_decision(target: Target, decision_id: int, reason: str, kwh: float | None = None,
-                   co2: float | None = None) -> list[int]:
-    """Close a failed run's reservations: settled with what it measured before failing when
-    that is known (energy spent is spent), released otherwise; returns entry ids."""
-    if kwh is None:
-        return release_decision(target, decision_id, reason)
-    with _transaction(target) as session:
-        settled = settle_decision(session, decision_id, kwh, co2 or 0.0)
-        for entry_id in settled:
-            session.get(LedgerEntry, entry_id).reason = f"{reason} (measured until it failed)"
-        return settled
-
-
 def _reservations_of(session: Session, decision_id: int) -> list[LedgerEntry]:
     query = select(LedgerEntry).where(LedgerEntry.decision_id == decision_id, LedgerEntry.kind == "reserve")
     return list(session.scalars(query.order_by(LedgerEntry.id)))
@@ -817,7 +804,6 @@ __all__ = [
     "BudgetStatus",
     "Reservation",
     "budget_status",
-    "close_decision",
     "create_budget",
     "delete_budget",
     "fits",
