@@ -70,3 +70,27 @@ def test_a_retrain_that_cannot_save_its_new_version_keeps_its_energy_and_leaves_
     assert not artifacts.model_weights(env.settings.model_name, "run-1").exists()
     leftovers = [p.name for p in artifacts.root.rglob("*") if p.is_file() and "run-1" in p.name]
     assert leftovers == []
+
+
+def test_a_one_image_batch_fails_with_a_sentence_naming_its_file(pipeline_env: PipelineEnv) -> None:
+    env = pipeline_env
+    x, y = env.stream(0, 1)
+    env.drop("single.npz", brightened(x), y)
+    (result,) = pipeline.watch_once(env.settings, retrain=False)
+    (batch,) = env.rows(db.Batch)
+    assert batch.status == "failed"
+    assert "single.npz" in batch.failure_reason and "at least 10" in batch.failure_reason
+
+
+def test_a_drift_folder_that_cannot_be_written_is_one_sentence_and_nothing_is_half_written(pipeline_env: PipelineEnv) -> None:
+    from shiftcost.errors import ConfigError
+
+    env = pipeline_env
+    _drifted(env)
+    blocked = pipeline.Artifacts.from_settings(env.settings).root / "drift"
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("not a folder")  # as a full or read-only disk would, writing there fails
+    with pytest.raises(ConfigError, match="Cannot write the drift report .* SHIFTCOST_ARTIFACTS_DIR") as raised:
+        pipeline.process_batch(env.settings, str(env.landing / "bright.npz"))
+    assert "\n" not in str(raised.value)
+    assert env.count(db.Decision) == 0 and env.count(db.LedgerEntry) == 0
