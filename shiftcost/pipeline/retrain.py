@@ -486,7 +486,8 @@ def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now:
 
     now = rows.utcnow() if now is None else now
     lease = timedelta(seconds=older_than_s)
-    message = f"abandoned: no heartbeat for {older_than_s / 3600.0:.3g} h (its lease), so its process was killed"
+    span = f"{older_than_s / 3600.0:.3g} h" if older_than_s >= 3600 else f"{older_than_s:.3g} s"
+    message = f"abandoned: no heartbeat for {span} (its lease), so its process was killed"
     with db.session(readonly=True) as session:
         stale = session.execute(
             select(rows.RetrainRun.id, rows.RetrainRun.batch_id, rows.RetrainRun.decision_id)
