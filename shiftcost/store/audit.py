@@ -31,7 +31,6 @@ from shiftcost.store.models import (
     Calibration,
     CostPrediction,
     Decision,
-    LedgerEntry,
     Model,
     RetrainRun,
 )

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, exc, func, or_, select
+from sqlalchemy import Engine, and_, case, exc, func, select
 from sqlalchemy.orm import Session, aliased
 
 from shiftcost.errors import ConfigError, InputError
