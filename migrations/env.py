@@ -45,6 +45,12 @@ def run_migrations_online() -> None:
     engine, owned = _engine()
     try:
         with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # Batch mode rebuilds a table by dropping it, which SQLite refuses while
+                # rows elsewhere point at it; as Alembic advises, foreign keys are off
+                # while the schema changes (set outside any transaction to take effect).
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")
             context.configure(
                 connection=connection,
                 target_metadata=target_metadata,
@@ -55,8 +61,12 @@ def run_migrations_online() -> None:
                 transactional_ddl=True,
                 compare_type=True,
             )
-            with context.begin_transaction():
-                context.run_migrations()
+            try:
+                with context.begin_transaction():
+                    context.run_migrations()
+            finally:
+                if sqlite:
+                    connection.connection.driver_connection.execute("PRAGMA foreign_keys = ON")
     finally:
         if owned:
             engine.dispose()

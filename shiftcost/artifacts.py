@@ -15,6 +15,7 @@ never the concatenation of every batch it was retrained on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
     from shiftcost.config import Settings
 
-__all__ = ["Artifacts", "bounded_sample", "reading", "writing"]
+__all__ = ["Artifacts", "bounded_sample", "reading", "remove", "writing"]
 
 
 def _filesystem(url: str) -> tuple[Any, str]:
@@ -125,6 +126,17 @@ def reading(url: str) -> Iterator[Path]:
         except OSError as error:
             raise InputError(f"The artifact {url} cannot be read ({error}); check the artifacts location.") from None
         yield copy
+
+
+def remove(url: str) -> None:
+    """Delete the artifact ``url`` if it exists (cleaning up after a failed version)."""
+    local = _local_path(url)
+    if local is not None:
+        Path(local).unlink(missing_ok=True)
+        return
+    fs, path = _filesystem(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
 
 
 def bounded_sample(x: torch.Tensor, y: torch.Tensor, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

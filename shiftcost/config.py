@@ -100,12 +100,15 @@ class Settings(BaseSettings):
         description="Seconds after which a batch claimed by a crashed assessment may be claimed again.",
     )
     retrain_stale_after_s: float = Field(
-        default=7 * 3600.0,
+        default=900.0,
         gt=0,
         description=(
-            "Seconds after which a retrain run still 'running' is taken as killed (the retrain task's own timeout is 6 h): "
-            "the watcher marks it and its batch failed and releases its reservation."
+            "Lease of a running retrain: a run whose heartbeat is older than this is proven dead (its process was "
+            "killed); the watcher marks it and its batch failed and releases its reservation."
         ),
+    )
+    retrain_heartbeat_s: float = Field(
+        default=60.0, gt=0, description="Seconds between two heartbeats of a running retrain (keep well under the lease)."
     )
     device: str = Field(default="auto", description="Torch device for forward passes and retraining: auto, cpu, cuda[:N].")
 
@@ -218,4 +221,51 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError(
             f"The setting {name} (environment variable SHIFTCOST_{name.upper()}) is invalid: "
             f"{first['msg']}; fix its value."
+        ) from error
+
+
+def _memory_bytes() -> int:
+    """This machine's physical memory (8 GiB when the system cannot say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+class InputLimits(BaseSettings):
+    """How large an input may declare itself before anything is allocated for it.
+
+    Checked against the sizes a file declares in its headers (``.npz`` members' ``.npy``
+    headers, ``.pt`` storages, safetensors headers), the number of images of a folder and
+    the fields of a model spec, so a small file declaring a huge array is refused with one
+    sentence instead of exhausting memory. Each is ``SHIFTCOST_<NAME>``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SHIFTCOST_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    max_batch_bytes: int = Field(
+        default_factory=lambda: _memory_bytes() // 4, ge=1,
+        description="Most bytes the arrays of one batch file may declare (default: a quarter of this machine's memory).",
+    )
+    max_batch_images: int = Field(default=1_000_000, ge=1, description="Most images one batch may hold.")
+    max_model_bytes: int = Field(
+        default_factory=lambda: _memory_bytes() // 4, ge=1,
+        description="Most bytes a model's weights (declared, or estimated from its spec) and one image's "
+        "activations may take (default: a quarter of this machine's memory).",
+    )
+    max_image_size: int = Field(default=4096, ge=1, description="Largest image side, in pixels, a model spec may ask for.")
+    max_in_channels: int = Field(default=64, ge=1, description="Most input channels a model spec may ask for.")
+
+
+def load_limits() -> InputLimits:
+    """The input size limits now (environment read on every call); ``ConfigError`` if invalid."""
+    from pydantic import ValidationError
+
+    try:
+        return InputLimits()
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = ".".join(str(part) for part in first["loc"]) or "?"
+        raise ConfigError(
+            f"The setting {name} (environment variable SHIFTCOST_{name.upper()}) is invalid: {first['msg']}; fix its value."
         ) from error

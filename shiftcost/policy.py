@@ -34,19 +34,18 @@ from datetime import datetime
 from typing import Any, Literal
 
 from shiftcost.errors import ConfigError
+from shiftcost.store.ledger import PERIODIC, BudgetStatus, fits
 
-__all__ = ["BudgetState", "CostFigures", "Decision", "PolicySettings", "Reason", "decide", "PERIODIC"]
+__all__ = ["BudgetState", "BudgetStatus", "CostFigures", "Decision", "PolicySettings", "Reason", "decide", "PERIODIC"]
 
 Action = Literal["retrain", "skip", "defer"]
 Effect = Literal["allow", "skip", "defer", "info"]
 
-#: Budget periods whose cap renews, so waiting can make room.
-PERIODIC = frozenset({"daily", "monthly", "rolling_days"})
-_PERIOD_ALIASES = {"per-run": "per_run", "rolling": "rolling_days", "rolling-days": "rolling_days"}
-_KNOWN_PERIODS = PERIODIC | {"per_run"}
 _SEVERITY = {"info": 0, "allow": 0, "defer": 1, "skip": 2}
-# Sums of many float ledger entries drift by a few ulps; the ledger forgives the same slack.
-_SLACK = 1e-9
+
+#: A budget stated by its caps and what remains (a what-if, or a test): the ledger's own
+#: model, :meth:`shiftcost.store.ledger.BudgetStatus.planned`.
+BudgetState = BudgetStatus.planned
 
 
 @dataclass(frozen=True)
@@ -67,85 +66,6 @@ class PolicySettings:
             raise ConfigError(f"on_not_converging is {self.on_not_converging!r}; set it to 'skip' or 'defer'.")
         if self.min_accuracy_drop is not None and not math.isfinite(self.min_accuracy_drop):
             raise ConfigError(f"min_accuracy_drop is {self.min_accuracy_drop!r}; set a finite number or leave it unset.")
-
-
-@dataclass(frozen=True)
-class BudgetState:
-    """One budget's caps and what remains of them in the current period.
-
-    A ``None`` cap means the measure is not limited. A ``None`` remaining amount with a
-    cap set means nothing has been spent yet (the whole cap remains). Remaining amounts
-    may be negative when a period was overspent by measured costs.
-    """
-
-    name: str
-    scope: str = "*"
-    period: str = "per_run"
-    kwh_cap: float | None = None
-    co2_cap: float | None = None
-    kwh_remaining: float | None = None
-    co2_remaining: float | None = None
-    period_start: datetime | None = None
-    period_end: datetime | None = None
-
-    def __post_init__(self) -> None:
-        period = _PERIOD_ALIASES.get(self.period, self.period)
-        if period not in _KNOWN_PERIODS:
-            raise ConfigError(f"budget {self.name!r} has period {self.period!r}; use one of {', '.join(sorted(_KNOWN_PERIODS))}.")
-        object.__setattr__(self, "period", period)
-        for measure in ("kwh", "co2"):
-            cap = getattr(self, f"{measure}_cap")
-            if cap is not None and (not math.isfinite(cap) or cap < 0):
-                raise ConfigError(f"budget {self.name!r} has {measure}_cap {cap!r}; caps are finite and not negative.")
-            if cap is not None and getattr(self, f"{measure}_remaining") is None:
-                object.__setattr__(self, f"{measure}_remaining", float(cap))
-
-    @classmethod
-    def coerce(cls, budget: Any) -> BudgetState:
-        """A :class:`BudgetState` from itself, a mapping, or the ledger's status object.
-
-        Understands both this class's field names and the ledger's (``remaining_kwh``,
-        ``remaining_co2``, ``window_start``, ``window_end``).
-        """
-        if isinstance(budget, BudgetState):
-            return budget
-
-        def get(*names: str) -> Any:
-            for name in names:
-                if isinstance(budget, Mapping) and name in budget:
-                    return budget[name]
-                if not isinstance(budget, Mapping) and hasattr(budget, name):
-                    return getattr(budget, name)
-            return None
-
-        name = get("name")
-        if name is None:
-            raise ConfigError(f"a budget state without a name was given ({type(budget).__name__}); pass BudgetState objects or the ledger's budget status.")
-        return cls(
-            name=str(name),
-            scope=get("scope") or "*",
-            period=get("period") or "per_run",
-            kwh_cap=_optional_float(get("kwh_cap")),
-            co2_cap=_optional_float(get("co2_cap")),
-            kwh_remaining=_optional_float(get("kwh_remaining", "remaining_kwh")),
-            co2_remaining=_optional_float(get("co2_remaining", "remaining_co2")),
-            period_start=get("period_start", "window_start"),
-            period_end=get("period_end", "window_end"),
-        )
-
-    def applies_to(self, model_name: str | None) -> bool:
-        """Whether the budget covers ``model_name`` (every budget does when it is None)."""
-        return model_name is None or self.scope in ("*", model_name)
-
-    @property
-    def periodic(self) -> bool:
-        return self.period in PERIODIC
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("period_start", "period_end"):
-            data[key] = _iso(data[key])
-        return {key: _json_value(value) for key, value in data.items()}
 
 
 @dataclass(frozen=True)
@@ -293,14 +213,14 @@ def decide(
 
     ``prediction`` is a ``CostPrediction`` (or any object or mapping with its fields); it
     may be None only when there is no drift and ``always_assess`` is off.
-    ``budgets_state`` holds :class:`BudgetState` objects, mappings, or the ledger's
-    budget status objects. With ``model_name`` given, budgets scoped to other models are
-    left out; without it, every budget given applies.
+    ``budgets_state`` holds the ledger's :class:`BudgetStatus` objects (read from the
+    ledger, or stated with :data:`BudgetState`). With ``model_name`` given, budgets scoped
+    to other models are left out; without it, every enabled budget given applies.
     """
     settings = settings or PolicySettings()
-    budgets = [BudgetState.coerce(budget) for budget in budgets_state]
+    budgets = list(budgets_state)
     applicable = [budget for budget in budgets if budget.applies_to(model_name)]
-    seen = tuple({**budget.to_dict(), "applies": budget.applies_to(model_name)} for budget in budgets)
+    seen = tuple({**budget.as_dict(), "applies": budget.applies_to(model_name)} for budget in budgets)
     basis: Literal["upper", "point"] = "upper" if settings.use_upper_bound else "point"
     reasons: list[Reason] = []
 
@@ -337,7 +257,7 @@ def decide(
     action: Action = ("retrain", "defer", "skip")[max(_SEVERITY[reason.effect] for reason in reasons)]
     retry_after = None
     if action == "defer":
-        ends = [b.period_end for b, r in zip(applicable, budget_reasons) if r.effect == "defer" and b.period in ("daily", "monthly") and b.period_end is not None]
+        ends = [b.renews_at for b, r in zip(applicable, budget_reasons) if r.effect == "defer" and b.renews_at is not None]
         retry_after = max(ends) if ends else None
     return Decision(action, tuple(reasons), basis, kwh, co2, drift_verdict, _optional_float(accuracy_drop), retry_after, seen, settings, assessed=True)
 
@@ -345,11 +265,7 @@ def decide(
 # ----------------------------------------------------------------------------- rules
 
 
-def _fits(amount: float, room: float, cap: float) -> bool:
-    return amount <= room + _SLACK * max(1.0, cap)
-
-
-def _budget_reason(budget: BudgetState, kwh: float | None, co2: float | None, basis: str, level: float | None) -> Reason:
+def _budget_reason(budget: BudgetStatus, kwh: float | None, co2: float | None, basis: str, level: float | None) -> Reason:
     """Check both measures of one budget; the worst finding makes the reason."""
     which = "upper bound" if basis == "upper" else "point estimate"
     if basis == "upper" and level is not None:
@@ -360,15 +276,15 @@ def _budget_reason(budget: BudgetState, kwh: float | None, co2: float | None, ba
         cap = getattr(budget, f"{measure}_cap")
         if cap is None:
             continue
-        room = getattr(budget, f"{measure}_remaining")
+        room = getattr(budget, f"remaining_{measure}")
         numbers.update({f"{measure}_needed": amount, f"{measure}_remaining": room, f"{measure}_cap": cap})
         if amount is None:
             unknown.append(unit)
             continue
         needs.append(f"{_fmt(amount)} {unit}")
         lefts.append(f"{_fmt(room)} of {_fmt(cap)} {unit}")
-        if not _fits(amount, room, cap):
-            (over_now if _fits(amount, cap, cap) else over_cap).append(unit)
+        if not fits(amount, room, cap):
+            (over_now if fits(amount, cap, cap) else over_cap).append(unit)
 
     if not needs and not unknown:
         return Reason("within_budget", f"Budget {budget.name!r} caps nothing.", "allow", numbers, budget.name)
@@ -393,12 +309,12 @@ def _budget_reason(budget: BudgetState, kwh: float | None, co2: float | None, ba
         )
     if over_now:
         if budget.periodic:
-            when = f" after {_iso(budget.period_end)}" if budget.period_end is not None and budget.period in ("daily", "monthly") else ""
+            when = f" after {_iso(budget.renews_at)}" if budget.renews_at is not None else ""
             return Reason(
                 "over_budget_now",
                 f"Retraining needs {need} ({which}), more than budget {budget.name!r} has left ({left}); it fits the full cap, so it waits for room{when}.",
                 "defer",
-                {**numbers, "period_end": _iso(budget.period_end)},
+                {**numbers, "period_end": _iso(budget.window_end)},
                 budget.name,
             )
         return Reason(  # a per-run budget with room below its cap cannot happen, but stay total
@@ -429,7 +345,7 @@ def _past(action: str) -> str:
     return {"skip": "skipped", "defer": "deferred"}[action]
 
 
-def _period_words(budget: BudgetState) -> str:
+def _period_words(budget: BudgetStatus) -> str:
     return {"per_run": "per-run", "daily": "daily", "monthly": "monthly", "rolling_days": "rolling-window"}[budget.period]
 
 

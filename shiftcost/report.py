@@ -216,11 +216,12 @@ def ledger_timeline(
 
     SELECT e.id, e.created_at, e.kind, e.energy_kwh, e.emissions_kg, e.decision_id,
            r.energy_kwh AS reserved_kwh, r.emissions_kg AS reserved_co2,
-           r.created_at AS reserved_at, bu.name AS budget, bu.period, bu.kwh_cap, bu.co2_cap,
-           b.source_uri
+           coalesce(r0.created_at, r.created_at) AS reserved_at,
+           bu.name AS budget, bu.period, bu.kwh_cap, bu.co2_cap, b.source_uri
     FROM budget_ledger e
     JOIN budgets bu ON bu.id = e.budget_id
     LEFT JOIN budget_ledger r ON r.id = e.reservation_id
+    LEFT JOIN budget_ledger r0 ON r0.id = r.reservation_id  -- a late settlement's reservation
     JOIN decisions d ON d.id = e.decision_id
     JOIN batches b ON b.id = d.batch_id
     WHERE d.model_id IN (SELECT id FROM models WHERE name = :model)
@@ -232,18 +233,22 @@ def ledger_timeline(
 
     from shiftcost.store.models import Batch, Budget, Decision, LedgerEntry, Model
 
+    from sqlalchemy import func
+
     e = aliased(LedgerEntry, name="e")
     r = aliased(LedgerEntry, name="r")
+    r0 = aliased(LedgerEntry, name="r0")
     query = (
         select(
             e.id, e.created_at, e.kind, e.energy_kwh, e.emissions_kg, e.decision_id,
             r.energy_kwh.label("reserved_kwh"), r.emissions_kg.label("reserved_co2"),
-            r.created_at.label("reserved_at"), Budget.name.label("budget"), Budget.period,
-            Budget.kwh_cap, Budget.co2_cap, Batch.source_uri,
+            func.coalesce(r0.created_at, r.created_at).label("reserved_at"), Budget.name.label("budget"),
+            Budget.period, Budget.kwh_cap, Budget.co2_cap, Batch.source_uri,
         )
         .select_from(e)
         .join(Budget, Budget.id == e.budget_id)
         .outerjoin(r, r.id == e.reservation_id)
+        .outerjoin(r0, r0.id == r.reservation_id)
         .join(Decision, Decision.id == e.decision_id)
         .join(Batch, Batch.id == Decision.batch_id)
         .order_by(e.created_at, e.id)
@@ -268,29 +273,24 @@ def _rows(session: Session, query: Any) -> list[dict[str, Any]]:
     return [dict(zip(keys, row, strict=True)) for row in result]
 
 
-def burn_down(ledger: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def burn_down(ledger_rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Per budget, the spend of the entry's period after each ledger entry, in time order.
 
-    Follows the ledger's accounting rule: a reservation counts its reserved amounts while
-    open, its measured amounts once settled and nothing once released, in the period of
-    the reservation's own time. Daily and monthly budgets restart at their period
-    boundary; ``remaining`` is the cap minus that spend (None for an uncapped measure, and
-    for ``per_run`` budgets, whose cap applies to each run alone).
+    The ledger's own accounting rule, entry by entry (``ledger.entry_effect``), in the
+    period of the reservation's time (``ledger.period_key``): daily and monthly budgets
+    restart at their period boundary; ``remaining`` is the cap minus that spend (None for an
+    uncapped measure, and for ``per_run`` budgets, whose cap applies to each run alone).
     """
+    from shiftcost.store import ledger
+
     spent: dict[tuple[str, Any], list[float]] = {}
     series: dict[str, list[dict[str, Any]]] = {}
-    for entry in ledger:
+    for entry in ledger_rows:
         reserved_at = entry["reserved_at"] or entry["created_at"]
-        key = (entry["budget"], _period_key(entry["period"], reserved_at))
+        key = (entry["budget"], ledger.period_key(entry["period"], reserved_at))
         totals = spent.setdefault(key, [0.0, 0.0])
-        if entry["kind"] == "reserve":
-            delta = (entry["energy_kwh"], entry["emissions_kg"])
-        elif entry["kind"] == "settle":
-            delta = (entry["energy_kwh"] - (entry["reserved_kwh"] or 0.0), entry["emissions_kg"] - (entry["reserved_co2"] or 0.0))
-        else:
-            delta = (-(entry["reserved_kwh"] or 0.0), -(entry["reserved_co2"] or 0.0))
-        totals[0] += delta[0]
-        totals[1] += delta[1]
+        totals[0] += ledger.entry_effect(entry["kind"], entry["energy_kwh"], entry["reserved_kwh"])
+        totals[1] += ledger.entry_effect(entry["kind"], entry["emissions_kg"], entry["reserved_co2"])
         capped = entry["period"] != "per_run"
         series.setdefault(entry["budget"], []).append(
             {
@@ -307,15 +307,6 @@ def burn_down(ledger: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]
             }
         )
     return series
-
-
-def _period_key(period: str, at: datetime) -> Any:
-    at = at.astimezone(UTC)
-    if period == "monthly":
-        return (at.year, at.month)
-    if period == "daily":
-        return at.date()
-    return None
 
 
 def collect(

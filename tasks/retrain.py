@@ -92,9 +92,10 @@ def record_success(
 
 
 @task(name="record-failure-and-release", timeout_seconds=300, **_DB)
-def record_failure(settings: Settings, job: pipeline.RetrainJob, error: BaseException) -> pipeline.RetrainOutcome:
-    """Mark the run and the batch failed and release the reservation; the model is unchanged."""
+def record_failure(settings: Settings, job: pipeline.RetrainJob, error: BaseException, measured: RetrainResult | None = None) -> pipeline.RetrainOutcome:
+    """Mark the run and the batch failed (keeping what it measured) and release the reservation."""
     with pipeline.connect(settings) as db:
-        outcome = pipeline.record_retrain_failure(db, job, error)
-    get_run_logger().error("batch %d: retraining failed (%s); reservation released", job.batch_id, outcome.error)
+        outcome = pipeline.record_retrain_failure(db, job, error, measured)
+    closed = "reservation released" if outcome.released else "no reservation was open"
+    get_run_logger().error("batch %d: retraining failed (%s); %s", job.batch_id, outcome.error, closed)
     return outcome

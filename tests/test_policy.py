@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -217,7 +216,7 @@ def test_to_dict_is_json_ready_and_complete() -> None:
     assert data["action"] == "defer" and data["blocked_by_budget"] is True
     assert data["summary"].startswith("defer: ") and "'daily'" in data["summary"]
     assert {r["code"] for r in data["reasons"]} == {"drift_detected", "over_budget_now", "within_budget", "benefit_met"}
-    assert data["budget_state"][0]["period_start"] == DAY_START.isoformat()
+    assert data["budget_state"][0]["window_start"] == DAY_START.isoformat()
     assert data["settings"] == {"use_upper_bound": True, "always_assess": False, "min_accuracy_drop": 0.01, "on_not_converging": "skip"}
 
 
@@ -294,10 +293,10 @@ def test_tightening_a_budget_never_makes_the_decision_more_permissive(budgets, p
         new_cap = cap * shrink
         return new_cap, min(left - spend, new_cap)
 
-    kwh_cap, kwh_left = tighten(old.kwh_cap, old.kwh_remaining)
-    co2_cap, co2_left = tighten(old.co2_cap, old.co2_remaining)
+    kwh_cap, kwh_left = tighten(old.kwh_cap, old.remaining_kwh)
+    co2_cap, co2_left = tighten(old.co2_cap, old.remaining_co2)
     tighter = list(budgets)
-    tighter[which] = replace(old, kwh_cap=kwh_cap, co2_cap=co2_cap, kwh_remaining=kwh_left, co2_remaining=co2_left)
+    tighter[which] = BudgetState(old.name, old.scope, old.period, kwh_cap, co2_cap, kwh_left, co2_left, old.window_start, old.window_end)
 
     before = decide(prediction, budgets, policy, drift_verdict=True, accuracy_drop=drop, model_name="digits")
     after = decide(prediction, tighter, policy, drift_verdict=True, accuracy_drop=drop, model_name="digits")

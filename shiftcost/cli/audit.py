@@ -39,11 +39,18 @@ def parse_time(text: str | None, *, now: datetime | None = None) -> datetime | N
         return None
     from shiftcost.errors import InputError
 
+    out_of_range = InputError(
+        f"The time {text!r} is out of range; give a date after 0001-01-02 and before 9999-12-31, "
+        "or a shorter span back from now."
+    )
     match = _RELATIVE.match(text.strip())
     if match:
         amount, unit = float(match.group(1)), match.group(2)
-        span = {"h": timedelta(hours=amount), "d": timedelta(days=amount), "w": timedelta(weeks=amount)}[unit]
-        return (now or datetime.now(UTC)) - span
+        try:
+            span = {"h": timedelta(hours=amount), "d": timedelta(days=amount), "w": timedelta(weeks=amount)}[unit]
+            return (now or datetime.now(UTC)) - span
+        except OverflowError:
+            raise out_of_range from None
     try:
         value = datetime.fromisoformat(text.strip())
     except ValueError as error:
@@ -51,7 +58,10 @@ def parse_time(text: str | None, *, now: datetime | None = None) -> datetime | N
             f"Cannot read the time {text!r}; use an ISO date such as 2025-01-31, a datetime such "
             "as 2025-01-31T12:00, or a span back from now such as 90d."
         ) from error
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise out_of_range from None
 
 
 def _plain(value: Any) -> Any:

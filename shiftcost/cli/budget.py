@@ -1,8 +1,9 @@
-"""``shiftcost budget create|list|release-open``: energy and carbon budgets."""
+"""``shiftcost budget create|list|update|disable|enable|delete|release-open``: energy and carbon budgets."""
 
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from enum import Enum
 from typing import Annotated
 
@@ -12,7 +13,7 @@ from shiftcost.cli.db import DatabaseUrlOption, open_for_cli
 
 budget_app = typer.Typer(
     name="budget",
-    help="Create and inspect energy/carbon budgets; release reservations left open by crashed runs.",
+    help="Create, change and inspect energy/carbon budgets; release reservations of runs proven dead.",
     no_args_is_help=True,
 )
 
@@ -74,7 +75,7 @@ def list_(
     database = open_for_cli(database_url)
     try:
         with database.session(readonly=True) as session:
-            statuses = ledger.budget_status(session, model)
+            statuses = ledger.budget_status(session, model, include_disabled=True)
     finally:
         database.dispose()
     if as_json:
@@ -84,14 +85,108 @@ def list_(
     from rich.table import Table
 
     table = Table(title="Budgets (current period)")
-    for column in ("name", "scope", "period", "kWh cap", "kWh used", "kWh left",
+    for column in ("name", "scope", "period", "kWh cap", "kWh used", "kWh left", "kWh late", "kWh overrun",
                    "CO2e cap", "CO2e used", "CO2e left", "open"):
         table.add_column(column)
     for s in statuses:
         period = f"rolling {s.rolling_days} d" if s.period == "rolling_days" else s.period
-        table.add_row(s.name, s.scope, period, _number(s.kwh_cap), _number(s.spent_kwh), _number(s.remaining_kwh),
+        name = f"{s.name} (disabled)" if s.disabled else s.name
+        table.add_row(name, s.scope, period, _number(s.kwh_cap), _number(s.spent_kwh), _number(s.remaining_kwh),
+                      _number(s.late_kwh), _number(s.overrun_kwh),
                       _number(s.co2_cap), _number(s.spent_co2), _number(s.remaining_co2), str(s.open_reservations))
     Console().print(table)
+
+
+def _budget_data(budget) -> dict:
+    return {"id": budget.id, "name": budget.name, "scope": budget.scope, "period": budget.period,
+            "rolling_days": budget.rolling_days, "kwh_cap": budget.kwh_cap, "co2_cap": budget.co2_cap,
+            "enabled": budget.disabled_at is None}
+
+
+@budget_app.command("update")
+def update(
+    name: Annotated[str, typer.Argument(help="The budget to change.")],
+    period: Annotated[Period | None, typer.Option("--period", help="New period.")] = None,
+    kwh: Annotated[float | None, typer.Option("--kwh", help="New energy cap in kWh per period.")] = None,
+    co2: Annotated[float | None, typer.Option("--co2", help="New carbon cap in kg CO2e per period.")] = None,
+    no_kwh: Annotated[bool, typer.Option("--no-kwh", help="Stop capping energy.")] = False,
+    no_co2: Annotated[bool, typer.Option("--no-co2", help="Stop capping carbon.")] = False,
+    scope: Annotated[str | None, typer.Option("--scope", help="A model name, or * for every model.")] = None,
+    rolling_days: Annotated[int | None, typer.Option("--rolling-days", help="Window length for rolling_days.")] = None,
+    description: Annotated[str | None, typer.Option("--description", help="Free text.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the budget as JSON.")] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Change a budget's caps, period or scope; what is not given stays. The ledger is kept as it is."""
+    from shiftcost.store import ledger
+
+    changes: dict = {}
+    if period is not None:
+        changes["period"] = period.value
+    if kwh is not None or no_kwh:
+        changes["kwh_cap"] = None if no_kwh else kwh
+    if co2 is not None or no_co2:
+        changes["co2_cap"] = None if no_co2 else co2
+    if scope is not None:
+        changes["scope"] = scope
+    if rolling_days is not None:
+        changes["rolling_days"] = rolling_days
+    if description is not None:
+        changes["description"] = description
+    _change(name, changes, as_json, database_url, "updated")
+
+
+@budget_app.command("disable")
+def disable(
+    name: Annotated[str, typer.Argument(help="The budget to disable.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the budget as JSON.")] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Stop a budget limiting decisions; its ledger history stays and its open reservations still close."""
+    _change(name, {"enabled": False}, as_json, database_url, "disabled")
+
+
+@budget_app.command("enable")
+def enable(
+    name: Annotated[str, typer.Argument(help="The budget to enable again.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the budget as JSON.")] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Let a disabled budget limit decisions again."""
+    _change(name, {"enabled": True}, as_json, database_url, "enabled")
+
+
+def _change(name: str, changes: dict, as_json: bool, database_url: str | None, verb: str) -> None:
+    from shiftcost.store import ledger
+
+    database = open_for_cli(database_url)
+    try:
+        budget = ledger.update_budget(database, name, **changes)
+    finally:
+        database.dispose()
+    data = _budget_data(budget)
+    if as_json:
+        typer.echo(json.dumps(data))
+    else:
+        typer.echo(f"{verb} budget {budget.name}: {_number(budget.kwh_cap)} kWh, {_number(budget.co2_cap)} kg CO2e "
+                   f"per {budget.period} for {budget.scope}{'' if data['enabled'] else ' (disabled)'}")
+
+
+@budget_app.command("delete")
+def delete(
+    name: Annotated[str, typer.Argument(help="The budget to delete.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Delete a budget that was never used; one with ledger history is refused (disable it instead)."""
+    from shiftcost.store import ledger
+
+    database = open_for_cli(database_url)
+    try:
+        ledger.delete_budget(database, name)
+    finally:
+        database.dispose()
+    typer.echo(json.dumps({"deleted": name}) if as_json else f"deleted budget {name}")
 
 
 @budget_app.command("release-open")
@@ -102,21 +197,30 @@ def release_open(
     name: Annotated[str | None, typer.Option("--budget", help="Only this budget.")] = None,
     reason: Annotated[
         str, typer.Option("--reason", help="Recorded on each release.")
-    ] = "released by `shiftcost budget release-open`: run did not settle",
+    ] = "released by `shiftcost budget release-open`: its run is dead or never started",
+    lease: Annotated[
+        str | None,
+        typer.Option("--lease", help="A run with a heartbeat within this is alive and keeps its reservation "
+                     "(default: SHIFTCOST_RETRAIN_STALE_AFTER_S)."),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be released; change nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Release reservations left open (a run crashed between reserve and settle)."""
+    """Release reservations left open by runs proven dead (no heartbeat within the lease) or never started.
+
+    A reservation whose retrain run still renews its heartbeat is kept, however old: that
+    run will settle it. Should a released run finish after all, its spend is recorded as a
+    late settlement.
+    """
+    from shiftcost.config import load_settings
     from shiftcost.store import ledger
 
     age = parse_age(older_than)
+    lease_age = parse_age(lease) if lease is not None else timedelta(seconds=load_settings().retrain_stale_after_s)
     database = open_for_cli(database_url)
     try:
-        if dry_run:
-            reservations = ledger.open_reservations(database, age, budget_name=name)
-        else:
-            reservations = ledger.release_open(database, age, reason, budget_name=name)
+        reservations = ledger.release_open(database, age, reason, lease=lease_age, budget_name=name, dry_run=dry_run)
     finally:
         database.dispose()
     rows = [{"reservation_id": r.id, "budget": r.budget, "decision_id": r.decision_id, "kwh": r.kwh,
@@ -134,7 +238,6 @@ def release_open(
 def parse_age(text: str):
     """``30m``, ``6h``, ``2d`` or ``0`` as a timedelta."""
     import re
-    from datetime import timedelta
 
     from shiftcost.errors import InputError
 
@@ -143,7 +246,17 @@ def parse_age(text: str):
         raise InputError(f"Cannot read the age {text!r}; use a number with a unit such as 30m, 6h or 2d, or 0.")
     amount = float(match.group(1))
     unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "": "seconds"}[match.group(2)]
-    return timedelta(**{unit: amount})
+    try:
+        age = timedelta(**{unit: amount})
+    except OverflowError:
+        age = timedelta.max
+    if age > _LONGEST_AGE:
+        raise InputError(f"The age {text!r} reaches back more than {_LONGEST_AGE.days} days; give a shorter one.")
+    return age
+
+
+# As far back as a rolling budget may reach (ledger.MAX_ROLLING_DAYS).
+_LONGEST_AGE = timedelta(days=36_600)
 
 
 def register(app: typer.Typer) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shiftcost.data.limits import check_batch_file, check_image_count
 from shiftcost.data.models import ModelSpec
 from shiftcost.errors import InputError
 
@@ -77,6 +78,8 @@ def load_batch(path: str | os.PathLike[str], *, spec: ModelSpec | None = None) -
         raise InputError(f"Batch {path} does not exist; check the path.")
     else:
         suffix = path.suffix.lower()
+        if suffix in BATCH_SUFFIXES:
+            check_batch_file(path)
         if suffix == ".npz":
             batch = _load_npz(path, spec)
         elif suffix in (".pt", ".pth"):
@@ -235,6 +238,7 @@ def _load_image_folder(path: Path, spec: ModelSpec | None) -> Batch:
         dataset = ImageFolder(str(path), transform=v2.Compose(steps), loader=_pil_loader)
     except (FileNotFoundError, OSError) as error:
         raise InputError(f"Batch {path} is not an ImageFolder tree with images ({_short(error)}); use one sub-directory of images per class.") from None
+    check_image_count(path, len(dataset.samples))
 
     images: list[torch.Tensor] = []
     for index, (file, _) in enumerate(dataset.samples):
@@ -303,8 +307,12 @@ def save_batch(batch: Batch, path: str | os.PathLike[str]) -> Path:
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
-        handle.write(data)
         temporary = Path(handle.name)
+        try:
+            handle.write(data)
+        except BaseException:
+            temporary.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+            raise
     try:
         os.replace(temporary, path)
     finally:

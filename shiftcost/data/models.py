@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shiftcost.data.limits import check_model_spec, check_safetensors
 from shiftcost.errors import InputError
 
 SPEC_METADATA_KEY = "shiftcost_spec"
@@ -183,6 +184,7 @@ def build_model(
             _positive_int(value)
         except (TypeError, ValueError):
             raise InputError(f"{label} must be a positive integer, got {value!r}.") from None
+    check_model_spec(architecture, num_classes, in_channels, image_size)
     if classes is None:
         classes = tuple(str(i) for i in range(num_classes))
     classes = tuple(str(name) for name in classes)
@@ -328,6 +330,7 @@ def load_model(
         raise InputError(f"Model file {path} does not exist; check the path.")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
+        check_safetensors(path, "Model file")
         stored_spec, state = _read_safetensors(path)
     elif suffix in (".pt", ".pth"):
         stored_spec, state = _read_torch(path)

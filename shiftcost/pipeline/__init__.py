@@ -193,7 +193,15 @@ def process_batch(settings: Settings, uri: str, *, retrain: bool = True, db: Dat
         registration = register_batch(database, settings, uri)
         if registration.status != "registered":
             return BatchResult(registration, outcome_of(database, registration.batch_id))
-        return _continue(database, settings, registration, registration.batch_id, retrain)
+        result = _continue(database, settings, registration, registration.batch_id, retrain)
+        assessment = result.assessment
+        if not retrain and assessment is not None and assessment.retrain_pending and assessment.decision_id is not None:
+            # No run follows to settle it: a reservation never outlives its decision. A later
+            # `shiftcost retrain` still records its spend (a late settlement).
+            from shiftcost.store import ledger
+
+            ledger.release_decision(database, assessment.decision_id, "assessed without retraining (--no-retrain): no run holds this reservation")
+        return result
 
 
 def watch_once(settings: Settings, *, retrain: bool = True, db: Database | None = None) -> list[BatchResult]:

@@ -266,19 +266,28 @@ def check_drift(settings: Settings, loaded: LoadedBatch, report: IndexReport) ->
         predictions=settings.drift_predictions_threshold,
         min_drifted_groups=settings.drift_min_groups,
     )
-    result = detect_drift(
-        _reference_inputs(loaded.reference),
-        _batch_inputs(report),
-        embedding_method=settings.drift_embedding_method,
-        thresholds=thresholds,
-        max_embedding_rows=settings.drift_max_rows,
-        seed=settings.retrain_seed,
-    )
+    try:
+        result = detect_drift(
+            _reference_inputs(loaded.reference),
+            _batch_inputs(report),
+            embedding_method=settings.drift_embedding_method,
+            thresholds=thresholds,
+            max_embedding_rows=settings.drift_max_rows,
+            seed=settings.retrain_seed,
+        )
+    except InputError as error:  # e.g. too few images: say which batch
+        raise InputError(f"Batch {loaded.source_uri} cannot be tested for drift: {error}") from None
     from shiftcost.artifacts import writing
 
     report_url = Artifacts.from_settings(settings).drift_report(loaded.batch_id, loaded.fingerprint)
-    with writing(report_url) as path:
-        result.save_html(path)
+    try:
+        with writing(report_url) as path:
+            result.save_html(path)
+    except OSError as error:
+        raise ConfigError(
+            f"Cannot write the drift report {report_url} ({error.strerror or error}); make SHIFTCOST_ARTIFACTS_DIR "
+            "writable and give it free space."
+        ) from None
     return DriftCheck(result, report_url)
 
 

@@ -247,27 +247,43 @@ def build_new_version(settings: Settings, inputs: RetrainInputs, result: Retrain
     """
     import torch
 
-    from shiftcost.artifacts import bounded_sample, reading, writing
+    from shiftcost.artifacts import bounded_sample, reading, remove, writing
     from shiftcost.data import Batch, load_batch, model_fingerprint, save_batch, save_model
-    from shiftcost.index.engine import compute_reference_stats
 
     if not produces_new_version(result):
         return None
     assert result.model is not None
     artifacts = Artifacts.from_settings(settings)
     tag = f"run-{inputs.job.run_id}"
-    weights_path = artifacts.model_weights(inputs.model_name, tag)
-    with writing(weights_path) as path:
-        save_model(result.model.cpu(), inputs.spec, path)
-    x, y = inputs.data.x, inputs.data.y
-    if inputs.reference_data_uri:
-        with reading(inputs.reference_data_uri) as path:
-            parent = load_batch(path, spec=inputs.spec)
-        x, y = torch.cat([parent.x, x]), torch.cat([parent.y, y])
-    x, y = bounded_sample(x, y, settings.reference_replay_samples, settings.retrain_seed + inputs.job.run_id)
-    data_path = artifacts.reference_data(inputs.model_name, tag)
-    with writing(data_path) as path:
-        save_batch(Batch(x, y, "reference"), path)
+    written: list[str] = []
+    try:
+        weights_path = artifacts.model_weights(inputs.model_name, tag)
+        with writing(weights_path) as path:
+            written.append(weights_path)
+            save_model(result.model.cpu(), inputs.spec, path)
+        x, y = inputs.data.x, inputs.data.y
+        if inputs.reference_data_uri:
+            with reading(inputs.reference_data_uri) as path:
+                parent = load_batch(path, spec=inputs.spec)
+            x, y = torch.cat([parent.x, x]), torch.cat([parent.y, y])
+        x, y = bounded_sample(x, y, settings.reference_replay_samples, settings.retrain_seed + inputs.job.run_id)
+        data_path = artifacts.reference_data(inputs.model_name, tag)
+        with writing(data_path) as path:
+            written.append(data_path)
+            save_batch(Batch(x, y, "reference"), path)
+        reference_path = artifacts.reference_stats(inputs.model_name, tag)
+        written.append(reference_path)
+        reference = _new_reference(settings, inputs, result, x, y, reference_path)
+    except BaseException:
+        for url in written:  # no version is registered, so none of its files may stay behind
+            remove(url)
+        raise
+    return NewVersion(weights_path, reference_path, data_path, reference, model_fingerprint(result.model))
+
+
+def _new_reference(settings: Settings, inputs: RetrainInputs, result: RetrainResult, x: Any, y: Any, url: str) -> ReferenceStats:
+    from shiftcost.index.engine import compute_reference_stats
+
     reference = compute_reference_stats(
         result.model,
         inputs.spec,
@@ -279,10 +295,9 @@ def build_new_version(settings: Settings, inputs: RetrainInputs, result: Retrain
         seed=inputs.reference.seed,
         bins=inputs.reference.bins,
     )
-    reference_path = artifacts.reference_stats(inputs.model_name, tag)
-    with writing(reference_path) as path:
+    with writing(url) as path:
         reference.save(path)
-    return NewVersion(weights_path, reference_path, data_path, reference, model_fingerprint(result.model))
+    return reference
 
 
 # ----------------------------------------------------------------------------- 5. refit
@@ -368,8 +383,16 @@ def record_retrain_success(
     job = inputs.job
     assert result.energy is not None
     kwh, co2 = result.energy.energy_kwh, result.energy.emissions_kg
+    notes = list(notes or [])
     with db.session() as session:
-        guarded_update(session, job.claim, status="done")
+        try:
+            guarded_update(session, job.claim, status="done")
+        except ClaimLost:
+            # Closed as dead while it ran (no heartbeat within the lease): the batch stays
+            # failed, but what the run spent is real and is still recorded.
+            notes.append("the run was closed as dead while it ran; its spend is recorded as a late settlement "
+                         "and no new model version is registered")
+            new_version = None
         new_model = None
         if new_version is not None:
             new_model = repository.register_model(
@@ -416,18 +439,20 @@ def record_retrain_success(
         calibration_id=None if calibration is None else calibration.id,
         cost_model_version=None if cost_model is None else cost_model.version_,
         settled=settled,
-        notes=list(notes or []),
+        notes=notes,
     )
 
 
-def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException) -> RetrainOutcome:
+def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException, measured: RetrainResult | None = None) -> RetrainOutcome:
     """Mark the run and the batch failed and release the reservation; the model is unchanged.
 
-    Whatever the run measured before it failed (``error.partial``) is kept on the run.
+    Whatever the run measured before it failed is kept on the run: ``error.partial`` for a
+    crash while training, ``measured`` for a failure after training finished (saving the
+    new version to a full or read-only folder, say).
     """
     from shiftcost.store import ledger, repository
 
-    partial = getattr(error, "partial", None)
+    partial = getattr(error, "partial", None) or measured
     measures = _run_measures(partial if hasattr(partial, "pool_samples") else None)
     message = " ".join(str(error).split()) or type(error).__name__
     reason = f"Retraining failed: {message}"
@@ -453,12 +478,15 @@ def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException) 
 
 
 def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now: datetime | None = None) -> list[RetrainOutcome]:
-    """Close the retrain runs of ``model_name`` still ``running`` ``older_than_s`` after they started.
+    """Close the retrain runs of ``model_name`` proven dead: ``running`` with no heartbeat
+    (before the first one: no start) within the last ``older_than_s`` seconds (the lease).
 
     Such a run's process was killed (a crash it survived would have recorded itself): the
     run and its batch are marked failed and the decision's reservation is released, in one
-    transaction per run. The energy it spent is unknown and not charged. Each run is closed
-    by a guarded UPDATE, so of racing watchers exactly one closes it. Returns what was closed.
+    transaction per run. The energy it spent is unknown and not charged (should the run
+    still finish, it records its spend as a late settlement). Each run is closed by a
+    guarded UPDATE, so of racing watchers exactly one closes it. Returns what was closed;
+    ``released`` is empty when there was nothing left to release.
     """
     from datetime import timedelta
 
@@ -468,8 +496,9 @@ def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now:
     from shiftcost.store import models as rows
 
     now = rows.utcnow() if now is None else now
-    hours = older_than_s / 3600.0
-    message = f"abandoned: still running {hours:.3g} h after it started, so its process was killed"
+    lease = timedelta(seconds=older_than_s)
+    span = f"{older_than_s / 3600.0:.3g} h" if older_than_s >= 3600 else f"{older_than_s:.3g} s"
+    message = f"abandoned: no heartbeat for {span} (its lease), so its process was killed"
     with db.session(readonly=True) as session:
         stale = session.execute(
             select(rows.RetrainRun.id, rows.RetrainRun.batch_id, rows.RetrainRun.decision_id)
@@ -477,7 +506,7 @@ def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now:
             .where(
                 rows.Model.name == model_name,
                 rows.RetrainRun.status == "running",
-                rows.RetrainRun.started_at < now - timedelta(seconds=older_than_s),
+                ~ledger.live_run_condition(lease, now),
             )
             .order_by(rows.RetrainRun.id)
         ).all()
@@ -486,7 +515,7 @@ def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now:
         with db.session() as session:
             finished = session.execute(
                 update(rows.RetrainRun)
-                .where(rows.RetrainRun.id == run_id, rows.RetrainRun.status == "running")
+                .where(rows.RetrainRun.id == run_id, rows.RetrainRun.status == "running", ~ledger.live_run_condition(lease, now))
                 .values(status="failed", error=message, finished_at=rows.utcnow())
                 .execution_options(synchronize_session=False)
             )
@@ -554,18 +583,22 @@ def not_started(db: Database, batch_id: int) -> RetrainOutcome:
 
 def run_retrain(db: Database, settings: Settings, batch_id: int) -> RetrainOutcome:
     """Retrain on a batch decided for retraining, once; raises ``RetrainFailed`` after recording a failure."""
+    from shiftcost.pipeline.lease import heartbeat
+
     job = claim_retrain(db, batch_id)
     if job is None:
         return not_started(db, batch_id)
+    result = None
     try:
-        inputs = load_for_retrain(db, settings, job)
-        result = execute_retrain(settings, inputs)
-        new_version = build_new_version(settings, inputs, result)
-        cost_model, note = refit_cost_model(db, inputs, result)
-        return record_retrain_success(db, inputs, result, new_version, cost_model, [note] if note else None)
+        with heartbeat(db, job.run_id, settings.retrain_heartbeat_s):
+            inputs = load_for_retrain(db, settings, job)
+            result = execute_retrain(settings, inputs)
+            new_version = build_new_version(settings, inputs, result)
+            cost_model, note = refit_cost_model(db, inputs, result)
+            return record_retrain_success(db, inputs, result, new_version, cost_model, [note] if note else None)
     except BaseException as error:
         try:
-            outcome = record_retrain_failure(db, job, error)
+            outcome = record_retrain_failure(db, job, error, result)
         except Exception:
             # The database is out of reach too: the run stays open and its reservation held
             # until `shiftcost budget release-open` closes it; the original error matters more.

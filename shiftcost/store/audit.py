@@ -31,7 +31,6 @@ from shiftcost.store.models import (
     Calibration,
     CostPrediction,
     Decision,
-    LedgerEntry,
     Model,
     RetrainRun,
 )
@@ -394,15 +393,15 @@ def decisions(
 
 def _burn_query(budget_ids: list[int], since: datetime | None, until: datetime | None,
                 *, per_run: bool) -> Select:
-    """Per budget and UTC day: reservations, settled and open amounts, releases.
+    """Per budget and UTC day: reservations, settled (late and overrun apart), open, released.
+
+    The ledger's accounting rule per reservation (``ledger.usage_columns``), summed:
 
     SELECT r.budget_id, <UTC day of r.created_at> AS day, count(r.id) AS reservations,
-           sum(CASE WHEN c.kind = 'settle' THEN c.energy_kwh ELSE 0 END) AS settled_kwh,
-           sum(CASE WHEN c.id IS NULL THEN r.energy_kwh ELSE 0 END)    AS reserved_kwh,
-           (same for emissions_kg),
-           sum(CASE WHEN c.id IS NULL THEN 1 ELSE 0 END)               AS open,
-           sum(CASE WHEN c.kind = 'release' THEN 1 ELSE 0 END)         AS released
+           sum(measured) AS settled_kwh, sum(held) AS reserved_kwh, sum(late) AS late_kwh,
+           sum(overrun) AS overrun_kwh, (same for emissions_kg), sum(open), sum(released)
     FROM budget_ledger r LEFT JOIN budget_ledger c ON c.reservation_id = r.id
+         LEFT JOIN budget_ledger late ON late.reservation_id = c.id AND late.kind = 'settle'
     WHERE r.kind = 'reserve' AND r.budget_id IN (:ids)
       AND r.created_at >= :since AND r.created_at < :until
     GROUP BY r.budget_id, day
@@ -411,30 +410,17 @@ def _burn_query(budget_ids: list[int], since: datetime | None, until: datetime |
     re-aggregated per day, adding ``max(settled + reserved)`` as the costliest run of the
     day. Months and rolling windows are summed from the days in Python.
     """
-    r = aliased(LedgerEntry, name="r")
-    c = aliased(LedgerEntry, name="c")
-    is_open = c.id.is_(None)
-    settled = c.kind == "settle"
+    from shiftcost.store import ledger
+
+    base, r, c, late = ledger.usage_joins(select())
+    usage = ledger.usage_columns(r, c, late)
     day = utc_day(r.created_at).label("day")
-    settled_kwh = func.sum(case((settled, c.energy_kwh), else_=0.0))
-    settled_co2 = func.sum(case((settled, c.emissions_kg), else_=0.0))
-    reserved_kwh = func.sum(case((is_open, r.energy_kwh), else_=0.0))
-    reserved_co2 = func.sum(case((is_open, r.emissions_kg), else_=0.0))
-    sums = [
-        func.count(r.id).label("reservations"),
-        settled_kwh.label("settled_kwh"), settled_co2.label("settled_co2"),
-        reserved_kwh.label("reserved_kwh"), reserved_co2.label("reserved_co2"),
-        func.sum(case((is_open, 1), else_=0)).label("open"),
-        func.sum(case((c.kind == "release", 1), else_=0)).label("released"),
-    ]
+    sums = [func.count(r.id).label("reservations")] + [func.sum(usage[key]).label(key) for key in _BURN_SUMS]
     keys = [r.budget_id, day, r.decision_id] if per_run else [r.budget_id, day]
-    extra = [(settled_kwh + reserved_kwh).label("spent_kwh"),
-             (settled_co2 + reserved_co2).label("spent_co2")] if per_run else []
+    extra = [(func.sum(usage["settled_kwh"]) + func.sum(usage["reserved_kwh"])).label("spent_kwh"),
+             (func.sum(usage["settled_co2"]) + func.sum(usage["reserved_co2"])).label("spent_co2")] if per_run else []
     grouped = _window(
-        select(*keys, *sums, *extra)
-        .select_from(r)
-        .outerjoin(c, c.reservation_id == r.id)
-        .where(r.kind == "reserve", r.budget_id.in_(budget_ids)),
+        base.add_columns(*keys, *sums, *extra).where(r.budget_id.in_(budget_ids)),
         r.created_at, since, until,
     ).group_by(*keys)
     if not per_run:
@@ -445,6 +431,34 @@ def _burn_query(budget_ids: list[int], since: datetime | None, until: datetime |
         *(func.sum(p[column.name]).label(column.name) for column in sums),
         func.max(p.spent_kwh).label("max_run_kwh"), func.max(p.spent_co2).label("max_run_co2"),
     ).group_by(p.budget_id, p.day)
+
+
+_BURN_SUMS = ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2", "late_kwh", "late_co2",
+              "overrun_kwh", "overrun_co2", "open", "released")
+
+
+def _spend_once_query(budget_ids: list[int], since: datetime | None, until: datetime | None) -> Select:
+    """What the decisions behind these budgets' reservations spent, each decision counted once.
+
+    A decision reserves (and settles) the same amounts on every budget that applies to it,
+    so summing over budgets would count one run's spend once per budget. Per decision the
+    largest figure over its reservations is taken, then summed:
+
+    SELECT sum(settled_kwh), ... FROM (SELECT r.decision_id, max(measured) AS settled_kwh,
+           max(held) AS reserved_kwh, max(late), max(overrun) ... GROUP BY r.decision_id)
+    """
+    from shiftcost.store import ledger
+
+    base, r, c, late = ledger.usage_joins(select())
+    usage = ledger.usage_columns(r, c, late)
+    measures = ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2", "late_kwh", "late_co2",
+                "overrun_kwh", "overrun_co2")
+    per_decision = _window(
+        base.add_columns(r.decision_id, *(func.max(usage[key]).label(key) for key in measures))
+        .where(r.budget_id.in_(budget_ids)),
+        r.created_at, since, until,
+    ).group_by(r.decision_id).subquery("per_decision")
+    return select(*(func.coalesce(func.sum(per_decision.c[key]), 0.0).label(key) for key in measures))
 
 
 def budget_burn(
@@ -485,13 +499,16 @@ def budget_burn(
                     by_budget[row["budget_id"]][date.fromisoformat(row["day"])] = row
         for b in budgets:
             rows.extend(_period_rows(b, by_budget.get(b.id, {}), since))
+    # Totals count each decision's spend once, however many budgets it was reserved on.
+    spend = runner.rows(_spend_once_query([b.id for b in budgets], since, until))[0] if budgets else {}
     totals = {
         "budgets": len(budgets),
-        **{key: sum(row[key] for row in rows)
-           for key in ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2")},
+        **{key: _float(spend.get(key)) for key in ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2",
+                                                  "late_kwh", "late_co2", "overrun_kwh", "overrun_co2")},
     }
     columns = ["budget", "period", "period_start", "period_end", "reservations", "open", "released",
-               "reserved_kwh", "settled_kwh", "remaining_kwh", "reserved_co2", "settled_co2", "remaining_co2"]
+               "reserved_kwh", "settled_kwh", "late_kwh", "overrun_kwh", "remaining_kwh",
+               "reserved_co2", "settled_co2", "late_co2", "overrun_co2", "remaining_co2"]
     return AuditResult("budget", columns, rows, totals, runner.sql)
 
 
@@ -561,9 +578,13 @@ def _burn_row(b: Budget, period: str, start: datetime | None, end: datetime | No
         "released": int(total("released")),
         "reserved_kwh": reserved_kwh,
         "settled_kwh": settled_kwh,
+        "late_kwh": total("late_kwh"),
+        "overrun_kwh": total("overrun_kwh"),
         "remaining_kwh": None if b.kwh_cap is None else b.kwh_cap - settled_kwh - reserved_kwh,
         "reserved_co2": reserved_co2,
         "settled_co2": settled_co2,
+        "late_co2": total("late_co2"),
+        "overrun_co2": total("overrun_co2"),
         "remaining_co2": None if b.co2_cap is None else b.co2_cap - settled_co2 - reserved_co2,
         "kwh_cap": b.kwh_cap,
         "co2_cap": b.co2_cap,

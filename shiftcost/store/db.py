@@ -26,7 +26,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from shiftcost.errors import ConfigError
-from shiftcost.store.errors import DatabaseUnavailableError, SchemaVersionError
+from shiftcost.store.errors import DatabaseBusyError, DatabaseUnavailableError, SchemaVersionError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _BEGIN_OPTION = "shiftcost_sqlite_begin"
@@ -45,8 +45,14 @@ def parse_url(url: str | URL) -> URL:
 
 
 def redact(url: str | URL) -> str:
-    """The URL as text with its password replaced by ``***``: safe to print or log."""
-    return parse_url(url).render_as_string(hide_password=True)
+    """The URL as text with every secret (password, secret query values) as ``***``: safe to print or log."""
+    from shiftcost.redaction import redact_url
+
+    return redact_url(parse_url(url).render_as_string(hide_password=False))
+
+
+# Drivers for asyncio: shiftcost's engines and sessions are synchronous.
+_ASYNC_DRIVERS = frozenset({"asyncpg", "aiosqlite", "psycopg_async", "aiomysql", "asyncmy"})
 
 
 def json_ready(value: Any) -> Any:
@@ -80,6 +86,11 @@ def _dump_json(value: Any) -> str:
 def make_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
     """Create an engine for ``url``, configured for correct transactions on SQLite."""
     parsed = parse_url(url)
+    if parsed.get_driver_name() in _ASYNC_DRIVERS:
+        raise ConfigError(
+            f"The database URL {redact(parsed)} names the asyncio driver {parsed.get_driver_name()}, which shiftcost "
+            "cannot use; use postgresql+psycopg2:// (or sqlite:///) instead."
+        )
     engine_kwargs.setdefault("json_serializer", _dump_json)
     if parsed.get_backend_name() == "sqlite":
         connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
@@ -132,9 +143,9 @@ def is_disconnect(error: BaseException) -> bool:
 
 def unavailable(url: URL, error: BaseException) -> DatabaseUnavailableError:
     """One sentence naming the URL (password hidden) and the driver's reason."""
-    reason = _driver_reason(error)
-    if url.password:
-        reason = reason.replace(str(url.password), "***")
+    from shiftcost.redaction import scrub
+
+    reason = scrub(_driver_reason(error), url.render_as_string(hide_password=False))
     return DatabaseUnavailableError(
         f"Cannot use the database at {redact(url)} ({reason}); check that the server is "
         "running and that SHIFTCOST_DATABASE_URL names the right host, database, user "
@@ -184,6 +195,12 @@ class Database:
         except exc.DBAPIError as error:
             if is_disconnect(error) and _is_connection_failure(error):
                 raise unavailable(self.url, error) from error
+            if self.dialect == "sqlite" and "database is locked" in str(getattr(error, "orig", error)):
+                raise DatabaseBusyError(
+                    f"The SQLite database {redact(self.url)} stayed locked by another process for more than "
+                    f"{SQLITE_BUSY_TIMEOUT_MS / 1000:g} s; try again once that process is done, or use PostgreSQL "
+                    "for several writers at once."
+                ) from error
             raise
 
     def ping(self) -> None:

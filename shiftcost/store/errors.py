@@ -19,6 +19,10 @@ class DatabaseUnavailableError(StoreError):
     exit_code = 3
 
 
+class DatabaseBusyError(DatabaseUnavailableError):
+    """Another process held the SQLite write lock past the busy timeout (a passing fault)."""
+
+
 class SchemaVersionError(StoreError):
     """The database schema is older (or newer) than this version of shiftcost expects."""
 

@@ -8,10 +8,24 @@ Accounting rule (one place, used by ``remaining`` and by the audit):
   nothing;
 * ``remaining = cap - settled - open reservations`` in the period, so an amount is never
   counted twice and a reservation left open by a crash keeps holding its budget until
-  ``release`` (``shiftcost budget release-open``) closes it.
+  ``release`` (``shiftcost budget release-open``) closes it;
+* a run that finishes after its reservation was released still records what it measured:
+  a *late settlement* (a ``settle`` entry closing the ``release`` entry), counted as
+  settled in the reservation's period, so a released run's spend is never lost;
+* what a settlement measured beyond its reservation is its *overrun*; it is part of the
+  settled amount (and so of what is left) and reported on its own as well.
+
+Only a run proven dead is released: :func:`release_open` leaves alone the reservations of
+a decision whose retrain run is ``running`` with a heartbeat younger than the lease.
+
+Budgets are validated on the way in (periods and amounts the dates and the database can
+hold); a disabled budget no longer limits decisions but keeps its ledger; a budget with
+ledger history cannot be deleted, only disabled.
 
 Periods (UTC): ``per_run`` (each decision on its own against the cap), ``daily`` (calendar
-day), ``monthly`` (calendar month), ``rolling_days`` (the N x 24 hours up to now).
+day), ``monthly`` (calendar month), ``rolling_days`` (the N x 24 hours up to now). Only
+calendar periods renew at a known time (:attr:`BudgetStatus.renews_at`): a rolling window
+ends a microsecond after "now", so a deferral on it has no retry time.
 
 Atomicity: every mutation locks the budget row first: ``SELECT ... FOR UPDATE`` on
 PostgreSQL; on SQLite the session's ``BEGIN IMMEDIATE`` already holds the database write
@@ -32,10 +46,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, case, exc, func, select
+from sqlalchemy import Engine, and_, case, exc, func, select
 from sqlalchemy.orm import Session, aliased
 
-from shiftcost.errors import InputError
+from shiftcost.errors import ConfigError, InputError
 from shiftcost.store.db import Database
 from shiftcost.store.errors import (
     BudgetError,
@@ -43,7 +57,7 @@ from shiftcost.store.errors import (
     NotFoundError,
     ReservationError,
 )
-from shiftcost.store.models import BUDGET_PERIODS, Budget, Decision, LedgerEntry, utcnow
+from shiftcost.store.models import BUDGET_PERIODS, Budget, Decision, LedgerEntry, RetrainRun, utcnow
 
 Target = Session | Database | Engine
 
@@ -51,6 +65,29 @@ Target = Session | Database | Engine
 _SLACK = 1e-9
 
 PERIOD_ALIASES = {"per-run": "per_run", "rolling": "rolling_days", "rolling-days": "rolling_days"}
+#: Budget periods whose cap renews, so waiting can make room.
+PERIODIC = frozenset({"daily", "monthly", "rolling_days"})
+#: The longest rolling window: far enough back for any use, near enough that ``now - N
+#: days`` is a date every backend (and Python) can hold.
+MAX_ROLLING_DAYS = 36_600
+#: Names and scopes are VARCHAR(200).
+_MAX_NAME = 200
+_EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+
+
+def normalise_period(period: str) -> str:
+    """The canonical period name (``rolling`` -> ``rolling_days``), unchanged if unknown."""
+    return PERIOD_ALIASES.get(period, period)
+
+
+def fits(amount: float, room: float | None, cap: float | None) -> bool:
+    """Whether ``amount`` fits ``room`` left of ``cap`` (an uncapped measure always fits).
+
+    Sums of many float ledger entries drift by a few ulps; never refuse an amount for that.
+    """
+    if room is None or cap is None:
+        return True
+    return amount <= room + _SLACK * max(1.0, cap)
 
 
 @dataclass(frozen=True)
@@ -71,6 +108,63 @@ class BudgetStatus:
     reserved_kwh: float
     reserved_co2: float
     open_reservations: int
+    late_kwh: float = 0.0
+    """Part of ``settled_kwh`` recorded by runs that finished after their reservation was released."""
+    late_co2: float = 0.0
+    overrun_kwh: float = 0.0
+    """Part of ``settled_kwh`` that runs measured beyond what they had reserved."""
+    overrun_co2: float = 0.0
+    disabled: bool = False
+
+    @classmethod
+    def planned(
+        cls,
+        name: str,
+        scope: str = "*",
+        period: str = "per_run",
+        kwh_cap: float | None = None,
+        co2_cap: float | None = None,
+        remaining_kwh: float | None = None,
+        remaining_co2: float | None = None,
+        window_start: datetime | None = None,
+        window_end: datetime | None = None,
+    ) -> BudgetStatus:
+        """A status stated by its caps and what remains (a what-if, or a test), not read from the ledger.
+
+        A remaining amount left out means the whole cap remains. Refuses unknown periods and
+        negative or non-finite caps (``ConfigError``).
+        """
+        period = normalise_period(period)
+        if period not in BUDGET_PERIODS:
+            raise ConfigError(f"budget {name!r} has period {period!r}; use one of {', '.join(BUDGET_PERIODS)}.")
+        used = []
+        for measure, cap, left in (("kwh", kwh_cap, remaining_kwh), ("co2", co2_cap, remaining_co2)):
+            if cap is not None and (not math.isfinite(cap) or cap < 0):
+                raise ConfigError(f"budget {name!r} has {measure}_cap {cap!r}; caps are finite and not negative.")
+            used.append(0.0 if cap is None or left is None else float(cap) - float(left))
+        return cls(
+            name=name, scope=scope, period=period, rolling_days=None, kwh_cap=kwh_cap, co2_cap=co2_cap,
+            at=window_start or _EARLIEST, window_start=window_start, window_end=window_end,
+            settled_kwh=used[0], settled_co2=used[1], reserved_kwh=0.0, reserved_co2=0.0, open_reservations=0,
+        )
+
+    @property
+    def periodic(self) -> bool:
+        """Whether the cap renews, so that waiting can make room."""
+        return self.period in PERIODIC
+
+    @property
+    def renews_at(self) -> datetime | None:
+        """When the current period ends and the cap is whole again: calendar periods only.
+
+        A rolling window slides (it ends a microsecond after ``at``), so it has no such time:
+        a batch deferred on it would otherwise be requeued at every poll.
+        """
+        return self.window_end if self.period in ("daily", "monthly") else None
+
+    def applies_to(self, model_name: str | None) -> bool:
+        """Whether the budget limits ``model_name`` (every enabled budget does when it is None)."""
+        return not self.disabled and (model_name is None or self.scope in ("*", model_name))
 
     @property
     def spent_kwh(self) -> float:
@@ -92,7 +186,7 @@ class BudgetStatus:
 
     def fits(self, kwh: float, co2: float) -> bool:
         """Whether a further ``kwh`` / ``co2`` fits what remains."""
-        return _fits(self.remaining_kwh, self.kwh_cap, kwh) and _fits(self.remaining_co2, self.co2_cap, co2)
+        return fits(kwh, self.remaining_kwh, self.kwh_cap) and fits(co2, self.remaining_co2, self.co2_cap)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (ISO timestamps), e.g. for ``decisions.budget_state``."""
@@ -113,12 +207,6 @@ class Reservation:
     kwh: float
     co2: float
     created_at: datetime
-
-
-def _fits(remaining: float | None, cap: float | None, amount: float) -> bool:
-    if remaining is None or cap is None:
-        return True
-    return amount <= remaining + _SLACK * max(1.0, cap)
 
 
 @contextmanager
@@ -143,6 +231,35 @@ def _amount(value: float, what: str) -> float:
 # --- budgets -------------------------------------------------------------------------------
 
 
+def _validated(name: str, period: str, kwh_cap: float | None, co2_cap: float | None, scope: str,
+               rolling_days: int | None) -> str:
+    """The canonical period, once the definition is one the dates and the database can hold."""
+    period = normalise_period(period)
+    if not name or not name.strip():
+        raise BudgetError("A budget needs a non-empty name.")
+    if len(name) > _MAX_NAME or len(scope) > _MAX_NAME:
+        raise BudgetError(f"Budget names and scopes are at most {_MAX_NAME} characters; shorten {name[:40]!r}.")
+    if period not in BUDGET_PERIODS:
+        raise BudgetError(
+            f"Budget {name!r} has unknown period {period!r}; use one of {', '.join(BUDGET_PERIODS)}."
+        )
+    if kwh_cap is None and co2_cap is None:
+        raise BudgetError(f"Budget {name!r} needs a kWh cap, a kg CO2e cap, or both.")
+    for what, cap in (("kWh", kwh_cap), ("kg CO2e", co2_cap)):
+        if cap is not None and (not math.isfinite(cap) or cap < 0):
+            raise BudgetError(f"Budget {name!r} has a {what} cap of {cap}; caps must be zero or more.")
+    if period == "rolling_days":
+        if rolling_days is None or rolling_days < 1:
+            raise BudgetError(f"Budget {name!r} is rolling and needs --rolling-days of 1 or more.")
+        if rolling_days > MAX_ROLLING_DAYS:
+            raise BudgetError(
+                f"Budget {name!r} has --rolling-days {rolling_days}; use at most {MAX_ROLLING_DAYS} (100 years)."
+            )
+    elif rolling_days is not None:
+        raise BudgetError(f"Budget {name!r} has period {period}; rolling days apply only to rolling_days.")
+    return period
+
+
 def create_budget(
     target: Target,
     name: str,
@@ -158,23 +275,7 @@ def create_budget(
 
     ``scope`` is a model name, or ``*`` for every model. Nothing is written when refused.
     """
-    period = PERIOD_ALIASES.get(period, period)
-    if not name or not name.strip():
-        raise BudgetError("A budget needs a non-empty name.")
-    if period not in BUDGET_PERIODS:
-        raise BudgetError(
-            f"Budget {name!r} has unknown period {period!r}; use one of {', '.join(BUDGET_PERIODS)}."
-        )
-    if kwh_cap is None and co2_cap is None:
-        raise BudgetError(f"Budget {name!r} needs a kWh cap, a kg CO2e cap, or both.")
-    for what, cap in (("kWh", kwh_cap), ("kg CO2e", co2_cap)):
-        if cap is not None and (not math.isfinite(cap) or cap < 0):
-            raise BudgetError(f"Budget {name!r} has a {what} cap of {cap}; caps must be zero or more.")
-    if period == "rolling_days":
-        if rolling_days is None or rolling_days < 1:
-            raise BudgetError(f"Budget {name!r} is rolling and needs --rolling-days of 1 or more.")
-    elif rolling_days is not None:
-        raise BudgetError(f"Budget {name!r} has period {period}; rolling days apply only to rolling_days.")
+    period = _validated(name, period, kwh_cap, co2_cap, scope, rolling_days)
     with _transaction(target) as session:
         if session.scalar(select(Budget.id).where(Budget.name == name)) is not None:
             raise BudgetError(f"A budget named {name!r} already exists; choose another name.")
@@ -195,18 +296,83 @@ def create_budget(
         return budget
 
 
+_UNCHANGED: Any = object()
+
+
+def update_budget(
+    target: Target,
+    name: str,
+    *,
+    period: str | None = None,
+    kwh_cap: float | None = _UNCHANGED,
+    co2_cap: float | None = _UNCHANGED,
+    scope: str | None = None,
+    rolling_days: int | None = _UNCHANGED,
+    description: str | None = _UNCHANGED,
+    enabled: bool | None = None,
+) -> Budget:
+    """Change a budget's definition (what is not given stays); validated like a new budget.
+
+    The ledger is untouched: past reservations keep counting in the periods of their own
+    times, under the new caps. ``enabled=False`` disables the budget (it no longer limits
+    decisions; open reservations on it still settle or release), ``True`` enables it again.
+    """
+    with _transaction(target) as session:
+        budget = _budget(session, name, lock=True)
+        new_period = normalise_period(period) if period is not None else budget.period
+        if rolling_days is _UNCHANGED:
+            rolling_days = budget.rolling_days if new_period == "rolling_days" else None
+        values = {
+            "period": new_period,
+            "kwh_cap": budget.kwh_cap if kwh_cap is _UNCHANGED else kwh_cap,
+            "co2_cap": budget.co2_cap if co2_cap is _UNCHANGED else co2_cap,
+            "scope": budget.scope if scope is None else scope,
+            "rolling_days": rolling_days,
+        }
+        values["period"] = _validated(name, values["period"], values["kwh_cap"], values["co2_cap"],
+                                      values["scope"], values["rolling_days"])
+        for key, value in values.items():
+            setattr(budget, key, float(value) if key.endswith("_cap") and value is not None else value)
+        if description is not _UNCHANGED:
+            budget.description = description
+        if enabled is not None:
+            budget.disabled_at = None if enabled else (budget.disabled_at or utcnow())
+        session.flush()
+        return budget
+
+
+def delete_budget(target: Target, name: str) -> None:
+    """Delete a budget that has never been used; one with ledger entries is refused.
+
+    The ledger is the history the audit answers from, so it is never deleted: a used
+    budget is disabled instead (``update_budget(..., enabled=False)``).
+    """
+    with _transaction(target) as session:
+        budget = _budget(session, name, lock=True)
+        used = session.scalar(select(func.count(LedgerEntry.id)).where(LedgerEntry.budget_id == budget.id))
+        if used:
+            raise BudgetError(
+                f"Budget {name!r} has {used} ledger entries, which are kept as history; "
+                f"disable it instead with `shiftcost budget disable {name}`."
+            )
+        session.delete(budget)
+        session.flush()
+
+
 def get_budget(target: Target, name: str) -> Budget:
     """A budget by name, or ``NotFoundError``."""
     with _transaction(target) as session:
         return _budget(session, name)
 
 
-def list_budgets(target: Target, model_name: str | None = None) -> list[Budget]:
+def list_budgets(target: Target, model_name: str | None = None, *, include_disabled: bool = True) -> list[Budget]:
     """Every budget, or those applying to ``model_name`` (its own scope or ``*``), by name."""
     with _transaction(target) as session:
         query = select(Budget).order_by(Budget.name)
         if model_name is not None:
             query = query.where(Budget.scope.in_([model_name, "*"]))
+        if not include_disabled:
+            query = query.where(Budget.disabled_at.is_(None))
         return list(session.scalars(query))
 
 
@@ -242,7 +408,38 @@ def period_window(budget: Budget, at: datetime | None = None) -> tuple[datetime 
         end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
         return start, end
     assert budget.rolling_days is not None
-    return at - timedelta(days=budget.rolling_days), at + timedelta(microseconds=1)
+    # A window reaching back before year 1 (a budget written before validation) starts there.
+    days = min(budget.rolling_days, (at - _EARLIEST).days)
+    return at - timedelta(days=days), at + timedelta(microseconds=1)
+
+
+def period_key(period: str, at: datetime) -> Any:
+    """Which period of a ``period`` budget the time ``at`` falls in, as a hashable key.
+
+    Calendar periods restart at their boundary; ``per_run`` and rolling budgets have no
+    calendar period (None: one running series).
+    """
+    at = _utc(at)
+    if period == "monthly":
+        return (at.year, at.month)
+    if period == "daily":
+        return at.date()
+    return None
+
+
+def entry_effect(kind: str, amount: float, closed_amount: float | None) -> float:
+    """How one ledger entry changes what its reservation's period has used.
+
+    ``closed_amount`` is the amount of the entry it closes (None for a reservation). A
+    reservation adds what it holds; a release gives it back; a settlement replaces it by
+    the measure. A late settlement closes a release (which holds nothing), so it adds its
+    whole measure.
+    """
+    if kind == "reserve":
+        return amount
+    if kind == "release":
+        return -(closed_amount or 0.0)
+    return amount - (closed_amount or 0.0)
 
 
 def _utc(at: datetime | None) -> datetime:
@@ -251,33 +448,61 @@ def _utc(at: datetime | None) -> datetime:
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
-def _usage_query(budget_id: int, start: datetime | None, end: datetime | None, decision_id: int | None):
-    """SQL: settled and still-open amounts of the reservations of one budget in a window.
+def usage_columns(r: Any, c: Any, late: Any) -> dict[str, Any]:
+    """Per-reservation SQL expressions of the accounting rule (one place; the audit uses them).
 
-    SELECT sum(CASE WHEN c.kind = 'settle' THEN c.energy_kwh ELSE 0 END)   AS settled_kwh,
-           sum(CASE WHEN c.id IS NULL THEN r.energy_kwh ELSE 0 END)        AS reserved_kwh,
-           ... (same for emissions_kg), count(r.id) FILTER (c.id IS NULL)  AS open
+    ``r`` is the reservation, ``c`` the entry closing it (settle or release) and ``late`` a
+    late settlement closing that release, each outer-joined (NULL when absent)::
+
+        measured = CASE WHEN c.kind = 'settle' THEN c.energy_kwh
+                        WHEN late.id IS NOT NULL THEN late.energy_kwh ELSE 0 END
+        held     = CASE WHEN c.id IS NULL THEN r.energy_kwh ELSE 0 END      -- still open
+        overrun  = CASE WHEN measured > r.energy_kwh THEN measured - r.energy_kwh ELSE 0 END
+    """
+    columns: dict[str, Any] = {}
+    for measure, column in (("kwh", "energy_kwh"), ("co2", "emissions_kg")):
+        reserved = getattr(r, column)
+        measured = case((c.kind == "settle", getattr(c, column)), (late.id.is_not(None), getattr(late, column)), else_=0.0)
+        columns[f"settled_{measure}"] = measured
+        columns[f"reserved_{measure}"] = case((c.id.is_(None), reserved), else_=0.0)
+        columns[f"late_{measure}"] = case((late.id.is_not(None), getattr(late, column)), else_=0.0)
+        columns[f"overrun_{measure}"] = case((measured > reserved, measured - reserved), else_=0.0)
+    columns["open"] = case((c.id.is_(None), 1), else_=0)
+    columns["released"] = case((c.kind == "release", 1), else_=0)
+    return columns
+
+
+def usage_joins(query: Any) -> tuple[Any, Any, Any, Any]:
+    """``query`` selecting from reservations ``r`` joined to their closing entry ``c`` and late settlement."""
+    r = aliased(LedgerEntry, name="r")
+    c = aliased(LedgerEntry, name="c")
+    late = aliased(LedgerEntry, name="late")
+    joined = (
+        query.select_from(r)
+        .outerjoin(c, c.reservation_id == r.id)
+        .outerjoin(late, and_(late.reservation_id == c.id, late.kind == "settle"))
+        .where(r.kind == "reserve")
+    )
+    return joined, r, c, late
+
+
+_USAGE = ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2", "open",
+          "late_kwh", "late_co2", "overrun_kwh", "overrun_co2")
+
+
+def _usage_query(budget_id: int, start: datetime | None, end: datetime | None, decision_id: int | None):
+    """SQL: what the reservations of one budget in a window have used (see ``usage_columns``).
+
+    SELECT sum(measured), sum(held), ..., sum(late), sum(overrun), count of open
     FROM budget_ledger r LEFT JOIN budget_ledger c ON c.reservation_id = r.id
+         LEFT JOIN budget_ledger late ON late.reservation_id = c.id AND late.kind = 'settle'
     WHERE r.budget_id = :budget AND r.kind = 'reserve'
       AND r.created_at >= :start AND r.created_at < :end      -- calendar / rolling periods
       AND r.decision_id = :decision                           -- per-run budgets
     """
-    r = aliased(LedgerEntry, name="r")
-    c = aliased(LedgerEntry, name="c")
-    is_open = c.id.is_(None)
-    settled = c.kind == "settle"
-    query = (
-        select(
-            func.coalesce(func.sum(case((settled, c.energy_kwh), else_=0.0)), 0.0),
-            func.coalesce(func.sum(case((settled, c.emissions_kg), else_=0.0)), 0.0),
-            func.coalesce(func.sum(case((is_open, r.energy_kwh), else_=0.0)), 0.0),
-            func.coalesce(func.sum(case((is_open, r.emissions_kg), else_=0.0)), 0.0),
-            func.coalesce(func.sum(case((is_open, 1), else_=0)), 0),
-        )
-        .select_from(r)
-        .outerjoin(c, c.reservation_id == r.id)
-        .where(r.budget_id == budget_id, r.kind == "reserve")
-    )
+    query, r, c, late = usage_joins(select())
+    columns = usage_columns(r, c, late)
+    query = query.add_columns(*(func.coalesce(func.sum(columns[key]), 0) for key in _USAGE)).where(r.budget_id == budget_id)
     if start is not None and end is not None:
         query = query.where(r.created_at >= start, r.created_at < end)
     if decision_id is not None:
@@ -288,11 +513,9 @@ def _usage_query(budget_id: int, start: datetime | None, end: datetime | None, d
 def _status(session: Session, budget: Budget, at: datetime, decision_id: int | None = None) -> BudgetStatus:
     start, end = period_window(budget, at)
     if budget.period == "per_run" and decision_id is None:
-        settled_kwh = settled_co2 = reserved_kwh = reserved_co2 = 0.0
-        open_count = 0
+        usage = dict.fromkeys(_USAGE, 0.0)
     else:
-        row = session.execute(_usage_query(budget.id, start, end, decision_id)).one()
-        settled_kwh, settled_co2, reserved_kwh, reserved_co2, open_count = row
+        usage = dict(zip(_USAGE, session.execute(_usage_query(budget.id, start, end, decision_id)).one(), strict=True))
     return BudgetStatus(
         name=budget.name,
         scope=budget.scope,
@@ -303,11 +526,9 @@ def _status(session: Session, budget: Budget, at: datetime, decision_id: int | N
         at=at,
         window_start=start,
         window_end=end,
-        settled_kwh=float(settled_kwh),
-        settled_co2=float(settled_co2),
-        reserved_kwh=float(reserved_kwh),
-        reserved_co2=float(reserved_co2),
-        open_reservations=int(open_count),
+        open_reservations=int(usage.pop("open")),
+        disabled=budget.disabled_at is not None,
+        **{key: float(value) for key, value in usage.items()},
     )
 
 
@@ -324,12 +545,13 @@ def remaining(
 
 
 def budget_status(
-    target: Target, model_name: str | None = None, at: datetime | None = None
+    target: Target, model_name: str | None = None, at: datetime | None = None, *, include_disabled: bool = False
 ) -> list[BudgetStatus]:
-    """The status of every budget applying to ``model_name`` (all budgets when None)."""
+    """The status of every enabled budget applying to ``model_name`` (all budgets when None)."""
     at = _utc(at)
     with _transaction(target) as session:
-        return [_status(session, budget, at) for budget in list_budgets(session, model_name)]
+        budgets = list_budgets(session, model_name, include_disabled=include_disabled)
+        return [_status(session, budget, at) for budget in budgets]
 
 
 # --- reserve, settle, release --------------------------------------------------------------
@@ -424,19 +646,8 @@ def _close(target: Target, reservation_id: int, kind: str, kwh: float, co2: floa
             raise ReservationError(f"There is no reservation {reservation_id}; nothing was {kind}d.")
         _lock_budget_by_id(session, reservation.budget_id)
         _refuse_if_closed(session, reservation_id, kind)
-        entry = LedgerEntry(
-            budget_id=reservation.budget_id, decision_id=reservation.decision_id, kind=kind,
-            energy_kwh=kwh, emissions_kg=co2, reservation_id=reservation_id, reason=reason,
-        )
-        try:
-            with session.begin_nested():
-                session.add(entry)
-        except exc.IntegrityError as error:
-            # Only reachable if the lock was bypassed; the unique key still refuses it.
-            raise ReservationError(
-                f"Reservation {reservation_id} was closed concurrently; nothing was {kind}d."
-            ) from error
-        return entry.id
+        # The unique key refuses a second close even if the lock was bypassed.
+        return _add_closing(session, reservation, kind, kwh, co2, reason)
 
 
 def _refuse_if_closed(session: Session, reservation_id: int, kind: str) -> None:
@@ -486,9 +697,57 @@ def open_reservations(
 
 
 def settle_decision(target: Target, decision_id: int, kwh: float, co2: float) -> list[int]:
-    """Settle every open reservation of a decision with the measured cost; returns entry ids."""
+    """Record a decision's measured cost on each of its reservations; returns entry ids.
+
+    An open reservation is settled (with an ``overrun`` reason when the measure exceeds
+    it); one released before the run finished gets a late settlement, so the spend
+    still counts. A reservation already settled is left as it is.
+    """
+    kwh, co2 = _amount(kwh, "measured kWh"), _amount(co2, "measured kg CO2e")
     with _transaction(target) as session:
-        return [settle(session, r.id, kwh, co2) for r in open_reservations(session, decision_id=decision_id)]
+        ids = []
+        for reservation in _reservations_of(session, decision_id):
+            _lock_budget_by_id(session, reservation.budget_id)
+            closing = _closing(session, reservation.id)
+            if closing is None:
+                ids.append(_close(session, reservation.id, "settle", kwh, co2, _overrun_reason(reservation, kwh, co2)))
+            elif closing.kind == "release" and _closing(session, closing.id) is None:
+                reason = (f"late settlement: the run finished after reservation {reservation.id} was released "
+                          f"({closing.reason})")
+                overrun = _overrun_reason(reservation, kwh, co2)
+                ids.append(_add_closing(session, closing, "settle", kwh, co2, f"{reason}; {overrun}" if overrun else reason))
+        return ids
+
+
+def _reservations_of(session: Session, decision_id: int) -> list[LedgerEntry]:
+    query = select(LedgerEntry).where(LedgerEntry.decision_id == decision_id, LedgerEntry.kind == "reserve")
+    return list(session.scalars(query.order_by(LedgerEntry.id)))
+
+
+def _closing(session: Session, entry_id: int) -> LedgerEntry | None:
+    return session.scalars(select(LedgerEntry).where(LedgerEntry.reservation_id == entry_id)).first()
+
+
+def _add_closing(session: Session, closed: LedgerEntry, kind: str, kwh: float, co2: float, reason: str | None) -> int:
+    entry = LedgerEntry(
+        budget_id=closed.budget_id, decision_id=closed.decision_id, kind=kind,
+        energy_kwh=kwh, emissions_kg=co2, reservation_id=closed.id, reason=reason,
+    )
+    try:
+        with session.begin_nested():
+            session.add(entry)
+    except exc.IntegrityError as error:
+        raise ReservationError(f"Reservation {closed.id} was closed concurrently; nothing was {kind}d.") from error
+    return entry.id
+
+
+def _overrun_reason(reservation: LedgerEntry, kwh: float, co2: float) -> str | None:
+    over = [
+        f"{measured:.6g} {unit} measured against {reserved:.6g} reserved"
+        for measured, reserved, unit in ((kwh, reservation.energy_kwh, "kWh"), (co2, reservation.emissions_kg, "kg CO2e"))
+        if measured > reserved + _SLACK * max(1.0, reserved)
+    ]
+    return "overrun: " + ", ".join(over) if over else None
 
 
 def release_decision(target: Target, decision_id: int, reason: str) -> list[int]:
@@ -497,27 +756,60 @@ def release_decision(target: Target, decision_id: int, reason: str) -> list[int]
         return [release(session, r.id, reason) for r in open_reservations(session, decision_id=decision_id)]
 
 
+def live_run_condition(lease: timedelta, at: datetime | None = None) -> Any:
+    """SQL condition: a retrain run is proven alive (``running``, heartbeat within ``lease``).
+
+    Before its first heartbeat a run counts from its start.
+    """
+    last_seen = func.coalesce(RetrainRun.heartbeat_at, RetrainRun.started_at)
+    return and_(RetrainRun.status == "running", last_seen >= _utc(at) - lease)
+
+
 def release_open(
     target: Target,
     older_than: timedelta,
     reason: str,
     *,
+    lease: timedelta | None = None,
     budget_name: str | None = None,
     at: datetime | None = None,
+    dry_run: bool = False,
 ) -> list[Reservation]:
-    """Release every reservation still open after ``older_than`` (left by a crashed run)."""
+    """Release the reservations still open after ``older_than`` whose run is not proven alive.
+
+    With ``lease`` given, a reservation whose decision has a retrain run still renewing its
+    heartbeat within the lease is kept, whatever its age: that run will settle it. The
+    others (a run killed, or a retrain that never started) are released. ``dry_run`` lists
+    them and changes nothing.
+    """
     with _transaction(target) as session:
         stale = open_reservations(session, older_than, budget_name=budget_name, at=at)
-        for reservation in stale:
-            release(session, reservation.id, reason)
+        if lease is not None and stale:
+            alive = set(session.scalars(
+                select(RetrainRun.decision_id).where(
+                    RetrainRun.decision_id.in_({r.decision_id for r in stale}), live_run_condition(lease, at)
+                )
+            ))
+            stale = [r for r in stale if r.decision_id not in alive]
+        if not dry_run:
+            for reservation in stale:
+                release(session, reservation.id, reason)
         return stale
 
 
 __all__ = [
+    "MAX_ROLLING_DAYS",
+    "PERIODIC",
+    "PERIOD_ALIASES",
     "BudgetStatus",
     "Reservation",
     "budget_status",
     "create_budget",
+    "delete_budget",
+    "fits",
+    "live_run_condition",
+    "normalise_period",
+    "period_key",
     "get_budget",
     "list_budgets",
     "open_reservations",
@@ -530,4 +822,7 @@ __all__ = [
     "reserve_many",
     "settle",
     "settle_decision",
+    "update_budget",
+    "usage_columns",
+    "usage_joins",
 ]

@@ -371,6 +371,9 @@ class RetrainRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    """Renewed by the running process; a ``running`` run whose heartbeat (or, before the
+    first, its start) is older than the lease is proven dead (``pipeline.lease``)."""
 
 
 class Calibration(Base):
@@ -448,6 +451,8 @@ class Budget(Base):
     co2_cap: Mapped[float | None] = mapped_column(Float)
     description: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[datetime | None]
+    """Set when the budget was disabled: it no longer limits decisions; its ledger stays."""
 
 
 class LedgerEntry(Base):
@@ -458,6 +463,10 @@ class LedgerEntry(Base):
     lets the database itself refuse a second close. A reservation counts in the period
     of its own ``created_at``: open, it counts its reserved amounts; settled, the measured
     amounts; released, nothing.
+
+    A run that finishes after its reservation was released records a *late settlement*: a
+    ``settle`` entry whose ``reservation_id`` points at the ``release`` entry (a release is
+    closed at most once too), counted like a settlement of the original reservation.
     """
 
     __tablename__ = "budget_ledger"

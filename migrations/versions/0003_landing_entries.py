@@ -3,7 +3,7 @@ index on batches (model_name, status) for what every poll asks.
 
 Frozen history: this file must not import shiftcost.
 
-Revision ID: 0003_landing
+Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-02
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_landing"
+revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

@@ -1,0 +1,96 @@
+"""Bad input at the command line: one sentence (a ``ShiftcostError``), exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from shiftcost.cli import app
+from shiftcost.errors import ShiftcostError
+from shiftcost.store import ledger
+from tests.store import seed
+
+runner = CliRunner()
+
+
+def invoke(*args: str, url: str):
+    return runner.invoke(app, [*args, "--database-url", url], catch_exceptions=True)
+
+
+def one_sentence(result, *words: str) -> str:
+    """The refusal's message, checked to be a user error of one line naming ``words``."""
+    assert isinstance(result.exception, ShiftcostError), result.exception
+    assert result.exception.exit_code == 2
+    message = str(result.exception)
+    assert "\n" not in message and all(word in message for word in words), message
+    return message
+
+
+def test_a_rolling_window_of_99999999_days_is_refused_and_the_pipeline_goes_on(database_url: str, db) -> None:
+    refused = invoke("budget", "create", "x", "--period", "rolling_days", "--rolling-days", "99999999", "--kwh", "1",
+                     url=database_url)
+    one_sentence(refused, "--rolling-days 99999999")
+    assert ledger.list_budgets(db) == []
+    listed = invoke("budget", "list", "--json", url=database_url)
+    assert listed.exit_code == 0 and json.loads(listed.output) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("audit", "budget", "--since", "0001-01-01T00:00+01:00"),
+        ("audit", "cost", "--since", "999999999d"),
+        ("audit", "decisions", "--until", "99999999999w"),
+        ("budget", "release-open", "--older-than", "99999999999d"),
+    ],
+)
+def test_out_of_range_times_are_one_sentence(database_url: str, args) -> None:
+    one_sentence(invoke(*args, url=database_url), args[-1])
+
+
+def test_budget_update_disable_enable_delete(database_url: str, db) -> None:
+    assert invoke("budget", "create", "day", "--period", "daily", "--kwh", "5", url=database_url).exit_code == 0
+    updated = invoke("budget", "update", "day", "--kwh", "7", "--co2", "1", "--json", url=database_url)
+    assert updated.exit_code == 0, updated.output
+    assert json.loads(updated.output) | {"id": 0} == {"id": 0, "name": "day", "scope": "*", "period": "daily",
+                                                      "rolling_days": None, "kwh_cap": 7.0, "co2_cap": 1.0,
+                                                      "enabled": True}
+    one_sentence(invoke("budget", "update", "day", "--no-kwh", "--no-co2", url=database_url), "needs a kWh cap")
+    one_sentence(invoke("budget", "update", "nope", "--kwh", "1", url=database_url), "nope")
+
+    (decision_id,) = seed.decisions(db, 1)
+    ledger.reserve(db, "day", 1.0, 0.1, decision_id)
+    disabled = invoke("budget", "disable", "day", "--json", url=database_url)
+    assert disabled.exit_code == 0 and json.loads(disabled.output)["enabled"] is False
+    assert ledger.budget_status(db) == []
+    one_sentence(invoke("budget", "delete", "day", url=database_url), "disable it instead")
+    assert invoke("budget", "enable", "day", url=database_url).exit_code == 0
+    assert [s.name for s in ledger.budget_status(db)] == ["day"]
+
+    assert invoke("budget", "create", "spare", "--period", "monthly", "--co2", "1", url=database_url).exit_code == 0
+    assert invoke("budget", "delete", "spare", url=database_url).exit_code == 0
+    assert [b.name for b in ledger.list_budgets(db)] == ["day"]
+
+
+def test_release_open_leaves_a_live_run_alone(database_url: str, db) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from shiftcost.store import repository as repo
+    from shiftcost.store.models import RetrainRun
+
+    ledger.create_budget(db, "day", period="daily", kwh_cap=5.0)
+    with db.session() as session:
+        decision = seed.decision(session)
+        run = repo.start_retrain_run(session, decision.model_id, decision_id=decision.id)
+        run.started_at = datetime.now(UTC) - timedelta(hours=3)
+        run.heartbeat_at = datetime.now(UTC)
+        decision_id, run_id = decision.id, run.id
+    ledger.reserve(db, "day", 2.0, 0.5, decision_id, at=datetime.now(UTC) - timedelta(hours=2))
+    kept = json.loads(invoke("budget", "release-open", "--older-than", "1h", "--json", url=database_url).output)
+    assert kept["reservations"] == [] and len(ledger.open_reservations(db)) == 1
+    with db.session() as session:
+        session.get(RetrainRun, run_id).heartbeat_at = datetime.now(UTC) - timedelta(hours=1)
+    released = json.loads(invoke("budget", "release-open", "--older-than", "1h", "--json", url=database_url).output)
+    assert [r["decision_id"] for r in released["reservations"]] == [decision_id]
