@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 # scipy.stats and sklearn.cluster serve every pass's final step; importing them with the
@@ -50,6 +49,7 @@ from shiftcost.index.capture import capture_batches, iter_chunks, resolve_device
 from shiftcost.index.functional import DEFAULT_MAX_SAMPLES, layer_shift
 from shiftcost.index.layered import LayeredClassSums, LayeredHistograms, join_layers
 from shiftcost.index.reference import ReferenceStats
+from shiftcost.index.report import IndexReport
 from shiftcost.index.state import Accumulator, AccumulatorCollection
 
 __all__ = [
@@ -68,80 +68,6 @@ Progress = Callable[[int, "int | None"], None]
 DEFAULT_BINS = 128
 PREINDEX_BINS = 32
 PREINDEX_METRIC = "wasserstein"
-
-
-# --------------------------------------------------------------------------- report
-
-
-@dataclass
-class IndexReport:
-    """Every index and free feature from one pass over a batch.
-
-    ``to_dict()`` gives the JSON view. ``embedding_sample`` (features, labels, ids of the
-    sampled rows of the primary layer) and ``image_stats`` (per-image pixel statistics
-    of the same rows, columns named by ``image_stat_names``) are kept as attributes for
-    the drift detector and are not part of the JSON.
-    """
-
-    resque_dist: float | None
-    resque_dist_variant: str
-    resque_dist_by_layer: dict[str, float]
-    excluded_classes: list[int]
-    inv_ari: float | None
-    layer_shift: float | None
-    layer_shift_by_layer: dict[str, float]
-    resque_task: float | None
-    task_change: bool
-    new_classes: list[int]
-    preindex_p: float | None
-    accuracy: float | None
-    mean_loss: float | None
-    mean_entropy: float
-    predicted_counts: list[int]
-    reference_accuracy: float | None
-    samples: int
-    embedding_samples: int
-    seconds: float
-    device: str
-    layers: list[str]
-    notes: list[str] = field(default_factory=list)
-    embedding_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    image_stats: torch.Tensor | None = field(default=None, repr=False)
-    image_stat_names: tuple[str, ...] = field(default=(), repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; ``resque_task`` and ``preindex_p`` appear only when computed."""
-        data: dict[str, Any] = {
-            "resque_dist": self.resque_dist,
-            "resque_dist_variant": self.resque_dist_variant,
-            "resque_dist_by_layer": dict(self.resque_dist_by_layer),
-            "excluded_classes": list(self.excluded_classes),
-            "inv_ari": self.inv_ari,
-            "layer_shift": self.layer_shift,
-            "layer_shift_by_layer": dict(self.layer_shift_by_layer),
-        }
-        if self.resque_task is not None:
-            data["resque_task"] = self.resque_task
-        if self.preindex_p is not None:
-            data["preindex_p"] = self.preindex_p
-        data.update(
-            {
-                "task_change": self.task_change,
-                "new_classes": list(self.new_classes),
-                "accuracy": self.accuracy,
-                "mean_loss": self.mean_loss,
-                "mean_entropy": self.mean_entropy,
-                "predicted_counts": list(self.predicted_counts),
-                "reference_accuracy": self.reference_accuracy,
-                "samples": self.samples,
-                "embedding_samples": self.embedding_samples,
-                "seconds": self.seconds,
-                "device": self.device,
-                "layers": list(self.layers),
-                "notes": list(self.notes),
-            }
-        )
-        return data
 
 
 # --------------------------------------------------------------------------- input checks
@@ -546,122 +472,120 @@ def report_from_pass(
     seconds: float = 0.0,
 ) -> IndexReport:
     """Every index from the accumulators of a pass (or of merged shards of one)."""
-    names = list(reference.layers)
-    primary = reference.primary_layer
     source = "The batch"
     facts: PassFacts = parts["facts"]
-    seen = facts.samples
-    if seen == 0:
+    if facts.samples == 0:
         raise InputError(f"{source} is empty; give at least one image.")
     labelled = facts.labelled_or_raise(source)
-    histograms_by_layer: LayeredHistograms = parts["histograms"]
-    facts.check_finite(histograms_by_layer, histograms_by_layer.nonfinite_columns(), "the batch")
-    class_sums = parts["class_sums"].compute()
-    histograms = histograms_by_layer.compute()
-    primary_width = histograms_by_layer.widths[0]
+    layered_histograms: LayeredHistograms = parts["histograms"]
+    facts.check_finite(layered_histograms, layered_histograms.nonfinite_columns(), "the batch")
+    primary_width = layered_histograms.widths[0]
     sample = parts["sample"].with_columns(slice(0, primary_width))
     image_sample = parts["sample"].with_columns(slice(primary_width, None))
-    ref_classes = set(reference.classes)
     notes: list[str] = []
     variant = "labels" if labelled and not task else "predicted"
     if variant == "predicted":
         why = "task mode" if task else "the batch has no labels"
         notes.append(f"RESQUE_dist groups the batch by the model's predicted class ({why}).")
+    by_layer, excluded = _resque_dist(reference, parts["class_sums"].compute(), notes)
+    sampled = sample.compute()
+    shift_by_layer = _layer_shift(reference, layered_histograms.compute())
+    seen_labels = facts.labels_seen
+    new_classes = sorted(seen_labels - set(reference.classes)) if labelled else []
+    task_change = bool(new_classes) or task
+    outputs = parts["predictions"].compute()
+    return IndexReport(
+        resque_dist=by_layer.get(reference.primary_layer),
+        resque_dist_variant=variant,
+        resque_dist_by_layer=by_layer,
+        excluded_classes=excluded,
+        inv_ari=_inv_ari(reference, sample, notes),
+        layer_shift=sum(shift_by_layer.values()) / len(shift_by_layer),
+        layer_shift_by_layer=shift_by_layer,
+        resque_task=_resque_task(sample, seen_labels, new_classes, task, notes) if task_change else None,
+        task_change=task_change,
+        new_classes=new_classes,
+        preindex_p=_preindex_p(spec, parts["paired"], notes) if paired else None,
+        accuracy=outputs["accuracy"],
+        mean_loss=outputs["mean_loss"],
+        mean_entropy=outputs["mean_entropy"],
+        predicted_counts=outputs["predicted_counts"],
+        reference_accuracy=reference.accuracy,
+        samples=facts.samples,
+        embedding_samples=int(sampled.features.shape[0]),
+        seconds=seconds,
+        device=str(device),
+        layers=list(reference.layers),
+        notes=notes,
+        embedding_sample=(sampled.features, sampled.labels, sampled.ids),
+        image_stats=image_sample.compute().features,
+        image_stat_names=reference.image_stat_names,
+    )
 
-    # RESQUE_dist, per layer; the primary layer's value is the headline.
-    by_layer: dict[str, float] = {}
-    excluded: list[int] = []
+
+def _resque_dist(reference: ReferenceStats, class_sums: dict[str, Any], notes: list[str]) -> tuple[dict[str, float], list[int]]:
+    """RESQUE_dist per layer (the primary layer's is the headline) and the classes left out."""
+    ref_classes = set(reference.classes)
+    primary = reference.primary_layer
     new_group_classes = set(class_sums[primary].compute().classes)
     if not ref_classes & new_group_classes:
         notes.append(
             f"RESQUE_dist not computed: the batch shares no class with the reference (batch {sorted(new_group_classes)}, "
             f"reference {sorted(ref_classes)})."
         )
-    else:
-        for name in names:
-            result = resque_dist_from_sums(reference.class_sums[name], class_sums[name], layer=name)
-            by_layer[name] = result.value
-            if name == primary:
-                excluded = sorted(result.reference_only + result.new_only)
-        if excluded:
-            notes.append(f"Classes {excluded} are on one side only and were left out of RESQUE_dist.")
+        return {}, []
+    by_layer: dict[str, float] = {}
+    excluded: list[int] = []
+    for name in reference.layers:
+        result = resque_dist_from_sums(reference.class_sums[name], class_sums[name], layer=name)
+        by_layer[name] = result.value
+        if name == primary:
+            excluded = sorted(result.reference_only + result.new_only)
+    if excluded:
+        notes.append(f"Classes {excluded} are on one side only and were left out of RESQUE_dist.")
+    return by_layer, excluded
 
-    # inv_ARI on the embedding sample, k-means started at the reference centroids.
-    sampled = sample.compute()
-    inv_ari_value: float | None = None
-    if sampled.features.shape[0] < len(ref_classes):
-        notes.append(
-            f"inv_ARI not computed: the batch has {sampled.features.shape[0]} images, fewer than the "
-            f"{len(ref_classes)} reference classes."
-        )
-    else:
-        inv_ari_value = inv_ari_from_sample(reference.class_sums[primary], sample).value
 
-    # Layer shift: W1 between reference and new histograms over the reference std.
-    shift_by_layer: dict[str, float] = {}
+def _inv_ari(reference: ReferenceStats, sample: EmbeddingSample, notes: list[str]) -> float | None:
+    """inv_ARI on the embedding sample, k-means started at the reference centroids."""
+    rows, classes = int(sample.compute().features.shape[0]), len(reference.classes)
+    if rows < classes:
+        notes.append(f"inv_ARI not computed: the batch has {rows} images, fewer than the {classes} reference classes.")
+        return None
+    return inv_ari_from_sample(reference.class_sums[reference.primary_layer], sample).value
+
+
+def _layer_shift(reference: ReferenceStats, histograms: dict[str, Any]) -> dict[str, float]:
+    """W1 between the reference and new histograms of each layer, over the reference std."""
     reference_std = reference.reference_std
-    for name in names:
-        shift_by_layer[name] = layer_shift(
-            reference.histograms[name].compute(),
-            histograms[name].compute(),
-            reference.histograms[name].edges,
-            reference_std[name],
-            layer=name,
+    return {
+        name: layer_shift(
+            reference.histograms[name].compute(), histograms[name].compute(), reference.histograms[name].edges, reference_std[name], layer=name
         )
-    shift = sum(shift_by_layer.values()) / len(shift_by_layer)
+        for name in reference.layers
+    }
 
-    # RESQUE_task: asked for, or triggered by labels the reference never had.
-    seen_labels = facts.labels_seen
-    new_classes = sorted(seen_labels - ref_classes) if labelled else []
-    task_change = bool(new_classes) or task
-    resque_task_value: float | None = None
-    if task_change:
-        if new_classes and not task:
-            notes.append(f"Task change: labels {new_classes} are not among the reference classes; RESQUE_task computed.")
-        if len(seen_labels) < 2:
-            if task:
-                raise InputError(f"{source} holds only label {sorted(seen_labels)}; RESQUE_task needs at least two classes.")
-            notes.append("RESQUE_task not computed: the batch holds a single class.")
-        else:
-            resque_task_value = resque_task_from_sample(sample).value
+
+def _resque_task(sample: EmbeddingSample, seen_labels: set[int], new_classes: list[int], task: bool, notes: list[str]) -> float | None:
+    """RESQUE_task, asked for or triggered by labels the reference never had."""
+    value: float | None = None
+    if new_classes and not task:
+        notes.append(f"Task change: labels {new_classes} are not among the reference classes; RESQUE_task computed.")
+    if len(seen_labels) < 2:
+        if task:
+            raise InputError(f"The batch holds only label {sorted(seen_labels)}; RESQUE_task needs at least two classes.")
+        notes.append("RESQUE_task not computed: the batch holds a single class.")
+    else:
+        value = resque_task_from_sample(sample).value
     if task:
         notes.append("Task mode: the labels are the new task's, so accuracy and loss are not computed.")
+    return value
 
-    preindex_value: float | None = None
-    if paired:
-        paired_distances: AccumulatorCollection = parts["paired"]
-        if len(paired_distances):
-            values = [distance.compute() for _, distance in paired_distances.items()]
-            preindex_value = sum(values) / len(values)
-        else:
-            notes.append(f"PreIndex p not computed: no hooked layer is wider than the {spec.num_classes} classes.")
 
-    outputs = parts["predictions"].compute()
-    image_rows = image_sample.compute()
-    return IndexReport(
-        resque_dist=by_layer.get(primary),
-        resque_dist_variant=variant,
-        resque_dist_by_layer=by_layer,
-        excluded_classes=excluded,
-        inv_ari=inv_ari_value,
-        layer_shift=shift,
-        layer_shift_by_layer=shift_by_layer,
-        resque_task=resque_task_value,
-        task_change=task_change,
-        new_classes=new_classes,
-        preindex_p=preindex_value,
-        accuracy=outputs["accuracy"],
-        mean_loss=outputs["mean_loss"],
-        mean_entropy=outputs["mean_entropy"],
-        predicted_counts=outputs["predicted_counts"],
-        reference_accuracy=reference.accuracy,
-        samples=seen,
-        embedding_samples=int(sampled.features.shape[0]),
-        seconds=seconds,
-        device=str(device),
-        layers=names,
-        notes=notes,
-        embedding_sample=(sampled.features, sampled.labels, sampled.ids),
-        image_stats=image_rows.features,
-        image_stat_names=reference.image_stat_names,
-    )
+def _preindex_p(spec: Any, paired_distances: AccumulatorCollection, notes: list[str]) -> float | None:
+    """PreIndex p: the mean over the layers wider than the number of classes."""
+    if not len(paired_distances):
+        notes.append(f"PreIndex p not computed: no hooked layer is wider than the {spec.num_classes} classes.")
+        return None
+    values = [distance.compute() for _, distance in paired_distances.items()]
+    return sum(values) / len(values)
