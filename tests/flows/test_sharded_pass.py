@@ -22,9 +22,12 @@ distributed = pytest.importorskip("distributed")
 
 from prefect import flow  # noqa: E402
 
+from flow_support import sqlite_only  # noqa: E402
+
 from flows.shards import forward_pass  # noqa: E402
 from shiftcost.config import Settings  # noqa: E402
 from shiftcost.index.engine import assess, compute_reference_stats  # noqa: E402
+from shiftcost.index.reference import ReferenceStats  # noqa: E402
 
 TOL = 1e-12
 SHARD_SIZE = 40
@@ -44,6 +47,11 @@ def fail_first_attempt(marker: Path, how: str, module: torch.nn.Module, inputs: 
 def record_process(folder: Path, module: torch.nn.Module, inputs: tuple) -> None:
     """A forward pre-hook: note which process ran a forward call."""
     (folder / str(os.getpid())).touch()
+
+
+def computed_on(cluster) -> int:
+    """Tasks the cluster's scheduler has seen finish so far."""
+    return sum(prefix.state_counts["memory"] for prefix in cluster.scheduler.task_prefixes.values())
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +108,33 @@ def test_sharded_pass_on_dask_equals_one_pass(prefect_server, cluster, world: di
     workers = {int(path.name) for path in processes.iterdir()}
     assert str(os.getpid()) not in {path.name for path in processes.iterdir()}  # no shard ran in this process
     assert len(workers) >= 2  # the shards were spread over the cluster's worker processes
+
+
+@sqlite_only
+def test_the_assess_flow_shards_a_batch_larger_than_the_shard_size(
+    prefect_server, cluster, pipeline_env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.watch import watch
+    from shiftcost.config import load_settings
+    from shiftcost.store import models as db
+
+    env = pipeline_env
+    # Shards of whole chunks (256 images, the pass's batch size): the float32 model then sees
+    # exactly the chunks of a single pass, so its activations are the same to the bit.
+    monkeypatch.setenv("SHIFTCOST_INDEX_SHARD_SIZE", "256")
+    monkeypatch.setenv("SHIFTCOST_DASK_ADDRESS", cluster.scheduler_address)
+    assert load_settings().index_shard_size == 256
+    x, y = env.stream(0, 600)
+    env.drop("large.npz", x, y)
+    computed_before = computed_on(cluster)
+
+    watch()
+
+    assert computed_on(cluster) - computed_before == 3  # one Dask task per shard
+
+    (run,) = env.rows(db.IndexRun)
+    assert run.samples == len(x) > 512  # three shards
+    reference = ReferenceStats.load(env.bootstrapped.model.reference_uri)
+    single = assess(env.trained.model, env.trained.spec, reference, x, y, device="cpu")
+    for key in ("resque_dist", "inv_ari", "layer_shift", "accuracy", "mean_loss", "mean_entropy"):
+        assert math.isclose(getattr(run, key), getattr(single, key), rel_tol=0, abs_tol=TOL), key
