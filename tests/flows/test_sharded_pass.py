@@ -29,6 +29,8 @@ from shiftcost.config import Settings  # noqa: E402
 from shiftcost.index.engine import assess, compute_reference_stats  # noqa: E402
 from shiftcost.index.reference import ReferenceStats  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a Dask cluster of two worker processes and a Prefect server
+
 TOL = 1e-12
 SHARD_SIZE = 40
 
