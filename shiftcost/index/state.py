@@ -144,7 +144,8 @@ class Accumulator:
         device = self._device
         for name, value in parts.items():
             if isinstance(value, torch.Tensor):
-                value = value.to(device, non_blocking=True)
+                # asynchronous only towards an accelerator: a non-blocking copy to the host may be read unfinished
+                value = value.to(device, non_blocking=device.type != "cpu")
             setattr(self, f"_{name}", self._states[name].merge(getattr(self, f"_{name}"), value))
 
     # ------------------------------------------------------------------ hooks
