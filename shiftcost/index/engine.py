@@ -152,7 +152,7 @@ class PassFacts(Accumulator):
         if labels is None:
             self._fold(unlabelled_chunks=1)
         else:
-            self._fold(labelled_chunks=1, label_counts=torch.bincount(labels.to(logits.device, non_blocking=True)))
+            self._fold(labelled_chunks=1, label_counts=torch.bincount(labels.to(logits.device)))
         self.labelled_or_raise(source)
         self._fold(samples=int(logits.shape[0]), nonfinite_logits=(~torch.isfinite(logits)).sum())
 
