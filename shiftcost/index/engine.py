@@ -49,8 +49,8 @@ from shiftcost.index.capture import capture_batches, iter_chunks, resolve_device
 from shiftcost.index.functional import DEFAULT_MAX_SAMPLES, layer_shift
 from shiftcost.index.layered import LayeredClassSums, LayeredHistograms, join_layers
 from shiftcost.index.reference import ReferenceStats
-from shiftcost.index.report import IndexReport
-from shiftcost.index.state import Accumulator, AccumulatorCollection
+from shiftcost.index.report import IndexReport, PassFacts
+from shiftcost.index.state import AccumulatorCollection
 
 __all__ = [
     "IndexReport",
@@ -132,59 +132,6 @@ def _first_chunk_guard(x: Any, source: str) -> None:
         raise InputError(f"{source} is empty; give at least one image.")
 
 
-class PassFacts(Accumulator):
-    """What a pass learns about the batch besides the indices.
-
-    Images seen, how many chunks came with and without labels, how often each label
-    occurred (labels the reference never had mean a task change) and whether any logit
-    was NaN or infinite (flagged on the device, checked once at the end).
-    """
-
-    def __init__(self) -> None:
-        self.add_state("samples", 0)
-        self.add_state("labelled_chunks", 0)
-        self.add_state("unlabelled_chunks", 0)
-        self.add_state("label_counts", torch.zeros(0, dtype=torch.int64), "padded_sum")
-        self.add_state("nonfinite_logits", torch.zeros((), dtype=torch.int64), saved_as=int)
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor | None, *, source: str) -> None:
-        self._place(logits.device)
-        if labels is None:
-            self._fold(unlabelled_chunks=1)
-        else:
-            self._fold(labelled_chunks=1, label_counts=torch.bincount(labels.to(logits.device)))
-        self.labelled_or_raise(source)
-        self._fold(samples=int(logits.shape[0]), nonfinite_logits=(~torch.isfinite(logits)).sum())
-
-    @property
-    def samples(self) -> int:
-        return self._samples
-
-    def labelled_or_raise(self, source: str) -> bool | None:
-        """Whether the chunks had labels (None before any chunk); mixed chunks are an error."""
-        if self._labelled_chunks and self._unlabelled_chunks:
-            raise InputError(f"{source} mixes chunks with and without labels; label every chunk or none.")
-        return bool(self._labelled_chunks) if self._labelled_chunks or self._unlabelled_chunks else None
-
-    @property
-    def labels_seen(self) -> set[int]:
-        return set(torch.nonzero(self._label_counts).flatten().tolist())
-
-    def check_finite(self, layout: Any, bad_columns: torch.Tensor, source: str) -> None:
-        """One sentence naming the first layer (or the logits) where NaN or inf appeared."""
-        columns = torch.nonzero(bad_columns).flatten().tolist()
-        if columns:
-            where = f"layer '{layout.layer_of(columns[0])}'"
-        elif int(self._nonfinite_logits):
-            where = "the logits"
-        else:
-            return
-        raise InputError(
-            f"The model produced NaN or infinite values at {where} on {source}; check the images for NaN/inf "
-            "pixels and the model weights."
-        )
-
-
 def _report_progress(progress: Progress | None, done: int, total: int | None) -> None:
     if progress is not None:
         progress(done, total)
@@ -232,42 +179,14 @@ def compute_reference_stats(
             "The reference data is a one-shot iterator; give a tensor or a re-iterable source (e.g. a list of chunks), "
             "because the reference takes two passes."
         )
-    check = _chunk_checker(spec, labels="required", source=source)
     total = _total(x)
     grand_total = None if total is None else 2 * total
-
-    grouped: LayeredClassSums | None = None  # built at the first chunk, when the layers' widths are known
-    sample = EmbeddingSample(max_samples, seed)  # over [primary layer | image statistics]
-    predictions = PredictionStats(spec.num_classes)
-    facts = PassFacts()
-    lows: torch.Tensor | None = None
-    highs: torch.Tensor | None = None
     run_device = resolve_device(device)
-    for batch in capture_batches(
-        model, iter_chunks(x, y, batch_size), names, device=run_device, autocast=autocast, check_chunk=check
-    ):
-        if batch.count == 0:
-            continue
-        assert batch.y is not None
-        labels = batch.y
-        if grouped is None:
-            grouped = LayeredClassSums(spec.num_classes, names, [batch.features[name].shape[1] for name in names])
-        ids = torch.arange(facts.samples, facts.samples + batch.count, dtype=torch.int64)
-        joined = join_layers(batch.features, names)
-        facts.update(batch.logits, labels, source=source)
-        grouped.update(joined, labels)
-        lo, hi = torch.aminmax(joined, dim=0)
-        lows = lo if lows is None else torch.minimum(lows, lo)
-        highs = hi if highs is None else torch.maximum(highs, hi)
-        sample.update(torch.cat([batch.features[names[0]], image_statistics(_images_for_statistics(batch))], dim=1), labels, ids)
-        predictions.update(batch.logits, labels)
-        _report_progress(progress, facts.samples, grand_total)
-    seen = facts.samples
-    if seen == 0:
-        raise InputError(f"{source} is empty; give at least one image.")
-    assert grouped is not None and lows is not None and highs is not None
-    # NaN and inf propagate into the running minima and maxima, so these flag them per column.
-    facts.check_finite(grouped, ~(torch.isfinite(lows) & torch.isfinite(highs)), source)
+    grouped, sample, predictions, lows, highs = _reference_first_pass(
+        model, spec, x, y, names, batch_size=batch_size, device=run_device, autocast=autocast, max_samples=max_samples,
+        seed=seed, progress=lambda done: _report_progress(progress, done, grand_total),
+    )  # fmt: skip
+    seen = predictions.samples
     edges = {
         name: edges_from_range(float(lows[grouped.columns(name)].min()), float(highs[grouped.columns(name)].max()), bins)
         for name in names
@@ -310,6 +229,54 @@ def compute_reference_stats(
         raise InputError(f"{source} holds only class {stats.classes}; the reference needs at least two classes.")
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _reference_first_pass(
+    model: nn.Module,
+    spec: Any,
+    x: Any,
+    y: Any,
+    names: list[str],
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast: bool | None,
+    max_samples: int,
+    seed: int,
+    progress: Callable[[int], None],
+) -> tuple[LayeredClassSums, EmbeddingSample, PredictionStats, torch.Tensor, torch.Tensor]:
+    """Everything of the reference but its histograms, and each column's minimum and maximum."""
+    source = "The reference data"
+    check = _chunk_checker(spec, labels="required", source=source)
+    grouped: LayeredClassSums | None = None  # built at the first chunk, when the layers' widths are known
+    sample = EmbeddingSample(max_samples, seed)  # over [primary layer | image statistics]
+    predictions = PredictionStats(spec.num_classes)
+    facts = PassFacts()
+    lows: torch.Tensor | None = None
+    highs: torch.Tensor | None = None
+    for batch in capture_batches(model, iter_chunks(x, y, batch_size), names, device=device, autocast=autocast, check_chunk=check):
+        if batch.count == 0:
+            continue
+        assert batch.y is not None
+        labels = batch.y
+        if grouped is None:
+            grouped = LayeredClassSums(spec.num_classes, names, [batch.features[name].shape[1] for name in names])
+        ids = torch.arange(facts.samples, facts.samples + batch.count, dtype=torch.int64)
+        joined = join_layers(batch.features, names)
+        facts.update(batch.logits, labels, source=source)
+        grouped.update(joined, labels)
+        lo, hi = torch.aminmax(joined, dim=0)
+        lows = lo if lows is None else torch.minimum(lows, lo)
+        highs = hi if highs is None else torch.maximum(highs, hi)
+        sample.update(torch.cat([batch.features[names[0]], image_statistics(_images_for_statistics(batch))], dim=1), labels, ids)
+        predictions.update(batch.logits, labels)
+        progress(facts.samples)
+    if facts.samples == 0:
+        raise InputError(f"{source} is empty; give at least one image.")
+    assert grouped is not None and lows is not None and highs is not None
+    # NaN and inf propagate into the running minima and maxima, so these flag them per column.
+    facts.check_finite(grouped, ~(torch.isfinite(lows) & torch.isfinite(highs)), source)
+    return grouped, sample, predictions, lows, highs
 
 
 # --------------------------------------------------------------------------- assess

@@ -1,4 +1,4 @@
-"""The report of one pass over a batch: every index and the inputs of the drift tests."""
+"""What one pass over a batch yields: the facts it gathers on the way, and the report at the end."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["IndexReport"]
+from shiftcost.errors import InputError
+from shiftcost.index.state import Accumulator
+
+__all__ = ["IndexReport", "PassFacts"]
 
 
 @dataclass
@@ -79,3 +82,56 @@ class IndexReport:
             }
         )
         return data
+
+
+class PassFacts(Accumulator):
+    """What a pass learns about the batch besides the indices.
+
+    Images seen, how many chunks came with and without labels, how often each label
+    occurred (labels the reference never had mean a task change) and whether any logit
+    was NaN or infinite (flagged on the device, checked once at the end).
+    """
+
+    def __init__(self) -> None:
+        self.add_state("samples", 0)
+        self.add_state("labelled_chunks", 0)
+        self.add_state("unlabelled_chunks", 0)
+        self.add_state("label_counts", torch.zeros(0, dtype=torch.int64), "padded_sum")
+        self.add_state("nonfinite_logits", torch.zeros((), dtype=torch.int64), saved_as=int)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor | None, *, source: str) -> None:
+        self._place(logits.device)
+        if labels is None:
+            self._fold(unlabelled_chunks=1)
+        else:
+            self._fold(labelled_chunks=1, label_counts=torch.bincount(labels.to(logits.device)))
+        self.labelled_or_raise(source)
+        self._fold(samples=int(logits.shape[0]), nonfinite_logits=(~torch.isfinite(logits)).sum())
+
+    @property
+    def samples(self) -> int:
+        return self._samples
+
+    def labelled_or_raise(self, source: str) -> bool | None:
+        """Whether the chunks had labels (None before any chunk); mixed chunks are an error."""
+        if self._labelled_chunks and self._unlabelled_chunks:
+            raise InputError(f"{source} mixes chunks with and without labels; label every chunk or none.")
+        return bool(self._labelled_chunks) if self._labelled_chunks or self._unlabelled_chunks else None
+
+    @property
+    def labels_seen(self) -> set[int]:
+        return set(torch.nonzero(self._label_counts).flatten().tolist())
+
+    def check_finite(self, layout: Any, bad_columns: torch.Tensor, source: str) -> None:
+        """One sentence naming the first layer (or the logits) where NaN or inf appeared."""
+        columns = torch.nonzero(bad_columns).flatten().tolist()
+        if columns:
+            where = f"layer '{layout.layer_of(columns[0])}'"
+        elif int(self._nonfinite_logits):
+            where = "the logits"
+        else:
+            return
+        raise InputError(
+            f"The model produced NaN or infinite values at {where} on {source}; check the images for NaN/inf "
+            "pixels and the model weights."
+        )
