@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/index_throughput.py
 	$(BIN)/python benchmarks/audit_queries.py
+	$(BIN)/python benchmarks/sharded_index.py
 
 clean:
 	rm -rf $(VENV) shiftcost-demo .pytest_cache .hypothesis

@@ -8,6 +8,7 @@ from prefect import flow
 
 from flows.handoff import Overrides, batch_key, completed_result, settings_for, start_deployment
 from flows.retrain import retrain
+from flows.shards import forward_pass
 from shiftcost.errors import InputError
 from tasks import assess as steps
 from tasks import retrain as retrain_steps
@@ -22,7 +23,7 @@ def assess(batch_id: int, overrides: Overrides = None) -> dict[str, Any]:
         return steps.batch_outcome(settings, batch_id).to_dict()
     try:
         loaded = steps.load_batch(settings, claim)
-        report = steps.forward_pass(settings, loaded)
+        report = forward_pass(settings, loaded)
         drift = steps.detect_drift(settings, loaded, report)
         estimate = steps.predict_cost(settings, loaded, report, drift)
         outcome = steps.decide_and_store(settings, loaded, report, drift, estimate)

@@ -111,6 +111,14 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="Seconds between two heartbeats of a running retrain (keep well under the lease)."
     )
     device: str = Field(default="auto", description="Torch device for forward passes and retraining: auto, cpu, cuda[:N].")
+    index_shard_size: int = Field(
+        default=0, ge=0,
+        description="Images per shard when a batch is larger: its forward pass is split and run on Dask; 0: always one pass.",
+    )  # fmt: skip
+    dask_address: str | None = Field(
+        default=None, description="Scheduler address of the Dask cluster for shards (tcp://host:8786); none: a temporary local one."
+    )
+    dask_local_workers: int = Field(default=2, ge=1, description="Worker processes of the temporary local Dask cluster.")
 
     # --- drift detection --------------------------------------------------------------
     drift_embedding_method: Literal["model", "distance", "ratio", "mmd"] = Field(

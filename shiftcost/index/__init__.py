@@ -6,9 +6,13 @@ streaming accumulators that the one-pass engine feeds batch by batch and merges 
 shards (``ClassSums``, ``EmbeddingSample``, ``LayerHistogram``,
 ``PairedHistogramDistance``, ``PredictionStats``).
 
+Every accumulator declares its state once (``state.Accumulator``); ``layered`` holds the
+accumulators of all hooked layers at once, keyed by layer, and ``shards`` splits a pass
+over a large batch into shards computed anywhere and merged.
+
 Importing this package needs only torch, numpy, scipy and scikit-learn. Public names of
-the sibling modules ``capture``, ``reference`` and ``engine`` are reachable from here too,
-imported on first use.
+the sibling modules ``capture``, ``reference``, ``engine``, ``shards``, ``layered`` and
+``state`` are reachable from here too, imported on first use.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ __all__ = [
 ]
 
 # Sibling modules whose public names this package forwards on first access.
-_LAZY_MODULES = ("engine", "reference", "capture")
+_LAZY_MODULES = ("engine", "reference", "capture", "shards", "layered", "state")
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 # scipy.stats and sklearn.cluster serve every pass's final step; importing them with the
@@ -38,9 +37,7 @@ from torch import nn
 from shiftcost.errors import InputError
 from shiftcost.imagestats import IMAGE_STAT_NAMES, image_stats
 from shiftcost.index.accumulators import (
-    ClassSums,
     EmbeddingSample,
-    LayerHistogram,
     PairedHistogramDistance,
     PredictionStats,
     edges_from_range,
@@ -50,89 +47,27 @@ from shiftcost.index.accumulators import (
 )
 from shiftcost.index.capture import capture_batches, iter_chunks, resolve_device, resolve_layers
 from shiftcost.index.functional import DEFAULT_MAX_SAMPLES, layer_shift
+from shiftcost.index.layered import LayeredClassSums, LayeredHistograms, join_layers
 from shiftcost.index.reference import ReferenceStats
+from shiftcost.index.report import IndexReport, PassFacts
+from shiftcost.index.state import AccumulatorCollection
 
-__all__ = ["IndexReport", "assess", "compute_reference_stats", "image_statistics"]
+__all__ = [
+    "IndexReport",
+    "PassFacts",
+    "accumulate_pass",
+    "assess",
+    "compute_reference_stats",
+    "image_statistics",
+    "pass_accumulators",
+    "report_from_pass",
+]
 
 Progress = Callable[[int, "int | None"], None]
 
 DEFAULT_BINS = 128
 PREINDEX_BINS = 32
 PREINDEX_METRIC = "wasserstein"
-
-
-# --------------------------------------------------------------------------- report
-
-
-@dataclass
-class IndexReport:
-    """Every index and free feature from one pass over a batch.
-
-    ``to_dict()`` gives the JSON view. ``embedding_sample`` (features, labels, ids of the
-    sampled rows of the primary layer) and ``image_stats`` (per-image pixel statistics
-    of the same rows, columns named by ``image_stat_names``) are kept as attributes for
-    the drift detector and are not part of the JSON.
-    """
-
-    resque_dist: float | None
-    resque_dist_variant: str
-    resque_dist_by_layer: dict[str, float]
-    excluded_classes: list[int]
-    inv_ari: float | None
-    layer_shift: float | None
-    layer_shift_by_layer: dict[str, float]
-    resque_task: float | None
-    task_change: bool
-    new_classes: list[int]
-    preindex_p: float | None
-    accuracy: float | None
-    mean_loss: float | None
-    mean_entropy: float
-    predicted_counts: list[int]
-    reference_accuracy: float | None
-    samples: int
-    embedding_samples: int
-    seconds: float
-    device: str
-    layers: list[str]
-    notes: list[str] = field(default_factory=list)
-    embedding_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    image_stats: torch.Tensor | None = field(default=None, repr=False)
-    image_stat_names: tuple[str, ...] = field(default=(), repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; ``resque_task`` and ``preindex_p`` appear only when computed."""
-        data: dict[str, Any] = {
-            "resque_dist": self.resque_dist,
-            "resque_dist_variant": self.resque_dist_variant,
-            "resque_dist_by_layer": dict(self.resque_dist_by_layer),
-            "excluded_classes": list(self.excluded_classes),
-            "inv_ari": self.inv_ari,
-            "layer_shift": self.layer_shift,
-            "layer_shift_by_layer": dict(self.layer_shift_by_layer),
-        }
-        if self.resque_task is not None:
-            data["resque_task"] = self.resque_task
-        if self.preindex_p is not None:
-            data["preindex_p"] = self.preindex_p
-        data.update(
-            {
-                "task_change": self.task_change,
-                "new_classes": list(self.new_classes),
-                "accuracy": self.accuracy,
-                "mean_loss": self.mean_loss,
-                "mean_entropy": self.mean_entropy,
-                "predicted_counts": list(self.predicted_counts),
-                "reference_accuracy": self.reference_accuracy,
-                "samples": self.samples,
-                "embedding_samples": self.embedding_samples,
-                "seconds": self.seconds,
-                "device": self.device,
-                "layers": list(self.layers),
-                "notes": list(self.notes),
-            }
-        )
-        return data
 
 
 # --------------------------------------------------------------------------- input checks
@@ -197,194 +132,6 @@ def _first_chunk_guard(x: Any, source: str) -> None:
         raise InputError(f"{source} is empty; give at least one image.")
 
 
-class _Block:
-    """The hooked layers side by side in one (N, ΣD) float64 matrix.
-
-    Per-batch work then costs a few large tensor operations instead of a few per layer,
-    which matters for small models whose forward pass is itself cheap.
-    """
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-        self.slices: dict[str, slice] = {}
-
-    def join(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [features[name] for name in self.names]
-        if not self.slices:
-            offset = 0
-            for name, part in zip(self.names, parts):
-                self.slices[name] = slice(offset, offset + part.shape[1])
-                offset += part.shape[1]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    def layer_of(self, column: int) -> str:
-        return next(name for name, cols in self.slices.items() if cols.start <= column < cols.stop)
-
-
-class _GroupedSums:
-    """Per-class sums of the joined features and per-class counts, on the device.
-
-    One scatter per batch for all layers, with no host synchronisation (the number of
-    rows is the model's class count, fixed in advance). CPU accumulates in sample order
-    (``index_put_`` with ``accumulate=True`` runs sequentially there); CUDA uses a one-hot
-    product, whose result, unlike atomic adds, does not change from run to run. At the
-    end the columns are handed out as one :class:`ClassSums` per layer.
-    """
-
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.sums: torch.Tensor | None = None
-        self.counts: torch.Tensor | None = None
-
-    def update(self, joined: torch.Tensor, labels: torch.Tensor) -> None:
-        labels = labels.to(joined.device, non_blocking=True)
-        if self.sums is None:
-            self.sums = joined.new_zeros(self.num_classes, joined.shape[1])
-            self.counts = torch.zeros(self.num_classes, dtype=torch.int64, device=joined.device)
-        assert self.counts is not None
-        if joined.device.type == "cpu":
-            self.sums.index_put_((labels,), joined, accumulate=True)
-        else:
-            one_hot = torch.nn.functional.one_hot(labels, self.num_classes).to(joined.dtype)
-            self.sums.addmm_(one_hot.T, joined)
-        self.counts += torch.bincount(labels, minlength=self.num_classes)
-
-    def class_sums(self, block: _Block) -> dict[str, ClassSums]:
-        assert self.sums is not None and self.counts is not None
-        sums, counts = self.sums.cpu(), self.counts.cpu()
-        template = ClassSums().state_dict()
-        out = {}
-        for name in block.names:
-            accumulator = ClassSums()
-            accumulator.load_state_dict({**template, "sums": sums[:, block.slices[name]].contiguous(), "counts": counts.clone()})
-            out[name] = accumulator
-        return out
-
-
-class _JoinedHistograms:
-    """The fixed-edge histogram and moments of every layer, from the joined feature matrix.
-
-    Bins are those of :class:`LayerHistogram` (half-open, the last one closed; values
-    beyond the edges count in the end bins; NaN/inf are not binned but counted): the bin
-    is first guessed from the uniform bin width, then corrected against the stored edges,
-    so a value on an edge lands exactly where ``torch.bucketize`` would put it. One set of
-    operations per batch serves all layers; at the end each layer gets its own
-    ``LayerHistogram`` (through its state dict).
-    """
-
-    def __init__(self, block: _Block, edges: dict[str, torch.Tensor], device: torch.device) -> None:
-        self.block = block
-        self.edges = edges
-        bins = {int(e.shape[0]) - 1 for e in edges.values()}
-        if len(bins) != 1:
-            raise InputError("The reference stats use a different bin count per layer; rebuild them with `shiftcost reference`.")
-        self.bins = bins.pop()
-        self.device = device
-        self._columns_ready = False
-        self.counts = torch.zeros(len(block.names) * self.bins + 1, dtype=torch.int64, device=device)
-
-    def _prepare(self) -> None:
-        # Per-column constants: which layer, where its edges start, its range and centre.
-        layer_of, lo, scale, pivot = [], [], [], []
-        for index, name in enumerate(self.block.names):
-            e = self.edges[name]
-            width = self.block.slices[name].stop - self.block.slices[name].start
-            layer_of += [index] * width
-            lo += [float(e[0])] * width
-            scale += [self.bins / float(e[-1] - e[0])] * width
-            pivot += [float((e[0] + e[-1]) / 2)] * width
-        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
-        self.layer_of = as_tensor(layer_of, torch.int64)
-        self.edge_base = self.layer_of * (self.bins + 1)
-        self.bin_base = self.layer_of * self.bins
-        self.lo = as_tensor(lo, torch.float64)
-        self.scale = as_tensor(scale, torch.float64)
-        self.pivot = as_tensor(pivot, torch.float64)
-        self.flat_edges = torch.cat([self.edges[name] for name in self.block.names]).to(self.device)
-        columns = self.layer_of.shape[0]
-        self.moments = torch.zeros(3, columns, dtype=torch.float64, device=self.device)  # n, Σ(x−c), Σ(x−c)²
-        self.nonfinite = torch.zeros(columns, dtype=torch.int64, device=self.device)
-        self._columns_ready = True
-
-    def update(self, joined: torch.Tensor) -> None:
-        if not self._columns_ready:
-            self._prepare()
-        finite = torch.isfinite(joined)
-        safe = torch.where(finite, joined, self.lo)
-        guess = ((safe - self.lo) * self.scale).floor_().clamp_(0, self.bins - 1).to(torch.int64)
-        position = guess + self.edge_base
-        below = safe < self.flat_edges[position]
-        above = (safe >= self.flat_edges[position + 1]) & (guess < self.bins - 1)
-        guess = (guess - below.to(torch.int64) + above.to(torch.int64)).clamp_(0, self.bins - 1)
-        spill = len(self.block.names) * self.bins
-        flat = torch.where(finite, guess + self.bin_base, spill)
-        self.counts += torch.bincount(flat.reshape(-1), minlength=spill + 1)
-        centred = torch.where(finite, joined - self.pivot, 0.0)
-        self.moments += torch.stack([finite.sum(dim=0).to(torch.float64), centred.sum(dim=0), (centred * centred).sum(dim=0)])
-        self.nonfinite += (~finite).sum(dim=0)
-
-    def nonfinite_columns(self) -> torch.Tensor | None:
-        """Which feature columns held NaN or inf values (None before any update)."""
-        return self.nonfinite > 0 if self._columns_ready else None
-
-    def histograms(self) -> dict[str, LayerHistogram]:
-        counts = self.counts.cpu()
-        moments = self.moments.cpu() if self._columns_ready else None
-        nonfinite = self.nonfinite.cpu() if self._columns_ready else None
-        out = {}
-        for index, name in enumerate(self.block.names):
-            histogram = LayerHistogram(self.edges[name])
-            state = histogram.state_dict()
-            state["counts"] = counts[index * self.bins : (index + 1) * self.bins].clone()
-            if moments is not None and nonfinite is not None:
-                cols = self.block.slices[name]
-                n, s1, s2 = moments[:, cols].sum(dim=1).tolist()
-                state.update(count=int(n), sum_centred=s1, sumsq_centred=s2, nonfinite=int(nonfinite[cols].sum()))
-            histogram.load_state_dict(state)
-            out[name] = histogram
-        return out
-
-
-class _NonFinite:
-    """Where NaN/inf appeared: per feature column (from counts or ranges the pass keeps anyway)
-    and in the logits. Flags stay on the device until the single check at the end."""
-
-    def __init__(self) -> None:
-        self.logits: torch.Tensor | None = None
-
-    def update_logits(self, logits: torch.Tensor) -> None:
-        bad = ~torch.isfinite(logits).all()
-        self.logits = bad if self.logits is None else self.logits | bad
-
-    def check(self, block: _Block, bad_columns: torch.Tensor | None, source: str) -> None:
-        columns = [] if bad_columns is None else torch.nonzero(bad_columns).flatten().tolist()
-        if columns:
-            where = f"layer '{block.layer_of(columns[0])}'"
-        elif self.logits is not None and bool(self.logits):
-            where = "the logits"
-        else:
-            return
-        raise InputError(
-            f"The model produced NaN or infinite values at {where} on {source}; check the images for NaN/inf "
-            "pixels and the model weights."
-        )
-
-
-def _split_sample(sample: EmbeddingSample, width: int) -> tuple[EmbeddingSample, EmbeddingSample]:
-    """Split a sample of ``[embedding | image statistics]`` rows into two aligned samples.
-
-    One sample over the joined columns costs one compaction instead of two; the rows it
-    keeps depend only on ids, labels and seed, so both halves hold the same rows.
-    """
-    state = sample.state_dict()
-    halves = []
-    for columns in (slice(0, width), slice(width, None)):
-        half = EmbeddingSample(sample.max_samples, sample.seed, sample.min_per_class)
-        half.load_state_dict({**state, "features": state["features"][:, columns].contiguous()})
-        halves.append(half)
-    return halves[0], halves[1]
-
-
 def _report_progress(progress: Progress | None, done: int, total: int | None) -> None:
     if progress is not None:
         progress(done, total)
@@ -432,47 +179,22 @@ def compute_reference_stats(
             "The reference data is a one-shot iterator; give a tensor or a re-iterable source (e.g. a list of chunks), "
             "because the reference takes two passes."
         )
-    check = _chunk_checker(spec, labels="required", source=source)
     total = _total(x)
     grand_total = None if total is None else 2 * total
-
-    block = _Block(names)
-    grouped = _GroupedSums(spec.num_classes)
-    sample = EmbeddingSample(max_samples, seed)  # over [primary layer | image statistics]
-    predictions = PredictionStats(spec.num_classes)
-    nonfinite = _NonFinite()
-    lows: torch.Tensor | None = None
-    highs: torch.Tensor | None = None
-    seen = 0
     run_device = resolve_device(device)
-    for batch in capture_batches(
-        model, iter_chunks(x, y, batch_size), names, device=run_device, autocast=autocast, check_chunk=check
-    ):
-        if batch.count == 0:
-            continue
-        assert batch.y is not None
-        labels = batch.y
-        ids = torch.arange(seen, seen + batch.count, dtype=torch.int64)
-        joined = block.join(batch.features)
-        nonfinite.update_logits(batch.logits)
-        grouped.update(joined, labels)
-        lo, hi = torch.aminmax(joined, dim=0)
-        lows = lo if lows is None else torch.minimum(lows, lo)
-        highs = hi if highs is None else torch.maximum(highs, hi)
-        sample.update(torch.cat([batch.features[names[0]], image_statistics(_images_for_statistics(batch))], dim=1), labels, ids)
-        predictions.update(batch.logits, labels)
-        seen += batch.count
-        _report_progress(progress, seen, grand_total)
-    if seen == 0:
-        raise InputError(f"{source} is empty; give at least one image.")
-    assert lows is not None and highs is not None
-    # NaN and inf propagate into the running minima and maxima, so these flag them per column.
-    nonfinite.check(block, ~(torch.isfinite(lows) & torch.isfinite(highs)), source)
-    edges = {name: edges_from_range(float(lows[cols].min()), float(highs[cols].max()), bins) for name, cols in block.slices.items()}
-    joined_histograms = _JoinedHistograms(block, edges, run_device)
+    grouped, sample, predictions, lows, highs = _reference_first_pass(
+        model, spec, x, y, names, batch_size=batch_size, device=run_device, autocast=autocast, max_samples=max_samples,
+        seed=seed, progress=lambda done: _report_progress(progress, done, grand_total),
+    )  # fmt: skip
+    seen = predictions.samples
+    edges = {
+        name: edges_from_range(float(lows[grouped.columns(name)].min()), float(highs[grouped.columns(name)].max()), bins)
+        for name in names
+    }
+    histograms = LayeredHistograms(names, grouped.widths, edges)
     done = seen
     for batch in capture_batches(model, iter_chunks(x, y, batch_size), names, device=run_device, autocast=autocast):
-        joined_histograms.update(block.join(batch.features))
+        histograms.update(join_layers(batch.features, names))
         done += batch.count
         _report_progress(progress, done, grand_total)
     if done != 2 * seen:
@@ -481,15 +203,15 @@ def compute_reference_stats(
             "the same data each time it is iterated."
         )
 
-    embedding_sample, image_sample = _split_sample(sample, block.slices[names[0]].stop)
+    primary_width = grouped.widths[0]
     stats = ReferenceStats(
         spec=spec,
         fingerprint=model_fingerprint(model),
         layers=tuple(names),
-        class_sums=grouped.class_sums(block),
-        histograms=joined_histograms.histograms(),
-        embedding_sample=embedding_sample,
-        image_stats_sample=image_sample,
+        class_sums=grouped.compute(),
+        histograms=histograms.compute(),
+        embedding_sample=sample.with_columns(slice(0, primary_width)),
+        image_stats_sample=sample.with_columns(slice(primary_width, None)),
         image_stat_names=IMAGE_STAT_NAMES,
         predictions=predictions,
         samples=seen,
@@ -507,6 +229,54 @@ def compute_reference_stats(
         raise InputError(f"{source} holds only class {stats.classes}; the reference needs at least two classes.")
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _reference_first_pass(
+    model: nn.Module,
+    spec: Any,
+    x: Any,
+    y: Any,
+    names: list[str],
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast: bool | None,
+    max_samples: int,
+    seed: int,
+    progress: Callable[[int], None],
+) -> tuple[LayeredClassSums, EmbeddingSample, PredictionStats, torch.Tensor, torch.Tensor]:
+    """Everything of the reference but its histograms, and each column's minimum and maximum."""
+    source = "The reference data"
+    check = _chunk_checker(spec, labels="required", source=source)
+    grouped: LayeredClassSums | None = None  # built at the first chunk, when the layers' widths are known
+    sample = EmbeddingSample(max_samples, seed)  # over [primary layer | image statistics]
+    predictions = PredictionStats(spec.num_classes)
+    facts = PassFacts()
+    lows: torch.Tensor | None = None
+    highs: torch.Tensor | None = None
+    for batch in capture_batches(model, iter_chunks(x, y, batch_size), names, device=device, autocast=autocast, check_chunk=check):
+        if batch.count == 0:
+            continue
+        assert batch.y is not None
+        labels = batch.y
+        if grouped is None:
+            grouped = LayeredClassSums(spec.num_classes, names, [batch.features[name].shape[1] for name in names])
+        ids = torch.arange(facts.samples, facts.samples + batch.count, dtype=torch.int64)
+        joined = join_layers(batch.features, names)
+        facts.update(batch.logits, labels, source=source)
+        grouped.update(joined, labels)
+        lo, hi = torch.aminmax(joined, dim=0)
+        lows = lo if lows is None else torch.minimum(lows, lo)
+        highs = hi if highs is None else torch.maximum(highs, hi)
+        sample.update(torch.cat([batch.features[names[0]], image_statistics(_images_for_statistics(batch))], dim=1), labels, ids)
+        predictions.update(batch.logits, labels)
+        progress(facts.samples)
+    if facts.samples == 0:
+        raise InputError(f"{source} is empty; give at least one image.")
+    assert grouped is not None and lows is not None and highs is not None
+    # NaN and inf propagate into the running minima and maxima, so these flag them per column.
+    facts.check_finite(grouped, ~(torch.isfinite(lows) & torch.isfinite(highs)), source)
+    return grouped, sample, predictions, lows, highs
 
 
 # --------------------------------------------------------------------------- assess
@@ -557,6 +327,61 @@ def assess(
     started = time.perf_counter()
     if check_model:
         reference.check_compatible(model)
+    run_device = resolve_device(device)
+    parts = accumulate_pass(
+        model, spec, reference, x, y, batch_size=batch_size, device=run_device, autocast=autocast, task=task,
+        paired_clean_x=paired_clean_x, progress=progress,
+    )  # fmt: skip
+    return report_from_pass(
+        spec, reference, parts, task=task, paired=paired_clean_x is not None, device=run_device,
+        seconds=time.perf_counter() - started,
+    )  # fmt: skip
+
+
+def _preindex_layers(spec: Any, reference: ReferenceStats) -> list[str]:
+    """PreIndex p averages over the layers wider than the number of classes."""
+    return [name for name in reference.layers if (reference.class_sums[name].num_features or 0) > spec.num_classes]
+
+
+def pass_accumulators(spec: Any, reference: ReferenceStats) -> AccumulatorCollection:
+    """The empty accumulators of one pass over a batch (or over one shard of it)."""
+    names = list(reference.layers)
+    widths = [int(reference.class_sums[name].num_features or 0) for name in names]
+    return AccumulatorCollection(
+        {
+            "class_sums": LayeredClassSums(spec.num_classes, names, widths),
+            "histograms": LayeredHistograms(names, widths, {name: reference.histograms[name].edges for name in names}),
+            # over [primary layer | image statistics]: one compaction serves both
+            "sample": EmbeddingSample(reference.max_samples, reference.seed),
+            "predictions": PredictionStats(spec.num_classes),
+            "paired": AccumulatorCollection(
+                {name: PairedHistogramDistance(PREINDEX_BINS, PREINDEX_METRIC) for name in _preindex_layers(spec, reference)}
+            ),
+            "facts": PassFacts(),
+        }
+    )
+
+
+def accumulate_pass(
+    model: nn.Module,
+    spec: Any,
+    reference: ReferenceStats,
+    x: Any,
+    y: Any = None,
+    *,
+    first_row: int = 0,
+    batch_size: int = 256,
+    device: torch.device,
+    autocast: bool | None = False,
+    task: bool = False,
+    paired_clean_x: Any = None,
+    progress: Progress | None = None,
+) -> AccumulatorCollection:
+    """One forward pass over ``(x, y)`` into :func:`pass_accumulators`; nothing is computed yet.
+
+    ``first_row`` is the position of ``x``'s first image in the whole batch, so that a
+    shard's embedding-sample ids are the ones a single pass would give.
+    """
     names = list(reference.layers)
     primary = reference.primary_layer
     source = "The batch"
@@ -571,159 +396,163 @@ def assess(
     else:
         chunks = iter_chunks(x, y, batch_size)
     total = _total(x)
-    run_device = resolve_device(device)
+    parts = pass_accumulators(spec, reference)
+    facts: PassFacts = parts["facts"]
+    paired_distances: AccumulatorCollection = parts["paired"]
 
-    ref_classes = set(reference.classes)
-    block = _Block(names)
-    grouped = _GroupedSums(spec.num_classes)
-    joined_histograms = _JoinedHistograms(block, {name: reference.histograms[name].edges for name in names}, run_device)
-    sample = EmbeddingSample(reference.max_samples, reference.seed)  # over [primary layer | image statistics]
-    predictions = PredictionStats(spec.num_classes)
-    preindex_layers = [name for name in names if (reference.class_sums[name].num_features or 0) > spec.num_classes]
-    paired_distances = {name: PairedHistogramDistance(PREINDEX_BINS, PREINDEX_METRIC) for name in preindex_layers}
-    nonfinite = _NonFinite()
-    seen_labels: set[int] = set()
-    labelled: bool | None = None
-    seen = 0
-
-    for batch in capture_batches(model, chunks, names, device=run_device, autocast=autocast, check_chunk=check):
+    for batch in capture_batches(model, chunks, names, device=device, autocast=autocast, check_chunk=check):
         n = batch.count // 2 if paired else batch.count
         if n == 0:
             continue
         features, logits = batch.features, batch.logits
         if paired:
-            clean_features = {name: features[name][n:] for name in preindex_layers}
+            for name, distance in paired_distances.items():
+                distance.update(features[name][n:], features[name][:n], layer=name)
             features = {name: f[:n] for name, f in features.items()}
             logits = logits[:n]
-            for name in preindex_layers:
-                paired_distances[name].update(clean_features[name], features[name], layer=name)
         has_labels = batch.y is not None
-        if labelled is None:
-            labelled = has_labels
-        elif labelled != has_labels:
-            raise InputError(f"{source} mixes chunks with and without labels; label every chunk or none.")
         if task and not has_labels:
             raise InputError("RESQUE_task needs the new task's labels but the batch has none; give labels or drop --task.")
-        if has_labels:
-            seen_labels.update(torch.unique(batch.y).tolist())
+        ids = torch.arange(first_row + facts.samples, first_row + facts.samples + n, dtype=torch.int64)
+        facts.update(logits, batch.y, source=source)
         # Grouping: the batch's labels when they are the model's classes, else the predictions.
         predicted = logits.argmax(dim=1)
         group = batch.y if has_labels and not task else predicted
-        sample_labels = batch.y if has_labels else predicted
-        ids = torch.arange(seen, seen + n, dtype=torch.int64)
-        joined = block.join(features)
-        nonfinite.update_logits(logits)
-        grouped.update(joined, group)
-        joined_histograms.update(joined)
-        sample.update(torch.cat([features[primary], image_statistics(_images_for_statistics(batch)[:n])], dim=1), sample_labels, ids)
-        predictions.update(logits, None if task or not has_labels else batch.y)
-        seen += n
-        _report_progress(progress, seen, total)
+        joined = join_layers(features, names)
+        parts["class_sums"].update(joined, group)
+        parts["histograms"].update(joined)
+        statistics = image_statistics(_images_for_statistics(batch)[:n])
+        parts["sample"].update(torch.cat([features[primary], statistics], dim=1), batch.y if has_labels else predicted, ids)
+        parts["predictions"].update(logits, None if task or not has_labels else batch.y)
+        _report_progress(progress, facts.samples, total)
+    return parts
 
-    if seen == 0:
+
+def report_from_pass(
+    spec: Any,
+    reference: ReferenceStats,
+    parts: AccumulatorCollection,
+    *,
+    task: bool = False,
+    paired: bool = False,
+    device: torch.device | str = "cpu",
+    seconds: float = 0.0,
+) -> IndexReport:
+    """Every index from the accumulators of a pass (or of merged shards of one)."""
+    source = "The batch"
+    facts: PassFacts = parts["facts"]
+    if facts.samples == 0:
         raise InputError(f"{source} is empty; give at least one image.")
-    nonfinite.check(block, joined_histograms.nonfinite_columns(), "the batch")
-    class_sums = grouped.class_sums(block)
-    histograms = joined_histograms.histograms()
-    sample, image_sample = _split_sample(sample, block.slices[primary].stop)
+    labelled = facts.labelled_or_raise(source)
+    layered_histograms: LayeredHistograms = parts["histograms"]
+    facts.check_finite(layered_histograms, layered_histograms.nonfinite_columns(), "the batch")
+    primary_width = layered_histograms.widths[0]
+    sample = parts["sample"].with_columns(slice(0, primary_width))
+    image_sample = parts["sample"].with_columns(slice(primary_width, None))
     notes: list[str] = []
     variant = "labels" if labelled and not task else "predicted"
     if variant == "predicted":
         why = "task mode" if task else "the batch has no labels"
         notes.append(f"RESQUE_dist groups the batch by the model's predicted class ({why}).")
+    by_layer, excluded = _resque_dist(reference, parts["class_sums"].compute(), notes)
+    sampled = sample.compute()
+    shift_by_layer = _layer_shift(reference, layered_histograms.compute())
+    seen_labels = facts.labels_seen
+    new_classes = sorted(seen_labels - set(reference.classes)) if labelled else []
+    task_change = bool(new_classes) or task
+    outputs = parts["predictions"].compute()
+    return IndexReport(
+        resque_dist=by_layer.get(reference.primary_layer),
+        resque_dist_variant=variant,
+        resque_dist_by_layer=by_layer,
+        excluded_classes=excluded,
+        inv_ari=_inv_ari(reference, sample, notes),
+        layer_shift=sum(shift_by_layer.values()) / len(shift_by_layer),
+        layer_shift_by_layer=shift_by_layer,
+        resque_task=_resque_task(sample, seen_labels, new_classes, task, notes) if task_change else None,
+        task_change=task_change,
+        new_classes=new_classes,
+        preindex_p=_preindex_p(spec, parts["paired"], notes) if paired else None,
+        accuracy=outputs["accuracy"],
+        mean_loss=outputs["mean_loss"],
+        mean_entropy=outputs["mean_entropy"],
+        predicted_counts=outputs["predicted_counts"],
+        reference_accuracy=reference.accuracy,
+        samples=facts.samples,
+        embedding_samples=int(sampled.features.shape[0]),
+        seconds=seconds,
+        device=str(device),
+        layers=list(reference.layers),
+        notes=notes,
+        embedding_sample=(sampled.features, sampled.labels, sampled.ids),
+        image_stats=image_sample.compute().features,
+        image_stat_names=reference.image_stat_names,
+    )
 
-    # RESQUE_dist, per layer; the primary layer's value is the headline.
-    by_layer: dict[str, float] = {}
-    excluded: list[int] = []
+
+def _resque_dist(reference: ReferenceStats, class_sums: dict[str, Any], notes: list[str]) -> tuple[dict[str, float], list[int]]:
+    """RESQUE_dist per layer (the primary layer's is the headline) and the classes left out."""
+    ref_classes = set(reference.classes)
+    primary = reference.primary_layer
     new_group_classes = set(class_sums[primary].compute().classes)
     if not ref_classes & new_group_classes:
         notes.append(
             f"RESQUE_dist not computed: the batch shares no class with the reference (batch {sorted(new_group_classes)}, "
             f"reference {sorted(ref_classes)})."
         )
-    else:
-        for name in names:
-            result = resque_dist_from_sums(reference.class_sums[name], class_sums[name], layer=name)
-            by_layer[name] = result.value
-            if name == primary:
-                excluded = sorted(result.reference_only + result.new_only)
-        if excluded:
-            notes.append(f"Classes {excluded} are on one side only and were left out of RESQUE_dist.")
+        return {}, []
+    by_layer: dict[str, float] = {}
+    excluded: list[int] = []
+    for name in reference.layers:
+        result = resque_dist_from_sums(reference.class_sums[name], class_sums[name], layer=name)
+        by_layer[name] = result.value
+        if name == primary:
+            excluded = sorted(result.reference_only + result.new_only)
+    if excluded:
+        notes.append(f"Classes {excluded} are on one side only and were left out of RESQUE_dist.")
+    return by_layer, excluded
 
-    # inv_ARI on the embedding sample, k-means started at the reference centroids.
-    sampled = sample.compute()
-    inv_ari_value: float | None = None
-    if sampled.features.shape[0] < len(ref_classes):
-        notes.append(
-            f"inv_ARI not computed: the batch has {sampled.features.shape[0]} images, fewer than the "
-            f"{len(ref_classes)} reference classes."
-        )
-    else:
-        inv_ari_value = inv_ari_from_sample(reference.class_sums[primary], sample).value
 
-    # Layer shift: W1 between reference and new histograms over the reference std.
-    shift_by_layer: dict[str, float] = {}
+def _inv_ari(reference: ReferenceStats, sample: EmbeddingSample, notes: list[str]) -> float | None:
+    """inv_ARI on the embedding sample, k-means started at the reference centroids."""
+    rows, classes = int(sample.compute().features.shape[0]), len(reference.classes)
+    if rows < classes:
+        notes.append(f"inv_ARI not computed: the batch has {rows} images, fewer than the {classes} reference classes.")
+        return None
+    return inv_ari_from_sample(reference.class_sums[reference.primary_layer], sample).value
+
+
+def _layer_shift(reference: ReferenceStats, histograms: dict[str, Any]) -> dict[str, float]:
+    """W1 between the reference and new histograms of each layer, over the reference std."""
     reference_std = reference.reference_std
-    for name in names:
-        shift_by_layer[name] = layer_shift(
-            reference.histograms[name].compute(),
-            histograms[name].compute(),
-            reference.histograms[name].edges,
-            reference_std[name],
-            layer=name,
+    return {
+        name: layer_shift(
+            reference.histograms[name].compute(), histograms[name].compute(), reference.histograms[name].edges, reference_std[name], layer=name
         )
-    shift = sum(shift_by_layer.values()) / len(shift_by_layer)
+        for name in reference.layers
+    }
 
-    # RESQUE_task: asked for, or triggered by labels the reference never had.
-    new_classes = sorted(seen_labels - ref_classes) if labelled else []
-    task_change = bool(new_classes) or task
-    resque_task_value: float | None = None
-    if task_change:
-        if new_classes and not task:
-            notes.append(f"Task change: labels {new_classes} are not among the reference classes; RESQUE_task computed.")
-        if len(seen_labels) < 2:
-            if task:
-                raise InputError(f"{source} holds only label {sorted(seen_labels)}; RESQUE_task needs at least two classes.")
-            notes.append("RESQUE_task not computed: the batch holds a single class.")
-        else:
-            resque_task_value = resque_task_from_sample(sample).value
+
+def _resque_task(sample: EmbeddingSample, seen_labels: set[int], new_classes: list[int], task: bool, notes: list[str]) -> float | None:
+    """RESQUE_task, asked for or triggered by labels the reference never had."""
+    value: float | None = None
+    if new_classes and not task:
+        notes.append(f"Task change: labels {new_classes} are not among the reference classes; RESQUE_task computed.")
+    if len(seen_labels) < 2:
+        if task:
+            raise InputError(f"The batch holds only label {sorted(seen_labels)}; RESQUE_task needs at least two classes.")
+        notes.append("RESQUE_task not computed: the batch holds a single class.")
+    else:
+        value = resque_task_from_sample(sample).value
     if task:
         notes.append("Task mode: the labels are the new task's, so accuracy and loss are not computed.")
+    return value
 
-    preindex_value: float | None = None
-    if paired:
-        if paired_distances:
-            values = [paired_distances[name].compute() for name in preindex_layers]
-            preindex_value = sum(values) / len(values)
-        else:
-            notes.append(f"PreIndex p not computed: no hooked layer is wider than the {spec.num_classes} classes.")
 
-    outputs = predictions.compute()
-    image_rows = image_sample.compute()
-    return IndexReport(
-        resque_dist=by_layer.get(primary),
-        resque_dist_variant=variant,
-        resque_dist_by_layer=by_layer,
-        excluded_classes=excluded,
-        inv_ari=inv_ari_value,
-        layer_shift=shift,
-        layer_shift_by_layer=shift_by_layer,
-        resque_task=resque_task_value,
-        task_change=task_change,
-        new_classes=new_classes,
-        preindex_p=preindex_value,
-        accuracy=outputs["accuracy"],
-        mean_loss=outputs["mean_loss"],
-        mean_entropy=outputs["mean_entropy"],
-        predicted_counts=outputs["predicted_counts"],
-        reference_accuracy=reference.accuracy,
-        samples=seen,
-        embedding_samples=int(sampled.features.shape[0]),
-        seconds=time.perf_counter() - started,
-        device=str(run_device),
-        layers=names,
-        notes=notes,
-        embedding_sample=(sampled.features, sampled.labels, sampled.ids),
-        image_stats=image_rows.features,
-        image_stat_names=reference.image_stat_names,
-    )
+def _preindex_p(spec: Any, paired_distances: AccumulatorCollection, notes: list[str]) -> float | None:
+    """PreIndex p: the mean over the layers wider than the number of classes."""
+    if not len(paired_distances):
+        notes.append(f"PreIndex p not computed: no hooked layer is wider than the {spec.num_classes} classes.")
+        return None
+    values = [distance.compute() for _, distance in paired_distances.items()]
+    return sum(values) / len(values)

@@ -248,7 +248,7 @@ def resque_dist_details(
     new_sums, new_counts = _sums_of(new_features, new_labels, "new", layer)
     k = max(ref_sums.shape[0], new_sums.shape[0])
     return resque_dist_from_class_sums(
-        _pad_rows(ref_sums, k), _pad_rows(ref_counts, k), _pad_rows(new_sums, k), _pad_rows(new_counts, k), layer=layer
+        pad_rows(ref_sums, k), pad_rows(ref_counts, k), pad_rows(new_sums, k), pad_rows(new_counts, k), layer=layer
     )
 
 
@@ -264,7 +264,7 @@ def resque_dist(
     return resque_dist_details(ref_features, ref_labels, new_features, new_labels, layer=layer).value
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     if t.shape[0] >= rows:
         return t
     pad = torch.zeros((rows - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)

@@ -282,6 +282,7 @@ def build_new_version(settings: Settings, inputs: RetrainInputs, result: Retrain
 
 
 def _new_reference(settings: Settings, inputs: RetrainInputs, result: RetrainResult, x: Any, y: Any, url: str) -> ReferenceStats:
+    from shiftcost.artifacts import writing
     from shiftcost.index.engine import compute_reference_stats
 
     reference = compute_reference_stats(

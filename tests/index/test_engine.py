@@ -232,9 +232,9 @@ def test_bad_input_is_one_clear_sentence(world: dict) -> None:
         assess(other, spec, reference, x, y, device="cpu")
 
 
-def test_joined_histograms_bin_like_layer_histogram_on_edges_outliers_and_nan() -> None:
+def test_layered_histograms_bin_like_layer_histogram_on_edges_outliers_and_nan() -> None:
     from shiftcost.index.accumulators import LayerHistogram, edges_from_range
-    from shiftcost.index.engine import _Block, _JoinedHistograms
+    from shiftcost.index.layered import LayeredHistograms, join_layers
 
     generator = torch.Generator().manual_seed(0)
     edges = {"a": edges_from_range(-1.0, 3.0, 16), "b": edges_from_range(0.0, 0.7, 16)}
@@ -244,11 +244,10 @@ def test_joined_histograms_bin_like_layer_histogram_on_edges_outliers_and_nan() 
     b[:17, 1] = edges["b"]
     b[3, 2] = float("nan")
     b[4, 3] = float("inf")
-    block = _Block(["a", "b"])
-    joined = _JoinedHistograms(block, edges, torch.device("cpu"))
+    layered = LayeredHistograms(["a", "b"], [3, 5], edges)
     for rows in (slice(0, 20), slice(20, 50)):
-        joined.update(block.join({"a": a[rows], "b": b[rows]}))
-    got = joined.histograms()
+        layered.update(join_layers({"a": a[rows], "b": b[rows]}, ["a", "b"]))
+    got = layered.compute()
     for name, values in (("a", a), ("b", b)):
         expected = LayerHistogram(edges[name])
         expected.update(values)
@@ -258,3 +257,4 @@ def test_joined_histograms_bin_like_layer_histogram_on_edges_outliers_and_nan() 
         assert state["sum_centred"] == pytest.approx(want["sum_centred"], rel=1e-12, abs=1e-12)
         assert state["sumsq_centred"] == pytest.approx(want["sumsq_centred"], rel=1e-12)
     assert got["b"].state_dict()["nonfinite"] == 2 and got["a"].state_dict()["nonfinite"] == 0
+    assert layered.nonfinite_columns().tolist() == [False] * 3 + [False, False, True, True, False]
