@@ -52,6 +52,7 @@ from torch import nn
 
 from shiftcost.data.demo import torch_threads
 from shiftcost.errors import ConfigError, InputError
+from shiftcost.recipe import Caps, Cutoff, RetrainConfig
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt
 
 __all__ = [
@@ -92,6 +93,10 @@ CORRELATION_MEASURES: tuple[str, ...] = (
 COST_FEATURES: tuple[str, ...] = ("resque_dist", "inv_ari", "layer_shift", "accuracy", "mean_loss", "mean_entropy")
 
 #: A reduced sweep for smoke tests: two kinds, three intensities each.
+#: Sweep defaults: the cutoff checked every step (the cost is measured to the step) on a
+#: larger held-out share than a pipeline retrain, 15 epochs at most.
+SWEEP_CONFIG = RetrainConfig(cutoff=Cutoff(eval_every=1, holdout_fraction=0.3), caps=Caps(max_epochs=15.0))
+
 QUICK_SWEEP: dict[str, tuple[float, ...]] = {
     "gaussian_noise": (0.0, 0.1, 0.2),
     "contrast": (0.0, 0.2, 0.4),
@@ -261,18 +266,7 @@ def run_sweep(
     sweep: Mapping[str, Sequence[float]] = DEFAULT_SWEEP,
     seed: int = 0,
     repeats: int = 2,
-    tolerance: float = 0.03,
-    eval_every: int | None = 1,
-    max_epochs: float | None = 15.0,
-    max_steps: int | None = None,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    optimizer: str = "adam",
-    holdout_fraction: float = 0.3,
-    replay_fraction: float = 0.0,
-    device: str | torch.device = "auto",
-    country_iso_code: str = "USA",
-    energy_options: Mapping[str, Any] | None = None,
+    config: RetrainConfig | None = None,
     threads: int | None = 1,
     probe: bool = True,
     probe_seconds: float = 3.0,
@@ -281,6 +275,7 @@ def run_sweep(
     reference_stats: Any = None,
     progress: Progress | None = None,
     out_dir: str | os.PathLike[str] | None = None,
+    **retrain_settings: Any,
 ) -> SweepResult:
     """Run a calibration sweep of ``model`` and evaluate how well the indices predict the cost.
 
@@ -292,8 +287,11 @@ def run_sweep(
     intensities (include 0). Each point is retrained ``repeats`` times with seeds
     ``seed, seed + 1, ...`` (split, shuffling); the corruption itself uses ``seed``.
 
-    Retraining settings (``eval_every``, ``max_epochs``, ``max_steps``, ``batch_size``, ``lr``,
-    ``optimizer``, ``replay_fraction``) go to :func:`~shiftcost.retrain.retrain_to_cutoff`.
+    Retraining settings: ``config`` (default :data:`SWEEP_CONFIG` with the recipe the model
+    file carries), changed by flat names in ``retrain_settings`` (``lr=``, ``max_epochs=``,
+    ``device=`` ...; see :meth:`~shiftcost.recipe.RetrainConfig.replace`); every run uses
+    them through :func:`~shiftcost.retrain.retrain_to_cutoff`, so the sweep measures the
+    recipe the model's retrains use.
     ``threads`` sets torch's CPU threads for the sweep (restored afterwards; ``None`` leaves
     them): a model this small gains nothing from intra-op threads, and on a busy machine
     they spin against other processes and make every step several times slower.
@@ -304,6 +302,10 @@ def run_sweep(
     """
     from shiftcost.index.engine import assess, compute_reference_stats
 
+    config = (config or SWEEP_CONFIG.for_model(spec)).replace(**retrain_settings)
+    config = config.replace(require_energy=False)
+    recipe, cutoff, caps = config.recipe, config.cutoff, config.caps
+    device = config.device
     _check_data(reference_x, reference_y, "the reference data")
     _check_data(new_x, new_y, "the new data")
     plan = _check_plan(sweep, new_x)
@@ -315,16 +317,17 @@ def run_sweep(
         "sweep": {kind: list(values) for kind, values in sweep.items()},
         "seed": seed,
         "repeats": repeats,
-        "tolerance": tolerance,
-        "eval_every": eval_every,
-        "max_epochs": max_epochs,
-        "max_steps": max_steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "optimizer": optimizer,
-        "holdout_fraction": holdout_fraction,
-        "replay_fraction": replay_fraction,
-        "country_iso_code": country_iso_code,
+        "tolerance": cutoff.tolerance,
+        "eval_every": cutoff.eval_every,
+        "max_epochs": caps.max_epochs,
+        "max_steps": caps.max_steps,
+        "batch_size": recipe.batch_size,
+        "lr": recipe.lr,
+        "optimizer": recipe.optimizer,
+        "holdout_fraction": cutoff.holdout_fraction,
+        "replay_fraction": recipe.replay_fraction,
+        "country_iso_code": config.energy.country_iso_code,
+        "retrain": config.to_dict(),
         "threads": threads,
         "level": level,
         "features": list(features),
@@ -340,23 +343,12 @@ def run_sweep(
         reference_accuracy = reference_stats.accuracy
         settings["reference_accuracy"] = reference_accuracy
         settings["device"] = str(_resolve_device(device))
+        replay = recipe.replay_fraction > 0
         retrain_kwargs = dict(
-            reference_x=reference_x if replay_fraction > 0 else None,
-            reference_y=reference_y if replay_fraction > 0 else None,
-            replay_fraction=replay_fraction,
-            holdout_fraction=holdout_fraction,
+            config=config,
+            reference_x=reference_x if replay else None,
+            reference_y=reference_y if replay else None,
             reference_accuracy=reference_accuracy,
-            tolerance=tolerance,
-            eval_every=eval_every,
-            max_steps=max_steps,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            device=device,
-            country_iso_code=country_iso_code,
-            energy_options=dict(energy_options or {}),
-            require_energy=False,
         )
         if progress is not None:
             progress(0, len(plan), "starting")
@@ -374,7 +366,7 @@ def run_sweep(
             where = f"; they are in {out_dir}" if out_dir is not None and rows else ""
             raise SweepInterrupted(f"sweep interrupted after {len(rows)} of {len(plan)} points{where}", rows) from interrupt
         if probe:
-            probe_result = _probe(model, spec, new_x, new_y, seed, device, country_iso_code, energy_options, probe_seconds, batch_size)
+            probe_result = _probe(model, spec, new_x, new_y, seed, device, config.energy.country_iso_code, config.energy.options, probe_seconds, recipe.batch_size)
 
     result = analyse(rows, settings=settings, probe=probe_result, level=level, features=features)
     result.timing = {
@@ -408,6 +400,8 @@ def _run_point(
     """One point of the sweep; never raises an ``Exception`` (a crash is recorded in the row)."""
     from shiftcost.retrain import RetrainError, retrain_to_cutoff
 
+    device = retrain_kwargs["config"].device
+
     started = time.perf_counter()
     row: dict[str, Any] = {name: None for name in COLUMNS}
     row.update(corruption=kind, intensity=float(intensity), repeats=repeats, runs=[], notes=[])
@@ -415,7 +409,7 @@ def _run_point(
     try:
         shifted = corrupt(new_x, kind, intensity, seed=seed)
         stage = "indices"
-        report = assess(model, spec, reference_stats, shifted, new_y, paired_clean_x=new_x, device=retrain_kwargs["device"])
+        report = assess(model, spec, reference_stats, shifted, new_y, paired_clean_x=new_x, device=device)
         row.update(
             resque_dist=report.resque_dist,
             inv_ari=report.inv_ari,
@@ -430,7 +424,7 @@ def _run_point(
         if report.accuracy is not None and report.reference_accuracy is not None:
             row["accuracy_drop"] = report.reference_accuracy - report.accuracy
         row["notes"].extend(report.notes)
-        row["initial_grad_norm"] = full_batch_grad_norm(model, shifted, new_y, device=retrain_kwargs["device"])
+        row["initial_grad_norm"] = full_batch_grad_norm(model, shifted, new_y, device=device)
         stage = "retraining"
         for repeat in range(repeats):
             try:

@@ -15,6 +15,20 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from shiftcost.cli.retrain import (
+    AugmentOption,
+    BatchSizeOption,
+    FreezeBnOption,
+    LrOption,
+    OptimizerOption,
+    RecipeFileOption,
+    ReplayOption,
+    ScheduleOption,
+    TrainStepOption,
+    WeightDecayOption,
+    retrain_config,
+)
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -188,16 +202,27 @@ def register(app: typer.Typer) -> None:
         repeats: Annotated[
             int | None, typer.Option("--repeats", min=1, help="Retraining runs per point, averaged (default 2; 1 with --quick).", show_default=False)
         ] = None,
-        tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, max=0.99, help="Target = reference accuracy minus this.")] = 0.03,
-        eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Optimizer steps between cutoff checks.")] = 1,
+        tolerance: Annotated[
+            float | None, typer.Option("--tolerance", min=0.0, max=0.99, help="Target = reference accuracy minus this (default 0.03).", show_default=False)
+        ] = None,
+        eval_every: Annotated[int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between cutoff checks (default 1).", show_default=False)] = None,
         holdout_fraction: Annotated[
-            float, typer.Option("--holdout-fraction", min=0.05, max=0.9, help="Share of the new data held out to judge the cutoff.")
-        ] = 0.3,
+            float | None,
+            typer.Option("--holdout-fraction", min=0.05, max=0.9, help="Share of the new data held out to judge the cutoff (default 0.3).", show_default=False),
+        ] = None,
         max_epochs: Annotated[
             float | None, typer.Option("--max-epochs", min=0.01, help="Epoch cap per run (default 15; 3 with --quick).", show_default=False)
         ] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training mini-batch size.")] = 64,
-        lr: Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate.")] = 1e-3,
+        recipe: RecipeFileOption = None,
+        optimizer: OptimizerOption = None,
+        lr: LrOption = None,
+        weight_decay: WeightDecayOption = None,
+        schedule: ScheduleOption = None,
+        batch_size: BatchSizeOption = None,
+        augment: AugmentOption = None,
+        replay_fraction: ReplayOption = None,
+        freeze_batchnorm: FreezeBnOption = None,
+        train_step: TrainStepOption = None,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the demo model, the corruptions and the first repeat.")] = 0,
         threads: Annotated[int, typer.Option("--threads", min=1, help="Torch CPU threads during the sweep.")] = 1,
         device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
@@ -210,7 +235,7 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from shiftcost.calibrate import QUICK_SWEEP, run_sweep, torch_threads
+        from shiftcost.calibrate import QUICK_SWEEP, SWEEP_CONFIG, run_sweep, torch_threads
         from shiftcost.errors import InputError
         from shiftcost.shifts import DEFAULT_SWEEP
 
@@ -244,13 +269,22 @@ def register(app: typer.Typer) -> None:
                     net, spec, splits = train_demo_model(seed=seed)
                 (ref_x, ref_y), (new_x, new_y) = splits["holdout"], splits["stream"]
 
-        options: dict[str, Any] = {"repeats": 2, "max_epochs": 15.0, "probe_seconds": 3.0}
+        options: dict[str, Any] = {"repeats": 2, "probe_seconds": 3.0}
         if quick:
             options.update(QUICK_SETTINGS)
         if repeats is not None:
             options["repeats"] = repeats
-        if max_epochs is not None:
-            options["max_epochs"] = max_epochs
+        if max_epochs is None:
+            max_epochs = options.pop("max_epochs", None)
+        options.pop("max_epochs", None)
+        # The model's own recipe, as its retrains in the pipeline will use it.
+        config = retrain_config(
+            SWEEP_CONFIG, spec, recipe,
+            max_epochs=max_epochs, tolerance=tolerance, eval_every=eval_every, holdout_fraction=holdout_fraction,
+            optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule, batch_size=batch_size,
+            augment=augment, replay_fraction=replay_fraction, freeze_batchnorm=freeze_batchnorm, train_step=train_step,
+            device=device, country_iso_code=country,
+        )
         with _SweepProgress(err) as progress:
             result = run_sweep(
                 net,
@@ -261,14 +295,8 @@ def register(app: typer.Typer) -> None:
                 new_y,
                 sweep=QUICK_SWEEP if quick else DEFAULT_SWEEP,
                 seed=seed,
-                tolerance=tolerance,
-                eval_every=eval_every,
-                holdout_fraction=holdout_fraction,
-                batch_size=batch_size,
-                lr=lr,
+                config=config,
                 threads=threads,
-                device=device,
-                country_iso_code=country,
                 progress=progress,
                 out_dir=out,
                 **options,

@@ -338,12 +338,12 @@ def calibrate(model: Any, spec: Any, reference: tuple[Any, Any], pool: tuple[Any
     retrain in the pipeline measures too.
     """
     from shiftcost.calibrate import analyse, run_sweep
+    from shiftcost.recipe import RetrainConfig
 
+    # The pipeline's retraining settings, checked every step as the sweep does.
+    config = RetrainConfig.from_settings(settings).for_model(spec).replace(eval_every=1)
     result = run_sweep(
-        model, spec, *reference, *pool, sweep=sweep, seed=seed, repeats=1, tolerance=settings.cutoff_tolerance,
-        max_epochs=settings.retrain_max_epochs, batch_size=settings.retrain_batch_size, lr=settings.retrain_lr,
-        holdout_fraction=settings.retrain_holdout_fraction, device=settings.device,
-        country_iso_code=settings.country_iso_code, energy_options={"measure_power_secs": settings.energy_sample_s},
+        model, spec, *reference, *pool, sweep=sweep, seed=seed, repeats=1, config=config,
         probe=False, level=settings.interval_level, features=FEATURE_SETS[0], progress=progress,
     )
     cost_model, features, errors = result.cost_model, FEATURE_SETS[0], [result.cost_model_error]

@@ -211,22 +211,16 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     """Fine-tune a copy of the model on the batch to the reference accuracy minus the tolerance."""
     from shiftcost.retrain import retrain_to_cutoff
 
+    from shiftcost.recipe import RetrainConfig
+
     data = inputs.data
+    config = RetrainConfig.from_settings(settings).for_model(inputs.spec)
     return retrain_to_cutoff(
         inputs.model,
         data.x,
         data.y,
+        config,
         reference_accuracy=inputs.reference.accuracy,
-        tolerance=settings.cutoff_tolerance,
-        holdout_fraction=settings.retrain_holdout_fraction,
-        max_epochs=settings.retrain_max_epochs,
-        max_steps=settings.retrain_max_steps,
-        batch_size=settings.retrain_batch_size,
-        lr=settings.retrain_lr,
-        seed=settings.retrain_seed,
-        device=settings.device,
-        country_iso_code=settings.country_iso_code,
-        energy_options={"measure_power_secs": settings.energy_sample_s},
         source=f"batch {inputs.source_uri}",
     )
 
