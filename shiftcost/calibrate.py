@@ -325,7 +325,7 @@ def run_sweep(
         "lr": recipe.lr,
         "optimizer": recipe.optimizer,
         "holdout_fraction": cutoff.holdout_fraction,
-        "replay_fraction": recipe.replay_fraction,
+        "replay_fraction": recipe.replay_with(True),
         "country_iso_code": config.energy.country_iso_code,
         "retrain": config.to_dict(),
         "threads": threads,
@@ -343,7 +343,7 @@ def run_sweep(
         reference_accuracy = reference_stats.accuracy
         settings["reference_accuracy"] = reference_accuracy
         settings["device"] = str(_resolve_device(device))
-        replay = recipe.replay_fraction > 0
+        replay = recipe.replay_with(True) > 0
         retrain_kwargs = dict(
             config=config,
             reference_x=reference_x if replay else None,

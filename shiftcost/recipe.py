@@ -54,6 +54,17 @@ __all__ = [
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
+#: Share of each epoch replayed from the reference data when the recipe leaves it unset.
+AUTO_REPLAY = 0.5
+
+
+def pool_samples(train_samples: int, replay_fraction: float, reference_samples: int) -> int:
+    """Samples per retraining epoch: the new training split plus the replayed reference
+    samples (``replay_fraction`` of the pool, capped by the reference size)."""
+    if replay_fraction <= 0:
+        return train_samples
+    wanted = int(round(replay_fraction / (1.0 - replay_fraction) * train_samples))
+    return train_samples + min(wanted, reference_samples)
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,11 @@ class Recipe:
     ``augment``: torchvision ``transforms.v2`` class names, optionally with arguments
     (``"RandomCrop(32, padding=4)"``), applied per training image before the model's own
     normalisation. ``replay_fraction``: share of each epoch's pool drawn from the
-    reference data (needs labelled reference data). ``freeze_batchnorm`` keeps batch-norm
+    reference data (needs labelled reference data); None (the default) replays
+    :data:`AUTO_REPLAY` whenever labelled reference data is at hand, none otherwise:
+    fine-tuning a converged model on a small new batch alone makes it forget the
+    reference data (a resnet18 fell from 0.993 to 0.940 on its reference at Adam 1e-3,
+    and stayed at 0.993 with half of each epoch replayed). ``freeze_batchnorm`` keeps batch-norm
     statistics as they are (a small batch would otherwise overwrite what the reference
     data taught them). ``train_step``: ``pkg.module:step``, called per mini-batch as
     ``step(model, inputs, labels) -> loss`` in training mode; shiftcost then runs the
@@ -82,9 +97,15 @@ class Recipe:
     gamma: float = 0.1
     batch_size: int = 64
     augment: tuple[str, ...] = ()
-    replay_fraction: float = 0.0
+    replay_fraction: float | None = None
     freeze_batchnorm: bool = False
     train_step: str | None = None
+
+    def replay_with(self, reference_available: bool) -> float:
+        """The replay share a run uses: the set one, or :data:`AUTO_REPLAY` / 0 when unset."""
+        if self.replay_fraction is not None:
+            return self.replay_fraction
+        return AUTO_REPLAY if reference_available else 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "optimizer", str(self.optimizer).lower())
@@ -100,7 +121,10 @@ class Recipe:
         _check(0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum!r}.")
         _check(self.step_epochs > 0 and 0 < self.gamma <= 1, f"the step schedule needs step_epochs > 0 and gamma in (0, 1], got {self.step_epochs!r} and {self.gamma!r}.")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch sizes must be positive, got {self.batch_size!r}.")
-        _check(0.0 <= self.replay_fraction < 1.0, f"replay_fraction must lie in [0, 1), got {self.replay_fraction!r}.")
+        _check(
+            self.replay_fraction is None or 0.0 <= self.replay_fraction < 1.0,
+            f"replay_fraction must lie in [0, 1), got {self.replay_fraction!r}.",
+        )
         if self.train_step is not None and ":" not in self.train_step:
             raise ConfigError(f"train_step {self.train_step!r} must be written pkg.module:function.")
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from shiftcost.energy import KWH_TO_JOULES, EnergyMeasurement, EnergyMeasurementError, EnergyMeter
 from shiftcost.errors import ConfigError, InputError, ShiftcostError
-from shiftcost.recipe import OPTIMIZERS, Recipe, RetrainConfig, build_augmentation, load_entry_point
+from shiftcost.recipe import OPTIMIZERS, Recipe, RetrainConfig, build_augmentation, load_entry_point, pool_samples
 
 __all__ = [
     "EvalPoint",
@@ -447,9 +447,9 @@ def retrain_to_cutoff(
 
     The new data is split (seeded, stratified by label when every class has two samples)
     into a training part and a held-out part of ``holdout_fraction``. Training uses the
-    training part plus, when ``replay_fraction`` > 0, reference samples drawn at random so
-    that they make up ``replay_fraction`` of each epoch's pool (capped by the reference
-    size). Every ``eval_every`` optimizer steps (default: a quarter epoch) the held-out
+    training part plus, when the recipe's replay share is above 0 (by default it is 0.5
+    whenever labelled reference data is given), reference samples drawn at random so that
+    they make up that share of each epoch's pool (capped by the reference size). Every ``eval_every`` optimizer steps (default: a quarter epoch) the held-out
     accuracy is measured; the run stops at the first evaluation where it is at least the
     target, or when ``max_steps`` steps / ``max_epochs`` epochs are spent (the last step is
     always evaluated). The target is ``target_accuracy`` if given, else
@@ -478,15 +478,16 @@ def retrain_to_cutoff(
     _check_xy(x, y, source)
     assert y is not None
     has_reference = reference_x is not None
+    replay_fraction = recipe.replay_with(has_reference and reference_y is not None)
     if has_reference:
-        needs_labels = recipe.replay_fraction > 0 or (target_accuracy is None and reference_accuracy is None)
+        needs_labels = replay_fraction > 0 or (target_accuracy is None and reference_accuracy is None)
         _check_xy(reference_x, reference_y, "the reference data", labels_needed=needs_labels)
         if tuple(reference_x.shape[1:]) != tuple(x.shape[1:]):
             raise InputError(
                 f"the reference data has samples of shape {tuple(reference_x.shape[1:])} but {source} has "
                 f"{tuple(x.shape[1:])}; both must match the model input."
             )
-    elif recipe.replay_fraction > 0:
+    elif replay_fraction > 0:
         raise InputError("replay_fraction > 0 needs labelled reference data to replay; pass reference_x and reference_y.")
     augmentation = build_augmentation(recipe.augment)
     train_step = load_entry_point(recipe.train_step, "The training step") if recipe.train_step else None
@@ -515,9 +516,8 @@ def retrain_to_cutoff(
     x_hold, y_hold = x[holdout_idx], y[holdout_idx].long()
     x_pool, y_pool = x[train_idx], y[train_idx].long()
     n_replay = 0
-    if recipe.replay_fraction > 0:
-        wanted = int(round(recipe.replay_fraction / (1.0 - recipe.replay_fraction) * len(train_idx)))
-        n_replay = min(wanted, len(reference_x))
+    if replay_fraction > 0:
+        n_replay = pool_samples(len(train_idx), replay_fraction, len(reference_x)) - len(train_idx)
         replay_gen = torch.Generator().manual_seed(cfg.seed + 1)
         chosen = torch.randperm(len(reference_x), generator=replay_gen)[:n_replay]
         x_pool = torch.cat([x_pool, reference_x[chosen].to(x_pool.dtype)])
@@ -672,7 +672,7 @@ def retrain_to_cutoff(
         lr=recipe.lr,
         error=error_text,
         stop_reason=tally.stop_reason if status == "stopped" else None,
-        recipe=cfg.to_dict()["recipe"],
+        recipe=cfg.to_dict()["recipe"] | {"replay_fraction": replay_fraction},
         holdout_indices=holdout_idx.tolist(),
         model=work.eval(),
     )

@@ -178,6 +178,21 @@ def _summary_json(result: SweepResult) -> dict[str, Any]:
     return full
 
 
+def _parse_sweep(items: list[str]) -> dict[str, tuple[float, ...]]:
+    from shiftcost.errors import InputError
+
+    plan: dict[str, tuple[float, ...]] = {}
+    for item in items:
+        kind, _, values = item.partition("=")
+        try:
+            plan[kind.strip()] = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            raise InputError(f"--sweep {item!r} must be kind=intensity,intensity,... e.g. gaussian_noise=0,0.3,0.6.") from None
+        if not plan[kind.strip()]:
+            raise InputError(f"--sweep {item!r} names no intensities; write kind=intensity,intensity,...")
+    return plan
+
+
 def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate(
@@ -199,6 +214,10 @@ def register(app: typer.Typer) -> None:
         quick: Annotated[
             bool, typer.Option("--quick", help="Smoke test: 2 kinds x 3 intensities, one short run per point (no real calibration).")
         ] = False,
+        sweep: Annotated[
+            list[str] | None,
+            typer.Option("--sweep", help="A corruption and its intensities, e.g. gaussian_noise=0,0.3,0.6 (repeatable; replaces the default sweep).", show_default=False),
+        ] = None,
         repeats: Annotated[
             int | None, typer.Option("--repeats", min=1, help="Retraining runs per point, averaged (default 2; 1 with --quick).", show_default=False)
         ] = None,
@@ -293,7 +312,7 @@ def register(app: typer.Typer) -> None:
                 ref_y,
                 new_x,
                 new_y,
-                sweep=QUICK_SWEEP if quick else DEFAULT_SWEEP,
+                sweep=_parse_sweep(sweep) if sweep else QUICK_SWEEP if quick else DEFAULT_SWEEP,
                 seed=seed,
                 config=config,
                 threads=threads,

@@ -175,7 +175,7 @@ def import_model(
     classes = tuple(str(c) for c in classes)
     if factory is not None:
         model = call_factory(factory, len(classes))
-        name = "factory"
+        name = f"factory:{factory}"
     else:
         model, _ = build_model(architecture, len(classes), in_channels=in_channels, image_size=image_size, classes=classes)
         name = architecture

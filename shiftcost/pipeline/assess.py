@@ -321,6 +321,15 @@ def report_features(report: IndexReport) -> dict[str, float]:
     return {name: float(value) for name, value in values.items() if value is not None and math.isfinite(value)}
 
 
+def retrain_pool_samples(settings: Settings, loaded: LoadedBatch) -> int:
+    """Samples per epoch of the retrain the forecast is for: the batch's training split plus
+    the reference data the model's recipe replays."""
+    from shiftcost.recipe import RetrainConfig, pool_samples
+
+    replay = RetrainConfig.from_settings(settings).for_model(loaded.spec).recipe.replay_with(True)
+    return pool_samples(training_samples(len(loaded.data), settings.retrain_holdout_fraction), replay, loaded.reference.samples)
+
+
 def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report: IndexReport, drift: DriftCheck) -> CostEstimate | None:
     """Predicted epochs, kWh and kg CO2e of retraining on the batch.
 
@@ -347,7 +356,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
     cost_model, calibration = stored
     probe_id, joules = probe_values
     features = report_features(report)
-    samples = training_samples(len(loaded.data), settings.retrain_holdout_fraction)
+    samples = retrain_pool_samples(settings, loaded)
     intensity = carbon_intensity(settings)
     prediction, problem = None, None
     try:

@@ -215,14 +215,27 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
 
     data = inputs.data
     config = RetrainConfig.from_settings(settings).for_model(inputs.spec)
+    reference = load_replay_data(inputs, config)
     return retrain_to_cutoff(
         inputs.model,
         data.x,
         data.y,
         config,
+        reference_x=None if reference is None else reference.x,
+        reference_y=None if reference is None else reference.y,
         reference_accuracy=inputs.reference.accuracy,
         source=f"batch {inputs.source_uri}",
     )
+
+
+def load_replay_data(inputs: RetrainInputs, config: Any) -> Batch | None:
+    """The version's reference data, when the recipe replays it (its default does)."""
+    from shiftcost.data import load_batch
+
+    if not inputs.reference_data_uri or config.recipe.replay_with(True) <= 0:
+        return None
+    reference = load_batch(inputs.reference_data_uri, spec=inputs.spec)
+    return reference if reference.y is not None else None
 
 
 # ----------------------------------------------------------------------------- 4. new version
