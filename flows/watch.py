@@ -25,6 +25,7 @@ def watch(overrides: Overrides = None) -> list[dict[str, Any]]:
             logger.error("could not register %s: %s", landed.uri, state.message)
     intake.fail_stale_retrains(settings)
     intake.requeue_deferred(settings)
+    intake.attach_landed_labels(settings)
     results: list[dict[str, Any]] = []
     for pending in intake.pending_batches(settings):
         if settings.flow_mode == "deployment":

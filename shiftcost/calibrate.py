@@ -93,6 +93,24 @@ CORRELATION_MEASURES: tuple[str, ...] = (
 COST_FEATURES: tuple[str, ...] = ("resque_dist", "inv_ari", "layer_shift", "accuracy", "mean_loss", "mean_entropy")
 
 #: A reduced sweep for smoke tests: two kinds, three intensities each.
+#: Features that need no labels: the forecast of a batch whose labels have not come yet.
+#: (``resque_dist`` groups by label when there are labels, so its value depends on them.)
+LABEL_FREE_FEATURES: tuple[str, ...] = ("inv_ari", "layer_shift", "mean_entropy")
+LABEL_FREE_FILE = "costmodel-label-free.json"
+
+
+def label_free_analysis(rows: Sequence[Mapping[str, Any]], level: float) -> dict[str, Any]:
+    """The label-free cost model fitted on the sweep's runs, and its leave-one-corruption-out figures."""
+    found = analyse(list(rows), level=level, features=LABEL_FREE_FEATURES)
+    return {
+        "features": list(LABEL_FREE_FEATURES),
+        "cost_model": found.cost_model,
+        "error": found.cost_model_error,
+        "loco": found.loco,
+        "loco_error": found.loco_error,
+    }
+
+
 #: Sweep defaults: the cutoff checked every step (the cost is measured to the step) on a
 #: larger held-out share than a pipeline retrain, 15 epochs at most.
 SWEEP_CONFIG = RetrainConfig(cutoff=Cutoff(eval_every=1, holdout_fraction=0.3), caps=Caps(max_epochs=15.0))
@@ -183,6 +201,9 @@ class SweepResult:
     settings: dict[str, Any]
     timing: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
+    label_free: dict[str, Any] | None = None
+    """The label-free cost model (``cost_model``, features :data:`LABEL_FREE_FEATURES`) with
+    its leave-one-corruption-out figures (``loco``) on the same runs, or its ``error``."""
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -205,6 +226,7 @@ class SweepResult:
                 "loco": self.loco,
                 "loco_probe": self.loco_probe,
                 "loco_error": self.loco_error,
+                "label_free": None if self.label_free is None else {k: v for k, v in self.label_free.items() if k != "cost_model"},
                 "plot_curve": self.plot_curve,
                 "files": self.files,
             }
@@ -228,6 +250,9 @@ class SweepResult:
         }
         if self.cost_model is not None:
             files["cost_model"] = out / "costmodel.json"
+        label_free_model = (self.label_free or {}).get("cost_model")
+        if label_free_model is not None:
+            files["label_free_cost_model"] = out / LABEL_FREE_FILE
         self.files = {name: str(path) for name, path in files.items()}
         _write_text(files["table_json"], json.dumps(_jsonable(self.rows), indent=1, allow_nan=False))
         _write_csv(files["table_csv"], self.rows)
@@ -236,6 +261,8 @@ class SweepResult:
         _write_text(files["loco_json"], json.dumps(_jsonable(loco), indent=1, allow_nan=False))
         if self.cost_model is not None:
             _write_text(files["cost_model"], self.cost_model.to_json())
+        if label_free_model is not None:
+            _write_text(files["label_free_cost_model"], label_free_model.to_json())
         plot_sweep(self, files["plot"])
         _write_text(files["report"], markdown_report(self))
         _write_text(files["sweep_json"], json.dumps(self.to_dict(), indent=1, allow_nan=False))
@@ -369,6 +396,7 @@ def run_sweep(
             probe_result = _probe(model, spec, new_x, new_y, seed, device, config.energy.country_iso_code, config.energy.options, probe_seconds, recipe.batch_size)
 
     result = analyse(rows, settings=settings, probe=probe_result, level=level, features=features)
+    result.label_free = label_free_analysis(rows, level)
     result.timing = {
         "wall_s": time.perf_counter() - started_wall,
         "cpu_s": _cpu_seconds() - started_cpu,

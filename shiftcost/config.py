@@ -141,6 +141,15 @@ class Settings(BaseSettings):
         default=0.2, gt=0, lt=1, description="Share of a batch held out to check the cutoff."
     )
     retrain_seed: int = Field(default=0, description="Seed of retraining and of the drift tests.")
+    promotion_tolerance: float = Field(
+        default=0.01, ge=0, lt=1,
+        description="A retrained version is promoted only if its accuracy on the reference holdout is at least its parent's minus this.",
+    )
+    promotion_approval: Literal["auto", "manual"] = Field(
+        default="auto",
+        description="auto: a retrained version that passes the promotion gate becomes current; manual: it waits as pending "
+        "for `shiftcost model approve VERSION`.",
+    )
     energy_sample_s: float = Field(default=1.0, gt=0, description="CodeCarbon power sampling interval in seconds.")
 
     @classmethod

@@ -325,6 +325,7 @@ def register_from_files(
             )  # fmt: skip
     from shiftcost.data import check_batch, load_batch, load_model
     from shiftcost.data.importing import check_accuracy, refuse_near_chance
+    from shiftcost.pipeline.labels import label_free_key
     from shiftcost.store import repository
     from shiftcost.store.errors import NotFoundError
 
@@ -336,9 +337,9 @@ def register_from_files(
         raise InputError(f"Reference data {reference_path} has no labels; the reference needs a label per image.")
     accuracy = check_accuracy(model, spec, reference, device="cpu")
     refuse_near_chance(accuracy)
-    cost_model = joules_from_sweep = None
+    cost_model = joules_from_sweep = label_free = None
     if cost_model_path is not None:
-        cost_model, joules_from_sweep = _read_calibration(cost_model_path, spec)
+        cost_model, joules_from_sweep, label_free = _read_calibration(cost_model_path, spec)
     joules = joules_per_sample_epoch if joules_per_sample_epoch is not None else joules_from_sweep
     with db.session(readonly=True) as session:
         try:
@@ -352,6 +353,8 @@ def register_from_files(
     if cost_model is not None:
         with db.session() as session:
             calibration_id = store_cost_model(session, spec.architecture, cost_model, source="sweep", model_id=version.model_id).id
+            if label_free is not None:
+                store_cost_model(session, label_free_key(spec.architecture), label_free, source="sweep", model_id=version.model_id)
         cost_model_version = cost_model.version_
     if joules is not None:
         probe_id = record_energy_probe(db, spec, joules, hardware="measured by the calibration sweep")
@@ -359,8 +362,9 @@ def register_from_files(
     return Registered(version, parent_version, accuracy.to_dict(), calibration_id, cost_model_version, probe_id, joules, budget)
 
 
-def _read_calibration(path_text: str, spec: ModelSpec) -> tuple[CostModel, float | None]:
-    """The cost model in ``costmodel.json`` and the sweep's joules per sample-epoch beside it.
+def _read_calibration(path_text: str, spec: ModelSpec) -> tuple[CostModel, float | None, CostModel | None]:
+    """The cost model in ``costmodel.json``, the sweep's joules per sample-epoch and the
+    label-free cost model beside it (when the sweep could fit one).
 
     Refuses a sweep run with another recipe than the model's: its forecasts would be of
     retrains that never happen.
@@ -368,6 +372,7 @@ def _read_calibration(path_text: str, spec: ModelSpec) -> tuple[CostModel, float
     import json
     from pathlib import Path
 
+    from shiftcost.calibrate import LABEL_FREE_FILE
     from shiftcost.costmodel import CostModel
     from shiftcost.recipe import RetrainConfig
 
@@ -380,9 +385,16 @@ def _read_calibration(path_text: str, spec: ModelSpec) -> tuple[CostModel, float
         cost_model = CostModel.from_json(path.read_text(encoding="utf-8"))
     except InputError as error:
         raise InputError(f"Cost model file {path}: {error}") from None
+    label_free = None
+    label_free_file = path.with_name(LABEL_FREE_FILE)
+    if label_free_file.is_file():
+        try:
+            label_free = CostModel.from_json(label_free_file.read_text(encoding="utf-8"))
+        except InputError as error:
+            raise InputError(f"Cost model file {label_free_file}: {error}") from None
     sweep_file = path.with_name("sweep.json")
     if not sweep_file.is_file():
-        return cost_model, None
+        return cost_model, None, label_free
     try:
         sweep = json.loads(sweep_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
@@ -399,4 +411,4 @@ def _read_calibration(path_text: str, spec: ModelSpec) -> tuple[CostModel, float
             )
     joules = sweep.get("joules_per_sample_epoch") or {}
     value = joules.get("sweep") or joules.get("probe")
-    return cost_model, None if value is None else float(value)
+    return cost_model, None if value is None else float(value), label_free

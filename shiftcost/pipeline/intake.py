@@ -40,8 +40,11 @@ class Registration:
 
 
 def discover_batches(settings: Settings) -> list[landing.LandedBatch]:
-    """The batches now in the landing location named by the settings."""
-    return landing.discover(settings.landing)
+    """The batches now in the landing location named by the settings (labels files that
+    landed beside their batch, ``NAME.labels.npz``, are not batches)."""
+    from shiftcost.pipeline.labels import is_labels_file
+
+    return [landed for landed in landing.discover(settings.landing) if not is_labels_file(landed.name)]
 
 
 def _peek(uri: str) -> tuple[str, int, bool, str | None]:

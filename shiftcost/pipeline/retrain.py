@@ -58,6 +58,8 @@ __all__ = [
     "record_retrain_success",
     "refit_cost_model",
     "run_retrain",
+    "Gate",
+    "promotion_gate",
 ]
 
 
@@ -91,6 +93,29 @@ class RetrainInputs:
     source_uri: str
 
 
+@dataclass(frozen=True)
+class Gate:
+    """The promotion gate's verdict on a retrained version, with its figures.
+
+    It passes when the retrain reached the target on the new data's held-out split and
+    the new version's accuracy on the reference holdout (reference data the retrain did
+    not replay) is at least its parent's minus ``tolerance``. ``status`` is the version's:
+    ``active``, ``pending`` (passed, waiting for ``shiftcost model approve``) or ``rejected``.
+    """
+
+    passed: bool
+    status: str
+    reached_target: bool
+    parent_accuracy: float | None
+    new_accuracy: float | None
+    holdout_samples: int
+    tolerance: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+
 @dataclass
 class NewVersion:
     """The retrained model's files and reference stats, ready to be registered."""
@@ -100,6 +125,7 @@ class NewVersion:
     reference_data_path: Path
     reference: ReferenceStats
     fingerprint: str
+    gate: Gate | None = None
 
 
 @dataclass
@@ -119,6 +145,8 @@ class RetrainOutcome:
     emissions_kg: float | None = None
     new_model_id: int | None = None
     new_model_version: int | None = None
+    new_model_status: str | None = None
+    """``active``, ``pending`` or ``rejected`` (the promotion gate's verdict)."""
     calibration_id: int | None = None
     cost_model_version: int | None = None
     settled: list[int] = field(default_factory=list)
@@ -166,6 +194,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
     """The model version the batch was assessed with, the batch, its reference and indices."""
     from shiftcost.data import load_batch
     from shiftcost.pipeline.assess import align_labels, load_model_and_reference
+    from shiftcost.pipeline.labels import with_labels
     from shiftcost.store import repository
     from shiftcost.store.models import IndexRun
 
@@ -179,6 +208,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
             index_run = session.get(IndexRun, decision.cost_prediction.index_run_id)
         features = {} if index_run is None else {n: getattr(index_run, n) for n in REPORT_FEATURES if getattr(index_run, n) is not None}
         source_uri, model_id, name, version = batch.source_uri, model_row.id, model_row.name, model_row.version
+        labels_uri, fingerprint = batch.labels_uri, batch.fingerprint
         weights, details = model_row.weights_uri, dict(model_row.details or {})
     if stats_row is None or not weights:
         raise ConfigError(f"Model {name} version {version} has no weights file or reference stats registered.")
@@ -186,6 +216,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
     with landing.local_copy(source_uri) as path:
         data = load_batch(path, spec=spec)
     data.source = source_uri
+    data = with_labels(data, labels_uri, fingerprint)
     data, new_task, unknown = align_labels(data, spec)
     if new_task:
         raise InputError(f"Batch {source_uri} has labels {unknown} the model has no output for; it cannot be retrained on.")
@@ -229,13 +260,63 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
 
 
 def load_replay_data(inputs: RetrainInputs, config: Any) -> Batch | None:
-    """The version's reference data, when the recipe replays it (its default does)."""
-    from shiftcost.data import load_batch
+    """The version's reference data less its gate holdout, when the recipe replays it (its default does)."""
+    from shiftcost.data import Batch, load_batch
 
     if not inputs.reference_data_uri or config.recipe.replay_with(True) <= 0:
         return None
     reference = load_batch(inputs.reference_data_uri, spec=inputs.spec)
-    return reference if reference.y is not None else None
+    if reference.y is None:
+        return None
+    replay, _ = reference_split(len(reference), config.seed)
+    return Batch(reference.x[replay], reference.y[replay], reference.source)
+
+
+#: Share of a version's reference data kept out of replay, to judge the promotion gate on.
+GATE_HOLDOUT_FRACTION = 0.2
+
+
+def reference_split(samples: int, seed: int) -> tuple[Any, Any]:
+    """Seeded (replay, gate holdout) index split of a version's reference data."""
+    import torch
+
+    order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed + 7919))
+    n_holdout = max(1, int(round(samples * GATE_HOLDOUT_FRACTION))) if samples > 1 else 0
+    return order[n_holdout:].sort().values, order[:n_holdout].sort().values
+
+
+def promotion_gate(settings: Settings, inputs: RetrainInputs, result: RetrainResult) -> Gate:
+    """Judge the retrained model against its parent on the reference holdout (see :class:`Gate`)."""
+    from shiftcost.data import load_batch
+    from shiftcost.data.importing import accuracy_of
+    from shiftcost.retrain import resolve_device
+
+    tolerance = settings.promotion_tolerance
+    reached = bool(result.reached_cutoff and result.steps > 0)
+    parent_accuracy = new_accuracy = None
+    holdout_samples = 0
+    if inputs.reference_data_uri and result.model is not None:
+        reference = load_batch(inputs.reference_data_uri, spec=inputs.spec)
+        if reference.y is not None:
+            _, holdout = reference_split(len(reference), settings.retrain_seed)
+            x, y = reference.x[holdout], reference.y[holdout]
+            holdout_samples = len(holdout)
+            parent_accuracy = accuracy_of(inputs.model, x, y, device=resolve_device(settings.device))
+            new_accuracy = accuracy_of(result.model, x, y, device=resolve_device(settings.device))
+    if not reached:
+        reason = f"the retrain did not reach the target accuracy {result.target_accuracy:.3f} on the new data"
+    elif parent_accuracy is not None and new_accuracy < parent_accuracy - tolerance:
+        reason = (
+            f"it is worse than its parent on the reference holdout ({new_accuracy:.3f} against {parent_accuracy:.3f}, "
+            f"tolerance {tolerance:g}, {holdout_samples} images)"
+        )
+    else:
+        reason = "reached the target on the new data" + (
+            "" if parent_accuracy is None else f" and kept the reference holdout accuracy ({new_accuracy:.3f} against {parent_accuracy:.3f})"
+        )
+        status = "pending" if settings.promotion_approval == "manual" else "active"
+        return Gate(True, status, reached, parent_accuracy, new_accuracy, holdout_samples, tolerance, reason)
+    return Gate(False, "rejected", reached, parent_accuracy, new_accuracy, holdout_samples, tolerance, reason)
 
 
 # ----------------------------------------------------------------------------- 4. new version
@@ -280,7 +361,8 @@ def build_new_version(settings: Settings, inputs: RetrainInputs, result: Retrain
         bins=inputs.reference.bins,
     )
     reference_path = reference.save(artifacts.reference_stats(inputs.model_name, tag))
-    return NewVersion(weights_path, reference_path, data_path, reference, model_fingerprint(result.model))
+    gate = promotion_gate(settings, inputs, result)
+    return NewVersion(weights_path, reference_path, data_path, reference, model_fingerprint(result.model), gate)
 
 
 # ----------------------------------------------------------------------------- 5. refit
@@ -379,8 +461,18 @@ def record_retrain_success(
                 classes=list(inputs.spec.classes),
                 parent_id=inputs.model_id,
                 fingerprint=new_version.fingerprint,
-                details={"reference_data_uri": str(new_version.reference_data_path), "spec": inputs.spec.to_dict(), "retrain_run_id": job.run_id},
+                details={
+                    "reference_data_uri": str(new_version.reference_data_path),
+                    "spec": inputs.spec.to_dict(),
+                    "retrain_run_id": job.run_id,
+                    "gate": None if new_version.gate is None else new_version.gate.to_dict(),
+                },
+                status="active" if new_version.gate is None else new_version.gate.status,
             )
+            if new_version.gate is not None and not new_version.gate.passed:
+                notes = [*(notes or []), f"version {new_model.version} was rejected: {new_version.gate.reason}"]
+            elif new_version.gate is not None and new_version.gate.status == "pending":
+                notes = [*(notes or []), f"version {new_model.version} passed the promotion gate and waits for `shiftcost model approve {new_model.version}`"]
             repository.add_reference_stats(
                 session,
                 new_model.id,
@@ -411,6 +503,7 @@ def record_retrain_success(
         emissions_kg=co2,
         new_model_id=None if new_model is None else new_model.id,
         new_model_version=None if new_model is None else new_model.version,
+        new_model_status=None if new_model is None else new_model.status,
         calibration_id=None if calibration is None else calibration.id,
         cost_model_version=None if cost_model is None else cost_model.version_,
         settled=settled,
@@ -535,6 +628,7 @@ def retrain_outcome_of(db: Database, batch_id: int) -> RetrainOutcome:
             emissions_kg=run.emissions_kg,
             new_model_id=run.new_model_id,
             new_model_version=None if new_model is None else new_model.version,
+            new_model_status=None if new_model is None else new_model.status,
             settled=[entry_id for entry_id, kind in entries if kind == "settle"],
             released=[entry_id for entry_id, kind in entries if kind == "release"],
             error=run.error,
