@@ -136,7 +136,9 @@ class Settings(BaseSettings):
     retrain_max_epochs: float | None = Field(default=20.0, gt=0, description="Epoch cap of one retraining.")
     retrain_max_steps: int | None = Field(default=None, ge=1, description="Optimizer step cap of one retraining.")
     retrain_batch_size: int = Field(default=64, ge=1, description="Mini-batch size of retraining.")
-    retrain_lr: float = Field(default=1e-3, gt=0, description="Learning rate of retraining.")
+    retrain_lr: float | None = Field(
+        default=None, gt=0, description="Learning rate of retraining (default: the recipe's, 1e-4; a model file's own recipe wins)."
+    )
     retrain_holdout_fraction: float = Field(
         default=0.2, gt=0, lt=1, description="Share of a batch held out to check the cutoff."
     )

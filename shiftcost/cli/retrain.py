@@ -43,7 +43,7 @@ RecipeFileOption = Annotated[
     typer.Option("--recipe", help="TOML file with a [recipe] table (and optionally [cutoff], [caps]); flags override it.", show_default=False),
 ]
 OptimizerOption = Annotated[str | None, typer.Option("--optimizer", help="adam, adamw or sgd (default: the model's recipe, else adam).", show_default=False)]
-LrOption = Annotated[float | None, typer.Option("--lr", min=0.0, help="Learning rate (default: the model's recipe, else 1e-3).", show_default=False)]
+LrOption = Annotated[float | None, typer.Option("--lr", min=0.0, help="Learning rate (default: the model's recipe, else 1e-4).", show_default=False)]
 WeightDecayOption = Annotated[float | None, typer.Option("--weight-decay", min=0.0, help="Weight decay.", show_default=False)]
 ScheduleOption = Annotated[str | None, typer.Option("--schedule", help="Learning-rate schedule: constant, cosine or step.", show_default=False)]
 BatchSizeOption = Annotated[int | None, typer.Option("--batch-size", min=1, help="Training mini-batch size (default 64).", show_default=False)]

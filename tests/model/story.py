@@ -101,3 +101,12 @@ def build_tiny(num_classes: int = 4) -> nn.Module:
 
 def not_a_module() -> str:
     return "not a model"
+
+
+STEP_CALLS = {"count": 0}
+
+
+def smoothed_step(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A user's own training step: label smoothing (``--train-step tests.model.story:smoothed_step``)."""
+    STEP_CALLS["count"] += 1
+    return F.cross_entropy(model(inputs), labels, label_smoothing=0.1)

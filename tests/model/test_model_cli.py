@@ -131,14 +131,20 @@ def test_a_custom_module_through_a_factory_goes_through_the_commands(user) -> No
 
 def test_the_resnet18_imported_without_its_normalisation_gets_the_sentence(user) -> None:
     root, accuracies = user
-    code, out, err = run(["model", "import", root / "resnet18.pt", "--arch", "resnet18", "--image-size", "32", "--data", root / "ref", "-o", root / "plain.safetensors", "--json"])
-    assert code == 0, err
-    check = json.loads(out)["accuracy"]
-    assert check["accuracy"] < accuracies["resnet18"] - 0.1
-    assert check["alternatives"]["ImageNet's mean/std"] == pytest.approx(accuracies["resnet18"], abs=0.01)
-    sentence = check["suggestion"]
-    assert f"is {check['accuracy']:.2f}" in sentence and f"--mean {','.join(f'{v:g}' for v in story.IMAGENET_MEAN)}" in sentence
-    assert sentence.count(". ") == 0  # one sentence
+    out = root / "plain.safetensors"
+    code, stdout, err = run(["model", "import", root / "resnet18.pt", "--arch", "resnet18", "--image-size", "32", "--data", root / "ref", "-o", out, "--json"])
+    flags = f"--mean {','.join(f'{v:g}' for v in story.IMAGENET_MEAN)} --std {','.join(f'{v:g}' for v in story.IMAGENET_STD)}"
+    if code == 2:  # fed raw pixels the model is at chance: refused, with the fix named
+        sentence = err
+        assert "no better than chance" in sentence and not out.exists()
+    else:  # above chance but much worse: imported, with the sentence
+        assert code == 0, err
+        check = json.loads(stdout)["accuracy"]
+        assert check["accuracy"] < accuracies["resnet18"] - 0.1
+        assert check["alternatives"]["ImageNet's mean/std"] == pytest.approx(accuracies["resnet18"], abs=0.01)
+        sentence = check["suggestion"]
+    assert flags in sentence and f"{accuracies['resnet18']:.2f}" in sentence
+    assert sentence.count(". ") == 0 and sentence.endswith(".")  # one sentence
 
 
 @pytest.mark.parametrize(
