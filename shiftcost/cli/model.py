@@ -193,15 +193,21 @@ def register_command(
 
 
 def check_reference_accuracy(net: Any, spec: Any, data: Path) -> Any:
-    """The accuracy check of `shiftcost reference`: refuses near chance before anything is written."""
+    """The accuracy check of `shiftcost reference`: a near-chance accuracy or a better
+    normalisation is named in ``check.suggestion`` (`model import` and `model register`
+    refuse near chance; `reference` also serves untrained models, so it warns)."""
     from shiftcost.data import load_batch
     from shiftcost.data.importing import check_accuracy, refuse_near_chance
+    from shiftcost.errors import InputError
 
     batch = load_batch(data, spec=spec)
     if batch.y is None:
         return None
     check = check_accuracy(net, spec, batch)
-    refuse_near_chance(check)
+    try:
+        refuse_near_chance(check)
+    except InputError as warning:
+        check.suggestion = f"Warning: {warning}"
     return check
 
 

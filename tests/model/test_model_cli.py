@@ -22,7 +22,7 @@ MEAN = ",".join(str(v) for v in story.IMAGENET_MEAN)
 STD = ",".join(str(v) for v in story.IMAGENET_STD)
 # Shifts strong enough that retraining is needed, and enough of them (>= 9 runs of known
 # cost) for the conformal cost model to fit.
-SWEEP = ["--sweep", "gaussian_noise=0,0.6,0.65,0.7,0.8,0.9", "--sweep", "contrast=0,0.5,0.55,0.6,0.7,0.8"]
+SWEEP = ["--sweep", "gaussian_noise=0,0.6,0.65,0.7,0.75,0.8,0.9", "--sweep", "contrast=0,0.5,0.55,0.6,0.65,0.7,0.8"]
 SMALL = ["--repeats", "1", "--max-epochs", "4", "--device", "cpu", "--threads", "1"]
 # The model's own recipe, carried by its file: calibrate and the pipeline both use it.
 RECIPE = "[recipe]\noptimizer = \"adam\"\nlr = 0.001\nbatch_size = 16\n"
@@ -54,9 +54,11 @@ def user(tmp_path_factory):
     story.write_folder(root / "shifted", x_shift, y_shift)
 
     x, y = story.read_folder(root / "ref", normalize=True)
+    torch.manual_seed(0)  # the initial weights, whatever ran before in this process
     resnet = story.train(torchvision.models.resnet18(num_classes=4), x, y, epochs=8, lr=0.01)
     torch.save(resnet.state_dict(), root / "resnet18.pt")
     x_plain, _ = story.read_folder(root / "ref", normalize=False)
+    torch.manual_seed(0)
     tiny = story.train(story.build_tiny(), x_plain, y, epochs=8)
     save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(root / "tiny.safetensors"))
     accuracies = {"resnet18": story.accuracy(resnet, x, y), "tiny": story.accuracy(tiny, x_plain, y)}
@@ -104,7 +106,7 @@ def _story(root: Path, name: str, import_flags: list[str], pytorch_accuracy: flo
     assert code == 0, err
     assessed = json.loads(out)
     assessment = assessed["assessment"]
-    assert assessment["status"] == "assessed" and assessment["action"] in ("retrain", "skip", "defer")
+    assert assessment["processed"] and assessment["action"] in ("retrain", "skip", "defer")
     assert assessment["prediction"] is not None and assessment["prediction"]["energy_kwh"] is not None
 
     code, out, err = run(["audit", "decisions", "--json"], env)
@@ -133,7 +135,9 @@ def test_the_resnet18_imported_without_its_normalisation_gets_the_sentence(user)
     root, accuracies = user
     out = root / "plain.safetensors"
     code, stdout, err = run(["model", "import", root / "resnet18.pt", "--arch", "resnet18", "--image-size", "32", "--data", root / "ref", "-o", out, "--json"])
-    flags = f"--mean {','.join(f'{v:g}' for v in story.IMAGENET_MEAN)} --std {','.join(f'{v:g}' for v in story.IMAGENET_STD)}"
+    # Either common normalisation may fix it (on these stripes [-1, 1] does nearly as well as ImageNet's).
+    fixes = [f"--mean {','.join(f'{v:g}' for v in mean)} --std {','.join(f'{v:g}' for v in std)}" for mean, std in (
+        (story.IMAGENET_MEAN, story.IMAGENET_STD), ((0.5,) * 3, (0.5,) * 3))]  # fmt: skip
     if code == 2:  # fed raw pixels the model is at chance: refused, with the fix named
         sentence = err
         assert "no better than chance" in sentence and not out.exists()
@@ -143,7 +147,9 @@ def test_the_resnet18_imported_without_its_normalisation_gets_the_sentence(user)
         assert check["accuracy"] < accuracies["resnet18"] - 0.1
         assert check["alternatives"]["ImageNet's mean/std"] == pytest.approx(accuracies["resnet18"], abs=0.01)
         sentence = check["suggestion"]
-    assert flags in sentence and f"{accuracies['resnet18']:.2f}" in sentence
+    assert any(fix in sentence for fix in fixes)
+    named = float(sentence.split(" it is ")[-1][:4]) if " it is " in sentence else float(sentence.split(", but ")[1][:4])
+    assert named >= accuracies["resnet18"] - 0.02  # the named normalisation does fix it
     assert sentence.count(". ") == 0 and sentence.endswith(".")  # one sentence
 
 
