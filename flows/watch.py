@@ -27,6 +27,7 @@ def watch(overrides: Overrides = None) -> list[dict[str, Any]]:
     intake.requeue_deferred(settings)
     if settings.flow_mode == "deployment":
         cancel_unstarted_runs(settings.assess_deployment, settings.handoff_timeout_s)
+    intake.attach_landed_labels(settings)
     results: list[dict[str, Any]] = []
     for pending in intake.pending_batches(settings):
         if settings.flow_mode == "deployment":

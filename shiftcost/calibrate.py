@@ -54,6 +54,7 @@ from shiftcost.data.demo import torch_threads
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.forecast import protocol
 from shiftcost.forecast.probe import PROBE_FEATURES
+from shiftcost.recipe import Caps, Cutoff, RetrainConfig
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt
 
 __all__ = [
@@ -94,6 +95,28 @@ CORRELATION_MEASURES: tuple[str, ...] = (
 COST_FEATURES: tuple[str, ...] = ("resque_dist", "inv_ari", "layer_shift", "accuracy", "mean_loss", "mean_entropy")
 
 #: A reduced sweep for smoke tests: two kinds, three intensities each.
+#: Features that need no labels: the forecast of a batch whose labels have not come yet.
+#: (``resque_dist`` groups by label when there are labels, so its value depends on them.)
+LABEL_FREE_FEATURES: tuple[str, ...] = ("inv_ari", "layer_shift", "mean_entropy")
+LABEL_FREE_FILE = "costmodel-label-free.json"
+
+
+def label_free_analysis(rows: Sequence[Mapping[str, Any]], level: float) -> dict[str, Any]:
+    """The label-free cost model fitted on the sweep's runs, and its leave-one-corruption-out figures."""
+    found = analyse(list(rows), level=level, features=LABEL_FREE_FEATURES)
+    return {
+        "features": list(LABEL_FREE_FEATURES),
+        "cost_model": found.cost_model,
+        "error": found.cost_model_error,
+        "loco": found.loco,
+        "loco_error": found.loco_error,
+    }
+
+
+#: Sweep defaults: the measurement protocol's holdout and cadence (shiftcost.forecast.protocol),
+#: the same as every other retrain's, and its 15-epoch cap.
+SWEEP_CONFIG = RetrainConfig(cutoff=Cutoff(holdout_fraction=protocol.HOLDOUT_FRACTION), caps=Caps(max_epochs=protocol.MAX_EPOCHS))
+
 QUICK_SWEEP: dict[str, tuple[float, ...]] = {
     "gaussian_noise": (0.0, 0.1, 0.2),
     "contrast": (0.0, 0.2, 0.4),
@@ -184,6 +207,9 @@ class SweepResult:
     timing: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
     forecaster: Any = None
+    label_free: dict[str, Any] | None = None
+    """The label-free cost model (``cost_model``, features :data:`LABEL_FREE_FEATURES`) with
+    its leave-one-corruption-out figures (``loco``) on the same runs, or its ``error``."""
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -206,6 +232,7 @@ class SweepResult:
                 "loco": self.loco,
                 "loco_probe": self.loco_probe,
                 "loco_error": self.loco_error,
+                "label_free": None if self.label_free is None else {k: v for k, v in self.label_free.items() if k != "cost_model"},
                 "plot_curve": self.plot_curve,
                 "files": self.files,
             }
@@ -231,6 +258,9 @@ class SweepResult:
             files["cost_model"] = out / "costmodel.json"
         if self.forecaster is not None:
             files["forecaster"] = out / "forecaster.json"
+        label_free_model = (self.label_free or {}).get("cost_model")
+        if label_free_model is not None:
+            files["label_free_cost_model"] = out / LABEL_FREE_FILE
         self.files = {name: str(path) for name, path in files.items()}
         _write_text(files["table_json"], json.dumps(_jsonable(self.rows), indent=1, allow_nan=False))
         _write_csv(files["table_csv"], self.rows)
@@ -241,6 +271,8 @@ class SweepResult:
             _write_text(files["cost_model"], self.cost_model.to_json())
         if self.forecaster is not None:
             _write_text(files["forecaster"], self.forecaster.to_json())
+        if label_free_model is not None:
+            _write_text(files["label_free_cost_model"], label_free_model.to_json())
         plot_sweep(self, files["plot"])
         _write_text(files["report"], markdown_report(self))
         _write_text(files["sweep_json"], json.dumps(self.to_dict(), indent=1, allow_nan=False))
@@ -271,19 +303,8 @@ def run_sweep(
     sweep: Mapping[str, Sequence[float]] = DEFAULT_SWEEP,
     seed: int = 0,
     repeats: int = 2,
-    tolerance: float = 0.03,
-    eval_every: int | None = None,
-    max_epochs: float | None = protocol.MAX_EPOCHS,
-    max_steps: int | None = None,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    optimizer: str = "adam",
-    holdout_fraction: float = protocol.HOLDOUT_FRACTION,
+    config: RetrainConfig | None = None,
     probe_steps: int = 0,
-    replay_fraction: float = 0.0,
-    device: str | torch.device = "auto",
-    country_iso_code: str = "USA",
-    energy_options: Mapping[str, Any] | None = None,
     threads: int | None = 1,
     probe: bool = True,
     probe_seconds: float = 3.0,
@@ -293,6 +314,7 @@ def run_sweep(
     progress: Progress | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     time_budget_s: float | None = None,
+    **retrain_settings: Any,
 ) -> SweepResult:
     """Run a calibration sweep of ``model`` and evaluate how well the indices predict the cost.
 
@@ -304,8 +326,11 @@ def run_sweep(
     intensities (include 0). Each point is retrained ``repeats`` times with seeds
     ``seed, seed + 1, ...`` (split, shuffling); the corruption itself uses ``seed``.
 
-    Retraining settings (``eval_every``, ``max_epochs``, ``max_steps``, ``batch_size``, ``lr``,
-    ``optimizer``, ``replay_fraction``) go to :func:`~shiftcost.retrain.retrain_to_cutoff`.
+    Retraining settings: ``config`` (default :data:`SWEEP_CONFIG` with the recipe the model
+    file carries), changed by flat names in ``retrain_settings`` (``lr=``, ``max_epochs=``,
+    ``device=`` ...; see :meth:`~shiftcost.recipe.RetrainConfig.replace`); every run uses
+    them through :func:`~shiftcost.retrain.retrain_to_cutoff`, so the sweep measures the
+    recipe the model's retrains use.
     ``threads`` sets torch's CPU threads for the sweep (restored afterwards; ``None`` leaves
     them): a model this small gains nothing from intra-op threads, and on a busy machine
     they spin against other processes and make every step several times slower.
@@ -322,6 +347,10 @@ def run_sweep(
     """
     from shiftcost.index.engine import assess, compute_reference_stats
 
+    config = (config or SWEEP_CONFIG.for_model(spec)).replace(**retrain_settings)
+    config = config.replace(require_energy=False)
+    recipe, cutoff, caps = config.recipe, config.cutoff, config.caps
+    device = config.device
     _check_data(reference_x, reference_y, "the reference data")
     _check_data(new_x, new_y, "the new data")
     plan = _check_plan(sweep, new_x)
@@ -335,17 +364,18 @@ def run_sweep(
         "sweep": {kind: list(values) for kind, values in sweep.items()},
         "seed": seed,
         "repeats": repeats,
-        "tolerance": tolerance,
-        "eval_every": eval_every,
-        "max_epochs": max_epochs,
-        "max_steps": max_steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "optimizer": optimizer,
-        "holdout_fraction": holdout_fraction,
+        "tolerance": cutoff.tolerance,
+        "eval_every": cutoff.eval_every,
+        "max_epochs": caps.max_epochs,
+        "max_steps": caps.max_steps,
+        "batch_size": recipe.batch_size,
+        "lr": recipe.lr,
+        "optimizer": recipe.optimizer,
+        "holdout_fraction": cutoff.holdout_fraction,
+        "replay_fraction": recipe.replay_with(True),
+        "country_iso_code": config.energy.country_iso_code,
         "probe_steps": probe_steps,
-        "replay_fraction": replay_fraction,
-        "country_iso_code": country_iso_code,
+        "retrain": config.to_dict(),
         "threads": threads,
         "level": level,
         "features": list(features),
@@ -359,26 +389,15 @@ def run_sweep(
         if reference_stats is None:
             reference_stats = compute_reference_stats(model, spec, reference_x, reference_y, device=device, seed=seed)
         reference_accuracy = reference_stats.accuracy
-        protocol.check_above_chance(reference_accuracy, getattr(spec, "num_classes", None), tolerance, "the reference data")
+        protocol.check_above_chance(reference_accuracy, getattr(spec, "num_classes", None), cutoff.tolerance, "the reference data")
         settings["reference_accuracy"] = reference_accuracy
         settings["device"] = str(_resolve_device(device))
+        replay = recipe.replay_with(True) > 0
         retrain_kwargs = dict(
-            reference_x=reference_x if replay_fraction > 0 else None,
-            reference_y=reference_y if replay_fraction > 0 else None,
-            replay_fraction=replay_fraction,
-            holdout_fraction=holdout_fraction,
+            config=config,
+            reference_x=reference_x if replay else None,
+            reference_y=reference_y if replay else None,
             reference_accuracy=reference_accuracy,
-            tolerance=tolerance,
-            eval_every=eval_every,
-            max_steps=max_steps,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            device=device,
-            country_iso_code=country_iso_code,
-            energy_options=dict(energy_options or {}),
-            require_energy=False,
         )
         if progress is not None:
             progress(0, len(plan), "starting")
@@ -401,9 +420,10 @@ def run_sweep(
             where = f"; they are in {out_dir}" if out_dir is not None and rows else ""
             raise SweepInterrupted(f"sweep interrupted after {len(rows)} of {len(plan)} points{where}", rows) from interrupt
         if probe:
-            probe_result = _probe(model, spec, new_x, new_y, seed, device, country_iso_code, energy_options, probe_seconds, batch_size)
+            probe_result = _probe(model, spec, new_x, new_y, seed, device, config.energy.country_iso_code, config.energy.options, probe_seconds, recipe.batch_size)
 
     result = analyse(rows, settings=settings, probe=probe_result, level=level, features=features)
+    result.label_free = label_free_analysis(rows, level)
     result.timing = {
         "wall_s": time.perf_counter() - started_wall,
         "cpu_s": _cpu_seconds() - started_cpu,
@@ -436,6 +456,8 @@ def _run_point(
     """One point of the sweep; never raises an ``Exception`` (a crash is recorded in the row)."""
     from shiftcost.retrain import RetrainError, retrain_to_cutoff
 
+    device = retrain_kwargs["config"].device
+
     started = time.perf_counter()
     row: dict[str, Any] = {name: None for name in COLUMNS}
     row.update(corruption=kind, intensity=float(intensity), repeats=repeats, runs=[], notes=[])
@@ -443,7 +465,7 @@ def _run_point(
     try:
         shifted = corrupt(new_x, kind, intensity, seed=seed)
         stage = "indices"
-        report = assess(model, spec, reference_stats, shifted, new_y, paired_clean_x=new_x, device=retrain_kwargs["device"])
+        report = assess(model, spec, reference_stats, shifted, new_y, paired_clean_x=new_x, device=device)
         row.update(
             resque_dist=report.resque_dist,
             inv_ari=report.inv_ari,
@@ -458,7 +480,7 @@ def _run_point(
         if report.accuracy is not None and report.reference_accuracy is not None:
             row["accuracy_drop"] = report.reference_accuracy - report.accuracy
         row["notes"].extend(report.notes)
-        row["initial_grad_norm"] = full_batch_grad_norm(model, shifted, new_y, device=retrain_kwargs["device"])
+        row["initial_grad_norm"] = full_batch_grad_norm(model, shifted, new_y, device=device)
         stage = "retraining"
         for repeat in range(repeats):
             try:
@@ -525,13 +547,14 @@ def _probe_point(
     """The learning probe's features and cost on this point (what the forecast will see)."""
     from shiftcost.forecast.probe import probe_features, run_probe
 
+    config = retrain_kwargs["config"]
     reference = retrain_kwargs["reference_accuracy"]
-    target = max(0.0, reference - retrain_kwargs["tolerance"])
-    cap = retrain_kwargs["max_epochs"] or protocol.MAX_EPOCHS
+    target = max(0.0, reference - config.cutoff.tolerance)
+    cap = config.caps.max_epochs or protocol.MAX_EPOCHS
     trajectory = run_probe(
-        model, x, y, target_accuracy=target, ceiling=reference, steps=steps, lr=retrain_kwargs["lr"],
-        optimizer=retrain_kwargs["optimizer"], holdout_fraction=retrain_kwargs["holdout_fraction"], seed=seed,
-        device=retrain_kwargs["device"],
+        model, x, y, target_accuracy=target, ceiling=reference, steps=steps, lr=config.recipe.lr,
+        optimizer=config.recipe.optimizer, holdout_fraction=config.cutoff.holdout_fraction, seed=seed,
+        device=config.device,
     )
     row.update(probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap))
     row["probe_sample_gradients"] = trajectory.cost.sample_gradients

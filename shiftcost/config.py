@@ -170,12 +170,23 @@ class Settings(BaseSettings):
     retrain_max_epochs: float | None = Field(default=20.0, gt=0, description="Epoch cap of one retraining.")
     retrain_max_steps: int | None = Field(default=None, ge=1, description="Optimizer step cap of one retraining.")
     retrain_batch_size: int = Field(default=64, ge=1, description="Mini-batch size of retraining.")
-    retrain_lr: float = Field(default=1e-3, gt=0, description="Learning rate of retraining.")
+    retrain_lr: float | None = Field(
+        default=None, gt=0, description="Learning rate of retraining (default: the recipe's, 1e-4; a model file's own recipe wins)."
+    )
     retrain_holdout_fraction: float = Field(
         default=0.3, gt=0, lt=1,
         description="Share of a batch held out to check the cutoff (the measurement protocol's, as calibration uses).",
     )
     retrain_seed: int = Field(default=0, description="Seed of retraining and of the drift tests.")
+    promotion_tolerance: float = Field(
+        default=0.01, ge=0, lt=1,
+        description="A retrained version is promoted only if its accuracy on the reference holdout is at least its parent's minus this.",
+    )
+    promotion_approval: Literal["auto", "manual"] = Field(
+        default="auto",
+        description="auto: a retrained version that passes the promotion gate becomes current; manual: it waits as pending "
+        "for `shiftcost model approve VERSION`.",
+    )
     energy_sample_s: float = Field(default=1.0, gt=0, description="CodeCarbon power sampling interval in seconds.")
 
     @classmethod

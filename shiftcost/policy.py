@@ -247,6 +247,18 @@ def decide(
             )
         )
 
+    if cost.epochs is not None and cost.epochs <= 0:
+        # Already at the cutoff: retraining would stop at its first evaluation, having
+        # spent only the evaluation, so there is no benefit to buy at any cost.
+        reasons.append(
+            Reason(
+                "already_at_target",
+                "Retraining is predicted to need 0 epochs (the model is already at the cutoff accuracy), so there is nothing to gain.",
+                "skip",
+                {"epochs": cost.epochs},
+            )
+        )
+
     budget_reasons = [_budget_reason(budget, kwh, co2, basis, cost.level) for budget in applicable]
     reasons.extend(budget_reasons)
     if not applicable:

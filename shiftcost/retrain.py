@@ -30,6 +30,7 @@ from torch import nn
 
 from shiftcost.energy import KWH_TO_JOULES, EnergyMeasurement, EnergyMeasurementError, EnergyMeter
 from shiftcost.errors import ConfigError, InputError, ShiftcostError
+from shiftcost.recipe import OPTIMIZERS, Recipe, RetrainConfig, build_augmentation, load_entry_point, pool_samples
 
 __all__ = [
     "EvalPoint",
@@ -40,12 +41,14 @@ __all__ = [
     "retrain_to_cutoff",
     "probe_joules_per_sample_epoch",
     "resolve_device",
+    "RetrainConfig",
+    "ProgressCallback",
     "STATUSES",
+    "OPTIMIZERS",
 ]
 
-#: ``stopped_by_budget``: the ``progress`` callback (a budget guard) returned that status.
-STATUSES = ("reached", "already_met", "cap_reached", "failed", "stopped_by_budget")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+#: ``stopped_by_budget``: the ``progress`` callback (a budget guard) returned exactly that reason.
+STATUSES = ("reached", "already_met", "cap_reached", "stopped", "stopped_by_budget", "failed")
 
 
 # --------------------------------------------------------------------------- results
@@ -78,7 +81,9 @@ class RetrainResult:
     ``status`` is one of :data:`STATUSES`: ``"reached"`` (the cutoff was met after
     ``steps`` steps), ``"already_met"`` (met before any step: zero steps, zero parameter
     change), ``"cap_reached"`` (stopped by ``max_steps``/``max_epochs``; the cost is what
-    was spent so far and is a lower bound of the true cost), ``"failed"`` (an exception
+    was spent so far and is a lower bound of the true cost), ``"stopped"`` (the ``progress``
+    callback asked to stop, for the reason in ``stop_reason``; the cost is a lower bound as
+    for a cap), ``"failed"`` (an exception
     ended the run; found in :attr:`RetrainError.partial`).
 
     ``param_change`` is ``||theta - theta0|| / sqrt(n)`` over all trainable parameters;
@@ -123,6 +128,8 @@ class RetrainResult:
     optimizer: str
     lr: float
     error: str | None = None
+    stop_reason: str | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)
     holdout_indices: list[int] = field(default_factory=list, repr=False)
     model: nn.Module | None = field(default=None, repr=False)
 
@@ -284,6 +291,11 @@ def _check_xy(x: Any, y: Any, what: str, *, labels_needed: bool = True) -> None:
         raise InputError(f"{what} contains NaN or infinite values; clean the batch first.")
 
 
+def _stopped_status(reason: str) -> str:
+    """A budget guard's stop keeps its own status; any other callback's reason is "stopped"."""
+    return "stopped_by_budget" if reason == "stopped_by_budget" else "stopped"
+
+
 def _holdout_split(y: torch.Tensor, fraction: float, seed: int, min_holdout: int, what: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Seeded split of indices into (train, holdout), stratified by label when possible."""
     import numpy as np
@@ -334,15 +346,24 @@ def _check_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: to
         raise InputError(f"{what} has label {int(y.max())} but the model has only {logits.shape[1]} outputs; check the labels or the model.")
 
 
-def _make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    name = name.lower()
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ConfigError(f"optimizer {name!r} is unknown; use one of {', '.join(OPTIMIZERS)}.")
+def _make_optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
+def _make_schedule(
+    recipe: Recipe, optim: torch.optim.Optimizer, step_cap: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Stepped once per optimizer step; cosine reaches 0 at the step cap."""
+    if recipe.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=max(1, step_cap))
+    if recipe.schedule == "step":
+        every = max(1, int(round(recipe.step_epochs * steps_per_epoch)))
+        return torch.optim.lr_scheduler.StepLR(optim, step_size=every, gamma=recipe.gamma)
+    return None
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -388,49 +409,62 @@ def _fork_rng_devices(device: torch.device) -> list[int]:
 
 # --------------------------------------------------------------------------- retrain
 
+#: What a ``progress`` callback may return: ``None`` to go on, or a sentence saying why
+#: the run must stop now (for example a budget guard); the run then ends with status
+#: ``"stopped"`` and the sentence in :attr:`RetrainResult.stop_reason`.
+ProgressCallback = Callable[[EvalPoint, int, float], "str | None"]
+
+
+@dataclass
+class _Tally:
+    """Counters of one run, shared by the training loop and its evaluations."""
+
+    step: int = 0
+    samples: int = 0
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    grad_sum: float = 0.0
+    grad_steps: int = 0
+    grad_total: float = 0.0
+    loop_end: float | None = None
+    stop_reason: str | None = None
+
 
 def retrain_to_cutoff(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor | None,
+    config: RetrainConfig | None = None,
     *,
     reference_x: torch.Tensor | None = None,
     reference_y: torch.Tensor | None = None,
-    replay_fraction: float = 0.0,
-    holdout_fraction: float = 0.2,
-    min_holdout: int = 10,
     target_accuracy: float | None = None,
     reference_accuracy: float | None = None,
-    tolerance: float = 0.03,
-    eval_every: int | None = None,
-    max_steps: int | None = None,
-    max_epochs: float | None = 20,
-    batch_size: int = 64,
-    eval_batch_size: int = 512,
-    lr: float = 1e-3,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    country_iso_code: str = "USA",
-    track_energy: bool = True,
-    energy_options: dict[str, Any] | None = None,
-    require_energy: bool = True,
-    progress: Callable[[EvalPoint, int, float], str | None] | None = None,
+    progress: ProgressCallback | None = None,
     source: str = "the batch",
+    **settings: Any,
 ) -> RetrainResult:
     """Fine-tune a copy of ``model`` on ``(x, y)`` until held-out accuracy reaches the target.
 
+    ``config`` (a :class:`~shiftcost.recipe.RetrainConfig`, default settings when None)
+    holds the recipe, cutoff, caps and energy settings; ``settings`` change single ones by
+    their flat names (``lr=``, ``tolerance=``, ``max_steps=`` ..., see
+    :meth:`RetrainConfig.replace`).
+
     The new data is split (seeded, stratified by label when every class has two samples)
     into a training part and a held-out part of ``holdout_fraction``. Training uses the
-    training part plus, when ``replay_fraction`` > 0, reference samples drawn at random so
-    that they make up ``replay_fraction`` of each epoch's pool (capped by the reference
-    size). Every ``eval_every`` optimizer steps (default: a quarter epoch) the held-out
+    training part plus, when the recipe's replay share is above 0 (by default it is 0.5
+    whenever labelled reference data is given), reference samples drawn at random so that
+    they make up that share of each epoch's pool (capped by the reference size). Every ``eval_every`` optimizer steps (default: a quarter epoch) the held-out
     accuracy is measured; the run stops at the first evaluation where it is at least the
     target, or when ``max_steps`` steps / ``max_epochs`` epochs are spent (the last step is
     always evaluated). The target is ``target_accuracy`` if given, else
     ``reference_accuracy - tolerance``, else the model's accuracy on
     ``(reference_x, reference_y)`` minus ``tolerance``.
+
+    ``progress(point, step_cap, target)`` is called after every evaluation (the first at
+    step 0). It may return a sentence to stop the run there: status ``"stopped"``, the
+    sentence in ``stop_reason``, the cost so far recorded as for a cap.
 
     Energy is measured with CodeCarbon around the evaluations and training (not the data
     preparation); ``energy_options`` go to :class:`~shiftcost.energy.EnergyMeter`. If the
@@ -449,25 +483,15 @@ def retrain_to_cutoff(
     :class:`RetrainError` (or :class:`RetrainInterrupted` on Ctrl-C) carrying the partial
     result when a step fails.
     """
+    cfg = (config or RetrainConfig()).replace(**settings)
+    recipe, cutoff = cfg.recipe, cfg.cutoff
     _check_xy(x, y, source)
     assert y is not None
-    if not 0.0 < holdout_fraction < 1.0:
-        raise ConfigError(f"holdout_fraction must lie strictly between 0 and 1, got {holdout_fraction!r}.")
-    if not 0.0 <= replay_fraction < 1.0:
-        raise ConfigError(f"replay_fraction must lie in [0, 1), got {replay_fraction!r}.")
-    if batch_size < 1 or eval_batch_size < 1:
-        raise ConfigError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}.")
-    if max_steps is None and max_epochs is None:
-        raise ConfigError("give max_steps or max_epochs (or both): a run needs a cap.")
-    if (max_steps is not None and max_steps < 1) or (max_epochs is not None and max_epochs <= 0):
-        raise ConfigError(f"caps must be positive, got max_steps={max_steps!r}, max_epochs={max_epochs!r}.")
-    if eval_every is not None and eval_every < 1:
-        raise ConfigError(f"eval_every must be a positive number of steps, got {eval_every!r}.")
-    if not 0.0 <= tolerance < 1.0:
-        raise ConfigError(f"tolerance must lie in [0, 1), got {tolerance!r}.")
     has_reference = reference_x is not None
+    replay_fraction = recipe.replay_with(has_reference and reference_y is not None)
     if has_reference:
-        _check_xy(reference_x, reference_y, "the reference data", labels_needed=replay_fraction > 0 or (target_accuracy is None and reference_accuracy is None))
+        needs_labels = replay_fraction > 0 or (target_accuracy is None and reference_accuracy is None)
+        _check_xy(reference_x, reference_y, "the reference data", labels_needed=needs_labels)
         if tuple(reference_x.shape[1:]) != tuple(x.shape[1:]):
             raise InputError(
                 f"the reference data has samples of shape {tuple(reference_x.shape[1:])} but {source} has "
@@ -475,15 +499,16 @@ def retrain_to_cutoff(
             )
     elif replay_fraction > 0:
         raise InputError("replay_fraction > 0 needs labelled reference data to replay; pass reference_x and reference_y.")
+    augmentation = build_augmentation(recipe.augment)
+    train_step = load_entry_point(recipe.train_step, "The training step") if recipe.train_step else None
 
-    dev = resolve_device(device)
+    dev = resolve_device(cfg.device)
     work = copy.deepcopy(model).to(dev)
     params = _trainable(work)
     if not params:
         raise InputError("the model has no trainable parameters; nothing to retrain.")
     _check_logits(work, x, y, dev, source)
 
-    # Target accuracy.
     if target_accuracy is None:
         if reference_accuracy is None:
             if not has_reference:
@@ -491,36 +516,36 @@ def retrain_to_cutoff(
                     "no target accuracy: pass target_accuracy, reference_accuracy or labelled reference data."
                 )
             _check_logits(work, reference_x, reference_y, dev, "the reference data")
-            reference_accuracy, _ = _evaluate(work, reference_x, reference_y, dev, eval_batch_size)
-        target_accuracy = max(0.0, reference_accuracy - tolerance)
+            reference_accuracy, _ = _evaluate(work, reference_x, reference_y, dev, cutoff.eval_batch_size)
+        target_accuracy = max(0.0, reference_accuracy - cutoff.tolerance)
     if not 0.0 <= target_accuracy <= 1.0:
         raise ConfigError(f"target accuracy must lie in [0, 1], got {target_accuracy!r}.")
 
     # Data: holdout split of the new data, optional replay.
-    train_idx, holdout_idx, stratified = _holdout_split(y, holdout_fraction, seed, min_holdout, source)
+    train_idx, holdout_idx, stratified = _holdout_split(y, cutoff.holdout_fraction, cfg.seed, cutoff.min_holdout, source)
     x_hold, y_hold = x[holdout_idx], y[holdout_idx].long()
     x_pool, y_pool = x[train_idx], y[train_idx].long()
     n_replay = 0
     if replay_fraction > 0:
-        wanted = int(round(replay_fraction / (1.0 - replay_fraction) * len(train_idx)))
-        n_replay = min(wanted, len(reference_x))
-        replay_gen = torch.Generator().manual_seed(seed + 1)
+        n_replay = pool_samples(len(train_idx), replay_fraction, len(reference_x)) - len(train_idx)
+        replay_gen = torch.Generator().manual_seed(cfg.seed + 1)
         chosen = torch.randperm(len(reference_x), generator=replay_gen)[:n_replay]
         x_pool = torch.cat([x_pool, reference_x[chosen].to(x_pool.dtype)])
         y_pool = torch.cat([y_pool, reference_y[chosen].long()])
     n_pool = len(x_pool)
-    shuffle_gen = torch.Generator().manual_seed(seed)
-    epoch_batches = len(_batches(n_pool, batch_size, torch.Generator().manual_seed(seed)))
-    step_cap = max_steps if max_steps is not None else 10**12
-    if max_epochs is not None:
-        step_cap = min(step_cap, max(1, int(math.ceil(max_epochs * epoch_batches))))
-    every = eval_every if eval_every is not None else max(1, epoch_batches // 4)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    epoch_batches = len(_batches(n_pool, recipe.batch_size, torch.Generator().manual_seed(cfg.seed)))
+    step_cap = cfg.caps.max_steps if cfg.caps.max_steps is not None else 10**12
+    if cfg.caps.max_epochs is not None:
+        step_cap = min(step_cap, max(1, int(math.ceil(cfg.caps.max_epochs * epoch_batches))))
+    every = cutoff.eval_every if cutoff.eval_every is not None else max(1, epoch_batches // 4)
 
     start_params = {name: p.detach().double().cpu().clone() for name, p in params}
-    optim = _make_optimizer(optimizer, [p for _, p in params], lr, weight_decay)
+    optim = _make_optimizer(recipe, [p for _, p in params])
+    schedule = _make_schedule(recipe, optim, step_cap, epoch_batches)
 
     curve: list[EvalPoint] = []
-    state = dict(step=0, samples=0, train_s=0.0, eval_s=0.0, grad_sum=0.0, grad_steps=0, grad_total=0.0)
+    tally = _Tally()
     status = "failed"
     error_text: str | None = None
     meter: EnergyMeter | None = None
@@ -531,77 +556,88 @@ def retrain_to_cutoff(
 
     def evaluate_now() -> EvalPoint:
         t = time.perf_counter()
-        acc, loss = _evaluate(work, x_hold, y_hold, dev, eval_batch_size)
-        state["eval_s"] += time.perf_counter() - t
-        grad = state["grad_sum"] / state["grad_steps"] if state["grad_steps"] else None
-        state["grad_sum"], state["grad_steps"] = 0.0, 0
+        acc, loss = _evaluate(work, x_hold, y_hold, dev, cutoff.eval_batch_size)
+        _train_mode(work, recipe.freeze_batchnorm)
+        tally.eval_s += time.perf_counter() - t
+        grad = tally.grad_sum / tally.grad_steps if tally.grad_steps else None
+        tally.grad_sum, tally.grad_steps = 0.0, 0
         point = EvalPoint(
-            step=state["step"],
-            epoch=state["samples"] / n_pool,
-            samples_seen=state["samples"],
+            step=tally.step,
+            epoch=tally.samples / n_pool,
+            samples_seen=tally.samples,
             accuracy=acc,
             loss=loss,
             grad_norm=grad,
             elapsed_s=time.perf_counter() - t_zero,
         )
         curve.append(point)
-        if progress is not None and progress(point, step_cap, target_accuracy) == "stopped_by_budget":
-            state["stop"] = "stopped_by_budget"
+        if progress is not None:
+            reason = progress(point, step_cap, target_accuracy)
+            if reason:
+                tally.stop_reason = str(reason)
         return point
 
-    if track_energy:
-        options = {"country_iso_code": country_iso_code, "experiment_name": "retrain"}
-        options.update(energy_options or {})
+    def train_on(idx: torch.Tensor) -> None:
+        t = time.perf_counter()
+        xb = x_pool[idx]
+        if augmentation is not None:
+            xb = torch.stack([augmentation(image) for image in xb])
+        xb = xb.to(dev, non_blocking=True)
+        yb = y_pool[idx].to(dev, non_blocking=True)
+        optim.zero_grad(set_to_none=True)
+        loss = train_step(work, xb, yb) if train_step is not None else F.cross_entropy(work(xb), yb)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            raise TypeError(f"the training step must return the scalar loss tensor, got {getattr(loss, 'shape', type(loss).__name__)}")
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss.item()} at step {tally.step + 1}")
+        loss.backward()
+        grads = [p.grad.detach() for _, p in params if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        optim.step()
+        if schedule is not None:
+            schedule.step()
+        tally.step += 1
+        tally.samples += len(idx)
+        tally.grad_sum += grad_norm
+        tally.grad_total += grad_norm
+        tally.grad_steps += 1
+        tally.train_s += time.perf_counter() - t
+
+    def run_loop() -> str:
+        if evaluate_now().accuracy >= target_accuracy:
+            return "already_met"
+        if tally.stop_reason:
+            return _stopped_status(tally.stop_reason)
+        while True:
+            for idx in _batches(n_pool, recipe.batch_size, shuffle_gen):
+                train_on(idx)
+                if tally.step % every == 0 or tally.step >= step_cap:
+                    if evaluate_now().accuracy >= target_accuracy:
+                        return "reached"
+                    if tally.stop_reason:
+                        return _stopped_status(tally.stop_reason)
+                    if tally.step >= step_cap:
+                        return "cap_reached"
+
+    if cfg.energy.track:
+        options = {"country_iso_code": cfg.energy.country_iso_code, "experiment_name": "retrain"}
+        options.update(cfg.energy.options or {})
         meter = EnergyMeter(**options)
         meter.start()  # fails here, before any compute is spent, if CodeCarbon cannot start
     try:
         t_zero = time.perf_counter()
         with torch.random.fork_rng(devices=_fork_rng_devices(dev)):
-            torch.manual_seed(seed)  # dropout and other in-model randomness
-            work.train()
-            if evaluate_now().accuracy >= target_accuracy:
-                status = "already_met"
-            elif "stop" in state:
-                status = state["stop"]
-            else:
-                status = "cap_reached"
-                done = False
-                while not done:
-                    for idx in _batches(n_pool, batch_size, shuffle_gen):
-                        t = time.perf_counter()
-                        xb = x_pool[idx].to(dev, non_blocking=True)
-                        yb = y_pool[idx].to(dev, non_blocking=True)
-                        optim.zero_grad(set_to_none=True)
-                        loss = F.cross_entropy(work(xb), yb)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"the training loss became {loss.item()} at step {state['step'] + 1}")
-                        loss.backward()
-                        grads = [p.grad.detach() for _, p in params if p.grad is not None]
-                        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-                        optim.step()
-                        state["step"] += 1
-                        state["samples"] += len(idx)
-                        state["grad_sum"] += grad_norm
-                        state["grad_total"] += grad_norm
-                        state["grad_steps"] += 1
-                        state["train_s"] += time.perf_counter() - t
-                        if state["step"] % every == 0 or state["step"] >= step_cap:
-                            if evaluate_now().accuracy >= target_accuracy:
-                                status, done = "reached", True
-                                break
-                            if "stop" in state:
-                                status, done = state["stop"], True
-                                break
-                            if state["step"] >= step_cap:
-                                done = True
-                                break
+            torch.manual_seed(cfg.seed)  # dropout, augmentation and other randomness
+            _train_mode(work, recipe.freeze_batchnorm)
+            status = run_loop()
     except BaseException as exc:  # noqa: BLE001 - every failure must keep its partial cost
-        state["loop_end"] = time.perf_counter()
+        tally.loop_end = time.perf_counter()
         status = "failed"
         crash = exc
         error_text = f"{type(exc).__name__}: {exc}"
     finally:
-        state.setdefault("loop_end", time.perf_counter())
+        if tally.loop_end is None:
+            tally.loop_end = time.perf_counter()
         if meter is not None:
             try:
                 energy = meter.stop()
@@ -609,42 +645,44 @@ def retrain_to_cutoff(
                 energy_error = str(exc)
 
     change, change_l2, per_layer, n_params = _param_change(start_params, work)
-    steps = state["step"]
+    steps = tally.step
     result = RetrainResult(
         status=status,
         reached_cutoff=status in ("reached", "already_met"),
         steps=steps,
-        epochs=state["samples"] / n_pool,
-        samples_seen=state["samples"],
+        epochs=tally.samples / n_pool,
+        samples_seen=tally.samples,
         target_accuracy=float(target_accuracy),
         initial_accuracy=curve[0].accuracy if curve else None,
         final_accuracy=curve[-1].accuracy if curve else None,
         reference_accuracy=None if reference_accuracy is None else float(reference_accuracy),
-        tolerance=tolerance,
+        tolerance=cutoff.tolerance,
         train_samples=len(train_idx),
         replay_samples=n_replay,
         holdout_samples=len(holdout_idx),
         stratified_holdout=stratified,
         steps_per_epoch=epoch_batches,
-        batch_size=batch_size,
+        batch_size=recipe.batch_size,
         eval_every=every,
         max_steps=int(step_cap),
         curve=curve,
-        mean_grad_norm=(state["grad_total"] / steps) if steps else None,
+        mean_grad_norm=(tally.grad_total / steps) if steps else None,
         param_change=change,
         param_change_l2=change_l2,
         param_change_per_layer=per_layer,
         n_parameters=n_params,
-        wall_time_s=state["loop_end"] - t_zero,
-        train_time_s=state["train_s"],
-        eval_time_s=state["eval_s"],
+        wall_time_s=tally.loop_end - t_zero,
+        train_time_s=tally.train_s,
+        eval_time_s=tally.eval_s,
         energy=energy,
         energy_error=energy_error,
         device=str(dev),
-        seed=seed,
-        optimizer=optimizer.lower(),
-        lr=lr,
+        seed=cfg.seed,
+        optimizer=recipe.optimizer,
+        lr=recipe.lr,
         error=error_text,
+        stop_reason=tally.stop_reason if status in ("stopped", "stopped_by_budget") else None,
+        recipe=cfg.to_dict()["recipe"] | {"replay_fraction": replay_fraction},
         holdout_indices=holdout_idx.tolist(),
         model=work.eval(),
     )
@@ -656,9 +694,18 @@ def retrain_to_cutoff(
         if isinstance(crash, FloatingPointError):
             message += "; lower the learning rate"
         raise RetrainError(message + ".", result) from crash
-    if energy_error is not None and require_energy:
+    if energy_error is not None and cfg.energy.require:
         raise EnergyMeasurementError(energy_error, partial=result)
     return result
+
+
+def _train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
+    """Training mode; with ``freeze_batchnorm`` the batch-norm layers keep their statistics."""
+    model.train()
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 # --------------------------------------------------------------------------- probe
@@ -717,7 +764,7 @@ def probe_joules_per_sample_epoch(
     if not params:
         raise InputError("the model has no trainable parameters; nothing to probe.")
     _check_logits(work, x, y, dev, "the probe data")
-    optim = _make_optimizer(optimizer, params, lr, 0.0)
+    optim = _make_optimizer(Recipe(optimizer=optimizer, lr=lr), params)
     x_dev, y_dev = x.to(dev), y.to(dev)
 
     def step(idx: torch.Tensor) -> None:

@@ -75,3 +75,13 @@ def pending_batches(settings: Settings) -> list[pipeline.PendingBatch]:
     """The batches waiting for assessment (new, or left behind by a crashed run)."""
     with pipeline.connect(settings) as db:
         return pipeline.pending_batches(db, settings.model_name, settings.claim_lease_s)
+
+
+@task(name="attach-landed-labels", cache_policy=NO_CACHE, timeout_seconds=120, retry_condition_fn=retry_on_passing_faults, **DB_RETRIES)
+def attach_landed_labels(settings: Settings) -> list[int]:
+    """Attach NAME.labels.npz files that landed beside batches awaiting their labels."""
+    with pipeline.connect(settings) as db:
+        attached = [done.batch_id for done in pipeline.attach_landed_labels(db, settings)]
+    if attached:
+        get_run_logger().info("labels came for batch(es) %s: assessing them afresh", ", ".join(map(str, attached)))
+    return attached

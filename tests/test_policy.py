@@ -303,3 +303,13 @@ def test_tightening_a_budget_never_makes_the_decision_more_permissive(budgets, p
     assert SEVERITY[after.action] >= SEVERITY[before.action]
     if before.action != "retrain":
         assert after.action != "retrain"
+
+
+def test_a_batch_predicted_at_zero_epochs_is_never_retrained_whatever_the_budget() -> None:
+    # Drift detected, no budget limits it, the upper bound is positive: still nothing to gain.
+    at_target = cost(kwh=0.0, epochs=0.0, epochs_lower=0.0, epochs_upper=1.0, kwh_upper=0.5)
+    decision = decide(at_target, [], drift_verdict=True)
+    assert decision.action == "skip"
+    assert "already_at_target" in codes(decision)
+    needs_training = cost(epochs=0.5)
+    assert decide(needs_training, [], drift_verdict=True).action == "retrain"

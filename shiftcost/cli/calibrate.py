@@ -16,6 +16,20 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from shiftcost.cli.retrain import (
+    AugmentOption,
+    BatchSizeOption,
+    FreezeBnOption,
+    LrOption,
+    OptimizerOption,
+    RecipeFileOption,
+    ReplayOption,
+    ScheduleOption,
+    TrainStepOption,
+    WeightDecayOption,
+    retrain_config,
+)
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -171,6 +185,21 @@ def _summary_json(result: SweepResult) -> dict[str, Any]:
     return full
 
 
+def _parse_sweep(items: list[str]) -> dict[str, tuple[float, ...]]:
+    from shiftcost.errors import InputError
+
+    plan: dict[str, tuple[float, ...]] = {}
+    for item in items:
+        kind, _, values = item.partition("=")
+        try:
+            plan[kind.strip()] = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            raise InputError(f"--sweep {item!r} must be kind=intensity,intensity,... e.g. gaussian_noise=0,0.3,0.6.") from None
+        if not plan[kind.strip()]:
+            raise InputError(f"--sweep {item!r} names no intensities; write kind=intensity,intensity,...")
+    return plan
+
+
 def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate(
@@ -192,16 +221,21 @@ def register(app: typer.Typer) -> None:
         quick: Annotated[
             bool, typer.Option("--quick", help="Smoke test: 2 kinds x 3 intensities, one short run per point (no real calibration).")
         ] = False,
+        sweep: Annotated[
+            list[str] | None,
+            typer.Option("--sweep", help="A corruption and its intensities, e.g. gaussian_noise=0,0.3,0.6 (repeatable; replaces the default sweep).", show_default=False),
+        ] = None,
         repeats: Annotated[
             int | None, typer.Option("--repeats", min=1, help="Retraining runs per point, averaged (default 2; 1 with --quick).", show_default=False)
         ] = None,
-        tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, max=0.99, help="Target = reference accuracy minus this.")] = 0.03,
-        eval_every: Annotated[
-            int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between cutoff checks (default: a quarter epoch, as shiftcost retrain).", show_default=False)
+        tolerance: Annotated[
+            float | None, typer.Option("--tolerance", min=0.0, max=0.99, help="Target = reference accuracy minus this (default 0.03).", show_default=False)
         ] = None,
+        eval_every: Annotated[int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between cutoff checks (default 1).", show_default=False)] = None,
         holdout_fraction: Annotated[
-            float, typer.Option("--holdout-fraction", min=0.05, max=0.9, help="Share of the new data held out to judge the cutoff (as shiftcost retrain).")
-        ] = 0.3,
+            float | None,
+            typer.Option("--holdout-fraction", min=0.05, max=0.9, help="Share of the new data held out to judge the cutoff (default 0.3).", show_default=False),
+        ] = None,
         kinds: Annotated[
             str | None, typer.Option("--kinds", help="Comma-separated corruption kinds to sweep (default: all built-in kinds).", show_default=False)
         ] = None,
@@ -218,8 +252,16 @@ def register(app: typer.Typer) -> None:
         max_epochs: Annotated[
             float | None, typer.Option("--max-epochs", min=0.01, help="Epoch cap per run (default 15; 3 with --quick).", show_default=False)
         ] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training mini-batch size.")] = 64,
-        lr: Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate.")] = 1e-3,
+        recipe: RecipeFileOption = None,
+        optimizer: OptimizerOption = None,
+        lr: LrOption = None,
+        weight_decay: WeightDecayOption = None,
+        schedule: ScheduleOption = None,
+        batch_size: BatchSizeOption = None,
+        augment: AugmentOption = None,
+        replay_fraction: ReplayOption = None,
+        freeze_batchnorm: FreezeBnOption = None,
+        train_step: TrainStepOption = None,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the demo model, the corruptions and the first repeat.")] = 0,
         threads: Annotated[int, typer.Option("--threads", min=1, help="Torch CPU threads during the sweep.")] = 1,
         device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
@@ -232,18 +274,19 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from shiftcost.calibrate import COST_FEATURES, QUICK_SWEEP, run_sweep, torch_threads
+        from shiftcost.calibrate import COST_FEATURES, QUICK_SWEEP, SWEEP_CONFIG, run_sweep, torch_threads
         from shiftcost.costmodel import KNOWN_FEATURES
         from shiftcost.errors import InputError
         from shiftcost.shifts import DEFAULT_SWEEP
 
-        sweep = dict(QUICK_SWEEP if quick else DEFAULT_SWEEP)
+        base = _parse_sweep(sweep) if sweep else QUICK_SWEEP if quick else DEFAULT_SWEEP
+        plan = dict(base)
         if kinds is not None:
             wanted = [k.strip() for k in kinds.split(",") if k.strip()]
             unknown = [k for k in wanted if k not in DEFAULT_SWEEP]
             if unknown or not wanted:
                 raise InputError(f"--kinds names unknown kinds {unknown or kinds!r}; choose from {', '.join(DEFAULT_SWEEP)}.")
-            sweep = {k: (QUICK_SWEEP if quick and k in QUICK_SWEEP else DEFAULT_SWEEP)[k] for k in wanted}
+            plan = {k: (base if k in base else DEFAULT_SWEEP)[k] for k in wanted}
         chosen_features = list(COST_FEATURES)
         if features is not None:
             chosen_features = [f.strip() for f in features.split(",") if f.strip()]
@@ -293,13 +336,22 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"cannot create the output directory {out} ({error.strerror}); choose a writable path with --out.") from None
         reference_path = reference_stats.save(out / "reference.safetensors")
 
-        options: dict[str, Any] = {"repeats": 2, "max_epochs": 15.0, "probe_seconds": 3.0}
+        options: dict[str, Any] = {"repeats": 2, "probe_seconds": 3.0}
         if quick:
             options.update(QUICK_SETTINGS)
         if repeats is not None:
             options["repeats"] = repeats
-        if max_epochs is not None:
-            options["max_epochs"] = max_epochs
+        if max_epochs is None:
+            max_epochs = options.pop("max_epochs", None)
+        options.pop("max_epochs", None)
+        # The model's own recipe, as its retrains in the pipeline will use it.
+        config = retrain_config(
+            SWEEP_CONFIG, spec, recipe,
+            max_epochs=max_epochs, tolerance=tolerance, eval_every=eval_every, holdout_fraction=holdout_fraction,
+            optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule, batch_size=batch_size,
+            augment=augment, replay_fraction=replay_fraction, freeze_batchnorm=freeze_batchnorm, train_step=train_step,
+            device=device, country_iso_code=country,
+        )
         with _SweepProgress(err) as progress:
             result = run_sweep(
                 net,
@@ -308,21 +360,15 @@ def register(app: typer.Typer) -> None:
                 ref_y,
                 new_x,
                 new_y,
-                sweep=sweep,
+                sweep=plan,
                 level=level,
                 features=chosen_features,
                 probe_steps=probe_steps,
                 time_budget_s=time_budget,
                 reference_stats=reference_stats,
                 seed=seed,
-                tolerance=tolerance,
-                eval_every=eval_every,
-                holdout_fraction=holdout_fraction,
-                batch_size=batch_size,
-                lr=lr,
+                config=config,
                 threads=threads,
-                device=device,
-                country_iso_code=country,
                 progress=progress,
                 out_dir=out,
                 **options,

@@ -22,6 +22,8 @@ Prefect and the flows are imported inside the command, after the environment is 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import resource
@@ -216,6 +218,8 @@ def _run(workdir: Path, *, batches: int | None, quick: bool, seed: int, console:
         from shiftcost.data.demo import train_demo_model
 
         model, spec, splits = train_demo_model(seed)
+        # The demo CNN is trained from scratch on small digits: its own recipe fine-tunes at 1e-3.
+        spec = dataclasses.replace(spec, recipe={"lr": 1e-3})
         calibration_pool, scenario_pool = demo_pools(seed, calibration_images=CALIBRATION_IMAGES)
         progress.advance(overall)
         run.stages["train_model"] = time.perf_counter() - clock
@@ -340,12 +344,12 @@ def calibrate(model: Any, spec: Any, reference: tuple[Any, Any], pool: tuple[Any
     retrain in the pipeline measures too.
     """
     from shiftcost.calibrate import analyse, run_sweep
+    from shiftcost.recipe import RetrainConfig
 
+    # The pipeline's retraining settings, checked every step as the sweep does.
+    config = RetrainConfig.from_settings(settings).for_model(spec).replace(eval_every=1)
     result = run_sweep(
-        model, spec, *reference, *pool, sweep=sweep, seed=seed, repeats=1, tolerance=settings.cutoff_tolerance,
-        max_epochs=settings.retrain_max_epochs, batch_size=settings.retrain_batch_size, lr=settings.retrain_lr,
-        holdout_fraction=settings.retrain_holdout_fraction, device=settings.device,
-        country_iso_code=settings.country_iso_code, energy_options={"measure_power_secs": settings.energy_sample_s},
+        model, spec, *reference, *pool, sweep=sweep, seed=seed, repeats=1, config=config,
         probe=False, level=settings.interval_level, features=FEATURE_SETS[0], progress=progress,
     )
     cost_model, features, errors = result.cost_model, FEATURE_SETS[0], [result.cost_model_error]

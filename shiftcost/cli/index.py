@@ -325,6 +325,9 @@ def reference_command(
         raise InputError(f"Reference stats are written as safetensors; name the output file {out.with_suffix(REFERENCE_SUFFIX)}.")
     console = _stderr_console()
     net, spec = _load_model(model)
+    from shiftcost.cli.model import check_reference_accuracy
+
+    check = check_reference_accuracy(net, spec, data)
     stats = _compute_reference(
         data,
         net,
@@ -339,6 +342,9 @@ def reference_command(
         seed=seed,
     )
     summary = {**stats.summary(), "out": str(out)}
+    if check is not None and check.suggestion:
+        summary["suggestion"] = check.suggestion
+        console.print(check.suggestion, highlight=False, soft_wrap=True)
     if json_output:
         _print_json(summary)
         return

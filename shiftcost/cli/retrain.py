@@ -40,6 +40,38 @@ TrackingOption = Annotated[
 ]
 
 
+RecipeFileOption = Annotated[
+    Path | None,
+    typer.Option("--recipe", help="TOML file with a [recipe] table (and optionally [cutoff], [caps]); flags override it.", show_default=False),
+]
+OptimizerOption = Annotated[str | None, typer.Option("--optimizer", help="adam, adamw or sgd (default: the model's recipe, else adam).", show_default=False)]
+LrOption = Annotated[float | None, typer.Option("--lr", min=0.0, help="Learning rate (default: the model's recipe, else 1e-4).", show_default=False)]
+WeightDecayOption = Annotated[float | None, typer.Option("--weight-decay", min=0.0, help="Weight decay.", show_default=False)]
+ScheduleOption = Annotated[str | None, typer.Option("--schedule", help="Learning-rate schedule: constant, cosine or step.", show_default=False)]
+BatchSizeOption = Annotated[int | None, typer.Option("--batch-size", min=1, help="Training mini-batch size (default 64).", show_default=False)]
+AugmentOption = Annotated[
+    list[str] | None,
+    typer.Option("--augment", help="torchvision transforms v2 name, e.g. RandomHorizontalFlip or 'RandomCrop(32, padding=4)' (repeatable).", show_default=False),
+]
+ReplayOption = Annotated[
+    float | None, typer.Option("--replay-fraction", min=0.0, max=0.95, help="Share of each epoch's pool drawn from the reference batch.", show_default=False)
+]
+FreezeBnOption = Annotated[
+    bool | None, typer.Option("--freeze-batchnorm/--train-batchnorm", help="Keep batch-norm statistics fixed while fine-tuning.", show_default=False)
+]
+TrainStepOption = Annotated[
+    str | None, typer.Option("--train-step", help="Your own training step pkg.module:step, called as step(model, inputs, labels) -> loss.", show_default=False)
+]
+
+
+def retrain_config(base: Any, spec: Any, recipe_file: Path | None, **flags: Any) -> Any:
+    """``base`` with the model file's recipe, then the recipe file, then the flags given."""
+    config = base.for_model(spec)
+    if recipe_file is not None:
+        config = config.with_file(recipe_file)
+    return config.replace(**{name: (tuple(value) if isinstance(value, list) else value) for name, value in flags.items() if value is not None})
+
+
 def _energy_options(region: str | None, tracking_mode: str, emissions_csv: Path | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {"tracking_mode": tracking_mode}
     if region:
@@ -178,21 +210,27 @@ def register(app: typer.Typer) -> None:
             float | None,
             typer.Option("--reference-accuracy", min=0.0, max=1.0, help="Known reference accuracy; target = it minus --tolerance.", show_default=False),
         ] = None,
-        tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, max=0.99, help="Accuracy drop accepted below the reference.")] = 0.03,
-        replay_fraction: Annotated[
-            float, typer.Option("--replay-fraction", min=0.0, max=0.95, help="Share of each epoch's pool drawn from the reference batch.")
-        ] = 0.0,
+        tolerance: Annotated[
+            float | None, typer.Option("--tolerance", min=0.0, max=0.99, help="Accuracy drop accepted below the reference (default 0.03).", show_default=False)
+        ] = None,
         holdout_fraction: Annotated[
-            float, typer.Option("--holdout-fraction", min=0.01, max=0.9, help="Share of the batch held out to judge the cutoff.")
-        ] = 0.3,
+            float | None, typer.Option("--holdout-fraction", min=0.01, max=0.9, help="Share of the batch held out to judge the cutoff (default 0.3, the measurement protocol's).", show_default=False)
+        ] = None,
         eval_every: Annotated[
             int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between evaluations (default: a quarter epoch).", show_default=False)
         ] = None,
         max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Step cap.", show_default=False)] = None,
-        max_epochs: Annotated[float, typer.Option("--max-epochs", min=0.01, help="Epoch cap (fractions allowed).")] = 20.0,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training mini-batch size.")] = 64,
-        lr: Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate.")] = 1e-3,
-        optimizer: Annotated[str, typer.Option("--optimizer", help="adam, adamw or sgd (momentum 0.9).")] = "adam",
+        max_epochs: Annotated[float | None, typer.Option("--max-epochs", min=0.01, help="Epoch cap, fractions allowed (default 20).", show_default=False)] = None,
+        recipe: RecipeFileOption = None,
+        optimizer: OptimizerOption = None,
+        lr: LrOption = None,
+        weight_decay: WeightDecayOption = None,
+        schedule: ScheduleOption = None,
+        batch_size: BatchSizeOption = None,
+        augment: AugmentOption = None,
+        replay_fraction: ReplayOption = None,
+        freeze_batchnorm: FreezeBnOption = None,
+        train_step: TrainStepOption = None,
         seed: Annotated[int, typer.Option("--seed", help="Seed for the split, shuffling and dropout.")] = 0,
         device: DeviceOption = "auto",
         country: CountryOption = "USA",
@@ -218,7 +256,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fine-tune a model on a labelled batch until held-out accuracy reaches the target.
 
-        Evaluates every --eval-every steps on a held-out part of the batch and stops at the first evaluation at or above the target, or at the step/epoch cap. Measures energy and emissions with CodeCarbon (offline; nothing written unless --emissions-csv).
+        Evaluates every --eval-every steps on a held-out part of the batch and stops at the first evaluation at or above the target, or at the step/epoch cap. Measures energy and emissions with CodeCarbon (offline; nothing written unless --emissions-csv). The training recipe is the model file's own (set at `shiftcost model import --recipe`), then --recipe FILE, then the flags.
 
         With --cost-model and --budget-kwh a guard updates the forecast at every evaluation and stops the run when what is spent plus the forecast's lower bound exceeds the budget; the model is then left unchanged.
 
@@ -228,10 +266,19 @@ def register(app: typer.Typer) -> None:
 
         from shiftcost.data.batches import check_batch, load_batch
         from shiftcost.data.models import load_model, save_model
+        from shiftcost.recipe import RetrainConfig
         from shiftcost.retrain import RetrainError, RetrainInterrupted, retrain_to_cutoff
 
         err = Console(stderr=True)
         net, spec = load_model(model)
+        config = retrain_config(
+            RetrainConfig(), spec, recipe,
+            tolerance=tolerance, holdout_fraction=holdout_fraction, eval_every=eval_every, max_steps=max_steps,
+            max_epochs=max_epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
+            batch_size=batch_size, augment=augment, replay_fraction=replay_fraction, freeze_batchnorm=freeze_batchnorm,
+            train_step=train_step, seed=seed, device=device, country_iso_code=country, track_energy=not no_energy,
+            energy_options=_energy_options(region, tracking_mode, emissions_csv),
+        )
         new = load_batch(batch, spec=spec)
         check_batch(new, spec)
         ref_x = ref_y = None
@@ -245,7 +292,7 @@ def register(app: typer.Typer) -> None:
             raise InputError("the budget guard needs both --cost-model and --budget-kwh; give both or neither.")
         guard = None
         if cost_model is not None:
-            guard = _budget_guard(net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, tolerance, device)
+            guard = _budget_guard(net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, config.cutoff.tolerance, device)
         progress = _Progress(err, guard)
         try:
             with progress:
@@ -253,24 +300,11 @@ def register(app: typer.Typer) -> None:
                     net,
                     new.x,
                     new.y,
+                    config,
                     reference_x=ref_x,
                     reference_y=ref_y,
-                    replay_fraction=replay_fraction,
-                    holdout_fraction=holdout_fraction,
                     target_accuracy=target_accuracy,
                     reference_accuracy=reference_accuracy,
-                    tolerance=tolerance,
-                    eval_every=eval_every,
-                    max_steps=max_steps,
-                    max_epochs=max_epochs,
-                    batch_size=batch_size,
-                    lr=lr,
-                    optimizer=optimizer,
-                    seed=seed,
-                    device=device,
-                    country_iso_code=country,
-                    track_energy=not no_energy,
-                    energy_options=_energy_options(region, tracking_mode, emissions_csv),
                     progress=progress,
                     source=str(batch),
                 )

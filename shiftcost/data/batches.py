@@ -233,7 +233,10 @@ def _load_image_folder(path: Path, spec: ModelSpec | None) -> Batch:
             steps.append(v2.RGB())
         else:
             raise InputError(f"Batch {path} is an image folder but the model expects {spec.in_channels} channels; only 1 (grey) or 3 (RGB) can be read from images.")
-        steps.append(v2.Resize((spec.image_size, spec.image_size), antialias=True))
+        if spec.resize == "shorter_side_crop":
+            steps += [v2.Resize(spec.image_size, antialias=True), v2.CenterCrop(spec.image_size)]
+        else:
+            steps.append(v2.Resize((spec.image_size, spec.image_size), antialias=True))
     try:
         dataset = ImageFolder(str(path), transform=v2.Compose(steps), loader=_pil_loader)
     except (FileNotFoundError, OSError) as error:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,12 @@ _DEFAULT_IMAGE_SIZE = {"digits_cnn": 16, "cifar_resnet18": 32, "inception_v3": 2
 _TORCHVISION_DEFAULT_IMAGE_SIZE = 224
 
 
+#: How images of another size become ``image_size`` squares: ``stretch`` resizes both sides
+#: (aspect ratio not kept); ``shorter_side_crop`` resizes the shorter side and crops the centre.
+RESIZE_RULES = ("stretch", "shorter_side_crop")
+_OPTIONAL = ("mean", "std", "resize", "factory", "recipe")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild a model and feed it: the file format's header.
@@ -47,6 +54,15 @@ class ModelSpec:
     ``classes[i]`` is the name of label id ``i``; ``classifier`` is the
     ``named_modules()`` path of the final classifier, whose input is the penultimate
     representation the indices use by default.
+
+    Preprocessing: images are read as floats in [0, 1], ``in_channels`` channels, resized
+    to ``image_size`` by the ``resize`` rule (:func:`shiftcost.data.load_batch`); the model
+    itself then normalises its input by ``mean`` and ``std`` (one value per channel; None
+    = no normalisation), so every forward pass (indices, forecasts, retraining) sees what
+    the model was trained on, while shifts and image statistics stay in pixel space.
+    ``factory`` (``pkg.module:build``) rebuilds a custom module instead of a named
+    architecture. ``recipe`` is the model's retraining recipe (the ``[recipe]`` table of
+    :class:`shiftcost.recipe.RetrainConfig`), not part of the spec's identity.
     """
 
     architecture: str
@@ -55,10 +71,34 @@ class ModelSpec:
     image_size: int
     classes: tuple[str, ...]
     classifier: str
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    resize: str = "stretch"
+    factory: str | None = None
+    recipe: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # Normalise lists (e.g. from JSON) to tuples so specs compare and hash by value.
         object.__setattr__(self, "classes", tuple(str(name) for name in self.classes))
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        if (self.mean is None) != (self.std is None):
+            raise InputError("give both mean and std for the normalisation, or neither.")
+        if self.mean is not None:
+            for name in ("mean", "std"):
+                values = getattr(self, name)
+                if len(values) != self.in_channels:
+                    raise InputError(
+                        f"{name} has {len(values)} values but the model takes {self.in_channels} channels; give one value per channel."
+                    )
+            if not all(v > 0 and math.isfinite(v) for v in self.std) or not all(math.isfinite(v) for v in self.mean):
+                raise InputError(f"std must be positive and mean finite, got mean {list(self.mean)} and std {list(self.std)}.")
+        if self.resize not in RESIZE_RULES:
+            raise InputError(f"resize rule {self.resize!r} is unknown; use one of {', '.join(RESIZE_RULES)}.")
+        if self.recipe is not None:
+            object.__setattr__(self, "recipe", dict(self.recipe))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -66,14 +106,19 @@ class ModelSpec:
         return (self.in_channels, self.image_size, self.image_size)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types: str, int and a list of class names."""
+        """Plain JSON types: str, int, float and lists."""
         data = asdict(self)
         data["classes"] = list(self.classes)
+        for name in ("mean", "std"):
+            data[name] = None if data[name] is None else list(data[name])
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "model spec") -> ModelSpec:
-        """Rebuild a spec from :meth:`to_dict` output; ``source`` names it in errors."""
+        """Rebuild a spec from :meth:`to_dict` output; ``source`` names it in errors.
+
+        Specs written before preprocessing existed load with no normalisation.
+        """
         if not isinstance(data, Mapping):
             raise InputError(f"{source} holds no model spec (expected a mapping, got {type(data).__name__}); save the model with shiftcost.")
         missing = [name for name in ("architecture", "num_classes", "in_channels", "image_size", "classes", "classifier") if name not in data]
@@ -89,14 +134,44 @@ class ModelSpec:
                 image_size=_positive_int(data["image_size"]),
                 classes=tuple(str(name) for name in data["classes"]),
                 classifier=str(data["classifier"]),
+                **{name: data[name] for name in _OPTIONAL if data.get(name) is not None},
             )
         except (TypeError, ValueError) as error:
             raise InputError(f"{source} has an invalid model spec ({error}); save the model again with shiftcost.") from None
+        except InputError as error:
+            raise InputError(f"{source} has an invalid model spec: {error}") from None
         if len(spec.classes) != spec.num_classes:
             raise InputError(
                 f"{source} names {len(spec.classes)} classes for a model with {spec.num_classes} outputs; fix the class list."
             )
         return spec
+
+
+class InputNormalisation:
+    """``(x - mean) / std`` per channel, as a forward pre-hook on the model.
+
+    A hook rather than a wrapper module: the state dict, the layer names the indices
+    capture and the classifier path stay those of the model as trained.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        return ((x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype), *args[1:])
+
+
+def apply_preprocessing(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """Install (or replace) the spec's input normalisation on ``model``; returns it."""
+    handle = getattr(model, "_shiftcost_normalisation", None)
+    if handle is not None:
+        handle.remove()
+        del model._shiftcost_normalisation
+    if spec.mean is not None and spec.std is not None:
+        model._shiftcost_normalisation = model.register_forward_pre_hook(InputNormalisation(spec.mean, spec.std))
+    return model
 
 
 def _positive_int(value: Any) -> int:
@@ -207,6 +282,34 @@ def build_model(
         classifier=find_classifier(model, num_classes),
     )
     return model.eval(), spec
+
+
+def build_from_spec(spec: ModelSpec) -> nn.Module:
+    """An untrained module of ``spec``'s architecture, or its factory's module."""
+    if spec.factory is None:
+        model, _ = build_model(spec.architecture, spec.num_classes, in_channels=spec.in_channels, image_size=spec.image_size, classes=spec.classes)
+        return model
+    return call_factory(spec.factory, spec.num_classes)
+
+
+def call_factory(path: str, num_classes: int) -> nn.Module:
+    """``pkg.module:build`` called with ``num_classes=`` when it takes it; must return an nn.Module."""
+    import inspect
+
+    from shiftcost.recipe import load_entry_point
+
+    factory = load_entry_point(path, "The model factory")
+    try:
+        takes_classes = "num_classes" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes_classes = False
+    try:
+        model = factory(num_classes=num_classes) if takes_classes else factory()
+    except Exception as error:  # user code
+        raise InputError(f"The model factory {path!r} failed ({type(error).__name__}: {_short(error)}); fix it or call it by hand.") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"The model factory {path!r} returned {type(model).__name__}, not a torch nn.Module; return the model.")
+    return model.eval()
 
 
 def _cifar_resnet18(num_classes: int, in_channels: int) -> nn.Module:
@@ -344,10 +447,11 @@ def load_model(
             f"Model file {path} holds weights but no model spec; pass the architecture and classes, or save it with shiftcost."
         )
     try:
-        model, _ = build_model(spec.architecture, spec.num_classes, in_channels=spec.in_channels, image_size=spec.image_size, classes=spec.classes)
+        model = build_from_spec(spec)
     except InputError as error:
         raise InputError(f"Model file {path} cannot be rebuilt: {error}") from None
     _load_state(model, state, path, spec)
+    apply_preprocessing(model, spec)
     try:
         model = model.to(map_location)
     except (RuntimeError, AssertionError, ValueError) as error:

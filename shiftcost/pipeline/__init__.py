@@ -62,6 +62,7 @@ from shiftcost.pipeline.claims import (
 )
 from shiftcost.pipeline.common import Artifacts, carbon_intensity, connect, load_cost_model, store_cost_model
 from shiftcost.pipeline.intake import ArchiveReport, Registration, archive_processed, discover_batches, register_batch, register_landed
+from shiftcost.pipeline.labels import attach_labels, attach_landed_labels
 from shiftcost.pipeline.retrain import (
     NewVersion,
     RetrainFailed,
@@ -87,6 +88,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ArchiveReport",
+    "attach_labels",
+    "attach_landed_labels",
     "Artifacts",
     "AssessOutcome",
     "BatchResult",
@@ -216,6 +219,7 @@ def watch_once(settings: Settings, *, retrain: bool = True, db: Database | None 
                 registrations[registration.batch_id] = registration
         fail_stale_retrains(database, settings.model_name, settings.retrain_stale_after_s)
         requeue_deferred(database, settings.model_name)
+        attach_landed_labels(database, settings)
         results = [
             _continue(database, settings, registrations.get(pending.batch_id), pending.batch_id, retrain)
             for pending in pending_batches(database, settings.model_name, settings.claim_lease_s)

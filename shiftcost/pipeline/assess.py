@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.pipeline.claims import Claim, ClaimLost, claim_for_assessment, fail_claimed, guarded_update, release_claim
+from shiftcost.pipeline.labels import label_free_key, labels_beside, with_labels
 from shiftcost.pipeline.common import Artifacts, json_safe, carbon_intensity, load_cost_model, training_samples
 
 if TYPE_CHECKING:
@@ -69,6 +70,13 @@ REPORT_FEATURES = ("resque_dist", "inv_ari", "layer_shift", "resque_task", "prei
 _SEVERITY = {"info": 0, "allow": 0, "defer": 1, "skip": 2}
 # Where a batch goes after its decision: a skip is finished, the others wait for more.
 _STATUS_AFTER = {"skip": "done", "defer": "assessed", "retrain": "assessed"}
+
+
+def status_after(decision: Decision) -> str:
+    """The batch's status after its decision: a deferral for want of labels waits for them."""
+    if decision.action == "defer" and any(reason.code == "awaiting_labels" for reason in decision.reasons):
+        return "awaiting_labels"
+    return _STATUS_AFTER[decision.action]
 
 
 # ----------------------------------------------------------------------------- results
@@ -168,7 +176,7 @@ def load_for_assessment(db: Database, settings: Settings, claim: Claim) -> Loade
 
     with db.session(readonly=True) as session:
         row = repository.get_batch(session, claim.batch_id)
-        source_uri, fingerprint, model_name = row.source_uri, row.fingerprint, row.model_name
+        source_uri, fingerprint, model_name, labels_uri = row.source_uri, row.fingerprint, row.model_name, row.labels_uri
         model_row = repository.get_model(session, model_name)
         stats_row = repository.latest_reference_stats(session, model_row.id)
         model_id, version, weights = model_row.id, model_row.version, model_row.weights_uri
@@ -181,6 +189,7 @@ def load_for_assessment(db: Database, settings: Settings, claim: Claim) -> Loade
     with landing.local_copy(source_uri) as path:
         data = load_batch(path, spec=spec)
     data.source = source_uri
+    data = with_labels(data, labels_uri, fingerprint)
     data, new_task, unknown = align_labels(data, spec)
     check_batch(dataclasses.replace(data, y=None) if new_task else data, spec)
     return LoadedBatch(
@@ -335,6 +344,15 @@ def report_features(report: IndexReport) -> dict[str, float]:
     return {name: float(value) for name, value in values.items() if value is not None and math.isfinite(value)}
 
 
+def retrain_pool_samples(settings: Settings, loaded: LoadedBatch) -> int:
+    """Samples per epoch of the retrain the forecast is for: the batch's training split plus
+    the reference data the model's recipe replays."""
+    from shiftcost.recipe import RetrainConfig, pool_samples
+
+    replay = RetrainConfig.from_settings(settings).for_model(loaded.spec).recipe.replay_with(True)
+    return pool_samples(training_samples(len(loaded.data), settings.retrain_holdout_fraction), replay, loaded.reference.samples)
+
+
 def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report: IndexReport, drift: DriftCheck) -> CostEstimate | None:
     """Predicted epochs, kWh and kg CO2e of retraining on the batch.
 
@@ -348,7 +366,11 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
         return None
     architecture = loaded.spec.architecture
     with db.session(readonly=True) as session:
-        stored = load_cost_model(session, architecture)
+        stored = None
+        if not loaded.data.has_labels:
+            # Forecast from label-free features only, when such a model was calibrated.
+            stored = load_cost_model(session, label_free_key(architecture))
+        stored = stored or load_cost_model(session, architecture)
         probe = repository.latest_energy_probe(session, architecture)
         probe_values = None if probe is None else (probe.id, probe.joules_per_sample_epoch)
     if stored is None:
@@ -361,7 +383,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
     cost_model, calibration = stored
     probe_id, joules = probe_values
     features = report_features(report)
-    samples = training_samples(len(loaded.data), settings.retrain_holdout_fraction)
+    samples = retrain_pool_samples(settings, loaded)
     intensity = carbon_intensity(settings)
     prediction, problem = None, None
     try:
@@ -405,10 +427,11 @@ def store_assessment(
             _lock_budgets(session, loaded.model_name)
             budgets = ledger.budget_status(session, loaded.model_name)
             decision = decide_batch(settings, loaded, report, drift, estimate, budgets)
+            status = status_after(decision)
             guarded_update(
                 session,
                 loaded.claim,
-                status=_STATUS_AFTER[decision.action],
+                status=status,
                 model_id=loaded.model_id,
                 samples=len(loaded.data),
                 has_labels=loaded.data.has_labels,
@@ -444,7 +467,7 @@ def store_assessment(
         return outcome_of(db, loaded.batch_id)
     return AssessOutcome(
         batch_id=loaded.batch_id,
-        status=_STATUS_AFTER[decision.action],
+        status=status,
         processed=True,
         source_uri=loaded.source_uri,
         fingerprint=loaded.fingerprint,
@@ -514,7 +537,14 @@ def _pipeline_reasons(loaded: LoadedBatch, report: IndexReport, estimate: CostEs
             )
         )
     if not loaded.data.has_labels:
-        reasons.append(Reason("no_labels", "The batch has no labels, so there is nothing to retrain on; label it to retrain.", "skip"))
+        reasons.append(
+            Reason(
+                "awaiting_labels",
+                "The batch has no labels yet: it waits with its label-free forecast until they come "
+                f"(`shiftcost labels attach {loaded.batch_id} FILE`, or {labels_beside(loaded.source_uri).rsplit('/', 1)[-1]} beside it).",
+                "defer",
+            )
+        )
     if estimate is not None and estimate.problem is not None:
         reasons.append(
             Reason("cost_unpredictable", f"The cost of retraining could not be predicted ({estimate.problem})", "skip", {"features": estimate.features})

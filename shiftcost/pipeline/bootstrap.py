@@ -285,3 +285,136 @@ def bootstrap(
     probe_id = record_energy_probe(db, spec, joules_per_sample_epoch, hardware=hardware or "unknown", probe=probe)
     budget = ensure_default_budget(db, settings)
     return Bootstrapped(version, calibration_id, cost_model.version_, probe_id, float(joules_per_sample_epoch), budget)
+
+
+@dataclass(frozen=True)
+class Registered:
+    """What :func:`register_from_files` stored."""
+
+    model: ModelVersion
+    parent_version: int | None
+    accuracy: dict[str, Any]
+    calibration_id: int | None
+    cost_model_version: int | None
+    energy_probe_id: int | None
+    joules_per_sample_epoch: float | None
+    budget: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def register_from_files(
+    settings: Settings,
+    model_path: str,
+    reference_path: str,
+    *,
+    name: str | None = None,
+    cost_model_path: str | None = None,
+    joules_per_sample_epoch: float | None = None,
+    db: Database | None = None,
+) -> Registered:
+    """``shiftcost model register``: a model file and its labelled reference data become
+    the model's next version (the current one when it is the first, or the parent's
+    successor), with its reference stats and, given ``cost_model_path`` (``costmodel.json``
+    from ``shiftcost calibrate``), its cost model and energy unit.
+
+    Everything is checked before anything is written: the accuracy on the reference data
+    (near chance refused), the cost model file, and that the sweep behind it used the
+    model's own recipe.
+    """
+    if db is None:
+        with connect(settings) as database:
+            return register_from_files(
+                settings, model_path, reference_path, name=name, cost_model_path=cost_model_path,
+                joules_per_sample_epoch=joules_per_sample_epoch, db=database,
+            )  # fmt: skip
+    from shiftcost.data import check_batch, load_batch, load_model
+    from shiftcost.data.importing import check_accuracy, refuse_near_chance
+    from shiftcost.pipeline.labels import label_free_key
+    from shiftcost.store import repository
+    from shiftcost.store.errors import NotFoundError
+
+    name = name or settings.model_name
+    model, spec = load_model(model_path)
+    reference = load_batch(reference_path, spec=spec)
+    check_batch(reference, spec)
+    if reference.y is None:
+        raise InputError(f"Reference data {reference_path} has no labels; the reference needs a label per image.")
+    accuracy = check_accuracy(model, spec, reference, device="cpu")
+    refuse_near_chance(accuracy)
+    cost_model = joules_from_sweep = label_free = None
+    if cost_model_path is not None:
+        cost_model, joules_from_sweep, label_free = _read_calibration(cost_model_path, spec)
+    joules = joules_per_sample_epoch if joules_per_sample_epoch is not None else joules_from_sweep
+    with db.session(readonly=True) as session:
+        try:
+            parent = repository.get_model(session, name)
+        except NotFoundError:
+            parent = None
+        parent_id, parent_version = (None, None) if parent is None else (parent.id, parent.version)
+
+    version = register_model_version(db, settings, model, spec, reference.x, reference.y, name=name, parent_id=parent_id)
+    calibration_id = cost_model_version = probe_id = None
+    if cost_model is not None:
+        with db.session() as session:
+            calibration_id = store_cost_model(session, spec.architecture, cost_model, source="sweep", model_id=version.model_id).id
+            if label_free is not None:
+                store_cost_model(session, label_free_key(spec.architecture), label_free, source="sweep", model_id=version.model_id)
+        cost_model_version = cost_model.version_
+    if joules is not None:
+        probe_id = record_energy_probe(db, spec, joules, hardware="measured by the calibration sweep")
+    budget = ensure_default_budget(db, settings)
+    return Registered(version, parent_version, accuracy.to_dict(), calibration_id, cost_model_version, probe_id, joules, budget)
+
+
+def _read_calibration(path_text: str, spec: ModelSpec) -> tuple[CostModel, float | None, CostModel | None]:
+    """The cost model in ``costmodel.json``, the sweep's joules per sample-epoch and the
+    label-free cost model beside it (when the sweep could fit one).
+
+    Refuses a sweep run with another recipe than the model's: its forecasts would be of
+    retrains that never happen.
+    """
+    import json
+    from pathlib import Path
+
+    from shiftcost.calibrate import LABEL_FREE_FILE
+    from shiftcost.costmodel import CostModel
+    from shiftcost.recipe import RetrainConfig
+
+    path = Path(path_text)
+    if path.is_dir():
+        path = path / "costmodel.json"
+    if not path.is_file():
+        raise InputError(f"Cost model file {path} does not exist; give the costmodel.json that `shiftcost calibrate` wrote.")
+    try:
+        cost_model = CostModel.from_json(path.read_text(encoding="utf-8"))
+    except InputError as error:
+        raise InputError(f"Cost model file {path}: {error}") from None
+    label_free = None
+    label_free_file = path.with_name(LABEL_FREE_FILE)
+    if label_free_file.is_file():
+        try:
+            label_free = CostModel.from_json(label_free_file.read_text(encoding="utf-8"))
+        except InputError as error:
+            raise InputError(f"Cost model file {label_free_file}: {error}") from None
+    sweep_file = path.with_name("sweep.json")
+    if not sweep_file.is_file():
+        return cost_model, None, label_free
+    try:
+        sweep = json.loads(sweep_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise InputError(f"{sweep_file} beside the cost model is not valid JSON; run `shiftcost calibrate` again.") from None
+    settings = sweep.get("settings") or {}
+    swept = (settings.get("retrain") or {}).get("recipe")
+    if swept is not None:
+        expected = RetrainConfig().for_model(spec).to_dict()["recipe"]
+        differing = sorted(key for key in expected if key in swept and swept[key] != expected[key])
+        if differing:
+            raise InputError(
+                f"The cost model in {path} was calibrated with another recipe than the model's ({', '.join(differing)} differ); "
+                "run `shiftcost calibrate` on this model file again."
+            )
+    joules = sweep.get("joules_per_sample_epoch") or {}
+    value = joules.get("sweep") or joules.get("probe")
+    return cost_model, None if value is None else float(value), label_free

@@ -68,9 +68,11 @@ def discover_batches(db: Database, settings: Settings) -> list[landing.LandedBat
     """
     from sqlalchemy import select
 
+    from shiftcost.pipeline.labels import is_labels_file
     from shiftcost.store.models import LandingEntry
 
-    found = landing.discover(settings.landing)
+    # Labels files that landed beside their batch (NAME.labels.npz) are not batches.
+    found = [entry for entry in landing.discover(settings.landing) if not is_labels_file(entry.name)]
     known: set[tuple[str, str]] = set()
     with db.session(readonly=True) as session:
         for start in range(0, len(found), _LOOKUP_CHUNK):

@@ -57,6 +57,8 @@ __all__ = [
     "record_retrain_success",
     "refit_cost_model",
     "run_retrain",
+    "Gate",
+    "promotion_gate",
 ]
 
 
@@ -90,6 +92,29 @@ class RetrainInputs:
     source_uri: str
 
 
+@dataclass(frozen=True)
+class Gate:
+    """The promotion gate's verdict on a retrained version, with its figures.
+
+    It passes when the retrain reached the target on the new data's held-out split and
+    the new version's accuracy on the reference holdout (reference data the retrain did
+    not replay) is at least its parent's minus ``tolerance``. ``status`` is the version's:
+    ``active``, ``pending`` (passed, waiting for ``shiftcost model approve``) or ``rejected``.
+    """
+
+    passed: bool
+    status: str
+    reached_target: bool
+    parent_accuracy: float | None
+    new_accuracy: float | None
+    holdout_samples: int
+    tolerance: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+
 @dataclass
 class NewVersion:
     """The retrained model's files and reference stats, ready to be registered."""
@@ -99,6 +124,7 @@ class NewVersion:
     reference_data_path: str
     reference: ReferenceStats
     fingerprint: str
+    gate: Gate | None = None
 
 
 @dataclass
@@ -118,6 +144,8 @@ class RetrainOutcome:
     emissions_kg: float | None = None
     new_model_id: int | None = None
     new_model_version: int | None = None
+    new_model_status: str | None = None
+    """``active``, ``pending`` or ``rejected`` (the promotion gate's verdict)."""
     calibration_id: int | None = None
     cost_model_version: int | None = None
     settled: list[int] = field(default_factory=list)
@@ -165,6 +193,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
     """The model version the batch was assessed with, the batch, its reference and indices."""
     from shiftcost.data import load_batch
     from shiftcost.pipeline.assess import align_labels, load_model_and_reference
+    from shiftcost.pipeline.labels import with_labels
     from shiftcost.store import repository
     from shiftcost.store.models import IndexRun
 
@@ -178,6 +207,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
             index_run = session.get(IndexRun, decision.cost_prediction.index_run_id)
         features = {} if index_run is None else {n: getattr(index_run, n) for n in REPORT_FEATURES if getattr(index_run, n) is not None}
         source_uri, model_id, name, version = batch.source_uri, model_row.id, model_row.name, model_row.version
+        labels_uri, fingerprint = batch.labels_uri, batch.fingerprint
         weights, details = model_row.weights_uri, dict(model_row.details or {})
     if stats_row is None or not weights:
         raise ConfigError(f"Model {name} version {version} has no weights file or reference stats registered.")
@@ -185,6 +215,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
     with landing.local_copy(source_uri) as path:
         data = load_batch(path, spec=spec)
     data.source = source_uri
+    data = with_labels(data, labels_uri, fingerprint)
     data, new_task, unknown = align_labels(data, spec)
     if new_task:
         raise InputError(f"Batch {source_uri} has labels {unknown} the model has no output for; it cannot be retrained on.")
@@ -210,24 +241,90 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     """Fine-tune a copy of the model on the batch to the reference accuracy minus the tolerance."""
     from shiftcost.retrain import retrain_to_cutoff
 
+    from shiftcost.recipe import RetrainConfig
+
     data = inputs.data
+    config = RetrainConfig.from_settings(settings).for_model(inputs.spec)
+    reference = load_replay_data(inputs, config)
     return retrain_to_cutoff(
         inputs.model,
         data.x,
         data.y,
+        config,
+        reference_x=None if reference is None else reference.x,
+        reference_y=None if reference is None else reference.y,
         reference_accuracy=inputs.reference.accuracy,
-        tolerance=settings.cutoff_tolerance,
-        holdout_fraction=settings.retrain_holdout_fraction,
-        max_epochs=settings.retrain_max_epochs,
-        max_steps=settings.retrain_max_steps,
-        batch_size=settings.retrain_batch_size,
-        lr=settings.retrain_lr,
-        seed=settings.retrain_seed,
-        device=settings.device,
-        country_iso_code=settings.country_iso_code,
-        energy_options={"measure_power_secs": settings.energy_sample_s},
         source=f"batch {inputs.source_uri}",
     )
+
+
+def load_replay_data(inputs: RetrainInputs, config: Any) -> Batch | None:
+    """The version's reference data less its gate holdout, when the recipe replays it (its default does)."""
+    from shiftcost.data import Batch
+
+    if not inputs.reference_data_uri or config.recipe.replay_with(True) <= 0:
+        return None
+    reference = load_reference_data(inputs)
+    if reference.y is None:
+        return None
+    replay, _ = reference_split(len(reference), config.seed)
+    return Batch(reference.x[replay], reference.y[replay], reference.source)
+
+
+def load_reference_data(inputs: RetrainInputs) -> Batch:
+    """The version's stored reference data (its bounded replay sample), wherever it is kept."""
+    from shiftcost.artifacts import reading
+    from shiftcost.data import load_batch
+
+    assert inputs.reference_data_uri
+    with reading(inputs.reference_data_uri) as path:
+        return load_batch(path, spec=inputs.spec)
+
+
+#: Share of a version's reference data kept out of replay, to judge the promotion gate on.
+GATE_HOLDOUT_FRACTION = 0.2
+
+
+def reference_split(samples: int, seed: int) -> tuple[Any, Any]:
+    """Seeded (replay, gate holdout) index split of a version's reference data."""
+    import torch
+
+    order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed + 7919))
+    n_holdout = max(1, int(round(samples * GATE_HOLDOUT_FRACTION))) if samples > 1 else 0
+    return order[n_holdout:].sort().values, order[:n_holdout].sort().values
+
+
+def promotion_gate(settings: Settings, inputs: RetrainInputs, result: RetrainResult) -> Gate:
+    """Judge the retrained model against its parent on the reference holdout (see :class:`Gate`)."""
+    from shiftcost.data.importing import accuracy_of
+    from shiftcost.retrain import resolve_device
+
+    tolerance = settings.promotion_tolerance
+    reached = bool(result.reached_cutoff and result.steps > 0)
+    parent_accuracy = new_accuracy = None
+    holdout_samples = 0
+    if inputs.reference_data_uri and result.model is not None:
+        reference = load_reference_data(inputs)
+        if reference.y is not None:
+            _, holdout = reference_split(len(reference), settings.retrain_seed)
+            x, y = reference.x[holdout], reference.y[holdout]
+            holdout_samples = len(holdout)
+            parent_accuracy = accuracy_of(inputs.model, x, y, device=resolve_device(settings.device))
+            new_accuracy = accuracy_of(result.model, x, y, device=resolve_device(settings.device))
+    if not reached:
+        reason = f"the retrain did not reach the target accuracy {result.target_accuracy:.3f} on the new data"
+    elif parent_accuracy is not None and new_accuracy < parent_accuracy - tolerance:
+        reason = (
+            f"it is worse than its parent on the reference holdout ({new_accuracy:.3f} against {parent_accuracy:.3f}, "
+            f"tolerance {tolerance:g}, {holdout_samples} images)"
+        )
+    else:
+        reason = "reached the target on the new data" + (
+            "" if parent_accuracy is None else f" and kept the reference holdout accuracy ({new_accuracy:.3f} against {parent_accuracy:.3f})"
+        )
+        status = "pending" if settings.promotion_approval == "manual" else "active"
+        return Gate(True, status, reached, parent_accuracy, new_accuracy, holdout_samples, tolerance, reason)
+    return Gate(False, "rejected", reached, parent_accuracy, new_accuracy, holdout_samples, tolerance, reason)
 
 
 # ----------------------------------------------------------------------------- 4. new version
@@ -247,8 +344,8 @@ def build_new_version(settings: Settings, inputs: RetrainInputs, result: Retrain
     """
     import torch
 
-    from shiftcost.artifacts import bounded_sample, reading, remove, writing
-    from shiftcost.data import Batch, load_batch, model_fingerprint, save_batch, save_model
+    from shiftcost.artifacts import bounded_sample, remove, writing
+    from shiftcost.data import Batch, model_fingerprint, save_batch, save_model
 
     if not produces_new_version(result):
         return None
@@ -263,8 +360,7 @@ def build_new_version(settings: Settings, inputs: RetrainInputs, result: Retrain
             save_model(result.model.cpu(), inputs.spec, path)
         x, y = inputs.data.x, inputs.data.y
         if inputs.reference_data_uri:
-            with reading(inputs.reference_data_uri) as path:
-                parent = load_batch(path, spec=inputs.spec)
+            parent = load_reference_data(inputs)
             x, y = torch.cat([parent.x, x]), torch.cat([parent.y, y])
         x, y = bounded_sample(x, y, settings.reference_replay_samples, settings.retrain_seed + inputs.job.run_id)
         data_path = artifacts.reference_data(inputs.model_name, tag)
@@ -274,11 +370,12 @@ def build_new_version(settings: Settings, inputs: RetrainInputs, result: Retrain
         reference_path = artifacts.reference_stats(inputs.model_name, tag)
         written.append(reference_path)
         reference = _new_reference(settings, inputs, result, x, y, reference_path)
+        gate = promotion_gate(settings, inputs, result)
     except BaseException:
         for url in written:  # no version is registered, so none of its files may stay behind
             remove(url)
         raise
-    return NewVersion(weights_path, reference_path, data_path, reference, model_fingerprint(result.model))
+    return NewVersion(weights_path, reference_path, data_path, reference, model_fingerprint(result.model), gate)
 
 
 def _new_reference(settings: Settings, inputs: RetrainInputs, result: RetrainResult, x: Any, y: Any, url: str) -> ReferenceStats:
@@ -405,8 +502,18 @@ def record_retrain_success(
                 classes=list(inputs.spec.classes),
                 parent_id=inputs.model_id,
                 fingerprint=new_version.fingerprint,
-                details={"reference_data_uri": str(new_version.reference_data_path), "spec": inputs.spec.to_dict(), "retrain_run_id": job.run_id},
+                details={
+                    "reference_data_uri": str(new_version.reference_data_path),
+                    "spec": inputs.spec.to_dict(),
+                    "retrain_run_id": job.run_id,
+                    "gate": None if new_version.gate is None else new_version.gate.to_dict(),
+                },
+                status="active" if new_version.gate is None else new_version.gate.status,
             )
+            if new_version.gate is not None and not new_version.gate.passed:
+                notes = [*(notes or []), f"version {new_model.version} was rejected: {new_version.gate.reason}"]
+            elif new_version.gate is not None and new_version.gate.status == "pending":
+                notes = [*(notes or []), f"version {new_model.version} passed the promotion gate and waits for `shiftcost model approve {new_model.version}`"]
             repository.add_reference_stats(
                 session,
                 new_model.id,
@@ -437,6 +544,7 @@ def record_retrain_success(
         emissions_kg=co2,
         new_model_id=None if new_model is None else new_model.id,
         new_model_version=None if new_model is None else new_model.version,
+        new_model_status=None if new_model is None else new_model.status,
         calibration_id=None if calibration is None else calibration.id,
         cost_model_version=None if cost_model is None else cost_model.version_,
         settled=settled,
@@ -567,6 +675,7 @@ def retrain_outcome_of(db: Database, batch_id: int) -> RetrainOutcome:
             emissions_kg=run.emissions_kg,
             new_model_id=run.new_model_id,
             new_model_version=None if new_model is None else new_model.version,
+            new_model_status=None if new_model is None else new_model.status,
             settled=[entry_id for entry_id, kind in entries if kind == "settle"],
             released=[entry_id for entry_id, kind in entries if kind == "release"],
             error=run.error,

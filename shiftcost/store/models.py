@@ -49,7 +49,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-BATCH_STATUSES = ("registered", "assessing", "assessed", "retraining", "done", "failed")
+BATCH_STATUSES = ("registered", "assessing", "assessed", "awaiting_labels", "retraining", "done", "failed")
+#: active: in service when it is the newest active version; pending: passed the promotion
+#: gate, waits for approval; rejected: failed the gate, kept with its figures.
+MODEL_STATUSES = ("active", "pending", "rejected")
 DECISION_ACTIONS = ("retrain", "skip", "defer")
 RETRAIN_STATUSES = ("running", "succeeded", "failed", "cap_reached")
 CALIBRATION_SOURCES = ("sweep", "refit")
@@ -117,7 +120,7 @@ class Model(Base):
     """One version of a deployed model (a retrain adds a new version with ``parent_id``)."""
 
     __tablename__ = "models"
-    __table_args__ = (UniqueConstraint("name", "version"),)
+    __table_args__ = (UniqueConstraint("name", "version"), CheckConstraint(_one_of("status", MODEL_STATUSES), name="status"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), index=True)
@@ -129,6 +132,7 @@ class Model(Base):
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     fingerprint: Mapped[str | None] = mapped_column(String(128))
     details: Mapped[dict[str, Any] | None]
+    status: Mapped[str] = mapped_column(String(20), default="active", server_default="active")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     parent: Mapped[Model | None] = relationship(remote_side=[id])
@@ -179,6 +183,7 @@ class Batch(Base):
     has_labels: Mapped[bool] = mapped_column(Boolean)
     status: Mapped[str] = mapped_column(String(20), default="registered")
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    labels_uri: Mapped[str | None] = mapped_column(Text)
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

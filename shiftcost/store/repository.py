@@ -23,6 +23,7 @@ from shiftcost.errors import InputError
 from shiftcost.store.errors import NotFoundError
 from shiftcost.store.models import (
     BATCH_STATUSES,
+    MODEL_STATUSES,
     CALIBRATION_SOURCES,
     DECISION_ACTIONS,
     RETRAIN_STATUSES,
@@ -89,8 +90,10 @@ def register_model(
     parent_id: int | None = None,
     fingerprint: str | None = None,
     details: dict[str, Any] | None = None,
+    status: str = "active",
 ) -> Model:
     """Add a model version; ``version`` defaults to one more than the newest of ``name``."""
+    _check_choice(status, MODEL_STATUSES, "model status")
     if not name.strip():
         raise InputError("A model needs a non-empty name.")
     if version is None:
@@ -106,14 +109,16 @@ def register_model(
         parent_id=parent_id,
         fingerprint=fingerprint,
         details=details,
+        status=status,
     )
     return _add(session, model)
 
 
 def get_model(session: Session, name: str, version: int | None = None) -> Model:
-    """A model version by name (the newest when ``version`` is None)."""
+    """A model version by name; when ``version`` is None, the current one: the newest
+    ``active`` version (rejected and pending versions never serve)."""
     query = select(Model).where(Model.name == name)
-    query = query.where(Model.version == version) if version is not None else query
+    query = query.where(Model.version == version) if version is not None else query.where(Model.status == "active")
     model = session.scalars(query.order_by(Model.version.desc()).limit(1)).first()
     if model is None:
         which = f"{name} version {version}" if version is not None else name
@@ -416,3 +421,18 @@ def latest_energy_probe(
         query = query.where(EnergyProbe.image_size == image_size)
     query = query.order_by(EnergyProbe.measured_at.desc(), EnergyProbe.id.desc()).limit(1)
     return session.scalars(query).first()
+
+
+def model_versions(session: Session, name: str | None = None) -> list[Model]:
+    """Every version (of ``name``, or of every model), by name then version."""
+    query = select(Model)
+    if name is not None:
+        query = query.where(Model.name == name)
+    return list(session.scalars(query.order_by(Model.name, Model.version)))
+
+
+def set_model_status(session: Session, model_id: int, status: str) -> Model:
+    model = get_model_by_id(session, model_id)
+    model.status = _check_choice(status, MODEL_STATUSES, "model status")
+    session.flush()
+    return model
