@@ -63,8 +63,6 @@ def test_model_versions_live_at_the_artifacts_url_and_store_a_bounded_replay_sam
     from shiftcost.pipeline.claims import Claim
     from shiftcost.store.models import utcnow
 
-    if backend == "postgres" and artifacts_url.startswith("file://"):
-        pytest.skip("the storage under test does not depend on the database: one backend pairing is enough")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SHIFTCOST_CONFIG", raising=False)
     limit = 100
