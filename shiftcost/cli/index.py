@@ -205,6 +205,7 @@ def _print_report(report: Any, console: Console) -> None:
         ("reference accuracy", report.reference_accuracy),
         ("mean loss", report.mean_loss),
         ("mean prediction entropy", report.mean_entropy),
+        ("mean max-softmax confidence", report.mean_confidence),
         ("samples", report.samples),
         ("embedding sample", report.embedding_samples),
         ("seconds", report.seconds),

@@ -46,6 +46,11 @@ def test_an_unlabelled_batch_awaits_its_labels_then_is_retrained(pipeline_env: P
     assert decision.action == "defer" and decision.cost_prediction_id is not None
     assert "awaiting_labels" in [reason["code"] for reason in decision.reasons]
     assert env.count(db.RetrainRun) == 0 and env.count(db.LedgerEntry) == 0
+    # The label-free features of the pass are kept with the index run: no accuracy or loss, but entropy and confidence.
+    (index_run,) = env.rows(db.IndexRun)
+    assert index_run.accuracy is None and index_run.mean_loss is None and index_run.resque_dist_variant == "predicted"
+    assert index_run.mean_entropy > 0 and 0.1 <= index_run.mean_confidence <= 1.0
+    assert index_run.mean_confidence == index_run.details["mean_confidence"]
 
     # Labels that do not fit: refused, nothing written.
     short = env.root / "short.labels.npz"
