@@ -79,7 +79,7 @@ __all__ = [
 #: The indices proper (what the papers propose as predictors of retraining cost).
 INDEX_FEATURES: tuple[str, ...] = ("resque_dist", "inv_ari", "layer_shift", "preindex_p")
 #: Everything correlated with the measures: the indices plus the free figures of the same pass.
-CORRELATION_FEATURES: tuple[str, ...] = INDEX_FEATURES + ("accuracy_drop", "mean_loss", "mean_entropy")
+CORRELATION_FEATURES: tuple[str, ...] = INDEX_FEATURES + ("accuracy_drop", "mean_loss", "mean_entropy", "mean_confidence")
 #: What retraining cost, per point.
 CORRELATION_MEASURES: tuple[str, ...] = (
     "steps",
@@ -97,7 +97,7 @@ COST_FEATURES: tuple[str, ...] = ("resque_dist", "inv_ari", "layer_shift", "accu
 #: A reduced sweep for smoke tests: two kinds, three intensities each.
 #: Features that need no labels: the forecast of a batch whose labels have not come yet.
 #: (``resque_dist`` groups by label when there are labels, so its value depends on them.)
-LABEL_FREE_FEATURES: tuple[str, ...] = ("inv_ari", "layer_shift", "mean_entropy")
+LABEL_FREE_FEATURES: tuple[str, ...] = ("inv_ari", "layer_shift", "mean_entropy", "mean_confidence")
 LABEL_FREE_FILE = "costmodel-label-free.json"
 
 
@@ -142,6 +142,7 @@ COLUMNS: tuple[str, ...] = (
     "accuracy_drop",
     "mean_loss",
     "mean_entropy",
+    "mean_confidence",
     "reference_accuracy",
     "target_accuracy",
     "initial_accuracy",
@@ -474,6 +475,7 @@ def _run_point(
             accuracy=report.accuracy,
             mean_loss=report.mean_loss,
             mean_entropy=report.mean_entropy,
+            mean_confidence=report.mean_confidence,
             reference_accuracy=report.reference_accuracy,
             index_seconds=report.seconds,
         )
@@ -836,7 +838,7 @@ def _fit_ready(row: Mapping[str, Any], features: Sequence[str]) -> bool:
 
 def _fit_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """The cost model's view of a point: features, target epochs, censoring, energy."""
-    keys = set(COST_FEATURES) | set(INDEX_FEATURES) | set(PROBE_FEATURES) | {"accuracy_drop"}
+    keys = set(COST_FEATURES) | set(LABEL_FREE_FEATURES) | set(INDEX_FEATURES) | set(PROBE_FEATURES) | {"accuracy_drop"}
     out = {name: row[name] for name in keys if _finite(row.get(name))}
     out.update(
         corruption=row[GROUP_KEY],

@@ -75,7 +75,7 @@ __all__ = [
 #: Shift indices, in the order the feature vector uses when they are present.
 SHIFT_FEATURES: tuple[str, ...] = ("resque_dist", "inv_ari", "layer_shift", "resque_task", "preindex_p")
 #: Figures from the same forward pass over the new batch (accuracy and loss need labels).
-FREE_FEATURES: tuple[str, ...] = ("accuracy", "mean_loss", "mean_entropy")
+FREE_FEATURES: tuple[str, ...] = ("accuracy", "mean_loss", "mean_entropy", "mean_confidence")
 KNOWN_FEATURES: tuple[str, ...] = SHIFT_FEATURES + FREE_FEATURES
 
 #: Sign each coefficient is held to when ``monotone=True`` (+1: cost rises with the feature).
@@ -83,6 +83,7 @@ DEFAULT_SIGNS: dict[str, int] = {name: 1 for name in SHIFT_FEATURES} | {
     "accuracy": -1,
     "mean_loss": 1,
     "mean_entropy": 0,
+    "mean_confidence": 0,
 }
 
 JOULES_PER_KWH = 3.6e6

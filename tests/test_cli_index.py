@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from shiftcost.cli import app
 from shiftcost.data import Batch, build_model, load_batch, load_model, save_batch, save_model
+from shiftcost.data.demo import train_classifier
 from shiftcost.errors import InputError
 from shiftcost.index.engine import assess
 from shiftcost.index.reference import ReferenceStats
@@ -40,6 +41,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     y = torch.arange(64) % 4
     x = (torch.rand(64, 1, 8, 8, generator=generator) * 0.5 + y[:, None, None, None] / 8).clamp(0, 1)
     shifted = (x * 0.6 + 0.3).clamp(0, 1)
+    # `reference` refuses a model no better than chance, so the model learns the classes first.
+    train_classifier(model, x, y, epochs=30, batch_size=16, seed=0)
     paths = {
         "model": save_model(model, spec, root / "model.safetensors"),
         "ref_batch": save_batch(Batch(x=x, y=y, source="reference"), root / "reference.pt"),
@@ -53,7 +56,22 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     assert result.exit_code == 0, result.output
     paths["stats"] = root / "ref.safetensors"
+    assert json.loads(result.stdout)["accuracy"] > 0.5
     return paths
+
+
+def test_reference_refuses_a_model_no_better_than_chance_unless_allowed(files: dict[str, Path], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    untrained = save_model(*build_model("digits_cnn", 4, image_size=8), tmp_path / "untrained.safetensors")
+    out = tmp_path / "untrained-ref.safetensors"
+    command = [*_shiftcost_command(), "reference", "-m", str(untrained), "-d", str(files["ref_batch"]), "-o", str(out), "--device", "cpu"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ | {"COLUMNS": "400"})
+    assert refused.returncode == 2, refused.stderr
+    assert "no better than chance" in refused.stderr and "--allow-chance" in refused.stderr and "Traceback" not in refused.stderr
+    assert not out.exists()
+    allowed = invoke(*command[len(_shiftcost_command()) :], "--allow-chance", "--json")
+    assert allowed.exit_code == 0, allowed.output
+    assert out.exists() and "no better than chance" in json.loads(allowed.stdout)["suggestion"]
 
 
 def invoke(*args: str) -> object:

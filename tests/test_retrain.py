@@ -54,7 +54,8 @@ def independent_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return correct / len(y)
 
 
-SGD = dict(eval_every=2, batch_size=32, lr=0.02, optimizer="sgd")
+# A 0.2 holdout (not the protocol's 0.3) leaves 320 of 400 samples for training: batches of 32 exactly.
+SGD = dict(eval_every=2, batch_size=32, lr=0.02, optimizer="sgd", holdout_fraction=0.2)
 
 
 def test_stops_exactly_at_the_first_evaluation_reaching_the_target() -> None:
@@ -113,7 +114,9 @@ def test_cap_reached_is_recorded_as_not_reached_with_its_cost() -> None:
 def test_epoch_cap_allows_fractions() -> None:
     x, _, _ = separable(n=200)
     y = torch.randint(0, 2, (200,), generator=torch.Generator().manual_seed(5))  # unlearnable
-    result = retrain_to_cutoff(nn.Linear(8, 2), x, y, target_accuracy=1.0, max_epochs=1.5, batch_size=32, track_energy=False)
+    result = retrain_to_cutoff(
+        nn.Linear(8, 2), x, y, target_accuracy=1.0, max_epochs=1.5, batch_size=32, holdout_fraction=0.2, track_energy=False
+    )
     # 160 training samples, batches of 32: 5 steps per epoch, so 1.5 epochs = 8 steps.
     assert result.steps_per_epoch == 5 and result.steps == 8 and result.status == "cap_reached"
     assert result.epochs == pytest.approx(8 * 32 / 160)
@@ -251,7 +254,7 @@ def test_target_defaults_to_reference_accuracy_minus_tolerance_and_replay_mixes_
         model.bias.zero_()
     result = retrain_to_cutoff(
         model, x, y, reference_x=ref_x, reference_y=ref_y, replay_fraction=0.25, tolerance=0.05,
-        max_steps=5, batch_size=16, track_energy=False,
+        max_steps=5, batch_size=16, holdout_fraction=0.2, track_energy=False,
     )
     expected_reference = independent_accuracy(model, ref_x, ref_y)
     assert 0.6 < expected_reference < 1.0

@@ -205,6 +205,7 @@ def _print_report(report: Any, console: Console) -> None:
         ("reference accuracy", report.reference_accuracy),
         ("mean loss", report.mean_loss),
         ("mean prediction entropy", report.mean_entropy),
+        ("mean max-softmax confidence", report.mean_confidence),
         ("samples", report.samples),
         ("embedding sample", report.embedding_samples),
         ("seconds", report.seconds),
@@ -317,8 +318,18 @@ def reference_command(
     ] = 20_000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the embedding sample.")] = 0,
     autocast: AutocastOption = None,
+    allow_chance: Annotated[
+        bool,
+        typer.Option(
+            "--allow-chance",
+            help="Summarise the data even when the model is no better than chance on it (an untrained model on purpose); otherwise refused.",
+        ),
+    ] = False,
 ) -> None:
-    """Summarise a model's reference data once and write the stats file `shiftcost index` uses."""
+    """Summarise a model's reference data once and write the stats file `shiftcost index` uses.
+
+    The model's accuracy on the labelled data is checked first and printed: near chance is refused (nothing written) unless --allow-chance.
+    """
     from shiftcost.errors import InputError
 
     if out.suffix.lower() != REFERENCE_SUFFIX:
@@ -327,7 +338,7 @@ def reference_command(
     net, spec = _load_model(model)
     from shiftcost.cli.model import check_reference_accuracy
 
-    check = check_reference_accuracy(net, spec, data)
+    check = check_reference_accuracy(net, spec, data, allow_chance=allow_chance)
     stats = _compute_reference(
         data,
         net,

@@ -192,10 +192,10 @@ def register_command(
         Console(stderr=True).print(suggestion, highlight=False, soft_wrap=True)
 
 
-def check_reference_accuracy(net: Any, spec: Any, data: Path) -> Any:
-    """The accuracy check of `shiftcost reference`: a near-chance accuracy or a better
-    normalisation is named in ``check.suggestion`` (`model import` and `model register`
-    refuse near chance; `reference` also serves untrained models, so it warns)."""
+def check_reference_accuracy(net: Any, spec: Any, data: Path, *, allow_chance: bool = False) -> Any:
+    """The accuracy check of `shiftcost reference`: near chance is refused (one sentence,
+    as `model import` and `model register` do) unless ``allow_chance``, which turns the
+    refusal into a warning; a better normalisation is named in ``check.suggestion``."""
     from shiftcost.data import load_batch
     from shiftcost.data.importing import check_accuracy, refuse_near_chance
     from shiftcost.errors import InputError
@@ -206,8 +206,10 @@ def check_reference_accuracy(net: Any, spec: Any, data: Path) -> Any:
     check = check_accuracy(net, spec, batch)
     try:
         refuse_near_chance(check)
-    except InputError as warning:
-        check.suggestion = f"Warning: {warning}"
+    except InputError as refusal:
+        if not allow_chance:
+            raise InputError(f"{str(refusal).rstrip('.')}; or pass --allow-chance to summarise it anyway.") from None
+        check.suggestion = f"Warning: {refusal}"
     return check
 
 

@@ -157,6 +157,7 @@ def run_probe(
         _trainable,
         resolve_device,
     )
+    from shiftcost.recipe import Recipe
 
     if steps < 1 or samples < 2 or batch_size < 2:
         raise ConfigError(f"the probe needs steps >= 1, samples >= 2 and batch_size >= 2, got {steps}, {samples}, {batch_size}.")
@@ -175,7 +176,7 @@ def run_probe(
     x_hold, y_hold = x[hold_idx], y[hold_idx].long()
     pool = len(train_idx)
     batch = min(batch_size, len(x_train))
-    optim = _make_optimizer(optimizer, [p for _, p in params], lr, 0.0)
+    optim = _make_optimizer(Recipe(optimizer=optimizer, lr=lr), [p for _, p in params])
     shuffle = torch.Generator().manual_seed(seed)
 
     meter = None

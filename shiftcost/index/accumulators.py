@@ -559,8 +559,8 @@ class PredictionStats(Accumulator):
     """What the same forward pass says about the model's outputs on the new data.
 
     Counts samples and, when labels are given, correct predictions and the summed
-    cross-entropy loss; always the summed prediction entropy (natural log) and how often
-    each class was predicted. Batches with and without labels may be mixed: accuracy and
+    cross-entropy loss; always the summed prediction entropy (natural log), the summed
+    max-softmax confidence and how often each class was predicted. Batches with and without labels may be mixed: accuracy and
     loss then cover the labelled samples only.
     """
 
@@ -575,6 +575,7 @@ class PredictionStats(Accumulator):
         self.add_state("correct", _scalar(_F64), saved_as=int)
         self.add_state("loss_sum", _scalar(_F64), saved_as=float)
         self.add_state("entropy_sum", _scalar(_F64), saved_as=float)
+        self.add_state("confidence_sum", _scalar(_F64), saved_as=float)
         self.add_state("predicted_counts", torch.zeros(self.num_classes, dtype=_I64))
 
     @property
@@ -604,20 +605,27 @@ class PredictionStats(Accumulator):
             self._fold(
                 correct=(predicted == y).sum().to(_F64), loss_sum=-log_p.gather(1, y[:, None]).sum(), labelled=z.shape[0]
             )
-        self._fold(predicted_counts=torch.bincount(predicted, minlength=self.num_classes), entropy_sum=entropy, samples=z.shape[0])
+        self._fold(
+            predicted_counts=torch.bincount(predicted, minlength=self.num_classes),
+            entropy_sum=entropy,
+            confidence_sum=p.max(dim=1).values.sum(),
+            samples=z.shape[0],
+        )
 
     def compute(self) -> dict[str, Any]:
-        """accuracy and mean_loss (None without labels), mean_entropy, predicted_counts, samples."""
+        """accuracy and mean_loss (None without labels), mean_entropy, mean_confidence
+        (mean max-softmax probability), predicted_counts, samples."""
         if self._samples == 0:
             raise InputError("no prediction was seen; update the prediction stats with at least one batch.")
-        correct, loss, entropy = torch.stack([self._correct, self._loss_sum, self._entropy_sum]).cpu().tolist()
-        if not (math.isfinite(loss) and math.isfinite(entropy)):
+        correct, loss, entropy, confidence = torch.stack([self._correct, self._loss_sum, self._entropy_sum, self._confidence_sum]).cpu().tolist()
+        if not (math.isfinite(loss) and math.isfinite(entropy) and math.isfinite(confidence)):
             raise InputError("the model's logits contain NaN or infinite values; check the model and the input data.")
         labelled = self._labelled
         return {
             "accuracy": correct / labelled if labelled else None,
             "mean_loss": loss / labelled if labelled else None,
             "mean_entropy": entropy / self._samples,
+            "mean_confidence": confidence / self._samples,
             "predicted_counts": self._predicted_counts.cpu().tolist(),
             "samples": self._samples,
             "labelled": labelled,

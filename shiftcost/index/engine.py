@@ -476,6 +476,7 @@ def report_from_pass(
         accuracy=outputs["accuracy"],
         mean_loss=outputs["mean_loss"],
         mean_entropy=outputs["mean_entropy"],
+        mean_confidence=outputs["mean_confidence"],
         predicted_counts=outputs["predicted_counts"],
         reference_accuracy=reference.accuracy,
         samples=facts.samples,

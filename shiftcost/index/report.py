@@ -48,6 +48,8 @@ class IndexReport:
     embedding_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     image_stats: torch.Tensor | None = field(default=None, repr=False)
     image_stat_names: tuple[str, ...] = field(default=(), repr=False)
+    #: Mean max-softmax probability over the batch (label-free, from the same forward pass).
+    mean_confidence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; ``resque_task`` and ``preindex_p`` appear only when computed."""
@@ -71,6 +73,7 @@ class IndexReport:
                 "accuracy": self.accuracy,
                 "mean_loss": self.mean_loss,
                 "mean_entropy": self.mean_entropy,
+                "mean_confidence": self.mean_confidence,
                 "predicted_counts": list(self.predicted_counts),
                 "reference_accuracy": self.reference_accuracy,
                 "samples": self.samples,

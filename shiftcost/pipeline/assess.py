@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 #: Features of the cost model that the index report can supply.
-REPORT_FEATURES = ("resque_dist", "inv_ari", "layer_shift", "resque_task", "preindex_p", "accuracy", "mean_loss", "mean_entropy")
+REPORT_FEATURES = ("resque_dist", "inv_ari", "layer_shift", "resque_task", "preindex_p", "accuracy", "mean_loss", "mean_entropy", "mean_confidence")
 _SEVERITY = {"info": 0, "allow": 0, "defer": 1, "skip": 2}
 # Where a batch goes after its decision: a skip is finished, the others wait for more.
 _STATUS_AFTER = {"skip": "done", "defer": "assessed", "retrain": "assessed"}

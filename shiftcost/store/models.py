@@ -261,6 +261,7 @@ class IndexRun(Base):
     accuracy: Mapped[float | None] = mapped_column(Float)
     mean_loss: Mapped[float | None] = mapped_column(Float)
     mean_entropy: Mapped[float | None] = mapped_column(Float)
+    mean_confidence: Mapped[float | None] = mapped_column(Float)
     device: Mapped[str | None] = mapped_column(String(50))
     samples: Mapped[int] = mapped_column(Integer)
     seconds: Mapped[float | None] = mapped_column(Float)

@@ -126,3 +126,54 @@ def test_the_image_runs_the_deployments_from_its_project_folder() -> None:
     assert "pip install -c constraints.txt ." in dockerfile
     pull = yaml.safe_load((ROOT / "prefect.yaml").read_text())["pull"]
     assert pull == [{"flows.deployments.enter_project_directory": {}}]
+
+
+def _deploy_job(services: dict, model_dir: Path, bin_dir: Path) -> tuple[str, dict[str, str]]:
+    """The deploy job's script with the model mount at ``model_dir`` and compose's ``$$`` escapes
+    resolved, and an environment whose ``prefect`` and ``shiftcost`` are stubs that log their arguments."""
+    import os
+
+    job = services["deploy-flows"]
+    (mount,) = [volume for volume in job["volumes"] if isinstance(volume, dict) and volume["target"] == "/data/model"]
+    script = " ".join(job["command"]).replace("$$", "$").replace(mount["target"], str(model_dir))
+    for name in ("prefect", "shiftcost"):
+        stub = bin_dir / name
+        # `shiftcost model show` answers as the database would: 0 when the name has a current version.
+        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> "$CALLS"\n[ "$1 $2" != "model show" ] || exit "$SHOW_EXIT"\n')
+        stub.chmod(0o755)
+    return script, os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(bin_dir / "calls"), "SHIFTCOST_MODEL_NAME": "m"}
+
+
+def test_the_deploy_job_registers_the_mounted_model_once(services: dict, tmp_path: Path) -> None:
+    job = services["deploy-flows"]
+    (mount,) = [volume for volume in job["volumes"] if isinstance(volume, dict) and volume["target"] == "/data/model"]
+    assert mount["type"] == "bind" and "SHIFTCOST_MODEL_DIR" in mount["source"] and mount["read_only"]
+    assert "artifacts:/data/artifacts" in job["volumes"]  # the weights it registers are where the workers read them
+    assert "SHIFTCOST_MODEL_DIR" in (DOCKER / "env.example").read_text()
+    model_dir, bin_dir = tmp_path / "model", tmp_path / "bin"
+    bin_dir.mkdir()
+    script, env = _deploy_job(services, model_dir, bin_dir)
+
+    def calls(show_exit: int) -> list[str]:
+        (bin_dir / "calls").unlink(missing_ok=True)
+        done = subprocess.run(["sh", "-c", script], env=env | {"SHOW_EXIT": str(show_exit)}, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return [line for line in (bin_dir / "calls").read_text().splitlines() if line.startswith("shiftcost model register")]
+
+    assert calls(show_exit=2) == []  # no model file mounted: the flows are deployed, nothing registered
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    assert calls(show_exit=2) == [f"shiftcost model register -m {model_dir}/model.safetensors -r {model_dir}/reference"]
+    (model_dir / "calibration").mkdir()
+    (model_dir / "calibration" / "costmodel.json").write_text("{}")
+    (registered,) = calls(show_exit=2)
+    assert registered.endswith(f"--cost-model {model_dir}/calibration/costmodel.json")
+    assert calls(show_exit=0) == []  # the name has a current version: a restarted stack does not register it again
+    # Every option the job passes is one `shiftcost model register` has.
+    from typer.testing import CliRunner
+
+    from shiftcost.cli import app
+
+    help_text = CliRunner().invoke(app, ["model", "register", "--help"], env={"COLUMNS": "200"}).stdout
+    for option in re.findall(r"(?:^|\s)(--?[\w-]+)", registered.removeprefix("shiftcost model register")):
+        assert option in help_text, option

@@ -238,7 +238,7 @@ def layer_shift(ref_counts, new_counts, edges, ref_std: float) -> float:
 
 def prediction_stats(logits, labels) -> dict:
     n = len(logits)
-    losses, entropies, correct = [], [], 0
+    losses, entropies, confidences, correct = [], [], [], 0
     predicted = Counter()
     for i, row in enumerate(logits):
         row = [float(v) for v in row]
@@ -246,6 +246,7 @@ def prediction_stats(logits, labels) -> dict:
         log_z = top + math.log(math.fsum(math.exp(v - top) for v in row))
         log_p = [v - log_z for v in row]
         entropies.append(-math.fsum(math.exp(lp) * lp for lp in log_p))
+        confidences.append(math.exp(max(log_p)))
         guess = row.index(top)  # first maximum, as argmax
         predicted[guess] += 1
         if labels is not None:
@@ -255,5 +256,6 @@ def prediction_stats(logits, labels) -> dict:
         "accuracy": correct / n if labels is not None else None,
         "mean_loss": math.fsum(losses) / n if labels is not None else None,
         "mean_entropy": math.fsum(entropies) / n,
+        "mean_confidence": math.fsum(confidences) / n,
         "predicted_counts": [predicted[k] for k in range(len(logits[0]))],
     }

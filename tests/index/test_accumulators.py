@@ -372,6 +372,7 @@ def test_prediction_stats_merged_shards_equal_one_pass(seed, n, classes, labelle
     assert got["samples"] == n
     assert got["predicted_counts"] == expected["predicted_counts"]
     assert abs(got["mean_entropy"] - expected["mean_entropy"]) <= 1e-9
+    assert abs(got["mean_confidence"] - expected["mean_confidence"]) <= 1e-9
     if labelled:
         assert abs(got["accuracy"] - expected["accuracy"]) <= 1e-9
         assert abs(got["mean_loss"] - expected["mean_loss"]) <= 1e-9

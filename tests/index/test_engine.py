@@ -91,6 +91,7 @@ def test_engine_equals_functional_api_for_any_batch_size(world: dict, batch_size
     assert report.mean_loss == pytest.approx(float(F.cross_entropy(logits, world["y_new"])), abs=TOL)
     log_p = torch.log_softmax(logits, 1)
     assert report.mean_entropy == pytest.approx(float(-(log_p.exp() * log_p).sum(1).mean()), abs=TOL)
+    assert report.mean_confidence == pytest.approx(float(log_p.exp().max(1).values.mean()), abs=TOL)
     assert report.predicted_counts == torch.bincount(logits.argmax(1), minlength=NUM_CLASSES).tolist()
     assert report.resque_dist_variant == "labels"
     assert report.resque_task is None and not report.task_change
@@ -193,7 +194,7 @@ def test_stream_chunks_and_batch_size_do_not_change_the_result(world: dict, cuts
     stream = [(x[a:b], y[a:b]) for a, b in zip(bounds, bounds[1:])]
     streamed = assess(world["model"], world["spec"], world["reference"], stream, batch_size=batch_size, device="cpu")
     whole = assess(world["model"], world["spec"], world["reference"], x, y, batch_size=64, device="cpu")
-    for key in ("resque_dist", "inv_ari", "layer_shift", "accuracy", "mean_loss", "mean_entropy"):
+    for key in ("resque_dist", "inv_ari", "layer_shift", "accuracy", "mean_loss", "mean_entropy", "mean_confidence"):
         assert getattr(streamed, key) == pytest.approx(getattr(whole, key), abs=TOL), key
 
 
