@@ -875,7 +875,7 @@ def _single_index_curve(fit_rows: Sequence[Mapping[str, Any]], level: float) -> 
     samples = sorted(row["samples"] for row in fit_rows)[len(fit_rows) // 2]
     lo, hi = min(values), max(values)
     grid = [lo + (hi - lo) * i / 60 for i in range(61)]
-    predictions = model.predict([{"resque_dist": v} for v in grid], samples=samples, joules_per_sample_epoch=joules)
+    predictions = model.predict_costs([{"resque_dist": v} for v in grid], samples=samples, joules_per_sample_epoch=joules)
     return {
         "feature": "resque_dist",
         "level": level,

@@ -54,6 +54,7 @@ import numpy as np
 from scipy import optimize, special
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from shiftcost.errors import InputError
@@ -280,7 +281,8 @@ class CostModel(BaseEstimator):
         rows = _build_rows(X, y, censored, groups, feature_names)
         names = self._choose_features(rows)
         history = CostModelHistory()
-        version = self._fit_version(rows, names, history.next_number(), parent=None, note=note)
+        params = _params_to_json(self.get_params())
+        version = _fit_version(rows, names, params, history.next_number(), parent=None, note=note)
         version.group_key = groups if isinstance(groups, str) else None
         history.append(version)
         self._adopt(history)
@@ -310,12 +312,7 @@ class CostModel(BaseEstimator):
         for number, row in enumerate(rows):
             _require_features(row["x"], base.features, number, base.version)
         combined = [dict(r) for r in base.rows] + rows
-        previous = self.get_params()
-        try:
-            self.set_params(**base.params)
-            version = self._fit_version(combined, list(base.features), self.history_.next_number(), base.version, note)
-        finally:
-            self.set_params(**previous)
+        version = _fit_version(combined, list(base.features), base.params, self.history_.next_number(), base.version, note)
         version.group_key = base.group_key
         self.history_.append(version)
         self._adopt(self.history_)
@@ -323,7 +320,16 @@ class CostModel(BaseEstimator):
 
     # -- prediction ----------------------------------------------------------------------
 
-    def predict(
+    def predict(self, X: Any, *, version: int | None = None, feature_names: Sequence[str] | None = None) -> np.ndarray:
+        """Median epochs to the cutoff, one per row of ``X``, as an array (scikit-learn's contract);
+        :meth:`predict_costs` gives intervals, energy and emissions too."""
+        chosen = self._history().get(version)
+        matrix, _ = _feature_matrix(X, chosen.features, feature_names, chosen.version)
+        intercept, coef, _ = _model_arrays(chosen.state["full"])
+        offset = chosen.params["epochs_offset"]
+        return np.maximum(np.exp(intercept + matrix @ coef) - offset, 0.0)
+
+    def predict_costs(
         self,
         X: Any,
         *,
@@ -397,14 +403,6 @@ class CostModel(BaseEstimator):
             )
         return predictions
 
-    def predict_epochs(self, X: Any, *, version: int | None = None, feature_names: Sequence[str] | None = None) -> np.ndarray:
-        """Point predictions of epochs only, as an array (scikit-learn style)."""
-        chosen = self._history().get(version)
-        matrix, _ = _feature_matrix(X, chosen.features, feature_names, chosen.version)
-        intercept, coef, _ = _model_arrays(chosen.state["full"])
-        offset = chosen.params["epochs_offset"]
-        return np.maximum(np.exp(intercept + matrix @ coef) - offset, 0.0)
-
     def explain(self, x: Any, *, version: int | None = None, feature_names: Sequence[str] | None = None) -> dict[str, Any]:
         """Each feature's additive contribution to ``log(epochs + offset)`` for one input.
 
@@ -470,11 +468,16 @@ class CostModel(BaseEstimator):
 
     # -- internals -----------------------------------------------------------------------
 
-    def _history(self) -> CostModelHistory:
+    def __sklearn_is_fitted__(self) -> bool:
         history = getattr(self, "history_", None)
-        if history is None or not len(history):
-            raise CostModelNotFittedError("the cost model has not been fitted; call fit() with calibration runs first.")
-        return history
+        return history is not None and len(history) > 0
+
+    def _history(self) -> CostModelHistory:
+        try:
+            check_is_fitted(self)
+        except NotFittedError:
+            raise CostModelNotFittedError("the cost model has not been fitted; call fit() with calibration runs first.") from None
+        return self.history_
 
     def _check_params(self) -> None:
         _check_level(self.level)
@@ -501,84 +504,6 @@ class CostModel(BaseEstimator):
             _require_features(row["x"], names, number, None)
         return names
 
-    def _signs(self, names: Sequence[str]) -> list[int]:
-        if self.monotone is True:
-            return [DEFAULT_SIGNS.get(n, 0) for n in names]
-        if self.monotone is False or self.monotone is None:
-            return [0] * len(names)
-        if isinstance(self.monotone, Mapping):
-            signs = [int(self.monotone.get(n, DEFAULT_SIGNS.get(n, 0))) for n in names]
-            if any(s not in (-1, 0, 1) for s in signs):
-                raise InputError(f"monotone signs must be -1, 0 or +1, got {dict(self.monotone)!r}.")
-            return signs
-        raise InputError(f"monotone must be True, False or a mapping feature -> sign, got {self.monotone!r}.")
-
-    def _fit_version(
-        self, rows: list[dict[str, Any]], names: list[str], number: int, parent: int | None, note: str
-    ) -> CostModelVersion:
-        # Dozens of tiny solves: BLAS threads only contend with each other (25x slower on a busy 2-core box).
-        with threadpool_limits(1, user_api="blas"):
-            return self._fit_version_single_threaded(rows, names, number, parent, note)
-
-    def _fit_version_single_threaded(
-        self, rows: list[dict[str, Any]], names: list[str], number: int, parent: int | None, note: str
-    ) -> CostModelVersion:
-        signs = self._signs(names)
-        rows = _keep_features(rows, names)
-        X = np.array([[float(r["x"][n]) for n in names] for r in rows], dtype=float)
-        epochs = np.array([r["epochs"] for r in rows], dtype=float)
-        cens = np.array([r["censored"] for r in rows], dtype=bool)
-        z = np.log(epochs + self.epochs_offset)
-        sign_arr = np.asarray(signs)
-        kind = np.where(cens, 1, 0)
-        if self.zero_cost_censored:
-            kind[(epochs == 0) & ~cens] = -1
-        _check_enough(len(names), kind, self.level)
-
-        full = _fit_tobit(X, z, kind, sign_arr, self.alpha)
-        folds, cv_kind = _folds([r.get("group") for r in rows])
-        fold_models = []
-        fold_of_row = np.empty(len(rows), dtype=int)
-        for k, members in enumerate(folds):
-            keep = np.ones(len(rows), dtype=bool)
-            keep[members] = False
-            if (kind[keep] == 0).sum() < 2:
-                raise InputError(
-                    f"leaving out fold {k} leaves fewer than 2 runs with a positive cost that reached the cutoff; "
-                    "add such runs or fit without groups."
-                )
-            fold_models.append(_fit_tobit(X[keep], z[keep], kind[keep], sign_arr, self.alpha, start=full))
-            fold_of_row[members] = k
-
-        loo_mu = np.array([_mu(fold_models[fold_of_row[i]], X[i]) for i in range(len(rows))])
-        loo_sigma = np.array([fold_models[fold_of_row[i]]["sigma"] for i in range(len(rows))])
-        scores = _conformal_scores(z, loo_mu, loo_sigma, kind, IMPUTATIONS)
-        cap_epochs = float(np.median(epochs[cens])) if cens.any() else None
-        state = {
-            "full": full,
-            "folds": fold_models,
-            "fold_of_row": fold_of_row.tolist(),
-            "scores": scores,
-            "imputations": IMPUTATIONS,
-            "feature_mean": X.mean(axis=0).tolist(),
-            "feature_min": X.min(axis=0).tolist(),
-            "feature_max": X.max(axis=0).tolist(),
-            "cap_epochs": cap_epochs,
-        }
-        loo = _loo_summary(epochs, cens, loo_mu, scores, fold_of_row, self.level, self.epochs_offset, cv_kind)
-        return CostModelVersion(
-            version=number,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            params=_params_to_json(self.get_params()),
-            features=list(names),
-            signs=[int(s) for s in signs],
-            rows=rows,
-            state=state,
-            loo=loo,
-            parent=parent,
-            note=note,
-        )
-
     def _adopt(self, history: CostModelHistory) -> None:
         """Expose the latest version through scikit-learn style fitted attributes."""
         latest = history.latest
@@ -596,6 +521,91 @@ class CostModel(BaseEstimator):
         self.n_censored_ = int(sum(bool(r["censored"]) for r in latest.rows))
         self.cap_epochs_ = latest.state["cap_epochs"]
         self.loo_ = dict(latest.loo)
+
+
+# ----------------------------------------------------------------------------- one version
+
+
+def _signs(monotone: Any, names: Sequence[str]) -> list[int]:
+    if monotone is True:
+        return [DEFAULT_SIGNS.get(n, 0) for n in names]
+    if monotone is False or monotone is None:
+        return [0] * len(names)
+    if isinstance(monotone, Mapping):
+        signs = [int(monotone.get(n, DEFAULT_SIGNS.get(n, 0))) for n in names]
+        if any(s not in (-1, 0, 1) for s in signs):
+            raise InputError(f"monotone signs must be -1, 0 or +1, got {dict(monotone)!r}.")
+        return signs
+    raise InputError(f"monotone must be True, False or a mapping feature -> sign, got {monotone!r}.")
+
+
+def _fit_version(
+    rows: list[dict[str, Any]], names: list[str], params: Mapping[str, Any], number: int, parent: int | None, note: str
+) -> CostModelVersion:
+    """Fit one version with these parameters (``refit`` passes the base version's, not the estimator's)."""
+    # Dozens of tiny solves: BLAS threads only contend with each other (25x slower on a busy 2-core box).
+    with threadpool_limits(1, user_api="blas"):
+        return _fit_version_single_threaded(rows, names, params, number, parent, note)
+
+def _fit_version_single_threaded(
+    rows: list[dict[str, Any]], names: list[str], params: Mapping[str, Any], number: int, parent: int | None, note: str
+) -> CostModelVersion:
+    signs = _signs(params["monotone"], names)
+    level, alpha, offset = params["level"], params["alpha"], params["epochs_offset"]
+    rows = _keep_features(rows, names)
+    X = np.array([[float(r["x"][n]) for n in names] for r in rows], dtype=float)
+    epochs = np.array([r["epochs"] for r in rows], dtype=float)
+    cens = np.array([r["censored"] for r in rows], dtype=bool)
+    z = np.log(epochs + offset)
+    sign_arr = np.asarray(signs)
+    kind = np.where(cens, 1, 0)
+    if params.get("zero_cost_censored", True):
+        kind[(epochs == 0) & ~cens] = -1
+    _check_enough(len(names), kind, level)
+
+    full = _fit_tobit(X, z, kind, sign_arr, alpha)
+    folds, cv_kind = _folds([r.get("group") for r in rows])
+    fold_models = []
+    fold_of_row = np.empty(len(rows), dtype=int)
+    for k, members in enumerate(folds):
+        keep = np.ones(len(rows), dtype=bool)
+        keep[members] = False
+        if (kind[keep] == 0).sum() < 2:
+            raise InputError(
+                f"leaving out fold {k} leaves fewer than 2 runs with a positive cost that reached the cutoff; "
+                "add such runs or fit without groups."
+            )
+        fold_models.append(_fit_tobit(X[keep], z[keep], kind[keep], sign_arr, alpha, start=full))
+        fold_of_row[members] = k
+
+    loo_mu = np.array([_mu(fold_models[fold_of_row[i]], X[i]) for i in range(len(rows))])
+    loo_sigma = np.array([fold_models[fold_of_row[i]]["sigma"] for i in range(len(rows))])
+    scores = _conformal_scores(z, loo_mu, loo_sigma, kind, IMPUTATIONS)
+    cap_epochs = float(np.median(epochs[cens])) if cens.any() else None
+    state = {
+        "full": full,
+        "folds": fold_models,
+        "fold_of_row": fold_of_row.tolist(),
+        "scores": scores,
+        "imputations": IMPUTATIONS,
+        "feature_mean": X.mean(axis=0).tolist(),
+        "feature_min": X.min(axis=0).tolist(),
+        "feature_max": X.max(axis=0).tolist(),
+        "cap_epochs": cap_epochs,
+    }
+    loo = _loo_summary(epochs, cens, loo_mu, scores, fold_of_row, level, offset, cv_kind)
+    return CostModelVersion(
+        version=number,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        params=dict(params),
+        features=list(names),
+        signs=[int(s) for s in signs],
+        rows=rows,
+        state=state,
+        loo=loo,
+        parent=parent,
+        note=note,
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -671,7 +681,7 @@ def leave_one_group_out(
         model = CostModel(level=level, **model_params)
         model.fit(train, groups=group_key if group_folds else None)
         joules = joules_per_sample_epoch or estimate_joules_per_sample_epoch(train)
-        preds = model.predict(test, joules_per_sample_epoch=joules, carbon_intensity=None)
+        preds = model.predict_costs(test, joules_per_sample_epoch=joules, carbon_intensity=None)
         for row, pred in zip(test, preds):
             points.append(_score_point(row, pred, group_key, joules))
     summary = _group_summary(points, group_key, level)

@@ -403,7 +403,7 @@ def size_budget(cost_model: Any, settings: Settings, joules: float) -> dict[str,
     shifted = [{name: row["x"][name] for name in latest.features} for row in latest.rows if row["epochs"] > 0]
     uppers = [
         prediction.energy_kwh_upper
-        for prediction in cost_model.predict(shifted, samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
+        for prediction in cost_model.predict_costs(shifted, samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
         if prediction.energy_kwh_upper is not None and math.isfinite(prediction.energy_kwh_upper)
     ]
     if not uppers:

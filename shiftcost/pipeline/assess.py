@@ -387,7 +387,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
     intensity = carbon_intensity(settings)
     prediction, problem = None, None
     try:
-        (prediction,) = cost_model.predict([features], samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
+        (prediction,) = cost_model.predict_costs([features], samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
     except InputError as error:
         problem = str(error)
     return CostEstimate(
