@@ -51,9 +51,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from scipy import optimize, special
-from sklearn.base import BaseEstimator
-from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from scipy import optimize, sparse, special
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.exceptions import ConvergenceWarning, DataConversionWarning, NotFittedError
+from sklearn.utils import Tags
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
@@ -64,6 +65,7 @@ __all__ = [
     "SHIFT_FEATURES",
     "CostModel",
     "CostModelHistory",
+    "CostModelInputError",
     "CostModelNotFittedError",
     "CostModelVersion",
     "CostPrediction",
@@ -90,10 +92,17 @@ JOULES_PER_KWH = 3.6e6
 FORMAT = "shiftcost.costmodel/1"
 #: Conditional quantiles that stand in for one censored run's unknown conformal score.
 IMPUTATIONS = 19
+#: L-BFGS-B iteration limit of one censored-regression fit; reaching it is a ConvergenceWarning.
+MAX_ITERATIONS = 2000
 _EPS = 1e-9
 
 
 # ----------------------------------------------------------------------------- results
+
+
+class CostModelInputError(InputError, ValueError):
+    """Unusable input to the cost model: the command line's one-sentence error, and the
+    ``ValueError`` scikit-learn's estimator contract expects."""
 
 
 class CostModelNotFittedError(InputError, NotFittedError):
@@ -174,7 +183,7 @@ class CostModelHistory:
     @property
     def latest(self) -> CostModelVersion:
         if not self.versions:
-            raise InputError("the cost model has no fitted version yet; call fit() with calibration runs first.")
+            raise CostModelInputError("the cost model has no fitted version yet; call fit() with calibration runs first.")
         return self.versions[-1]
 
     def get(self, version: int | None = None) -> CostModelVersion:
@@ -185,7 +194,7 @@ class CostModelHistory:
             if candidate.version == version:
                 return candidate
         known = [v.version for v in self.versions]
-        raise InputError(f"cost model version {version} does not exist (known versions: {known}); pick one of those.")
+        raise CostModelInputError(f"cost model version {version} does not exist (known versions: {known}); pick one of those.")
 
     def append(self, version: CostModelVersion) -> None:
         self.versions.append(version)
@@ -211,7 +220,7 @@ class CostModelHistory:
 # ----------------------------------------------------------------------------- estimator
 
 
-class CostModel(BaseEstimator):
+class CostModel(RegressorMixin, BaseEstimator):
     """Predict epochs (and kWh, kg CO2e) to reach the cutoff from a batch's index vector.
 
     Parameters
@@ -279,7 +288,7 @@ class CostModel(BaseEstimator):
         """
         self._check_params()
         rows = _build_rows(X, y, censored, groups, feature_names)
-        names = self._choose_features(rows)
+        names = self._choose_features(rows, _array_columns(X, feature_names))
         history = CostModelHistory()
         params = _params_to_json(self.get_params())
         version = _fit_version(rows, names, params, history.next_number(), parent=None, note=note)
@@ -413,9 +422,11 @@ class CostModel(BaseEstimator):
         chosen = self._history().get(version)
         if isinstance(x, Mapping):
             x = [x]
+        elif np.ndim(x) == 1:
+            x = np.reshape(x, (1, -1))
         matrix, _ = _feature_matrix(x, chosen.features, feature_names, chosen.version)
         if matrix.shape[0] != 1:
-            raise InputError(f"explain() takes one input row, got {matrix.shape[0]}; pass a single dict or a 1-row array.")
+            raise CostModelInputError(f"explain() takes one input row, got {matrix.shape[0]}; pass a single dict or a 1-row array.")
         intercept, coef, _ = _model_arrays(chosen.state["full"])
         mean = np.asarray(chosen.state["feature_mean"], dtype=float)
         contributions = coef * (matrix[0] - mean)
@@ -447,9 +458,9 @@ class CostModel(BaseEstimator):
         try:
             payload = json.loads(text)
         except json.JSONDecodeError as error:
-            raise InputError(f"the saved cost model is not valid JSON ({error}); save it again with CostModel.to_json().") from None
+            raise CostModelInputError(f"the saved cost model is not valid JSON ({error}); save it again with CostModel.to_json().") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise InputError(f"the saved cost model is not in format {FORMAT!r}; save it again with CostModel.to_json().")
+            raise CostModelInputError(f"the saved cost model is not in format {FORMAT!r}; save it again with CostModel.to_json().")
         model = cls(**payload["params"])
         history = CostModelHistory.from_list(payload["history"])
         if len(history):
@@ -468,6 +479,11 @@ class CostModel(BaseEstimator):
 
     # -- internals -----------------------------------------------------------------------
 
+    def __sklearn_tags__(self) -> Tags:
+        tags = super().__sklearn_tags__()
+        tags.target_tags.positive_only = True  # epochs to the cutoff are >= 0
+        return tags
+
     def __sklearn_is_fitted__(self) -> bool:
         history = getattr(self, "history_", None)
         return history is not None and len(history) > 0
@@ -482,21 +498,24 @@ class CostModel(BaseEstimator):
     def _check_params(self) -> None:
         _check_level(self.level)
         if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0 and math.isfinite(self.alpha)):
-            raise InputError(f"alpha must be a finite number >= 0, got {self.alpha!r}.")
+            raise CostModelInputError(f"alpha must be a finite number >= 0, got {self.alpha!r}.")
         if not (isinstance(self.epochs_offset, (int, float)) and self.epochs_offset > 0):
-            raise InputError(f"epochs_offset must be > 0 so that zero-cost runs stay finite, got {self.epochs_offset!r}.")
+            raise CostModelInputError(f"epochs_offset must be > 0 so that zero-cost runs stay finite, got {self.epochs_offset!r}.")
         if self.max_epochs is not None and not self.max_epochs > 0:
-            raise InputError(f"max_epochs must be > 0 or None, got {self.max_epochs!r}.")
+            raise CostModelInputError(f"max_epochs must be > 0 or None, got {self.max_epochs!r}.")
 
-    def _choose_features(self, rows: list[dict[str, Any]]) -> list[str]:
-        if self.features is not None:
+    def _choose_features(self, rows: list[dict[str, Any]], columns: list[str] | None) -> list[str]:
+        """The ``features`` parameter, else an array's columns, else every known feature all rows carry."""
+        if self.features is None and columns is not None:
+            names = columns
+        elif self.features is not None:
             names = list(self.features)
             if not names:
-                raise InputError("features is empty; name at least one index, e.g. ['resque_dist'].")
+                raise CostModelInputError("features is empty; name at least one index, e.g. ['resque_dist'].")
         else:
             names = [n for n in KNOWN_FEATURES if all(_finite(r["x"].get(n)) for r in rows)]
             if not names:
-                raise InputError(
+                raise CostModelInputError(
                     f"no training row set carries a complete known feature (looked for {list(KNOWN_FEATURES)}); "
                     "add index values to the rows or name features explicitly."
                 )
@@ -534,9 +553,9 @@ def _signs(monotone: Any, names: Sequence[str]) -> list[int]:
     if isinstance(monotone, Mapping):
         signs = [int(monotone.get(n, DEFAULT_SIGNS.get(n, 0))) for n in names]
         if any(s not in (-1, 0, 1) for s in signs):
-            raise InputError(f"monotone signs must be -1, 0 or +1, got {dict(monotone)!r}.")
+            raise CostModelInputError(f"monotone signs must be -1, 0 or +1, got {dict(monotone)!r}.")
         return signs
-    raise InputError(f"monotone must be True, False or a mapping feature -> sign, got {monotone!r}.")
+    raise CostModelInputError(f"monotone must be True, False or a mapping feature -> sign, got {monotone!r}.")
 
 
 def _fit_version(
@@ -571,7 +590,7 @@ def _fit_version_single_threaded(
         keep = np.ones(len(rows), dtype=bool)
         keep[members] = False
         if (kind[keep] == 0).sum() < 2:
-            raise InputError(
+            raise CostModelInputError(
                 f"leaving out fold {k} leaves fewer than 2 runs with a positive cost that reached the cutoff; "
                 "add such runs or fit without groups."
             )
@@ -637,7 +656,7 @@ def estimate_joules_per_sample_epoch(rows: Iterable[Mapping[str, Any]]) -> float
         if row["epochs"] > 0 and row["samples"] > 0 and row["energy_kwh"] > 0:
             values.append(row["energy_kwh"] * JOULES_PER_KWH / (row["epochs"] * row["samples"]))
     if not values:
-        raise InputError(
+        raise CostModelInputError(
             "no run that reached the cutoff has positive energy_kwh, epochs and samples, so joules per "
             "sample-epoch cannot be estimated; pass joules_per_sample_epoch from the hardware probe."
         )
@@ -670,10 +689,10 @@ def leave_one_group_out(
     rows = [dict(r) for r in rows]
     labels = [r.get(group_key) for r in rows]
     if any(label is None for label in labels):
-        raise InputError(f"every run needs a {group_key!r} value for leave-one-group-out; some have none.")
+        raise CostModelInputError(f"every run needs a {group_key!r} value for leave-one-group-out; some have none.")
     distinct = list(dict.fromkeys(labels))
     if len(distinct) < 2:
-        raise InputError(f"leave-one-group-out needs at least 2 values of {group_key!r}, got {distinct}.")
+        raise CostModelInputError(f"leave-one-group-out needs at least 2 values of {group_key!r}, got {distinct}.")
     points: list[dict[str, Any]] = []
     for held_out in distinct:
         train = [r for r, g in zip(rows, labels) if g != held_out]
@@ -823,7 +842,7 @@ def _fit_tobit(
         jac=True,
         method="L-BFGS-B",
         bounds=bounds + [tau_bounds],
-        options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-10},
+        options={"maxiter": MAX_ITERATIONS, "ftol": 1e-14, "gtol": 1e-10},
     )
     # L-BFGS-B often ends with an "ABNORMAL" line search at the optimum under these tight
     # tolerances; only an iteration limit or a gradient still far from zero is a failure.
@@ -983,7 +1002,7 @@ def _check_enough(n_features: int, kind: np.ndarray, level: float) -> None:
     need = min_points_needed(n_features, level)
     exact = int((kind == 0).sum())
     if exact < need:
-        raise InputError(
+        raise CostModelInputError(
             f"too few calibration runs to fit the cost model: need at least {need} runs whose exact cost is known "
             f"({n_features} features + 3, and >= {math.ceil(level / (1 - level) - _EPS)} for a finite {level:.0%} "
             f"interval), got {exact}; {int((kind > 0).sum())} hit the cap and {int((kind < 0).sum())} needed no "
@@ -994,17 +1013,42 @@ def _check_enough(n_features: int, kind: np.ndarray, level: float) -> None:
 # ----------------------------------------------------------------------------- input handling
 
 
+def _array_columns(X: Any, feature_names: Sequence[str] | None) -> list[str] | None:
+    """Column names of array input (``x0``, ``x1``, ... when unnamed); ``None`` for dict rows."""
+    if isinstance(X, Mapping) or (isinstance(X, Sequence) and (not X or isinstance(X[0], Mapping))):
+        return None
+    X = _as_input(X)
+    if np.ndim(X) == 2 and np.shape(X)[1] == 0:
+        raise CostModelInputError(f"X has 0 feature(s) (shape={np.shape(X)}) while a minimum of 1 is required; give at least one index column.")
+    if feature_names is not None:
+        return list(feature_names)
+    return [f"x{i}" for i in range(np.shape(X)[1])] if np.ndim(X) == 2 else None
+
+
+def _as_input(X: Any) -> Any:
+    """Dict rows and arrays as they are, other array-likes as arrays; sparse matrices refused."""
+    if sparse.issparse(X):
+        raise CostModelInputError("X is a sparse matrix, which the cost model does not support; pass a dense array or a list of dicts.")
+    if not isinstance(X, (Mapping, Sequence, np.ndarray)) and hasattr(X, "__array__"):
+        return np.asarray(X)
+    return X
+
+
 def _build_rows(X: Any, y: Any, censored: Any, groups: Any, feature_names: Sequence[str] | None) -> list[dict[str, Any]]:
     """Normalise fit input to ``{"x": {feature: value}, "epochs", "censored", "group", "meta"}`` rows."""
+    X = _as_input(X)
     if isinstance(X, Mapping):
         X = [X]
     if isinstance(X, np.ndarray) or (isinstance(X, Sequence) and X and not isinstance(X[0], Mapping)):
         array = np.asarray(X, dtype=float)
         if array.ndim != 2:
-            raise InputError(f"X must be a list of dicts or a 2-D array, got an array of shape {array.shape}.")
-        if feature_names is None or len(feature_names) != array.shape[1]:
-            raise InputError(
-                f"a 2-D array X needs feature_names with one name per column ({array.shape[1]} columns); pass feature_names=[...]."
+            raise CostModelInputError(f"X must be a list of dicts or a 2-D array, got an array of shape {array.shape}.")
+        if feature_names is None:
+            # scikit-learn's convention for unnamed columns; such features get no sign bounds.
+            feature_names = [f"x{i}" for i in range(array.shape[1])]
+        if len(feature_names) != array.shape[1]:
+            raise CostModelInputError(
+                f"X has {array.shape[1]} columns but {len(feature_names)} feature names; pass one name per column."
             )
         source = [dict(zip(feature_names, map(float, line))) for line in array]
         dict_input = False
@@ -1012,14 +1056,14 @@ def _build_rows(X: Any, y: Any, censored: Any, groups: Any, feature_names: Seque
         source = [dict(r) for r in X]
         dict_input = True
     else:
-        raise InputError(f"X must be a list of dicts or a 2-D array, got {type(X).__name__}.")
+        raise CostModelInputError(f"X must be a list of dicts or a 2-D array, got {type(X).__name__}.")
     n = len(source)
     if n == 0:
-        raise InputError("no training runs were given; pass at least one calibration run.")
+        raise CostModelInputError("no training runs were given; pass at least one calibration run.")
 
     if y is None:
         if not dict_input or any("epochs" not in r for r in source):
-            raise InputError("no target was given: pass y (epochs to the cutoff) or rows with an 'epochs' value.")
+            raise CostModelInputError("no target was given (CostModel requires y to be passed, but the target y is None): pass y (epochs to the cutoff) or rows with an 'epochs' value.")
         y = [r["epochs"] for r in source]
     y = _column(y, n, "y")
     if censored is None:
@@ -1029,7 +1073,7 @@ def _build_rows(X: Any, y: Any, censored: Any, groups: Any, feature_names: Seque
     cens = [bool(c) for c in _column(censored, n, "censored", numeric=False)]
     if isinstance(groups, str):
         if not dict_input:
-            raise InputError(f"groups={groups!r} names a row key, which needs X as a list of dicts.")
+            raise CostModelInputError(f"groups={groups!r} names a row key, which needs X as a list of dicts.")
         group_values = [r.get(groups) for r in source]
     elif groups is None:
         group_values = [None] * n
@@ -1039,7 +1083,7 @@ def _build_rows(X: Any, y: Any, censored: Any, groups: Any, feature_names: Seque
     rows = []
     for number, (record, target, c, g) in enumerate(zip(source, y, cens, group_values)):
         if not (_finite(target) and target >= 0):
-            raise InputError(f"run {number} has epochs = {target!r}; epochs must be a finite number >= 0 (0 = cutoff already met).")
+            raise CostModelInputError(f"run {number} has epochs = {target!r}; epochs must be a finite number >= 0 (0 = cutoff already met).")
         # Every finite number is a candidate feature until the feature set is chosen.
         x = {k: float(v) for k, v in record.items() if _finite(v)}
         meta = {k: v for k, v in record.items() if k not in x and _json_scalar(v)}
@@ -1060,26 +1104,30 @@ def _keep_features(rows: list[dict[str, Any]], names: Sequence[str]) -> list[dic
 def _feature_matrix(
     X: Any, names: Sequence[str], feature_names: Sequence[str] | None, version: int | None
 ) -> tuple[np.ndarray, list[Mapping[str, Any]]]:
+    X = _as_input(X)
     if isinstance(X, Mapping):
         X = [X]
     if isinstance(X, np.ndarray) or (isinstance(X, Sequence) and X and not isinstance(X[0], Mapping)):
         array = np.asarray(X, dtype=float)
         if array.ndim == 1:
-            array = array[None, :]
+            raise CostModelInputError(
+                f"X is a 1-D array of {array.shape[0]} values; Reshape your data with X.reshape(1, -1) for one batch."
+            )
         if array.ndim != 2:
-            raise InputError(f"X must be a list of dicts or a 2-D array, got an array of shape {array.shape}.")
+            raise CostModelInputError(f"X must be a list of dicts or a 2-D array, got an array of shape {array.shape}.")
         columns = list(feature_names) if feature_names is not None else list(names)
         if len(columns) != array.shape[1]:
-            raise InputError(
-                f"X has {array.shape[1]} columns but {len(columns)} feature names; pass feature_names matching the columns."
+            raise CostModelInputError(
+                f"X has {array.shape[1]} features, but CostModel is expecting {len(columns)} features as input; "
+                "pass feature_names matching the columns."
             )
         rows: list[Mapping[str, Any]] = [dict(zip(columns, map(float, line))) for line in array]
     elif isinstance(X, Sequence):
         rows = list(X)
     else:
-        raise InputError(f"X must be a list of dicts or a 2-D array, got {type(X).__name__}.")
+        raise CostModelInputError(f"X must be a list of dicts or a 2-D array, got {type(X).__name__}.")
     if not rows:
-        raise InputError("no input rows were given to predict for.")
+        raise CostModelInputError("no input rows were given to predict for.")
     for number, row in enumerate(rows):
         _require_features(row, names, number, version)
     matrix = np.array([[float(row[n]) for n in names] for row in rows], dtype=float).reshape(len(rows), len(names))
@@ -1090,16 +1138,21 @@ def _require_features(row: Mapping[str, Any], names: Sequence[str], number: int,
     missing = [n for n in names if not _finite(row.get(n))]
     if missing:
         which = f"cost model version {version} was fitted on" if version is not None else "the cost model uses"
-        raise InputError(
-            f"run {number} has no finite value for {missing}, which {which} {list(names)}; "
+        raise CostModelInputError(
+            f"run {number} has no finite value for {missing} (missing, NaN or inf), which {which} {list(names)}; "
             "compute those features for it or fit a model without them."
         )
 
 
 def _column(values: Any, n: int, name: str, numeric: bool = True) -> list[Any]:
-    column = list(np.asarray(values, dtype=float)) if numeric else list(values)
+    if numeric:
+        array = np.asarray(values, dtype=float)
+        if array.ndim == 2 and array.shape[1] == 1:
+            warnings.warn(f"{name} was a column vector; it is read as a 1-D array of {array.shape[0]} values.", DataConversionWarning, stacklevel=4)
+            array = array.ravel()
+    column = list(array) if numeric else list(values)
     if len(column) != n:
-        raise InputError(f"{name} has {len(column)} values but X has {n} rows; give one value per run.")
+        raise CostModelInputError(f"{name} has {len(column)} values but X has {n} rows; give one value per run.")
     return [float(v) for v in column] if numeric else column
 
 
@@ -1110,7 +1163,7 @@ def _per_row(value: Any, rows: Sequence[Mapping[str, Any]], key: str, m: int) ->
         return [float(value)] * m
     column = [float(v) for v in value]
     if len(column) != m:
-        raise InputError(f"{key} has {len(column)} values for {m} rows; give a single value or one per row.")
+        raise CostModelInputError(f"{key} has {len(column)} values for {m} rows; give a single value or one per row.")
     return column
 
 
@@ -1127,7 +1180,7 @@ def _row_censored(row: Mapping[str, Any]) -> bool:
 
 def _check_level(level: Any) -> None:
     if not (isinstance(level, (int, float)) and 0.0 < level < 1.0):
-        raise InputError(f"level must be a coverage strictly between 0 and 1 (e.g. 0.9), got {level!r}.")
+        raise CostModelInputError(f"level must be a coverage strictly between 0 and 1 (e.g. 0.9), got {level!r}.")
 
 
 def _to_epochs(z: float, offset: float) -> float:

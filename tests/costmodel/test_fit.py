@@ -137,18 +137,20 @@ def test_prediction_needs_every_fitted_feature():
         model.predict_costs([{"resque_dist": 0.1, "inv_ari": 0.1, "mean_entropy": 0.1}, {"resque_dist": 0.1, "mean_entropy": 0.1}])
     with pytest.raises(InputError, match="no finite value"):
         model.predict_costs([{"resque_dist": 0.1, "inv_ari": float("nan"), "mean_entropy": 0.1}])
-    with pytest.raises(InputError, match="2 columns but 3 feature names"):
+    with pytest.raises(InputError, match="X has 2 features, but CostModel is expecting 3"):
         model.predict_costs(np.zeros((1, 2)))
     by_array = model.predict_costs(np.array([[0.3, 0.2, 0.4]]), feature_names=["mean_entropy", "inv_ari", "resque_dist"])[0]
     by_dict = model.predict_costs([{"resque_dist": 0.4, "inv_ari": 0.2, "mean_entropy": 0.3, "extra": "ignored"}])[0]
     assert by_array == by_dict
 
 
-def test_array_input_needs_feature_names_and_y():
+def test_array_input_names_its_columns_and_needs_y():
     X = np.random.default_rng(0).uniform(size=(15, 2))
     y = np.exp(X @ [1.0, 0.5]) - 1
-    with pytest.raises(InputError, match="feature_names"):
-        CostModel().fit(X, y)
+    unnamed = CostModel().fit(X, y)
+    assert unnamed.features_ == ["x0", "x1"] and unnamed.signs_ == [0, 0]
+    with pytest.raises(InputError, match="X has 2 columns but 3 feature names"):
+        CostModel().fit(X, y, feature_names=["a", "b", "c"])
     with pytest.raises(InputError, match="no target"):
         CostModel().fit(X, feature_names=["resque_dist", "accuracy"])
     with pytest.raises(InputError, match="y has 14 values but X has 15 rows"):
