@@ -224,3 +224,38 @@ def test_leave_one_out_summary_matches_explicit_refits():
         q = ref.kth_smallest(others, ref.conformal_ranks(len(others), 0.9)[1])
         hits.append(residuals[i] <= q)
     assert model.loo_["coverage"] == pytest.approx(float(np.mean(hits)))
+
+
+def test_each_censored_run_enters_as_nineteen_truncated_normal_quantiles():
+    """The imputation count is a design choice: 19 scores per capped run, each weighing 1/19.
+
+    Everything here is computed outside the model's state: fold models are fresh fits
+    without the run, its scores come from scipy's truncated normal, and the interval is a
+    plain order statistic of the expanded scores.
+    """
+    imputations = 19
+    level = 0.9
+    rows = linear_rows(seed=26, n=22, intercept=1.0, cap_epochs=8.0)
+    censored = {i for i, r in enumerate(rows) if not r["reached_cutoff"]}
+    assert len(censored) >= 3
+    model = CostModel(monotone=False, alpha=0.5, level=level).fit(rows)
+    X, z = _xz(rows)
+    quantiles = [(j - 0.5) / imputations for j in range(1, imputations + 1)]
+    held_out = []  # (fold model's intercept, coef, scores) for every run
+    for i in range(len(rows)):
+        fresh = CostModel(monotone=False, alpha=0.5, level=level).fit(rows[:i] + rows[i + 1 :])
+        mu = fresh.intercept_ + X[i] @ fresh.coef_
+        if i in censored:
+            bound = (z[i] - mu) / fresh.sigma_
+            scores = [abs(stats.truncnorm.ppf(u, bound, np.inf, loc=0.0, scale=fresh.sigma_)) for u in quantiles]
+        else:
+            scores = [abs(z[i] - mu)] * imputations
+        held_out.append((fresh.intercept_, fresh.coef_, scores))
+    upper_rank = math.ceil(Fraction(str(level)) * (len(rows) + 1) * imputations)
+    for x in TESTS:
+        xv = np.array([x[n] for n in NAMES])
+        highs = [b0 + xv @ coef + s for b0, coef, scores in held_out for s in scores]
+        lows = [b0 + xv @ coef - s for b0, coef, scores in held_out for s in scores]
+        pred = model.predict_costs([x])[0]
+        assert pred.epochs_upper == pytest.approx(max(math.expm1(ref.kth_smallest(highs, upper_rank)), 0.0), rel=1e-4)
+        assert pred.epochs_lower == pytest.approx(max(math.expm1(-ref.kth_smallest([-v for v in lows], upper_rank)), 0.0), rel=1e-4, abs=1e-9)
