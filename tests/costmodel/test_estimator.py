@@ -9,7 +9,7 @@ import pytest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-import shiftcost.costmodel as costmodel
+import shiftcost.costmodel.tobit as tobit
 from shiftcost.costmodel import CostModel
 
 from .synth import linear_rows
@@ -51,6 +51,6 @@ def test_an_ordinary_fit_raises_no_convergence_warning():
 
 def test_an_optimiser_stopped_by_its_iteration_limit_warns(monkeypatch):
     # The real L-BFGS-B run, cut short: the fit is not at its optimum and must say so.
-    monkeypatch.setattr(costmodel, "MAX_ITERATIONS", 2)
+    monkeypatch.setattr(tobit, "MAX_ITERATIONS", 2)
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         CostModel().fit(linear_rows(2, cap_epochs=4.0))
