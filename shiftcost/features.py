@@ -31,7 +31,17 @@ SHIFT_FEATURES: tuple[Feature, ...] = (
 )
 #: Figures from the same forward pass over the new batch (accuracy and loss need labels).
 FREE_FEATURES: tuple[Feature, ...] = (Feature.ACCURACY, Feature.MEAN_LOSS, Feature.MEAN_ENTROPY)
+#: The cost model's features by default. PreIndex p is left out (it needs the clean originals
+#: of each shifted image, which production batches never have) and so is ResQue task.
+COST_FEATURES: tuple[Feature, ...] = (
+    Feature.RESQUE_DIST,
+    Feature.INV_ARI,
+    Feature.LAYER_SHIFT,
+    Feature.ACCURACY,
+    Feature.MEAN_LOSS,
+    Feature.MEAN_ENTROPY,
+)
 #: Every feature, shift indices first.
 KNOWN_FEATURES: tuple[Feature, ...] = SHIFT_FEATURES + FREE_FEATURES
 
-__all__ = ["FREE_FEATURES", "KNOWN_FEATURES", "SHIFT_FEATURES", "Feature"]
+__all__ = ["COST_FEATURES", "FREE_FEATURES", "KNOWN_FEATURES", "SHIFT_FEATURES", "Feature"]

@@ -369,7 +369,7 @@ class CostModel(RegressorMixin, BaseEstimator):
         if self.features is None and columns is not None:
             names = columns
         elif self.features is not None:
-            names = list(self.features)
+            names = [str(n) for n in self.features]
             if not names:
                 raise CostModelInputError("features is empty; name at least one index, e.g. ['resque_dist'].")
         else:
