@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from shiftcost.features import COST_FEATURES, Feature
+from shiftcost.features import COST_FEATURES, Feature  # noqa: F401 (COST_FEATURES is part of the sweep's settings)
 from shiftcost.forecast import protocol
 from shiftcost.forecast.probe import PROBE_FEATURES
 from shiftcost.recipe import Caps, Cutoff, RetrainConfig
