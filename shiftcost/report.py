@@ -1,9 +1,11 @@
 """One self-contained HTML report of what shifted, what was predicted, decided and spent.
 
 Everything comes from the database, through the audit queries of
-:mod:`shiftcost.store.audit` and two read-only statements here (the per-batch overview
-and the ledger timeline, SQL in their docstrings), so the same report can be produced for
-any shiftcost database, SQLite or PostgreSQL, long after the runs.
+:mod:`shiftcost.store.audit` and the two read-only statements of
+:mod:`shiftcost.store.report_queries` (the per-batch overview and the ledger timeline), so
+the same report can be produced for any shiftcost database, SQLite or PostgreSQL, long
+after the runs. The page is rendered from the Jinja2 template ``templates/report.html.j2``
+with autoescaping on, so text from the database is always escaped.
 
 Plots are PNG images embedded as base64 ``data:`` URIs (no file next to the report, no
 script, nothing fetched when it is opened):
@@ -21,16 +23,20 @@ matplotlib is imported inside the plotting functions and used through its object
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jinja2
+
 from shiftcost.errors import InputError
+from shiftcost.features import Feature
+from shiftcost.store.report_queries import DEFAULT_LIMIT, OVERALL_FEATURE_SET, batch_overview, ledger_timeline, short_name
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -38,25 +44,33 @@ if TYPE_CHECKING:
     from shiftcost.store.audit import AuditResult
     from shiftcost.store.db import Database
 
-__all__ = ["PLOTS", "ReportData", "ReportSummary", "collect", "render_html", "write_report"]
+__all__ = [
+    "OVERALL_FEATURE_SET",
+    "PLOTS",
+    "ReportData",
+    "ReportSummary",
+    "batch_overview",
+    "collect",
+    "ledger_timeline",
+    "render_html",
+    "short_name",
+    "write_report",
+]
 
 #: The plots every report holds, in page order.
 PLOTS = ("indices", "energy", "budget", "decisions")
 
 #: Shift indices shown, as stored in ``index_runs``, with their display names.
 INDEX_COLUMNS = {
-    "resque_dist": "RESQUE_dist",
-    "inv_ari": "inv_ARI",
-    "layer_shift": "layer shift",
-    "resque_task": "RESQUE_task",
-    "preindex_p": "PreIndex p",
+    Feature.RESQUE_DIST: "RESQUE_dist",
+    Feature.INV_ARI: "inv_ARI",
+    Feature.LAYER_SHIFT: "layer shift",
+    Feature.RESQUE_TASK: "RESQUE_task",
+    Feature.PREINDEX_P: "PreIndex p",
 }
 
 ACTIONS = ("retrain", "defer", "skip")
 _ACTION_COLOURS = {"retrain": "#2b8a3e", "defer": "#e8890c", "skip": "#868e96"}
-_DEFAULT_LIMIT = 1000
-#: The drift report row that holds a batch's overall verdict (the others are per test group).
-OVERALL_FEATURE_SET = "overall"
 
 
 # ----------------------------------------------------------------------------- data
@@ -94,183 +108,6 @@ class ReportSummary:
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "plots": list(self.plots), "batches": self.batches,
                 "decisions": self.decisions, "retrain_runs": self.retrain_runs, "bytes": self.bytes}
-
-
-def batch_overview(
-    session: Session,
-    *,
-    model: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: int | None = _DEFAULT_LIMIT,
-) -> list[dict[str, Any]]:
-    """One row per batch: indices, drift tests, the latest decision, its prediction and run.
-
-    SELECT b.id AS batch_id, b.source_uri, b.registered_at, b.status, b.failure_reason,
-           b.samples, m.version AS model_version,
-           ir.resque_dist, ir.inv_ari, ir.layer_shift, ir.resque_task, ir.preindex_p,
-           ir.accuracy,
-           (SELECT count(*) FROM drift_reports dr WHERE dr.batch_id = b.id) AS drift_tests,
-           (SELECT count(*) FROM drift_reports dr WHERE dr.batch_id = b.id
-              AND dr.drift_detected) AS drift_detected_tests,
-           (SELECT drift_detected FROM drift_reports WHERE id = (SELECT max(id) FROM drift_reports
-              WHERE batch_id = b.id AND feature_set = 'overall')) AS drift_verdict,
-           d.id AS decision_id, d.action, d.blocked_by_budget, d.reasons,
-           cp.epochs AS predicted_epochs, cp.energy_kwh AS predicted_kwh,
-           cp.energy_kwh_lower AS predicted_kwh_lower, cp.energy_kwh_upper AS predicted_kwh_upper,
-           cp.emissions_kg AS predicted_co2, cp.emissions_kg_upper AS predicted_co2_upper,
-           cp.interval_level, rr.id AS run_id, rr.status AS run_status, rr.epochs AS actual_epochs,
-           rr.energy_kwh AS actual_kwh, rr.emissions_kg AS actual_co2
-    FROM batches b
-    JOIN models m ON m.id = b.model_id
-    LEFT JOIN index_runs ir ON ir.id = (SELECT max(id) FROM index_runs WHERE batch_id = b.id)
-    LEFT JOIN decisions d ON d.id = (SELECT max(id) FROM decisions WHERE batch_id = b.id)
-    LEFT JOIN cost_predictions cp ON cp.id = coalesce(d.cost_prediction_id,
-              (SELECT max(id) FROM cost_predictions WHERE index_run_id = ir.id))
-    LEFT JOIN retrain_runs rr ON rr.id = (SELECT max(id) FROM retrain_runs WHERE batch_id = b.id)
-    WHERE b.model_name = :model AND b.registered_at >= :since AND b.registered_at < :until
-    ORDER BY b.registered_at, b.id                 -- the newest :limit batches when limited
-
-    The latest index run, decision and retrain run of a batch stand for it (a deferred
-    batch assessed again shows its last decision). ``drift`` is the stored overall verdict;
-    without one, whether any test drifted; without tests, what the decision's reasons say.
-    """
-    from sqlalchemy import func, select
-    from sqlalchemy.orm import aliased
-
-    from shiftcost.store.models import Batch, CostPrediction, Decision, DriftReport, IndexRun, Model, RetrainRun
-
-    b = Batch
-    ir, d, cp, rr = IndexRun, Decision, CostPrediction, RetrainRun
-    m = aliased(Model, name="m")
-    dr = aliased(DriftReport, name="dr")
-
-    def newest_id(table: Any, key: str, value: Any, **equal: Any) -> Any:
-        # An alias of its own, so the subquery never correlates with the outer join.
-        inner = aliased(table)
-        conditions = [getattr(inner, key) == value, *(getattr(inner, name) == v for name, v in equal.items())]
-        return select(func.max(inner.id)).where(*conditions).correlate_except(inner).scalar_subquery()
-
-    tests = select(func.count()).select_from(dr).where(dr.batch_id == b.id).scalar_subquery()
-    drifted = (
-        select(func.count()).select_from(dr).where(dr.batch_id == b.id, dr.drift_detected.is_(True)).scalar_subquery()
-    )
-    overall = aliased(DriftReport, name="overall")
-    verdict = (
-        select(overall.drift_detected)
-        .where(overall.id == newest_id(DriftReport, "batch_id", b.id, feature_set=OVERALL_FEATURE_SET))
-        .scalar_subquery()
-    )
-    prediction_id = func.coalesce(d.cost_prediction_id, newest_id(CostPrediction, "index_run_id", ir.id))
-    query = (
-        select(
-            b.id.label("batch_id"), b.source_uri, b.registered_at, b.status, b.failure_reason, b.samples,
-            m.version.label("model_version"),
-            *(getattr(ir, column) for column in INDEX_COLUMNS), ir.accuracy,
-            tests.label("drift_tests"), drifted.label("drift_detected_tests"), verdict.label("drift_verdict"),
-            d.id.label("decision_id"), d.action, d.blocked_by_budget, d.reasons,
-            cp.epochs.label("predicted_epochs"), cp.energy_kwh.label("predicted_kwh"),
-            cp.energy_kwh_lower.label("predicted_kwh_lower"), cp.energy_kwh_upper.label("predicted_kwh_upper"),
-            cp.emissions_kg.label("predicted_co2"), cp.emissions_kg_upper.label("predicted_co2_upper"),
-            cp.interval_level, rr.id.label("run_id"), rr.status.label("run_status"),
-            rr.epochs.label("actual_epochs"), rr.energy_kwh.label("actual_kwh"), rr.emissions_kg.label("actual_co2"),
-        )
-        .select_from(b)
-        .join(m, m.id == b.model_id)
-        .outerjoin(ir, ir.id == newest_id(IndexRun, "batch_id", b.id))
-        .outerjoin(d, d.id == newest_id(Decision, "batch_id", b.id))
-        .outerjoin(cp, cp.id == prediction_id)
-        .outerjoin(rr, rr.id == newest_id(RetrainRun, "batch_id", b.id))
-    )
-    if model is not None:
-        query = query.where(b.model_name == model)
-    query = _window(query, b.registered_at, since, until)
-    if limit is None:
-        query = query.order_by(b.registered_at, b.id)
-    else:
-        newest = query.order_by(b.registered_at.desc(), b.id.desc()).limit(limit).subquery()
-        query = select(newest).order_by(newest.c.registered_at, newest.c.batch_id)
-    rows = _rows(session, query)
-    for row in rows:
-        row["name"] = short_name(row["source_uri"])
-        tests_run = int(row["drift_tests"] or 0)
-        if row["drift_verdict"] is not None:
-            row["drift"] = bool(row["drift_verdict"])
-        else:
-            row["drift"] = None if tests_run == 0 else bool(row["drift_detected_tests"])
-        if row["drift"] is None and row["reasons"]:
-            # Without stored tests, the decision still says whether drift was seen.
-            codes = {reason.get("code") for reason in row["reasons"] if isinstance(reason, dict)}
-            row["drift"] = True if "drift_detected" in codes else False if "no_drift" in codes else None
-    return rows
-
-
-def ledger_timeline(
-    session: Session,
-    *,
-    model: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-) -> list[dict[str, Any]]:
-    """Every ledger entry in time order, with its budget's caps and the reservation it closes.
-
-    SELECT e.id, e.created_at, e.kind, e.energy_kwh, e.emissions_kg, e.decision_id,
-           r.energy_kwh AS reserved_kwh, r.emissions_kg AS reserved_co2,
-           coalesce(r0.created_at, r.created_at) AS reserved_at,
-           bu.name AS budget, bu.period, bu.kwh_cap, bu.co2_cap, b.source_uri
-    FROM budget_ledger e
-    JOIN budgets bu ON bu.id = e.budget_id
-    LEFT JOIN budget_ledger r ON r.id = e.reservation_id
-    LEFT JOIN budget_ledger r0 ON r0.id = r.reservation_id  -- a late settlement's reservation
-    JOIN decisions d ON d.id = e.decision_id
-    JOIN batches b ON b.id = d.batch_id
-    WHERE d.model_id IN (SELECT id FROM models WHERE name = :model)
-      AND e.created_at >= :since AND e.created_at < :until
-    ORDER BY e.created_at, e.id
-    """
-    from sqlalchemy import select
-    from sqlalchemy.orm import aliased
-
-    from shiftcost.store.models import Batch, Budget, Decision, LedgerEntry, Model
-
-    from sqlalchemy import func
-
-    e = aliased(LedgerEntry, name="e")
-    r = aliased(LedgerEntry, name="r")
-    r0 = aliased(LedgerEntry, name="r0")
-    query = (
-        select(
-            e.id, e.created_at, e.kind, e.energy_kwh, e.emissions_kg, e.decision_id,
-            r.energy_kwh.label("reserved_kwh"), r.emissions_kg.label("reserved_co2"),
-            func.coalesce(r0.created_at, r.created_at).label("reserved_at"), Budget.name.label("budget"),
-            Budget.period, Budget.kwh_cap, Budget.co2_cap, Batch.source_uri,
-        )
-        .select_from(e)
-        .join(Budget, Budget.id == e.budget_id)
-        .outerjoin(r, r.id == e.reservation_id)
-        .outerjoin(r0, r0.id == r.reservation_id)
-        .join(Decision, Decision.id == e.decision_id)
-        .join(Batch, Batch.id == Decision.batch_id)
-        .order_by(e.created_at, e.id)
-    )
-    if model is not None:
-        query = query.where(Decision.model_id.in_(select(Model.id).where(Model.name == model)))
-    return _rows(session, _window(query, e.created_at, since, until))
-
-
-def _window(query: Any, column: Any, since: datetime | None, until: datetime | None) -> Any:
-    """``column >= since AND column < until``, each only when given (bound parameters)."""
-    if since is not None:
-        query = query.where(column >= since)
-    if until is not None:
-        query = query.where(column < until)
-    return query
-
-
-def _rows(session: Session, query: Any) -> list[dict[str, Any]]:
-    result = session.execute(query)
-    keys = list(result.keys())
-    return [dict(zip(keys, row, strict=True)) for row in result]
 
 
 def burn_down(ledger_rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -315,10 +152,10 @@ def collect(
     model: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-    limit: int | None = _DEFAULT_LIMIT,
+    limit: int | None = DEFAULT_LIMIT,
     database: str = "",
 ) -> ReportData:
-    """Read everything the report shows through the audit queries and the two above."""
+    """Read everything the report shows through the audit queries and those of :mod:`shiftcost.store.report_queries`."""
     from shiftcost.store import audit
 
     filters = {"model": model, "since": since, "until": until}
@@ -334,13 +171,6 @@ def collect(
         budget=audit.budget_burn(session, **filters),
         calibrations=audit.calibrations(session, **filters),
     )
-
-
-def short_name(uri: str | None) -> str:
-    """The last path component of a batch URI (``04-gaussian_noise-0.2.npz``)."""
-    if not uri:
-        return ""
-    return PurePosixPath(uri.rstrip("/").replace("\\", "/")).name or uri
 
 
 # ----------------------------------------------------------------------------- plots
@@ -536,24 +366,6 @@ def plot_decisions(decision_rows: Sequence[dict[str, Any]]) -> bytes:
 
 # ----------------------------------------------------------------------------- HTML
 
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1100px;color:#212529;padding:0 1em}
-h1{margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #dee2e6;padding-bottom:.2em}
-.meta{color:#495057;font-size:.9em}
-table{border-collapse:collapse;font-size:.82em;margin:.6em 0;width:100%}
-th,td{border:1px solid #dee2e6;padding:3px 6px;text-align:left;vertical-align:top}
-th{background:#f1f3f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.retrain{color:#2b8a3e;font-weight:600}.defer{color:#e8890c;font-weight:600}.skip{color:#868e96;font-weight:600}
-.failed{color:#c92a2a}figure{margin:1em 0}img{max-width:100%;border:1px solid #e9ecef}
-.cards{display:flex;gap:1em;flex-wrap:wrap}.card{background:#f8f9fa;border:1px solid #e9ecef;padding:.6em 1em;border-radius:6px}
-.card b{display:block;font-size:1.3em}details{margin:.4em 0}code{font-size:.85em}
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return ""
@@ -584,25 +396,24 @@ def reason_text(reasons: Any) -> str:
     return " ".join(texts)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[tuple[str, str]]]) -> str:
-    """An HTML table; each cell is (text already escaped, css class)."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f'<td class="{cls}">{text}</td>' if cls else f"<td>{text}</td>" for text, cls in row) + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+@dataclass(frozen=True)
+class Table:
+    """A table for the template: plain-text cells (escaped when rendered), each with a CSS class."""
+
+    headers: Sequence[str]
+    rows: Sequence[Sequence[tuple[str, str]]]
+    summary: str = ""
 
 
 def _num(value: Any) -> tuple[str, str]:
-    return _e(_fmt(value)), "num"
+    return _fmt(value), "num"
 
 
 def _text(value: Any, cls: str = "") -> tuple[str, str]:
-    return _e(_fmt(value)), cls
+    return _fmt(value), cls
 
 
-def _batches_table(batches: Sequence[dict[str, Any]]) -> str:
+def _batches_table(batches: Sequence[dict[str, Any]]) -> Table:
     present = [column for column in INDEX_COLUMNS if any(row.get(column) is not None for row in batches)]
     headers = ["#", "batch", "status", "drift", *(INDEX_COLUMNS[c] for c in present), "accuracy",
                "predicted kWh", "interval", "decision", "actual kWh", "actual epochs"]
@@ -617,10 +428,10 @@ def _batches_table(batches: Sequence[dict[str, Any]]) -> str:
             _num(row.get("predicted_kwh")), _text(_interval(row.get("predicted_kwh_lower"), row.get("predicted_kwh_upper"))),
             _text(row.get("action") or "", row.get("action") or ""), _num(row.get("actual_kwh")), _num(row.get("actual_epochs")),
         ])
-    return _table(headers, rows)
+    return Table(headers, rows)
 
 
-def _errors_table(data: ReportData) -> str:
+def _errors_table(data: ReportData) -> Table:
     batch_of_run = {row["run_id"]: row.get("batch_id") for row in data.cost.rows}
     names = {row["batch_id"]: row["name"] for row in data.batches}
     headers = ["run", "batch", "status", "predicted kWh", "kWh interval", "actual kWh", "relative error", "in interval",
@@ -639,13 +450,13 @@ def _errors_table(data: ReportData) -> str:
     summary = ""
     if totals.get("runs"):
         coverage = totals.get("kwh_coverage")
-        summary = (f"<p>{totals['runs']} measured retrain run(s); median absolute error of the kWh prediction "
-                   f"{_e(_fmt(totals.get('kwh_mdape_pct'), 3))}%, interval coverage "
-                   f"{_e('' if coverage is None else f'{100 * coverage:.0f}%')}.</p>")
-    return summary + _table(headers, rows)
+        summary = (f"{totals['runs']} measured retrain run(s); median absolute error of the kWh prediction "
+                   f"{_fmt(totals.get('kwh_mdape_pct'), 3)}%, interval coverage "
+                   f"{'' if coverage is None else f'{100 * coverage:.0f}%'}.")
+    return Table(headers, rows, summary)
 
 
-def _decisions_table(data: ReportData) -> str:
+def _decisions_table(data: ReportData) -> Table:
     headers = ["decision", "time (UTC)", "batch", "model version", "action", "budget held it back",
                "predicted kWh (upper)", "reasons"]
     rows = [
@@ -659,10 +470,10 @@ def _decisions_table(data: ReportData) -> str:
     totals = data.decisions.totals
     note = ", ".join(f"{count} {action}" for action, count in totals.get("by_action", {}).items())
     shown = "" if totals.get("shown", 0) >= totals.get("decisions", 0) else f" (newest {totals['shown']} shown)"
-    return f"<p>{_e(totals.get('decisions', 0))} decision(s): {_e(note or 'none')}{_e(shown)}.</p>" + _table(headers, rows)
+    return Table(headers, rows, f"{totals.get('decisions', 0)} decision(s): {note or 'none'}{shown}.")
 
 
-def _budget_table(data: ReportData) -> str:
+def _budget_table(data: ReportData) -> Table:
     headers = ["budget", "period", "reservations", "open", "released", "settled kWh", "reserved kWh",
                "remaining kWh", "settled kg CO2e", "reserved kg CO2e", "remaining kg CO2e", "kWh cap", "kg CO2e cap"]
     rows = [
@@ -674,20 +485,20 @@ def _budget_table(data: ReportData) -> str:
         ]
         for row in data.budget.rows
     ]
-    return _table(headers, rows)
+    return Table(headers, rows)
 
 
-def _calibrations_table(data: ReportData) -> str:
+def _calibrations_table(data: ReportData) -> Table:
     headers = ["version", "time (UTC)", "architecture", "source", "points", "leave-one-out error (MdAPE, epochs)", "interval level"]
     rows = [
         [_num(row["version"]), _text(row["created_at"]), _text(row["architecture"]), _text(row["source"]),
          _num(row["n_points"]), _num(row["loo_error"]), _num(row["interval_level"])]
         for row in data.calibrations.rows
     ]
-    return _table(headers, rows)
+    return Table(headers, rows)
 
 
-def _cards(data: ReportData) -> str:
+def _cards(data: ReportData) -> list[tuple[str, str]]:
     errors = data.errors.rows
     predicted = sum(row["predicted_kwh"] or 0.0 for row in errors)
     actual = sum(row["actual_kwh"] or 0.0 for row in errors)
@@ -700,52 +511,58 @@ def _cards(data: ReportData) -> str:
         ("failed batches", str(sum(1 for row in data.batches if row["status"] == "failed"))),
         ("retrain kWh predicted / measured", f"{_fmt(predicted)} / {_fmt(actual)}" if errors else "none"),
     ]
-    return '<div class="cards">' + "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in cards) + "</div>"
+    return cards
+
+
+#: Title and caption of each plot.
+_CAPTIONS = {
+    "indices": ("Shift indices per batch", "From the one forward pass over each batch, against the model's reference stats."),
+    "energy": ("Predicted vs measured energy", "Dots: predicted kWh with the prediction interval; diamonds: kWh measured by CodeCarbon during the retrain. "
+               "On a log scale, an interval whose lower bound is 0 runs off the bottom."),
+    "budget": ("Budget burn-down", "What each budget has left in its period after every reservation, settlement and release."),
+    "decisions": ("Decisions", "Every retrain / defer / skip decision in time order."),
+}
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    # Autoescaping everywhere: every cell, note and title from the database is escaped once, here.
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("shiftcost", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
 
 
 def render_html(data: ReportData, plots: dict[str, bytes] | None = None) -> str:
     """The whole report as one HTML document (plots rendered now unless given)."""
     plots = plots if plots is not None else render_plots(data)
-    filters = ", ".join(f"{k}={_fmt(v)}" for k, v in data.filters.items() if v is not None) or "none"
-    captions = {
-        "indices": ("Shift indices per batch", "From the one forward pass over each batch, against the model's reference stats."),
-        "energy": ("Predicted vs measured energy", "Dots: predicted kWh with the prediction interval; diamonds: kWh measured by CodeCarbon during the retrain. "
-                   "On a log scale, an interval whose lower bound is 0 runs off the bottom."),
-        "budget": ("Budget burn-down", "What each budget has left in its period after every reservation, settlement and release."),
-        "decisions": ("Decisions", "Every retrain / defer / skip decision in time order."),
+    figures = {
+        name: {"name": name, "title": _CAPTIONS[name][0], "caption": _CAPTIONS[name][1],
+               "png": base64.b64encode(plots[name]).decode("ascii")}
+        for name in PLOTS
     }
-    figures = []
-    for name in PLOTS:
-        title, caption = captions[name]
-        encoded = base64.b64encode(plots[name]).decode("ascii")
-        figures.append(
-            f'<h2 id="{name}">{_e(title)}</h2><figure><img id="plot-{name}" alt="{_e(title)}" '
-            f'src="data:image/png;base64,{encoded}"><figcaption class="meta">{_e(caption)}</figcaption></figure>'
-        )
     sections = [
-        figures[0],
-        "<h2>Batches</h2>" + _batches_table(data.batches),
-        figures[1],
-        "<h2>Predicted vs actual (measured retrains)</h2>" + _errors_table(data),
-        figures[2],
-        "<h2>Budgets</h2>" + _budget_table(data),
-        figures[3],
-        "<h2>Decision log</h2>" + _decisions_table(data),
-        "<h2>Cost model versions</h2>" + _calibrations_table(data),
+        ("figure", figures["indices"]),
+        ("table", ("Batches", _batches_table(data.batches))),
+        ("figure", figures["energy"]),
+        ("table", ("Predicted vs actual (measured retrains)", _errors_table(data))),
+        ("figure", figures["budget"]),
+        ("table", ("Budgets", _budget_table(data))),
+        ("figure", figures["decisions"]),
+        ("table", ("Decision log", _decisions_table(data))),
+        ("table", ("Cost model versions", _calibrations_table(data))),
     ]
-    notes = "".join(f"<p class=\"meta\">{_e(note)}</p>" for note in data.notes)
-    sql = "".join(
-        f"<details><summary>{_e(result.name)}</summary><pre><code>{_e(chr(10).join(result.sql))}</code></pre></details>"
-        for result in (data.errors, data.cost, data.decisions, data.budget, data.calibrations)
-    )
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{_e(data.title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_e(data.title)}</h1>"
-        f"<p class=\"meta\">Database {_e(data.database)} · filters: {_e(filters)} · generated "
-        f"{_e(_fmt(data.generated_at))} UTC</p>{notes}{_cards(data)}"
-        + "".join(sections)
-        + f"<h2>Audit SQL</h2>{sql}</body></html>\n"
+    return _environment().get_template("report.html.j2").render(
+        title=data.title,
+        database=data.database,
+        filters=", ".join(f"{k}={_fmt(v)}" for k, v in data.filters.items() if v is not None) or "none",
+        generated=_fmt(data.generated_at),
+        notes=data.notes,
+        cards=_cards(data),
+        sections=sections,
+        queries=[(result.name, "\n".join(result.sql)) for result in (data.errors, data.cost, data.decisions, data.budget, data.calibrations)],
     )
 
 
@@ -770,7 +587,7 @@ def write_report(
     model: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-    limit: int | None = _DEFAULT_LIMIT,
+    limit: int | None = DEFAULT_LIMIT,
     title: str = "shiftcost report",
     notes: Sequence[str] = (),
 ) -> ReportSummary:
