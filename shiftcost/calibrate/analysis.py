@@ -42,9 +42,7 @@ def analyse(
     :class:`~shiftcost.forecast.forecaster.Forecaster` is fitted (stage 0, stage 1 when the
     rows carry the probe's features, and the host's energy rate from the measured runs).
     """
-    from shiftcost.costmodel import CostModel, leave_one_group_out
-    from shiftcost.energy import HostEnergyRate, run_work
-    from shiftcost.forecast.forecaster import Forecaster
+    from shiftcost.costmodel import CostModel
 
     if max_epochs is None:
         max_epochs = (settings or {}).get("max_epochs") or protocol.MAX_EPOCHS
@@ -68,31 +66,9 @@ def analyse(
             cost_model_error = _describe(error)
         forecaster = None
         if cost_model is not None:
-            runs = [run_work(run) for row in usable for run in row.get("runs", [])]
-            hardware = next((run["energy"].get("cpu_model") for row in usable for run in row.get("runs", []) if run.get("energy")), None)
-            try:
-                rate = HostEnergyRate.fit(runs, hardware=hardware)
-            except Exception:  # noqa: BLE001 - no measured energy: epochs are still forecast
-                rate = None
-            try:
-                forecaster = Forecaster.fit(
-                    fit_rows, features=list(features), level=level, max_epochs=max_epochs, group_key=GROUP_KEY,
-                    energy_rate=rate, batch_size=int((settings or {}).get("batch_size") or 64),
-                    probe_settings={"steps": (settings or {}).get("probe_steps")},
-                )
-            except Exception as error:  # noqa: BLE001
-                cost_model_error = _describe(error)
-
-        loco = loco_probe = None
-        loco_error: str | None = None
-        try:
-            loco = leave_one_group_out(fit_rows, GROUP_KEY, level=level, features=list(features)).to_dict()
-            if probe_joules is not None:
-                loco_probe = leave_one_group_out(
-                    fit_rows, GROUP_KEY, level=level, joules_per_sample_epoch=probe_joules, features=list(features)
-                ).to_dict()
-        except Exception as error:  # noqa: BLE001
-            loco_error = _describe(error)
+            forecaster, forecaster_error = _fit_forecaster(usable, fit_rows, features, level, max_epochs, settings or {})
+            cost_model_error = forecaster_error or cost_model_error
+        loco, loco_probe, loco_error = _group_out(fit_rows, features, level, probe_joules)
 
         plot_curve, plot_error = _single_index_curve(fit_rows, level)
 
@@ -116,6 +92,53 @@ def analyse(
         timing={},
         forecaster=forecaster,
     )
+
+
+def _fit_forecaster(
+    usable: list[dict[str, Any]],
+    fit_rows: list[dict[str, Any]],
+    features: Sequence[str],
+    level: float,
+    max_epochs: float,
+    settings: Mapping[str, Any],
+) -> tuple[Any, str | None]:
+    """The forecaster fitted beside the index cost model, with the host's energy rate; or why not."""
+    from shiftcost.energy import HostEnergyRate, run_work
+    from shiftcost.forecast.forecaster import Forecaster
+
+    runs = [run_work(run) for row in usable for run in row.get("runs", [])]
+    hardware = next((run["energy"].get("cpu_model") for row in usable for run in row.get("runs", []) if run.get("energy")), None)
+    try:
+        rate = HostEnergyRate.fit(runs, hardware=hardware)
+    except Exception:  # noqa: BLE001 - no measured energy: epochs are still forecast
+        rate = None
+    try:
+        forecaster = Forecaster.fit(
+            fit_rows, features=list(features), level=level, max_epochs=max_epochs, group_key=GROUP_KEY,
+            energy_rate=rate, batch_size=int(settings.get("batch_size") or 64),
+            probe_settings={"steps": settings.get("probe_steps")},
+        )
+    except Exception as error:  # noqa: BLE001
+        return None, _describe(error)
+    return forecaster, None
+
+
+def _group_out(
+    fit_rows: list[dict[str, Any]], features: Sequence[str], level: float, probe_joules: float | None
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
+    """Leave-one-corruption-out evaluation (and again with the probe's joules); or why not."""
+    from shiftcost.costmodel import leave_one_group_out
+
+    try:
+        loco = leave_one_group_out(fit_rows, GROUP_KEY, level=level, features=list(features)).to_dict()
+        loco_probe = None
+        if probe_joules is not None:
+            loco_probe = leave_one_group_out(
+                fit_rows, GROUP_KEY, level=level, joules_per_sample_epoch=probe_joules, features=list(features)
+            ).to_dict()
+    except Exception as error:  # noqa: BLE001
+        return None, None, _describe(error)
+    return loco, loco_probe, None
 
 
 def correlate(

@@ -81,7 +81,7 @@ def run_sweep(
 
     config = (config or SWEEP_CONFIG.for_model(spec)).replace(**retrain_settings)
     config = config.replace(require_energy=False)
-    recipe, cutoff, caps = config.recipe, config.cutoff, config.caps
+    recipe, cutoff = config.recipe, config.cutoff
     device = config.device
     _check_data(reference_x, reference_y, "the reference data")
     _check_data(new_x, new_y, "the new data")
@@ -92,29 +92,8 @@ def run_sweep(
     started_wall = time.perf_counter()
     started_cpu = _cpu_seconds()
     load_start = _load_average()
-    settings = {
-        "sweep": {kind: list(values) for kind, values in sweep.items()},
-        "seed": seed,
-        "repeats": repeats,
-        "tolerance": cutoff.tolerance,
-        "eval_every": cutoff.eval_every,
-        "max_epochs": caps.max_epochs,
-        "max_steps": caps.max_steps,
-        "batch_size": recipe.batch_size,
-        "lr": recipe.lr,
-        "optimizer": recipe.optimizer,
-        "holdout_fraction": cutoff.holdout_fraction,
-        "replay_fraction": recipe.replay_with(True),
-        "country_iso_code": config.energy.country_iso_code,
-        "probe_steps": probe_steps,
-        "retrain": config.to_dict(),
-        "threads": threads,
-        "level": level,
-        "features": list(features),
-        "reference_samples": int(len(reference_y)),
-        "new_samples": int(len(new_y)),
-        "architecture": getattr(spec, "architecture", None),
-    }
+    settings = _sweep_settings(config, sweep, seed, repeats, probe_steps, threads, level, features, spec)
+    settings |= {"reference_samples": int(len(reference_y)), "new_samples": int(len(new_y))}
     rows: list[dict[str, Any]] = []
     probe_result: dict[str, Any] | None = None
     with torch_threads(threads):
@@ -131,26 +110,14 @@ def run_sweep(
             reference_y=reference_y if replay else None,
             reference_accuracy=reference_accuracy,
         )
-        if progress is not None:
-            progress(0, len(plan), "starting")
-        try:
-            for done, (kind, intensity) in enumerate(plan, start=1):
-                spent = time.perf_counter() - started_wall
-                if time_budget_s is not None and rows and spent + spent / len(rows) > time_budget_s:
-                    settings["stopped_early"] = f"time budget of {time_budget_s:g} s: {len(rows)} of {len(plan)} points"
-                    break
-                row = _run_point(
-                    model, spec, reference_stats, new_x, new_y, kind, intensity, seed, repeats, retrain_kwargs, assess,
-                    probe_steps=probe_steps,
-                )
-                rows.append(row)
-                if progress is not None:
-                    progress(done, len(plan), f"{kind} {intensity:g}: {row['status']}")
-        except KeyboardInterrupt as interrupt:
-            if out_dir is not None and rows:
-                _write_partial(Path(out_dir), rows)
-            where = f"; they are in {out_dir}" if out_dir is not None and rows else ""
-            raise SweepInterrupted(f"sweep interrupted after {len(rows)} of {len(plan)} points{where}", rows) from interrupt
+
+        def point(kind: str, intensity: float) -> dict[str, Any]:
+            return _run_point(
+                model, spec, reference_stats, new_x, new_y, kind, intensity, seed, repeats, retrain_kwargs, assess,
+                probe_steps=probe_steps,
+            )
+
+        _run_points(plan, point, rows, settings, started_wall, time_budget_s, progress, out_dir)
         if probe:
             probe_result = _probe(model, spec, new_x, new_y, seed, device, config.energy.country_iso_code, config.energy.options, probe_seconds, recipe.batch_size)
 
@@ -169,6 +136,73 @@ def run_sweep(
     if out_dir is not None:
         result.write(out_dir)
     return result
+
+
+def _sweep_settings(
+    config: RetrainConfig,
+    sweep: Mapping[str, Sequence[float]],
+    seed: int,
+    repeats: int,
+    probe_steps: int,
+    threads: int | None,
+    level: float,
+    features: Sequence[str],
+    spec: Any,
+) -> dict[str, Any]:
+    """The settings a sweep records beside its rows."""
+    recipe, cutoff, caps = config.recipe, config.cutoff, config.caps
+    return {
+        "sweep": {kind: list(values) for kind, values in sweep.items()},
+        "seed": seed,
+        "repeats": repeats,
+        "tolerance": cutoff.tolerance,
+        "eval_every": cutoff.eval_every,
+        "max_epochs": caps.max_epochs,
+        "max_steps": caps.max_steps,
+        "batch_size": recipe.batch_size,
+        "lr": recipe.lr,
+        "optimizer": recipe.optimizer,
+        "holdout_fraction": cutoff.holdout_fraction,
+        "replay_fraction": recipe.replay_with(True),
+        "country_iso_code": config.energy.country_iso_code,
+        "probe_steps": probe_steps,
+        "retrain": config.to_dict(),
+        "threads": threads,
+        "level": level,
+        "features": list(features),
+        "architecture": getattr(spec, "architecture", None),
+    }
+
+
+def _run_points(
+    plan: list[tuple[str, float]],
+    point: Callable[[str, float], dict[str, Any]],
+    rows: list[dict[str, Any]],
+    settings: dict[str, Any],
+    started_wall: float,
+    time_budget_s: float | None,
+    progress: Progress | None,
+    out_dir: str | os.PathLike[str] | None,
+) -> None:
+    """Run the planned points into ``rows``, stopping before one likely to end past the time
+    budget; an interrupt keeps (and writes) the rows done so far."""
+    if progress is not None:
+        progress(0, len(plan), "starting")
+    try:
+        for done, (kind, intensity) in enumerate(plan, start=1):
+            spent = time.perf_counter() - started_wall
+            if time_budget_s is not None and rows and spent + spent / len(rows) > time_budget_s:
+                settings["stopped_early"] = f"time budget of {time_budget_s:g} s: {len(rows)} of {len(plan)} points"
+                break
+            row = point(kind, intensity)
+            rows.append(row)
+            if progress is not None:
+                progress(done, len(plan), f"{kind} {intensity:g}: {row['status']}")
+    except KeyboardInterrupt as interrupt:
+        if out_dir is not None and rows:
+            _write_partial(Path(out_dir), rows)
+        where = f"; they are in {out_dir}" if out_dir is not None and rows else ""
+        raise SweepInterrupted(f"sweep interrupted after {len(rows)} of {len(plan)} points{where}", rows) from interrupt
 
 
 def _run_point(
