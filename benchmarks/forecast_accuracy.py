@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_shifts import EVAL_KINDS, eval_corrupt  # noqa: E402
 
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
+from shiftcost.features import COST_FEATURES  # noqa: E402
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
@@ -127,7 +128,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         for intensity in intensities:
             shifted = eval_corrupt(new_x, kind, intensity, seed=0)
             report = assess(model, spec, stats, shifted, new_y, device="cpu")
-            features = {k: float(getattr(report, k)) for k in ("resque_dist", "inv_ari", "layer_shift", "accuracy", "mean_loss", "mean_entropy")}
+            features = {k: float(getattr(report, k)) for k in COST_FEATURES}
             stage0 = forecaster.predict(features)
             for seed in range(args.seeds):
                 probe = _probe(model, shifted, new_y, target, ceiling, seed)

@@ -34,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-INDEX_KEYS = ("resque_dist", "inv_ari", "layer_shift", "accuracy", "mean_loss", "mean_entropy")
+from shiftcost.features import COST_FEATURES  # noqa: E402
+
+INDEX_KEYS = COST_FEATURES  # the figures compared between the sharded and the single pass
 
 
 def max_difference(a, b) -> float:

@@ -228,6 +228,19 @@ def test_report_escapes_text_from_the_database(db, tmp_path):
     assert "bad &lt;b&gt;file&lt;/b&gt;" in raw
 
 
+def test_a_script_in_a_table_cell_or_note_comes_out_as_text(db, tmp_path):
+    with db.session() as session:
+        model = repo.register_model(session, "m", "digits_cnn")
+        batch, _ = repo.register_batch(session, model.id, "/in/x.npz", "fp", 1, False)
+        repo.set_batch_status(session, batch.id, "failed", "<script>alert('cell')</script>")
+    path = write_report(db, tmp_path / "r.html", title="<script>t</script>", notes=["<script>alert('note')</script>"]).path
+    raw = path.read_text(encoding="utf-8")
+    assert "<script>" not in raw
+    assert "<td class=\"failed\">failed: &lt;script&gt;alert(&#39;cell&#39;)&lt;/script&gt;</td>" in raw
+    assert "&lt;script&gt;alert(&#39;note&#39;)&lt;/script&gt;" in raw and "<title>&lt;script&gt;t&lt;/script&gt;</title>" in raw
+    assert "<script>" not in _parse(path).text
+
+
 def test_report_refuses_a_folder_as_output(db, tmp_path):
     from shiftcost.errors import InputError
 

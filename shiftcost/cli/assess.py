@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from shiftcost.cli.db import DatabaseUrlOption
+from shiftcost.features import Feature
 
 if TYPE_CHECKING:
     from shiftcost.pipeline import BatchResult
@@ -46,7 +47,7 @@ def _table(result: BatchResult) -> Any:
     if assessment.drift is not None:
         rows.append(("drift", f"{'detected' if assessment.drift else 'not detected'}  (report {assessment.drift_report})"))
     indices = assessment.indices or {}
-    for name in ("resque_dist", "inv_ari", "layer_shift", "resque_task", "accuracy"):
+    for name in (Feature.RESQUE_DIST, Feature.INV_ARI, Feature.LAYER_SHIFT, Feature.RESQUE_TASK, Feature.ACCURACY):
         if indices.get(name) is not None:
             rows.append((name, _number(indices[name])))
     prediction = assessment.prediction

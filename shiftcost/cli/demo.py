@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from shiftcost.errors import InputError
+from shiftcost.features import COST_FEATURES, Feature
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -63,9 +64,9 @@ QUICK_CALIBRATION_SWEEP: dict[str, tuple[float, ...]] = {
 }
 #: Cost model features tried in order; the first the calibration can support is used.
 FEATURE_SETS: tuple[tuple[str, ...], ...] = (
-    ("resque_dist", "inv_ari", "layer_shift", "accuracy", "mean_loss", "mean_entropy"),
-    ("resque_dist", "accuracy", "mean_loss"),
-    ("resque_dist",),
+    COST_FEATURES,
+    (Feature.RESQUE_DIST, Feature.ACCURACY, Feature.MEAN_LOSS),
+    (Feature.RESQUE_DIST,),
 )
 #: Demo settings (environment variables, so the flows see them too).
 DEMO_SETTINGS = {
@@ -403,7 +404,7 @@ def size_budget(cost_model: Any, settings: Settings, joules: float) -> dict[str,
     shifted = [{name: row["x"][name] for name in latest.features} for row in latest.rows if row["epochs"] > 0]
     uppers = [
         prediction.energy_kwh_upper
-        for prediction in cost_model.predict(shifted, samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
+        for prediction in cost_model.predict_costs(shifted, samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
         if prediction.energy_kwh_upper is not None and math.isfinite(prediction.energy_kwh_upper)
     ]
     if not uppers:

@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 
+from shiftcost.features import COST_FEATURES
+
 
 def register(app: typer.Typer) -> None:
     @app.command("forecast")
@@ -69,7 +71,7 @@ def register(app: typer.Typer) -> None:
         report = assess(net, spec, reference, new.x, new.y, device=device)
         features = {
             name: float(getattr(report, name))
-            for name in ("resque_dist", "inv_ari", "layer_shift", "accuracy", "mean_loss", "mean_entropy")
+            for name in COST_FEATURES
             if getattr(report, name) is not None
         }
         intensity = carbon_intensity

@@ -174,10 +174,10 @@ class Forecaster:
     ) -> Forecast:
         """Stage 0 alone, or stage 1 when a probe trajectory is given and stage 1 is fitted."""
         if probe is None or self.stage1 is None:
-            prediction = self.stage0.predict([dict(features)], max_epochs=self.max_epochs)[0]
+            prediction = self.stage0.predict_costs([dict(features)], max_epochs=self.max_epochs)[0]
             return self._finish(prediction, "index", dict(prediction.features), None, batch_samples, carbon_intensity)
         row = self._stage1_row(features, probe.epochs, probe.accuracy, probe.loss, probe.target_accuracy, probe.ceiling)
-        prediction = self.stage1.predict([row], max_epochs=self.max_epochs)[0]
+        prediction = self.stage1.predict_costs([row], max_epochs=self.max_epochs)[0]
         known = None
         if probe.accuracy[0] >= probe.target_accuracy:
             # The retrain's first evaluation is on the same held-out split (same seed): it stops there.
@@ -208,7 +208,7 @@ class Forecaster:
         if self.stage1 is None:
             raise InputError(f"this cost model has no probe stage ({self.stage1_error}); recalibrate with probe steps > 0.")
         row = self._stage1_row(features, epochs, accuracy, loss, target, ceiling)
-        prediction = self.stage1.predict([row], max_epochs=self.max_epochs)[0]
+        prediction = self.stage1.predict_costs([row], max_epochs=self.max_epochs)[0]
         spent = float(epochs[-1])
         interval, p_fail = _condition_on_spent(prediction, spent, self.stage1.epochs_offset, self.max_epochs)
         return self._finish(

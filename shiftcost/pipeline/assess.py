@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError
+from shiftcost.features import KNOWN_FEATURES
 from shiftcost.pipeline.claims import Claim, ClaimLost, claim_for_assessment, fail_claimed, guarded_update, release_claim
 from shiftcost.pipeline.labels import label_free_key, labels_beside, with_labels
 from shiftcost.pipeline.common import Artifacts, json_safe, carbon_intensity, load_cost_model, training_samples
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 #: Features of the cost model that the index report can supply.
-REPORT_FEATURES = ("resque_dist", "inv_ari", "layer_shift", "resque_task", "preindex_p", "accuracy", "mean_loss", "mean_entropy", "mean_confidence")
+REPORT_FEATURES = KNOWN_FEATURES
 _SEVERITY = {"info": 0, "allow": 0, "defer": 1, "skip": 2}
 # Where a batch goes after its decision: a skip is finished, the others wait for more.
 _STATUS_AFTER = {"skip": "done", "defer": "assessed", "retrain": "assessed"}
@@ -387,7 +388,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
     intensity = carbon_intensity(settings)
     prediction, problem = None, None
     try:
-        (prediction,) = cost_model.predict([features], samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
+        (prediction,) = cost_model.predict_costs([features], samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
     except InputError as error:
         problem = str(error)
     return CostEstimate(

@@ -79,11 +79,11 @@ def test_censored_runs_pull_predictions_up_towards_the_truth(seed):
     truth = math.exp(0.4 + 2.5 * 0.95) - 1.0  # median of the latent cost there
 
     params = dict(features=["resque_dist"], alpha=0.0)
-    censored_fit = CostModel(**params).fit(rows).predict([x_high])[0].epochs
+    censored_fit = CostModel(**params).fit(rows).predict_costs([x_high])[0].epochs
     dropped = [r for r in rows if r["reached_cutoff"]]
-    dropped_fit = CostModel(**params).fit(dropped).predict([x_high])[0].epochs
+    dropped_fit = CostModel(**params).fit(dropped).predict_costs([x_high])[0].epochs
     at_cap = [dict(r, reached_cutoff=True) for r in rows]
-    at_cap_fit = CostModel(**params).fit(at_cap).predict([x_high])[0].epochs
+    at_cap_fit = CostModel(**params).fit(at_cap).predict_costs([x_high])[0].epochs
 
     assert censored_fit > dropped_fit and censored_fit > at_cap_fit
     assert abs(math.log(censored_fit / truth)) < abs(math.log(dropped_fit / truth))
@@ -96,7 +96,7 @@ def test_zero_cost_runs_fit_and_predict_zero_lower_bounds():
     assert any(r["epochs"] == 0 for r in rows)
     for zero_censored in (True, False):
         model = CostModel(zero_cost_censored=zero_censored).fit(rows)
-        low = model.predict([{"resque_dist": 0.0, "mean_entropy": 0.0}])[0]
+        low = model.predict_costs([{"resque_dist": 0.0, "mean_entropy": 0.0}])[0]
         assert low.epochs >= 0 and low.epochs_lower == 0.0
     assert CostModel().fit(rows).loo_["n_zero_cost"] == sum(r["epochs"] == 0 for r in rows)
 
@@ -134,21 +134,23 @@ def test_prediction_needs_every_fitted_feature():
     rows = [dict(r, inv_ari=0.2) for r in linear_rows(seed=2, n=20)]
     model = CostModel().fit(rows)
     with pytest.raises(InputError, match=r"run 1 has no finite value for \['inv_ari'\].*version 1"):
-        model.predict([{"resque_dist": 0.1, "inv_ari": 0.1, "mean_entropy": 0.1}, {"resque_dist": 0.1, "mean_entropy": 0.1}])
+        model.predict_costs([{"resque_dist": 0.1, "inv_ari": 0.1, "mean_entropy": 0.1}, {"resque_dist": 0.1, "mean_entropy": 0.1}])
     with pytest.raises(InputError, match="no finite value"):
-        model.predict([{"resque_dist": 0.1, "inv_ari": float("nan"), "mean_entropy": 0.1}])
-    with pytest.raises(InputError, match="2 columns but 3 feature names"):
-        model.predict(np.zeros((1, 2)))
-    by_array = model.predict(np.array([[0.3, 0.2, 0.4]]), feature_names=["mean_entropy", "inv_ari", "resque_dist"])[0]
-    by_dict = model.predict([{"resque_dist": 0.4, "inv_ari": 0.2, "mean_entropy": 0.3, "extra": "ignored"}])[0]
+        model.predict_costs([{"resque_dist": 0.1, "inv_ari": float("nan"), "mean_entropy": 0.1}])
+    with pytest.raises(InputError, match="X has 2 features, but CostModel is expecting 3"):
+        model.predict_costs(np.zeros((1, 2)))
+    by_array = model.predict_costs(np.array([[0.3, 0.2, 0.4]]), feature_names=["mean_entropy", "inv_ari", "resque_dist"])[0]
+    by_dict = model.predict_costs([{"resque_dist": 0.4, "inv_ari": 0.2, "mean_entropy": 0.3, "extra": "ignored"}])[0]
     assert by_array == by_dict
 
 
-def test_array_input_needs_feature_names_and_y():
+def test_array_input_names_its_columns_and_needs_y():
     X = np.random.default_rng(0).uniform(size=(15, 2))
     y = np.exp(X @ [1.0, 0.5]) - 1
-    with pytest.raises(InputError, match="feature_names"):
-        CostModel().fit(X, y)
+    unnamed = CostModel().fit(X, y)
+    assert unnamed.features_ == ["x0", "x1"] and unnamed.signs_ == [0, 0]
+    with pytest.raises(InputError, match="X has 2 columns but 3 feature names"):
+        CostModel().fit(X, y, feature_names=["a", "b", "c"])
     with pytest.raises(InputError, match="no target"):
         CostModel().fit(X, feature_names=["resque_dist", "accuracy"])
     with pytest.raises(InputError, match="y has 14 values but X has 15 rows"):
@@ -179,4 +181,4 @@ def test_bad_parameters_are_rejected(params):
 
 def test_unfitted_model_says_so():
     with pytest.raises(InputError, match="not been fitted"):
-        CostModel().predict([{"resque_dist": 0.1}])
+        CostModel().predict_costs([{"resque_dist": 0.1}])

@@ -22,7 +22,7 @@ def test_held_out_predictions_equal_a_model_fitted_on_the_other_groups():
         model = CostModel(alpha=0.5).fit(train, groups="corruption")
         joules = float(np.median([r["energy_kwh"] * 3.6e6 / (r["epochs"] * r["samples"]) for r in train]))
         assert joules == pytest.approx(estimate_joules_per_sample_epoch(train))
-        expected = model.predict(test, joules_per_sample_epoch=joules)
+        expected = model.predict_costs(test, joules_per_sample_epoch=joules)
         got = [p for p in report.points if p["corruption"] == held_out]
         for point, pred, row in zip(got, expected, test):
             assert point["epochs_pred"] == pred.epochs and point["energy_kwh_upper"] == pred.energy_kwh_upper

@@ -21,9 +21,9 @@ def test_refit_with_costlier_outcomes_raises_predictions_there_and_keeps_the_old
     rows = linear_rows(seed=40, n=30)
     model = CostModel().fit(rows, note="calibration")
     v1 = copy.deepcopy(model.history_.latest)
-    before = model.predict(GRID)
+    before = model.predict_costs(GRID)
     high = {"resque_dist": 0.9, "mean_entropy": 0.5}
-    expected_before = model.predict([high])[0].epochs
+    expected_before = model.predict_costs([high])[0].epochs
     rng = np.random.default_rng(1)
     outcomes = [
         {"resque_dist": x, "mean_entropy": 0.5, "epochs": 3.0 * (math.exp(0.4 + 2.0 * x + 0.25) - 1.0), "reached_cutoff": True}
@@ -36,14 +36,14 @@ def test_refit_with_costlier_outcomes_raises_predictions_there_and_keeps_the_old
     v2 = model.history_.latest
     assert v2.parent == 1 and v2.note == "production retrains"
     assert len(v2.rows) == len(rows) + len(outcomes) and sum(r["censored"] for r in v2.rows) == 1
-    after = model.predict([high])[0]
+    after = model.predict_costs([high])[0]
     assert after.epochs > expected_before
-    assert after.epochs_upper > model.predict([high], version=1)[0].epochs_upper
+    assert after.epochs_upper > model.predict_costs([high], version=1)[0].epochs_upper
     low = {"resque_dist": 0.05, "mean_entropy": 0.5}  # far from the new outcomes: barely moves
-    assert model.predict([low])[0].epochs == pytest.approx(model.predict([low], version=1)[0].epochs, rel=0.5)
+    assert model.predict_costs([low])[0].epochs == pytest.approx(model.predict_costs([low], version=1)[0].epochs, rel=0.5)
     # The old version is unchanged and still predicts exactly what it did.
     assert model.history_.get(1).to_dict() == v1.to_dict()
-    assert model.predict(GRID, version=1) == before
+    assert model.predict_costs(GRID, version=1) == before
 
 
 def test_refit_needs_the_fitted_features():
@@ -70,7 +70,7 @@ def test_json_round_trip_reproduces_every_version_exactly():
     restored = CostModel.from_json(text)
     for version in (1, 2):
         kwargs = dict(samples=900, joules_per_sample_epoch=3.5, carbon_intensity=0.4, version=version)
-        assert restored.predict(GRID, **kwargs) == model.predict(GRID, **kwargs)
+        assert restored.predict_costs(GRID, **kwargs) == model.predict_costs(GRID, **kwargs)
         assert restored.explain(GRID[3], version=version) == model.explain(GRID[3], version=version)
     assert restored.get_params() == model.get_params()
     assert restored.to_json() == text
@@ -85,7 +85,7 @@ def test_a_model_rebuilt_from_stored_version_records_predicts_the_same():
     rebuilt = CostModel.from_versions(stored)
     assert rebuilt.version_ == 2 and rebuilt.alpha == 0.4
     for version in (1, 2):
-        assert rebuilt.predict(GRID, version=version) == model.predict(GRID, version=version)
+        assert rebuilt.predict_costs(GRID, version=version) == model.predict_costs(GRID, version=version)
 
 
 def test_from_json_rejects_foreign_payloads():
@@ -105,7 +105,7 @@ def test_version_records_data_parameters_and_held_out_error():
     assert record["rows"][0]["meta"]["true_epochs"] == rows[0]["true_epochs"]
     assert set(record["loo"]) >= {"mdape_epochs", "coverage", "n", "n_censored", "cv"}
     with pytest.raises(InputError, match="version 7 does not exist"):
-        model.predict(GRID, version=7)
+        model.predict_costs(GRID, version=7)
 
 
 def test_explain_contributions_add_up_to_the_prediction():
@@ -114,7 +114,7 @@ def test_explain_contributions_add_up_to_the_prediction():
     x = {"resque_dist": 0.8, "inv_ari": 0.2, "mean_entropy": 0.4}
     explanation = model.explain(x)
     assert explanation["baseline"] + sum(explanation["contributions"].values()) == pytest.approx(explanation["log_epochs"])
-    assert explanation["epochs"] == pytest.approx(model.predict([x])[0].epochs, rel=1e-12)
+    assert explanation["epochs"] == pytest.approx(model.predict_costs([x])[0].epochs, rel=1e-12)
     at_mean = model.explain(explanation["feature_mean"])
     assert all(abs(c) < 1e-12 for c in at_mean["contributions"].values())
     assert at_mean["log_epochs"] == pytest.approx(explanation["baseline"])
@@ -126,19 +126,19 @@ def test_runs_beyond_the_cap_are_predicted_not_to_converge():
     rows = linear_rows(seed=48, n=40, slopes=(3.0, 0.0), noise=0.2, cap_epochs=5.0)
     model = CostModel(features=["resque_dist"]).fit(rows)
     assert model.cap_epochs_ == 5.0
-    far, near = model.predict([{"resque_dist": 1.2}, {"resque_dist": 0.1}])
+    far, near = model.predict_costs([{"resque_dist": 1.2}, {"resque_dist": 0.1}])
     assert far.predicted_not_to_converge and far.p_not_converge > 0.5 and far.max_epochs == 5.0
     assert not near.predicted_not_to_converge and near.p_not_converge < 0.01
-    relaxed = model.predict([{"resque_dist": 1.2}], max_epochs=1000.0)[0]
+    relaxed = model.predict_costs([{"resque_dist": 1.2}], max_epochs=1000.0)[0]
     assert not relaxed.predicted_not_to_converge and relaxed.epochs == far.epochs
     uncapped = CostModel(features=["resque_dist"]).fit(linear_rows(seed=48, n=40))
-    pred = uncapped.predict([{"resque_dist": 1.2}])[0]
+    pred = uncapped.predict_costs([{"resque_dist": 1.2}])[0]
     assert pred.max_epochs is None and pred.p_not_converge is None and not pred.predicted_not_to_converge
 
 
 def test_prediction_serialises_to_plain_json():
     model = CostModel().fit(linear_rows(seed=49, n=20))
-    pred = model.predict(GRID[:1], samples=100, joules_per_sample_epoch=1.0, carbon_intensity=0.2)[0]
+    pred = model.predict_costs(GRID[:1], samples=100, joules_per_sample_epoch=1.0, carbon_intensity=0.2)[0]
     assert isinstance(pred, CostPrediction)
     data = json.loads(json.dumps(pred.to_dict(), allow_nan=False))
     assert data["model_version"] == 1 and data["level"] == 0.9
@@ -149,7 +149,7 @@ def test_prediction_serialises_to_plain_json():
 def test_predictions_outside_the_fitted_range_name_the_features():
     rows = linear_rows(seed=50, n=20)
     model = CostModel().fit(rows)
-    inside, outside = model.predict([{"resque_dist": 0.5, "mean_entropy": 0.5}, {"resque_dist": 1.5, "mean_entropy": -0.1}])
+    inside, outside = model.predict_costs([{"resque_dist": 0.5, "mean_entropy": 0.5}, {"resque_dist": 1.5, "mean_entropy": -0.1}])
     assert inside.extrapolated == [] and outside.extrapolated == ["resque_dist", "mean_entropy"]
     assert outside.to_dict()["extrapolated"] == ["resque_dist", "mean_entropy"]
 
@@ -177,7 +177,7 @@ def test_estimator_contract_fit_resets_and_unfitted_raises_not_fitted() -> None:
     with pytest.raises(NotFittedError):
         check_is_fitted(model)
     with pytest.raises(NotFittedError) as caught:
-        model.predict([{"resque_dist": 0.1, "mean_entropy": 0.2}])
+        model.predict_costs([{"resque_dist": 0.1, "mean_entropy": 0.2}])
     assert isinstance(caught.value, InputError)  # still one sentence on the command line
     model.fit(linear_rows(seed=61, n=20))
     check_is_fitted(model)

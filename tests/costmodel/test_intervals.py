@@ -48,7 +48,7 @@ def test_jackknife_plus_matches_explicit_leave_one_out_refits(level):
     rows = linear_rows(seed=21, n=25, intercept=1.0)
     model = CostModel(monotone=False, alpha=0.3, level=level).fit(rows)
     expected = _explicit_interval(rows, TESTS, [[i] for i in range(len(rows))], 0.3, level)
-    for pred, (lo, hi) in zip(model.predict(TESTS), expected):
+    for pred, (lo, hi) in zip(model.predict_costs(TESTS), expected):
         assert pred.epochs_lower == pytest.approx(lo, rel=1e-6)
         assert pred.epochs_upper == pytest.approx(hi, rel=1e-6)
         assert pred.level == level
@@ -61,7 +61,7 @@ def test_cv_plus_uses_groups_as_folds():
     model = CostModel(monotone=False, alpha=0.3).fit(rows, groups=groups)
     folds = [[i for i, g in enumerate(groups) if g == label] for label in ("g0", "g1", "g2", "g3")]
     expected = _explicit_interval(rows, TESTS, folds, 0.3, 0.9)
-    for pred, (lo, hi) in zip(model.predict(TESTS), expected):
+    for pred, (lo, hi) in zip(model.predict_costs(TESTS), expected):
         assert pred.epochs_lower == pytest.approx(lo, rel=1e-6)
         assert pred.epochs_upper == pytest.approx(hi, rel=1e-6)
     assert model.loo_["cv"] == "leave-one-group-out (4 groups)"
@@ -70,15 +70,15 @@ def test_cv_plus_uses_groups_as_folds():
 def test_interval_level_can_change_at_prediction_time():
     rows = linear_rows(seed=23, n=30, intercept=1.0)
     model = CostModel(monotone=False, alpha=0.3).fit(rows)
-    wide, narrow = model.predict(TESTS, level=0.95), model.predict(TESTS, level=0.5)
+    wide, narrow = model.predict_costs(TESTS, level=0.95), model.predict_costs(TESTS, level=0.5)
     expected = _explicit_interval(rows, TESTS, [[i] for i in range(len(rows))], 0.3, 0.5)
     for w, n, (lo, hi) in zip(wide, narrow, expected):
         assert w.epochs_lower <= n.epochs_lower <= n.epochs_upper <= w.epochs_upper
         assert (n.epochs_lower, n.epochs_upper) == (pytest.approx(lo, rel=1e-6), pytest.approx(hi, rel=1e-6))
     # 0.95 needs ceil(0.95 * 31) = 30 <= 30 runs: still finite; 0.99 does not.
     assert math.isfinite(wide[0].epochs_upper)
-    assert math.isinf(model.predict(TESTS[:1], level=0.99)[0].epochs_upper)
-    assert model.predict(TESTS[:1], level=0.99)[0].to_dict()["epochs_upper"] is None
+    assert math.isinf(model.predict_costs(TESTS[:1], level=0.99)[0].epochs_upper)
+    assert model.predict_costs(TESTS[:1], level=0.99)[0].to_dict()["epochs_upper"] is None
 
 
 def test_fold_models_equal_fresh_fits_and_censored_scores_are_truncated_normal_quantiles():
@@ -127,7 +127,7 @@ def test_censored_scores_enter_the_interval_as_fractional_runs():
         upper_rank = math.ceil(Fraction(str(level)) * (len(rows) + 1) * m)
         expected_hi = ref.kth_smallest(highs, upper_rank)
         expected_lo = -ref.kth_smallest([-v for v in lows], upper_rank)
-        pred = model.predict([x])[0]
+        pred = model.predict_costs([x])[0]
         assert pred.epochs_upper == pytest.approx(max(math.expm1(expected_hi), 0.0), rel=1e-12)
         assert pred.epochs_lower == pytest.approx(max(math.expm1(expected_lo), 0.0), rel=1e-12, abs=1e-12)
 
@@ -136,7 +136,7 @@ def _coverage_run(seed, n, cap_epochs, m=100):
     rows = linear_rows(seed=seed, n=n, cap_epochs=cap_epochs)
     fresh = linear_rows(seed=10_000 + seed, n=m)
     model = CostModel().fit(rows)
-    preds = model.predict([{k: t[k] for k in NAMES} for t in fresh])
+    preds = model.predict_costs([{k: t[k] for k in NAMES} for t in fresh])
     hits = [p.epochs_lower <= t["true_epochs"] <= p.epochs_upper for p, t in zip(preds, fresh)]
     widths = [math.log1p(p.epochs_upper) - math.log1p(max(p.epochs_lower, 0.0)) for p in preds]
     return float(np.mean(hits)), float(np.median(widths))
@@ -193,7 +193,7 @@ unit = st.floats(0.0, 1.0, allow_nan=False)
 def test_more_shift_never_predicts_less_cost(x, feature, step):
     moved = dict(x)
     moved[feature] += -step if feature == "accuracy" else step  # lower accuracy = further from the cutoff
-    before, after = MONOTONE_MODEL.predict([x, moved], samples=1000, joules_per_sample_epoch=2.0)
+    before, after = MONOTONE_MODEL.predict_costs([x, moved], samples=1000, joules_per_sample_epoch=2.0)
     for field in ("epochs", "epochs_lower", "epochs_upper", "energy_kwh", "energy_kwh_upper"):
         assert getattr(after, field) >= getattr(before, field), field
 
@@ -224,3 +224,38 @@ def test_leave_one_out_summary_matches_explicit_refits():
         q = ref.kth_smallest(others, ref.conformal_ranks(len(others), 0.9)[1])
         hits.append(residuals[i] <= q)
     assert model.loo_["coverage"] == pytest.approx(float(np.mean(hits)))
+
+
+def test_each_censored_run_enters_as_nineteen_truncated_normal_quantiles():
+    """The imputation count is a design choice: 19 scores per capped run, each weighing 1/19.
+
+    Everything here is computed outside the model's state: fold models are fresh fits
+    without the run, its scores come from scipy's truncated normal, and the interval is a
+    plain order statistic of the expanded scores.
+    """
+    imputations = 19
+    level = 0.9
+    rows = linear_rows(seed=26, n=22, intercept=1.0, cap_epochs=8.0)
+    censored = {i for i, r in enumerate(rows) if not r["reached_cutoff"]}
+    assert len(censored) >= 3
+    model = CostModel(monotone=False, alpha=0.5, level=level).fit(rows)
+    X, z = _xz(rows)
+    quantiles = [(j - 0.5) / imputations for j in range(1, imputations + 1)]
+    held_out = []  # (fold model's intercept, coef, scores) for every run
+    for i in range(len(rows)):
+        fresh = CostModel(monotone=False, alpha=0.5, level=level).fit(rows[:i] + rows[i + 1 :])
+        mu = fresh.intercept_ + X[i] @ fresh.coef_
+        if i in censored:
+            bound = (z[i] - mu) / fresh.sigma_
+            scores = [abs(stats.truncnorm.ppf(u, bound, np.inf, loc=0.0, scale=fresh.sigma_)) for u in quantiles]
+        else:
+            scores = [abs(z[i] - mu)] * imputations
+        held_out.append((fresh.intercept_, fresh.coef_, scores))
+    upper_rank = math.ceil(Fraction(str(level)) * (len(rows) + 1) * imputations)
+    for x in TESTS:
+        xv = np.array([x[n] for n in NAMES])
+        highs = [b0 + xv @ coef + s for b0, coef, scores in held_out for s in scores]
+        lows = [b0 + xv @ coef - s for b0, coef, scores in held_out for s in scores]
+        pred = model.predict_costs([x])[0]
+        assert pred.epochs_upper == pytest.approx(max(math.expm1(ref.kth_smallest(highs, upper_rank)), 0.0), rel=1e-4)
+        assert pred.epochs_lower == pytest.approx(max(math.expm1(-ref.kth_smallest([-v for v in lows], upper_rank)), 0.0), rel=1e-4, abs=1e-9)

@@ -58,7 +58,7 @@ def test_a_stored_cost_model_predicts_exactly_as_the_fitted_one(pipeline_env: Pi
     assert latest.id == row.id and latest.version == 2  # version 1 came from the bootstrap
     inputs = [{"resque_dist": value} for value in (0.0, 0.05, 0.2, 0.5)]
     options = {"samples": 160, "joules_per_sample_epoch": 0.5, "carbon_intensity": 0.05}
-    assert [p.to_dict() for p in loaded.predict(inputs, **options)] == [p.to_dict() for p in fitted.predict(inputs, **options)]
+    assert [p.to_dict() for p in loaded.predict_costs(inputs, **options)] == [p.to_dict() for p in fitted.predict_costs(inputs, **options)]
 
 
 @sqlite_only

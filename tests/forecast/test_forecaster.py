@@ -55,7 +55,7 @@ def test_in_flight_forecast_is_conditioned_on_the_epochs_spent() -> None:
     # Against Monte Carlo rejection sampling of the same normal law of log(epochs + 1).
     row = forecaster._stage1_row(forecast_rows()[5], epochs, accuracy, loss, 0.9, 0.93)
     assert row[STAGE0_FEATURE] <= max(r["x"][STAGE0_FEATURE] for r in forecaster.stage1.history_.latest.rows)
-    plain = forecaster.stage1.predict([row])[0]
+    plain = forecaster.stage1.predict_costs([row])[0]
     mu = math.log1p(plain.epochs)
     half = 1.6448536269514722
     sd = (math.log1p(plain.epochs_upper) - math.log1p(plain.epochs_lower)) / (2 * half)
@@ -76,7 +76,7 @@ def test_not_converging_uses_the_sweep_cap_even_when_no_run_was_capped() -> None
     result = analyse(sweep_rows, settings=settings, features=list(INDEX))
     assert result.cost_model.max_epochs == 3.0 and result.forecaster.max_epochs == 3.0
     hardest = max(rows, key=lambda r: r["epochs"])
-    prediction = result.cost_model.predict([hardest])[0]
+    prediction = result.cost_model.predict_costs([hardest])[0]
     assert prediction.epochs > 3.0 and prediction.predicted_not_to_converge
     assert result.forecaster.predict(hardest).not_converging
 
