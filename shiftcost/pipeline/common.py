@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from shiftcost.config import Settings
     from shiftcost.costmodel import CostModel
+    from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.store import Database
     from shiftcost.store.models import Calibration
 
@@ -33,6 +34,7 @@ __all__ = [
     "connect",
     "json_safe",
     "load_cost_model",
+    "load_forecaster",
     "store_cost_model",
     "training_samples",
 ]
@@ -145,6 +147,44 @@ def load_cost_model(session: Session, architecture: str) -> tuple[CostModel, Cal
     version["rows"] = row.fit_data["rows"]
     payload = {"format": row.parameters["format"], "params": version["params"], "history": [version]}
     return CostModel.from_json(json.dumps(payload)), row
+
+
+def load_forecaster(session: Session, architecture: str, *, batch_size: int) -> Forecaster | None:
+    """The architecture's newest cost model as a forecaster, with the host's energy rate.
+
+    The energy rate is the architecture's newest energy probe (refitted from real retrains
+    after each one, see ``pipeline.retrain.refit_energy_rate``), read as joules per
+    sample-gradient, so the guard prices a run exactly as the assessment priced it. A
+    probe stage (stage 1) is used when the calibration row stores one under
+    ``details["forecaster"]`` (what ``Forecaster.to_json`` writes for it).
+    """
+    from shiftcost.costmodel import CostModel
+    from shiftcost.energy import HostEnergyRate
+    from shiftcost.forecast import protocol
+    from shiftcost.forecast.forecaster import Forecaster
+    from shiftcost.store import repository
+
+    stored = load_cost_model(session, architecture)
+    if stored is None:
+        return None
+    stage0, row = stored
+    saved = dict((row.details or {}).get("forecaster") or {})
+    probe = repository.latest_energy_probe(session, architecture)
+    rate = None
+    if probe is not None:
+        rate = HostEnergyRate(float(probe.joules_per_sample_epoch), 0.0, 1, probe.hardware)
+    elif saved.get("energy_rate"):
+        rate = HostEnergyRate.from_dict(saved["energy_rate"])
+    stage1 = None if not saved.get("stage1") else CostModel.from_json(json.dumps(saved["stage1"]))
+    return Forecaster(
+        stage0,
+        stage1,
+        max_epochs=saved.get("max_epochs") or stage0.max_epochs or protocol.MAX_EPOCHS,
+        energy_rate=rate,
+        batch_size=batch_size,
+        probe_settings=saved.get("probe_settings"),
+        stage1_error=saved.get("stage1_error") or (None if stage1 else "the stored cost model has no probe stage"),
+    )
 
 
 def json_safe(value: Any) -> Any:

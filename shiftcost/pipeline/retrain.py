@@ -5,7 +5,10 @@
 2. :func:`load_for_retrain` reads the model, the batch, the reference and the indices the
    decision was based on;
 3. :func:`execute_retrain` fine-tunes a copy of the model to the cutoff accuracy
-   (``shiftcost.retrain.retrain_to_cutoff``, CodeCarbon measuring);
+   (``shiftcost.retrain.retrain_to_cutoff``, CodeCarbon measuring), under the in-flight
+   budget guard (``shiftcost.forecast.guard.BudgetGuard``) against what the budgets had
+   left when the run was reserved: a run whose forecast no longer fits is stopped
+   (status ``stopped_by_budget``), its spend settled, the model left as it was;
 4. :func:`build_new_version` saves the new weights and computes the new version's
    reference stats (over the parent's reference data and the batch), when the run
    reached the cutoff by training;
@@ -29,7 +32,7 @@ from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError, ShiftcostError
 from shiftcost.pipeline.assess import REPORT_FEATURES
 from shiftcost.pipeline.claims import Claim, ClaimLost, claim, guarded_update
-from shiftcost.pipeline.common import Artifacts, json_safe, load_cost_model, store_cost_model
+from shiftcost.pipeline.common import Artifacts, json_safe, load_cost_model, load_forecaster, store_cost_model
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from shiftcost.config import Settings
     from shiftcost.costmodel import CostModel
     from shiftcost.data import Batch, ModelSpec
+    from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.index.reference import ReferenceStats
     from shiftcost.retrain import RetrainResult
     from shiftcost.store import Database
@@ -90,6 +94,9 @@ class RetrainInputs:
     data: Batch
     features: dict[str, float]
     source_uri: str
+    forecaster: Forecaster | None = None
+    budget_left_kwh: float | None = None
+    """The least kWh any applicable budget had left when the run was reserved (None: unlimited)."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,7 @@ class RetrainOutcome:
 
     batch_id: int
     status: str
-    """``succeeded``, ``cap_reached`` or ``failed``; ``not_started`` when the batch was not
+    """``succeeded``, ``cap_reached``, ``stopped_by_budget`` or ``failed``; ``not_started`` when the batch was not
     waiting for retraining (already retrained, or its decision was not retrain)."""
     run_id: int | None = None
     decision_id: int | None = None
@@ -206,6 +213,13 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         if decision is not None and decision.cost_prediction is not None:
             index_run = session.get(IndexRun, decision.cost_prediction.index_run_id)
         features = {} if index_run is None else {n: getattr(index_run, n) for n in REPORT_FEATURES if getattr(index_run, n) is not None}
+        budget_left = budget_left_at_reservation(None if decision is None else decision.budget_state)
+        forecaster = None
+        if budget_left is not None:
+            from shiftcost.recipe import RetrainConfig
+
+            batch_size = RetrainConfig.from_settings(settings).recipe.batch_size
+            forecaster = load_forecaster(session, model_row.architecture, batch_size=batch_size)
         source_uri, model_id, name, version = batch.source_uri, model_row.id, model_row.name, model_row.version
         labels_uri, fingerprint = batch.labels_uri, batch.fingerprint
         weights, details = model_row.weights_uri, dict(model_row.details or {})
@@ -231,14 +245,30 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         data=data,
         features=features,
         source_uri=source_uri,
+        forecaster=forecaster,
+        budget_left_kwh=budget_left,
     )
+
+
+def budget_left_at_reservation(budget_state: Any) -> float | None:
+    """The least kWh left on the budgets the decision saw (under their lock, before its own
+    reservation); None when no budget limits kWh."""
+    left = [float(b["remaining_kwh"]) for b in budget_state or [] if b.get("remaining_kwh") is not None]
+    return min(left) if left else None
 
 
 # ----------------------------------------------------------------------------- 3. retrain
 
 
 def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
-    """Fine-tune a copy of the model on the batch to the reference accuracy minus the tolerance."""
+    """Fine-tune a copy of the model on the batch to the reference accuracy minus the tolerance.
+
+    With a budget and a forecaster the run is guarded (:func:`budget_guard`); a run the
+    guard stops has status ``stopped_by_budget`` and the guard's sentence as its
+    ``stop_reason``, with the guard's view under ``details``'s ``budget_guard``.
+    """
+    import dataclasses
+
     from shiftcost.retrain import retrain_to_cutoff
 
     from shiftcost.recipe import RetrainConfig
@@ -246,7 +276,8 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     data = inputs.data
     config = RetrainConfig.from_settings(settings).for_model(inputs.spec)
     reference = load_replay_data(inputs, config)
-    return retrain_to_cutoff(
+    guard = budget_guard(inputs, config.cutoff.holdout_fraction)
+    result = retrain_to_cutoff(
         inputs.model,
         data.x,
         data.y,
@@ -254,7 +285,38 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
         reference_x=None if reference is None else reference.x,
         reference_y=None if reference is None else reference.y,
         reference_accuracy=inputs.reference.accuracy,
+        progress=guard,
         source=f"batch {inputs.source_uri}",
+    )
+    if guard is not None and result.status == "stopped_by_budget" and guard.reason:
+        result = dataclasses.replace(result, stop_reason=guard.reason)
+    return result
+
+
+def budget_guard(inputs: RetrainInputs, holdout_fraction: float) -> Any:
+    """The in-flight guard against what the budgets had left at reservation, or None.
+
+    None when no budget limits kWh or no cost model with an energy rate is stored. The
+    initial forecast is the index model's for this batch (the guard refines it from the
+    run's own evaluations when a probe stage is stored).
+    """
+    from shiftcost.forecast.guard import BudgetGuard
+
+    forecaster = inputs.forecaster
+    if inputs.budget_left_kwh is None or forecaster is None or forecaster.energy_rate is None or inputs.reference.accuracy is None:
+        return None
+    try:
+        initial = forecaster.predict(inputs.features, batch_samples=len(inputs.data))
+    except InputError:
+        initial = None  # the indices the cost model needs are missing: only spend is watched
+    return BudgetGuard(
+        forecaster,
+        budget_kwh=inputs.budget_left_kwh,
+        batch_samples=len(inputs.data),
+        ceiling=float(inputs.reference.accuracy),
+        features=inputs.features or None,
+        initial=initial,
+        holdout_fraction=holdout_fraction,
     )
 
 
@@ -482,9 +544,16 @@ def record_retrain_success(
     assert result.energy is not None
     kwh, co2 = result.energy.energy_kwh, result.energy.emissions_kg
     notes = list(notes or [])
+    stopped = result.status == "stopped_by_budget"
+    if stopped:
+        notes.append(f"stopped by the budget guard: {result.stop_reason}")
+        new_version = None  # a stopped run never reached the cutoff; the model stays as it was
     with db.session() as session:
         try:
-            guarded_update(session, job.claim, status="done")
+            if stopped:
+                guarded_update(session, job.claim, status="stopped_by_budget", failure_reason=f"Stopped by the budget guard: {result.stop_reason}")
+            else:
+                guarded_update(session, job.claim, status="done")
         except ClaimLost:
             # Closed as dead while it ran (no heartbeat within the lease): the batch stays
             # failed, but what the run spent is real and is still recorded.
@@ -526,7 +595,7 @@ def record_retrain_success(
         calibration = None
         if cost_model is not None:
             calibration = store_cost_model(session, inputs.spec.architecture, cost_model, source="refit", model_id=inputs.model_id)
-        status = "cap_reached" if result.status == "cap_reached" else "succeeded"
+        status = result.status if result.status in ("cap_reached", "stopped_by_budget") else "succeeded"
         measures = _run_measures(result)
         if notes:
             measures["details"] = measures.get("details", {}) | {"notes": notes}
