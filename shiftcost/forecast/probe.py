@@ -175,7 +175,9 @@ def run_probe(
     x_hold, y_hold = x[hold_idx], y[hold_idx].long()
     pool = len(train_idx)
     batch = min(batch_size, len(x_train))
-    optim = _make_optimizer(optimizer, [p for _, p in params], lr, 0.0)
+    from shiftcost.recipe import Recipe
+
+    optim = _make_optimizer(Recipe(optimizer=optimizer, lr=lr, weight_decay=0.0), [p for _, p in params])
     shuffle = torch.Generator().manual_seed(seed)
 
     meter = None

@@ -34,6 +34,7 @@ __all__ = [
     "connect",
     "json_safe",
     "load_cost_model",
+    "least_kwh_left",
     "load_forecaster",
     "store_cost_model",
     "training_samples",
@@ -106,8 +107,13 @@ def store_cost_model(
     *,
     source: str,
     model_id: int | None = None,
+    forecaster: Forecaster | None = None,
 ) -> Calibration:
-    """Add the cost model's newest version as the next calibration row of ``architecture``."""
+    """Add the cost model's newest version as the next calibration row of ``architecture``.
+
+    With ``forecaster`` (whose stage 0 is ``cost_model``) its probe stage, energy rate and
+    probe settings are kept under ``details["forecaster"]`` (see :func:`load_forecaster`).
+    """
     from shiftcost.costmodel import FORMAT
     from shiftcost.store import repository
 
@@ -131,7 +137,8 @@ def store_cost_model(
             "features": list(version.features),
             "note": version.note,
             "loo": json_safe(loo),
-        },
+        }
+        | ({} if forecaster is None else {"forecaster": forecaster.probe_stage()}),
     )
 
 
@@ -158,9 +165,7 @@ def load_forecaster(session: Session, architecture: str, *, batch_size: int) -> 
     probe stage (stage 1) is used when the calibration row stores one under
     ``details["forecaster"]`` (what ``Forecaster.to_json`` writes for it).
     """
-    from shiftcost.costmodel import CostModel
     from shiftcost.energy import HostEnergyRate
-    from shiftcost.forecast import protocol
     from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.store import repository
 
@@ -168,23 +173,17 @@ def load_forecaster(session: Session, architecture: str, *, batch_size: int) -> 
     if stored is None:
         return None
     stage0, row = stored
-    saved = dict((row.details or {}).get("forecaster") or {})
+    forecaster = Forecaster.with_probe_stage(stage0, (row.details or {}).get("forecaster") or {}, batch_size=batch_size)
     probe = repository.latest_energy_probe(session, architecture)
-    rate = None
     if probe is not None:
-        rate = HostEnergyRate(float(probe.joules_per_sample_epoch), 0.0, 1, probe.hardware)
-    elif saved.get("energy_rate"):
-        rate = HostEnergyRate.from_dict(saved["energy_rate"])
-    stage1 = None if not saved.get("stage1") else CostModel.from_json(json.dumps(saved["stage1"]))
-    return Forecaster(
-        stage0,
-        stage1,
-        max_epochs=saved.get("max_epochs") or stage0.max_epochs or protocol.MAX_EPOCHS,
-        energy_rate=rate,
-        batch_size=batch_size,
-        probe_settings=saved.get("probe_settings"),
-        stage1_error=saved.get("stage1_error") or (None if stage1 else "the stored cost model has no probe stage"),
-    )
+        forecaster.energy_rate = HostEnergyRate(float(probe.joules_per_sample_epoch), 0.0, 1, probe.hardware)
+    return forecaster
+
+
+def least_kwh_left(budget_states: Any) -> float | None:
+    """The least kWh left on the budgets (``BudgetStatus.as_dict`` rows); None when none limits kWh."""
+    left = [float(b["remaining_kwh"]) for b in budget_states or [] if b.get("remaining_kwh") is not None]
+    return min(left) if left else None
 
 
 def json_safe(value: Any) -> Any:

@@ -32,7 +32,7 @@ from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError, ShiftcostError
 from shiftcost.pipeline.assess import REPORT_FEATURES
 from shiftcost.pipeline.claims import Claim, ClaimLost, claim, guarded_update
-from shiftcost.pipeline.common import Artifacts, json_safe, load_cost_model, load_forecaster, store_cost_model
+from shiftcost.pipeline.common import Artifacts, json_safe, least_kwh_left, load_cost_model, load_forecaster, store_cost_model
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -213,7 +213,8 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         if decision is not None and decision.cost_prediction is not None:
             index_run = session.get(IndexRun, decision.cost_prediction.index_run_id)
         features = {} if index_run is None else {n: getattr(index_run, n) for n in REPORT_FEATURES if getattr(index_run, n) is not None}
-        budget_left = budget_left_at_reservation(None if decision is None else decision.budget_state)
+        # What the budgets had left under their lock, before this decision's reservation.
+        budget_left = least_kwh_left(None if decision is None else decision.budget_state)
         forecaster = None
         if budget_left is not None:
             from shiftcost.recipe import RetrainConfig
@@ -248,13 +249,6 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         forecaster=forecaster,
         budget_left_kwh=budget_left,
     )
-
-
-def budget_left_at_reservation(budget_state: Any) -> float | None:
-    """The least kWh left on the budgets the decision saw (under their lock, before its own
-    reservation); None when no budget limits kWh."""
-    left = [float(b["remaining_kwh"]) for b in budget_state or [] if b.get("remaining_kwh") is not None]
-    return min(left) if left else None
 
 
 # ----------------------------------------------------------------------------- 3. retrain
