@@ -15,7 +15,8 @@
 5. :func:`refit_cost_model` adds the measured run to the cost model and fits a new version;
 6. :func:`record_retrain_success` stores it all in one transaction: the finished run, the
    ledger settled with the measured cost, the new model version and its reference stats,
-   the new cost model version, the batch done.
+   the new cost model version, the host's energy rate refitted from every measured run
+   (:func:`refit_energy_rate`), the batch done.
 
 Any failure goes to :func:`record_retrain_failure` instead: the run is marked failed with
 what it measured up to the crash, the budget reservation is released, the batch is marked
@@ -523,6 +524,54 @@ def _run_measures(result: RetrainResult | None) -> dict[str, Any]:
     return json_safe(measures)
 
 
+def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult) -> dict[str, Any] | None:
+    """Refit the architecture's energy rate from every finished run that measured energy.
+
+    The rate (joules per training sample, evaluations weighted by
+    ``EVAL_SAMPLE_WEIGHT``) is the *median* over the runs (``HostEnergyRate.fit``): one run
+    on a loaded machine does not move it far. It is stored as the architecture's newest
+    energy probe, which the next assessment and the next guard price with. Returns the run's
+    measured kWh beside what the rate in force before it estimated, and the rates; None when
+    the run measured no energy.
+    """
+    from sqlalchemy import select
+
+    from shiftcost.energy import HostEnergyRate, run_work
+    from shiftcost.store import models as rows
+    from shiftcost.store import repository
+
+    own = run_work(result.to_dict())
+    if own[0] is None or own[0] <= 0:
+        return None
+    architecture = inputs.spec.architecture
+    earlier = session.scalars(
+        select(rows.RetrainRun.details)
+        .join(rows.Model, rows.Model.id == rows.RetrainRun.model_id)
+        .where(rows.Model.architecture == architecture, rows.RetrainRun.id != inputs.job.run_id, rows.RetrainRun.energy_kwh > 0)
+    ).all()
+    works = [run_work(details) for details in earlier if details] + [own]
+    refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs")
+    before = repository.latest_energy_probe(session, architecture)
+    estimated = None
+    if before is not None:
+        estimated = HostEnergyRate(float(before.joules_per_sample_epoch), 0.0, 1).kwh(own[1], own[2])
+    repository.add_energy_probe(
+        session, architecture, refitted.hardware or "refitted", f"{inputs.spec.in_channels}x{inputs.spec.image_size}x{inputs.spec.image_size}",
+        refitted.joules_per_sample, measurement_method="refitted", energy_kwh=own[0],
+        details=json_safe({"rate": refitted.to_dict(), "run_id": inputs.job.run_id}),
+    )  # fmt: skip
+    return json_safe(
+        {
+            "measured_kwh": own[0],
+            "estimated_kwh": estimated,
+            "joules_per_sample_before": None if before is None else before.joules_per_sample_epoch,
+            "joules_per_sample_after": refitted.joules_per_sample,
+            "spread": refitted.spread,
+            "runs": refitted.runs,
+        }
+    )
+
+
 def record_retrain_success(
     db: Database,
     inputs: RetrainInputs,
@@ -591,6 +640,9 @@ def record_retrain_success(
             calibration = store_cost_model(session, inputs.spec.architecture, cost_model, source="refit", model_id=inputs.model_id)
         status = result.status if result.status in ("cap_reached", "stopped_by_budget") else "succeeded"
         measures = _run_measures(result)
+        energy_rate = refit_energy_rate(session, inputs, result)
+        if energy_rate is not None:
+            measures["details"] = measures.get("details", {}) | {"energy_rate": energy_rate}
         if notes:
             measures["details"] = measures.get("details", {}) | {"notes": notes}
         repository.finish_retrain_run(session, job.run_id, status, new_model_id=None if new_model is None else new_model.id, **measures)

@@ -80,3 +80,35 @@ def test_a_run_the_budget_cannot_hold_is_stopped_settled_and_leaves_the_model_as
         settles = [e for e in entries if e.kind == "settle"]
         assert len(reserves) == 1 and len(settles) == 1 and settles[0].reservation_id == reserves[0].id
         assert settles[0].energy_kwh == pytest.approx(run.energy_kwh) and run.energy_kwh > 0
+
+
+def test_each_real_retrain_refits_the_host_energy_rate_as_the_median_over_runs(guarded_env) -> None:
+    from sqlalchemy import select
+
+    from shiftcost import pipeline
+    from shiftcost.data import Batch, save_batch
+
+    settings, landing, trained = guarded_env
+    x, y = trained.splits["stream"]
+    for name, part in (("one", slice(0, 150)), ("two", slice(150, 300))):
+        swapped = torch.where(y[part] == 0, 1, torch.where(y[part] == 1, 0, y[part]))
+        save_batch(Batch(brightened(x[part]), swapped, name), landing / f"{name}.npz")
+        (result,) = pipeline.watch_once(settings)
+        assert result.retraining is not None and result.retraining.energy_kwh, result.to_dict()
+
+    with pipeline.connect(settings) as database, database.session(readonly=True) as session:
+        runs = session.scalars(select(db.RetrainRun).order_by(db.RetrainRun.id)).all()
+        probes = session.scalars(select(db.EnergyProbe).order_by(db.EnergyProbe.id)).all()
+        # Joules per unit of work of each run, counted here from its own record: samples
+        # trained plus a third of each evaluation's holdout.
+        ratios = []
+        for run in runs:
+            work = run.details["samples_seen"] + len(run.details["curve"]) * run.details["holdout_samples"] / 3.0
+            ratios.append(run.energy_kwh * 3.6e6 / work)
+            assert run.details["energy_rate"]["measured_kwh"] == pytest.approx(run.energy_kwh)
+        assert [p.measurement_method for p in probes] == ["given", "refitted", "refitted"]
+        assert probes[1].joules_per_sample_epoch == pytest.approx(ratios[0])
+        assert probes[2].joules_per_sample_epoch == pytest.approx(sum(ratios) / 2)  # the median of two
+        first_work = runs[0].details["samples_seen"] + len(runs[0].details["curve"]) * runs[0].details["holdout_samples"] / 3.0
+        assert runs[0].details["energy_rate"]["estimated_kwh"] == pytest.approx(JOULES_PER_SAMPLE * first_work / 3.6e6)
+        assert runs[1].details["energy_rate"]["joules_per_sample_before"] == pytest.approx(ratios[0])
