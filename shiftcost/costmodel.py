@@ -31,6 +31,14 @@ Method (chosen for 20-60 calibration runs, some of which never reach the cutoff)
   capped run is never a point at the cap, and its uncertainty widens the interval).
   Coverage is distribution-free when nothing is censored (the scheme then reduces exactly
   to jackknife+ / CV+) and rests on the Tobit model for the censored runs otherwise.
+* Few runs: a prior, not a refusal. The full model needs :func:`min_points_needed` runs
+  with an exactly known cost (``n_features + 3``, and ``ceil(level / (1 - level))`` for a
+  finite interval: 9 at 90% with up to 6 features). With fewer (but at least 2), it is
+  still fitted, shrunk toward the constant prior (the runs' mean log epochs, every index
+  ignored): the ridge strength grows by one per missing run, so the prior stands in for the
+  runs that are missing and fades as they come. Its intervals are conformal as always,
+  which with so few runs makes the upper bound infinite (unknown); the version records
+  ``state["prior_runs"]``, the number of runs the prior stood in for.
 * Units. Interval bounds on epochs map to energy and emissions through the same monotone
   (linear) transform: ``kWh = epochs * samples * J_per_sample_epoch / 3.6e6`` and
   ``kg CO2e = kWh * carbon_intensity_kg_per_kwh``.
@@ -533,9 +541,10 @@ class CostModel(BaseEstimator):
         kind = np.where(cens, 1, 0)
         if self.zero_cost_censored:
             kind[(epochs == 0) & ~cens] = -1
-        _check_enough(len(names), kind, self.level)
+        missing = _check_enough(len(names), kind, self.level)
+        alpha = self.alpha + missing  # the prior stands in for the runs that are missing
 
-        full = _fit_tobit(X, z, kind, sign_arr, self.alpha)
+        full = _fit_tobit(X, z, kind, sign_arr, alpha)
         folds, cv_kind = _folds([r.get("group") for r in rows])
         fold_models = []
         fold_of_row = np.empty(len(rows), dtype=int)
@@ -547,7 +556,7 @@ class CostModel(BaseEstimator):
                     f"leaving out fold {k} leaves fewer than 2 runs with a positive cost that reached the cutoff; "
                     "add such runs or fit without groups."
                 )
-            fold_models.append(_fit_tobit(X[keep], z[keep], kind[keep], sign_arr, self.alpha, start=full))
+            fold_models.append(_fit_tobit(X[keep], z[keep], kind[keep], sign_arr, alpha, start=full))
             fold_of_row[members] = k
 
         loo_mu = np.array([_mu(fold_models[fold_of_row[i]], X[i]) for i in range(len(rows))])
@@ -564,6 +573,7 @@ class CostModel(BaseEstimator):
             "feature_min": X.min(axis=0).tolist(),
             "feature_max": X.max(axis=0).tolist(),
             "cap_epochs": cap_epochs,
+            "prior_runs": missing,
         }
         loo = _loo_summary(epochs, cens, loo_mu, scores, fold_of_row, self.level, self.epochs_offset, cv_kind)
         return CostModelVersion(
@@ -969,16 +979,22 @@ def min_points_needed(n_features: int, level: float = 0.90) -> int:
     return max(n_features + 3, math.ceil(level / (1.0 - level) - _EPS))
 
 
-def _check_enough(n_features: int, kind: np.ndarray, level: float) -> None:
+#: Runs with an exact cost below which not even the prior can be fitted (a spread needs two).
+MIN_EXACT_RUNS = 2
+
+
+def _check_enough(n_features: int, kind: np.ndarray, level: float) -> int:
+    """How many exact runs the full model misses (the prior stands in for them); refuses below 2."""
     need = min_points_needed(n_features, level)
     exact = int((kind == 0).sum())
-    if exact < need:
+    if exact < MIN_EXACT_RUNS:
         raise InputError(
-            f"too few calibration runs to fit the cost model: need at least {need} runs whose exact cost is known "
-            f"({n_features} features + 3, and >= {math.ceil(level / (1 - level) - _EPS)} for a finite {level:.0%} "
-            f"interval), got {exact}; {int((kind > 0).sum())} hit the cap and {int((kind < 0).sum())} needed no "
-            "training, which only bound the cost; add calibration runs or use fewer features."
+            f"too few calibration runs to fit the cost model: need at least {MIN_EXACT_RUNS} runs whose exact cost is known "
+            f"(and {need} for the full model: {n_features} features + 3, and >= {math.ceil(level / (1 - level) - _EPS)} "
+            f"for a finite {level:.0%} interval), got {exact}; {int((kind > 0).sum())} hit the cap and {int((kind < 0).sum())} "
+            "needed no training, which only bound the cost; add calibration runs."
         )
+    return max(need - exact, 0)
 
 
 # ----------------------------------------------------------------------------- input handling
