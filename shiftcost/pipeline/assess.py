@@ -41,7 +41,6 @@ from shiftcost.pipeline.common import (
     json_safe,
     least_kwh_left,
     load_cost_model,
-    load_forecaster,
     training_samples,
 )
 
@@ -402,10 +401,13 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
         forecaster = None
         budget_left = None
         if loaded.data.has_labels and stored is not None:
+            from shiftcost.forecast.forecaster import Forecaster
             from shiftcost.recipe import RetrainConfig
             from shiftcost.store import ledger
 
-            forecaster = load_forecaster(session, architecture, batch_size=RetrainConfig.from_settings(settings).recipe.batch_size)
+            # The probe stage stored beside this cost model (prices come from the energy probe row).
+            saved = (stored[1].details or {}).get("forecaster") or {}
+            forecaster = Forecaster.with_probe_stage(stored[0], saved, batch_size=RetrainConfig.from_settings(settings).recipe.batch_size)
             budget_left = least_kwh_left([b.as_dict() for b in ledger.budget_status(session, loaded.model_name)])
     if stored is None:
         raise ConfigError(f"No cost model is calibrated for architecture {architecture}; bootstrap one from a calibration sweep.")
@@ -425,7 +427,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
     except InputError as error:
         problem = str(error)
     stage, advice, probe_record = "index", None, None
-    if prediction is not None and forecaster is not None and forecaster.stage0.version_ == cost_model.version_:
+    if prediction is not None and forecaster is not None:
         prediction, stage, advice, probe_record = probe_if_it_pays(
             settings, loaded, features, prediction, forecaster, budget_left, samples, float(joules), intensity
         )
@@ -476,6 +478,8 @@ def probe_if_it_pays(
         return prediction, "index", f"the cost model has no probe stage ({forecaster.stage1_error})", None
     if reference_accuracy is None or prediction.energy_kwh is None:
         return prediction, "index", "the model's reference accuracy or the energy of the forecast is unknown", None
+    if loaded.new_task:
+        return prediction, "index", "the batch has classes the model has no output for, so there is nothing to probe", None
     chosen = {"steps": probing.DEFAULT_STEPS, "samples": probing.DEFAULT_SAMPLES, "batch_size": probing.DEFAULT_BATCH_SIZE}
     chosen |= {k: v for k, v in forecaster.probe_settings.items() if k in ("steps", "samples", "batch_size", "lr", "optimizer")}
     _, holdout = split_sizes(len(loaded.data), settings.retrain_holdout_fraction)
@@ -484,19 +488,23 @@ def probe_if_it_pays(
     advice = probe_pays(index_kwh, budget_left_kwh, probe_kwh)
     if not advice.probe:
         return prediction, "index", advice.reason, None
-    trajectory = probing.run_probe(
-        loaded.model,
-        loaded.data.x,
-        loaded.data.y,
-        target_accuracy=reference_accuracy - settings.cutoff_tolerance,
-        ceiling=reference_accuracy,
-        holdout_fraction=settings.retrain_holdout_fraction,
-        seed=settings.retrain_seed,
-        device=settings.device,
-        joules_per_sample=joules,
-        source=f"batch {loaded.source_uri}",
-        **chosen,
-    )
+    try:
+        trajectory = probing.run_probe(
+            loaded.model,
+            loaded.data.x,
+            loaded.data.y,
+            target_accuracy=reference_accuracy - settings.cutoff_tolerance,
+            ceiling=reference_accuracy,
+            holdout_fraction=settings.retrain_holdout_fraction,
+            seed=settings.retrain_seed,
+            device=settings.device,
+            joules_per_sample=joules,
+            source=f"batch {loaded.source_uri}",
+            **chosen,
+        )
+    except (InputError, ConfigError) as error:
+        # The index forecast still stands; the batch is not at fault for a probe that cannot run.
+        return prediction, "index", f"the probe could not run ({error})", None
     forecast = forecaster.predict(features, probe=trajectory)
     epochs = forecast.epochs
 

@@ -98,6 +98,8 @@ class RetrainInputs:
     forecaster: Forecaster | None = None
     budget_left_kwh: float | None = None
     """The least kWh any applicable budget had left when the run was reserved (None: unlimited)."""
+    decided_epochs: dict[str, Any] | None = None
+    """The epochs forecast the decision was made on (index or probe stage): the guard's start."""
 
 
 @dataclass(frozen=True)
@@ -210,9 +212,14 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         model_row = repository.get_model_by_id(session, batch.model_id)
         stats_row = repository.latest_reference_stats(session, model_row.id)
         decision = repository.latest_decision(session, job.batch_id)
-        index_run = None
+        index_run = decided = None
         if decision is not None and decision.cost_prediction is not None:
-            index_run = session.get(IndexRun, decision.cost_prediction.index_run_id)
+            stored = decision.cost_prediction
+            index_run = session.get(IndexRun, stored.index_run_id)
+            decided = {
+                "median": stored.epochs, "low": stored.epochs_lower, "high": stored.epochs_upper,
+                "level": stored.interval_level, "stage": (stored.details or {}).get("stage", "index"),
+            }  # fmt: skip
         features = {} if index_run is None else {n: getattr(index_run, n) for n in REPORT_FEATURES if getattr(index_run, n) is not None}
         # What the budgets had left under their lock, before this decision's reservation.
         budget_left = least_kwh_left(None if decision is None else decision.budget_state)
@@ -249,6 +256,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         source_uri=source_uri,
         forecaster=forecaster,
         budget_left_kwh=budget_left,
+        decided_epochs=decided,
     )
 
 
@@ -292,18 +300,33 @@ def budget_guard(inputs: RetrainInputs, holdout_fraction: float) -> Any:
     """The in-flight guard against what the budgets had left at reservation, or None.
 
     None when no budget limits kWh or no cost model with an energy rate is stored. The
-    initial forecast is the index model's for this batch (the guard refines it from the
-    run's own evaluations when a probe stage is stored).
+    initial forecast is the one the decision was made on (index or probe stage), else the
+    index model's for this batch; the guard refines it from the run's own evaluations when
+    a probe stage is stored.
     """
+    import math
+
+    from shiftcost.forecast.forecaster import Forecast, Interval
     from shiftcost.forecast.guard import BudgetGuard
 
     forecaster = inputs.forecaster
     if inputs.budget_left_kwh is None or forecaster is None or forecaster.energy_rate is None or inputs.reference.accuracy is None:
         return None
-    try:
-        initial = forecaster.predict(inputs.features, batch_samples=len(inputs.data))
-    except InputError:
-        initial = None  # the indices the cost model needs are missing: only spend is watched
+    decided = inputs.decided_epochs
+    initial: Forecast | None = None
+    if decided is not None and decided["median"] is not None:
+        epochs = Interval(
+            decided["median"],
+            decided["low"] if decided["low"] is not None else 0.0,
+            decided["high"] if decided["high"] is not None else math.inf,
+            decided["level"] or forecaster.level,
+        )
+        initial = Forecast(epochs, None, None, decided["stage"], False, None, {})
+    else:
+        try:
+            initial = forecaster.predict(inputs.features, batch_samples=len(inputs.data))
+        except InputError:
+            initial = None  # the indices the cost model needs are missing: only spend is watched
     return BudgetGuard(
         forecaster,
         budget_kwh=inputs.budget_left_kwh,
