@@ -268,7 +268,7 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
 
     With a budget and a forecaster the run is guarded (:func:`budget_guard`); a run the
     guard stops has status ``stopped_by_budget`` and the guard's sentence as its
-    ``stop_reason``, with the guard's view under ``details``'s ``budget_guard``.
+    ``stop_reason``.
     """
     import dataclasses
 
