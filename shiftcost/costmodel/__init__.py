@@ -31,6 +31,14 @@ Method (chosen for 20-60 calibration runs, some of which never reach the cutoff)
   capped run is never a point at the cap, and its uncertainty widens the interval).
   Coverage is distribution-free when nothing is censored (the scheme then reduces exactly
   to jackknife+ / CV+) and rests on the Tobit model for the censored runs otherwise.
+* Few runs: a prior, not a refusal. The full model needs :func:`min_points_needed` runs
+  with an exactly known cost (``n_features + 3``, and ``ceil(level / (1 - level))`` for a
+  finite interval: 9 at 90% with up to 6 features). With fewer (but at least 2), it is
+  still fitted, shrunk toward the constant prior (the runs' mean log epochs, every index
+  ignored): the ridge strength grows by one per missing run, so the prior stands in for the
+  runs that are missing and fades as they come. Its intervals are conformal as always,
+  which with so few runs makes the upper bound infinite (unknown); the version records
+  ``state["prior_runs"]``, the number of runs the prior stood in for.
 * Units. Interval bounds on epochs map to energy and emissions through the same monotone
   (linear) transform: ``kWh = epochs * samples * J_per_sample_epoch / 3.6e6`` and
   ``kg CO2e = kWh * carbon_intensity_kg_per_kwh``.

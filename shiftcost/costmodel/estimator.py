@@ -441,7 +441,8 @@ def _fit_version_single_threaded(
     kind = np.where(cens, 1, 0)
     if params.get("zero_cost_censored", True):
         kind[(epochs == 0) & ~cens] = -1
-    _check_enough(len(names), kind, level)
+    missing = _check_enough(len(names), kind, level)
+    alpha = alpha + missing  # the prior stands in for the runs that are missing
 
     full = _fit_tobit(X, z, kind, sign_arr, alpha)
     folds, cv_kind = _folds([r.get("group") for r in rows])
@@ -472,6 +473,7 @@ def _fit_version_single_threaded(
         "feature_min": X.min(axis=0).tolist(),
         "feature_max": X.max(axis=0).tolist(),
         "cap_epochs": cap_epochs,
+        "prior_runs": missing,
     }
     loo = _loo_summary(epochs, cens, loo_mu, scores, fold_of_row, level, offset, cv_kind)
     return CostModelVersion(

@@ -147,16 +147,22 @@ def min_points_needed(n_features: int, level: float = 0.90) -> int:
     return max(n_features + 3, math.ceil(level / (1.0 - level) - _EPS))
 
 
-def _check_enough(n_features: int, kind: np.ndarray, level: float) -> None:
+#: Runs with an exact cost below which not even the prior can be fitted (a spread needs two).
+MIN_EXACT_RUNS = 2
+
+
+def _check_enough(n_features: int, kind: np.ndarray, level: float) -> int:
+    """How many exact runs the full model misses (the prior stands in for them); refuses below 2."""
     need = min_points_needed(n_features, level)
     exact = int((kind == 0).sum())
-    if exact < need:
+    if exact < MIN_EXACT_RUNS:
         raise CostModelInputError(
-            f"too few calibration runs to fit the cost model: need at least {need} runs whose exact cost is known "
-            f"({n_features} features + 3, and >= {math.ceil(level / (1 - level) - _EPS)} for a finite {level:.0%} "
-            f"interval), got {exact}; {int((kind > 0).sum())} hit the cap and {int((kind < 0).sum())} needed no "
-            "training, which only bound the cost; add calibration runs or use fewer features."
+            f"too few calibration runs to fit the cost model: need at least {MIN_EXACT_RUNS} runs whose exact cost is known "
+            f"(and {need} for the full model: {n_features} features + 3, and >= {math.ceil(level / (1 - level) - _EPS)} "
+            f"for a finite {level:.0%} interval), got {exact}; {int((kind > 0).sum())} hit the cap and {int((kind < 0).sum())} "
+            "needed no training, which only bound the cost; add calibration runs."
         )
+    return max(need - exact, 0)
 
 
 def _to_epochs(z: float, offset: float) -> float:

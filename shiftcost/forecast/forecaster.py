@@ -277,6 +277,27 @@ class Forecaster:
 
     # -- persistence ---------------------------------------------------------------------
 
+    def probe_stage(self) -> dict[str, Any]:
+        """Everything but stage 0, JSON-ready: what a calibration row stores beside its cost model."""
+        payload = json.loads(self.to_json())
+        del payload["stage0"]
+        return payload
+
+    @classmethod
+    def with_probe_stage(cls, stage0: CostModel, saved: Mapping[str, Any], *, batch_size: int | None = None) -> Forecaster:
+        """A forecaster of ``stage0`` and a :meth:`probe_stage` dict (empty: stage 0 alone)."""
+        stage1 = None if not saved.get("stage1") else CostModel.from_json(json.dumps(saved["stage1"]))
+        rate = saved.get("energy_rate")
+        return cls(
+            stage0,
+            stage1,
+            max_epochs=saved.get("max_epochs") or stage0.max_epochs or stage0.cap_epochs_ or protocol.MAX_EPOCHS,
+            energy_rate=None if rate is None else HostEnergyRate.from_dict(rate),
+            batch_size=batch_size or saved.get("batch_size", 64),
+            probe_settings=saved.get("probe_settings"),
+            stage1_error=saved.get("stage1_error") or (None if stage1 else "the stored cost model has no probe stage"),
+        )
+
     def to_json(self) -> str:
         payload = {
             "format": FORMAT,

@@ -68,9 +68,16 @@ class BudgetGuard:
         if point.accuracy >= target:
             return None  # the run stops by itself at this evaluation
         forecast = self._forecast(target)
-        if forecast is None:
-            return None
         spent_epochs = self._epochs[-1]
+        if forecast is None:
+            # No forecast to go by: the run is stopped only once what it spent is over the budget.
+            if self.spent_kwh > self.budget_kwh:
+                self.reason = (
+                    f"after {spent_epochs:.2f} epochs the run has spent {self.spent_kwh:.3g} kWh, "
+                    f"beyond the budget of {self.budget_kwh:.3g} kWh"
+                )
+                return STOPPED_BY_BUDGET
+            return None
         per_epoch = protocol.steps_per_epoch(self.pool, self.forecaster.batch_size)
         remaining_epochs = max(forecast.epochs.low - spent_epochs, 0.0)
         remaining_evals = protocol.evaluations(forecast.epochs.low, per_epoch) - protocol.evaluations(spent_epochs, per_epoch)

@@ -9,7 +9,11 @@ The steps, each a function a Prefect task can wrap:
 3. :func:`check_drift` runs the Evidently drift tests on those outputs of the same pass
    and writes Evidently's HTML report;
 4. :func:`estimate_cost` predicts epochs, kWh and kg CO2e (skipped without drift unless
-   ``always_assess``);
+   ``always_assess``): the index model first, then, when it pays
+   (``shiftcost.forecast.decide.probe_pays``: the index interval straddles what the
+   budgets have left and the probe is cheap beside it), a probe of a few fine-tuning steps
+   whose learning curve gives the forecast the decision uses; the probe's cost is charged
+   to the budgets like any other spend;
 5. :func:`store_assessment` decides under the budgets and stores everything in one
    transaction: drift reports, index run, cost prediction, decision, budget reservation
    and the batch's new status, or nothing at all.
@@ -32,7 +36,14 @@ from shiftcost.errors import ConfigError, InputError
 from shiftcost.features import KNOWN_FEATURES
 from shiftcost.pipeline.claims import Claim, ClaimLost, claim_for_assessment, fail_claimed, guarded_update, release_claim
 from shiftcost.pipeline.labels import label_free_key, labels_beside, with_labels
-from shiftcost.pipeline.common import Artifacts, json_safe, carbon_intensity, load_cost_model, training_samples
+from shiftcost.pipeline.common import (
+    Artifacts,
+    carbon_intensity,
+    json_safe,
+    least_kwh_left,
+    load_cost_model,
+    training_samples,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -132,6 +143,20 @@ class CostEstimate:
     calibration_id: int
     cost_model_version: int
     energy_probe_id: int
+    stage: str = "index"
+    """``index`` (the index model alone) or ``probe`` (the probe's learning curve as well)."""
+    probe_advice: str | None = None
+    """Why a probe was run or not, in one sentence."""
+    probe: dict[str, Any] | None = None
+    """The probe's trajectory, cost (steps, samples, seconds, kWh), features and index-stage prediction."""
+
+    @property
+    def probe_spend(self) -> tuple[float, float] | None:
+        """(kWh, kg CO2e) the probe spent, to charge to the budgets; None without a probe."""
+        if self.probe is None or self.probe["cost"].get("energy_kwh") is None:
+            return None
+        kwh = float(self.probe["cost"]["energy_kwh"])
+        return kwh, kwh * self.carbon_intensity
 
 
 @dataclass
@@ -374,6 +399,17 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
         stored = stored or load_cost_model(session, architecture)
         probe = repository.latest_energy_probe(session, architecture)
         probe_values = None if probe is None else (probe.id, probe.joules_per_sample_epoch)
+        forecaster = None
+        budget_left = None
+        if loaded.data.has_labels and stored is not None:
+            from shiftcost.forecast.forecaster import Forecaster
+            from shiftcost.recipe import RetrainConfig
+            from shiftcost.store import ledger
+
+            # The probe stage stored beside this cost model (prices come from the energy probe row).
+            saved = (stored[1].details or {}).get("forecaster") or {}
+            forecaster = Forecaster.with_probe_stage(stored[0], saved, batch_size=RetrainConfig.from_settings(settings).recipe.batch_size)
+            budget_left = least_kwh_left([b.as_dict() for b in ledger.budget_status(session, loaded.model_name)])
     if stored is None:
         raise ConfigError(f"No cost model is calibrated for architecture {architecture}; bootstrap one from a calibration sweep.")
     if probe_values is None:
@@ -391,6 +427,11 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
         (prediction,) = cost_model.predict_costs([features], samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
     except InputError as error:
         problem = str(error)
+    stage, advice, probe_record = "index", None, None
+    if prediction is not None and forecaster is not None:
+        prediction, stage, advice, probe_record = probe_if_it_pays(
+            settings, loaded, features, prediction, forecaster, budget_left, samples, float(joules), intensity
+        )
     return CostEstimate(
         prediction=prediction,
         problem=problem,
@@ -401,7 +442,94 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
         calibration_id=calibration.id,
         cost_model_version=cost_model.version_,
         energy_probe_id=probe_id,
+        stage=stage,
+        probe_advice=advice,
+        probe=probe_record,
     )
+
+
+def probe_if_it_pays(
+    settings: Settings,
+    loaded: LoadedBatch,
+    features: dict[str, float],
+    prediction: CostPrediction,
+    forecaster: Any,
+    budget_left_kwh: float | None,
+    samples: int,
+    joules: float,
+    intensity: float,
+) -> tuple[CostPrediction, str, str, dict[str, Any] | None]:
+    """Run the probe when it can change the decision and is cheap; the prediction to decide on.
+
+    Returns ``(prediction, stage, advice, probe)``: the index prediction (stage ``index``)
+    or the probe-stage one (stage ``probe``), why, and what the probe saw and spent. The
+    probe-stage epochs are priced like the index model's (``epochs * samples * J / 3.6e6``),
+    so the two stages are comparable; the probe's own energy is estimated from the same
+    joules per sample (evaluations weighted as the protocol weighs them).
+    """
+    from shiftcost.forecast import probe as probing
+    from shiftcost.forecast.decide import probe_pays
+    from shiftcost.forecast.forecaster import Interval
+    from shiftcost.forecast.protocol import EVAL_SAMPLE_WEIGHT, split_sizes
+
+    reference_accuracy = loaded.reference.accuracy
+    if budget_left_kwh is None:
+        return prediction, "index", "no budget limits kWh, so a probe cannot change the decision", None
+    if forecaster.stage1 is None:
+        return prediction, "index", f"the cost model has no probe stage ({forecaster.stage1_error})", None
+    if reference_accuracy is None or prediction.energy_kwh is None:
+        return prediction, "index", "the model's reference accuracy or the energy of the forecast is unknown", None
+    if loaded.new_task:
+        return prediction, "index", "the batch has classes the model has no output for, so there is nothing to probe", None
+    chosen = {"steps": probing.DEFAULT_STEPS, "samples": probing.DEFAULT_SAMPLES, "batch_size": probing.DEFAULT_BATCH_SIZE}
+    chosen |= {k: v for k, v in forecaster.probe_settings.items() if k in ("steps", "samples", "batch_size", "lr", "optimizer")}
+    _, holdout = split_sizes(len(loaded.data), settings.retrain_holdout_fraction)
+    probe_kwh = joules * (chosen["steps"] * chosen["batch_size"] + EVAL_SAMPLE_WEIGHT * (chosen["steps"] + 1) * holdout) / 3.6e6
+    index_kwh = Interval(prediction.energy_kwh, prediction.energy_kwh_lower or 0.0, prediction.energy_kwh_upper or math.inf, prediction.level)
+    advice = probe_pays(index_kwh, budget_left_kwh, probe_kwh)
+    if not advice.probe:
+        return prediction, "index", advice.reason, None
+    try:
+        trajectory = probing.run_probe(
+            loaded.model,
+            loaded.data.x,
+            loaded.data.y,
+            target_accuracy=reference_accuracy - settings.cutoff_tolerance,
+            ceiling=reference_accuracy,
+            holdout_fraction=settings.retrain_holdout_fraction,
+            seed=settings.retrain_seed,
+            device=settings.device,
+            joules_per_sample=joules,
+            source=f"batch {loaded.source_uri}",
+            **chosen,
+        )
+    except (InputError, ConfigError) as error:
+        # The index forecast still stands; the batch is not at fault for a probe that cannot run.
+        return prediction, "index", f"the probe could not run ({error})", None
+    forecast = forecaster.predict(features, probe=trajectory)
+    epochs = forecast.epochs
+
+    def kwh(e: float) -> float:
+        return e * samples * joules / 3.6e6
+
+    staged = dataclasses.replace(
+        prediction,
+        epochs=epochs.median,
+        epochs_lower=epochs.low,
+        epochs_upper=epochs.high,
+        energy_kwh=kwh(epochs.median),
+        energy_kwh_lower=kwh(epochs.low),
+        energy_kwh_upper=kwh(epochs.high),
+        emissions_kg=kwh(epochs.median) * intensity,
+        emissions_kg_lower=kwh(epochs.low) * intensity,
+        emissions_kg_upper=kwh(epochs.high) * intensity,
+        predicted_not_to_converge=forecast.not_converging,
+        p_not_converge=forecast.p_not_converge,
+        features=forecast.features,
+        extrapolated=[],
+    )
+    record = trajectory.to_dict() | {"features": forecast.features, "index_prediction": prediction.to_dict()}
+    return staged, "probe", advice.reason, record
 
 
 # ----------------------------------------------------------------------------- 5. decide and store
@@ -464,6 +592,13 @@ def store_assessment(
             )
             if decision.action == "retrain" and budgets:
                 ledger.reserve_many(session, [b.name for b in budgets], _reservable(decision.kwh), _reservable(decision.co2), row.id)
+            spend = None if estimate is None else estimate.probe_spend
+            if spend is not None and budgets:
+                # After the reservation: the probe is spent already, so it never blocks the run it informed.
+                ledger.record_spend(
+                    session, [b.name for b in budgets], *spend, row.id,
+                    f"forecast probe of {estimate.probe['cost']['steps']} steps before the decision",
+                )  # fmt: skip
     except ClaimLost:
         return outcome_of(db, loaded.batch_id)
     return AssessOutcome(
@@ -636,6 +771,9 @@ def _add_prediction(session: Session, index_run_id: int, estimate: CostEstimate 
                 "prediction": p.to_dict(),
                 "cost_model_version": estimate.cost_model_version,
                 "energy_probe_id": estimate.energy_probe_id,
+                "stage": estimate.stage,
+                "probe_advice": estimate.probe_advice,
+                "probe": estimate.probe,
                 "unbounded_upper": not all(map(math.isfinite, (p.epochs_upper, p.energy_kwh_upper or 0.0))),
             }
         ),

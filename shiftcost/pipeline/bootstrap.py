@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from shiftcost.config import Settings
     from shiftcost.costmodel import CostModel
     from shiftcost.data import ModelSpec
+    from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.retrain import ProbeResult
     from shiftcost.store import Database
 
@@ -230,7 +231,7 @@ def bootstrap(
     reference_x: torch.Tensor,
     reference_y: torch.Tensor,
     *,
-    calibration: CostModel | Sequence[Mapping[str, Any]],
+    calibration: CostModel | Forecaster | Sequence[Mapping[str, Any]],
     calibration_groups: str | None = None,
     joules_per_sample_epoch: float | None = None,
     hardware: str | None = None,
@@ -239,8 +240,10 @@ def bootstrap(
 ) -> Bootstrapped:
     """Register a model's first version, its reference stats, the initial cost model and budget.
 
-    ``calibration`` is a fitted :class:`~shiftcost.costmodel.CostModel` or the calibration
-    runs to fit one on (grouped by the row key ``calibration_groups``, e.g. "corruption").
+    ``calibration`` is a fitted :class:`~shiftcost.costmodel.CostModel`, a
+    :class:`~shiftcost.forecast.forecaster.Forecaster` (its probe stage is stored with its
+    index model, for the assessment's probe and the retrain guard) or the calibration runs
+    to fit one on (grouped by the row key ``calibration_groups``, e.g. "corruption").
     ``joules_per_sample_epoch`` defaults to the median over calibration runs that carry
     energy, else to a short probe on this machine. ``db`` defaults to the settings' database.
     """
@@ -263,6 +266,11 @@ def bootstrap(
     if existing is not None:
         raise InputError(f"Model {name} is registered already (version {existing.version}); use another name or a fresh database.")
 
+    from shiftcost.forecast.forecaster import Forecaster
+
+    forecaster = calibration if isinstance(calibration, Forecaster) else None
+    if forecaster is not None:
+        calibration = forecaster.stage0
     if isinstance(calibration, CostModel):
         cost_model = calibration
     else:
@@ -280,7 +288,7 @@ def bootstrap(
 
     version = register_model_version(db, settings, model, spec, reference_x, reference_y, name=name)
     with db.session() as session:
-        calibration_row = store_cost_model(session, spec.architecture, cost_model, source="sweep", model_id=version.model_id)
+        calibration_row = store_cost_model(session, spec.architecture, cost_model, source="sweep", model_id=version.model_id, forecaster=forecaster)
         calibration_id = calibration_row.id
     probe_id = record_energy_probe(db, spec, joules_per_sample_epoch, hardware=hardware or "unknown", probe=probe)
     budget = ensure_default_budget(db, settings)
@@ -343,9 +351,10 @@ def register_from_files(
         raise InputError(f"Reference data {reference_path} has no labels; the reference needs a label per image.")
     accuracy = check_accuracy(model, spec, reference, device="cpu")
     refuse_near_chance(accuracy)
-    cost_model = joules_from_sweep = label_free = None
+    cost_model = joules_from_sweep = label_free = forecaster = None
     if cost_model_path is not None:
         cost_model, joules_from_sweep, label_free = _read_calibration(cost_model_path, spec)
+        forecaster = _forecaster_beside(cost_model_path, cost_model)
     joules = joules_per_sample_epoch if joules_per_sample_epoch is not None else joules_from_sweep
     with db.session(readonly=True) as session:
         try:
@@ -358,7 +367,9 @@ def register_from_files(
     calibration_id = cost_model_version = probe_id = None
     if cost_model is not None:
         with db.session() as session:
-            calibration_id = store_cost_model(session, spec.architecture, cost_model, source="sweep", model_id=version.model_id).id
+            calibration_id = store_cost_model(
+                session, spec.architecture, cost_model, source="sweep", model_id=version.model_id, forecaster=forecaster
+            ).id
             if label_free is not None:
                 store_cost_model(session, label_free_key(spec.architecture), label_free, source="sweep", model_id=version.model_id)
         cost_model_version = cost_model.version_
@@ -366,6 +377,24 @@ def register_from_files(
         probe_id = record_energy_probe(db, spec, joules, hardware="measured by the calibration sweep")
     budget = ensure_default_budget(db, settings)
     return Registered(version, parent_version, accuracy.to_dict(), calibration_id, cost_model_version, probe_id, joules, budget)
+
+
+def _forecaster_beside(path_text: str, cost_model: CostModel) -> Forecaster | None:
+    """The probe stage in the ``forecaster.json`` that calibrate writes beside ``costmodel.json``, if any."""
+    from pathlib import Path
+
+    from shiftcost.forecast.forecaster import Forecaster
+
+    path = Path(path_text)
+    beside = (path if path.is_dir() else path.parent) / "forecaster.json"
+    if not beside.is_file():
+        return None
+    try:
+        saved = Forecaster.load(beside)
+    except InputError as error:
+        raise InputError(f"Forecaster file {beside}: {error}") from None
+    saved.stage0 = cost_model  # the index stage is the cost model being registered
+    return saved
 
 
 def _read_calibration(path_text: str, spec: ModelSpec) -> tuple[CostModel, float | None, CostModel | None]:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from shiftcost.config import Settings
     from shiftcost.costmodel import CostModel
+    from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.store import Database
     from shiftcost.store.models import Calibration
 
@@ -33,6 +34,8 @@ __all__ = [
     "connect",
     "json_safe",
     "load_cost_model",
+    "least_kwh_left",
+    "load_forecaster",
     "store_cost_model",
     "training_samples",
 ]
@@ -104,8 +107,13 @@ def store_cost_model(
     *,
     source: str,
     model_id: int | None = None,
+    forecaster: Forecaster | None = None,
 ) -> Calibration:
-    """Add the cost model's newest version as the next calibration row of ``architecture``."""
+    """Add the cost model's newest version as the next calibration row of ``architecture``.
+
+    With ``forecaster`` (whose stage 0 is ``cost_model``) its probe stage, energy rate and
+    probe settings are kept under ``details["forecaster"]`` (see :func:`load_forecaster`).
+    """
     from shiftcost.costmodel import FORMAT
     from shiftcost.store import repository
 
@@ -129,7 +137,8 @@ def store_cost_model(
             "features": list(version.features),
             "note": version.note,
             "loo": json_safe(loo),
-        },
+        }
+        | ({} if forecaster is None else {"forecaster": forecaster.probe_stage()}),
     )
 
 
@@ -145,6 +154,36 @@ def load_cost_model(session: Session, architecture: str) -> tuple[CostModel, Cal
     version["rows"] = row.fit_data["rows"]
     payload = {"format": row.parameters["format"], "params": version["params"], "history": [version]}
     return CostModel.from_json(json.dumps(payload)), row
+
+
+def load_forecaster(session: Session, architecture: str, *, batch_size: int) -> Forecaster | None:
+    """The architecture's newest cost model as a forecaster, with the host's energy rate.
+
+    The energy rate is the architecture's newest energy probe (refitted from real retrains
+    after each one, see ``pipeline.retrain.refit_energy_rate``), read as joules per
+    sample-gradient, so the guard prices a run exactly as the assessment priced it. A
+    probe stage (stage 1) is used when the calibration row stores one under
+    ``details["forecaster"]`` (what ``Forecaster.to_json`` writes for it).
+    """
+    from shiftcost.energy import HostEnergyRate
+    from shiftcost.forecast.forecaster import Forecaster
+    from shiftcost.store import repository
+
+    stored = load_cost_model(session, architecture)
+    if stored is None:
+        return None
+    stage0, row = stored
+    forecaster = Forecaster.with_probe_stage(stage0, (row.details or {}).get("forecaster") or {}, batch_size=batch_size)
+    probe = repository.latest_energy_probe(session, architecture)
+    if probe is not None:
+        forecaster.energy_rate = HostEnergyRate(float(probe.joules_per_sample_epoch), 0.0, 1, probe.hardware)
+    return forecaster
+
+
+def least_kwh_left(budget_states: Any) -> float | None:
+    """The least kWh left on the budgets (``BudgetStatus.as_dict`` rows); None when none limits kWh."""
+    left = [float(b["remaining_kwh"]) for b in budget_states or [] if b.get("remaining_kwh") is not None]
+    return min(left) if left else None
 
 
 def json_safe(value: Any) -> Any:

@@ -238,7 +238,7 @@ class ArchiveReport:
 def archive_processed(db: Database, settings: Settings, *, now: datetime | None = None) -> ArchiveReport:
     """Move entries whose batch is final, and duplicates, to the archive; delete expired ones.
 
-    Final means the batch is ``done`` or ``failed``: nothing reads its bytes again. An
+    Final means the batch is ``done``, ``failed`` or ``stopped_by_budget``: nothing reads its bytes again. An
     entry is moved as it is (a link as a link, a fifo unopened) to
     ``<archive>/<entry id>-<name>``. With ``landing_retention_days`` set, archived entries
     older than that are deleted. Each step is one indexed query over entries not yet
@@ -263,7 +263,7 @@ def archive_processed(db: Database, settings: Settings, *, now: datetime | None 
             LandingEntry.model_name == name,
             LandingEntry.purged_at.is_(None),
             LandingEntry.archived_at.is_(None),
-            or_(LandingEntry.state != "registered", Batch.status.in_(("done", "failed"))),
+            or_(LandingEntry.state != "registered", Batch.status.in_(("done", "failed", "stopped_by_budget"))),
         )
         .order_by(LandingEntry.id)
     )

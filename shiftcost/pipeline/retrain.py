@@ -5,14 +5,18 @@
 2. :func:`load_for_retrain` reads the model, the batch, the reference and the indices the
    decision was based on;
 3. :func:`execute_retrain` fine-tunes a copy of the model to the cutoff accuracy
-   (``shiftcost.retrain.retrain_to_cutoff``, CodeCarbon measuring);
+   (``shiftcost.retrain.retrain_to_cutoff``, CodeCarbon measuring), under the in-flight
+   budget guard (``shiftcost.forecast.guard.BudgetGuard``) against what the budgets had
+   left when the run was reserved: a run whose forecast no longer fits is stopped
+   (status ``stopped_by_budget``), its spend settled, the model left as it was;
 4. :func:`build_new_version` saves the new weights and computes the new version's
    reference stats (over the parent's reference data and the batch), when the run
    reached the cutoff by training;
 5. :func:`refit_cost_model` adds the measured run to the cost model and fits a new version;
 6. :func:`record_retrain_success` stores it all in one transaction: the finished run, the
    ledger settled with the measured cost, the new model version and its reference stats,
-   the new cost model version, the batch done.
+   the new cost model version, the host's energy rate refitted from every measured run
+   (:func:`refit_energy_rate`), the batch done.
 
 Any failure goes to :func:`record_retrain_failure` instead: the run is marked failed with
 what it measured up to the crash, the budget reservation is released, the batch is marked
@@ -29,7 +33,7 @@ from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError, ShiftcostError
 from shiftcost.pipeline.assess import REPORT_FEATURES
 from shiftcost.pipeline.claims import Claim, ClaimLost, claim, guarded_update
-from shiftcost.pipeline.common import Artifacts, json_safe, load_cost_model, store_cost_model
+from shiftcost.pipeline.common import Artifacts, json_safe, least_kwh_left, load_cost_model, load_forecaster, store_cost_model
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from shiftcost.config import Settings
     from shiftcost.costmodel import CostModel
     from shiftcost.data import Batch, ModelSpec
+    from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.index.reference import ReferenceStats
     from shiftcost.retrain import RetrainResult
     from shiftcost.store import Database
@@ -90,6 +95,11 @@ class RetrainInputs:
     data: Batch
     features: dict[str, float]
     source_uri: str
+    forecaster: Forecaster | None = None
+    budget_left_kwh: float | None = None
+    """The least kWh any applicable budget had left when the run was reserved (None: unlimited)."""
+    decided_epochs: dict[str, Any] | None = None
+    """The epochs forecast the decision was made on (index or probe stage): the guard's start."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +143,7 @@ class RetrainOutcome:
 
     batch_id: int
     status: str
-    """``succeeded``, ``cap_reached`` or ``failed``; ``not_started`` when the batch was not
+    """``succeeded``, ``cap_reached``, ``stopped_by_budget`` or ``failed``; ``not_started`` when the batch was not
     waiting for retraining (already retrained, or its decision was not retrain)."""
     run_id: int | None = None
     decision_id: int | None = None
@@ -202,10 +212,23 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         model_row = repository.get_model_by_id(session, batch.model_id)
         stats_row = repository.latest_reference_stats(session, model_row.id)
         decision = repository.latest_decision(session, job.batch_id)
-        index_run = None
+        index_run = decided = None
         if decision is not None and decision.cost_prediction is not None:
-            index_run = session.get(IndexRun, decision.cost_prediction.index_run_id)
+            stored = decision.cost_prediction
+            index_run = session.get(IndexRun, stored.index_run_id)
+            decided = {
+                "median": stored.epochs, "low": stored.epochs_lower, "high": stored.epochs_upper,
+                "level": stored.interval_level, "stage": (stored.details or {}).get("stage", "index"),
+            }  # fmt: skip
         features = {} if index_run is None else {n: getattr(index_run, n) for n in REPORT_FEATURES if getattr(index_run, n) is not None}
+        # What the budgets had left under their lock, before this decision's reservation.
+        budget_left = least_kwh_left(None if decision is None else decision.budget_state)
+        forecaster = None
+        if budget_left is not None:
+            from shiftcost.recipe import RetrainConfig
+
+            batch_size = RetrainConfig.from_settings(settings).recipe.batch_size
+            forecaster = load_forecaster(session, model_row.architecture, batch_size=batch_size)
         source_uri, model_id, name, version = batch.source_uri, model_row.id, model_row.name, model_row.version
         labels_uri, fingerprint = batch.labels_uri, batch.fingerprint
         weights, details = model_row.weights_uri, dict(model_row.details or {})
@@ -231,6 +254,9 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         data=data,
         features=features,
         source_uri=source_uri,
+        forecaster=forecaster,
+        budget_left_kwh=budget_left,
+        decided_epochs=decided,
     )
 
 
@@ -238,7 +264,14 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
 
 
 def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
-    """Fine-tune a copy of the model on the batch to the reference accuracy minus the tolerance."""
+    """Fine-tune a copy of the model on the batch to the reference accuracy minus the tolerance.
+
+    With a budget and a forecaster the run is guarded (:func:`budget_guard`); a run the
+    guard stops has status ``stopped_by_budget`` and the guard's sentence as its
+    ``stop_reason``.
+    """
+    import dataclasses
+
     from shiftcost.retrain import retrain_to_cutoff
 
     from shiftcost.recipe import RetrainConfig
@@ -246,7 +279,8 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     data = inputs.data
     config = RetrainConfig.from_settings(settings).for_model(inputs.spec)
     reference = load_replay_data(inputs, config)
-    return retrain_to_cutoff(
+    guard = budget_guard(inputs, config.cutoff.holdout_fraction)
+    result = retrain_to_cutoff(
         inputs.model,
         data.x,
         data.y,
@@ -254,7 +288,53 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
         reference_x=None if reference is None else reference.x,
         reference_y=None if reference is None else reference.y,
         reference_accuracy=inputs.reference.accuracy,
+        progress=guard,
         source=f"batch {inputs.source_uri}",
+    )
+    if guard is not None and result.status == "stopped_by_budget" and guard.reason:
+        result = dataclasses.replace(result, stop_reason=guard.reason)
+    return result
+
+
+def budget_guard(inputs: RetrainInputs, holdout_fraction: float) -> Any:
+    """The in-flight guard against what the budgets had left at reservation, or None.
+
+    None when no budget limits kWh or no cost model with an energy rate is stored. The
+    initial forecast is the one the decision was made on (index or probe stage), else the
+    index model's for this batch; the guard refines it from the run's own evaluations when
+    a probe stage is stored.
+    """
+    import math
+
+    from shiftcost.forecast.forecaster import Forecast, Interval
+    from shiftcost.forecast.guard import BudgetGuard
+
+    forecaster = inputs.forecaster
+    if inputs.budget_left_kwh is None or forecaster is None or forecaster.energy_rate is None or inputs.reference.accuracy is None:
+        return None
+    decided = inputs.decided_epochs
+    initial: Forecast | None = None
+    if decided is not None and decided["median"] is not None:
+        epochs = Interval(
+            decided["median"],
+            decided["low"] if decided["low"] is not None else 0.0,
+            decided["high"] if decided["high"] is not None else math.inf,
+            decided["level"] or forecaster.level,
+        )
+        initial = Forecast(epochs, None, None, decided["stage"], False, None, {})
+    else:
+        try:
+            initial = forecaster.predict(inputs.features, batch_samples=len(inputs.data))
+        except InputError:
+            initial = None  # the indices the cost model needs are missing: only spend is watched
+    return BudgetGuard(
+        forecaster,
+        budget_kwh=inputs.budget_left_kwh,
+        batch_samples=len(inputs.data),
+        ceiling=float(inputs.reference.accuracy),
+        features=inputs.features or None,
+        initial=initial,
+        holdout_fraction=holdout_fraction,
     )
 
 
@@ -467,6 +547,54 @@ def _run_measures(result: RetrainResult | None) -> dict[str, Any]:
     return json_safe(measures)
 
 
+def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult) -> dict[str, Any] | None:
+    """Refit the architecture's energy rate from every finished run that measured energy.
+
+    The rate (joules per training sample, evaluations weighted by
+    ``EVAL_SAMPLE_WEIGHT``) is the *median* over the runs (``HostEnergyRate.fit``): one run
+    on a loaded machine does not move it far. It is stored as the architecture's newest
+    energy probe, which the next assessment and the next guard price with. Returns the run's
+    measured kWh beside what the rate in force before it estimated, and the rates; None when
+    the run measured no energy.
+    """
+    from sqlalchemy import select
+
+    from shiftcost.energy import HostEnergyRate, run_work
+    from shiftcost.store import models as rows
+    from shiftcost.store import repository
+
+    own = run_work(result.to_dict())
+    if own[0] is None or own[0] <= 0:
+        return None
+    architecture = inputs.spec.architecture
+    earlier = session.scalars(
+        select(rows.RetrainRun.details)
+        .join(rows.Model, rows.Model.id == rows.RetrainRun.model_id)
+        .where(rows.Model.architecture == architecture, rows.RetrainRun.id != inputs.job.run_id, rows.RetrainRun.energy_kwh > 0)
+    ).all()
+    works = [run_work(details) for details in earlier if details] + [own]
+    refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs")
+    before = repository.latest_energy_probe(session, architecture)
+    estimated = None
+    if before is not None:
+        estimated = HostEnergyRate(float(before.joules_per_sample_epoch), 0.0, 1).kwh(own[1], own[2])
+    repository.add_energy_probe(
+        session, architecture, refitted.hardware or "refitted", f"{inputs.spec.in_channels}x{inputs.spec.image_size}x{inputs.spec.image_size}",
+        refitted.joules_per_sample, measurement_method="refitted", energy_kwh=own[0],
+        details=json_safe({"rate": refitted.to_dict(), "run_id": inputs.job.run_id}),
+    )  # fmt: skip
+    return json_safe(
+        {
+            "measured_kwh": own[0],
+            "estimated_kwh": estimated,
+            "joules_per_sample_before": None if before is None else before.joules_per_sample_epoch,
+            "joules_per_sample_after": refitted.joules_per_sample,
+            "spread": refitted.spread,
+            "runs": refitted.runs,
+        }
+    )
+
+
 def record_retrain_success(
     db: Database,
     inputs: RetrainInputs,
@@ -482,9 +610,16 @@ def record_retrain_success(
     assert result.energy is not None
     kwh, co2 = result.energy.energy_kwh, result.energy.emissions_kg
     notes = list(notes or [])
+    stopped = result.status == "stopped_by_budget"
+    if stopped:
+        notes.append(f"stopped by the budget guard: {result.stop_reason}")
+        new_version = None  # a stopped run never reached the cutoff; the model stays as it was
     with db.session() as session:
         try:
-            guarded_update(session, job.claim, status="done")
+            if stopped:
+                guarded_update(session, job.claim, status="stopped_by_budget", failure_reason=f"Stopped by the budget guard: {result.stop_reason}")
+            else:
+                guarded_update(session, job.claim, status="done")
         except ClaimLost:
             # Closed as dead while it ran (no heartbeat within the lease): the batch stays
             # failed, but what the run spent is real and is still recorded.
@@ -526,8 +661,11 @@ def record_retrain_success(
         calibration = None
         if cost_model is not None:
             calibration = store_cost_model(session, inputs.spec.architecture, cost_model, source="refit", model_id=inputs.model_id)
-        status = "cap_reached" if result.status == "cap_reached" else "succeeded"
+        status = result.status if result.status in ("cap_reached", "stopped_by_budget") else "succeeded"
         measures = _run_measures(result)
+        energy_rate = refit_energy_rate(session, inputs, result)
+        if energy_rate is not None:
+            measures["details"] = measures.get("details", {}) | {"energy_rate": energy_rate}
         if notes:
             measures["details"] = measures.get("details", {}) | {"notes": notes}
         repository.finish_retrain_run(session, job.run_id, status, new_model_id=None if new_model is None else new_model.id, **measures)

@@ -618,6 +618,27 @@ def reserve_many(
         return {name: entry.id for name, entry in entries.items()}
 
 
+def record_spend(
+    target: Target, budget_names: Iterable[str], kwh: float, co2: float, decision_id: int, reason: str
+) -> list[int]:
+    """Charge a spend that already happened (a forecast's probe) to a decision on each budget.
+
+    It is a reservation settled at once with the same amounts, so every total that counts a
+    settlement counts it once, and it is never refused: the energy is spent already. The
+    decision's later settle or release leaves it alone (it is closed). Returns the settle ids.
+    """
+    kwh, co2 = _amount(kwh, "spent kWh"), _amount(co2, "spent kg CO2e")
+    with _transaction(target) as session:
+        ids = []
+        for name in sorted(set(budget_names)):
+            budget = _budget(session, name, lock=True)
+            reservation = LedgerEntry(budget_id=budget.id, decision_id=decision_id, kind="reserve", energy_kwh=kwh, emissions_kg=co2)
+            session.add(reservation)
+            session.flush()
+            ids.append(_add_closing(session, reservation, "settle", kwh, co2, reason))
+        return ids
+
+
 def _left(value: float | None, unit: str) -> str:
     return f"unlimited {unit}" if value is None else f"{max(value, 0.0):.6g} {unit}"
 

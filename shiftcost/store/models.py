@@ -49,12 +49,12 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-BATCH_STATUSES = ("registered", "assessing", "assessed", "awaiting_labels", "retraining", "done", "failed")
+BATCH_STATUSES = ("registered", "assessing", "assessed", "awaiting_labels", "retraining", "done", "failed", "stopped_by_budget")
 #: active: in service when it is the newest active version; pending: passed the promotion
 #: gate, waits for approval; rejected: failed the gate, kept with its figures.
 MODEL_STATUSES = ("active", "pending", "rejected")
 DECISION_ACTIONS = ("retrain", "skip", "defer")
-RETRAIN_STATUSES = ("running", "succeeded", "failed", "cap_reached")
+RETRAIN_STATUSES = ("running", "succeeded", "failed", "cap_reached", "stopped_by_budget")
 CALIBRATION_SOURCES = ("sweep", "refit")
 BUDGET_PERIODS = ("per_run", "daily", "monthly", "rolling_days")
 LEDGER_KINDS = ("reserve", "settle", "release")

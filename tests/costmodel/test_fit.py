@@ -106,18 +106,18 @@ def test_too_few_points_names_how_many_are_needed_and_given():
     need = min_points_needed(2, 0.9)
     assert need == 9  # 2 features + 3 = 5, but a finite 90% jackknife+ interval needs 9
     censored = [dict(r, reached_cutoff=False) for r in rows[10:13]]
-    with pytest.raises(InputError, match=r"need at least 9 runs whose exact cost is known .*got 8; 3 hit the cap and 0 needed no training"):
-        CostModel().fit(rows[:8] + censored)
-    assert CostModel().fit(rows[:9] + censored).n_train_ == 12
+    # Fewer exact runs than the full model needs: fitted with a prior standing in for the missing ones.
+    assert CostModel().fit(rows[:8] + censored).history_.latest.state["prior_runs"] == 1
+    assert CostModel().fit(rows[:9] + censored).history_.latest.state["prior_runs"] == 0
+    with pytest.raises(InputError, match=r"need at least 2 runs whose exact cost is known \(and 9 for the full model.*got 1; 3 hit the cap and 0 needed no training"):
+        CostModel().fit(rows[:1] + censored)
     six = [dict(r, inv_ari=0.1, layer_shift=0.2, preindex_p=0.3, accuracy=0.9) for r in rows]
     assert min_points_needed(6, 0.8) == 9  # here the features set the floor: 6 + 3
-    with pytest.raises(InputError, match=r"need at least 9 .*\(6 features \+ 3.*got 7; 0 hit the cap"):
-        CostModel(level=0.8).fit(six[:7])
+    assert CostModel(level=0.8).fit(six[:7]).history_.latest.state["prior_runs"] == 2
     # Zero-cost runs only bound the cost unless they are fitted as observations.
     zeros = [dict(r, epochs=0.0) for r in rows[9:12]]
-    with pytest.raises(InputError, match=r"got 6; 0 hit the cap and 3 needed no training"):
-        CostModel().fit(rows[:6] + zeros)
-    assert CostModel(zero_cost_censored=False).fit(rows[:6] + zeros).n_train_ == 9
+    assert CostModel().fit(rows[:6] + zeros).history_.latest.state["prior_runs"] == 3
+    assert CostModel(zero_cost_censored=False).fit(rows[:6] + zeros).history_.latest.state["prior_runs"] == 0
 
 
 def test_features_default_to_known_ones_present_in_every_row():

@@ -79,3 +79,18 @@ def test_an_ample_budget_changes_nothing() -> None:
     guarded = run(BudgetGuard(fitted_forecaster(), budget_kwh=1e9, batch_samples=N, ceiling=0.97), model, x, y)
     assert guarded.status == plain.status == "reached"
     assert guarded.steps == plain.steps and [p.accuracy for p in guarded.curve] == [p.accuracy for p in plain.curve]
+
+
+def test_without_any_forecast_the_guard_stops_once_the_spend_passes_the_budget() -> None:
+    model, x, y = task()
+    unguarded = run(None, model, x, y)
+    index_only = fitted_forecaster()
+    index_only.stage1 = None  # no probe stage and no initial forecast: nothing to forecast with
+    budget = 150.0
+    guard = BudgetGuard(index_only, budget_kwh=budget, batch_samples=N, ceiling=0.97)
+    result = run(guard, model, x, y)
+    assert result.status == STOPPED_BY_BUDGET and 0 < result.steps < unguarded.steps
+    interval = 2 * 16 + EVAL_SAMPLE_WEIGHT * result.holdout_samples
+    # It stopped at the first evaluation past the budget, not before.
+    assert budget < guard.spent_kwh <= budget + interval
+    assert "beyond the budget" in guard.reason and not guard.forecasts

@@ -1,0 +1,114 @@
+"""The in-flight budget guard in the pipeline: a run the budget cannot hold is stopped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shiftcost.store import models as db
+from tests.flows.flow_support import TEST_SETTINGS, TrainedModel, brightened
+
+JOULES_PER_SAMPLE = 0.5
+#: About 0.4 epochs of the test's retrain pool (200 images: 140 trained on plus as many replayed).
+BUDGET_KWH = 60.0 / 3.6e6
+
+
+def optimistic_calibration() -> list[dict[str, object]]:
+    """Calibration runs that all recovered within a fifth of an epoch: the index model promises a cheap retrain."""
+    scatter = (0.2, -0.1, 0.15, -0.2, 0.0, 0.1, -0.15, 0.2, -0.05, 0.1)
+    return [{"resque_dist": 0.03 * i, "epochs": 0.05 + 0.3 * 0.03 * i + 0.02 * scatter[i], "reached_cutoff": True} for i in range(10)]
+
+
+@pytest.fixture
+def guarded_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel):
+    from shiftcost import pipeline
+    from shiftcost.config import load_settings
+    from shiftcost.store import ledger
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SHIFTCOST_CONFIG", raising=False)
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for key, value in (TEST_SETTINGS | {
+        "SHIFTCOST_DATABASE_URL": database_url, "SHIFTCOST_LANDING": str(landing),
+        "SHIFTCOST_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+    }).items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    cost_model = pipeline.fit_cost_model(optimistic_calibration(), level=0.8, features=["resque_dist"])
+    pipeline.bootstrap(
+        settings, trained_model.model, trained_model.spec, *trained_model.splits["holdout"],
+        calibration=cost_model, joules_per_sample_epoch=JOULES_PER_SAMPLE, hardware="test",
+    )  # fmt: skip
+    with pipeline.connect(settings) as database:
+        ledger.create_budget(database, "per-run", period="per_run", kwh_cap=BUDGET_KWH)
+    return settings, landing, trained_model
+
+
+def test_a_run_the_budget_cannot_hold_is_stopped_settled_and_leaves_the_model_as_it_was(guarded_env) -> None:
+    from sqlalchemy import select
+
+    from shiftcost import pipeline
+    from shiftcost.data import Batch, save_batch
+
+    settings, landing, trained = guarded_env
+    x, y = trained.splits["stream"]
+    x, y = x[:200], y[:200].clone()
+    # 0s called 1s and 1s called 0s: far harder to learn than the indices say, so the real
+    # run needs many times the fifth of an epoch the cost model promises.
+    swapped = torch.where(y == 0, 1, torch.where(y == 1, 0, y))
+    save_batch(Batch(brightened(x), swapped, "swap"), landing / "swap.npz")
+    (result,) = pipeline.watch_once(settings)
+    assert result.assessment.action == "retrain", result.to_dict()
+    outcome = result.retraining
+    assert outcome is not None and outcome.status == "stopped_by_budget", result.to_dict()
+
+    with pipeline.connect(settings) as database, database.session(readonly=True) as session:
+        run = session.get(db.RetrainRun, outcome.run_id)
+        batch = session.get(db.Batch, outcome.batch_id)
+        decision = session.get(db.Decision, outcome.decision_id)
+        versions = session.scalars(select(db.Model.version).where(db.Model.name == settings.model_name)).all()
+        entries = session.scalars(select(db.LedgerEntry).where(db.LedgerEntry.decision_id == decision.id)).all()
+        assert run.status == "stopped_by_budget" and not run.reached_cutoff and run.new_model_id is None
+        assert batch.status == "stopped_by_budget" and "budget" in (batch.failure_reason or "")
+        assert versions == [1]
+        # What the budget had left at reservation is what the guard held the run to.
+        assert [b["remaining_kwh"] for b in decision.budget_state] == [pytest.approx(BUDGET_KWH)]
+        assert run.epochs < 1.0 and "beyond the budget" in run.details["stop_reason"]
+        # The measured spend is settled, once, on the reservation.
+        reserves = [e for e in entries if e.kind == "reserve"]
+        settles = [e for e in entries if e.kind == "settle"]
+        assert len(reserves) == 1 and len(settles) == 1 and settles[0].reservation_id == reserves[0].id
+        assert settles[0].energy_kwh == pytest.approx(run.energy_kwh) and run.energy_kwh > 0
+
+
+def test_each_real_retrain_refits_the_host_energy_rate_as_the_median_over_runs(guarded_env) -> None:
+    from sqlalchemy import select
+
+    from shiftcost import pipeline
+    from shiftcost.data import Batch, save_batch
+
+    settings, landing, trained = guarded_env
+    x, y = trained.splits["stream"]
+    for name, part in (("one", slice(0, 150)), ("two", slice(150, 300))):
+        swapped = torch.where(y[part] == 0, 1, torch.where(y[part] == 1, 0, y[part]))
+        save_batch(Batch(brightened(x[part]), swapped, name), landing / f"{name}.npz")
+        (result,) = pipeline.watch_once(settings)
+        assert result.retraining is not None and result.retraining.energy_kwh, result.to_dict()
+
+    with pipeline.connect(settings) as database, database.session(readonly=True) as session:
+        runs = session.scalars(select(db.RetrainRun).order_by(db.RetrainRun.id)).all()
+        probes = session.scalars(select(db.EnergyProbe).order_by(db.EnergyProbe.id)).all()
+        # Joules per unit of work of each run, counted here from its own record: samples
+        # trained plus a third of each evaluation's holdout.
+        ratios = []
+        for run in runs:
+            work = run.details["samples_seen"] + len(run.details["curve"]) * run.details["holdout_samples"] / 3.0
+            ratios.append(run.energy_kwh * 3.6e6 / work)
+            assert run.details["energy_rate"]["measured_kwh"] == pytest.approx(run.energy_kwh)
+        assert [p.measurement_method for p in probes] == ["given", "refitted", "refitted"]
+        assert probes[1].joules_per_sample_epoch == pytest.approx(ratios[0])
+        assert probes[2].joules_per_sample_epoch == pytest.approx(sum(ratios) / 2)  # the median of two
+        first_work = runs[0].details["samples_seen"] + len(runs[0].details["curve"]) * runs[0].details["holdout_samples"] / 3.0
+        assert runs[0].details["energy_rate"]["estimated_kwh"] == pytest.approx(JOULES_PER_SAMPLE * first_work / 3.6e6)
+        assert runs[1].details["energy_rate"]["joules_per_sample_before"] == pytest.approx(ratios[0])

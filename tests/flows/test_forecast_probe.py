@@ -1,0 +1,101 @@
+"""The assessment's probe: run when it can change the decision, stored, and charged to the budget once."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from shiftcost.store import models as db
+from tests.flows.flow_support import TEST_SETTINGS, TrainedModel, brightened
+from tests.forecast.helpers import forecast_rows
+
+JOULES_PER_SAMPLE = 0.5
+PROBE = {"steps": 2, "samples": 8, "batch_size": 4, "lr": 1e-3, "optimizer": "adam"}
+
+
+@pytest.fixture
+def probe_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel):
+    from shiftcost import pipeline
+    from shiftcost.config import load_settings
+    from shiftcost.forecast.forecaster import Forecaster
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SHIFTCOST_CONFIG", raising=False)
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for key, value in (TEST_SETTINGS | {
+        "SHIFTCOST_DATABASE_URL": database_url, "SHIFTCOST_LANDING": str(landing),
+        "SHIFTCOST_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+    }).items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    # Long retrains beside a two-step probe, so a probe is cheap next to what is at stake.
+    rows = [row | {"epochs": 10.0 * row["epochs"]} for row in forecast_rows()]
+    forecaster = Forecaster.fit(rows, features=["resque_dist"], level=0.8, max_epochs=200.0, probe_settings=PROBE)
+    assert forecaster.stage1 is not None, forecaster.stage1_error
+    pipeline.bootstrap(
+        settings, trained_model.model, trained_model.spec, *trained_model.splits["holdout"],
+        calibration=forecaster, joules_per_sample_epoch=JOULES_PER_SAMPLE, hardware="test",
+    )  # fmt: skip
+    return settings, landing, trained_model
+
+
+def _prediction(settings, decision_id: int) -> db.CostPrediction:
+    from shiftcost import pipeline
+
+    with pipeline.connect(settings) as database, database.session(readonly=True) as session:
+        decision = session.get(db.Decision, decision_id)
+        row = session.get(db.CostPrediction, decision.cost_prediction_id)
+        session.expunge(row)
+        return row
+
+
+def test_a_probe_runs_when_the_index_interval_straddles_the_budget_and_is_charged_once(probe_env) -> None:
+    from sqlalchemy import select
+
+    from shiftcost import pipeline
+    from shiftcost.data import Batch, save_batch
+    from shiftcost.store import ledger
+
+    settings, landing, trained = probe_env
+    x, y = trained.splits["stream"]
+
+    save_batch(Batch(brightened(x[:200]), y[:200], "first"), landing / "first.npz")
+    first = pipeline.process_batch(settings, str(landing / "first.npz"), retrain=False)
+    index_only = _prediction(settings, first.assessment.decision_id)
+    assert index_only.details["stage"] == "index" and index_only.details["probe"] is None
+    assert "no budget" in index_only.details["probe_advice"]
+    assert index_only.energy_kwh_lower < index_only.energy_kwh_upper
+
+    # A budget inside the index interval: only the probe can tell which side the batch is on.
+    cap = math.sqrt(index_only.energy_kwh_lower * index_only.energy_kwh_upper)
+    with pipeline.connect(settings) as database:
+        ledger.create_budget(database, "probe-test", period="per_run", kwh_cap=cap)
+    save_batch(Batch(brightened(x[1:201]), y[1:201], "second"), landing / "second.npz")
+    second = pipeline.process_batch(settings, str(landing / "second.npz"), retrain=False)
+    decision_id = second.assessment.decision_id
+    staged = _prediction(settings, decision_id)
+    assert staged.details["stage"] == "probe", staged.details["probe_advice"]
+    probe = staged.details["probe"]
+    holdout = round(200 * 0.3)
+    # Two steps of four samples; three evaluations of the holdout, each a third of a training sample's cost.
+    assert probe["cost"]["steps"] == 2 and probe["cost"]["sample_gradients"] == 8 and probe["cost"]["samples_evaluated"] == 3 * holdout
+    probe_kwh = JOULES_PER_SAMPLE * (8 + 3 * holdout / 3.0) / 3.6e6
+    assert probe["cost"]["energy_kwh"] == pytest.approx(probe_kwh) and probe["cost"]["seconds"] > 0
+    assert "curve_log_epochs" in staged.details["prediction"]["features"]
+    # The decision used the probe stage's figures, not the index model's.
+    assert staged.epochs != pytest.approx(probe["index_prediction"]["epochs"])
+
+    with pipeline.connect(settings) as database:
+        with database.session(readonly=True) as session:
+            entries = session.scalars(
+                select(db.LedgerEntry).join(db.Budget, db.Budget.id == db.LedgerEntry.budget_id)
+                .where(db.LedgerEntry.decision_id == decision_id, db.Budget.name == "probe-test")
+            ).all()  # fmt: skip
+            charged = [e for e in entries if e.kind == "settle" and "probe" in (e.reason or "")]
+            assert len(charged) == 1 and charged[0].energy_kwh == pytest.approx(probe_kwh)
+        # Counted once: the per-run budget of this decision has the cap less the probe left
+        # (a retrain reservation, if any, was released: this assessment runs no retrain).
+        left = ledger.remaining(database, "probe-test", decision_id=decision_id).remaining_kwh
+        assert left == pytest.approx(cap - probe_kwh)
