@@ -612,20 +612,27 @@ class PredictionStats(Accumulator):
             samples=z.shape[0],
         )
 
+    def load_state_dict(self, state: StateDict) -> None:
+        if isinstance(state, dict) and "confidence_sum" not in state:
+            # Saved before the confidence was kept: unknown (NaN, so mean_confidence is None), not 0.
+            state = {**state, "confidence_sum": math.nan}
+        super().load_state_dict(state)
+
     def compute(self) -> dict[str, Any]:
         """accuracy and mean_loss (None without labels), mean_entropy, mean_confidence
-        (mean max-softmax probability), predicted_counts, samples."""
+        (mean max-softmax probability; None for stats saved before it was kept),
+        predicted_counts, samples."""
         if self._samples == 0:
             raise InputError("no prediction was seen; update the prediction stats with at least one batch.")
         correct, loss, entropy, confidence = torch.stack([self._correct, self._loss_sum, self._entropy_sum, self._confidence_sum]).cpu().tolist()
-        if not (math.isfinite(loss) and math.isfinite(entropy) and math.isfinite(confidence)):
+        if not (math.isfinite(loss) and math.isfinite(entropy) and not math.isinf(confidence)):
             raise InputError("the model's logits contain NaN or infinite values; check the model and the input data.")
         labelled = self._labelled
         return {
             "accuracy": correct / labelled if labelled else None,
             "mean_loss": loss / labelled if labelled else None,
             "mean_entropy": entropy / self._samples,
-            "mean_confidence": confidence / self._samples,
+            "mean_confidence": None if math.isnan(confidence) else confidence / self._samples,
             "predicted_counts": self._predicted_counts.cpu().tolist(),
             "samples": self._samples,
             "labelled": labelled,

@@ -39,7 +39,7 @@ def test_fewer_runs_than_the_full_model_needs_are_fitted_shrunk_toward_the_const
     unshrunk = _ridge(rows, alpha=1.0)[1]
     assert np.linalg.norm(model.coef_) < np.linalg.norm(unshrunk)
     # So few runs give no finite upper bound at 90%: the interval says how little is known.
-    (prediction,) = model.predict([{"resque_dist": 0.5, "mean_entropy": 0.5}])
+    (prediction,) = model.predict_costs([{"resque_dist": 0.5, "mean_entropy": 0.5}])
     assert math.isinf(prediction.epochs_upper) and prediction.epochs >= 0
 
 

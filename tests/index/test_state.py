@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 
@@ -123,7 +124,10 @@ def test_reference_stats_saved_by_the_first_format_still_load_and_equal_a_fresh_
         new_state = new_parts[part]
         assert old_state.keys() == new_state.keys(), part
         for key, value in old_state.items():
-            if isinstance(value, torch.Tensor):
+            if (part, key) == ("predictions", "confidence_sum"):
+                # That format kept no confidence: it loads as unknown, not as a number.
+                assert math.isnan(value) and math.isfinite(new_state[key])
+            elif isinstance(value, torch.Tensor):
                 assert torch.equal(value, new_state[key]), (part, key)
             else:
                 assert value == new_state[key], (part, key)
