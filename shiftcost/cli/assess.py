@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # Exit status when the batch itself was refused (unreadable, wrong shape, too small).
 EXIT_BATCH_FAILED = 2
-# Exit status when retraining was decided but failed (recorded, budget released).
+# Exit status when retraining was decided but failed (recorded, what it measured charged).
 EXIT_RETRAIN_FAILED = 1
 
 
@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
 
         The model must have been set up first (shiftcost.pipeline.bootstrap, or `shiftcost demo`). Exit status: 0 when
         the batch was processed (or had been before), 2 when the batch was refused (the reason is stored), 1 when a
-        decided retraining failed (the run is marked failed and its budget released).
+        decided retraining failed (the run is marked failed and what it measured charged to its budget).
         """
         from pathlib import Path
 

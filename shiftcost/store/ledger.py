@@ -696,12 +696,13 @@ def open_reservations(
         return [Reservation(*row) for row in rows]
 
 
-def settle_decision(target: Target, decision_id: int, kwh: float, co2: float) -> list[int]:
+def settle_decision(target: Target, decision_id: int, kwh: float, co2: float, *, note: str | None = None) -> list[int]:
     """Record a decision's measured cost on each of its reservations; returns entry ids.
 
     An open reservation is settled (with an ``overrun`` reason when the measure exceeds
     it); one released before the run finished gets a late settlement, so the spend
-    still counts. A reservation already settled is left as it is.
+    still counts. A reservation already settled is left as it is. ``note`` opens each
+    entry's reason (a failed run's spend, say).
     """
     kwh, co2 = _amount(kwh, "measured kWh"), _amount(co2, "measured kg CO2e")
     with _transaction(target) as session:
@@ -709,14 +710,18 @@ def settle_decision(target: Target, decision_id: int, kwh: float, co2: float) ->
         for reservation in _reservations_of(session, decision_id):
             _lock_budget_by_id(session, reservation.budget_id)
             closing = _closing(session, reservation.id)
+            overrun = _overrun_reason(reservation, kwh, co2)
             if closing is None:
-                ids.append(_close(session, reservation.id, "settle", kwh, co2, _overrun_reason(reservation, kwh, co2)))
+                ids.append(_close(session, reservation.id, "settle", kwh, co2, _reason(note, overrun)))
             elif closing.kind == "release" and _closing(session, closing.id) is None:
-                reason = (f"late settlement: the run finished after reservation {reservation.id} was released "
-                          f"({closing.reason})")
-                overrun = _overrun_reason(reservation, kwh, co2)
-                ids.append(_add_closing(session, closing, "settle", kwh, co2, f"{reason}; {overrun}" if overrun else reason))
+                late = (f"late settlement: the run finished after reservation {reservation.id} was released "
+                        f"({closing.reason})")
+                ids.append(_add_closing(session, closing, "settle", kwh, co2, _reason(note, late, overrun)))
         return ids
+
+
+def _reason(*parts: str | None) -> str | None:
+    return "; ".join(part for part in parts if part) or None
 
 
 def _reservations_of(session: Session, decision_id: int) -> list[LedgerEntry]:
