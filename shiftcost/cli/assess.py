@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from shiftcost.cli.db import DatabaseUrlOption
+from shiftcost.redaction import redact_url
 
 if TYPE_CHECKING:
     from shiftcost.pipeline import BatchResult
@@ -38,7 +39,7 @@ def _table(result: BatchResult) -> Any:
     table = Table(title=f"batch {assessment.batch_id}: {status}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
-    rows: list[tuple[str, str]] = [("source", str(assessment.source_uri))]
+    rows: list[tuple[str, str]] = [("source", redact_url(assessment.source_uri))]
     if result.registration is not None and not result.registration.created:
         rows.append(("registered before", "yes: not processed again, stored state shown"))
     if assessment.failure_reason:

@@ -563,11 +563,12 @@ def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException, 
     reservation is settled with the measured spend, so the ledger's totals stay the sum of
     what the runs measured. Only a failure before anything was measured releases it.
     """
+    from shiftcost.redaction import redact_text
     from shiftcost.store import ledger, repository
 
     partial = getattr(error, "partial", None) or measured
     measures = _run_measures(partial if hasattr(partial, "pool_samples") else None)
-    message = " ".join(str(error).split()) or type(error).__name__
+    message = redact_text(" ".join(str(error).split()) or type(error).__name__)
     reason = f"Retraining failed: {message}"
     settled: list[int] = []
     released: list[int] = []
