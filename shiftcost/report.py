@@ -31,7 +31,6 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from shiftcost.errors import InputError
-from shiftcost.redaction import redact_url
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -341,7 +340,6 @@ def short_name(uri: str | None) -> str:
     """The last path component of a batch URI (``04-gaussian_noise-0.2.npz``)."""
     if not uri:
         return ""
-    uri = redact_url(uri)
     return PurePosixPath(uri.rstrip("/").replace("\\", "/")).name or uri
 
 
