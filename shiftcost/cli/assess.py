@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from shiftcost.cli.db import DatabaseUrlOption
-from shiftcost.redaction import redact_url
 
 if TYPE_CHECKING:
     from shiftcost.pipeline import BatchResult
@@ -31,6 +30,8 @@ def _number(value: Any, spec: str = ".4g") -> str:
 
 def _table(result: BatchResult) -> Any:
     from rich.table import Table
+
+    from shiftcost.redaction import redact_url
 
     assessment = result.assessment
     assert assessment is not None
