@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shiftcost.config import Settings
+from shiftcost.redaction import redact_url
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ def serve(settings: Settings, *, overrides: dict[str, Any] | None = None, limit:
 
     logger = get_logger("shiftcost.serve")
     with prefect_api() as url:
-        logger.info("Prefect API at %s", url)
+        logger.info("Prefect API at %s", redact_url(url))
         stop = threading.Event()
         ticker = threading.Thread(target=_tick, args=(settings.poll_interval_s, stop, logger.info), name="shiftcost-ticker", daemon=True)
         ticker.start()

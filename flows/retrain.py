@@ -14,7 +14,7 @@ from tasks import retrain as steps
 
 @flow(name="retrain", persist_result=False)
 def retrain(batch_id: int, overrides: Overrides = None) -> dict[str, Any]:
-    """Retrain on batch ``batch_id`` once; a failure is recorded (run failed, budget released) and fails the flow."""
+    """Retrain on batch ``batch_id`` once; a failure is recorded (run failed, its measured spend settled) and fails the flow."""
     settings = settings_for(overrides)
     job = steps.claim_retrain(settings, batch_id)
     if job is None:

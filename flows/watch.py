@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 
 from flows.assess import assess
 from flows.handoff import Overrides, batch_key, cancel_unstarted_runs, completed_result, handoff_attempt, settings_for, start_deployment
+from shiftcost.redaction import redact_text, redact_url
 from tasks import assess as assess_steps
 from tasks import intake
 
@@ -22,7 +23,7 @@ def watch(overrides: Overrides = None) -> list[dict[str, Any]]:
     for landed in intake.discover_batches(settings):
         state = intake.register_batch(settings, landed, return_state=True)
         if not state.is_completed():
-            logger.error("could not register %s: %s", landed.uri, state.message)
+            logger.error("could not register %s: %s", redact_url(landed.uri), redact_text(state.message or ""))
     intake.fail_stale_retrains(settings)
     intake.requeue_deferred(settings)
     if settings.flow_mode == "deployment":

@@ -7,9 +7,18 @@ catch ``ShiftcostError`` to tell user errors from bugs.
 
 
 class ShiftcostError(Exception):
-    """An error caused by input or environment that the user can fix."""
+    """An error caused by input or environment that the user can fix.
+
+    Its message is printed, logged and stored as a failure reason, so a secret carried by a
+    URL in it (a password in the user part or the query string) is redacted here, once.
+    """
 
     exit_code = 2
+
+    def __init__(self, *args: object) -> None:
+        from shiftcost.redaction import redact_text
+
+        super().__init__(*(redact_text(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class InputError(ShiftcostError):

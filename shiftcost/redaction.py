@@ -4,7 +4,9 @@ A URL may carry a secret in its user part (``postgresql://user:secret@host``) or
 query string (``...?password=secret``, ``s3://bucket/x?X-Amz-Signature=...``,
 ``?token=``, ``?sslpassword=`` ...). :func:`redact_url` replaces each with ``***``;
 :func:`scrub` removes the same secret values from any other text (a driver's error
-message that echoes them).
+message that echoes them); :func:`redact_text` redacts every URL-borne secret found in a
+sentence whose URLs are not known (an error message, a stored failure reason), and is
+applied to every ``ShiftcostError`` message.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-__all__ = ["redact_url", "scrub", "secrets_of"]
+__all__ = ["redact_text", "redact_url", "scrub", "secrets_of"]
 
 MASK = "***"
 # Query keys whose values are secrets (compared lower-case, '-' read as '_').
@@ -20,6 +22,12 @@ _SECRET_KEY = re.compile(
     r"(pass(word|wd)?|pwd|secret|token|key|sig(nature)?|credential|auth|session|private)", re.IGNORECASE
 )
 _USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:@/?#]*):(?P<password>[^@/?#]*)@")
+
+
+# In free text: a user-info password (up to the ``@``) and a secret query value (up to the
+# next ``&``, ``#``, quote or blank). Masking a closing bracket with the value is harmless.
+_USERINFO_IN_TEXT = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:@/?#\s'\"]*):(?P<password>[^@/?#\s'\"]+)@")
+_QUERY_PAIR_IN_TEXT = re.compile(r"(?P<head>[?&;](?P<key>[^=&#?;\s'\"]+)=)(?P<value>[^&#\s'\"]+)")
 
 
 def _secret_key(key: str) -> bool:
@@ -55,6 +63,18 @@ def redact_url(url: object) -> str:
         key, equals, value = part.partition("=")
         parts.append(f"{key}={MASK}" if equals and value and _secret_key(unquote(key)) else part)
     return f"{head}?{'&'.join(parts)}{hash_mark}{fragment}"
+
+
+def redact_text(text: object) -> str:
+    """``text`` with the secrets of every URL in it replaced by ``***``.
+
+    For a sentence whose URLs are not known one by one: user-info passwords, and the
+    values of secret query keys wherever a ``?``/``&``/``;`` introduces them.
+    """
+    text = _USERINFO_IN_TEXT.sub(lambda m: f"{m.group('head')}:{MASK}@", str(text))
+    return _QUERY_PAIR_IN_TEXT.sub(
+        lambda m: f"{m.group('head')}{MASK}" if _secret_key(unquote(m.group("key"))) else m.group(0), text
+    )
 
 
 def scrub(text: str, url: object) -> str:

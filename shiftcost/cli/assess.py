@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 # Exit status when the batch itself was refused (unreadable, wrong shape, too small).
 EXIT_BATCH_FAILED = 2
-# Exit status when retraining was decided but failed (recorded, budget released).
+# Exit status when retraining was decided but failed (recorded, what it measured charged).
 EXIT_RETRAIN_FAILED = 1
 
 
@@ -32,6 +32,8 @@ def _number(value: Any, spec: str = ".4g") -> str:
 def _table(result: BatchResult) -> Any:
     from rich.table import Table
 
+    from shiftcost.redaction import redact_url
+
     assessment = result.assessment
     assert assessment is not None
     retraining = result.retraining
@@ -39,7 +41,7 @@ def _table(result: BatchResult) -> Any:
     table = Table(title=f"batch {assessment.batch_id}: {status}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
-    rows: list[tuple[str, str]] = [("source", str(assessment.source_uri))]
+    rows: list[tuple[str, str]] = [("source", redact_url(assessment.source_uri))]
     if result.registration is not None and not result.registration.created:
         rows.append(("registered before", "yes: not processed again, stored state shown"))
     if assessment.failure_reason:
@@ -83,7 +85,7 @@ def register(app: typer.Typer) -> None:
 
         The model must have been set up first (shiftcost.pipeline.bootstrap, or `shiftcost demo`). Exit status: 0 when
         the batch was processed (or had been before), 2 when the batch was refused (the reason is stored), 1 when a
-        decided retraining failed (the run is marked failed and its budget released).
+        decided retraining failed (the run is marked failed and what it measured charged to its budget).
         """
         from pathlib import Path
 

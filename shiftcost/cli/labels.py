@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from shiftcost.cli.db import DatabaseUrlOption
+from shiftcost.redaction import redact_url
 
 labels_app = typer.Typer(name="labels", help="Attach labels to a batch that arrived without them.", no_args_is_help=True)
 
@@ -36,7 +37,7 @@ def attach_command(
     if as_json:
         typer.echo(json.dumps(attached.to_dict(), indent=2))
     else:
-        typer.echo(f"labels {attached.labels_uri} attached to batch {attached.batch_id} ({attached.samples} images); it will be assessed afresh.")
+        typer.echo(f"labels {redact_url(attached.labels_uri)} attached to batch {attached.batch_id} ({attached.samples} images); it will be assessed afresh.")
 
 
 def register(app: typer.Typer) -> None:

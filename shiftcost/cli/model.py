@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from shiftcost.cli.db import DatabaseUrlOption
+from shiftcost.redaction import redact_url
 
 model_app = typer.Typer(
     name="model",
@@ -181,7 +182,7 @@ def register_command(
         "reference_samples": done.model.reference_samples,
         "cost_model_version": done.cost_model_version,
         "joules_per_sample_epoch": done.joules_per_sample_epoch,
-        "weights_uri": done.model.weights_uri,
+        "weights_uri": redact_url(done.model.weights_uri),
         "budget": done.budget,
     }
     _print(data, as_json, f"registered {done.model.name} version {done.model.version}")

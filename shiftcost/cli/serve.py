@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from shiftcost.redaction import redact_url
+
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
@@ -38,5 +40,5 @@ def register(app: typer.Typer) -> None:
         settings = load_settings(**({"poll_interval_s": interval} if interval is not None else {}))
         from flows.deployments import serve as serve_deployments
 
-        typer.echo(f"watching {settings.landing} every {settings.poll_interval_s:g} s for model {settings.model_name} (Ctrl-C stops)")
+        typer.echo(f"watching {redact_url(settings.landing)} every {settings.poll_interval_s:g} s for model {settings.model_name} (Ctrl-C stops)")
         serve_deployments(settings, limit=limit)

@@ -190,7 +190,7 @@ def process_batch(settings: Settings, uri: str, *, retrain: bool = True, db: Dat
     """Register the batch at ``uri`` and take it through assessment and, if decided, retraining.
 
     A batch registered before is not processed again: its stored state comes back.
-    A failed retraining is recorded (run failed, reservation released) and returned.
+    A failed retraining is recorded (run failed, its measured spend settled) and returned.
     """
     with _database(settings, db) as database:
         registration = register_batch(database, settings, uri)

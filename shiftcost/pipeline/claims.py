@@ -67,7 +67,11 @@ def guarded_update(session: Session, claim: Claim, **values: Any) -> None:
 
     from shiftcost.store.models import Batch
 
+    from shiftcost.redaction import redact_text
+
     values.setdefault("updated_at", _now())
+    if values.get("failure_reason"):
+        values["failure_reason"] = redact_text(values["failure_reason"])
     statement = (
         update(Batch)
         .where(Batch.id == claim.batch_id, Batch.status == claim.status, Batch.updated_at == claim.token)

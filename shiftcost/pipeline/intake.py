@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from shiftcost import landing
 from shiftcost.errors import ConfigError
+from shiftcost.redaction import redact_text, redact_url
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -166,6 +167,7 @@ def register_landed(
                 batch = repository.get_batch(session, entry.batch_id)
                 return _registration(batch, created=False, entry_state=entry.state)
     fingerprint, samples, has_labels, problem = _peek(landed)
+    problem = None if problem is None else redact_text(problem)
     with db.session() as session:
         model = repository.get_model(session, name)
         batch, created = repository.register_batch(session, model.id, landed.uri, fingerprint, samples, has_labels)
@@ -174,7 +176,7 @@ def register_landed(
         state = None
         if record_entry:
             state = ("failed" if problem is not None else "registered") if created else "duplicate"
-            reason = problem if created else f"same bytes as batch {batch.id} ({batch.source_uri})"
+            reason = problem if created else f"same bytes as batch {batch.id} ({redact_url(batch.source_uri)})"
             _record_entry(session, name, landed, state, batch.id, reason)
         return _registration(batch, created=created, entry_state=state)
 
@@ -276,7 +278,7 @@ def archive_processed(db: Database, settings: Settings, *, now: datetime | None 
         except FileNotFoundError:
             target = None
         except (OSError, ConfigError) as error:
-            report.problems.append(f"Landing entry {location} could not be moved to {target} ({error}); it is tried again on the next poll.")
+            report.problems.append(redact_text(f"Landing entry {location} could not be moved to {target} ({error}); it is tried again on the next poll."))
             continue
         with db.session() as session:
             session.execute(
@@ -299,7 +301,7 @@ def archive_processed(db: Database, settings: Settings, *, now: datetime | None 
                 if archive_uri is not None:
                     landing.remove(archive_uri)
             except OSError as error:
-                report.problems.append(f"Archived entry {archive_uri} could not be deleted ({error}); it is tried again on the next poll.")
+                report.problems.append(redact_text(f"Archived entry {archive_uri} could not be deleted ({error}); it is tried again on the next poll."))
                 continue
             with db.session() as session:
                 session.execute(

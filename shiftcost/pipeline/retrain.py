@@ -19,8 +19,10 @@
    (:func:`refit_energy_rate`), the batch done.
 
 Any failure goes to :func:`record_retrain_failure` instead: the run is marked failed with
-what it measured up to the crash, the budget reservation is released, the batch is marked
-failed, and the model stays as it was. A crashed run is not retried on its own: it spent
+what it measured up to the crash, the budget reservation is settled with that measure (or
+released when nothing was measured), the batch is marked failed, and the model stays as it
+was. A process killed outright records nothing: the watch closes its run once it is proven
+dead (:func:`fail_stale_retrains`) and releases the reservation. A crashed run is not retried on its own: it spent
 energy, and spending more needs a new decision.
 """
 
@@ -691,25 +693,36 @@ def record_retrain_success(
 
 
 def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException, measured: RetrainResult | None = None) -> RetrainOutcome:
-    """Mark the run and the batch failed and release the reservation; the model is unchanged.
+    """Mark the run and the batch failed and close the reservation; the model is unchanged.
 
-    Whatever the run measured before it failed is kept on the run: ``error.partial`` for a
-    crash while training, ``measured`` for a failure after training finished (saving the
-    new version to a full or read-only folder, say).
+    Whatever the run measured before it failed is kept on the run (``error.partial`` for a
+    crash while training, ``measured`` for a failure after training finished: saving the
+    new version to a full or read-only folder, say) and charged to the ledger: the
+    reservation is settled with the measured spend, so the ledger's totals stay the sum of
+    what the runs measured. Only a failure before anything was measured releases it.
     """
+    from shiftcost.redaction import redact_text
     from shiftcost.store import ledger, repository
 
     partial = getattr(error, "partial", None) or measured
     measures = _run_measures(partial if hasattr(partial, "pool_samples") else None)
-    message = " ".join(str(error).split()) or type(error).__name__
+    message = redact_text(" ".join(str(error).split()) or type(error).__name__)
     reason = f"Retraining failed: {message}"
+    settled: list[int] = []
+    released: list[int] = []
     with db.session() as session:
         try:
             guarded_update(session, job.claim, status="failed", failure_reason=reason)
         except ClaimLost:
             pass  # another run recorded this batch's end already; still close this run
         repository.finish_retrain_run(session, job.run_id, "failed", **(measures | {"error": message}))
-        released = ledger.release_decision(session, job.decision_id, reason)
+        if measures.get("energy_kwh") is not None:
+            settled = ledger.settle_decision(
+                session, job.decision_id, measures["energy_kwh"], measures.get("emissions_kg") or 0.0,
+                note=f"spent by a run that then failed: {message}",
+            )
+        else:
+            released = ledger.release_decision(session, job.decision_id, reason)
     return RetrainOutcome(
         batch_id=job.batch_id,
         status="failed",
@@ -719,6 +732,7 @@ def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException, 
         steps=measures.get("steps"),
         energy_kwh=measures.get("energy_kwh"),
         emissions_kg=measures.get("emissions_kg"),
+        settled=settled,
         released=released,
         error=message,
     )

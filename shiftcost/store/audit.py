@@ -9,105 +9,38 @@ Common filters: ``model`` (a model *name*: all its versions), ``since`` (inclusi
 decision time, reservation time, calibration time). ``limit`` keeps the newest rows
 (shown oldest first for cost and errors, newest first for decisions); totals always
 cover every matching row, from separate aggregate statements.
+
+The budget-burn query is in ``audit_budget``, what the queries share in ``audit_common``;
+everything is importable from here.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict, deque
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, and_, case, func, select
-from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, aliased
-from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.types import String
 
-from shiftcost.store.models import (
-    Batch,
-    Budget,
-    Calibration,
-    CostPrediction,
-    Decision,
-    Model,
-    RetrainRun,
-)
+from shiftcost.redaction import redact_url
+from shiftcost.store.audit_budget import budget_burn
+from shiftcost.store.audit_common import AuditResult, _float, _model_ids, _newest, _Runner, _window, utc_day
+from shiftcost.store.models import Batch, Calibration, CostPrediction, Decision, Model, RetrainRun
+
+__all__ = [
+    "QUERIES",
+    "AuditResult",
+    "budget_burn",
+    "calibrations",
+    "cost_history",
+    "decisions",
+    "prediction_errors",
+    "run",
+    "utc_day",
+]
 
 QUERIES = ("cost", "errors", "decisions", "budget", "calibrations")
-
-
-@dataclass
-class AuditResult:
-    """Rows of one audit query, the column order to show, totals, and the SQL that ran."""
-
-    name: str
-    columns: list[str]
-    rows: list[dict[str, Any]]
-    totals: dict[str, Any] = field(default_factory=dict)
-    sql: list[str] = field(default_factory=list)
-
-
-class utc_day(FunctionElement[str]):
-    """The UTC calendar day of a timestamp as ``YYYY-MM-DD`` text, on SQLite and PostgreSQL."""
-
-    type = String()
-    inherit_cache = True
-
-
-@compiles(utc_day)
-def _utc_day_sqlite(element: utc_day, compiler: Any, **kw: Any) -> str:
-    # SQLite stores the timestamps as UTC text; date() keeps the day part.
-    return f"date({compiler.process(element.clauses, **kw)})"
-
-
-@compiles(utc_day, "postgresql")
-def _utc_day_postgresql(element: utc_day, compiler: Any, **kw: Any) -> str:
-    return f"to_char(({compiler.process(element.clauses, **kw)}) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
-
-
-class _Runner:
-    """Runs Core statements on the session's connection and keeps their SQL for the result."""
-
-    def __init__(self, session: Session) -> None:
-        self.connection = session.connection()
-        self.sql: list[str] = []
-
-    def rows(self, query: Select) -> list[dict[str, Any]]:
-        self.sql.append(str(query.compile(dialect=self.connection.dialect)))
-        result = self.connection.execute(query)
-        keys = list(result.keys())
-        return [dict(zip(keys, row, strict=True)) for row in result.all()]
-
-    def one(self, query: Select) -> dict[str, Any]:
-        return self.rows(query)[0]
-
-
-def _window(query: Select, column: Any, since: datetime | None, until: datetime | None) -> Select:
-    if since is not None:
-        query = query.where(column >= since)
-    if until is not None:
-        query = query.where(column < until)
-    return query
-
-
-def _model_ids(model: str) -> Select:
-    """``SELECT id FROM models WHERE name = :model``: every version of a model name."""
-    return select(Model.id).where(Model.name == model)
-
-
-def _newest(query: Select, limit: int | None, *keys: str) -> Select:
-    """Order by the selected columns ``keys``; with ``limit``, keep the newest rows, oldest first."""
-    order = [query.selected_columns[key] for key in keys]
-    if limit is None:
-        return query.order_by(*order)
-    newest = query.order_by(*(column.desc() for column in order)).limit(limit).subquery()
-    return select(newest).order_by(*(newest.c[key] for key in keys))
-
-
-def _float(value: Any) -> float:
-    return float(value or 0.0)
 
 
 # --- cost history -----------------------------------------------------------------------
@@ -380,215 +313,14 @@ def decisions(
     counts_query = filtered(select(Decision.action, func.count().label("n"))).group_by(Decision.action)
     runner = _Runner(session)
     rows = runner.rows(query)
+    for row in rows:  # printed and exported: a secret in a batch URL stays out
+        row["source_uri"] = redact_url(row["source_uri"])
     by_action = {row["action"]: int(row["n"]) for row in runner.rows(counts_query)}
     totals = {"decisions": sum(by_action.values()), "by_action": dict(sorted(by_action.items())),
               "shown": len(rows)}
     columns = ["decision_id", "created_at", "model", "version", "batch_id", "action",
                "blocked_by_budget", "reasons", "retry_after", "predicted_kwh_upper", "predicted_co2_upper"]
     return AuditResult("decisions", columns, rows, totals, runner.sql)
-
-
-# --- budget burn ---------------------------------------------------------------------------------
-
-
-def _burn_query(budget_ids: list[int], since: datetime | None, until: datetime | None,
-                *, per_run: bool) -> Select:
-    """Per budget and UTC day: reservations, settled (late and overrun apart), open, released.
-
-    The ledger's accounting rule per reservation (``ledger.usage_columns``), summed:
-
-    SELECT r.budget_id, <UTC day of r.created_at> AS day, count(r.id) AS reservations,
-           sum(measured) AS settled_kwh, sum(held) AS reserved_kwh, sum(late) AS late_kwh,
-           sum(overrun) AS overrun_kwh, (same for emissions_kg), sum(open), sum(released)
-    FROM budget_ledger r LEFT JOIN budget_ledger c ON c.reservation_id = r.id
-         LEFT JOIN budget_ledger late ON late.reservation_id = c.id AND late.kind = 'settle'
-    WHERE r.kind = 'reserve' AND r.budget_id IN (:ids)
-      AND r.created_at >= :since AND r.created_at < :until
-    GROUP BY r.budget_id, day
-
-    For per-run budgets the same statement is grouped by (budget, day, decision) first and
-    re-aggregated per day, adding ``max(settled + reserved)`` as the costliest run of the
-    day. Months and rolling windows are summed from the days in Python.
-    """
-    from shiftcost.store import ledger
-
-    base, r, c, late = ledger.usage_joins(select())
-    usage = ledger.usage_columns(r, c, late)
-    day = utc_day(r.created_at).label("day")
-    sums = [func.count(r.id).label("reservations")] + [func.sum(usage[key]).label(key) for key in _BURN_SUMS]
-    keys = [r.budget_id, day, r.decision_id] if per_run else [r.budget_id, day]
-    extra = [(func.sum(usage["settled_kwh"]) + func.sum(usage["reserved_kwh"])).label("spent_kwh"),
-             (func.sum(usage["settled_co2"]) + func.sum(usage["reserved_co2"])).label("spent_co2")] if per_run else []
-    grouped = _window(
-        base.add_columns(*keys, *sums, *extra).where(r.budget_id.in_(budget_ids)),
-        r.created_at, since, until,
-    ).group_by(*keys)
-    if not per_run:
-        return grouped
-    p = grouped.subquery("per_run").c
-    return select(
-        p.budget_id, p.day,
-        *(func.sum(p[column.name]).label(column.name) for column in sums),
-        func.max(p.spent_kwh).label("max_run_kwh"), func.max(p.spent_co2).label("max_run_co2"),
-    ).group_by(p.budget_id, p.day)
-
-
-_BURN_SUMS = ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2", "late_kwh", "late_co2",
-              "overrun_kwh", "overrun_co2", "open", "released")
-
-
-def _spend_once_query(budget_ids: list[int], since: datetime | None, until: datetime | None) -> Select:
-    """What the decisions behind these budgets' reservations spent, each decision counted once.
-
-    A decision reserves (and settles) the same amounts on every budget that applies to it,
-    so summing over budgets would count one run's spend once per budget. Per decision the
-    largest figure over its reservations is taken, then summed:
-
-    SELECT sum(settled_kwh), ... FROM (SELECT r.decision_id, max(measured) AS settled_kwh,
-           max(held) AS reserved_kwh, max(late), max(overrun) ... GROUP BY r.decision_id)
-    """
-    from shiftcost.store import ledger
-
-    base, r, c, late = ledger.usage_joins(select())
-    usage = ledger.usage_columns(r, c, late)
-    measures = ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2", "late_kwh", "late_co2",
-                "overrun_kwh", "overrun_co2")
-    per_decision = _window(
-        base.add_columns(r.decision_id, *(func.max(usage[key]).label(key) for key in measures))
-        .where(r.budget_id.in_(budget_ids)),
-        r.created_at, since, until,
-    ).group_by(r.decision_id).subquery("per_decision")
-    return select(*(func.coalesce(func.sum(per_decision.c[key]), 0.0).label(key) for key in measures))
-
-
-def budget_burn(
-    session: Session,
-    *,
-    model: str | None = None,
-    budget: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-) -> AuditResult:
-    """Reserved, settled and remaining kWh / kg CO2e per budget and period.
-
-    One row per period with ledger activity: calendar day (daily), calendar month
-    (monthly), day (rolling: ``remaining`` is for the N-day window ending at that day's
-    end), day (per_run: ``remaining`` is the headroom of that day's costliest run, i.e.
-    cap minus its spend). ``model`` keeps budgets whose scope is that model or ``*``.
-    SQL: ``_burn_query``; the budgets come from
-    ``SELECT * FROM budgets WHERE scope IN (:model, '*') AND name = :budget ORDER BY name``.
-    """
-    budget_query = select(Budget).order_by(Budget.name)
-    if model is not None:
-        budget_query = budget_query.where(Budget.scope.in_([model, "*"]))
-    if budget is not None:
-        budget_query = budget_query.where(Budget.name == budget)
-    budgets = list(session.scalars(budget_query))
-    runner = _Runner(session)
-    runner.sql.append(str(budget_query.compile(dialect=runner.connection.dialect)))
-    rows: list[dict[str, Any]] = []
-    if budgets:
-        longest = max(b.rolling_days or 0 for b in budgets)
-        # Rolling windows reaching back before `since` need the days before it too.
-        query_since = since - timedelta(days=longest) if since is not None else None
-        by_budget: dict[int, dict[date, dict[str, Any]]] = defaultdict(dict)
-        for per_run in (False, True):
-            ids = [b.id for b in budgets if (b.period == "per_run") == per_run]
-            if ids:
-                for row in runner.rows(_burn_query(ids, query_since, until, per_run=per_run)):
-                    by_budget[row["budget_id"]][date.fromisoformat(row["day"])] = row
-        for b in budgets:
-            rows.extend(_period_rows(b, by_budget.get(b.id, {}), since))
-    # Totals count each decision's spend once, however many budgets it was reserved on.
-    spend = runner.rows(_spend_once_query([b.id for b in budgets], since, until))[0] if budgets else {}
-    totals = {
-        "budgets": len(budgets),
-        **{key: _float(spend.get(key)) for key in ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2",
-                                                  "late_kwh", "late_co2", "overrun_kwh", "overrun_co2")},
-    }
-    columns = ["budget", "period", "period_start", "period_end", "reservations", "open", "released",
-               "reserved_kwh", "settled_kwh", "late_kwh", "overrun_kwh", "remaining_kwh",
-               "reserved_co2", "settled_co2", "late_co2", "overrun_co2", "remaining_co2"]
-    return AuditResult("budget", columns, rows, totals, runner.sql)
-
-
-def _period_rows(b: Budget, days: dict[date, dict[str, Any]], since: datetime | None) -> list[dict[str, Any]]:
-    def midnight(day: date) -> datetime:
-        return datetime(day.year, day.month, day.day, tzinfo=UTC)
-
-    shown = [d for d in sorted(days) if since is None or midnight(d) + timedelta(days=1) > since]
-    if b.period == "monthly":
-        months: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
-        for day in shown:
-            months[(day.year, day.month)].append(days[day])
-        out = []
-        for year, month in sorted(months):
-            start = datetime(year, month, 1, tzinfo=UTC)
-            end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
-            out.append(_burn_row(b, f"{year:04d}-{month:02d}", start, end, months[(year, month)]))
-        return out
-    if b.period == "rolling_days":
-        assert b.rolling_days is not None
-        out, window, spent = [], deque(), [0.0, 0.0]
-        for day in sorted(days):  # a sliding sum over the N days ending with `day`
-            window.append(day)
-            spent[0] += _spent(days[day], "kwh")
-            spent[1] += _spent(days[day], "co2")
-            while (day - window[0]).days >= b.rolling_days:
-                gone = days[window.popleft()]
-                spent[0] -= _spent(gone, "kwh")
-                spent[1] -= _spent(gone, "co2")
-            if day not in shown:
-                continue
-            end = midnight(day) + timedelta(days=1)
-            row = _burn_row(b, day.isoformat(), end - timedelta(days=b.rolling_days), end, [days[day]])
-            row["remaining_kwh"] = None if b.kwh_cap is None else b.kwh_cap - spent[0]
-            row["remaining_co2"] = None if b.co2_cap is None else b.co2_cap - spent[1]
-            out.append(row)
-        return out
-    out = []
-    for day in shown:
-        row = _burn_row(b, day.isoformat(), midnight(day), midnight(day) + timedelta(days=1), [days[day]])
-        if b.period == "per_run":
-            row["remaining_kwh"] = None if b.kwh_cap is None else b.kwh_cap - _float(days[day]["max_run_kwh"])
-            row["remaining_co2"] = None if b.co2_cap is None else b.co2_cap - _float(days[day]["max_run_co2"])
-        out.append(row)
-    return out
-
-
-def _spent(part: dict[str, Any], measure: str) -> float:
-    return _float(part[f"settled_{measure}"]) + _float(part[f"reserved_{measure}"])
-
-
-def _burn_row(b: Budget, period: str, start: datetime | None, end: datetime | None,
-              parts: list[dict[str, Any]]) -> dict[str, Any]:
-    def total(key: str) -> float:
-        return sum(_float(part[key]) for part in parts)
-
-    settled_kwh, reserved_kwh = total("settled_kwh"), total("reserved_kwh")
-    settled_co2, reserved_co2 = total("settled_co2"), total("reserved_co2")
-    return {
-        "budget": b.name,
-        "budget_period": b.period,
-        "period": period,
-        "period_start": start,
-        "period_end": end,
-        "reservations": int(total("reservations")),
-        "open": int(total("open")),
-        "released": int(total("released")),
-        "reserved_kwh": reserved_kwh,
-        "settled_kwh": settled_kwh,
-        "late_kwh": total("late_kwh"),
-        "overrun_kwh": total("overrun_kwh"),
-        "remaining_kwh": None if b.kwh_cap is None else b.kwh_cap - settled_kwh - reserved_kwh,
-        "reserved_co2": reserved_co2,
-        "settled_co2": settled_co2,
-        "late_co2": total("late_co2"),
-        "overrun_co2": total("overrun_co2"),
-        "remaining_co2": None if b.co2_cap is None else b.co2_cap - settled_co2 - reserved_co2,
-        "kwh_cap": b.kwh_cap,
-        "co2_cap": b.co2_cap,
-    }
 
 
 # --- calibration history -------------------------------------------------------------------------

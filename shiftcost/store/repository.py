@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shiftcost.errors import InputError
+from shiftcost.redaction import redact_text
 from shiftcost.store.errors import NotFoundError
 from shiftcost.store.models import (
     BATCH_STATUSES,
@@ -231,7 +232,7 @@ def set_batch_status(
         raise InputError("A batch marked failed needs a failure reason.")
     batch = get_batch(session, batch_id)
     batch.status = status
-    batch.failure_reason = failure_reason if status == "failed" else None
+    batch.failure_reason = redact_text(failure_reason) if status == "failed" else None
     session.flush()
     return batch
 

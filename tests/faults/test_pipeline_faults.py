@@ -7,6 +7,7 @@ Each runs on SQLite and PostgreSQL (``pipeline_env`` is built on the ``database_
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from flow_support import PipelineEnv, brightened
@@ -59,7 +60,7 @@ def test_a_retrain_that_cannot_save_its_new_version_keeps_its_energy_and_leaves_
     env = pipeline_env
     _drifted(env)
     artifacts = pipeline.Artifacts.from_settings(env.settings)
-    blocked = artifacts.reference_data(env.settings.model_name, "run-1")
+    blocked = Path(artifacts.reference_data(env.settings.model_name, "run-1"))
     blocked.mkdir(parents=True)  # the reference data cannot be written where it must go
     with pipeline.connect(env.settings) as database:
         (assessed,) = pipeline.watch_once(env.settings, retrain=False, db=database)
@@ -67,9 +68,56 @@ def test_a_retrain_that_cannot_save_its_new_version_keeps_its_energy_and_leaves_
             pipeline.run_retrain(database, env.settings, assessed.assessment.batch_id)
     (run,) = env.rows(db.RetrainRun)
     assert run.status == "failed" and run.energy_kwh is not None and run.energy_kwh > 0
-    assert not artifacts.model_weights(env.settings.model_name, "run-1").exists()
-    leftovers = [p.name for p in artifacts.root.rglob("*") if p.is_file() and "run-1" in p.name]
+    reserve, settle = env.rows(db.LedgerEntry)  # the energy it measured is charged, not released
+    assert (settle.kind, settle.reservation_id, settle.energy_kwh) == ("settle", reserve.id, run.energy_kwh)
+    assert env.remaining_kwh("monthly") == pytest.approx(1.0 - run.energy_kwh)
+    assert not Path(artifacts.model_weights(env.settings.model_name, "run-1")).exists()
+    leftovers = [p.name for p in Path(artifacts.root).rglob("*") if p.is_file() and "run-1" in p.name]
     assert leftovers == []
+
+
+def test_a_retrain_that_crashes_after_measured_work_settles_what_it_measured(pipeline_env: PipelineEnv) -> None:
+    import torch
+
+    env = pipeline_env
+    _drifted(env)
+    steps: list[int] = []
+
+    def crash_on_the_second_step(module: torch.nn.Module, args: tuple) -> None:
+        if module.training and type(module).__name__ == "DigitsCNN":
+            steps.append(1)
+            if len(steps) == 2:
+                raise RuntimeError("CUDA out of memory")
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(crash_on_the_second_step)
+    try:
+        with pipeline.connect(env.settings) as database:
+            (assessed,) = pipeline.watch_once(env.settings, retrain=False, db=database)
+            with pytest.raises(pipeline.RetrainFailed) as raised:
+                pipeline.run_retrain(database, env.settings, assessed.assessment.batch_id)
+            status = ledger.remaining(database, "monthly")
+    finally:
+        handle.remove()
+    (run,) = env.rows(db.RetrainRun)
+    assert run.status == "failed" and run.steps == 1 and run.energy_kwh > 0
+    reserve, settle = env.rows(db.LedgerEntry)
+    assert (settle.kind, settle.reservation_id) == ("settle", reserve.id)
+    assert (settle.energy_kwh, settle.emissions_kg) == (run.energy_kwh, run.emissions_kg)
+    assert raised.value.outcome.settled == [settle.id] and raised.value.outcome.released == []
+    assert status.settled_kwh == pytest.approx(run.energy_kwh) and status.open_reservations == 0
+    assert status.remaining_kwh == pytest.approx(1.0 - run.energy_kwh)
+
+
+def test_a_retrain_that_fails_before_measuring_anything_releases_its_reservation(pipeline_env: PipelineEnv) -> None:
+    env = pipeline_env
+    _drifted(env)
+    with pipeline.connect(env.settings) as database:
+        (assessed,) = pipeline.watch_once(env.settings, retrain=False, db=database)
+        job = pipeline.claim_retrain(database, assessed.assessment.batch_id)
+        outcome = pipeline.record_retrain_failure(database, job, OSError("the batch file vanished"))
+    assert outcome.settled == [] and len(outcome.released) == 1
+    assert [e.kind for e in env.rows(db.LedgerEntry)] == ["reserve", "release"]
+    assert env.remaining_kwh("monthly") == pytest.approx(1.0)
 
 
 def test_a_one_image_batch_fails_with_a_sentence_naming_its_file(pipeline_env: PipelineEnv) -> None:
@@ -87,7 +135,7 @@ def test_a_drift_folder_that_cannot_be_written_is_one_sentence_and_nothing_is_ha
 
     env = pipeline_env
     _drifted(env)
-    blocked = pipeline.Artifacts.from_settings(env.settings).root / "drift"
+    blocked = Path(pipeline.Artifacts.from_settings(env.settings).root) / "drift"
     blocked.parent.mkdir(parents=True, exist_ok=True)
     blocked.write_text("not a folder")  # as a full or read-only disk would, writing there fails
     with pytest.raises(ConfigError, match="Cannot write the drift report .* SHIFTCOST_ARTIFACTS_DIR") as raised:

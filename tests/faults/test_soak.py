@@ -1,11 +1,20 @@
-"""Soak: many batches of every kind through four concurrent watchers on PostgreSQL, with
+"""Soak: 200 batches of every kind through four concurrent watchers on PostgreSQL, with
 watcher processes killed at random (mid-assessment or mid-retrain). At the end every batch
 is in a final state, every reservation is closed exactly once, and the ledger's settled
-total equals the sum of the measured spends of the runs that finished.
+total equals the sum of the spends the runs measured (a run that failed after measuring
+settles what it measured; a run killed outright measured nothing and is released).
 
-The watchers run the library pipeline (``watch_once``), the same steps the Prefect flows
-wrap, so that the batches fit the time a test may take on a small machine
-(``SOAK_BATCHES``, default 60; the issue's 200 took too long for the suite here).
+Most batches cost nothing to train on (duplicates, corrupt, oversized and linked files are
+refused or matched at registration); a modest share is clean or shifted and assessed, the
+shifted ones retrained with small caps, so the soak stays within a few minutes.
+
+The watchers run the library pipeline (``watch_once``), the same steps the Prefect watch
+flow wraps, not the flow itself: measured on this project's 2-core CI machine under load, a
+watcher process importing Prefect and the flows took 22 s before its first poll and its
+first flow run another 5.8 s (an empty poll 1.9 s after that), against a Prefect test
+server that took 15-19 s to start. Every kill restarts a watcher and pays that cold start
+again, and every assessed batch adds a subflow run; the soak would no longer fit its time.
+The flows' own fault handling (crashes, lost results, handoff) is tested in ``tests/flows``.
 """
 
 from __future__ import annotations
@@ -29,10 +38,14 @@ from shiftcost.store import models as db
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", [pytest.param("postgres", marks=pytest.mark.postgres)])]
 
-BATCHES = int(os.environ.get("SOAK_BATCHES", "24"))
+BATCHES = int(os.environ.get("SOAK_BATCHES", "200"))
 WATCHERS = 4
-KILLS = int(os.environ.get("SOAK_KILLS", max(3, BATCHES // 10)))
-LIMIT_S = 150 + 3 * BATCHES  # each watcher's own limit (a cold start alone takes a minute on a busy machine)
+KILLS = int(os.environ.get("SOAK_KILLS", "6"))
+LIMIT_S = 600  # each watcher's own limit, a guard against a hang: watchers stop once idle
+IMAGES = 40  # per batch: enough for the drift tests, cheap to assess
+RETRAIN_IMAGES = 120  # per shifted batch: a retrain long enough to be killed while it runs
+# Kinds and their weights: about one batch in six is assessed, one in twelve retrained.
+KINDS = {"clean": 2, "shifted": 2, "duplicate": 6, "corrupt": 4, "oversized": 4, "linked": 6}
 WORKER = Path(__file__).with_name("soak_worker.py")
 FINAL = {"done", "failed"}
 
@@ -42,19 +55,20 @@ def _land(env: PipelineEnv, rng: random.Random, outside: Path) -> Counter:
     kinds = Counter()
     x_all, y_all = env.trained.splits["stream"]
     for i in range(BATCHES):
-        kind = rng.choice(["clean", "clean", "shifted", "shifted", "duplicate", "corrupt", "oversized", "linked"])
+        (kind,) = rng.choices(list(KINDS), weights=list(KINDS.values()))
         kinds[kind] += 1
-        start = rng.randrange(0, len(x_all) - 120)
-        x, y = x_all[start:start + 120], y_all[start:start + 120]
+        images = RETRAIN_IMAGES if kind == "shifted" else IMAGES
+        start = rng.randrange(0, len(x_all) - images)
+        x, y = x_all[start:start + images], y_all[start:start + images]
         name = f"{i:03d}-{kind}.npz"
         if kind == "clean":
             env.drop(name, x, y)
         elif kind == "shifted":
             env.drop(name, brightened(x, 0.5 + rng.random() * 0.3), y)
         elif kind == "duplicate":
-            earlier = sorted(env.landing.glob("*-clean.npz"))
+            earlier = sorted(env.landing.glob("*-clean.npz")) + sorted(env.landing.glob("*-shifted.npz"))
             if earlier:
-                (env.landing / name).write_bytes(earlier[-1].read_bytes())
+                (env.landing / name).write_bytes(rng.choice(earlier).read_bytes())
             else:
                 env.drop(name, x, y)
         elif kind == "corrupt":
@@ -160,6 +174,11 @@ def test_soak_many_batches_four_watchers_random_kills(pipeline_env: PipelineEnv,
             print(f"  {b.source_uri.rsplit('/', 1)[-1]}: {(b.failure_reason or '')[:160]}")
     assert not deferred, "a batch is still waiting"
     assert set(statuses) <= FINAL
+    # Every landed entry was seen once and ended as a batch (its own, or the one it duplicates).
+    landed = env.rows(db.LandingEntry)
+    assert len(landed) == len({Path(e.location).name for e in landed}) == BATCHES
+    assert all(e.batch_id is not None for e in landed)
+    assert set(Counter(e.state for e in landed)) <= {"registered", "failed", "duplicate"}
 
     entries = env.rows(db.LedgerEntry)
     by_id = {e.id: e for e in entries}
@@ -170,11 +189,14 @@ def test_soak_many_batches_four_watchers_random_kills(pipeline_env: PipelineEnv,
     assert all(by_id[e.reservation_id].kind == "release" and e.kind == "settle" for e in late)
 
     runs = env.rows(db.RetrainRun)
+    spent = [r for r in runs if r.energy_kwh is not None]
     print(f"  ledger: {len(reserves)} reservations, {sum(e.kind == 'settle' for e in entries) - len(late)} settled, "
           f"{sum(e.kind == 'release' for e in entries)} released, {len(late)} late settlements; "
-          f"runs {dict(Counter(r.status for r in runs))}")
+          f"runs {dict(Counter(r.status for r in runs))}, {sum(r.status == 'failed' for r in spent)} failed after measuring")
     assert not [r for r in runs if r.status == "running"]
-    measured = sum(r.energy_kwh for r in runs if r.status in ("succeeded", "cap_reached"))
+    assert BATCHES < 20 or len(reserves) >= 3, "too few retrains to say anything about the ledger"
+    # Every measured spend is charged, whatever became of its run; nothing else is.
+    measured = sum(r.energy_kwh for r in spent)
     settled = sum(e.energy_kwh for e in entries if e.kind == "settle")
     assert settled == pytest.approx(measured, rel=1e-9, abs=1e-15)
     assert audit_totals["settled_kwh"] == pytest.approx(measured, rel=1e-9, abs=1e-15)

@@ -79,7 +79,7 @@ def test_labels_the_model_never_saw_are_a_task_change_with_resque_task_in_the_re
     assert result["action"] == "skip" and env.count(db.RetrainRun) == 0 and env.count(db.LedgerEntry) == 0
 
 
-def test_a_retrain_that_crashes_is_failed_its_reservation_released_and_the_model_unchanged(pipeline_env: PipelineEnv) -> None:
+def test_a_retrain_that_crashes_is_failed_its_measured_spend_settled_and_the_model_unchanged(pipeline_env: PipelineEnv) -> None:
     env = pipeline_env
     env.budget("monthly", period="monthly", kwh=1.0)
     x, y = env.stream(0, 200)
@@ -103,10 +103,13 @@ def test_a_retrain_that_crashes_is_failed_its_reservation_released_and_the_model
     (run,) = env.rows(db.RetrainRun)
     assert run.status == "failed" and "CUDA out of memory" in run.error
     assert run.steps == 1 and run.energy_kwh is not None and run.energy_kwh > 0  # what it spent until the crash
-    reserve, release = env.rows(db.LedgerEntry)
-    assert (reserve.kind, release.kind, release.reservation_id) == ("reserve", "release", reserve.id)
-    assert "Retraining failed" in release.reason
-    assert env.remaining_kwh("monthly") == pytest.approx(1.0)
+    # The process survived its crash and measured what it spent: that spend is charged, not
+    # released (a process killed outright measures nothing; the watch releases its reservation).
+    reserve, settle = env.rows(db.LedgerEntry)
+    assert (reserve.kind, settle.kind, settle.reservation_id) == ("reserve", "settle", reserve.id)
+    assert settle.energy_kwh == run.energy_kwh and settle.emissions_kg == run.emissions_kg
+    assert "CUDA out of memory" in settle.reason
+    assert env.remaining_kwh("monthly") == pytest.approx(1.0 - run.energy_kwh)
     assert [model.version for model in env.rows(db.Model)] == [1]
     assert [calibration.version for calibration in env.rows(db.Calibration)] == [1]
     batch = batch_named(env, "bright.npz")
