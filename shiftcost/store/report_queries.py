@@ -191,7 +191,10 @@ def _rows(session: Session, query: Any) -> list[dict[str, Any]]:
 
 
 def short_name(uri: str | None) -> str:
-    """The last path component of a batch URI (``04-gaussian_noise-0.2.npz``)."""
+    """The last path component of a batch URI (``04-gaussian_noise-0.2.npz``), secrets masked."""
+    from shiftcost.redaction import redact_url
+
     if not uri:
         return ""
+    uri = redact_url(uri)
     return PurePosixPath(uri.rstrip("/").replace("\\", "/")).name or uri

@@ -84,3 +84,10 @@ def test_a_missing_batch_uri_with_a_password_is_refused_in_one_redacted_sentence
             reason = str(error)
     assert "does not exist" in _clean(reason) and "\n" not in reason
     assert [_clean(batch.failure_reason) for batch in env.rows(db.Batch)] in ([], [reason])
+
+
+def test_the_report_names_a_batch_without_the_secrets_of_its_url() -> None:
+    from shiftcost.store.report_queries import short_name
+
+    assert short_name("s3://reader:hunter2@bucket/landing/night.npz?token=abc123") == "night.npz?token=***"
+    assert "hunter2" not in short_name("s3://reader:hunter2@bucket/")
