@@ -30,6 +30,7 @@ from torch import nn
 
 from shiftcost.energy import KWH_TO_JOULES, EnergyMeasurement, EnergyMeasurementError, EnergyMeter
 from shiftcost.errors import ConfigError, InputError, ShiftcostError
+from shiftcost.jsonsafe import json_safe
 from shiftcost.recipe import OPTIMIZERS, Recipe, RetrainConfig, build_augmentation, load_entry_point, pool_samples
 
 __all__ = [
@@ -170,7 +171,7 @@ class RetrainResult:
                 value = None if value is None else value.to_dict()
             out[f.name] = value
         out["pool_samples"] = self.pool_samples
-        return _json_clean(out)
+        return json_safe(out)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RetrainResult":
@@ -235,7 +236,7 @@ class ProbeResult:
         out["input_shape"] = list(self.input_shape)
         out["energy"] = self.energy.to_dict()
         out["kwh_per_sample_epoch"] = self.kwh_per_sample_epoch
-        return _json_clean(out)
+        return json_safe(out)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ProbeResult":
@@ -246,14 +247,6 @@ class ProbeResult:
         return cls(**kwargs)
 
 
-def _json_clean(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_clean(v) for v in value]
-    return value
 
 
 # --------------------------------------------------------------------------- helpers

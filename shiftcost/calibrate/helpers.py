@@ -112,16 +112,6 @@ def _pct(value: Any) -> str:
     return "-" if not _finite(value) else f"{100 * value:.0f}%"
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _jsonable(value.item())
-    return value
 
 
 def _cost_model_summary(model: Any) -> dict[str, Any]:

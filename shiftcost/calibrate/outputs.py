@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shiftcost.calibrate.helpers import _cost_model_summary, _count, _finite, _fmt, _fmt_load, _jsonable, _pct
+from shiftcost.calibrate.helpers import _cost_model_summary, _count, _finite, _fmt, _fmt_load, _pct
+from shiftcost.jsonsafe import json_safe
 from shiftcost.calibrate.settings import COLUMNS, GROUP_KEY
 
 
@@ -192,7 +193,7 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def _write_partial(out: Path, rows: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "points.json", json.dumps(_jsonable(rows), indent=1, allow_nan=False))
+    _write_text(out / "points.json", json.dumps(json_safe(rows), indent=1, allow_nan=False))
     _write_csv(out / "points.csv", rows)
 
 

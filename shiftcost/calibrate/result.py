@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shiftcost.calibrate.helpers import _cost_model_summary, _jsonable
+from shiftcost.calibrate.helpers import _cost_model_summary
+from shiftcost.jsonsafe import json_safe
 from shiftcost.calibrate.outputs import _write_csv, _write_text, markdown_report, plot_sweep
 from shiftcost.calibrate.settings import LABEL_FREE_FILE, PLOT_NAME
 from shiftcost.errors import InputError
@@ -56,7 +57,7 @@ class SweepResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (non-finite numbers become ``None``)."""
-        return _jsonable(
+        return json_safe(
             {
                 "settings": self.settings,
                 "timing": self.timing,
@@ -100,11 +101,11 @@ class SweepResult:
         if label_free_model is not None:
             files["label_free_cost_model"] = out / LABEL_FREE_FILE
         self.files = {name: str(path) for name, path in files.items()}
-        _write_text(files["table_json"], json.dumps(_jsonable(self.rows), indent=1, allow_nan=False))
+        _write_text(files["table_json"], json.dumps(json_safe(self.rows), indent=1, allow_nan=False))
         _write_csv(files["table_csv"], self.rows)
-        _write_text(files["correlations_json"], json.dumps(_jsonable(self.correlations), indent=1, allow_nan=False))
+        _write_text(files["correlations_json"], json.dumps(json_safe(self.correlations), indent=1, allow_nan=False))
         loco = {"leave_one_corruption_out": self.loco, "with_probe_joules": self.loco_probe, "error": self.loco_error}
-        _write_text(files["loco_json"], json.dumps(_jsonable(loco), indent=1, allow_nan=False))
+        _write_text(files["loco_json"], json.dumps(json_safe(loco), indent=1, allow_nan=False))
         if self.cost_model is not None:
             _write_text(files["cost_model"], self.cost_model.to_json())
         if self.forecaster is not None:

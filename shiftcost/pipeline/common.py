@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from shiftcost.artifacts import Artifacts
 from shiftcost.errors import ConfigError
+from shiftcost.jsonsafe import json_safe
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -186,14 +186,3 @@ def least_kwh_left(budget_states: Any) -> float | None:
     return min(left) if left else None
 
 
-def json_safe(value: Any) -> Any:
-    """Plain JSON for a JSON column: non-finite floats become None, tuples lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return json_safe(value.item())
-    return value
