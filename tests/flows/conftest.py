@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flow_support import IMAGE_SIZE, TEST_SETTINGS, PipelineEnv, TrainedModel, hand_made_calibration
+from flow_support import IMAGE_SIZE, PipelineEnv, TrainedModel, environment_settings, hand_made_calibration
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -60,20 +60,9 @@ def trained_model() -> TrainedModel:
 def pipeline_env(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel) -> PipelineEnv:
     """Settings in the environment, the model bootstrapped, an empty landing folder."""
     from shiftcost import pipeline
-    from shiftcost.config import load_settings
 
-    monkeypatch.chdir(tmp_path)  # no stray .env is read, no stray file written elsewhere
-    monkeypatch.delenv("SHIFTCOST_CONFIG", raising=False)
+    settings = environment_settings(database_url, tmp_path, monkeypatch)
     landing = tmp_path / "landing"
-    landing.mkdir()
-    environment = TEST_SETTINGS | {
-        "SHIFTCOST_DATABASE_URL": database_url,
-        "SHIFTCOST_LANDING": str(landing),
-        "SHIFTCOST_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-    }
-    for key, value in environment.items():
-        monkeypatch.setenv(key, value)
-    settings = load_settings()
     x_ref, y_ref = trained_model.splits["holdout"]
     cost_model = pipeline.fit_cost_model(hand_made_calibration(), level=0.8, features=["resque_dist"])
     bootstrapped = pipeline.bootstrap(

@@ -28,6 +28,26 @@ TEST_SETTINGS = {
 sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])
 
 
+def environment_settings(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **extra: str) -> Any:
+    """The test settings (plus ``extra``) in the environment, with an empty landing folder
+    and artifacts under ``tmp_path``, which is also the working directory (no stray .env is
+    read, no stray file written elsewhere); the loaded settings."""
+    from shiftcost.config import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SHIFTCOST_CONFIG", raising=False)
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    environment = TEST_SETTINGS | {
+        "SHIFTCOST_DATABASE_URL": database_url,
+        "SHIFTCOST_LANDING": str(landing),
+        "SHIFTCOST_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+    }
+    for key, value in (environment | extra).items():
+        monkeypatch.setenv(key, value)
+    return load_settings()
+
+
 @dataclass(frozen=True)
 class TrainedModel:
     model: torch.nn.Module

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shiftcost.store import models as db
-from tests.flows.flow_support import TEST_SETTINGS, TrainedModel, brightened
+from tests.flows.flow_support import TrainedModel, brightened, environment_settings
 
 JOULES_PER_SAMPLE = 0.5
 #: About 0.4 epochs of the test's retrain pool (200 images: 140 trained on plus as many replayed).
@@ -22,19 +22,10 @@ def optimistic_calibration() -> list[dict[str, object]]:
 @pytest.fixture
 def guarded_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel):
     from shiftcost import pipeline
-    from shiftcost.config import load_settings
     from shiftcost.store import ledger
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SHIFTCOST_CONFIG", raising=False)
+    settings = environment_settings(database_url, tmp_path, monkeypatch)
     landing = tmp_path / "landing"
-    landing.mkdir()
-    for key, value in (TEST_SETTINGS | {
-        "SHIFTCOST_DATABASE_URL": database_url, "SHIFTCOST_LANDING": str(landing),
-        "SHIFTCOST_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-    }).items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    settings = load_settings()
     cost_model = pipeline.fit_cost_model(optimistic_calibration(), level=0.8, features=["resque_dist"])
     pipeline.bootstrap(
         settings, trained_model.model, trained_model.spec, *trained_model.splits["holdout"],

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from shiftcost.store import models as db
-from tests.flows.flow_support import TEST_SETTINGS, TrainedModel, brightened
+from tests.flows.flow_support import TrainedModel, brightened, environment_settings
 from tests.forecast.helpers import forecast_rows
 
 JOULES_PER_SAMPLE = 0.5
@@ -17,19 +17,10 @@ PROBE = {"steps": 2, "samples": 8, "batch_size": 4, "lr": 1e-3, "optimizer": "ad
 @pytest.fixture
 def probe_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel):
     from shiftcost import pipeline
-    from shiftcost.config import load_settings
     from shiftcost.forecast.forecaster import Forecaster
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SHIFTCOST_CONFIG", raising=False)
+    settings = environment_settings(database_url, tmp_path, monkeypatch)
     landing = tmp_path / "landing"
-    landing.mkdir()
-    for key, value in (TEST_SETTINGS | {
-        "SHIFTCOST_DATABASE_URL": database_url, "SHIFTCOST_LANDING": str(landing),
-        "SHIFTCOST_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-    }).items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    settings = load_settings()
     # Long retrains beside a two-step probe, so a probe is cheap next to what is at stake.
     rows = [row | {"epochs": 10.0 * row["epochs"]} for row in forecast_rows()]
     forecaster = Forecaster.fit(rows, features=["resque_dist"], level=0.8, max_epochs=200.0, probe_settings=PROBE)

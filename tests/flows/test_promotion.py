@@ -12,25 +12,16 @@ from typer.testing import CliRunner
 from shiftcost.cli import app
 from shiftcost.errors import InputError
 from shiftcost.store import models as db
-from tests.flows.flow_support import TEST_SETTINGS, TrainedModel, brightened, hand_made_calibration
+from tests.flows.flow_support import TrainedModel, brightened, environment_settings, hand_made_calibration
 
 
 @pytest.fixture
 def worse_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel):
     """The digits model bootstrapped with a recipe that replays nothing (so it can forget)."""
     from shiftcost import pipeline
-    from shiftcost.config import load_settings
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SHIFTCOST_CONFIG", raising=False)
+    settings = environment_settings(database_url, tmp_path, monkeypatch, SHIFTCOST_RETRAIN_MAX_EPOCHS="15")
     landing = tmp_path / "landing"
-    landing.mkdir()
-    for key, value in (TEST_SETTINGS | {
-        "SHIFTCOST_DATABASE_URL": database_url, "SHIFTCOST_LANDING": str(landing),
-        "SHIFTCOST_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "SHIFTCOST_RETRAIN_MAX_EPOCHS": "15",
-    }).items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    settings = load_settings()
     spec = dataclasses.replace(trained_model.spec, recipe={"replay_fraction": 0.0, "lr": 0.01})
     cost_model = pipeline.fit_cost_model(hand_made_calibration(), level=0.8, features=["resque_dist"])
     pipeline.bootstrap(settings, trained_model.model, spec, *trained_model.splits["holdout"], calibration=cost_model, joules_per_sample_epoch=0.5, hardware="test")
