@@ -10,8 +10,10 @@ where the result does not need it: problems such as non-finite activations are c
 on the device and reported by ``compute()``.
 
 Merging any split of the data gives the result of one pass: exactly for counts and for
-the embedding sample, up to float64 rounding for sums. The accumulators that serve every
-hooked layer at once are in :mod:`shiftcost.index.layered`.
+the embedding sample, up to float64 rounding for sums. The histogram accumulators
+(``LayerHistogram``, ``PairedHistogramDistance``) are in
+:mod:`shiftcost.index.histogram_accumulators` and importable from here too; the ones that
+serve every hooked layer at once are in :mod:`shiftcost.index.layered`.
 """
 
 from __future__ import annotations
@@ -23,29 +25,17 @@ import numpy as np
 import torch
 
 from shiftcost.errors import InputError
-from shiftcost.index.functional import (
-    DEFAULT_MAX_SAMPLES,
-    HISTOGRAM_METRICS,
-    ArrayLike,
-    HistogramMetric,
-    InvAriResult,
-    KMeansInit,
-    ResqueDistResult,
-    ResqueTaskResult,
-    as_float64,
-    as_labels,
-    as_matrix,
-    bottom_k_candidates,
-    final_sample_mask,
-    inv_ari_on_sample,
-    pad_rows,
-    paired_distance_sum,
-    per_class_sums,
-    resque_dist_from_class_sums,
-    resque_task_on_sample,
-    sample_keys,
-)
+from shiftcost.index.arrays import ArrayLike, as_labels, as_matrix, of_layer, require_same_width, zero_scalar
+from shiftcost.index.clustering import InvAriResult, KMeansInit, ResqueTaskResult, inv_ari_on_sample, resque_task_on_sample
+from shiftcost.index.histogram_accumulators import LayerHistogram, PairedHistogramDistance, edges_from_range
+from shiftcost.index.resque_dist import ResqueDistResult, per_class_sums, resque_dist_from_class_sums
+from shiftcost.index.sampling import DEFAULT_MAX_SAMPLES, bottom_k_candidates, final_sample_mask, sample_keys
 from shiftcost.index.state import Accumulator, StateDict
+
+# Formula helpers this module once imported for its own use; callers may have taken them
+# from here, so they stay reachable (their home is shiftcost.index.functional).
+from shiftcost.index.arrays import as_float64, pad_rows  # noqa: E402, F401
+from shiftcost.index.histograms import HISTOGRAM_METRICS, HistogramMetric, paired_distance_sum  # noqa: E402, F401
 
 __all__ = [
     "ClassSums",
@@ -63,10 +53,6 @@ __all__ = [
 ]
 
 _F64, _I64 = torch.float64, torch.int64
-
-
-def _scalar(dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros((), dtype=dtype)
 
 
 # --------------------------------------------------------------------------- ClassSums
@@ -113,15 +99,13 @@ class ClassSums(Accumulator):
         y = as_labels(labels, "labels", x.shape[0])
         dim = self.num_features
         if dim is not None and x.shape[1] != dim:
-            raise InputError(f"features{_at(layer)} have {x.shape[1]} dimensions but earlier batches had {dim}; feed one layer per accumulator.")
+            raise InputError(f"features{of_layer(layer)} have {x.shape[1]} dimensions but earlier batches had {dim}; feed one layer per accumulator.")
         self._place(x.device)
         sums, counts = per_class_sums(x, y, int(y.max()) + 1)
         self._fold(sums=sums, counts=counts)
 
     def _check_mergeable(self, other: ClassSums) -> None:
-        mine, theirs = self.num_features, other.num_features
-        if mine is not None and theirs is not None and mine != theirs:
-            raise InputError(f"cannot merge class sums of {theirs} dimensions into ones of {mine}; merge shards of the same layer.")
+        require_same_width(self.num_features, other.num_features, "class sums")
 
     def _check_loaded(self) -> None:
         if self._sums.shape[0] != self._counts.shape[0]:
@@ -148,17 +132,8 @@ def resque_dist_from_sums(reference: ClassSums, new: ClassSums, *, layer: str | 
     """RESQUE_dist between two ``ClassSums`` (same formula as ``functional.resque_dist``)."""
     for side, acc in (("reference", reference), ("new", new)):
         if acc.samples == 0:
-            raise InputError(f"the {side} class sums{_at(layer)} are empty; update them with at least one batch.")
-    ref_sums, ref_counts = reference.dense()
-    new_sums, new_counts = new.dense()
-    k = max(ref_sums.shape[0], new_sums.shape[0])
-    return resque_dist_from_class_sums(
-        pad_rows(ref_sums, k), pad_rows(ref_counts, k), pad_rows(new_sums, k), pad_rows(new_counts, k), layer=layer
-    )
-
-
-def _at(layer: str | None) -> str:
-    return f" of layer '{layer}'" if layer else ""
+            raise InputError(f"the {side} class sums{of_layer(layer)} are empty; update them with at least one batch.")
+    return resque_dist_from_class_sums(*reference.dense(), *new.dense(), layer=layer)
 
 
 # --------------------------------------------------------------------------- EmbeddingSample
@@ -295,9 +270,7 @@ class EmbeddingSample(Accumulator):
         self._features, self._labels, self._ids = self._features[rows], self._labels[rows], kept_ids
 
     def _check_mergeable(self, other: EmbeddingSample) -> None:
-        mine, theirs = self.num_features, other.num_features
-        if mine is not None and theirs is not None and mine != theirs:
-            raise InputError(f"cannot merge a sample of {theirs} dimensions into one of {mine}; merge samples of the same layer.")
+        require_same_width(self.num_features, other.num_features, "an embedding sample")
 
     def _after_merge(self) -> None:
         if self._ids.shape[0]:
@@ -353,205 +326,6 @@ def inv_ari_from_sample(reference: ClassSums, sample: EmbeddingSample) -> InvAri
     return inv_ari_on_sample(centroids.numpy(), features.numpy(), labels.numpy())
 
 
-# --------------------------------------------------------------------------- LayerHistogram
-
-
-def edges_from_range(lo: float, hi: float, bins: int = 128) -> torch.Tensor:
-    """``bins + 1`` evenly spaced float64 edges from ``lo`` to ``hi``.
-
-    A degenerate range (lo == hi, e.g. a constant reference layer) is widened to
-    [lo − 0.5, hi + 0.5], as numpy.histogram does.
-    """
-    lo, hi = float(lo), float(hi)
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo:
-        raise InputError(f"the histogram range [{lo}, {hi}] is not a finite, increasing interval.")
-    if int(bins) < 1:
-        raise InputError(f"bins={bins}; a histogram needs at least one bin.")
-    if lo == hi:
-        lo, hi = lo - 0.5, hi + 0.5
-    return torch.linspace(lo, hi, int(bins) + 1, dtype=torch.float64)
-
-
-
-
-class LayerHistogram(Accumulator):
-    """Histogram of every activation value of one layer on fixed edges, plus its moments.
-
-    Bins are half-open [e_i, e_{i+1}) except the last, which is closed. Values below the
-    first edge count in the first bin and values above the last edge in the last bin, so
-    no value is lost when the new data reach beyond the reference range. Non-finite
-    values are not binned; ``compute()`` reports them. Moments are accumulated about the
-    centre of the edges (float64 count, Σ(x − c), Σ(x − c)²), which keeps the variance
-    accurate and the state additive.
-    """
-
-    settings = ("edges",)
-
-    def __init__(self, edges: ArrayLike) -> None:
-        e = as_float64(edges, "edges").detach().cpu()
-        if e.ndim != 1 or e.shape[0] < 2 or not bool(torch.all(e[1:] > e[:-1])):
-            raise InputError("edges must be a strictly increasing 1-D sequence of at least 2 finite values.")
-        if not bool(torch.isfinite(e).all()):
-            raise InputError("edges must be finite.")
-        self.edges = e
-        self._pivot = float((e[0] + e[-1]) / 2)
-        self._device_edges: torch.Tensor | None = None
-        self.add_state("counts", torch.zeros(self.bins, dtype=_I64))
-        self.add_state("count", _scalar(_F64), saved_as=int)
-        self.add_state("sum_centred", _scalar(_F64), saved_as=float)
-        self.add_state("sumsq_centred", _scalar(_F64), saved_as=float)
-        self.add_state("nonfinite", _scalar(_I64), saved_as=int)
-
-    edges_from_range = staticmethod(edges_from_range)
-
-    @classmethod
-    def from_range(cls, lo: float, hi: float, bins: int = 128) -> LayerHistogram:
-        return cls(edges_from_range(lo, hi, bins))
-
-    @classmethod
-    def of(cls, edges: ArrayLike, counts: torch.Tensor, moments: torch.Tensor, nonfinite: torch.Tensor) -> LayerHistogram:
-        """A histogram holding ``counts`` per bin, moments [n, Σ(x−c), Σ(x−c)²] about the edges' centre, NaN/inf count."""
-        histogram = cls(edges)
-        histogram._place(counts.device)
-        n, s1, s2 = moments.to(_F64)
-        histogram._fold(counts=counts.to(_I64), count=n, sum_centred=s1, sumsq_centred=s2, nonfinite=nonfinite.to(_I64))
-        return histogram
-
-    @property
-    def bins(self) -> int:
-        return int(self.edges.shape[0] - 1)
-
-    @property
-    def pivot(self) -> float:
-        """The centre of the edges, about which the moments are kept."""
-        return self._pivot
-
-    def update(self, features: ArrayLike, *, layer: str | None = None) -> None:
-        """Add every value of ``features`` (any shape, usually (N, D))."""
-        x = as_float64(features, "features", layer=layer).reshape(-1)
-        if x.numel() == 0:
-            raise InputError(f"features{_at(layer)} are empty; pass at least one value.")
-        self._place(x.device)
-        if self._device_edges is None or self._device_edges.device != x.device:
-            self._device_edges = self.edges.to(x.device)
-        finite = torch.isfinite(x)
-        index = torch.bucketize(x, self._device_edges, right=True) - 1
-        index = index.clamp_(0, self.bins - 1)
-        index = torch.where(finite, index, torch.full_like(index, self.bins))  # spill slot, dropped
-        centred = torch.where(finite, x - self._pivot, torch.zeros_like(x))
-        self._fold(
-            counts=torch.bincount(index, minlength=self.bins + 1)[: self.bins],
-            count=finite.sum().to(_F64),
-            sum_centred=centred.sum(),
-            sumsq_centred=(centred * centred).sum(),
-            nonfinite=(~finite).sum(),
-        )
-
-    def _check_finite(self) -> None:
-        if int(self._nonfinite) > 0:
-            raise InputError(f"{int(self._nonfinite)} activation values were NaN or infinite; check the model and the input data.")
-
-    def compute(self) -> torch.Tensor:
-        """Float64 counts per bin (CPU)."""
-        self._check_finite()
-        return self._counts.detach().cpu().to(_F64)
-
-    def _moment_values(self) -> tuple[float, float, float]:
-        n, s1, s2 = torch.stack([self._count, self._sum_centred, self._sumsq_centred]).cpu().tolist()
-        return n, s1, s2
-
-    @property
-    def count(self) -> int:
-        return int(self._moment_values()[0])
-
-    def mean(self) -> float:
-        self._check_finite()
-        n, s1, _ = self._moment_values()
-        if n == 0:
-            raise InputError("the layer histogram is empty; update it with at least one batch.")
-        return self._pivot + s1 / n
-
-    def std(self) -> float:
-        """Population standard deviation (ddof = 0) of all values seen."""
-        self._check_finite()
-        n, s1, s2 = self._moment_values()
-        if n == 0:
-            raise InputError("the layer histogram is empty; update it with at least one batch.")
-        return math.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0))
-
-
-# --------------------------------------------------------------------------- PairedHistogramDistance
-
-
-class PairedHistogramDistance(Accumulator):
-    """PreIndex p for one layer in its paired form: mean per-sample histogram distance.
-
-    ``update(clean, shifted)`` takes two (N, D) matrices whose rows are pairs (a sample and
-    its corrupted copy). ``compute()`` = Σ distances / number of samples; the engine
-    averages it over the layers wider than the number of classes.
-    """
-
-    settings = ("bins", "metric")
-
-    def __init__(self, bins: int = 32, metric: HistogramMetric = "wasserstein") -> None:
-        if metric not in HISTOGRAM_METRICS:
-            raise InputError(f"metric={metric!r} is not supported; use one of {', '.join(HISTOGRAM_METRICS)}.")
-        if int(bins) < 1:
-            raise InputError(f"bins={bins}; the histogram needs at least one bin.")
-        self.bins = int(bins)
-        self.metric: HistogramMetric = metric
-        self.add_state("sum", _scalar(_F64), saved_as=float)
-        self.add_state("count", 0)
-        self.add_state("nonfinite", _scalar(_I64), saved_as=int)  # counted on the device, reported by compute()
-        self.add_state("num_features", -1, "max")  # −1: no batch seen yet
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    @property
-    def num_features(self) -> int | None:
-        return None if self._num_features < 0 else self._num_features
-
-    def update(self, clean: ArrayLike, shifted: ArrayLike, *, layer: str | None = None) -> None:
-        c = as_matrix(clean, "clean features", layer=layer)
-        s = as_matrix(shifted, "shifted features", layer=layer).to(c.device, non_blocking=True)
-        if c.shape != s.shape:
-            raise InputError(
-                f"clean and shifted features{_at(layer)} have shapes {tuple(c.shape)} and {tuple(s.shape)}; pass one shifted copy per clean sample."
-            )
-        if self.num_features is not None and c.shape[1] != self.num_features:
-            raise InputError(f"features{_at(layer)} have {c.shape[1]} dimensions but earlier batches had {self.num_features}.")
-        self._place(c.device)
-        self._fold(
-            sum=paired_distance_sum(c, s, self.bins, self.metric),
-            nonfinite=(~torch.isfinite(c)).sum() + (~torch.isfinite(s)).sum(),
-            count=c.shape[0],
-            num_features=c.shape[1],
-        )
-
-    def _check_mergeable(self, other: PairedHistogramDistance) -> None:
-        mine, theirs = self.num_features, other.num_features
-        if mine is not None and theirs is not None and mine != theirs:
-            raise InputError(f"cannot merge paired distances of {theirs} features into {mine}; merge shards of one layer.")
-
-    @property
-    def total(self) -> float:
-        return float(self._sum)
-
-    @property
-    def nonfinite(self) -> int:
-        return int(self._nonfinite)
-
-    def compute(self) -> float:
-        if self._count == 0:
-            raise InputError("no sample pair was seen; update the paired distance with at least one batch.")
-        total = self.total
-        if self.nonfinite or not math.isfinite(total):
-            raise InputError("the clean or shifted activations contain NaN or infinite values; check the model and the input data.")
-        return total / self._count
-
-
 # --------------------------------------------------------------------------- PredictionStats
 
 
@@ -572,10 +346,10 @@ class PredictionStats(Accumulator):
         self.num_classes = int(num_classes)
         self.add_state("samples", 0)
         self.add_state("labelled", 0)
-        self.add_state("correct", _scalar(_F64), saved_as=int)
-        self.add_state("loss_sum", _scalar(_F64), saved_as=float)
-        self.add_state("entropy_sum", _scalar(_F64), saved_as=float)
-        self.add_state("confidence_sum", _scalar(_F64), saved_as=float)
+        self.add_state("correct", zero_scalar(_F64), saved_as=int)
+        self.add_state("loss_sum", zero_scalar(_F64), saved_as=float)
+        self.add_state("entropy_sum", zero_scalar(_F64), saved_as=float)
+        self.add_state("confidence_sum", zero_scalar(_F64), saved_as=float)
         self.add_state("predicted_counts", torch.zeros(self.num_classes, dtype=_I64))
 
     @property

@@ -281,6 +281,9 @@ def test_layer_shift_rejects_bad_histograms():
         layer_shift([1, 0, 0, 0], [1, 2, 3, 4], edges, 0.0, layer="conv2")
     with pytest.raises(InputError, match="increasing"):
         layer_shift([1, 2, 3, 4], [1, 2, 3, 4], edges[::-1], 1.0)
+    # An infinite last edge is increasing but has no bin centre; LayerHistogram refuses it too.
+    with pytest.raises(InputError, match="finite values"):
+        layer_shift([1, 2, 3, 4], [1, 2, 3, 4], np.append(edges[:-1], np.inf), 1.0, layer="conv2")
 
 
 # --------------------------------------------------------------------------- histograms
