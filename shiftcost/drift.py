@@ -45,15 +45,15 @@ Evidently and pandas are imported inside the functions that use them.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from shiftcost.drift_results import DriftInputs, DriftResult, DriftThresholds, FeatureResult, GroupResult
+from shiftcost.drift_stattests import HOMOGENEITY_TEST, register_homogeneity_test, value_drift
 from shiftcost.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ __all__ = [
     "FeatureResult",
     "GROUPS",
     "GroupResult",
+    "HOMOGENEITY_TEST",
     "detect_drift",
     "subsample_rows",
 ]
@@ -88,168 +89,7 @@ _METHOD_WORDS = {
 _MIN_EMBEDDING_ROWS = 10
 # Evidently switches from tests to distances above this many reference rows.
 _SMALL_SAMPLE_ROWS = 1000
-HOMOGENEITY_TEST = "chisquare_2sample"
-# How each Evidently stat test turns its score into a verdict (from its source, 0.7.2x).
-_DRIFT_WHEN = {
-    **dict.fromkeys(["ks", "cramer_von_mises"], "score <= threshold"),
-    **dict.fromkeys(["anderson", "chisquare", "es", "fisher_exact", "g_test", "mannw", "empirical_mmd", "t_test", "TVD", "z", HOMOGENEITY_TEST], "score < threshold"),
-    **dict.fromkeys(["hellinger", "jensenshannon", "kl_div", "psi", "wasserstein"], "score >= threshold"),
-    "ed": "score > threshold",
-}
 _BOOTSTRAP_ROUNDS = 100
-
-
-# ----------------------------------------------------------------------------- inputs and results
-
-
-@dataclass(frozen=True)
-class DriftThresholds:
-    """Thresholds and rules of the three test groups; ``None`` takes the documented default."""
-
-    embeddings: float | None = None
-    """Drift when the embedding score exceeds this (default per method, see the module notes)."""
-    embeddings_quantile: float = 0.95
-    """Quantile of the reference bootstrap that sets the ``distance`` threshold when none is given."""
-    image_stats: float | None = None
-    """Per-column threshold of the image-statistics test (default: Evidently's for the test used)."""
-    image_stats_method: str | None = None
-    """Evidently stat test for image statistics, e.g. 'ks', 'wasserstein', 'psi' (default: automatic)."""
-    image_stats_share: float = 0.5
-    """The image-statistics group drifts when at least this share of its columns drift."""
-    predictions: float | None = None
-    """Threshold of the prediction-distribution test (default: Evidently's for the test used)."""
-    predictions_method: str | None = None
-    """Evidently stat test for predicted classes, e.g. 'chisquare', 'jensenshannon' (default: automatic)."""
-    min_drifted_groups: int = 1
-    """The batch drifts when at least this many of the tested groups drift."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.embeddings_quantile < 1.0:
-            raise ConfigError(f"embeddings_quantile is {self.embeddings_quantile}; set a probability strictly between 0 and 1.")
-        if not 0.0 < self.image_stats_share <= 1.0:
-            raise ConfigError(f"image_stats_share is {self.image_stats_share}; set a share in (0, 1].")
-        if self.min_drifted_groups < 1:
-            raise ConfigError(f"min_drifted_groups is {self.min_drifted_groups}; set at least 1.")
-
-    @classmethod
-    def coerce(cls, value: DriftThresholds | Mapping[str, Any] | None) -> DriftThresholds:
-        if value is None:
-            return cls()
-        if isinstance(value, DriftThresholds):
-            return value
-        unknown = set(value) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"unknown drift threshold setting(s) {sorted(unknown)}; use {sorted(cls.__dataclass_fields__)}.")
-        return cls(**value)
-
-
-@dataclass
-class DriftInputs:
-    """One side (reference or current) of a drift test: outputs of the single forward pass.
-
-    ``embeddings``: ``N x D`` embedding sample (numpy array or torch tensor).
-    ``image_stats``: columns of per-image statistics (mapping of 1-D arrays or a data
-    frame), e.g. ``shiftcost.imagestats.stats_table(...)``.
-    ``predictions``: 1-D predicted classes, one per image.
-    Any of them may be None; a group is tested only when both sides have it.
-    """
-
-    embeddings: Any = None
-    image_stats: Any = None
-    predictions: Any = None
-
-
-@dataclass(frozen=True)
-class FeatureResult:
-    """One tested feature (a column, or the embedding set as a whole)."""
-
-    name: str
-    test: str
-    score: float
-    threshold: float
-    drifted: bool
-    drift_when: str
-    """The rule that made the verdict, e.g. 'score > threshold', or 'score <= threshold' for a p-value."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {key: _json_value(value) for key, value in asdict(self).items()}
-
-
-@dataclass(frozen=True)
-class GroupResult:
-    """One test group: its verdict, the rule that made it, and its per-feature results."""
-
-    name: str
-    tested: bool
-    drifted: bool
-    method: str
-    score: float | None
-    threshold: float | None
-    rows: tuple[int, int]
-    """Rows used (reference, current), after any subsampling."""
-    features: tuple[FeatureResult, ...] = ()
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "tested": self.tested,
-            "drifted": self.drifted,
-            "method": self.method,
-            "score": _json_value(self.score),
-            "threshold": _json_value(self.threshold),
-            "rows": list(self.rows),
-            "features": [feature.to_dict() for feature in self.features],
-            "details": {key: _json_value(value) for key, value in self.details.items()},
-        }
-
-
-@dataclass(frozen=True)
-class DriftResult:
-    """The verdict of a batch, every group's and feature's result, and Evidently's HTML report."""
-
-    verdict: bool
-    groups: tuple[GroupResult, ...]
-    thresholds: dict[str, Any]
-    """Every threshold and rule actually used (defaults resolved)."""
-    rule: str
-    seed: int
-    seconds: float
-    evidently_version: str
-    html: str = field(repr=False)
-
-    def group(self, name: str) -> GroupResult:
-        for group in self.groups:
-            if group.name == name:
-                return group
-        raise KeyError(name)
-
-    @property
-    def features(self) -> list[dict[str, Any]]:
-        """Every per-feature result as JSON-ready dicts, tagged with its group."""
-        return [{"group": group.name, **feature.to_dict()} for group in self.groups for feature in group.features]
-
-    def save_html(self, path: str | Path) -> Path:
-        """Write Evidently's HTML report to ``path`` (parents created); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.html, encoding="utf-8")
-        return path
-
-    def to_dict(self, *, include_html: bool = False) -> dict[str, Any]:
-        """JSON-ready form; the HTML (several MB) only when asked."""
-        data = {
-            "verdict": self.verdict,
-            "rule": self.rule,
-            "groups": [group.to_dict() for group in self.groups],
-            "thresholds": {key: _json_value(value) for key, value in self.thresholds.items()},
-            "seed": self.seed,
-            "seconds": self.seconds,
-            "evidently_version": self.evidently_version,
-        }
-        if include_html:
-            data["html"] = self.html
-        return data
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -400,7 +240,7 @@ def _embedding_report(ref: np.ndarray, cur: np.ndarray, columns: list[str], drif
 def _image_stats_group(ref: pd.DataFrame, cur: pd.DataFrame, limits: DriftThresholds):
     if list(ref.columns) != list(cur.columns):
         raise InputError(f"the batch's image statistics {list(cur.columns)} differ from the reference's {list(ref.columns)}; compute both with the same function.")
-    features, widgets, tests = _value_drift(ref, cur, list(ref.columns), [], limits.image_stats_method, limits.image_stats)
+    features, widgets, tests = value_drift(ref, cur, list(ref.columns), [], limits.image_stats_method, limits.image_stats)
     share = sum(f.drifted for f in features) / len(features)
     drifted = share >= limits.image_stats_share
     methods = sorted({f.test for f in features})
@@ -414,12 +254,12 @@ def _image_stats_group(ref: pd.DataFrame, cur: pd.DataFrame, limits: DriftThresh
 def _prediction_group(ref: np.ndarray, cur: np.ndarray, limits: DriftThresholds):
     import pandas as pd
 
-    homogeneity = _register_homogeneity_test()
+    homogeneity = register_homogeneity_test()
     method = limits.predictions_method
     if method is None and len(ref) <= _SMALL_SAMPLE_ROWS:
         method = homogeneity
     ref_frame, cur_frame = pd.DataFrame({PREDICTION_COLUMN: ref}), pd.DataFrame({PREDICTION_COLUMN: cur})
-    (feature,), widgets, tests = _value_drift(ref_frame, cur_frame, [], [PREDICTION_COLUMN], method, limits.predictions)
+    (feature,), widgets, tests = value_drift(ref_frame, cur_frame, [], [PREDICTION_COLUMN], method, limits.predictions)
     classes = np.union1d(ref, cur)
     details = {
         "classes": [int(c) for c in classes],
@@ -428,71 +268,6 @@ def _prediction_group(ref: np.ndarray, cur: np.ndarray, limits: DriftThresholds)
     }
     group = GroupResult("predictions", True, feature.drifted, f"Evidently ValueDrift on the predicted class ({feature.test})", feature.score, feature.threshold, (len(ref), len(cur)), (feature,), details)
     return group, widgets, tests
-
-
-def _register_homogeneity_test() -> str:
-    """Register the two-sample chi-square test with Evidently (idempotent); returns its name."""
-    from evidently.legacy.calculations.stattests import StatTest, register_stattest
-    from evidently.legacy.core import ColumnType
-
-    test = StatTest(
-        name=HOMOGENEITY_TEST,
-        display_name="chi-square homogeneity p_value",
-        allowed_feature_types=[ColumnType.Categorical],
-        default_threshold=0.05,
-    )
-    register_stattest(test, default_impl=_chi_square_homogeneity)
-    return HOMOGENEITY_TEST
-
-
-def _chi_square_homogeneity(reference_data: pd.Series, current_data: pd.Series, feature_type: Any, threshold: float) -> tuple[float, bool]:
-    """Pearson's chi-square test that both samples come from one categorical distribution."""
-    from scipy.stats import chi2_contingency
-
-    keys = np.union1d(reference_data.dropna().unique(), current_data.dropna().unique())
-    table = np.array([[np.sum(reference_data == k) for k in keys], [np.sum(current_data == k) for k in keys]])
-    if len(keys) < 2:  # one class on both sides: nothing can differ
-        return 1.0, False
-    p_value = float(chi2_contingency(table, correction=False).pvalue)
-    return p_value, p_value < threshold
-
-
-def _value_drift(ref: pd.DataFrame, cur: pd.DataFrame, numerical: list[str], categorical: list[str], method: str | None, threshold: float | None):
-    """One Evidently ``ValueDrift`` per column, in one report; the verdicts are Evidently's.
-
-    The test of each column is resolved first with Evidently's own selection
-    (``get_stattest``, which picks the default when ``method`` is None) and then passed
-    by name, so its direction and default threshold are known for the stored result.
-    """
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.legacy.calculations.stattests import get_stattest
-    from evidently.legacy.core import ColumnType
-    from evidently.metrics import ValueDrift
-
-    kinds = {c: ColumnType.Numerical for c in numerical} | {c: ColumnType.Categorical for c in categorical}
-    chosen = {}
-    for column, kind in kinds.items():
-        try:
-            chosen[column] = get_stattest(ref[column], cur[column], kind, method)
-        except ValueError as error:
-            raise ConfigError(f"drift test {method!r} is not available for {kind.value} columns in Evidently ({str(error).split('.')[0]}); pick another method.") from None
-
-    definition = DataDefinition(numerical_columns=numerical or None, categorical_columns=categorical or None)
-    report = Report([ValueDrift(column=c, method=chosen[c].name, threshold=threshold) for c in kinds], include_tests=True)
-    # A class absent from the reference makes chi-square divide by zero: p = 0, i.e. drift, as intended.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        snapshot = report.run(Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition))
-    summary = snapshot.dict()
-    status = {test["metric_config"]["metric_id"]: str(getattr(test["status"], "value", test["status"])) for test in summary["tests"]}
-    features = []
-    for metric in summary["metrics"]:
-        config = metric["config"]
-        test = chosen[config["column"]]
-        drifted = status[metric["id"]] == "FAIL"
-        features.append(FeatureResult(config["column"], test.display_name, float(metric["value"]), float(config["threshold"]), drifted, _DRIFT_WHEN.get(test.name, "as the test decides")))
-    widgets = [widget for result in snapshot.metric_results.values() for widget in result.get_widgets()]
-    tests = [test for result in snapshot.metric_results.values() for test in result.tests]
-    return features, widgets, tests
 
 
 def _untested(name: str, missing_reference: bool, missing_current: bool) -> GroupResult:
@@ -609,13 +384,3 @@ def _frame(array: np.ndarray, columns: list[str]) -> pd.DataFrame:
     import pandas as pd
 
     return pd.DataFrame(array, columns=columns)
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, tuple):
-        return list(value)
-    return value
