@@ -158,7 +158,12 @@ def _column(values: Any, n: int, name: str, numeric: bool = True) -> list[Any]:
     if numeric:
         array = np.asarray(values, dtype=float)
         if array.ndim == 2 and array.shape[1] == 1:
-            warnings.warn(f"{name} was a column vector; it is read as a 1-D array of {array.shape[0]} values.", DataConversionWarning, stacklevel=4)
+            # scikit-learn's own sentence opens the message: filters and its estimator checks match on it.
+            warnings.warn(
+                f"A column-vector {name} was passed when a 1d array was expected; it is read as a 1-D array of {array.shape[0]} values.",
+                DataConversionWarning,
+                stacklevel=4,
+            )
             array = array.ravel()
     column = list(array) if numeric else list(values)
     if len(column) != n:

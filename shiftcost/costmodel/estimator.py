@@ -150,13 +150,9 @@ class CostModel(RegressorMixin, BaseEstimator):
         self._check_params()
         rows = _build_rows(X, y, censored, groups, feature_names)
         names = self._choose_features(rows, _array_columns(X, feature_names))
-        history = CostModelHistory()
         params = _params_to_json(self.get_params())
-        version = _fit_version(rows, names, params, history.next_number(), parent=None, note=note)
-        version.group_key = groups if isinstance(groups, str) else None
-        history.append(version)
-        self._adopt(history)
-        return self
+        group_key = groups if isinstance(groups, str) else None
+        return self._add_version(CostModelHistory(), rows, names, params, parent=None, note=note, group_key=group_key)
 
     def refit(
         self,
@@ -182,10 +178,26 @@ class CostModel(RegressorMixin, BaseEstimator):
         for number, row in enumerate(rows):
             _require_features(row["x"], base.features, number, base.version)
         combined = [dict(r) for r in base.rows] + rows
-        version = _fit_version(combined, list(base.features), base.params, self.history_.next_number(), base.version, note)
-        version.group_key = base.group_key
-        self.history_.append(version)
-        self._adopt(self.history_)
+        return self._add_version(
+            self.history_, combined, list(base.features), base.params, parent=base.version, note=note, group_key=base.group_key
+        )
+
+    def _add_version(
+        self,
+        history: CostModelHistory,
+        rows: list[dict[str, Any]],
+        names: list[str],
+        params: Mapping[str, Any],
+        *,
+        parent: int | None,
+        note: str,
+        group_key: str | None,
+    ) -> CostModel:
+        """Fit a version on ``rows``, append it to ``history`` and make it the fitted model."""
+        version = _fit_version(rows, names, params, history.next_number(), parent, note)
+        version.group_key = group_key
+        history.append(version)
+        self._adopt(history)
         return self
 
     # -- prediction ----------------------------------------------------------------------
