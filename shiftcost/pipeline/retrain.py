@@ -281,7 +281,8 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     data = inputs.data
     config = RetrainConfig.from_settings(settings).for_model(inputs.spec)
     reference = load_replay_data(inputs, config)
-    guard = budget_guard(inputs, config.cutoff.holdout_fraction)
+    replay = config.recipe.replay_with(reference is not None)
+    guard = budget_guard(inputs, config.cutoff.holdout_fraction, replay, 0 if reference is None else len(reference))
     result = retrain_to_cutoff(
         inputs.model,
         data.x,
@@ -298,8 +299,11 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     return result
 
 
-def budget_guard(inputs: RetrainInputs, holdout_fraction: float) -> Any:
+def budget_guard(inputs: RetrainInputs, holdout_fraction: float, replay_fraction: float = 0.0, replay_samples: int = 0) -> Any:
     """The in-flight guard against what the budgets had left at reservation, or None.
+
+    ``replay_fraction`` and ``replay_samples`` (the reference samples the run may replay)
+    make the guard price every epoch still to come at the pool the run really trains on.
 
     None when no budget limits kWh or no cost model with an energy rate is stored. The
     initial forecast is the one the decision was made on (index or probe stage), else the
@@ -337,6 +341,8 @@ def budget_guard(inputs: RetrainInputs, holdout_fraction: float) -> Any:
         features=inputs.features or None,
         initial=initial,
         holdout_fraction=holdout_fraction,
+        replay_fraction=replay_fraction,
+        reference_samples=replay_samples,
     )
 
 
