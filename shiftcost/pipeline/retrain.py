@@ -63,7 +63,6 @@ __all__ = [
     "record_retrain_failure",
     "record_retrain_success",
     "refit_cost_model",
-    "run_retrain",
     "Gate",
     "promotion_gate",
 ]
@@ -847,30 +846,3 @@ def not_started(db: Database, batch_id: int) -> RetrainOutcome:
     with db.session(readonly=True) as session:
         batch = repository.get_batch(session, batch_id)
         return RetrainOutcome(batch_id, "not_started", notes=[f"batch status is {batch.status}"])
-
-
-def run_retrain(db: Database, settings: Settings, batch_id: int) -> RetrainOutcome:
-    """Retrain on a batch decided for retraining, once; raises ``RetrainFailed`` after recording a failure."""
-    from shiftcost.pipeline.lease import heartbeat
-
-    job = claim_retrain(db, batch_id)
-    if job is None:
-        return not_started(db, batch_id)
-    result = None
-    try:
-        with heartbeat(db, job.run_id, settings.retrain_heartbeat_s):
-            inputs = load_for_retrain(db, settings, job)
-            result = execute_retrain(settings, inputs)
-            new_version = build_new_version(settings, inputs, result)
-            cost_model, note = refit_cost_model(db, inputs, result)
-            return record_retrain_success(db, inputs, result, new_version, cost_model, [note] if note else None)
-    except BaseException as error:
-        try:
-            outcome = record_retrain_failure(db, job, error, result)
-        except Exception:
-            # The database is out of reach too: the run stays open and its reservation held
-            # until `shiftcost budget release-open` closes it; the original error matters more.
-            raise error from None
-        if not isinstance(error, Exception):
-            raise  # Ctrl-C and exits keep their meaning, after the bookkeeping
-        raise RetrainFailed(f"Retraining batch {batch_id} failed and was recorded as failed: {outcome.error}", outcome) from error
