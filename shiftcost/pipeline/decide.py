@@ -35,7 +35,6 @@ def status_after(decision: Decision) -> str:
     return _STATUS_AFTER[decision.action]
 
 
-
 def decide_batch(
     settings: Settings,
     loaded: LoadedBatch,
