@@ -30,8 +30,11 @@ MIN_POINTS = 3
 class BudgetGuard:
     """``progress`` callback that stops a retrain whose forecast no longer fits ``budget_kwh``.
 
-    ``batch_samples`` is the labelled batch's size (the protocol's split gives the pool and
-    holdout); ``ceiling`` is the reference accuracy the run climbs back to. ``initial`` is
+    ``batch_samples`` is the labelled batch's size (the protocol's split gives its training
+    part and the holdout); ``replay_fraction`` and ``reference_samples`` are the run's replay
+    share and the reference samples it may replay from, so that the pool an epoch trains on
+    is the one :func:`shiftcost.recipe.pool_samples` gives (training part plus replayed
+    reference), not the training part alone; ``ceiling`` is the reference accuracy the run climbs back to. ``initial`` is
     the forecast made before the run (stage 0 or the probe); without it the guard only
     starts forecasting once the run has ``MIN_POINTS`` evaluations. After the run,
     ``reason``, ``spent_kwh`` and ``forecasts`` say what it saw.
@@ -44,6 +47,8 @@ class BudgetGuard:
     features: dict[str, Any] | None = None
     initial: Forecast | None = None
     holdout_fraction: float = protocol.HOLDOUT_FRACTION
+    replay_fraction: float = 0.0
+    reference_samples: int = 0
     spent_kwh: float = 0.0
     reason: str | None = None
     forecasts: list[dict[str, Any]] = field(default_factory=list)
@@ -56,7 +61,12 @@ class BudgetGuard:
             from shiftcost.errors import InputError
 
             raise InputError("the cost model has no energy rate for this host, so a budget in kWh cannot be guarded; recalibrate with energy tracking.")
-        self.pool, self.holdout = protocol.split_sizes(self.batch_samples, self.holdout_fraction)
+        from shiftcost.recipe import pool_samples
+
+        train, self.holdout = protocol.split_sizes(self.batch_samples, self.holdout_fraction)
+        # Each epoch still to come trains on the replayed samples too: leaving them out would
+        # price the rest of the run at a fraction of its cost and stop it too late.
+        self.pool = pool_samples(train, self.replay_fraction, self.reference_samples)
 
     def __call__(self, point: Any, step_cap: int, target: float) -> str | None:
         rate = self.forecaster.energy_rate

@@ -18,14 +18,15 @@ The steps, each a function a Prefect task can wrap:
    transaction: drift reports, index run, cost prediction, decision, budget reservation
    and the batch's new status, or nothing at all.
 
-:func:`assess_batch` chains them for a claimed batch; a user-caused problem (unreadable
-batch, wrong image size, too few images) marks the batch failed with its reason, any
-other failure gives the claim back so that a retry processes the batch.
+:func:`shiftcost.pipeline.chain.assess` chains them for a claimed batch; a user-caused
+problem (unreadable batch, wrong image size, too few images) marks the batch failed with
+its reason, any other failure gives the claim back so that a retry processes the batch.
+The decision itself (the policy plus what only the pipeline knows) is
+:mod:`shiftcost.pipeline.decide`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
@@ -34,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.features import KNOWN_FEATURES
-from shiftcost.pipeline.claims import Claim, ClaimLost, claim_for_assessment, fail_claimed, guarded_update, release_claim
-from shiftcost.pipeline.labels import label_free_key, labels_beside, with_labels
+from shiftcost.pipeline.claims import Claim, ClaimLost, fail_claimed, guarded_update
+from shiftcost.pipeline.decide import decide_batch, status_after
+from shiftcost.pipeline.labels import label_free_key, with_labels
 from shiftcost.pipeline.common import (
     Artifacts,
     carbon_intensity,
@@ -55,7 +57,6 @@ if TYPE_CHECKING:
     from shiftcost.drift import DriftResult
     from shiftcost.index.engine import IndexReport
     from shiftcost.index.reference import ReferenceStats
-    from shiftcost.policy import Decision, Reason
     from shiftcost.store import Database
 
 __all__ = [
@@ -65,7 +66,6 @@ __all__ = [
     "DriftCheck",
     "LoadedBatch",
     "align_labels",
-    "assess_batch",
     "check_drift",
     "estimate_cost",
     "fail_assessment",
@@ -79,18 +79,6 @@ __all__ = [
 
 #: Features of the cost model that the index report can supply.
 REPORT_FEATURES = KNOWN_FEATURES
-_SEVERITY = {"info": 0, "allow": 0, "defer": 1, "skip": 2}
-# Where a batch goes after its decision: a skip is finished, the others wait for more.
-_STATUS_AFTER = {"skip": "done", "defer": "assessed", "retrain": "assessed"}
-
-
-def status_after(decision: Decision) -> str:
-    """The batch's status after its decision: a deferral for want of labels waits for them."""
-    if decision.action == "defer" and any(reason.code == "awaiting_labels" for reason in decision.reasons):
-        return "awaiting_labels"
-    return _STATUS_AFTER[decision.action]
-
-
 # ----------------------------------------------------------------------------- results
 
 
@@ -619,84 +607,6 @@ def store_assessment(
     )
 
 
-def decide_batch(
-    settings: Settings,
-    loaded: LoadedBatch,
-    report: IndexReport,
-    drift: DriftCheck,
-    estimate: CostEstimate | None,
-    budgets: list[Any],
-) -> Decision:
-    """The policy's decision, plus what only the pipeline knows: task change, labels, features."""
-    from shiftcost.policy import CostFigures, PolicySettings, decide
-
-    policy = PolicySettings(
-        use_upper_bound=settings.use_upper_bound,
-        always_assess=settings.always_assess,
-        min_accuracy_drop=settings.min_accuracy_drop,
-        on_not_converging=settings.on_not_converging,
-    )
-    reference_accuracy = loaded.reference.accuracy
-    drop = None if report.accuracy is None or reference_accuracy is None else reference_accuracy - report.accuracy
-    prediction: Any = None
-    if estimate is not None:
-        prediction = estimate.prediction or CostFigures(None, None, None, None, None, None, False)
-    decision = decide(prediction, budgets, policy, drift_verdict=drift.verdict, accuracy_drop=drop, model_name=loaded.model_name)
-    return _with_reasons(decision, _pipeline_reasons(loaded, report, estimate, assessed=decision.assessed))
-
-
-def _pipeline_reasons(loaded: LoadedBatch, report: IndexReport, estimate: CostEstimate | None, *, assessed: bool) -> list[Reason]:
-    from shiftcost.policy import Reason
-
-    reasons = []
-    if report.task_change:
-        value = "not computed (a single class)" if report.resque_task is None else f"{report.resque_task:.4g}"
-        labels = loaded.unknown_labels or report.new_classes
-        reasons.append(
-            Reason(
-                "task_change",
-                f"Task change: the batch has labels {labels} that the model's reference never had; RESQUE_task = {value}.",
-                "info",
-                {"resque_task": report.resque_task, "new_labels": [str(label) for label in labels]},
-            )
-        )
-    if not assessed:
-        return reasons
-    if loaded.new_task:
-        reasons.append(
-            Reason(
-                "new_classes",
-                f"The batch has labels {loaded.unknown_labels} that the model has no output for, so retraining needs a new "
-                "classifier head, which this pipeline does not build; register a model for these classes.",
-                "skip",
-                {"new_labels": [str(label) for label in loaded.unknown_labels]},
-            )
-        )
-    if not loaded.data.has_labels:
-        reasons.append(
-            Reason(
-                "awaiting_labels",
-                "The batch has no labels yet: it waits with its label-free forecast until they come "
-                f"(`shiftcost labels attach {loaded.batch_id} FILE`, or {labels_beside(loaded.source_uri).rsplit('/', 1)[-1]} beside it).",
-                "defer",
-            )
-        )
-    if estimate is not None and estimate.problem is not None:
-        reasons.append(
-            Reason("cost_unpredictable", f"The cost of retraining could not be predicted ({estimate.problem})", "skip", {"features": estimate.features})
-        )
-    return reasons
-
-
-def _with_reasons(decision: Decision, extra: list[Reason]) -> Decision:
-    """The decision with ``extra`` reasons; the most severe effect still sets the action."""
-    if not extra:
-        return decision
-    reasons = decision.reasons + tuple(extra)
-    action = ("retrain", "defer", "skip")[max(_SEVERITY[reason.effect] for reason in reasons)]
-    return dataclasses.replace(decision, action=action, reasons=reasons, retry_after=decision.retry_after if action == "defer" else None)
-
-
 def _lock_budgets(session: Session, model_name: str) -> None:
     """Lock the budgets that apply to the model (PostgreSQL; SQLite's write lock is held already)."""
     from sqlalchemy import select
@@ -790,7 +700,7 @@ def _reservable(amount: float | None) -> float:
     return 0.0 if amount is None else float(amount)
 
 
-# ----------------------------------------------------------------------------- the chain
+# ----------------------------------------------------------------------------- outcomes
 
 
 def fail_assessment(db: Database, claim: Claim, error: BaseException) -> AssessOutcome:
@@ -817,23 +727,3 @@ def outcome_of(db: Database, batch_id: int, *, processed: bool = False) -> Asses
             reasons=[] if decision is None else list(decision.reasons),
             failure_reason=batch.failure_reason,
         )
-
-
-def assess_batch(db: Database, settings: Settings, batch_id: int) -> AssessOutcome:
-    """Claim and assess one registered batch (see the module notes); processed at most once."""
-    claim = claim_for_assessment(db, batch_id, settings.claim_lease_s)
-    if claim is None:
-        return outcome_of(db, batch_id)
-    try:
-        loaded = load_for_assessment(db, settings, claim)
-        report = index_pass(settings, loaded)
-        drift = check_drift(settings, loaded, report)
-        estimate = estimate_cost(db, settings, loaded, report, drift)
-        return store_assessment(db, settings, loaded, report, drift, estimate)
-    except InputError as error:
-        return fail_assessment(db, claim, error)
-    except BaseException:
-        # Give the batch back for a retry; if the database is down too, the lease expires.
-        with contextlib.suppress(Exception):
-            release_claim(db, claim)
-        raise

@@ -63,7 +63,6 @@ __all__ = [
     "record_retrain_failure",
     "record_retrain_success",
     "refit_cost_model",
-    "run_retrain",
     "Gate",
     "promotion_gate",
 ]
@@ -281,7 +280,8 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     data = inputs.data
     config = RetrainConfig.from_settings(settings).for_model(inputs.spec)
     reference = load_replay_data(inputs, config)
-    guard = budget_guard(inputs, config.cutoff.holdout_fraction)
+    replay = config.recipe.replay_with(reference is not None)
+    guard = budget_guard(inputs, config.cutoff.holdout_fraction, replay, 0 if reference is None else len(reference))
     result = retrain_to_cutoff(
         inputs.model,
         data.x,
@@ -298,8 +298,11 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     return result
 
 
-def budget_guard(inputs: RetrainInputs, holdout_fraction: float) -> Any:
+def budget_guard(inputs: RetrainInputs, holdout_fraction: float, replay_fraction: float = 0.0, replay_samples: int = 0) -> Any:
     """The in-flight guard against what the budgets had left at reservation, or None.
+
+    ``replay_fraction`` and ``replay_samples`` (the reference samples the run may replay)
+    make the guard price every epoch still to come at the pool the run really trains on.
 
     None when no budget limits kWh or no cost model with an energy rate is stored. The
     initial forecast is the one the decision was made on (index or probe stage), else the
@@ -337,6 +340,8 @@ def budget_guard(inputs: RetrainInputs, holdout_fraction: float) -> Any:
         features=inputs.features or None,
         initial=initial,
         holdout_fraction=holdout_fraction,
+        replay_fraction=replay_fraction,
+        reference_samples=replay_samples,
     )
 
 
@@ -841,30 +846,3 @@ def not_started(db: Database, batch_id: int) -> RetrainOutcome:
     with db.session(readonly=True) as session:
         batch = repository.get_batch(session, batch_id)
         return RetrainOutcome(batch_id, "not_started", notes=[f"batch status is {batch.status}"])
-
-
-def run_retrain(db: Database, settings: Settings, batch_id: int) -> RetrainOutcome:
-    """Retrain on a batch decided for retraining, once; raises ``RetrainFailed`` after recording a failure."""
-    from shiftcost.pipeline.lease import heartbeat
-
-    job = claim_retrain(db, batch_id)
-    if job is None:
-        return not_started(db, batch_id)
-    result = None
-    try:
-        with heartbeat(db, job.run_id, settings.retrain_heartbeat_s):
-            inputs = load_for_retrain(db, settings, job)
-            result = execute_retrain(settings, inputs)
-            new_version = build_new_version(settings, inputs, result)
-            cost_model, note = refit_cost_model(db, inputs, result)
-            return record_retrain_success(db, inputs, result, new_version, cost_model, [note] if note else None)
-    except BaseException as error:
-        try:
-            outcome = record_retrain_failure(db, job, error, result)
-        except Exception:
-            # The database is out of reach too: the run stays open and its reservation held
-            # until `shiftcost budget release-open` closes it; the original error matters more.
-            raise error from None
-        if not isinstance(error, Exception):
-            raise  # Ctrl-C and exits keep their meaning, after the bookkeeping
-        raise RetrainFailed(f"Retraining batch {batch_id} failed and was recorded as failed: {outcome.error}", outcome) from error

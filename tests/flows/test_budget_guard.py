@@ -103,3 +103,49 @@ def test_each_real_retrain_refits_the_host_energy_rate_as_the_median_over_runs(g
         first_work = runs[0].details["samples_seen"] + len(runs[0].details["curve"]) * runs[0].details["holdout_samples"] / 3.0
         assert runs[0].details["energy_rate"]["estimated_kwh"] == pytest.approx(JOULES_PER_SAMPLE * first_work / 3.6e6)
         assert runs[1].details["energy_rate"]["joules_per_sample_before"] == pytest.approx(ratios[0])
+
+
+def test_the_guard_prices_the_epochs_still_to_come_at_the_pool_the_run_trains_on_replay_included(guarded_env) -> None:
+    """With a forecast of five epochs and a budget between what they cost on the batch alone and
+    what they cost with the replayed reference samples, the run is stopped before its first step:
+    the epochs to come train on both."""
+    import dataclasses
+
+    from shiftcost import pipeline
+    from shiftcost.data import Batch, save_batch
+    from shiftcost.energy import EVAL_SAMPLE_WEIGHT
+    from shiftcost.forecast import protocol
+    from shiftcost.pipeline.retrain import load_replay_data
+    from shiftcost.recipe import RetrainConfig
+
+    settings, landing, trained = guarded_env
+    x, y = trained.splits["stream"]
+    save_batch(Batch(brightened(x[:200]), y[:200], "bright"), landing / "bright.npz")
+    with pipeline.connect(settings) as database:
+        (assessed,) = pipeline.watch_once(settings, retrain=False, db=database)
+        job = pipeline.claim_retrain(database, assessed.assessment.batch_id)
+        inputs = pipeline.load_for_retrain(database, settings, job)
+    config = RetrainConfig.from_settings(settings).for_model(inputs.spec)
+    replayable = len(load_replay_data(inputs, config))
+    # Counted here from the recipe's rule: half of each epoch's pool is replayed, capped by the reference.
+    holdout = round(200 * config.cutoff.holdout_fraction)
+    train = 200 - holdout
+    pool = train + min(train, replayable)
+    assert pool > train
+
+    def joules(pool_samples: int, epochs: float) -> float:
+        per_epoch = protocol.steps_per_epoch(pool_samples, config.recipe.batch_size)
+        evaluations = protocol.evaluations(epochs, per_epoch)  # the one at step 0 included
+        return JOULES_PER_SAMPLE * (epochs * pool_samples + EVAL_SAMPLE_WEIGHT * evaluations * holdout)
+
+    without_replay, with_replay = joules(train, 5.0), joules(pool, 5.0)
+    assert without_replay < with_replay
+    five_epochs = {"median": 6.0, "low": 5.0, "high": 8.0, "level": 0.8, "stage": "index"}
+    budget_kwh = (without_replay + with_replay) / 2 / 3.6e6
+    guarded = dataclasses.replace(inputs, decided_epochs=five_epochs, budget_left_kwh=budget_kwh)
+
+    result = pipeline.execute_retrain(settings, guarded)
+
+    assert result.pool_samples == pool
+    assert result.status == "stopped_by_budget" and result.steps == 0, result.stop_reason
+    assert "at least 5.00 epochs" in result.stop_reason
