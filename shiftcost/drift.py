@@ -204,6 +204,10 @@ class GroupResult:
         }
 
 
+def _drifted_groups(groups: Sequence[GroupResult]) -> list[str]:
+    return [group.name for group in groups if group.tested and group.drifted]
+
+
 @dataclass(frozen=True)
 class DriftResult:
     """The verdict of a batch, every group's and feature's result, and Evidently's HTML report."""
@@ -223,6 +227,11 @@ class DriftResult:
             if group.name == name:
                 return group
         raise KeyError(name)
+
+    @property
+    def drifted_groups(self) -> list[str]:
+        """The tested groups that drifted; the verdict is that they number ``min_drifted_groups`` or more."""
+        return _drifted_groups(self.groups)
 
     @property
     def features(self) -> list[dict[str, Any]]:
@@ -300,7 +309,7 @@ def detect_drift(
     tested = [group for group in groups if group.tested]
     if not tested:
         raise InputError("no drift test could run: give the reference and the batch at least one common input (embeddings, image statistics or predictions).")
-    drifted = [group.name for group in tested if group.drifted]
+    drifted = _drifted_groups(groups)
     verdict = len(drifted) >= limits.min_drifted_groups
     rule = f"drift when at least {limits.min_drifted_groups} of the {len(tested)} tested groups drift ({', '.join(g.name for g in tested)})"
 

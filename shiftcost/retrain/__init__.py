@@ -24,26 +24,12 @@ from shiftcost.index.capture import resolve_device
 from shiftcost.recipe import OPTIMIZERS, RetrainConfig
 from shiftcost.retrain.energy_probe import probe_joules_per_sample_epoch
 from shiftcost.retrain.loop import ProgressCallback, _stopped_status, cutoff_reached, retrain_to_cutoff
-from shiftcost.retrain.results import (
-    STATUSES,
-    EvalPoint,
-    ProbeResult,
-    RetrainError,
-    RetrainInterrupted,
-    RetrainResult,
-)
-from shiftcost.retrain.training import (
-    _batches,
-    _check_logits,
-    _check_xy,
-    _evaluate,
-    _fork_rng_devices,
-    _holdout_split,
-    _make_optimizer,
-    _make_schedule,
-    _param_change,
-    _train_mode,
-    _trainable,
+from shiftcost.retrain.results import STATUSES, EvalPoint, ProbeResult, RetrainError, RetrainInterrupted, RetrainResult
+
+# The building blocks stay importable from here, where the forecast probe and tests take them.
+from shiftcost.retrain.training import (  # noqa: F401
+    _batches, _check_logits, _check_xy, _evaluate, _fork_rng_devices, _holdout_split, _make_optimizer, _make_schedule,
+    _param_change, _train_mode, _trainable,
 )
 
 __all__ = [

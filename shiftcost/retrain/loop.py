@@ -19,17 +19,8 @@ from shiftcost.index.capture import resolve_device
 from shiftcost.recipe import Recipe, RetrainConfig, build_augmentation, load_entry_point, pool_samples
 from shiftcost.retrain.results import EvalPoint, RetrainError, RetrainInterrupted, RetrainResult
 from shiftcost.retrain.training import (
-    _batches,
-    _check_logits,
-    _check_xy,
-    _evaluate,
-    _fork_rng_devices,
-    _holdout_split,
-    _make_optimizer,
-    _make_schedule,
-    _param_change,
-    _train_mode,
-    _trainable,
+    _batches, _check_logits, _check_xy, _evaluate, _fork_rng_devices, _holdout_split, _make_optimizer, _make_schedule,
+    _param_change, _train_mode, _trainable,
 )
 
 #: What a ``progress`` callback may return: ``None`` to go on, or a sentence saying why
