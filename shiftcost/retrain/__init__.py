@@ -23,7 +23,7 @@ from __future__ import annotations
 from shiftcost.index.capture import resolve_device
 from shiftcost.recipe import OPTIMIZERS, RetrainConfig
 from shiftcost.retrain.energy_probe import probe_joules_per_sample_epoch
-from shiftcost.retrain.loop import ProgressCallback, _stopped_status, cutoff_reached, retrain_to_cutoff
+from shiftcost.retrain.loop import ProgressCallback, retrain_to_cutoff
 from shiftcost.retrain.results import STATUSES, EvalPoint, ProbeResult, RetrainError, RetrainInterrupted, RetrainResult
 
 # The building blocks stay importable from here, where the forecast probe and tests take them.
@@ -39,7 +39,6 @@ __all__ = [
     "RetrainInterrupted",
     "ProbeResult",
     "retrain_to_cutoff",
-    "cutoff_reached",
     "probe_joules_per_sample_epoch",
     "resolve_device",
     "RetrainConfig",

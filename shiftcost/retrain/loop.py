@@ -34,11 +34,6 @@ def _stopped_status(reason: str) -> str:
     return "stopped_by_budget" if reason == "stopped_by_budget" else "stopped"
 
 
-def cutoff_reached(point: EvalPoint, target_accuracy: float) -> bool:
-    """The cutoff rule: the run has recovered once an evaluation meets the target accuracy."""
-    return point.accuracy >= target_accuracy
-
-
 @dataclass
 class _Tally:
     """Counters of one run, kept by the training steps and read by the evaluations."""
@@ -176,12 +171,19 @@ class _CutoffRun:
         tally.grad_steps += 1
         tally.train_s += time.perf_counter() - t
 
+    def cutoff_reached(self, point: EvalPoint) -> bool:
+        """The cutoff rule, decided here alone: the run has recovered once an evaluation meets the target.
+
+        ``self.curve`` holds every evaluation so far (``point`` last), for a rule that looks further back.
+        """
+        return point.accuracy >= self.target_accuracy
+
     def _due_for_evaluation(self) -> bool:
         return self.tally.step % self.plan.every == 0 or self.tally.step >= self.plan.step_cap
 
     def run(self) -> str:
         """Train until the cutoff, a stop request or the cap; the run's status."""
-        if cutoff_reached(self.evaluate(), self.target_accuracy):
+        if self.cutoff_reached(self.evaluate()):
             return "already_met"
         if self.tally.stop_reason:
             return _stopped_status(self.tally.stop_reason)
@@ -190,7 +192,7 @@ class _CutoffRun:
                 self.train_on(idx)
                 if not self._due_for_evaluation():
                     continue
-                if cutoff_reached(self.evaluate(), self.target_accuracy):
+                if self.cutoff_reached(self.evaluate()):
                     return "reached"
                 if self.tally.stop_reason:
                     return _stopped_status(self.tally.stop_reason)
@@ -395,7 +397,7 @@ def retrain_to_cutoff(
     they make up that share of each epoch's pool (capped by the reference size). Every
     ``eval_every`` optimizer steps (default: a quarter epoch) the held-out accuracy is
     measured; the run stops at the first evaluation that meets the cutoff
-    (:func:`cutoff_reached`: accuracy at least the target), or when ``max_steps`` steps /
+    (``_CutoffRun.cutoff_reached``: accuracy at least the target), or when ``max_steps`` steps /
     ``max_epochs`` epochs are spent (the last step is always evaluated). The target is
     ``target_accuracy`` if given, else ``reference_accuracy - tolerance``, else the model's
     accuracy on ``(reference_x, reference_y)`` minus ``tolerance``.
