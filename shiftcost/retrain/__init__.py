@@ -23,7 +23,7 @@ from __future__ import annotations
 from shiftcost.index.capture import resolve_device
 from shiftcost.recipe import OPTIMIZERS, RetrainConfig
 from shiftcost.retrain.energy_probe import probe_joules_per_sample_epoch
-from shiftcost.retrain.loop import ProgressCallback, retrain_to_cutoff
+from shiftcost.retrain.loop import ProgressCallback, _stopped_status, _Tally, retrain_to_cutoff  # noqa: F401
 from shiftcost.retrain.results import STATUSES, EvalPoint, ProbeResult, RetrainError, RetrainInterrupted, RetrainResult
 
 # The building blocks stay importable from here, where the forecast probe and tests take them.
