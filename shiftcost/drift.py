@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from shiftcost.drift_results import DriftInputs, DriftResult, DriftThresholds, FeatureResult, GroupResult
+from shiftcost.drift_results import DriftInputs, DriftResult, DriftThresholds, FeatureResult, GroupResult, drifted_group_names
 from shiftcost.drift_stattests import HOMOGENEITY_TEST, register_homogeneity_test, value_drift
 from shiftcost.errors import ConfigError, InputError
 
@@ -140,7 +140,7 @@ def detect_drift(
     tested = [group for group in groups if group.tested]
     if not tested:
         raise InputError("no drift test could run: give the reference and the batch at least one common input (embeddings, image statistics or predictions).")
-    drifted = [group.name for group in tested if group.drifted]
+    drifted = drifted_group_names(groups)
     verdict = len(drifted) >= limits.min_drifted_groups
     rule = f"drift when at least {limits.min_drifted_groups} of the {len(tested)} tested groups drift ({', '.join(g.name for g in tested)})"
 

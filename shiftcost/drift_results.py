@@ -6,7 +6,7 @@ that the result types import without Evidently or pandas.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,10 @@ class GroupResult:
         }
 
 
+def drifted_group_names(groups: Sequence[GroupResult]) -> list[str]:
+    return [group.name for group in groups if group.tested and group.drifted]
+
+
 @dataclass(frozen=True)
 class DriftResult:
     """The verdict of a batch, every group's and feature's result, and Evidently's HTML report."""
@@ -138,6 +142,11 @@ class DriftResult:
             if group.name == name:
                 return group
         raise KeyError(name)
+
+    @property
+    def drifted_groups(self) -> list[str]:
+        """The tested groups that drifted; the verdict is that they number ``min_drifted_groups`` or more."""
+        return drifted_group_names(self.groups)
 
     @property
     def features(self) -> list[dict[str, Any]]:

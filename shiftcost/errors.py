@@ -27,3 +27,9 @@ class InputError(ShiftcostError):
 
 class ConfigError(ShiftcostError):
     """A setting is missing or inconsistent."""
+
+
+def short_error(error: BaseException, limit: int = 120) -> str:
+    """An underlying error's message on one line, cut to ``limit`` characters, to quote inside a sentence."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

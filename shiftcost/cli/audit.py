@@ -152,36 +152,36 @@ def _run(name: str, title: str, database_url: str | None, output: OutputFormat, 
             typer.echo(f"{statement};", err=True)
 
 
-@audit_app.command("cost")
-def cost(
-    model: ModelOption = None,
-    since: SinceOption = None,
-    until: UntilOption = None,
-    limit: LimitOption = 1000,
-    output: FormatOption = OutputFormat.table,
-    as_json: JsonOption = False,
-    show_sql: ShowSqlOption = False,
-    database_url: DatabaseUrlOption = None,
-) -> None:
-    """Actual kWh, kg CO2e and epochs of every retrain run, with totals."""
-    _run("cost", "Retrain cost", database_url, output, as_json, show_sql,
-         model=model, since=since, until=until, limit=limit)
+def _listing(name: str, title: str, doc: str) -> Any:
+    """A command listing the audit query ``name`` with the common filters and a row limit."""
+
+    def command(
+        model: ModelOption = None,
+        since: SinceOption = None,
+        until: UntilOption = None,
+        limit: LimitOption = 1000,
+        output: FormatOption = OutputFormat.table,
+        as_json: JsonOption = False,
+        show_sql: ShowSqlOption = False,
+        database_url: DatabaseUrlOption = None,
+    ) -> None:
+        _run(name, title, database_url, output, as_json, show_sql, model=model, since=since, until=until, limit=limit)
+
+    command.__name__ = command.__qualname__ = name
+    command.__doc__ = doc
+    return command
 
 
-@audit_app.command("errors")
-def errors(
-    model: ModelOption = None,
-    since: SinceOption = None,
-    until: UntilOption = None,
-    limit: LimitOption = 1000,
-    output: FormatOption = OutputFormat.table,
-    as_json: JsonOption = False,
-    show_sql: ShowSqlOption = False,
-    database_url: DatabaseUrlOption = None,
-) -> None:
-    """Predicted vs actual cost of each retrain, interval hit or miss, MdAPE and coverage."""
-    _run("errors", "Prediction error", database_url, output, as_json, show_sql,
-         model=model, since=since, until=until, limit=limit)
+cost = audit_app.command("cost")(
+    _listing("cost", "Retrain cost", "Actual kWh, kg CO2e and epochs of every retrain run, with totals.")
+)
+errors = audit_app.command("errors")(
+    _listing(
+        "errors", "Prediction error",
+        "Predicted vs actual cost of each retrain, interval hit or miss, MdAPE and coverage; runs stopped before "
+        "the cutoff (cap or budget guard) are marked, their actual cost a lower bound.",
+    )
+)
 
 
 @audit_app.command("decisions")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -59,16 +60,8 @@ def upgrade(
 ) -> None:
     """Migrate the schema up to REVISION (default: the newest). Creates every table on an empty database."""
     from shiftcost.store import migrate
-    from shiftcost.store.db import redact
 
-    database = _engine(database_url)
-    try:
-        before = migrate.current_revisions(database.engine)
-        migrate.upgrade(database.engine, revision)
-        after = migrate.current_revisions(database.engine)
-    finally:
-        database.dispose()
-    _report("upgraded", redact(database.url), before, after, as_json)
+    _migrate(database_url, "upgraded", lambda engine: migrate.upgrade(engine, revision), as_json)
 
 
 @db_app.command("downgrade")
@@ -81,18 +74,10 @@ def downgrade(
     """Migrate the schema down to REVISION. This drops tables and their data: pass --yes."""
     from shiftcost.errors import InputError
     from shiftcost.store import migrate
-    from shiftcost.store.db import redact
 
     if not yes:
         raise InputError("Downgrading drops tables and the history in them; repeat with --yes to confirm.")
-    database = _engine(database_url)
-    try:
-        before = migrate.current_revisions(database.engine)
-        migrate.downgrade(database.engine, revision)
-        after = migrate.current_revisions(database.engine)
-    finally:
-        database.dispose()
-    _report("downgraded", redact(database.url), before, after, as_json)
+    _migrate(database_url, "downgraded", lambda engine: migrate.downgrade(engine, revision), as_json)
 
 
 @db_app.command("current")
@@ -127,6 +112,21 @@ def current(
         f"(head {', '.join(heads)}) - {state}",
         highlight=False,
     )
+
+
+def _migrate(database_url: str | None, verb: str, move: Callable[[Any], None], as_json: bool) -> None:
+    """Run ``move`` on the database's engine and report the revisions before and after."""
+    from shiftcost.store import migrate
+    from shiftcost.store.db import redact
+
+    database = _engine(database_url)
+    try:
+        before = migrate.current_revisions(database.engine)
+        move(database.engine)
+        after = migrate.current_revisions(database.engine)
+    finally:
+        database.dispose()
+    _report(verb, redact(database.url), before, after, as_json)
 
 
 def _report(verb: str, url: str, before: tuple[str, ...], after: tuple[str, ...], as_json: bool) -> None:

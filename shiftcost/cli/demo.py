@@ -29,6 +29,8 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from shiftcost.errors import InputError
+from shiftcost.cli._demo_output import fill_rows, print_summary, write_demo_report
 from shiftcost.features import COST_FEATURES, Feature
 
 if TYPE_CHECKING:
@@ -191,15 +194,41 @@ def run_demo(workdir: Path, *, batches: int | None = None, quick: bool = False, 
         torch.set_num_threads(threads)
 
 
+class _Stages:
+    """The demo's progress bar, one line per stage in a log, and the seconds each stage took."""
+
+    def __init__(self, progress: Any, console: Console, run: DemoRun, started_wall: float, total: int) -> None:
+        self.progress, self.console, self.run, self.started_wall = progress, console, run, started_wall
+        self.overall = progress.add_task("demo", total=total)
+
+    def show(self, name: str) -> None:
+        self.progress.update(self.overall, description=name)
+        if not self.console.is_terminal:  # no live bar in a log: one line per stage instead
+            self.console.print(f"[{time.perf_counter() - self.started_wall:5.0f} s] {name}", highlight=False)
+
+    def advance(self) -> None:
+        self.progress.advance(self.overall)
+
+    @contextmanager
+    def timed(self, key: str, name: str | None = None, *, advance: bool = True) -> Iterator[None]:
+        """Time a stage as ``run.stages[key]``; show ``name`` first, advance the bar at its end."""
+        clock = time.perf_counter()
+        if name is not None:
+            self.show(name)
+        yield
+        if advance:
+            self.advance()
+        self.run.stages[key] = time.perf_counter() - clock
+
+
 def _run(workdir: Path, *, batches: int | None, quick: bool, seed: int, console: Console,
          started: tuple[float, float]) -> DemoRun:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from shiftcost.scenario import default_steps, demo_pools
+
     started_wall, started_cpu = started
     run = DemoRun(workdir=workdir)
-
-    from shiftcost.scenario import build_scenario, default_steps, demo_pools
-
     sweep = QUICK_CALIBRATION_SWEEP if quick else CALIBRATION_SWEEP
     steps = default_steps(sweep)
     if batches is not None:
@@ -207,81 +236,79 @@ def _run(workdir: Path, *, batches: int | None, quick: bool, seed: int, console:
     points = sum(len(levels) for levels in sweep.values())
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        overall = progress.add_task("demo", total=2 + points + len(steps) + 1)
-
-        def stage(name: str) -> None:
-            progress.update(overall, description=name)
-            if not console.is_terminal:  # no live bar in a log: one line per stage instead
-                console.print(f"[{time.perf_counter() - started_wall:5.0f} s] {name}", highlight=False)
-
-        clock = time.perf_counter()
-        stage("training the base model on digits")
-        from shiftcost.data.demo import train_demo_model
-
-        model, spec, splits = train_demo_model(seed)
-        # The demo CNN is trained from scratch on small digits: its own recipe fine-tunes at 1e-3
-        # with its batch-norm statistics updated (the default recipe is for converged models).
-        spec = dataclasses.replace(spec, recipe={"lr": 1e-3, "freeze_batchnorm": False})
-        calibration_pool, scenario_pool = demo_pools(seed, calibration_images=CALIBRATION_IMAGES)
-        progress.advance(overall)
-        run.stages["train_model"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        settings = _settings()
-
-        def on_point(done: int, total: int, label: str) -> None:
-            if done:
-                progress.advance(overall)
-            stage(f"calibrating: {label} ({done}/{total})" if done else "calibrating the cost model")
-
-        cost_model, joules, calibration = calibrate(model, spec, splits["holdout"], calibration_pool, settings, sweep,
-                                                    seed=seed, progress=on_point)
-        run.calibration = calibration
-        run.stages["calibrate"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        stage("sizing the budget and bootstrapping the pipeline")
-        run.budget = size_budget(cost_model, settings, joules)
-        os.environ["SHIFTCOST_BUDGET_KWH"] = repr(run.budget["kwh_cap"])
-        os.environ["SHIFTCOST_BUDGET_CO2"] = repr(run.budget["co2_cap"])
-        settings = _settings()
-        from shiftcost.pipeline import bootstrap
-
-        bootstrap(settings, model, spec, *splits["holdout"], calibration=cost_model, joules_per_sample_epoch=joules,
-                  hardware=calibration["hardware"])
-        progress.advance(overall)
-        run.stages["bootstrap"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        stage("starting Prefect's ephemeral API")
-        from flows.watch import watch
-
-        scenario = build_scenario(scenario_pool, steps, batch_size=SCENARIO_BATCH_SIZE, seed=seed, classes=spec.classes)
-        landing = Path(settings.landing)
-        for item in scenario:
-            stage(f"batch {item.position}/{len(scenario)}: {item.step.label}")
-            path = item.write(landing)
-            batch_clock = time.perf_counter()
-            state = watch(return_state=True)
-            problem = None if state.is_completed() else f"watch flow {state.type.value.lower()}: {state.message}"
-            run.rows.append({"flow_error": problem, "step": item.position, "file": path, "shift": item.step.label, "unseen": item.step.unseen,
-                             "note": item.step.note, "kind": item.step.kind, "seconds": time.perf_counter() - batch_clock})
-            progress.advance(overall)
-        run.stages["stream"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        stage("writing the report")
-        fill_rows(run, settings)
-        run.report = str(write_demo_report(run, settings))
-        progress.advance(overall)
-        run.stages["report"] = time.perf_counter() - clock
-        stage("done")
+        stages = _Stages(progress, console, run, started_wall, total=2 + points + len(steps) + 1)
+        with stages.timed("train_model", "training the base model on digits"):
+            model, spec, splits = _base_model(seed)
+            calibration_pool, scenario_pool = demo_pools(seed, calibration_images=CALIBRATION_IMAGES)
+        with stages.timed("calibrate", advance=False):
+            settings = _settings()
+            cost_model, joules, run.calibration = _calibrate_stage(stages, model, spec, splits, calibration_pool, settings, sweep, seed)
+        with stages.timed("bootstrap", "sizing the budget and bootstrapping the pipeline"):
+            settings = _bootstrap_stage(run, settings, model, spec, splits, cost_model, joules)
+        with stages.timed("stream", "starting Prefect's ephemeral API", advance=False):
+            _stream(stages, run, scenario_pool, steps, spec, settings, seed)
+        with stages.timed("report", "writing the report"):
+            fill_rows(run, settings)
+            run.report = str(write_demo_report(run, settings))
+        stages.show("done")
 
     run.wall_s = time.perf_counter() - started_wall
     run.cpu_s = _cpu_seconds() - started_cpu
     run.cpu_children_s = _children_cpu_seconds()
     (workdir / "summary.json").write_text(json.dumps(run.to_dict(), default=str, indent=1), encoding="utf-8")
     return run
+
+
+def _base_model(seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    from shiftcost.data.demo import train_demo_model
+
+    model, spec, splits = train_demo_model(seed)
+    # The demo CNN is trained from scratch on small digits: its own recipe fine-tunes at 1e-3
+    # with its batch-norm statistics updated (the default recipe is for converged models).
+    spec = dataclasses.replace(spec, recipe={"lr": 1e-3, "freeze_batchnorm": False})
+    return model, spec, splits
+
+
+def _calibrate_stage(stages: _Stages, model: Any, spec: Any, splits: dict[str, Any], pool: tuple[Any, Any],
+                     settings: Settings, sweep: dict[str, Any], seed: int) -> tuple[Any, float, dict[str, Any]]:
+    def on_point(done: int, total: int, label: str) -> None:
+        if done:
+            stages.advance()
+        stages.show(f"calibrating: {label} ({done}/{total})" if done else "calibrating the cost model")
+
+    return calibrate(model, spec, splits["holdout"], pool, settings, sweep, seed=seed, progress=on_point)
+
+
+def _bootstrap_stage(run: DemoRun, settings: Settings, model: Any, spec: Any, splits: dict[str, Any],
+                     cost_model: Any, joules: float) -> Settings:
+    """Size the budget from the calibration, then bootstrap the pipeline under it; the settings with the budget."""
+    from shiftcost.pipeline import bootstrap
+
+    run.budget = size_budget(cost_model, settings, joules)
+    os.environ["SHIFTCOST_BUDGET_KWH"] = repr(run.budget["kwh_cap"])
+    os.environ["SHIFTCOST_BUDGET_CO2"] = repr(run.budget["co2_cap"])
+    settings = _settings()
+    bootstrap(settings, model, spec, *splits["holdout"], calibration=cost_model, joules_per_sample_epoch=joules,
+              hardware=run.calibration["hardware"])
+    return settings
+
+
+def _stream(stages: _Stages, run: DemoRun, pool: Any, steps: list[Any], spec: Any, settings: Settings, seed: int) -> None:
+    """Drop each scenario batch into the landing folder and run the real watch flow on it."""
+    from flows.watch import watch
+    from shiftcost.scenario import build_scenario
+
+    scenario = build_scenario(pool, steps, batch_size=SCENARIO_BATCH_SIZE, seed=seed, classes=spec.classes)
+    landing = Path(settings.landing)
+    for item in scenario:
+        stages.show(f"batch {item.position}/{len(scenario)}: {item.step.label}")
+        path = item.write(landing)
+        batch_clock = time.perf_counter()
+        state = watch(return_state=True)
+        problem = None if state.is_completed() else f"watch flow {state.type.value.lower()}: {state.message}"
+        run.rows.append({"flow_error": problem, "step": item.position, "file": path, "shift": item.step.label, "unseen": item.step.unseen,
+                         "note": item.step.note, "kind": item.step.kind, "seconds": time.perf_counter() - batch_clock})
+        stages.advance()
 
 
 def prepare_workdir(workdir: Path) -> Path:
@@ -416,104 +443,6 @@ def size_budget(cost_model: Any, settings: Settings, joules: float) -> dict[str,
             "typical_upper_kwh": typical, "retrains": BUDGET_RETRAINS, "carbon_intensity": intensity}
 
 
-def fill_rows(run: DemoRun, settings: Settings) -> None:
-    """Join each scenario step with what the database says happened to its batch."""
-    from shiftcost import landing
-    from shiftcost.pipeline import connect
-    from shiftcost.report import batch_overview, reason_text
-    from shiftcost.store import repository
-
-    with connect(settings) as db, db.session(readonly=True) as session:
-        overview = {row["batch_id"]: row for row in batch_overview(session, model=settings.model_name, limit=None)}
-        first_step: dict[int, int] = {}
-        for row in run.rows:
-            path = row.pop("file")
-            fingerprint = landing.placeholder_fingerprint(str(path)) if row["kind"] == "corrupt" else None
-            try:
-                fingerprint = landing.fingerprint(path)
-            except InputError:
-                pass
-            batch = repository.find_batch(session, settings.model_name, fingerprint)
-            if batch is None:  # unreadable bytes are registered under a stand-in fingerprint
-                batch = repository.find_batch(session, settings.model_name, landing.placeholder_fingerprint(str(path)))
-            row["batch"] = Path(path).name
-            if batch is None:
-                row.update(status="not registered")
-                continue
-            stored = overview.get(batch.id, {})
-            if batch.id in first_step:
-                words = f"same bytes as #{first_step[batch.id]}: not processed again"
-                row.update(status="duplicate", decision="", reason=words, why=words)
-                continue
-            first_step[batch.id] = row["step"]
-            row.update(
-                batch_id=batch.id,
-                status=stored.get("status"),
-                drift=stored.get("drift"),
-                resque_dist=stored.get("resque_dist"),
-                inv_ari=stored.get("inv_ari"),
-                layer_shift=stored.get("layer_shift"),
-                accuracy=stored.get("accuracy"),
-                predicted_kwh=stored.get("predicted_kwh"),
-                predicted_kwh_lower=stored.get("predicted_kwh_lower"),
-                predicted_kwh_upper=stored.get("predicted_kwh_upper"),
-                predicted_epochs=stored.get("predicted_epochs"),
-                decision=stored.get("action"),
-                reason=reason_text(stored.get("reasons")) or stored.get("failure_reason") or row.get("flow_error") or "",
-                why=short_reason(stored.get("reasons")) or _failure_words(stored.get("failure_reason"), path)
-                or row.get("flow_error") or "",
-                actual_kwh=stored.get("actual_kwh"),
-                actual_epochs=stored.get("actual_epochs"),
-                run_status=stored.get("run_status"),
-            )
-
-
-#: Short words for the stored reason codes, for the terminal table.
-SHORT_REASONS = {
-    "no_drift": "no drift",
-    "not_converging": "predicted not to converge",
-    "over_budget_now": "budget used up this month",
-    "over_budget_cap": "over the budget cap",
-    "cost_unknown": "cost unknown",
-    "below_min_benefit": "too little benefit",
-    "within_budget": "fits the budget",
-    "no_budget": "no budget applies",
-}
-
-
-def short_reason(reasons: Any) -> str:
-    """The deciding reason codes of a stored decision in a few words (blocking ones first)."""
-    dicts = [reason for reason in reasons or [] if isinstance(reason, dict)]
-    deciding = [r for r in dicts if r.get("blocking")] or [r for r in dicts if r.get("effect") == "allow" and r.get("code") != "drift_detected"]
-    words = dict.fromkeys(SHORT_REASONS.get(r.get("code"), str(r.get("code", "")).replace("_", " ")) for r in deciding)
-    return "; ".join(words)
-
-
-def write_demo_report(run: DemoRun, settings: Settings) -> Path:
-    from shiftcost.pipeline import connect
-    from shiftcost.report import write_report
-
-    budget = run.budget
-    notes = [
-        f"Demo on scikit-learn's digits: base model, calibration sweep of {run.calibration.get('points')} real retrains "
-        f"({', '.join(run.calibration.get('kinds', []))}), cost model on {', '.join(run.calibration.get('features', []))}.",
-        f"Budget {budget.get('name')}: {budget.get('kwh_cap', 0):.3g} kWh and {budget.get('co2_cap', 0):.3g} kg CO2e per month "
-        f"({budget.get('retrains')} x the median predicted upper bound of a retrain).",
-    ]
-    with connect(settings) as db:
-        summary = write_report(db, run.workdir / "report.html", model=settings.model_name, limit=None,
-                               title="shiftcost demo", notes=notes)
-    return summary.path
-
-
-def _failure_words(reason: str | None, path: Path) -> str:
-    """A failure reason with the batch named by its file name, cut to fit a table cell."""
-    if not reason:
-        return ""
-    reason = reason.replace(str(path), Path(path).name)
-    return reason if len(reason) <= 70 else reason[:69] + "…"
-
-
 def _children_cpu_seconds() -> float:
     """CPU time of child processes: finished ones, plus those still running (Prefect's
     ephemeral API server lives until this process exits)."""
@@ -535,70 +464,3 @@ def _children_cpu_seconds() -> float:
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def print_summary(console: Console, run: DemoRun) -> None:
-    """The batch table, predicted vs measured energy of each retrain, timings and the report path."""
-    from rich.table import Table
-
-    level = run.calibration.get("interval_level")
-    interval = f"{level:.0%} interval" if level else "interval"
-    table = Table(title="shiftcost demo: the stream, batch by batch", title_justify="left")
-    for name, justify in (("#", "right"), ("shift", "left"), ("drift", "left"), ("RESQUE_dist", "right"),
-                          ("inv_ARI", "right"), ("acc.", "right"), (f"predicted kWh [{interval}]", "right"),
-                          ("decision", "left"), ("actual kWh", "right"), ("why", "left")):
-        table.add_column(name, justify=justify, overflow="fold")
-    colours = {"retrain": "green", "defer": "yellow", "skip": "bright_black", "failed": "red", "duplicate": "cyan"}
-    for row in run.rows:
-        drift = "" if row.get("drift") is None else ("yes" if row["drift"] else "no")
-        predicted = ""
-        if row.get("predicted_kwh") is not None:
-            predicted = f"{_fmt(row['predicted_kwh'], 2)} [{_fmt(row.get('predicted_kwh_lower'), 2)}, {_fmt(row.get('predicted_kwh_upper'), 2)}]"
-        decision = row.get("decision") or row.get("status") or ""
-        style = colours.get(decision, "")
-        shift = row["shift"] + (" (unseen kind)" if row.get("unseen") else "")
-        table.add_row(str(row["step"]), shift, drift, _fmt(row.get("resque_dist")), _fmt(row.get("inv_ari")),
-                      _fmt(row.get("accuracy"), 2), predicted, f"[{style}]{decision}[/]" if style else decision,
-                      _fmt(row.get("actual_kwh"), 2), row.get("why", ""))
-    console.print(table)
-    if run.retrains:
-        console.print("[bold]Retrains: predicted vs measured energy[/]")
-        for row in run.retrains:
-            low, high, actual = row.get("predicted_kwh_lower"), row.get("predicted_kwh_upper"), row["actual_kwh"]
-            inside = low is not None and high is not None and low <= actual <= high
-            console.print(
-                f"  #{row['step']} {row['shift']}: predicted {_fmt(row.get('predicted_kwh'))} kWh [{_fmt(low)}, {_fmt(high)}], "
-                f"measured {_fmt(actual)} kWh, {'inside' if inside else 'outside'} the interval "
-                f"(epochs: predicted {_fmt(row.get('predicted_epochs'))}, ran {_fmt(row.get('actual_epochs'))}, {row.get('run_status')})",
-                highlight=False,
-            )
-    budget = run.budget
-    console.print(
-        f"Budget {budget.get('name')}: {_fmt(budget.get('kwh_cap'))} kWh and {_fmt(budget.get('co2_cap'))} kg CO2e per month "
-        f"({budget.get('retrains')} x a typical retrain's upper bound). Calibration: {run.calibration.get('points')} "
-        f"retrains in {_fmt(run.calibration.get('wall_s'))} s; cost model on {', '.join(run.calibration.get('features', []))}.",
-        highlight=False,
-    )
-    console.print(
-        f"Wall time {run.wall_s:.0f} s; CPU time {run.cpu_s:.0f} s in this process and {run.cpu_children_s:.0f} s in child "
-        "processes (Prefect's ephemeral API). "
-        + "Stages: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in run.stages.items()) + ".",
-        highlight=False,
-    )
-    console.print(f"Report: [bold]{run.report}[/]", highlight=False)
-
-
-def _short(text: str, width: int) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 1] + "…"

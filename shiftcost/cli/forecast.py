@@ -11,103 +11,127 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from shiftcost.features import COST_FEATURES
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("forecast")
-    def forecast(
-        model: Annotated[Path, typer.Option("--model", "-m", help="Model file (.safetensors or .pt) written by shiftcost.", show_default=False)],
-        reference_stats: Annotated[
-            Path, typer.Option("--reference-stats", "-r", help="Reference statistics of the model (shiftcost index reference, or calibrate --model).", show_default=False)
-        ],
-        batch: Annotated[Path, typer.Option("--batch", "-b", help="Labelled new batch: ImageFolder directory, .npz or .pt.", show_default=False)],
-        cost_model: Annotated[
-            Path, typer.Option("--cost-model", "-c", help="forecaster.json (or costmodel.json, stage 0 only) written by shiftcost calibrate.", show_default=False)
-        ],
-        probe_steps: Annotated[
-            int | None, typer.Option("--probe-steps", min=1, help="Probe fine-tuning steps (default: as calibrated).", show_default=False)
-        ] = None,
-        no_probe: Annotated[bool, typer.Option("--no-probe", help="Index forecast only (stage 0): no training at all.")] = False,
-        tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, max=0.99, help="Target = reference accuracy minus this.")] = 0.03,
-        carbon_intensity: Annotated[
-            float | None, typer.Option("--carbon-intensity", min=0.0, help="kg CO2e per kWh (default: CodeCarbon's figure for --country).", show_default=False)
-        ] = None,
-        country: Annotated[str, typer.Option("--country", help="3-letter ISO code of the grid (carbon intensity).")] = "USA",
-        seed: Annotated[int, typer.Option("--seed", help="Seed of the probe's split and sample.")] = 0,
-        device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
-        as_json: Annotated[bool, typer.Option("--json", help="Print the forecast as JSON on stdout.")] = False,
-    ) -> None:
-        """Forecast the epochs, kWh and kg CO2e of retraining a model on a labelled batch, with intervals.
+def forecast(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model file (.safetensors or .pt) written by shiftcost.", show_default=False)],
+    reference_stats: Annotated[
+        Path, typer.Option("--reference-stats", "-r", help="Reference statistics of the model (shiftcost index reference, or calibrate --model).", show_default=False)
+    ],
+    batch: Annotated[Path, typer.Option("--batch", "-b", help="Labelled new batch: ImageFolder directory, .npz or .pt.", show_default=False)],
+    cost_model: Annotated[
+        Path, typer.Option("--cost-model", "-c", help="forecaster.json (or costmodel.json, stage 0 only) written by shiftcost calibrate.", show_default=False)
+    ],
+    probe_steps: Annotated[
+        int | None, typer.Option("--probe-steps", min=1, help="Probe fine-tuning steps (default: as calibrated).", show_default=False)
+    ] = None,
+    no_probe: Annotated[bool, typer.Option("--no-probe", help="Index forecast only (stage 0): no training at all.")] = False,
+    tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, max=0.99, help="Target = reference accuracy minus this.")] = 0.03,
+    carbon_intensity: Annotated[
+        float | None, typer.Option("--carbon-intensity", min=0.0, help="kg CO2e per kWh (default: CodeCarbon's figure for --country).", show_default=False)
+    ] = None,
+    country: Annotated[str, typer.Option("--country", help="3-letter ISO code of the grid (carbon intensity).")] = "USA",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the probe's split and sample.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the forecast as JSON on stdout.")] = False,
+) -> None:
+    """Forecast the epochs, kWh and kg CO2e of retraining a model on a labelled batch, with intervals.
 
-        The index forecast (stage 0) is free; the probe (stage 1) fine-tunes a copy of the model for a few steps on a small sample of the batch, and its own cost (steps, seconds, energy) is reported so it can be charged. --probe-steps and --no-probe are exclusive.
-        """
-        from rich.console import Console
-        from rich.table import Table
+    The index forecast (stage 0) is free; the probe (stage 1) fine-tunes a copy of the model for a few steps on a small sample of the batch, and its own cost (steps, seconds, energy) is reported so it can be charged. --probe-steps and --no-probe are exclusive.
+    """
+    from shiftcost.data.batches import check_batch, load_batch
+    from shiftcost.data.models import load_model
+    from shiftcost.errors import InputError
+    from shiftcost.forecast import protocol
+    from shiftcost.forecast.forecaster import Forecaster
+    from shiftcost.index.reference import ReferenceStats
 
-        from shiftcost.data.batches import check_batch, load_batch
-        from shiftcost.data.models import load_model
-        from shiftcost.errors import InputError
-        from shiftcost.forecast import protocol
-        from shiftcost.forecast.forecaster import Forecaster
-        from shiftcost.forecast.probe import DEFAULT_STEPS, run_probe
-        from shiftcost.index.engine import assess
-        from shiftcost.index.reference import ReferenceStats
-
-        if no_probe and probe_steps is not None:
-            raise InputError("--probe-steps and --no-probe contradict each other; give one of them.")
-        forecaster = Forecaster.load(cost_model)
-        net, spec = load_model(model)
-        reference = ReferenceStats.load(reference_stats, model=net)
-        new = load_batch(batch, spec=spec)
-        check_batch(new, spec)
-        if new.y is None:
-            raise InputError(f"batch {batch} has no labels; the forecast needs the model's accuracy on it. Label the batch.")
-        protocol.check_above_chance(reference.accuracy, spec.num_classes, tolerance, f"the reference statistics {reference_stats}")
-        report = assess(net, spec, reference, new.x, new.y, device=device)
-        features = {
-            name: float(getattr(report, name))
-            for name in COST_FEATURES
-            if getattr(report, name) is not None
-        }
-        intensity = carbon_intensity
-        if intensity is None:
-            from shiftcost.pipeline.common import _grid_intensity
-
-            intensity = _grid_intensity(country.strip().upper())
-        trajectory = None
-        want_probe = not no_probe and forecaster.stage1 is not None
-        if probe_steps is not None and forecaster.stage1 is None:
-            raise InputError(f"{cost_model} has no probe stage ({forecaster.stage1_error}); recalibrate with probe steps, or use --no-probe.")
-        if want_probe:
-            steps = probe_steps or int(forecaster.probe_settings.get("steps") or DEFAULT_STEPS)
-            rate = forecaster.energy_rate
-            trajectory = run_probe(
-                net, new.x, new.y, target_accuracy=max(0.0, reference.accuracy - tolerance), ceiling=reference.accuracy,
-                steps=steps, seed=seed, device=device, joules_per_sample=None if rate is None else rate.joules_per_sample,
-                source=str(batch),
-            )
-        result = forecaster.predict(features, probe=trajectory, batch_samples=len(new.y), carbon_intensity=intensity)
-        payload = result.to_dict()
-        cost = payload["probe"] or {"steps": 0, "sample_gradients": 0, "samples_evaluated": 0, "seconds": 0.0, "energy_kwh": 0.0}
-        payload["probe"] = {"steps": cost["steps"], "seconds": cost["seconds"], "energy": cost["energy_kwh"]} | cost
+    if no_probe and probe_steps is not None:
+        raise InputError("--probe-steps and --no-probe contradict each other; give one of them.")
+    forecaster = Forecaster.load(cost_model)
+    net, spec = load_model(model)
+    reference = ReferenceStats.load(reference_stats, model=net)
+    new = load_batch(batch, spec=spec)
+    check_batch(new, spec)
+    if new.y is None:
+        raise InputError(f"batch {batch} has no labels; the forecast needs the model's accuracy on it. Label the batch.")
+    protocol.check_above_chance(reference.accuracy, spec.num_classes, tolerance, f"the reference statistics {reference_stats}")
+    features = _index_features(net, spec, reference, new, device)
+    intensity = carbon_intensity if carbon_intensity is not None else _country_intensity(country)
+    if probe_steps is not None and forecaster.stage1 is None:
+        raise InputError(f"{cost_model} has no probe stage ({forecaster.stage1_error}); recalibrate with probe steps, or use --no-probe.")
+    trajectory = None
+    if not no_probe and forecaster.stage1 is not None:
+        trajectory = _probe(forecaster, net, new, reference.accuracy, tolerance, probe_steps, seed, device, str(batch))
+    result = forecaster.predict(features, probe=trajectory, batch_samples=len(new.y), carbon_intensity=intensity)
+    if as_json:
+        payload = _payload(result)
         payload.update(model=str(model), batch=str(batch), cost_model=str(cost_model))
-        if as_json:
-            typer.echo(json.dumps(payload, indent=2, allow_nan=False))
-            return
-        table = Table(title=f"forecast ({result.stage} stage, {result.epochs.level:.0%} intervals)", show_header=True)
-        for name in ("measure", "median", "low", "high"):
-            table.add_column(name)
-        for name, interval in (("epochs", result.epochs), ("energy kWh", result.energy_kwh), ("kg CO2e", result.co2_kg)):
-            if interval is not None:
-                table.add_row(name, *(f"{v:.4g}" if v is not None else "unbounded" for v in (interval.median, interval.low, interval.high)))
-        Console().print(table)
-        if result.not_converging:
-            Console(stderr=True).print(f"[yellow]predicted not to converge within the {forecaster.max_epochs:g}-epoch cap.[/]")
-        if trajectory is not None:
-            c = trajectory.cost
-            Console().print(f"probe: {c.steps} steps, {c.sample_gradients} sample-gradients, {c.seconds:.2f} s")
+        typer.echo(json.dumps(payload, indent=2, allow_nan=False))
+        return
+    _print_forecast(result, forecaster, trajectory)
+
+
+def _index_features(net: Any, spec: Any, reference: Any, new: Any, device: str) -> dict[str, float]:
+    """The cost features of one indexing pass over the batch (stage 0)."""
+    from shiftcost.index.engine import assess
+
+    report = assess(net, spec, reference, new.x, new.y, device=device)
+    return {name: float(getattr(report, name)) for name in COST_FEATURES if getattr(report, name) is not None}
+
+
+def _country_intensity(country: str) -> float:
+    from shiftcost.pipeline.common import _grid_intensity
+
+    return _grid_intensity(country.strip().upper())
+
+
+def _probe(
+    forecaster: Any, net: Any, new: Any, reference_accuracy: float, tolerance: float, probe_steps: int | None,
+    seed: int, device: str, source: str,
+) -> Any:
+    """Stage 1: a few fine-tuning steps on a copy of the model, as many as calibrated unless given."""
+    from shiftcost.forecast.probe import DEFAULT_STEPS, run_probe
+
+    steps = probe_steps or int(forecaster.probe_settings.get("steps") or DEFAULT_STEPS)
+    rate = forecaster.energy_rate
+    return run_probe(
+        net, new.x, new.y, target_accuracy=max(0.0, reference_accuracy - tolerance), ceiling=reference_accuracy,
+        steps=steps, seed=seed, device=device, joules_per_sample=None if rate is None else rate.joules_per_sample,
+        source=source,
+    )
+
+
+def _payload(result: Any) -> dict[str, Any]:
+    """The forecast's JSON; ``probe`` always holds the probe's cost (zero without a probe)."""
+    payload = result.to_dict()
+    cost = payload["probe"] or {"steps": 0, "sample_gradients": 0, "samples_evaluated": 0, "seconds": 0.0, "energy_kwh": 0.0}
+    payload["probe"] = {"steps": cost["steps"], "seconds": cost["seconds"], "energy": cost["energy_kwh"]} | cost
+    return payload
+
+
+def _print_forecast(result: Any, forecaster: Any, trajectory: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"forecast ({result.stage} stage, {result.epochs.level:.0%} intervals)", show_header=True)
+    for name in ("measure", "median", "low", "high"):
+        table.add_column(name)
+    for name, interval in (("epochs", result.epochs), ("energy kWh", result.energy_kwh), ("kg CO2e", result.co2_kg)):
+        if interval is not None:
+            table.add_row(name, *(f"{v:.4g}" if v is not None else "unbounded" for v in (interval.median, interval.low, interval.high)))
+    Console().print(table)
+    if result.not_converging:
+        Console(stderr=True).print(f"[yellow]predicted not to converge within the {forecaster.max_epochs:g}-epoch cap.[/]")
+    if trajectory is not None:
+        c = trajectory.cost
+        Console().print(f"probe: {c.steps} steps, {c.sample_gradients} sample-gradients, {c.seconds:.2f} s")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("forecast")(forecast)

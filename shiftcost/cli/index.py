@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -106,17 +107,18 @@ def _load_checked_batch(path: Path, spec: Any, *, task: bool) -> Any:
     return batch
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """How a forward pass over a batch runs, and where its progress shows."""
+
+    batch_size: int
+    device: str
+    autocast: bool | None
+    console: Console
+
+
 def _reference_for(
-    reference: Path,
-    model: Any,
-    spec: Any,
-    layers: list[str] | None,
-    *,
-    batch_size: int,
-    device: str,
-    autocast: bool | None,
-    save_reference: Path | None,
-    console: Console,
+    reference: Path, model: Any, spec: Any, layers: list[str] | None, run: _Pass, *, save_reference: Path | None
 ) -> Any:
     """Reference stats from a stats file, or computed from a reference batch."""
     from shiftcost.errors import InputError
@@ -134,22 +136,12 @@ def _reference_for(
                 f"--save-reference needs a reference batch, but {reference} is already a stats file; drop --save-reference."
             )
         return ReferenceStats.load(reference, model=model, layers=layers or None)
-    return _compute_reference(reference, model, spec, layers, batch_size=batch_size, device=device, autocast=autocast, out=save_reference, console=console)
+    return _compute_reference(reference, model, spec, layers, run, out=save_reference)
 
 
 def _compute_reference(
-    data: Path,
-    model: Any,
-    spec: Any,
-    layers: list[str] | None,
-    *,
-    batch_size: int,
-    device: str,
-    autocast: bool | None,
-    out: Path | None,
-    console: Console,
-    max_samples: int | None = None,
-    seed: int = 0,
+    data: Path, model: Any, spec: Any, layers: list[str] | None, run: _Pass, *, out: Path | None,
+    max_samples: int | None = None, seed: int = 0,
 ) -> Any:
     from shiftcost.errors import InputError
     from shiftcost.index.engine import compute_reference_stats
@@ -158,16 +150,16 @@ def _compute_reference(
     batch = _load_checked_batch(data, spec, task=False)
     if batch.y is None:
         raise InputError(f"Reference batch {data} has no labels; the reference data needs a label per image.")
-    with _DelayedProgress(console, "reference") as progress:
+    with _DelayedProgress(run.console, "reference") as progress:
         stats = compute_reference_stats(
             model,
             spec,
             batch.x,
             batch.y,
             layers=layers or None,
-            batch_size=batch_size,
-            device=device,
-            autocast=autocast,
+            batch_size=run.batch_size,
+            device=run.device,
+            autocast=run.autocast,
             max_samples=DEFAULT_MAX_SAMPLES if max_samples is None else max_samples,
             seed=seed,
             progress=progress,
@@ -264,17 +256,7 @@ def index_command(
 
     console = _stderr_console()
     net, spec = _load_model(model)
-    stats = _reference_for(
-        reference,
-        net,
-        spec,
-        layer,
-        batch_size=batch_size,
-        device=device,
-        autocast=autocast,
-        save_reference=save_reference,
-        console=console,
-    )
+    stats = _reference_for(reference, net, spec, layer, _Pass(batch_size, device, autocast, console), save_reference=save_reference)
     new = _load_checked_batch(batch, spec, task=task)
     with _DelayedProgress(console, "index") as progress:
         report = assess(
@@ -340,17 +322,7 @@ def reference_command(
 
     check = check_reference_accuracy(net, spec, data, allow_chance=allow_chance)
     stats = _compute_reference(
-        data,
-        net,
-        spec,
-        layer,
-        batch_size=batch_size,
-        device=device,
-        autocast=autocast,
-        out=out,
-        console=console,
-        max_samples=max_samples,
-        seed=seed,
+        data, net, spec, layer, _Pass(batch_size, device, autocast, console), out=out, max_samples=max_samples, seed=seed
     )
     summary = {**stats.summary(), "out": str(out)}
     if check is not None and check.suggestion:

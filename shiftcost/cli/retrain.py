@@ -64,6 +64,57 @@ TrainStepOption = Annotated[
 ]
 
 
+BatchOption = Annotated[
+    Path, typer.Option("--batch", "-b", help="Labelled batch: ImageFolder directory, .npz or .pt.", show_default=False)
+]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Where to write the retrained model (.safetensors or .pt).", show_default=False)]
+ReferenceOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--reference",
+        "-r",
+        help="Labelled reference batch: sets the target (its accuracy minus --tolerance) and feeds --replay-fraction.",
+        show_default=False,
+    ),
+]
+TargetAccuracyOption = Annotated[
+    float | None, typer.Option("--target-accuracy", min=0.0, max=1.0, help="Held-out accuracy to reach.", show_default=False)
+]
+ReferenceAccuracyOption = Annotated[
+    float | None,
+    typer.Option("--reference-accuracy", min=0.0, max=1.0, help="Known reference accuracy; target = it minus --tolerance.", show_default=False),
+]
+ToleranceOption = Annotated[
+    float | None, typer.Option("--tolerance", min=0.0, max=0.99, help="Accuracy drop accepted below the reference (default 0.03).", show_default=False)
+]
+HoldoutOption = Annotated[
+    float | None, typer.Option("--holdout-fraction", min=0.01, max=0.9, help="Share of the batch held out to judge the cutoff (default 0.3, the measurement protocol's).", show_default=False)
+]
+EvalEveryOption = Annotated[
+    int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between evaluations (default: a quarter epoch).", show_default=False)
+]
+MaxStepsOption = Annotated[int | None, typer.Option("--max-steps", min=1, help="Step cap.", show_default=False)]
+MaxEpochsOption = Annotated[float | None, typer.Option("--max-epochs", min=0.01, help="Epoch cap, fractions allowed (default 20).", show_default=False)]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed for the split, shuffling and dropout.")]
+NoEnergyOption = Annotated[bool, typer.Option("--no-energy", help="Do not measure energy (no CodeCarbon).")]
+EmissionsCsvOption = Annotated[
+    Path | None, typer.Option("--emissions-csv", help="Also append CodeCarbon's row to emissions.csv in this directory.", show_default=False)
+]
+CostModelOption = Annotated[
+    Path | None,
+    typer.Option("--cost-model", help="forecaster.json from shiftcost calibrate: guards --budget-kwh during the run.", show_default=False),
+]
+BudgetKwhOption = Annotated[
+    float | None,
+    typer.Option("--budget-kwh", min=0.0, help="Stop (status stopped_by_budget, no model written) once the forecast's lower bound no longer fits.", show_default=False),
+]
+ReferenceStatsOption = Annotated[
+    Path | None,
+    typer.Option("--reference-stats", help="Reference statistics: lets the guard use the index forecast as its prior.", show_default=False),
+]
+
+
+
 def retrain_config(base: Any, spec: Any, recipe_file: Path | None, **flags: Any) -> Any:
     """``base`` with the model file's recipe, then the recipe file, then the flags given."""
     config = base.for_model(spec)
@@ -118,16 +169,19 @@ class _Progress:
 
 
 def _budget_guard(
-    net: Any, spec: Any, new: Any, ref_x: Any, ref_y: Any, cost_model: Path, budget_kwh: float | None,
+    net: Any, spec: Any, new: Any, ref_x: Any, ref_y: Any, cost_model: Path | None, budget_kwh: float | None,
     reference_stats: Path | None, reference_accuracy: float | None, tolerance: float, device: str,
 ) -> Any:
     """The budget guard for this run, with the index forecast as its prior when reference stats are given."""
     from shiftcost.errors import InputError
+
+    if cost_model is None or budget_kwh is None:
+        raise InputError("the budget guard needs both --cost-model and --budget-kwh; give both or neither.")
+    import torch
+
     from shiftcost.forecast import protocol
     from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.forecast.guard import BudgetGuard
-    import torch
-
     from shiftcost.retrain import _evaluate
 
     forecaster = Forecaster.load(cost_model)
@@ -186,212 +240,192 @@ def _result_table(result: RetrainResult, out: Path | None) -> Any:
     return table
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("retrain")
-    def retrain(
-        model: ModelOption,
-        batch: Annotated[
-            Path, typer.Option("--batch", "-b", help="Labelled batch: ImageFolder directory, .npz or .pt.", show_default=False)
-        ],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the retrained model (.safetensors or .pt).", show_default=False)],
-        reference: Annotated[
-            Path | None,
-            typer.Option(
-                "--reference",
-                "-r",
-                help="Labelled reference batch: sets the target (its accuracy minus --tolerance) and feeds --replay-fraction.",
-                show_default=False,
-            ),
-        ] = None,
-        target_accuracy: Annotated[
-            float | None, typer.Option("--target-accuracy", min=0.0, max=1.0, help="Held-out accuracy to reach.", show_default=False)
-        ] = None,
-        reference_accuracy: Annotated[
-            float | None,
-            typer.Option("--reference-accuracy", min=0.0, max=1.0, help="Known reference accuracy; target = it minus --tolerance.", show_default=False),
-        ] = None,
-        tolerance: Annotated[
-            float | None, typer.Option("--tolerance", min=0.0, max=0.99, help="Accuracy drop accepted below the reference (default 0.03).", show_default=False)
-        ] = None,
-        holdout_fraction: Annotated[
-            float | None, typer.Option("--holdout-fraction", min=0.01, max=0.9, help="Share of the batch held out to judge the cutoff (default 0.3, the measurement protocol's).", show_default=False)
-        ] = None,
-        eval_every: Annotated[
-            int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between evaluations (default: a quarter epoch).", show_default=False)
-        ] = None,
-        max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Step cap.", show_default=False)] = None,
-        max_epochs: Annotated[float | None, typer.Option("--max-epochs", min=0.01, help="Epoch cap, fractions allowed (default 20).", show_default=False)] = None,
-        recipe: RecipeFileOption = None,
-        optimizer: OptimizerOption = None,
-        lr: LrOption = None,
-        weight_decay: WeightDecayOption = None,
-        schedule: ScheduleOption = None,
-        batch_size: BatchSizeOption = None,
-        augment: AugmentOption = None,
-        replay_fraction: ReplayOption = None,
-        freeze_batchnorm: FreezeBnOption = None,
-        train_step: TrainStepOption = None,
-        seed: Annotated[int, typer.Option("--seed", help="Seed for the split, shuffling and dropout.")] = 0,
-        device: DeviceOption = "auto",
-        country: CountryOption = "USA",
-        region: RegionOption = None,
-        tracking_mode: TrackingOption = "process",
-        no_energy: Annotated[bool, typer.Option("--no-energy", help="Do not measure energy (no CodeCarbon).")] = False,
-        emissions_csv: Annotated[
-            Path | None, typer.Option("--emissions-csv", help="Also append CodeCarbon's row to emissions.csv in this directory.", show_default=False)
-        ] = None,
-        cost_model: Annotated[
-            Path | None,
-            typer.Option("--cost-model", help="forecaster.json from shiftcost calibrate: guards --budget-kwh during the run.", show_default=False),
-        ] = None,
-        budget_kwh: Annotated[
-            float | None,
-            typer.Option("--budget-kwh", min=0.0, help="Stop (status stopped_by_budget, no model written) once the forecast's lower bound no longer fits.", show_default=False),
-        ] = None,
-        reference_stats: Annotated[
-            Path | None,
-            typer.Option("--reference-stats", help="Reference statistics: lets the guard use the index forecast as its prior.", show_default=False),
-        ] = None,
-        as_json: JsonOption = False,
-    ) -> None:
-        """Fine-tune a model on a labelled batch until held-out accuracy reaches the target.
+def retrain(
+    model: ModelOption,
+    batch: BatchOption,
+    out: OutOption,
+    reference: ReferenceOption = None,
+    target_accuracy: TargetAccuracyOption = None,
+    reference_accuracy: ReferenceAccuracyOption = None,
+    tolerance: ToleranceOption = None,
+    holdout_fraction: HoldoutOption = None,
+    eval_every: EvalEveryOption = None,
+    max_steps: MaxStepsOption = None,
+    max_epochs: MaxEpochsOption = None,
+    recipe: RecipeFileOption = None,
+    optimizer: OptimizerOption = None,
+    lr: LrOption = None,
+    weight_decay: WeightDecayOption = None,
+    schedule: ScheduleOption = None,
+    batch_size: BatchSizeOption = None,
+    augment: AugmentOption = None,
+    replay_fraction: ReplayOption = None,
+    freeze_batchnorm: FreezeBnOption = None,
+    train_step: TrainStepOption = None,
+    seed: SeedOption = 0,
+    device: DeviceOption = "auto",
+    country: CountryOption = "USA",
+    region: RegionOption = None,
+    tracking_mode: TrackingOption = "process",
+    no_energy: NoEnergyOption = False,
+    emissions_csv: EmissionsCsvOption = None,
+    cost_model: CostModelOption = None,
+    budget_kwh: BudgetKwhOption = None,
+    reference_stats: ReferenceStatsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Fine-tune a model on a labelled batch until held-out accuracy reaches the target.
 
-        Evaluates every --eval-every steps on a held-out part of the batch and stops at the first evaluation at or above the target, or at the step/epoch cap. Measures energy and emissions with CodeCarbon (offline; nothing written unless --emissions-csv). The training recipe is the model file's own (set at `shiftcost model import --recipe`), then --recipe FILE, then the flags.
+    Evaluates every --eval-every steps on a held-out part of the batch and stops at the first evaluation at or above the target, or at the step/epoch cap. Measures energy and emissions with CodeCarbon (offline; nothing written unless --emissions-csv). The training recipe is the model file's own (set at `shiftcost model import --recipe`), then --recipe FILE, then the flags.
 
-        With --cost-model and --budget-kwh a guard updates the forecast at every evaluation and stops the run when what is spent plus the forecast's lower bound exceeds the budget; the model is then left unchanged.
+    With --cost-model and --budget-kwh a guard updates the forecast at every evaluation and stops the run when what is spent plus the forecast's lower bound exceeds the budget; the model is then left unchanged.
 
-        Exit status: 0 when the target was reached (or already met), 3 when the cap ended the run first (the model is still written), 4 when the budget guard stopped it (no model written), 1 when the run failed.
-        """
-        from rich.console import Console
+    Exit status: 0 when the target was reached (or already met), 3 when the cap ended the run first (the model is still written), 4 when the budget guard stopped it (no model written), 1 when the run failed.
+    """
+    from rich.console import Console
 
-        from shiftcost.data.batches import check_batch, load_batch
-        from shiftcost.data.models import load_model, save_model
-        from shiftcost.recipe import RetrainConfig
-        from shiftcost.retrain import RetrainError, RetrainInterrupted, retrain_to_cutoff
+    from shiftcost.data.models import load_model, save_model
+    from shiftcost.recipe import RetrainConfig
 
-        err = Console(stderr=True)
-        net, spec = load_model(model)
-        config = retrain_config(
-            RetrainConfig(), spec, recipe,
-            tolerance=tolerance, holdout_fraction=holdout_fraction, eval_every=eval_every, max_steps=max_steps,
-            max_epochs=max_epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
-            batch_size=batch_size, augment=augment, replay_fraction=replay_fraction, freeze_batchnorm=freeze_batchnorm,
-            train_step=train_step, seed=seed, device=device, country_iso_code=country, track_energy=not no_energy,
-            energy_options=_energy_options(region, tracking_mode, emissions_csv),
-        )
-        new = load_batch(batch, spec=spec)
-        check_batch(new, spec)
-        ref_x = ref_y = None
-        if reference is not None:
-            ref = load_batch(reference, spec=spec)
-            check_batch(ref, spec)
-            ref_x, ref_y = ref.x, ref.y
-        if (cost_model is None) != (budget_kwh is None):
-            from shiftcost.errors import InputError
+    err = Console(stderr=True)
+    net, spec = load_model(model)
+    config = retrain_config(
+        RetrainConfig(), spec, recipe,
+        tolerance=tolerance, holdout_fraction=holdout_fraction, eval_every=eval_every, max_steps=max_steps,
+        max_epochs=max_epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
+        batch_size=batch_size, augment=augment, replay_fraction=replay_fraction, freeze_batchnorm=freeze_batchnorm,
+        train_step=train_step, seed=seed, device=device, country_iso_code=country, track_energy=not no_energy,
+        energy_options=_energy_options(region, tracking_mode, emissions_csv),
+    )
+    new, ref_x, ref_y = _load_batches(batch, reference, spec)
+    guard = None
+    if cost_model is not None or budget_kwh is not None:
+        guard = _budget_guard(net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, config.cutoff.tolerance, device)
+    result = _retrain_showing_progress(
+        err, guard, as_json, net, new.x, new.y, config, reference_x=ref_x, reference_y=ref_y,
+        target_accuracy=target_accuracy, reference_accuracy=reference_accuracy, source=str(batch),
+    )
+    stopped = result.status == "stopped_by_budget"
+    saved = None if stopped else save_model(result.model.cpu(), spec, out)
+    if as_json:
+        payload = _result_payload(result, guard)
+        payload.update(model=str(model), batch=str(batch), out=None if saved is None else str(saved))
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        _print_outcome(err, result, guard, saved)
+    if result.status == "cap_reached":
+        raise typer.Exit(EXIT_CAP_REACHED)
+    if stopped:
+        raise typer.Exit(EXIT_STOPPED_BY_BUDGET)
 
-            raise InputError("the budget guard needs both --cost-model and --budget-kwh; give both or neither.")
-        guard = None
-        if cost_model is not None:
-            guard = _budget_guard(net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, config.cutoff.tolerance, device)
-        progress = _Progress(err, guard)
-        try:
-            with progress:
-                result = retrain_to_cutoff(
-                    net,
-                    new.x,
-                    new.y,
-                    config,
-                    reference_x=ref_x,
-                    reference_y=ref_y,
-                    target_accuracy=target_accuracy,
-                    reference_accuracy=reference_accuracy,
-                    progress=progress,
-                    source=str(batch),
-                )
-        except (RetrainError, RetrainInterrupted) as failure:
-            if as_json:
-                typer.echo(json.dumps(failure.partial.to_dict(), indent=2))
-            else:
-                err.print(_result_table(failure.partial, None))
-            raise
-        stopped = result.status == "stopped_by_budget"
-        saved = None if stopped else save_model(result.model.cpu(), spec, out)
+
+def _load_batches(batch: Path, reference: Path | None, spec: Any) -> tuple[Any, Any, Any]:
+    """The new batch, and the reference batch's images and labels (None without --reference)."""
+    from shiftcost.data.batches import check_batch, load_batch
+
+    new = load_batch(batch, spec=spec)
+    check_batch(new, spec)
+    if reference is None:
+        return new, None, None
+    ref = load_batch(reference, spec=spec)
+    check_batch(ref, spec)
+    return new, ref.x, ref.y
+
+
+def _retrain_showing_progress(err: Console, guard: Any, as_json: bool, *args: Any, **kwargs: Any) -> RetrainResult:
+    """:func:`~shiftcost.retrain.retrain_to_cutoff` under a progress bar; a failed run shows its partial cost."""
+    from shiftcost.retrain import RetrainError, RetrainInterrupted, retrain_to_cutoff
+
+    progress = _Progress(err, guard)
+    try:
+        with progress:
+            return retrain_to_cutoff(*args, progress=progress, **kwargs)
+    except (RetrainError, RetrainInterrupted) as failure:
         if as_json:
-            payload = result.to_dict()
-            payload.update(model=str(model), batch=str(batch), out=None if saved is None else str(saved))
-            payload.update(energy_kwh=result.energy_kwh, stopped_by_budget=stopped)
-            if guard is not None:
-                payload["guard"] = {
-                    "budget_kwh": guard.budget_kwh,
-                    "reason": guard.reason,
-                    "estimated_kwh": guard.spent_kwh,
-                    "measured_kwh": result.energy_kwh,
-                    "forecasts": guard.forecasts,
-                }
-            typer.echo(json.dumps(payload, indent=2))
+            typer.echo(json.dumps(failure.partial.to_dict(), indent=2))
         else:
-            Console().print(_result_table(result, saved))
-            if result.status == "cap_reached":
-                err.print("[yellow]the cap ended the run before the cutoff: the cost above is a lower bound.[/]")
-            if stopped and guard is not None:
-                err.print(f"[yellow]stopped by the budget guard: {guard.reason}; the model was left unchanged.[/]")
-        if result.status == "cap_reached":
-            raise typer.Exit(EXIT_CAP_REACHED)
-        if stopped:
-            raise typer.Exit(EXIT_STOPPED_BY_BUDGET)
+            err.print(_result_table(failure.partial, None))
+        raise
 
-    @app.command("probe-energy")
-    def probe_energy(
-        model: ModelOption,
-        samples: Annotated[int, typer.Option("--samples", min=2, help="Synthetic training samples of the model's input shape.")] = 512,
-        epochs: Annotated[int, typer.Option("--epochs", min=1, help="Minimum epochs to run.")] = 2,
-        min_seconds: Annotated[float, typer.Option("--min-seconds", min=0.0, help="Minimum measured duration; more epochs run until reached.")] = 3.0,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training mini-batch size.")] = 64,
-        device: DeviceOption = "auto",
-        country: CountryOption = "USA",
-        region: RegionOption = None,
-        tracking_mode: TrackingOption = "process",
-        as_json: JsonOption = False,
-    ) -> None:
-        """Measure joules per training sample-epoch of a model on this machine.
 
-        Trains a copy of the model on random inputs of its input shape under CodeCarbon and divides the measured energy by samples x epochs; predicted epochs x samples x this figure is the predicted energy of a retraining on this hardware.
-        """
-        from rich.console import Console
-        from rich.table import Table
+def _result_payload(result: RetrainResult, guard: Any) -> dict[str, Any]:
+    payload = result.to_dict()
+    payload.update(energy_kwh=result.energy_kwh, stopped_by_budget=result.status == "stopped_by_budget")
+    if guard is not None:
+        payload["guard"] = {
+            "budget_kwh": guard.budget_kwh,
+            "reason": guard.reason,
+            "estimated_kwh": guard.spent_kwh,
+            "measured_kwh": result.energy_kwh,
+            "forecasts": guard.forecasts,
+        }
+    return payload
 
-        from shiftcost.data.models import load_model
-        from shiftcost.retrain import probe_joules_per_sample_epoch
 
-        net, spec = load_model(model)
-        err = Console(stderr=True)
-        with err.status("probing energy per sample-epoch"):
-            result = probe_joules_per_sample_epoch(
-                net,
-                spec,
-                samples=samples,
-                epochs=epochs,
-                min_seconds=min_seconds,
-                batch_size=batch_size,
-                device=device,
-                country_iso_code=country,
-                energy_options=_energy_options(region, tracking_mode),
-            )
-        if as_json:
-            payload = result.to_dict()
-            payload["model"] = str(model)
-            typer.echo(json.dumps(payload, indent=2))
-            return
-        e = result.energy
-        table = Table(title=f"energy probe: {spec.architecture} on {result.hardware}", show_header=False)
-        table.add_column("measure", style="bold")
-        table.add_column("value")
-        for name, value in [
-            ("joules per sample-epoch", f"{result.joules_per_sample_epoch:.4g} J"),
-            ("seconds per sample-epoch", f"{result.seconds_per_sample_epoch:.4g} s"),
-            ("run", f"{result.samples} samples x {result.epochs} epochs, batch {result.batch_size}, {e.duration_s:.2f} s"),
-            ("energy", f"{e.energy_kwh:.4g} kWh (CPU {e.cpu_energy_kwh:.3g}, GPU {e.gpu_energy_kwh:.3g}, RAM {e.ram_energy_kwh:.3g})"),
-            ("how measured", f"CPU {e.cpu_method}; GPU {e.gpu_method}; RAM {e.ram_method}"),
-        ]:
-            table.add_row(name, value)
-        Console().print(table)
+def _print_outcome(err: Console, result: RetrainResult, guard: Any, saved: Path | None) -> None:
+    from rich.console import Console
+
+    Console().print(_result_table(result, saved))
+    if result.status == "cap_reached":
+        err.print("[yellow]the cap ended the run before the cutoff: the cost above is a lower bound.[/]")
+    if result.status == "stopped_by_budget" and guard is not None:
+        err.print(f"[yellow]stopped by the budget guard: {guard.reason}; the model was left unchanged.[/]")
+
+
+def probe_energy(
+    model: ModelOption,
+    samples: Annotated[int, typer.Option("--samples", min=2, help="Synthetic training samples of the model's input shape.")] = 512,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Minimum epochs to run.")] = 2,
+    min_seconds: Annotated[float, typer.Option("--min-seconds", min=0.0, help="Minimum measured duration; more epochs run until reached.")] = 3.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training mini-batch size.")] = 64,
+    device: DeviceOption = "auto",
+    country: CountryOption = "USA",
+    region: RegionOption = None,
+    tracking_mode: TrackingOption = "process",
+    as_json: JsonOption = False,
+) -> None:
+    """Measure joules per training sample-epoch of a model on this machine.
+
+    Trains a copy of the model on random inputs of its input shape under CodeCarbon and divides the measured energy by samples x epochs; predicted epochs x samples x this figure is the predicted energy of a retraining on this hardware.
+    """
+    from rich.console import Console
+
+    from shiftcost.data.models import load_model
+    from shiftcost.retrain import probe_joules_per_sample_epoch
+
+    net, spec = load_model(model)
+    err = Console(stderr=True)
+    with err.status("probing energy per sample-epoch"):
+        result = probe_joules_per_sample_epoch(
+            net, spec, samples=samples, epochs=epochs, min_seconds=min_seconds, batch_size=batch_size,
+            device=device, country_iso_code=country, energy_options=_energy_options(region, tracking_mode),
+        )
+    if as_json:
+        payload = result.to_dict()
+        payload["model"] = str(model)
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    Console().print(_probe_table(result, spec))
+
+
+def _probe_table(result: Any, spec: Any) -> Any:
+    from rich.table import Table
+
+    e = result.energy
+    table = Table(title=f"energy probe: {spec.architecture} on {result.hardware}", show_header=False)
+    table.add_column("measure", style="bold")
+    table.add_column("value")
+    for name, value in [
+        ("joules per sample-epoch", f"{result.joules_per_sample_epoch:.4g} J"),
+        ("seconds per sample-epoch", f"{result.seconds_per_sample_epoch:.4g} s"),
+        ("run", f"{result.samples} samples x {result.epochs} epochs, batch {result.batch_size}, {e.duration_s:.2f} s"),
+        ("energy", f"{e.energy_kwh:.4g} kWh (CPU {e.cpu_energy_kwh:.3g}, GPU {e.gpu_energy_kwh:.3g}, RAM {e.ram_energy_kwh:.3g})"),
+        ("how measured", f"CPU {e.cpu_method}; GPU {e.gpu_method}; RAM {e.ram_method}"),
+    ]:
+        table.add_row(name, value)
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    app.command("retrain")(retrain)
+    app.command("probe-energy")(probe_energy)

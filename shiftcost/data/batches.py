@@ -30,7 +30,8 @@ import torch
 
 from shiftcost.data.limits import check_batch_file, check_image_count
 from shiftcost.data.models import ModelSpec
-from shiftcost.errors import InputError
+from shiftcost.errors import InputError, short_error
+from shiftcost.tensorfiles import load_tensors_only
 
 BATCH_SUFFIXES = (".npz", ".pt", ".pth")
 _MAX_CHANNELS = 4
@@ -99,18 +100,15 @@ def _load_npz(path: Path, spec: ModelSpec | None) -> Batch:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except Exception as error:  # bad zip, pickled object arrays, truncated members
-        raise InputError(f"Batch {path} is not a readable .npz of plain arrays ({_short(error)}); save it with numpy.savez.") from None
+        raise InputError(f"Batch {path} is not a readable .npz of plain arrays ({short_error(error)}); save it with numpy.savez.") from None
     return _from_arrays(path, arrays, spec)
 
 
 def _load_pt(path: Path, spec: ModelSpec | None) -> Batch:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling refusals, truncated zips, foreign bytes
-        raise InputError(
-            f"Batch {path} cannot be read as tensors only (truncated, foreign, or holding Python objects: {_short(error)}); "
-            'save a dict {"x": tensor, "y": tensor} with torch.save.'
-        ) from None
+    payload = load_tensors_only(path, lambda why: (
+        f"Batch {path} cannot be read as tensors only (truncated, foreign, or holding Python objects: {why}); "
+        'save a dict {"x": tensor, "y": tensor} with torch.save.'
+    ))
     if isinstance(payload, torch.Tensor):
         payload = {"x": payload}
     if not isinstance(payload, dict):
@@ -240,7 +238,7 @@ def _load_image_folder(path: Path, spec: ModelSpec | None) -> Batch:
     try:
         dataset = ImageFolder(str(path), transform=v2.Compose(steps), loader=_pil_loader)
     except (FileNotFoundError, OSError) as error:
-        raise InputError(f"Batch {path} is not an ImageFolder tree with images ({_short(error)}); use one sub-directory of images per class.") from None
+        raise InputError(f"Batch {path} is not an ImageFolder tree with images ({short_error(error)}); use one sub-directory of images per class.") from None
     check_image_count(path, len(dataset.samples))
 
     images: list[torch.Tensor] = []
@@ -248,7 +246,7 @@ def _load_image_folder(path: Path, spec: ModelSpec | None) -> Batch:
         try:
             image, _ = dataset[index]
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
-            raise InputError(f"Image {file} in batch {path} cannot be read ({_short(error)}); remove or replace it.") from None
+            raise InputError(f"Image {file} in batch {path} cannot be read ({short_error(error)}); remove or replace it.") from None
         images.append(image.clamp(0.0, 1.0))  # antialiased resizing may overshoot slightly
     if not images:
         raise InputError(f"Batch {path} is empty (no images); give at least one image.")
@@ -373,6 +371,3 @@ def _hash_file(digest: Any, file: Path) -> None:
             digest.update(chunk)
 
 
-def _short(error: BaseException, limit: int = 120) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

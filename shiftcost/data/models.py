@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from shiftcost.data.limits import check_model_spec, check_safetensors
-from shiftcost.errors import InputError
+from shiftcost.errors import InputError, short_error
+from shiftcost.tensorfiles import load_tensors_only, read_safetensors
 
 SPEC_METADATA_KEY = "shiftcost_spec"
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -306,7 +307,7 @@ def call_factory(path: str, num_classes: int) -> nn.Module:
     try:
         model = factory(num_classes=num_classes) if takes_classes else factory()
     except Exception as error:  # user code
-        raise InputError(f"The model factory {path!r} failed ({type(error).__name__}: {_short(error)}); fix it or call it by hand.") from None
+        raise InputError(f"The model factory {path!r} failed ({type(error).__name__}: {short_error(error)}); fix it or call it by hand.") from None
     if not isinstance(model, nn.Module):
         raise InputError(f"The model factory {path!r} returned {type(model).__name__}, not a torch nn.Module; return the model.")
     return model.eval()
@@ -455,21 +456,14 @@ def load_model(
     try:
         model = model.to(map_location)
     except (RuntimeError, AssertionError, ValueError) as error:
-        raise InputError(f"Cannot place the model from {path} on device {str(map_location)!r} ({_short(error)}); choose an available device.") from None
+        raise InputError(f"Cannot place the model from {path} on device {str(map_location)!r} ({short_error(error)}); choose an available device.") from None
     return model.eval(), spec
 
 
 def _read_safetensors(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            state = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as error:  # safetensors raises its own, OS and value errors for damage
-        raise InputError(
-            f"Model file {path} is not a readable safetensors file (truncated or corrupt: {_short(error)}); save the model again."
-        ) from None
+    metadata, state = read_safetensors(path, lambda why: (
+        f"Model file {path} is not a readable safetensors file (truncated or corrupt: {why}); save the model again."
+    ))
     raw = metadata.get(SPEC_METADATA_KEY)
     if raw is None:
         return None, state
@@ -480,13 +474,10 @@ def _read_safetensors(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
 
 
 def _read_torch(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling refusals, truncated zips, foreign bytes
-        raise InputError(
-            f"Model file {path} cannot be read as tensors only (truncated, not a model file, or it holds arbitrary Python objects: {_short(error)}); "
-            "save the weights with shiftcost or as a plain state dict."
-        ) from None
+    payload = load_tensors_only(path, lambda why: (
+        f"Model file {path} cannot be read as tensors only (truncated, not a model file, or it holds arbitrary Python objects: {why}); "
+        "save the weights with shiftcost or as a plain state dict."
+    ))
     if isinstance(payload, Mapping) and "state_dict" in payload:
         state, stored_spec = payload["state_dict"], payload.get("spec")
     elif isinstance(payload, Mapping) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
@@ -527,9 +518,6 @@ def _listing(names: Sequence[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _short(error: BaseException, limit: int = 120) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def model_fingerprint(model: nn.Module | Mapping[str, torch.Tensor]) -> str:

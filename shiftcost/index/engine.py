@@ -173,12 +173,7 @@ def compute_reference_stats(
     started = time.perf_counter()
     names = resolve_layers(model, None if layers is None else list(layers), spec)
     source = "The reference data"
-    _first_chunk_guard(x, source)
-    if not isinstance(x, torch.Tensor) and iter(x) is x:
-        raise InputError(
-            "The reference data is a one-shot iterator; give a tensor or a re-iterable source (e.g. a list of chunks), "
-            "because the reference takes two passes."
-        )
+    _check_two_pass_source(x, source)
     total = _total(x)
     grand_total = None if total is None else 2 * total
     run_device = resolve_device(device)
@@ -186,22 +181,15 @@ def compute_reference_stats(
         model, spec, x, y, names, batch_size=batch_size, device=run_device, autocast=autocast, max_samples=max_samples,
         seed=seed, progress=lambda done: _report_progress(progress, done, grand_total),
     )  # fmt: skip
-    seen = predictions.samples
     edges = {
         name: edges_from_range(float(lows[grouped.columns(name)].min()), float(highs[grouped.columns(name)].max()), bins)
         for name in names
     }
-    histograms = LayeredHistograms(names, grouped.widths, edges)
-    done = seen
-    for batch in capture_batches(model, iter_chunks(x, y, batch_size), names, device=run_device, autocast=autocast):
-        histograms.update(join_layers(batch.features, names))
-        done += batch.count
-        _report_progress(progress, done, grand_total)
-    if done != 2 * seen:
-        raise InputError(
-            f"{source} gave {seen} images on the first pass and {done - seen} on the second; give a source that yields "
-            "the same data each time it is iterated."
-        )
+    histograms = _reference_second_pass(
+        model, x, y, names, LayeredHistograms(names, grouped.widths, edges), seen=predictions.samples,
+        batch_size=batch_size, device=run_device, autocast=autocast, source=source,
+        progress=lambda done: _report_progress(progress, done, grand_total),
+    )
 
     primary_width = grouped.widths[0]
     stats = ReferenceStats(
@@ -214,11 +202,45 @@ def compute_reference_stats(
         image_stats_sample=sample.with_columns(slice(primary_width, None)),
         image_stat_names=IMAGE_STAT_NAMES,
         predictions=predictions,
-        samples=seen,
+        samples=predictions.samples,
         bins=int(bins),
         max_samples=int(max_samples),
         seed=int(seed),
     )
+    _check_reference_usable(stats, source)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _check_two_pass_source(x: Any, source: str) -> None:
+    _first_chunk_guard(x, source)
+    if not isinstance(x, torch.Tensor) and iter(x) is x:
+        raise InputError(
+            "The reference data is a one-shot iterator; give a tensor or a re-iterable source (e.g. a list of chunks), "
+            "because the reference takes two passes."
+        )
+
+
+def _reference_second_pass(
+    model: nn.Module, x: Any, y: Any, names: list[str], histograms: LayeredHistograms, *, seen: int,
+    batch_size: int, device: torch.device, autocast: bool | None, source: str, progress: Callable[[int], None],
+) -> LayeredHistograms:
+    """Bin every layer's activations on the first pass's range; the source must give the same images again."""
+    done = seen
+    for batch in capture_batches(model, iter_chunks(x, y, batch_size), names, device=device, autocast=autocast):
+        histograms.update(join_layers(batch.features, names))
+        done += batch.count
+        progress(done)
+    if done != 2 * seen:
+        raise InputError(
+            f"{source} gave {seen} images on the first pass and {done - seen} on the second; give a source that yields "
+            "the same data each time it is iterated."
+        )
+    return histograms
+
+
+def _check_reference_usable(stats: ReferenceStats, source: str) -> None:
+    """Layer shift needs spread in every layer; the class-conditional indices need two classes."""
     for name, std in stats.reference_std.items():
         if not std > 0:
             raise InputError(
@@ -227,8 +249,6 @@ def compute_reference_stats(
             )
     if len(stats.classes) < 2:
         raise InputError(f"{source} holds only class {stats.classes}; the reference needs at least two classes.")
-    stats.seconds = time.perf_counter() - started
-    return stats
 
 
 def _reference_first_pass(

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import shiftcost
-from shiftcost.errors import InputError
+from shiftcost.errors import InputError, short_error
 from shiftcost.index.accumulators import ClassSums, EmbeddingSample, LayerHistogram, PredictionStats
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ReferenceStats"]
@@ -206,22 +206,16 @@ class ReferenceStats:
         ``model`` (its fingerprint) and ``layers`` are checked when given. A missing,
         truncated or foreign file raises ``InputError`` naming it.
         """
-        from safetensors import safe_open
-
         from shiftcost.data.models import ModelSpec
+        from shiftcost.tensorfiles import read_safetensors
 
         path = Path(path)
         if not path.is_file():
             raise InputError(f"Reference stats file {path} does not exist; build it with `shiftcost reference`.")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except Exception as error:  # safetensors raises its own, OS and value errors on damage
-            raise InputError(
-                f"Reference stats file {path} is not a readable safetensors file ({_short(error)}); "
-                "it is truncated or of another kind, build it again with `shiftcost reference`."
-            ) from None
+        metadata, tensors = read_safetensors(path, lambda why: (
+            f"Reference stats file {path} is not a readable safetensors file ({why}); "
+            "it is truncated or of another kind, build it again with `shiftcost reference`."
+        ))
         try:
             header = json.loads(metadata[_METADATA_KEY])
         except (KeyError, json.JSONDecodeError, TypeError):
@@ -241,7 +235,7 @@ class ReferenceStats:
             raise InputError(f"Reference stats file {path} is damaged ({error}); build it again with `shiftcost reference`.") from None
         except (KeyError, TypeError, ValueError) as error:
             raise InputError(
-                f"Reference stats file {path} is damaged (missing or malformed {_short(error)}); build it again with "
+                f"Reference stats file {path} is damaged (missing or malformed {short_error(error)}); build it again with "
                 "`shiftcost reference`."
             ) from None
         stats.check_compatible(model, layers, source=f"The reference stats in {path}")
@@ -298,6 +292,3 @@ class ReferenceStats:
         return stats
 
 
-def _short(error: BaseException, limit: int = 120) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -635,7 +635,7 @@ def _add_drift_reports(session: Session, batch_id: int, drift: DriftCheck) -> No
             details=json_safe(group.to_dict()),
             html_uri=str(drift.html_path),
         )
-    drifted = sum(group.drifted for group in result.groups if group.tested)
+    drifted = len(result.drifted_groups)
     repository.add_drift_report(
         session,
         batch_id,

@@ -77,9 +77,7 @@ def cost_history(
     nm = aliased(Model, name="nm")
 
     def filtered(query: Select) -> Select:
-        if model is not None:
-            query = query.where(rr.model_id.in_(_model_ids(model)))
-        return _window(query, rr.started_at, since, until)
+        return _runs_filtered(query, model, since, until)
 
     query = filtered(
         select(
@@ -117,6 +115,56 @@ def cost_history(
 
 _MEASURES = {"epochs": ("epochs", "epochs"), "kwh": ("energy_kwh", "energy_kwh"),
              "co2": ("emissions_kg", "emissions_kg")}
+#: Runs whose actual cost is measured; the last two stopped before the cutoff (cap or budget
+#: guard), so their actual figures are a lower bound of what reaching it would have cost.
+_MEASURED_STATUSES = ("succeeded", "cap_reached", "stopped_by_budget")
+_STOPPED_STATUSES = ("cap_reached", "stopped_by_budget")
+_FLAGS = [f"{measure}_in_interval" for measure in _MEASURES] + ["stopped_before_cutoff"]
+
+
+def _runs_filtered(query: Select, model: str | None, since: datetime | None, until: datetime | None) -> Select:
+    """Retrain runs of the model name (all versions) started in the window."""
+    if model is not None:
+        query = query.where(RetrainRun.model_id.in_(_model_ids(model)))
+    return _window(query, RetrainRun.started_at, since, until)
+
+
+def _relative_error(measure: str) -> Any:
+    predicted, actual = getattr(CostPrediction, _MEASURES[measure][0]), getattr(RetrainRun, _MEASURES[measure][1])
+    return ((predicted - actual) / func.nullif(actual, 0)).label(f"{measure}_relative_error")
+
+
+def _hit(measure: str) -> Any:
+    column = _MEASURES[measure][0]
+    lower, upper = getattr(CostPrediction, f"{column}_lower"), getattr(CostPrediction, f"{column}_upper")
+    actual = getattr(RetrainRun, _MEASURES[measure][1])
+    return case(
+        (lower.is_(None) | upper.is_(None) | actual.is_(None), None),
+        (and_(actual >= lower, actual <= upper), 1),
+        else_=0,
+    ).label(f"{measure}_in_interval")
+
+
+def _error_columns() -> list[Any]:
+    """Per-run error, interval hit and whether the actual figures are a lower bound."""
+    stopped = case((RetrainRun.status.in_(_STOPPED_STATUSES), 1), else_=0).label("stopped_before_cutoff")
+    return [_relative_error(m_) for m_ in _MEASURES] + [_hit(m_) for m_ in _MEASURES] + [stopped]
+
+
+def _measured_runs(model: str | None, since: datetime | None, until: datetime | None) -> Any:
+    """The filter of the errors query: measured runs with the prediction their decision used."""
+    rr, cp = RetrainRun, CostPrediction
+
+    def filtered(query: Select) -> Select:
+        query = (
+            query.select_from(rr)
+            .join(Decision, Decision.id == rr.decision_id)
+            .join(cp, cp.id == Decision.cost_prediction_id)
+            .where(rr.status.in_(_MEASURED_STATUSES), rr.energy_kwh.is_not(None))
+        )
+        return _runs_filtered(query, model, since, until)
+
+    return filtered
 
 
 def prediction_errors(
@@ -138,51 +186,29 @@ def prediction_errors(
            CASE WHEN cp.energy_kwh_lower IS NULL OR cp.energy_kwh_upper IS NULL
                      OR rr.energy_kwh IS NULL THEN NULL
                 WHEN rr.energy_kwh >= cp.energy_kwh_lower AND rr.energy_kwh <= cp.energy_kwh_upper
-                THEN 1 ELSE 0 END AS kwh_in_interval       (likewise for epochs and co2)
+                THEN 1 ELSE 0 END AS kwh_in_interval,      (likewise for epochs and co2)
+           CASE WHEN rr.status IN ('cap_reached', 'stopped_by_budget') THEN 1 ELSE 0 END
+                AS stopped_before_cutoff
     FROM retrain_runs rr
     JOIN decisions d ON d.id = rr.decision_id
     JOIN cost_predictions cp ON cp.id = d.cost_prediction_id
     JOIN models m ON m.id = rr.model_id
-    WHERE rr.status IN ('succeeded', 'cap_reached') AND rr.energy_kwh IS NOT NULL
+    WHERE rr.status IN ('succeeded', 'cap_reached', 'stopped_by_budget') AND rr.energy_kwh IS NOT NULL
       AND rr.model_id IN (SELECT id FROM models WHERE name = :model)
       AND rr.started_at >= :since AND rr.started_at < :until
     ORDER BY rr.started_at, rr.id            -- newest :limit rows when limited
 
-    A ``cap_reached`` run stopped before the cutoff, so its actual cost is a lower bound;
-    its status is shown. Totals, over every matching run (the same statement reduced to
-    the error and hit columns, no limit): median absolute percentage error (MdAPE) and
-    interval coverage per measure, over the runs that have both sides.
+    A ``cap_reached`` or ``stopped_by_budget`` run stopped before the cutoff, so its actual
+    epochs and cost are a lower bound of what reaching it would have needed; such rows are
+    marked ``stopped_before_cutoff``. Totals, over every matching run (the same statement
+    reduced to the error and hit columns, no limit): median absolute percentage error
+    (MdAPE) and interval coverage per measure, over the runs that have both sides, and how
+    many runs stopped before the cutoff.
     """
-    rr = RetrainRun
-    cp = CostPrediction
+    rr, cp = RetrainRun, CostPrediction
     m = aliased(Model, name="m")
-
-    def relative_error(measure: str) -> Any:
-        predicted, actual = getattr(cp, _MEASURES[measure][0]), getattr(rr, _MEASURES[measure][1])
-        return ((predicted - actual) / func.nullif(actual, 0)).label(f"{measure}_relative_error")
-
-    def hit(measure: str) -> Any:
-        column = _MEASURES[measure][0]
-        lower, upper = getattr(cp, f"{column}_lower"), getattr(cp, f"{column}_upper")
-        actual = getattr(rr, _MEASURES[measure][1])
-        return case(
-            (lower.is_(None) | upper.is_(None) | actual.is_(None), None),
-            (and_(actual >= lower, actual <= upper), 1),
-            else_=0,
-        ).label(f"{measure}_in_interval")
-
-    def filtered(query: Select) -> Select:
-        query = (
-            query.select_from(rr)
-            .join(Decision, Decision.id == rr.decision_id)
-            .join(cp, cp.id == Decision.cost_prediction_id)
-            .where(rr.status.in_(["succeeded", "cap_reached"]), rr.energy_kwh.is_not(None))
-        )
-        if model is not None:
-            query = query.where(rr.model_id.in_(_model_ids(model)))
-        return _window(query, rr.started_at, since, until)
-
-    derived = [relative_error(m_) for m_ in _MEASURES] + [hit(m_) for m_ in _MEASURES]
+    filtered = _measured_runs(model, since, until)
+    derived = _error_columns()
     query = filtered(
         select(
             rr.id.label("run_id"), rr.started_at, m.name.label("model"), m.version, rr.status,
@@ -198,8 +224,7 @@ def prediction_errors(
     runner = _Runner(session)
     rows = runner.rows(_newest(query, limit, "started_at", "run_id"))
     for row in rows:
-        for measure in _MEASURES:
-            key = f"{measure}_in_interval"
+        for key in _FLAGS:
             row[key] = None if row[key] is None else bool(row[key])
     if limit is None:
         totals = _error_totals(rows)  # every matching run is already here
@@ -208,9 +233,9 @@ def prediction_errors(
     else:
         totals = _error_totals(runner.rows(filtered(select(*derived))))
     totals["shown"] = len(rows)
-    columns = ["run_id", "started_at", "model", "version", "status", "predicted_epochs", "actual_epochs",
-               "predicted_kwh", "energy_kwh_lower", "energy_kwh_upper", "actual_kwh", "kwh_relative_error",
-               "kwh_in_interval", "predicted_co2", "actual_co2", "co2_in_interval"]
+    columns = ["run_id", "started_at", "model", "version", "status", "stopped_before_cutoff", "predicted_epochs",
+               "actual_epochs", "predicted_kwh", "energy_kwh_lower", "energy_kwh_upper", "actual_kwh",
+               "kwh_relative_error", "kwh_in_interval", "predicted_co2", "actual_co2", "co2_in_interval"]
     return AuditResult("errors", columns, rows, totals, runner.sql)
 
 
@@ -222,6 +247,7 @@ def _error_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         hits = [bool(r[f"{measure}_in_interval"]) for r in rows if r[f"{measure}_in_interval"] is not None]
         totals[f"{measure}_mdape_pct"] = 100 * statistics.median(errors) if errors else None
         totals[f"{measure}_coverage"] = sum(hits) / len(hits) if hits else None
+    totals["stopped_before_cutoff"] = sum(1 for r in rows if r["stopped_before_cutoff"])
     return totals
 
 
@@ -239,12 +265,14 @@ def _error_totals_in_sql(runner: _Runner, filtered: Any, derived: list[Any]) -> 
         error, hits = inner.c[f"{measure}_relative_error"], inner.c[f"{measure}_in_interval"]
         columns.append(func.percentile_cont(0.5).within_group(func.abs(error)).label(f"{measure}_mdape"))
         columns.append(func.avg(hits).label(f"{measure}_coverage"))
+    columns.append(func.coalesce(func.sum(inner.c.stopped_before_cutoff), 0).label("stopped_before_cutoff"))
     row = runner.one(select(*columns))
     totals: dict[str, Any] = {"runs": int(row["runs"])}
     for measure in _MEASURES:
         mdape, coverage = row[f"{measure}_mdape"], row[f"{measure}_coverage"]
         totals[f"{measure}_mdape_pct"] = None if mdape is None else 100 * float(mdape)
         totals[f"{measure}_coverage"] = None if coverage is None else float(coverage)
+    totals["stopped_before_cutoff"] = int(row["stopped_before_cutoff"])
     return totals
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from shiftcost.features import SHIFT_FEATURES
-from shiftcost.store.audit import _window
+from shiftcost.store.audit_common import _window
 
 __all__ = ["DEFAULT_LIMIT", "OVERALL_FEATURE_SET", "batch_overview", "ledger_timeline", "short_name"]
 
@@ -61,39 +61,61 @@ def batch_overview(
     batch assessed again shows its last decision). ``drift`` is the stored overall verdict;
     without one, whether any test drifted; without tests, what the decision's reasons say.
     """
+    rows = _rows(session, _overview_query(model, since, until, limit))
+    for row in rows:
+        row["name"] = short_name(row["source_uri"])
+        row["drift"] = _drift_of(row)
+    return rows
+
+
+def _newest_id(table: Any, key: str, value: Any, **equal: Any) -> Any:
+    """``(SELECT max(id) FROM table WHERE key = value AND ...)``, the newest row of a batch."""
     from sqlalchemy import func, select
     from sqlalchemy.orm import aliased
 
-    from shiftcost.store.models import Batch, CostPrediction, Decision, DriftReport, IndexRun, Model, RetrainRun
+    # An alias of its own, so the subquery never correlates with the outer join.
+    inner = aliased(table)
+    conditions = [getattr(inner, key) == value, *(getattr(inner, name) == v for name, v in equal.items())]
+    return select(func.max(inner.id)).where(*conditions).correlate_except(inner).scalar_subquery()
 
-    b = Batch
-    ir, d, cp, rr = IndexRun, Decision, CostPrediction, RetrainRun
-    m = aliased(Model, name="m")
+
+def _drift_columns(batch_id: Any) -> list[Any]:
+    """How many drift tests a batch has, how many drifted, and its stored overall verdict."""
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import aliased
+
+    from shiftcost.store.models import DriftReport
+
     dr = aliased(DriftReport, name="dr")
-
-    def newest_id(table: Any, key: str, value: Any, **equal: Any) -> Any:
-        # An alias of its own, so the subquery never correlates with the outer join.
-        inner = aliased(table)
-        conditions = [getattr(inner, key) == value, *(getattr(inner, name) == v for name, v in equal.items())]
-        return select(func.max(inner.id)).where(*conditions).correlate_except(inner).scalar_subquery()
-
-    tests = select(func.count()).select_from(dr).where(dr.batch_id == b.id).scalar_subquery()
+    tests = select(func.count()).select_from(dr).where(dr.batch_id == batch_id).scalar_subquery()
     drifted = (
-        select(func.count()).select_from(dr).where(dr.batch_id == b.id, dr.drift_detected.is_(True)).scalar_subquery()
+        select(func.count()).select_from(dr).where(dr.batch_id == batch_id, dr.drift_detected.is_(True)).scalar_subquery()
     )
     overall = aliased(DriftReport, name="overall")
     verdict = (
         select(overall.drift_detected)
-        .where(overall.id == newest_id(DriftReport, "batch_id", b.id, feature_set=OVERALL_FEATURE_SET))
+        .where(overall.id == _newest_id(DriftReport, "batch_id", batch_id, feature_set=OVERALL_FEATURE_SET))
         .scalar_subquery()
     )
-    prediction_id = func.coalesce(d.cost_prediction_id, newest_id(CostPrediction, "index_run_id", ir.id))
+    return [tests.label("drift_tests"), drifted.label("drift_detected_tests"), verdict.label("drift_verdict")]
+
+
+def _overview_query(model: str | None, since: datetime | None, until: datetime | None, limit: int | None) -> Any:
+    """The statement in :func:`batch_overview`'s docstring."""
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import aliased
+
+    from shiftcost.store.models import Batch, CostPrediction, Decision, IndexRun, Model, RetrainRun
+
+    b = Batch
+    ir, d, cp, rr = IndexRun, Decision, CostPrediction, RetrainRun
+    m = aliased(Model, name="m")
+    prediction_id = func.coalesce(d.cost_prediction_id, _newest_id(CostPrediction, "index_run_id", ir.id))
     query = (
         select(
             b.id.label("batch_id"), b.source_uri, b.registered_at, b.status, b.failure_reason, b.samples,
             m.version.label("model_version"),
-            *(getattr(ir, column) for column in SHIFT_FEATURES), ir.accuracy,
-            tests.label("drift_tests"), drifted.label("drift_detected_tests"), verdict.label("drift_verdict"),
+            *(getattr(ir, column) for column in SHIFT_FEATURES), ir.accuracy, *_drift_columns(b.id),
             d.id.label("decision_id"), d.action, d.blocked_by_budget, d.reasons,
             cp.epochs.label("predicted_epochs"), cp.energy_kwh.label("predicted_kwh"),
             cp.energy_kwh_lower.label("predicted_kwh_lower"), cp.energy_kwh_upper.label("predicted_kwh_upper"),
@@ -103,32 +125,31 @@ def batch_overview(
         )
         .select_from(b)
         .join(m, m.id == b.model_id)
-        .outerjoin(ir, ir.id == newest_id(IndexRun, "batch_id", b.id))
-        .outerjoin(d, d.id == newest_id(Decision, "batch_id", b.id))
+        .outerjoin(ir, ir.id == _newest_id(IndexRun, "batch_id", b.id))
+        .outerjoin(d, d.id == _newest_id(Decision, "batch_id", b.id))
         .outerjoin(cp, cp.id == prediction_id)
-        .outerjoin(rr, rr.id == newest_id(RetrainRun, "batch_id", b.id))
+        .outerjoin(rr, rr.id == _newest_id(RetrainRun, "batch_id", b.id))
     )
     if model is not None:
         query = query.where(b.model_name == model)
     query = _window(query, b.registered_at, since, until)
     if limit is None:
-        query = query.order_by(b.registered_at, b.id)
-    else:
-        newest = query.order_by(b.registered_at.desc(), b.id.desc()).limit(limit).subquery()
-        query = select(newest).order_by(newest.c.registered_at, newest.c.batch_id)
-    rows = _rows(session, query)
-    for row in rows:
-        row["name"] = short_name(row["source_uri"])
-        tests_run = int(row["drift_tests"] or 0)
-        if row["drift_verdict"] is not None:
-            row["drift"] = bool(row["drift_verdict"])
-        else:
-            row["drift"] = None if tests_run == 0 else bool(row["drift_detected_tests"])
-        if row["drift"] is None and row["reasons"]:
-            # Without stored tests, the decision still says whether drift was seen.
-            codes = {reason.get("code") for reason in row["reasons"] if isinstance(reason, dict)}
-            row["drift"] = True if "drift_detected" in codes else False if "no_drift" in codes else None
-    return rows
+        return query.order_by(b.registered_at, b.id)
+    newest = query.order_by(b.registered_at.desc(), b.id.desc()).limit(limit).subquery()
+    return select(newest).order_by(newest.c.registered_at, newest.c.batch_id)
+
+
+def _drift_of(row: dict[str, Any]) -> bool | None:
+    """The stored overall verdict; else whether any test drifted; else what the decision's reasons say."""
+    if row["drift_verdict"] is not None:
+        return bool(row["drift_verdict"])
+    if int(row["drift_tests"] or 0) > 0:
+        return bool(row["drift_detected_tests"])
+    if row["reasons"]:
+        # Without stored tests, the decision still says whether drift was seen.
+        codes = {reason.get("code") for reason in row["reasons"] if isinstance(reason, dict)}
+        return True if "drift_detected" in codes else False if "no_drift" in codes else None
+    return None
 
 
 def ledger_timeline(

@@ -243,3 +243,47 @@ def test_limits_keep_the_newest_rows_and_totals_cover_all(db, history) -> None:
     assert [row["run_id"] for row in few.rows] == [row["run_id"] for row in full.rows[-2:]]
     for key in ("runs", "kwh_mdape_pct", "kwh_coverage", "co2_coverage", "epochs_mdape_pct"):
         assert few.totals[key] == pytest.approx(full.totals[key])
+
+
+def test_runs_stopped_by_the_budget_guard_are_audited_as_lower_bounds(db) -> None:
+    """A run the budget guard stopped spent measured energy short of the cutoff: the errors audit
+    keeps it, marked as stopped, since its actual epochs are a lower bound of what it needed."""
+    measured = {  # status: (predicted, actual) epochs, kWh, kg CO2e
+        "succeeded": ((4.0, 2.0, 1.0), (5.0, 2.5, 1.2)),
+        "stopped_by_budget": ((6.0, 3.0, 1.5), (2.0, 1.0, 0.5)),
+        "cap_reached": ((3.0, 1.5, 0.7), (3.0, 1.4, 0.8)),
+    }
+    runs = {}
+    with db.session() as session:
+        model = seed.model(session)
+        for i, (status, (predicted, actual)) in enumerate(measured.items()):
+            batch = seed.batch(session, model)
+            index_run = repo.add_index_run(session, batch.id, model.id, 100)
+            prediction = repo.add_cost_prediction(
+                session, index_run.id, *predicted, energy_kwh_lower=predicted[1] * 0.8,
+                energy_kwh_upper=predicted[1] * 1.2, interval_level=0.9,
+            )
+            decision = repo.record_decision(session, batch.id, "retrain", ["drift"], cost_prediction_id=prediction.id)
+            run = repo.start_retrain_run(session, model.id, decision_id=decision.id, batch_id=batch.id,
+                                         started_at=T0 + timedelta(hours=i))
+            repo.finish_retrain_run(session, run.id, status, epochs=actual[0], energy_kwh=actual[1],
+                                    emissions_kg=actual[2])
+            runs[status] = run.id
+
+    full = _query(db, "errors")
+    assert [row["run_id"] for row in full.rows] == list(runs.values())
+    by_status = {row["status"]: row for row in full.rows}
+    assert by_status["stopped_by_budget"]["stopped_before_cutoff"] is True
+    assert by_status["cap_reached"]["stopped_before_cutoff"] is True
+    assert by_status["succeeded"]["stopped_before_cutoff"] is False
+    assert by_status["stopped_by_budget"]["actual_epochs"] == pytest.approx(2.0)
+    assert by_status["stopped_by_budget"]["kwh_relative_error"] == pytest.approx((3.0 - 1.0) / 1.0)
+    assert by_status["stopped_by_budget"]["kwh_in_interval"] is False
+    errors = sorted(abs(p[1] - a[1]) / a[1] for p, a in measured.values())
+    assert full.totals["runs"] == 3 and full.totals["stopped_before_cutoff"] == 2
+    assert full.totals["kwh_mdape_pct"] == pytest.approx(100 * errors[1])
+    # Limited, the totals come from their own statement (aggregated in SQL on PostgreSQL).
+    newest = _query(db, "errors", limit=1)
+    assert [row["run_id"] for row in newest.rows] == [runs["cap_reached"]]
+    assert newest.totals["runs"] == 3 and newest.totals["stopped_before_cutoff"] == 2
+    assert newest.totals["kwh_mdape_pct"] == pytest.approx(full.totals["kwh_mdape_pct"])
