@@ -28,7 +28,7 @@ skip or defer into a retrain.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -42,6 +42,11 @@ Action = Literal["retrain", "skip", "defer"]
 Effect = Literal["allow", "skip", "defer", "info"]
 
 _SEVERITY = {"info": 0, "allow": 0, "defer": 1, "skip": 2}
+
+
+def most_severe_action(reasons: Sequence[Reason]) -> Action:
+    """The action the most severe reason calls for: a skip outranks a defer, a defer a retrain."""
+    return ("retrain", "defer", "skip")[max(_SEVERITY[reason.effect] for reason in reasons)]
 
 #: A budget stated by its caps and what remains (a what-if, or a test): the ledger's own
 #: model, :meth:`shiftcost.store.ledger.BudgetStatus.planned`.
@@ -266,7 +271,7 @@ def decide(
 
     reasons.extend(_benefit_reasons(settings.min_accuracy_drop, accuracy_drop))
 
-    action: Action = ("retrain", "defer", "skip")[max(_SEVERITY[reason.effect] for reason in reasons)]
+    action = most_severe_action(reasons)
     retry_after = None
     if action == "defer":
         ends = [b.renews_at for b, r in zip(applicable, budget_reasons) if r.effect == "defer" and b.renews_at is not None]

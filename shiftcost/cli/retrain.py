@@ -170,9 +170,13 @@ class _Progress:
 
 def _budget_guard(
     net: Any, spec: Any, new: Any, ref_x: Any, ref_y: Any, cost_model: Path | None, budget_kwh: float | None,
-    reference_stats: Path | None, reference_accuracy: float | None, tolerance: float, device: str,
+    reference_stats: Path | None, reference_accuracy: float | None, config: Any, device: str,
 ) -> Any:
-    """The budget guard for this run, with the index forecast as its prior when reference stats are given."""
+    """The budget guard for this run, with the index forecast as its prior when reference stats are given.
+
+    It prices every epoch still to come at the pool the run trains on: the training split of
+    the batch plus the reference samples the recipe replays.
+    """
     from shiftcost.errors import InputError
 
     if cost_model is None or budget_kwh is None:
@@ -200,8 +204,12 @@ def _budget_guard(
         ceiling, _ = _evaluate(net, ref_x, ref_y, torch.device("cpu"), 512)
     if ceiling is None:
         raise InputError("the budget guard needs the reference accuracy: give --reference, --reference-accuracy or --reference-stats.")
-    protocol.check_above_chance(ceiling, spec.num_classes, tolerance, "the reference")
-    return BudgetGuard(forecaster, budget_kwh=float(budget_kwh), batch_samples=len(new.y), ceiling=ceiling, features=features, initial=initial)
+    protocol.check_above_chance(ceiling, spec.num_classes, config.cutoff.tolerance, "the reference")
+    replay = config.recipe.replay_with(ref_x is not None and ref_y is not None)
+    return BudgetGuard(
+        forecaster, budget_kwh=float(budget_kwh), batch_samples=len(new.y), ceiling=ceiling, features=features, initial=initial,
+        holdout_fraction=config.cutoff.holdout_fraction, replay_fraction=replay, reference_samples=0 if ref_x is None else len(ref_x),
+    )
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -300,7 +308,7 @@ def retrain(
     new, ref_x, ref_y = _load_batches(batch, reference, spec)
     guard = None
     if cost_model is not None or budget_kwh is not None:
-        guard = _budget_guard(net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, config.cutoff.tolerance, device)
+        guard = _budget_guard(net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, config, device)
     result = _retrain_showing_progress(
         err, guard, as_json, net, new.x, new.y, config, reference_x=ref_x, reference_y=ref_y,
         target_accuracy=target_accuracy, reference_accuracy=reference_accuracy, source=str(batch),
@@ -356,6 +364,7 @@ def _result_payload(result: RetrainResult, guard: Any) -> dict[str, Any]:
             "budget_kwh": guard.budget_kwh,
             "reason": guard.reason,
             "estimated_kwh": guard.spent_kwh,
+            "pool_samples": guard.pool,
             "measured_kwh": result.energy_kwh,
             "forecasts": guard.forecasts,
         }

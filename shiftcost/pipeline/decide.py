@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 __all__ = ["decide_batch", "status_after"]
 
-_SEVERITY = {"info": 0, "allow": 0, "defer": 1, "skip": 2}
 # Where a batch goes after its decision: a skip is finished, the others wait for more.
 _STATUS_AFTER = {"skip": "done", "defer": "assessed", "retrain": "assessed"}
 
@@ -109,5 +108,7 @@ def _with_reasons(decision: Decision, extra: list[Reason]) -> Decision:
     if not extra:
         return decision
     reasons = decision.reasons + tuple(extra)
-    action = ("retrain", "defer", "skip")[max(_SEVERITY[reason.effect] for reason in reasons)]
+    from shiftcost.policy import most_severe_action
+
+    action = most_severe_action(reasons)
     return dataclasses.replace(decision, action=action, reasons=reasons, retry_after=decision.retry_after if action == "defer" else None)

@@ -33,6 +33,7 @@ def files(tmp_path_factory):
         save_model(model, spec, out / "model.safetensors")
         compute_reference_stats(model, spec, x, y, device="cpu").save(out / "reference.safetensors")
         save_batch(Batch((1 - x).contiguous(), y, "inverted"), out / "batch.npz")
+        save_batch(Batch(x, y, "reference"), out / "reference.npz")
         fitted_forecaster().save(out / "forecaster.json")
     finally:
         torch.set_num_threads(threads)
@@ -95,6 +96,19 @@ def test_retrain_with_a_budget_stops_and_writes_no_model(files) -> None:
     assert {"epochs", "steps", "energy_kwh"} <= set(data)
     assert data["guard"]["estimated_kwh"] > 0 and data["guard"]["reason"]
     assert not out.exists()
+
+
+def test_the_guard_prices_each_epoch_at_the_pool_with_its_replayed_reference_samples(files) -> None:
+    # A guard that left the replayed samples out would price the rest of the run too low and stop too late.
+    done = shiftcost(
+        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(files / "r.safetensors"),
+        "--reference", str(files / "reference.npz"), "--replay-fraction", "0.25", "--cost-model", str(files / "forecaster.json"),
+        "--budget-kwh", "60", "--no-energy", "--device", "cpu", "--json", cwd=files,
+    )
+    assert done.returncode in (0, 3, 4), done.stderr
+    samples = len(bars()[1])
+    train = samples - round(0.3 * samples)
+    assert json.loads(done.stdout)["guard"]["pool_samples"] == train + round(train / 3)
 
 
 def test_the_guard_needs_both_options(files) -> None:
