@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from copy import deepcopy
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -205,13 +206,20 @@ def _run_points(
     budget; an interrupt keeps (and writes) the rows done so far."""
     if progress is not None:
         progress(0, len(plan), "starting")
+    clean: dict[str, Any] | None = None
+    measured = 0
     try:
         for done, (kind, intensity) in enumerate(plan, start=1):
             spent = time.perf_counter() - started_wall
-            if time_budget_s is not None and rows and spent + spent / len(rows) > time_budget_s:
+            if time_budget_s is not None and measured and spent + spent / measured > time_budget_s:
                 settings["stopped_early"] = f"time budget of {time_budget_s:g} s: {len(rows)} of {len(plan)} points"
                 break
-            row = point(kind, intensity)
+            if intensity == 0 and clean is not None:
+                row = _clean_copy(clean, kind)
+            else:
+                row, measured = point(kind, intensity), measured + 1
+                if intensity == 0 and row["status"] != "failed":
+                    clean = row
             rows.append(row)
             if progress is not None:
                 progress(done, len(plan), f"{kind} {intensity:g}: {row['status']}")
@@ -220,6 +228,16 @@ def _run_points(
             _write_partial(Path(out_dir), rows)
         where = f"; they are in {out_dir}" if out_dir is not None and rows else ""
         raise SweepInterrupted(f"sweep interrupted after {len(rows)} of {len(plan)} points{where}", rows) from interrupt
+
+
+def _clean_copy(clean: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """Intensity 0 leaves the batch as it is whatever the kind, so every kind's clean point is
+    the same measurement (same batch, same seeds): it is taken once and copied, which spares
+    a retrain per kind and keeps one clean row per kind for the per-kind analysis."""
+    row = deepcopy(dict(clean))
+    row["corruption"] = kind
+    row["notes"] = [*row.get("notes", []), f"the clean batch, measured once under {clean['corruption']} 0"]
+    return row
 
 
 def _run_point(

@@ -162,6 +162,8 @@ def _print_tables(result: SweepResult, console: Console) -> None:
         console.print(loco)
     if result.cost_model_error:
         console.print(f"[yellow]cost model not fitted:[/] {result.cost_model_error}")
+    elif result.cost_model_note:
+        console.print(f"[yellow]cost model fitted with[/] {result.cost_model_note}")
     t = result.timing
     j = result.joules_per_sample_epoch
     console.print(
