@@ -128,6 +128,9 @@ def test_the_clean_batch_is_measured_once_and_matches_a_fresh_measurement(swept,
     # One measurement: the copy carries the very runs (wall times included) of the first.
     assert copy["runs"] == first["runs"] and copy["point_seconds"] == first["point_seconds"]
     assert any("measured once under gaussian_noise 0" in note for note in copy["notes"])
+    # The timing counts the work done: the copy's runs are not retrained again.
+    assert result.timing["points_measured"] == len(result.rows) - 1
+    assert result.timing["retrain_runs"] == sum(len(r["runs"]) for r in result.rows) - len(copy["runs"])
     # And it is what measuring the clean contrast point on its own gives.
     model, spec, x, y = tiny
     alone = run_sweep(model, spec, x, y, x, y, sweep={"contrast": (0.0,)}, energy_options=FAST_ENERGY, **RETRAIN).rows[0]

@@ -152,7 +152,8 @@ def _timing(started: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], threa
         "cpu_count": os.cpu_count(),
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
         "points": len(rows),
-        "retrain_runs": sum(len(row.get("runs", [])) for row in rows),
+        "points_measured": sum(1 for row in rows if not row.get("copy_of")),
+        "retrain_runs": sum(len(row.get("runs", [])) for row in rows if not row.get("copy_of")),
     }
 
 
@@ -237,6 +238,7 @@ def _clean_copy(clean: Mapping[str, Any], kind: str) -> dict[str, Any]:
     row = deepcopy(dict(clean))
     row["corruption"] = kind
     row["notes"] = [*row.get("notes", []), f"the clean batch, measured once under {clean['corruption']} 0"]
+    row["copy_of"] = clean["corruption"]
     return row
 
 

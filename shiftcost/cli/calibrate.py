@@ -167,7 +167,7 @@ def _print_tables(result: SweepResult, console: Console) -> None:
     t = result.timing
     j = result.joules_per_sample_epoch
     console.print(
-        f"{t['points']} points, {t['retrain_runs']} retraining runs in {t['wall_s']:.0f} s wall / {t['cpu_s']:.0f} s CPU "
+        f"{t['points']} points ({t.get('points_measured', t['points'])} measured), {t['retrain_runs']} retraining runs in {t['wall_s']:.0f} s wall / {t['cpu_s']:.0f} s CPU "
         f"(load average {t.get('load_average_start')} -> {t.get('load_average_end')}); "
         f"J per sample-epoch: probe {_fmt(j.get('probe'), '.3g')}, sweep {_fmt(j.get('sweep'), '.3g')}"
     )
