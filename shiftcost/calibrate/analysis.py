@@ -20,6 +20,7 @@ def label_free_analysis(rows: Sequence[Mapping[str, Any]], level: float) -> dict
         "features": list(LABEL_FREE_FEATURES),
         "cost_model": found.cost_model,
         "error": found.cost_model_error,
+        "note": found.cost_model_note,
         "loco": found.loco,
         "loco_error": found.loco_error,
     }
@@ -42,8 +43,6 @@ def analyse(
     :class:`~shiftcost.forecast.forecaster.Forecaster` is fitted (stage 0, stage 1 when the
     rows carry the probe's features, and the host's energy rate from the measured runs).
     """
-    from shiftcost.costmodel import CostModel
-
     if max_epochs is None:
         max_epochs = (settings or {}).get("max_epochs") or protocol.MAX_EPOCHS
 
@@ -54,19 +53,13 @@ def analyse(
     probe_joules = None if not probe or "joules_per_sample_epoch" not in probe else float(probe["joules_per_sample_epoch"])
 
     # The analysis never loses the measured rows: a part that cannot be computed records why.
-    cost_model: Any = None
-    cost_model_error: str | None = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        try:
-            cost_model = CostModel(level=level, features=list(features), max_epochs=max_epochs).fit(
-                fit_rows, groups=GROUP_KEY, note="calibration sweep"
-            )
-        except Exception as error:  # noqa: BLE001
-            cost_model_error = _describe(error)
+        cost_model, cost_model_error, folds_note = _fit_cost_model(fit_rows, features, level, max_epochs)
         forecaster = None
         if cost_model is not None:
-            forecaster, forecaster_error = _fit_forecaster(usable, fit_rows, features, level, max_epochs, settings or {})
+            group_key = GROUP_KEY if folds_note is None else None
+            forecaster, forecaster_error = _fit_forecaster(usable, fit_rows, features, level, max_epochs, settings or {}, group_key)
             cost_model_error = forecaster_error or cost_model_error
         loco, loco_probe, loco_error = _group_out(fit_rows, features, level, probe_joules)
 
@@ -91,7 +84,31 @@ def analyse(
         settings=dict(settings or {}),
         timing={},
         forecaster=forecaster,
+        cost_model_note=folds_note,
     )
+
+
+def _fit_cost_model(
+    fit_rows: list[dict[str, Any]], features: Sequence[str], level: float, max_epochs: float
+) -> tuple[Any, str | None, str | None]:
+    """The cost model with intervals from leaving one corruption kind out; when a kind holds
+    every run of known cost (a robust model that only some kinds make retrain), leaving it
+    out leaves nothing to fit, so the intervals fall back to leaving one run out rather than
+    refusing. Returns the model (or ``None``), why not, and the note of that fallback."""
+    from shiftcost.costmodel import CostModel
+
+    def fit(groups: str | None) -> Any:
+        return CostModel(level=level, features=list(features), max_epochs=max_epochs).fit(fit_rows, groups=groups, note="calibration sweep")
+
+    try:
+        return fit(GROUP_KEY), None, None
+    except Exception as error:  # noqa: BLE001 - the analysis records why and goes on
+        by_kind = _describe(error)
+    try:
+        model = fit(None)
+    except Exception as error:  # noqa: BLE001
+        return None, _describe(error), None
+    return model, None, f"intervals from leaving one run out, not one kind ({by_kind})"
 
 
 def _fit_forecaster(
@@ -101,6 +118,7 @@ def _fit_forecaster(
     level: float,
     max_epochs: float,
     settings: Mapping[str, Any],
+    group_key: str | None = GROUP_KEY,
 ) -> tuple[Any, str | None]:
     """The forecaster fitted beside the index cost model, with the host's energy rate; or why not."""
     from shiftcost.energy import HostEnergyRate, run_work
@@ -114,7 +132,7 @@ def _fit_forecaster(
         rate = None
     try:
         forecaster = Forecaster.fit(
-            fit_rows, features=list(features), level=level, max_epochs=max_epochs, group_key=GROUP_KEY,
+            fit_rows, features=list(features), level=level, max_epochs=max_epochs, group_key=group_key,
             energy_rate=rate, batch_size=int(settings.get("batch_size") or 64),
             probe_settings={"steps": settings.get("probe_steps")},
         )

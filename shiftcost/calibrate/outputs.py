@@ -138,8 +138,11 @@ def markdown_report(result: SweepResult) -> str:
         lines.append(
             f"Fitted on {summary['n_train']} points ({summary['n_censored']} censored): log(epochs + 1) = "
             f"{summary['intercept']:.3g} + {coef}; sigma {summary['sigma']:.3g}. "
-            f"CV+ over kinds: MdAPE epochs {_pct(loo.get('mdape_epochs'))}, coverage {_pct(loo.get('coverage'))}."
+            f"CV+ over {'runs' if result.cost_model_note else 'kinds'}: MdAPE epochs {_pct(loo.get('mdape_epochs'))}, "
+            f"coverage {_pct(loo.get('coverage'))}."
         )
+        if result.cost_model_note:
+            lines.append(f"Note: {result.cost_model_note}.")
     else:
         lines.append(f"Not fitted: {result.cost_model_error}")
     lines += ["", "## Leave one corruption kind out (energy through epochs x samples x J/sample-epoch)", ""]

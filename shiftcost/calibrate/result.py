@@ -47,6 +47,8 @@ class SweepResult:
     files: dict[str, str] = field(default_factory=dict)
     forecaster: Any = None
     label_free: dict[str, Any] | None = None
+    cost_model_note: str | None = None
+    """How the cost model's intervals were cross-validated when not by leaving one kind out."""
     """The label-free cost model (``cost_model``, features :data:`LABEL_FREE_FEATURES`) with
     its leave-one-corruption-out figures (``loco``) on the same runs, or its ``error``."""
 
@@ -68,6 +70,7 @@ class SweepResult:
                 "best_index": self.best_index,
                 "cost_model": None if self.cost_model is None else _cost_model_summary(self.cost_model),
                 "cost_model_error": self.cost_model_error,
+                "cost_model_note": self.cost_model_note,
                 "loco": self.loco,
                 "loco_probe": self.loco_probe,
                 "loco_error": self.loco_error,

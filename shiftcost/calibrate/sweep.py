@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from copy import deepcopy
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,12 @@ from shiftcost.errors import InputError
 from shiftcost.forecast import protocol
 from shiftcost.recipe import RetrainConfig
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt
+
+
+#: What a point takes from the index report, under the same names.
+REPORT_COLUMNS: tuple[str, ...] = (
+    "resque_dist", "inv_ari", "layer_shift", "preindex_p", "accuracy", "mean_loss", "mean_entropy", "mean_confidence", "reference_accuracy",
+)
 
 
 def run_sweep(
@@ -50,92 +58,103 @@ def run_sweep(
 ) -> SweepResult:
     """Run a calibration sweep of ``model`` and evaluate how well the indices predict the cost.
 
-    ``reference_x, reference_y``: the labelled reference data (its summary feeds the
-    indices and the model's accuracy on it sets the target, minus ``tolerance``; pass
-    ``reference_stats`` to reuse a stored summary). ``new_x, new_y``: the labelled new data
-    that every point corrupts and retrains on; ``retrain_to_cutoff`` holds out
-    ``holdout_fraction`` of it to judge the cutoff. ``sweep`` maps a corruption kind to its
-    intensities (include 0). Each point is retrained ``repeats`` times with seeds
-    ``seed, seed + 1, ...`` (split, shuffling); the corruption itself uses ``seed``.
+    ``reference_x, reference_y``: the labelled reference data (its summary feeds the indices,
+    and the model's accuracy on it minus the tolerance is the target; ``reference_stats``
+    reuses a stored summary). ``new_x, new_y``: the labelled new data that every point
+    corrupts and retrains on. ``sweep`` maps a corruption kind to its intensities (include 0).
+    Each point is retrained ``repeats`` times with seeds ``seed, seed + 1, ...`` (split,
+    shuffling); the corruption itself uses ``seed``.
 
-    Retraining settings: ``config`` (default :data:`SWEEP_CONFIG` with the recipe the model
-    file carries), changed by flat names in ``retrain_settings`` (``lr=``, ``max_epochs=``,
-    ``device=`` ...; see :meth:`~shiftcost.recipe.RetrainConfig.replace`); every run uses
-    them through :func:`~shiftcost.retrain.retrain_to_cutoff`, so the sweep measures the
-    recipe the model's retrains use.
+    Retraining: ``config`` (default :data:`SWEEP_CONFIG` with the model file's recipe),
+    changed by flat names in ``retrain_settings`` (``lr=``, ``max_epochs=``, ``device=`` ...;
+    see :meth:`~shiftcost.recipe.RetrainConfig.replace`), drives every run through
+    :func:`~shiftcost.retrain.retrain_to_cutoff`, so the sweep measures the recipe the
+    model's retrains use; holdout, cadence and cap default to :mod:`shiftcost.forecast.protocol`.
     ``threads`` sets torch's CPU threads for the sweep (restored afterwards; ``None`` leaves
-    them): a model this small gains nothing from intra-op threads, and on a busy machine
-    they spin against other processes and make every step several times slower.
-    ``probe`` also measures joules per sample-epoch with the hardware probe for at least
-    ``probe_seconds``. ``probe_steps`` > 0 (``shiftcost calibrate`` uses 16) also runs the learning probe
-    (:func:`shiftcost.forecast.probe.run_probe`) on every point, so that the forecast's
-    probe stage is calibrated too. The holdout, cadence and cap default to
-    :mod:`shiftcost.forecast.protocol`, the same as ``shiftcost retrain``. ``features`` are the cost model's; ``level`` its interval coverage.
-    ``progress(done, total, label)`` is called before the first point and after each one.
-    With ``out_dir`` the outputs are written there (see :meth:`SweepResult.write`).
+    them): a small model gains nothing from intra-op threads, which on a busy machine spin
+    against other processes. ``probe`` measures joules per sample-epoch with the hardware
+    probe for at least ``probe_seconds``; ``probe_steps`` > 0 also runs the learning probe
+    (:func:`shiftcost.forecast.probe.run_probe`) on every point, calibrating the forecast's
+    probe stage. ``features`` and ``level``: the cost model's inputs and interval coverage.
+    ``progress(done, total, label)`` is called before the first point and after each one;
+    with ``out_dir`` the outputs are written there (see :meth:`SweepResult.write`).
     With ``time_budget_s`` the points are taken round-robin over the kinds (every kind's
     first intensity, then every kind's second, ...) and the sweep stops before a point that
     would likely end past the budget, so a short budget still covers every kind.
     """
-    from shiftcost.index.engine import assess, compute_reference_stats
+    from shiftcost.index.engine import assess
 
-    config = (config or SWEEP_CONFIG.for_model(spec)).replace(**retrain_settings)
-    config = config.replace(require_energy=False)
-    recipe, cutoff = config.recipe, config.cutoff
-    device = config.device
+    config = (config or SWEEP_CONFIG.for_model(spec)).replace(**retrain_settings).replace(require_energy=False)
     _check_data(reference_x, reference_y, "the reference data")
     _check_data(new_x, new_y, "the new data")
     plan = _check_plan(sweep, new_x)
-    if time_budget_s is not None:
-        plan = _round_robin(plan)
+    plan = _round_robin(plan) if time_budget_s is not None else plan
     _check_settings(repeats, threads, level, features)
-    started_wall = time.perf_counter()
-    started_cpu = _cpu_seconds()
-    load_start = _load_average()
+    started = {"wall": time.perf_counter(), "cpu": _cpu_seconds(), "load": _load_average()}
     settings = _sweep_settings(config, sweep, seed, repeats, probe_steps, threads, level, features, spec)
     settings |= {"reference_samples": int(len(reference_y)), "new_samples": int(len(new_y))}
     rows: list[dict[str, Any]] = []
     probe_result: dict[str, Any] | None = None
     with torch_threads(threads):
-        if reference_stats is None:
-            reference_stats = compute_reference_stats(model, spec, reference_x, reference_y, device=device, seed=seed)
-        reference_accuracy = reference_stats.accuracy
-        protocol.check_above_chance(reference_accuracy, getattr(spec, "num_classes", None), cutoff.tolerance, "the reference data")
-        settings["reference_accuracy"] = reference_accuracy
-        settings["device"] = str(_resolve_device(device))
-        replay = recipe.replay_with(True) > 0
-        retrain_kwargs = dict(
-            config=config,
-            reference_x=reference_x if replay else None,
-            reference_y=reference_y if replay else None,
-            reference_accuracy=reference_accuracy,
+        reference_stats, retrain_kwargs = _prepare_retrains(model, spec, reference_x, reference_y, reference_stats, config, seed, settings)
+        point = partial(
+            _run_point, model, spec, reference_stats, new_x, new_y,
+            seed=seed, repeats=repeats, retrain_kwargs=retrain_kwargs, assess=assess, probe_steps=probe_steps,
         )
-
-        def point(kind: str, intensity: float) -> dict[str, Any]:
-            return _run_point(
-                model, spec, reference_stats, new_x, new_y, kind, intensity, seed, repeats, retrain_kwargs, assess,
-                probe_steps=probe_steps,
-            )
-
-        _run_points(plan, point, rows, settings, started_wall, time_budget_s, progress, out_dir)
+        _run_points(plan, point, rows, settings, started["wall"], time_budget_s, progress, out_dir)
         if probe:
-            probe_result = _probe(model, spec, new_x, new_y, seed, device, config.energy.country_iso_code, config.energy.options, probe_seconds, recipe.batch_size)
+            probe_result = _probe(model, spec, new_x, new_y, seed, config, probe_seconds)
 
     result = analyse(rows, settings=settings, probe=probe_result, level=level, features=features)
     result.label_free = label_free_analysis(rows, level)
-    result.timing = {
-        "wall_s": time.perf_counter() - started_wall,
-        "cpu_s": _cpu_seconds() - started_cpu,
-        "load_average_start": load_start,
+    result.timing = _timing(started, rows, threads)
+    if out_dir is not None:
+        result.write(out_dir)
+    return result
+
+
+def _prepare_retrains(
+    model: nn.Module,
+    spec: Any,
+    reference_x: torch.Tensor,
+    reference_y: torch.Tensor,
+    reference_stats: Any,
+    config: RetrainConfig,
+    seed: int,
+    settings: dict[str, Any],
+) -> tuple[Any, dict[str, Any]]:
+    """The reference summary (computed unless given) and the arguments every retrain takes;
+    refuses a reference accuracy near chance, which leaves no cutoff to retrain to."""
+    from shiftcost.index.engine import compute_reference_stats
+
+    if reference_stats is None:
+        reference_stats = compute_reference_stats(model, spec, reference_x, reference_y, device=config.device, seed=seed)
+    reference_accuracy = reference_stats.accuracy
+    protocol.check_above_chance(reference_accuracy, getattr(spec, "num_classes", None), config.cutoff.tolerance, "the reference data")
+    settings["reference_accuracy"] = reference_accuracy
+    settings["device"] = str(_resolve_device(config.device))
+    replay = config.recipe.replay_with(True) > 0
+    return reference_stats, dict(
+        config=config,
+        reference_x=reference_x if replay else None,
+        reference_y=reference_y if replay else None,
+        reference_accuracy=reference_accuracy,
+    )
+
+
+def _timing(started: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], threads: int | None) -> dict[str, Any]:
+    """What the sweep cost this machine, and how busy the machine was meanwhile."""
+    return {
+        "wall_s": time.perf_counter() - started["wall"],
+        "cpu_s": _cpu_seconds() - started["cpu"],
+        "load_average_start": started["load"],
         "load_average_end": _load_average(),
         "cpu_count": os.cpu_count(),
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
         "points": len(rows),
-        "retrain_runs": sum(len(row.get("runs", [])) for row in rows),
+        "points_measured": sum(1 for row in rows if not row.get("copy_of")),
+        "retrain_runs": sum(len(row.get("runs", [])) for row in rows if not row.get("copy_of")),
     }
-    if out_dir is not None:
-        result.write(out_dir)
-    return result
 
 
 def _sweep_settings(
@@ -188,13 +207,20 @@ def _run_points(
     budget; an interrupt keeps (and writes) the rows done so far."""
     if progress is not None:
         progress(0, len(plan), "starting")
+    clean: dict[str, Any] | None = None
+    measured = 0
     try:
         for done, (kind, intensity) in enumerate(plan, start=1):
             spent = time.perf_counter() - started_wall
-            if time_budget_s is not None and rows and spent + spent / len(rows) > time_budget_s:
+            if time_budget_s is not None and measured and spent + spent / measured > time_budget_s:
                 settings["stopped_early"] = f"time budget of {time_budget_s:g} s: {len(rows)} of {len(plan)} points"
                 break
-            row = point(kind, intensity)
+            if intensity == 0 and clean is not None:
+                row = _clean_copy(clean, kind)
+            else:
+                row, measured = point(kind, intensity), measured + 1
+                if intensity == 0 and row["status"] != "failed":
+                    clean = row
             rows.append(row)
             if progress is not None:
                 progress(done, len(plan), f"{kind} {intensity:g}: {row['status']}")
@@ -203,6 +229,17 @@ def _run_points(
             _write_partial(Path(out_dir), rows)
         where = f"; they are in {out_dir}" if out_dir is not None and rows else ""
         raise SweepInterrupted(f"sweep interrupted after {len(rows)} of {len(plan)} points{where}", rows) from interrupt
+
+
+def _clean_copy(clean: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """Intensity 0 leaves the batch as it is whatever the kind, so every kind's clean point is
+    the same measurement (same batch, same seeds): it is taken once and copied, which spares
+    a retrain per kind and keeps one clean row per kind for the per-kind analysis."""
+    row = deepcopy(dict(clean))
+    row["corruption"] = kind
+    row["notes"] = [*row.get("notes", []), f"the clean batch, measured once under {clean['corruption']} 0"]
+    row["copy_of"] = clean["corruption"]
+    return row
 
 
 def _run_point(
@@ -232,18 +269,8 @@ def _run_point(
         shifted = corrupt(new_x, kind, intensity, seed=seed)
         stage = "indices"
         report = assess(model, spec, reference_stats, shifted, new_y, paired_clean_x=new_x, device=device)
-        row.update(
-            resque_dist=report.resque_dist,
-            inv_ari=report.inv_ari,
-            layer_shift=report.layer_shift,
-            preindex_p=report.preindex_p,
-            accuracy=report.accuracy,
-            mean_loss=report.mean_loss,
-            mean_entropy=report.mean_entropy,
-            mean_confidence=report.mean_confidence,
-            reference_accuracy=report.reference_accuracy,
-            index_seconds=report.seconds,
-        )
+        row.update({name: getattr(report, name) for name in REPORT_COLUMNS})
+        row["index_seconds"] = report.seconds
         if report.accuracy is not None and report.reference_accuracy is not None:
             row["accuracy_drop"] = report.reference_accuracy - report.accuracy
         row["notes"].extend(report.notes)
@@ -363,16 +390,7 @@ def full_batch_grad_norm(
 
 
 def _probe(
-    model: nn.Module,
-    spec: Any,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    seed: int,
-    device: str | torch.device,
-    country_iso_code: str,
-    energy_options: Mapping[str, Any] | None,
-    seconds: float,
-    batch_size: int,
+    model: nn.Module, spec: Any, x: torch.Tensor, y: torch.Tensor, seed: int, config: RetrainConfig, seconds: float
 ) -> dict[str, Any]:
     from shiftcost.retrain import probe_joules_per_sample_epoch
 
@@ -385,11 +403,11 @@ def _probe(
             x=x,
             y=y,
             min_seconds=seconds,
-            batch_size=batch_size,
+            batch_size=config.recipe.batch_size,
             seed=seed,
-            device=device,
-            country_iso_code=country_iso_code,
-            energy_options=dict(energy_options or {}),
+            device=config.device,
+            country_iso_code=config.energy.country_iso_code,
+            energy_options=dict(config.energy.options or {}),
         )
         return result.to_dict()
     except Exception as error:  # noqa: BLE001 - the probe is a cross-check; its failure is reported

@@ -162,10 +162,12 @@ def _print_tables(result: SweepResult, console: Console) -> None:
         console.print(loco)
     if result.cost_model_error:
         console.print(f"[yellow]cost model not fitted:[/] {result.cost_model_error}")
+    elif result.cost_model_note:
+        console.print(f"[yellow]cost model fitted with[/] {result.cost_model_note}")
     t = result.timing
     j = result.joules_per_sample_epoch
     console.print(
-        f"{t['points']} points, {t['retrain_runs']} retraining runs in {t['wall_s']:.0f} s wall / {t['cpu_s']:.0f} s CPU "
+        f"{t['points']} points ({t.get('points_measured', t['points'])} measured), {t['retrain_runs']} retraining runs in {t['wall_s']:.0f} s wall / {t['cpu_s']:.0f} s CPU "
         f"(load average {t.get('load_average_start')} -> {t.get('load_average_end')}); "
         f"J per sample-epoch: probe {_fmt(j.get('probe'), '.3g')}, sweep {_fmt(j.get('sweep'), '.3g')}"
     )
@@ -200,58 +202,183 @@ def _parse_sweep(items: list[str]) -> dict[str, tuple[float, ...]]:
     return plan
 
 
+def _pick(option: str, given: str, known: Any) -> list[str]:
+    """The comma-separated names of ``given``; one sentence when any is unknown or none is named."""
+    from shiftcost.errors import InputError
+
+    wanted = [name.strip() for name in given.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in known]
+    if unknown or not wanted:
+        raise InputError(f"{option} names unknown {option[2:]} {unknown or given!r}; choose from {', '.join(known)}.")
+    return wanted
+
+
+def _choose_plan(sweep: list[str] | None, quick: bool, kinds: str | None) -> dict[str, tuple[float, ...]]:
+    """The kinds and intensities to sweep: --sweep, else the quick or the default sweep, narrowed by --kinds."""
+    from shiftcost.calibrate import QUICK_SWEEP
+    from shiftcost.shifts import DEFAULT_SWEEP
+
+    base = _parse_sweep(sweep) if sweep else QUICK_SWEEP if quick else DEFAULT_SWEEP
+    if kinds is None:
+        return dict(base)
+    return {k: (base if k in base else DEFAULT_SWEEP)[k] for k in _pick("--kinds", kinds, DEFAULT_SWEEP)}
+
+
+def _choose_features(features: str | None) -> list[str]:
+    from shiftcost.calibrate import COST_FEATURES
+    from shiftcost.costmodel import KNOWN_FEATURES
+
+    return list(COST_FEATURES) if features is None else _pick("--features", features, KNOWN_FEATURES)
+
+
+def _load_inputs(
+    model: Path | None, reference: Path | None, data: Path | None, demo: bool, seed: int, status: Console
+) -> tuple[Any, Any, tuple[Any, Any], tuple[Any, Any]]:
+    """The model, its spec, the labelled reference and new data: the user's files, or the digits demo."""
+    from shiftcost.errors import InputError
+
+    given = [name for name, value in (("--model", model), ("--reference", reference), ("--data", data)) if value is not None]
+    if demo and given:
+        raise InputError(f"--demo trains its own model and data; drop {', '.join(given)} or drop --demo.")
+    if given and len(given) < 3:
+        missing = [name for name in ("--model", "--reference", "--data") if name not in given]
+        raise InputError(f"a sweep of your own model needs --model, --reference and --data; {', '.join(missing)} missing.")
+    if not given:
+        from shiftcost.data.demo import train_demo_model
+
+        with status.status("training the digits demo CNN"):
+            net, spec, splits = train_demo_model(seed=seed)
+        return net, spec, splits["holdout"], splits["stream"]
+
+    from shiftcost.data.batches import check_batch, load_batch
+    from shiftcost.data.models import load_model
+
+    net, spec = load_model(model)
+    labelled = []
+    for label, path in (("--reference", reference), ("--data", data)):
+        batch = load_batch(path, spec=spec)
+        check_batch(batch, spec)
+        if batch.y is None:
+            raise InputError(f"{label} {path} has no labels; the sweep retrains on it and needs a label per image.")
+        labelled.append((batch.x, batch.y))
+    return net, spec, labelled[0], labelled[1]
+
+
+def _save_reference_stats(net: Any, spec: Any, reference: tuple[Any, Any], out: Path, device: str, seed: int) -> tuple[Any, Path]:
+    """The reference statistics the sweep's indices use, written beside the cost model so
+    that `shiftcost forecast --reference-stats` sees the same baseline."""
+    from shiftcost.errors import InputError
+    from shiftcost.index.engine import compute_reference_stats
+
+    reference_stats = compute_reference_stats(net, spec, *reference, device=device, seed=seed)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the output directory {out} ({error.strerror}); choose a writable path with --out.") from None
+    return reference_stats, reference_stats.save(out / "reference.safetensors")
+
+
+def _run_options(quick: bool, repeats: int | None, max_epochs: float | None) -> tuple[dict[str, Any], float | None]:
+    """run_sweep's repeats and probe length, and the epoch cap (--quick's unless given)."""
+    options: dict[str, Any] = {"repeats": 2, "probe_seconds": 3.0}
+    if quick:
+        options.update(QUICK_SETTINGS)
+    if repeats is not None:
+        options["repeats"] = repeats
+    quick_cap = options.pop("max_epochs", None)
+    return options, quick_cap if max_epochs is None else max_epochs
+
+
+def _finish(result: SweepResult, reference_path: Path, as_json: bool) -> None:
+    from rich.console import Console
+
+    from shiftcost.errors import InputError
+
+    result.files["reference_stats"] = str(reference_path)
+    if len(result.failed) == len(result.rows):
+        raise InputError(f"every point of the sweep failed (first: {result.rows[0]['error']}); see {result.files['report']}.")
+    if as_json:
+        typer.echo(json.dumps(_summary_json(result), indent=1, allow_nan=False))
+    else:
+        _print_tables(result, Console())
+
+
+ModelFileOption = Annotated[
+    Path | None, typer.Option("--model", "-m", help="Model file (.safetensors or .pt) written by shiftcost.", show_default=False)
+]
+ReferenceOption = Annotated[
+    Path | None,
+    typer.Option("--reference", "-r", help="Labelled reference batch (ImageFolder, .npz or .pt): target and index baseline.", show_default=False),
+]
+DataOption = Annotated[
+    Path | None, typer.Option("--data", "-d", help="Labelled new batch that every point corrupts and retrains on.", show_default=False)
+]
+DemoOption = Annotated[bool, typer.Option("--demo", help="Train the digits demo CNN and sweep the digits stream split (default without --model).")]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Directory for the table, correlations, cost model, report and plot.")]
+QuickOption = Annotated[bool, typer.Option("--quick", help="Smoke test: 2 kinds x 3 intensities, one short run per point (no real calibration).")]
+SweepOption = Annotated[
+    list[str] | None,
+    typer.Option("--sweep", help="A corruption and its intensities, e.g. gaussian_noise=0,0.3,0.6 (repeatable; replaces the default sweep).", show_default=False),
+]
+RepeatsOption = Annotated[
+    int | None, typer.Option("--repeats", min=1, help="Retraining runs per point, averaged (default 2; 1 with --quick).", show_default=False)
+]
+ToleranceOption = Annotated[
+    float | None, typer.Option("--tolerance", min=0.0, max=0.99, help="Target = reference accuracy minus this (default 0.03).", show_default=False)
+]
+EvalEveryOption = Annotated[int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between cutoff checks (default 1).", show_default=False)]
+HoldoutOption = Annotated[
+    float | None,
+    typer.Option("--holdout-fraction", min=0.05, max=0.9, help="Share of the new data held out to judge the cutoff (default 0.3).", show_default=False),
+]
+KindsOption = Annotated[
+    str | None, typer.Option("--kinds", help="Comma-separated corruption kinds to sweep (default: all built-in kinds).", show_default=False)
+]
+LevelOption = Annotated[float, typer.Option("--level", min=0.5, max=0.99, help="Coverage of the cost model's intervals.")]
+FeaturesOption = Annotated[
+    str | None,
+    typer.Option(
+        "--features",
+        help="Comma-separated cost-model features (default: resque_dist,inv_ari,layer_shift,accuracy,mean_loss,mean_entropy).",
+        show_default=False,
+    ),
+]
+ProbeStepsOption = Annotated[
+    int, typer.Option("--probe-steps", min=0, help="Learning-probe steps per point for the forecast's probe stage (0: index stage only).")
+]
+TimeBudgetOption = Annotated[
+    float | None, typer.Option("--time-budget", min=1.0, help="Seconds: sweep kinds round-robin and stop before the budget runs out.", show_default=False)
+]
+MaxEpochsOption = Annotated[
+    float | None, typer.Option("--max-epochs", min=0.01, help="Epoch cap per run (default 15; 3 with --quick).", show_default=False)
+]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the demo model, the corruptions and the first repeat.")]
+ThreadsOption = Annotated[int, typer.Option("--threads", min=1, help="Torch CPU threads during the sweep.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")]
+CountryOption = Annotated[str, typer.Option("--country", help="3-letter ISO code of the grid (carbon intensity).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")]
+
+
 def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate(
-        model: Annotated[
-            Path | None, typer.Option("--model", "-m", help="Model file (.safetensors or .pt) written by shiftcost.", show_default=False)
-        ] = None,
-        reference: Annotated[
-            Path | None,
-            typer.Option("--reference", "-r", help="Labelled reference batch (ImageFolder, .npz or .pt): target and index baseline.", show_default=False),
-        ] = None,
-        data: Annotated[
-            Path | None,
-            typer.Option("--data", "-d", help="Labelled new batch that every point corrupts and retrains on.", show_default=False),
-        ] = None,
-        demo: Annotated[
-            bool, typer.Option("--demo", help="Train the digits demo CNN and sweep the digits stream split (default without --model).")
-        ] = False,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the table, correlations, cost model, report and plot.")] = DEFAULT_OUT,
-        quick: Annotated[
-            bool, typer.Option("--quick", help="Smoke test: 2 kinds x 3 intensities, one short run per point (no real calibration).")
-        ] = False,
-        sweep: Annotated[
-            list[str] | None,
-            typer.Option("--sweep", help="A corruption and its intensities, e.g. gaussian_noise=0,0.3,0.6 (repeatable; replaces the default sweep).", show_default=False),
-        ] = None,
-        repeats: Annotated[
-            int | None, typer.Option("--repeats", min=1, help="Retraining runs per point, averaged (default 2; 1 with --quick).", show_default=False)
-        ] = None,
-        tolerance: Annotated[
-            float | None, typer.Option("--tolerance", min=0.0, max=0.99, help="Target = reference accuracy minus this (default 0.03).", show_default=False)
-        ] = None,
-        eval_every: Annotated[int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between cutoff checks (default 1).", show_default=False)] = None,
-        holdout_fraction: Annotated[
-            float | None,
-            typer.Option("--holdout-fraction", min=0.05, max=0.9, help="Share of the new data held out to judge the cutoff (default 0.3).", show_default=False),
-        ] = None,
-        kinds: Annotated[
-            str | None, typer.Option("--kinds", help="Comma-separated corruption kinds to sweep (default: all built-in kinds).", show_default=False)
-        ] = None,
-        level: Annotated[float, typer.Option("--level", min=0.5, max=0.99, help="Coverage of the cost model's intervals.")] = 0.90,
-        features: Annotated[
-            str | None, typer.Option("--features", help="Comma-separated cost-model features (default: resque_dist,inv_ari,layer_shift,accuracy,mean_loss,mean_entropy).", show_default=False)
-        ] = None,
-        probe_steps: Annotated[
-            int, typer.Option("--probe-steps", min=0, help="Learning-probe steps per point for the forecast's probe stage (0: index stage only).")
-        ] = 16,
-        time_budget: Annotated[
-            float | None, typer.Option("--time-budget", min=1.0, help="Seconds: sweep kinds round-robin and stop before the budget runs out.", show_default=False)
-        ] = None,
-        max_epochs: Annotated[
-            float | None, typer.Option("--max-epochs", min=0.01, help="Epoch cap per run (default 15; 3 with --quick).", show_default=False)
-        ] = None,
+        model: ModelFileOption = None,
+        reference: ReferenceOption = None,
+        data: DataOption = None,
+        demo: DemoOption = False,
+        out: OutOption = DEFAULT_OUT,
+        quick: QuickOption = False,
+        sweep: SweepOption = None,
+        repeats: RepeatsOption = None,
+        tolerance: ToleranceOption = None,
+        eval_every: EvalEveryOption = None,
+        holdout_fraction: HoldoutOption = None,
+        kinds: KindsOption = None,
+        level: LevelOption = 0.90,
+        features: FeaturesOption = None,
+        probe_steps: ProbeStepsOption = 16,
+        time_budget: TimeBudgetOption = None,
+        max_epochs: MaxEpochsOption = None,
         recipe: RecipeFileOption = None,
         optimizer: OptimizerOption = None,
         lr: LrOption = None,
@@ -262,11 +389,11 @@ def register(app: typer.Typer) -> None:
         replay_fraction: ReplayOption = None,
         freeze_batchnorm: FreezeBnOption = None,
         train_step: TrainStepOption = None,
-        seed: Annotated[int, typer.Option("--seed", help="Seed of the demo model, the corruptions and the first repeat.")] = 0,
-        threads: Annotated[int, typer.Option("--threads", min=1, help="Torch CPU threads during the sweep.")] = 1,
-        device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
-        country: Annotated[str, typer.Option("--country", help="3-letter ISO code of the grid (carbon intensity).")] = "USA",
-        as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+        seed: SeedOption = 0,
+        threads: ThreadsOption = 1,
+        device: DeviceOption = "auto",
+        country: CountryOption = "USA",
+        as_json: JsonOption = False,
     ) -> None:
         """Corrupt new data with known shifts at known strengths, retrain to the cutoff for real, and measure how well the indices predict the cost.
 
@@ -274,76 +401,14 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from shiftcost.calibrate import COST_FEATURES, QUICK_SWEEP, SWEEP_CONFIG, run_sweep, torch_threads
-        from shiftcost.costmodel import KNOWN_FEATURES
-        from shiftcost.errors import InputError
-        from shiftcost.shifts import DEFAULT_SWEEP
+        from shiftcost.calibrate import SWEEP_CONFIG, run_sweep, torch_threads
 
-        base = _parse_sweep(sweep) if sweep else QUICK_SWEEP if quick else DEFAULT_SWEEP
-        plan = dict(base)
-        if kinds is not None:
-            wanted = [k.strip() for k in kinds.split(",") if k.strip()]
-            unknown = [k for k in wanted if k not in DEFAULT_SWEEP]
-            if unknown or not wanted:
-                raise InputError(f"--kinds names unknown kinds {unknown or kinds!r}; choose from {', '.join(DEFAULT_SWEEP)}.")
-            plan = {k: (base if k in base else DEFAULT_SWEEP)[k] for k in wanted}
-        chosen_features = list(COST_FEATURES)
-        if features is not None:
-            chosen_features = [f.strip() for f in features.split(",") if f.strip()]
-            unknown = [f for f in chosen_features if f not in KNOWN_FEATURES]
-            if unknown or not chosen_features:
-                raise InputError(f"--features names unknown features {unknown or features!r}; choose from {', '.join(KNOWN_FEATURES)}.")
-
+        plan, chosen_features = _choose_plan(sweep, quick, kinds), _choose_features(features)
         err = Console(stderr=True)
-        given = [name for name, value in (("--model", model), ("--reference", reference), ("--data", data)) if value is not None]
-        if demo and given:
-            raise InputError(f"--demo trains its own model and data; drop {', '.join(given)} or drop --demo.")
-        if given and len(given) < 3:
-            missing = [name for name in ("--model", "--reference", "--data") if name not in given]
-            raise InputError(f"a sweep of your own model needs --model, --reference and --data; {', '.join(missing)} missing.")
-
         with torch_threads(threads):
-            if given:
-                from shiftcost.data.batches import check_batch, load_batch
-                from shiftcost.data.models import load_model
-
-                net, spec = load_model(model)
-                batches = {}
-                for label, path in (("--reference", reference), ("--data", data)):
-                    batch = load_batch(path, spec=spec)
-                    check_batch(batch, spec)
-                    if batch.y is None:
-                        raise InputError(f"{label} {path} has no labels; the sweep retrains on it and needs a label per image.")
-                    batches[label] = batch
-                ref_x, ref_y = batches["--reference"].x, batches["--reference"].y
-                new_x, new_y = batches["--data"].x, batches["--data"].y
-            else:
-                from shiftcost.data.demo import train_demo_model
-
-                with err.status("training the digits demo CNN"):
-                    net, spec, splits = train_demo_model(seed=seed)
-                (ref_x, ref_y), (new_x, new_y) = splits["holdout"], splits["stream"]
-
-        # The reference statistics the sweep's indices use, written beside the cost model so
-        # that `shiftcost forecast --reference-stats` sees the same baseline.
-        from shiftcost.index.engine import compute_reference_stats
-
-        with torch_threads(threads):
-            reference_stats = compute_reference_stats(net, spec, ref_x, ref_y, device=device, seed=seed)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise InputError(f"cannot create the output directory {out} ({error.strerror}); choose a writable path with --out.") from None
-        reference_path = reference_stats.save(out / "reference.safetensors")
-
-        options: dict[str, Any] = {"repeats": 2, "probe_seconds": 3.0}
-        if quick:
-            options.update(QUICK_SETTINGS)
-        if repeats is not None:
-            options["repeats"] = repeats
-        if max_epochs is None:
-            max_epochs = options.pop("max_epochs", None)
-        options.pop("max_epochs", None)
+            net, spec, ref, new = _load_inputs(model, reference, data, demo, seed, err)
+            reference_stats, reference_path = _save_reference_stats(net, spec, ref, out, device, seed)
+        options, max_epochs = _run_options(quick, repeats, max_epochs)
         # The model's own recipe, as its retrains in the pipeline will use it.
         config = retrain_config(
             SWEEP_CONFIG, spec, recipe,
@@ -354,29 +419,8 @@ def register(app: typer.Typer) -> None:
         )
         with _SweepProgress(err) as progress:
             result = run_sweep(
-                net,
-                spec,
-                ref_x,
-                ref_y,
-                new_x,
-                new_y,
-                sweep=plan,
-                level=level,
-                features=chosen_features,
-                probe_steps=probe_steps,
-                time_budget_s=time_budget,
-                reference_stats=reference_stats,
-                seed=seed,
-                config=config,
-                threads=threads,
-                progress=progress,
-                out_dir=out,
-                **options,
+                net, spec, *ref, *new, sweep=plan, level=level, features=chosen_features, probe_steps=probe_steps,
+                time_budget_s=time_budget, reference_stats=reference_stats, seed=seed, config=config, threads=threads,
+                progress=progress, out_dir=out, **options,
             )
-        result.files["reference_stats"] = str(reference_path)
-        if len(result.failed) == len(result.rows):
-            raise InputError(f"every point of the sweep failed (first: {result.rows[0]['error']}); see {result.files['report']}.")
-        if as_json:
-            typer.echo(json.dumps(_summary_json(result), indent=1, allow_nan=False))
-        else:
-            _print_tables(result, Console())
+        _finish(result, reference_path, as_json)
