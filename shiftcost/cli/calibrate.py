@@ -326,7 +326,7 @@ RepeatsOption = Annotated[
 ToleranceOption = Annotated[
     float | None, typer.Option("--tolerance", min=0.0, max=0.99, help="Target = reference accuracy minus this (default 0.03).", show_default=False)
 ]
-EvalEveryOption = Annotated[int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between cutoff checks (default 1).", show_default=False)]
+EvalEveryOption = Annotated[int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between cutoff checks (default: a quarter epoch, at least 1, as in retrain and the pipeline).", show_default=False)]
 HoldoutOption = Annotated[
     float | None,
     typer.Option("--holdout-fraction", min=0.05, max=0.9, help="Share of the new data held out to judge the cutoff (default 0.3).", show_default=False),
