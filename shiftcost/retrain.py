@@ -30,6 +30,7 @@ from torch import nn
 
 from shiftcost.energy import KWH_TO_JOULES, EnergyMeasurement, EnergyMeasurementError, EnergyMeter
 from shiftcost.errors import ConfigError, InputError, ShiftcostError
+from shiftcost.forecast.protocol import cutoff_reached
 from shiftcost.jsonsafe import json_safe
 from shiftcost.recipe import OPTIMIZERS, Recipe, RetrainConfig, build_augmentation, load_entry_point, pool_samples
 
@@ -605,7 +606,7 @@ def retrain_to_cutoff(
             for idx in _batches(n_pool, recipe.batch_size, shuffle_gen):
                 train_on(idx)
                 if tally.step % every == 0 or tally.step >= step_cap:
-                    if evaluate_now().accuracy >= target_accuracy:
+                    if evaluate_now() and cutoff_reached(curve, target_accuracy):  # the run's evaluations, the new one last
                         return "reached"
                     if tally.stop_reason:
                         return _stopped_status(tally.stop_reason)

@@ -16,6 +16,8 @@ keeps the evaluations' own cost a bounded share of the run.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT  # noqa: F401 - part of the protocol
 
@@ -25,6 +27,28 @@ HOLDOUT_FRACTION = 0.3
 EVALS_PER_EPOCH = 4
 #: Epoch cap of calibration sweeps and the default of forecasts' "not to converge" flag.
 MAX_EPOCHS = 15.0
+#: Evaluations whose mean decides the cutoff (1: the latest alone). Chosen by
+#: ``benchmarks/forecast_selection.py`` on the built-in kinds only (see its figures there).
+CUTOFF_WINDOW = 1
+
+
+def cutoff_reached(history: Sequence[Any], target: float, window: int | None = None) -> bool:
+    """Whether the run has reached the cutoff after its latest evaluation.
+
+    ``history`` is every evaluation of the run so far, oldest first, as accuracies or
+    points with an ``accuracy``. The cutoff is met when the mean of the last ``window``
+    (default :data:`CUTOFF_WINDOW`) evaluations is at least ``target``: one held-out
+    accuracy carries binomial noise, and a run stopped on a lucky evaluation records an
+    epoch count that the next seed does not repeat. The latest evaluation must meet the
+    target too, so a run is never stopped on its way down. Every retrain (calibration,
+    ``shiftcost retrain``, the pipeline) decides through this one function.
+    """
+    size = CUTOFF_WINDOW if window is None else window
+    values = [float(getattr(h, "accuracy", h)) for h in history]
+    if not values:
+        return False
+    recent = values[-max(1, size):]
+    return values[-1] >= target and sum(recent) / len(recent) >= target
 
 
 def eval_every(steps_per_epoch: int) -> int:
