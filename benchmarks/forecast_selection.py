@@ -21,6 +21,8 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    stage-1 design (:data:`STAGE1_DESIGNS`) with the lowest MdAPE is reported per
    architecture; the design used is the one with the lowest mean MdAPE over both.
 
+One protocol holds for every architecture: each setting is the one with the lowest mean of
+its criterion over the architectures (``--combine`` joins separate runs' ``--json``).
 Prints the figures each choice was made on; nothing here reads ``benchmarks/eval_shifts.py``.
 """
 
@@ -187,6 +189,22 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One setting for every architecture: the lowest mean of each criterion over them."""
+    windows = results[0]["noise_floor_by_window"].keys()
+    floor = {w: float(np.mean([r["noise_floor_by_window"][w]["leave_one_seed_out_mdape"] for r in results])) for w in windows}
+    best = min(floor.values())
+    names = [n for n in results[0]["loko"] if n.startswith("in_flight_own_")]
+    own = {n: float(np.mean([r["loko"][n]["median_abs_log_error"] for r in results])) for n in names}
+    designs = [n for n in results[0]["loko"] if n.startswith("stage0_probe[")]
+    design = {n: float(np.mean([r["loko"][n]["mdape"] for r in results])) for n in designs}
+    return {
+        "window": min(int(w) for w, v in floor.items() if v <= best + 0.01), "mean_noise_floor": floor,
+        "own_curve": min(own, key=own.get), "mean_in_flight_median_abs_log_error": own,
+        "stage1_design": min(design, key=design.get), "mean_stage1_mdape": design,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="digits_cnn,shufflenet_v2_x0_5")
@@ -195,7 +213,11 @@ def main() -> None:
     parser.add_argument("--calibration-intensities", type=int, default=6)
     parser.add_argument("--noise-seeds", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
     args = parser.parse_args()
+    if args.combine:
+        print(json.dumps(combine([r for path in args.combine.split(",") for r in json.loads(Path(path).read_text())]), indent=1))
+        return
     torch.set_num_threads(1)
     load = os.getloadavg()
     started = time.perf_counter()
@@ -215,6 +237,8 @@ def main() -> None:
             print(f"{name:28s} {s['n']:4d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} {s['c_index']:7.3f} {100 * s['coverage']:5.0f}%")
         print(f"lowest leave-one-kind-out MdAPE of stage 1: {result['chosen_stage1_design']}")
         print(f"chosen own-curve weight (evaluations at half weight): {result['chosen_own_curve_evals']:g}")
+    if len(results) > 1:
+        print(json.dumps(combine(results), indent=1))
     print(f"\nwall {time.perf_counter() - started:.0f} s; load average at start {load}, at end {os.getloadavg()}")
     if args.json:
         for r in results:

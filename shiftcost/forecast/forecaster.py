@@ -3,13 +3,12 @@
 Stage 0 is :class:`~shiftcost.costmodel.CostModel` on the shift indices: free, one
 forward pass, but it measures how far the data moved, not how hard the move is to learn.
 Stage 1 adds what a probe (:func:`~shiftcost.forecast.probe.run_probe`) saw: a censored
-(Tobit) regression of ``log(epochs + 1)`` on the stage-0 prediction and the probe's
-features (:data:`~shiftcost.forecast.probe.PROBE_FEATURES`), with the same CV+ intervals
-over shift kinds. The stage-0 prediction enters as a feature whose coefficient is fitted,
-so the index model is the prior and the probe's evidence moves the forecast only as far
-as calibration showed it to be informative. On calibration data the stage-0 feature is
-its out-of-fold value (the fold model that never saw the row's kind), so stage 1 does not
-learn to trust a stage 0 that had seen the answer.
+(Tobit) regression of ``log(epochs + 1)`` on the probe's features
+(:data:`~shiftcost.forecast.probe.PROBE_FEATURES`), with the same CV+ intervals over shift
+kinds. The stage-0 prediction can enter as a feature whose coefficient is fitted (its
+out-of-fold value on calibration data, so stage 1 does not learn to trust a stage 0 that
+had seen the answer); whether it does is :data:`STAGE1_DEFAULT`, chosen by leave-one-kind-out
+over the built-in kinds, where the probe's features alone forecast better.
 
 During a retrain the forecast made before it is moved towards the run's own learning
 curve, the more the more evaluations exist, and conditioned on what is known: a run that
@@ -44,9 +43,16 @@ __all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATU
 FORMAT = "shiftcost.forecaster/1"
 STAGE0_FEATURE = "stage0_log_epochs"
 #: Evaluations at which the run's own curve weighs as much as the forecast made before the run
-#: (``inf``: the forecast alone, truncated). Chosen by ``benchmarks/forecast_selection.py``.
-OWN_CURVE_EVALS = 8.0
+#: (``inf``: the forecast alone, truncated). Chosen by ``benchmarks/forecast_selection.py`` on the
+#: built-in kinds (digits CNN; median |log error| after a quarter of the probe forecast): inf 0.33,
+#: 2: 0.37, 4: 0.41, 8: 0.46, 16: 0.39; stage 1 read on the run's own curve (the earlier design) 0.54.
+OWN_CURVE_EVALS = math.inf
 STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
+#: Features stage 1 is fitted on unless told otherwise. Chosen by ``benchmarks/forecast_selection.py``
+#: (leave-one-kind-out over the built-in kinds, digits CNN, cutoff window 1; MdAPE of epochs):
+#: index + curve + progress + loss drop 53% (progress and loss drop got zero weight: index + curve
+#: alike), probe features alone 48%, stage 0 alone 72%, isotonic on accuracy drop 44%.
+STAGE1_DEFAULT: tuple[str, ...] = PROBE_FEATURES
 #: More predicted by the index model, a slower curve: more cost; more progress or loss drop: less.
 STAGE1_SIGNS: dict[str, int] = {STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1}
 
@@ -129,7 +135,7 @@ class Forecaster:
         energy_rate: HostEnergyRate | None = None,
         batch_size: int = 64,
         probe_settings: Mapping[str, Any] | None = None,
-        stage1_features: Sequence[str] = STAGE1_FEATURES,
+        stage1_features: Sequence[str] = STAGE1_DEFAULT,
     ) -> Forecaster:
         """Fit stage 0 on ``features``; fit stage 1 on ``stage1_features`` when every row carries the probe's features.
 
@@ -283,7 +289,9 @@ class Forecaster:
     ) -> dict[str, float]:
         assert self.stage1 is not None
         if features is None:
-            prior = float(self.stage1.history_.latest.state["feature_mean"][self.stage1.features_.index(STAGE0_FEATURE)])
+            names = list(self.stage1.features_)
+            means = self.stage1.history_.latest.state["feature_mean"]
+            prior = float(means[names.index(STAGE0_FEATURE)]) if STAGE0_FEATURE in names else 0.0
         else:
             prior = self.stage0_log_epochs(features)
         row = {STAGE0_FEATURE: prior} | probe_features(
