@@ -382,38 +382,44 @@ def noise_floor(model: Any, x: Any, y: Any, ceiling: float, seeds: int) -> dict[
     """One batch per evaluation kind (middle intensity), ``seeds`` retrains, under the latest
     evaluation alone deciding the cutoff (window 1), the mean of two, and the chosen window
     (chosen on the built-in kinds by ``forecast_selection.py``; reported here, not chosen)."""
-    from shiftcost.retrain import retrain_to_cutoff
-
+    batches = {kind: eval_corrupt(x, kind, intensities[len(intensities) // 2], seed=0) for kind, intensities in EVAL_KINDS.items()}
     out: dict[str, Any] = {}
     chosen = protocol.CUTOFF_WINDOW
     for window in sorted({1, 2, chosen}):
         protocol.CUTOFF_WINDOW = window
-        fraction = protocol.HOLDOUT_FRACTION
-        cvs, apes, per_kind = [], [], {}
-        for kind, intensities in EVAL_KINDS.items():
-            shifted = eval_corrupt(x, kind, intensities[len(intensities) // 2], seed=0)
-            epochs = np.array([
-                retrain_to_cutoff(
-                    model, shifted, y, seed=100 + s, reference_accuracy=ceiling, tolerance=TOLERANCE, holdout_fraction=fraction,
-                    max_epochs=protocol.MAX_EPOCHS, track_energy=False, device="cpu", **TRAINING_RECIPE,
-                ).epochs
-                for s in range(seeds)
-            ])
-            per_kind[kind] = epochs.tolist()
-            if epochs.mean() > 0:
-                cvs.append(float(epochs.std(ddof=1) / epochs.mean()))
-            for i in range(seeds):
-                others = np.delete(epochs, i).mean()
-                if epochs[i] > 0:
-                    apes.append(abs(others - epochs[i]) / epochs[i])
-        out[f"cutoff_window_{window}"] = {
-            "cv_median": float(np.median(cvs)) if cvs else math.nan,
-            "cv_range": [float(min(cvs)), float(max(cvs))] if cvs else None,
-            "leave_one_seed_out_mdape": float(np.median(apes)) if apes else math.nan,
-            "epochs": per_kind,
-        }
+        out[f"cutoff_window_{window}"] = seed_spread(model, batches, y, ceiling, seeds)
     protocol.CUTOFF_WINDOW = chosen
     return out
+
+
+def seed_spread(model: Any, batches: dict[str, Any], y: Any, ceiling: float, seeds: int) -> dict[str, Any]:
+    """Epochs to the cutoff of each batch under ``seeds`` retrain seeds: the median CV and the
+    leave-one-seed-out MdAPE (the error of forecasting one seed by the mean of the others)."""
+    from shiftcost.retrain import retrain_to_cutoff
+
+    cvs, apes, per_kind = [], [], {}
+    for kind, shifted in batches.items():
+        epochs = np.array([
+            retrain_to_cutoff(
+                model, shifted, y, seed=100 + s, reference_accuracy=ceiling, tolerance=TOLERANCE,
+                holdout_fraction=protocol.HOLDOUT_FRACTION, max_epochs=protocol.MAX_EPOCHS, track_energy=False, device="cpu",
+                **TRAINING_RECIPE,
+            ).epochs
+            for s in range(seeds)
+        ])
+        per_kind[kind] = epochs.tolist()
+        if epochs.mean() > 0:
+            cvs.append(float(epochs.std(ddof=1) / epochs.mean()))
+        for i in range(seeds):
+            if epochs[i] > 0:
+                apes.append(abs(np.delete(epochs, i).mean() - epochs[i]) / epochs[i])
+    return {
+        "cv_median": float(np.median(cvs)) if cvs else math.nan,
+        "cv_range": [float(min(cvs)), float(max(cvs))] if cvs else None,
+        "leave_one_seed_out_mdape": float(np.median(apes)) if apes else math.nan,
+        "median_epochs": float(np.median([e for v in per_kind.values() for e in v])),
+        "epochs": per_kind,
+    }
 
 
 # ----------------------------------------------------------------------------- output

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forecast_accuracy import LEVEL, TOLERANCE, TRAINING_RECIPE, _scores, build_arch, calibrate, fit_baselines  # noqa: E402
+from forecast_accuracy import LEVEL, TOLERANCE, _scores, build_arch, calibrate, fit_baselines, seed_spread  # noqa: E402
 
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.forecaster import STAGE0_FEATURE, STAGE1_FEATURES, Forecaster  # noqa: E402
@@ -51,36 +51,16 @@ from shiftcost.shifts import DEFAULT_SWEEP, corrupt  # noqa: E402
 
 
 def noise_floor_by_window(model: Any, x: Any, y: Any, ceiling: float, seeds: int, windows: list[int]) -> dict[str, Any]:
-    """Leave-one-seed-out MdAPE and CV of epochs per cutoff window, on the built-in kinds."""
-    from shiftcost.retrain import retrain_to_cutoff
-
+    """Leave-one-seed-out MdAPE and CV of epochs per cutoff window, on the built-in kinds
+    (one batch each, at its middle non-zero intensity)."""
+    batches = {}
+    for kind, values in DEFAULT_SWEEP.items():
+        nonzero = [v for v in values if v > 0]
+        batches[kind] = corrupt(x, kind, nonzero[len(nonzero) // 2], seed=0)
     out: dict[str, Any] = {}
     for window in windows:
         protocol.CUTOFF_WINDOW = window
-        apes, cvs, per_kind = [], [], {}
-        for kind, values in DEFAULT_SWEEP.items():
-            nonzero = [v for v in values if v > 0]
-            shifted = corrupt(x, kind, nonzero[len(nonzero) // 2], seed=0)
-            epochs = np.array([
-                retrain_to_cutoff(
-                    model, shifted, y, seed=100 + s, reference_accuracy=ceiling, tolerance=TOLERANCE,
-                    holdout_fraction=protocol.HOLDOUT_FRACTION, max_epochs=protocol.MAX_EPOCHS, track_energy=False, device="cpu",
-                    **TRAINING_RECIPE,
-                ).epochs
-                for s in range(seeds)
-            ])
-            per_kind[kind] = epochs.tolist()
-            if epochs.mean() > 0:
-                cvs.append(float(epochs.std(ddof=1) / epochs.mean()))
-            for i in range(seeds):
-                if epochs[i] > 0:
-                    apes.append(abs(np.delete(epochs, i).mean() - epochs[i]) / epochs[i])
-        out[str(window)] = {
-            "leave_one_seed_out_mdape": float(np.median(apes)) if apes else math.nan,
-            "cv_median": float(np.median(cvs)) if cvs else math.nan,
-            "median_epochs": float(np.median([e for v in per_kind.values() for e in v])),
-            "epochs": per_kind,
-        }
+        out[str(window)] = seed_spread(model, batches, y, ceiling, seeds)
     return out
 
 

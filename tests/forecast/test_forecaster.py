@@ -13,7 +13,7 @@ from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate
 from shiftcost.errors import InputError
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
-from shiftcost.forecast.forecaster import STAGE0_FEATURE, Forecaster, out_of_fold_log_epochs
+from shiftcost.forecast.forecaster import Forecaster, out_of_fold_log_epochs
 from tests.forecast.helpers import INDEX, UNIT_RATE, fitted_forecaster, forecast_rows
 
 
