@@ -13,15 +13,16 @@ trains on this CPU in about a minute):
    calibration or used to choose a setting), every intensity, ``--seeds`` seeds each: the
    probe runs, then the real retrain under the one measurement protocol.
 3. Print per predictor (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
-   in-flight after the first quarter of the probe forecast): MdAPE of epochs on reached
+   in-flight after the first quarter of the probe forecast, which starts from the probe
+   forecast; settings chosen by ``forecast_selection.py`` on the built-in kinds): MdAPE of epochs on reached
    runs, median |log error| (capped runs count as bounds), Harrell's C-index (capped runs
    censored), 90% coverage (reached runs), overspend counts when budgeting on the upper
    bound under caps at the 25/50/75th percentiles of measured cost, and paired bootstrap
    95% CIs of stage 0 + probe minus each baseline. Then the budget guard replayed on every
    run's evaluations (the guard only reads them, so the replay stops exactly where a live
    guard would), the probe's cost against the median retrain, and the noise floor: one
-   batch per kind retrained with ``--noise-seeds`` seeds under the protocol (holdout 0.3)
-   and under the old command-line holdout of 0.2.
+   batch per kind retrained with ``--noise-seeds`` seeds under the protocol, with the
+   cutoff decided by the latest evaluation and by the mean of the last two.
 
 Cost is counted in sample-gradient equivalents (samples trained + 1/3 of samples
 evaluated), the deterministic quantity that the host's energy rate converts to kWh; on a
@@ -120,6 +121,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     forecaster = sweep.forecaster
     if forecaster is None or forecaster.stage1 is None:
         raise SystemExit(f"{arch}: calibration gave no usable forecaster ({sweep.cost_model_error or forecaster.stage1_error})")
+    host_rate = forecaster.energy_rate  # CodeCarbon's rate on this host, for the probe's estimated energy
     cal_rows = [r for r in sweep.rows if r["status"] != "failed"]
     baselines = fit_baselines(cal_rows)
     # Cost in sample-gradient equivalents: a rate of 3.6e6 J per sample makes kWh == work units.
@@ -142,7 +144,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
             features = {k: float(getattr(report, k)) for k in COST_FEATURES}
             stage0 = forecaster.predict(features)
             for seed in range(args.seeds):
-                probe = _probe(model, shifted, new_y, target, ceiling, seed)
+                probe = _probe(model, shifted, new_y, target, ceiling, seed, host_rate)
                 stage1 = forecaster.predict(features, probe=probe)
                 run = retrain_to_cutoff(
                     model, shifted, new_y, seed=seed, reference_accuracy=ceiling, tolerance=TOLERANCE,
@@ -154,7 +156,11 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                     "status": run.status, "accuracy_drop": ceiling - features["accuracy"], "cost": work(run.epochs, len(run.curve)),
                     "samples_seen": run.samples_seen, "eval_every": run.eval_every,
                     "probe_sample_gradients": probe.cost.sample_gradients, "probe_samples_evaluated": probe.cost.samples_evaluated,
-                    "probe_seconds": probe.cost.seconds, "retrain_seconds": run.wall_time_s,
+                    "probe_seconds": probe.cost.seconds, "retrain_seconds": run.wall_time_s, "probe_steps": probe.cost.steps,
+                    "probe_batch_size": probe.settings["batch_size"], "probe_samples": probe.settings["samples"],
+                    "probe_evaluations": len(probe.accuracy), "probe_energy_kwh_measured": probe.cost.energy_kwh if probe.cost.energy_measured else None,
+                    "probe_energy_kwh_estimated": probe.cost.estimated_energy_kwh,
+                    "retrain_energy_kwh_estimated": None if host_rate is None else host_rate.kwh(run.samples_seen, len(run.curve) * run.holdout_samples),
                     "stage0": stage0.epochs, "stage0_probe": stage1.epochs,
                 }
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
@@ -186,10 +192,14 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _probe(model: Any, x: Any, y: Any, target: float, ceiling: float, seed: int) -> Any:
+def _probe(model: Any, x: Any, y: Any, target: float, ceiling: float, seed: int, rate: Any) -> Any:
+    """The probe, measured with CodeCarbon as retrains are, and estimated through the host's rate."""
     from shiftcost.forecast.probe import run_probe
 
-    return run_probe(model, x, y, target_accuracy=target, ceiling=ceiling, seed=seed, device="cpu")
+    return run_probe(
+        model, x, y, target_accuracy=target, ceiling=ceiling, seed=seed, device="cpu", track_energy=True,
+        energy_options={"measure_power_secs": 0.5}, joules_per_sample=None if rate is None else rate.joules_per_sample,
+    )
 
 
 def _in_flight(forecaster: Any, features: dict[str, float], run: Any, stage1: Any, target: float, ceiling: float) -> Any:
@@ -201,7 +211,8 @@ def _in_flight(forecaster: Any, features: dict[str, float], run: Any, stage1: An
     if len(seen) < 3 or run.curve[len(seen) - 1] is run.curve[-1]:
         return None
     forecast = forecaster.in_flight(
-        [p.epoch for p in seen], [p.accuracy for p in seen], [p.loss for p in seen], target=target, ceiling=ceiling, features=features
+        [p.epoch for p in seen], [p.accuracy for p in seen], [p.loss for p in seen], target=target, ceiling=ceiling, features=features,
+        prior=stage1,
     )
     return forecast.epochs
 
@@ -339,9 +350,25 @@ def budget_table(runs: list[dict[str, Any]], forecaster: Any, work: Any) -> dict
 
 
 def probe_cost(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The probe's fixed size, its cost beside the median retrain (both counted as work:
+    samples trained + 1/3 of samples evaluated), and its energy measured vs estimated."""
     retrain = float(np.median([r["samples_seen"] for r in runs]))
     probe = float(np.median([r["probe_sample_gradients"] for r in runs]))
+    probe_work = float(np.median([r["probe_sample_gradients"] + EVAL_SAMPLE_WEIGHT * r["probe_samples_evaluated"] for r in runs]))
+    measured = [r["probe_energy_kwh_measured"] for r in runs if r["probe_energy_kwh_measured"] is not None]
+    estimated = [r["probe_energy_kwh_estimated"] for r in runs if r["probe_energy_kwh_estimated"] is not None]
+    ratios = [
+        r["probe_energy_kwh_measured"] / r["probe_energy_kwh_estimated"]
+        for r in runs if r["probe_energy_kwh_measured"] is not None and r["probe_energy_kwh_estimated"]
+    ]
     return {
+        "probe_steps": runs[0]["probe_steps"], "probe_batch_size": runs[0]["probe_batch_size"], "probe_samples": runs[0]["probe_samples"],
+        "probe_evaluations": runs[0]["probe_evaluations"],
+        "work_ratio_incl_evaluations": probe_work / float(np.median([r["cost"] for r in runs])),
+        "probe_energy_kwh_measured_median": float(np.median(measured)) if measured else None,
+        "probe_energy_kwh_estimated_median": float(np.median(estimated)) if estimated else None,
+        "probe_energy_measured_over_estimated_median": float(np.median(ratios)) if ratios else None,
+        "probe_energy_measured_over_estimated_range": [float(min(ratios)), float(max(ratios))] if ratios else None,
         "probe_sample_gradients": probe,
         "probe_samples_evaluated": float(np.median([r["probe_samples_evaluated"] for r in runs])),
         "probe_seconds_median": float(np.median([r["probe_seconds"] for r in runs])),
@@ -352,35 +379,47 @@ def probe_cost(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def noise_floor(model: Any, x: Any, y: Any, ceiling: float, seeds: int) -> dict[str, Any]:
-    """One batch per evaluation kind (middle intensity), ``seeds`` retrains, two holdout sizes."""
+    """One batch per evaluation kind (middle intensity), ``seeds`` retrains, under the latest
+    evaluation alone deciding the cutoff (window 1), the mean of two, and the chosen window
+    (chosen on the built-in kinds by ``forecast_selection.py``; reported here, not chosen)."""
+    batches = {kind: eval_corrupt(x, kind, intensities[len(intensities) // 2], seed=0) for kind, intensities in EVAL_KINDS.items()}
+    out: dict[str, Any] = {}
+    chosen = protocol.CUTOFF_WINDOW
+    for window in sorted({1, 2, chosen}):
+        protocol.CUTOFF_WINDOW = window
+        out[f"cutoff_window_{window}"] = seed_spread(model, batches, y, ceiling, seeds)
+    protocol.CUTOFF_WINDOW = chosen
+    return out
+
+
+def seed_spread(model: Any, batches: dict[str, Any], y: Any, ceiling: float, seeds: int) -> dict[str, Any]:
+    """Epochs to the cutoff of each batch under ``seeds`` retrain seeds: the median CV and the
+    leave-one-seed-out MdAPE (the error of forecasting one seed by the mean of the others)."""
     from shiftcost.retrain import retrain_to_cutoff
 
-    out: dict[str, Any] = {}
-    for fraction in (protocol.HOLDOUT_FRACTION, 0.2):
-        cvs, apes, per_kind = [], [], {}
-        for kind, intensities in EVAL_KINDS.items():
-            shifted = eval_corrupt(x, kind, intensities[len(intensities) // 2], seed=0)
-            epochs = np.array([
-                retrain_to_cutoff(
-                    model, shifted, y, seed=100 + s, reference_accuracy=ceiling, tolerance=TOLERANCE, holdout_fraction=fraction,
-                    max_epochs=protocol.MAX_EPOCHS, track_energy=False, device="cpu", **TRAINING_RECIPE,
-                ).epochs
-                for s in range(seeds)
-            ])
-            per_kind[kind] = epochs.tolist()
-            if epochs.mean() > 0:
-                cvs.append(float(epochs.std(ddof=1) / epochs.mean()))
-            for i in range(seeds):
-                others = np.delete(epochs, i).mean()
-                if epochs[i] > 0:
-                    apes.append(abs(others - epochs[i]) / epochs[i])
-        out[f"holdout_{fraction:g}"] = {
-            "cv_median": float(np.median(cvs)) if cvs else math.nan,
-            "cv_range": [float(min(cvs)), float(max(cvs))] if cvs else None,
-            "leave_one_seed_out_mdape": float(np.median(apes)) if apes else math.nan,
-            "epochs": per_kind,
-        }
-    return out
+    cvs, apes, per_kind = [], [], {}
+    for kind, shifted in batches.items():
+        epochs = np.array([
+            retrain_to_cutoff(
+                model, shifted, y, seed=100 + s, reference_accuracy=ceiling, tolerance=TOLERANCE,
+                holdout_fraction=protocol.HOLDOUT_FRACTION, max_epochs=protocol.MAX_EPOCHS, track_energy=False, device="cpu",
+                **TRAINING_RECIPE,
+            ).epochs
+            for s in range(seeds)
+        ])
+        per_kind[kind] = epochs.tolist()
+        if epochs.mean() > 0:
+            cvs.append(float(epochs.std(ddof=1) / epochs.mean()))
+        for i in range(seeds):
+            if epochs[i] > 0:
+                apes.append(abs(np.delete(epochs, i).mean() - epochs[i]) / epochs[i])
+    return {
+        "cv_median": float(np.median(cvs)) if cvs else math.nan,
+        "cv_range": [float(min(cvs)), float(max(cvs))] if cvs else None,
+        "leave_one_seed_out_mdape": float(np.median(apes)) if apes else math.nan,
+        "median_epochs": float(np.median([e for v in per_kind.values() for e in v])),
+        "epochs": per_kind,
+    }
 
 
 # ----------------------------------------------------------------------------- output

@@ -3,17 +3,17 @@
 Stage 0 is :class:`~shiftcost.costmodel.CostModel` on the shift indices: free, one
 forward pass, but it measures how far the data moved, not how hard the move is to learn.
 Stage 1 adds what a probe (:func:`~shiftcost.forecast.probe.run_probe`) saw: a censored
-(Tobit) regression of ``log(epochs + 1)`` on the stage-0 prediction and the probe's
-features (:data:`~shiftcost.forecast.probe.PROBE_FEATURES`), with the same CV+ intervals
-over shift kinds. The stage-0 prediction enters as a feature whose coefficient is fitted,
-so the index model is the prior and the probe's evidence moves the forecast only as far
-as calibration showed it to be informative. On calibration data the stage-0 feature is
-its out-of-fold value (the fold model that never saw the row's kind), so stage 1 does not
-learn to trust a stage 0 that had seen the answer.
+(Tobit) regression of ``log(epochs + 1)`` on the probe's features
+(:data:`~shiftcost.forecast.probe.PROBE_FEATURES`), with the same CV+ intervals over shift
+kinds. The stage-0 prediction can enter as a feature whose coefficient is fitted (its
+out-of-fold value on calibration data, so stage 1 does not learn to trust a stage 0 that
+had seen the answer); whether it does is :data:`STAGE1_DEFAULT`, chosen by leave-one-kind-out
+over the built-in kinds, where the probe's features alone forecast better.
 
-During a retrain the same stage-1 model reads the run's own evaluations (a longer probe)
-and the forecast is conditioned on what is known: a run that has not reached the cutoff
-after ``e`` epochs needs more than ``e`` (the predictive distribution is truncated there).
+During a retrain the forecast made before it is moved towards the run's own learning
+curve, the more the more evaluations exist, and conditioned on what is known: a run that
+has not reached the cutoff after ``e`` epochs needs more than ``e`` (the predictive
+distribution is truncated there).
 
 Epochs are the forecast; energy and emissions are a conversion through the host's
 :class:`~shiftcost.energy.HostEnergyRate`, evaluations included.
@@ -35,13 +35,25 @@ from shiftcost.costmodel import CostModel, CostPrediction
 from shiftcost.energy import HostEnergyRate
 from shiftcost.errors import InputError
 from shiftcost.forecast import protocol
+from shiftcost.forecast.curve import epochs_to_target, fit_curve
 from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, ProbeTrajectory, probe_features
 
 __all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATURES"]
 
 FORMAT = "shiftcost.forecaster/1"
 STAGE0_FEATURE = "stage0_log_epochs"
+#: Evaluations at which the run's own curve weighs as much as the forecast made before the run
+#: (``inf``: the forecast alone, truncated). Chosen by ``benchmarks/forecast_selection.py`` on the
+#: built-in kinds (median |log error| after a quarter of the probe forecast, digits CNN |
+#: shufflenet_v2_x0_5): inf 0.33 | 0.31, 2: 0.37 | 0.39, 4: 0.41 | 0.33, 8: 0.46 | 0.38, 16: 0.39 | 0.33;
+#: stage 1 read on the run's own curve (the earlier design) 0.54 | 0.47.
+OWN_CURVE_EVALS = math.inf
 STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
+#: Features stage 1 is fitted on unless told otherwise. Chosen by ``benchmarks/forecast_selection.py``
+#: (leave-one-kind-out over the built-in kinds, cutoff window 1; MdAPE of epochs, digits CNN |
+#: shufflenet_v2_x0_5): index + curve + progress + loss drop 53% | 77%, index + curve 53% | 92%,
+#: probe features alone 48% | 59%, stage 0 alone 72% | 89%, isotonic on accuracy drop 44% | 120%.
+STAGE1_DEFAULT: tuple[str, ...] = PROBE_FEATURES
 #: More predicted by the index model, a slower curve: more cost; more progress or loss drop: less.
 STAGE1_SIGNS: dict[str, int] = {STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1}
 
@@ -124,8 +136,9 @@ class Forecaster:
         energy_rate: HostEnergyRate | None = None,
         batch_size: int = 64,
         probe_settings: Mapping[str, Any] | None = None,
+        stage1_features: Sequence[str] = STAGE1_DEFAULT,
     ) -> Forecaster:
-        """Fit stage 0 on ``features``; fit stage 1 when every row carries the probe's features.
+        """Fit stage 0 on ``features``; fit stage 1 on ``stage1_features`` when every row carries the probe's features.
 
         ``max_epochs`` is the sweep's epoch cap: it sets the "not to converge" flag whether
         or not any calibration run was capped.
@@ -138,7 +151,7 @@ class Forecaster:
             with_prior = [r | {STAGE0_FEATURE: z} for r, z in zip(rows, out_of_fold_log_epochs(stage0))]
             try:
                 stage1 = CostModel(
-                    level=level, features=list(STAGE1_FEATURES), monotone=STAGE1_SIGNS, max_epochs=max_epochs
+                    level=level, features=list(stage1_features), monotone={f: STAGE1_SIGNS[f] for f in stage1_features}, max_epochs=max_epochs
                 ).fit(with_prior, groups=group_key, note="stage 1: index prior + probe")
             except InputError as failure:
                 error = str(failure)
@@ -176,14 +189,35 @@ class Forecaster:
         if probe is None or self.stage1 is None:
             prediction = self.stage0.predict_costs([dict(features)], max_epochs=self.max_epochs)[0]
             return self._finish(prediction, "index", dict(prediction.features), None, batch_samples, carbon_intensity)
-        row = self._stage1_row(features, probe.epochs, probe.accuracy, probe.loss, probe.target_accuracy, probe.ceiling)
+        values = probe_features(
+            probe.epochs, probe.accuracy, probe.loss, target=probe.target_accuracy, ceiling=probe.ceiling, cap_epochs=self.max_epochs
+        )
+        return self.predict_from_probe_features(
+            features, values, probe_cost=probe.cost.to_dict(), already_met=probe.accuracy[0] >= probe.target_accuracy,
+            batch_samples=batch_samples, carbon_intensity=carbon_intensity,
+        )
+
+    def predict_from_probe_features(
+        self,
+        features: Mapping[str, Any],
+        values: Mapping[str, float],
+        *,
+        probe_cost: dict[str, Any] | None = None,
+        already_met: bool = False,
+        batch_samples: int | None = None,
+        carbon_intensity: float | None = None,
+    ) -> Forecast:
+        """Stage 1 on the probe's features (:func:`~shiftcost.forecast.probe.probe_features`), e.g. a calibration row's."""
+        if self.stage1 is None:
+            raise InputError(f"this cost model has no probe stage ({self.stage1_error}); recalibrate with probe steps > 0.")
+        row = self._clip_stage1({STAGE0_FEATURE: self.stage0_log_epochs(features)} | {k: float(values[k]) for k in PROBE_FEATURES})
         prediction = self.stage1.predict_costs([row], max_epochs=self.max_epochs)[0]
         known = None
-        if probe.accuracy[0] >= probe.target_accuracy:
+        if already_met:
             # The retrain's first evaluation is on the same held-out split (same seed): it stops there.
             known = Interval(0.0, 0.0, 0.0, prediction.level)
         return self._finish(
-            prediction, "probe", dict(features) | row, probe.cost.to_dict(), batch_samples, carbon_intensity,
+            prediction, "probe", dict(features) | row, probe_cost, batch_samples, carbon_intensity,
             epochs=known, p_not_converge=0.0 if known else None,
         )
 
@@ -196,24 +230,44 @@ class Forecaster:
         target: float,
         ceiling: float,
         features: Mapping[str, Any] | None = None,
+        prior: Forecast | None = None,
         batch_samples: int | None = None,
         carbon_intensity: float | None = None,
+        own_curve_evals: float | None = None,
     ) -> Forecast:
         """Forecast of the *total* epochs of a running retrain from its evaluations so far.
 
-        The run has not reached the cutoff after ``epochs[-1]``, so the forecast is the
-        stage-1 prediction conditioned on needing more than that. Without ``features``
-        (no reference statistics at hand) the index prior is the calibration average.
+        The forecast made before the run (``prior``: the probe's or the index model's;
+        without it stage 0 on ``features``, else stage 1 on the run's own curve) is moved
+        towards the run's own learning curve extrapolated to the target, in log-epochs,
+        with weight ``n / (n + own_curve_evals)`` for ``n`` evaluations after the first
+        (default :data:`OWN_CURVE_EVALS`; ``inf``: the prior alone), and then conditioned on
+        what is known: a run that has not reached the cutoff after ``e`` epochs needs more
+        than ``e`` (the predictive law is truncated there). Stage 1 read on the run's own
+        curve (the earlier design) scored worse than a constant: its coefficients were
+        fitted on probe trajectories, whose time scale a run's curve does not share.
         """
-        if self.stage1 is None:
-            raise InputError(f"this cost model has no probe stage ({self.stage1_error}); recalibrate with probe steps > 0.")
-        row = self._stage1_row(features, epochs, accuracy, loss, target, ceiling)
-        prediction = self.stage1.predict_costs([row], max_epochs=self.max_epochs)[0]
-        spent = float(epochs[-1])
-        interval, p_fail = _condition_on_spent(prediction, spent, self.stage1.epochs_offset, self.max_epochs)
+        row: dict[str, float] = {}
+        if prior is not None:
+            base = prior.epochs
+        elif features is not None or self.stage1 is None:
+            if features is None:
+                raise InputError("an in-flight forecast needs the batch's features or the forecast made before the run.")
+            base = self.predict(features).epochs
+        else:
+            row = self._stage1_row(features, epochs, accuracy, loss, target, ceiling)
+            p = self.stage1.predict_costs([row], max_epochs=self.max_epochs)[0]
+            base = Interval(p.epochs, p.epochs_lower, p.epochs_upper, p.level)
+        weight_evals = OWN_CURVE_EVALS if own_curve_evals is None else own_curve_evals
+        n = max(len(epochs) - 1, 0)
+        weight = 0.0 if not math.isfinite(weight_evals) or n == 0 else n / (n + weight_evals)
+        horizon = HORIZON_CAPS * self.max_epochs
+        own = min(epochs_to_target(fit_curve(list(epochs), list(accuracy), ceiling), target), horizon)
+        offset = self.stage0.epochs_offset
+        interval, p_fail = _condition_on_spent(base, float(epochs[-1]), offset, self.max_epochs, own, weight)
         return self._finish(
-            prediction, "in_flight", dict(features or {}) | row, None, batch_samples, carbon_intensity,
-            epochs=interval, p_not_converge=p_fail,
+            None, "in_flight", dict(features or {}) | row | {"own_curve_epochs": own, "own_curve_weight": weight}, None,
+            batch_samples, carbon_intensity, epochs=interval, p_not_converge=p_fail,
         )
 
     def energy_interval(self, epochs: Interval, batch_samples: int | None) -> Interval | None:
@@ -236,12 +290,18 @@ class Forecaster:
     ) -> dict[str, float]:
         assert self.stage1 is not None
         if features is None:
-            prior = float(self.stage1.history_.latest.state["feature_mean"][self.stage1.features_.index(STAGE0_FEATURE)])
+            names = list(self.stage1.features_)
+            means = self.stage1.history_.latest.state["feature_mean"]
+            prior = float(means[names.index(STAGE0_FEATURE)]) if STAGE0_FEATURE in names else 0.0
         else:
             prior = self.stage0_log_epochs(features)
         row = {STAGE0_FEATURE: prior} | probe_features(
             list(epochs), list(accuracy), list(loss), target=target, ceiling=ceiling, cap_epochs=self.max_epochs
         )
+        return self._clip_stage1(row)
+
+    def _clip_stage1(self, row: dict[str, float]) -> dict[str, float]:
+        assert self.stage1 is not None
         # Held to the range calibration saw: a curve that never crosses (or a stage-0 value far
         # outside) would otherwise be extrapolated exponentially by the log-linear fit.
         state = self.stage1.history_.latest.state
@@ -251,7 +311,7 @@ class Forecaster:
 
     def _finish(
         self,
-        prediction: CostPrediction,
+        prediction: CostPrediction | None,
         stage: str,
         features: dict[str, Any],
         probe: dict[str, Any] | None,
@@ -262,6 +322,7 @@ class Forecaster:
         p_not_converge: float | None = None,
     ) -> Forecast:
         if epochs is None:
+            assert prediction is not None
             epochs = Interval(prediction.epochs, prediction.epochs_lower, prediction.epochs_upper, prediction.level)
             p_not_converge = prediction.p_not_converge
         # A log-linear model extrapolates exponentially, and no calibration run says anything
@@ -358,27 +419,32 @@ def out_of_fold_log_epochs(model: CostModel) -> list[float]:
     return out
 
 
-def _condition_on_spent(prediction: CostPrediction, spent: float, offset: float, cap: float) -> tuple[Interval, float]:
-    """The prediction's interval given that the run needs more than ``spent`` epochs.
+def _condition_on_spent(
+    base: Interval, spent: float, offset: float, cap: float, own_epochs: float = math.inf, own_weight: float = 0.0
+) -> tuple[Interval, float]:
+    """``base`` moved towards ``own_epochs`` and conditioned on needing more than ``spent`` epochs.
 
     The predictive law of ``z = log(epochs + offset)`` is taken as normal with the
-    prediction's median and the spread its conformal interval implies, truncated below at
-    ``log(spent + offset)``; its quantiles give the conditional median and interval.
+    interval's median (shifted by ``own_weight`` of the way to ``log(own_epochs + offset)``)
+    and the spread its interval implies, truncated below at ``log(spent + offset)``; its
+    quantiles give the conditional median and interval.
     """
-    level = prediction.level
+    level = base.level
     half = special.ndtri(0.5 + level / 2)
-    mu = math.log(prediction.epochs + offset)
-    low_z = math.log(prediction.epochs_lower + offset)
-    high_z = math.log(prediction.epochs_upper + offset) if math.isfinite(prediction.epochs_upper) else mu + 4.0
+    mu = math.log(max(base.median, 0.0) + offset)
+    low_z = math.log(max(base.low, 0.0) + offset)
+    high_z = math.log(base.high + offset) if math.isfinite(base.high) else mu + 4.0
     sd = max((high_z - low_z) / (2 * half), 1e-3)
+    if own_weight > 0 and math.isfinite(own_epochs):
+        mu = (1 - own_weight) * mu + own_weight * math.log(own_epochs + offset)
     a = (math.log(spent + offset) - mu) / sd
     law = stats.truncnorm(a, math.inf, loc=mu, scale=sd)
     lo, med, hi = (float(q) for q in law.ppf([0.5 - level / 2, 0.5, 0.5 + level / 2]))
 
     def back(z: float) -> float:
-        return max(math.exp(z) - offset, spent)
+        return max(math.exp(z) - offset, spent) if math.isfinite(z) else spent
 
-    upper = back(hi) if math.isfinite(prediction.epochs_upper) else math.inf
+    upper = back(hi) if math.isfinite(base.high) else math.inf
     p_fail = float(law.sf(math.log(cap + offset)))
     return Interval(back(med), back(lo), upper, level), p_fail
 

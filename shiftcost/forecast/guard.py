@@ -4,8 +4,9 @@
 :func:`~shiftcost.retrain.retrain_to_cutoff`. At every evaluation it estimates what the
 run has spent (training and evaluations, through the host's energy rate), updates the
 forecast of the run's total epochs from its own evaluations
-(:meth:`~shiftcost.forecast.forecaster.Forecaster.in_flight`; the initial forecast until
-three evaluations exist), and returns ``"stopped_by_budget"`` (which ends the run, the
+(:meth:`~shiftcost.forecast.forecaster.Forecaster.in_flight`: the initial forecast moved
+towards the run's own curve and truncated at what is spent; the initial forecast alone
+until three evaluations exist), and returns ``"stopped_by_budget"`` (which ends the run, the
 caller's model untouched) when what is spent plus the forecast's *lower* bound of what is
 still needed exceeds the budget. Stopping on the lower bound stops only runs that will
 overspend even in the favourable case; because the check runs at every evaluation, a run
@@ -75,7 +76,7 @@ class BudgetGuard:
         self._accuracy.append(float(point.accuracy))
         self._loss.append(float(point.loss))
         self.spent_kwh = rate.kwh(point.samples_seen, len(self._epochs) * self.holdout)
-        if point.accuracy >= target:
+        if protocol.cutoff_reached(self._accuracy, target):
             return None  # the run stops by itself at this evaluation
         forecast = self._forecast(target)
         spent_epochs = self._epochs[-1]
@@ -105,9 +106,10 @@ class BudgetGuard:
         return None
 
     def _forecast(self, target: float) -> Forecast | None:
-        if len(self._epochs) >= MIN_POINTS and self.forecaster.stage1 is not None:
+        can_forecast = self.initial is not None or self.features is not None or self.forecaster.stage1 is not None
+        if len(self._epochs) >= MIN_POINTS and can_forecast:
             return self.forecaster.in_flight(
                 self._epochs, self._accuracy, self._loss, target=target, ceiling=self.ceiling, features=self.features,
-                batch_samples=self.batch_samples,
+                prior=self.initial, batch_samples=self.batch_samples,
             )
         return self.initial

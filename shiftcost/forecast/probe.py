@@ -55,6 +55,9 @@ class ProbeCost:
     seconds: float
     energy_kwh: float | None
     energy_measured: bool
+    #: The host rate's estimate of the same spend (``None`` without a rate): beside a
+    #: measured ``energy_kwh`` it shows how far the estimate charged in a forecast is off.
+    estimated_energy_kwh: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +120,19 @@ def probe_features(
     return {"curve_log_epochs": math.log1p(crossing), "probe_progress": progress, "probe_loss_drop": float(drop)}
 
 
+@dataclass
+class _Walk:
+    """What the probe's steps recorded (the trajectory before it is frozen)."""
+
+    epochs: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    seen: int = 0
+    evaluated: int = 0
+    grad_norm0: float = 0.0
+    noise_scale: float | None = None
+
+
 def run_probe(
     model: nn.Module,
     x: torch.Tensor,
@@ -142,22 +158,15 @@ def run_probe(
     """Fine-tune a copy of ``model`` for ``steps`` steps on ``samples`` training samples.
 
     The caller's model and the global random state are untouched. With ``track_energy``
-    the probe is measured with CodeCarbon; otherwise its energy is estimated from
-    ``joules_per_sample`` (per training sample-gradient; evaluations weighted by
-    :data:`~shiftcost.forecast.protocol.EVAL_SAMPLE_WEIGHT`) when given, else left ``None``.
+    the probe is measured with CodeCarbon (as retrains are); with ``joules_per_sample``
+    (per training sample-gradient; evaluations weighted by
+    :data:`~shiftcost.forecast.protocol.EVAL_SAMPLE_WEIGHT`) it is also estimated, and the
+    estimate stands in when nothing is measured. The probe's cost is ``steps`` steps of
+    ``batch_size`` and ``steps + 1`` evaluations of the holdout, whatever the retrain's length.
     """
     from shiftcost.errors import ConfigError
-    from shiftcost.retrain import (
-        _check_logits,
-        _check_xy,
-        _evaluate,
-        _fork_rng_devices,
-        _holdout_split,
-        _make_optimizer,
-        _trainable,
-        resolve_device,
-    )
     from shiftcost.recipe import Recipe
+    from shiftcost.retrain import _check_logits, _check_xy, _holdout_split, _make_optimizer, _trainable, resolve_device
 
     if steps < 1 or samples < 2 or batch_size < 2:
         raise ConfigError(f"the probe needs steps >= 1, samples >= 2 and batch_size >= 2, got {steps}, {samples}, {batch_size}.")
@@ -172,90 +181,79 @@ def run_probe(
     _check_logits(work, x, y, dev, source)
     train_idx, hold_idx, _ = _holdout_split(y, holdout_fraction, seed, min_holdout, source)
     pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed + 7))[: min(samples, len(train_idx))]
-    x_train, y_train = x[train_idx[pick]], y[train_idx[pick]].long()
-    x_hold, y_hold = x[hold_idx], y[hold_idx].long()
-    pool = len(train_idx)
-    batch = min(batch_size, len(x_train))
+    train = (x[train_idx[pick]], y[train_idx[pick]].long())
+    hold = (x[hold_idx], y[hold_idx].long())
+    batch = min(batch_size, len(train[0]))
     optim = _make_optimizer(Recipe(optimizer=optimizer, lr=lr), [p for _, p in params])
-    shuffle = torch.Generator().manual_seed(seed)
-
     meter = None
     if track_energy:
         from shiftcost.energy import EnergyMeter
 
-        options = {"country_iso_code": country_iso_code, "experiment_name": "probe"} | dict(energy_options or {})
-        meter = EnergyMeter(**options)
+        meter = EnergyMeter(**({"country_iso_code": country_iso_code, "experiment_name": "probe"} | dict(energy_options or {})))
         meter.start()
     started = time.perf_counter()
-    accuracy: list[float] = []
-    losses: list[float] = []
-    epochs: list[float] = []
-    train_losses: list[float] = []
-    seen = evaluated = 0
-    grad_norm0 = 0.0
-    noise_scale: float | None = None
-    energy = None
     try:
-        with torch.random.fork_rng(devices=_fork_rng_devices(dev)):
-            torch.manual_seed(seed)
-            work.train()
-            order = torch.randperm(len(x_train), generator=shuffle)
-            acc, loss = _evaluate(work, x_hold, y_hold, dev, 512)
-            accuracy.append(acc), losses.append(loss), epochs.append(0.0)
-            evaluated += len(x_hold)
-            cursor = 0
-            for step in range(steps):
-                if cursor + batch > len(order):
-                    order, cursor = torch.randperm(len(x_train), generator=shuffle), 0
-                idx = order[cursor : cursor + batch]
-                cursor += batch
-                xb, yb = x_train[idx].to(dev), y_train[idx].to(dev)
-                optim.zero_grad(set_to_none=True)
-                if step == 0:
-                    grad_norm0, noise_scale, step_loss = _first_step_gradients(work, params, xb, yb)
-                else:
-                    step_loss_t = F.cross_entropy(work(xb), yb)
-                    step_loss_t.backward()
-                    step_loss = float(step_loss_t.detach())
-                optim.step()
-                seen += len(idx)
-                train_losses.append(step_loss)
-                acc, loss = _evaluate(work, x_hold, y_hold, dev, 512)
-                accuracy.append(acc), losses.append(loss), epochs.append(seen / pool)
-                evaluated += len(x_hold)
+        walk = _walk(work, params, optim, train, hold, len(train_idx), steps, batch, seed, dev)
     finally:
         seconds = time.perf_counter() - started
-        if meter is not None:
-            energy = meter.stop()
-    if energy is not None:
-        kwh, measured = energy.energy_kwh, True
-    elif joules_per_sample is not None:
-        kwh = joules_per_sample * (seen + protocol.EVAL_SAMPLE_WEIGHT * evaluated) / 3.6e6
-        measured = False
-    else:
-        kwh, measured = None, False
-    slope = float(np.polyfit(np.arange(len(losses)), losses, 1)[0]) if len(losses) > 1 else 0.0
+        energy = meter.stop() if meter is not None else None
+    estimated = None if joules_per_sample is None else joules_per_sample * (walk.seen + protocol.EVAL_SAMPLE_WEIGHT * walk.evaluated) / 3.6e6
+    kwh = energy.energy_kwh if energy is not None else estimated
+    slope = float(np.polyfit(np.arange(len(walk.loss)), walk.loss, 1)[0]) if len(walk.loss) > 1 else 0.0
+    cost = ProbeCost(steps, walk.seen, walk.evaluated, seconds, kwh, energy is not None, estimated)
     return ProbeTrajectory(
-        epochs=epochs,
-        accuracy=accuracy,
-        loss=losses,
-        initial_grad_norm=grad_norm0,
-        grad_noise_scale=noise_scale,
-        loss_drop_per_step=-slope,
-        target_accuracy=float(target_accuracy),
-        ceiling=float(ceiling),
-        pool_samples=pool,
-        holdout_samples=len(hold_idx),
-        cost=ProbeCost(
-            steps=steps,
-            sample_gradients=seen,
-            samples_evaluated=evaluated,
-            seconds=seconds,
-            energy_kwh=kwh,
-            energy_measured=measured,
-        ),
-        settings={"steps": steps, "samples": len(x_train), "batch_size": batch, "lr": lr, "optimizer": optimizer, "seed": seed},
+        epochs=walk.epochs, accuracy=walk.accuracy, loss=walk.loss, initial_grad_norm=walk.grad_norm0,
+        grad_noise_scale=walk.noise_scale, loss_drop_per_step=-slope, target_accuracy=float(target_accuracy),
+        ceiling=float(ceiling), pool_samples=len(train_idx), holdout_samples=len(hold_idx), cost=cost,
+        settings={"steps": steps, "samples": len(train[0]), "batch_size": batch, "lr": lr, "optimizer": optimizer, "seed": seed},
     )
+
+
+def _walk(
+    work: nn.Module,
+    params: list[tuple[str, nn.Parameter]],
+    optim: torch.optim.Optimizer,
+    train: tuple[torch.Tensor, torch.Tensor],
+    hold: tuple[torch.Tensor, torch.Tensor],
+    pool: int,
+    steps: int,
+    batch: int,
+    seed: int,
+    dev: torch.device,
+) -> _Walk:
+    """The probe's steps, with a held-out evaluation before the first and after every one."""
+    from shiftcost.retrain import _evaluate, _fork_rng_devices
+
+    x_train, y_train = train
+    shuffle = torch.Generator().manual_seed(seed)
+    walk = _Walk()
+
+    def evaluate() -> None:
+        acc, loss = _evaluate(work, *hold, dev, 512)
+        walk.accuracy.append(acc), walk.loss.append(loss), walk.epochs.append(walk.seen / pool)
+        walk.evaluated += len(hold[0])
+
+    with torch.random.fork_rng(devices=_fork_rng_devices(dev)):
+        torch.manual_seed(seed)
+        work.train()
+        order = torch.randperm(len(x_train), generator=shuffle)
+        evaluate()
+        cursor = 0
+        for step in range(steps):
+            if cursor + batch > len(order):
+                order, cursor = torch.randperm(len(x_train), generator=shuffle), 0
+            idx = order[cursor : cursor + batch]
+            cursor += batch
+            xb, yb = x_train[idx].to(dev), y_train[idx].to(dev)
+            optim.zero_grad(set_to_none=True)
+            if step == 0:
+                walk.grad_norm0, walk.noise_scale, _ = _first_step_gradients(work, params, xb, yb)
+            else:
+                F.cross_entropy(work(xb), yb).backward()
+            optim.step()
+            walk.seen += len(idx)
+            evaluate()
+    return walk
 
 
 def _first_step_gradients(

@@ -15,6 +15,7 @@ from torch import nn
 
 from shiftcost.energy import EnergyMeasurement, EnergyMeasurementError, EnergyMeter
 from shiftcost.errors import ConfigError, InputError
+from shiftcost.forecast.protocol import cutoff_reached as protocol_cutoff_reached
 from shiftcost.index.capture import resolve_device
 from shiftcost.recipe import Recipe, RetrainConfig, build_augmentation, load_entry_point, pool_samples
 from shiftcost.retrain.results import EvalPoint, RetrainError, RetrainInterrupted, RetrainResult
@@ -172,11 +173,9 @@ class _CutoffRun:
         tally.train_s += time.perf_counter() - t
 
     def cutoff_reached(self, point: EvalPoint) -> bool:
-        """The cutoff rule, decided here alone: the run has recovered once an evaluation meets the target.
-
-        ``self.curve`` holds every evaluation so far (``point`` last), for a rule that looks further back.
-        """
-        return point.accuracy >= self.target_accuracy
+        """The one cutoff rule of every retrain (:func:`shiftcost.forecast.protocol.cutoff_reached`)
+        over every evaluation so far; ``point``, the newest, is the last of ``self.curve``."""
+        return protocol_cutoff_reached(self.curve, self.target_accuracy)
 
     def _due_for_evaluation(self) -> bool:
         return self.tally.step % self.plan.every == 0 or self.tally.step >= self.plan.step_cap
@@ -397,7 +396,7 @@ def retrain_to_cutoff(
     they make up that share of each epoch's pool (capped by the reference size). Every
     ``eval_every`` optimizer steps (default: a quarter epoch) the held-out accuracy is
     measured; the run stops at the first evaluation that meets the cutoff
-    (``_CutoffRun.cutoff_reached``: accuracy at least the target), or when ``max_steps`` steps /
+    (:func:`shiftcost.forecast.protocol.cutoff_reached`), or when ``max_steps`` steps /
     ``max_epochs`` epochs are spent (the last step is always evaluated). The target is
     ``target_accuracy`` if given, else ``reference_accuracy - tolerance``, else the model's
     accuracy on ``(reference_x, reference_y)`` minus ``tolerance``.

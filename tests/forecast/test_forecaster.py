@@ -12,7 +12,8 @@ from shiftcost.calibrate import analyse, best_index
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate
 from shiftcost.errors import InputError
 from shiftcost.forecast import protocol
-from shiftcost.forecast.forecaster import STAGE0_FEATURE, Forecaster, out_of_fold_log_epochs
+from shiftcost.forecast.curve import epochs_to_target, fit_curve
+from shiftcost.forecast.forecaster import Forecaster, out_of_fold_log_epochs
 from tests.forecast.helpers import INDEX, UNIT_RATE, fitted_forecaster, forecast_rows
 
 
@@ -49,20 +50,31 @@ def test_in_flight_forecast_is_conditioned_on_the_epochs_spent() -> None:
     epochs = [0.0, 0.5, 1.0, 1.5]
     accuracy = [0.3, 0.35, 0.38, 0.4]
     loss = [2.0, 1.9, 1.85, 1.8]
-    forecast = forecaster.in_flight(epochs, accuracy, loss, target=0.9, ceiling=0.93, features=forecast_rows()[5])
-    assert forecast.stage == "in_flight"
-    assert forecast.epochs.low >= 1.5 and forecast.epochs.low <= forecast.epochs.median <= forecast.epochs.high
-    # Against Monte Carlo rejection sampling of the same normal law of log(epochs + 1).
-    row = forecaster._stage1_row(forecast_rows()[5], epochs, accuracy, loss, 0.9, 0.93)
-    assert row[STAGE0_FEATURE] <= max(r["x"][STAGE0_FEATURE] for r in forecaster.stage1.history_.latest.rows)
-    plain = forecaster.stage1.predict_costs([row])[0]
-    mu = math.log1p(plain.epochs)
+    prior = forecaster.predict(forecast_rows()[5])
     half = 1.6448536269514722
-    sd = (math.log1p(plain.epochs_upper) - math.log1p(plain.epochs_lower)) / (2 * half)
-    lo, med, hi = slow_truncated_quantiles(mu, sd, math.log1p(1.5), [0.05, 0.5, 0.95])
-    assert forecast.epochs.median == pytest.approx(max(math.expm1(med), 1.5), rel=0.02)
-    assert forecast.epochs.low == pytest.approx(max(math.expm1(lo), 1.5), rel=0.02)
-    assert forecast.epochs.high == pytest.approx(math.expm1(hi), rel=0.03)
+    mu = math.log1p(prior.epochs.median)
+    sd = (math.log1p(prior.epochs.high) - math.log1p(prior.epochs.low)) / (2 * half)
+    own = fit_curve(epochs, accuracy, 0.93)
+    own_epochs = min(epochs_to_target(own, 0.9), 3 * 15.0)
+    for weight_evals, weight in ((math.inf, 0.0), (3.0, 0.5)):
+        forecast = forecaster.in_flight(
+            epochs, accuracy, loss, target=0.9, ceiling=0.93, prior=prior, own_curve_evals=weight_evals
+        )
+        assert forecast.stage == "in_flight"
+        assert forecast.epochs.low >= 1.5 and forecast.epochs.low <= forecast.epochs.median <= forecast.epochs.high
+        assert forecast.features["own_curve_weight"] == pytest.approx(weight)
+        # Against Monte Carlo rejection sampling of the same normal law of log(epochs + 1),
+        # its centre moved ``weight`` of the way to the run's own curve's crossing.
+        centre = (1 - weight) * mu + weight * math.log1p(own_epochs)
+        lo, med, hi = slow_truncated_quantiles(centre, sd, math.log1p(1.5), [0.05, 0.5, 0.95])
+        assert forecast.epochs.median == pytest.approx(max(math.expm1(med), 1.5), rel=0.02)
+        assert forecast.epochs.low == pytest.approx(max(math.expm1(lo), 1.5), rel=0.02)
+        assert forecast.epochs.high == pytest.approx(math.expm1(hi), rel=0.03)
+    # Without a prior forecast the index model's forecast is the prior.
+    plain = forecaster.in_flight(epochs, accuracy, loss, target=0.9, ceiling=0.93, features=forecast_rows()[5], own_curve_evals=math.inf)
+    assert plain.epochs.median == pytest.approx(
+        forecaster.in_flight(epochs, accuracy, loss, target=0.9, ceiling=0.93, prior=prior, own_curve_evals=math.inf).epochs.median
+    )
 
 
 def test_not_converging_uses_the_sweep_cap_even_when_no_run_was_capped() -> None:

@@ -51,3 +51,16 @@ def test_the_same_seed_gives_the_same_probe(tiny) -> None:
     a = run_probe(model, 1 - x, y, target_accuracy=0.9, ceiling=0.95, steps=4, seed=3)
     b = run_probe(model, 1 - x, y, target_accuracy=0.9, ceiling=0.95, steps=4, seed=3)
     assert a.accuracy == b.accuracy and a.loss == b.loss and a.grad_noise_scale == b.grad_noise_scale
+
+
+def test_a_measured_probe_keeps_its_estimate_beside_the_measurement(tiny) -> None:
+    model, _, x, y = tiny
+    probe = run_probe(
+        model, 1 - x, y, target_accuracy=0.9, ceiling=0.95, steps=4, samples=40, batch_size=8, joules_per_sample=7.2,
+        track_energy=True, energy_options={"measure_power_secs": 0.2},
+    )
+    cost = probe.cost
+    holdout = round(len(y) * 0.3)
+    assert cost.energy_measured and cost.energy_kwh > 0
+    assert cost.estimated_energy_kwh == pytest.approx(7.2 * (4 * 8 + EVAL_SAMPLE_WEIGHT * 5 * holdout) / 3.6e6)
+    assert cost.to_dict()["estimated_energy_kwh"] == cost.estimated_energy_kwh

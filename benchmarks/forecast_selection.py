@@ -1,0 +1,230 @@
+"""Choose the forecast's settings on the built-in shift kinds only (leave-one-kind-out).
+
+Usage: nice -n 10 python benchmarks/forecast_selection.py [--archs digits_cnn,shufflenet_v2_x0_5]
+       [--windows 1,2,3] [--own-curve-evals inf,2,4,8,16] [--noise-seeds 4] [--json out.json]
+
+``benchmarks/forecast_accuracy.py`` scores on evaluation-only kinds that must never choose
+anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAULT_SWEEP`:
+
+1. **Cutoff window** (:data:`shiftcost.forecast.protocol.CUTOFF_WINDOW`): one batch per
+   built-in kind (its middle non-zero intensity) retrained with ``--noise-seeds`` seeds under
+   each window; the leave-one-seed-out MdAPE of epochs is the noise floor no forecast can
+   beat. The smallest window within one point of the lowest floor is chosen (a wider window
+   delays every stop by up to a cadence interval).
+2. With that window, the calibration sweep of the accuracy benchmark, then
+   **leave-one-kind-out** over its seven kinds: every predictor is fitted on six kinds and
+   scored on the seventh (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
+   and the in-flight forecast after a quarter of the probe forecast's median for each
+   ``--own-curve-evals`` weight of the run's own curve,
+   :data:`shiftcost.forecast.forecaster.OWN_CURVE_EVALS`). The weight with the lowest
+   median |log error| of the in-flight forecast (capped runs as bounds) is chosen; the
+   stage-1 design (:data:`STAGE1_DESIGNS`) with the lowest MdAPE is reported per
+   architecture; the design used is the one with the lowest mean MdAPE over both.
+
+One protocol holds for every architecture: each setting is the one with the lowest mean of
+its criterion over the architectures (``--combine`` joins separate runs' ``--json``).
+Prints the figures each choice was made on; nothing here reads ``benchmarks/eval_shifts.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from forecast_accuracy import LEVEL, TOLERANCE, _scores, build_arch, calibrate, fit_baselines, seed_spread  # noqa: E402
+
+from shiftcost.forecast import protocol  # noqa: E402
+from shiftcost.forecast.forecaster import STAGE0_FEATURE, STAGE1_FEATURES, Forecaster  # noqa: E402
+from shiftcost.forecast.probe import PROBE_FEATURES  # noqa: E402
+from shiftcost.shifts import DEFAULT_SWEEP, corrupt  # noqa: E402
+
+
+def noise_floor_by_window(model: Any, x: Any, y: Any, ceiling: float, seeds: int, windows: list[int]) -> dict[str, Any]:
+    """Leave-one-seed-out MdAPE and CV of epochs per cutoff window, on the built-in kinds
+    (one batch each, at its middle non-zero intensity)."""
+    batches = {}
+    for kind, values in DEFAULT_SWEEP.items():
+        nonzero = [v for v in values if v > 0]
+        batches[kind] = corrupt(x, kind, nonzero[len(nonzero) // 2], seed=0)
+    out: dict[str, Any] = {}
+    for window in windows:
+        protocol.CUTOFF_WINDOW = window
+        out[str(window)] = seed_spread(model, batches, y, ceiling, seeds)
+    return out
+
+
+def choose_window(floors: dict[str, Any]) -> int:
+    best = min(v["leave_one_seed_out_mdape"] for v in floors.values())
+    return min(int(w) for w, v in floors.items() if v["leave_one_seed_out_mdape"] <= best + 0.01)
+
+
+#: Stage-1 designs compared (the features of its censored regression).
+STAGE1_DESIGNS: dict[str, tuple[str, ...]] = {
+    "index+curve+progress+loss_drop": STAGE1_FEATURES,
+    "index+curve": (STAGE0_FEATURE, "curve_log_epochs"),
+    "index+curve+progress": (STAGE0_FEATURE, "curve_log_epochs", "probe_progress"),
+    "probe_only": STAGE1_FEATURES[1:],
+}
+
+
+def leave_one_kind_out(sweep: Any, weights: list[float]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every calibration point forecast by predictors fitted on the other kinds.
+
+    The in-flight forecasts start from the probe forecast of the current stage-1 design
+    (:data:`~shiftcost.forecast.forecaster.STAGE1_FEATURES`); each other design adds a
+    ``stage0_probe[<design>]`` predictor."""
+    from shiftcost.calibrate.analysis import _fit_ready, _fit_row
+
+    features = list(sweep.forecaster.stage0.features_)
+    usable = [r for r in sweep.rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
+    records: list[dict[str, Any]] = []
+    for kind in dict.fromkeys(r["corruption"] for r in usable):
+        train = [r for r in usable if r["corruption"] != kind]
+        forecaster = Forecaster.fit([_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS)
+        if forecaster.stage1 is None:
+            raise SystemExit(f"leaving {kind} out, stage 1 could not be fitted: {forecaster.stage1_error}")
+        baselines = fit_baselines(train)
+        designs = {
+            name: Forecaster.fit([_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, stage1_features=f)
+            for name, f in STAGE1_DESIGNS.items()
+        }
+        for row in (r for r in usable if r["corruption"] == kind):
+            record = _forecast_point(forecaster, baselines, row, features, weights)
+            for name, design in designs.items():
+                record[f"stage0_probe[{name}]"] = design.predict_from_probe_features(
+                    {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES},
+                    already_met=row["runs"][0]["curve"][0]["accuracy"] >= row["runs"][0]["target_accuracy"],
+                ).epochs
+            records.append(record)
+    return records, features
+
+
+def _forecast_point(forecaster: Forecaster, baselines: Any, row: dict[str, Any], features: list[str], weights: list[float]) -> dict[str, Any]:
+    run = row["runs"][0]
+    x = {f: row[f] for f in features}
+    stage1 = forecaster.predict_from_probe_features(
+        x, {f: row[f] for f in PROBE_FEATURES}, already_met=run["curve"][0]["accuracy"] >= run["target_accuracy"]
+    )
+    record = {
+        "kind": row["corruption"], "intensity": row["intensity"], "epochs": float(run["epochs"]),
+        "censored": run["status"] == "cap_reached", "stage0": forecaster.predict(x).epochs, "stage0_probe": stage1.epochs,
+    }
+    record["constant"], record["isotonic_accuracy_drop"] = baselines(row["accuracy_drop"])
+    quarter = 0.25 * stage1.epochs.median
+    seen = [p for p in run["curve"] if p["epoch"] <= quarter + 1e-9]
+    ceiling = run["target_accuracy"] + TOLERANCE
+    for weight in weights:
+        name = f"in_flight_own_{weight:g}"
+        record[name] = None
+        if len(seen) >= 3 and len(seen) < len(run["curve"]):
+            record[name] = forecaster.in_flight(
+                [p["epoch"] for p in seen], [p["accuracy"] for p in seen], [p["loss"] for p in seen], target=run["target_accuracy"],
+                ceiling=ceiling, prior=stage1, own_curve_evals=weight,
+            ).epochs
+    if len(seen) >= 3 and len(seen) < len(run["curve"]):
+        old = forecaster.in_flight(  # the earlier design: stage 1 read on the run's own curve
+            [p["epoch"] for p in seen], [p["accuracy"] for p in seen], [p["loss"] for p in seen], target=run["target_accuracy"],
+            ceiling=ceiling, own_curve_evals=math.inf,
+        )
+        record["in_flight_stage1_on_run"] = old.epochs
+    else:
+        record["in_flight_stage1_on_run"] = None
+    return record
+
+
+def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
+    from shiftcost.index.engine import compute_reference_stats
+
+    started = time.perf_counter()
+    model, spec, splits = build_arch(arch)
+    stats = compute_reference_stats(model, spec, *splits["holdout"], device="cpu", seed=0)
+    new_x, new_y = splits["stream"]
+    windows = [int(w) for w in args.windows.split(",")]
+    floors = noise_floor_by_window(model, new_x, new_y, stats.accuracy, args.noise_seeds, windows)
+    window = choose_window(floors)
+    protocol.CUTOFF_WINDOW = window
+    sweep = calibrate(model, spec, splits, stats, args.calibration_intensities)
+    weights = [float(w) for w in args.own_curve_evals.split(",")]
+    records, _ = leave_one_kind_out(sweep, weights)
+    names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"stage0_probe[{d}]" for d in STAGE1_DESIGNS]
+    names += ["in_flight_stage1_on_run"] + [f"in_flight_own_{w:g}" for w in weights]
+    table = {name: _scores(records, name) for name in names}
+    scored = {w: table[f"in_flight_own_{w:g}"]["median_abs_log_error"] for w in weights}
+    own = min(scored, key=lambda w: (scored[w], -w if math.isfinite(w) else 0))
+    mdape = {d: table[f"stage0_probe[{d}]"]["mdape"] for d in STAGE1_DESIGNS}
+    return {
+        "arch": arch, "chosen_stage1_design": min(mdape, key=mdape.get), "noise_floor_by_window": floors, "chosen_window": window, "loko": table, "chosen_own_curve_evals": own,
+        "points": len(records), "seconds": time.perf_counter() - started,
+    }
+
+
+def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One setting for every architecture: the lowest mean of each criterion over them."""
+    windows = results[0]["noise_floor_by_window"].keys()
+    floor = {w: float(np.mean([r["noise_floor_by_window"][w]["leave_one_seed_out_mdape"] for r in results])) for w in windows}
+    best = min(floor.values())
+    names = [n for n in results[0]["loko"] if n.startswith("in_flight_own_")]
+    own = {n: float(np.mean([r["loko"][n]["median_abs_log_error"] for r in results])) for n in names}
+    designs = [n for n in results[0]["loko"] if n.startswith("stage0_probe[")]
+    design = {n: float(np.mean([r["loko"][n]["mdape"] for r in results])) for n in designs}
+    return {
+        "window": min(int(w) for w, v in floor.items() if v <= best + 0.01), "mean_noise_floor": floor,
+        "own_curve": min(own, key=own.get), "mean_in_flight_median_abs_log_error": own,
+        "stage1_design": min(design, key=design.get), "mean_stage1_mdape": design,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default="digits_cnn,shufflenet_v2_x0_5")
+    parser.add_argument("--windows", default="1,2,3")
+    parser.add_argument("--own-curve-evals", default="inf,2,4,8,16")
+    parser.add_argument("--calibration-intensities", type=int, default=6)
+    parser.add_argument("--noise-seeds", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
+    args = parser.parse_args()
+    if args.combine:
+        print(json.dumps(combine([r for path in args.combine.split(",") for r in json.loads(Path(path).read_text())]), indent=1))
+        return
+    torch.set_num_threads(1)
+    load = os.getloadavg()
+    started = time.perf_counter()
+    results = []
+    for arch in args.archs.split(","):
+        result = select_arch(arch, args)
+        results.append(result)
+        print(f"\n=== {arch}: {result['points']} calibration points, {result['seconds']:.0f} s")
+        for window, nf in result["noise_floor_by_window"].items():
+            print(
+                f"cutoff window {window}: noise floor leave-one-seed-out MdAPE {100 * nf['leave_one_seed_out_mdape']:.0f}%, "
+                f"CV median {nf['cv_median']:.2f}, median epochs {nf['median_epochs']:.2f}"
+            )
+        print(f"chosen window: {result['chosen_window']}")
+        print(f"{'leave-one-kind-out':28s} {'n':>4s} {'MdAPE':>7s} {'med|log|':>8s} {'C-index':>7s} {'cov90':>6s}")
+        for name, s in result["loko"].items():
+            print(f"{name:28s} {s['n']:4d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} {s['c_index']:7.3f} {100 * s['coverage']:5.0f}%")
+        print(f"lowest leave-one-kind-out MdAPE of stage 1: {result['chosen_stage1_design']}")
+        print(f"chosen own-curve weight (evaluations at half weight): {result['chosen_own_curve_evals']:g}")
+    if len(results) > 1:
+        print(json.dumps(combine(results), indent=1))
+    print(f"\nwall {time.perf_counter() - started:.0f} s; load average at start {load}, at end {os.getloadavg()}")
+    if args.json:
+        for r in results:
+            r["chosen_own_curve_evals"] = str(r["chosen_own_curve_evals"])
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
