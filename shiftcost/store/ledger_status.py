@@ -18,9 +18,8 @@ from shiftcost.errors import ConfigError
 from shiftcost.store.ledger_budgets import (
     _EARLIEST,
     PERIODIC,
-    Target,
     _budget,
-    _transaction,
+    _require_session,
     _utc,
     fits,
     list_budgets,
@@ -274,22 +273,22 @@ def _status(session: Session, budget: Budget, at: datetime, decision_id: int | N
 
 
 def remaining(
-    target: Target, budget_name: str, at: datetime | None = None, *, decision_id: int | None = None
+    session: Session, budget_name: str, at: datetime | None = None, *, decision_id: int | None = None
 ) -> BudgetStatus:
     """What the budget's period containing ``at`` (default now) has used and has left.
 
     For a ``per_run`` budget the figures are those of ``decision_id`` (nothing used when
     None, i.e. the whole cap is available to a new run).
     """
-    with _transaction(target) as session:
-        return _status(session, _budget(session, budget_name), _utc(at), decision_id)
+    _require_session(session)
+    return _status(session, _budget(session, budget_name), _utc(at), decision_id)
 
 
 def budget_status(
-    target: Target, model_name: str | None = None, at: datetime | None = None, *, include_disabled: bool = False
+    session: Session, model_name: str | None = None, at: datetime | None = None, *, include_disabled: bool = False
 ) -> list[BudgetStatus]:
     """The status of every enabled budget applying to ``model_name`` (all budgets when None)."""
     at = _utc(at)
-    with _transaction(target) as session:
-        budgets = list_budgets(session, model_name, include_disabled=include_disabled)
-        return [_status(session, budget, at) for budget in budgets]
+    _require_session(session)
+    budgets = list_budgets(session, model_name, include_disabled=include_disabled)
+    return [_status(session, budget, at) for budget in budgets]
