@@ -549,56 +549,18 @@ def store_assessment(
     one its reservation is checked against. If the claim on the batch was lost (another
     run took over), nothing is written and the outcome says so.
     """
-    from shiftcost.store import ledger, repository
+    from shiftcost.store import assessments
 
     try:
         with db.session() as session:
-            _lock_budgets(session, loaded.model_name)
-            budgets = ledger.budget_status(session, loaded.model_name)
+            budgets = assessments.lock_budgets(session, loaded.model_name)
             decision = decide_batch(settings, loaded, report, drift, estimate, budgets)
             status = status_after(decision)
-            guarded_update(
-                session,
-                loaded.claim,
-                status=status,
-                model_id=loaded.model_id,
-                samples=len(loaded.data),
-                has_labels=loaded.data.has_labels,
-            )
-            _add_drift_reports(session, loaded.batch_id, drift)
-            index_run = repository.add_index_run(
-                session,
-                loaded.batch_id,
-                loaded.model_id,
-                report.samples,
-                reference_stats_id=loaded.reference_stats_id,
-                device=report.device,
-                seconds=report.seconds,
-                resque_dist_variant=report.resque_dist_variant,
-                details=json_safe(report.to_dict()),
-                **{name: getattr(report, name) for name in REPORT_FEATURES},
-            )
-            prediction_id = _add_prediction(session, index_run.id, estimate)
-            row = repository.record_decision(
-                session,
-                loaded.batch_id,
-                decision.action,
-                [reason.to_dict() for reason in decision.reasons],
-                cost_prediction_id=prediction_id,
-                blocked_by_budget=decision.blocked_by_budget,
-                budget_state=json_safe(list(decision.budget_state)),
-                policy=json_safe({key: value for key, value in decision.to_dict().items() if key not in ("reasons", "budget_state")}),
-                retry_after=decision.retry_after,
-            )
-            if decision.action == "retrain" and budgets:
-                ledger.reserve_many(session, [b.name for b in budgets], _reservable(decision.kwh), _reservable(decision.co2), row.id)
-            spend = None if estimate is None else estimate.probe_spend
-            if spend is not None and budgets:
-                # After the reservation: the probe is spent already, so it never blocks the run it informed.
-                ledger.record_spend(
-                    session, [b.name for b in budgets], *spend, row.id,
-                    f"forecast probe of {estimate.probe['cost']['steps']} steps before the decision",
-                )  # fmt: skip
+            batch_values = {"status": status, "model_id": loaded.model_id, "samples": len(loaded.data), "has_labels": loaded.data.has_labels}
+            decision_id = assessments.record_assessment(
+                session, loaded.claim, batch_values=batch_values, drift=drift.result, drift_html=str(drift.html_path),
+                index_run=_index_run_values(loaded, report), estimate=estimate, decision=decision, budgets=budgets,
+            )  # fmt: skip
     except ClaimLost:
         return outcome_of(db, loaded.batch_id)
     return AssessOutcome(
@@ -608,7 +570,7 @@ def store_assessment(
         source_uri=loaded.source_uri,
         fingerprint=loaded.fingerprint,
         action=decision.action,
-        decision_id=row.id,
+        decision_id=decision_id,
         summary=decision.summary(),
         reasons=[reason.to_dict() for reason in decision.reasons],
         drift=drift.verdict,
@@ -697,97 +659,18 @@ def _with_reasons(decision: Decision, extra: list[Reason]) -> Decision:
     return dataclasses.replace(decision, action=action, reasons=reasons, retry_after=decision.retry_after if action == "defer" else None)
 
 
-def _lock_budgets(session: Session, model_name: str) -> None:
-    """Lock the budgets that apply to the model (PostgreSQL; SQLite's write lock is held already)."""
-    from sqlalchemy import select
-
-    from shiftcost.store.models import Budget
-
-    query = select(Budget.id).where(Budget.scope.in_([model_name, "*"])).order_by(Budget.name).with_for_update()
-    session.execute(query).all()
-
-
-def _add_drift_reports(session: Session, batch_id: int, drift: DriftCheck) -> None:
-    from shiftcost.store import repository
-
-    result = drift.result
-    thresholds = json_safe(result.thresholds) | {"rule": result.rule, "verdict": result.verdict, "seed": result.seed}
-    for group in result.groups:
-        repository.add_drift_report(
-            session,
-            batch_id,
-            group.method,
-            group.name,
-            group.drifted,
-            score=group.score,
-            threshold=group.threshold,
-            thresholds=thresholds,
-            details=json_safe(group.to_dict()),
-            html_uri=str(drift.html_path),
-        )
-    drifted = sum(group.drifted for group in result.groups if group.tested)
-    repository.add_drift_report(
-        session,
-        batch_id,
-        result.rule,
-        "overall",
-        result.verdict,
-        score=float(drifted),
-        threshold=float(result.thresholds.get("min_drifted_groups", 1)),
-        thresholds=thresholds,
-        details={"drifted_groups": drifted, "evidently_version": result.evidently_version, "seconds": result.seconds},
-        html_uri=str(drift.html_path),
-    )
-
-
-def _add_prediction(session: Session, index_run_id: int, estimate: CostEstimate | None) -> int | None:
-    from shiftcost.store import repository
-
-    if estimate is None or estimate.prediction is None:
-        return None
-    p = estimate.prediction
-    if p.energy_kwh is None or p.emissions_kg is None:
-        return None
-    row = repository.add_cost_prediction(
-        session,
-        index_run_id,
-        p.epochs,
-        p.energy_kwh,
-        p.emissions_kg,
-        epochs_lower=_finite(p.epochs_lower),
-        epochs_upper=_finite(p.epochs_upper),
-        energy_kwh_lower=_finite(p.energy_kwh_lower),
-        energy_kwh_upper=_finite(p.energy_kwh_upper),
-        emissions_kg_lower=_finite(p.emissions_kg_lower),
-        emissions_kg_upper=_finite(p.emissions_kg_upper),
-        interval_level=p.level,
-        predicted_not_to_converge=p.predicted_not_to_converge,
-        joules_per_sample_epoch=estimate.joules_per_sample_epoch,
-        carbon_intensity=estimate.carbon_intensity,
-        samples=estimate.samples,
-        calibration_id=estimate.calibration_id,
-        details=json_safe(
-            {
-                "prediction": p.to_dict(),
-                "cost_model_version": estimate.cost_model_version,
-                "energy_probe_id": estimate.energy_probe_id,
-                "stage": estimate.stage,
-                "probe_advice": estimate.probe_advice,
-                "probe": estimate.probe,
-                "unbounded_upper": not all(map(math.isfinite, (p.epochs_upper, p.energy_kwh_upper or 0.0))),
-            }
-        ),
-    )
-    return row.id
-
-
-def _finite(value: float | None) -> float | None:
-    """Non-finite bounds (too few calibration runs for a finite interval) are stored as unknown."""
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _reservable(amount: float | None) -> float:
-    return 0.0 if amount is None else float(amount)
+def _index_run_values(loaded: LoadedBatch, report: IndexReport) -> dict[str, Any]:
+    """The index run row of the pass (``repository.add_index_run``'s arguments after the batch)."""
+    return {
+        "model_id": loaded.model_id,
+        "samples": report.samples,
+        "reference_stats_id": loaded.reference_stats_id,
+        "device": report.device,
+        "seconds": report.seconds,
+        "resque_dist_variant": report.resque_dist_variant,
+        "details": json_safe(report.to_dict()),
+        **{name: getattr(report, name) for name in REPORT_FEATURES},
+    }
 
 
 # ----------------------------------------------------------------------------- the chain

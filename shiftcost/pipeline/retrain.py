@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError, ShiftcostError
+from shiftcost.statuses import BatchStatus, ModelStatus, RetrainStatus
 from shiftcost.pipeline.assess import REPORT_FEATURES
 from shiftcost.pipeline.claims import Claim, ClaimLost, claim, guarded_update
 from shiftcost.pipeline.common import Artifacts, json_safe, least_kwh_left, load_cost_model, load_forecaster, store_cost_model
@@ -206,8 +207,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
     from shiftcost.data import load_batch
     from shiftcost.pipeline.assess import align_labels, load_model_and_reference
     from shiftcost.pipeline.labels import with_labels
-    from shiftcost.store import repository
-    from shiftcost.store.models import IndexRun
+    from shiftcost.store import assessments, repository
 
     with db.session(readonly=True) as session:
         batch = repository.get_batch(session, job.batch_id)
@@ -217,7 +217,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         index_run = decided = None
         if decision is not None and decision.cost_prediction is not None:
             stored = decision.cost_prediction
-            index_run = session.get(IndexRun, stored.index_run_id)
+            index_run = assessments.get_index_run(session, stored.index_run_id)
             decided = {
                 "median": stored.epochs, "low": stored.epochs_lower, "high": stored.epochs_upper,
                 "level": stored.interval_level, "stage": (stored.details or {}).get("stage", "index"),
@@ -511,42 +511,9 @@ def refit_cost_model(db: Database, inputs: RetrainInputs, result: RetrainResult)
 
 
 def _run_measures(result: RetrainResult | None) -> dict[str, Any]:
-    if result is None:
-        return {}
-    measures: dict[str, Any] = {
-        "samples": result.pool_samples,
-        "steps": result.steps,
-        "epochs": result.epochs,
-        "reached_cutoff": result.reached_cutoff,
-        "initial_accuracy": result.initial_accuracy,
-        "target_accuracy": result.target_accuracy,
-        "final_accuracy": result.final_accuracy,
-        "grad_norms": result.grad_norms,
-        "param_change": result.param_change,
-        "param_change_per_layer": result.param_change_per_layer,
-        "wall_seconds": result.wall_time_s,
-        "details": result.to_dict(),
-    }
-    energy = result.energy
-    if energy is not None:
-        measures.update(
-            energy_kwh=energy.energy_kwh,
-            emissions_kg=energy.emissions_kg,
-            cpu_energy_kwh=energy.cpu_energy_kwh,
-            gpu_energy_kwh=energy.gpu_energy_kwh,
-            ram_energy_kwh=energy.ram_energy_kwh,
-            cpu_power_w=energy.cpu_power_w,
-            gpu_power_w=energy.gpu_power_w,
-            ram_power_w=energy.ram_power_w,
-            cpu_model=energy.cpu_model[:300],
-            gpu_model=(energy.gpu_model or "")[:300] or None,
-            country_iso_code=energy.country_iso_code,
-            country_name=energy.country_name,
-            region=energy.region,
-            carbon_intensity=energy.carbon_intensity_kg_per_kwh,
-            energy_method="measured" if energy.fully_measured else "estimated",
-        )
-    return json_safe(measures)
+    from shiftcost.store import runs
+
+    return runs.run_columns(result)
 
 
 def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult) -> dict[str, Any] | None:
@@ -559,21 +526,14 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
     measured kWh beside what the rate in force before it estimated, and the rates; None when
     the run measured no energy.
     """
-    from sqlalchemy import select
-
     from shiftcost.energy import HostEnergyRate, run_work
-    from shiftcost.store import models as rows
-    from shiftcost.store import repository
+    from shiftcost.store import repository, runs
 
     own = run_work(result.to_dict())
     if own[0] is None or own[0] <= 0:
         return None
     architecture = inputs.spec.architecture
-    earlier = session.scalars(
-        select(rows.RetrainRun.details)
-        .join(rows.Model, rows.Model.id == rows.RetrainRun.model_id)
-        .where(rows.Model.architecture == architecture, rows.RetrainRun.id != inputs.job.run_id, rows.RetrainRun.energy_kwh > 0)
-    ).all()
+    earlier = runs.measured_run_details(session, architecture, except_run=inputs.job.run_id)
     works = [run_work(details) for details in earlier if details] + [own]
     refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs")
     before = repository.latest_energy_probe(session, architecture)
@@ -606,22 +566,22 @@ def record_retrain_success(
     notes: list[str] | None = None,
 ) -> RetrainOutcome:
     """Store the finished run, settle the ledger, register the new versions; one transaction."""
-    from shiftcost.store import ledger, repository
+    from shiftcost.store import ledger, repository, runs
 
     job = inputs.job
     assert result.energy is not None
     kwh, co2 = result.energy.energy_kwh, result.energy.emissions_kg
     notes = list(notes or [])
-    stopped = result.status == "stopped_by_budget"
+    stopped = result.status == RetrainStatus.STOPPED_BY_BUDGET
     if stopped:
         notes.append(f"stopped by the budget guard: {result.stop_reason}")
         new_version = None  # a stopped run never reached the cutoff; the model stays as it was
     with db.session() as session:
         try:
             if stopped:
-                guarded_update(session, job.claim, status="stopped_by_budget", failure_reason=f"Stopped by the budget guard: {result.stop_reason}")
+                guarded_update(session, job.claim, status=BatchStatus.STOPPED_BY_BUDGET, failure_reason=f"Stopped by the budget guard: {result.stop_reason}")
             else:
-                guarded_update(session, job.claim, status="done")
+                guarded_update(session, job.claim, status=BatchStatus.DONE)
         except ClaimLost:
             # Closed as dead while it ran (no heartbeat within the lease): the batch stays
             # failed, but what the run spent is real and is still recorded.
@@ -630,40 +590,12 @@ def record_retrain_success(
             new_version = None
         new_model = None
         if new_version is not None:
-            new_model = repository.register_model(
-                session,
-                inputs.model_name,
-                inputs.spec.architecture,
-                weights_uri=str(new_version.weights_path),
-                layers=list(new_version.reference.layers),
-                classes=list(inputs.spec.classes),
-                parent_id=inputs.model_id,
-                fingerprint=new_version.fingerprint,
-                details={
-                    "reference_data_uri": str(new_version.reference_data_path),
-                    "spec": inputs.spec.to_dict(),
-                    "retrain_run_id": job.run_id,
-                    "gate": None if new_version.gate is None else new_version.gate.to_dict(),
-                },
-                status="active" if new_version.gate is None else new_version.gate.status,
-            )
-            if new_version.gate is not None and not new_version.gate.passed:
-                notes = [*(notes or []), f"version {new_model.version} was rejected: {new_version.gate.reason}"]
-            elif new_version.gate is not None and new_version.gate.status == "pending":
-                notes = [*(notes or []), f"version {new_model.version} passed the promotion gate and waits for `shiftcost model approve {new_model.version}`"]
-            repository.add_reference_stats(
-                session,
-                new_model.id,
-                str(new_version.reference_path),
-                new_version.reference.fingerprint,
-                new_version.reference.samples,
-                accuracy=new_version.reference.accuracy,
-                details=json_safe(new_version.reference.summary()),
-            )
+            new_model = runs.add_version(session, inputs.model_name, inputs.spec, inputs.model_id, job.run_id, new_version)
+            notes += _gate_notes(new_model.version, new_version.gate)
         calibration = None
         if cost_model is not None:
             calibration = store_cost_model(session, inputs.spec.architecture, cost_model, source="refit", model_id=inputs.model_id)
-        status = result.status if result.status in ("cap_reached", "stopped_by_budget") else "succeeded"
+        status = result.status if result.status in (RetrainStatus.CAP_REACHED, RetrainStatus.STOPPED_BY_BUDGET) else RetrainStatus.SUCCEEDED
         measures = _run_measures(result)
         energy_rate = refit_energy_rate(session, inputs, result)
         if energy_rate is not None:
@@ -692,6 +624,14 @@ def record_retrain_success(
     )
 
 
+def _gate_notes(version: int, gate: Gate | None) -> list[str]:
+    if gate is not None and not gate.passed:
+        return [f"version {version} was rejected: {gate.reason}"]
+    if gate is not None and gate.status == ModelStatus.PENDING:
+        return [f"version {version} passed the promotion gate and waits for `shiftcost model approve {version}`"]
+    return []
+
+
 def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException, measured: RetrainResult | None = None) -> RetrainOutcome:
     """Mark the run and the batch failed and close the reservation; the model is unchanged.
 
@@ -702,30 +642,16 @@ def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException, 
     what the runs measured. Only a failure before anything was measured releases it.
     """
     from shiftcost.redaction import redact_text
-    from shiftcost.store import ledger, repository
+    from shiftcost.store import runs
 
     partial = getattr(error, "partial", None) or measured
     measures = _run_measures(partial if hasattr(partial, "pool_samples") else None)
     message = redact_text(" ".join(str(error).split()) or type(error).__name__)
-    reason = f"Retraining failed: {message}"
-    settled: list[int] = []
-    released: list[int] = []
     with db.session() as session:
-        try:
-            guarded_update(session, job.claim, status="failed", failure_reason=reason)
-        except ClaimLost:
-            pass  # another run recorded this batch's end already; still close this run
-        repository.finish_retrain_run(session, job.run_id, "failed", **(measures | {"error": message}))
-        if measures.get("energy_kwh") is not None:
-            settled = ledger.settle_decision(
-                session, job.decision_id, measures["energy_kwh"], measures.get("emissions_kg") or 0.0,
-                note=f"spent by a run that then failed: {message}",
-            )
-        else:
-            released = ledger.release_decision(session, job.decision_id, reason)
+        settled, released = runs.record_failure(session, job.claim, job.run_id, job.decision_id, measures, message)
     return RetrainOutcome(
         batch_id=job.batch_id,
-        status="failed",
+        status=RetrainStatus.FAILED,
         run_id=job.run_id,
         decision_id=job.decision_id,
         epochs=measures.get("epochs"),
@@ -751,46 +677,22 @@ def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now:
     """
     from datetime import timedelta
 
-    from sqlalchemy import select, update
+    from shiftcost.store import ledger, runs
+    from shiftcost.store.models import utcnow
 
-    from shiftcost.store import ledger
-    from shiftcost.store import models as rows
-
-    now = rows.utcnow() if now is None else now
+    now = utcnow() if now is None else now
     lease = timedelta(seconds=older_than_s)
     span = f"{older_than_s / 3600.0:.3g} h" if older_than_s >= 3600 else f"{older_than_s:.3g} s"
     message = f"abandoned: no heartbeat for {span} (its lease), so its process was killed"
     with db.session(readonly=True) as session:
-        stale = session.execute(
-            select(rows.RetrainRun.id, rows.RetrainRun.batch_id, rows.RetrainRun.decision_id)
-            .join(rows.Model, rows.Model.id == rows.RetrainRun.model_id)
-            .where(
-                rows.Model.name == model_name,
-                rows.RetrainRun.status == "running",
-                ~ledger.live_run_condition(lease, now),
-            )
-            .order_by(rows.RetrainRun.id)
-        ).all()
+        stale = runs.dead_runs(session, model_name, lease, now)
     closed: list[RetrainOutcome] = []
     for run_id, batch_id, decision_id in stale:
         with db.session() as session:
-            finished = session.execute(
-                update(rows.RetrainRun)
-                .where(rows.RetrainRun.id == run_id, rows.RetrainRun.status == "running", ~ledger.live_run_condition(lease, now))
-                .values(status="failed", error=message, finished_at=rows.utcnow())
-                .execution_options(synchronize_session=False)
-            )
-            if finished.rowcount != 1:
-                continue  # another watcher closed it
-            if batch_id is not None:
-                session.execute(
-                    update(rows.Batch)
-                    .where(rows.Batch.id == batch_id, rows.Batch.status == "retraining")
-                    .values(status="failed", failure_reason=f"Retraining failed: {message}.", updated_at=rows.utcnow())
-                    .execution_options(synchronize_session=False)
-                )
+            if not runs.close_dead_run(session, run_id, batch_id, lease, now, message):
+                continue  # another watcher closed it, or the run proved alive meanwhile
             released = [] if decision_id is None else ledger.release_decision(session, decision_id, f"retrain run {run_id} {message}")
-        closed.append(RetrainOutcome(batch_id, "failed", run_id=run_id, decision_id=decision_id, released=released, error=message))
+        closed.append(RetrainOutcome(batch_id, RetrainStatus.FAILED, run_id=run_id, decision_id=decision_id, released=released, error=message))
     return closed
 
 
@@ -799,22 +701,14 @@ def retrain_outcome_of(db: Database, batch_id: int) -> RetrainOutcome:
 
     The flows read it back when a finished retrain run's return value is lost.
     """
-    from sqlalchemy import select
-
-    from shiftcost.store import models as rows
+    from shiftcost.store import repository, runs
 
     with db.session(readonly=True) as session:
-        run = session.scalars(
-            select(rows.RetrainRun).where(rows.RetrainRun.batch_id == batch_id).order_by(rows.RetrainRun.id.desc()).limit(1)
-        ).first()
+        run = runs.latest_run(session, batch_id)
         if run is None:
             return not_started(db, batch_id)
-        new_model = None if run.new_model_id is None else session.get(rows.Model, run.new_model_id)
-        entries = session.execute(
-            select(rows.LedgerEntry.id, rows.LedgerEntry.kind)
-            .where(rows.LedgerEntry.decision_id == run.decision_id, rows.LedgerEntry.kind.in_(("settle", "release")))
-            .order_by(rows.LedgerEntry.id)
-        ).all()
+        new_model = None if run.new_model_id is None else repository.get_model_by_id(session, run.new_model_id)
+        settled, released = runs.closing_entries(session, run.decision_id)
         return RetrainOutcome(
             batch_id=batch_id,
             status=run.status,
@@ -828,8 +722,8 @@ def retrain_outcome_of(db: Database, batch_id: int) -> RetrainOutcome:
             new_model_id=run.new_model_id,
             new_model_version=None if new_model is None else new_model.version,
             new_model_status=None if new_model is None else new_model.status,
-            settled=[entry_id for entry_id, kind in entries if kind == "settle"],
-            released=[entry_id for entry_id, kind in entries if kind == "release"],
+            settled=settled,
+            released=released,
             error=run.error,
         )
 
