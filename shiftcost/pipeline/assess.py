@@ -28,13 +28,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.features import KNOWN_FEATURES
-from shiftcost.pipeline.claims import Claim, ClaimLost, claim_for_assessment, fail_claimed, guarded_update, release_claim
+from shiftcost.pipeline.assess_record import AssessOutcome, fail_assessment, outcome_of
+from shiftcost.pipeline.claims import Claim, ClaimLost, claim_for_assessment, release_claim
 from shiftcost.pipeline.labels import label_free_key, labels_beside, with_labels
 from shiftcost.pipeline.common import (
     Artifacts,
@@ -46,7 +47,6 @@ from shiftcost.pipeline.common import (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
     from torch import nn
 
     from shiftcost.config import Settings
@@ -157,35 +157,6 @@ class CostEstimate:
             return None
         kwh = float(self.probe["cost"]["energy_kwh"])
         return kwh, kwh * self.carbon_intensity
-
-
-@dataclass
-class AssessOutcome:
-    """What happened to one batch; ``processed`` is False when another run had it."""
-
-    batch_id: int
-    status: str
-    processed: bool
-    source_uri: str | None = None
-    fingerprint: str | None = None
-    action: str | None = None
-    decision_id: int | None = None
-    summary: str | None = None
-    reasons: list[dict[str, Any]] = field(default_factory=list)
-    drift: bool | None = None
-    drift_report: str | None = None
-    indices: dict[str, Any] | None = None
-    prediction: dict[str, Any] | None = None
-    failure_reason: str | None = None
-    model_version: int | None = None
-
-    @property
-    def retrain_pending(self) -> bool:
-        """Whether this assessment decided to retrain (and reserved the budget for it)."""
-        return self.processed and self.action == "retrain"
-
-    def to_dict(self) -> dict[str, Any]:
-        return json_safe(asdict(self) | {"retrain_pending": self.retrain_pending})
 
 
 # ----------------------------------------------------------------------------- 1. load
@@ -674,32 +645,6 @@ def _index_run_values(loaded: LoadedBatch, report: IndexReport) -> dict[str, Any
 
 
 # ----------------------------------------------------------------------------- the chain
-
-
-def fail_assessment(db: Database, claim: Claim, error: BaseException) -> AssessOutcome:
-    """Mark a claimed batch failed with the error's sentence; the outcome of the batch."""
-    fail_claimed(db, claim, str(error))
-    return outcome_of(db, claim.batch_id, processed=True)
-
-
-def outcome_of(db: Database, batch_id: int, *, processed: bool = False) -> AssessOutcome:
-    """The stored state of a batch (status, latest decision), e.g. when another run had it."""
-    from shiftcost.store import repository
-
-    with db.session(readonly=True) as session:
-        batch = repository.get_batch(session, batch_id)
-        decision = repository.latest_decision(session, batch_id)
-        return AssessOutcome(
-            batch_id=batch_id,
-            status=batch.status,
-            processed=processed,
-            source_uri=batch.source_uri,
-            fingerprint=batch.fingerprint,
-            action=None if decision is None else decision.action,
-            decision_id=None if decision is None else decision.id,
-            reasons=[] if decision is None else list(decision.reasons),
-            failure_reason=batch.failure_reason,
-        )
 
 
 def assess_batch(db: Database, settings: Settings, batch_id: int) -> AssessOutcome:

@@ -16,15 +16,16 @@ from sqlalchemy import exc, func, select
 from sqlalchemy.orm import Session
 
 from shiftcost.errors import InputError
+from shiftcost.statuses import BudgetPeriod
 from shiftcost.store.errors import BudgetError, NotFoundError
 from shiftcost.store.models import BUDGET_PERIODS, Budget, LedgerEntry, utcnow
 
 # Float sums of many entries drift by a few ulps; never refuse a reservation for that.
 _SLACK = 1e-9
 
-PERIOD_ALIASES = {"per-run": "per_run", "rolling": "rolling_days", "rolling-days": "rolling_days"}
+PERIOD_ALIASES = {"per-run": BudgetPeriod.PER_RUN, "rolling": BudgetPeriod.ROLLING_DAYS, "rolling-days": BudgetPeriod.ROLLING_DAYS}
 #: Budget periods whose cap renews, so waiting can make room.
-PERIODIC = frozenset({"daily", "monthly", "rolling_days"})
+PERIODIC = frozenset({BudgetPeriod.DAILY, BudgetPeriod.MONTHLY, BudgetPeriod.ROLLING_DAYS})
 #: The longest rolling window: far enough back for any use, near enough that ``now - N
 #: days`` is a date every backend (and Python) can hold.
 MAX_ROLLING_DAYS = 36_600
@@ -90,7 +91,7 @@ def _validated(name: str, period: str, kwh_cap: float | None, co2_cap: float | N
     for what, cap in (("kWh", kwh_cap), ("kg CO2e", co2_cap)):
         if cap is not None and (not math.isfinite(cap) or cap < 0):
             raise BudgetError(f"Budget {name!r} has a {what} cap of {cap}; caps must be zero or more.")
-    if period == "rolling_days":
+    if period == BudgetPeriod.ROLLING_DAYS:
         if rolling_days is None or rolling_days < 1:
             raise BudgetError(f"Budget {name!r} is rolling and needs --rolling-days of 1 or more.")
         if rolling_days > MAX_ROLLING_DAYS:
@@ -163,7 +164,7 @@ def update_budget(
     budget = _budget(session, name, lock=True)
     new_period = normalise_period(period) if period is not None else budget.period
     if rolling_days is _UNCHANGED:
-        rolling_days = budget.rolling_days if new_period == "rolling_days" else None
+        rolling_days = budget.rolling_days if new_period == BudgetPeriod.ROLLING_DAYS else None
     values = {
         "period": new_period,
         "kwh_cap": budget.kwh_cap if kwh_cap is _UNCHANGED else kwh_cap,
