@@ -74,12 +74,12 @@ def test_the_sql_check_sees_queries() -> None:
 
 LIGHT = """
 import sys
-import shiftcost.pipeline
+import shiftcost.pipeline, shiftcost.statuses, shiftcost.store.records
 print(",".join(sorted(name for name in ("sqlalchemy", "torch", "prefect") if name in sys.modules)))
 """
 
 
-def test_importing_the_pipeline_loads_neither_sqlalchemy_nor_torch() -> None:
+def test_pipeline_statuses_and_records_load_neither_sqlalchemy_nor_torch() -> None:
     result = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
