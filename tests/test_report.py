@@ -42,7 +42,8 @@ class Seeded:
 def _seed(db) -> Seeded:
     """A small stream: clean (skip), two retrains (one outside its interval), a deferral, a failed file."""
     seeded = Seeded()
-    ledger.create_budget(db, "monthly-demo", period="monthly", kwh_cap=KWH_CAP, co2_cap=CO2_CAP)
+    with db.session() as session:
+        ledger.create_budget(session, "monthly-demo", period="monthly", kwh_cap=KWH_CAP, co2_cap=CO2_CAP)
     plan = [
         # name, resque_dist, drifted, predicted (point, lower, upper) or None, action, actual kWh
         ("01-clean.npz", 0.02, False, None, "skip", None),

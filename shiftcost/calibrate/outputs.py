@@ -89,7 +89,7 @@ def markdown_report(result: SweepResult) -> str:
         f"- points: {len(result.rows)} ({len(result.rows) - len(ok)} failed); retraining runs per point: {s.get('repeats')} "
         f"(seeds {s.get('seed')}..); eval every {s.get('eval_every')} steps; cap {s.get('max_epochs')} epochs / {s.get('max_steps')} steps; "
         f"batch {s.get('batch_size')}, lr {s.get('lr')}, {s.get('optimizer')}; device {s.get('device')}, {s.get('threads')} torch thread(s)",
-        f"- statuses: " + ", ".join(f"{k} {v}" for k, v in _count(r["status"] for r in result.rows).items()),
+        "- statuses: " + ", ".join(f"{k} {v}" for k, v in _count(r["status"] for r in result.rows).items()),
     ]
     if t:
         lines.append(

@@ -48,10 +48,11 @@ def create(
 
     database = open_for_cli(database_url)
     try:
-        budget = ledger.create_budget(
-            database, name, period=period.value, kwh_cap=kwh, co2_cap=co2, scope=scope,
-            rolling_days=rolling_days, description=description,
-        )
+        with database.session() as session:
+            budget = ledger.create_budget(
+                session, name, period=period.value, kwh_cap=kwh, co2_cap=co2, scope=scope,
+                rolling_days=rolling_days, description=description,
+            )
     finally:
         database.dispose()
     data = {"id": budget.id, "name": budget.name, "scope": budget.scope, "period": budget.period,
@@ -118,7 +119,6 @@ def update(
     database_url: DatabaseUrlOption = None,
 ) -> None:
     """Change a budget's caps, period or scope; what is not given stays. The ledger is kept as it is."""
-    from shiftcost.store import ledger
 
     changes: dict = {}
     if period is not None:
@@ -161,7 +161,8 @@ def _change(name: str, changes: dict, as_json: bool, database_url: str | None, v
 
     database = open_for_cli(database_url)
     try:
-        budget = ledger.update_budget(database, name, **changes)
+        with database.session() as session:
+            budget = ledger.update_budget(session, name, **changes)
     finally:
         database.dispose()
     data = _budget_data(budget)
@@ -183,7 +184,8 @@ def delete(
 
     database = open_for_cli(database_url)
     try:
-        ledger.delete_budget(database, name)
+        with database.session() as session:
+            ledger.delete_budget(session, name)
     finally:
         database.dispose()
     typer.echo(json.dumps({"deleted": name}) if as_json else f"deleted budget {name}")
@@ -220,7 +222,8 @@ def release_open(
     lease_age = parse_age(lease) if lease is not None else timedelta(seconds=load_settings().retrain_stale_after_s)
     database = open_for_cli(database_url)
     try:
-        reservations = ledger.release_open(database, age, reason, lease=lease_age, budget_name=name, dry_run=dry_run)
+        with database.session() as session:
+            reservations = ledger.release_open(session, age, reason, lease=lease_age, budget_name=name, dry_run=dry_run)
     finally:
         database.dispose()
     rows = [{"reservation_id": r.id, "budget": r.budget, "decision_id": r.decision_id, "kwh": r.kwh,

@@ -18,7 +18,7 @@ Typical use without Prefect::
         print(result.assessment.summary)
 
 Each batch is registered once by content fingerprint and moves through guarded status
-transitions (``shiftcost.pipeline.claims``), so it is assessed and retrained at most once,
+transitions (``shiftcost.store.batches``), so it is assessed and retrained at most once,
 whatever the retries, restarts and concurrent watchers.
 """
 

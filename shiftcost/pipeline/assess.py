@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.features import KNOWN_FEATURES
-from shiftcost.pipeline.claims import Claim, ClaimLost, fail_claimed, guarded_update
+from shiftcost.pipeline.assess_record import AssessOutcome, fail_assessment, outcome_of
+from shiftcost.pipeline.claims import Claim, ClaimLost
 from shiftcost.pipeline.decide import decide_batch, status_after
 from shiftcost.pipeline.labels import label_free_key, with_labels
 from shiftcost.pipeline.common import (
@@ -48,7 +49,6 @@ from shiftcost.pipeline.common import (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
     from torch import nn
 
     from shiftcost.config import Settings
@@ -79,6 +79,8 @@ __all__ = [
 
 #: Features of the cost model that the index report can supply.
 REPORT_FEATURES = KNOWN_FEATURES
+
+
 # ----------------------------------------------------------------------------- results
 
 
@@ -145,35 +147,6 @@ class CostEstimate:
             return None
         kwh = float(self.probe["cost"]["energy_kwh"])
         return kwh, kwh * self.carbon_intensity
-
-
-@dataclass
-class AssessOutcome:
-    """What happened to one batch; ``processed`` is False when another run had it."""
-
-    batch_id: int
-    status: str
-    processed: bool
-    source_uri: str | None = None
-    fingerprint: str | None = None
-    action: str | None = None
-    decision_id: int | None = None
-    summary: str | None = None
-    reasons: list[dict[str, Any]] = field(default_factory=list)
-    drift: bool | None = None
-    drift_report: str | None = None
-    indices: dict[str, Any] | None = None
-    prediction: dict[str, Any] | None = None
-    failure_reason: str | None = None
-    model_version: int | None = None
-
-    @property
-    def retrain_pending(self) -> bool:
-        """Whether this assessment decided to retrain (and reserved the budget for it)."""
-        return self.processed and self.action == "retrain"
-
-    def to_dict(self) -> dict[str, Any]:
-        return json_safe(asdict(self) | {"retrain_pending": self.retrain_pending})
 
 
 # ----------------------------------------------------------------------------- 1. load
@@ -537,56 +510,18 @@ def store_assessment(
     one its reservation is checked against. If the claim on the batch was lost (another
     run took over), nothing is written and the outcome says so.
     """
-    from shiftcost.store import ledger, repository
+    from shiftcost.store import assessments
 
     try:
         with db.session() as session:
-            _lock_budgets(session, loaded.model_name)
-            budgets = ledger.budget_status(session, loaded.model_name)
+            budgets = assessments.lock_budgets(session, loaded.model_name)
             decision = decide_batch(settings, loaded, report, drift, estimate, budgets)
             status = status_after(decision)
-            guarded_update(
-                session,
-                loaded.claim,
-                status=status,
-                model_id=loaded.model_id,
-                samples=len(loaded.data),
-                has_labels=loaded.data.has_labels,
-            )
-            _add_drift_reports(session, loaded.batch_id, drift)
-            index_run = repository.add_index_run(
-                session,
-                loaded.batch_id,
-                loaded.model_id,
-                report.samples,
-                reference_stats_id=loaded.reference_stats_id,
-                device=report.device,
-                seconds=report.seconds,
-                resque_dist_variant=report.resque_dist_variant,
-                details=json_safe(report.to_dict()),
-                **{name: getattr(report, name) for name in REPORT_FEATURES},
-            )
-            prediction_id = _add_prediction(session, index_run.id, estimate)
-            row = repository.record_decision(
-                session,
-                loaded.batch_id,
-                decision.action,
-                [reason.to_dict() for reason in decision.reasons],
-                cost_prediction_id=prediction_id,
-                blocked_by_budget=decision.blocked_by_budget,
-                budget_state=json_safe(list(decision.budget_state)),
-                policy=json_safe({key: value for key, value in decision.to_dict().items() if key not in ("reasons", "budget_state")}),
-                retry_after=decision.retry_after,
-            )
-            if decision.action == "retrain" and budgets:
-                ledger.reserve_many(session, [b.name for b in budgets], _reservable(decision.kwh), _reservable(decision.co2), row.id)
-            spend = None if estimate is None else estimate.probe_spend
-            if spend is not None and budgets:
-                # After the reservation: the probe is spent already, so it never blocks the run it informed.
-                ledger.record_spend(
-                    session, [b.name for b in budgets], *spend, row.id,
-                    f"forecast probe of {estimate.probe['cost']['steps']} steps before the decision",
-                )  # fmt: skip
+            batch_values = {"status": status, "model_id": loaded.model_id, "samples": len(loaded.data), "has_labels": loaded.data.has_labels}
+            decision_id = assessments.record_assessment(
+                session, loaded.claim, batch_values=batch_values, drift=drift.result, drift_html=str(drift.html_path),
+                index_run=_index_run_values(loaded, report), estimate=estimate, decision=decision, budgets=budgets,
+            )  # fmt: skip
     except ClaimLost:
         return outcome_of(db, loaded.batch_id)
     return AssessOutcome(
@@ -596,7 +531,7 @@ def store_assessment(
         source_uri=loaded.source_uri,
         fingerprint=loaded.fingerprint,
         action=decision.action,
-        decision_id=row.id,
+        decision_id=decision_id,
         summary=decision.summary(),
         reasons=[reason.to_dict() for reason in decision.reasons],
         drift=drift.verdict,
@@ -607,123 +542,16 @@ def store_assessment(
     )
 
 
-def _lock_budgets(session: Session, model_name: str) -> None:
-    """Lock the budgets that apply to the model (PostgreSQL; SQLite's write lock is held already)."""
-    from sqlalchemy import select
+def _index_run_values(loaded: LoadedBatch, report: IndexReport) -> dict[str, Any]:
+    """The index run row of the pass (``repository.add_index_run``'s arguments after the batch)."""
+    return {
+        "model_id": loaded.model_id,
+        "samples": report.samples,
+        "reference_stats_id": loaded.reference_stats_id,
+        "device": report.device,
+        "seconds": report.seconds,
+        "resque_dist_variant": report.resque_dist_variant,
+        "details": json_safe(report.to_dict()),
+        **{name: getattr(report, name) for name in REPORT_FEATURES},
+    }
 
-    from shiftcost.store.models import Budget
-
-    query = select(Budget.id).where(Budget.scope.in_([model_name, "*"])).order_by(Budget.name).with_for_update()
-    session.execute(query).all()
-
-
-def _add_drift_reports(session: Session, batch_id: int, drift: DriftCheck) -> None:
-    from shiftcost.store import repository
-
-    result = drift.result
-    thresholds = json_safe(result.thresholds) | {"rule": result.rule, "verdict": result.verdict, "seed": result.seed}
-    for group in result.groups:
-        repository.add_drift_report(
-            session,
-            batch_id,
-            group.method,
-            group.name,
-            group.drifted,
-            score=group.score,
-            threshold=group.threshold,
-            thresholds=thresholds,
-            details=json_safe(group.to_dict()),
-            html_uri=str(drift.html_path),
-        )
-    drifted = len(result.drifted_groups)
-    repository.add_drift_report(
-        session,
-        batch_id,
-        result.rule,
-        "overall",
-        result.verdict,
-        score=float(drifted),
-        threshold=float(result.thresholds.get("min_drifted_groups", 1)),
-        thresholds=thresholds,
-        details={"drifted_groups": drifted, "evidently_version": result.evidently_version, "seconds": result.seconds},
-        html_uri=str(drift.html_path),
-    )
-
-
-def _add_prediction(session: Session, index_run_id: int, estimate: CostEstimate | None) -> int | None:
-    from shiftcost.store import repository
-
-    if estimate is None or estimate.prediction is None:
-        return None
-    p = estimate.prediction
-    if p.energy_kwh is None or p.emissions_kg is None:
-        return None
-    row = repository.add_cost_prediction(
-        session,
-        index_run_id,
-        p.epochs,
-        p.energy_kwh,
-        p.emissions_kg,
-        epochs_lower=_finite(p.epochs_lower),
-        epochs_upper=_finite(p.epochs_upper),
-        energy_kwh_lower=_finite(p.energy_kwh_lower),
-        energy_kwh_upper=_finite(p.energy_kwh_upper),
-        emissions_kg_lower=_finite(p.emissions_kg_lower),
-        emissions_kg_upper=_finite(p.emissions_kg_upper),
-        interval_level=p.level,
-        predicted_not_to_converge=p.predicted_not_to_converge,
-        joules_per_sample_epoch=estimate.joules_per_sample_epoch,
-        carbon_intensity=estimate.carbon_intensity,
-        samples=estimate.samples,
-        calibration_id=estimate.calibration_id,
-        details=json_safe(
-            {
-                "prediction": p.to_dict(),
-                "cost_model_version": estimate.cost_model_version,
-                "energy_probe_id": estimate.energy_probe_id,
-                "stage": estimate.stage,
-                "probe_advice": estimate.probe_advice,
-                "probe": estimate.probe,
-                "unbounded_upper": not all(map(math.isfinite, (p.epochs_upper, p.energy_kwh_upper or 0.0))),
-            }
-        ),
-    )
-    return row.id
-
-
-def _finite(value: float | None) -> float | None:
-    """Non-finite bounds (too few calibration runs for a finite interval) are stored as unknown."""
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _reservable(amount: float | None) -> float:
-    return 0.0 if amount is None else float(amount)
-
-
-# ----------------------------------------------------------------------------- outcomes
-
-
-def fail_assessment(db: Database, claim: Claim, error: BaseException) -> AssessOutcome:
-    """Mark a claimed batch failed with the error's sentence; the outcome of the batch."""
-    fail_claimed(db, claim, str(error))
-    return outcome_of(db, claim.batch_id, processed=True)
-
-
-def outcome_of(db: Database, batch_id: int, *, processed: bool = False) -> AssessOutcome:
-    """The stored state of a batch (status, latest decision), e.g. when another run had it."""
-    from shiftcost.store import repository
-
-    with db.session(readonly=True) as session:
-        batch = repository.get_batch(session, batch_id)
-        decision = repository.latest_decision(session, batch_id)
-        return AssessOutcome(
-            batch_id=batch_id,
-            status=batch.status,
-            processed=processed,
-            source_uri=batch.source_uri,
-            fingerprint=batch.fingerprint,
-            action=None if decision is None else decision.action,
-            decision_id=None if decision is None else decision.id,
-            reasons=[] if decision is None else list(decision.reasons),
-            failure_reason=batch.failure_reason,
-        )

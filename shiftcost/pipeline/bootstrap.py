@@ -204,23 +204,25 @@ def ensure_default_budget(db: Database, settings: Settings) -> str | None:
 
     Returns its name, or None when the settings cap nothing.
     """
+    from shiftcost.statuses import BudgetPeriod
     from shiftcost.store import ledger
     from shiftcost.store.errors import NotFoundError
 
     if settings.budget_kwh is None and settings.budget_co2 is None:
         return None
-    try:
-        ledger.get_budget(db, settings.budget_name)
-    except NotFoundError:
-        ledger.create_budget(
-            db,
-            settings.budget_name,
-            period=settings.budget_period,
-            kwh_cap=settings.budget_kwh,
-            co2_cap=settings.budget_co2,
-            rolling_days=settings.budget_rolling_days if settings.budget_period == "rolling_days" else None,
-            description="created from the shiftcost settings",
-        )
+    with db.session() as session:
+        try:
+            ledger.get_budget(session, settings.budget_name)
+        except NotFoundError:
+            ledger.create_budget(
+                session,
+                settings.budget_name,
+                period=settings.budget_period,
+                kwh_cap=settings.budget_kwh,
+                co2_cap=settings.budget_co2,
+                rolling_days=settings.budget_rolling_days if settings.budget_period == BudgetPeriod.ROLLING_DAYS else None,
+                description="created from the shiftcost settings",
+            )
     return settings.budget_name
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -40,32 +39,20 @@ __all__ = [
     "training_samples",
 ]
 
-_UPGRADED: set[str] = set()
-_UPGRADE_LOCK = threading.Lock()
-
-
 @contextmanager
 def connect(settings: Settings) -> Iterator[Database]:
-    """Open the settings' database for one step and close it afterwards.
+    """The settings' database for one step (the process's one engine for its URL).
 
-    An embedded SQLite database is migrated to the newest schema on first use in a
-    process (that is what "embedded" promises); any other database must already be at
-    head (``shiftcost db upgrade``), else ``SchemaVersionError`` says so.
+    The first step of a process opens it: pings the server and checks the schema; later
+    steps reuse its engine and pool. An embedded SQLite database is migrated to the newest
+    schema on first use in a process (that is what "embedded" promises); any other
+    database must already be at head (``shiftcost db upgrade``), else
+    ``SchemaVersionError`` says so.
     """
-    from shiftcost.store import open_database
-    from shiftcost.store.db import parse_url
+    from shiftcost.store.db import parse_url, shared_database
 
     url = settings.database_url
-    embedded = parse_url(url).get_backend_name() == "sqlite"
-    with _UPGRADE_LOCK:
-        upgrade = embedded and url not in _UPGRADED
-        database = open_database(url, upgrade=upgrade)
-        if upgrade:
-            _UPGRADED.add(url)
-    try:
-        yield database
-    finally:
-        database.dispose()
+    yield shared_database(url, upgrade=parse_url(url).get_backend_name() == "sqlite")
 
 
 def training_samples(batch_size: int, holdout_fraction: float) -> int:

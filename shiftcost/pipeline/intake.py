@@ -25,10 +25,9 @@ from typing import TYPE_CHECKING, Any
 from shiftcost import landing
 from shiftcost.errors import ConfigError
 from shiftcost.redaction import redact_text, redact_url
+from shiftcost.statuses import BatchStatus, LandingEntryState
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from shiftcost.config import Settings
     from shiftcost.store import Database
 
@@ -67,10 +66,8 @@ def discover_batches(db: Database, settings: Settings) -> list[landing.LandedBat
 
     Reads metadata only; entries known by location and signature are left out unread.
     """
-    from sqlalchemy import select
-
     from shiftcost.pipeline.labels import is_labels_file
-    from shiftcost.store.models import LandingEntry
+    from shiftcost.store import landing_entries
 
     # Labels files that landed beside their batch (NAME.labels.npz) are not batches.
     found = [entry for entry in landing.discover(settings.landing) if not is_labels_file(entry.name)]
@@ -78,10 +75,7 @@ def discover_batches(db: Database, settings: Settings) -> list[landing.LandedBat
     with db.session(readonly=True) as session:
         for start in range(0, len(found), _LOOKUP_CHUNK):
             locations = [entry.uri for entry in found[start : start + _LOOKUP_CHUNK]]
-            query = select(LandingEntry.location, LandingEntry.signature).where(
-                LandingEntry.model_name == settings.model_name, LandingEntry.location.in_(locations)
-            )
-            known.update((location, signature) for location, signature in session.execute(query))
+            known |= landing_entries.known_signatures(session, settings.model_name, locations)
     return [entry for entry in found if (entry.uri, entry.signature) not in known]
 
 
@@ -117,37 +111,6 @@ def _peek(landed: landing.LandedBatch) -> tuple[str, int, bool, str | None]:
         return landing.placeholder_fingerprint(landed.uri, landed.signature), 0, False, str(error)
 
 
-def _find_entry(session: Session, model_name: str, landed: landing.LandedBatch) -> Any:
-    from sqlalchemy import select
-
-    from shiftcost.store.models import LandingEntry
-
-    query = select(LandingEntry).where(
-        LandingEntry.model_name == model_name, LandingEntry.location == landed.uri, LandingEntry.signature == landed.signature
-    )
-    return session.scalars(query).first()
-
-
-def _record_entry(session: Session, model_name: str, landed: landing.LandedBatch, state: str, batch_id: int, reason: str | None) -> None:
-    """Insert the entry unless a racing watcher did (checked first: a conflict would use up an id)."""
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    from shiftcost.store.models import LandingEntry, utcnow
-
-    if _find_entry(session, model_name, landed) is not None:
-        return
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    statement = (
-        insert(LandingEntry)
-        .values(
-            model_name=model_name, location=landed.uri, signature=landed.signature, kind=landed.kind, size=landed.size,
-            state=state, batch_id=batch_id, reason=reason, seen_at=utcnow(),
-        )  # fmt: skip
-        .on_conflict_do_nothing(index_elements=["model_name", "location", "signature"])
-    )
-    session.execute(statement)
-
-
 def register_landed(
     db: Database, settings: Settings, landed: landing.LandedBatch, *, model_name: str | None = None, record_entry: bool = True
 ) -> Registration:
@@ -157,12 +120,12 @@ def register_landed(
     ``created=False`` and its current status, untouched; the entry is recorded as its
     duplicate. With ``record_entry`` the entry is remembered, so later polls skip it unread.
     """
-    from shiftcost.store import repository
+    from shiftcost.store import landing_entries, repository
 
     name = model_name or settings.model_name
     if record_entry:
         with db.session(readonly=True) as session:
-            entry = _find_entry(session, name, landed)
+            entry = landing_entries.find(session, name, landed.uri, landed.signature)
             if entry is not None and entry.batch_id is not None:
                 batch = repository.get_batch(session, entry.batch_id)
                 return _registration(batch, created=False, entry_state=entry.state)
@@ -172,13 +135,19 @@ def register_landed(
         model = repository.get_model(session, name)
         batch, created = repository.register_batch(session, model.id, landed.uri, fingerprint, samples, has_labels)
         if created and problem is not None:
-            batch = repository.set_batch_status(session, batch.id, "failed", problem)
+            batch = repository.set_batch_status(session, batch.id, BatchStatus.FAILED, problem)
         state = None
         if record_entry:
-            state = ("failed" if problem is not None else "registered") if created else "duplicate"
+            state = _entry_state(created, problem)
             reason = problem if created else f"same bytes as batch {batch.id} ({redact_url(batch.source_uri)})"
-            _record_entry(session, name, landed, state, batch.id, reason)
+            landing_entries.record(session, name, landed, state, batch.id, reason)
         return _registration(batch, created=created, entry_state=state)
+
+
+def _entry_state(created: bool, problem: str | None) -> LandingEntryState:
+    if not created:
+        return LandingEntryState.DUPLICATE
+    return LandingEntryState.FAILED if problem is not None else LandingEntryState.REGISTERED
 
 
 def _registration(batch: Any, *, created: bool, entry_state: str | None) -> Registration:
@@ -218,7 +187,7 @@ def _register_missing(db: Database, settings: Settings, uri: str, problem: str, 
         model = repository.get_model(session, model_name or settings.model_name)
         batch, created = repository.register_batch(session, model.id, uri, landing.placeholder_fingerprint(uri), 0, False)
         if created:
-            batch = repository.set_batch_status(session, batch.id, "failed", problem)
+            batch = repository.set_batch_status(session, batch.id, BatchStatus.FAILED, problem)
         return _registration(batch, created=created, entry_state=None)
 
 
@@ -248,29 +217,16 @@ def archive_processed(db: Database, settings: Settings, *, now: datetime | None 
     fails is reported and tried again on the next pass; an entry already gone is marked
     archived without a location.
     """
-    from sqlalchemy import or_, select, update
-
-    from shiftcost.store.models import Batch, LandingEntry, utcnow
+    from shiftcost.store import landing_entries
+    from shiftcost.store.models import utcnow
 
     report = ArchiveReport()
     archive = landing.archive_location(settings.landing, settings.landing_archive)
     if archive is None:
         return report
     now = now or utcnow()
-    name = settings.model_name
-    waiting = (
-        select(LandingEntry.id, LandingEntry.location)
-        .outerjoin(Batch, Batch.id == LandingEntry.batch_id)
-        .where(
-            LandingEntry.model_name == name,
-            LandingEntry.purged_at.is_(None),
-            LandingEntry.archived_at.is_(None),
-            or_(LandingEntry.state != "registered", Batch.status.in_(("done", "failed", "stopped_by_budget"))),
-        )
-        .order_by(LandingEntry.id)
-    )
     with db.session(readonly=True) as session:
-        entries = session.execute(waiting).all()
+        entries = landing_entries.to_archive(session, settings.model_name)
     for entry_id, location in entries:
         target: str | None = landing.join(archive, f"{entry_id}-{location.rstrip('/').rsplit('/', 1)[-1]}")
         try:
@@ -281,32 +237,28 @@ def archive_processed(db: Database, settings: Settings, *, now: datetime | None 
             report.problems.append(redact_text(f"Landing entry {location} could not be moved to {target} ({error}); it is tried again on the next poll."))
             continue
         with db.session() as session:
-            session.execute(
-                update(LandingEntry)
-                .where(LandingEntry.id == entry_id, LandingEntry.archived_at.is_(None))
-                .values(archived_at=now, archive_uri=target)
-                .execution_options(synchronize_session=False)
-            )
+            landing_entries.mark_archived(session, entry_id, now, target)
         if target is not None:
             report.archived.append(target)
     if settings.landing_retention_days is not None:
-        cutoff = now - timedelta(days=settings.landing_retention_days)
-        expired = select(LandingEntry.id, LandingEntry.archive_uri).where(
-            LandingEntry.model_name == name, LandingEntry.purged_at.is_(None), LandingEntry.archived_at < cutoff
-        )
-        with db.session(readonly=True) as session:
-            rows = session.execute(expired.order_by(LandingEntry.id)).all()
-        for entry_id, archive_uri in rows:
-            try:
-                if archive_uri is not None:
-                    landing.remove(archive_uri)
-            except OSError as error:
-                report.problems.append(redact_text(f"Archived entry {archive_uri} could not be deleted ({error}); it is tried again on the next poll."))
-                continue
-            with db.session() as session:
-                session.execute(
-                    update(LandingEntry).where(LandingEntry.id == entry_id).values(purged_at=now).execution_options(synchronize_session=False)
-                )
-            if archive_uri is not None:
-                report.purged.append(archive_uri)
+        _purge_expired(db, settings.model_name, now - timedelta(days=settings.landing_retention_days), now, report)
     return report
+
+
+def _purge_expired(db: Database, model_name: str, cutoff: datetime, now: datetime, report: ArchiveReport) -> None:
+    """Delete the entries archived before ``cutoff``; a deletion that fails is tried again next pass."""
+    from shiftcost.store import landing_entries
+
+    with db.session(readonly=True) as session:
+        rows = landing_entries.expired(session, model_name, cutoff)
+    for entry_id, archive_uri in rows:
+        try:
+            if archive_uri is not None:
+                landing.remove(archive_uri)
+        except OSError as error:
+            report.problems.append(redact_text(f"Archived entry {archive_uri} could not be deleted ({error}); it is tried again on the next poll."))
+            continue
+        with db.session() as session:
+            landing_entries.mark_purged(session, entry_id, now)
+        if archive_uri is not None:
+            report.purged.append(archive_uri)

@@ -98,41 +98,27 @@ def with_labels(batch: Batch, labels_uri: str | None, fingerprint: str | None) -
 def attach_labels(db: Database, batch_ref: str, labels_file: str | os.PathLike[str]) -> Attached:
     """Attach ``labels_file`` to the batch ``batch_ref`` (its id or source URI) and give it
     back for assessment. Checked first, nothing written on a refusal."""
-    from sqlalchemy import func, select, update
-
-    from shiftcost.store import models as rows
+    from shiftcost.statuses import BatchStatus
+    from shiftcost.store import batches
 
     path = Path(labels_file).resolve()
     if not path.is_file():
         raise InputError(f"Labels file {path} does not exist; check the path.")
     with db.session() as session:
-        query = select(rows.Batch)
-        if str(batch_ref).isdigit():
-            query = query.where(rows.Batch.id == int(batch_ref))
-        else:
-            uri = os.path.abspath(batch_ref) if "://" not in str(batch_ref) else str(batch_ref)
-            query = query.where(rows.Batch.source_uri.in_([str(batch_ref), uri]))
-        batch = session.scalars(query.order_by(rows.Batch.id.desc()).limit(1)).first()
+        batch = batches.find_by_reference(session, batch_ref)
         if batch is None:
             raise InputError(f"No batch {batch_ref} is registered; give its id or source path as `shiftcost audit decisions` shows it.")
-        retrained = session.scalar(select(func.count()).select_from(rows.RetrainRun).where(rows.RetrainRun.batch_id == batch.id))
-        if retrained or batch.status == "retraining":
+        if batches.retrain_runs_of(session, batch.id) or batch.status == BatchStatus.RETRAINING:
             raise InputError(f"Batch {batch.id} ({batch.source_uri}) was retrained on already (status {batch.status}); its labels cannot change now.")
         if batch.has_labels and not batch.labels_uri:
             raise InputError(f"Batch {batch.id} ({batch.source_uri}) came with labels; they cannot be replaced.")
         busy = f"Batch {batch.id} is being assessed right now; attach its labels again in a moment."
-        if batch.status == "assessing":
+        if batch.status == BatchStatus.ASSESSING:
             raise InputError(busy)
         read_labels(path, samples=batch.samples, fingerprint=batch.fingerprint, source=f"{batch.id} ({batch.source_uri})")
-        # Guarded, as every status change: a run that took the batch meanwhile keeps it.
-        done = session.execute(
-            update(rows.Batch)
-            .where(rows.Batch.id == batch.id, rows.Batch.status == batch.status, rows.Batch.updated_at == batch.updated_at)
-            .values(labels_uri=str(path), has_labels=True, status="registered", updated_at=rows.utcnow())
-        ).rowcount
-        if done != 1:
+        if not batches.reopen_with_labels(session, batch, str(path)):
             raise InputError(busy)
-        return Attached(batch.id, batch.source_uri, str(path), batch.samples, "registered")
+        return Attached(batch.id, batch.source_uri, str(path), batch.samples, BatchStatus.REGISTERED)
 
 
 def attach_landed_labels(db: Database, settings: Settings) -> list[Attached]:
@@ -141,15 +127,11 @@ def attach_landed_labels(db: Database, settings: Settings) -> list[Attached]:
     A file that does not fit its batch is skipped here (the same check ``labels attach``
     reports), so one bad file does not stop the poll.
     """
-    from sqlalchemy import select
-
     from shiftcost import landing
-    from shiftcost.store import models as rows
+    from shiftcost.store import batches
 
     with db.session(readonly=True) as session:
-        waiting = session.execute(
-            select(rows.Batch.id, rows.Batch.source_uri).where(rows.Batch.model_name == settings.model_name, rows.Batch.status == "awaiting_labels")
-        ).all()
+        waiting = batches.awaiting_labels(session, settings.model_name)
     attached = []
     for batch_id, source_uri in waiting:
         beside = labels_beside(source_uri)

@@ -29,18 +29,10 @@ _log = logging.getLogger(__name__)
 
 def renew(db: Database, run_id: int, now: datetime | None = None) -> bool:
     """Renew the heartbeat of a ``running`` run; False if the run is no longer running."""
-    from sqlalchemy import update
-
-    from shiftcost.store.models import RetrainRun, utcnow
+    from shiftcost.store import runs
 
     with db.session() as session:
-        result = session.execute(
-            update(RetrainRun)
-            .where(RetrainRun.id == run_id, RetrainRun.status == "running")
-            .values(heartbeat_at=now or utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        return result.rowcount == 1
+        return runs.renew_heartbeat(session, run_id, now)
 
 
 @contextmanager

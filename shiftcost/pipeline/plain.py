@@ -256,7 +256,8 @@ def process_batch(settings: Settings, uri: str, *, retrain: bool = True, db: Dat
             # `shiftcost retrain` still records its spend (a late settlement).
             from shiftcost.store import ledger
 
-            ledger.release_decision(database, assessment.decision_id, "assessed without retraining (--no-retrain): no run holds this reservation")
+            with database.session() as session:
+                ledger.release_decision(session, assessment.decision_id, "assessed without retraining (--no-retrain): no run holds this reservation")
         return BatchResult(registration, assessment, retraining)
 
 

@@ -16,7 +16,8 @@
 6. :func:`record_retrain_success` stores it all in one transaction: the finished run, the
    ledger settled with the measured cost, the new model version and its reference stats,
    the new cost model version, the host's energy rate refitted from every measured run
-   (:func:`refit_energy_rate`), the batch done.
+   (:func:`refit_energy_rate`), the batch done (``shiftcost.pipeline.retrain_record``
+   holds the recording steps; their rows are written by ``shiftcost.store.runs``).
 
 Any failure goes to :func:`record_retrain_failure` instead: the run is marked failed with
 what it measured up to the crash, the budget reservation is settled with that measure (or
@@ -28,18 +29,25 @@ energy, and spending more needs a new decision.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError, ShiftcostError
 from shiftcost.pipeline.assess import REPORT_FEATURES
-from shiftcost.pipeline.claims import Claim, ClaimLost, claim, guarded_update
-from shiftcost.pipeline.common import Artifacts, json_safe, least_kwh_left, load_cost_model, load_forecaster, store_cost_model
+from shiftcost.pipeline.claims import Claim, claim
+from shiftcost.pipeline.common import Artifacts, json_safe, least_kwh_left, load_cost_model, load_forecaster
+from shiftcost.pipeline.retrain_record import (
+    RetrainOutcome,
+    fail_stale_retrains,
+    not_started,
+    record_retrain_failure,
+    record_retrain_success,
+    refit_energy_rate,
+    retrain_outcome_of,
+)
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from torch import nn
 
     from shiftcost.config import Settings
@@ -59,10 +67,14 @@ __all__ = [
     "build_new_version",
     "claim_retrain",
     "execute_retrain",
+    "fail_stale_retrains",
     "load_for_retrain",
+    "not_started",
     "record_retrain_failure",
     "record_retrain_success",
     "refit_cost_model",
+    "refit_energy_rate",
+    "retrain_outcome_of",
     "Gate",
     "promotion_gate",
 ]
@@ -138,36 +150,6 @@ class NewVersion:
     gate: Gate | None = None
 
 
-@dataclass
-class RetrainOutcome:
-    """What retraining a batch did: the run, its measured cost, the new versions."""
-
-    batch_id: int
-    status: str
-    """``succeeded``, ``cap_reached``, ``stopped_by_budget`` or ``failed``; ``not_started`` when the batch was not
-    waiting for retraining (already retrained, or its decision was not retrain)."""
-    run_id: int | None = None
-    decision_id: int | None = None
-    epochs: float | None = None
-    steps: int | None = None
-    reached_cutoff: bool | None = None
-    energy_kwh: float | None = None
-    emissions_kg: float | None = None
-    new_model_id: int | None = None
-    new_model_version: int | None = None
-    new_model_status: str | None = None
-    """``active``, ``pending`` or ``rejected`` (the promotion gate's verdict)."""
-    calibration_id: int | None = None
-    cost_model_version: int | None = None
-    settled: list[int] = field(default_factory=list)
-    released: list[int] = field(default_factory=list)
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return json_safe(asdict(self))
-
-
 class RetrainFailed(ShiftcostError):
     """Retraining a batch failed; the run, the ledger and the batch say so (``outcome``)."""
 
@@ -205,8 +187,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
     from shiftcost.data import load_batch
     from shiftcost.pipeline.assess import align_labels, load_model_and_reference
     from shiftcost.pipeline.labels import with_labels
-    from shiftcost.store import repository
-    from shiftcost.store.models import IndexRun
+    from shiftcost.store import assessments, repository
 
     with db.session(readonly=True) as session:
         batch = repository.get_batch(session, job.batch_id)
@@ -216,7 +197,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         index_run = decided = None
         if decision is not None and decision.cost_prediction is not None:
             stored = decision.cost_prediction
-            index_run = session.get(IndexRun, stored.index_run_id)
+            index_run = assessments.get_index_run(session, stored.index_run_id)
             decided = {
                 "median": stored.epochs, "low": stored.epochs_lower, "high": stored.epochs_upper,
                 "level": stored.interval_level, "stage": (stored.details or {}).get("stage", "index"),
@@ -511,338 +492,3 @@ def refit_cost_model(db: Database, inputs: RetrainInputs, result: RetrainResult)
         return None, f"the cost model was not refitted: {error}"
     return cost_model, None
 
-
-# ----------------------------------------------------------------------------- 6. record
-
-
-def _run_measures(result: RetrainResult | None) -> dict[str, Any]:
-    if result is None:
-        return {}
-    measures: dict[str, Any] = {
-        "samples": result.pool_samples,
-        "steps": result.steps,
-        "epochs": result.epochs,
-        "reached_cutoff": result.reached_cutoff,
-        "initial_accuracy": result.initial_accuracy,
-        "target_accuracy": result.target_accuracy,
-        "final_accuracy": result.final_accuracy,
-        "grad_norms": result.grad_norms,
-        "param_change": result.param_change,
-        "param_change_per_layer": result.param_change_per_layer,
-        "wall_seconds": result.wall_time_s,
-        "details": result.to_dict(),
-    }
-    energy = result.energy
-    if energy is not None:
-        measures.update(
-            energy_kwh=energy.energy_kwh,
-            emissions_kg=energy.emissions_kg,
-            cpu_energy_kwh=energy.cpu_energy_kwh,
-            gpu_energy_kwh=energy.gpu_energy_kwh,
-            ram_energy_kwh=energy.ram_energy_kwh,
-            cpu_power_w=energy.cpu_power_w,
-            gpu_power_w=energy.gpu_power_w,
-            ram_power_w=energy.ram_power_w,
-            cpu_model=energy.cpu_model[:300],
-            gpu_model=(energy.gpu_model or "")[:300] or None,
-            country_iso_code=energy.country_iso_code,
-            country_name=energy.country_name,
-            region=energy.region,
-            carbon_intensity=energy.carbon_intensity_kg_per_kwh,
-            energy_method="measured" if energy.fully_measured else "estimated",
-        )
-    return json_safe(measures)
-
-
-def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult) -> dict[str, Any] | None:
-    """Refit the architecture's energy rate from every finished run that measured energy.
-
-    The rate (joules per training sample, evaluations weighted by
-    ``EVAL_SAMPLE_WEIGHT``) is the *median* over the runs (``HostEnergyRate.fit``): one run
-    on a loaded machine does not move it far. It is stored as the architecture's newest
-    energy probe, which the next assessment and the next guard price with. Returns the run's
-    measured kWh beside what the rate in force before it estimated, and the rates; None when
-    the run measured no energy.
-    """
-    from sqlalchemy import select
-
-    from shiftcost.energy import HostEnergyRate, run_work
-    from shiftcost.store import models as rows
-    from shiftcost.store import repository
-
-    own = run_work(result.to_dict())
-    if own[0] is None or own[0] <= 0:
-        return None
-    architecture = inputs.spec.architecture
-    earlier = session.scalars(
-        select(rows.RetrainRun.details)
-        .join(rows.Model, rows.Model.id == rows.RetrainRun.model_id)
-        .where(rows.Model.architecture == architecture, rows.RetrainRun.id != inputs.job.run_id, rows.RetrainRun.energy_kwh > 0)
-    ).all()
-    works = [run_work(details) for details in earlier if details] + [own]
-    refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs")
-    before = repository.latest_energy_probe(session, architecture)
-    estimated = None
-    if before is not None:
-        estimated = HostEnergyRate(float(before.joules_per_sample_epoch), 0.0, 1).kwh(own[1], own[2])
-    repository.add_energy_probe(
-        session, architecture, refitted.hardware or "refitted", f"{inputs.spec.in_channels}x{inputs.spec.image_size}x{inputs.spec.image_size}",
-        refitted.joules_per_sample, measurement_method="refitted", energy_kwh=own[0],
-        details=json_safe({"rate": refitted.to_dict(), "run_id": inputs.job.run_id}),
-    )  # fmt: skip
-    return json_safe(
-        {
-            "measured_kwh": own[0],
-            "estimated_kwh": estimated,
-            "joules_per_sample_before": None if before is None else before.joules_per_sample_epoch,
-            "joules_per_sample_after": refitted.joules_per_sample,
-            "spread": refitted.spread,
-            "runs": refitted.runs,
-        }
-    )
-
-
-def record_retrain_success(
-    db: Database,
-    inputs: RetrainInputs,
-    result: RetrainResult,
-    new_version: NewVersion | None,
-    cost_model: CostModel | None,
-    notes: list[str] | None = None,
-) -> RetrainOutcome:
-    """Store the finished run, settle the ledger, register the new versions; one transaction."""
-    from shiftcost.store import ledger, repository
-
-    job = inputs.job
-    assert result.energy is not None
-    kwh, co2 = result.energy.energy_kwh, result.energy.emissions_kg
-    notes = list(notes or [])
-    stopped = result.status == "stopped_by_budget"
-    if stopped:
-        notes.append(f"stopped by the budget guard: {result.stop_reason}")
-        new_version = None  # a stopped run never reached the cutoff; the model stays as it was
-    with db.session() as session:
-        try:
-            if stopped:
-                guarded_update(session, job.claim, status="stopped_by_budget", failure_reason=f"Stopped by the budget guard: {result.stop_reason}")
-            else:
-                guarded_update(session, job.claim, status="done")
-        except ClaimLost:
-            # Closed as dead while it ran (no heartbeat within the lease): the batch stays
-            # failed, but what the run spent is real and is still recorded.
-            notes.append("the run was closed as dead while it ran; its spend is recorded as a late settlement "
-                         "and no new model version is registered")
-            new_version = None
-        new_model = None
-        if new_version is not None:
-            new_model = repository.register_model(
-                session,
-                inputs.model_name,
-                inputs.spec.architecture,
-                weights_uri=str(new_version.weights_path),
-                layers=list(new_version.reference.layers),
-                classes=list(inputs.spec.classes),
-                parent_id=inputs.model_id,
-                fingerprint=new_version.fingerprint,
-                details={
-                    "reference_data_uri": str(new_version.reference_data_path),
-                    "spec": inputs.spec.to_dict(),
-                    "retrain_run_id": job.run_id,
-                    "gate": None if new_version.gate is None else new_version.gate.to_dict(),
-                },
-                status="active" if new_version.gate is None else new_version.gate.status,
-            )
-            if new_version.gate is not None and not new_version.gate.passed:
-                notes = [*(notes or []), f"version {new_model.version} was rejected: {new_version.gate.reason}"]
-            elif new_version.gate is not None and new_version.gate.status == "pending":
-                notes = [*(notes or []), f"version {new_model.version} passed the promotion gate and waits for `shiftcost model approve {new_model.version}`"]
-            repository.add_reference_stats(
-                session,
-                new_model.id,
-                str(new_version.reference_path),
-                new_version.reference.fingerprint,
-                new_version.reference.samples,
-                accuracy=new_version.reference.accuracy,
-                details=json_safe(new_version.reference.summary()),
-            )
-        calibration = None
-        if cost_model is not None:
-            calibration = store_cost_model(session, inputs.spec.architecture, cost_model, source="refit", model_id=inputs.model_id)
-        status = result.status if result.status in ("cap_reached", "stopped_by_budget") else "succeeded"
-        measures = _run_measures(result)
-        energy_rate = refit_energy_rate(session, inputs, result)
-        if energy_rate is not None:
-            measures["details"] = measures.get("details", {}) | {"energy_rate": energy_rate}
-        if notes:
-            measures["details"] = measures.get("details", {}) | {"notes": notes}
-        repository.finish_retrain_run(session, job.run_id, status, new_model_id=None if new_model is None else new_model.id, **measures)
-        settled = ledger.settle_decision(session, job.decision_id, kwh, co2)
-    return RetrainOutcome(
-        batch_id=job.batch_id,
-        status=status,
-        run_id=job.run_id,
-        decision_id=job.decision_id,
-        epochs=result.epochs,
-        steps=result.steps,
-        reached_cutoff=result.reached_cutoff,
-        energy_kwh=kwh,
-        emissions_kg=co2,
-        new_model_id=None if new_model is None else new_model.id,
-        new_model_version=None if new_model is None else new_model.version,
-        new_model_status=None if new_model is None else new_model.status,
-        calibration_id=None if calibration is None else calibration.id,
-        cost_model_version=None if cost_model is None else cost_model.version_,
-        settled=settled,
-        notes=notes,
-    )
-
-
-def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException, measured: RetrainResult | None = None) -> RetrainOutcome:
-    """Mark the run and the batch failed and close the reservation; the model is unchanged.
-
-    Whatever the run measured before it failed is kept on the run (``error.partial`` for a
-    crash while training, ``measured`` for a failure after training finished: saving the
-    new version to a full or read-only folder, say) and charged to the ledger: the
-    reservation is settled with the measured spend, so the ledger's totals stay the sum of
-    what the runs measured. Only a failure before anything was measured releases it.
-    """
-    from shiftcost.redaction import redact_text
-    from shiftcost.store import ledger, repository
-
-    partial = getattr(error, "partial", None) or measured
-    measures = _run_measures(partial if hasattr(partial, "pool_samples") else None)
-    message = redact_text(" ".join(str(error).split()) or type(error).__name__)
-    reason = f"Retraining failed: {message}"
-    settled: list[int] = []
-    released: list[int] = []
-    with db.session() as session:
-        try:
-            guarded_update(session, job.claim, status="failed", failure_reason=reason)
-        except ClaimLost:
-            pass  # another run recorded this batch's end already; still close this run
-        repository.finish_retrain_run(session, job.run_id, "failed", **(measures | {"error": message}))
-        if measures.get("energy_kwh") is not None:
-            settled = ledger.settle_decision(
-                session, job.decision_id, measures["energy_kwh"], measures.get("emissions_kg") or 0.0,
-                note=f"spent by a run that then failed: {message}",
-            )
-        else:
-            released = ledger.release_decision(session, job.decision_id, reason)
-    return RetrainOutcome(
-        batch_id=job.batch_id,
-        status="failed",
-        run_id=job.run_id,
-        decision_id=job.decision_id,
-        epochs=measures.get("epochs"),
-        steps=measures.get("steps"),
-        energy_kwh=measures.get("energy_kwh"),
-        emissions_kg=measures.get("emissions_kg"),
-        settled=settled,
-        released=released,
-        error=message,
-    )
-
-
-def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now: datetime | None = None) -> list[RetrainOutcome]:
-    """Close the retrain runs of ``model_name`` proven dead: ``running`` with no heartbeat
-    (before the first one: no start) within the last ``older_than_s`` seconds (the lease).
-
-    Such a run's process was killed (a crash it survived would have recorded itself): the
-    run and its batch are marked failed and the decision's reservation is released, in one
-    transaction per run. The energy it spent is unknown and not charged (should the run
-    still finish, it records its spend as a late settlement). Each run is closed by a
-    guarded UPDATE, so of racing watchers exactly one closes it. Returns what was closed;
-    ``released`` is empty when there was nothing left to release.
-    """
-    from datetime import timedelta
-
-    from sqlalchemy import select, update
-
-    from shiftcost.store import ledger
-    from shiftcost.store import models as rows
-
-    now = rows.utcnow() if now is None else now
-    lease = timedelta(seconds=older_than_s)
-    span = f"{older_than_s / 3600.0:.3g} h" if older_than_s >= 3600 else f"{older_than_s:.3g} s"
-    message = f"abandoned: no heartbeat for {span} (its lease), so its process was killed"
-    with db.session(readonly=True) as session:
-        stale = session.execute(
-            select(rows.RetrainRun.id, rows.RetrainRun.batch_id, rows.RetrainRun.decision_id)
-            .join(rows.Model, rows.Model.id == rows.RetrainRun.model_id)
-            .where(
-                rows.Model.name == model_name,
-                rows.RetrainRun.status == "running",
-                ~ledger.live_run_condition(lease, now),
-            )
-            .order_by(rows.RetrainRun.id)
-        ).all()
-    closed: list[RetrainOutcome] = []
-    for run_id, batch_id, decision_id in stale:
-        with db.session() as session:
-            finished = session.execute(
-                update(rows.RetrainRun)
-                .where(rows.RetrainRun.id == run_id, rows.RetrainRun.status == "running", ~ledger.live_run_condition(lease, now))
-                .values(status="failed", error=message, finished_at=rows.utcnow())
-                .execution_options(synchronize_session=False)
-            )
-            if finished.rowcount != 1:
-                continue  # another watcher closed it
-            if batch_id is not None:
-                session.execute(
-                    update(rows.Batch)
-                    .where(rows.Batch.id == batch_id, rows.Batch.status == "retraining")
-                    .values(status="failed", failure_reason=f"Retraining failed: {message}.", updated_at=rows.utcnow())
-                    .execution_options(synchronize_session=False)
-                )
-            released = [] if decision_id is None else ledger.release_decision(session, decision_id, f"retrain run {run_id} {message}")
-        closed.append(RetrainOutcome(batch_id, "failed", run_id=run_id, decision_id=decision_id, released=released, error=message))
-    return closed
-
-
-def retrain_outcome_of(db: Database, batch_id: int) -> RetrainOutcome:
-    """The stored outcome of the latest retraining run of a batch (``not_started`` if none).
-
-    The flows read it back when a finished retrain run's return value is lost.
-    """
-    from sqlalchemy import select
-
-    from shiftcost.store import models as rows
-
-    with db.session(readonly=True) as session:
-        run = session.scalars(
-            select(rows.RetrainRun).where(rows.RetrainRun.batch_id == batch_id).order_by(rows.RetrainRun.id.desc()).limit(1)
-        ).first()
-        if run is None:
-            return not_started(db, batch_id)
-        new_model = None if run.new_model_id is None else session.get(rows.Model, run.new_model_id)
-        entries = session.execute(
-            select(rows.LedgerEntry.id, rows.LedgerEntry.kind)
-            .where(rows.LedgerEntry.decision_id == run.decision_id, rows.LedgerEntry.kind.in_(("settle", "release")))
-            .order_by(rows.LedgerEntry.id)
-        ).all()
-        return RetrainOutcome(
-            batch_id=batch_id,
-            status=run.status,
-            run_id=run.id,
-            decision_id=run.decision_id,
-            epochs=run.epochs,
-            steps=run.steps,
-            reached_cutoff=run.reached_cutoff,
-            energy_kwh=run.energy_kwh,
-            emissions_kg=run.emissions_kg,
-            new_model_id=run.new_model_id,
-            new_model_version=None if new_model is None else new_model.version,
-            new_model_status=None if new_model is None else new_model.status,
-            settled=[entry_id for entry_id, kind in entries if kind == "settle"],
-            released=[entry_id for entry_id, kind in entries if kind == "release"],
-            error=run.error,
-        )
-
-
-def not_started(db: Database, batch_id: int) -> RetrainOutcome:
-    """The outcome for a batch that was not waiting for retraining."""
-    from shiftcost.store import repository
-
-    with db.session(readonly=True) as session:
-        batch = repository.get_batch(session, batch_id)
-        return RetrainOutcome(batch_id, "not_started", notes=[f"batch status is {batch.status}"])

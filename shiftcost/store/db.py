@@ -13,8 +13,11 @@ PostgreSQL connections are pre-pinged so a restarted server does not break a poo
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -274,6 +277,53 @@ def open_database(
     return database
 
 
+# One Database per (process, URL): a pool is never shared across a fork, where two
+# processes writing on one socket would corrupt each other's conversations.
+_SHARED: dict[tuple[int, str], Database] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_database(url: str | URL, *, upgrade: bool = False) -> Database:
+    """The process's one ``Database`` for ``url``, opened (pinged, schema checked) on first use.
+
+    Every later call in the same process gets the same engine and pool, so a step costs no
+    new connection, ping or schema query. A forked child process opens its own on first
+    use (the key includes the process id); the parent's pool is dropped in the child
+    without closing the parent's connections. Shared databases are disposed at exit; do
+    not dispose one yourself. ``upgrade`` migrates the schema to head when it is opened.
+    A database that fails to open is not kept, so the next call tries again.
+    """
+    parsed = parse_url(url)
+    key = (os.getpid(), parsed.render_as_string(hide_password=False))
+    with _SHARED_LOCK:
+        database = _SHARED.get(key)
+        if database is None:
+            database = open_database(parsed, upgrade=upgrade, check_schema=not upgrade)
+            _SHARED[key] = database
+        return database
+
+
+def _forget_parent_databases() -> None:
+    """In a forked child: drop the parent's pools without closing the parent's connections."""
+    global _SHARED_LOCK
+    _SHARED_LOCK = threading.Lock()  # a lock held by another parent thread would never be released here
+    for database in _SHARED.values():
+        database.engine.dispose(close=False)
+    _SHARED.clear()
+
+
+def _dispose_shared() -> None:
+    pid = os.getpid()
+    for (owner, _), database in list(_SHARED.items()):
+        if owner == pid:
+            database.dispose()
+    _SHARED.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parent_databases)
+atexit.register(_dispose_shared)
+
+
 __all__ = [
     "Database",
     "DatabaseUnavailableError",
@@ -282,4 +332,5 @@ __all__ = [
     "open_database",
     "read_only",
     "redact",
+    "shared_database",
 ]

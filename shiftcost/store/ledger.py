@@ -33,8 +33,9 @@ lock (see ``shiftcost.store.db``). Two racing reservations are therefore seriali
 the second sees the first; a budget cannot be overspent by reservations. The UNIQUE key on
 ``budget_ledger.reservation_id`` makes the database itself refuse a second settle/release.
 
-Every function takes a ``Session`` (joins the caller's transaction; the caller commits),
-a ``Database`` or an ``Engine`` (runs and commits its own short transaction).
+Every function takes a ``Session`` and runs in the caller's transaction: the caller decides
+what commits together (``with db.session() as session:``), so a reservation and the
+decision it is for are one transaction, and a refusal leaves nothing behind.
 
 This module holds reservations and their closing (reserve, settle, release); budgets and
 their validation are in ``ledger_budgets``, periods and statuses in ``ledger_status``, all
@@ -52,17 +53,17 @@ from sqlalchemy import and_, exc, func, select
 from sqlalchemy.orm import Session, aliased
 
 from shiftcost.errors import InputError
+from shiftcost.statuses import BudgetPeriod, LedgerKind, RetrainStatus
 from shiftcost.store.errors import BudgetExceededError, NotFoundError, ReservationError
 from shiftcost.store.ledger_budgets import (
     _SLACK,
     MAX_ROLLING_DAYS,
     PERIOD_ALIASES,
     PERIODIC,
-    Target,
     _amount,
     _budget,
     _lock_budget_by_id,
-    _transaction,
+    _require_session,
     _utc,
     create_budget,
     delete_budget,
@@ -102,7 +103,7 @@ class Reservation:
 
 
 def reserve(
-    target: Target,
+    session: Session,
     budget_name: str,
     kwh: float,
     co2: float,
@@ -116,11 +117,11 @@ def reserve(
     written under the budget's lock; otherwise raises ``BudgetExceededError`` and writes
     nothing.
     """
-    return reserve_many(target, [budget_name], kwh, co2, decision_id, at=at)[budget_name]
+    return reserve_many(session, [budget_name], kwh, co2, decision_id, at=at)[budget_name]
 
 
 def reserve_many(
-    target: Target,
+    session: Session,
     budget_names: Iterable[str],
     kwh: float,
     co2: float,
@@ -134,36 +135,36 @@ def reserve_many(
     """
     kwh, co2 = _amount(kwh, "reserved kWh"), _amount(co2, "reserved kg CO2e")
     names = sorted(set(budget_names))
-    with _transaction(target) as session:
-        if session.get(Decision, decision_id) is None:
-            raise NotFoundError(f"No decision with id {decision_id} exists; record the decision first.")
-        now = _utc(at)
-        budgets = [_budget(session, name, lock=True) for name in names]
-        for budget in budgets:
-            status = _status(session, budget, now, decision_id if budget.period == "per_run" else None)
-            if not status.fits(kwh, co2):
-                raise BudgetExceededError(
-                    f"Budget {budget.name!r} ({budget.period}) has "
-                    f"{_left(status.remaining_kwh, 'kWh')} and {_left(status.remaining_co2, 'kg CO2e')} "
-                    f"left, not enough for {kwh:.6g} kWh and {co2:.6g} kg CO2e.",
-                    budget=budget.name,
-                    remaining_kwh=status.remaining_kwh,
-                    remaining_co2=status.remaining_co2,
-                )
-        entries = {
-            budget.name: LedgerEntry(
-                budget_id=budget.id, decision_id=decision_id, kind="reserve",
-                energy_kwh=kwh, emissions_kg=co2, created_at=now,
+    _require_session(session)
+    if session.get(Decision, decision_id) is None:
+        raise NotFoundError(f"No decision with id {decision_id} exists; record the decision first.")
+    now = _utc(at)
+    budgets = [_budget(session, name, lock=True) for name in names]
+    for budget in budgets:
+        status = _status(session, budget, now, decision_id if budget.period == BudgetPeriod.PER_RUN else None)
+        if not status.fits(kwh, co2):
+            raise BudgetExceededError(
+                f"Budget {budget.name!r} ({budget.period}) has "
+                f"{_left(status.remaining_kwh, 'kWh')} and {_left(status.remaining_co2, 'kg CO2e')} "
+                f"left, not enough for {kwh:.6g} kWh and {co2:.6g} kg CO2e.",
+                budget=budget.name,
+                remaining_kwh=status.remaining_kwh,
+                remaining_co2=status.remaining_co2,
             )
-            for budget in budgets
-        }
-        session.add_all(entries.values())
-        session.flush()
-        return {name: entry.id for name, entry in entries.items()}
+    entries = {
+        budget.name: LedgerEntry(
+            budget_id=budget.id, decision_id=decision_id, kind=LedgerKind.RESERVE,
+            energy_kwh=kwh, emissions_kg=co2, created_at=now,
+        )
+        for budget in budgets
+    }
+    session.add_all(entries.values())
+    session.flush()
+    return {name: entry.id for name, entry in entries.items()}
 
 
 def record_spend(
-    target: Target, budget_names: Iterable[str], kwh: float, co2: float, decision_id: int, reason: str
+    session: Session, budget_names: Iterable[str], kwh: float, co2: float, decision_id: int, reason: str
 ) -> list[int]:
     """Charge a spend that already happened (a forecast's probe) to a decision on each budget.
 
@@ -172,47 +173,47 @@ def record_spend(
     decision's later settle or release leaves it alone (it is closed). Returns the settle ids.
     """
     kwh, co2 = _amount(kwh, "spent kWh"), _amount(co2, "spent kg CO2e")
-    with _transaction(target) as session:
-        ids = []
-        for name in sorted(set(budget_names)):
-            budget = _budget(session, name, lock=True)
-            reservation = LedgerEntry(budget_id=budget.id, decision_id=decision_id, kind="reserve", energy_kwh=kwh, emissions_kg=co2)
-            session.add(reservation)
-            session.flush()
-            ids.append(_add_closing(session, reservation, "settle", kwh, co2, reason))
-        return ids
+    _require_session(session)
+    ids = []
+    for name in sorted(set(budget_names)):
+        budget = _budget(session, name, lock=True)
+        reservation = LedgerEntry(budget_id=budget.id, decision_id=decision_id, kind=LedgerKind.RESERVE, energy_kwh=kwh, emissions_kg=co2)
+        session.add(reservation)
+        session.flush()
+        ids.append(_add_closing(session, reservation, LedgerKind.SETTLE, kwh, co2, reason))
+    return ids
 
 
 def _left(value: float | None, unit: str) -> str:
     return f"unlimited {unit}" if value is None else f"{max(value, 0.0):.6g} {unit}"
 
 
-def settle(target: Target, reservation_id: int, kwh: float, co2: float, *, reason: str | None = None) -> int:
+def settle(session: Session, reservation_id: int, kwh: float, co2: float, *, reason: str | None = None) -> int:
     """Close a reservation with the measured ``kwh`` / ``co2``; returns the settle entry id.
 
     Refuses (``ReservationError``, nothing written) an unknown reservation or one already
     settled or released.
     """
     kwh, co2 = _amount(kwh, "measured kWh"), _amount(co2, "measured kg CO2e")
-    return _close(target, reservation_id, "settle", kwh, co2, reason)
+    return _close(session, reservation_id, LedgerKind.SETTLE, kwh, co2, reason)
 
 
-def release(target: Target, reservation_id: int, reason: str) -> int:
+def release(session: Session, reservation_id: int, reason: str) -> int:
     """Close a reservation without spending it (failed or abandoned run); returns the entry id."""
     if not reason or not reason.strip():
         raise InputError("Releasing a reservation needs a reason.")
-    return _close(target, reservation_id, "release", 0.0, 0.0, reason)
+    return _close(session, reservation_id, LedgerKind.RELEASE, 0.0, 0.0, reason)
 
 
-def _close(target: Target, reservation_id: int, kind: str, kwh: float, co2: float, reason: str | None) -> int:
-    with _transaction(target) as session:
-        reservation = session.get(LedgerEntry, reservation_id)
-        if reservation is None or reservation.kind != "reserve":
-            raise ReservationError(f"There is no reservation {reservation_id}; nothing was {kind}d.")
-        _lock_budget_by_id(session, reservation.budget_id)
-        _refuse_if_closed(session, reservation_id, kind)
-        # The unique key refuses a second close even if the lock was bypassed.
-        return _add_closing(session, reservation, kind, kwh, co2, reason)
+def _close(session: Session, reservation_id: int, kind: str, kwh: float, co2: float, reason: str | None) -> int:
+    _require_session(session)
+    reservation = session.get(LedgerEntry, reservation_id)
+    if reservation is None or reservation.kind != LedgerKind.RESERVE:
+        raise ReservationError(f"There is no reservation {reservation_id}; nothing was {kind}d.")
+    _lock_budget_by_id(session, reservation.budget_id)
+    _refuse_if_closed(session, reservation_id, kind)
+    # The unique key refuses a second close even if the lock was bypassed.
+    return _add_closing(session, reservation, kind, kwh, co2, reason)
 
 
 def _refuse_if_closed(session: Session, reservation_id: int, kind: str) -> None:
@@ -234,7 +235,7 @@ def _open_query(decision_id: int | None = None, budget_name: str | None = None,
         select(r.id, Budget.name, r.decision_id, r.energy_kwh, r.emissions_kg, r.created_at)
         .join(Budget, Budget.id == r.budget_id)
         .outerjoin(c, c.reservation_id == r.id)
-        .where(r.kind == "reserve", c.id.is_(None))
+        .where(r.kind == LedgerKind.RESERVE, c.id.is_(None))
         .order_by(r.created_at, r.id)
     )
     if decision_id is not None:
@@ -247,7 +248,7 @@ def _open_query(decision_id: int | None = None, budget_name: str | None = None,
 
 
 def open_reservations(
-    target: Target,
+    session: Session,
     older_than: timedelta | None = None,
     *,
     budget_name: str | None = None,
@@ -256,12 +257,12 @@ def open_reservations(
 ) -> list[Reservation]:
     """Reservations neither settled nor released, optionally only those older than ``older_than``."""
     cutoff = _utc(at) - older_than if older_than is not None else None
-    with _transaction(target) as session:
-        rows = session.execute(_open_query(decision_id, budget_name, cutoff)).all()
-        return [Reservation(*row) for row in rows]
+    _require_session(session)
+    rows = session.execute(_open_query(decision_id, budget_name, cutoff)).all()
+    return [Reservation(*row) for row in rows]
 
 
-def settle_decision(target: Target, decision_id: int, kwh: float, co2: float, *, note: str | None = None) -> list[int]:
+def settle_decision(session: Session, decision_id: int, kwh: float, co2: float, *, note: str | None = None) -> list[int]:
     """Record a decision's measured cost on each of its reservations; returns entry ids.
 
     An open reservation is settled (with an ``overrun`` reason when the measure exceeds
@@ -270,19 +271,19 @@ def settle_decision(target: Target, decision_id: int, kwh: float, co2: float, *,
     entry's reason (a failed run's spend, say).
     """
     kwh, co2 = _amount(kwh, "measured kWh"), _amount(co2, "measured kg CO2e")
-    with _transaction(target) as session:
-        ids = []
-        for reservation in _reservations_of(session, decision_id):
-            _lock_budget_by_id(session, reservation.budget_id)
-            closing = _closing(session, reservation.id)
-            overrun = _overrun_reason(reservation, kwh, co2)
-            if closing is None:
-                ids.append(_close(session, reservation.id, "settle", kwh, co2, _reason(note, overrun)))
-            elif closing.kind == "release" and _closing(session, closing.id) is None:
-                late = (f"late settlement: the run finished after reservation {reservation.id} was released "
-                        f"({closing.reason})")
-                ids.append(_add_closing(session, closing, "settle", kwh, co2, _reason(note, late, overrun)))
-        return ids
+    _require_session(session)
+    ids = []
+    for reservation in _reservations_of(session, decision_id):
+        _lock_budget_by_id(session, reservation.budget_id)
+        closing = _closing(session, reservation.id)
+        overrun = _overrun_reason(reservation, kwh, co2)
+        if closing is None:
+            ids.append(_close(session, reservation.id, LedgerKind.SETTLE, kwh, co2, _reason(note, overrun)))
+        elif closing.kind == LedgerKind.RELEASE and _closing(session, closing.id) is None:
+            late = (f"late settlement: the run finished after reservation {reservation.id} was released "
+                    f"({closing.reason})")
+            ids.append(_add_closing(session, closing, LedgerKind.SETTLE, kwh, co2, _reason(note, late, overrun)))
+    return ids
 
 
 def _reason(*parts: str | None) -> str | None:
@@ -290,7 +291,7 @@ def _reason(*parts: str | None) -> str | None:
 
 
 def _reservations_of(session: Session, decision_id: int) -> list[LedgerEntry]:
-    query = select(LedgerEntry).where(LedgerEntry.decision_id == decision_id, LedgerEntry.kind == "reserve")
+    query = select(LedgerEntry).where(LedgerEntry.decision_id == decision_id, LedgerEntry.kind == LedgerKind.RESERVE)
     return list(session.scalars(query.order_by(LedgerEntry.id)))
 
 
@@ -320,10 +321,10 @@ def _overrun_reason(reservation: LedgerEntry, kwh: float, co2: float) -> str | N
     return "overrun: " + ", ".join(over) if over else None
 
 
-def release_decision(target: Target, decision_id: int, reason: str) -> list[int]:
+def release_decision(session: Session, decision_id: int, reason: str) -> list[int]:
     """Release every open reservation of a decision (its run failed); returns entry ids."""
-    with _transaction(target) as session:
-        return [release(session, r.id, reason) for r in open_reservations(session, decision_id=decision_id)]
+    _require_session(session)
+    return [release(session, r.id, reason) for r in open_reservations(session, decision_id=decision_id)]
 
 
 def live_run_condition(lease: timedelta, at: datetime | None = None) -> Any:
@@ -332,11 +333,11 @@ def live_run_condition(lease: timedelta, at: datetime | None = None) -> Any:
     Before its first heartbeat a run counts from its start.
     """
     last_seen = func.coalesce(RetrainRun.heartbeat_at, RetrainRun.started_at)
-    return and_(RetrainRun.status == "running", last_seen >= _utc(at) - lease)
+    return and_(RetrainRun.status == RetrainStatus.RUNNING, last_seen >= _utc(at) - lease)
 
 
 def release_open(
-    target: Target,
+    session: Session,
     older_than: timedelta,
     reason: str,
     *,
@@ -352,19 +353,19 @@ def release_open(
     others (a run killed, or a retrain that never started) are released. ``dry_run`` lists
     them and changes nothing.
     """
-    with _transaction(target) as session:
-        stale = open_reservations(session, older_than, budget_name=budget_name, at=at)
-        if lease is not None and stale:
-            alive = set(session.scalars(
-                select(RetrainRun.decision_id).where(
-                    RetrainRun.decision_id.in_({r.decision_id for r in stale}), live_run_condition(lease, at)
-                )
-            ))
-            stale = [r for r in stale if r.decision_id not in alive]
-        if not dry_run:
-            for reservation in stale:
-                release(session, reservation.id, reason)
-        return stale
+    _require_session(session)
+    stale = open_reservations(session, older_than, budget_name=budget_name, at=at)
+    if lease is not None and stale:
+        alive = set(session.scalars(
+            select(RetrainRun.decision_id).where(
+                RetrainRun.decision_id.in_({r.decision_id for r in stale}), live_run_condition(lease, at)
+            )
+        ))
+        stale = [r for r in stale if r.decision_id not in alive]
+    if not dry_run:
+        for reservation in stale:
+            release(session, reservation.id, reason)
+    return stale
 
 
 __all__ = [

@@ -2,35 +2,30 @@
 
 A budget is validated on the way in (periods and amounts the dates and the database can
 hold); a disabled budget no longer limits decisions but keeps its ledger; a budget with
-ledger history cannot be deleted, only disabled. Every function takes a ``Session`` (joins
-the caller's transaction; the caller commits), a ``Database`` or an ``Engine`` (runs and
-commits its own short transaction). The accounting rule is in ``shiftcost.store.ledger``.
+ledger history cannot be deleted, only disabled. Every function takes a ``Session`` and
+runs in its transaction (the caller commits). The accounting rule is in ``shiftcost.store.ledger``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, exc, func, select
+from sqlalchemy import exc, func, select
 from sqlalchemy.orm import Session
 
 from shiftcost.errors import InputError
-from shiftcost.store.db import Database
+from shiftcost.statuses import BudgetPeriod
 from shiftcost.store.errors import BudgetError, NotFoundError
 from shiftcost.store.models import BUDGET_PERIODS, Budget, LedgerEntry, utcnow
-
-Target = Session | Database | Engine
 
 # Float sums of many entries drift by a few ulps; never refuse a reservation for that.
 _SLACK = 1e-9
 
-PERIOD_ALIASES = {"per-run": "per_run", "rolling": "rolling_days", "rolling-days": "rolling_days"}
+PERIOD_ALIASES = {"per-run": BudgetPeriod.PER_RUN, "rolling": BudgetPeriod.ROLLING_DAYS, "rolling-days": BudgetPeriod.ROLLING_DAYS}
 #: Budget periods whose cap renews, so waiting can make room.
-PERIODIC = frozenset({"daily", "monthly", "rolling_days"})
+PERIODIC = frozenset({BudgetPeriod.DAILY, BudgetPeriod.MONTHLY, BudgetPeriod.ROLLING_DAYS})
 #: The longest rolling window: far enough back for any use, near enough that ``now - N
 #: days`` is a date every backend (and Python) can hold.
 MAX_ROLLING_DAYS = 36_600
@@ -54,16 +49,13 @@ def fits(amount: float, room: float | None, cap: float | None) -> bool:
     return amount <= room + _SLACK * max(1.0, cap)
 
 
-@contextmanager
-def _transaction(target: Target) -> Iterator[Session]:
-    if isinstance(target, Session):
-        yield target
-    elif isinstance(target, Database):
-        with target.session() as session:
-            yield session
-    else:
-        with Session(target, expire_on_commit=False) as session, session.begin():
-            yield session
+def _require_session(session: Session) -> None:
+    """Refuse anything but a Session: the caller owns the transaction, so it decides what commits together."""
+    if not isinstance(session, Session):
+        raise TypeError(
+            f"The ledger takes a sqlalchemy Session (got {type(session).__name__}); "
+            "open one with `with db.session() as session:` and pass it."
+        )
 
 
 def _amount(value: float, what: str) -> float:
@@ -99,7 +91,7 @@ def _validated(name: str, period: str, kwh_cap: float | None, co2_cap: float | N
     for what, cap in (("kWh", kwh_cap), ("kg CO2e", co2_cap)):
         if cap is not None and (not math.isfinite(cap) or cap < 0):
             raise BudgetError(f"Budget {name!r} has a {what} cap of {cap}; caps must be zero or more.")
-    if period == "rolling_days":
+    if period == BudgetPeriod.ROLLING_DAYS:
         if rolling_days is None or rolling_days < 1:
             raise BudgetError(f"Budget {name!r} is rolling and needs --rolling-days of 1 or more.")
         if rolling_days > MAX_ROLLING_DAYS:
@@ -112,7 +104,7 @@ def _validated(name: str, period: str, kwh_cap: float | None, co2_cap: float | N
 
 
 def create_budget(
-    target: Target,
+    session: Session,
     name: str,
     *,
     period: str,
@@ -127,31 +119,31 @@ def create_budget(
     ``scope`` is a model name, or ``*`` for every model. Nothing is written when refused.
     """
     period = _validated(name, period, kwh_cap, co2_cap, scope, rolling_days)
-    with _transaction(target) as session:
-        if session.scalar(select(Budget.id).where(Budget.name == name)) is not None:
-            raise BudgetError(f"A budget named {name!r} already exists; choose another name.")
-        budget = Budget(
-            name=name,
-            scope=scope,
-            period=period,
-            rolling_days=rolling_days,
-            kwh_cap=None if kwh_cap is None else float(kwh_cap),
-            co2_cap=None if co2_cap is None else float(co2_cap),
-            description=description,
-        )
-        try:
-            with session.begin_nested():
-                session.add(budget)
-        except exc.IntegrityError as error:
-            raise BudgetError(f"A budget named {name!r} already exists; choose another name.") from error
-        return budget
+    _require_session(session)
+    if session.scalar(select(Budget.id).where(Budget.name == name)) is not None:
+        raise BudgetError(f"A budget named {name!r} already exists; choose another name.")
+    budget = Budget(
+        name=name,
+        scope=scope,
+        period=period,
+        rolling_days=rolling_days,
+        kwh_cap=None if kwh_cap is None else float(kwh_cap),
+        co2_cap=None if co2_cap is None else float(co2_cap),
+        description=description,
+    )
+    try:
+        with session.begin_nested():
+            session.add(budget)
+    except exc.IntegrityError as error:
+        raise BudgetError(f"A budget named {name!r} already exists; choose another name.") from error
+    return budget
 
 
 _UNCHANGED: Any = object()
 
 
 def update_budget(
-    target: Target,
+    session: Session,
     name: str,
     *,
     period: str | None = None,
@@ -168,63 +160,63 @@ def update_budget(
     times, under the new caps. ``enabled=False`` disables the budget (it no longer limits
     decisions; open reservations on it still settle or release), ``True`` enables it again.
     """
-    with _transaction(target) as session:
-        budget = _budget(session, name, lock=True)
-        new_period = normalise_period(period) if period is not None else budget.period
-        if rolling_days is _UNCHANGED:
-            rolling_days = budget.rolling_days if new_period == "rolling_days" else None
-        values = {
-            "period": new_period,
-            "kwh_cap": budget.kwh_cap if kwh_cap is _UNCHANGED else kwh_cap,
-            "co2_cap": budget.co2_cap if co2_cap is _UNCHANGED else co2_cap,
-            "scope": budget.scope if scope is None else scope,
-            "rolling_days": rolling_days,
-        }
-        values["period"] = _validated(name, values["period"], values["kwh_cap"], values["co2_cap"],
-                                      values["scope"], values["rolling_days"])
-        for key, value in values.items():
-            setattr(budget, key, float(value) if key.endswith("_cap") and value is not None else value)
-        if description is not _UNCHANGED:
-            budget.description = description
-        if enabled is not None:
-            budget.disabled_at = None if enabled else (budget.disabled_at or utcnow())
-        session.flush()
-        return budget
+    _require_session(session)
+    budget = _budget(session, name, lock=True)
+    new_period = normalise_period(period) if period is not None else budget.period
+    if rolling_days is _UNCHANGED:
+        rolling_days = budget.rolling_days if new_period == BudgetPeriod.ROLLING_DAYS else None
+    values = {
+        "period": new_period,
+        "kwh_cap": budget.kwh_cap if kwh_cap is _UNCHANGED else kwh_cap,
+        "co2_cap": budget.co2_cap if co2_cap is _UNCHANGED else co2_cap,
+        "scope": budget.scope if scope is None else scope,
+        "rolling_days": rolling_days,
+    }
+    values["period"] = _validated(name, values["period"], values["kwh_cap"], values["co2_cap"],
+                                  values["scope"], values["rolling_days"])
+    for key, value in values.items():
+        setattr(budget, key, float(value) if key.endswith("_cap") and value is not None else value)
+    if description is not _UNCHANGED:
+        budget.description = description
+    if enabled is not None:
+        budget.disabled_at = None if enabled else (budget.disabled_at or utcnow())
+    session.flush()
+    return budget
 
 
-def delete_budget(target: Target, name: str) -> None:
+def delete_budget(session: Session, name: str) -> None:
     """Delete a budget that has never been used; one with ledger entries is refused.
 
     The ledger is the history the audit answers from, so it is never deleted: a used
     budget is disabled instead (``update_budget(..., enabled=False)``).
     """
-    with _transaction(target) as session:
-        budget = _budget(session, name, lock=True)
-        used = session.scalar(select(func.count(LedgerEntry.id)).where(LedgerEntry.budget_id == budget.id))
-        if used:
-            raise BudgetError(
-                f"Budget {name!r} has {used} ledger entries, which are kept as history; "
-                f"disable it instead with `shiftcost budget disable {name}`."
-            )
-        session.delete(budget)
-        session.flush()
+    _require_session(session)
+    budget = _budget(session, name, lock=True)
+    used = session.scalar(select(func.count(LedgerEntry.id)).where(LedgerEntry.budget_id == budget.id))
+    if used:
+        raise BudgetError(
+            f"Budget {name!r} has {used} ledger entries, which are kept as history; "
+            f"disable it instead with `shiftcost budget disable {name}`."
+        )
+    session.delete(budget)
+    session.flush()
 
 
-def get_budget(target: Target, name: str) -> Budget:
+def get_budget(session: Session, name: str) -> Budget:
     """A budget by name, or ``NotFoundError``."""
-    with _transaction(target) as session:
-        return _budget(session, name)
+    _require_session(session)
+    return _budget(session, name)
 
 
-def list_budgets(target: Target, model_name: str | None = None, *, include_disabled: bool = True) -> list[Budget]:
+def list_budgets(session: Session, model_name: str | None = None, *, include_disabled: bool = True) -> list[Budget]:
     """Every budget, or those applying to ``model_name`` (its own scope or ``*``), by name."""
-    with _transaction(target) as session:
-        query = select(Budget).order_by(Budget.name)
-        if model_name is not None:
-            query = query.where(Budget.scope.in_([model_name, "*"]))
-        if not include_disabled:
-            query = query.where(Budget.disabled_at.is_(None))
-        return list(session.scalars(query))
+    _require_session(session)
+    query = select(Budget).order_by(Budget.name)
+    if model_name is not None:
+        query = query.where(Budget.scope.in_([model_name, "*"]))
+    if not include_disabled:
+        query = query.where(Budget.disabled_at.is_(None))
+    return list(session.scalars(query))
 
 
 def _budget(session: Session, name: str, *, lock: bool = False) -> Budget:

@@ -15,12 +15,12 @@ from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session, aliased
 
 from shiftcost.errors import ConfigError
+from shiftcost.statuses import BudgetPeriod, LedgerKind
 from shiftcost.store.ledger_budgets import (
     _EARLIEST,
     PERIODIC,
-    Target,
     _budget,
-    _transaction,
+    _require_session,
     _utc,
     fits,
     list_budgets,
@@ -60,7 +60,7 @@ class BudgetStatus:
         cls,
         name: str,
         scope: str = "*",
-        period: str = "per_run",
+        period: str = BudgetPeriod.PER_RUN,
         kwh_cap: float | None = None,
         co2_cap: float | None = None,
         remaining_kwh: float | None = None,
@@ -99,7 +99,7 @@ class BudgetStatus:
         A rolling window slides (it ends a microsecond after ``at``), so it has no such time:
         a batch deferred on it would otherwise be requeued at every poll.
         """
-        return self.window_end if self.period in ("daily", "monthly") else None
+        return self.window_end if self.period in (BudgetPeriod.DAILY, BudgetPeriod.MONTHLY) else None
 
     def applies_to(self, model_name: str | None) -> bool:
         """Whether the budget limits ``model_name`` (every enabled budget does when it is None)."""
@@ -145,12 +145,12 @@ def period_window(budget: Budget, at: datetime | None = None) -> tuple[datetime 
     ``per_run`` budgets have no window (each decision stands alone): ``(None, None)``.
     """
     at = _utc(at)
-    if budget.period == "per_run":
+    if budget.period == BudgetPeriod.PER_RUN:
         return None, None
-    if budget.period == "daily":
+    if budget.period == BudgetPeriod.DAILY:
         start = at.replace(hour=0, minute=0, second=0, microsecond=0)
         return start, start + timedelta(days=1)
-    if budget.period == "monthly":
+    if budget.period == BudgetPeriod.MONTHLY:
         start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
         return start, end
@@ -167,9 +167,9 @@ def period_key(period: str, at: datetime) -> Any:
     calendar period (None: one running series).
     """
     at = _utc(at)
-    if period == "monthly":
+    if period == BudgetPeriod.MONTHLY:
         return (at.year, at.month)
-    if period == "daily":
+    if period == BudgetPeriod.DAILY:
         return at.date()
     return None
 
@@ -182,9 +182,9 @@ def entry_effect(kind: str, amount: float, closed_amount: float | None) -> float
     the measure. A late settlement closes a release (which holds nothing), so it adds its
     whole measure.
     """
-    if kind == "reserve":
+    if kind == LedgerKind.RESERVE:
         return amount
-    if kind == "release":
+    if kind == LedgerKind.RELEASE:
         return -(closed_amount or 0.0)
     return amount - (closed_amount or 0.0)
 
@@ -203,13 +203,13 @@ def usage_columns(r: Any, c: Any, late: Any) -> dict[str, Any]:
     columns: dict[str, Any] = {}
     for measure, column in (("kwh", "energy_kwh"), ("co2", "emissions_kg")):
         reserved = getattr(r, column)
-        measured = case((c.kind == "settle", getattr(c, column)), (late.id.is_not(None), getattr(late, column)), else_=0.0)
+        measured = case((c.kind == LedgerKind.SETTLE, getattr(c, column)), (late.id.is_not(None), getattr(late, column)), else_=0.0)
         columns[f"settled_{measure}"] = measured
         columns[f"reserved_{measure}"] = case((c.id.is_(None), reserved), else_=0.0)
         columns[f"late_{measure}"] = case((late.id.is_not(None), getattr(late, column)), else_=0.0)
         columns[f"overrun_{measure}"] = case((measured > reserved, measured - reserved), else_=0.0)
     columns["open"] = case((c.id.is_(None), 1), else_=0)
-    columns["released"] = case((c.kind == "release", 1), else_=0)
+    columns["released"] = case((c.kind == LedgerKind.RELEASE, 1), else_=0)
     return columns
 
 
@@ -221,8 +221,8 @@ def usage_joins(query: Any) -> tuple[Any, Any, Any, Any]:
     joined = (
         query.select_from(r)
         .outerjoin(c, c.reservation_id == r.id)
-        .outerjoin(late, and_(late.reservation_id == c.id, late.kind == "settle"))
-        .where(r.kind == "reserve")
+        .outerjoin(late, and_(late.reservation_id == c.id, late.kind == LedgerKind.SETTLE))
+        .where(r.kind == LedgerKind.RESERVE)
     )
     return joined, r, c, late
 
@@ -253,7 +253,7 @@ def _usage_query(budget_id: int, start: datetime | None, end: datetime | None, d
 
 def _status(session: Session, budget: Budget, at: datetime, decision_id: int | None = None) -> BudgetStatus:
     start, end = period_window(budget, at)
-    if budget.period == "per_run" and decision_id is None:
+    if budget.period == BudgetPeriod.PER_RUN and decision_id is None:
         usage = dict.fromkeys(_USAGE, 0.0)
     else:
         usage = dict(zip(_USAGE, session.execute(_usage_query(budget.id, start, end, decision_id)).one(), strict=True))
@@ -274,22 +274,22 @@ def _status(session: Session, budget: Budget, at: datetime, decision_id: int | N
 
 
 def remaining(
-    target: Target, budget_name: str, at: datetime | None = None, *, decision_id: int | None = None
+    session: Session, budget_name: str, at: datetime | None = None, *, decision_id: int | None = None
 ) -> BudgetStatus:
     """What the budget's period containing ``at`` (default now) has used and has left.
 
     For a ``per_run`` budget the figures are those of ``decision_id`` (nothing used when
     None, i.e. the whole cap is available to a new run).
     """
-    with _transaction(target) as session:
-        return _status(session, _budget(session, budget_name), _utc(at), decision_id)
+    _require_session(session)
+    return _status(session, _budget(session, budget_name), _utc(at), decision_id)
 
 
 def budget_status(
-    target: Target, model_name: str | None = None, at: datetime | None = None, *, include_disabled: bool = False
+    session: Session, model_name: str | None = None, at: datetime | None = None, *, include_disabled: bool = False
 ) -> list[BudgetStatus]:
     """The status of every enabled budget applying to ``model_name`` (all budgets when None)."""
     at = _utc(at)
-    with _transaction(target) as session:
-        budgets = list_budgets(session, model_name, include_disabled=include_disabled)
-        return [_status(session, budget, at) for budget in budgets]
+    _require_session(session)
+    budgets = list_budgets(session, model_name, include_disabled=include_disabled)
+    return [_status(session, budget, at) for budget in budgets]

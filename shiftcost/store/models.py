@@ -49,17 +49,29 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-BATCH_STATUSES = ("registered", "assessing", "assessed", "awaiting_labels", "retraining", "done", "failed", "stopped_by_budget")
-#: active: in service when it is the newest active version; pending: passed the promotion
-#: gate, waits for approval; rejected: failed the gate, kept with its figures.
-MODEL_STATUSES = ("active", "pending", "rejected")
-DECISION_ACTIONS = ("retrain", "skip", "defer")
-RETRAIN_STATUSES = ("running", "succeeded", "failed", "cap_reached", "stopped_by_budget")
-CALIBRATION_SOURCES = ("sweep", "refit")
-BUDGET_PERIODS = ("per_run", "daily", "monthly", "rolling_days")
-LEDGER_KINDS = ("reserve", "settle", "release")
-LANDING_ENTRY_STATES = ("registered", "duplicate", "failed")
-LANDING_ENTRY_KINDS = ("file", "folder", "link", "special")
+from shiftcost.statuses import (
+    BatchStatus,
+    BudgetPeriod,
+    CalibrationSource,
+    DecisionAction,
+    LandingEntryKind,
+    LandingEntryState,
+    LedgerKind,
+    ModelStatus,
+    RetrainStatus,
+    values,
+)
+
+# The allowed values of each CHECK constraint come from the enums in shiftcost.statuses.
+BATCH_STATUSES = values(BatchStatus)
+MODEL_STATUSES = values(ModelStatus)
+DECISION_ACTIONS = values(DecisionAction)
+RETRAIN_STATUSES = values(RetrainStatus)
+CALIBRATION_SOURCES = values(CalibrationSource)
+BUDGET_PERIODS = values(BudgetPeriod)
+LEDGER_KINDS = values(LedgerKind)
+LANDING_ENTRY_STATES = values(LandingEntryState)
+LANDING_ENTRY_KINDS = values(LandingEntryKind)
 
 # Deterministic constraint names, so migrations can drop and alter them by name.
 NAMING_CONVENTION = {

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from shiftcost.errors import InputError
 from shiftcost.redaction import redact_text
+from shiftcost.statuses import BatchStatus, DecisionAction, ModelStatus, RetrainStatus
 from shiftcost.store.errors import NotFoundError
 from shiftcost.store.models import (
     BATCH_STATUSES,
@@ -91,7 +92,7 @@ def register_model(
     parent_id: int | None = None,
     fingerprint: str | None = None,
     details: dict[str, Any] | None = None,
-    status: str = "active",
+    status: str = ModelStatus.ACTIVE,
 ) -> Model:
     """Add a model version; ``version`` defaults to one more than the newest of ``name``."""
     _check_choice(status, MODEL_STATUSES, "model status")
@@ -119,7 +120,7 @@ def get_model(session: Session, name: str, version: int | None = None) -> Model:
     """A model version by name; when ``version`` is None, the current one: the newest
     ``active`` version (rejected and pending versions never serve)."""
     query = select(Model).where(Model.name == name)
-    query = query.where(Model.version == version) if version is not None else query.where(Model.status == "active")
+    query = query.where(Model.version == version) if version is not None else query.where(Model.status == ModelStatus.ACTIVE)
     model = session.scalars(query.order_by(Model.version.desc()).limit(1)).first()
     if model is None:
         which = f"{name} version {version}" if version is not None else name
@@ -197,7 +198,7 @@ def register_batch(
             fingerprint=fingerprint,
             samples=int(_plain(samples)),
             has_labels=bool(has_labels),
-            status="registered",
+            status=BatchStatus.REGISTERED,
             registered_at=now,
             updated_at=now,
         )
@@ -228,11 +229,11 @@ def set_batch_status(
 ) -> Batch:
     """Move a batch to ``status``; ``failed`` requires a reason, other statuses clear it."""
     _check_choice(status, BATCH_STATUSES, "batch status")
-    if status == "failed" and not failure_reason:
+    if status == BatchStatus.FAILED and not failure_reason:
         raise InputError("A batch marked failed needs a failure reason.")
     batch = get_batch(session, batch_id)
     batch.status = status
-    batch.failure_reason = redact_text(failure_reason) if status == "failed" else None
+    batch.failure_reason = redact_text(failure_reason) if status == BatchStatus.FAILED else None
     session.flush()
     return batch
 
@@ -306,7 +307,7 @@ def record_decision(
         blocked_by_budget=bool(blocked_by_budget),
         budget_state=budget_state,
         policy=policy,
-        retry_after=retry_after if action == "defer" else None,
+        retry_after=retry_after if action == DecisionAction.DEFER else None,
     )
     return _add(session, row)
 
@@ -322,7 +323,7 @@ def latest_decision(session: Session, batch_id: int) -> Decision | None:
 
 def start_retrain_run(session: Session, model_id: int, **values: Any) -> RetrainRun:
     """Open a retrain run (status ``running``); ``decision_id``, ``batch_id`` etc. as keywords."""
-    row = RetrainRun(model_id=model_id, status="running")
+    row = RetrainRun(model_id=model_id, status=RetrainStatus.RUNNING)
     return _add(session, _assign(row, values))
 
 
@@ -336,7 +337,7 @@ def finish_retrain_run(
 ) -> RetrainRun:
     """Close a retrain run with its status (succeeded / failed / cap_reached) and measures."""
     _check_choice(status, RETRAIN_STATUSES, "retrain status")
-    if status == "running":
+    if status == RetrainStatus.RUNNING:
         raise InputError("finish_retrain_run needs a final status, not 'running'.")
     run = session.get(RetrainRun, run_id)
     if run is None:

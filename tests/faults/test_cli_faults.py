@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from shiftcost.cli import app
 from shiftcost.errors import ShiftcostError
-from shiftcost.store import ledger
 from tests.store import seed
 
 runner = CliRunner()
@@ -32,7 +31,7 @@ def test_a_rolling_window_of_99999999_days_is_refused_and_the_pipeline_goes_on(d
     refused = invoke("budget", "create", "x", "--period", "rolling_days", "--rolling-days", "99999999", "--kwh", "1",
                      url=database_url)
     one_sentence(refused, "--rolling-days 99999999")
-    assert ledger.list_budgets(db) == []
+    assert seed.committed(db).list_budgets() == []
     listed = invoke("budget", "list", "--json", url=database_url)
     assert listed.exit_code == 0 and json.loads(listed.output) == []
 
@@ -61,17 +60,17 @@ def test_budget_update_disable_enable_delete(database_url: str, db) -> None:
     one_sentence(invoke("budget", "update", "nope", "--kwh", "1", url=database_url), "nope")
 
     (decision_id,) = seed.decisions(db, 1)
-    ledger.reserve(db, "day", 1.0, 0.1, decision_id)
+    seed.committed(db).reserve("day", 1.0, 0.1, decision_id)
     disabled = invoke("budget", "disable", "day", "--json", url=database_url)
     assert disabled.exit_code == 0 and json.loads(disabled.output)["enabled"] is False
-    assert ledger.budget_status(db) == []
+    assert seed.committed(db).budget_status() == []
     one_sentence(invoke("budget", "delete", "day", url=database_url), "disable it instead")
     assert invoke("budget", "enable", "day", url=database_url).exit_code == 0
-    assert [s.name for s in ledger.budget_status(db)] == ["day"]
+    assert [s.name for s in seed.committed(db).budget_status()] == ["day"]
 
     assert invoke("budget", "create", "spare", "--period", "monthly", "--co2", "1", url=database_url).exit_code == 0
     assert invoke("budget", "delete", "spare", url=database_url).exit_code == 0
-    assert [b.name for b in ledger.list_budgets(db)] == ["day"]
+    assert [b.name for b in seed.committed(db).list_budgets()] == ["day"]
 
 
 def test_release_open_leaves_a_live_run_alone(database_url: str, db) -> None:
@@ -80,16 +79,16 @@ def test_release_open_leaves_a_live_run_alone(database_url: str, db) -> None:
     from shiftcost.store import repository as repo
     from shiftcost.store.models import RetrainRun
 
-    ledger.create_budget(db, "day", period="daily", kwh_cap=5.0)
+    seed.committed(db).create_budget("day", period="daily", kwh_cap=5.0)
     with db.session() as session:
         decision = seed.decision(session)
         run = repo.start_retrain_run(session, decision.model_id, decision_id=decision.id)
         run.started_at = datetime.now(UTC) - timedelta(hours=3)
         run.heartbeat_at = datetime.now(UTC)
         decision_id, run_id = decision.id, run.id
-    ledger.reserve(db, "day", 2.0, 0.5, decision_id, at=datetime.now(UTC) - timedelta(hours=2))
+    seed.committed(db).reserve("day", 2.0, 0.5, decision_id, at=datetime.now(UTC) - timedelta(hours=2))
     kept = json.loads(invoke("budget", "release-open", "--older-than", "1h", "--json", url=database_url).output)
-    assert kept["reservations"] == [] and len(ledger.open_reservations(db)) == 1
+    assert kept["reservations"] == [] and len(seed.committed(db).open_reservations()) == 1
     with db.session() as session:
         session.get(RetrainRun, run_id).heartbeat_at = datetime.now(UTC) - timedelta(hours=1)
     released = json.loads(invoke("budget", "release-open", "--older-than", "1h", "--json", url=database_url).output)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import insert
 
 from shiftcost.policy import PolicySettings, decide
-from shiftcost.store import audit, ledger
+from shiftcost.store import audit
 from shiftcost.store import repository as repo
 from shiftcost.store.errors import BudgetError
 from shiftcost.store.models import Budget, LedgerEntry, RetrainRun
@@ -41,18 +41,18 @@ def _kinds(db, decision_id: int) -> list[str]:
 
 
 def test_release_open_keeps_the_reservation_of_a_run_that_renews_its_heartbeat(db) -> None:
-    ledger.create_budget(db, "month", period="monthly", kwh_cap=10.0)
+    seed.committed(db).create_budget("month", period="monthly", kwh_cap=10.0)
     live, _ = _decision_with_run(db, started_ago=timedelta(hours=5), beat_ago=timedelta(seconds=30))
     dead, _ = _decision_with_run(db, started_ago=timedelta(hours=5), beat_ago=timedelta(hours=2))
     never_started = seed.decisions(db, 1)[0]
     for decision_id in (live, dead, never_started):
-        ledger.reserve(db, "month", 1.0, 0.1, decision_id, at=datetime.now(UTC) - timedelta(hours=3))
+        seed.committed(db).reserve("month", 1.0, 0.1, decision_id, at=datetime.now(UTC) - timedelta(hours=3))
 
-    released = ledger.release_open(db, timedelta(hours=1), "crash", lease=LEASE)
+    released = seed.committed(db).release_open(timedelta(hours=1), "crash", lease=LEASE)
 
     assert sorted(r.decision_id for r in released) == sorted([dead, never_started])
     assert _kinds(db, live) == ["reserve"]
-    assert ledger.remaining(db, "month").open_reservations == 1
+    assert seed.committed(db).remaining("month").open_reservations == 1
 
 
 def test_the_watch_closes_a_run_by_its_heartbeat_not_its_age(db) -> None:
@@ -84,30 +84,30 @@ def test_a_heartbeat_renews_the_lease_while_the_block_runs(db) -> None:
 
 
 def test_a_run_finishing_after_its_release_records_a_late_settlement_the_budget_shows(db) -> None:
-    ledger.create_budget(db, "month", period="monthly", kwh_cap=1.0, co2_cap=1.0)
+    seed.committed(db).create_budget("month", period="monthly", kwh_cap=1.0, co2_cap=1.0)
     (decision_id,) = seed.decisions(db, 1)
-    ledger.reserve(db, "month", 0.2, 0.02, decision_id)
-    ledger.release_open(db, timedelta(0), "released while it ran")
-    assert ledger.remaining(db, "month").remaining_kwh == pytest.approx(1.0)
+    seed.committed(db).reserve("month", 0.2, 0.02, decision_id)
+    seed.committed(db).release_open(timedelta(0), "released while it ran")
+    assert seed.committed(db).remaining("month").remaining_kwh == pytest.approx(1.0)
 
-    (late_id,) = ledger.settle_decision(db, decision_id, 9.08e-5 * 1000, 0.03)
+    (late_id,) = seed.committed(db).settle_decision(decision_id, 9.08e-5 * 1000, 0.03)
 
-    status = ledger.remaining(db, "month")
+    status = seed.committed(db).remaining("month")
     assert status.settled_kwh == pytest.approx(0.0908) and status.late_kwh == pytest.approx(0.0908)
     assert status.remaining_kwh == pytest.approx(1.0 - 0.0908)
     assert _kinds(db, decision_id) == ["reserve", "release", "settle"]
-    assert ledger.settle_decision(db, decision_id, 1.0, 1.0) == []  # recorded once
+    assert seed.committed(db).settle_decision(decision_id, 1.0, 1.0) == []  # recorded once
     with db.session(readonly=True) as session:
         assert "late settlement" in session.get(LedgerEntry, late_id).reason
 
 
 def test_overrun_beyond_the_reservation_is_recorded_shown_and_counted_in_what_is_left(db) -> None:
-    ledger.create_budget(db, "day", period="daily", kwh_cap=1e-3)
+    seed.committed(db).create_budget("day", period="daily", kwh_cap=1e-3)
     (decision_id,) = seed.decisions(db, 1)
-    ledger.reserve(db, "day", 4.13e-6, 0.0, decision_id)
-    (entry_id,) = ledger.settle_decision(db, decision_id, 3.31e-5, 0.0)  # 8x the reservation
+    seed.committed(db).reserve("day", 4.13e-6, 0.0, decision_id)
+    (entry_id,) = seed.committed(db).settle_decision(decision_id, 3.31e-5, 0.0)  # 8x the reservation
 
-    status = ledger.remaining(db, "day")
+    status = seed.committed(db).remaining("day")
     assert status.overrun_kwh == pytest.approx(3.31e-5 - 4.13e-6)
     assert status.remaining_kwh == pytest.approx(1e-3 - 3.31e-5)
     with db.session(readonly=True) as session:
@@ -122,10 +122,10 @@ def test_overrun_beyond_the_reservation_is_recorded_shown_and_counted_in_what_is
 
 def test_audit_budget_totals_count_each_spend_once(db) -> None:
     for name, period in (("day", "daily"), ("month", "monthly")):
-        ledger.create_budget(db, name, period=period, kwh_cap=1.0)
+        seed.committed(db).create_budget(name, period=period, kwh_cap=1.0)
     (decision_id,) = seed.decisions(db, 1)
-    ledger.reserve_many(db, ["day", "month"], 0.001, 0.0, decision_id)
-    ledger.settle_decision(db, decision_id, 0.000109926, 0.0)
+    seed.committed(db).reserve_many(["day", "month"], 0.001, 0.0, decision_id)
+    seed.committed(db).settle_decision(decision_id, 0.000109926, 0.0)
     with db.session(readonly=True) as session:
         result = audit.budget_burn(session)
     assert [row["settled_kwh"] for row in result.rows] == pytest.approx([0.000109926] * 2)
@@ -137,38 +137,38 @@ def test_audit_budget_totals_count_each_spend_once(db) -> None:
 
 def test_a_rolling_window_longer_than_dates_hold_is_refused(db) -> None:
     with pytest.raises(BudgetError, match="at most 36600"):
-        ledger.create_budget(db, "x", period="rolling_days", rolling_days=99_999_999, kwh_cap=1.0)
-    assert ledger.list_budgets(db) == []
+        seed.committed(db).create_budget("x", period="rolling_days", rolling_days=99_999_999, kwh_cap=1.0)
+    assert seed.committed(db).list_budgets() == []
 
 
 def test_a_bad_budget_written_behind_the_api_does_not_stop_the_status(db) -> None:
     with db.session() as session:
         session.execute(insert(Budget).values(name="old", scope="*", period="rolling_days", rolling_days=99_999_999,
                                               kwh_cap=1.0, created_at=datetime.now(UTC)))
-    (status,) = ledger.budget_status(db)
+    (status,) = seed.committed(db).budget_status()
     assert status.remaining_kwh == pytest.approx(1.0)
 
 
 def test_update_disable_and_delete_keep_the_ledger_history(db) -> None:
-    ledger.create_budget(db, "day", period="daily", kwh_cap=1.0)
-    ledger.create_budget(db, "unused", period="monthly", co2_cap=1.0)
+    seed.committed(db).create_budget("day", period="daily", kwh_cap=1.0)
+    seed.committed(db).create_budget("unused", period="monthly", co2_cap=1.0)
     (decision_id,) = seed.decisions(db, 1)
-    ledger.reserve(db, "day", 0.5, 0.0, decision_id)
+    seed.committed(db).reserve("day", 0.5, 0.0, decision_id)
 
-    ledger.update_budget(db, "day", kwh_cap=0.6, period="rolling_days", rolling_days=7)
-    status = ledger.remaining(db, "day")
+    seed.committed(db).update_budget("day", kwh_cap=0.6, period="rolling_days", rolling_days=7)
+    status = seed.committed(db).remaining("day")
     assert (status.period, status.kwh_cap, status.remaining_kwh) == ("rolling_days", 0.6, pytest.approx(0.1))
     with pytest.raises(BudgetError, match="rolling days apply only"):
-        ledger.update_budget(db, "day", period="daily", rolling_days=3)
+        seed.committed(db).update_budget("day", period="daily", rolling_days=3)
 
-    ledger.update_budget(db, "day", enabled=False)
-    assert [s.name for s in ledger.budget_status(db)] == ["unused"]  # no longer limits decisions
-    assert ledger.remaining(db, "day").disabled and _kinds(db, decision_id) == ["reserve"]
+    seed.committed(db).update_budget("day", enabled=False)
+    assert [s.name for s in seed.committed(db).budget_status()] == ["unused"]  # no longer limits decisions
+    assert seed.committed(db).remaining("day").disabled and _kinds(db, decision_id) == ["reserve"]
 
     with pytest.raises(BudgetError, match="disable it instead"):
-        ledger.delete_budget(db, "day")
-    ledger.delete_budget(db, "unused")
-    assert [b.name for b in ledger.list_budgets(db)] == ["day"]
+        seed.committed(db).delete_budget("day")
+    seed.committed(db).delete_budget("unused")
+    assert [b.name for b in seed.committed(db).list_budgets()] == ["day"]
 
 
 # --- the choices the report and the policy rest on -----------------------------------------------
@@ -177,24 +177,24 @@ def test_update_disable_and_delete_keep_the_ledger_history(db) -> None:
 def test_the_report_burn_down_gives_back_what_a_release_held(db) -> None:
     from shiftcost import report
 
-    ledger.create_budget(db, "month", period="monthly", kwh_cap=1.0)
+    seed.committed(db).create_budget("month", period="monthly", kwh_cap=1.0)
     first, second = seed.decisions(db, 2)
-    ledger.reserve(db, "month", 0.4, 0.0, first)
-    ledger.reserve(db, "month", 0.3, 0.0, second)
-    ledger.release_decision(db, first, "failed")
-    ledger.settle_decision(db, second, 0.25, 0.0)
+    seed.committed(db).reserve("month", 0.4, 0.0, first)
+    seed.committed(db).reserve("month", 0.3, 0.0, second)
+    seed.committed(db).release_decision(first, "failed")
+    seed.committed(db).settle_decision(second, 0.25, 0.0)
     with db.session(readonly=True) as session:
         series = report.burn_down(report.ledger_timeline(session))["month"]
     assert [(p["kind"], round(p["spent_kwh"], 9)) for p in series] == [
         ("reserve", 0.4), ("reserve", 0.7), ("release", 0.3), ("settle", 0.25)]
-    assert series[-1]["spent_kwh"] == pytest.approx(ledger.remaining(db, "month").spent_kwh)
+    assert series[-1]["spent_kwh"] == pytest.approx(seed.committed(db).remaining("month").spent_kwh)
 
 
 def test_a_rolling_budget_never_sets_a_retry_time(db) -> None:
-    ledger.create_budget(db, "week", period="rolling_days", rolling_days=7, kwh_cap=1.0)
+    seed.committed(db).create_budget("week", period="rolling_days", rolling_days=7, kwh_cap=1.0)
     (decision_id,) = seed.decisions(db, 1)
-    ledger.reserve(db, "week", 0.9, 0.0, decision_id)
-    status = ledger.remaining(db, "week")
+    seed.committed(db).reserve("week", 0.9, 0.0, decision_id)
+    status = seed.committed(db).remaining("week")
     assert status.window_end is not None  # a rolling window does end: a microsecond after now
     prediction = {"kwh": 0.5, "kwh_upper": 0.5, "co2": 0.0, "co2_upper": 0.0, "predicted_not_to_converge": False}
     decision = decide(prediction, [status], drift_verdict=True)

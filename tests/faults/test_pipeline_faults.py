@@ -13,7 +13,7 @@ import pytest
 from flow_support import PipelineEnv, brightened
 
 from shiftcost import pipeline
-from shiftcost.store import ledger
+from tests.store import seed
 from shiftcost.store import models as db
 
 
@@ -46,7 +46,7 @@ def test_a_run_closed_as_dead_that_still_finishes_records_a_late_settlement(pipe
         result = pipeline.execute_retrain(env.settings, inputs)
         new_version = pipeline.build_new_version(env.settings, inputs, result)
         outcome = pipeline.record_retrain_success(database, inputs, result, new_version, None)
-        status = ledger.remaining(database, "monthly")
+        status = seed.committed(database).remaining("monthly")
     measured = result.energy.energy_kwh
     assert measured > 0 and outcome.settled
     assert [e.kind for e in env.rows(db.LedgerEntry)] == ["reserve", "release", "settle"]
@@ -95,7 +95,7 @@ def test_a_retrain_that_crashes_after_measured_work_settles_what_it_measured(pip
             (assessed,) = pipeline.watch_once(env.settings, retrain=False, db=database)
             with pytest.raises(pipeline.RetrainFailed) as raised:
                 pipeline.run_retrain(database, env.settings, assessed.assessment.batch_id)
-            status = ledger.remaining(database, "monthly")
+            status = seed.committed(database).remaining("monthly")
     finally:
         handle.remove()
     (run,) = env.rows(db.RetrainRun)

@@ -33,7 +33,8 @@ import pytest
 from flow_support import PipelineEnv, brightened
 
 from shiftcost import pipeline
-from shiftcost.store import audit, ledger
+from shiftcost.store import audit
+from tests.store import seed
 from shiftcost.store import models as db
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", [pytest.param("postgres", marks=pytest.mark.postgres)])]
@@ -157,10 +158,10 @@ def test_soak_many_batches_four_watchers_random_kills(pipeline_env: PipelineEnv,
         from datetime import timedelta
 
         pipeline.fail_stale_retrains(database, env.settings.model_name, 3)
-        ledger.release_open(database, timedelta(0), "soak: left open", lease=timedelta(seconds=3))
+        seed.committed(database).release_open(timedelta(0), "soak: left open", lease=timedelta(seconds=3))
         with database.session(readonly=True) as session:
             audit_totals = audit.budget_burn(session).totals
-        open_left = ledger.remaining(database, "monthly").open_reservations
+        open_left = seed.committed(database).remaining("monthly").open_reservations
 
     batches = env.rows(db.Batch)
     statuses = Counter(b.status for b in batches)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from shiftcost.cli import app
 from shiftcost.errors import ConfigError
 from shiftcost.redaction import redact_url, scrub
-from shiftcost.store import ledger, migrate, open_database
+from shiftcost.store import migrate, open_database
 from shiftcost.store.db import redact
 from shiftcost.store.errors import DatabaseBusyError, DatabaseUnavailableError
 from tests.store import seed
@@ -68,7 +68,7 @@ def test_a_write_lock_held_by_another_process_past_the_timeout_is_one_sentence(d
         try:
             started = time.monotonic()
             with pytest.raises(DatabaseBusyError, match="stayed locked by another process for more than 0.3 s"):
-                ledger.create_budget(db, "b", period="daily", kwh_cap=1.0)
+                seed.committed(db).create_budget("b", period="daily", kwh_cap=1.0)
             assert time.monotonic() - started < 10
         finally:
             db.dispose()
@@ -78,9 +78,9 @@ def test_a_write_lock_held_by_another_process_past_the_timeout_is_one_sentence(d
 
 
 def test_db_downgrade_with_data_in_the_tables(database_url: str, db) -> None:
-    ledger.create_budget(db, "b", period="daily", kwh_cap=1.0)
+    seed.committed(db).create_budget("b", period="daily", kwh_cap=1.0)
     (decision_id,) = seed.decisions(db, 1)
-    ledger.reserve(db, "b", 0.1, 0.0, decision_id)
+    seed.committed(db).reserve("b", 0.1, 0.0, decision_id)
     db.dispose()
     result = CliRunner().invoke(app, ["db", "downgrade", "0001", "--yes", "--database-url", database_url])
     assert result.exit_code == 0, result.exception
@@ -88,6 +88,6 @@ def test_db_downgrade_with_data_in_the_tables(database_url: str, db) -> None:
     migrate.upgrade(database_url)
     reopened = open_database(database_url)
     try:
-        assert ledger.remaining(reopened, "b").open_reservations == 1  # the data survived the round trip
+        assert seed.committed(reopened).remaining("b").open_reservations == 1  # the data survived the round trip
     finally:
         reopened.dispose()

@@ -112,16 +112,16 @@ class PipelineEnv:
 
     def budget(self, name: str, *, period: str, kwh: float) -> None:
         from shiftcost.pipeline import connect
-        from shiftcost.store import ledger
+        from tests.store import seed
 
         with connect(self.settings) as db:
-            ledger.create_budget(db, name, period=period, kwh_cap=kwh)
+            seed.committed(db).create_budget(name, period=period, kwh_cap=kwh)
 
     def remaining_kwh(self, name: str) -> float:
         from shiftcost.pipeline import connect
-        from shiftcost.store import ledger
+        from tests.store import seed
 
         with connect(self.settings) as db:
-            value = ledger.remaining(db, name).remaining_kwh
+            value = seed.committed(db).remaining(name).remaining_kwh
         assert value is not None
         return value

@@ -22,7 +22,7 @@ def optimistic_calibration() -> list[dict[str, object]]:
 @pytest.fixture
 def guarded_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel):
     from shiftcost import pipeline
-    from shiftcost.store import ledger
+    from tests.store import seed
 
     settings = environment_settings(database_url, tmp_path, monkeypatch)
     landing = tmp_path / "landing"
@@ -32,7 +32,7 @@ def guarded_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, tr
         calibration=cost_model, joules_per_sample_epoch=JOULES_PER_SAMPLE, hardware="test",
     )  # fmt: skip
     with pipeline.connect(settings) as database:
-        ledger.create_budget(database, "per-run", period="per_run", kwh_cap=BUDGET_KWH)
+        seed.committed(database).create_budget("per-run", period="per_run", kwh_cap=BUDGET_KWH)
     return settings, landing, trained_model
 
 

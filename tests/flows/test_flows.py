@@ -137,14 +137,14 @@ def test_a_drifted_batch_within_budget_is_retrained_settled_and_learned_from(pip
 def test_a_deferred_batch_is_assessed_again_by_the_watcher_once_its_retry_time_has_come(pipeline_env: PipelineEnv) -> None:
     from sqlalchemy import update
 
-    from shiftcost.store import ledger
+    from tests.store import seed
 
     env = pipeline_env
     env.budget("monthly", period="monthly", kwh=1.0)
     env.drop("clean.npz", *env.stream(0, 250))
     (clean,) = run_watch()
     with pipeline.connect(env.settings) as database:  # the rest of the month is held by another run
-        holding = ledger.reserve(database, "monthly", env.remaining_kwh("monthly") - 1e-12, 0.0, clean["decision_id"])
+        holding = seed.committed(database).reserve("monthly", env.remaining_kwh("monthly") - 1e-12, 0.0, clean["decision_id"])
     x, y = env.stream(250, 450)
     env.drop("bright.npz", brightened(x), y)
     (deferred,) = run_watch()
@@ -155,7 +155,7 @@ def test_a_deferred_batch_is_assessed_again_by_the_watcher_once_its_retry_time_h
     with pipeline.connect(env.settings) as database:
         with database.session() as session:
             session.execute(update(db.Decision).where(db.Decision.id == deferred["decision_id"]).values(retry_after=db.utcnow()))
-        ledger.release(database, holding, "the period it held is over")
+        seed.committed(database).release(holding, "the period it held is over")
     (again,) = run_watch()
 
     assert again["batch_id"] == deferred["batch_id"] and again["action"] == "retrain"

@@ -47,7 +47,7 @@ def test_a_probe_runs_when_the_index_interval_straddles_the_budget_and_is_charge
 
     from shiftcost import pipeline
     from shiftcost.data import Batch, save_batch
-    from shiftcost.store import ledger
+    from tests.store import seed
 
     settings, landing, trained = probe_env
     x, y = trained.splits["stream"]
@@ -62,7 +62,7 @@ def test_a_probe_runs_when_the_index_interval_straddles_the_budget_and_is_charge
     # A budget inside the index interval: only the probe can tell which side the batch is on.
     cap = math.sqrt(index_only.energy_kwh_lower * index_only.energy_kwh_upper)
     with pipeline.connect(settings) as database:
-        ledger.create_budget(database, "probe-test", period="per_run", kwh_cap=cap)
+        seed.committed(database).create_budget("probe-test", period="per_run", kwh_cap=cap)
     save_batch(Batch(brightened(x[1:201]), y[1:201], "second"), landing / "second.npz")
     second = pipeline.process_batch(settings, str(landing / "second.npz"), retrain=False)
     decision_id = second.assessment.decision_id
@@ -88,5 +88,5 @@ def test_a_probe_runs_when_the_index_interval_straddles_the_budget_and_is_charge
             assert len(charged) == 1 and charged[0].energy_kwh == pytest.approx(probe_kwh)
         # Counted once: the per-run budget of this decision has the cap less the probe left
         # (a retrain reservation, if any, was released: this assessment runs no retrain).
-        left = ledger.remaining(database, "probe-test", decision_id=decision_id).remaining_kwh
+        left = seed.committed(database).remaining("probe-test", decision_id=decision_id).remaining_kwh
         assert left == pytest.approx(cap - probe_kwh)

@@ -151,13 +151,13 @@ def _defer_a_drifted_batch(env: PipelineEnv, database: Any) -> tuple[int, int]:
 
     Returns ``(batch_id, reservation_id)`` of the deferred batch and the holding reservation.
     """
-    from shiftcost.store import ledger
+    from tests.store import seed
 
     env.budget("monthly", period="monthly", kwh=1.0)
     env.drop("clean.npz", *env.stream(0, 250))
     (first,) = pipeline.watch_once(env.settings, db=database)
-    left = ledger.remaining(database, "monthly").remaining_kwh
-    holding = ledger.reserve(database, "monthly", left - 1e-12, 0.0, first.assessment.decision_id)
+    left = seed.committed(database).remaining("monthly").remaining_kwh
+    holding = seed.committed(database).reserve("monthly", left - 1e-12, 0.0, first.assessment.decision_id)
     x, y = env.stream(250, 450)
     env.drop("bright.npz", brightened(x), y)
     (deferred,) = pipeline.watch_once(env.settings, db=database)
@@ -166,13 +166,14 @@ def _defer_a_drifted_batch(env: PipelineEnv, database: Any) -> tuple[int, int]:
 
 
 def test_a_deferred_batch_is_assessed_afresh_once_its_budget_period_is_over(pipeline_env: PipelineEnv) -> None:
-    from shiftcost.store import audit, ledger
+    from shiftcost.store import audit
+    from tests.store import seed
 
     env = pipeline_env
     with pipeline.connect(env.settings) as database:
         batch_id, holding = _defer_a_drifted_batch(env, database)
         (decision,) = env.rows(db.Decision, db.Decision.batch_id == batch_id)
-        month_end = ledger.remaining(database, "monthly").window_end
+        month_end = seed.committed(database).remaining("monthly").window_end
         assert decision.retry_after == month_end and decision.blocked_by_budget
         with database.session(readonly=True) as session:
             (audited,) = audit.decisions(session, action="defer").rows
@@ -184,7 +185,7 @@ def test_a_deferred_batch_is_assessed_afresh_once_its_budget_period_is_over(pipe
         assert pipeline.requeue_deferred(database, env.settings.model_name, now=month_end) == [batch_id]
         assert pipeline.requeue_deferred(database, env.settings.model_name, now=month_end) == []
         # A new period: the holding reservation is gone, so the fresh assessment retrains.
-        ledger.release(database, holding, "the period it held is over")
+        seed.committed(database).release(holding, "the period it held is over")
         (again,) = pipeline.watch_once(env.settings, db=database)
     assert again.assessment.batch_id == batch_id and again.assessment.action == "retrain"
     assert again.retraining is not None and again.retraining.status == "succeeded"
@@ -195,12 +196,12 @@ def test_a_deferred_batch_is_assessed_afresh_once_its_budget_period_is_over(pipe
 
 
 def test_racing_watchers_requeue_a_due_deferred_batch_exactly_once(pipeline_env: PipelineEnv) -> None:
-    from shiftcost.store import ledger
+    from tests.store import seed
 
     env = pipeline_env
     with pipeline.connect(env.settings) as database:
         batch_id, _ = _defer_a_drifted_batch(env, database)
-        due = ledger.remaining(database, "monthly").window_end
+        due = seed.committed(database).remaining("monthly").window_end
         start = threading.Barrier(8)
 
         def requeue() -> list[int]:

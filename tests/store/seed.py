@@ -28,3 +28,25 @@ def decisions(db, count: int) -> list[int]:
     with db.session() as session:
         m = model(session, name=f"m-{uuid.uuid4().hex[:8]}")
         return [decision(session, m).id for _ in range(count)]
+
+
+class committed:  # noqa: N801 - reads as a function: committed(db).reserve(...)
+    """The ``ledger`` functions, each run in its own committed transaction of ``db``.
+
+    What a caller holding a ``Database`` writes (``with db.session() as session:
+    ledger.reserve(session, ...)``), spelt once for tests that make many ledger calls in a row.
+    """
+
+    def __init__(self, db) -> None:
+        self._db = db
+
+    def __getattr__(self, name: str):
+        from shiftcost.store import ledger
+
+        function = getattr(ledger, name)
+
+        def in_own_transaction(*args, **kwargs):
+            with self._db.session() as session:
+                return function(session, *args, **kwargs)
+
+        return in_own_transaction

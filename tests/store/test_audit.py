@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shiftcost.store import audit, ledger
+from shiftcost.store import audit
 from shiftcost.store import repository as repo
 
 from . import seed
@@ -162,10 +162,10 @@ def test_calibration_history_by_model_and_time(db, history) -> None:
 
 
 def test_budget_burn_per_period(db) -> None:
-    ledger.create_budget(db, "day", period="daily", kwh_cap=100.0)
-    ledger.create_budget(db, "month", period="monthly", kwh_cap=1000.0, co2_cap=50.0)
-    ledger.create_budget(db, "roll", period="rolling_days", rolling_days=2, kwh_cap=100.0)
-    ledger.create_budget(db, "run", period="per_run", kwh_cap=10.0, scope="digits")
+    seed.committed(db).create_budget("day", period="daily", kwh_cap=100.0)
+    seed.committed(db).create_budget("month", period="monthly", kwh_cap=1000.0, co2_cap=50.0)
+    seed.committed(db).create_budget("roll", period="rolling_days", rolling_days=2, kwh_cap=100.0)
+    seed.committed(db).create_budget("run", period="per_run", kwh_cap=10.0, scope="digits")
     rng = random.Random(3)
     decision_ids = seed.decisions(db, 12)
     entries = []  # (decision, at, reserved kWh, outcome, measured kWh)
@@ -173,12 +173,12 @@ def test_budget_burn_per_period(db) -> None:
         at = T0 + timedelta(hours=7 + 13 * i)  # crosses January -> February
         kwh, measured = round(rng.uniform(1, 5), 2), round(rng.uniform(1, 6), 2)
         outcome = ["open", "settle", "release"][i % 3]
-        ids = ledger.reserve_many(db, ["day", "month", "roll", "run"], kwh, 0.1, decision_id, at=at)
+        ids = seed.committed(db).reserve_many(["day", "month", "roll", "run"], kwh, 0.1, decision_id, at=at)
         for reservation in ids.values():
             if outcome == "settle":
-                ledger.settle(db, reservation, measured, 0.2)
+                seed.committed(db).settle(reservation, measured, 0.2)
             elif outcome == "release":
-                ledger.release(db, reservation, "failed")
+                seed.committed(db).release(reservation, "failed")
         entries.append((decision_id, at, kwh, outcome, measured))
 
     def spent(selected) -> float:

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from shiftcost.cli import app
-from shiftcost.store import ledger, migrate
+from shiftcost.store import migrate
 from shiftcost.store import repository as repo
 
 from . import seed
@@ -54,24 +54,24 @@ def test_budget_commands(database_url: str, db) -> None:
     negative = invoke("budget", "create", "bad", "--period", "daily", "--kwh", "-1", url=database_url)
     assert negative.exit_code != 0
     assert "caps must be zero or more" in str(negative.exception)
-    assert [b.name for b in ledger.list_budgets(db)] == ["day"]
+    assert [b.name for b in seed.committed(db).list_budgets()] == ["day"]
 
     (decision_id,) = seed.decisions(db, 1)
-    reservation = ledger.reserve(db, "day", 2.0, 0.5, decision_id)
+    reservation = seed.committed(db).reserve("day", 2.0, 0.5, decision_id)
     listed = json.loads(invoke("budget", "list", "--json", url=database_url).output)
     assert listed[0]["remaining_kwh"] == pytest.approx(3.0) and listed[0]["open_reservations"] == 1
 
     dry = json.loads(invoke("budget", "release-open", "--older-than", "0", "--dry-run", "--json",
                             url=database_url).output)
     assert [r["reservation_id"] for r in dry["reservations"]] == [reservation] and not dry["released"]
-    assert len(ledger.open_reservations(db)) == 1
+    assert len(seed.committed(db).open_reservations()) == 1
 
     young = json.loads(invoke("budget", "release-open", "--older-than", "2h", "--json", url=database_url).output)
     assert young["reservations"] == []
     released = json.loads(invoke("budget", "release-open", "--older-than", "0", "--json", url=database_url).output)
     assert [r["reservation_id"] for r in released["reservations"]] == [reservation]
-    assert ledger.open_reservations(db) == []
-    assert ledger.remaining(db, "day").remaining_kwh == pytest.approx(5.0)
+    assert seed.committed(db).open_reservations() == []
+    assert seed.committed(db).remaining("day").remaining_kwh == pytest.approx(5.0)
 
 
 def test_audit_formats(database_url: str, db) -> None:

@@ -52,3 +52,69 @@ def test_dropped_connection_fails_cleanly_then_recovers(
     finally:
         admin.dispose()
         postgres_db.dispose()
+
+
+# --- one engine per URL per process -------------------------------------------------------
+
+
+def test_shared_database_is_opened_once_per_url(database_url: str) -> None:
+    from shiftcost.store.db import shared_database
+
+    first = shared_database(database_url)
+    second = shared_database(database_url)
+    assert second is first and second.engine is first.engine
+    with second.session(readonly=True) as session:
+        assert session.scalar(select(func.count()).select_from(Model)) == 0
+
+
+def _child_report(url: str, queue) -> None:
+    """Runs in a forked child: is the shared database the parent's, and does it work?"""
+    from shiftcost.store import db as store_db
+
+    parent = _PARENT["database"]  # the parent's object, as fork copied it
+    mine = store_db.shared_database(url)
+    with mine.session(readonly=True) as session:
+        backend_pid = session.scalar(select(func.pg_backend_pid())) if mine.dialect == "postgresql" else None
+        session.scalar(select(func.count()).select_from(Model))
+    queue.put((mine is parent, mine.engine.pool is parent.engine.pool, backend_pid))
+
+
+_PARENT: dict[str, object] = {}
+
+
+def test_forked_child_opens_its_own_pool(database_url: str) -> None:
+    import multiprocessing
+
+    from shiftcost.store.db import shared_database
+
+    parent = shared_database(database_url)
+    with parent.session(readonly=True) as session:
+        parent_backend = session.scalar(select(func.pg_backend_pid())) if parent.dialect == "postgresql" else None
+    _PARENT["database"] = parent
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_report, args=(database_url, queue))
+    child.start()
+    same_object, same_pool, child_backend = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert not same_object and not same_pool
+    if parent_backend is not None:
+        assert child_backend != parent_backend
+    # The child dropped the parent's pool without closing its connection: the parent keeps it.
+    with parent.session(readonly=True) as session:
+        again = session.scalar(select(func.pg_backend_pid())) if parent.dialect == "postgresql" else None
+    assert again == parent_backend
+
+
+def test_shared_database_refuses_an_unmigrated_schema_in_one_sentence(empty_database_url: str) -> None:
+    from shiftcost.store.db import shared_database
+    from shiftcost.store.errors import SchemaVersionError
+
+    with pytest.raises(SchemaVersionError) as direct:
+        open_database(empty_database_url)
+    for _ in range(2):  # a refused database is not kept: the next call checks again
+        with pytest.raises(SchemaVersionError) as shared:
+            shared_database(empty_database_url)
+        assert str(shared.value) == str(direct.value)
+        assert "\n" not in str(shared.value) and "run `shiftcost db upgrade`" in str(shared.value)

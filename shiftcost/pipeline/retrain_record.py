@@ -1,0 +1,296 @@
+"""Recording how a retrain ended, in one transaction each, and reading it back.
+
+:func:`record_retrain_success` stores the finished run, settles the ledger with the
+measured cost, registers the new model version and its reference stats, the refitted cost
+model and the host's energy rate (:func:`refit_energy_rate`), and marks the batch done.
+:func:`record_retrain_failure` marks the run and the batch failed and settles what the
+run measured (or releases the reservation when nothing was). :func:`fail_stale_retrains`
+closes the runs proven dead. The rows are written by ``shiftcost.store.runs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from shiftcost.pipeline.claims import ClaimLost, guarded_update
+from shiftcost.pipeline.common import json_safe, store_cost_model
+from shiftcost.statuses import BatchStatus, ModelStatus, RetrainStatus
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from shiftcost.costmodel import CostModel
+    from shiftcost.pipeline.retrain import Gate, NewVersion, RetrainInputs, RetrainJob
+    from shiftcost.retrain import RetrainResult
+    from shiftcost.store import Database
+
+__all__ = [
+    "RetrainOutcome",
+    "fail_stale_retrains",
+    "not_started",
+    "record_retrain_failure",
+    "record_retrain_success",
+    "refit_energy_rate",
+    "retrain_outcome_of",
+]
+
+
+@dataclass
+class RetrainOutcome:
+    """What retraining a batch did: the run, its measured cost, the new versions."""
+
+    batch_id: int
+    status: str
+    """``succeeded``, ``cap_reached``, ``stopped_by_budget`` or ``failed``; ``not_started`` when the batch was not
+    waiting for retraining (already retrained, or its decision was not retrain)."""
+    run_id: int | None = None
+    decision_id: int | None = None
+    epochs: float | None = None
+    steps: int | None = None
+    reached_cutoff: bool | None = None
+    energy_kwh: float | None = None
+    emissions_kg: float | None = None
+    new_model_id: int | None = None
+    new_model_version: int | None = None
+    new_model_status: str | None = None
+    """``active``, ``pending`` or ``rejected`` (the promotion gate's verdict)."""
+    calibration_id: int | None = None
+    cost_model_version: int | None = None
+    settled: list[int] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+
+
+def _run_measures(result: RetrainResult | None) -> dict[str, Any]:
+    from shiftcost.store import runs
+
+    return runs.run_columns(result)
+
+
+def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult) -> dict[str, Any] | None:
+    """Refit the architecture's energy rate from every finished run that measured energy.
+
+    The rate (joules per training sample, evaluations weighted by
+    ``EVAL_SAMPLE_WEIGHT``) is the *median* over the runs (``HostEnergyRate.fit``): one run
+    on a loaded machine does not move it far. It is stored as the architecture's newest
+    energy probe, which the next assessment and the next guard price with. Returns the run's
+    measured kWh beside what the rate in force before it estimated, and the rates; None when
+    the run measured no energy.
+    """
+    from shiftcost.energy import HostEnergyRate, run_work
+    from shiftcost.store import repository, runs
+
+    own = run_work(result.to_dict())
+    if own[0] is None or own[0] <= 0:
+        return None
+    architecture = inputs.spec.architecture
+    earlier = runs.measured_run_details(session, architecture, except_run=inputs.job.run_id)
+    works = [run_work(details) for details in earlier if details] + [own]
+    refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs")
+    before = repository.latest_energy_probe(session, architecture)
+    estimated = None
+    if before is not None:
+        estimated = HostEnergyRate(float(before.joules_per_sample_epoch), 0.0, 1).kwh(own[1], own[2])
+    repository.add_energy_probe(
+        session, architecture, refitted.hardware or "refitted", f"{inputs.spec.in_channels}x{inputs.spec.image_size}x{inputs.spec.image_size}",
+        refitted.joules_per_sample, measurement_method="refitted", energy_kwh=own[0],
+        details=json_safe({"rate": refitted.to_dict(), "run_id": inputs.job.run_id}),
+    )  # fmt: skip
+    return json_safe(
+        {
+            "measured_kwh": own[0],
+            "estimated_kwh": estimated,
+            "joules_per_sample_before": None if before is None else before.joules_per_sample_epoch,
+            "joules_per_sample_after": refitted.joules_per_sample,
+            "spread": refitted.spread,
+            "runs": refitted.runs,
+        }
+    )
+
+
+def record_retrain_success(
+    db: Database,
+    inputs: RetrainInputs,
+    result: RetrainResult,
+    new_version: NewVersion | None,
+    cost_model: CostModel | None,
+    notes: list[str] | None = None,
+) -> RetrainOutcome:
+    """Store the finished run, settle the ledger, register the new versions; one transaction."""
+    from shiftcost.store import ledger, repository, runs
+
+    job = inputs.job
+    assert result.energy is not None
+    kwh, co2 = result.energy.energy_kwh, result.energy.emissions_kg
+    notes = list(notes or [])
+    stopped = result.status == RetrainStatus.STOPPED_BY_BUDGET
+    if stopped:
+        notes.append(f"stopped by the budget guard: {result.stop_reason}")
+        new_version = None  # a stopped run never reached the cutoff; the model stays as it was
+    with db.session() as session:
+        try:
+            if stopped:
+                guarded_update(session, job.claim, status=BatchStatus.STOPPED_BY_BUDGET, failure_reason=f"Stopped by the budget guard: {result.stop_reason}")
+            else:
+                guarded_update(session, job.claim, status=BatchStatus.DONE)
+        except ClaimLost:
+            # Closed as dead while it ran (no heartbeat within the lease): the batch stays
+            # failed, but what the run spent is real and is still recorded.
+            notes.append("the run was closed as dead while it ran; its spend is recorded as a late settlement "
+                         "and no new model version is registered")
+            new_version = None
+        new_model = None
+        if new_version is not None:
+            new_model = runs.add_version(session, inputs.model_name, inputs.spec, inputs.model_id, job.run_id, new_version)
+            notes += _gate_notes(new_model.version, new_version.gate)
+        calibration = None
+        if cost_model is not None:
+            calibration = store_cost_model(session, inputs.spec.architecture, cost_model, source="refit", model_id=inputs.model_id)
+        status = result.status if result.status in (RetrainStatus.CAP_REACHED, RetrainStatus.STOPPED_BY_BUDGET) else RetrainStatus.SUCCEEDED
+        measures = _run_measures(result)
+        energy_rate = refit_energy_rate(session, inputs, result)
+        if energy_rate is not None:
+            measures["details"] = measures.get("details", {}) | {"energy_rate": energy_rate}
+        if notes:
+            measures["details"] = measures.get("details", {}) | {"notes": notes}
+        repository.finish_retrain_run(session, job.run_id, status, new_model_id=None if new_model is None else new_model.id, **measures)
+        settled = ledger.settle_decision(session, job.decision_id, kwh, co2)
+    return RetrainOutcome(
+        batch_id=job.batch_id,
+        status=status,
+        run_id=job.run_id,
+        decision_id=job.decision_id,
+        epochs=result.epochs,
+        steps=result.steps,
+        reached_cutoff=result.reached_cutoff,
+        energy_kwh=kwh,
+        emissions_kg=co2,
+        new_model_id=None if new_model is None else new_model.id,
+        new_model_version=None if new_model is None else new_model.version,
+        new_model_status=None if new_model is None else new_model.status,
+        calibration_id=None if calibration is None else calibration.id,
+        cost_model_version=None if cost_model is None else cost_model.version_,
+        settled=settled,
+        notes=notes,
+    )
+
+
+def _gate_notes(version: int, gate: Gate | None) -> list[str]:
+    if gate is not None and not gate.passed:
+        return [f"version {version} was rejected: {gate.reason}"]
+    if gate is not None and gate.status == ModelStatus.PENDING:
+        return [f"version {version} passed the promotion gate and waits for `shiftcost model approve {version}`"]
+    return []
+
+
+def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException, measured: RetrainResult | None = None) -> RetrainOutcome:
+    """Mark the run and the batch failed and close the reservation; the model is unchanged.
+
+    Whatever the run measured before it failed is kept on the run (``error.partial`` for a
+    crash while training, ``measured`` for a failure after training finished: saving the
+    new version to a full or read-only folder, say) and charged to the ledger: the
+    reservation is settled with the measured spend, so the ledger's totals stay the sum of
+    what the runs measured. Only a failure before anything was measured releases it.
+    """
+    from shiftcost.redaction import redact_text
+    from shiftcost.store import runs
+
+    partial = getattr(error, "partial", None) or measured
+    measures = _run_measures(partial if hasattr(partial, "pool_samples") else None)
+    message = redact_text(" ".join(str(error).split()) or type(error).__name__)
+    with db.session() as session:
+        settled, released = runs.record_failure(session, job.claim, job.run_id, job.decision_id, measures, message)
+    return RetrainOutcome(
+        batch_id=job.batch_id,
+        status=RetrainStatus.FAILED,
+        run_id=job.run_id,
+        decision_id=job.decision_id,
+        epochs=measures.get("epochs"),
+        steps=measures.get("steps"),
+        energy_kwh=measures.get("energy_kwh"),
+        emissions_kg=measures.get("emissions_kg"),
+        settled=settled,
+        released=released,
+        error=message,
+    )
+
+
+def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now: datetime | None = None) -> list[RetrainOutcome]:
+    """Close the retrain runs of ``model_name`` proven dead: ``running`` with no heartbeat
+    (before the first one: no start) within the last ``older_than_s`` seconds (the lease).
+
+    Such a run's process was killed (a crash it survived would have recorded itself): the
+    run and its batch are marked failed and the decision's reservation is released, in one
+    transaction per run. The energy it spent is unknown and not charged (should the run
+    still finish, it records its spend as a late settlement). Each run is closed by a
+    guarded UPDATE, so of racing watchers exactly one closes it. Returns what was closed;
+    ``released`` is empty when there was nothing left to release.
+    """
+    from datetime import timedelta
+
+    from shiftcost.store import ledger, runs
+    from shiftcost.store.models import utcnow
+
+    now = utcnow() if now is None else now
+    lease = timedelta(seconds=older_than_s)
+    span = f"{older_than_s / 3600.0:.3g} h" if older_than_s >= 3600 else f"{older_than_s:.3g} s"
+    message = f"abandoned: no heartbeat for {span} (its lease), so its process was killed"
+    with db.session(readonly=True) as session:
+        stale = runs.dead_runs(session, model_name, lease, now)
+    closed: list[RetrainOutcome] = []
+    for run_id, batch_id, decision_id in stale:
+        with db.session() as session:
+            if not runs.close_dead_run(session, run_id, batch_id, lease, now, message):
+                continue  # another watcher closed it, or the run proved alive meanwhile
+            released = [] if decision_id is None else ledger.release_decision(session, decision_id, f"retrain run {run_id} {message}")
+        closed.append(RetrainOutcome(batch_id, RetrainStatus.FAILED, run_id=run_id, decision_id=decision_id, released=released, error=message))
+    return closed
+
+
+def retrain_outcome_of(db: Database, batch_id: int) -> RetrainOutcome:
+    """The stored outcome of the latest retraining run of a batch (``not_started`` if none).
+
+    The flows read it back when a finished retrain run's return value is lost.
+    """
+    from shiftcost.store import repository, runs
+
+    with db.session(readonly=True) as session:
+        run = runs.latest_run(session, batch_id)
+        if run is None:
+            return not_started(db, batch_id)
+        new_model = None if run.new_model_id is None else repository.get_model_by_id(session, run.new_model_id)
+        settled, released = runs.closing_entries(session, run.decision_id)
+        return RetrainOutcome(
+            batch_id=batch_id,
+            status=run.status,
+            run_id=run.id,
+            decision_id=run.decision_id,
+            epochs=run.epochs,
+            steps=run.steps,
+            reached_cutoff=run.reached_cutoff,
+            energy_kwh=run.energy_kwh,
+            emissions_kg=run.emissions_kg,
+            new_model_id=run.new_model_id,
+            new_model_version=None if new_model is None else new_model.version,
+            new_model_status=None if new_model is None else new_model.status,
+            settled=settled,
+            released=released,
+            error=run.error,
+        )
+
+
+def not_started(db: Database, batch_id: int) -> RetrainOutcome:
+    """The outcome for a batch that was not waiting for retraining."""
+    from shiftcost.store import repository
+
+    with db.session(readonly=True) as session:
+        batch = repository.get_batch(session, batch_id)
+        return RetrainOutcome(batch_id, "not_started", notes=[f"batch status is {batch.status}"])
+
+
