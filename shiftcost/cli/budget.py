@@ -119,7 +119,6 @@ def update(
     database_url: DatabaseUrlOption = None,
 ) -> None:
     """Change a budget's caps, period or scope; what is not given stays. The ledger is kept as it is."""
-
     changes: dict = {}
     if period is not None:
         changes["period"] = period.value

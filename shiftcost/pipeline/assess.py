@@ -434,14 +434,9 @@ def probe_if_it_pays(
     from shiftcost.forecast.protocol import EVAL_SAMPLE_WEIGHT, split_sizes
 
     reference_accuracy = loaded.reference.accuracy
-    if budget_left_kwh is None:
-        return prediction, "index", "no budget limits kWh, so a probe cannot change the decision", None
-    if forecaster.stage1 is None:
-        return prediction, "index", f"the cost model has no probe stage ({forecaster.stage1_error})", None
-    if reference_accuracy is None or prediction.energy_kwh is None:
-        return prediction, "index", "the model's reference accuracy or the energy of the forecast is unknown", None
-    if loaded.new_task:
-        return prediction, "index", "the batch has classes the model has no output for, so there is nothing to probe", None
+    unprobeable = _why_no_probe(loaded, prediction, forecaster, budget_left_kwh)
+    if unprobeable is not None or reference_accuracy is None or budget_left_kwh is None:
+        return prediction, "index", unprobeable or "", None
     chosen = {"steps": probing.DEFAULT_STEPS, "samples": probing.DEFAULT_SAMPLES, "batch_size": probing.DEFAULT_BATCH_SIZE}
     chosen |= {k: v for k, v in forecaster.probe_settings.items() if k in ("steps", "samples", "batch_size", "lr", "optimizer")}
     _, holdout = split_sizes(len(loaded.data), settings.retrain_holdout_fraction)
@@ -468,12 +463,31 @@ def probe_if_it_pays(
         # The index forecast still stands; the batch is not at fault for a probe that cannot run.
         return prediction, "index", f"the probe could not run ({error})", None
     forecast = forecaster.predict(features, probe=trajectory)
+    record = trajectory.to_dict() | {"features": forecast.features, "index_prediction": prediction.to_dict()}
+    return _priced(prediction, forecast, samples, joules, intensity), "probe", advice.reason, record
+
+
+def _why_no_probe(loaded: LoadedBatch, prediction: CostPrediction, forecaster: Any, budget_left_kwh: float | None) -> str | None:
+    """Why no probe can change this decision, or None when one could."""
+    if budget_left_kwh is None:
+        return "no budget limits kWh, so a probe cannot change the decision"
+    if forecaster.stage1 is None:
+        return f"the cost model has no probe stage ({forecaster.stage1_error})"
+    if loaded.reference.accuracy is None or prediction.energy_kwh is None:
+        return "the model's reference accuracy or the energy of the forecast is unknown"
+    if loaded.new_task:
+        return "the batch has classes the model has no output for, so there is nothing to probe"
+    return None
+
+
+def _priced(prediction: CostPrediction, forecast: Any, samples: int, joules: float, intensity: float) -> CostPrediction:
+    """The index prediction with the probe stage's epochs, priced as the index model prices them."""
     epochs = forecast.epochs
 
     def kwh(e: float) -> float:
         return e * samples * joules / 3.6e6
 
-    staged = dataclasses.replace(
+    return dataclasses.replace(
         prediction,
         epochs=epochs.median,
         epochs_lower=epochs.low,
@@ -489,8 +503,6 @@ def probe_if_it_pays(
         features=forecast.features,
         extrapolated=[],
     )
-    record = trajectory.to_dict() | {"features": forecast.features, "index_prediction": prediction.to_dict()}
-    return staged, "probe", advice.reason, record
 
 
 # ----------------------------------------------------------------------------- 5. decide and store
