@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from sqlalchemy import create_engine, func, select
 
@@ -77,6 +79,11 @@ def _child_report(url: str, queue) -> None:
         backend_pid = session.scalar(select(func.pg_backend_pid())) if mine.dialect == "postgresql" else None
         session.scalar(select(func.count()).select_from(Model))
     queue.put((mine is parent, mine.engine.pool is parent.engine.pool, backend_pid))
+    queue.close()
+    queue.join_thread()
+    # The child inherits the test worker's exit handlers (pools and queues of earlier tests in
+    # the same process); running them here would fail the exit code for reasons not tested.
+    os._exit(0)
 
 
 _PARENT: dict[str, object] = {}
