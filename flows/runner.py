@@ -99,8 +99,8 @@ class PrefectSteps:
     def batch_outcome(self, batch_id: int) -> pipeline.AssessOutcome:
         return assess_tasks.batch_outcome(self.settings, batch_id)
 
-    def load_batch(self, claim: pipeline.Claim) -> pipeline.LoadedBatch:
-        return assess_tasks.load_batch(self.settings, claim)
+    def load_for_assessment(self, claim: pipeline.Claim) -> pipeline.LoadedBatch:
+        return assess_tasks.load_for_assessment(self.settings, claim)
 
     def forward_pass(self, loaded: pipeline.LoadedBatch) -> IndexReport:
         return forward_pass(self.settings, loaded)  # sharded on Dask when the batch is large

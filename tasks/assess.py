@@ -31,7 +31,7 @@ def batch_outcome(settings: Settings, batch_id: int) -> pipeline.AssessOutcome:
 
 
 @task(name="load-and-validate-batch", timeout_seconds=1800, **_DB)
-def load_batch(settings: Settings, claim: pipeline.Claim) -> pipeline.LoadedBatch:
+def load_for_assessment(settings: Settings, claim: pipeline.Claim) -> pipeline.LoadedBatch:
     """Read the model, its reference stats and the batch; check the batch fits the model."""
     with pipeline.connect(settings) as db:
         loaded = pipeline.load_for_assessment(db, settings, claim)

@@ -74,7 +74,7 @@ class AssessSteps(Protocol[Handed_co]):
 
     def batch_outcome(self, batch_id: int) -> AssessOutcome: ...
 
-    def load_batch(self, claim: Claim) -> LoadedBatch: ...
+    def load_for_assessment(self, claim: Claim) -> LoadedBatch: ...
 
     def forward_pass(self, loaded: LoadedBatch) -> IndexReport: ...
 
@@ -158,7 +158,7 @@ def assess(steps: AssessSteps[Handed], batch_id: int) -> tuple[AssessOutcome, Ha
     if claim is None:
         return steps.batch_outcome(batch_id), None
     try:
-        loaded = steps.load_batch(claim)
+        loaded = steps.load_for_assessment(claim)
         report = steps.forward_pass(loaded)
         drift = steps.detect_drift(loaded, report)
         estimate = steps.predict_cost(loaded, report, drift)

@@ -150,7 +150,7 @@ class PlainSteps:
     def batch_outcome(self, batch_id: int) -> AssessOutcome:
         return outcome_of(self.db, batch_id)
 
-    def load_batch(self, claim: Claim) -> LoadedBatch:
+    def load_for_assessment(self, claim: Claim) -> LoadedBatch:
         return load_for_assessment(self.db, self.settings, claim)
 
     def forward_pass(self, loaded: LoadedBatch) -> IndexReport:
