@@ -172,9 +172,10 @@ class _CutoffRun:
         tally.grad_steps += 1
         tally.train_s += time.perf_counter() - t
 
-    def cutoff_reached(self, point: EvalPoint) -> bool:
-        """The one cutoff rule of every retrain (:func:`shiftcost.forecast.protocol.cutoff_reached`)
-        over every evaluation so far; ``point``, the newest, is the last of ``self.curve``."""
+    def evaluate_and_check_cutoff(self) -> bool:
+        """Evaluate now; whether the run has reached the cutoff under the one rule of every
+        retrain (:func:`shiftcost.forecast.protocol.cutoff_reached`) over all its evaluations."""
+        self.evaluate()
         return protocol_cutoff_reached(self.curve, self.target_accuracy)
 
     def _due_for_evaluation(self) -> bool:
@@ -182,7 +183,7 @@ class _CutoffRun:
 
     def run(self) -> str:
         """Train until the cutoff, a stop request or the cap; the run's status."""
-        if self.cutoff_reached(self.evaluate()):
+        if self.evaluate_and_check_cutoff():
             return "already_met"
         if self.tally.stop_reason:
             return _stopped_status(self.tally.stop_reason)
@@ -191,7 +192,7 @@ class _CutoffRun:
                 self.train_on(idx)
                 if not self._due_for_evaluation():
                     continue
-                if self.cutoff_reached(self.evaluate()):
+                if self.evaluate_and_check_cutoff():
                     return "reached"
                 if self.tally.stop_reason:
                     return _stopped_status(self.tally.stop_reason)

@@ -132,5 +132,5 @@ def test_calibration_the_command_line_and_the_pipeline_retrain_through_retrain_t
     from shiftcost.retrain.loop import _CutoffRun
 
     assert "retrain_to_cutoff" in retrain.__all__
-    assert "protocol_cutoff_reached(self.curve, self.target_accuracy)" in inspect.getsource(_CutoffRun.cutoff_reached)
+    assert "protocol_cutoff_reached(self.curve, self.target_accuracy)" in inspect.getsource(_CutoffRun.evaluate_and_check_cutoff)
     assert "protocol.cutoff_reached(" in inspect.getsource(guard.BudgetGuard.__call__)
