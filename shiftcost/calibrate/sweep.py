@@ -348,7 +348,7 @@ def _probe_point(
     trajectory = run_probe(
         model, x, y, target_accuracy=target, ceiling=reference, steps=steps, lr=config.recipe.lr,
         optimizer=config.recipe.optimizer, holdout_fraction=config.cutoff.holdout_fraction, seed=seed,
-        device=config.device,
+        device=config.device, retrain_batch_size=config.recipe.batch_size,
     )
     row.update(probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap))
     row["probe_sample_gradients"] = trajectory.cost.sample_gradients

@@ -38,6 +38,9 @@ def forecast(
     country: Annotated[str, typer.Option("--country", help="3-letter ISO code of the grid (carbon intensity).")] = "USA",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the probe's split and sample.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
+    no_energy: Annotated[
+        bool, typer.Option("--no-energy", help="Do not measure the probe with CodeCarbon; its energy is then estimated from the host's rate.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the forecast as JSON on stdout.")] = False,
 ) -> None:
     """Forecast the epochs, kWh and kg CO2e of retraining a model on a labelled batch, with intervals.
@@ -67,7 +70,7 @@ def forecast(
         raise InputError(f"{cost_model} has no probe stage ({forecaster.stage1_error}); recalibrate with probe steps, or use --no-probe.")
     trajectory = None
     if not no_probe and forecaster.stage1 is not None:
-        trajectory = _probe(forecaster, net, new, reference.accuracy, tolerance, probe_steps, seed, device, str(batch))
+        trajectory = _probe(forecaster, net, new, reference.accuracy, tolerance, probe_steps, seed, device, str(batch), not no_energy, country)
     result = forecaster.predict(features, probe=trajectory, batch_samples=len(new.y), carbon_intensity=intensity)
     if as_json:
         payload = _payload(result)
@@ -93,7 +96,7 @@ def _country_intensity(country: str) -> float:
 
 def _probe(
     forecaster: Any, net: Any, new: Any, reference_accuracy: float, tolerance: float, probe_steps: int | None,
-    seed: int, device: str, source: str,
+    seed: int, device: str, source: str, track_energy: bool, country: str,
 ) -> Any:
     """Stage 1: a few fine-tuning steps on a copy of the model, as many as calibrated unless given."""
     from shiftcost.forecast.probe import DEFAULT_STEPS, run_probe
@@ -103,7 +106,7 @@ def _probe(
     return run_probe(
         net, new.x, new.y, target_accuracy=max(0.0, reference_accuracy - tolerance), ceiling=reference_accuracy,
         steps=steps, seed=seed, device=device, joules_per_sample=None if rate is None else rate.joules_per_sample,
-        source=source,
+        source=source, retrain_batch_size=forecaster.batch_size, track_energy=track_energy, country_iso_code=country,
     )
 
 
@@ -130,7 +133,11 @@ def _print_forecast(result: Any, forecaster: Any, trajectory: Any) -> None:
         Console(stderr=True).print(f"[yellow]predicted not to converge within the {forecaster.max_epochs:g}-epoch cap.[/]")
     if trajectory is not None:
         c = trajectory.cost
-        Console().print(f"probe: {c.steps} steps, {c.sample_gradients} sample-gradients, {c.seconds:.2f} s")
+        how = "measured" if c.energy_measured else "estimated" if c.energy_kwh is not None else "not known"
+        energy = f", {c.energy_kwh:.3g} kWh ({how})" if c.energy_kwh is not None else ""
+        Console().print(f"probe: {c.steps} steps, {c.sample_gradients} sample-gradients, {c.seconds:.2f} s{energy}")
+        if c.energy_error:
+            Console(stderr=True).print(f"[yellow]CodeCarbon could not measure the probe ({c.energy_error}); its energy is the host rate's estimate.[/]")
 
 
 def register(app: typer.Typer) -> None:

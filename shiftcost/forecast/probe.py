@@ -58,6 +58,8 @@ class ProbeCost:
     #: The host rate's estimate of the same spend (``None`` without a rate): beside a
     #: measured ``energy_kwh`` it shows how far the estimate charged in a forecast is off.
     estimated_energy_kwh: float | None = None
+    #: Why CodeCarbon gave no figure when asked to measure (the estimate then stands in).
+    energy_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,8 +69,12 @@ class ProbeCost:
 class ProbeTrajectory:
     """Held-out accuracy and loss after 0..steps probe steps, with gradient statistics.
 
-    ``epochs`` are in epochs of the *real* retrain's training pool (samples seen divided
-    by ``pool_samples``), so the probe's curve and a retrain's curve share one time axis.
+    ``epochs`` are the *real* retrain's epochs counted in optimizer steps (probe steps
+    divided by the retrain's steps per epoch), so the probe's curve and a retrain's curve
+    share one time axis. Steps, not samples: with an adaptive optimizer at a fixed learning
+    rate, a step on the probe's small batch moves the model about as far as a step on the
+    retrain's batch, so counting samples would place the probe's progress several times too
+    early on the retrain's clock.
     """
 
     epochs: list[float]
@@ -128,6 +134,7 @@ class _Walk:
     accuracy: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     seen: int = 0
+    steps: int = 0
     evaluated: int = 0
     grad_norm0: float = 0.0
     noise_scale: float | None = None
@@ -154,15 +161,19 @@ def run_probe(
     energy_options: dict[str, Any] | None = None,
     joules_per_sample: float | None = None,
     source: str = "the batch",
+    retrain_batch_size: int = 64,
 ) -> ProbeTrajectory:
     """Fine-tune a copy of ``model`` for ``steps`` steps on ``samples`` training samples.
 
     The caller's model and the global random state are untouched. With ``track_energy``
-    the probe is measured with CodeCarbon (as retrains are); with ``joules_per_sample``
+    the probe is measured with CodeCarbon (as retrains are; when CodeCarbon cannot measure,
+    ``cost.energy_error`` says why and the estimate stands in); with ``joules_per_sample``
     (per training sample-gradient; evaluations weighted by
     :data:`~shiftcost.forecast.protocol.EVAL_SAMPLE_WEIGHT`) it is also estimated, and the
     estimate stands in when nothing is measured. The probe's cost is ``steps`` steps of
     ``batch_size`` and ``steps + 1`` evaluations of the holdout, whatever the retrain's length.
+    ``retrain_batch_size`` is the real retrain's batch size: it sets the steps per epoch
+    that put the probe's steps on the retrain's time axis.
     """
     from shiftcost.errors import ConfigError
     from shiftcost.recipe import Recipe
@@ -185,28 +196,50 @@ def run_probe(
     hold = (x[hold_idx], y[hold_idx].long())
     batch = min(batch_size, len(train[0]))
     optim = _make_optimizer(Recipe(optimizer=optimizer, lr=lr), [p for _, p in params])
-    meter = None
-    if track_energy:
-        from shiftcost.energy import EnergyMeter
-
-        meter = EnergyMeter(**({"country_iso_code": country_iso_code, "experiment_name": "probe"} | dict(energy_options or {})))
-        meter.start()
+    per_epoch = protocol.steps_per_epoch(len(train_idx), retrain_batch_size)
+    meter, energy_error = _start_meter(track_energy, country_iso_code, energy_options)
     started = time.perf_counter()
     try:
-        walk = _walk(work, params, optim, train, hold, len(train_idx), steps, batch, seed, dev)
+        walk = _walk(work, params, optim, train, hold, per_epoch, steps, batch, seed, dev)
     finally:
         seconds = time.perf_counter() - started
-        energy = meter.stop() if meter is not None else None
+        energy, stop_error = _stop_meter(meter)
     estimated = None if joules_per_sample is None else joules_per_sample * (walk.seen + protocol.EVAL_SAMPLE_WEIGHT * walk.evaluated) / 3.6e6
     kwh = energy.energy_kwh if energy is not None else estimated
     slope = float(np.polyfit(np.arange(len(walk.loss)), walk.loss, 1)[0]) if len(walk.loss) > 1 else 0.0
-    cost = ProbeCost(steps, walk.seen, walk.evaluated, seconds, kwh, energy is not None, estimated)
+    cost = ProbeCost(steps, walk.seen, walk.evaluated, seconds, kwh, energy is not None, estimated, energy_error or stop_error)
     return ProbeTrajectory(
         epochs=walk.epochs, accuracy=walk.accuracy, loss=walk.loss, initial_grad_norm=walk.grad_norm0,
         grad_noise_scale=walk.noise_scale, loss_drop_per_step=-slope, target_accuracy=float(target_accuracy),
         ceiling=float(ceiling), pool_samples=len(train_idx), holdout_samples=len(hold_idx), cost=cost,
-        settings={"steps": steps, "samples": len(train[0]), "batch_size": batch, "lr": lr, "optimizer": optimizer, "seed": seed},
+        settings={
+            "steps": steps, "samples": len(train[0]), "batch_size": batch, "lr": lr, "optimizer": optimizer, "seed": seed,
+            "retrain_batch_size": retrain_batch_size,
+        },
     )
+
+
+def _start_meter(track: bool, country_iso_code: str, options: dict[str, Any] | None) -> tuple[Any, str | None]:
+    """A started CodeCarbon meter, or why there is none: a probe is not worth failing over its meter."""
+    if not track:
+        return None, None
+    from shiftcost.energy import EnergyMeasurementError, EnergyMeter
+
+    try:
+        return EnergyMeter(**({"country_iso_code": country_iso_code, "experiment_name": "probe"} | dict(options or {}))).start(), None
+    except EnergyMeasurementError as error:
+        return None, str(error)
+
+
+def _stop_meter(meter: Any) -> tuple[Any, str | None]:
+    if meter is None:
+        return None, None
+    from shiftcost.energy import EnergyMeasurementError
+
+    try:
+        return meter.stop(), None
+    except EnergyMeasurementError as error:
+        return None, str(error)
 
 
 def _walk(
@@ -215,7 +248,7 @@ def _walk(
     optim: torch.optim.Optimizer,
     train: tuple[torch.Tensor, torch.Tensor],
     hold: tuple[torch.Tensor, torch.Tensor],
-    pool: int,
+    retrain_steps_per_epoch: int,
     steps: int,
     batch: int,
     seed: int,
@@ -230,7 +263,7 @@ def _walk(
 
     def evaluate() -> None:
         acc, loss = _evaluate(work, *hold, dev, 512)
-        walk.accuracy.append(acc), walk.loss.append(loss), walk.epochs.append(walk.seen / pool)
+        walk.accuracy.append(acc), walk.loss.append(loss), walk.epochs.append(walk.steps / retrain_steps_per_epoch)
         walk.evaluated += len(hold[0])
 
     with torch.random.fork_rng(devices=_fork_rng_devices(dev)):
@@ -252,6 +285,7 @@ def _walk(
                 F.cross_entropy(work(xb), yb).backward()
             optim.step()
             walk.seen += len(idx)
+            walk.steps += 1
             evaluate()
     return walk
 

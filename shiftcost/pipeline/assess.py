@@ -425,13 +425,15 @@ def probe_if_it_pays(
     Returns ``(prediction, stage, advice, probe)``: the index prediction (stage ``index``)
     or the probe-stage one (stage ``probe``), why, and what the probe saw and spent. The
     probe-stage epochs are priced like the index model's (``epochs * samples * J / 3.6e6``),
-    so the two stages are comparable; the probe's own energy is estimated from the same
-    joules per sample (evaluations weighted as the protocol weighs them).
+    so the two stages are comparable; the probe's own energy is measured with CodeCarbon,
+    as retrains are, and estimated from the same joules per sample (evaluations weighted
+    as the protocol weighs them) beside it; the estimate stands in when nothing is measured.
     """
     from shiftcost.forecast import probe as probing
     from shiftcost.forecast.decide import probe_pays
     from shiftcost.forecast.forecaster import Interval
     from shiftcost.forecast.protocol import EVAL_SAMPLE_WEIGHT, split_sizes
+    from shiftcost.recipe import RetrainConfig
 
     reference_accuracy = loaded.reference.accuracy
     unprobeable = _why_no_probe(loaded, prediction, forecaster, budget_left_kwh)
@@ -445,6 +447,8 @@ def probe_if_it_pays(
     advice = probe_pays(index_kwh, budget_left_kwh, probe_kwh)
     if not advice.probe:
         return prediction, "index", advice.reason, None
+    # Measured like the retrain it stands in for; the estimate stays beside it in the record.
+    metering = RetrainConfig.from_settings(settings).energy
     try:
         trajectory = probing.run_probe(
             loaded.model,
@@ -457,6 +461,10 @@ def probe_if_it_pays(
             device=settings.device,
             joules_per_sample=joules,
             source=f"batch {loaded.source_uri}",
+            retrain_batch_size=forecaster.batch_size,
+            track_energy=metering.track,
+            country_iso_code=metering.country_iso_code,
+            energy_options=dict(metering.options),
             **chosen,
         )
     except (InputError, ConfigError) as error:

@@ -66,8 +66,17 @@ def test_forecast_json_names(files) -> None:
     assert data["co2_kg"]["median"] == pytest.approx(0.4 * data["energy_kwh"]["median"])
     assert data["stage"] == "probe"
     assert data["probe"]["steps"] == 5 and data["probe"]["seconds"] > 0 and data["probe"]["energy"] > 0
+    assert data["probe"]["energy_measured"] is True  # CodeCarbon, as retrains are
+    assert data["probe"]["estimated_energy_kwh"] > 0
     assert {"resque_dist", "accuracy", "curve_log_epochs"} <= set(data["features"])
     assert isinstance(data["not_converging"], bool)
+
+
+def test_forecast_without_energy_tracking_charges_the_estimate(files) -> None:
+    done = shiftcost(*forecast_args(files, "--probe-steps", "3", "--no-energy", "--json"), cwd=files)
+    assert done.returncode == 0, done.stderr
+    probe = json.loads(done.stdout)["probe"]
+    assert probe["energy_measured"] is False and probe["energy"] == probe["estimated_energy_kwh"] > 0
 
 
 def test_forecast_without_probe_is_the_index_stage(files) -> None:

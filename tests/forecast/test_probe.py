@@ -10,6 +10,7 @@ import torch
 from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT
+from shiftcost.forecast import protocol
 from shiftcost.forecast.probe import run_probe
 from tests.forecast.helpers import bars
 
@@ -42,8 +43,20 @@ def test_probe_cost_is_counted_exactly_and_the_model_is_untouched(tiny) -> None:
     assert cost.samples_evaluated == 7 * holdout
     assert cost.energy_kwh == pytest.approx(7.2 * (48 + EVAL_SAMPLE_WEIGHT * 7 * holdout) / 3.6e6) and not cost.energy_measured
     assert len(probe.accuracy) == len(probe.loss) == len(probe.epochs) == 7
-    assert probe.epochs[-1] == pytest.approx(48 / probe.pool_samples)
     assert probe.initial_grad_norm > 0 and probe.loss[-1] < probe.loss[0]
+
+
+def test_the_probe_runs_on_the_retrain_clock_in_steps(tiny) -> None:
+    """Probe step ``k`` sits at ``k`` retrain steps, whatever the probe's own batch size."""
+    model, _, x, y = tiny
+    for batch_size, retrain_batch_size in ((8, 64), (8, 16), (32, 16)):
+        probe = run_probe(
+            model, 1 - x, y, target_accuracy=0.9, ceiling=0.95, steps=5, samples=64, batch_size=batch_size,
+            retrain_batch_size=retrain_batch_size,
+        )
+        per_epoch = protocol.steps_per_epoch(probe.pool_samples, retrain_batch_size)
+        assert probe.epochs == pytest.approx([k / per_epoch for k in range(6)])
+        assert probe.settings["retrain_batch_size"] == retrain_batch_size
 
 
 def test_the_same_seed_gives_the_same_probe(tiny) -> None:
