@@ -75,6 +75,7 @@ STAGE1_DESIGNS: dict[str, tuple[str, ...]] = {
     "index+curve": (STAGE0_FEATURE, "curve_log_epochs"),
     "index+curve+progress": (STAGE0_FEATURE, "curve_log_epochs", "probe_progress"),
     "probe_only": STAGE1_FEATURES[1:],
+    "curve": ("curve_log_epochs",),
 }
 
 
