@@ -214,13 +214,16 @@ class Forecaster:
             raise InputError(f"this cost model has no probe stage ({self.stage1_error}); recalibrate with probe steps > 0.")
         row = self._clip_stage1({STAGE0_FEATURE: self.stage0_log_epochs(features)} | {k: float(values[k]) for k in PROBE_FEATURES})
         prediction = self.stage1.predict_costs([row], max_epochs=self.max_epochs)[0]
-        known = None
+        fitted = Interval(prediction.epochs, prediction.epochs_lower, prediction.epochs_upper, prediction.level)
         if already_met:
             # The retrain's first evaluation is on the same held-out split (same seed): it stops there.
-            known = Interval(0.0, 0.0, 0.0, prediction.level)
+            known, p_fail = Interval(0.0, 0.0, 0.0, prediction.level), 0.0
+        else:
+            # ... and otherwise it does not stop there: conditioned on needing more than zero epochs,
+            # a curve that crosses at once no longer forecasts "no training" (an upper bound of 0).
+            known, p_fail = _condition_on_spent(fitted, 0.0, self.stage1.epochs_offset, self.max_epochs)
         return self._finish(
-            prediction, "probe", dict(features) | row, probe_cost, batch_samples, carbon_intensity,
-            epochs=known, p_not_converge=0.0 if known else None,
+            prediction, "probe", dict(features) | row, probe_cost, batch_samples, carbon_intensity, epochs=known, p_not_converge=p_fail,
         )
 
     def in_flight(

@@ -178,6 +178,23 @@ def test_a_probe_that_starts_at_the_target_forecasts_no_training() -> None:
     assert unmet.epochs.median > 0 and unmet.epochs.median <= 3 * forecaster.max_epochs
 
 
+def test_a_probe_below_the_target_never_forecasts_zero_epochs() -> None:
+    """Not at the target at the first evaluation, the run needs more than zero epochs, even when
+    the curve crosses at once (a forecast of 0 epochs would admit it under any budget)."""
+    # Calibration as on real data: batches already at the target cost nothing and their curve crosses at 0.
+    met_rows = [
+        forecast_rows()[0] | {"corruption": f"kind{k}", "curve_log_epochs": 0.0, "epochs": 0.0, "accuracy": 0.95} for k in range(5) for _ in range(3)
+    ]
+    forecaster = Forecaster.fit(forecast_rows() + met_rows, features=list(INDEX), max_epochs=15.0, energy_rate=UNIT_RATE, batch_size=16)
+    crossing_at_once = {"curve_log_epochs": 0.0, "probe_progress": 1.0, "probe_loss_drop": 0.5}
+    fitted = forecaster.stage1.predict_costs([crossing_at_once])[0]
+    assert fitted.epochs == fitted.epochs_lower == 0.0  # what the regression alone says
+    below = forecaster.predict_from_probe_features(met_rows[0], crossing_at_once)
+    assert below.epochs.low > 0 and below.epochs.median > below.epochs.low and below.epochs.high > below.epochs.median
+    met = forecaster.predict_from_probe_features(met_rows[0], crossing_at_once, already_met=True)
+    assert (met.epochs.low, met.epochs.median, met.epochs.high) == (0.0, 0.0, 0.0)
+
+
 def test_a_probe_pays_only_when_the_index_interval_straddles_the_budget() -> None:
     from shiftcost.forecast.decide import probe_pays
     from shiftcost.forecast.forecaster import Interval
