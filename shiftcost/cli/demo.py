@@ -356,6 +356,12 @@ def demo_environment(workdir: Path) -> None:
     )
     for name in ("SHIFTCOST_BUDGET_KWH", "SHIFTCOST_BUDGET_CO2", "SHIFTCOST_BUDGET_ROLLING_DAYS"):
         os.environ.pop(name, None)
+    # The ephemeral API's event services write to the same SQLite file as its flow-run API;
+    # on a fresh Prefect home the task-run recorder held it locked and a batch waited out
+    # SQLite's busy timeout (a first demo took 130 s where a second took 78). Nothing in the
+    # demo reads Prefect's task runs or events: its record is the shiftcost database.
+    for service in ("TASK_RUN_RECORDER", "EVENT_PERSISTER", "TRIGGERS"):
+        os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{service}_ENABLED", "false")
 
 
 def _settings() -> Settings:
