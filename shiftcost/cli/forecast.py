@@ -4,7 +4,8 @@ Stage 0 reads the shift indices of one pass over the batch; unless ``--no-probe`
 then fine-tunes a throw-away copy of the model for a few steps on a sample of the batch
 and reads how fast it learns. The JSON names are stable (scripts depend on them):
 ``epochs``, ``energy_kwh``, ``co2_kg`` (each ``{median, low, high, level}``), ``stage``,
-``probe``, ``features``, ``not_converging``.
+``probe``, ``features``, ``not_converging``, ``extrapolated`` (features beyond the calibrated
+range, where the forecast is held at its edge).
 """
 
 from __future__ import annotations
@@ -129,6 +130,11 @@ def _print_forecast(result: Any, forecaster: Any, trajectory: Any) -> None:
         if interval is not None:
             table.add_row(name, *(f"{v:.4g}" if v is not None else "unbounded" for v in (interval.median, interval.low, interval.high)))
     Console().print(table)
+    if result.extrapolated:
+        Console(stderr=True).print(
+            f"[yellow]{', '.join(result.extrapolated)} lies beyond anything calibration saw; the forecast is held at the edge of "
+            "the calibrated range (at least that hard), not measured there.[/]"
+        )
     if result.not_converging:
         Console(stderr=True).print(f"[yellow]predicted not to converge within the {forecaster.max_epochs:g}-epoch cap.[/]")
     if trajectory is not None:

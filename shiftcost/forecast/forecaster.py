@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,9 @@ class Forecast:
     p_not_converge: float | None
     features: dict[str, float]
     probe: dict[str, Any] | None = None
+    #: Features outside the range the forecast was calibrated on, held to its edge: the
+    #: forecast there says "at least as hard as anything calibration saw", not a measured figure.
+    extrapolated: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +102,7 @@ class Forecast:
             "features": {k: (v if math.isfinite(v) else None) for k, v in self.features.items()},
             "not_converging": self.not_converging,
             "p_not_converge": self.p_not_converge,
+            "extrapolated": list(self.extrapolated),
         }
 
 
@@ -190,7 +194,9 @@ class Forecaster:
         """Stage 0 alone, or stage 1 when a probe trajectory is given and stage 1 is fitted."""
         if probe is None or self.stage1 is None:
             prediction = self.stage0.predict_costs([dict(features)], max_epochs=self.max_epochs)[0]
-            return self._finish(prediction, "index", dict(prediction.features), None, batch_samples, carbon_intensity)
+            return self._finish(
+                prediction, "index", dict(prediction.features), None, batch_samples, carbon_intensity, extrapolated=prediction.extrapolated
+            )
         values = probe_features(
             probe.epochs, probe.accuracy, probe.loss, target=probe.target_accuracy, ceiling=probe.ceiling, cap_epochs=self.max_epochs
         )
@@ -212,7 +218,7 @@ class Forecaster:
         """Stage 1 on the probe's features (:func:`~shiftcost.forecast.probe.probe_features`), e.g. a calibration row's."""
         if self.stage1 is None:
             raise InputError(f"this cost model has no probe stage ({self.stage1_error}); recalibrate with probe steps > 0.")
-        row = self._clip_stage1({STAGE0_FEATURE: self.stage0_log_epochs(features)} | {k: float(values[k]) for k in PROBE_FEATURES})
+        row, outside = self._clip_stage1({STAGE0_FEATURE: self.stage0_log_epochs(features)} | {k: float(values[k]) for k in PROBE_FEATURES})
         prediction = self.stage1.predict_costs([row], max_epochs=self.max_epochs)[0]
         fitted = Interval(prediction.epochs, prediction.epochs_lower, prediction.epochs_upper, prediction.level)
         if already_met:
@@ -224,6 +230,7 @@ class Forecaster:
             known, p_fail = _condition_on_spent(fitted, 0.0, self.stage1.epochs_offset, self.max_epochs)
         return self._finish(
             prediction, "probe", dict(features) | row, probe_cost, batch_samples, carbon_intensity, epochs=known, p_not_converge=p_fail,
+            extrapolated=outside,
         )
 
     def in_flight(
@@ -303,16 +310,20 @@ class Forecaster:
         row = {STAGE0_FEATURE: prior} | probe_features(
             list(epochs), list(accuracy), list(loss), target=target, ceiling=ceiling, cap_epochs=self.max_epochs
         )
-        return self._clip_stage1(row)
+        return self._clip_stage1(row)[0]
 
-    def _clip_stage1(self, row: dict[str, float]) -> dict[str, float]:
+    def _clip_stage1(self, row: dict[str, float]) -> tuple[dict[str, float], list[str]]:
+        """``row`` held to the range calibration saw, and the names of the features that were outside it."""
         assert self.stage1 is not None
-        # Held to the range calibration saw: a curve that never crosses (or a stage-0 value far
-        # outside) would otherwise be extrapolated exponentially by the log-linear fit.
+        # A curve that never crosses (or a stage-0 value far outside) would otherwise be
+        # extrapolated exponentially by the log-linear fit.
         state = self.stage1.history_.latest.state
+        outside = []
         for name, low, high in zip(self.stage1.features_, state["feature_min"], state["feature_max"]):
+            if not low <= row[name] <= high:
+                outside.append(name)
             row[name] = min(max(row[name], low), high)
-        return row
+        return row, outside
 
     def _finish(
         self,
@@ -325,6 +336,7 @@ class Forecaster:
         *,
         epochs: Interval | None = None,
         p_not_converge: float | None = None,
+        extrapolated: Sequence[str] = (),
     ) -> Forecast:
         if epochs is None:
             assert prediction is not None
@@ -339,7 +351,7 @@ class Forecaster:
         co2 = None if energy is None or carbon_intensity is None else energy.map(lambda k: k * carbon_intensity)
         flag = bool(epochs.median >= self.max_epochs or (p_not_converge is not None and p_not_converge >= 0.5))
         numeric = {k: float(v) for k, v in features.items() if _finite(v)}
-        return Forecast(epochs, energy, co2, stage, flag, p_not_converge, numeric, probe)
+        return Forecast(epochs, energy, co2, stage, flag, p_not_converge, numeric, probe, list(extrapolated))
 
     # -- persistence ---------------------------------------------------------------------
 

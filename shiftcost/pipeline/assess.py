@@ -509,7 +509,7 @@ def _priced(prediction: CostPrediction, forecast: Any, samples: int, joules: flo
         predicted_not_to_converge=forecast.not_converging,
         p_not_converge=forecast.p_not_converge,
         features=forecast.features,
-        extrapolated=[],
+        extrapolated=forecast.extrapolated,
     )
 
 

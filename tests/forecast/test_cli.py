@@ -70,6 +70,7 @@ def test_forecast_json_names(files) -> None:
     assert data["probe"]["estimated_energy_kwh"] > 0
     assert {"resque_dist", "accuracy", "curve_log_epochs"} <= set(data["features"])
     assert isinstance(data["not_converging"], bool)
+    assert isinstance(data["extrapolated"], list)
 
 
 def test_forecast_without_energy_tracking_charges_the_estimate(files) -> None:

@@ -195,6 +195,20 @@ def test_a_probe_below_the_target_never_forecasts_zero_epochs() -> None:
     assert (met.epochs.low, met.epochs.median, met.epochs.high) == (0.0, 0.0, 0.0)
 
 
+def test_a_probe_beyond_the_calibrated_range_is_held_at_its_edge_and_flagged() -> None:
+    forecaster = fitted_forecaster()
+    row = forecast_rows()[20]
+    edge = float(forecaster.stage1.history_.latest.state["feature_max"][0])
+
+    def probe(curve: float):
+        return forecaster.predict_from_probe_features(row, {"curve_log_epochs": curve, "probe_progress": 0.5, "probe_loss_drop": 0.2})
+
+    assert probe(edge - 0.1).extrapolated == []
+    beyond = probe(edge + 5.0)  # a curve that never crosses
+    assert beyond.extrapolated == ["curve_log_epochs"] and beyond.to_dict()["extrapolated"] == ["curve_log_epochs"]
+    assert beyond.epochs == probe(edge).epochs
+
+
 def test_a_probe_pays_only_when_the_index_interval_straddles_the_budget() -> None:
     from shiftcost.forecast.decide import probe_pays
     from shiftcost.forecast.forecaster import Interval
