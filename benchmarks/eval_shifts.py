@@ -25,6 +25,18 @@ EVAL_KINDS: dict[str, tuple[float, ...]] = {
     "motion_blur": (3.0, 5.0, 7.0),  # horizontal box kernel length in pixels
 }
 
+#: A second evaluation-only set, added after ``EVAL_KINDS`` had been scored several times, so a
+#: design can be scored on kinds no earlier choice has seen. Intensities fixed before any
+#: forecast was scored on them; the first of each triple is the mildest.
+FRESH_KINDS: dict[str, tuple[float, ...]] = {
+    "shear": (0.15, 0.3, 0.45),  # horizontal shear factor, random sign per image
+    "zoom_out": (0.85, 0.75, 0.65),  # the image shrunk about its centre to this share of its side
+    "squeeze": (0.85, 0.7, 0.55),  # the height shrunk to this share, the width kept
+    "mirror": (0.2, 0.4, 0.6),  # share of images flipped left to right
+    "posterize": (6.0, 4.0, 2.0),  # grey levels kept
+    "sharpen": (1.0, 2.0, 3.0),  # unsharp-mask amount: x + a (x - box3(x))
+}
+
 
 def eval_corrupt(x: torch.Tensor, kind: str, intensity: float, *, seed: int = 0) -> torch.Tensor:
     """Apply evaluation-only shift ``kind`` to ``x`` (a new tensor, clamped to [0, 1])."""
@@ -65,6 +77,24 @@ def eval_corrupt(x: torch.Tensor, kind: str, intensity: float, *, seed: int = 0)
         length = int(intensity)
         kernel = torch.full((c, 1, 1, length), 1.0 / length)
         out = F.conv2d(F.pad(x, (length // 2, length - 1 - length // 2, 0, 0), mode="replicate"), kernel, groups=c)
+    elif kind in ("shear", "zoom_out", "squeeze"):
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+        if kind == "shear":
+            theta[:, 0, 1] = torch.where(torch.rand(n, generator=g) < 0.5, -intensity, intensity)
+        else:
+            theta[:, 1, 1] = 1.0 / intensity  # sampling outside the image leaves black borders
+            if kind == "zoom_out":
+                theta[:, 0, 0] = 1.0 / intensity
+        out = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    elif kind == "mirror":
+        flip = torch.rand(n, generator=g) < intensity
+        out = torch.where(flip[:, None, None, None], x.flip(3), x)
+    elif kind == "posterize":
+        levels = int(intensity)
+        out = torch.round(x.clamp(0, 1) * (levels - 1)) / (levels - 1)
+    elif kind == "sharpen":
+        out = x + intensity * (x - F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
     else:
-        raise ValueError(f"unknown evaluation shift {kind!r}; known: {', '.join(EVAL_KINDS)}")
+        raise ValueError(f"unknown evaluation shift {kind!r}; known: {', '.join([*EVAL_KINDS, *FRESH_KINDS])}")
     return out.clamp(0.0, 1.0)

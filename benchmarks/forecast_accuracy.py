@@ -2,6 +2,7 @@
 
 Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shufflenet_v2_x0_5]
        [--calibration-intensities 4] [--seeds 2] [--noise-seeds 4] [--bootstrap 1000] [--json out.json]
+       [--kind-set original|fresh]
 
 For each architecture (the demo CNN, and torchvision's shufflenet_v2_x0_5 at 16x16, which
 trains on this CPU in about a minute):
@@ -10,7 +11,7 @@ trains on this CPU in about a minute):
    :mod:`shiftcost.shifts` only (the learning probe runs on every point), giving the
    forecaster (stage 0 + stage 1) and the calibration rows the baselines are fitted on.
 2. **Score** on the evaluation-only kinds of ``benchmarks/eval_shifts.py`` (never seen in
-   calibration or used to choose a setting), every intensity, ``--seeds`` seeds each: the
+   calibration or used to choose a setting; ``--kind-set fresh`` scores the second set), every intensity, ``--seeds`` seeds each: the
    probe runs, then the real retrain under the one measurement protocol.
 3. Print per predictor (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
    in-flight after the first quarter of the probe forecast, which starts from the probe
@@ -45,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from eval_shifts import EVAL_KINDS, eval_corrupt  # noqa: E402
+from eval_shifts import EVAL_KINDS, FRESH_KINDS, eval_corrupt  # noqa: E402
 
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
 from shiftcost.features import COST_FEATURES  # noqa: E402
@@ -54,6 +55,7 @@ from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
 
 TOLERANCE = 0.03
+KIND_SETS = {"original": EVAL_KINDS, "fresh": FRESH_KINDS}
 LEVEL = 0.90
 PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "in_flight_quarter")
 
@@ -95,7 +97,7 @@ def calibrate(model: Any, spec: Any, splits: dict[str, Any], reference_stats: An
     from shiftcost.calibrate import run_sweep
 
     sweep = {kind: _subset(values, intensities) for kind, values in DEFAULT_SWEEP.items()}
-    assert not set(sweep) & set(EVAL_KINDS), "evaluation kinds must never enter calibration"
+    assert not set(sweep) & (set(EVAL_KINDS) | set(FRESH_KINDS)), "evaluation kinds must never enter calibration"
     return run_sweep(
         model, spec, *splits["holdout"], *splits["stream"], sweep=sweep, repeats=1, probe=False, device="cpu",
         threads=1, reference_stats=reference_stats, energy_options={"measure_power_secs": 0.5}, level=LEVEL,
@@ -137,7 +139,8 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
 
     runs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    for kind, intensities in EVAL_KINDS.items():
+    kinds = KIND_SETS[args.kind_set]
+    for kind, intensities in kinds.items():
         for intensity in intensities:
             shifted = eval_corrupt(new_x, kind, intensity, seed=0)
             report = assess(model, spec, stats, shifted, new_y, device="cpu")
@@ -174,7 +177,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                 )
     scoring_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    noise = noise_floor(model, new_x, new_y, ceiling, args.noise_seeds) if args.noise_seeds > 1 else None
+    noise = noise_floor(model, new_x, new_y, ceiling, args.noise_seeds, kinds) if args.noise_seeds > 1 else None
     noise_s = time.perf_counter() - t0
     return {
         "arch": arch,
@@ -378,11 +381,11 @@ def probe_cost(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def noise_floor(model: Any, x: Any, y: Any, ceiling: float, seeds: int) -> dict[str, Any]:
+def noise_floor(model: Any, x: Any, y: Any, ceiling: float, seeds: int, kinds: dict[str, tuple[float, ...]]) -> dict[str, Any]:
     """One batch per evaluation kind (middle intensity), ``seeds`` retrains, under the latest
     evaluation alone deciding the cutoff (window 1), the mean of two, and the chosen window
     (chosen on the built-in kinds by ``forecast_selection.py``; reported here, not chosen)."""
-    batches = {kind: eval_corrupt(x, kind, intensities[len(intensities) // 2], seed=0) for kind, intensities in EVAL_KINDS.items()}
+    batches = {kind: eval_corrupt(x, kind, intensities[len(intensities) // 2], seed=0) for kind, intensities in kinds.items()}
     out: dict[str, Any] = {}
     chosen = protocol.CUTOFF_WINDOW
     for window in sorted({1, 2, chosen}):
@@ -461,6 +464,10 @@ def main() -> None:
     parser.add_argument("--noise-seeds", type=int, default=4)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--kind-set", choices=sorted(KIND_SETS), default="original",
+        help="evaluation-only kinds to score: the original eight, or the fresh six added once those had been scored several times",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     load = os.getloadavg()
