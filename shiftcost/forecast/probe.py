@@ -161,7 +161,7 @@ def run_probe(
     energy_options: dict[str, Any] | None = None,
     joules_per_sample: float | None = None,
     source: str = "the batch",
-    retrain_batch_size: int = 64,
+    retrain_batch_size: int | None = None,
 ) -> ProbeTrajectory:
     """Fine-tune a copy of ``model`` for ``steps`` steps on ``samples`` training samples.
 
@@ -172,8 +172,8 @@ def run_probe(
     :data:`~shiftcost.forecast.protocol.EVAL_SAMPLE_WEIGHT`) it is also estimated, and the
     estimate stands in when nothing is measured. The probe's cost is ``steps`` steps of
     ``batch_size`` and ``steps + 1`` evaluations of the holdout, whatever the retrain's length.
-    ``retrain_batch_size`` is the real retrain's batch size: it sets the steps per epoch
-    that put the probe's steps on the retrain's time axis.
+    ``retrain_batch_size`` is the real retrain's batch size (default: the recipe's): it sets
+    the steps per epoch that put the probe's steps on the retrain's time axis.
     """
     from shiftcost.errors import ConfigError
     from shiftcost.recipe import Recipe
@@ -196,6 +196,7 @@ def run_probe(
     hold = (x[hold_idx], y[hold_idx].long())
     batch = min(batch_size, len(train[0]))
     optim = _make_optimizer(Recipe(optimizer=optimizer, lr=lr), [p for _, p in params])
+    retrain_batch_size = retrain_batch_size or Recipe().batch_size
     per_epoch = protocol.steps_per_epoch(len(train_idx), retrain_batch_size)
     meter, energy_error = _start_meter(track_energy, country_iso_code, energy_options)
     started = time.perf_counter()
