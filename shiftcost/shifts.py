@@ -22,7 +22,12 @@ gaussian_blur      sigma of the Gaussian kernel in pixels (torchvision)         
 contrast           c: x -> m + (1 - c)(x - m), m the image mean; 1 = flat grey  0 .. 1
 brightness         b added to every pixel                                       0 .. 1
 frost              t: (1 - 0.4 t) x + 0.75 t F, F a plasma-fractal ice layer    0 .. 1
+elastic            largest displacement of a smooth random warp, share of side  0 .. 1
+perspective        largest inward move of each corner, share of the half side   0 .. 1
 =================  ===========================================================  ==========
+
+The last two move pixels rather than change them, so calibration sees shifts that the
+model must relearn as shapes, not only as intensities.
 """
 
 from __future__ import annotations
@@ -89,6 +94,68 @@ def _frost(x: torch.Tensor, strength: float, generator: torch.Generator) -> torc
     return (1.0 - 0.4 * strength) * x + 0.75 * strength * ice
 
 
+def _elastic(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    n, _, h, w = x.shape
+    return _warp(x, _identity_grid(n, h, w) + elastic_displacement(n, h, w, strength, generator=generator))
+
+
+def _perspective(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    n, _, h, w = x.shape
+    homography = perspective_homography(n, strength, generator=generator)
+    points = torch.cat([_identity_grid(n, h, w), torch.ones(n, h, w, 1)], -1) @ homography.transpose(1, 2)[:, None]
+    return _warp(x, points[..., :2] / points[..., 2:])
+
+
+def elastic_displacement(n: int, height: int, width: int, strength: float, *, generator: torch.Generator) -> torch.Tensor:
+    """``n`` smooth random displacement fields (N x H x W x 2, in ``grid_sample`` units).
+
+    White noise smoothed to features about a quarter of the side wide, as torchvision's
+    ElasticTransform draws it, but one field per image and scaled so its largest move is
+    ``strength`` of the side (a side spans 2 grid units).
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    noise = torch.rand((n, 2, height, width), generator=generator) * 2.0 - 1.0
+    sigma = max(height, width) / 8.0
+    size = min(2 * math.ceil(3 * sigma) + 1, 2 * min(height, width) - 1) | 1
+    field = TF.gaussian_blur(noise, kernel_size=[size, size], sigma=[sigma, sigma]) if size >= 3 else noise
+    field = field / field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12)
+    return (2.0 * strength * field).permute(0, 2, 3, 1)
+
+
+def perspective_homography(n: int, strength: float, *, generator: torch.Generator) -> torch.Tensor:
+    """``n`` homographies (N x 3 x 3) from output to input ``grid_sample`` coordinates.
+
+    Each output corner (+-1, +-1) samples the input at that corner moved inward by up to
+    ``strength`` of the half side along each axis: torchvision's RandomPerspective, with
+    one draw per image.
+    """
+    corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+    moved = corners - corners.sign() * strength * torch.rand((n, 4, 2), generator=generator)
+    u, v = corners[:, 0].expand(n, 4), corners[:, 1].expand(n, 4)
+    px, py = moved[..., 0], moved[..., 1]
+    one, zero = torch.ones_like(px), torch.zeros_like(px)
+    # p = (a u + b v + c) / (g u + h v + 1), q likewise: eight linear equations per image.
+    rows_x = torch.stack([u, v, one, zero, zero, zero, -u * px, -v * px], dim=-1)
+    rows_y = torch.stack([zero, zero, zero, u, v, one, -u * py, -v * py], dim=-1)
+    coef = torch.linalg.solve(torch.cat([rows_x, rows_y], 1).double(), torch.cat([px, py], 1).double()).float()
+    return torch.cat([coef, torch.ones(n, 1)], 1).view(n, 3, 3)
+
+
+def _identity_grid(n: int, h: int, w: int) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    theta = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(n, 2, 3)
+    return F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+
+
+def _warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    # Border padding: what a warp pulls in from outside the image is its edge, not a new black frame.
+    return F.grid_sample(x, grid.to(x.device, x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def plasma_fractal(n: int, height: int, width: int, *, generator: torch.Generator, roughness: float = 1.0) -> torch.Tensor:
     """``n`` seeded plasma-fractal textures (N x 1 x H x W, each min-max scaled to [0, 1]).
 
@@ -133,6 +200,8 @@ _KINDS: dict[str, _Kind] = {
     "contrast": _Kind(_contrast, clamp=True, maximum=1.0),
     "brightness": _Kind(_brightness, clamp=True, maximum=1.0),
     "frost": _Kind(_frost, clamp=True, maximum=1.0),
+    "elastic": _Kind(_elastic, clamp=True, maximum=1.0),
+    "perspective": _Kind(_perspective, clamp=True, maximum=1.0),
 }
 
 
@@ -170,7 +239,11 @@ CORRUPTIONS: dict[str, Corruption] = {kind: _public(kind) for kind in _KINDS}
 #: Intensities for calibration sweeps, 0 (no shift) first. Chosen on the digits demo:
 #: the strongest level of each kind takes the demo model from about 0.97 holdout
 #: accuracy down to 0.2-0.5, while the digits stay recognisable to the eye; the steps
-#: in between spread the accuracy loss roughly evenly.
+#: in between spread the accuracy loss roughly evenly. The two geometric kinds are far
+#: harder to relearn at the same accuracy loss (at elastic 0.15 or perspective 0.4 the
+#: demo model's retrain already hits the 15-epoch cap), so their levels run from the
+#: mildest that costs training to just past that edge (demo accuracy 0.95 to 0.76), where
+#: a cost model learns most.
 DEFAULT_SWEEP: dict[str, tuple[float, ...]] = {
     "gaussian_noise": (0.0, 0.04, 0.08, 0.12, 0.16, 0.2),
     "shot_noise": (0.0, 0.1, 0.15, 0.2, 0.25, 0.3),
@@ -179,6 +252,8 @@ DEFAULT_SWEEP: dict[str, tuple[float, ...]] = {
     "contrast": (0.0, 0.08, 0.16, 0.24, 0.32, 0.4),
     "brightness": (0.0, 0.05, 0.1, 0.15, 0.2, 0.25),
     "frost": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
+    "elastic": (0.0, 0.07, 0.09, 0.11, 0.13, 0.15),
+    "perspective": (0.0, 0.2, 0.25, 0.3, 0.35, 0.4),
 }
 
 

@@ -11,10 +11,10 @@ from scipy import ndimage
 
 from shiftcost.data.demo import load_digits
 from shiftcost.errors import InputError
-from shiftcost.shifts import CORRUPTIONS, DEFAULT_SWEEP, corrupt, plasma_fractal
+from shiftcost.shifts import CORRUPTIONS, DEFAULT_SWEEP, corrupt, elastic_displacement, perspective_homography, plasma_fractal
 
 KINDS = tuple(CORRUPTIONS)
-RANDOM_KINDS = ("gaussian_noise", "shot_noise", "impulse_noise", "frost")
+RANDOM_KINDS = ("gaussian_noise", "shot_noise", "impulse_noise", "frost", "elastic", "perspective")
 SWEPT = ("gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "contrast")
 
 
@@ -32,7 +32,9 @@ def _mean_change(x: torch.Tensor, kind: str, intensity: float, seed: int = 0) ->
 
 
 def test_every_spec_kind_is_offered():
-    assert set(KINDS) == {"gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "contrast", "brightness", "frost"}
+    assert set(KINDS) == {
+        "gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "contrast", "brightness", "frost", "elastic", "perspective",
+    }
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -94,7 +96,7 @@ def test_gaussian_noise_is_unclamped_by_default_and_clamped_on_request(digits):
 
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "gaussian_noise"])
 def test_other_kinds_stay_in_the_unit_range(digits, kind):
-    top = 1.0 if kind in ("impulse_noise", "contrast", "brightness", "frost") else 3.0
+    top = 1.0 if kind in ("impulse_noise", "contrast", "brightness", "frost", "elastic", "perspective") else 3.0
     out = corrupt(digits, kind, top, seed=1)
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
@@ -161,6 +163,59 @@ def test_plasma_fractal_is_a_seeded_low_frequency_texture():
     power = torch.fft.rfft2(field - field.mean(dim=(2, 3), keepdim=True)).abs() ** 2
     low, high = power[..., 1:4, 1:4].mean(), power[..., 24:32, 24:32].mean()
     assert float(low) > 100 * float(high)  # a fractal, not white noise
+
+
+def _sample_like_scipy(x: torch.Tensor, grid: torch.Tensor) -> np.ndarray:
+    """Bilinear sampling at ``grid_sample`` coordinates (align_corners=False), edges extended: one image at a time."""
+    n, c, h, w = x.shape
+    cols = ((grid[..., 0].double() + 1) * w - 1) / 2
+    rows = ((grid[..., 1].double() + 1) * h - 1) / 2
+    out = np.empty((n, c, h, w))
+    for i in range(n):
+        for j in range(c):
+            out[i, j] = ndimage.map_coordinates(x[i, j].double().numpy(), [rows[i].numpy(), cols[i].numpy()], order=1, mode="nearest")
+    return out
+
+
+def _identity(n: int, h: int, w: int) -> torch.Tensor:
+    return torch.nn.functional.affine_grid(torch.eye(2, 3).expand(n, 2, 3), [n, 1, h, w], align_corners=False)
+
+
+@pytest.mark.parametrize("strength", [0.07, 0.15, 0.5])
+def test_elastic_warps_by_a_smooth_field_whose_largest_move_is_the_strength(digits, strength):
+    x = digits[:6]
+    n, _, h, w = x.shape
+    field = elastic_displacement(n, h, w, strength, generator=torch.Generator().manual_seed(4))
+    # A side spans two grid units, so the largest move is 2 x strength in every image.
+    assert torch.allclose(field.abs().amax(dim=(1, 2, 3)), torch.full((n,), 2 * strength), atol=1e-6)
+    assert not torch.allclose(field[0], field[1])
+    step = (field[:, 1:] - field[:, :-1]).abs().mean() / field.abs().mean()
+    assert float(step) < 0.3  # neighbouring pixels move together: a warp, not pixel noise
+    expected = _sample_like_scipy(x, _identity(n, h, w) + field)
+    assert np.allclose(corrupt(x, "elastic", strength, seed=4).numpy(), np.clip(expected, 0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("strength", [0.2, 0.4, 1.0])
+def test_perspective_moves_each_corner_inward_and_keeps_lines_straight(digits, strength):
+    x = digits[:6]
+    n, _, h, w = x.shape
+    homography = perspective_homography(n, strength, generator=torch.Generator().manual_seed(5)).double()
+
+    def project(points: torch.Tensor) -> torch.Tensor:
+        flat = points.reshape(n, -1, 2)
+        mapped = torch.cat([flat, torch.ones(n, flat.shape[1], 1, dtype=flat.dtype)], -1) @ homography.transpose(1, 2)
+        return (mapped[..., :2] / mapped[..., 2:]).reshape(points.shape)
+
+    corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64).expand(n, 4, 2)
+    inward = 1 - project(corners) * corners.sign()  # how far each corner moved inward, in half sides
+    assert float(inward.min()) >= -1e-6 and float(inward.max()) <= strength + 1e-6
+    line = torch.stack([torch.linspace(-1, 1, 9, dtype=torch.float64), torch.linspace(-0.5, 0.8, 9, dtype=torch.float64)], -1).expand(n, 9, 2)
+    mapped = project(line)
+    along, across = mapped[:, -1] - mapped[:, 0], mapped - mapped[:, :1]
+    assert float((along[:, None, 0] * across[..., 1] - along[:, None, 1] * across[..., 0]).abs().max()) < 1e-9
+    grid = project(_identity(n, h, w).double())
+    expected = _sample_like_scipy(x, grid)
+    assert np.allclose(corrupt(x, "perspective", strength, seed=5).numpy(), np.clip(expected, 0, 1), atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
