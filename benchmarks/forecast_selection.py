@@ -12,8 +12,8 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    beat. The smallest window within one point of the lowest floor is chosen (a wider window
    delays every stop by up to a cadence interval).
 2. With that window, the calibration sweep of the accuracy benchmark, then
-   **leave-one-kind-out** over its seven kinds: every predictor is fitted on six kinds and
-   scored on the seventh (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
+   **leave-one-kind-out** over its kinds: every predictor is fitted on all kinds but one and
+   scored on that one (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
    and the in-flight forecast after a quarter of the probe forecast's median for each
    ``--own-curve-evals`` weight of the run's own curve,
    :data:`shiftcost.forecast.forecaster.OWN_CURVE_EVALS`). The weight with the lowest

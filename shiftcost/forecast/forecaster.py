@@ -4,11 +4,12 @@ Stage 0 is :class:`~shiftcost.costmodel.CostModel` on the shift indices: free, o
 forward pass, but it measures how far the data moved, not how hard the move is to learn.
 Stage 1 adds what a probe (:func:`~shiftcost.forecast.probe.run_probe`) saw: a censored
 (Tobit) regression of ``log(epochs + 1)`` on the probe's features
-(by default the learning curve's epochs to the cutoff alone, :data:`STAGE1_DEFAULT`), with
+(by default the learning curve's epochs to the cutoff, the share of the way to the target the
+probe covered and its held-out loss drop, :data:`STAGE1_DEFAULT`), with
 the same CV+ intervals over shift kinds. The stage-0 prediction can enter as a feature whose
 coefficient is fitted (its out-of-fold value on calibration data, so stage 1 does not learn to
 trust a stage 0 that had seen the answer); leave-one-kind-out over the built-in kinds chose
-the curve alone.
+the probe's features without it.
 
 During a retrain the forecast made before it is moved towards the run's own learning
 curve, the more the more evaluations exist, and conditioned on what is known: a run that
@@ -43,19 +44,20 @@ __all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATU
 FORMAT = "shiftcost.forecaster/1"
 STAGE0_FEATURE = "stage0_log_epochs"
 #: Evaluations at which the run's own curve weighs as much as the forecast made before the run
-#: (``inf``: the forecast alone, truncated). Chosen by ``benchmarks/forecast_selection.py`` on the
-#: built-in kinds (median |log error| after a quarter of the probe forecast, digits CNN |
-#: shufflenet_v2_x0_5): inf 0.19 | 0.12, 2: 0.40 | 0.19, 4: 0.41 | 0.16, 8: 0.35 | 0.21, 16: 0.30 | 0.17;
-#: stage 1 read on the run's own curve (the earlier design) 0.32 | 0.55.
-OWN_CURVE_EVALS = math.inf
+#: (``inf``: the forecast alone, truncated). Chosen by ``benchmarks/forecast_selection.py
+#: --windows 3 --noise-seeds 2`` on the nine built-in kinds (median |log error| after a quarter of
+#: the probe forecast, digits CNN | shufflenet_v2_x0_5; the lowest mean wins): 2: 0.39 | 0.60,
+#: 4: 0.40 | 0.64, 8: 0.35 | 0.72, 16: 0.34 | 0.72, inf: 0.31 | 0.78; stage 1 read on the run's
+#: own curve (an earlier design) 0.48 | 0.77.
+OWN_CURVE_EVALS = 2.0
 STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
-#: Features stage 1 is fitted on unless told otherwise. Chosen by ``benchmarks/forecast_selection.py``
-#: (leave-one-kind-out over the built-in kinds, cutoff window 3, the probe on the retrain's step
-#: clock; MdAPE of epochs, digits CNN | shufflenet_v2_x0_5): the learning curve alone 24% | 49%,
-#: probe features alone (curve + progress + loss drop) 24% | 60%, index + curve 51% | 89%,
-#: index + curve + progress + loss drop 51% | 70%, stage 0 alone 73% | 89%, isotonic on accuracy
-#: drop 59% | 120%.
-STAGE1_DEFAULT: tuple[str, ...] = ("curve_log_epochs",)
+#: Features stage 1 is fitted on unless told otherwise. Chosen by the same run (leave-one-kind-out
+#: over the nine built-in kinds, cutoff window 3, the probe on the retrain's step clock; MdAPE of
+#: epochs, digits CNN | shufflenet_v2_x0_5; the lowest mean wins): the probe's features (curve +
+#: progress + loss drop) 35% | 42%, the learning curve alone 35% | 44%, index + curve 42% | 49%,
+#: index + curve + progress + loss drop 42% | 50%, stage 0 alone 83% | 65%, isotonic on accuracy
+#: drop 75% | 43%, constant 52% | 52%.
+STAGE1_DEFAULT: tuple[str, ...] = PROBE_FEATURES
 #: More predicted by the index model, a slower curve: more cost; more progress or loss drop: less.
 STAGE1_SIGNS: dict[str, int] = {STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1}
 
