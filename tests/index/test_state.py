@@ -127,8 +127,13 @@ def test_reference_stats_saved_by_the_first_format_still_load_and_equal_a_fresh_
             if (part, key) == ("predictions", "confidence_sum"):
                 # That format kept no confidence: it loads as unknown, not as a number.
                 assert math.isnan(value) and math.isfinite(new_state[key])
+            elif isinstance(value, torch.Tensor) and value.is_floating_point():
+                # Float64 sums of matrix products: CPUs with other vector units differ in the last bit.
+                assert torch.allclose(value, new_state[key], rtol=1e-12, atol=1e-15), (part, key)
             elif isinstance(value, torch.Tensor):
                 assert torch.equal(value, new_state[key]), (part, key)
+            elif isinstance(value, float):
+                assert value == pytest.approx(new_state[key], rel=1e-12, abs=1e-15), (part, key)
             else:
                 assert value == new_state[key], (part, key)
-    assert loaded.reference_std == fresh.reference_std and loaded.classes == fresh.classes
+    assert loaded.reference_std == pytest.approx(fresh.reference_std, rel=1e-12) and loaded.classes == fresh.classes
