@@ -37,6 +37,19 @@ FRESH_KINDS: dict[str, tuple[float, ...]] = {
     "sharpen": (1.0, 2.0, 3.0),  # unsharp-mask amount: x + a (x - box3(x))
 }
 
+#: A third evaluation-only set, added when geometric kinds (elastic, perspective) joined the
+#: built-in calibration kinds: both earlier sets had been scored by then, so this one judges
+#: that change on kinds no choice has seen. Intensities fixed before any forecast was scored
+#: on them; the first of each triple is the mildest.
+THIRD_KINDS: dict[str, tuple[float, ...]] = {
+    "dilate": (0.33, 0.67, 1.0),  # blend a towards the 3 x 3 grey dilation (thicker strokes)
+    "erode": (0.33, 0.67, 1.0),  # blend a towards the 3 x 3 grey erosion (thinner strokes)
+    "wave": (0.03, 0.06, 0.09),  # rows shifted sideways by a sine, amplitude a share of the side
+    "zoom_in": (0.9, 0.8, 0.7),  # the central share of the side enlarged to the whole image
+    "vignette": (0.3, 0.6, 0.9),  # x (1 - a r^2), r the distance from the centre (1 at a corner)
+    "scanlines": (0.25, 0.5, 0.75),  # every other row blended a of the way to white
+}
+
 
 def eval_corrupt(x: torch.Tensor, kind: str, intensity: float, *, seed: int = 0) -> torch.Tensor:
     """Apply evaluation-only shift ``kind`` to ``x`` (a new tensor, clamped to [0, 1])."""
@@ -95,6 +108,25 @@ def eval_corrupt(x: torch.Tensor, kind: str, intensity: float, *, seed: int = 0)
         out = torch.round(x.clamp(0, 1) * (levels - 1)) / (levels - 1)
     elif kind == "sharpen":
         out = x + intensity * (x - F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+    elif kind in ("dilate", "erode"):
+        sign = 1.0 if kind == "dilate" else -1.0
+        extreme = sign * F.max_pool2d(sign * x, 3, stride=1, padding=1)
+        out = x + intensity * (extreme - x)
+    elif kind in ("wave", "zoom_in"):
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = intensity if kind == "zoom_in" else 1.0
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        if kind == "wave":
+            grid = grid.clone()
+            grid[..., 0] += 2 * intensity * torch.sin(math.pi * grid[..., 1])  # one period over the height
+        out = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    elif kind == "vignette":
+        rows = torch.linspace(-1, 1, h)[:, None]
+        cols = torch.linspace(-1, 1, w)[None, :]
+        out = x * (1 - intensity * (rows**2 + cols**2) / 2)
+    elif kind == "scanlines":
+        out = x.clone()
+        out[:, :, ::2] = (1 - intensity) * x[:, :, ::2] + intensity
     else:
-        raise ValueError(f"unknown evaluation shift {kind!r}; known: {', '.join([*EVAL_KINDS, *FRESH_KINDS])}")
+        raise ValueError(f"unknown evaluation shift {kind!r}; known: {', '.join([*EVAL_KINDS, *FRESH_KINDS, *THIRD_KINDS])}")
     return out.clamp(0.0, 1.0)

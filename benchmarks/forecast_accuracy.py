@@ -2,7 +2,7 @@
 
 Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shufflenet_v2_x0_5]
        [--calibration-intensities 4] [--seeds 2] [--noise-seeds 4] [--bootstrap 1000] [--json out.json]
-       [--kind-set original|fresh]
+       [--kind-set original|fresh|third]
 
 For each architecture (the demo CNN, and torchvision's shufflenet_v2_x0_5 at 16x16, which
 trains on this CPU in about a minute):
@@ -11,7 +11,7 @@ trains on this CPU in about a minute):
    :mod:`shiftcost.shifts` only (the learning probe runs on every point), giving the
    forecaster (stage 0 + stage 1) and the calibration rows the baselines are fitted on.
 2. **Score** on the evaluation-only kinds of ``benchmarks/eval_shifts.py`` (never seen in
-   calibration or used to choose a setting; ``--kind-set fresh`` scores the second set), every intensity, ``--seeds`` seeds each: the
+   calibration or used to choose a setting; ``--kind-set fresh`` and ``third`` score the later sets), every intensity, ``--seeds`` seeds each: the
    probe runs, then the real retrain under the one measurement protocol.
 3. Print per predictor (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
    in-flight after the first quarter of the probe forecast, which starts from the probe
@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from eval_shifts import EVAL_KINDS, FRESH_KINDS, eval_corrupt  # noqa: E402
+from eval_shifts import EVAL_KINDS, FRESH_KINDS, THIRD_KINDS, eval_corrupt  # noqa: E402
 
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
 from shiftcost.features import COST_FEATURES  # noqa: E402
@@ -55,7 +55,7 @@ from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
 
 TOLERANCE = 0.03
-KIND_SETS = {"original": EVAL_KINDS, "fresh": FRESH_KINDS}
+KIND_SETS = {"original": EVAL_KINDS, "fresh": FRESH_KINDS, "third": THIRD_KINDS}
 LEVEL = 0.90
 PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "in_flight_quarter")
 
@@ -97,7 +97,7 @@ def calibrate(model: Any, spec: Any, splits: dict[str, Any], reference_stats: An
     from shiftcost.calibrate import run_sweep
 
     sweep = {kind: _subset(values, intensities) for kind, values in DEFAULT_SWEEP.items()}
-    assert not set(sweep) & (set(EVAL_KINDS) | set(FRESH_KINDS)), "evaluation kinds must never enter calibration"
+    assert not set(sweep) & {k for kinds in KIND_SETS.values() for k in kinds}, "evaluation kinds must never enter calibration"
     return run_sweep(
         model, spec, *splits["holdout"], *splits["stream"], sweep=sweep, repeats=1, probe=False, device="cpu",
         threads=1, reference_stats=reference_stats, energy_options={"measure_power_secs": 0.5}, level=LEVEL,
@@ -466,7 +466,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--kind-set", choices=sorted(KIND_SETS), default="original",
-        help="evaluation-only kinds to score: the original eight, or the fresh six added once those had been scored several times",
+        help="evaluation-only kinds to score: the original eight, the fresh six added once those had been scored several times, or the third six added with the geometric calibration kinds",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
