@@ -113,12 +113,10 @@ def eval_corrupt(x: torch.Tensor, kind: str, intensity: float, *, seed: int = 0)
         extreme = sign * F.max_pool2d(sign * x, 3, stride=1, padding=1)
         out = x + intensity * (extreme - x)
     elif kind in ("wave", "zoom_in"):
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0] = theta[:, 1, 1] = intensity if kind == "zoom_in" else 1.0
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        scale = intensity if kind == "zoom_in" else 1.0
+        grid = F.affine_grid(torch.tensor([[scale, 0.0, 0.0], [0.0, scale, 0.0]]).expand(n, 2, 3), list(x.shape), align_corners=False)
         if kind == "wave":
-            grid = grid.clone()
-            grid[..., 0] += 2 * intensity * torch.sin(math.pi * grid[..., 1])  # one period over the height
+            grid = grid + torch.stack([2 * intensity * torch.sin(math.pi * grid[..., 1]), torch.zeros_like(grid[..., 1])], -1)  # one period over the height
         out = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     elif kind == "vignette":
         rows = torch.linspace(-1, 1, h)[:, None]

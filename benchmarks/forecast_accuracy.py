@@ -11,7 +11,8 @@ trains on this CPU in about a minute):
    :mod:`shiftcost.shifts` only (the learning probe runs on every point), giving the
    forecaster (stage 0 + stage 1) and the calibration rows the baselines are fitted on.
 2. **Score** on the evaluation-only kinds of ``benchmarks/eval_shifts.py`` (never seen in
-   calibration or used to choose a setting; ``--kind-set fresh`` and ``third`` score the later sets), every intensity, ``--seeds`` seeds each: the
+   calibration or used to choose a setting; ``--kind-set fresh`` and ``third`` score the
+   later sets), every intensity, ``--seeds`` seeds each: the
    probe runs, then the real retrain under the one measurement protocol.
 3. Print per predictor (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
    in-flight after the first quarter of the probe forecast, which starts from the probe
@@ -466,7 +467,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--kind-set", choices=sorted(KIND_SETS), default="original",
-        help="evaluation-only kinds to score: the original eight, the fresh six added once those had been scored several times, or the third six added with the geometric calibration kinds",
+        help=(
+            "evaluation-only kinds to score: the original eight, the fresh six added once those had been scored "
+            "several times, or the third six added with the geometric calibration kinds"
+        ),
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
