@@ -24,6 +24,7 @@ from shiftcost.calibrate import (
     full_batch_grad_norm,
     run_sweep,
 )
+from shiftcost.cli.calibrate import DEFAULT_TIME_BUDGET_S
 from shiftcost.data.batches import Batch, save_batch
 from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model, save_model
@@ -332,6 +333,9 @@ def test_cli_quick_json_end_to_end(tiny, tmp_path) -> None:
     assert {r["corruption"] for r in data["rows"]} == {"gaussian_noise", "contrast"}
     assert data["correlations"]["overall"]["resque_dist"]["energy_kwh"]["n"] == 6
     assert data["probe"]["joules_per_sample_epoch"] > 0
+    # The default bound that keeps the command within 10 minutes, and the order it sweeps in.
+    assert data["settings"]["time_budget_s"] == DEFAULT_TIME_BUDGET_S
+    assert [r["corruption"] for r in data["rows"][:2]] == ["gaussian_noise", "contrast"]
     for path in data["files"].values():
         assert Path(path).stat().st_size > 0
 
@@ -357,6 +361,28 @@ def test_a_time_budget_stops_the_sweep_early_but_keeps_every_kind_first(tiny) ->
     )
     assert len(result.rows) == 1 and result.rows[0]["corruption"] == "gaussian_noise"
     assert "time budget" in result.settings["stopped_early"]
+
+
+def test_the_time_budget_expects_the_next_point_to_take_as_long_as_the_longest_so_far(monkeypatch) -> None:
+    from shiftcost.calibrate import sweep as sweep_module
+
+    clock = [0.0]
+    monkeypatch.setattr(sweep_module.time, "perf_counter", lambda: clock[0])
+    durations = iter([1.0, 9.0, 9.0])
+
+    def point(kind: str, intensity: float) -> dict:
+        clock[0] += next(durations)
+        return {"corruption": kind, "intensity": intensity, "status": "reached"}
+
+    plan = [("a", 0.5), ("a", 1.0), ("a", 2.0)]
+    rows: list = []
+    settings: dict = {}
+    # After 10 s of points of 1 and 9 s, a third needs up to 9 more: past 17 s (the mean, 5 s, would not be).
+    sweep_module._run_points(plan, point, rows, settings, 0.0, 17.0, None, None)
+    assert len(rows) == 2 and "2 of 3 points" in settings["stopped_early"]
+    rows, settings, durations, clock[0] = [], {}, iter([1.0, 9.0, 9.0]), 0.0
+    sweep_module._run_points(plan, point, rows, settings, 0.0, 19.0, None, None)
+    assert len(rows) == 3 and "stopped_early" not in settings
 
 
 def test_cli_refuses_unknown_kinds_and_features(tmp_path) -> None:

@@ -92,7 +92,7 @@ def run_sweep(
     _check_settings(repeats, threads, level, features)
     started = {"wall": time.perf_counter(), "cpu": _cpu_seconds(), "load": _load_average()}
     settings = _sweep_settings(config, sweep, seed, repeats, probe_steps, threads, level, features, spec)
-    settings |= {"reference_samples": int(len(reference_y)), "new_samples": int(len(new_y))}
+    settings |= {"reference_samples": int(len(reference_y)), "new_samples": int(len(new_y)), "time_budget_s": time_budget_s}
     rows: list[dict[str, Any]] = []
     probe_result: dict[str, Any] | None = None
     with torch_threads(threads):
@@ -208,17 +208,21 @@ def _run_points(
     if progress is not None:
         progress(0, len(plan), "starting")
     clean: dict[str, Any] | None = None
-    measured = 0
+    # Round-robin goes from mild to strong shifts, so points get longer as the sweep goes on:
+    # the longest point so far, not the mean, is the estimate of the next one.
+    longest = 0.0
     try:
         for done, (kind, intensity) in enumerate(plan, start=1):
             spent = time.perf_counter() - started_wall
-            if time_budget_s is not None and measured and spent + spent / measured > time_budget_s:
+            if time_budget_s is not None and longest and spent + longest > time_budget_s:
                 settings["stopped_early"] = f"time budget of {time_budget_s:g} s: {len(rows)} of {len(plan)} points"
                 break
             if intensity == 0 and clean is not None:
                 row = _clean_copy(clean, kind)
             else:
-                row, measured = point(kind, intensity), measured + 1
+                point_started = time.perf_counter()
+                row = point(kind, intensity)
+                longest = max(longest, time.perf_counter() - point_started)
                 if intensity == 0 and row["status"] != "failed":
                     clean = row
             rows.append(row)
