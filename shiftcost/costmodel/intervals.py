@@ -21,10 +21,15 @@ _EPS = 1e-9
 def _conformal_scores(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, kind: np.ndarray, m: int) -> list[list[float]]:
     """Absolute held-out residuals ``|z - mu|``, one list per run.
 
-    A run that reached the cutoff has one score. A censored run's residual is only bounded
-    (``>= z - mu`` for ``kind`` +1, ``<=`` for -1); it gets ``m`` scores at the conditional
-    quantiles ``(j - 0.5) / m`` of a normal residual given that bound (fold model's sigma),
-    each counting ``1 / m`` of a run. Tails are computed in log space so they stay finite.
+    A run that reached the cutoff has one score. A capped run (``kind`` +1) would have
+    needed more than it spent, so its residual is only known to be ``>= z - mu``; it gets
+    ``m`` scores at the conditional quantiles ``(j - 0.5) / m`` of a normal residual given
+    that bound (fold model's sigma), each counting ``1 / m`` of a run; tails are computed in
+    log space so they stay finite. A run that needed no training (``kind`` -1) has one
+    score, ``max(mu - z, 0)``: it is covered once the interval reaches down to zero epochs,
+    and below zero there is no cost to cover. Imputing a normal residual below that bound
+    instead would treat the model's fiction of a negative need as a miss to allow for and
+    widen every interval.
     """
     u = (np.arange(1, m + 1) - 0.5) / m
     scores: list[list[float]] = []
@@ -32,13 +37,11 @@ def _conformal_scores(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray, kind: np
         bound = float(zi - mi)
         if ki == 0:
             scores.append([abs(bound)])
-            continue
-        a = bound / si
-        if ki > 0:  # upper-tail mass (1 - u) of the part above the bound
-            draws = -si * special.ndtri_exp(np.log1p(-u) + special.log_ndtr(-a))
-        else:  # lower-tail mass u of the part below the bound
-            draws = si * special.ndtri_exp(np.log(u) + special.log_ndtr(a))
-        scores.append([float(abs(d)) for d in draws])
+        elif ki < 0:
+            scores.append([max(-bound, 0.0)])
+        else:  # upper-tail mass (1 - u) of the part above the bound
+            draws = -si * special.ndtri_exp(np.log1p(-u) + special.log_ndtr(-bound / si))
+            scores.append([float(abs(d)) for d in draws])
     return scores
 
 

@@ -106,6 +106,25 @@ def test_fold_models_equal_fresh_fits_and_censored_scores_are_truncated_normal_q
         np.testing.assert_allclose(state["scores"][i], expected, rtol=1e-4)
 
 
+def test_a_run_that_needed_no_training_scores_how_far_its_held_out_prediction_lies_above_zero():
+    """Its interval covers it once the lower end reaches zero epochs: no normal residual is
+    imputed below that (a negative need is the model's fiction, not a cost to cover)."""
+    rows = linear_rows(seed=4, n=30, intercept=-0.6)
+    rows = [dict(r, epochs=0.0) if r["true_epochs"] < 0.05 else r for r in rows]
+    zeros = [i for i, r in enumerate(rows) if r["epochs"] == 0]
+    assert len(zeros) >= 3
+    model = CostModel(monotone=False, alpha=0.5).fit(rows)
+    state = model.history_.latest.state
+    X, z = _xz(rows)
+    above = []
+    for i in zeros:
+        fresh = CostModel(monotone=False, alpha=0.5).fit(rows[:i] + rows[i + 1 :])
+        mu = fresh.intercept_ + X[i] @ fresh.coef_
+        assert state["scores"][i] == pytest.approx([max(mu - z[i], 0.0)], abs=1e-5)
+        above.append(mu > z[i])
+    assert any(above) and not all(above)  # both branches of the max are walked
+
+
 def test_censored_scores_enter_the_interval_as_fractional_runs():
     rows = linear_rows(seed=25, n=24, intercept=1.0, cap_epochs=9.0)
     model = CostModel(monotone=False, alpha=0.5).fit(rows)
