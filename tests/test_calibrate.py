@@ -361,6 +361,15 @@ def test_a_time_budget_stops_the_sweep_early_but_keeps_every_kind_first(tiny) ->
     )
     assert len(result.rows) == 1 and result.rows[0]["corruption"] == "gaussian_noise"
     assert "time budget" in result.settings["stopped_early"]
+    from io import StringIO
+
+    from rich.console import Console
+
+    from shiftcost.cli.calibrate import _print_tables
+
+    printed = StringIO()
+    _print_tables(result, Console(file=printed, width=200))
+    assert "sweep stopped early at its time budget of 0.001 s: 1 of 6 points" in printed.getvalue()
 
 
 def test_the_time_budget_expects_the_next_point_to_take_as_long_as_the_longest_so_far(monkeypatch) -> None:

@@ -117,6 +117,11 @@ def _print_tables(result: SweepResult, console: Console) -> None:
             _fmt(None if energy is None else energy * 1000, ".3g"),
         )
     console.print(points)
+    if result.settings.get("stopped_early"):
+        console.print(
+            f"[yellow]sweep stopped early[/] at its {result.settings['stopped_early']}; "
+            "give a larger --time-budget (0: none) to sweep every point."
+        )
 
     corr = result.correlations
     measures = corr["measures"]
