@@ -210,7 +210,8 @@ def main() -> None:
         for window, nf in result["noise_floor_by_window"].items():
             print(
                 f"cutoff window {window}: noise floor leave-one-seed-out MdAPE {100 * nf['leave_one_seed_out_mdape']:.0f}%, "
-                f"CV median {nf['cv_median']:.2f}, median epochs {nf['median_epochs']:.2f}"
+                f"CV median {nf['cv_median']:.2f}, median epochs {nf['median_epochs']:.2f} "
+                f"(left out, a seed capped: {', '.join(nf['kinds_with_a_capped_seed']) or 'none'})"
             )
         print(f"chosen window: {result['chosen_window']}")
         print(f"{'leave-one-kind-out':28s} {'n':>4s} {'MdAPE':>7s} {'med|log|':>8s} {'C-index':>7s} {'cov90':>6s}")
