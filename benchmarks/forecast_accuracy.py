@@ -2,7 +2,7 @@
 
 Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shufflenet_v2_x0_5]
        [--calibration-intensities 4] [--seeds 2] [--noise-seeds 4] [--bootstrap 1000] [--json out.json]
-       [--kind-set original|fresh|third]
+       [--kind-set original|fresh|third|fourth]
 
 For each architecture (the demo CNN, and torchvision's shufflenet_v2_x0_5 at 16x16, which
 trains on this CPU in about a minute):
@@ -11,8 +11,8 @@ trains on this CPU in about a minute):
    :mod:`shiftcost.shifts` only (the learning probe runs on every point), giving the
    forecaster (stage 0 + stage 1) and the calibration rows the baselines are fitted on.
 2. **Score** on the evaluation-only kinds of ``benchmarks/eval_shifts.py`` (never seen in
-   calibration or used to choose a setting; ``--kind-set fresh`` and ``third`` score the
-   later sets), every intensity, ``--seeds`` seeds each: the
+   calibration or used to choose a setting; ``--kind-set fresh``, ``third`` and ``fourth``
+   score the later sets), every intensity, ``--seeds`` seeds each: the
    probe runs, then the real retrain under the one measurement protocol.
 3. Print per predictor (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
    in-flight after the first quarter of the probe forecast, which starts from the probe
@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from eval_shifts import EVAL_KINDS, FRESH_KINDS, THIRD_KINDS, eval_corrupt  # noqa: E402
+from eval_shifts import EVAL_KINDS, FOURTH_KINDS, FRESH_KINDS, THIRD_KINDS, eval_corrupt  # noqa: E402
 
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
 from shiftcost.features import COST_FEATURES  # noqa: E402
@@ -56,7 +56,7 @@ from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
 
 TOLERANCE = 0.03
-KIND_SETS = {"original": EVAL_KINDS, "fresh": FRESH_KINDS, "third": THIRD_KINDS}
+KIND_SETS = {"original": EVAL_KINDS, "fresh": FRESH_KINDS, "third": THIRD_KINDS, "fourth": FOURTH_KINDS}
 LEVEL = 0.90
 PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "in_flight_quarter")
 
@@ -481,7 +481,8 @@ def main() -> None:
         "--kind-set", choices=sorted(KIND_SETS), default="original",
         help=(
             "evaluation-only kinds to score: the original eight, the fresh six added once those had been scored "
-            "several times, or the third six added with the geometric calibration kinds"
+            "several times, the third six added with the geometric calibration kinds, or the fourth six added when "
+            "runs that needed no training stopped widening the intervals"
         ),
     )
     args = parser.parse_args()
