@@ -145,6 +145,9 @@ class Cutoff:
     min_holdout: int = 10
     eval_every: int | None = None
     eval_batch_size: int = 512
+    # None: the run's seed draws the held-out split too. Fixed, repeated retrains of one batch
+    # are judged on the same samples and differ in their training alone.
+    holdout_seed: int | None = None
 
     def __post_init__(self) -> None:
         _check(0.0 < self.holdout_fraction < 1.0, f"holdout_fraction must lie strictly between 0 and 1, got {self.holdout_fraction!r}.")

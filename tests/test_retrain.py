@@ -181,6 +181,19 @@ def test_same_seed_same_run_and_caller_state_untouched() -> None:
     assert other.holdout_indices != a.holdout_indices
 
 
+def test_a_fixed_holdout_seed_judges_every_seed_on_the_same_samples() -> None:
+    x, y, _ = separable(n=200, seed=3)
+    torch.manual_seed(0)
+    model = DropoutNet()
+    settings = {"target_accuracy": 0.97, "max_steps": 12, "eval_every": 3, "batch_size": 16, "track_energy": False}
+    a = retrain_to_cutoff(model, x, y, seed=7, holdout_seed=100, **settings)
+    b = retrain_to_cutoff(model, x, y, seed=8, holdout_seed=100, **settings)
+    assert a.holdout_indices == b.holdout_indices
+    assert a.holdout_indices == retrain_to_cutoff(model, x, y, seed=100, **settings).holdout_indices
+    # ... while the training still differs with the seed.
+    assert [p.loss for p in a.curve] != [p.loss for p in b.curve]
+
+
 class FailsAfter(nn.Module):
     """A real model whose forward raises (or returns NaN) after a number of training calls."""
 

@@ -281,7 +281,8 @@ def _build_pool(
 ) -> _Pool:
     """Holdout split of the new data, plus the replayed reference samples in the training pool."""
     cutoff = cfg.cutoff
-    train_idx, holdout_idx, stratified = _holdout_split(y, cutoff.holdout_fraction, cfg.seed, cutoff.min_holdout, source)
+    split_seed = cfg.seed if cutoff.holdout_seed is None else cutoff.holdout_seed
+    train_idx, holdout_idx, stratified = _holdout_split(y, cutoff.holdout_fraction, split_seed, cutoff.min_holdout, source)
     x_pool, y_pool = x[train_idx], y[train_idx].long()
     n_replay = 0
     if replay_fraction > 0:
