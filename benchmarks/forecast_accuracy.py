@@ -24,7 +24,8 @@ trains on this CPU in about a minute):
    run's evaluations (the guard only reads them, so the replay stops exactly where a live
    guard would), the probe's cost against the median retrain, and the noise floor: one
    batch per kind retrained with ``--noise-seeds`` seeds under the protocol, with the
-   cutoff decided by the latest evaluation and by the mean of the last two.
+   cutoff decided by the latest evaluation, the mean of the last two and the chosen window,
+   and under the chosen window with the held-out split fixed (the training alone differing).
 
 Cost is counted in sample-gradient equivalents (samples trained + 1/3 of samples
 evaluated), the deterministic quantity that the host's energy rate converts to kWh; on a
@@ -385,7 +386,8 @@ def probe_cost(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def noise_floor(model: Any, x: Any, y: Any, ceiling: float, seeds: int, kinds: dict[str, tuple[float, ...]]) -> dict[str, Any]:
     """One batch per evaluation kind (middle intensity), ``seeds`` retrains, under the latest
     evaluation alone deciding the cutoff (window 1), the mean of two, and the chosen window
-    (chosen on the built-in kinds by ``forecast_selection.py``; reported here, not chosen)."""
+    (chosen on the built-in kinds by ``forecast_selection.py``; reported here, not chosen);
+    then the chosen window with every seed judged on one held-out split."""
     batches = {kind: eval_corrupt(x, kind, intensities[len(intensities) // 2], seed=0) for kind, intensities in kinds.items()}
     out: dict[str, Any] = {}
     chosen = protocol.CUTOFF_WINDOW
@@ -393,10 +395,13 @@ def noise_floor(model: Any, x: Any, y: Any, ceiling: float, seeds: int, kinds: d
         protocol.CUTOFF_WINDOW = window
         out[f"cutoff_window_{window}"] = seed_spread(model, batches, y, ceiling, seeds)
     protocol.CUTOFF_WINDOW = chosen
+    # The probe sees the held-out split the retrain will be judged on (same seed): the part of
+    # the floor left when only the training differs is the part such a forecast cannot remove.
+    out[f"cutoff_window_{chosen}_holdout_fixed"] = seed_spread(model, batches, y, ceiling, seeds, holdout_seed=100)
     return out
 
 
-def seed_spread(model: Any, batches: dict[str, Any], y: Any, ceiling: float, seeds: int) -> dict[str, Any]:
+def seed_spread(model: Any, batches: dict[str, Any], y: Any, ceiling: float, seeds: int, holdout_seed: int | None = None) -> dict[str, Any]:
     """Epochs to the cutoff of each batch under ``seeds`` retrain seeds: the median CV and the
     leave-one-seed-out MdAPE (the error of forecasting one seed by the mean of the others).
 
@@ -410,8 +415,8 @@ def seed_spread(model: Any, batches: dict[str, Any], y: Any, ceiling: float, see
         runs = [
             retrain_to_cutoff(
                 model, shifted, y, seed=100 + s, reference_accuracy=ceiling, tolerance=TOLERANCE,
-                holdout_fraction=protocol.HOLDOUT_FRACTION, max_epochs=protocol.MAX_EPOCHS, track_energy=False, device="cpu",
-                **TRAINING_RECIPE,
+                holdout_fraction=protocol.HOLDOUT_FRACTION, holdout_seed=holdout_seed, max_epochs=protocol.MAX_EPOCHS,
+                track_energy=False, device="cpu", **TRAINING_RECIPE,
             )
             for s in range(seeds)
         ]
