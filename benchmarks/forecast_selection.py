@@ -9,9 +9,9 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
 1. **Cutoff window** (:data:`shiftcost.forecast.protocol.CUTOFF_WINDOW`): one batch per
    built-in kind (its middle non-zero intensity) retrained with ``--noise-seeds`` seeds under
    each window; the leave-one-seed-out MdAPE of epochs is the noise floor no forecast can
-   beat. The smallest window within one point of the lowest floor is chosen (a wider window
-   delays every stop by up to a cadence interval).
-2. With that window, the calibration sweep of the accuracy benchmark, then
+   beat. The smallest window within one point of the lowest floor is reported (a wider window
+   delays every stop by up to a cadence interval); the protocol's comment says what decided it.
+2. Under the protocol's window, the calibration sweep of the accuracy benchmark, then
    **leave-one-kind-out** over its kinds: every predictor is fitted on all kinds but one and
    scored on that one (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
    and the in-flight forecast after a quarter of the probe forecast's median for each
@@ -48,6 +48,8 @@ from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.forecaster import STAGE0_FEATURE, STAGE1_FEATURES, Forecaster  # noqa: E402
 from shiftcost.forecast.probe import PROBE_FEATURES  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt  # noqa: E402
+
+PROTOCOL_WINDOW = protocol.CUTOFF_WINDOW
 
 
 def noise_floor_by_window(model: Any, x: Any, y: Any, ceiling: float, seeds: int, windows: list[int]) -> dict[str, Any]:
@@ -154,7 +156,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     windows = [int(w) for w in args.windows.split(",")]
     floors = noise_floor_by_window(model, new_x, new_y, stats.accuracy, args.noise_seeds, windows)
     window = choose_window(floors)
-    protocol.CUTOFF_WINDOW = window
+    protocol.CUTOFF_WINDOW = PROTOCOL_WINDOW  # the noise-floor runs set it; leave-one-kind-out measures the protocol
     sweep = calibrate(model, spec, splits, stats, args.calibration_intensities)
     weights = [float(w) for w in args.own_curve_evals.split(",")]
     records, _ = leave_one_kind_out(sweep, weights)
@@ -165,7 +167,8 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     own = min(scored, key=lambda w: (scored[w], -w if math.isfinite(w) else 0))
     mdape = {d: table[f"stage0_probe[{d}]"]["mdape"] for d in STAGE1_DESIGNS}
     return {
-        "arch": arch, "chosen_stage1_design": min(mdape, key=mdape.get), "noise_floor_by_window": floors, "chosen_window": window, "loko": table, "chosen_own_curve_evals": own,
+        "arch": arch, "chosen_stage1_design": min(mdape, key=mdape.get), "noise_floor_by_window": floors, "lowest_floor_window": window,
+        "protocol_window": PROTOCOL_WINDOW, "loko": table, "chosen_own_curve_evals": own,
         "points": len(records), "seconds": time.perf_counter() - started,
     }
 
@@ -180,7 +183,7 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     designs = [n for n in results[0]["loko"] if n.startswith("stage0_probe[")]
     design = {n: float(np.mean([r["loko"][n]["mdape"] for r in results])) for n in designs}
     return {
-        "window": min(int(w) for w, v in floor.items() if v <= best + 0.01), "mean_noise_floor": floor,
+        "lowest_floor_window": min(int(w) for w, v in floor.items() if v <= best + 0.01), "mean_noise_floor": floor,
         "own_curve": min(own, key=own.get), "mean_in_flight_median_abs_log_error": own,
         "stage1_design": min(design, key=design.get), "mean_stage1_mdape": design,
     }
@@ -213,7 +216,8 @@ def main() -> None:
                 f"CV median {nf['cv_median']:.2f}, median epochs {nf['median_epochs']:.2f} "
                 f"(left out, a seed capped: {', '.join(nf['kinds_with_a_capped_seed']) or 'none'})"
             )
-        print(f"chosen window: {result['chosen_window']}")
+        print(f"smallest window within one point of the lowest floor: {result['lowest_floor_window']}; "
+              f"leave-one-kind-out under the protocol's window {result['protocol_window']}")
         print(f"{'leave-one-kind-out':28s} {'n':>4s} {'MdAPE':>7s} {'med|log|':>8s} {'C-index':>7s} {'cov90':>6s}")
         for name, s in result["loko"].items():
             print(f"{name:28s} {s['n']:4d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} {s['c_index']:7.3f} {100 * s['coverage']:5.0f}%")
