@@ -94,14 +94,15 @@ def build_arch(arch: str, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]:
 # ----------------------------------------------------------------------------- one arch
 
 
-def calibrate(model: Any, spec: Any, splits: dict[str, Any], reference_stats: Any, intensities: int) -> Any:
-    """The calibration sweep on the built-in kinds only (never the evaluation kinds)."""
+def calibrate(model: Any, spec: Any, splits: dict[str, Any], reference_stats: Any, intensities: int, seed: int = 0) -> Any:
+    """The calibration sweep on the built-in kinds only (never the evaluation kinds); ``seed``
+    sets its corruptions, held-out splits and shuffling."""
     from shiftcost.calibrate import run_sweep
 
     sweep = {kind: _subset(values, intensities) for kind, values in DEFAULT_SWEEP.items()}
     assert not set(sweep) & {k for kinds in KIND_SETS.values() for k in kinds}, "evaluation kinds must never enter calibration"
     return run_sweep(
-        model, spec, *splits["holdout"], *splits["stream"], sweep=sweep, repeats=1, probe=False, device="cpu",
+        model, spec, *splits["holdout"], *splits["stream"], sweep=sweep, seed=seed, repeats=1, probe=False, device="cpu",
         threads=1, reference_stats=reference_stats, energy_options={"measure_power_secs": 0.5}, level=LEVEL,
         probe_steps=PROBE_STEPS,
     )

@@ -1,7 +1,7 @@
 """Choose the forecast's settings on the built-in shift kinds only (leave-one-kind-out).
 
 Usage: nice -n 10 python benchmarks/forecast_selection.py [--archs digits_cnn,shufflenet_v2_x0_5]
-       [--windows 1,2,3] [--own-curve-evals inf,2,4,8,16] [--noise-seeds 4] [--json out.json]
+       [--windows 1,2,3] [--own-curve-evals inf,2,4,8,16] [--noise-seeds 4] [--seeds 3] [--json out.json]
 
 ``benchmarks/forecast_accuracy.py`` scores on evaluation-only kinds that must never choose
 anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAULT_SWEEP`:
@@ -11,8 +11,10 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    each window; the leave-one-seed-out MdAPE of epochs is the noise floor no forecast can
    beat. The smallest window within one point of the lowest floor is reported (a wider window
    delays every stop by up to a cadence interval); the protocol's comment says what decided it.
-2. Under the protocol's window, the calibration sweep of the accuracy benchmark, then
-   **leave-one-kind-out** over its kinds: every predictor is fitted on all kinds but one and
+2. Under the protocol's window, the calibration sweep of the accuracy benchmark at ``--seeds``
+   seeds (each its own corruptions, held-out splits and shuffling; one sweep's verdicts are at
+   the level of its retrains' noise), pooled, then **leave-one-kind-out** over its kinds (all
+   seeds of a kind left out together): every predictor is fitted on all kinds but one and
    scored on that one (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
    and the in-flight forecast after a quarter of the probe forecast's median for each
    ``--own-curve-evals`` weight of the run's own curve,
@@ -45,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forecast_accuracy import LEVEL, TOLERANCE, _scores, build_arch, calibrate, fit_baselines, seed_spread  # noqa: E402
 
 from shiftcost.forecast import protocol  # noqa: E402
-from shiftcost.forecast.forecaster import STAGE0_FEATURE, STAGE1_FEATURES, Forecaster  # noqa: E402
+from shiftcost.forecast.forecaster import STAGE0_FEATURE, Forecaster  # noqa: E402
 from shiftcost.forecast.probe import PROBE_FEATURES  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt  # noqa: E402
 
@@ -73,24 +75,28 @@ def choose_window(floors: dict[str, Any]) -> int:
 
 #: Stage-1 designs compared (the features of its censored regression).
 STAGE1_DESIGNS: dict[str, tuple[str, ...]] = {
-    "index+curve+progress+loss_drop": STAGE1_FEATURES,
+    "index+curve+progress+loss_drop": (STAGE0_FEATURE, "curve_log_epochs", "probe_progress", "probe_loss_drop"),
     "index+curve": (STAGE0_FEATURE, "curve_log_epochs"),
     "index+curve+progress": (STAGE0_FEATURE, "curve_log_epochs", "probe_progress"),
-    "probe_only": STAGE1_FEATURES[1:],
+    "curve+progress+loss_drop": ("curve_log_epochs", "probe_progress", "probe_loss_drop"),
     "curve": ("curve_log_epochs",),
+    "gap": ("probe_gap",),
+    "curve+gap": ("curve_log_epochs", "probe_gap"),
+    "cutoff": ("cutoff_log_epochs",),
+    "cutoff+gap": ("cutoff_log_epochs", "probe_gap"),
 }
 
 
-def leave_one_kind_out(sweep: Any, weights: list[float]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every calibration point forecast by predictors fitted on the other kinds.
+def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights: list[float]) -> list[dict[str, Any]]:
+    """Every calibration point forecast by predictors fitted on the other kinds (every seed's
+    points of a kind are left out together).
 
     The in-flight forecasts start from the probe forecast of the current stage-1 design
-    (:data:`~shiftcost.forecast.forecaster.STAGE1_FEATURES`); each other design adds a
+    (:data:`~shiftcost.forecast.forecaster.STAGE1_DEFAULT`); each design adds a
     ``stage0_probe[<design>]`` predictor."""
     from shiftcost.calibrate.analysis import _fit_ready, _fit_row
 
-    features = list(sweep.forecaster.stage0.features_)
-    usable = [r for r in sweep.rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
+    usable = [r for r in rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
     records: list[dict[str, Any]] = []
     for kind in dict.fromkeys(r["corruption"] for r in usable):
         train = [r for r in usable if r["corruption"] != kind]
@@ -110,7 +116,7 @@ def leave_one_kind_out(sweep: Any, weights: list[float]) -> tuple[list[dict[str,
                     already_met=row["runs"][0]["curve"][0]["accuracy"] >= row["runs"][0]["target_accuracy"],
                 ).epochs
             records.append(record)
-    return records, features
+    return records
 
 
 def _forecast_point(forecaster: Forecaster, baselines: Any, row: dict[str, Any], features: list[str], weights: list[float]) -> dict[str, Any]:
@@ -157,9 +163,11 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     floors = noise_floor_by_window(model, new_x, new_y, stats.accuracy, args.noise_seeds, windows)
     window = choose_window(floors)
     protocol.CUTOFF_WINDOW = PROTOCOL_WINDOW  # the noise-floor runs set it; leave-one-kind-out measures the protocol
-    sweep = calibrate(model, spec, splits, stats, args.calibration_intensities)
+    # One sweep's choice is at the level of its retrains' noise: several seeds' sweeps (their own
+    # corruptions, splits and shuffling) are pooled, each kind still left out as a whole.
+    sweeps = [calibrate(model, spec, splits, stats, args.calibration_intensities, seed=seed) for seed in range(args.seeds)]
     weights = [float(w) for w in args.own_curve_evals.split(",")]
-    records, _ = leave_one_kind_out(sweep, weights)
+    records = leave_one_kind_out([r for sweep in sweeps for r in sweep.rows], list(sweeps[0].forecaster.stage0.features_), weights)
     names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"stage0_probe[{d}]" for d in STAGE1_DESIGNS]
     names += ["in_flight_stage1_on_run"] + [f"in_flight_own_{w:g}" for w in weights]
     table = {name: _scores(records, name) for name in names}
@@ -169,7 +177,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "arch": arch, "chosen_stage1_design": min(mdape, key=mdape.get), "noise_floor_by_window": floors, "lowest_floor_window": window,
         "protocol_window": PROTOCOL_WINDOW, "loko": table, "chosen_own_curve_evals": own,
-        "points": len(records), "seconds": time.perf_counter() - started,
+        "points": len(records), "seeds": args.seeds, "seconds": time.perf_counter() - started,
     }
 
 
@@ -196,6 +204,7 @@ def main() -> None:
     parser.add_argument("--own-curve-evals", default="inf,2,4,8,16")
     parser.add_argument("--calibration-intensities", type=int, default=6)
     parser.add_argument("--noise-seeds", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=3, help="calibration sweeps pooled for leave-one-kind-out (seeds 0, 1, ...)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
     args = parser.parse_args()
@@ -209,7 +218,7 @@ def main() -> None:
     for arch in args.archs.split(","):
         result = select_arch(arch, args)
         results.append(result)
-        print(f"\n=== {arch}: {result['points']} calibration points, {result['seconds']:.0f} s")
+        print(f"\n=== {arch}: {result['points']} calibration points from {result['seeds']} seeds' sweeps, {result['seconds']:.0f} s")
         for window, nf in result["noise_floor_by_window"].items():
             print(
                 f"cutoff window {window}: noise floor leave-one-seed-out MdAPE {100 * nf['leave_one_seed_out_mdape']:.0f}%, "

@@ -62,8 +62,8 @@ STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
 #: 81% | 70%, isotonic on accuracy drop 75% | 43%; 166% | 47%, constant 52% | 52%; 64% | 48%.
 #: The first run alone picked the probe's features, by under a point.
 STAGE1_DEFAULT: tuple[str, ...] = ("curve_log_epochs",)
-#: More predicted by the index model, a slower curve: more cost; more progress or loss drop: less.
-STAGE1_SIGNS: dict[str, int] = {STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1}
+#: More predicted by the index model, a slower curve, a wider gap left: more cost; more progress or loss drop: less.
+STAGE1_SIGNS: dict[str, int] = {STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1, "probe_gap": 1, "cutoff_log_epochs": 1}
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,8 @@ class Forecaster:
         stage0 = CostModel(level=level, features=list(features), max_epochs=max_epochs).fit(rows, groups=group_key, note="stage 0")
         stage1 = None
         error = None
-        if all(all(_finite(r.get(f)) for f in PROBE_FEATURES) for r in rows):
+        probe_inputs = [f for f in stage1_features if f in PROBE_FEATURES]
+        if probe_inputs and all(all(_finite(r.get(f)) for f in probe_inputs) for r in rows):
             with_prior = [r | {STAGE0_FEATURE: z} for r, z in zip(rows, out_of_fold_log_epochs(stage0))]
             try:
                 stage1 = CostModel(
@@ -168,7 +169,7 @@ class Forecaster:
             except InputError as failure:
                 error = str(failure)
         else:
-            error = "the calibration rows carry no probe features (calibrate with probe steps > 0)"
+            error = f"the calibration rows do not all carry the probe features {probe_inputs} (calibrate with probe steps > 0)"
         return cls(
             stage0,
             stage1,
@@ -224,7 +225,10 @@ class Forecaster:
         """Stage 1 on the probe's features (:func:`~shiftcost.forecast.probe.probe_features`), e.g. a calibration row's."""
         if self.stage1 is None:
             raise InputError(f"this cost model has no probe stage ({self.stage1_error}); recalibrate with probe steps > 0.")
-        row, outside = self._clip_stage1({STAGE0_FEATURE: self.stage0_log_epochs(features)} | {k: float(values[k]) for k in PROBE_FEATURES})
+        missing = [f for f in self.stage1.features_ if f != STAGE0_FEATURE and f not in values]
+        if missing:
+            raise InputError(f"the probe gave no {', '.join(missing)}, which this cost model's probe stage needs; rerun the probe with this version.")
+        row, outside = self._clip_stage1({STAGE0_FEATURE: self.stage0_log_epochs(features)} | {k: float(values[k]) for k in PROBE_FEATURES if k in values})
         prediction = self.stage1.predict_costs([row], max_epochs=self.max_epochs)[0]
         fitted = Interval(prediction.epochs, prediction.epochs_lower, prediction.epochs_upper, prediction.level)
         if already_met:

@@ -36,7 +36,7 @@ __all__ = ["ProbeCost", "ProbeTrajectory", "run_probe", "probe_features", "PROBE
 # MdAPE of stage 1): 8 steps x 16 on 64 samples 79%, 16 x 16 on 128 73%, 16 x 16 on 256 53%,
 # 32 x 16 on 256 54%, 24 x 8 on 192 82% (stage 0 alone: 72%).
 #: Features the probe adds to a forecast (besides the index model's prediction).
-PROBE_FEATURES: tuple[str, ...] = ("curve_log_epochs", "probe_progress", "probe_loss_drop")
+PROBE_FEATURES: tuple[str, ...] = ("curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs")
 DEFAULT_STEPS = 16
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_SAMPLES = 256
@@ -112,7 +112,14 @@ def probe_features(
     ``HORIZON_CAPS`` caps; ``probe_progress``: share of the way from the first to the
     target accuracy covered by the mean of the last three evaluations (clipped to [-1, 2]);
     ``probe_loss_drop``: relative drop of held-out loss from the first to the mean of the
-    last three evaluations.
+    last three evaluations; ``probe_gap``: how far that mean of the last three accuracies
+    still lies below the target (negative once past it). The gap stays informative where
+    the curve does not: a probe that ends just under the target on a flat curve has no
+    finite crossing, yet its retrain often needs little. ``cutoff_log_epochs``: log1p of the
+    epochs at which the probe's own evaluations first met the cutoff rule
+    (:func:`~shiftcost.forecast.protocol.cutoff_reached`), a measured crossing rather than an
+    extrapolated one; where they never did, the curve's crossing, but no less than the probe's
+    length.
     """
     fit = fit_curve(epochs, accuracy, ceiling)
     horizon = (HORIZON_CAPS if horizon_caps is None else horizon_caps) * cap_epochs
@@ -123,7 +130,12 @@ def probe_features(
     progress = 1.0 if gap <= 0 else float(np.clip((last_acc - first_acc) / gap, -1.0, 2.0))
     first_loss, last_loss = loss[0], float(np.mean(loss[-tail:]))
     drop = (first_loss - last_loss) / first_loss if first_loss > 0 else 0.0
-    return {"curve_log_epochs": math.log1p(crossing), "probe_progress": progress, "probe_loss_drop": float(drop)}
+    met = next((epochs[k] for k in range(len(accuracy)) if protocol.cutoff_reached(accuracy[: k + 1], target)), None)
+    cutoff = met if met is not None else max(crossing, epochs[-1])
+    return {
+        "curve_log_epochs": math.log1p(crossing), "probe_progress": progress, "probe_loss_drop": float(drop),
+        "probe_gap": float(target - last_acc), "cutoff_log_epochs": math.log1p(cutoff),
+    }
 
 
 @dataclass

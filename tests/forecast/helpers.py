@@ -37,6 +37,8 @@ def forecast_rows(seed: int = 0, kinds: int = 5, per_kind: int = 8, cap: float |
                     "curve_log_epochs": float(z + rng.normal(0, 0.05)),
                     "probe_progress": float(1.0 / (1.0 + z)),
                     "probe_loss_drop": float(0.5 / (1.0 + z)),
+                    "probe_gap": float(0.02 * z - 0.03),
+                    "cutoff_log_epochs": float(z),
                     "epochs": cap if censored else epochs,
                     "reached_cutoff": not censored,
                     "samples": 300,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from shiftcost.forecast.curve import GAP_FLOOR, CurveFit, epochs_to_target, fit_curve
+from shiftcost.forecast.probe import HORIZON_CAPS, probe_features
 
 
 def slow_fit(t: list[float], acc: list[float], ceiling: float) -> tuple[float, float]:
@@ -55,3 +56,24 @@ def test_no_progress_never_crosses_and_a_met_target_costs_nothing() -> None:
     assert flat.rate <= 0 and math.isinf(epochs_to_target(flat, 0.92))
     assert epochs_to_target(CurveFit(log_gap0=math.log(0.01), rate=1.0, ceiling=0.95, points=3), 0.92) == 0.0
     assert fit_curve([0.3], [0.4], 0.95).rate == 0.0
+
+
+def test_the_probe_gap_is_what_the_last_three_evaluations_leave_to_the_target() -> None:
+    epochs = [0.0, 0.1, 0.2, 0.3, 0.4]
+    rising = probe_features(epochs, [0.50, 0.60, 0.70, 0.74, 0.78], [1.0] * 5, target=0.9, ceiling=0.93, cap_epochs=15.0)
+    assert rising["probe_gap"] == pytest.approx(0.9 - (0.70 + 0.74 + 0.78) / 3)
+    past = probe_features(epochs, [0.50, 0.80, 0.91, 0.92, 0.93], [1.0] * 5, target=0.9, ceiling=0.93, cap_epochs=15.0)
+    assert past["probe_gap"] == pytest.approx(-0.02)
+    # Just under the target on a flat curve: no crossing (the curve sits at its horizon), a small finite gap.
+    flat = probe_features(epochs, [0.89] * 5, [1.0] * 5, target=0.9, ceiling=0.93, cap_epochs=15.0)
+    assert flat["curve_log_epochs"] == pytest.approx(math.log1p(HORIZON_CAPS * 15.0))
+    assert flat["probe_gap"] == pytest.approx(0.01)
+
+
+def test_the_probe_cutoff_is_where_its_own_evaluations_met_the_rule_or_else_the_curve() -> None:
+    epochs = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    # The window's mean first reaches 0.9 at the fifth evaluation (0.88, 0.91, 0.92).
+    met = probe_features(epochs, [0.5, 0.7, 0.88, 0.91, 0.92, 0.93], [1.0] * 6, target=0.9, ceiling=0.93, cap_epochs=15.0)
+    assert met["cutoff_log_epochs"] == pytest.approx(math.log1p(0.4))
+    rising = probe_features(epochs, [0.5, 0.6, 0.65, 0.7, 0.72, 0.74], [1.0] * 6, target=0.9, ceiling=0.93, cap_epochs=15.0)
+    assert rising["cutoff_log_epochs"] == pytest.approx(rising["curve_log_epochs"]) and rising["cutoff_log_epochs"] > math.log1p(0.5)

@@ -218,3 +218,17 @@ def test_a_probe_pays_only_when_the_index_interval_straddles_the_budget() -> Non
     assert not probe_pays(interval, budget_left_kwh=6.0, probe_energy_kwh=0.01).probe  # fits anyway
     assert not probe_pays(interval, budget_left_kwh=0.5, probe_energy_kwh=0.01).probe  # deferred anyway
     assert not probe_pays(interval, budget_left_kwh=3.0, probe_energy_kwh=1.0).probe  # would eat the budget
+
+
+def test_stage1_needs_only_the_probe_features_its_design_reads() -> None:
+    # Rows from a calibration stored before a probe feature existed still fit a design that
+    # does not read it; a design that does is refused with a reason, and so is a probe
+    # forecast whose features lack what the fitted stage 1 reads.
+    older = [{k: v for k, v in row.items() if k != "probe_gap"} for row in forecast_rows()]
+    curve_only = Forecaster.fit(older, features=list(INDEX), stage1_features=("curve_log_epochs",))
+    assert curve_only.stage1 is not None and curve_only.stage1_error is None
+    with_gap = Forecaster.fit(older, features=list(INDEX), stage1_features=("curve_log_epochs", "probe_gap"))
+    assert with_gap.stage1 is None and "probe_gap" in with_gap.stage1_error
+    fitted = Forecaster.fit(forecast_rows(), features=list(INDEX), stage1_features=("curve_log_epochs", "probe_gap"))
+    with pytest.raises(InputError, match="probe_gap"):
+        fitted.predict_from_probe_features(older[0], {"curve_log_epochs": older[0]["curve_log_epochs"]})
