@@ -94,7 +94,9 @@ def build_arch(arch: str, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]:
 # ----------------------------------------------------------------------------- one arch
 
 
-def calibrate(model: Any, spec: Any, splits: dict[str, Any], reference_stats: Any, intensities: int, seed: int = 0) -> Any:
+def calibrate(
+    model: Any, spec: Any, splits: dict[str, Any], reference_stats: Any, intensities: int, seed: int = 0, probe_steps: int = PROBE_STEPS
+) -> Any:
     """The calibration sweep on the built-in kinds only (never the evaluation kinds); ``seed``
     sets its corruptions, held-out splits and shuffling."""
     from shiftcost.calibrate import run_sweep
@@ -104,7 +106,7 @@ def calibrate(model: Any, spec: Any, splits: dict[str, Any], reference_stats: An
     return run_sweep(
         model, spec, *splits["holdout"], *splits["stream"], sweep=sweep, seed=seed, repeats=1, probe=False, device="cpu",
         threads=1, reference_stats=reference_stats, energy_options={"measure_power_secs": 0.5}, level=LEVEL,
-        probe_steps=PROBE_STEPS,
+        probe_steps=probe_steps,
     )
 
 

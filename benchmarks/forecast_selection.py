@@ -1,7 +1,7 @@
 """Choose the forecast's settings on the built-in shift kinds only (leave-one-kind-out).
 
 Usage: nice -n 10 python benchmarks/forecast_selection.py [--archs digits_cnn,shufflenet_v2_x0_5]
-       [--windows 1,2,3] [--own-curve-evals inf,2,4,8,16] [--noise-seeds 4] [--seeds 3] [--json out.json]
+       [--windows 1,2,3] [--own-curve-evals inf,2,4,8,16] [--noise-seeds 4] [--seeds 3] [--probe-steps 16] [--json out.json]
 
 ``benchmarks/forecast_accuracy.py`` scores on evaluation-only kinds that must never choose
 anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAULT_SWEEP`:
@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forecast_accuracy import LEVEL, TOLERANCE, _scores, build_arch, calibrate, fit_baselines, seed_spread  # noqa: E402
+from forecast_accuracy import LEVEL, PROBE_STEPS, TOLERANCE, _scores, build_arch, calibrate, fit_baselines, seed_spread  # noqa: E402
 
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.forecaster import STAGE0_FEATURE, Forecaster  # noqa: E402
@@ -165,7 +165,9 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     protocol.CUTOFF_WINDOW = PROTOCOL_WINDOW  # the noise-floor runs set it; leave-one-kind-out measures the protocol
     # One sweep's choice is at the level of its retrains' noise: several seeds' sweeps (their own
     # corruptions, splits and shuffling) are pooled, each kind still left out as a whole.
-    sweeps = [calibrate(model, spec, splits, stats, args.calibration_intensities, seed=seed) for seed in range(args.seeds)]
+    sweeps = [
+        calibrate(model, spec, splits, stats, args.calibration_intensities, seed=seed, probe_steps=args.probe_steps) for seed in range(args.seeds)
+    ]
     weights = [float(w) for w in args.own_curve_evals.split(",")]
     records = leave_one_kind_out([r for sweep in sweeps for r in sweep.rows], list(sweeps[0].forecaster.stage0.features_), weights)
     names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"stage0_probe[{d}]" for d in STAGE1_DESIGNS]
@@ -177,7 +179,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "arch": arch, "chosen_stage1_design": min(mdape, key=mdape.get), "noise_floor_by_window": floors, "lowest_floor_window": window,
         "protocol_window": PROTOCOL_WINDOW, "loko": table, "chosen_own_curve_evals": own,
-        "points": len(records), "seeds": args.seeds, "seconds": time.perf_counter() - started,
+        "points": len(records), "seeds": args.seeds, "probe_steps": args.probe_steps, "seconds": time.perf_counter() - started,
     }
 
 
@@ -205,6 +207,7 @@ def main() -> None:
     parser.add_argument("--calibration-intensities", type=int, default=6)
     parser.add_argument("--noise-seeds", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3, help="calibration sweeps pooled for leave-one-kind-out (seeds 0, 1, ...)")
+    parser.add_argument("--probe-steps", type=int, default=PROBE_STEPS, help="the probe's length in steps (its batch stays the default)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
     args = parser.parse_args()

@@ -34,7 +34,9 @@ __all__ = ["ProbeCost", "ProbeTrajectory", "run_probe", "probe_features", "PROBE
 
 # Probe length chosen on calibration data only (digits CNN, built-in kinds, leave-one-kind-out
 # MdAPE of stage 1): 8 steps x 16 on 64 samples 79%, 16 x 16 on 128 73%, 16 x 16 on 256 53%,
-# 32 x 16 on 256 54%, 24 x 8 on 192 82% (stage 0 alone: 72%).
+# 32 x 16 on 256 54%, 24 x 8 on 192 82% (stage 0 alone: 72%). Checked again with the probe on the
+# retrain's step clock and stage 1 on the curve alone (forecast_selection.py --seeds 3, digits CNN):
+# 8 x 16 on 256 61% against 39% for 16 x 16, so halving the probe's cost is not worth its forecast.
 #: Features the probe adds to a forecast (besides the index model's prediction).
 PROBE_FEATURES: tuple[str, ...] = ("curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs")
 DEFAULT_STEPS = 16
