@@ -189,6 +189,7 @@ def _budget_guard(
     from shiftcost.retrain import _evaluate
 
     forecaster = Forecaster.load(cost_model)
+    forecaster.check_batch_size(config.recipe.batch_size, "this retrain (--batch-size)")
     features = initial = None
     ceiling = reference_accuracy
     if reference_stats is not None:

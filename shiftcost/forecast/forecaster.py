@@ -33,7 +33,7 @@ from scipy import special, stats
 
 from shiftcost.costmodel import CostModel, CostPrediction
 from shiftcost.energy import HostEnergyRate
-from shiftcost.errors import InputError
+from shiftcost.errors import ConfigError, InputError
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
 from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, ProbeTrajectory, probe_features
@@ -128,7 +128,7 @@ class Forecaster:
         *,
         max_epochs: float = protocol.MAX_EPOCHS,
         energy_rate: HostEnergyRate | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = 64,
         probe_settings: Mapping[str, Any] | None = None,
         stage1_error: str | None = None,
     ) -> None:
@@ -136,7 +136,9 @@ class Forecaster:
         self.stage1 = stage1
         self.max_epochs = float(max_epochs)
         self.energy_rate = energy_rate
-        self.batch_size = int(batch_size)
+        #: The retrain batch size calibration measured (``None``: a plain cost model, which does not say).
+        self.calibrated_batch_size = None if batch_size is None else int(batch_size)
+        self.batch_size = self.calibrated_batch_size or 64
         self.probe_settings = dict(probe_settings or {})
         self.stage1_error = stage1_error
 
@@ -378,19 +380,41 @@ class Forecaster:
         return payload
 
     @classmethod
-    def with_probe_stage(cls, stage0: CostModel, saved: Mapping[str, Any], *, batch_size: int | None = None) -> Forecaster:
-        """A forecaster of ``stage0`` and a :meth:`probe_stage` dict (empty: stage 0 alone)."""
+    def with_probe_stage(
+        cls, stage0: CostModel, saved: Mapping[str, Any], *, batch_size: int | None = None, where: str = "this retrain"
+    ) -> Forecaster:
+        """A forecaster of ``stage0`` and a :meth:`probe_stage` dict (empty: stage 0 alone).
+
+        ``batch_size`` is the batch the retrains it forecasts will use (``where`` names
+        them in the error): it must be the one calibration measured, when that is stored.
+        """
         stage1 = None if not saved.get("stage1") else CostModel.from_json(json.dumps(saved["stage1"]))
         rate = saved.get("energy_rate")
-        return cls(
+        forecaster = cls(
             stage0,
             stage1,
             max_epochs=saved.get("max_epochs") or stage0.max_epochs or stage0.cap_epochs_ or protocol.MAX_EPOCHS,
             energy_rate=None if rate is None else HostEnergyRate.from_dict(rate),
-            batch_size=batch_size or saved.get("batch_size", 64),
+            batch_size=saved.get("batch_size") or batch_size,
             probe_settings=saved.get("probe_settings"),
             stage1_error=saved.get("stage1_error") or (None if stage1 else "the stored cost model has no probe stage"),
         )
+        if batch_size is not None:
+            forecaster.check_batch_size(batch_size, where)
+        return forecaster
+
+    def check_batch_size(self, batch_size: int, where: str) -> None:
+        """Refuse to forecast retrains at another batch size than calibration measured.
+
+        Epochs to the cutoff are not a property of the shift alone: on the digits CNN, the same
+        batches took 1.5 to 2.2 times the epochs at batch 128 as at 64, and 0.66 to 2 times at 32,
+        neither the same epochs nor the same steps, so no conversion is safe.
+        """
+        if self.calibrated_batch_size is not None and batch_size != self.calibrated_batch_size:
+            raise ConfigError(
+                f"the cost model was calibrated on retrains at batch {self.batch_size}, but {where} retrains at batch {batch_size}; "
+                f"epochs to the cutoff change with the batch size, so recalibrate at batch {batch_size} or retrain at batch {self.batch_size}."
+            )
 
     def to_json(self) -> str:
         payload = {
@@ -400,7 +424,7 @@ class Forecaster:
             "stage1_error": self.stage1_error,
             "max_epochs": self.max_epochs,
             "energy_rate": None if self.energy_rate is None else self.energy_rate.to_dict(),
-            "batch_size": self.batch_size,
+            "batch_size": self.calibrated_batch_size,
             "probe_settings": self.probe_settings,
             "protocol": {"holdout_fraction": protocol.HOLDOUT_FRACTION, "evals_per_epoch": protocol.EVALS_PER_EPOCH},
         }
@@ -437,7 +461,7 @@ class Forecaster:
             )
         stage0 = CostModel.from_json(path.read_text())
         cap = stage0.max_epochs or stage0.cap_epochs_ or protocol.MAX_EPOCHS
-        return cls(stage0, None, max_epochs=cap, stage1_error="a plain cost model file has no probe stage")
+        return cls(stage0, None, max_epochs=cap, batch_size=None, stage1_error="a plain cost model file has no probe stage")
 
 
 def out_of_fold_log_epochs(model: CostModel) -> list[float]:

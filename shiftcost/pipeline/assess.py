@@ -362,14 +362,20 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
         probe_values = None if probe is None else (probe.id, probe.joules_per_sample_epoch)
         forecaster = None
         budget_left = None
-        if loaded.data.has_labels and stored is not None:
+        if stored is not None:
             from shiftcost.forecast.forecaster import Forecaster
             from shiftcost.recipe import RetrainConfig
+
+            # The probe stage stored beside this cost model (prices come from the energy probe row). Built
+            # for every batch, labelled or not: it refuses a cost model calibrated at another retrain batch size.
+            saved = (stored[1].details or {}).get("forecaster") or {}
+            forecaster = Forecaster.with_probe_stage(
+                stored[0], saved, batch_size=RetrainConfig.from_settings(settings).recipe.batch_size,
+                where="the pipeline (setting retrain_batch_size)",
+            )
+        if loaded.data.has_labels and stored is not None:
             from shiftcost.store import ledger
 
-            # The probe stage stored beside this cost model (prices come from the energy probe row).
-            saved = (stored[1].details or {}).get("forecaster") or {}
-            forecaster = Forecaster.with_probe_stage(stored[0], saved, batch_size=RetrainConfig.from_settings(settings).recipe.batch_size)
             budget_left = least_kwh_left([b.as_dict() for b in ledger.budget_status(session, loaded.model_name)])
     if stored is None:
         raise ConfigError(f"No cost model is calibrated for architecture {architecture}; bootstrap one from a calibration sweep.")
@@ -389,7 +395,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
     except InputError as error:
         problem = str(error)
     stage, advice, probe_record = "index", None, None
-    if prediction is not None and forecaster is not None:
+    if prediction is not None and forecaster is not None and loaded.data.has_labels:  # a probe trains: it needs labels
         prediction, stage, advice, probe_record = probe_if_it_pays(
             settings, loaded, features, prediction, forecaster, budget_left, samples, float(joules), intensity
         )

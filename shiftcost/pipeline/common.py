@@ -160,7 +160,9 @@ def load_forecaster(session: Session, architecture: str, *, batch_size: int) -> 
     if stored is None:
         return None
     stage0, row = stored
-    forecaster = Forecaster.with_probe_stage(stage0, (row.details or {}).get("forecaster") or {}, batch_size=batch_size)
+    forecaster = Forecaster.with_probe_stage(
+        stage0, (row.details or {}).get("forecaster") or {}, batch_size=batch_size, where="the pipeline (setting retrain_batch_size)"
+    )
     probe = repository.latest_energy_probe(session, architecture)
     if probe is not None:
         forecaster.energy_rate = HostEnergyRate(float(probe.joules_per_sample_epoch), 0.0, 1, probe.hardware)

@@ -93,3 +93,23 @@ def test_a_probe_runs_when_the_index_interval_straddles_the_budget_and_is_charge
         # (a retrain reservation, if any, was released: this assessment runs no retrain).
         left = seed.committed(database).remaining("probe-test", decision_id=decision_id).remaining_kwh
         assert left == pytest.approx(cap - probe_kwh)
+
+
+def test_a_cost_model_calibrated_at_another_retrain_batch_size_is_refused_before_any_decision(probe_env, monkeypatch) -> None:
+    from sqlalchemy import func, select
+
+    from shiftcost import pipeline
+    from shiftcost.config import load_settings
+    from shiftcost.data import Batch, save_batch
+    from shiftcost.errors import ConfigError
+
+    _, landing, trained = probe_env
+    # Calibrated on retrains at batch 64 (the forecaster's); the pipeline now retrains at 32.
+    monkeypatch.setenv("SHIFTCOST_RETRAIN_BATCH_SIZE", "32")
+    settings = load_settings()
+    x, y = trained.splits["stream"]
+    save_batch(Batch(brightened(x[:200]), y[:200], "other-batch-size"), landing / "other.npz")
+    with pytest.raises(ConfigError, match="calibrated on retrains at batch 64, but the pipeline .* at batch 32"):
+        pipeline.process_batch(settings, str(landing / "other.npz"), retrain=False)
+    with pipeline.connect(settings) as database, database.session(readonly=True) as session:
+        assert session.scalar(select(func.count()).select_from(db.Decision)) == 0

@@ -98,7 +98,7 @@ def test_retrain_with_a_budget_stops_and_writes_no_model(files) -> None:
     done = shiftcost(
         "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(out),
         "--reference-accuracy", "0.97", "--cost-model", str(files / "forecaster.json"), "--budget-kwh", "60",
-        "--no-energy", "--device", "cpu", "--json", cwd=files,
+        "--batch-size", "16", "--no-energy", "--device", "cpu", "--json", cwd=files,
     )
     assert done.returncode == 4, done.stderr
     data = json.loads(done.stdout)
@@ -113,7 +113,7 @@ def test_the_guard_prices_each_epoch_at_the_pool_with_its_replayed_reference_sam
     done = shiftcost(
         "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(files / "r.safetensors"),
         "--reference", str(files / "reference.npz"), "--replay-fraction", "0.25", "--cost-model", str(files / "forecaster.json"),
-        "--budget-kwh", "60", "--no-energy", "--device", "cpu", "--json", cwd=files,
+        "--budget-kwh", "60", "--batch-size", "16", "--no-energy", "--device", "cpu", "--json", cwd=files,
     )
     assert done.returncode in (0, 3, 4), done.stderr
     samples = len(bars()[1])
@@ -127,3 +127,16 @@ def test_the_guard_needs_both_options(files) -> None:
         "--budget-kwh", "1", "--no-energy", cwd=files,
     )
     assert done.returncode == 2 and "--cost-model" in done.stderr
+
+
+def test_the_guard_refuses_a_cost_model_calibrated_at_another_batch_size(files) -> None:
+    # The forecaster was calibrated on retrains at batch 16; epochs at batch 64 are another quantity.
+    out = files / "other-batch.safetensors"
+    done = shiftcost(
+        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(out),
+        "--reference-accuracy", "0.97", "--cost-model", str(files / "forecaster.json"), "--budget-kwh", "60",
+        "--batch-size", "64", "--no-energy", "--device", "cpu", cwd=files,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "batch 16" in done.stderr and "batch 64" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
