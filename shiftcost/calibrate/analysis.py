@@ -122,7 +122,7 @@ def _fit_forecaster(
 ) -> tuple[Any, str | None]:
     """The forecaster fitted beside the index cost model, with the host's energy rate; or why not."""
     from shiftcost.energy import HostEnergyRate, run_work
-    from shiftcost.forecast.forecaster import Forecaster
+    from shiftcost.forecast.forecaster import EPOCH_SETTINGS, Forecaster
 
     runs = [run_work(run) for row in usable for run in row.get("runs", [])]
     hardware = next((run["energy"].get("cpu_model") for row in usable for run in row.get("runs", []) if run.get("energy")), None)
@@ -135,6 +135,7 @@ def _fit_forecaster(
             fit_rows, features=list(features), level=level, max_epochs=max_epochs, group_key=group_key,
             energy_rate=rate, batch_size=int(settings.get("batch_size") or 64),
             probe_settings={"steps": settings.get("probe_steps")},
+            retrain_settings={name: settings.get(name) for name in EPOCH_SETTINGS},
         )
     except Exception as error:  # noqa: BLE001
         return None, _describe(error)

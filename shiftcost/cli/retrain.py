@@ -189,7 +189,7 @@ def _budget_guard(
     from shiftcost.retrain import _evaluate
 
     forecaster = Forecaster.load(cost_model)
-    forecaster.check_batch_size(config.recipe.batch_size, "this retrain (--batch-size)")
+    forecaster.check_retrain(config, "this retrain (its recipe options and file, and the model file's recipe)")
     features = initial = None
     ceiling = reference_accuracy
     if reference_stats is not None:

@@ -68,6 +68,9 @@ STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
 #: floor of the same run (window 3, two seeds) was 37% | 41%, so on these kinds stage 1 is within a
 #: few points of what the measurement allows.
 STAGE1_DEFAULT: tuple[str, ...] = ("curve_log_epochs",)
+#: Retrain settings that change epochs to the cutoff (``RetrainConfig`` flat names): calibration
+#: records them, and a forecast is refused for retrains that do not share them.
+EPOCH_SETTINGS: tuple[str, ...] = ("batch_size", "lr", "optimizer", "tolerance", "holdout_fraction")
 #: More predicted by the index model, a slower curve, a wider gap left: more cost; more progress or loss drop: less.
 STAGE1_SIGNS: dict[str, int] = {STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1, "probe_gap": 1, "cutoff_log_epochs": 1}
 
@@ -131,6 +134,7 @@ class Forecaster:
         batch_size: int | None = 64,
         probe_settings: Mapping[str, Any] | None = None,
         stage1_error: str | None = None,
+        retrain_settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.stage0 = stage0
         self.stage1 = stage1
@@ -139,6 +143,10 @@ class Forecaster:
         #: The retrain batch size calibration measured (``None``: a plain cost model, which does not say).
         self.calibrated_batch_size = None if batch_size is None else int(batch_size)
         self.batch_size = self.calibrated_batch_size or 64
+        #: The calibration retrains' :data:`EPOCH_SETTINGS` (what is known of them): forecasts hold for retrains that share them.
+        self.retrain_settings = {k: v for k, v in (retrain_settings or {}).items() if k in EPOCH_SETTINGS and v is not None}
+        if self.calibrated_batch_size is not None:
+            self.retrain_settings["batch_size"] = self.calibrated_batch_size
         self.probe_settings = dict(probe_settings or {})
         self.stage1_error = stage1_error
 
@@ -157,6 +165,7 @@ class Forecaster:
         batch_size: int = 64,
         probe_settings: Mapping[str, Any] | None = None,
         stage1_features: Sequence[str] = STAGE1_DEFAULT,
+        retrain_settings: Mapping[str, Any] | None = None,
     ) -> Forecaster:
         """Fit stage 0 on ``features``; fit stage 1 on ``stage1_features`` when every row carries the probe's features.
 
@@ -186,6 +195,7 @@ class Forecaster:
             batch_size=batch_size,
             probe_settings=probe_settings,
             stage1_error=error,
+            retrain_settings=retrain_settings,
         )
 
     # -- forecasting ---------------------------------------------------------------------
@@ -380,17 +390,12 @@ class Forecaster:
         return payload
 
     @classmethod
-    def with_probe_stage(
-        cls, stage0: CostModel, saved: Mapping[str, Any], *, batch_size: int | None = None, where: str = "this retrain"
-    ) -> Forecaster:
-        """A forecaster of ``stage0`` and a :meth:`probe_stage` dict (empty: stage 0 alone).
-
-        ``batch_size`` is the batch the retrains it forecasts will use (``where`` names
-        them in the error): it must be the one calibration measured, when that is stored.
-        """
+    def with_probe_stage(cls, stage0: CostModel, saved: Mapping[str, Any], *, batch_size: int | None = None) -> Forecaster:
+        """A forecaster of ``stage0`` and a :meth:`probe_stage` dict (empty: stage 0 alone);
+        ``batch_size`` stands in when the dict does not say which batch calibration retrained at."""
         stage1 = None if not saved.get("stage1") else CostModel.from_json(json.dumps(saved["stage1"]))
         rate = saved.get("energy_rate")
-        forecaster = cls(
+        return cls(
             stage0,
             stage1,
             max_epochs=saved.get("max_epochs") or stage0.max_epochs or stage0.cap_epochs_ or protocol.MAX_EPOCHS,
@@ -398,22 +403,28 @@ class Forecaster:
             batch_size=saved.get("batch_size") or batch_size,
             probe_settings=saved.get("probe_settings"),
             stage1_error=saved.get("stage1_error") or (None if stage1 else "the stored cost model has no probe stage"),
+            retrain_settings=saved.get("retrain"),
         )
-        if batch_size is not None:
-            forecaster.check_batch_size(batch_size, where)
-        return forecaster
 
-    def check_batch_size(self, batch_size: int, where: str) -> None:
-        """Refuse to forecast retrains at another batch size than calibration measured.
+    def check_retrain(self, config: Any, where: str) -> None:
+        """Refuse to forecast retrains whose recipe or cutoff differs from what calibration measured.
 
-        Epochs to the cutoff are not a property of the shift alone: on the digits CNN, the same
-        batches took 1.5 to 2.2 times the epochs at batch 128 as at 64, and 0.66 to 2 times at 32,
-        neither the same epochs nor the same steps, so no conversion is safe.
+        ``config`` is the :class:`~shiftcost.recipe.RetrainConfig` of the retrains to forecast;
+        ``where`` names them in the sentence. Epochs to the cutoff are not a property of the
+        shift alone: on the digits CNN the same batches took 1.5 to 2.2 times the epochs at
+        batch 128 as at 64, and 0.66 to 2 times at 32, neither the same epochs nor the same
+        steps, so no conversion is safe. Settings calibration did not record are not checked.
         """
-        if self.calibrated_batch_size is not None and batch_size != self.calibrated_batch_size:
+        differ = []
+        for name, calibrated in self.retrain_settings.items():
+            actual = _epoch_setting(config, name)
+            same = math.isclose(float(actual), float(calibrated), rel_tol=1e-9) if isinstance(calibrated, (int, float)) else actual == calibrated
+            if not same:
+                differ.append(f"{name} {calibrated} (here {actual})")
+        if differ:
             raise ConfigError(
-                f"the cost model was calibrated on retrains at batch {self.batch_size}, but {where} retrains at batch {batch_size}; "
-                f"epochs to the cutoff change with the batch size, so recalibrate at batch {batch_size} or retrain at batch {self.batch_size}."
+                f"the cost model was calibrated on retrains with {', '.join(differ)}, not what {where} uses; epochs to the cutoff "
+                "change with these settings, so recalibrate with them or retrain with the calibrated ones."
             )
 
     def to_json(self) -> str:
@@ -425,6 +436,7 @@ class Forecaster:
             "max_epochs": self.max_epochs,
             "energy_rate": None if self.energy_rate is None else self.energy_rate.to_dict(),
             "batch_size": self.calibrated_batch_size,
+            "retrain": self.retrain_settings,
             "probe_settings": self.probe_settings,
             "protocol": {"holdout_fraction": protocol.HOLDOUT_FRACTION, "evals_per_epoch": protocol.EVALS_PER_EPOCH},
         }
@@ -458,6 +470,7 @@ class Forecaster:
                 batch_size=payload.get("batch_size", 64),
                 probe_settings=payload.get("probe_settings"),
                 stage1_error=payload.get("stage1_error"),
+                retrain_settings=payload.get("retrain"),
             )
         stage0 = CostModel.from_json(path.read_text())
         cap = stage0.max_epochs or stage0.cap_epochs_ or protocol.MAX_EPOCHS
@@ -508,3 +521,8 @@ def _condition_on_spent(
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _epoch_setting(config: Any, name: str) -> Any:
+    """One of :data:`EPOCH_SETTINGS` read from a ``RetrainConfig``."""
+    return getattr(config.cutoff if name in ("tolerance", "holdout_fraction") else config.recipe, name)

@@ -42,6 +42,7 @@ from shiftcost.pipeline.labels import label_free_key, with_labels
 from shiftcost.pipeline.common import (
     Artifacts,
     carbon_intensity,
+    check_forecaster,
     json_safe,
     least_kwh_left,
     load_cost_model,
@@ -370,9 +371,9 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
             # for every batch, labelled or not: it refuses a cost model calibrated at another retrain batch size.
             saved = (stored[1].details or {}).get("forecaster") or {}
             forecaster = Forecaster.with_probe_stage(
-                stored[0], saved, batch_size=RetrainConfig.from_settings(settings).recipe.batch_size,
-                where="the pipeline (setting retrain_batch_size)",
+                stored[0], saved, batch_size=RetrainConfig.from_settings(settings).for_model(loaded.spec).recipe.batch_size
             )
+            check_forecaster(forecaster, settings, loaded.spec)
         if loaded.data.has_labels and stored is not None:
             from shiftcost.store import ledger
 

@@ -160,13 +160,21 @@ def load_forecaster(session: Session, architecture: str, *, batch_size: int) -> 
     if stored is None:
         return None
     stage0, row = stored
-    forecaster = Forecaster.with_probe_stage(
-        stage0, (row.details or {}).get("forecaster") or {}, batch_size=batch_size, where="the pipeline (setting retrain_batch_size)"
-    )
+    forecaster = Forecaster.with_probe_stage(stage0, (row.details or {}).get("forecaster") or {}, batch_size=batch_size)
     probe = repository.latest_energy_probe(session, architecture)
     if probe is not None:
         forecaster.energy_rate = HostEnergyRate(float(probe.joules_per_sample_epoch), 0.0, 1, probe.hardware)
     return forecaster
+
+
+def check_forecaster(forecaster: Forecaster, settings: Settings, spec: Any) -> None:
+    """Refuse a forecaster calibrated on other retrains than the pipeline's (its settings with the model file's recipe)."""
+    from shiftcost.recipe import RetrainConfig
+
+    forecaster.check_retrain(
+        RetrainConfig.from_settings(settings).for_model(spec),
+        "the pipeline (settings retrain_batch_size, retrain_lr, cutoff_tolerance, retrain_holdout_fraction, and the model file's recipe)",
+    )
 
 
 def least_kwh_left(budget_states: Any) -> float | None:

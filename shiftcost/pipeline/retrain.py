@@ -36,7 +36,7 @@ from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError, ShiftcostError
 from shiftcost.pipeline.assess import REPORT_FEATURES
 from shiftcost.pipeline.claims import Claim, claim
-from shiftcost.pipeline.common import Artifacts, json_safe, least_kwh_left, load_cost_model, load_forecaster
+from shiftcost.pipeline.common import Artifacts, check_forecaster, json_safe, least_kwh_left, load_cost_model, load_forecaster
 from shiftcost.pipeline.retrain_record import (
     RetrainOutcome,
     fail_stale_retrains,
@@ -217,6 +217,8 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
     if stats_row is None or not weights:
         raise ConfigError(f"Model {name} version {version} has no weights file or reference stats registered.")
     model, spec, reference = load_model_and_reference(name, version, weights, stats_row.uri)
+    if forecaster is not None:
+        check_forecaster(forecaster, settings, spec)
     with landing.local_copy(source_uri) as path:
         data = load_batch(path, spec=spec)
     data.source = source_uri

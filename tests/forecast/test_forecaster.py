@@ -232,3 +232,20 @@ def test_stage1_needs_only_the_probe_features_its_design_reads() -> None:
     fitted = Forecaster.fit(forecast_rows(), features=list(INDEX), stage1_features=("curve_log_epochs", "probe_gap"))
     with pytest.raises(InputError, match="probe_gap"):
         fitted.predict_from_probe_features(older[0], {"curve_log_epochs": older[0]["curve_log_epochs"]})
+
+
+def test_a_forecast_is_refused_for_retrains_unlike_the_calibrated_ones(tmp_path) -> None:
+    from shiftcost.errors import ConfigError
+    from shiftcost.recipe import RetrainConfig
+    from tests.test_calibrate import _synthetic_rows
+
+    calibrated = {"batch_size": 32, "lr": 3e-3, "optimizer": "sgd", "tolerance": 0.02, "holdout_fraction": 0.3}
+    # What a sweep records is what its forecaster keeps, through a file too.
+    result = analyse(_synthetic_rows(), settings=calibrated | {"probe_steps": 0}, features=["resque_dist"])
+    assert result.forecaster.retrain_settings == calibrated
+    loaded = Forecaster.load(result.forecaster.save(tmp_path / "forecaster.json"))
+    same = RetrainConfig().replace(**calibrated)
+    loaded.check_retrain(same, "this retrain")
+    for name, other in (("batch_size", 64), ("lr", 1e-3), ("optimizer", "adam"), ("tolerance", 0.05), ("holdout_fraction", 0.2)):
+        with pytest.raises(ConfigError, match=rf"{name} {calibrated[name]} \(here {other}\), not what this retrain uses"):
+            loaded.check_retrain(same.replace(**{name: other}), "this retrain")
