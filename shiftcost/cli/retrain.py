@@ -110,7 +110,11 @@ BudgetKwhOption = Annotated[
 ]
 ReferenceStatsOption = Annotated[
     Path | None,
-    typer.Option("--reference-stats", help="Reference statistics: lets the guard use the index forecast as its prior.", show_default=False),
+    typer.Option(
+        "--reference-stats",
+        help="Reference statistics: their accuracy is the reference accuracy when no other is given, and the guard uses the index forecast as its prior.",
+        show_default=False,
+    ),
 ]
 
 
@@ -307,6 +311,8 @@ def retrain(
         energy_options=_energy_options(region, tracking_mode, emissions_csv),
     )
     new, ref_x, ref_y = _load_batches(batch, reference, spec)
+    if target_accuracy is None and reference_accuracy is None and reference is None:
+        reference_accuracy = _stats_accuracy(reference_stats, net)
     guard = None
     if cost_model is not None or budget_kwh is not None:
         guard = _budget_guard(net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, config, device)
@@ -326,6 +332,23 @@ def retrain(
         raise typer.Exit(EXIT_CAP_REACHED)
     if stopped:
         raise typer.Exit(EXIT_STOPPED_BY_BUDGET)
+
+
+def _stats_accuracy(reference_stats: Path | None, net: Any) -> float:
+    """The reference accuracy the stored statistics record: the target's base when nothing else gives one."""
+    from shiftcost.errors import InputError
+
+    accuracy = None
+    if reference_stats is not None:
+        from shiftcost.index.reference import ReferenceStats
+
+        accuracy = ReferenceStats.load(reference_stats, model=net).accuracy
+    if accuracy is None:
+        raise InputError(
+            "the run needs a target accuracy: give --target-accuracy, --reference-accuracy, --reference (labelled reference data) "
+            "or --reference-stats computed with labels."
+        )
+    return float(accuracy)
 
 
 def _load_batches(batch: Path, reference: Path | None, spec: Any) -> tuple[Any, Any, Any]:

@@ -140,3 +140,27 @@ def test_the_guard_refuses_a_cost_model_calibrated_at_another_batch_size(files) 
     assert done.returncode == 2, done.stderr
     assert "batch_size 16 (here 64)" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(files) -> None:
+    # The path a user walks: calibrate their model, then retrain under the guard with the
+    # calibration's reference statistics as the only source of the target accuracy.
+    sweep = [arg for kind in ("contrast=0,0.3,0.5,0.7", "brightness=0,0.2,0.3,0.4", "gaussian_noise=0,0.1,0.2,0.3") for arg in ("--sweep", kind)]
+    cal = files / "calibration"
+    done = shiftcost(
+        "calibrate", "--model", str(files / "model.safetensors"), "--reference", str(files / "reference.npz"),
+        "--data", str(files / "batch.npz"), *sweep, "--repeats", "1", "--lr", "0.01", "--out", str(cal), cwd=files,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((cal / "forecaster.json").read_text())["retrain"]["lr"] == 0.01
+    common = [
+        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"),
+        "--reference-stats", str(cal / "reference.safetensors"), "--cost-model", str(cal / "forecaster.json"),
+        "--budget-kwh", "1", "--no-energy", "--max-epochs", "1", "--device", "cpu",
+    ]
+    same = shiftcost(*common, "--lr", "0.01", "--out", str(files / "same.safetensors"), "--json", cwd=files)
+    assert same.returncode in (0, 3), same.stderr
+    assert json.loads(same.stdout)["status"] in ("reached", "already_met", "cap_reached")
+    other = shiftcost(*common, "--out", str(files / "other.safetensors"), "--lr", "0.05", cwd=files)
+    assert other.returncode == 2 and "lr" in other.stderr and "(here 0.05)" in other.stderr and "Traceback" not in other.stderr
+    assert not (files / "other.safetensors").exists()
