@@ -311,11 +311,12 @@ def retrain(
         energy_options=_energy_options(region, tracking_mode, emissions_csv),
     )
     new, ref_x, ref_y = _load_batches(batch, reference, spec)
-    if target_accuracy is None and reference_accuracy is None and reference is None:
-        reference_accuracy = _stats_accuracy(reference_stats, net)
     guard = None
     if cost_model is not None or budget_kwh is not None:
         guard = _budget_guard(net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, config, device)
+    if target_accuracy is None and reference_accuracy is None and reference is None:
+        # The guard has read it from --reference-stats already.
+        reference_accuracy = guard.ceiling if guard is not None else _stats_accuracy(reference_stats, net)
     result = _retrain_showing_progress(
         err, guard, as_json, net, new.x, new.y, config, reference_x=ref_x, reference_y=ref_y,
         target_accuracy=target_accuracy, reference_accuracy=reference_accuracy, source=str(batch),
