@@ -140,13 +140,12 @@ class Forecaster:
         self.stage1 = stage1
         self.max_epochs = float(max_epochs)
         self.energy_rate = energy_rate
-        #: The retrain batch size calibration measured (``None``: a plain cost model, which does not say).
-        self.calibrated_batch_size = None if batch_size is None else int(batch_size)
-        self.batch_size = self.calibrated_batch_size or 64
-        #: The calibration retrains' :data:`EPOCH_SETTINGS` (what is known of them): forecasts hold for retrains that share them.
+        #: The calibration retrains' :data:`EPOCH_SETTINGS` (what is known of them; a plain cost model,
+        #: ``batch_size=None``, knows none): forecasts hold for retrains that share them.
         self.retrain_settings = {k: v for k, v in (retrain_settings or {}).items() if k in EPOCH_SETTINGS and v is not None}
-        if self.calibrated_batch_size is not None:
-            self.retrain_settings["batch_size"] = self.calibrated_batch_size
+        if batch_size is not None:
+            self.retrain_settings["batch_size"] = int(batch_size)
+        self.batch_size = self.retrain_settings.get("batch_size", 64)
         self.probe_settings = dict(probe_settings or {})
         self.stage1_error = stage1_error
 
@@ -435,7 +434,7 @@ class Forecaster:
             "stage1_error": self.stage1_error,
             "max_epochs": self.max_epochs,
             "energy_rate": None if self.energy_rate is None else self.energy_rate.to_dict(),
-            "batch_size": self.calibrated_batch_size,
+            "batch_size": self.retrain_settings.get("batch_size"),
             "retrain": self.retrain_settings,
             "probe_settings": self.probe_settings,
             "protocol": {"holdout_fraction": protocol.HOLDOUT_FRACTION, "evals_per_epoch": protocol.EVALS_PER_EPOCH},

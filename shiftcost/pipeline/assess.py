@@ -368,7 +368,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
             from shiftcost.recipe import RetrainConfig
 
             # The probe stage stored beside this cost model (prices come from the energy probe row). Built
-            # for every batch, labelled or not: it refuses a cost model calibrated at another retrain batch size.
+            # for every batch, labelled or not: it refuses a cost model calibrated on other retrains.
             saved = (stored[1].details or {}).get("forecaster") or {}
             forecaster = Forecaster.with_probe_stage(
                 stored[0], saved, batch_size=RetrainConfig.from_settings(settings).for_model(loaded.spec).recipe.batch_size
