@@ -205,20 +205,22 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         features = {} if index_run is None else {n: getattr(index_run, n) for n in REPORT_FEATURES if getattr(index_run, n) is not None}
         # What the budgets had left under their lock, before this decision's reservation.
         budget_left = least_kwh_left(None if decision is None else decision.budget_state)
-        forecaster = None
-        if budget_left is not None:
-            from shiftcost.recipe import RetrainConfig
-
-            batch_size = RetrainConfig.from_settings(settings).recipe.batch_size
-            forecaster = load_forecaster(session, model_row.architecture, batch_size=batch_size)
         source_uri, model_id, name, version = batch.source_uri, model_row.id, model_row.name, model_row.version
         labels_uri, fingerprint = batch.labels_uri, batch.fingerprint
-        weights, details = model_row.weights_uri, dict(model_row.details or {})
+        weights, details, architecture = model_row.weights_uri, dict(model_row.details or {}), model_row.architecture
     if stats_row is None or not weights:
         raise ConfigError(f"Model {name} version {version} has no weights file or reference stats registered.")
     model, spec, reference = load_model_and_reference(name, version, weights, stats_row.uri)
-    if forecaster is not None:
-        check_forecaster(forecaster, settings, spec)
+    forecaster = None
+    if budget_left is not None:
+        from shiftcost.recipe import RetrainConfig
+
+        # The batch size the retrain will run at (the model file's recipe applied), as the assessment priced it.
+        batch_size = RetrainConfig.from_settings(settings).for_model(spec).recipe.batch_size
+        with db.session(readonly=True) as session:
+            forecaster = load_forecaster(session, architecture, batch_size=batch_size)
+        if forecaster is not None:
+            check_forecaster(forecaster, settings, spec)
     with landing.local_copy(source_uri) as path:
         data = load_batch(path, spec=spec)
     data.source = source_uri

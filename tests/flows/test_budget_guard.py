@@ -149,3 +149,34 @@ def test_the_guard_prices_the_epochs_still_to_come_at_the_pool_the_run_trains_on
     assert result.pool_samples == pool
     assert result.status == "stopped_by_budget" and result.steps == 0, result.stop_reason
     assert "at least 5.00 epochs" in result.stop_reason
+
+
+def test_a_stage_zero_forecaster_prices_the_retrain_at_the_model_files_batch_size(database_url, tmp_path, monkeypatch, trained_model) -> None:
+    """A plain cost model records no batch size; the guard's forecaster takes the one the retrain
+    runs at, the model file's recipe over the settings, as the assessment did, so the retrain's
+    own check does not refuse it."""
+    import dataclasses
+
+    from shiftcost import pipeline
+    from shiftcost.data import Batch, save_batch
+    from tests.store import seed
+
+    settings = environment_settings(database_url, tmp_path, monkeypatch)
+    assert settings.retrain_batch_size != 32
+    spec = dataclasses.replace(trained_model.spec, recipe={"batch_size": 32})
+    cost_model = pipeline.fit_cost_model(optimistic_calibration(), level=0.8, features=["resque_dist"])
+    pipeline.bootstrap(
+        settings, trained_model.model, spec, *trained_model.splits["holdout"],
+        calibration=cost_model, joules_per_sample_epoch=JOULES_PER_SAMPLE, hardware="test",
+    )  # fmt: skip
+    with pipeline.connect(settings) as database:
+        seed.committed(database).create_budget("per-run", period="per_run", kwh_cap=1.0)
+    x, y = trained_model.splits["stream"]
+    save_batch(Batch(brightened(x[:200]), y[:200], "bright"), tmp_path / "landing" / "bright.npz")
+    with pipeline.connect(settings) as database:
+        (assessed,) = pipeline.watch_once(settings, retrain=False, db=database)
+        assert assessed.assessment.action == "retrain", assessed.to_dict()
+        job = pipeline.claim_retrain(database, assessed.assessment.batch_id)
+        inputs = pipeline.load_for_retrain(database, settings, job)
+    assert inputs.spec.recipe == {"batch_size": 32}
+    assert inputs.forecaster is not None and inputs.forecaster.batch_size == 32
