@@ -21,9 +21,11 @@ from shiftcost.calibrate import (
     CORRELATION_MEASURES,
     SweepInterrupted,
     analyse,
+    fit_sweep,
     full_batch_grad_norm,
     run_sweep,
 )
+from shiftcost.calibrate.ladder import SCALES
 from shiftcost.cli.calibrate import DEFAULT_TIME_BUDGET_S
 from shiftcost.data.batches import Batch, save_batch
 from shiftcost.data.demo import train_classifier
@@ -415,3 +417,121 @@ def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
         assert row["probe_sample_gradients"] == 3 * 16 and row["probe_seconds"] > 0
         assert all(isinstance(row[name], float) for name in ("curve_log_epochs", "probe_progress", "probe_loss_drop"))
     assert result.settings["probe_steps"] == 3
+
+
+class _DarkOrLight(torch.nn.Module):
+    """Class 0 when the image is darker than 0.5: under brightness ``a`` it gets right exactly
+    the dark images darker than 0.5 - a."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        level = x.mean(dim=(1, 2, 3))
+        return torch.stack([0.5 - level, level - 0.5], dim=1)
+
+
+def _dark_images(n: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` one-pixel images evenly spread over [0, 0.5), all of class 0: brightness ``a``
+    leaves accuracy 1 - 2a."""
+    return (0.5 * torch.arange(n) / n).reshape(n, 1, 1, 1), torch.zeros(n, dtype=torch.long)
+
+
+def test_fitting_finds_the_intensity_at_which_the_model_loses_the_goal_share() -> None:
+    from shiftcost.shifts import DEFAULT_SWEEP
+
+    x, y = _dark_images()
+    for drop in (0.3, 0.55, 0.7, 0.9):
+        sweep, fits = fit_sweep(_DarkOrLight(), x, y, {"brightness": DEFAULT_SWEEP["brightness"]}, num_classes=2, goals={"brightness": drop})
+        # Clean accuracy 1, chance 0.5: the goal accuracy 1 - drop / 2 is reached at a = drop / 4.
+        expected_scale = (drop / 4) / max(DEFAULT_SWEEP["brightness"])
+        (fit,) = fits
+        assert fit.reached and fit.goal_accuracy == pytest.approx(1 - drop / 2)
+        assert fit.scale == pytest.approx(expected_scale, abs=0.01)
+        assert sweep["brightness"][0] == 0.0 and max(sweep["brightness"]) == pytest.approx(drop / 4, abs=0.003)
+        assert all(a < b for a, b in zip(sweep["brightness"], sweep["brightness"][1:]))
+
+
+def test_a_model_the_kind_cannot_move_gets_the_strongest_intensity_the_kind_allows() -> None:
+    x, y = _dark_images()
+
+    class AlwaysZero(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(len(x), 2) + torch.tensor([1.0, 0.0])
+
+    sweep, (bounded, unbounded) = fit_sweep(
+        AlwaysZero(), x, y, {"brightness": (0.0, 0.1, 0.25), "gaussian_noise": (0.0, 0.2)}, num_classes=2
+    )
+    assert not bounded.reached and sweep["brightness"] == (0.0, 0.4, 1.0) and bounded.scale == 4.0
+    assert not unbounded.reached and unbounded.scale == max(SCALES) and sweep["gaussian_noise"] == (0.0, 1.2)
+
+
+def test_kinds_without_a_goal_and_models_at_chance_keep_their_intensities() -> None:
+    x, y = _dark_images()
+    at_chance = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1, 2))
+    torch.nn.init.zeros_(at_chance[1].weight)
+    torch.nn.init.zeros_(at_chance[1].bias)
+    y_half = torch.arange(len(y)) % 2  # ties go to class 0: half right, as chance
+    plan = {"brightness": (0.0, 0.25), "my_kind": (0.0, 3.0)}
+    assert fit_sweep(at_chance, x, y_half, plan, num_classes=2) == (plan, [])
+    sweep, fits = fit_sweep(_DarkOrLight(), x, y, plan, num_classes=2)
+    assert sweep["my_kind"] == (0.0, 3.0) and [fit.kind for fit in fits] == ["brightness"]
+
+
+def test_a_fitted_sweep_retrains_on_the_fitted_intensities_and_records_the_fit(tiny) -> None:
+    model, spec, x, y = tiny
+    result = run_sweep(
+        model, spec, x, y, x, y, sweep={"gaussian_noise": (0.0, 0.3, 0.6)}, energy_options=FAST_ENERGY, fit_intensities=True,
+        **(RETRAIN | {"repeats": 1}),
+    )
+    (fit,) = result.settings["fitted_intensities"]
+    fitted = result.settings["sweep"]["gaussian_noise"]
+    assert fit["kind"] == "gaussian_noise" and fitted == [float(f"{v * fit['scale']:.3g}") for v in (0.0, 0.3, 0.6)]
+    assert [row["intensity"] for row in result.rows] == fitted
+    strongest = result.rows[-1]
+    assert strongest["accuracy"] <= fit["goal_accuracy"] + 0.1
+
+
+def test_fitting_intensities_is_refused_beside_a_sweep_of_ones_own(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from shiftcost.cli import app
+
+    for extra in (["--sweep", "contrast=0,0.5"], ["--quick"]):
+        result = CliRunner().invoke(app, ["calibrate", "--demo", *extra, "--fit-intensities", "--out", str(tmp_path / "out")])
+        assert isinstance(result.exception, InputError) and extra[0] in str(result.exception), result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_demo_model_needs_about_no_stretch() -> None:
+    """The goals are the demo's own losses at the default intensities, so fitting the demo
+    (the seed the goals were measured on) leaves each ladder within a quarter of itself."""
+    from shiftcost.data.demo import train_demo_model
+    from shiftcost.shifts import DEFAULT_SWEEP, DEFAULT_TOP_DROP
+
+    assert set(DEFAULT_TOP_DROP) == set(DEFAULT_SWEEP)
+    model, spec, splits = train_demo_model(seed=0)
+    _, fits = fit_sweep(model, *splits["stream"], DEFAULT_SWEEP, num_classes=spec.num_classes)
+    assert {fit.kind: fit.reached for fit in fits} == dict.fromkeys(DEFAULT_SWEEP, True)
+    assert all(0.8 <= fit.scale <= 1.25 for fit in fits), {fit.kind: round(fit.scale, 2) for fit in fits}
+
+
+def test_cli_fits_the_intensities_it_sweeps_when_asked(tiny, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from shiftcost.cli import app
+    from shiftcost.shifts import DEFAULT_SWEEP
+
+    model, spec, x, y = tiny
+    save_model(model, spec, tmp_path / "model.safetensors")
+    save_batch(Batch(x, y, "reference"), tmp_path / "reference.npz")
+    save_batch(Batch(x, y, "new"), tmp_path / "new.npz")
+    result = CliRunner().invoke(app, [
+        "calibrate", "-m", str(tmp_path / "model.safetensors"), "-r", str(tmp_path / "reference.npz"), "-d", str(tmp_path / "new.npz"),
+        "--kinds", "gaussian_noise", "--fit-intensities", "--repeats", "1", "--max-epochs", "1", "--probe-steps", "0",
+        "--batch-size", "16", "--device", "cpu", "--json", "--out", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    (fit,) = data["settings"]["fitted_intensities"]
+    expected = [float(f"{v * fit['scale']:.3g}") for v in DEFAULT_SWEEP["gaussian_noise"]]
+    assert fit["kind"] == "gaussian_noise" and fit["scale"] != 1.0
+    assert data["settings"]["sweep"] == {"gaussian_noise": expected}
+    assert [row["intensity"] for row in data["rows"]] == expected

@@ -30,11 +30,16 @@ prediction); the hardware probe's figure is measured too and reported beside it.
 :meth:`SweepResult.write` puts the table (JSON, CSV), the correlations (JSON and a
 Markdown report), the cost model, the leave-one-out evaluation and a plot (PNG) into a
 directory.
+
+With ``fit_intensities=True`` the built-in kinds' intensities are first stretched to the
+model (:func:`fit_sweep`), so a model sturdier or frailer than the digits demo, on which the
+default intensities were chosen, still gets a sweep from mild to strong.
 """
 from __future__ import annotations
 
 from shiftcost.calibrate.analysis import analyse, best_index, correlate, label_free_analysis
 from shiftcost.calibrate.helpers import _round_robin
+from shiftcost.calibrate.ladder import KindFit, fit_sweep
 from shiftcost.calibrate.outputs import markdown_report, plot_sweep
 from shiftcost.calibrate.result import SweepInterrupted, SweepResult
 from shiftcost.calibrate.settings import (
@@ -60,6 +65,7 @@ __all__ = [
     "CORRELATION_FEATURES",
     "CORRELATION_MEASURES",
     "GROUP_KEY",
+    "KindFit",
     "INDEX_FEATURES",
     "LABEL_FREE_FEATURES",
     "LABEL_FREE_FILE",
@@ -73,6 +79,7 @@ __all__ = [
     "analyse",
     "best_index",
     "correlate",
+    "fit_sweep",
     "full_batch_grad_norm",
     "label_free_analysis",
     "markdown_report",

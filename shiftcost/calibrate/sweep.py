@@ -16,6 +16,7 @@ from torch import nn
 
 from shiftcost.calibrate.analysis import analyse, label_free_analysis
 from shiftcost.calibrate.helpers import _check_data, _check_plan, _check_settings, _cpu_seconds, _load_average, _mean, _resolve_device, _round_robin
+from shiftcost.calibrate.ladder import fit_sweep
 from shiftcost.calibrate.outputs import _write_partial
 from shiftcost.calibrate.result import SweepInterrupted, SweepResult
 from shiftcost.calibrate.settings import COLUMNS, COST_FEATURES, SWEEP_CONFIG, Progress
@@ -54,6 +55,7 @@ def run_sweep(
     progress: Progress | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     time_budget_s: float | None = None,
+    fit_intensities: bool = False,
     **retrain_settings: Any,
 ) -> SweepResult:
     """Run a calibration sweep of ``model`` and evaluate how well the indices predict the cost.
@@ -81,17 +83,27 @@ def run_sweep(
     With ``time_budget_s`` the points are taken round-robin over the kinds (every kind's
     first intensity, then every kind's second, ...) and the sweep stops before a point that
     would likely end past the budget, so a short budget still covers every kind.
+    ``fit_intensities`` first stretches each built-in kind's intensities to the model
+    (:func:`~shiftcost.calibrate.ladder.fit_sweep`, forward passes only, inside the time
+    budget); what it found is kept in the settings as ``fitted_intensities``.
     """
     from shiftcost.index.engine import assess
 
     config = (config or SWEEP_CONFIG.for_model(spec)).replace(**retrain_settings).replace(require_energy=False)
     _check_data(reference_x, reference_y, "the reference data")
     _check_data(new_x, new_y, "the new data")
-    plan = _check_plan(sweep, new_x)
-    plan = _round_robin(plan) if time_budget_s is not None else plan
+    _check_plan(sweep, new_x)
     _check_settings(repeats, threads, level, features)
     started = {"wall": time.perf_counter(), "cpu": _cpu_seconds(), "load": _load_average()}
+    fits = None
+    if fit_intensities:
+        with torch_threads(threads):
+            sweep, fits = fit_sweep(model, new_x, new_y, sweep, num_classes=spec.num_classes, seed=seed, device=_resolve_device(config.device))
+    plan = _check_plan(sweep, new_x)
+    plan = _round_robin(plan) if time_budget_s is not None else plan
     settings = _sweep_settings(config, sweep, seed, repeats, probe_steps, threads, level, features, spec)
+    if fits is not None:
+        settings["fitted_intensities"] = [fit.to_dict() for fit in fits]
     settings |= {"reference_samples": int(len(reference_y)), "new_samples": int(len(new_y)), "time_budget_s": time_budget_s}
     rows: list[dict[str, Any]] = []
     probe_result: dict[str, Any] | None = None
@@ -206,7 +218,9 @@ def _run_points(
     """Run the planned points into ``rows``, stopping before one likely to end past the time
     budget; an interrupt keeps (and writes) the rows done so far."""
     if progress is not None:
-        progress(0, len(plan), "starting")
+        fitted = settings.get("fitted_intensities")
+        scales = ", ".join(f"{fit['kind']} x{fit['scale']:.2g}" for fit in fitted or ())
+        progress(0, len(plan), f"starting; intensities fitted to the model: {scales}" if fitted else "starting")
     clean: dict[str, Any] | None = None
     # Round-robin goes from mild to strong shifts, so points get longer as the sweep goes on:
     # the longest point so far, not the mean, is the estimate of the next one.

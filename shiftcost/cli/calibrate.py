@@ -117,6 +117,12 @@ def _print_tables(result: SweepResult, console: Console) -> None:
             _fmt(None if energy is None else energy * 1000, ".3g"),
         )
     console.print(points)
+    if result.settings.get("fitted_intensities"):
+        scales = ", ".join(
+            f"{fit['kind']} x{fit['scale']:.2g}" + ("" if fit["reached"] else " (its strongest still left the model above the goal)")
+            for fit in result.settings["fitted_intensities"]
+        )
+        console.print(f"intensities fitted to the model (the default ones times): {scales}")
     if result.settings.get("stopped_early"):
         console.print(
             f"[yellow]sweep stopped early[/] at its {result.settings['stopped_early']}; "
@@ -229,6 +235,15 @@ def _choose_plan(sweep: list[str] | None, quick: bool, kinds: str | None) -> dic
     return {k: (base if k in base else DEFAULT_SWEEP)[k] for k in _pick("--kinds", kinds, DEFAULT_SWEEP)}
 
 
+def _choose_fit(asked: bool, sweep: list[str] | None, quick: bool) -> bool:
+    """Whether to fit the default intensities to the model; they are the only ones it fits."""
+    from shiftcost.errors import InputError
+
+    if asked and (sweep or quick):
+        raise InputError(f"--fit-intensities stretches the default sweep, not {'--sweep' if sweep else '--quick'}'s; drop one of them.")
+    return asked
+
+
 def _choose_features(features: str | None) -> list[str]:
     from shiftcost.calibrate import COST_FEATURES
     from shiftcost.costmodel import KNOWN_FEATURES
@@ -339,6 +354,14 @@ HoldoutOption = Annotated[
 KindsOption = Annotated[
     str | None, typer.Option("--kinds", help="Comma-separated corruption kinds to sweep (default: all built-in kinds).", show_default=False)
 ]
+FitIntensitiesOption = Annotated[
+    bool,
+    typer.Option(
+        "--fit-intensities",
+        help="Stretch each kind's default intensities until the model loses as much accuracy at the strongest as the demo CNN does "
+        "(forward passes only, within --time-budget), for a model the default ones barely move or crush.",
+    ),
+]
 LevelOption = Annotated[float, typer.Option("--level", min=0.5, max=0.99, help="Coverage of the cost model's intervals.")]
 FeaturesOption = Annotated[
     str | None,
@@ -386,6 +409,7 @@ def register(app: typer.Typer) -> None:
         eval_every: EvalEveryOption = None,
         holdout_fraction: HoldoutOption = None,
         kinds: KindsOption = None,
+        fit_intensities: FitIntensitiesOption = False,
         level: LevelOption = 0.90,
         features: FeaturesOption = None,
         probe_steps: ProbeStepsOption = 16,
@@ -416,6 +440,7 @@ def register(app: typer.Typer) -> None:
         from shiftcost.calibrate import SWEEP_CONFIG, run_sweep, torch_threads
 
         plan, chosen_features = _choose_plan(sweep, quick, kinds), _choose_features(features)
+        fit = _choose_fit(fit_intensities, sweep, quick)
         err = Console(stderr=True)
         with torch_threads(threads):
             net, spec, ref, new = _load_inputs(model, reference, data, demo, seed, err)
@@ -433,6 +458,6 @@ def register(app: typer.Typer) -> None:
             result = run_sweep(
                 net, spec, *ref, *new, sweep=plan, level=level, features=chosen_features, probe_steps=probe_steps,
                 time_budget_s=time_budget or None, reference_stats=reference_stats, seed=seed, config=config, threads=threads,
-                progress=progress, out_dir=out, **options,
+                progress=progress, out_dir=out, fit_intensities=fit, **options,
             )
         _finish(result, reference_path, as_json)
