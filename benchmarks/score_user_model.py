@@ -1,0 +1,115 @@
+"""Score the forecasters of ``calibrate_user_model.py`` runs on shift kinds no calibration saw.
+
+Usage: python benchmarks/score_user_model.py [--workdir DIR] [--calibrations default,fitted] [--json FILE]
+
+Each named calibration is a ``--out-name`` of ``benchmarks/calibrate_user_model.py`` in the same
+work directory (same model, same data), for example one with the default intensities and one
+with ``-- --fit-intensities``. Every batch is the new data under an evaluation-only kind of
+``benchmarks/eval_shifts.py`` (the ``fresh`` and ``fourth`` sets, their medium and strong
+intensities, seed 0), retrained once to the cutoff under the measurement protocol; the
+retrain is the truth every calibration is scored against in the same run. Per calibration
+it prints, for the constant and isotonic-on-accuracy-drop baselines fitted on that
+calibration's points, the index stage and the probe stage: MdAPE of epochs on reached runs,
+median |log error| with capped runs as bounds, C-index and 90% coverage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from eval_shifts import FOURTH_KINDS, FRESH_KINDS, eval_corrupt  # noqa: E402
+from forecast_accuracy import _scores, fit_baselines  # noqa: E402
+
+PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe")
+
+
+def measure_batches(work: Path, reference_stats: Path) -> tuple[Any, list[dict[str, Any]]]:
+    """Each evaluation batch with its index features and the epochs its retrain took."""
+    import torch
+
+    from shiftcost.calibrate import SWEEP_CONFIG
+    from shiftcost.cli.forecast import _index_features
+    from shiftcost.data.models import load_model
+    from shiftcost.index.reference import ReferenceStats
+    from shiftcost.retrain import retrain_to_cutoff
+
+    net, spec = load_model(work / "model.safetensors")
+    reference = ReferenceStats.load(reference_stats, model=net)
+    new = np.load(work / "new.npz")
+    x, y = torch.from_numpy(new["x"]), torch.from_numpy(new["y"])
+    config = SWEEP_CONFIG.for_model(spec).replace(require_energy=False)
+    batches = []
+    for kind, intensities in {**FRESH_KINDS, **FOURTH_KINDS}.items():
+        for intensity in intensities[1:]:
+            started = time.perf_counter()
+            shifted = eval_corrupt(x, kind, intensity, seed=0)
+            batch = SimpleNamespace(x=shifted, y=y)
+            features = _index_features(net, spec, reference, batch, "cpu")
+            run = retrain_to_cutoff(net, shifted, y, seed=0, config=config, reference_accuracy=reference.accuracy)
+            batches.append({
+                "kind": kind, "intensity": intensity, "batch": batch, "features": features, "epochs": float(run.epochs),
+                "censored": run.status == "cap_reached", "status": run.status,
+            })  # fmt: skip
+            print(f"{kind} {intensity:g}: {run.status} at {run.epochs:.2f} epochs ({time.perf_counter() - started:.0f} s)", flush=True)
+    return SimpleNamespace(net=net, reference=reference), batches
+
+
+def score(work: Path, name: str, model: Any, batches: list[dict[str, Any]]) -> dict[str, Any]:
+    from shiftcost.cli.forecast import _probe
+    from shiftcost.forecast.forecaster import Forecaster
+
+    forecaster = Forecaster.load(work / name / "forecaster.json")
+    rows = [r for r in json.loads((work / name / "sweep.json").read_text())["rows"] if r.get("epochs") is not None]
+    baselines = fit_baselines(rows)
+    runs = []
+    for batch in batches:
+        features = batch["features"]
+        drop = model.reference.accuracy - features["accuracy"]
+        constant, isotonic = baselines(drop)
+        trajectory = _probe(forecaster, model.net, batch["batch"], model.reference.accuracy, 0.03, None, 0, "cpu", batch["kind"], False, "USA")
+        runs.append({
+            "epochs": batch["epochs"], "censored": batch["censored"], "constant": constant, "isotonic_accuracy_drop": isotonic,
+            "stage0": forecaster.predict(features, batch_samples=len(batch["batch"].y)).epochs,
+            "stage0_probe": forecaster.predict(features, probe=trajectory, batch_samples=len(batch["batch"].y)).epochs,
+        })  # fmt: skip
+    return {"calibration_points": len(rows), "predictors": {p: _scores(runs, p) for p in PREDICTORS}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/shiftcost-calibrate-user"))
+    parser.add_argument("--calibrations", default="default,fitted", help="Comma-separated --out-name values to score.")
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    options = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    names = [n.strip() for n in options.calibrations.split(",") if n.strip()]
+    model, batches = measure_batches(options.workdir, options.workdir / names[0] / "reference.safetensors")
+    statuses = {s: sum(b["status"] == s for b in batches) for s in sorted({b["status"] for b in batches})}
+    print(f"{len(batches)} evaluation batches: {statuses}")
+    figures: dict[str, Any] = {"batches": [{k: v for k, v in b.items() if k != "batch"} for b in batches]}
+    for name in names:
+        figures[name] = score(options.workdir, name, model, batches)
+        print(f"\n{name} ({figures[name]['calibration_points']} calibration points)")
+        print(f"  {'predictor':<24}{'MdAPE':>8}{'|log err|':>11}{'C-index':>9}{'cov 90%':>9}")
+        for predictor, s in figures[name]["predictors"].items():
+            cells = (s["mdape"], s["median_abs_log_error"], s["c_index"], s["coverage"])
+            print(f"  {predictor:<24}" + "".join(f"{'-' if math.isnan(v) else format(v, '.2f'):>{w}}" for v, w in zip(cells, (8, 11, 9, 9))))
+    if options.json:
+        options.json.write_text(json.dumps(figures, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
