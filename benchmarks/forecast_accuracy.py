@@ -152,7 +152,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
             features = {k: float(getattr(report, k)) for k in COST_FEATURES}
             stage0 = forecaster.predict(features)
             for seed in range(args.seeds):
-                probe = _probe(model, shifted, new_y, target, ceiling, seed, host_rate)
+                probe = _probe(model, shifted, new_y, target, ceiling, seed, host_rate, forecaster.probe_options())
                 stage1 = forecaster.predict(features, probe=probe)
                 run = retrain_to_cutoff(
                     model, shifted, new_y, seed=seed, reference_accuracy=ceiling, tolerance=TOLERANCE,
@@ -200,13 +200,14 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _probe(model: Any, x: Any, y: Any, target: float, ceiling: float, seed: int, rate: Any) -> Any:
-    """The probe, measured with CodeCarbon as retrains are, and estimated through the host's rate."""
+def _probe(model: Any, x: Any, y: Any, target: float, ceiling: float, seed: int, rate: Any, options: dict[str, Any]) -> Any:
+    """The probe as calibration ran it (``options``), measured with CodeCarbon as retrains are,
+    and estimated through the host's rate."""
     from shiftcost.forecast.probe import run_probe
 
     return run_probe(
         model, x, y, target_accuracy=target, ceiling=ceiling, seed=seed, device="cpu", track_energy=True,
-        energy_options={"measure_power_secs": 0.5}, joules_per_sample=None if rate is None else rate.joules_per_sample,
+        energy_options={"measure_power_secs": 0.5}, joules_per_sample=None if rate is None else rate.joules_per_sample, **options,
     )
 
 

@@ -134,12 +134,23 @@ def _fit_forecaster(
         forecaster = Forecaster.fit(
             fit_rows, features=list(features), level=level, max_epochs=max_epochs, group_key=group_key,
             energy_rate=rate, batch_size=int(settings.get("batch_size") or 64),
-            probe_settings={"steps": settings.get("probe_steps")},
+            probe_settings=_probe_settings(settings),
             retrain_settings={name: settings.get(name) for name in EPOCH_SETTINGS},
         )
     except Exception as error:  # noqa: BLE001
         return None, _describe(error)
     return forecaster, None
+
+
+def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """How the sweep's probes ran (see ``sweep._probe_point``): the probe's own steps, sample and
+    batch, at the retrains' learning rate and optimizer."""
+    from shiftcost.forecast import probe
+
+    return {
+        "steps": settings.get("probe_steps"), "samples": probe.DEFAULT_SAMPLES, "batch_size": probe.DEFAULT_BATCH_SIZE,
+        "lr": settings.get("lr"), "optimizer": settings.get("optimizer"),
+    }
 
 
 def _group_out(

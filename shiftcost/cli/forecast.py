@@ -99,15 +99,15 @@ def _probe(
     forecaster: Any, net: Any, new: Any, reference_accuracy: float, tolerance: float, probe_steps: int | None,
     seed: int, device: str, source: str, track_energy: bool, country: str,
 ) -> Any:
-    """Stage 1: a few fine-tuning steps on a copy of the model, as many as calibrated unless given."""
-    from shiftcost.forecast.probe import DEFAULT_STEPS, run_probe
+    """Stage 1: a few fine-tuning steps on a copy of the model, as calibration probed (as many steps unless given)."""
+    from shiftcost.forecast.probe import run_probe
 
-    steps = probe_steps or int(forecaster.probe_settings.get("steps") or DEFAULT_STEPS)
+    options = forecaster.probe_options() | ({"steps": probe_steps} if probe_steps else {})
     rate = forecaster.energy_rate
     return run_probe(
         net, new.x, new.y, target_accuracy=max(0.0, reference_accuracy - tolerance), ceiling=reference_accuracy,
-        steps=steps, seed=seed, device=device, joules_per_sample=None if rate is None else rate.joules_per_sample,
-        source=source, retrain_batch_size=forecaster.batch_size, track_energy=track_energy, country_iso_code=country,
+        seed=seed, device=device, joules_per_sample=None if rate is None else rate.joules_per_sample,
+        source=source, retrain_batch_size=forecaster.batch_size, track_energy=track_energy, country_iso_code=country, **options,
     )
 
 

@@ -34,6 +34,7 @@ from scipy import special, stats
 from shiftcost.costmodel import CostModel, CostPrediction
 from shiftcost.energy import HostEnergyRate
 from shiftcost.errors import ConfigError, InputError
+from shiftcost.forecast import probe as probing
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
 from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, ProbeTrajectory, probe_features
@@ -71,6 +72,8 @@ STAGE1_DEFAULT: tuple[str, ...] = ("curve_log_epochs",)
 #: Retrain settings that change epochs to the cutoff (``RetrainConfig`` flat names): calibration
 #: records them, and a forecast is refused for retrains that do not share them.
 EPOCH_SETTINGS: tuple[str, ...] = ("batch_size", "lr", "optimizer", "tolerance", "holdout_fraction")
+#: The probe settings a calibration records and every later probe repeats.
+PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer")
 #: More predicted by the index model, a slower curve, a wider gap left: more cost; more progress or loss drop: less.
 STAGE1_SIGNS: dict[str, int] = {STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1, "probe_gap": 1, "cutoff_log_epochs": 1}
 
@@ -221,12 +224,13 @@ class Forecaster:
             return self._finish(
                 prediction, "index", dict(prediction.features), None, batch_samples, carbon_intensity, extrapolated=prediction.extrapolated
             )
+        self._check_probe(probe)
         values = probe_features(
             probe.epochs, probe.accuracy, probe.loss, target=probe.target_accuracy, ceiling=probe.ceiling, cap_epochs=self.max_epochs
         )
         return self.predict_from_probe_features(
-            features, values, probe_cost=probe.cost.to_dict(), already_met=probe.accuracy[0] >= probe.target_accuracy,
-            batch_samples=batch_samples, carbon_intensity=carbon_intensity,
+            features, values, probe_cost=probe.cost.to_dict() | {"settings": dict(probe.settings)},
+            already_met=probe.accuracy[0] >= probe.target_accuracy, batch_samples=batch_samples, carbon_intensity=carbon_intensity,
         )
 
     def predict_from_probe_features(
@@ -404,6 +408,35 @@ class Forecaster:
             stage1_error=saved.get("stage1_error") or (None if stage1 else "the stored cost model has no probe stage"),
             retrain_settings=saved.get("retrain"),
         )
+
+    def probe_options(self) -> dict[str, Any]:
+        """The probe as calibration ran it (``steps``, ``samples``, ``batch_size``, ``lr``,
+        ``optimizer``), for :func:`~shiftcost.forecast.probe.run_probe`: stage 1 was fitted on
+        those probes' features, and a probe at another learning rate learns another curve (ten times
+        a resnet18's calibrated rate took its accuracy from 0.87 to 0.52 before it recovered). Files that do not
+        record the probe's rate and optimizer probed at their retrains'; the oldest record
+        neither and fall back to the probe's defaults."""
+        options: dict[str, Any] = {"steps": probing.DEFAULT_STEPS, "samples": probing.DEFAULT_SAMPLES, "batch_size": probing.DEFAULT_BATCH_SIZE}
+        options |= {name: self.retrain_settings[name] for name in ("lr", "optimizer") if name in self.retrain_settings}
+        options |= {name: value for name, value in self.probe_settings.items() if name in PROBE_OPTIONS and value is not None}
+        return options
+
+    def _check_probe(self, probe: ProbeTrajectory) -> None:
+        """Refuse a probe whose steps are not the ones calibration's probes took (rate, optimizer)."""
+        calibrated = self.probe_options()
+        differ = []
+        for name in ("lr", "optimizer"):
+            if name not in calibrated or name not in probe.settings:
+                continue
+            ran, wanted = probe.settings[name], calibrated[name]
+            same = math.isclose(float(ran), float(wanted), rel_tol=1e-9) if isinstance(wanted, (int, float)) else ran == wanted
+            if not same:
+                differ.append(f"{name} {wanted} (here {ran})")
+        if differ:
+            raise ConfigError(
+                f"the probe stage was calibrated on probes with {', '.join(differ)}; run the probe with "
+                "Forecaster.probe_options() so its curve is the kind the forecast was fitted on."
+            )
 
     def check_retrain(self, config: Any, where: str) -> None:
         """Refuse to forecast retrains whose recipe or cutoff differs from what calibration measured.

@@ -446,8 +446,7 @@ def probe_if_it_pays(
     unprobeable = _why_no_probe(loaded, prediction, forecaster, budget_left_kwh)
     if unprobeable is not None or reference_accuracy is None or budget_left_kwh is None:
         return prediction, "index", unprobeable or "", None
-    chosen = {"steps": probing.DEFAULT_STEPS, "samples": probing.DEFAULT_SAMPLES, "batch_size": probing.DEFAULT_BATCH_SIZE}
-    chosen |= {k: v for k, v in forecaster.probe_settings.items() if k in ("steps", "samples", "batch_size", "lr", "optimizer")}
+    chosen = forecaster.probe_options()
     _, holdout = split_sizes(len(loaded.data), settings.retrain_holdout_fraction)
     probe_kwh = joules * (chosen["steps"] * chosen["batch_size"] + EVAL_SAMPLE_WEIGHT * (chosen["steps"] + 1) * holdout) / 3.6e6
     index_kwh = Interval(prediction.energy_kwh, prediction.energy_kwh_lower or 0.0, prediction.energy_kwh_upper or math.inf, prediction.level)

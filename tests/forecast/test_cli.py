@@ -153,6 +153,15 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     )
     assert done.returncode == 0, done.stderr
     assert json.loads((cal / "forecaster.json").read_text())["retrain"]["lr"] == 0.01
+    # The forecast probes as the calibration's probes did: at the calibrated rate, not the probe's default.
+    probed = shiftcost(
+        "forecast", "--model", str(files / "model.safetensors"), "--reference-stats", str(cal / "reference.safetensors"),
+        "--batch", str(files / "batch.npz"), "--cost-model", str(cal / "forecaster.json"), "--device", "cpu", "--no-energy", "--json",
+        cwd=files,
+    )
+    assert probed.returncode == 0, probed.stderr
+    payload = json.loads(probed.stdout)
+    assert payload["stage"] == "probe" and payload["probe"]["settings"]["lr"] == 0.01
     common = [
         "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"),
         "--reference-stats", str(cal / "reference.safetensors"), "--cost-model", str(cal / "forecaster.json"),

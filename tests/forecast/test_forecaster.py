@@ -249,3 +249,35 @@ def test_a_forecast_is_refused_for_retrains_unlike_the_calibrated_ones(tmp_path)
     for name, other in (("batch_size", 64), ("lr", 1e-3), ("optimizer", "adam"), ("tolerance", 0.05), ("holdout_fraction", 0.2)):
         with pytest.raises(ConfigError, match=rf"{name} {calibrated[name]} \(here {other}\), not what this retrain uses"):
             loaded.check_retrain(same.replace(**{name: other}), "this retrain")
+
+
+def test_later_probes_repeat_the_calibrated_probe_and_a_probe_at_another_rate_is_refused(tmp_path) -> None:
+    import dataclasses
+
+    from shiftcost.errors import ConfigError
+    from shiftcost.forecast.probe import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, ProbeCost, ProbeTrajectory
+    from tests.test_calibrate import _synthetic_rows
+
+    calibrated = {"batch_size": 32, "lr": 3e-3, "optimizer": "sgd", "tolerance": 0.02, "holdout_fraction": 0.3}
+    result = analyse(_synthetic_rows(), settings=calibrated | {"probe_steps": 12}, features=["resque_dist"])
+    loaded = Forecaster.load(result.forecaster.save(tmp_path / "forecaster.json"))
+    expected = {"steps": 12, "samples": DEFAULT_SAMPLES, "batch_size": DEFAULT_BATCH_SIZE, "lr": 3e-3, "optimizer": "sgd"}
+    assert loaded.probe_options() == expected
+    # A file that recorded only the probe's steps probed at its retrains' rate and optimizer.
+    older = json.loads((tmp_path / "forecaster.json").read_text())
+    older["probe_settings"] = {"steps": 12}
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert Forecaster.load(tmp_path / "older.json").probe_options() == expected
+
+    forecaster = fitted_forecaster()
+    forecaster.retrain_settings["lr"] = 1e-4
+    cost = ProbeCost(steps=2, sample_gradients=32, samples_evaluated=90, seconds=0.1, energy_kwh=None, energy_measured=False)
+    probe = ProbeTrajectory(
+        epochs=[0.0, 0.1, 0.2], accuracy=[0.6, 0.7, 0.75], loss=[1.0, 0.8, 0.7], initial_grad_norm=1.0, grad_noise_scale=None,
+        loss_drop_per_step=0.15, target_accuracy=0.9, ceiling=0.93, pool_samples=70, holdout_samples=30, cost=cost,
+        settings={"lr": 1e-4, "optimizer": "adam"},
+    )
+    row = forecast_rows()[20]
+    assert forecaster.predict(row, probe=probe, batch_samples=100).probe["settings"]["lr"] == 1e-4
+    with pytest.raises(ConfigError, match=r"lr 0.0001 \(here 0.001\)"):
+        forecaster.predict(row, probe=dataclasses.replace(probe, settings={"lr": 1e-3, "optimizer": "adam"}), batch_samples=100)
