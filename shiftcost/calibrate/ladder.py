@@ -1,8 +1,8 @@
 """Fitting the sweep's intensities to the model being calibrated.
 
 The default intensities were chosen on the digits demo CNN. Another model can shrug them off
-(a resnet18 at 32x32 keeps 0.96 accuracy at the strongest default noise, so every noise point
-retrains as ``already_met`` and teaches the cost model nothing) or collapse under them. One
+(a resnet18 at 32x32 keeps 0.96 accuracy or more at every default noise level: 9 of its 15
+noise points needed no training, the rest under half an epoch) or collapse under them. One
 forward pass per candidate intensity, on a sample of the new data, finds how far each kind's
 ladder must be stretched for the model to lose the share of its accuracy the demo loses
 (:data:`shiftcost.shifts.DEFAULT_TOP_DROP`); the retrains then run on the stretched ladder.
