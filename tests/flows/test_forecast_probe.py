@@ -11,7 +11,8 @@ from tests.flows.flow_support import TrainedModel, brightened, environment_setti
 from tests.forecast.helpers import forecast_rows
 
 JOULES_PER_SAMPLE = 0.5
-PROBE = {"steps": 2, "samples": 8, "batch_size": 4, "lr": 1e-3, "optimizer": "adam"}
+#: A rate other than the probe's default, so a probe that ignored the calibrated one would show.
+PROBE = {"steps": 2, "samples": 8, "batch_size": 4, "lr": 2e-3, "optimizer": "adam"}
 
 
 @pytest.fixture
@@ -72,6 +73,7 @@ def test_a_probe_runs_when_the_index_interval_straddles_the_budget_and_is_charge
     holdout = round(200 * 0.3)
     # Two steps of four samples; three evaluations of the holdout, each a third of a training sample's cost.
     assert probe["cost"]["steps"] == 2 and probe["cost"]["sample_gradients"] == 8 and probe["cost"]["samples_evaluated"] == 3 * holdout
+    assert probe["settings"]["lr"] == PROBE["lr"] and probe["settings"]["optimizer"] == PROBE["optimizer"]
     # Measured with CodeCarbon like a retrain, with the host rate's estimate kept beside it.
     assert probe["cost"]["estimated_energy_kwh"] == pytest.approx(JOULES_PER_SAMPLE * (8 + 3 * holdout / 3.0) / 3.6e6)
     assert probe["cost"]["energy_measured"] is True and probe["cost"]["seconds"] > 0
