@@ -296,8 +296,8 @@ def _scores(runs: list[dict[str, Any]], name: str) -> dict[str, Any]:
     }
 
 
-def metrics(runs: list[dict[str, Any]], resamples: int) -> dict[str, Any]:
-    table = {name: _scores(runs, name) for name in PREDICTORS}
+def metrics(runs: list[dict[str, Any]], resamples: int, predictors: tuple[str, ...] = PREDICTORS) -> dict[str, Any]:
+    table = {name: _scores(runs, name) for name in predictors}
     rng = np.random.default_rng(0)
     ci: dict[str, Any] = {}
     for baseline in ("constant", "isotonic_accuracy_drop", "stage0"):

@@ -10,7 +10,8 @@ intensities, seed 0), retrained once to the cutoff under the measurement protoco
 retrain is the truth every calibration is scored against in the same run. Per calibration
 it prints, for the constant and isotonic-on-accuracy-drop baselines fitted on that
 calibration's points, the index stage and the probe stage: MdAPE of epochs on reached runs,
-median |log error| with capped runs as bounds, C-index and 90% coverage.
+median |log error| with capped runs as bounds, C-index and 90% coverage, and paired bootstrap
+95% CIs of the probe stage's MdAPE and C-index minus each other predictor's.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_shifts import FOURTH_KINDS, FRESH_KINDS, eval_corrupt  # noqa: E402
-from forecast_accuracy import _scores, fit_baselines  # noqa: E402
+from forecast_accuracy import fit_baselines, metrics  # noqa: E402
 
 PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe")
+#: Paired bootstrap resamples of the batches for the probe stage's differences from each baseline.
+RESAMPLES = 2000
 
 
 def measure_batches(work: Path, reference_stats: Path) -> tuple[Any, list[dict[str, Any]]]:
@@ -83,7 +86,7 @@ def score(work: Path, name: str, model: Any, batches: list[dict[str, Any]]) -> d
             "stage0": forecaster.predict(features, batch_samples=len(batch["batch"].y)).epochs,
             "stage0_probe": forecaster.predict(features, probe=trajectory, batch_samples=len(batch["batch"].y)).epochs,
         })  # fmt: skip
-    return {"calibration_points": len(rows), "predictors": {p: _scores(runs, p) for p in PREDICTORS}}
+    return {"calibration_points": len(rows)} | metrics(runs, RESAMPLES, predictors=PREDICTORS)
 
 
 def main() -> None:
@@ -107,6 +110,9 @@ def main() -> None:
         for predictor, s in figures[name]["predictors"].items():
             cells = (s["mdape"], s["median_abs_log_error"], s["c_index"], s["coverage"])
             print(f"  {predictor:<24}" + "".join(f"{'-' if math.isnan(v) else format(v, '.2f'):>{w}}" for v, w in zip(cells, (8, 11, 9, 9))))
+        for baseline, ci in figures[name]["stage0_probe_minus_baseline_ci95"].items():
+            print(f"  probe stage minus {baseline}, 95% CI: MdAPE [{ci['mdape'][0]:+.2f}, {ci['mdape'][1]:+.2f}], "
+                  f"C-index [{ci['c_index'][0]:+.2f}, {ci['c_index'][1]:+.2f}]")
     if options.json:
         options.json.write_text(json.dumps(figures, indent=1, default=str))
 
