@@ -17,3 +17,8 @@ import os
 # No usage statistics leave an air-gapped host unless asked for.
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect's ephemeral API runs its database migrations on a fresh PREFECT_HOME before it
+# answers; on a 2-core host just after a test run that took more than Prefect's default 20 s
+# and a first `make demo` stopped with "Timed out while attempting to connect to ephemeral
+# Prefect API server" (the same command right after went through in 66 s).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
