@@ -92,14 +92,14 @@ def run_sweep(
     config = (config or SWEEP_CONFIG.for_model(spec)).replace(**retrain_settings).replace(require_energy=False)
     _check_data(reference_x, reference_y, "the reference data")
     _check_data(new_x, new_y, "the new data")
-    _check_plan(sweep, new_x)
+    plan = _check_plan(sweep, new_x)
     _check_settings(repeats, threads, level, features)
     started = {"wall": time.perf_counter(), "cpu": _cpu_seconds(), "load": _load_average()}
     fits = None
     if fit_intensities:
         with torch_threads(threads):
             sweep, fits = fit_sweep(model, new_x, new_y, sweep, num_classes=spec.num_classes, seed=seed, device=_resolve_device(config.device))
-    plan = _check_plan(sweep, new_x)
+        plan = _check_plan(sweep, new_x)
     plan = _round_robin(plan) if time_budget_s is not None else plan
     settings = _sweep_settings(config, sweep, seed, repeats, probe_steps, threads, level, features, spec)
     if fits is not None:

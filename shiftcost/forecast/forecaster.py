@@ -424,14 +424,8 @@ class Forecaster:
     def _check_probe(self, probe: ProbeTrajectory) -> None:
         """Refuse a probe whose steps are not the ones calibration's probes took (rate, optimizer)."""
         calibrated = self.probe_options()
-        differ = []
-        for name in ("lr", "optimizer"):
-            if name not in calibrated or name not in probe.settings:
-                continue
-            ran, wanted = probe.settings[name], calibrated[name]
-            same = math.isclose(float(ran), float(wanted), rel_tol=1e-9) if isinstance(wanted, (int, float)) else ran == wanted
-            if not same:
-                differ.append(f"{name} {wanted} (here {ran})")
+        compared = [name for name in ("lr", "optimizer") if name in calibrated and name in probe.settings]
+        differ = _differences({name: calibrated[name] for name in compared}, probe.settings.__getitem__)
         if differ:
             raise ConfigError(
                 f"the probe stage was calibrated on probes with {', '.join(differ)}; run the probe with "
@@ -447,12 +441,7 @@ class Forecaster:
         batch 128 as at 64, and 0.66 to 2 times at 32, neither the same epochs nor the same
         steps, so no conversion is safe. Settings calibration did not record are not checked.
         """
-        differ = []
-        for name, calibrated in self.retrain_settings.items():
-            actual = _epoch_setting(config, name)
-            same = math.isclose(float(actual), float(calibrated), rel_tol=1e-9) if isinstance(calibrated, (int, float)) else actual == calibrated
-            if not same:
-                differ.append(f"{name} {calibrated} (here {actual})")
+        differ = _differences(self.retrain_settings, lambda name: _epoch_setting(config, name))
         if differ:
             raise ConfigError(
                 f"the cost model was calibrated on retrains with {', '.join(differ)}, not what {where} uses; epochs to the cutoff "
@@ -553,6 +542,18 @@ def _condition_on_spent(
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _differences(calibrated: Mapping[str, Any], actual: Any) -> list[str]:
+    """``"name calibrated (here actual)"`` for each calibrated setting ``actual(name)`` does not
+    match (numbers to a relative 1e-9, anything else exactly)."""
+    differ = []
+    for name, wanted in calibrated.items():
+        found = actual(name)
+        same = math.isclose(float(found), float(wanted), rel_tol=1e-9) if isinstance(wanted, (int, float)) else found == wanted
+        if not same:
+            differ.append(f"{name} {wanted} (here {found})")
+    return differ
 
 
 def _epoch_setting(config: Any, name: str) -> Any:
