@@ -68,18 +68,20 @@ def test_measurement_is_positive_complete_and_writes_nothing(in_empty_dir: Path)
 
 def test_energy_scales_with_work() -> None:
     measured = {}
-    for units in (8, 24):  # about 0.3 s and 1 s of work on an idle core
+    for units in (2, 24):  # about 0.1 s and 0.8 s of work on an idle core
         with measure_energy(measure_power_secs=0.2) as meter:
             busy_work(units)
         measured[units] = meter.measurement
-    ratio = measured[24].energy_kwh / measured[8].energy_kwh
-    cpu_ratio = measured[24].cpu_energy_kwh / measured[8].cpu_energy_kwh
-    # Three times the work: clearly more energy, roughly three times. The band is loose
-    # because CodeCarbon integrates power over wall time, which other load on a shared
-    # machine stretches unevenly (ratios from 1.8 to 4.9 were seen under heavy load).
-    assert 1.4 < ratio < 8.0
-    assert 1.4 < cpu_ratio < 8.0
-    assert measured[24].emissions_kg > measured[8].emissions_kg
+    ratio = measured[24].energy_kwh / measured[2].energy_kwh
+    cpu_ratio = measured[24].cpu_energy_kwh / measured[2].cpu_energy_kwh
+    # Twelve times the work: clearly more energy, within a factor of four of twelve times.
+    # The work ratio is wide because CodeCarbon's estimate is CPU load x TDP integrated
+    # over wall time, and other load on a shared 2-core machine moved the estimated power
+    # of a window up to 6x (with 3x the work the ratio ranged from 1.1 to 8.5; with 12x it
+    # ranged from 5.9 to 11.9 beside a busy process).
+    assert 3.0 < ratio < 48.0
+    assert 3.0 < cpu_ratio < 48.0
+    assert measured[24].emissions_kg > measured[2].emissions_kg
 
 
 def test_country_changes_carbon_intensity_not_energy_accounting() -> None:
