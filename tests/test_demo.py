@@ -142,3 +142,23 @@ def test_demo_runs_end_to_end_in_a_fresh_folder(tmp_path):
 
     # Everything stayed in the work folder: Prefect's home included, nothing under ~/.prefect.
     assert (work / "prefect").is_dir() and not (home / ".prefect").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("timeout", "sentence"),
+    [("x", r"Prefect refused a setting from the environment \(.*startup_timeout_seconds.*\); correct or unset"),
+     # One second is too short for the API's subprocess to run its migrations on a fresh home.
+     ("1", r"Prefect's ephemeral API did not answer within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=1 s "
+           r"\(Timed out .*\); run the demo again")],
+)
+def test_demo_that_cannot_start_prefect_says_why_in_one_sentence(tmp_path, timeout, sentence):
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SHIFTCOST_", "PREFECT_"))}
+    env.update(HOME=str(tmp_path), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=timeout)
+    command = [sys.executable, "-c", "from shiftcost.cli import main; main()",
+               "demo", "--workdir", str(tmp_path / "work"), "--batches", "1", "--quick"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    [message] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(f"error: {sentence}.*", message), message

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from shiftcost.errors import InputError
+from shiftcost.errors import ConfigError, InputError, short_error
 from shiftcost.cli._demo_output import fill_rows, print_summary, write_demo_report
 from shiftcost.features import COST_FEATURES, Feature
 
@@ -228,6 +228,8 @@ def _run(workdir: Path, *, batches: int | None, quick: bool, seed: int, console:
     from shiftcost.scenario import default_steps, demo_pools
 
     started_wall, started_cpu = started
+    with prefect_start_errors():  # a bad Prefect setting is refused now, not after the calibration
+        from flows.watch import watch
     run = DemoRun(workdir=workdir)
     sweep = QUICK_CALIBRATION_SWEEP if quick else CALIBRATION_SWEEP
     steps = default_steps(sweep)
@@ -246,7 +248,7 @@ def _run(workdir: Path, *, batches: int | None, quick: bool, seed: int, console:
         with stages.timed("bootstrap", "sizing the budget and bootstrapping the pipeline"):
             settings = _bootstrap_stage(run, settings, model, spec, splits, cost_model, joules)
         with stages.timed("stream", "starting Prefect's ephemeral API", advance=False):
-            _stream(stages, run, scenario_pool, steps, spec, settings, seed)
+            _stream(stages, run, watch, scenario_pool, steps, spec, settings, seed)
         with stages.timed("report", "writing the report"):
             fill_rows(run, settings)
             run.report = str(write_demo_report(run, settings))
@@ -293,9 +295,9 @@ def _bootstrap_stage(run: DemoRun, settings: Settings, model: Any, spec: Any, sp
     return settings
 
 
-def _stream(stages: _Stages, run: DemoRun, pool: Any, steps: list[Any], spec: Any, settings: Settings, seed: int) -> None:
+def _stream(stages: _Stages, run: DemoRun, watch: Any, pool: Any, steps: list[Any], spec: Any, settings: Settings,
+            seed: int) -> None:
     """Drop each scenario batch into the landing folder and run the real watch flow on it."""
-    from flows.watch import watch
     from shiftcost.scenario import build_scenario
 
     scenario = build_scenario(pool, steps, batch_size=SCENARIO_BATCH_SIZE, seed=seed, classes=spec.classes)
@@ -304,11 +306,41 @@ def _stream(stages: _Stages, run: DemoRun, pool: Any, steps: list[Any], spec: An
         stages.show(f"batch {item.position}/{len(scenario)}: {item.step.label}")
         path = item.write(landing)
         batch_clock = time.perf_counter()
-        state = watch(return_state=True)
+        with prefect_start_errors():  # the first flow call starts the API
+            state = watch(return_state=True)
         problem = None if state.is_completed() else f"watch flow {state.type.value.lower()}: {state.message}"
         run.rows.append({"flow_error": problem, "step": item.position, "file": path, "shift": item.step.label, "unseen": item.step.unseen,
                          "note": item.step.note, "kind": item.step.kind, "seconds": time.perf_counter() - batch_clock})
         stages.advance()
+
+
+STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+@contextmanager
+def prefect_start_errors() -> Iterator[None]:
+    """Prefect's two ways to fail before a flow runs, as one sentence a user can act on.
+
+    Prefect parses its settings from the environment when the flows are imported (a
+    pydantic ``ValidationError``) and starts its ephemeral API on the first flow call (a
+    plain ``RuntimeError`` when the API does not answer in time).
+    """
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except ValidationError as error:
+        raise ConfigError(
+            f"Prefect refused a setting from the environment ({short_error(error, 160)}); "
+            "correct or unset that PREFECT_ variable and run the demo again."
+        ) from None
+    except RuntimeError as error:
+        if "ephemeral Prefect API" not in str(error):
+            raise
+        raise ConfigError(
+            f"Prefect's ephemeral API did not answer within {STARTUP_TIMEOUT}={os.environ.get(STARTUP_TIMEOUT)} s "
+            f"({short_error(error, 160)}); run the demo again when the machine is less busy, or raise that setting."
+        ) from None
 
 
 def prepare_workdir(workdir: Path) -> Path:
