@@ -500,17 +500,44 @@ def test_fitting_intensities_is_refused_beside_a_sweep_of_ones_own(tmp_path) -> 
     assert not (tmp_path / "out").exists()
 
 
-def test_the_demo_model_needs_about_no_stretch() -> None:
-    """The goals are the demo's own losses at the default intensities, so fitting the demo
-    (the seed the goals were measured on) leaves each ladder within a quarter of itself."""
+def test_top_drops_are_the_demo_models_own_and_fitting_them_stretches_about_nothing() -> None:
+    """``DEFAULT_TOP_DROP`` is the mean share of above-chance accuracy that demo seeds 0 and
+    1 lose at each kind's strongest default intensity; so fitting those two models stretches
+    each ladder by about nothing on the geometric mean.
+
+    Neither holds exactly on every machine: the demo models differ in the last bits from one
+    CPU to another, and their losses with them (the mean loss under perspective was 0.2 on
+    the machine that measured the table, 0.27 on another; seed 0's impulse_noise scale 0.88
+    on one, 0.75 on the other).
+    """
+    from shiftcost.calibrate.ladder import SCAN_SAMPLES
     from shiftcost.data.demo import train_demo_model
-    from shiftcost.shifts import DEFAULT_SWEEP, DEFAULT_TOP_DROP
+    from shiftcost.shifts import DEFAULT_SWEEP, DEFAULT_TOP_DROP, corrupt
+
+    def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            return (model(x).argmax(dim=1) == y).float().mean().item()
 
     assert set(DEFAULT_TOP_DROP) == set(DEFAULT_SWEEP)
-    model, spec, splits = train_demo_model(seed=0)
-    _, fits = fit_sweep(model, *splits["stream"], DEFAULT_SWEEP, num_classes=spec.num_classes)
-    assert {fit.kind: fit.reached for fit in fits} == dict.fromkeys(DEFAULT_SWEEP, True)
-    assert all(0.8 <= fit.scale <= 1.25 for fit in fits), {fit.kind: round(fit.scale, 2) for fit in fits}
+    drops: dict[str, list[float]] = {kind: [] for kind in DEFAULT_SWEEP}
+    log_scales: dict[str, list[float]] = {kind: [] for kind in DEFAULT_SWEEP}
+    for seed in (0, 1):
+        model, spec, splits = train_demo_model(seed=seed)
+        model.eval()
+        x, y = splits["stream"]
+        sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:SCAN_SAMPLES]
+        clean, chance = accuracy(model, x[sample], y[sample]), 1 / spec.num_classes
+        for kind, levels in DEFAULT_SWEEP.items():
+            shifted = accuracy(model, corrupt(x[sample], kind, max(levels), seed=0), y[sample])
+            drops[kind].append((clean - shifted) / (clean - chance))
+        _, fits = fit_sweep(model, x, y, DEFAULT_SWEEP, num_classes=spec.num_classes)
+        assert {fit.kind: fit.reached for fit in fits} == dict.fromkeys(DEFAULT_SWEEP, True)
+        for fit in fits:
+            log_scales[fit.kind].append(math.log(fit.scale))
+    mean_drop = {kind: sum(values) / len(values) for kind, values in drops.items()}
+    assert all(abs(mean_drop[kind] - DEFAULT_TOP_DROP[kind]) <= 0.1 for kind in DEFAULT_SWEEP), mean_drop
+    mean_scale = {kind: math.exp(sum(logs) / len(logs)) for kind, logs in log_scales.items()}
+    assert all(0.8 <= scale <= 1.25 for scale in mean_scale.values()), {k: round(v, 2) for k, v in mean_scale.items()}
 
 
 def test_cli_fits_the_intensities_it_sweeps_when_asked(tiny, tmp_path) -> None:
