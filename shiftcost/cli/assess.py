@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         """
         from pathlib import Path
 
-        from rich.console import Console
+        from shiftcost.cli._console import make_console
 
         from shiftcost import landing, pipeline
         from shiftcost.config import load_settings
@@ -113,7 +113,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(result.to_dict(), default=str))
         else:
-            Console().print(_table(result))
+            make_console().print(_table(result))
         if result.retraining is not None and result.retraining.status == "failed":
             raise typer.Exit(EXIT_RETRAIN_FAILED)
         if result.assessment is not None and result.assessment.status == "failed":

@@ -77,8 +77,10 @@ def _cell(value: Any) -> str:
         return value.strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, float):
         return f"{value:.6g}"
-    if isinstance(value, (list, dict)):
-        return "; ".join(map(str, value)) if isinstance(value, list) else json.dumps(value)
+    if isinstance(value, list):  # a decision's reasons by their codes; --format json has them whole
+        return ", ".join(item["code"] if isinstance(item, dict) and "code" in item else _cell(item) for item in value)
+    if isinstance(value, dict):
+        return json.dumps(value)
     return str(value)
 
 
@@ -101,7 +103,7 @@ def emit(result: AuditResult, output: OutputFormat, title: str) -> None:
             writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else _plain(v)) for k, v in row.items()})
         typer.echo(buffer.getvalue(), nl=False)
         return
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
@@ -109,7 +111,7 @@ def emit(result: AuditResult, output: OutputFormat, title: str) -> None:
         table.add_column(column, overflow="fold")
     for row in result.rows:
         table.add_row(*(_cell(row.get(column)) for column in result.columns))
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print(
         "totals: " + ", ".join(f"{k}={_cell(v) if not isinstance(v, dict) else v}" for k, v in result.totals.items()),

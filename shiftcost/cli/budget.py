@@ -82,7 +82,7 @@ def list_(
     if as_json:
         typer.echo(json.dumps([status.as_dict() for status in statuses]))
         return
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
     from rich.table import Table
 
     table = Table(title="Budgets (current period)")
@@ -95,7 +95,7 @@ def list_(
         table.add_row(name, s.scope, period, _number(s.kwh_cap), _number(s.spent_kwh), _number(s.remaining_kwh),
                       _number(s.late_kwh), _number(s.overrun_kwh),
                       _number(s.co2_cap), _number(s.spent_co2), _number(s.remaining_co2), str(s.open_reservations))
-    Console().print(table)
+    make_console().print(table)
 
 
 def _budget_data(budget) -> dict:

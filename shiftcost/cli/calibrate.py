@@ -310,7 +310,7 @@ def _run_options(quick: bool, repeats: int | None, max_epochs: float | None) -> 
 
 
 def _finish(result: SweepResult, reference_path: Path, as_json: bool) -> None:
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
 
     from shiftcost.errors import InputError
 
@@ -320,7 +320,7 @@ def _finish(result: SweepResult, reference_path: Path, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(_summary_json(result), indent=1, allow_nan=False))
     else:
-        _print_tables(result, Console())
+        _print_tables(result, make_console())
 
 
 ModelFileOption = Annotated[
@@ -435,13 +435,13 @@ def register(app: typer.Typer) -> None:
 
         For each corruption kind and intensity: the indices in one pass, then retraining until held-out accuracy is back at the reference accuracy minus --tolerance (CodeCarbon measures the energy). Prints Pearson/Spearman correlations of each index with steps, epochs, energy, emissions, gradient norm and parameter change, and the cost model's leave-one-corruption-out error; writes points.json/.csv, correlations.json, report.md, loco.json, costmodel.json (index stage), forecaster.json (index and probe stages, for shiftcost forecast and the retrain budget guard), reference.safetensors (the reference statistics used) and a PNG plot to --out. Progress goes to stderr, one line per point when it is not a terminal.
         """
-        from rich.console import Console
+        from shiftcost.cli._console import make_console
 
         from shiftcost.calibrate import SWEEP_CONFIG, run_sweep, torch_threads
 
         plan, chosen_features = _choose_plan(sweep, quick, kinds), _choose_features(features)
         fit = _choose_fit(fit_intensities, sweep, quick)
-        err = Console(stderr=True)
+        err = make_console(stderr=True)
         with torch_threads(threads):
             net, spec, ref, new = _load_inputs(model, reference, data, demo, seed, err)
             reference_stats, reference_path = _save_reference_stats(net, spec, ref, out, device, seed)

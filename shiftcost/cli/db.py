@@ -86,7 +86,7 @@ def current(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Show the database's schema revision and whether it is at this shiftcost's head."""
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
 
     from shiftcost.store import migrate
     from shiftcost.store.db import redact
@@ -107,7 +107,7 @@ def current(
         typer.echo(json.dumps(result))
         return
     state = "up to date" if result["up_to_date"] else "needs `shiftcost db upgrade`"
-    Console().print(
+    make_console().print(
         f"{result['database']}: revision {', '.join(revisions) or 'none'} "
         f"(head {', '.join(heads)}) - {state}",
         highlight=False,

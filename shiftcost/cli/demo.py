@@ -157,11 +157,9 @@ def demo(
 ) -> None:
     """Run the whole loop on the bundled digits: train, calibrate, budget, stream shifted batches
     through the real flows, then print a table and write an HTML report."""
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
 
-    console = Console(stderr=as_json)
-    if not console.is_terminal and console.width < 160:
-        console.width = 160  # a log file has room; 80 columns would fold the table
+    console = make_console(stderr=as_json)
     run = run_demo(workdir, batches=batches, quick=quick, seed=seed, console=console)
     if as_json:
         typer.echo(json.dumps(run.to_dict(), default=str))
@@ -175,9 +173,9 @@ def demo(
 def run_demo(workdir: Path, *, batches: int | None = None, quick: bool = False, seed: int = 0,
              console: Console | None = None) -> DemoRun:
     """Run the demo in ``workdir`` (see the module notes); returns what happened."""
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
 
-    console = console or Console()
+    console = console or make_console()
     started_wall, started_cpu = time.perf_counter(), _cpu_seconds()
     workdir = prepare_workdir(workdir)
     demo_environment(workdir)

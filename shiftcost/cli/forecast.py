@@ -120,7 +120,7 @@ def _payload(result: Any) -> dict[str, Any]:
 
 
 def _print_forecast(result: Any, forecaster: Any, trajectory: Any) -> None:
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
     from rich.table import Table
 
     table = Table(title=f"forecast ({result.stage} stage, {result.epochs.level:.0%} intervals)", show_header=True)
@@ -129,21 +129,21 @@ def _print_forecast(result: Any, forecaster: Any, trajectory: Any) -> None:
     for name, interval in (("epochs", result.epochs), ("energy kWh", result.energy_kwh), ("kg CO2e", result.co2_kg)):
         if interval is not None:
             table.add_row(name, *(f"{v:.4g}" if v is not None else "unbounded" for v in (interval.median, interval.low, interval.high)))
-    Console().print(table)
+    make_console().print(table)
     if result.extrapolated:
-        Console(stderr=True).print(
+        make_console(stderr=True).print(
             f"[yellow]{', '.join(result.extrapolated)} lies beyond anything calibration saw; the forecast is held at the edge of "
             "the calibrated range (at least that hard), not measured there.[/]"
         )
     if result.not_converging:
-        Console(stderr=True).print(f"[yellow]predicted not to converge within the {forecaster.max_epochs:g}-epoch cap.[/]")
+        make_console(stderr=True).print(f"[yellow]predicted not to converge within the {forecaster.max_epochs:g}-epoch cap.[/]")
     if trajectory is not None:
         c = trajectory.cost
         how = "measured" if c.energy_measured else "estimated" if c.energy_kwh is not None else "not known"
         energy = f", {c.energy_kwh:.3g} kWh ({how})" if c.energy_kwh is not None else ""
-        Console().print(f"probe: {c.steps} steps, {c.sample_gradients} sample-gradients, {c.seconds:.2f} s{energy}")
+        make_console().print(f"probe: {c.steps} steps, {c.sample_gradients} sample-gradients, {c.seconds:.2f} s{energy}")
         if c.energy_error:
-            Console(stderr=True).print(f"[yellow]CodeCarbon could not measure the probe ({c.energy_error}); its energy is the host rate's estimate.[/]")
+            make_console(stderr=True).print(f"[yellow]CodeCarbon could not measure the probe ({c.energy_error}); its energy is the host rate's estimate.[/]")
 
 
 def register(app: typer.Typer) -> None:

@@ -87,9 +87,9 @@ class _DelayedProgress:
 
 
 def _stderr_console() -> Console:
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
 
-    return Console(stderr=True)
+    return make_console(stderr=True)
 
 
 def _load_model(path: Path) -> tuple[Any, Any]:
@@ -279,9 +279,9 @@ def index_command(
 
 
 def _stdout_console() -> Console:
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
 
-    return Console()
+    return make_console()
 
 
 def reference_command(

@@ -66,7 +66,7 @@ def _settings(database_url: str | None) -> Any:
 
 
 def _print(data: dict[str, Any], as_json: bool, title: str) -> None:
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
     from rich.table import Table
 
     if as_json:
@@ -79,7 +79,7 @@ def _print(data: dict[str, Any], as_json: bool, title: str) -> None:
     table.add_column("value")
     for key, value in data.items():
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
-    Console().print(table)
+    make_console().print(table)
 
 
 def _accuracy_line(check: Any) -> str:
@@ -115,7 +115,7 @@ def import_command(
 
     Only tensors are read (no unpickling of Python objects). With --data the accuracy is checked first: near chance refuses the import (nothing written); where ImageNet's mean/std or [-1, 1] would do much better, one sentence says so and names the flags.
     """
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
 
     from shiftcost.data import check_batch, load_batch, save_model
     from shiftcost.data.importing import check_accuracy, import_model, refuse_near_chance
@@ -141,11 +141,11 @@ def import_command(
     if as_json:
         _print(result, True, "")
     else:
-        Console().print(f"imported {spec.architecture} ({spec.num_classes} classes, {spec.in_channels}x{spec.image_size}x{spec.image_size}) to {saved}")
+        make_console().print(f"imported {spec.architecture} ({spec.num_classes} classes, {spec.in_channels}x{spec.image_size}x{spec.image_size}) to {saved}")
         if check is not None:
-            Console().print(_accuracy_line(check))
+            make_console().print(_accuracy_line(check))
     if check is not None and check.suggestion:
-        Console(stderr=True).print(check.suggestion, highlight=False, soft_wrap=True)
+        make_console(stderr=True).print(check.suggestion, highlight=False, soft_wrap=True)
 
 
 @model_app.command("register")
@@ -188,9 +188,9 @@ def register_command(
     _print(data, as_json, f"registered {done.model.name} version {done.model.version}")
     suggestion = done.accuracy.get("suggestion")
     if suggestion:
-        from rich.console import Console
+        from shiftcost.cli._console import make_console
 
-        Console(stderr=True).print(suggestion, highlight=False, soft_wrap=True)
+        make_console(stderr=True).print(suggestion, highlight=False, soft_wrap=True)
 
 
 def check_reference_accuracy(net: Any, spec: Any, data: Path, *, allow_chance: bool = False) -> Any:
@@ -257,7 +257,7 @@ def list_command(name: NameOption = None, database_url: DatabaseUrlOption = None
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
     from rich.table import Table
 
     table = Table(title="model versions")
@@ -269,7 +269,7 @@ def list_command(name: NameOption = None, database_url: DatabaseUrlOption = None
             row["name"], str(row["version"]), row["status"], "yes" if row["current"] else "", row["architecture"],
             "-" if accuracy is None else f"{accuracy:.4f}", row["created_at"][:19],
         )  # fmt: skip
-    Console().print(table)
+    make_console().print(table)
 
 
 def _one_version(database_url: str | None, name: str | None, version: int | None) -> dict[str, Any]:

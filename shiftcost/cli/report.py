@@ -42,9 +42,9 @@ def report(
     if as_json:
         typer.echo(json.dumps(summary.to_dict()))
         return
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
 
-    Console().print(
+    make_console().print(
         f"Wrote [bold]{summary.path}[/] ({summary.bytes / 1024:.0f} KiB): {summary.batches} batches, "
         f"{summary.decisions} decisions, {summary.retrain_runs} retrain runs, plots: {', '.join(summary.plots)}.",
         highlight=False,

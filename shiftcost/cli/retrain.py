@@ -295,12 +295,12 @@ def retrain(
 
     Exit status: 0 when the target was reached (or already met), 3 when the cap ended the run first (the model is still written), 4 when the budget guard stopped it (no model written), 1 when the run failed.
     """
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
 
     from shiftcost.data.models import load_model, save_model
     from shiftcost.recipe import RetrainConfig
 
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     net, spec = load_model(model)
     config = retrain_config(
         RetrainConfig(), spec, recipe,
@@ -397,9 +397,9 @@ def _result_payload(result: RetrainResult, guard: Any) -> dict[str, Any]:
 
 
 def _print_outcome(err: Console, result: RetrainResult, guard: Any, saved: Path | None) -> None:
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
 
-    Console().print(_result_table(result, saved))
+    make_console().print(_result_table(result, saved))
     if result.status == "cap_reached":
         err.print("[yellow]the cap ended the run before the cutoff: the cost above is a lower bound.[/]")
     if result.status == "stopped_by_budget" and guard is not None:
@@ -422,13 +422,13 @@ def probe_energy(
 
     Trains a copy of the model on random inputs of its input shape under CodeCarbon and divides the measured energy by samples x epochs; predicted epochs x samples x this figure is the predicted energy of a retraining on this hardware.
     """
-    from rich.console import Console
+    from shiftcost.cli._console import make_console
 
     from shiftcost.data.models import load_model
     from shiftcost.retrain import probe_joules_per_sample_epoch
 
     net, spec = load_model(model)
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     with err.status("probing energy per sample-epoch"):
         result = probe_joules_per_sample_epoch(
             net, spec, samples=samples, epochs=epochs, min_seconds=min_seconds, batch_size=batch_size,
@@ -439,7 +439,7 @@ def probe_energy(
         payload["model"] = str(model)
         typer.echo(json.dumps(payload, indent=2))
         return
-    Console().print(_probe_table(result, spec))
+    make_console().print(_probe_table(result, spec))
 
 
 def _probe_table(result: Any, spec: Any) -> Any:

@@ -107,6 +107,26 @@ def test_audit_formats(database_url: str, db) -> None:
     assert bad_time.exit_code != 0 and "Cannot read the time" in str(bad_time.exception)
 
 
+def test_decisions_table_in_a_pipe_keeps_its_headers_and_names_reasons_by_code(database_url: str, db) -> None:
+    from shiftcost.policy import Reason
+
+    reasons = [Reason("drift_detected", "Drift was detected in the batch.", "allow"),
+               Reason("over_budget", "The upper bound exceeds what the budget has left.", "defer", {"kwh": 2.5}, "month")]
+    with db.session() as session:
+        batch = seed.batch(session, seed.model(session, name="digits"))
+        repo.record_decision(session, batch.id, "defer", [reason.to_dict() for reason in reasons], blocked_by_budget=True)
+
+    table = invoke("audit", "decisions", url=database_url)  # the runner's output is not a terminal
+    assert table.exit_code == 0, table.output
+    header = next(line for line in table.output.splitlines() if "decision_id" in line)
+    assert all(name in header for name in ("created_at", "blocked_by_budget", "predicted_kwh_upper")), header
+    row = next(line for line in table.output.splitlines() if "defer" in line)
+    assert "drift_detected, over_budget" in row and "message" not in table.output
+    # The whole reasons stay in the machine formats.
+    [stored] = json.loads(invoke("audit", "decisions", "--json", url=database_url).output)["rows"]
+    assert stored["reasons"] == [reason.to_dict() for reason in reasons]
+
+
 def _run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     executable = Path(sys.executable).with_name("shiftcost")
     return subprocess.run([str(executable), *args], env=env, cwd=cwd, capture_output=True, text=True,
