@@ -1,20 +1,20 @@
-"""The rich consoles every command prints through."""
+"""The rich console every command prints through."""
 
 from __future__ import annotations
+
+import os
 
 from rich.console import Console
 
 # Rich gives a file or a pipe 80 columns, where a table of ten columns folds each cell into
-# slivers a few letters wide; a log or a cron mail has the room for an audit table's natural width.
+# slivers a few letters wide; a log or a cron mail has room for an audit table's natural width.
 PIPE_WIDTH = 240
 
 
 def make_console(*, stderr: bool = False) -> Console:
-    """A console on stdout (or stderr) that is ``PIPE_WIDTH`` wide when not on a terminal.
-
-    A wider ``COLUMNS`` from the environment is kept.
-    """
+    """A console on stdout (or stderr), ``PIPE_WIDTH`` wide when not on a terminal unless
+    ``COLUMNS`` in the environment says otherwise."""
     console = Console(stderr=stderr)
-    if not console.is_terminal and console.width < PIPE_WIDTH:
+    if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = PIPE_WIDTH
     return console

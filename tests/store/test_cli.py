@@ -122,6 +122,9 @@ def test_decisions_table_in_a_pipe_keeps_its_headers_and_names_reasons_by_code(d
     assert all(name in header for name in ("created_at", "blocked_by_budget", "predicted_kwh_upper")), header
     row = next(line for line in table.output.splitlines() if "defer" in line)
     assert "drift_detected, over_budget" in row and "message" not in table.output
+    # A width the caller asks for is kept.
+    narrow = runner.invoke(app, ["audit", "decisions", "--database-url", database_url], env={"COLUMNS": "100"})
+    assert narrow.exit_code == 0 and max(map(len, narrow.output.splitlines())) <= 100
     # The whole reasons stay in the machine formats.
     [stored] = json.loads(invoke("audit", "decisions", "--json", url=database_url).output)["rows"]
     assert stored["reasons"] == [reason.to_dict() for reason in reasons]
