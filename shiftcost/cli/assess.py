@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from shiftcost.cli._console import make_console
 from shiftcost.cli.db import DatabaseUrlOption
 from shiftcost.features import Feature
 
@@ -88,8 +89,6 @@ def register(app: typer.Typer) -> None:
         decided retraining failed (the run is marked failed and what it measured charged to its budget).
         """
         from pathlib import Path
-
-        from shiftcost.cli._console import make_console
 
         from shiftcost import landing, pipeline
         from shiftcost.config import load_settings

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from shiftcost.cli._console import make_console
 from shiftcost.cli.db import DatabaseUrlOption, open_for_cli
 
 if TYPE_CHECKING:
@@ -103,7 +104,6 @@ def emit(result: AuditResult, output: OutputFormat, title: str) -> None:
             writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else _plain(v)) for k, v in row.items()})
         typer.echo(buffer.getvalue(), nl=False)
         return
-    from shiftcost.cli._console import make_console
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)

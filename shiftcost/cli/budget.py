@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from shiftcost.cli._console import make_console
 from shiftcost.cli.db import DatabaseUrlOption, open_for_cli
 
 budget_app = typer.Typer(
@@ -82,7 +83,6 @@ def list_(
     if as_json:
         typer.echo(json.dumps([status.as_dict() for status in statuses]))
         return
-    from shiftcost.cli._console import make_console
     from rich.table import Table
 
     table = Table(title="Budgets (current period)")

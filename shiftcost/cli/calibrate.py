@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from shiftcost.cli._console import make_console
 from shiftcost.cli.retrain import (
     AugmentOption,
     BatchSizeOption,
@@ -310,8 +311,6 @@ def _run_options(quick: bool, repeats: int | None, max_epochs: float | None) -> 
 
 
 def _finish(result: SweepResult, reference_path: Path, as_json: bool) -> None:
-    from shiftcost.cli._console import make_console
-
     from shiftcost.errors import InputError
 
     result.files["reference_stats"] = str(reference_path)
@@ -435,8 +434,6 @@ def register(app: typer.Typer) -> None:
 
         For each corruption kind and intensity: the indices in one pass, then retraining until held-out accuracy is back at the reference accuracy minus --tolerance (CodeCarbon measures the energy). Prints Pearson/Spearman correlations of each index with steps, epochs, energy, emissions, gradient norm and parameter change, and the cost model's leave-one-corruption-out error; writes points.json/.csv, correlations.json, report.md, loco.json, costmodel.json (index stage), forecaster.json (index and probe stages, for shiftcost forecast and the retrain budget guard), reference.safetensors (the reference statistics used) and a PNG plot to --out. Progress goes to stderr, one line per point when it is not a terminal.
         """
-        from shiftcost.cli._console import make_console
-
         from shiftcost.calibrate import SWEEP_CONFIG, run_sweep, torch_threads
 
         plan, chosen_features = _choose_plan(sweep, quick, kinds), _choose_features(features)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from shiftcost.cli._console import make_console
+
 if TYPE_CHECKING:
     from shiftcost.store.db import Database
 
@@ -86,8 +88,6 @@ def current(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Show the database's schema revision and whether it is at this shiftcost's head."""
-    from shiftcost.cli._console import make_console
-
     from shiftcost.store import migrate
     from shiftcost.store.db import redact
 

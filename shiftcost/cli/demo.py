@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from shiftcost.cli._console import make_console
 from shiftcost.errors import ConfigError, InputError, short_error
 from shiftcost.cli._demo_output import fill_rows, print_summary, write_demo_report
 from shiftcost.features import COST_FEATURES, Feature
@@ -157,8 +158,6 @@ def demo(
 ) -> None:
     """Run the whole loop on the bundled digits: train, calibrate, budget, stream shifted batches
     through the real flows, then print a table and write an HTML report."""
-    from shiftcost.cli._console import make_console
-
     console = make_console(stderr=as_json)
     run = run_demo(workdir, batches=batches, quick=quick, seed=seed, console=console)
     if as_json:
@@ -173,8 +172,6 @@ def demo(
 def run_demo(workdir: Path, *, batches: int | None = None, quick: bool = False, seed: int = 0,
              console: Console | None = None) -> DemoRun:
     """Run the demo in ``workdir`` (see the module notes); returns what happened."""
-    from shiftcost.cli._console import make_console
-
     console = console or make_console()
     started_wall, started_cpu = time.perf_counter(), _cpu_seconds()
     workdir = prepare_workdir(workdir)

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from shiftcost.cli._console import make_console
 from shiftcost.features import COST_FEATURES
 
 
@@ -120,7 +121,6 @@ def _payload(result: Any) -> dict[str, Any]:
 
 
 def _print_forecast(result: Any, forecaster: Any, trajectory: Any) -> None:
-    from shiftcost.cli._console import make_console
     from rich.table import Table
 
     table = Table(title=f"forecast ({result.stage} stage, {result.epochs.level:.0%} intervals)", show_header=True)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from shiftcost.cli._console import make_console
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -87,8 +89,6 @@ class _DelayedProgress:
 
 
 def _stderr_console() -> Console:
-    from shiftcost.cli._console import make_console
-
     return make_console(stderr=True)
 
 
@@ -279,8 +279,6 @@ def index_command(
 
 
 def _stdout_console() -> Console:
-    from shiftcost.cli._console import make_console
-
     return make_console()
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from shiftcost.cli._console import make_console
 from shiftcost.cli.db import DatabaseUrlOption
 from shiftcost.redaction import redact_url
 
@@ -66,7 +67,6 @@ def _settings(database_url: str | None) -> Any:
 
 
 def _print(data: dict[str, Any], as_json: bool, title: str) -> None:
-    from shiftcost.cli._console import make_console
     from rich.table import Table
 
     if as_json:
@@ -115,8 +115,6 @@ def import_command(
 
     Only tensors are read (no unpickling of Python objects). With --data the accuracy is checked first: near chance refuses the import (nothing written); where ImageNet's mean/std or [-1, 1] would do much better, one sentence says so and names the flags.
     """
-    from shiftcost.cli._console import make_console
-
     from shiftcost.data import check_batch, load_batch, save_model
     from shiftcost.data.importing import check_accuracy, import_model, refuse_near_chance
     from shiftcost.recipe import RetrainConfig
@@ -188,8 +186,6 @@ def register_command(
     _print(data, as_json, f"registered {done.model.name} version {done.model.version}")
     suggestion = done.accuracy.get("suggestion")
     if suggestion:
-        from shiftcost.cli._console import make_console
-
         make_console(stderr=True).print(suggestion, highlight=False, soft_wrap=True)
 
 
@@ -257,7 +253,6 @@ def list_command(name: NameOption = None, database_url: DatabaseUrlOption = None
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    from shiftcost.cli._console import make_console
     from rich.table import Table
 
     table = Table(title="model versions")

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from shiftcost.cli._console import make_console
 from shiftcost.cli.audit import ModelOption, SinceOption, UntilOption, parse_time
 from shiftcost.cli.db import DatabaseUrlOption, open_for_cli
 
@@ -42,7 +43,6 @@ def report(
     if as_json:
         typer.echo(json.dumps(summary.to_dict()))
         return
-    from shiftcost.cli._console import make_console
 
     make_console().print(
         f"Wrote [bold]{summary.path}[/] ({summary.bytes / 1024:.0f} KiB): {summary.batches} batches, "

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from shiftcost.cli._console import make_console
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -295,8 +297,6 @@ def retrain(
 
     Exit status: 0 when the target was reached (or already met), 3 when the cap ended the run first (the model is still written), 4 when the budget guard stopped it (no model written), 1 when the run failed.
     """
-    from shiftcost.cli._console import make_console
-
     from shiftcost.data.models import load_model, save_model
     from shiftcost.recipe import RetrainConfig
 
@@ -397,8 +397,6 @@ def _result_payload(result: RetrainResult, guard: Any) -> dict[str, Any]:
 
 
 def _print_outcome(err: Console, result: RetrainResult, guard: Any, saved: Path | None) -> None:
-    from shiftcost.cli._console import make_console
-
     make_console().print(_result_table(result, saved))
     if result.status == "cap_reached":
         err.print("[yellow]the cap ended the run before the cutoff: the cost above is a lower bound.[/]")
@@ -422,8 +420,6 @@ def probe_energy(
 
     Trains a copy of the model on random inputs of its input shape under CodeCarbon and divides the measured energy by samples x epochs; predicted epochs x samples x this figure is the predicted energy of a retraining on this hardware.
     """
-    from shiftcost.cli._console import make_console
-
     from shiftcost.data.models import load_model
     from shiftcost.retrain import probe_joules_per_sample_epoch
 

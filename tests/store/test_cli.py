@@ -116,7 +116,8 @@ def test_decisions_table_in_a_pipe_keeps_its_headers_and_names_reasons_by_code(d
         batch = seed.batch(session, seed.model(session, name="digits"))
         repo.record_decision(session, batch.id, "defer", [reason.to_dict() for reason in reasons], blocked_by_budget=True)
 
-    table = invoke("audit", "decisions", url=database_url)  # the runner's output is not a terminal
+    # The runner's output is not a terminal; pytest-xdist's workers export COLUMNS=80.
+    table = runner.invoke(app, ["audit", "decisions", "--database-url", database_url], env={"COLUMNS": None})
     assert table.exit_code == 0, table.output
     header = next(line for line in table.output.splitlines() if "decision_id" in line)
     assert all(name in header for name in ("created_at", "blocked_by_budget", "predicted_kwh_upper")), header
