@@ -45,6 +45,15 @@ class KindFit:
         }
 
 
+def describe_fits(fits: Sequence[Mapping[str, Any]]) -> str:
+    """``kind xscale`` for each fit as :meth:`KindFit.to_dict` records it, naming a kind whose
+    strongest intensity tried still left the model above its goal."""
+    return ", ".join(
+        f"{fit['kind']} x{fit['scale']:.2g}" + ("" if fit["reached"] else " (its strongest still left the model above the goal)")
+        for fit in fits
+    )
+
+
 def fit_sweep(
     model: nn.Module,
     new_x: torch.Tensor,

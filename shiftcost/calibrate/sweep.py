@@ -16,7 +16,7 @@ from torch import nn
 
 from shiftcost.calibrate.analysis import analyse, label_free_analysis
 from shiftcost.calibrate.helpers import _check_data, _check_plan, _check_settings, _cpu_seconds, _load_average, _mean, _resolve_device, _round_robin
-from shiftcost.calibrate.ladder import fit_sweep
+from shiftcost.calibrate.ladder import describe_fits, fit_sweep
 from shiftcost.calibrate.outputs import _write_partial
 from shiftcost.calibrate.result import SweepInterrupted, SweepResult
 from shiftcost.calibrate.settings import COLUMNS, COST_FEATURES, SWEEP_CONFIG, Progress
@@ -219,8 +219,7 @@ def _run_points(
     budget; an interrupt keeps (and writes) the rows done so far."""
     if progress is not None:
         fitted = settings.get("fitted_intensities")
-        scales = ", ".join(f"{fit['kind']} x{fit['scale']:.2g}" for fit in fitted or ())
-        progress(0, len(plan), f"starting; intensities fitted to the model: {scales}" if fitted else "starting")
+        progress(0, len(plan), f"starting; intensities fitted to the model: {describe_fits(fitted)}" if fitted else "starting")
     clean: dict[str, Any] | None = None
     # Round-robin goes from mild to strong shifts, so points get longer as the sweep goes on:
     # the longest point so far, not the mean, is the estimate of the next one.

@@ -119,11 +119,9 @@ def _print_tables(result: SweepResult, console: Console) -> None:
         )
     console.print(points)
     if result.settings.get("fitted_intensities"):
-        scales = ", ".join(
-            f"{fit['kind']} x{fit['scale']:.2g}" + ("" if fit["reached"] else " (its strongest still left the model above the goal)")
-            for fit in result.settings["fitted_intensities"]
-        )
-        console.print(f"intensities fitted to the model (the default ones times): {scales}")
+        from shiftcost.calibrate.ladder import describe_fits
+
+        console.print(f"intensities fitted to the model (the default ones times): {describe_fits(result.settings['fitted_intensities'])}")
     if result.settings.get("stopped_early"):
         console.print(
             f"[yellow]sweep stopped early[/] at its {result.settings['stopped_early']}; "
