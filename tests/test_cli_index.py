@@ -148,6 +148,9 @@ def test_help_texts() -> None:
     for command in ("index", "reference"):
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "--model" in result.stdout
+    for command in (["model", "import"], ["retrain"]):
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0 and "[recipe] table" in " ".join(result.stdout.replace("│", " ").split())
 
 
 def _shiftcost_command() -> list[str]:
@@ -167,7 +170,8 @@ def test_real_process_json_and_clean_failure(files: dict[str, Path]) -> None:
     data = json.loads(done.stdout)
     assert REQUIRED_KEYS <= set(data) and data["samples"] == 64
 
-    broken = files["root"] / "broken.safetensors"
+    # Brackets in a file name are text, not a console style tag.
+    broken = files["root"] / "broken[v1].safetensors"
     broken.write_bytes(files["stats"].read_bytes()[:100])
     failed = subprocess.run(
         [*_shiftcost_command(), "index", "--model", str(files["model"]), "--reference", str(broken), "--batch", str(files["new"]), "--json"],
@@ -177,4 +181,4 @@ def test_real_process_json_and_clean_failure(files: dict[str, Path]) -> None:
     assert failed.stdout == ""
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1, failed.stderr
-    assert "Traceback" not in failed.stderr and "broken.safetensors" in lines[0]
+    assert "Traceback" not in failed.stderr and "broken[v1].safetensors" in lines[0]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.console import Console
+from rich.text import Text
 
+from shiftcost.cli._console import make_console
 from shiftcost.errors import ShiftcostError
 
 app = typer.Typer(
@@ -22,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-err_console = Console(stderr=True)
+err_console = make_console(stderr=True)
 
 
 def _register_commands() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
     try:
         app()
     except ShiftcostError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("error:", "bold red"), f" {error}"), highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")

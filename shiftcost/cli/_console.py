@@ -13,8 +13,13 @@ PIPE_WIDTH = 240
 
 def make_console(*, stderr: bool = False) -> Console:
     """A console on stdout (or stderr), ``PIPE_WIDTH`` wide when not on a terminal unless
-    ``COLUMNS`` in the environment says otherwise."""
-    console = Console(stderr=stderr)
+    ``COLUMNS`` in the environment says otherwise.
+
+    Markup is off: error messages, file and batch names and table cells carry text such as
+    ``[recipe]`` or ``batch[2].npz`` that rich would otherwise swallow as a style tag. Colour
+    is given with ``style=`` instead.
+    """
+    console = Console(stderr=stderr, markup=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = PIPE_WIDTH
     return console

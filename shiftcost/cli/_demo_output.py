@@ -127,6 +127,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def print_summary(console: Console, run: DemoRun) -> None:
     """The batch table, predicted vs measured energy of each retrain, timings and the report path."""
     from rich.table import Table
+    from rich.text import Text
 
     level = run.calibration.get("interval_level")
     interval = f"{level:.0%} interval" if level else "interval"
@@ -145,11 +146,11 @@ def print_summary(console: Console, run: DemoRun) -> None:
         style = colours.get(decision, "")
         shift = row["shift"] + (" (unseen kind)" if row.get("unseen") else "")
         table.add_row(str(row["step"]), shift, drift, _fmt(row.get("resque_dist")), _fmt(row.get("inv_ari")),
-                      _fmt(row.get("accuracy"), 2), predicted, f"[{style}]{decision}[/]" if style else decision,
+                      _fmt(row.get("accuracy"), 2), predicted, Text(decision, style=style),
                       _fmt(row.get("actual_kwh"), 2), row.get("why", ""))
     console.print(table)
     if run.retrains:
-        console.print("[bold]Retrains: predicted vs measured energy[/]")
+        console.print("Retrains: predicted vs measured energy", style="bold")
         for row in run.retrains:
             low, high, actual = row.get("predicted_kwh_lower"), row.get("predicted_kwh_upper"), row["actual_kwh"]
             inside = low is not None and high is not None and low <= actual <= high
@@ -172,4 +173,4 @@ def print_summary(console: Console, run: DemoRun) -> None:
         + "Stages: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in run.stages.items()) + ".",
         highlight=False,
     )
-    console.print(f"Report: [bold]{run.report}[/]", highlight=False)
+    console.print(Text.assemble("Report: ", (str(run.report), "bold")), highlight=False)

@@ -101,6 +101,7 @@ def _pct(value: Any) -> str:
 
 def _print_tables(result: SweepResult, console: Console) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     points = Table(title="sweep points (means over repeats)")
     for name in ("corruption", "level", "status", "RESQUE", "acc", "steps", "epochs", "Wh"):
@@ -110,7 +111,7 @@ def _print_tables(result: SweepResult, console: Console) -> None:
         points.add_row(
             row["corruption"],
             f"{row['intensity']:g}",
-            row["status"] if row["status"] != "failed" else "[red]failed[/]",
+            row["status"] if row["status"] != "failed" else Text("failed", style="red"),
             _fmt(row.get("resque_dist"), ".4f"),
             _fmt(row.get("accuracy"), ".3f"),
             _fmt(row.get("steps"), ".1f"),
@@ -124,8 +125,9 @@ def _print_tables(result: SweepResult, console: Console) -> None:
         console.print(f"intensities fitted to the model (the default ones times): {describe_fits(result.settings['fitted_intensities'])}")
     if result.settings.get("stopped_early"):
         console.print(
-            f"[yellow]sweep stopped early[/] at its {result.settings['stopped_early']}; "
-            "give a larger --time-budget (0: none) to sweep every point."
+            f"sweep stopped early at its {result.settings['stopped_early']}; "
+            "give a larger --time-budget (0: none) to sweep every point.",
+            style="yellow",
         )
 
     corr = result.correlations
@@ -150,13 +152,13 @@ def _print_tables(result: SweepResult, console: Console) -> None:
     console.print(within)
     best = result.best_index
     console.print(
-        f"best index for energy: [bold]{best['best_index_overall']}[/] over the sweep, "
-        f"[bold]{best['best_index_within_type']}[/] within kinds"
+        f"best index for energy: {best['best_index_overall']} over the sweep, "
+        f"{best['best_index_within_type']} within kinds"
         + (f" (a tie-break: {', '.join(best['within_type_tie'])} tie within kinds)" if best.get("within_type_tie") else "")
     )
 
     if result.loco is None:
-        console.print(f"[yellow]leave-one-corruption-out not evaluated:[/] {result.loco_error}")
+        console.print(f"leave-one-corruption-out not evaluated: {result.loco_error}", style="yellow")
     else:
         summary = result.loco["summary"]
         loco = Table(title=f"cost model, leave one corruption kind out ({summary['level']:.0%} intervals)")
@@ -171,9 +173,9 @@ def _print_tables(result: SweepResult, console: Console) -> None:
             )
         console.print(loco)
     if result.cost_model_error:
-        console.print(f"[yellow]cost model not fitted:[/] {result.cost_model_error}")
+        console.print(f"cost model not fitted: {result.cost_model_error}", style="yellow")
     elif result.cost_model_note:
-        console.print(f"[yellow]cost model fitted with[/] {result.cost_model_note}")
+        console.print(f"cost model fitted with {result.cost_model_note}", style="yellow")
     t = result.timing
     j = result.joules_per_sample_epoch
     console.print(
@@ -182,7 +184,7 @@ def _print_tables(result: SweepResult, console: Console) -> None:
         f"J per sample-epoch: probe {_fmt(j.get('probe'), '.3g')}, sweep {_fmt(j.get('sweep'), '.3g')}"
     )
     for failed in result.failed:
-        console.print(f"[red]failed point[/] {failed['corruption']} {failed['intensity']:g}: {failed['error']}")
+        console.print(f"failed point {failed['corruption']} {failed['intensity']:g}: {failed['error']}", style="red")
     if result.files:
         console.print(f"written to {Path(result.files['report']).parent}: " + ", ".join(Path(p).name for p in result.files.values()))
 

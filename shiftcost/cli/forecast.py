@@ -132,18 +132,21 @@ def _print_forecast(result: Any, forecaster: Any, trajectory: Any) -> None:
     make_console().print(table)
     if result.extrapolated:
         make_console(stderr=True).print(
-            f"[yellow]{', '.join(result.extrapolated)} lies beyond anything calibration saw; the forecast is held at the edge of "
-            "the calibrated range (at least that hard), not measured there.[/]"
+            f"{', '.join(result.extrapolated)} lies beyond anything calibration saw; the forecast is held at the edge of "
+            "the calibrated range (at least that hard), not measured there.",
+            style="yellow",
         )
     if result.not_converging:
-        make_console(stderr=True).print(f"[yellow]predicted not to converge within the {forecaster.max_epochs:g}-epoch cap.[/]")
+        make_console(stderr=True).print(f"predicted not to converge within the {forecaster.max_epochs:g}-epoch cap.", style="yellow")
     if trajectory is not None:
         c = trajectory.cost
         how = "measured" if c.energy_measured else "estimated" if c.energy_kwh is not None else "not known"
         energy = f", {c.energy_kwh:.3g} kWh ({how})" if c.energy_kwh is not None else ""
         make_console().print(f"probe: {c.steps} steps, {c.sample_gradients} sample-gradients, {c.seconds:.2f} s{energy}")
         if c.energy_error:
-            make_console(stderr=True).print(f"[yellow]CodeCarbon could not measure the probe ({c.energy_error}); its energy is the host rate's estimate.[/]")
+            make_console(stderr=True).print(
+                f"CodeCarbon could not measure the probe ({c.energy_error}); its energy is the host rate's estimate.", style="yellow"
+            )
 
 
 def register(app: typer.Typer) -> None:

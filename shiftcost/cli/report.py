@@ -45,7 +45,7 @@ def report(
         return
 
     make_console().print(
-        f"Wrote [bold]{summary.path}[/] ({summary.bytes / 1024:.0f} KiB): {summary.batches} batches, "
+        f"Wrote {summary.path} ({summary.bytes / 1024:.0f} KiB): {summary.batches} batches, "
         f"{summary.decisions} decisions, {summary.retrain_runs} retrain runs, plots: {', '.join(summary.plots)}.",
         highlight=False,
     )

@@ -44,7 +44,7 @@ TrackingOption = Annotated[
 
 RecipeFileOption = Annotated[
     Path | None,
-    typer.Option("--recipe", help="TOML file with a [recipe] table (and optionally [cutoff], [caps]); flags override it.", show_default=False),
+    typer.Option("--recipe", help="TOML file with a \\[recipe] table (and optionally \\[cutoff], \\[caps]); flags override it.", show_default=False),
 ]
 OptimizerOption = Annotated[str | None, typer.Option("--optimizer", help="adam, adamw or sgd (default: the model's recipe, else adam).", show_default=False)]
 LrOption = Annotated[float | None, typer.Option("--lr", min=0.0, help="Learning rate (default: the model's recipe, else 1e-4).", show_default=False)]
@@ -399,9 +399,9 @@ def _result_payload(result: RetrainResult, guard: Any) -> dict[str, Any]:
 def _print_outcome(err: Console, result: RetrainResult, guard: Any, saved: Path | None) -> None:
     make_console().print(_result_table(result, saved))
     if result.status == "cap_reached":
-        err.print("[yellow]the cap ended the run before the cutoff: the cost above is a lower bound.[/]")
+        err.print("the cap ended the run before the cutoff: the cost above is a lower bound.", style="yellow")
     if result.status == "stopped_by_budget" and guard is not None:
-        err.print(f"[yellow]stopped by the budget guard: {guard.reason}; the model was left unchanged.[/]")
+        err.print(f"stopped by the budget guard: {guard.reason}; the model was left unchanged.", style="yellow")
 
 
 def probe_energy(

@@ -113,7 +113,8 @@ def test_decisions_table_in_a_pipe_keeps_its_headers_and_names_reasons_by_code(d
     reasons = [Reason("drift_detected", "Drift was detected in the batch.", "allow"),
                Reason("over_budget", "The upper bound exceeds what the budget has left.", "defer", {"kwh": 2.5}, "month")]
     with db.session() as session:
-        batch = seed.batch(session, seed.model(session, name="digits"))
+        # Brackets in a model's name are text, not a console style tag.
+        batch = seed.batch(session, seed.model(session, name="digits[eu]"))
         repo.record_decision(session, batch.id, "defer", [reason.to_dict() for reason in reasons], blocked_by_budget=True)
 
     # The runner's output is not a terminal; pytest-xdist's workers export COLUMNS=80.
@@ -123,6 +124,7 @@ def test_decisions_table_in_a_pipe_keeps_its_headers_and_names_reasons_by_code(d
     assert all(name in header for name in ("created_at", "blocked_by_budget", "predicted_kwh_upper")), header
     row = next(line for line in table.output.splitlines() if "defer" in line)
     assert "drift_detected, over_budget" in row and "message" not in table.output
+    assert "digits[eu]" in row
     # A width the caller asks for is kept.
     narrow = runner.invoke(app, ["audit", "decisions", "--database-url", database_url], env={"COLUMNS": "100"})
     assert narrow.exit_code == 0 and max(map(len, narrow.output.splitlines())) <= 100
