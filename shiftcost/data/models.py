@@ -92,7 +92,8 @@ class ModelSpec:
                 values = getattr(self, name)
                 if len(values) != self.in_channels:
                     raise InputError(
-                        f"{name} has {len(values)} values but the model takes {self.in_channels} channels; give one value per channel."
+                        f"{name} has {len(values)} values but the model takes {self.in_channels} input channels; give one value per channel, "
+                        "or the channel count that matches them (--channels of shiftcost model import, 1 for grey images)."
                     )
             if not all(v > 0 and math.isfinite(v) for v in self.std) or not all(math.isfinite(v) for v in self.mean):
                 raise InputError(f"std must be positive and mean finite, got mean {list(self.mean)} and std {list(self.std)}.")

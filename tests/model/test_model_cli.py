@@ -159,7 +159,8 @@ def test_the_resnet18_imported_without_its_normalisation_gets_the_sentence(user)
         (["--arch", "resnet81"], "Unknown model architecture 'resnet81'"),
         (["--factory", "tests.model.no_such_module:build"], "does not import"),
         (["--factory", "tests.model.story:not_a_module"], "not a torch nn.Module"),
-        (["--arch", "resnet18", "--mean", "0.5,0.5", "--std", "0.2,0.2"], "mean has 2 values"),
+        (["--arch", "resnet18", "--mean", "0.5,0.5", "--std", "0.2,0.2"], "mean has 2 values but the model takes 3 input channels"),
+        (["--arch", "resnet18", "--mean", "0.5", "--std", "0.2"], "--channels of shiftcost model import"),
         (["--arch", "resnet34"], "does not match architecture 'resnet34'"),
     ],
 )
