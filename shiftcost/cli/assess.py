@@ -58,6 +58,11 @@ def _table(result: BatchResult) -> Any:
         rows.append(("predicted epochs", f"{_number(prediction['epochs'])}  [{_number(prediction['epochs_lower'])}, {_number(prediction['epochs_upper'])}]"))
         rows.append(("predicted kWh", f"{_number(prediction['energy_kwh'])}  [{_number(prediction['energy_kwh_lower'])}, {_number(prediction['energy_kwh_upper'])}]"))
         rows.append(("predicted kg CO2e", f"{_number(prediction['emissions_kg'])}  [{_number(prediction['emissions_kg_lower'])}, {_number(prediction['emissions_kg_upper'])}]"))
+        if assessment.forecast_stage is not None:
+            rows.append(("forecast stage", f"{assessment.forecast_stage}: {assessment.probe_advice}" if assessment.probe_advice else assessment.forecast_stage))
+        if assessment.probe_cost is not None:
+            cost = assessment.probe_cost
+            rows.append(("probe", f"{cost['steps']} steps, {cost['sample_gradients']} sample-gradients, {cost['seconds']:.2f} s, {_number(cost['energy_kwh'])} kWh"))
     if assessment.action is not None:
         rows.append(("decision", assessment.action))
         for reason in assessment.reasons:

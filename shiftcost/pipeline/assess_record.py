@@ -37,6 +37,11 @@ class AssessOutcome:
     drift_report: str | None = None
     indices: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
+    #: Which forecast the decision used (``index`` or ``probe``) and why no probe or a probe ran.
+    forecast_stage: str | None = None
+    probe_advice: str | None = None
+    #: What the probe spent (steps, sample-gradients, seconds, kWh), when one ran.
+    probe_cost: dict[str, Any] | None = None
     failure_reason: str | None = None
     model_version: int | None = None
 
