@@ -27,7 +27,7 @@ def forecast(
     ],
     batch: Annotated[Path, typer.Option("--batch", "-b", help="Labelled new batch: ImageFolder directory, .npz or .pt.", show_default=False)],
     cost_model: Annotated[
-        Path, typer.Option("--cost-model", "-c", help="forecaster.json (or costmodel.json, stage 0 only) written by shiftcost calibrate.", show_default=False)
+        Path, typer.Option("--cost-model", "-c", help="forecaster.json (or costmodel.json, stage 0 only) written by shiftcost calibrate, or the directory holding it.", show_default=False)
     ],
     probe_steps: Annotated[
         int | None, typer.Option("--probe-steps", min=1, help="Probe fine-tuning steps (default: as calibrated).", show_default=False)

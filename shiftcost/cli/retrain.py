@@ -104,7 +104,7 @@ EmissionsCsvOption = Annotated[
 ]
 CostModelOption = Annotated[
     Path | None,
-    typer.Option("--cost-model", help="forecaster.json from shiftcost calibrate: guards --budget-kwh during the run.", show_default=False),
+    typer.Option("--cost-model", help="forecaster.json from shiftcost calibrate (or the directory holding it): guards --budget-kwh during the run.", show_default=False),
 ]
 BudgetKwhOption = Annotated[
     float | None,

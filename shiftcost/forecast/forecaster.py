@@ -472,8 +472,15 @@ class Forecaster:
 
     @classmethod
     def load(cls, path: str | Path) -> Forecaster:
-        """Read a forecaster, or a plain cost model (stage 0 only), from ``path``."""
+        """Read a forecaster, or a plain cost model (stage 0 only), from ``path``: the file, or
+        the directory ``shiftcost calibrate --out`` wrote it to (its ``forecaster.json``, else
+        its ``costmodel.json``)."""
         path = Path(path)
+        if path.is_dir():
+            inside = [path / name for name in ("forecaster.json", "costmodel.json") if (path / name).is_file()]
+            if not inside:
+                raise InputError(f"directory {path} holds neither forecaster.json nor costmodel.json; give the --out directory of `shiftcost calibrate`.")
+            path = inside[0]
         try:
             payload = json.loads(path.read_text())
         except FileNotFoundError:

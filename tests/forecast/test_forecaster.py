@@ -129,6 +129,13 @@ def test_round_trip_and_plain_cost_model_files(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match="not readable JSON"):
         Forecaster.load(tmp_path / "bad.json")
+    # The directory `calibrate --out` wrote: its forecaster.json, else its costmodel.json.
+    assert Forecaster.load(tmp_path).stage1 is not None
+    (tmp_path / "forecaster.json").unlink()
+    assert Forecaster.load(tmp_path).stage1 is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds neither forecaster.json nor costmodel.json"):
+        Forecaster.load(tmp_path / "empty")
     assert json.loads(forecaster.to_json())["energy_rate"]["joules_per_sample"] == UNIT_RATE.joules_per_sample
 
 
