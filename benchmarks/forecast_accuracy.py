@@ -169,7 +169,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                     "probe_evaluations": len(probe.accuracy), "probe_energy_kwh_measured": probe.cost.energy_kwh if probe.cost.energy_measured else None,
                     "probe_energy_kwh_estimated": probe.cost.estimated_energy_kwh,
                     "retrain_energy_kwh_estimated": None if host_rate is None else host_rate.kwh(run.samples_seen, len(run.curve) * run.holdout_samples),
-                    "stage0": stage0.epochs, "stage0_probe": stage1.epochs,
+                    "stage0": stage0.epochs, "stage0_probe": stage1.epochs, "not_converging": flags(stage0, stage1),
                 }
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
                 record["in_flight_quarter"] = _in_flight(forecaster, features, run, stage1, target, ceiling)
@@ -193,6 +193,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         "stage1_coefficients": dict(zip(forecaster.stage1.features_, map(float, forecaster.stage1.coef_))),
         "runs": runs,
         "metrics": metrics(runs, args.bootstrap),
+        "not_converging": not_converging_flags(runs),
         "budget": budget_table(runs, forecaster, work),
         "probe_cost": probe_cost(runs),
         "noise_floor": noise,
@@ -294,6 +295,29 @@ def _scores(runs: list[dict[str, Any]], name: str) -> dict[str, Any]:
         "coverage": float(np.mean((low[known] <= truth[known]) & (truth[known] <= high[known]))) if known.any() else math.nan,
         "capped_definite_misses": int((cens & (high < truth)).sum()),
     }
+
+
+#: Whose "not to converge" flag skips a batch: the index stage's alone, the probe stage's alone,
+#: or the pipeline's rule (a batch the index stage would skip is probed, and the probe decides).
+FLAG_RULES = ("stage0", "stage0_probe", "probe_when_index_flags")
+
+
+def flags(index: Any, probed: Any) -> dict[str, bool]:
+    """Each rule's "not to converge" flag, from the index-stage and probe-stage forecasts."""
+    return {"stage0": index.not_converging, "stage0_probe": probed.not_converging, "probe_when_index_flags": index.not_converging and probed.not_converging}
+
+
+def not_converging_flags(runs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per stage, how many batches its "not to converge" flag (which skips a batch) was raised
+    on, and how many of those the retrain took to the cutoff anyway or left capped."""
+    out = {}
+    for stage in FLAG_RULES:
+        flagged = [r for r in runs if r["not_converging"][stage]]
+        out[stage] = {
+            "flagged": len(flagged), "flagged_but_reached": sum(not r["censored"] for r in flagged),
+            "capped": sum(r["censored"] for r in runs), "capped_and_flagged": sum(r["censored"] for r in flagged),
+        }  # fmt: skip
+    return out
 
 
 def metrics(runs: list[dict[str, Any]], resamples: int, predictors: tuple[str, ...] = PREDICTORS) -> dict[str, Any]:
@@ -447,6 +471,12 @@ def seed_spread(model: Any, batches: dict[str, Any], y: Any, ceiling: float, see
 # ----------------------------------------------------------------------------- output
 
 
+def print_flags(counts: dict[str, dict[str, int]], indent: str = "") -> None:
+    for rule, c in counts.items():
+        print(f"{indent}not-converging flag, {rule}: raised on {c['flagged']} runs, {c['flagged_but_reached']} of which reached the cutoff; "
+              f"raised on {c['capped_and_flagged']} of the {c['capped']} capped runs")
+
+
 def print_arch(result: dict[str, Any]) -> None:
     print(f"\n=== {result['arch']} (reference accuracy {result['reference_accuracy']:.3f}; {result['calibration_points']} calibration points)")
     print(f"calibration LOCO stage 0: {result['calibration_stage0_loo']}")
@@ -459,6 +489,7 @@ def print_arch(result: dict[str, Any]) -> None:
             f"{name:26s} {s['n']:4d} {s['n_reached']:7d} {s['n_capped']:6d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} "
             f"{s['c_index']:7.3f} {100 * s['coverage']:5.0f}% {s['capped_definite_misses']:11d}"
         )
+    print_flags(result["not_converging"])
     for base, ci in result["metrics"]["stage0_probe_minus_baseline_ci95"].items():
         print(f"stage0+probe minus {base}: MdAPE diff 95% CI [{ci['mdape'][0]:+.3f}, {ci['mdape'][1]:+.3f}], C-index diff [{ci['c_index'][0]:+.3f}, {ci['c_index'][1]:+.3f}]")
     for pct, row in result["budget"].items():

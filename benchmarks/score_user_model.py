@@ -11,7 +11,9 @@ retrain is the truth every calibration is scored against in the same run. Per ca
 it prints, for the constant and isotonic-on-accuracy-drop baselines fitted on that
 calibration's points, the index stage and the probe stage: MdAPE of epochs on reached runs,
 median |log error| with capped runs as bounds, C-index and 90% coverage, and paired bootstrap
-95% CIs of the probe stage's MdAPE and C-index minus each other predictor's.
+95% CIs of the probe stage's MdAPE and C-index minus each other predictor's, and for the index
+and probe stages how often the "not to converge" flag (which skips a batch) was raised on a
+batch whose retrain reached the cutoff.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_shifts import FOURTH_KINDS, FRESH_KINDS, eval_corrupt  # noqa: E402
-from forecast_accuracy import fit_baselines, metrics  # noqa: E402
+from forecast_accuracy import fit_baselines, flags, metrics, not_converging_flags, print_flags  # noqa: E402
 
 PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe")
 #: Paired bootstrap resamples of the batches for the probe stage's differences from each baseline.
@@ -81,12 +83,14 @@ def score(work: Path, name: str, model: Any, batches: list[dict[str, Any]]) -> d
         drop = model.reference.accuracy - features["accuracy"]
         constant, isotonic = baselines(drop)
         trajectory = _probe(forecaster, model.net, batch["batch"], model.reference.accuracy, 0.03, None, 0, "cpu", batch["kind"], False, "USA")
+        index = forecaster.predict(features, batch_samples=len(batch["batch"].y))
+        probed = forecaster.predict(features, probe=trajectory, batch_samples=len(batch["batch"].y))
         runs.append({
             "epochs": batch["epochs"], "censored": batch["censored"], "constant": constant, "isotonic_accuracy_drop": isotonic,
-            "stage0": forecaster.predict(features, batch_samples=len(batch["batch"].y)).epochs,
-            "stage0_probe": forecaster.predict(features, probe=trajectory, batch_samples=len(batch["batch"].y)).epochs,
+            "stage0": index.epochs, "stage0_probe": probed.epochs,
+            "not_converging": flags(index, probed),
         })  # fmt: skip
-    return {"calibration_points": len(rows)} | metrics(runs, RESAMPLES, predictors=PREDICTORS)
+    return {"calibration_points": len(rows), "not_converging": not_converging_flags(runs)} | metrics(runs, RESAMPLES, predictors=PREDICTORS)
 
 
 def main() -> None:
@@ -110,6 +114,7 @@ def main() -> None:
         for predictor, s in figures[name]["predictors"].items():
             cells = (s["mdape"], s["median_abs_log_error"], s["c_index"], s["coverage"])
             print(f"  {predictor:<24}" + "".join(f"{'-' if math.isnan(v) else format(v, '.2f'):>{w}}" for v, w in zip(cells, (8, 11, 9, 9))))
+        print_flags(figures[name]["not_converging"], indent="  ")
         for baseline, ci in figures[name]["stage0_probe_minus_baseline_ci95"].items():
             print(f"  probe stage minus {baseline}, 95% CI: MdAPE [{ci['mdape'][0]:+.2f}, {ci['mdape'][1]:+.2f}], "
                   f"C-index [{ci['c_index'][0]:+.2f}, {ci['c_index'][1]:+.2f}]")
