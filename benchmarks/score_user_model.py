@@ -71,7 +71,7 @@ def measure_batches(work: Path, reference_stats: Path) -> tuple[Any, list[dict[s
 
 
 def score(work: Path, name: str, model: Any, batches: list[dict[str, Any]]) -> dict[str, Any]:
-    from shiftcost.cli.forecast import _probe
+    from shiftcost.cli.forecast import run_calibrated_probe
     from shiftcost.forecast.forecaster import Forecaster
 
     forecaster = Forecaster.load(work / name / "forecaster.json")
@@ -82,7 +82,7 @@ def score(work: Path, name: str, model: Any, batches: list[dict[str, Any]]) -> d
         features = batch["features"]
         drop = model.reference.accuracy - features["accuracy"]
         constant, isotonic = baselines(drop)
-        trajectory = _probe(forecaster, model.net, batch["batch"], model.reference.accuracy, 0.03, None, 0, "cpu", batch["kind"], False, "USA")
+        trajectory = run_calibrated_probe(forecaster, model.net, batch["batch"], model.reference.accuracy, 0.03, None, 0, "cpu", batch["kind"], False, "USA")
         index = forecaster.predict(features, batch_samples=len(batch["batch"].y))
         probed = forecaster.predict(features, probe=trajectory, batch_samples=len(batch["batch"].y))
         runs.append({

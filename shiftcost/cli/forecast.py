@@ -72,7 +72,7 @@ def forecast(
         raise InputError(f"{cost_model} has no probe stage ({forecaster.stage1_error}); recalibrate with probe steps, or use --no-probe.")
     trajectory = None
     if not no_probe and forecaster.stage1 is not None:
-        trajectory = _probe(forecaster, net, new, reference.accuracy, tolerance, probe_steps, seed, device, str(batch), not no_energy, country)
+        trajectory = run_calibrated_probe(forecaster, net, new, reference.accuracy, tolerance, probe_steps, seed, device, str(batch), not no_energy, country)
     result = forecaster.predict(features, probe=trajectory, batch_samples=len(new.y), carbon_intensity=intensity)
     if as_json:
         payload = _payload(result)
@@ -96,7 +96,7 @@ def _country_intensity(country: str) -> float:
     return _grid_intensity(country.strip().upper())
 
 
-def _probe(
+def run_calibrated_probe(
     forecaster: Any, net: Any, new: Any, reference_accuracy: float, tolerance: float, probe_steps: int | None,
     seed: int, device: str, source: str, track_energy: bool, country: str,
 ) -> Any:

@@ -114,9 +114,14 @@ ReferenceStatsOption = Annotated[
     Path | None,
     typer.Option(
         "--reference-stats",
-        help="Reference statistics: their accuracy is the reference accuracy when no other is given, and the guard uses the index forecast as its prior.",
+        help="Reference statistics: their accuracy is the reference accuracy when no other is given, and the guard's forecast before the run "
+        "starts from their indices (then from a probe, when the cost model has a probe stage).",
         show_default=False,
     ),
+]
+NoProbeOption = Annotated[
+    bool,
+    typer.Option("--no-probe", help="With the guard: start from the index forecast alone, without the probe the cost model was calibrated with."),
 ]
 
 
@@ -176,9 +181,14 @@ class _Progress:
 
 def _budget_guard(
     net: Any, spec: Any, new: Any, ref_x: Any, ref_y: Any, cost_model: Path | None, budget_kwh: float | None,
-    reference_stats: Path | None, reference_accuracy: float | None, config: Any, device: str,
+    reference_stats: Path | None, reference_accuracy: float | None, config: Any, device: str, probe: bool, source: str,
 ) -> Any:
-    """The budget guard for this run, with the index forecast as its prior when reference stats are given.
+    """The budget guard for this run, with a forecast before the run when reference stats are given.
+
+    That forecast is the probe stage's when the cost model has one (unless ``probe`` is
+    False): the probe runs as calibration ran it, the forecast the accuracy benchmark scores
+    the guard from, and its cost is charged to the budget before the run's first step.
+    Otherwise it is the index forecast.
 
     It prices every epoch still to come at the pool the run trains on: the training split of
     the batch plus the reference samples the recipe replays.
@@ -189,6 +199,7 @@ def _budget_guard(
         raise InputError("the budget guard needs both --cost-model and --budget-kwh; give both or neither.")
     import torch
 
+    from shiftcost.cli.forecast import run_calibrated_probe
     from shiftcost.forecast import protocol
     from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.forecast.guard import BudgetGuard
@@ -196,7 +207,7 @@ def _budget_guard(
 
     forecaster = Forecaster.load(cost_model)
     forecaster.check_retrain(config, "this retrain (its recipe options and file, and the model file's recipe)")
-    features = initial = None
+    features = None
     ceiling = reference_accuracy
     if reference_stats is not None:
         from shiftcost.index.engine import assess
@@ -205,7 +216,6 @@ def _budget_guard(
         stats = ReferenceStats.load(reference_stats, model=net)
         report = assess(net, spec, stats, new.x, new.y, device=device)
         features = {n: float(getattr(report, n)) for n in forecaster.stage0.features_ if getattr(report, n, None) is not None}
-        initial = forecaster.predict(features, batch_samples=len(new.y))
         ceiling = ceiling if ceiling is not None else stats.accuracy
     if ceiling is None and ref_x is not None:
         ceiling, _ = _evaluate(net, ref_x, ref_y, torch.device("cpu"), 512)
@@ -213,10 +223,20 @@ def _budget_guard(
         raise InputError("the budget guard needs the reference accuracy: give --reference, --reference-accuracy or --reference-stats.")
     protocol.check_above_chance(ceiling, spec.num_classes, config.cutoff.tolerance, "the reference")
     replay = config.recipe.replay_with(ref_x is not None and ref_y is not None)
-    return BudgetGuard(
-        forecaster, budget_kwh=float(budget_kwh), batch_samples=len(new.y), ceiling=ceiling, features=features, initial=initial,
+    guard = BudgetGuard(
+        forecaster, budget_kwh=float(budget_kwh), batch_samples=len(new.y), ceiling=ceiling, features=features,
         holdout_fraction=config.cutoff.holdout_fraction, replay_fraction=replay, reference_samples=0 if ref_x is None else len(ref_x),
     )
+    if features is not None:
+        if probe and forecaster.stage1 is not None:
+            guard.probe = run_calibrated_probe(
+                forecaster, net, new, ceiling, config.cutoff.tolerance, None, config.seed, device, source,
+                config.energy.track, config.energy.country_iso_code,
+            )
+            # Priced through the host rate, as every step of the run is.
+            guard.spent_before_kwh = guard.probe.cost.estimated_energy_kwh
+        guard.initial = forecaster.predict(features, probe=guard.probe, batch_samples=len(new.y))
+    return guard
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -287,13 +307,14 @@ def retrain(
     cost_model: CostModelOption = None,
     budget_kwh: BudgetKwhOption = None,
     reference_stats: ReferenceStatsOption = None,
+    no_probe: NoProbeOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Fine-tune a model on a labelled batch until held-out accuracy reaches the target.
 
     Evaluates every --eval-every steps on a held-out part of the batch and stops at the first evaluation at or above the target, or at the step/epoch cap. Measures energy and emissions with CodeCarbon (offline; nothing written unless --emissions-csv). The training recipe is the model file's own (set at `shiftcost model import --recipe`), then --recipe FILE, then the flags.
 
-    With --cost-model and --budget-kwh a guard updates the forecast at every evaluation and stops the run when what is spent plus the forecast's lower bound exceeds the budget; the model is then left unchanged.
+    With --cost-model and --budget-kwh a guard updates the forecast at every evaluation and stops the run when what is spent plus the forecast's lower bound exceeds the budget; the model is then left unchanged. With --reference-stats the forecast before the run is the probe stage's (its cost counted as spent) when the cost model has one, else the index forecast.
 
     Exit status: 0 when the target was reached (or already met), 3 when the cap ended the run first (the model is still written), 4 when the budget guard stopped it (no model written), 1 when the run failed.
     """
@@ -313,7 +334,9 @@ def retrain(
     new, ref_x, ref_y = _load_batches(batch, reference, spec)
     guard = None
     if cost_model is not None or budget_kwh is not None:
-        guard = _budget_guard(net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, config, device)
+        guard = _budget_guard(
+            net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, config, device, not no_probe, str(batch)
+        )
     if target_accuracy is None and reference_accuracy is None and reference is None:
         # The guard has read it from --reference-stats already.
         reference_accuracy = guard.ceiling if guard is not None else _stats_accuracy(reference_stats, net)
@@ -390,6 +413,8 @@ def _result_payload(result: RetrainResult, guard: Any) -> dict[str, Any]:
             "reason": guard.reason,
             "estimated_kwh": guard.spent_kwh,
             "pool_samples": guard.pool,
+            "probe": None if guard.probe is None else guard.probe.cost.to_dict(),
+            "initial": None if guard.initial is None else guard.initial.epochs.to_dict() | {"stage": guard.initial.stage},
             "measured_kwh": result.energy_kwh,
             "forecasts": guard.forecasts,
         }
@@ -398,6 +423,13 @@ def _result_payload(result: RetrainResult, guard: Any) -> dict[str, Any]:
 
 def _print_outcome(err: Console, result: RetrainResult, guard: Any, saved: Path | None) -> None:
     make_console().print(_result_table(result, saved))
+    if guard is not None and guard.initial is not None:
+        e = guard.initial.epochs
+        probed = "" if guard.probe is None else (
+            f" after a probe of {guard.probe.cost.steps} steps ({guard.probe.cost.sample_gradients} sample-gradients, "
+            f"{guard.spent_before_kwh:.3g} kWh charged to the budget)"
+        )
+        err.print(f"the guard started from the {guard.initial.stage} stage's forecast, {e.median:.2f} [{e.low:.2f}, {_fmt(e.high, '.2f')}] epochs{probed}.")
     if result.status == "cap_reached":
         err.print("the cap ended the run before the cutoff: the cost above is a lower bound.", style="yellow")
     if result.status == "stopped_by_budget" and guard is not None:

@@ -36,8 +36,8 @@ class BudgetGuard:
     share and the reference samples it may replay from, so that the pool an epoch trains on
     is the one :func:`shiftcost.recipe.pool_samples` gives (training part plus replayed
     reference), not the training part alone; ``ceiling`` is the reference accuracy the run climbs back to. ``initial`` is
-    the forecast made before the run (stage 0 or the probe); without it the guard only
-    starts forecasting once the run has ``MIN_POINTS`` evaluations. After the run,
+    the forecast made before the run (stage 0, or the probe's, whose cost is ``spent_before_kwh``);
+    without it the guard only starts forecasting once the run has ``MIN_POINTS`` evaluations. After the run,
     ``reason``, ``spent_kwh`` and ``forecasts`` say what it saw.
     """
 
@@ -50,6 +50,10 @@ class BudgetGuard:
     holdout_fraction: float = protocol.HOLDOUT_FRACTION
     replay_fraction: float = 0.0
     reference_samples: int = 0
+    #: Spent on the run's behalf before it started (the probe behind ``initial``), charged to the budget too.
+    spent_before_kwh: float = 0.0
+    #: The probe's trajectory behind ``initial``, when one ran (kept for the run's record).
+    probe: Any = None
     spent_kwh: float = 0.0
     reason: str | None = None
     forecasts: list[dict[str, Any]] = field(default_factory=list)
@@ -62,6 +66,7 @@ class BudgetGuard:
             from shiftcost.errors import InputError
 
             raise InputError("the cost model has no energy rate for this host, so a budget in kWh cannot be guarded; recalibrate with energy tracking.")
+        self.rate = self.forecaster.energy_rate
         from shiftcost.recipe import pool_samples
 
         train, self.holdout = protocol.split_sizes(self.batch_samples, self.holdout_fraction)
@@ -70,12 +75,11 @@ class BudgetGuard:
         self.pool = pool_samples(train, self.replay_fraction, self.reference_samples)
 
     def __call__(self, point: Any, step_cap: int, target: float) -> str | None:
-        rate = self.forecaster.energy_rate
-        assert rate is not None
+        rate = self.rate
         self._epochs.append(float(point.epoch))
         self._accuracy.append(float(point.accuracy))
         self._loss.append(float(point.loss))
-        self.spent_kwh = rate.kwh(point.samples_seen, len(self._epochs) * self.holdout)
+        self.spent_kwh = self.spent_before_kwh + rate.kwh(point.samples_seen, len(self._epochs) * self.holdout)
         if protocol.cutoff_reached(self._accuracy, target):
             return None  # the run stops by itself at this evaluation
         forecast = self._forecast(target)

@@ -121,6 +121,34 @@ def test_the_guard_prices_each_epoch_at_the_pool_with_its_replayed_reference_sam
     assert json.loads(done.stdout)["guard"]["pool_samples"] == train + round(train / 3)
 
 
+def test_the_guard_starts_from_the_probe_stage_and_counts_the_probe_as_spent(files) -> None:
+    from shiftcost.forecast.forecaster import Forecaster
+
+    forecaster = Forecaster.load(files / "forecaster.json")
+    holdout = round(0.3 * len(bars()[1]))
+    common = [
+        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"),
+        "--reference-stats", str(files / "reference.safetensors"), "--cost-model", str(files / "forecaster.json"),
+        "--budget-kwh", "60", "--batch-size", "16", "--no-energy", "--device", "cpu", "--json",
+    ]
+    probed = shiftcost(*common, "--out", str(files / "probed.safetensors"), cwd=files)
+    assert probed.returncode in (0, 3, 4), probed.stderr
+    guard = json.loads(probed.stdout)["guard"]
+    # The forecast the accuracy benchmark scores the guard from: the probe's, probed as calibrated.
+    assert guard["initial"]["stage"] == "probe" and guard["probe"]["steps"] == forecaster.probe_options()["steps"]
+    probe_kwh = guard["probe"]["estimated_energy_kwh"]
+    assert probe_kwh > 0
+    # Already spent at the run's first evaluation (the initial one, of the holdout alone).
+    first = guard["forecasts"][0]
+    assert first["step"] == 0 and first["spent_kwh"] == pytest.approx(probe_kwh + forecaster.energy_rate.kwh(0, holdout))
+
+    index_only = shiftcost(*common, "--no-probe", "--out", str(files / "index-only.safetensors"), cwd=files)
+    assert index_only.returncode in (0, 3, 4), index_only.stderr
+    guard = json.loads(index_only.stdout)["guard"]
+    assert guard["initial"]["stage"] == "index" and guard["probe"] is None
+    assert guard["forecasts"][0]["spent_kwh"] == pytest.approx(forecaster.energy_rate.kwh(0, holdout))
+
+
 def test_the_guard_needs_both_options(files) -> None:
     done = shiftcost(
         "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(files / "x.pt"),
