@@ -313,3 +313,30 @@ def test_a_batch_predicted_at_zero_epochs_is_never_retrained_whatever_the_budget
     assert "already_at_target" in codes(decision)
     needs_training = cost(epochs=0.5)
     assert decide(needs_training, [], drift_verdict=True).action == "retrain"
+
+
+def test_an_unlabelled_batch_waits_for_labels_only_when_they_could_change_its_fate() -> None:
+    from types import SimpleNamespace
+
+    from shiftcost.config import Settings
+    from shiftcost.pipeline.decide import decide_batch, status_after
+
+    loaded = SimpleNamespace(
+        reference=SimpleNamespace(accuracy=0.95), model_name="digits", data=SimpleNamespace(has_labels=False), new_task=False,
+        unknown_labels=[], batch_id=7, source_uri="file:///landing/night.npz",
+    )
+    report = SimpleNamespace(accuracy=None, task_change=False)
+    drift = SimpleNamespace(verdict=True)
+
+    def decided(prediction: dict):
+        estimate = SimpleNamespace(prediction=prediction, problem=None)
+        return decide_batch(Settings(), loaded, report, drift, estimate, [])
+
+    # Its label-free forecast would retrain it: it waits for the labels the retrain needs.
+    waits = decided(cost(epochs=2.0))
+    assert waits.action == "defer" and status_after(waits) == "awaiting_labels"
+    assert "night.labels.npz" in next(r.message for r in waits.reasons if r.code == "awaiting_labels")
+    # Its label-free forecast says there is nothing to gain: finished, with no promise of waiting.
+    done = decided(cost(kwh=0.0, epochs=0.0, epochs_lower=0.0, epochs_upper=0.0))
+    assert done.action == "skip" and status_after(done) == "done"
+    assert "already_at_target" in codes(done) and "awaiting_labels" not in codes(done)

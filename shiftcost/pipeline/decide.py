@@ -57,7 +57,11 @@ def decide_batch(
     if estimate is not None:
         prediction = estimate.prediction or CostFigures(None, None, None, None, None, None, False)
     decision = decide(prediction, budgets, policy, drift_verdict=drift.verdict, accuracy_drop=drop, model_name=loaded.model_name)
-    return _with_reasons(decision, _pipeline_reasons(loaded, report, estimate, assessed=decision.assessed))
+    decision = _with_reasons(decision, _pipeline_reasons(loaded, report, estimate, assessed=decision.assessed))
+    if decision.assessed and not loaded.data.has_labels and decision.action != "skip":
+        # A batch skipped on its label-free forecast is finished: labels would change nothing.
+        decision = _with_reasons(decision, [_awaiting_labels(loaded)])
+    return decision
 
 
 def _pipeline_reasons(loaded: LoadedBatch, report: IndexReport, estimate: CostEstimate | None, *, assessed: bool) -> list[Reason]:
@@ -87,20 +91,22 @@ def _pipeline_reasons(loaded: LoadedBatch, report: IndexReport, estimate: CostEs
                 {"new_labels": [str(label) for label in loaded.unknown_labels]},
             )
         )
-    if not loaded.data.has_labels:
-        reasons.append(
-            Reason(
-                "awaiting_labels",
-                "The batch has no labels yet: it waits with its label-free forecast until they come "
-                f"(`shiftcost labels attach {loaded.batch_id} FILE`, or {labels_beside(loaded.source_uri).rsplit('/', 1)[-1]} beside it).",
-                "defer",
-            )
-        )
     if estimate is not None and estimate.problem is not None:
         reasons.append(
             Reason("cost_unpredictable", f"The cost of retraining could not be predicted ({estimate.problem})", "skip", {"features": estimate.features})
         )
     return reasons
+
+
+def _awaiting_labels(loaded: LoadedBatch) -> Reason:
+    from shiftcost.policy import Reason
+
+    return Reason(
+        "awaiting_labels",
+        "The batch has no labels yet: it waits with its label-free forecast until they come "
+        f"(`shiftcost labels attach {loaded.batch_id} FILE`, or {labels_beside(loaded.source_uri).rsplit('/', 1)[-1]} beside it).",
+        "defer",
+    )
 
 
 def _with_reasons(decision: Decision, extra: list[Reason]) -> Decision:
