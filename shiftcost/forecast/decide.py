@@ -1,14 +1,11 @@
 """When a probe pays for itself.
 
-The index forecast (stage 0) is free; a probe costs a few steps. It can change a decision
-in two cases. When the index forecast says the retrain would not reach the cutoff within
-the epoch cap, the batch would be skipped on that alone, and the indices measure how far
-the data moved rather than how learnable the move is: a probe of the learning itself can
-overturn it, budget or none. Otherwise only when the index-only interval *straddles* what
-the budget has left: if even the upper bound fits, retraining goes ahead anyway; if even the
-lower bound does not, it is deferred anyway. Either way the probe is worth it only when its
-own cost is a small share of the budget left (when one applies), so probing never eats the
-budget it is meant to protect.
+The index forecast (stage 0) is free; a probe costs a few steps. It can only change a
+decision when the index-only interval *straddles* what the budget has left: if even the
+upper bound fits, retraining goes ahead anyway; if even the lower bound does not, it is
+deferred anyway. Within the straddle the probe is worth it when its own cost is a small
+share of what it puts at stake (the budget left), so probing never eats the budget it is
+meant to protect.
 """
 
 from __future__ import annotations
@@ -29,28 +26,12 @@ class ProbeAdvice:
     reason: str
 
 
-def probe_pays(
-    index_energy_kwh: Interval, budget_left_kwh: float | None, probe_energy_kwh: float, *, not_converging: bool = False
-) -> ProbeAdvice:
-    """Whether to run the probe before deciding, with the reason in one sentence.
-
-    ``budget_left_kwh`` is ``None`` when no budget limits kWh; ``not_converging`` is the
-    index forecast's flag that the retrain would not reach the cutoff within the cap.
-    """
-    too_dear = budget_left_kwh is not None and probe_energy_kwh > MAX_PROBE_SHARE * budget_left_kwh
-    dear = ProbeAdvice(False, f"the probe would cost more than {MAX_PROBE_SHARE:.0%} of the budget left")
-    if not_converging:
-        if too_dear:
-            return dear
-        return ProbeAdvice(
-            True, "the index forecast says the retrain would not reach the cutoff within the epoch cap, which only a probe of the learning can overturn"
-        )
-    if budget_left_kwh is None:
-        return ProbeAdvice(False, "no budget limits kWh and the index forecast expects the retrain to converge, so a probe cannot change the decision")
+def probe_pays(index_energy_kwh: Interval, budget_left_kwh: float, probe_energy_kwh: float) -> ProbeAdvice:
+    """Whether to run the probe before deciding, with the reason in one sentence."""
     if index_energy_kwh.high <= budget_left_kwh:
         return ProbeAdvice(False, "even the index forecast's upper bound fits the budget left; a probe cannot change the decision")
     if index_energy_kwh.low > budget_left_kwh:
         return ProbeAdvice(False, "even the index forecast's lower bound exceeds the budget left; a probe cannot change the decision")
-    if too_dear:
-        return dear
+    if probe_energy_kwh > MAX_PROBE_SHARE * budget_left_kwh:
+        return ProbeAdvice(False, f"the probe would cost more than {MAX_PROBE_SHARE:.0%} of the budget left")
     return ProbeAdvice(True, "the index forecast's interval straddles the budget left and the probe is cheap beside it")

@@ -10,9 +10,8 @@ The steps, each a function a Prefect task can wrap:
    and writes Evidently's HTML report;
 4. :func:`estimate_cost` predicts epochs, kWh and kg CO2e (skipped without drift unless
    ``always_assess``): the index model first, then, when it pays
-   (``shiftcost.forecast.decide.probe_pays``: the index forecast says the retrain would not
-   converge, or its interval straddles what the budgets have left, and the probe is cheap
-   beside what the budgets have left), a probe of a few fine-tuning steps
+   (``shiftcost.forecast.decide.probe_pays``: the index interval straddles what the
+   budgets have left and the probe is cheap beside it), a probe of a few fine-tuning steps
    whose learning curve gives the forecast the decision uses; the probe's cost is charged
    to the budgets like any other spend;
 5. :func:`store_assessment` decides under the budgets and stores everything in one
@@ -444,14 +443,14 @@ def probe_if_it_pays(
     from shiftcost.recipe import RetrainConfig
 
     reference_accuracy = loaded.reference.accuracy
-    unprobeable = _why_no_probe(loaded, prediction, forecaster)
-    if unprobeable is not None or reference_accuracy is None:
+    unprobeable = _why_no_probe(loaded, prediction, forecaster, budget_left_kwh)
+    if unprobeable is not None or reference_accuracy is None or budget_left_kwh is None:
         return prediction, "index", unprobeable or "", None
     chosen = forecaster.probe_options()
     _, holdout = split_sizes(len(loaded.data), settings.retrain_holdout_fraction)
     probe_kwh = joules * (chosen["steps"] * chosen["batch_size"] + EVAL_SAMPLE_WEIGHT * (chosen["steps"] + 1) * holdout) / 3.6e6
     index_kwh = Interval(prediction.energy_kwh, prediction.energy_kwh_lower or 0.0, prediction.energy_kwh_upper or math.inf, prediction.level)
-    advice = probe_pays(index_kwh, budget_left_kwh, probe_kwh, not_converging=bool(prediction.predicted_not_to_converge))
+    advice = probe_pays(index_kwh, budget_left_kwh, probe_kwh)
     if not advice.probe:
         return prediction, "index", advice.reason, None
     # Measured like the retrain it stands in for; the estimate stays beside it in the record.
@@ -482,8 +481,10 @@ def probe_if_it_pays(
     return _priced(prediction, forecast, samples, joules, intensity), "probe", advice.reason, record
 
 
-def _why_no_probe(loaded: LoadedBatch, prediction: CostPrediction, forecaster: Any) -> str | None:
-    """Why no probe can run for this decision, or None when one could."""
+def _why_no_probe(loaded: LoadedBatch, prediction: CostPrediction, forecaster: Any, budget_left_kwh: float | None) -> str | None:
+    """Why no probe can change this decision, or None when one could."""
+    if budget_left_kwh is None:
+        return "no budget limits kWh, so a probe cannot change the decision"
     if forecaster.stage1 is None:
         return f"the cost model has no probe stage ({forecaster.stage1_error})"
     if loaded.reference.accuracy is None or prediction.energy_kwh is None:

@@ -15,7 +15,8 @@ JOULES_PER_SAMPLE = 0.5
 PROBE = {"steps": 2, "samples": 8, "batch_size": 4, "lr": 2e-3, "optimizer": "adam"}
 
 
-def _bootstrap(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel, max_epochs: float):
+@pytest.fixture
+def probe_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel):
     from shiftcost import pipeline
     from shiftcost.forecast.forecaster import Forecaster
 
@@ -23,18 +24,13 @@ def _bootstrap(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, tra
     landing = tmp_path / "landing"
     # Long retrains beside a two-step probe, so a probe is cheap next to what is at stake.
     rows = [row | {"epochs": 10.0 * row["epochs"]} for row in forecast_rows()]
-    forecaster = Forecaster.fit(rows, features=["resque_dist"], level=0.8, max_epochs=max_epochs, probe_settings=PROBE)
+    forecaster = Forecaster.fit(rows, features=["resque_dist"], level=0.8, max_epochs=200.0, probe_settings=PROBE)
     assert forecaster.stage1 is not None, forecaster.stage1_error
     pipeline.bootstrap(
         settings, trained_model.model, trained_model.spec, *trained_model.splits["holdout"],
         calibration=forecaster, joules_per_sample_epoch=JOULES_PER_SAMPLE, hardware="test",
     )  # fmt: skip
     return settings, landing, trained_model
-
-
-@pytest.fixture
-def probe_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel):
-    return _bootstrap(database_url, tmp_path, monkeypatch, trained_model, max_epochs=200.0)
 
 
 def _prediction(settings, decision_id: int) -> db.CostPrediction:
@@ -75,6 +71,9 @@ def test_a_probe_runs_when_the_index_interval_straddles_the_budget_and_is_charge
     staged = _prediction(settings, decision_id)
     assert staged.details["stage"] == "probe", staged.details["probe_advice"]
     probe = staged.details["probe"]
+    # The outcome `shiftcost assess` prints says which stage decided, why, and what the probe spent.
+    assert second.assessment.forecast_stage == "probe" and second.assessment.probe_advice == staged.details["probe_advice"]
+    assert second.assessment.probe_cost == probe["cost"]
     holdout = round(200 * 0.3)
     # Two steps of four samples; three evaluations of the holdout, each a third of a training sample's cost.
     assert probe["cost"]["steps"] == 2 and probe["cost"]["sample_gradients"] == 8 and probe["cost"]["samples_evaluated"] == 3 * holdout
@@ -100,26 +99,6 @@ def test_a_probe_runs_when_the_index_interval_straddles_the_budget_and_is_charge
         # (a retrain reservation, if any, was released: this assessment runs no retrain).
         left = seed.committed(database).remaining("probe-test", decision_id=decision_id).remaining_kwh
         assert left == pytest.approx(cap - probe_kwh)
-
-
-def test_an_index_forecast_of_no_convergence_is_probed_with_no_budget_at_all(database_url: str, tmp_path, monkeypatch, trained_model) -> None:
-    from shiftcost import pipeline
-    from shiftcost.data import Batch, save_batch
-
-    # An epoch cap below every calibration run: the index forecast says no retrain converges,
-    # so the batch would be skipped on the indices alone; the probe is what can overturn that.
-    settings, landing, trained = _bootstrap(database_url, tmp_path, monkeypatch, trained_model, max_epochs=3.0)
-    x, y = trained.splits["stream"]
-    save_batch(Batch(brightened(x[:200]), y[:200], "first"), landing / "first.npz")
-    outcome = pipeline.process_batch(settings, str(landing / "first.npz"), retrain=False)
-    staged = _prediction(settings, outcome.assessment.decision_id)
-    assert staged.details["stage"] == "probe", staged.details["probe_advice"]
-    assert "would not reach the cutoff within the epoch cap" in staged.details["probe_advice"]
-    assert staged.details["probe"]["index_prediction"]["predicted_not_to_converge"] is True
-    assert staged.details["probe"]["cost"]["steps"] == PROBE["steps"]
-    # The outcome `shiftcost assess` prints says which stage decided, why, and what the probe spent.
-    assert outcome.assessment.forecast_stage == "probe" and outcome.assessment.probe_advice == staged.details["probe_advice"]
-    assert outcome.assessment.probe_cost == staged.details["probe"]["cost"]
 
 
 def test_a_cost_model_calibrated_at_another_retrain_batch_size_is_refused_before_any_decision(probe_env, monkeypatch) -> None:

@@ -216,7 +216,7 @@ def test_a_probe_beyond_the_calibrated_range_is_held_at_its_edge_and_flagged() -
     assert beyond.epochs == probe(edge).epochs
 
 
-def test_a_probe_pays_when_the_index_interval_straddles_the_budget_or_says_no_convergence() -> None:
+def test_a_probe_pays_only_when_the_index_interval_straddles_the_budget() -> None:
     from shiftcost.forecast.decide import probe_pays
     from shiftcost.forecast.forecaster import Interval
 
@@ -225,11 +225,6 @@ def test_a_probe_pays_when_the_index_interval_straddles_the_budget_or_says_no_co
     assert not probe_pays(interval, budget_left_kwh=6.0, probe_energy_kwh=0.01).probe  # fits anyway
     assert not probe_pays(interval, budget_left_kwh=0.5, probe_energy_kwh=0.01).probe  # deferred anyway
     assert not probe_pays(interval, budget_left_kwh=3.0, probe_energy_kwh=1.0).probe  # would eat the budget
-    # No budget: only an index forecast of no convergence, which would skip the batch, is worth probing.
-    assert not probe_pays(interval, budget_left_kwh=None, probe_energy_kwh=0.01).probe
-    assert probe_pays(interval, budget_left_kwh=None, probe_energy_kwh=0.01, not_converging=True).probe
-    assert probe_pays(interval, budget_left_kwh=0.5, probe_energy_kwh=0.01, not_converging=True).probe  # whatever the interval
-    assert not probe_pays(interval, budget_left_kwh=0.1, probe_energy_kwh=0.01, not_converging=True).probe  # still bounded by the budget
 
 
 def test_stage1_needs_only_the_probe_features_its_design_reads() -> None:
