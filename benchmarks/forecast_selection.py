@@ -22,6 +22,10 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    median |log error| of the in-flight forecast (capped runs as bounds) is chosen; the
    stage-1 design (:data:`STAGE1_DESIGNS`) with the lowest MdAPE is reported per
    architecture; the design used is the one with the lowest mean MdAPE over both.
+3. On the same left-out points, **the "not to converge" flag** that skips a batch: how often
+   the index stage, the probe stage and the pipeline's rule (a batch the index stage would
+   skip is probed, and the probe decides) raise it on runs that reached the cutoff, and on
+   how many of the capped runs.
 
 One protocol holds for every architecture: each setting is the one with the lowest mean of
 its criterion over the architectures (``--combine`` joins separate runs' ``--json``).
@@ -44,7 +48,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forecast_accuracy import LEVEL, PROBE_STEPS, TOLERANCE, _scores, build_arch, calibrate, fit_baselines, seed_spread  # noqa: E402
+from forecast_accuracy import (  # noqa: E402
+    LEVEL, PROBE_STEPS, TOLERANCE, _scores, build_arch, calibrate, fit_baselines, flags, not_converging_flags, print_flags, seed_spread,
+)
 
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.forecaster import STAGE0_FEATURE, Forecaster  # noqa: E402
@@ -125,9 +131,11 @@ def _forecast_point(forecaster: Forecaster, baselines: Any, row: dict[str, Any],
     stage1 = forecaster.predict_from_probe_features(
         x, {f: row[f] for f in PROBE_FEATURES}, already_met=run["curve"][0]["accuracy"] >= run["target_accuracy"]
     )
+    stage0 = forecaster.predict(x)
     record = {
         "kind": row["corruption"], "intensity": row["intensity"], "epochs": float(run["epochs"]),
-        "censored": run["status"] == "cap_reached", "stage0": forecaster.predict(x).epochs, "stage0_probe": stage1.epochs,
+        "censored": run["status"] == "cap_reached", "stage0": stage0.epochs, "stage0_probe": stage1.epochs,
+        "not_converging": flags(stage0, stage1),
     }
     record["constant"], record["isotonic_accuracy_drop"] = baselines(row["accuracy_drop"])
     quarter = 0.25 * stage1.epochs.median
@@ -178,7 +186,12 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     mdape = {d: table[f"stage0_probe[{d}]"]["mdape"] for d in STAGE1_DESIGNS}
     return {
         "arch": arch, "chosen_stage1_design": min(mdape, key=mdape.get), "noise_floor_by_window": floors, "lowest_floor_window": window,
-        "protocol_window": PROTOCOL_WINDOW, "loko": table, "chosen_own_curve_evals": own,
+        "protocol_window": PROTOCOL_WINDOW, "loko": table, "chosen_own_curve_evals": own, "not_converging": not_converging_flags(records),
+        "points_scored": [
+            {k: r[k] for k in ("kind", "intensity", "epochs", "censored", "not_converging")}
+            | {name: r[name].to_dict() for name in ("stage0", "stage0_probe")}
+            for r in records
+        ],
         "points": len(records), "seeds": args.seeds, "probe_steps": args.probe_steps, "seconds": time.perf_counter() - started,
     }
 
@@ -233,6 +246,7 @@ def main() -> None:
         print(f"{'leave-one-kind-out':28s} {'n':>4s} {'MdAPE':>7s} {'med|log|':>8s} {'C-index':>7s} {'cov90':>6s}")
         for name, s in result["loko"].items():
             print(f"{name:28s} {s['n']:4d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} {s['c_index']:7.3f} {100 * s['coverage']:5.0f}%")
+        print_flags(result["not_converging"])
         print(f"lowest leave-one-kind-out MdAPE of stage 1: {result['chosen_stage1_design']}")
         print(f"chosen own-curve weight (evaluations at half weight): {result['chosen_own_curve_evals']:g}")
     if len(results) > 1:
