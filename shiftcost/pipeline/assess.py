@@ -341,6 +341,53 @@ def retrain_pool_samples(settings: Settings, loaded: LoadedBatch) -> int:
     return pool_samples(training_samples(len(loaded.data), settings.retrain_holdout_fraction), replay, loaded.reference.samples)
 
 
+@dataclass(frozen=True)
+class RetrainPrice:
+    """kWh of a retrain that runs ``epochs`` under the measurement protocol.
+
+    It trains ``epochs`` over the pool and evaluates the holdout at the protocol's cadence,
+    at the host's joules per sample-gradient (an evaluated sample weighs
+    ``EVAL_SAMPLE_WEIGHT``, as the rate refitted from measured retrains counts it), so a
+    retrain that needs no training is still priced at its one evaluation. It never runs past
+    its epoch cap, so no bound is priced beyond the cap.
+    """
+
+    pool: int
+    holdout: int
+    batch_size: int
+    joules_per_sample: float
+    cap_epochs: float | None
+
+    def kwh(self, epochs: float) -> float:
+        from shiftcost.forecast import protocol
+
+        run = max(float(epochs), 0.0) if self.cap_epochs is None else min(max(float(epochs), 0.0), self.cap_epochs)
+        if not math.isfinite(run):
+            return math.inf
+        evaluations = protocol.evaluations(run, protocol.steps_per_epoch(self.pool, self.batch_size))
+        return self.joules_per_sample * (run * self.pool + protocol.EVAL_SAMPLE_WEIGHT * evaluations * self.holdout) / 3.6e6
+
+    def priced(self, prediction: CostPrediction, epochs: tuple[float, float, float], intensity: float) -> CostPrediction:
+        """``prediction`` with ``epochs`` (median, low, high) and their kWh and kg CO2e."""
+        median, low, high = (self.kwh(e) for e in epochs)
+        return dataclasses.replace(
+            prediction,
+            epochs=epochs[0], epochs_lower=epochs[1], epochs_upper=epochs[2],
+            energy_kwh=median, energy_kwh_lower=low, energy_kwh_upper=high,
+            emissions_kg=median * intensity, emissions_kg_lower=low * intensity, emissions_kg_upper=high * intensity,
+        )  # fmt: skip
+
+
+def retrain_price(settings: Settings, loaded: LoadedBatch, joules_per_sample: float) -> RetrainPrice:
+    """How this batch's retrain is priced: its pool, holdout, batch size and epoch cap."""
+    from shiftcost.forecast.protocol import split_sizes
+    from shiftcost.recipe import RetrainConfig
+
+    _, holdout = split_sizes(len(loaded.data), settings.retrain_holdout_fraction)
+    batch_size = RetrainConfig.from_settings(settings).for_model(loaded.spec).recipe.batch_size
+    return RetrainPrice(retrain_pool_samples(settings, loaded), holdout, batch_size, float(joules_per_sample), settings.retrain_max_epochs)
+
+
 def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report: IndexReport, drift: DriftCheck) -> CostEstimate | None:
     """Predicted epochs, kWh and kg CO2e of retraining on the batch.
 
@@ -391,14 +438,16 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
     samples = retrain_pool_samples(settings, loaded)
     intensity = carbon_intensity(settings)
     prediction, problem = None, None
+    price = retrain_price(settings, loaded, joules)
     try:
         (prediction,) = cost_model.predict_costs([features], samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
+        prediction = price.priced(prediction, (prediction.epochs, prediction.epochs_lower, prediction.epochs_upper), intensity)
     except InputError as error:
         problem = str(error)
     stage, advice, probe_record = "index", None, None
     if prediction is not None and forecaster is not None and loaded.data.has_labels:  # a probe trains: it needs labels
         prediction, stage, advice, probe_record = probe_if_it_pays(
-            settings, loaded, features, prediction, forecaster, budget_left, samples, float(joules), intensity
+            settings, loaded, features, prediction, forecaster, budget_left, price, intensity
         )
     return CostEstimate(
         prediction=prediction,
@@ -423,23 +472,22 @@ def probe_if_it_pays(
     prediction: CostPrediction,
     forecaster: Any,
     budget_left_kwh: float | None,
-    samples: int,
-    joules: float,
+    price: RetrainPrice,
     intensity: float,
 ) -> tuple[CostPrediction, str, str, dict[str, Any] | None]:
     """Run the probe when it can change the decision and is cheap; the prediction to decide on.
 
     Returns ``(prediction, stage, advice, probe)``: the index prediction (stage ``index``)
     or the probe-stage one (stage ``probe``), why, and what the probe saw and spent. The
-    probe-stage epochs are priced like the index model's (``epochs * samples * J / 3.6e6``),
-    so the two stages are comparable; the probe's own energy is measured with CodeCarbon,
+    probe-stage epochs are priced like the index model's (``price``), so the two stages are
+    comparable; the probe's own energy is measured with CodeCarbon,
     as retrains are, and estimated from the same joules per sample (evaluations weighted
     as the protocol weighs them) beside it; the estimate stands in when nothing is measured.
     """
     from shiftcost.forecast import probe as probing
     from shiftcost.forecast.decide import probe_pays
     from shiftcost.forecast.forecaster import Interval
-    from shiftcost.forecast.protocol import EVAL_SAMPLE_WEIGHT, split_sizes
+    from shiftcost.forecast.protocol import EVAL_SAMPLE_WEIGHT
     from shiftcost.recipe import RetrainConfig
 
     reference_accuracy = loaded.reference.accuracy
@@ -447,8 +495,8 @@ def probe_if_it_pays(
     if unprobeable is not None or reference_accuracy is None or budget_left_kwh is None:
         return prediction, "index", unprobeable or "", None
     chosen = forecaster.probe_options()
-    _, holdout = split_sizes(len(loaded.data), settings.retrain_holdout_fraction)
-    probe_kwh = joules * (chosen["steps"] * chosen["batch_size"] + EVAL_SAMPLE_WEIGHT * (chosen["steps"] + 1) * holdout) / 3.6e6
+    joules = price.joules_per_sample
+    probe_kwh = joules * (chosen["steps"] * chosen["batch_size"] + EVAL_SAMPLE_WEIGHT * (chosen["steps"] + 1) * price.holdout) / 3.6e6
     index_kwh = Interval(prediction.energy_kwh, prediction.energy_kwh_lower or 0.0, prediction.energy_kwh_upper or math.inf, prediction.level)
     advice = probe_pays(index_kwh, budget_left_kwh, probe_kwh)
     if not advice.probe:
@@ -478,7 +526,7 @@ def probe_if_it_pays(
         return prediction, "index", f"the probe could not run ({error})", None
     forecast = forecaster.predict(features, probe=trajectory)
     record = trajectory.to_dict() | {"features": forecast.features, "index_prediction": prediction.to_dict()}
-    return _priced(prediction, forecast, samples, joules, intensity), "probe", advice.reason, record
+    return _probe_stage(prediction, forecast, price, intensity), "probe", advice.reason, record
 
 
 def _why_no_probe(loaded: LoadedBatch, prediction: CostPrediction, forecaster: Any, budget_left_kwh: float | None) -> str | None:
@@ -494,24 +542,11 @@ def _why_no_probe(loaded: LoadedBatch, prediction: CostPrediction, forecaster: A
     return None
 
 
-def _priced(prediction: CostPrediction, forecast: Any, samples: int, joules: float, intensity: float) -> CostPrediction:
-    """The index prediction with the probe stage's epochs, priced as the index model prices them."""
+def _probe_stage(prediction: CostPrediction, forecast: Any, price: RetrainPrice, intensity: float) -> CostPrediction:
+    """The index prediction with the probe stage's epochs, priced as the index stage's are."""
     epochs = forecast.epochs
-
-    def kwh(e: float) -> float:
-        return e * samples * joules / 3.6e6
-
     return dataclasses.replace(
-        prediction,
-        epochs=epochs.median,
-        epochs_lower=epochs.low,
-        epochs_upper=epochs.high,
-        energy_kwh=kwh(epochs.median),
-        energy_kwh_lower=kwh(epochs.low),
-        energy_kwh_upper=kwh(epochs.high),
-        emissions_kg=kwh(epochs.median) * intensity,
-        emissions_kg_lower=kwh(epochs.low) * intensity,
-        emissions_kg_upper=kwh(epochs.high) * intensity,
+        price.priced(prediction, (epochs.median, epochs.low, epochs.high), intensity),
         predicted_not_to_converge=forecast.not_converging,
         p_not_converge=forecast.p_not_converge,
         features=forecast.features,
