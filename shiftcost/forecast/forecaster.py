@@ -313,6 +313,17 @@ class Forecaster:
             batch_samples, carbon_intensity, epochs=interval, p_not_converge=p_fail,
         )
 
+    def within_horizon(self, epochs: Interval) -> Interval:
+        """``epochs`` held at the forecast horizon, a few caps.
+
+        A log-linear model extrapolates exponentially, and no calibration run says anything
+        beyond its cap: forecasts stop at :data:`HORIZON_CAPS` caps (and are flagged as not
+        converging). An infinite upper bound (too few runs for one) stays infinite.
+        """
+        horizon = HORIZON_CAPS * self.max_epochs
+        high = min(epochs.high, horizon) if math.isfinite(epochs.high) else math.inf
+        return Interval(min(epochs.median, horizon), min(epochs.low, horizon), high, epochs.level)
+
     def energy_interval(self, epochs: Interval, batch_samples: int | None) -> Interval | None:
         """kWh of the epochs interval for a batch of ``batch_samples`` (evaluations included)."""
         if self.energy_rate is None or batch_samples is None:
@@ -373,11 +384,7 @@ class Forecaster:
             assert prediction is not None
             epochs = Interval(prediction.epochs, prediction.epochs_lower, prediction.epochs_upper, prediction.level)
             p_not_converge = prediction.p_not_converge
-        # A log-linear model extrapolates exponentially, and no calibration run says anything
-        # beyond its cap: forecasts stop at a horizon of a few caps (and are flagged).
-        horizon = HORIZON_CAPS * self.max_epochs
-        high = min(epochs.high, horizon) if math.isfinite(epochs.high) else math.inf  # inf: too few runs for a bound
-        epochs = Interval(min(epochs.median, horizon), min(epochs.low, horizon), high, epochs.level)
+        epochs = self.within_horizon(epochs)
         energy = self.energy_interval(epochs, batch_samples)
         co2 = None if energy is None or carbon_intensity is None else energy.map(lambda k: k * carbon_intensity)
         flag = bool(epochs.median >= self.max_epochs or (p_not_converge is not None and p_not_converge >= 0.5))

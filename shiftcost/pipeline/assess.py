@@ -395,6 +395,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
     move costs nothing to assess. A batch whose indices the cost model cannot use (a
     feature it was fitted on is missing) gives an estimate with ``problem`` set.
     """
+    from shiftcost.forecast.forecaster import Interval
     from shiftcost.store import repository
 
     if not drift.verdict and not settings.always_assess:
@@ -438,10 +439,13 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
     samples = retrain_pool_samples(settings, loaded)
     intensity = carbon_intensity(settings)
     prediction, problem = None, None
+    assert forecaster is not None  # built with the cost model
     price = retrain_price(settings, loaded, joules)
     try:
         (prediction,) = cost_model.predict_costs([features], samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
-        prediction = price.priced(prediction, (prediction.epochs, prediction.epochs_lower, prediction.epochs_upper), intensity)
+        # Held at the horizon as the forecaster holds its forecasts, then priced.
+        epochs = forecaster.within_horizon(Interval(prediction.epochs, prediction.epochs_lower, prediction.epochs_upper, prediction.level))
+        prediction = price.priced(prediction, (epochs.median, epochs.low, epochs.high), intensity)
     except InputError as error:
         problem = str(error)
     stage, advice, probe_record = "index", None, None

@@ -288,3 +288,15 @@ def test_later_probes_repeat_the_calibrated_probe_and_a_probe_at_another_rate_is
     assert forecaster.predict(row, probe=probe, batch_samples=100).probe["settings"]["lr"] == 1e-4
     with pytest.raises(ConfigError, match=r"lr 0.0001 \(here 0.001\)"):
         forecaster.predict(row, probe=dataclasses.replace(probe, settings={"lr": 1e-3, "optimizer": "adam"}), batch_samples=100)
+
+
+def test_forecasts_stop_at_a_horizon_of_a_few_caps() -> None:
+    from shiftcost.forecast.forecaster import HORIZON_CAPS, Interval
+
+    forecaster = fitted_forecaster()
+    horizon = HORIZON_CAPS * forecaster.max_epochs
+    held = forecaster.within_horizon(Interval(40 * horizon, 2 * horizon, 80 * horizon, 0.9))
+    assert (held.median, held.low, held.high, held.level) == (horizon, horizon, horizon, 0.9)
+    inside = Interval(1.0, 0.5, horizon / 2, 0.9)
+    assert forecaster.within_horizon(inside) == inside
+    assert forecaster.within_horizon(Interval(1.0, 0.5, math.inf, 0.9)).high == math.inf  # too few runs for a bound
