@@ -56,6 +56,7 @@ __all__ = [
     "measure_energy",
     "known_country_codes",
     "KWH_TO_JOULES",
+    "work_kwh",
 ]
 
 KWH_TO_JOULES = 3.6e6
@@ -455,6 +456,11 @@ def measure_energy(**options: Any) -> Iterator[EnergyMeter]:
 EVAL_SAMPLE_WEIGHT = 1.0 / 3.0
 
 
+def work_kwh(joules_per_sample: float, samples_trained: float, samples_evaluated: float) -> float:
+    """kWh of training on and evaluating that many samples at ``joules_per_sample`` a sample-gradient."""
+    return joules_per_sample * (samples_trained + EVAL_SAMPLE_WEIGHT * samples_evaluated) / KWH_TO_JOULES
+
+
 @dataclass(frozen=True)
 class HostEnergyRate:
     """Joules per training sample-gradient on one host, refitted from real retrains.
@@ -474,7 +480,7 @@ class HostEnergyRate:
 
     def kwh(self, samples_trained: float, samples_evaluated: float) -> float:
         """Estimated energy of training on and evaluating that many samples."""
-        return self.joules_per_sample * (samples_trained + EVAL_SAMPLE_WEIGHT * samples_evaluated) / KWH_TO_JOULES
+        return work_kwh(self.joules_per_sample, samples_trained, samples_evaluated)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shiftcost.energy import work_kwh
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
 
@@ -219,7 +220,7 @@ def run_probe(
     finally:
         seconds = time.perf_counter() - started
         energy, stop_error = _stop_meter(meter)
-    estimated = None if joules_per_sample is None else joules_per_sample * (walk.seen + protocol.EVAL_SAMPLE_WEIGHT * walk.evaluated) / 3.6e6
+    estimated = None if joules_per_sample is None else work_kwh(joules_per_sample, walk.seen, walk.evaluated)
     kwh = energy.energy_kwh if energy is not None else estimated
     slope = float(np.polyfit(np.arange(len(walk.loss)), walk.loss, 1)[0]) if len(walk.loss) > 1 else 0.0
     cost = ProbeCost(steps, walk.seen, walk.evaluated, seconds, kwh, energy is not None, estimated, energy_error or stop_error)

@@ -359,13 +359,14 @@ class RetrainPrice:
     cap_epochs: float | None
 
     def kwh(self, epochs: float) -> float:
+        from shiftcost.energy import work_kwh
         from shiftcost.forecast import protocol
 
         run = max(float(epochs), 0.0) if self.cap_epochs is None else min(max(float(epochs), 0.0), self.cap_epochs)
         if not math.isfinite(run):
             return math.inf
         evaluations = protocol.evaluations(run, protocol.steps_per_epoch(self.pool, self.batch_size))
-        return self.joules_per_sample * (run * self.pool + protocol.EVAL_SAMPLE_WEIGHT * evaluations * self.holdout) / 3.6e6
+        return work_kwh(self.joules_per_sample, run * self.pool, evaluations * self.holdout)
 
     def priced(self, prediction: CostPrediction, epochs: tuple[float, float, float], intensity: float) -> CostPrediction:
         """``prediction`` with ``epochs`` (median, low, high) and their kWh and kg CO2e."""
@@ -442,7 +443,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
     assert forecaster is not None  # built with the cost model
     price = retrain_price(settings, loaded, joules)
     try:
-        (prediction,) = cost_model.predict_costs([features], samples=samples, joules_per_sample_epoch=joules, carbon_intensity=intensity)
+        (prediction,) = cost_model.predict_costs([features])
         # Held at the horizon as the forecaster holds its forecasts, then priced.
         epochs = forecaster.within_horizon(Interval(prediction.epochs, prediction.epochs_lower, prediction.epochs_upper, prediction.level))
         prediction = price.priced(prediction, (epochs.median, epochs.low, epochs.high), intensity)
@@ -491,7 +492,7 @@ def probe_if_it_pays(
     from shiftcost.forecast import probe as probing
     from shiftcost.forecast.decide import probe_pays
     from shiftcost.forecast.forecaster import Interval
-    from shiftcost.forecast.protocol import EVAL_SAMPLE_WEIGHT
+    from shiftcost.energy import work_kwh
     from shiftcost.recipe import RetrainConfig
 
     reference_accuracy = loaded.reference.accuracy
@@ -499,8 +500,7 @@ def probe_if_it_pays(
     if unprobeable is not None or reference_accuracy is None or budget_left_kwh is None:
         return prediction, "index", unprobeable or "", None
     chosen = forecaster.probe_options()
-    joules = price.joules_per_sample
-    probe_kwh = joules * (chosen["steps"] * chosen["batch_size"] + EVAL_SAMPLE_WEIGHT * (chosen["steps"] + 1) * price.holdout) / 3.6e6
+    probe_kwh = work_kwh(price.joules_per_sample, chosen["steps"] * chosen["batch_size"], (chosen["steps"] + 1) * price.holdout)
     index_kwh = Interval(prediction.energy_kwh, prediction.energy_kwh_lower or 0.0, prediction.energy_kwh_upper or math.inf, prediction.level)
     advice = probe_pays(index_kwh, budget_left_kwh, probe_kwh)
     if not advice.probe:
@@ -517,7 +517,7 @@ def probe_if_it_pays(
             holdout_fraction=settings.retrain_holdout_fraction,
             seed=settings.retrain_seed,
             device=settings.device,
-            joules_per_sample=joules,
+            joules_per_sample=price.joules_per_sample,
             source=f"batch {loaded.source_uri}",
             retrain_batch_size=forecaster.batch_size,
             track_energy=metering.track,
