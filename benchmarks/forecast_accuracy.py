@@ -208,7 +208,7 @@ def _probe(model: Any, x: Any, y: Any, target: float, ceiling: float, seed: int,
 
     return run_probe(
         model, x, y, target_accuracy=target, ceiling=ceiling, seed=seed, device="cpu", track_energy=True,
-        energy_options={"measure_power_secs": 0.5}, joules_per_sample=None if rate is None else rate.joules_per_sample, **options,
+        energy_options={"measure_power_secs": 0.5}, energy_rate=rate, **options,
     )
 
 

@@ -47,6 +47,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from shiftcost.errors import ConfigError, ShiftcostError
 
 __all__ = [
@@ -463,23 +465,36 @@ def work_kwh(joules_per_sample: float, samples_trained: float, samples_evaluated
 
 @dataclass(frozen=True)
 class HostEnergyRate:
-    """Joules per training sample-gradient on one host, refitted from real retrains.
+    """Joules per training sample-gradient on one host, and per measured run, refitted from real retrains.
 
     A single probe on a shared CPU swings by an order of magnitude (0.64 vs 0.045 J per
-    sample-epoch in four runs), so the figure is the *median* over measured runs of
-    ``joules / (samples trained + EVAL_SAMPLE_WEIGHT * samples evaluated)``, and
-    ``spread`` is the median absolute deviation of those ratios divided by the median.
-    Evaluations count, so a retrain that needed no training is priced at its one
-    evaluation, never at 0 kWh.
+    sample-epoch in four runs), so the rate is fitted robustly over measured runs: the
+    line ``joules = overhead_joules + joules_per_sample * work`` by Siegel's repeated
+    medians, where work is ``samples trained + EVAL_SAMPLE_WEIGHT * samples evaluated``.
+    The overhead is what a run costs whatever its length (starting the meter, copying the
+    model, splitting the data): a median of ``joules / work`` spreads it over the work of a
+    typical calibration run, so short retrains are underpriced (a digits retrain that
+    trained on nothing measured 0.67 J where that median priced 0.08 J) and, when the
+    calibration runs were short, long ones overpriced.
+    When the line is not identified (fewer than three runs, all of one length, or a
+    non-positive intercept or slope), the rate is that median and the overhead 0.
+    ``spread`` is the median absolute deviation of measured over fitted, divided by its
+    median. Evaluations count, so a retrain that needed no training is priced at its one
+    evaluation and its overhead, never at 0 kWh.
     """
 
     joules_per_sample: float
     spread: float
     runs: int
     hardware: str | None = None
+    overhead_joules: float = 0.0
 
     def kwh(self, samples_trained: float, samples_evaluated: float) -> float:
-        """Estimated energy of training on and evaluating that many samples."""
+        """Estimated energy of one measured run training on and evaluating that many samples."""
+        return self.overhead_joules / KWH_TO_JOULES + self.marginal_kwh(samples_trained, samples_evaluated)
+
+    def marginal_kwh(self, samples_trained: float, samples_evaluated: float) -> float:
+        """Estimated energy of that much more work in a run already under way (its overhead already paid)."""
         return work_kwh(self.joules_per_sample, samples_trained, samples_evaluated)
 
     def to_dict(self) -> dict[str, Any]:
@@ -487,24 +502,35 @@ class HostEnergyRate:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HostEnergyRate":
-        return cls(**{k: data[k] for k in ("joules_per_sample", "spread", "runs", "hardware") if k in data})
+        return cls(**{k: data[k] for k in ("joules_per_sample", "spread", "runs", "hardware", "overhead_joules") if k in data})
 
     @classmethod
-    def fit(cls, runs: Any, hardware: str | None = None) -> "HostEnergyRate":
-        """From ``(energy_kwh, samples_trained, samples_evaluated)`` triples of measured runs."""
-        ratios = []
+    def fit(cls, runs: Any, hardware: str | None = None, method: str = "per_run_overhead") -> "HostEnergyRate":
+        """From ``(energy_kwh, samples_trained, samples_evaluated)`` triples of measured runs.
+
+        ``method="median_ratio"`` skips the overhead (the median of ``joules / work``); it
+        is kept for ``benchmarks/energy_rate.py``, which compares the two.
+        """
+        if method not in ("per_run_overhead", "median_ratio"):
+            raise ValueError(f"method must be 'per_run_overhead' or 'median_ratio', got {method!r}")
+        points = []
         for energy_kwh, trained, evaluated in runs:
             work = float(trained) + EVAL_SAMPLE_WEIGHT * float(evaluated)
             if energy_kwh is not None and energy_kwh > 0 and work > 0:
-                ratios.append(energy_kwh * KWH_TO_JOULES / work)
-        if not ratios:
+                points.append((energy_kwh * KWH_TO_JOULES, work))
+        if not points:
             raise EnergyMeasurementError("no measured run with positive energy and work to fit the host's energy rate from.")
-        ratios.sort()
-        mid = len(ratios) // 2
-        median = ratios[mid] if len(ratios) % 2 else 0.5 * (ratios[mid - 1] + ratios[mid])
-        deviations = sorted(abs(r - median) for r in ratios)
-        mad = deviations[mid] if len(deviations) % 2 else 0.5 * (deviations[mid - 1] + deviations[mid])
-        return cls(joules_per_sample=median, spread=mad / median, runs=len(ratios), hardware=hardware)
+        joules, work = np.array(points).T
+        overhead, rate = 0.0, float(np.median(joules / work))
+        if method == "per_run_overhead" and len(points) >= 3 and np.ptp(work) > 0:
+            from scipy.stats import siegelslopes
+
+            slope, intercept = siegelslopes(joules, work)
+            if slope > 0 and intercept > 0:
+                overhead, rate = float(intercept), float(slope)
+        ratios = joules / (overhead + rate * work)
+        spread = float(np.median(np.abs(ratios - np.median(ratios))) / np.median(ratios))
+        return cls(joules_per_sample=rate, spread=spread, runs=len(points), hardware=hardware, overhead_joules=overhead)
 
     def refit(self, runs: Any) -> "HostEnergyRate":
         """A new rate from these runs; this one is kept when none of them was measured."""

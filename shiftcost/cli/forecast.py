@@ -104,10 +104,9 @@ def run_calibrated_probe(
     from shiftcost.forecast.probe import run_probe
 
     options = forecaster.probe_options() | ({"steps": probe_steps} if probe_steps else {})
-    rate = forecaster.energy_rate
     return run_probe(
         net, new.x, new.y, target_accuracy=max(0.0, reference_accuracy - tolerance), ceiling=reference_accuracy,
-        seed=seed, device=device, joules_per_sample=None if rate is None else rate.joules_per_sample,
+        seed=seed, device=device, energy_rate=forecaster.energy_rate,
         source=source, retrain_batch_size=forecaster.batch_size, track_energy=track_energy, country_iso_code=country, **options,
     )
 

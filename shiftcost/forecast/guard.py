@@ -96,7 +96,7 @@ class BudgetGuard:
         per_epoch = protocol.steps_per_epoch(self.pool, self.forecaster.batch_size)
         remaining_epochs = max(forecast.epochs.low - spent_epochs, 0.0)
         remaining_evals = protocol.evaluations(forecast.epochs.low, per_epoch) - protocol.evaluations(spent_epochs, per_epoch)
-        remaining_kwh = rate.kwh(remaining_epochs * self.pool, max(remaining_evals, 0) * self.holdout)
+        remaining_kwh = rate.marginal_kwh(remaining_epochs * self.pool, max(remaining_evals, 0) * self.holdout)
         self.forecasts.append(
             {"step": point.step, "epoch": spent_epochs, "spent_kwh": self.spent_kwh, "remaining_low_kwh": remaining_kwh}
             | {"epochs": forecast.epochs.to_dict(), "stage": forecast.stage}

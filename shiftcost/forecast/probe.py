@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shiftcost.energy import work_kwh
+from shiftcost.energy import HostEnergyRate
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
 
@@ -174,7 +174,7 @@ def run_probe(
     track_energy: bool = False,
     country_iso_code: str = "USA",
     energy_options: dict[str, Any] | None = None,
-    joules_per_sample: float | None = None,
+    energy_rate: HostEnergyRate | None = None,
     source: str = "the batch",
     retrain_batch_size: int | None = None,
 ) -> ProbeTrajectory:
@@ -182,9 +182,9 @@ def run_probe(
 
     The caller's model and the global random state are untouched. With ``track_energy``
     the probe is measured with CodeCarbon (as retrains are; when CodeCarbon cannot measure,
-    ``cost.energy_error`` says why and the estimate stands in); with ``joules_per_sample``
-    (per training sample-gradient; evaluations weighted by
-    :data:`~shiftcost.forecast.protocol.EVAL_SAMPLE_WEIGHT`) it is also estimated, and the
+    ``cost.energy_error`` says why and the estimate stands in); with ``energy_rate``
+    (the host's :class:`~shiftcost.energy.HostEnergyRate`, the probe counted as one measured
+    run) it is also estimated, and the
     estimate stands in when nothing is measured. The probe's cost is ``steps`` steps of
     ``batch_size`` and ``steps + 1`` evaluations of the holdout, whatever the retrain's length.
     ``retrain_batch_size`` is the real retrain's batch size (default: the recipe's): it sets
@@ -220,7 +220,7 @@ def run_probe(
     finally:
         seconds = time.perf_counter() - started
         energy, stop_error = _stop_meter(meter)
-    estimated = None if joules_per_sample is None else work_kwh(joules_per_sample, walk.seen, walk.evaluated)
+    estimated = None if energy_rate is None else energy_rate.kwh(walk.seen, walk.evaluated)
     kwh = energy.energy_kwh if energy is not None else estimated
     slope = float(np.polyfit(np.arange(len(walk.loss)), walk.loss, 1)[0]) if len(walk.loss) > 1 else 0.0
     cost = ProbeCost(steps, walk.seen, walk.evaluated, seconds, kwh, energy is not None, estimated, energy_error or stop_error)

@@ -46,6 +46,7 @@ from shiftcost.pipeline.common import (
     json_safe,
     least_kwh_left,
     load_cost_model,
+    stored_energy_rate,
     training_samples,
 )
 
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from shiftcost.costmodel import CostPrediction
     from shiftcost.data import Batch, ModelSpec
     from shiftcost.drift import DriftResult
+    from shiftcost.energy import HostEnergyRate
     from shiftcost.index.engine import IndexReport
     from shiftcost.index.reference import ReferenceStats
     from shiftcost.store import Database
@@ -346,8 +348,8 @@ class RetrainPrice:
     """kWh of a retrain that runs ``epochs`` under the measurement protocol.
 
     It trains ``epochs`` over the pool and evaluates the holdout at the protocol's cadence,
-    at the host's joules per sample-gradient (an evaluated sample weighs
-    ``EVAL_SAMPLE_WEIGHT``, as the rate refitted from measured retrains counts it), so a
+    at the host's rate (an evaluated sample weighs ``EVAL_SAMPLE_WEIGHT``, and the run pays
+    its overhead once, as the rate refitted from measured retrains counts them), so a
     retrain that needs no training is still priced at its one evaluation. It never runs past
     its epoch cap, so no bound is priced beyond the cap.
     """
@@ -355,18 +357,17 @@ class RetrainPrice:
     pool: int
     holdout: int
     batch_size: int
-    joules_per_sample: float
+    rate: HostEnergyRate
     cap_epochs: float | None
 
     def kwh(self, epochs: float) -> float:
-        from shiftcost.energy import work_kwh
         from shiftcost.forecast import protocol
 
         run = max(float(epochs), 0.0) if self.cap_epochs is None else min(max(float(epochs), 0.0), self.cap_epochs)
         if not math.isfinite(run):
             return math.inf
         evaluations = protocol.evaluations(run, protocol.steps_per_epoch(self.pool, self.batch_size))
-        return work_kwh(self.joules_per_sample, run * self.pool, evaluations * self.holdout)
+        return self.rate.kwh(run * self.pool, evaluations * self.holdout)
 
     def priced(self, prediction: CostPrediction, epochs: tuple[float, float, float], intensity: float) -> CostPrediction:
         """``prediction`` with ``epochs`` (median, low, high) and their kWh and kg CO2e."""
@@ -379,14 +380,14 @@ class RetrainPrice:
         )  # fmt: skip
 
 
-def retrain_price(settings: Settings, loaded: LoadedBatch, joules_per_sample: float) -> RetrainPrice:
+def retrain_price(settings: Settings, loaded: LoadedBatch, rate: HostEnergyRate) -> RetrainPrice:
     """How this batch's retrain is priced: its pool, holdout, batch size and epoch cap."""
     from shiftcost.forecast.protocol import split_sizes
     from shiftcost.recipe import RetrainConfig
 
     _, holdout = split_sizes(len(loaded.data), settings.retrain_holdout_fraction)
     batch_size = RetrainConfig.from_settings(settings).for_model(loaded.spec).recipe.batch_size
-    return RetrainPrice(retrain_pool_samples(settings, loaded), holdout, batch_size, float(joules_per_sample), settings.retrain_max_epochs)
+    return RetrainPrice(retrain_pool_samples(settings, loaded), holdout, batch_size, rate, settings.retrain_max_epochs)
 
 
 def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report: IndexReport, drift: DriftCheck) -> CostEstimate | None:
@@ -409,7 +410,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
             stored = load_cost_model(session, label_free_key(architecture))
         stored = stored or load_cost_model(session, architecture)
         probe = repository.latest_energy_probe(session, architecture)
-        probe_values = None if probe is None else (probe.id, probe.joules_per_sample_epoch)
+        probe_values = None if probe is None else (probe.id, stored_energy_rate(probe))
         forecaster = None
         budget_left = None
         if stored is not None:
@@ -435,13 +436,13 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
             "run `shiftcost probe-energy` or give joules_per_sample_epoch when bootstrapping."
         )
     cost_model, calibration = stored
-    probe_id, joules = probe_values
+    probe_id, rate = probe_values
     features = report_features(report)
     samples = retrain_pool_samples(settings, loaded)
     intensity = carbon_intensity(settings)
     prediction, problem = None, None
     assert forecaster is not None  # built with the cost model
-    price = retrain_price(settings, loaded, joules)
+    price = retrain_price(settings, loaded, rate)
     try:
         (prediction,) = cost_model.predict_costs([features])
         # Held at the horizon as the forecaster holds its forecasts, then priced.
@@ -459,7 +460,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
         problem=problem,
         features=features,
         samples=samples,
-        joules_per_sample_epoch=float(joules),
+        joules_per_sample_epoch=rate.joules_per_sample,
         carbon_intensity=intensity,
         calibration_id=calibration.id,
         cost_model_version=cost_model.version_,
@@ -492,7 +493,6 @@ def probe_if_it_pays(
     from shiftcost.forecast import probe as probing
     from shiftcost.forecast.decide import probe_pays
     from shiftcost.forecast.forecaster import Interval
-    from shiftcost.energy import work_kwh
     from shiftcost.recipe import RetrainConfig
 
     reference_accuracy = loaded.reference.accuracy
@@ -500,7 +500,7 @@ def probe_if_it_pays(
     if unprobeable is not None or reference_accuracy is None or budget_left_kwh is None:
         return prediction, "index", unprobeable or "", None
     chosen = forecaster.probe_options()
-    probe_kwh = work_kwh(price.joules_per_sample, chosen["steps"] * chosen["batch_size"], (chosen["steps"] + 1) * price.holdout)
+    probe_kwh = price.rate.kwh(chosen["steps"] * chosen["batch_size"], (chosen["steps"] + 1) * price.holdout)
     index_kwh = Interval(prediction.energy_kwh, prediction.energy_kwh_lower or 0.0, prediction.energy_kwh_upper or math.inf, prediction.level)
     advice = probe_pays(index_kwh, budget_left_kwh, probe_kwh)
     if not advice.probe:
@@ -517,7 +517,7 @@ def probe_if_it_pays(
             holdout_fraction=settings.retrain_holdout_fraction,
             seed=settings.retrain_seed,
             device=settings.device,
-            joules_per_sample=price.joules_per_sample,
+            energy_rate=price.rate,
             source=f"batch {loaded.source_uri}",
             retrain_batch_size=forecaster.batch_size,
             track_energy=metering.track,

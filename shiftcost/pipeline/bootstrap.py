@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from shiftcost.config import Settings
     from shiftcost.costmodel import CostModel
     from shiftcost.data import ModelSpec
+    from shiftcost.energy import HostEnergyRate
     from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.retrain import ProbeResult
     from shiftcost.store import Database
@@ -167,12 +168,19 @@ def record_energy_probe(
     *,
     hardware: str,
     probe: ProbeResult | None = None,
+    rate: HostEnergyRate | None = None,
 ) -> int:
-    """Store joules per training sample-epoch of ``spec``'s architecture on ``hardware``."""
+    """Store joules per training sample-epoch of ``spec``'s architecture on ``hardware``.
+
+    ``rate``, fitted from measured runs, is stored whole (its per-run overhead with it), so
+    the pipeline prices as ``shiftcost forecast`` and the guard price with that rate.
+    """
     from shiftcost.store import repository
 
     values: dict[str, Any] = {"measurement_method": "given"}
-    if probe is not None:
+    if rate is not None:
+        values = {"measurement_method": "fitted", "details": json_safe({"rate": rate.to_dict()})}
+    elif probe is not None:
         values = {
             "batch_size": probe.batch_size,
             "samples": probe.samples,
@@ -358,6 +366,10 @@ def register_from_files(
         cost_model, joules_from_sweep, label_free = _read_calibration(cost_model_path, spec)
         forecaster = _forecaster_beside(cost_model_path, cost_model)
     joules = joules_per_sample_epoch if joules_per_sample_epoch is not None else joules_from_sweep
+    # The rate fitted on the calibration's measured retrains prices a run as the forecast does, overhead included.
+    fitted = None if joules_per_sample_epoch is not None or forecaster is None else forecaster.energy_rate
+    if fitted is not None:
+        joules = fitted.joules_per_sample
     with db.session(readonly=True) as session:
         try:
             parent = repository.get_model(session, name)
@@ -376,7 +388,9 @@ def register_from_files(
                 store_cost_model(session, label_free_key(spec.architecture), label_free, source="sweep", model_id=version.model_id)
         cost_model_version = cost_model.version_
     if joules is not None:
-        probe_id = record_energy_probe(db, spec, joules, hardware="measured by the calibration sweep")
+        probe_id = record_energy_probe(
+            db, spec, joules, hardware=(fitted and fitted.hardware) or "measured by the calibration sweep", rate=fitted
+        )
     budget = ensure_default_budget(db, settings)
     return Registered(version, parent_version, accuracy.to_dict(), calibration_id, cost_model_version, probe_id, joules, budget)
 

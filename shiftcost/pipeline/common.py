@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from shiftcost.config import Settings
     from shiftcost.costmodel import CostModel
+    from shiftcost.energy import HostEnergyRate
     from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.store import Database
     from shiftcost.store.models import Calibration
@@ -36,6 +37,7 @@ __all__ = [
     "least_kwh_left",
     "load_forecaster",
     "store_cost_model",
+    "stored_energy_rate",
     "training_samples",
 ]
 
@@ -152,7 +154,6 @@ def load_forecaster(session: Session, architecture: str, *, batch_size: int) -> 
     probe stage (stage 1) is used when the calibration row stores one under
     ``details["forecaster"]`` (what ``Forecaster.to_json`` writes for it).
     """
-    from shiftcost.energy import HostEnergyRate
     from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.store import repository
 
@@ -163,8 +164,23 @@ def load_forecaster(session: Session, architecture: str, *, batch_size: int) -> 
     forecaster = Forecaster.with_probe_stage(stage0, (row.details or {}).get("forecaster") or {}, batch_size=batch_size)
     probe = repository.latest_energy_probe(session, architecture)
     if probe is not None:
-        forecaster.energy_rate = HostEnergyRate(float(probe.joules_per_sample_epoch), 0.0, 1, probe.hardware)
+        forecaster.energy_rate = stored_energy_rate(probe)
     return forecaster
+
+
+def stored_energy_rate(probe: Any) -> HostEnergyRate:
+    """The host's rate an energy probe row holds.
+
+    A rate fitted from measured runs (refitted after a retrain, or registered from a
+    calibration) is stored whole under ``details["rate"]``, its per-run overhead with it;
+    a probe of training throughput alone is its joules per sample-gradient.
+    """
+    from shiftcost.energy import HostEnergyRate
+
+    saved = (probe.details or {}).get("rate")
+    if saved:
+        return HostEnergyRate.from_dict(saved)
+    return HostEnergyRate(float(probe.joules_per_sample_epoch), 0.0, 1, probe.hardware)
 
 
 def check_forecaster(forecaster: Forecaster, settings: Settings, spec: Any) -> None:

@@ -77,13 +77,14 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
     """Refit the architecture's energy rate from every finished run that measured energy.
 
     The rate (joules per training sample, evaluations weighted by
-    ``EVAL_SAMPLE_WEIGHT``) is the *median* over the runs (``HostEnergyRate.fit``): one run
-    on a loaded machine does not move it far. It is stored as the architecture's newest
+    ``EVAL_SAMPLE_WEIGHT``, and per run) is a robust line through the runs
+    (``HostEnergyRate.fit``): one run on a loaded machine does not move it far. It is stored as the architecture's newest
     energy probe, which the next assessment and the next guard price with. Returns the run's
     measured kWh beside what the rate in force before it estimated, and the rates; None when
     the run measured no energy.
     """
     from shiftcost.energy import HostEnergyRate, run_work
+    from shiftcost.pipeline.common import stored_energy_rate
     from shiftcost.store import repository, runs
 
     own = run_work(result.to_dict())
@@ -96,7 +97,7 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
     before = repository.latest_energy_probe(session, architecture)
     estimated = None
     if before is not None:
-        estimated = HostEnergyRate(float(before.joules_per_sample_epoch), 0.0, 1).kwh(own[1], own[2])
+        estimated = stored_energy_rate(before).kwh(own[1], own[2])
     repository.add_energy_probe(
         session, architecture, refitted.hardware or "refitted", f"{inputs.spec.in_channels}x{inputs.spec.image_size}x{inputs.spec.image_size}",
         refitted.joules_per_sample, measurement_method="refitted", energy_kwh=own[0],
@@ -108,6 +109,7 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
             "estimated_kwh": estimated,
             "joules_per_sample_before": None if before is None else before.joules_per_sample_epoch,
             "joules_per_sample_after": refitted.joules_per_sample,
+            "overhead_joules_after": refitted.overhead_joules,
             "spread": refitted.spread,
             "runs": refitted.runs,
         }

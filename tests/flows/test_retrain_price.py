@@ -8,28 +8,30 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shiftcost.energy import HostEnergyRate
 from shiftcost.pipeline.assess import RetrainPrice
 
-# One kWh per sample-gradient keeps the figures countable by hand.
+# One kWh per sample-gradient, and 5 kWh a run, keep the figures countable by hand.
 KWH = 3.6e6
+RATE = HostEnergyRate(KWH, 0.0, 1, overhead_joules=5 * KWH)
 
 
 def test_a_retrain_is_priced_at_its_evaluations_and_never_beyond_its_cap() -> None:
     # 140 samples at batch 32: 4 full steps and a trailing 12, so 5 steps an epoch, an evaluation after every step.
-    price = RetrainPrice(pool=140, holdout=60, batch_size=32, joules_per_sample=KWH, cap_epochs=20.0)
-    # No training: the one evaluation of the 60 held-out samples, each a third of a sample-gradient.
-    assert price.kwh(0.0) == pytest.approx(60 / 3)
-    # Two epochs: 280 samples trained, 10 steps and 11 evaluations.
-    assert price.kwh(2.0) == pytest.approx(280 + 11 * 60 / 3)
+    price = RetrainPrice(pool=140, holdout=60, batch_size=32, rate=RATE, cap_epochs=20.0)
+    # No training: the run's overhead and one evaluation of the 60 held-out samples, each a third of a sample-gradient.
+    assert price.kwh(0.0) == pytest.approx(5 + 60 / 3)
+    # Two epochs: 280 samples trained, 10 steps and 11 evaluations, and the overhead once.
+    assert price.kwh(2.0) == pytest.approx(5 + 280 + 11 * 60 / 3)
     # The run stops at its 20-epoch cap: 2,800 samples, 100 steps, 101 evaluations, whatever the forecast says.
-    assert price.kwh(249.0) == price.kwh(math.inf) == pytest.approx(2800 + 101 * 60 / 3)
+    assert price.kwh(249.0) == price.kwh(math.inf) == pytest.approx(5 + 2800 + 101 * 60 / 3)
     # Without a cap an unbounded forecast stays unbounded.
-    assert RetrainPrice(140, 60, 32, KWH, None).kwh(math.inf) == math.inf
+    assert RetrainPrice(140, 60, 32, RATE, None).kwh(math.inf) == math.inf
 
 
 @given(st.floats(0, 60), st.floats(0, 60), st.integers(2, 500), st.integers(1, 200), st.integers(1, 64))
 def test_more_epochs_never_cost_less_and_none_past_the_cap_cost_more(a: float, b: float, pool: int, holdout: int, batch: int) -> None:
-    price = RetrainPrice(pool, holdout, batch, KWH, cap_epochs=15.0)
+    price = RetrainPrice(pool, holdout, batch, RATE, cap_epochs=15.0)
     low, high = sorted((a, b))
     assert price.kwh(low) <= price.kwh(high) <= price.kwh(15.0)
     assert price.kwh(0.0) > 0

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from shiftcost.calibrate import analyse, best_index
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate
@@ -106,13 +108,62 @@ def test_energy_counts_evaluations_so_zero_epochs_is_not_free() -> None:
     assert energy.high == pytest.approx(2 * pool + EVAL_SAMPLE_WEIGHT * evals * holdout)
 
 
-def test_host_energy_rate_is_the_median_ratio() -> None:
+def test_host_energy_rate_is_the_median_ratio_where_no_line_is_identified() -> None:
     runs = [(1e-5, 1000, 300), (2e-5, 1000, 300), (9e-4, 1000, 300), (1.5e-5, 500, 0)]
-    rate = HostEnergyRate.fit(runs)
     ratios = sorted(kwh * 3.6e6 / (t + e / 3) for kwh, t, e in runs)
-    assert rate.joules_per_sample == pytest.approx(np.median(ratios))
-    assert rate.spread == pytest.approx(np.median(np.abs(np.array(ratios) - np.median(ratios))) / np.median(ratios))
-    assert rate.refit([(None, 10, 0)]) is rate
+    spread = np.median(np.abs(np.array(ratios) - np.median(ratios))) / np.median(ratios)
+    # Asked for; two runs; and runs on a line with a negative intercept (2 mJ a sample less 1 J).
+    negative = [((2e-3 * w - 1.0) / 3.6e6, w, 0) for w in (1000, 2000, 4000)]
+    for rate, expected in (
+        (HostEnergyRate.fit(runs, method="median_ratio"), ratios),
+        (HostEnergyRate.fit(runs[:2]), ratios[:2]),
+        (HostEnergyRate.fit(negative), [2e-3 - 1.0 / w for w in (1000, 2000, 4000)]),
+    ):
+        assert rate.overhead_joules == 0.0
+        assert rate.joules_per_sample == pytest.approx(np.median(expected))
+    assert HostEnergyRate.fit(runs, method="median_ratio").spread == pytest.approx(spread)
+    fitted = HostEnergyRate.fit(runs)
+    assert fitted.refit([(None, 10, 0)]) is fitted
+
+
+def _repeated_medians(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Siegel's estimator written out: the median over points of the median slope to every other point."""
+    import statistics
+
+    slopes = [statistics.median((y[j] - y[i]) / (x[j] - x[i]) for j in range(len(x)) if x[j] != x[i]) for i in range(len(x))]
+    slope = statistics.median(slopes)
+    return slope, statistics.median(yi - slope * xi for xi, yi in zip(x, y))
+
+
+def test_host_energy_rate_separates_a_run_overhead_from_the_rate_and_ignores_outliers() -> None:
+    # 0.6 J a run plus 1.5 mJ a sample-gradient; two of nine runs measured on a loaded machine.
+    works = [(0, 150), (300, 150), (600, 300), (1500, 300), (3000, 600), (6000, 900), (9000, 900), (12000, 1200), (15000, 1500)]
+    joules = [0.6 + 1.5e-3 * (t + e / 3) for t, e in works]
+    joules[2] *= 4.0
+    joules[7] *= 3.0
+    rate = HostEnergyRate.fit([(j / 3.6e6, t, e) for j, (t, e) in zip(joules, works)])
+    assert rate.overhead_joules == pytest.approx(0.6) and rate.joules_per_sample == pytest.approx(1.5e-3)
+    # A retrain that trained on nothing costs its overhead and its evaluation, not a share of a typical run.
+    assert rate.kwh(0, 150) * 3.6e6 == pytest.approx(0.6 + 1.5e-3 * 50)
+    assert rate.marginal_kwh(0, 150) * 3.6e6 == pytest.approx(1.5e-3 * 50)
+    assert HostEnergyRate.from_dict(rate.to_dict()) == rate
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 20000), st.integers(1, 3000), st.floats(0.5, 2.0)), min_size=3, max_size=12),
+    st.floats(0.0, 5.0),
+    st.floats(1e-4, 1e-2),
+)
+def test_host_energy_rate_is_siegels_line_when_its_intercept_and_slope_are_positive(runs, overhead, per_sample) -> None:
+    works = [t + e / 3 for t, e, _ in runs]
+    assume(max(works) > min(works))
+    joules = [(overhead + per_sample * w) * noise for w, (_, _, noise) in zip(works, runs)]
+    rate = HostEnergyRate.fit([(j / 3.6e6, t, e) for j, (t, e, _) in zip(joules, runs)])
+    slope, intercept = _repeated_medians(works, joules)
+    if slope > 0 and intercept > 0:
+        assert (rate.joules_per_sample, rate.overhead_joules) == (pytest.approx(slope), pytest.approx(intercept))
+    else:
+        assert rate.overhead_joules == 0.0 and rate.joules_per_sample == pytest.approx(float(np.median(np.array(joules) / works)))
 
 
 def test_round_trip_and_plain_cost_model_files(tmp_path) -> None:

@@ -94,3 +94,21 @@ def test_without_any_forecast_the_guard_stops_once_the_spend_passes_the_budget()
     # It stopped at the first evaluation past the budget, not before.
     assert budget < guard.spent_kwh <= budget + interval
     assert "beyond the budget" in guard.reason and not guard.forecasts
+
+
+def test_the_run_overhead_is_charged_once_at_the_start_and_never_to_the_epochs_still_to_come() -> None:
+    import dataclasses
+
+    from tests.forecast.helpers import UNIT_RATE
+
+    pessimistic = Forecast(Interval(50.0, 40.0, 80.0, 0.9), None, None, "probe", False, None, {})
+    guards = {}
+    for overhead in (0.0, 500.0):
+        forecaster = fitted_forecaster()
+        forecaster.energy_rate = dataclasses.replace(UNIT_RATE, overhead_joules=overhead * 3.6e6)
+        model, x, y = task()
+        guards[overhead] = BudgetGuard(forecaster, budget_kwh=1000.0, batch_samples=N, ceiling=0.97, initial=pessimistic)
+        run(guards[overhead], model, x, y)
+    plain, with_overhead = guards[0.0], guards[500.0]
+    assert with_overhead.spent_kwh == pytest.approx(plain.spent_kwh + 500.0)
+    assert with_overhead.forecasts[0]["remaining_low_kwh"] == pytest.approx(plain.forecasts[0]["remaining_low_kwh"])

@@ -9,10 +9,13 @@ import torch
 
 from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model
-from shiftcost.energy import EVAL_SAMPLE_WEIGHT
+from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate
 from shiftcost.forecast import protocol
 from shiftcost.forecast.probe import run_probe
 from tests.forecast.helpers import bars
+
+#: 7.2 J per sample-gradient and 3.6 J per run: the probe is one measured run and pays its overhead once.
+RATE = HostEnergyRate(7.2, 0.0, 1, overhead_joules=3.6)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def test_probe_cost_is_counted_exactly_and_the_model_is_untouched(tiny) -> None:
     shifted = (1 - x).contiguous()  # inverted images: the model must relearn
     before = copy.deepcopy(model.state_dict())
     rng_state = torch.get_rng_state()
-    probe = run_probe(model, shifted, y, target_accuracy=0.9, ceiling=0.95, steps=6, samples=40, batch_size=8, joules_per_sample=7.2)
+    probe = run_probe(model, shifted, y, target_accuracy=0.9, ceiling=0.95, steps=6, samples=40, batch_size=8, energy_rate=RATE)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng_state, torch.get_rng_state())
     holdout = round(len(y) * 0.3)
@@ -41,7 +44,7 @@ def test_probe_cost_is_counted_exactly_and_the_model_is_untouched(tiny) -> None:
     cost = probe.cost
     assert cost.steps == 6 and cost.sample_gradients == 6 * 8
     assert cost.samples_evaluated == 7 * holdout
-    assert cost.energy_kwh == pytest.approx(7.2 * (48 + EVAL_SAMPLE_WEIGHT * 7 * holdout) / 3.6e6) and not cost.energy_measured
+    assert cost.energy_kwh == pytest.approx((3.6 + 7.2 * (48 + EVAL_SAMPLE_WEIGHT * 7 * holdout)) / 3.6e6) and not cost.energy_measured
     assert len(probe.accuracy) == len(probe.loss) == len(probe.epochs) == 7
     assert probe.initial_grad_norm > 0 and probe.loss[-1] < probe.loss[0]
 
@@ -69,11 +72,11 @@ def test_the_same_seed_gives_the_same_probe(tiny) -> None:
 def test_a_measured_probe_keeps_its_estimate_beside_the_measurement(tiny) -> None:
     model, _, x, y = tiny
     probe = run_probe(
-        model, 1 - x, y, target_accuracy=0.9, ceiling=0.95, steps=4, samples=40, batch_size=8, joules_per_sample=7.2,
+        model, 1 - x, y, target_accuracy=0.9, ceiling=0.95, steps=4, samples=40, batch_size=8, energy_rate=RATE,
         track_energy=True, energy_options={"measure_power_secs": 0.2},
     )
     cost = probe.cost
     holdout = round(len(y) * 0.3)
     assert cost.energy_measured and cost.energy_kwh > 0
-    assert cost.estimated_energy_kwh == pytest.approx(7.2 * (4 * 8 + EVAL_SAMPLE_WEIGHT * 5 * holdout) / 3.6e6)
+    assert cost.estimated_energy_kwh == pytest.approx((3.6 + 7.2 * (4 * 8 + EVAL_SAMPLE_WEIGHT * 5 * holdout)) / 3.6e6)
     assert cost.to_dict()["estimated_energy_kwh"] == cost.estimated_energy_kwh

@@ -42,3 +42,28 @@ def test_register_reads_the_probe_stage_beside_the_cost_model(tmp_path) -> None:
     found = _forecaster_beside(str(tmp_path / "costmodel.json"), fitted.stage0)
     assert found is not None and found.stage0 is fitted.stage0
     assert json.loads(found.stage1.to_json()) == json.loads(fitted.stage1.to_json())
+
+
+def test_a_rate_fitted_from_measured_runs_is_stored_whole_and_prices_the_pipeline(tmp_path) -> None:
+    import dataclasses
+
+    from shiftcost.data.models import build_model
+    from shiftcost.pipeline.bootstrap import record_energy_probe
+
+    fitted = fitted_forecaster()
+    rate = dataclasses.replace(fitted.energy_rate, joules_per_sample=0.004, overhead_joules=0.6, hardware="here")
+    _, spec = build_model("digits_cnn", 10, in_channels=1, image_size=8)
+    database = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}", upgrade=True)
+    try:
+        with database.session() as session:
+            store_cost_model(session, "digits_cnn", fitted.stage0, source="sweep", forecaster=fitted)
+        record_energy_probe(database, spec, rate.joules_per_sample, hardware="here", rate=rate)
+        with database.session(readonly=True) as session:
+            assert load_forecaster(session, "digits_cnn", batch_size=32).energy_rate == rate
+        # A probe of training throughput alone has no overhead to carry.
+        record_energy_probe(database, spec, 0.003, hardware="here")
+        with database.session(readonly=True) as session:
+            plain = load_forecaster(session, "digits_cnn", batch_size=32).energy_rate
+    finally:
+        database.dispose()
+    assert (plain.joules_per_sample, plain.overhead_joules) == (0.003, 0.0)

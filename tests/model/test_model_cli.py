@@ -101,6 +101,9 @@ def _story(root: Path, name: str, import_flags: list[str], pytorch_accuracy: flo
     registered = json.loads(out)
     assert registered["version"] == 1 and registered["cost_model_version"] is not None
     assert registered["reference_accuracy"] == pytest.approx(pytorch_accuracy, abs=0.01)
+    # The pipeline prices with the rate calibration fitted on its measured retrains, as `forecast` does.
+    fitted_rate = json.loads((calibration / "forecaster.json").read_text())["energy_rate"]
+    assert registered["joules_per_sample_epoch"] == pytest.approx(fitted_rate["joules_per_sample"])
 
     code, out, err = run(["assess", root / "shifted", "--no-retrain", "--json"], env)
     assert code == 0, err
