@@ -562,3 +562,38 @@ def test_cli_fits_the_intensities_it_sweeps_when_asked(tiny, tmp_path) -> None:
     assert fit["kind"] == "gaussian_noise" and fit["scale"] != 1.0
     assert data["settings"]["sweep"] == {"gaussian_noise": expected}
     assert [row["intensity"] for row in data["rows"]] == expected
+
+
+def test_kinds_that_show_no_cost_are_named_by_why() -> None:
+    from shiftcost.calibrate.result import uninformative_kinds
+
+    def point(kind: str, intensity: float, status: str) -> dict:
+        return {"corruption": kind, "intensity": intensity, "status": status}
+
+    rows = [
+        point("gentle", 0.0, "already_met"), point("gentle", 0.5, "already_met"), point("gentle", 0.9, "already_met"),
+        point("harsh", 0.0, "already_met"), point("harsh", 0.5, "cap_reached"), point("harsh", 0.9, "cap_reached"),
+        point("useful", 0.0, "already_met"), point("useful", 0.5, "reached"), point("useful", 0.9, "cap_reached"),
+        point("broken", 0.0, "already_met"), point("broken", 0.5, "failed"), point("broken", 0.9, "reached"),
+        point("clean_only", 0.0, "already_met"),
+    ]
+    assert uninformative_kinds(rows) == {"never_retrained": ["gentle", "clean_only"], "capped_throughout": ["harsh"]}
+
+
+def test_cli_says_which_kinds_never_needed_training(tiny, tmp_path) -> None:
+    model, spec, x, y = tiny
+    save_model(model, spec, tmp_path / "model.safetensors")
+    save_batch(Batch(x, y, "reference"), tmp_path / "reference.npz")
+    save_batch(Batch(x, y, "new"), tmp_path / "new.npz")
+    done = subprocess.run(
+        [
+            *_shiftcost_command(), "calibrate", "--model", str(tmp_path / "model.safetensors"),
+            "--reference", str(tmp_path / "reference.npz"), "--data", str(tmp_path / "new.npz"), "--sweep", "contrast=0,0.001",
+            "--repeats", "1", "--max-epochs", "1", "--out", str(tmp_path / "out"), "--device", "cpu", "--batch-size", "16",
+        ],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "never needed training at any intensity: contrast;" in done.stdout
+    saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert saved["uninformative_kinds"] == {"never_retrained": ["contrast"], "capped_throughout": []}

@@ -57,6 +57,11 @@ class SweepResult:
         """Rows whose point crashed."""
         return [row for row in self.rows if row["status"] == "failed"]
 
+    @property
+    def uninformative_kinds(self) -> dict[str, list[str]]:
+        """See :func:`uninformative_kinds`."""
+        return uninformative_kinds(self.rows)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (non-finite numbers become ``None``)."""
         return json_safe(
@@ -68,6 +73,7 @@ class SweepResult:
                 "rows": self.rows,
                 "correlations": self.correlations,
                 "best_index": self.best_index,
+                "uninformative_kinds": self.uninformative_kinds,
                 "cost_model": None if self.cost_model is None else _cost_model_summary(self.cost_model),
                 "cost_model_error": self.cost_model_error,
                 "cost_model_note": self.cost_model_note,
@@ -129,3 +135,22 @@ class SweepInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, rows: list[dict[str, Any]]) -> None:
         super().__init__(message)
         self.rows = rows
+
+
+def uninformative_kinds(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Kinds whose points show the cost model no cost, by why.
+
+    ``never_retrained``: every point was already at the cutoff, so the kind never needed a
+    step of training at any intensity. ``capped_throughout``: every shifted point reached
+    the epoch cap, so the kind gives only lower bounds. Failed points are left out.
+    """
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] != "failed":
+            by_kind.setdefault(row["corruption"], []).append(row)
+    never = [kind for kind, points in by_kind.items() if all(p["status"] == "already_met" for p in points)]
+    capped = [
+        kind for kind, points in by_kind.items()
+        if any(p["intensity"] > 0 for p in points) and all(p["status"] == "cap_reached" for p in points if p["intensity"] > 0)
+    ]  # fmt: skip
+    return {"never_retrained": never, "capped_throughout": capped}

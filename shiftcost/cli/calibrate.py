@@ -123,6 +123,19 @@ def _print_tables(result: SweepResult, console: Console) -> None:
         from shiftcost.calibrate.ladder import describe_fits
 
         console.print(f"intensities fitted to the model (the default ones times): {describe_fits(result.settings['fitted_intensities'])}")
+    uninformative = result.uninformative_kinds
+    if uninformative["never_retrained"]:
+        console.print(
+            f"never needed training at any intensity: {', '.join(uninformative['never_retrained'])}; these kinds show the cost "
+            "model no cost: sweep them stronger (--sweep kind=intensity,...) or fit the intensities to the model (--fit-intensities).",
+            style="yellow",
+        )
+    if uninformative["capped_throughout"]:
+        console.print(
+            f"reached the epoch cap at every shifted intensity: {', '.join(uninformative['capped_throughout'])}; these kinds "
+            "give only lower bounds: sweep them milder (--sweep kind=intensity,...) or raise --max-epochs.",
+            style="yellow",
+        )
     if result.settings.get("stopped_early"):
         console.print(
             f"sweep stopped early at its {result.settings['stopped_early']}; "
