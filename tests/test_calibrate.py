@@ -597,3 +597,23 @@ def test_cli_says_which_kinds_never_needed_training(tiny, tmp_path) -> None:
     assert "never needed training at any intensity: contrast;" in done.stdout
     saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert saved["uninformative_kinds"] == {"never_retrained": ["contrast"], "capped_throughout": []}
+
+
+def test_the_host_rate_counts_the_clean_batch_once() -> None:
+    """The clean batch is measured once and copied under every kind: its runs enter the host's rate once."""
+    from shiftcost.energy import HostEnergyRate, run_work
+    from tests.forecast.helpers import INDEX, forecast_rows
+
+    def run(kwh: float, trained: int) -> dict:
+        return {"energy": {"energy_kwh": kwh}, "samples_seen": trained, "curve": [{}] * (1 + trained // 100), "holdout_samples": 60}
+
+    rows = [
+        r | {"status": "reached", "intensity": 0.5, "accuracy_drop": 0.97 - r["accuracy"], "energy_kwh": None,
+             "runs": [run((0.6 + 1.5e-3 * 100 * (k + 1)) * (1 + 0.1 * (k % 3)) / 3.6e6, 100 * (k + 1))]}
+        for k, r in enumerate(forecast_rows())
+    ]  # fmt: skip
+    clean = rows[0] | {"intensity": 0.0, "runs": [run(9.0 / 3.6e6, 0)]}
+    copies = [clean | {"corruption": kind, "copy_of": clean["corruption"]} for kind in {r["corruption"] for r in rows} - {clean["corruption"]}]
+    result = analyse([clean, *rows, *copies], settings={"max_epochs": 15.0, "batch_size": 16}, features=list(INDEX))
+    once = [run_work(r["runs"][0]) for r in (clean, *rows)]
+    assert result.forecaster.energy_rate == HostEnergyRate.fit(once, hardware=None)

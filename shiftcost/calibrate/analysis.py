@@ -124,7 +124,8 @@ def _fit_forecaster(
     from shiftcost.energy import HostEnergyRate, run_work
     from shiftcost.forecast.forecaster import EPOCH_SETTINGS, Forecaster
 
-    runs = [run_work(run) for row in usable for run in row.get("runs", [])]
+    # The clean batch is measured once and copied under every kind; its runs count once.
+    runs = [run_work(run) for row in usable if not row.get("copy_of") for run in row.get("runs", [])]
     hardware = next((run["energy"].get("cpu_model") for row in usable for run in row.get("runs", []) if run.get("energy")), None)
     try:
         rate = HostEnergyRate.fit(runs, hardware=hardware)
