@@ -19,8 +19,8 @@ measured / estimated (1 is unbiased; above 1 the estimate is low), and the share
 whose measured kWh is above the estimate (a budget on the estimate overspends on those),
 and the median measured / estimated of the runs that trained on nothing (already at the
 cutoff: one evaluation and the run's overhead). Calibration retrains at one torch thread,
-as ``forecast_accuracy.py`` calibrates; the scored retrains at the process default, as a
-user's retrain does. CodeCarbon's figure on a CPU is a load model (TDP x load plus RAM), so it moves with what
+as ``shiftcost calibrate`` does by default; the scored retrains at the process default, as
+``shiftcost retrain`` and the pipeline do, unless ``--retrain-threads`` is given. CodeCarbon's figure on a CPU is a load model (TDP x load plus RAM), so it moves with what
 else runs on the machine: run nothing else meanwhile.
 """
 
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -103,6 +104,9 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         left_out_untrained += [t == 0 for _, t, _ in held]
 
     new_x, new_y = splits["stream"]
+    if args.retrain_threads:
+        torch.set_num_threads(args.retrain_threads)
+    result_threads = torch.get_num_threads()
     evaluation: list[tuple[float, float, float]] = []
     for kind, intensities in KIND_SETS[args.kind_set].items():
         for intensity in intensities:
@@ -118,7 +122,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                     evaluation.append((float(energy), trained, evaluated))
                 print(f"  {arch} {kind} {intensity:g} seed {seed}: {run.status} {run.epochs:.2f} ep, {energy} kWh", flush=True)
 
-    result: dict[str, Any] = {"arch": arch, "calibration_runs": len(calibration), "rules": {}}
+    result: dict[str, Any] = {"arch": arch, "calibration_runs": len(calibration), "retrain_threads": result_threads, "rules": {}}
     for rule in RULES:
         fitted = fit_rule(rule, calibration)
         result["rules"][rule] = {
@@ -131,7 +135,10 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_arch(result: dict[str, Any]) -> None:
-    print(f"\n{result['arch']}: {result['calibration_runs']} calibration runs, {result['seconds']:.0f} s")
+    print(
+        f"\n{result['arch']}: {result['calibration_runs']} calibration runs at one torch thread, scored retrains at "
+        f"{result['retrain_threads']}, {result['seconds']:.0f} s"
+    )
     print("  per rule: median |log(measured/estimated)|, median measured/estimated, share above the estimate,")
     print("  and median measured/estimated of the runs that trained on nothing")
     for part, title in (("built_in_left_out", "built-in kinds, one left out at a time (chooses)"), ("evaluation", "evaluation kinds (scores)")):
@@ -153,6 +160,10 @@ def main() -> None:
     parser.add_argument("--kind-set", default="third", choices=sorted(KIND_SETS))
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--calibration-intensities", type=int, default=4)
+    parser.add_argument(
+        "--retrain-threads", type=int, default=None,
+        help="torch threads of the scored retrains (default: the process default, as `shiftcost retrain` runs)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results = []
