@@ -350,7 +350,7 @@ class RetrainPrice:
     It trains ``epochs`` over the pool and evaluates the holdout at the protocol's cadence,
     at the host's rate (an evaluated sample weighs ``EVAL_SAMPLE_WEIGHT``, and the run pays
     its overhead once, as the rate refitted from measured retrains counts them), so a
-    retrain that needs no training is still priced at its one evaluation. It never runs past
+    retrain that needs no training is still priced at its one evaluation and its overhead. It never runs past
     its epoch cap, so no bound is priced beyond the cap.
     """
 

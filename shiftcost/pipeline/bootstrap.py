@@ -173,7 +173,7 @@ def record_energy_probe(
     """Store joules per training sample-epoch of ``spec``'s architecture on ``hardware``.
 
     ``rate``, fitted from measured runs, is stored whole (its per-run overhead with it), so
-    the pipeline prices as ``shiftcost forecast`` and the guard price with that rate.
+    the pipeline prices with it exactly as ``shiftcost forecast`` and the guard do.
     """
     from shiftcost.store import repository
 
