@@ -155,11 +155,13 @@ def test_host_energy_rate_separates_a_run_overhead_from_the_rate_and_ignores_out
     st.floats(1e-4, 1e-2),
 )
 def test_host_energy_rate_is_siegels_line_when_its_intercept_and_slope_are_positive(runs, overhead, per_sample) -> None:
-    works = [t + e / 3 for t, e, _ in runs]
+    works = [t + EVAL_SAMPLE_WEIGHT * e for t, e, _ in runs]
     assume(max(works) > min(works))
     joules = [(overhead + per_sample * w) * noise for w, (_, _, noise) in zip(works, runs)]
     rate = HostEnergyRate.fit([(j / 3.6e6, t, e) for j, (t, e, _) in zip(joules, runs)])
     slope, intercept = _repeated_medians(works, joules)
+    # At a zero intercept or slope, rounding alone decides between the line and the fallback.
+    assume(abs(intercept) > 1e-9 * max(joules) and abs(slope) > 1e-9 * max(joules) / max(works))
     if slope > 0 and intercept > 0:
         assert (rate.joules_per_sample, rate.overhead_joules) == (pytest.approx(slope), pytest.approx(intercept))
     else:
