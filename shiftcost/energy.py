@@ -480,7 +480,9 @@ class HostEnergyRate:
     non-positive intercept or slope), the rate is that median and the overhead 0.
     ``spread`` is the median absolute deviation of measured over fitted, divided by its
     median. Evaluations count, so a retrain that needed no training is priced at its one
-    evaluation and its overhead, never at 0 kWh.
+    evaluation and its overhead, never at 0 kWh. ``threads`` is the torch CPU thread count
+    the runs trained at: on a CPU, CodeCarbon's load model prices the same work differently
+    at another count (30% more at two threads than at one on a 2-core machine).
     """
 
     joules_per_sample: float
@@ -488,6 +490,7 @@ class HostEnergyRate:
     runs: int
     hardware: str | None = None
     overhead_joules: float = 0.0
+    threads: int | None = None
 
     def kwh(self, samples_trained: float, samples_evaluated: float) -> float:
         """Estimated energy of one measured run training on and evaluating that many samples."""
@@ -502,10 +505,10 @@ class HostEnergyRate:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HostEnergyRate":
-        return cls(**{k: data[k] for k in ("joules_per_sample", "spread", "runs", "hardware", "overhead_joules") if k in data})
+        return cls(**{k: data[k] for k in ("joules_per_sample", "spread", "runs", "hardware", "overhead_joules", "threads") if k in data})
 
     @classmethod
-    def fit(cls, runs: Any, hardware: str | None = None, method: str = "per_run_overhead") -> "HostEnergyRate":
+    def fit(cls, runs: Any, hardware: str | None = None, method: str = "per_run_overhead", threads: int | None = None) -> "HostEnergyRate":
         """From ``(energy_kwh, samples_trained, samples_evaluated)`` triples of measured runs.
 
         ``method="median_ratio"`` skips the overhead (the median of ``joules / work``); it
@@ -530,12 +533,14 @@ class HostEnergyRate:
                 overhead, rate = float(intercept), float(slope)
         ratios = joules / (overhead + rate * work)
         spread = float(np.median(np.abs(ratios - np.median(ratios))) / np.median(ratios))
-        return cls(joules_per_sample=rate, spread=spread, runs=len(points), hardware=hardware, overhead_joules=overhead)
+        return cls(
+            joules_per_sample=rate, spread=spread, runs=len(points), hardware=hardware, overhead_joules=overhead, threads=threads
+        )
 
     def refit(self, runs: Any) -> "HostEnergyRate":
         """A new rate from these runs; this one is kept when none of them was measured."""
         try:
-            return HostEnergyRate.fit(runs, hardware=self.hardware)
+            return HostEnergyRate.fit(runs, hardware=self.hardware, threads=self.threads)
         except EnergyMeasurementError:
             return self
 

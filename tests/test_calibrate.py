@@ -614,6 +614,6 @@ def test_the_host_rate_counts_the_clean_batch_once() -> None:
     ]  # fmt: skip
     clean = rows[0] | {"intensity": 0.0, "runs": [run(9.0 / 3.6e6, 0)]}
     copies = [clean | {"corruption": kind, "copy_of": clean["corruption"]} for kind in {r["corruption"] for r in rows} - {clean["corruption"]}]
-    result = analyse([clean, *rows, *copies], settings={"max_epochs": 15.0, "batch_size": 16}, features=list(INDEX))
+    result = analyse([clean, *rows, *copies], settings={"max_epochs": 15.0, "batch_size": 16, "threads": 3}, features=list(INDEX))
     once = [run_work(r["runs"][0]) for r in (clean, *rows)]
-    assert result.forecaster.energy_rate == HostEnergyRate.fit(once, hardware=None)
+    assert result.forecaster.energy_rate == HostEnergyRate.fit(once, hardware=None, threads=3)

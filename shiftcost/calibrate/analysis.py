@@ -121,14 +121,18 @@ def _fit_forecaster(
     group_key: str | None = GROUP_KEY,
 ) -> tuple[Any, str | None]:
     """The forecaster fitted beside the index cost model, with the host's energy rate; or why not."""
+    import torch
+
     from shiftcost.energy import HostEnergyRate, run_work
     from shiftcost.forecast.forecaster import EPOCH_SETTINGS, Forecaster
 
     # The clean batch is measured once and copied under every kind; its runs count once.
     runs = [run_work(run) for row in usable if not row.get("copy_of") for run in row.get("runs", [])]
     hardware = next((run["energy"].get("cpu_model") for row in usable for run in row.get("runs", []) if run.get("energy")), None)
+    # A sweep without its own thread count ran at torch's default, which this process still has.
+    threads = int(settings.get("threads") or torch.get_num_threads())
     try:
-        rate = HostEnergyRate.fit(runs, hardware=hardware)
+        rate = HostEnergyRate.fit(runs, hardware=hardware, threads=threads)
     except Exception:  # noqa: BLE001 - no measured energy: epochs are still forecast
         rate = None
     try:

@@ -207,6 +207,9 @@ def _budget_guard(
 
     forecaster = Forecaster.load(cost_model)
     forecaster.check_retrain(config, "this retrain (its recipe options and file, and the model file's recipe)")
+    note = _thread_mismatch(forecaster.energy_rate, device)
+    if note:
+        make_console(stderr=True).print(note, style="yellow")
     features = None
     ceiling = reference_accuracy
     if reference_stats is not None:
@@ -237,6 +240,21 @@ def _budget_guard(
             guard.spent_before_kwh = guard.probe.cost.estimated_energy_kwh
         guard.initial = forecaster.predict(features, probe=guard.probe, batch_samples=len(new.y))
     return guard
+
+
+def _thread_mismatch(rate: Any, device: str) -> str | None:
+    """Why a CPU retrain's kWh may be off the rate's estimate: it trains at another thread count than the rate was fitted at."""
+    import torch
+
+    from shiftcost.index.capture import resolve_device
+
+    if rate is None or rate.threads is None or resolve_device(device).type != "cpu" or rate.threads == torch.get_num_threads():
+        return None
+    here = torch.get_num_threads()
+    return (
+        f"the cost model's energy rate was fitted at {rate.threads} torch thread(s) and this retrain trains at {here}; "
+        f"on a CPU the kWh it is guarded by may be tens of percent off: calibrate with --threads {here} to match."
+    )
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:

@@ -83,6 +83,8 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
     measured kWh beside what the rate in force before it estimated, and the rates; None when
     the run measured no energy.
     """
+    import torch
+
     from shiftcost.energy import HostEnergyRate, run_work
     from shiftcost.pipeline.common import stored_energy_rate
     from shiftcost.store import repository, runs
@@ -93,7 +95,7 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
     architecture = inputs.spec.architecture
     earlier = runs.measured_run_details(session, architecture, except_run=inputs.job.run_id)
     works = [run_work(details) for details in earlier if details] + [own]
-    refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs")
+    refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs", threads=torch.get_num_threads())
     before = repository.latest_energy_probe(session, architecture)
     estimated = None
     if before is not None:

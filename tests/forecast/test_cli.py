@@ -106,6 +106,23 @@ def test_retrain_with_a_budget_stops_and_writes_no_model(files) -> None:
     assert {"epochs", "steps", "energy_kwh"} <= set(data)
     assert data["guard"]["estimated_kwh"] > 0 and data["guard"]["reason"]
     assert not out.exists()
+    assert "torch thread" not in done.stderr  # the rate records no thread count to differ from
+
+
+def test_a_retrain_at_another_thread_count_than_the_rate_says_so(files) -> None:
+    import dataclasses
+
+    forecaster = fitted_forecaster()
+    forecaster.energy_rate = dataclasses.replace(forecaster.energy_rate, threads=64)
+    forecaster.save(files / "forecaster-64-threads.json")
+    args = [
+        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(files / "t.safetensors"),
+        "--reference-accuracy", "0.97", "--budget-kwh", "60", "--batch-size", "16", "--no-energy", "--json",
+    ]  # fmt: skip
+    done = shiftcost(*args, "--cost-model", str(files / "forecaster-64-threads.json"), "--device", "cpu", cwd=files)
+    assert done.returncode == 4, done.stderr
+    assert "fitted at 64 torch thread(s) and this retrain trains at 1" in " ".join(done.stderr.split())
+    assert "--threads 1" in done.stderr
 
 
 def test_the_guard_prices_each_epoch_at_the_pool_with_its_replayed_reference_samples(files) -> None:

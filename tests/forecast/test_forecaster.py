@@ -141,7 +141,7 @@ def test_host_energy_rate_separates_a_run_overhead_from_the_rate_and_ignores_out
     joules = [0.6 + 1.5e-3 * (t + e / 3) for t, e in works]
     joules[2] *= 4.0
     joules[7] *= 3.0
-    rate = HostEnergyRate.fit([(j / 3.6e6, t, e) for j, (t, e) in zip(joules, works)])
+    rate = HostEnergyRate.fit([(j / 3.6e6, t, e) for j, (t, e) in zip(joules, works)], threads=2)
     assert rate.overhead_joules == pytest.approx(0.6) and rate.joules_per_sample == pytest.approx(1.5e-3)
     # A retrain that trained on nothing costs its overhead and its evaluation, not a share of a typical run.
     assert rate.kwh(0, 150) * 3.6e6 == pytest.approx(0.6 + 1.5e-3 * 50)
