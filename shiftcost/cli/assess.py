@@ -30,6 +30,16 @@ def _number(value: Any, spec: str = ".4g") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _epochs_text(prediction: dict[str, Any]) -> str:
+    """Predicted epochs as read: a forecast held at the horizon throughout is at least that many, not exactly."""
+    from shiftcost.forecast.probe import HORIZON_CAPS
+
+    cap, low = prediction.get("max_epochs"), prediction.get("epochs_lower")
+    if cap and low is not None and low >= HORIZON_CAPS * cap:
+        return f"{HORIZON_CAPS * cap:g} or more (the forecast horizon, {HORIZON_CAPS:g} calibration caps)"
+    return f"{_number(prediction['epochs'])}  [{_number(low)}, {_number(prediction['epochs_upper'])}]"
+
+
 def _table(result: BatchResult) -> Any:
     from rich.table import Table
 
@@ -55,7 +65,7 @@ def _table(result: BatchResult) -> Any:
             rows.append((name, _number(indices[name])))
     prediction = assessment.prediction
     if prediction is not None:
-        rows.append(("predicted epochs", f"{_number(prediction['epochs'])}  [{_number(prediction['epochs_lower'])}, {_number(prediction['epochs_upper'])}]"))
+        rows.append(("predicted epochs", _epochs_text(prediction)))
         rows.append(("predicted kWh", f"{_number(prediction['energy_kwh'])}  [{_number(prediction['energy_kwh_lower'])}, {_number(prediction['energy_kwh_upper'])}]"))
         rows.append(("predicted kg CO2e", f"{_number(prediction['emissions_kg'])}  [{_number(prediction['emissions_kg_lower'])}, {_number(prediction['emissions_kg_upper'])}]"))
         if assessment.forecast_stage is not None:

@@ -136,7 +136,9 @@ def _print_forecast(result: Any, forecaster: Any, trajectory: Any) -> None:
             style="yellow",
         )
     if result.not_converging:
-        make_console(stderr=True).print(f"predicted not to converge within the {forecaster.max_epochs:g}-epoch cap.", style="yellow")
+        horizon = forecaster.horizon
+        held = f" The whole interval is held at the forecast horizon: read it as {horizon:g} epochs or more." if result.epochs.low >= horizon else ""
+        make_console(stderr=True).print(f"predicted not to converge within the {forecaster.max_epochs:g}-epoch cap.{held}", style="yellow")
     if trajectory is not None:
         c = trajectory.cost
         how = "measured" if c.energy_measured else "estimated" if c.energy_kwh is not None else "not known"

@@ -304,7 +304,7 @@ class Forecaster:
         weight_evals = OWN_CURVE_EVALS if own_curve_evals is None else own_curve_evals
         n = max(len(epochs) - 1, 0)
         weight = 0.0 if not math.isfinite(weight_evals) or n == 0 else n / (n + weight_evals)
-        horizon = HORIZON_CAPS * self.max_epochs
+        horizon = self.horizon
         own = min(epochs_to_target(fit_curve(list(epochs), list(accuracy), ceiling), target), horizon)
         offset = self.stage0.epochs_offset
         interval, p_fail = _condition_on_spent(base, float(epochs[-1]), offset, self.max_epochs, own, weight)
@@ -313,6 +313,11 @@ class Forecaster:
             batch_samples, carbon_intensity, epochs=interval, p_not_converge=p_fail,
         )
 
+    @property
+    def horizon(self) -> float:
+        """The most epochs a forecast says: :data:`HORIZON_CAPS` calibration caps."""
+        return HORIZON_CAPS * self.max_epochs
+
     def within_horizon(self, epochs: Interval) -> Interval:
         """``epochs`` held at the forecast horizon, a few caps.
 
@@ -320,7 +325,7 @@ class Forecaster:
         beyond its cap: forecasts stop at :data:`HORIZON_CAPS` caps (and are flagged as not
         converging). An infinite upper bound (too few runs for one) stays infinite.
         """
-        horizon = HORIZON_CAPS * self.max_epochs
+        horizon = self.horizon
         high = min(epochs.high, horizon) if math.isfinite(epochs.high) else math.inf
         return Interval(min(epochs.median, horizon), min(epochs.low, horizon), high, epochs.level)
 

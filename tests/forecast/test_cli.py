@@ -218,3 +218,17 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     other = shiftcost(*common, "--out", str(files / "other.safetensors"), "--lr", "0.05", cwd=files)
     assert other.returncode == 2 and "lr" in other.stderr and "(here 0.05)" in other.stderr and "Traceback" not in other.stderr
     assert not (files / "other.safetensors").exists()
+
+
+def test_a_forecast_held_at_the_horizon_reads_as_at_least_that_many(files) -> None:
+    from shiftcost.cli.assess import _epochs_text
+
+    fitted_forecaster(cap=0.1).save(files / "forecaster-short-cap.json")
+    args = forecast_args(files, "--no-probe", "--no-energy")
+    args[args.index(str(files / "forecaster.json"))] = str(files / "forecaster-short-cap.json")
+    done = shiftcost(*args, cwd=files)
+    assert done.returncode == 0, done.stderr
+    assert "read it as 0.3 epochs or more" in " ".join(done.stderr.split())
+    # The assessment's table says the same of a prediction held at three caps, and nothing of one inside them.
+    assert _epochs_text({"epochs": 45.0, "epochs_lower": 45.0, "epochs_upper": 45.0, "max_epochs": 15.0}).startswith("45 or more")
+    assert _epochs_text({"epochs": 4.0, "epochs_lower": 2.0, "epochs_upper": 45.0, "max_epochs": 15.0}) == "4  [2, 45]"
