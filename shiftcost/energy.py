@@ -58,7 +58,6 @@ __all__ = [
     "measure_energy",
     "known_country_codes",
     "KWH_TO_JOULES",
-    "work_kwh",
 ]
 
 KWH_TO_JOULES = 3.6e6
@@ -458,11 +457,6 @@ def measure_energy(**options: Any) -> Iterator[EnergyMeter]:
 EVAL_SAMPLE_WEIGHT = 1.0 / 3.0
 
 
-def work_kwh(joules_per_sample: float, samples_trained: float, samples_evaluated: float) -> float:
-    """kWh of training on and evaluating that many samples at ``joules_per_sample`` a sample-gradient."""
-    return joules_per_sample * (samples_trained + EVAL_SAMPLE_WEIGHT * samples_evaluated) / KWH_TO_JOULES
-
-
 @dataclass(frozen=True)
 class HostEnergyRate:
     """Joules per training sample-gradient on one host, and per measured run, refitted from real retrains.
@@ -498,7 +492,7 @@ class HostEnergyRate:
 
     def marginal_kwh(self, samples_trained: float, samples_evaluated: float) -> float:
         """Estimated energy of that much more work in a run already under way (its overhead already paid)."""
-        return work_kwh(self.joules_per_sample, samples_trained, samples_evaluated)
+        return self.joules_per_sample * (samples_trained + EVAL_SAMPLE_WEIGHT * samples_evaluated) / KWH_TO_JOULES
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
