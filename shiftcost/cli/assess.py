@@ -32,11 +32,11 @@ def _number(value: Any, spec: str = ".4g") -> str:
 
 def _epochs_text(prediction: dict[str, Any]) -> str:
     """Predicted epochs as read: a forecast held at the horizon throughout is at least that many, not exactly."""
-    from shiftcost.forecast.probe import HORIZON_CAPS
+    from shiftcost.forecast.probe import HORIZON_CAPS, horizon_epochs
 
     cap, low = prediction.get("max_epochs"), prediction.get("epochs_lower")
-    if cap and low is not None and low >= HORIZON_CAPS * cap:
-        return f"{HORIZON_CAPS * cap:g} or more (the forecast horizon, {HORIZON_CAPS:g} calibration caps)"
+    if cap and low is not None and low >= horizon_epochs(cap):
+        return f"{horizon_epochs(cap):g} or more (the forecast horizon, {HORIZON_CAPS:g} calibration caps)"
     return f"{_number(prediction['epochs'])}  [{_number(low)}, {_number(prediction['epochs_upper'])}]"
 
 

@@ -248,9 +248,9 @@ def _thread_mismatch(rate: Any, device: str) -> str | None:
 
     from shiftcost.index.capture import resolve_device
 
-    if rate is None or rate.threads is None or resolve_device(device).type != "cpu" or rate.threads == torch.get_num_threads():
-        return None
     here = torch.get_num_threads()
+    if rate is None or rate.threads is None or rate.threads == here or resolve_device(device).type != "cpu":
+        return None
     return (
         f"the cost model's energy rate was fitted at {rate.threads} torch thread(s) and this retrain trains at {here}; "
         f"on a CPU the kWh it is guarded by may be tens of percent off: calibrate with --threads {here} to match."

@@ -37,7 +37,7 @@ from shiftcost.errors import ConfigError, InputError
 from shiftcost.forecast import probe as probing
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
-from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, ProbeTrajectory, probe_features
+from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, ProbeTrajectory, horizon_epochs, probe_features
 
 __all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATURES"]
 
@@ -316,7 +316,7 @@ class Forecaster:
     @property
     def horizon(self) -> float:
         """The most epochs a forecast says: :data:`HORIZON_CAPS` calibration caps."""
-        return HORIZON_CAPS * self.max_epochs
+        return horizon_epochs(self.max_epochs)
 
     def within_horizon(self, epochs: Interval) -> Interval:
         """``epochs`` held at the forecast horizon, a few caps.

@@ -48,6 +48,11 @@ MICRO_BATCHES = 4
 HORIZON_CAPS = 3.0
 
 
+def horizon_epochs(cap_epochs: float) -> float:
+    """The most epochs a forecast says for a calibration capped at ``cap_epochs``."""
+    return HORIZON_CAPS * cap_epochs
+
+
 @dataclass(frozen=True)
 class ProbeCost:
     """What the probe spent: charge it to the ledger like a retrain."""
