@@ -16,7 +16,8 @@ trains on this CPU in about a minute):
    probe runs, then the real retrain under the one measurement protocol.
 3. Print per predictor (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
    in-flight after the first quarter of the probe forecast, which starts from the probe
-   forecast; settings chosen by ``forecast_selection.py`` on the built-in kinds): MdAPE of epochs on reached
+   forecast, and the same with the run's own curve given no weight; settings chosen by
+   ``forecast_selection.py`` on the built-in kinds): MdAPE of epochs on reached
    runs, median |log error| (capped runs count as bounds), Harrell's C-index (capped runs
    censored), 90% coverage (reached runs), overspend counts when budgeting on the upper
    bound under caps at the 25/50/75th percentiles of measured cost, and paired bootstrap
@@ -59,7 +60,7 @@ from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
 TOLERANCE = 0.03
 KIND_SETS = {"original": EVAL_KINDS, "fresh": FRESH_KINDS, "third": THIRD_KINDS, "fourth": FOURTH_KINDS}
 LEVEL = 0.90
-PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "in_flight_quarter")
+PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "in_flight_quarter", "in_flight_quarter_prior_only")
 
 
 # ----------------------------------------------------------------------------- models
@@ -173,6 +174,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                 }
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
                 record["in_flight_quarter"] = _in_flight(forecaster, features, run, stage1, target, ceiling)
+                record["in_flight_quarter_prior_only"] = _in_flight(forecaster, features, run, stage1, target, ceiling, math.inf)
                 record["guard"] = _guard_replay(forecaster, features, run, stage1, ceiling, n)
                 runs.append(record)
                 print(
@@ -212,17 +214,21 @@ def _probe(model: Any, x: Any, y: Any, target: float, ceiling: float, seed: int,
     )
 
 
-def _in_flight(forecaster: Any, features: dict[str, float], run: Any, stage1: Any, target: float, ceiling: float) -> Any:
+def _in_flight(
+    forecaster: Any, features: dict[str, float], run: Any, stage1: Any, target: float, ceiling: float, own_curve_evals: float | None = None
+) -> Any:
     """The in-flight forecast once a quarter of the probe forecast's median is spent.
 
-    ``None`` when the run ended before that point (nothing left to forecast)."""
+    ``own_curve_evals`` as in ``Forecaster.in_flight`` (default: the product's; ``inf``: the
+    probe forecast alone, truncated at what the run has spent, which shows what the run's own
+    curve adds). ``None`` when the run ended before that point (nothing left to forecast)."""
     quarter = 0.25 * stage1.epochs.median
     seen = [p for p in run.curve if p.epoch <= quarter + 1e-9]
     if len(seen) < 3 or run.curve[len(seen) - 1] is run.curve[-1]:
         return None
     forecast = forecaster.in_flight(
         [p.epoch for p in seen], [p.accuracy for p in seen], [p.loss for p in seen], target=target, ceiling=ceiling, features=features,
-        prior=stage1,
+        prior=stage1, own_curve_evals=own_curve_evals,
     )
     return forecast.epochs
 
@@ -483,10 +489,10 @@ def print_arch(result: dict[str, Any]) -> None:
     print(f"calibration LOCO stage 1: {result['calibration_stage1_loo']}")
     print(f"stage 1 coefficients: {result['stage1_coefficients']}")
     m = result["metrics"]["predictors"]
-    print(f"{'predictor':26s} {'n':>4s} {'reached':>7s} {'capped':>6s} {'MdAPE':>7s} {'med|log|':>8s} {'C-index':>7s} {'cov90':>6s} {'capped miss':>11s}")
+    print(f"{'predictor':28s} {'n':>4s} {'reached':>7s} {'capped':>6s} {'MdAPE':>7s} {'med|log|':>8s} {'C-index':>7s} {'cov90':>6s} {'capped miss':>11s}")
     for name, s in m.items():
         print(
-            f"{name:26s} {s['n']:4d} {s['n_reached']:7d} {s['n_capped']:6d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} "
+            f"{name:28s} {s['n']:4d} {s['n_reached']:7d} {s['n_capped']:6d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} "
             f"{s['c_index']:7.3f} {100 * s['coverage']:5.0f}% {s['capped_definite_misses']:11d}"
         )
     print_flags(result["not_converging"])
