@@ -72,6 +72,12 @@ def test_in_flight_forecast_is_conditioned_on_the_epochs_spent() -> None:
         assert forecast.epochs.median == pytest.approx(max(math.expm1(med), 1.5), rel=0.02)
         assert forecast.epochs.low == pytest.approx(max(math.expm1(lo), 1.5), rel=0.02)
         assert forecast.epochs.high == pytest.approx(math.expm1(hi), rel=0.03)
+    # By default both count: the run's own curve moves the forecast made before it.
+    default = forecaster.in_flight(epochs, accuracy, loss, target=0.9, ceiling=0.93, prior=prior)
+    assert 0.0 < default.features["own_curve_weight"] < 1.0
+    assert default.epochs.median != pytest.approx(
+        forecaster.in_flight(epochs, accuracy, loss, target=0.9, ceiling=0.93, prior=prior, own_curve_evals=math.inf).epochs.median
+    )
     # Without a prior forecast the index model's forecast is the prior.
     plain = forecaster.in_flight(epochs, accuracy, loss, target=0.9, ceiling=0.93, features=forecast_rows()[5], own_curve_evals=math.inf)
     assert plain.epochs.median == pytest.approx(
