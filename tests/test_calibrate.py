@@ -257,6 +257,17 @@ def test_loco_maps_epochs_to_energy_with_joules_from_the_training_kinds_only() -
     assert "x" in result.plot_curve and len(result.plot_curve["x"]) == len(result.plot_curve["energy_kwh"])
 
 
+def test_loco_holds_predictions_at_the_forecast_horizon_of_the_sweep_cap() -> None:
+    # The sweep's epochs grow as exp(8 * factor * shift): a kind left out is extrapolated far past
+    # any cap, which the tables would report as an error of thousands of percent.
+    rows = _synthetic_rows()
+    result = analyse(rows, settings={"max_epochs": 2.0}, probe={"joules_per_sample_epoch": 2.0})
+    assert result.loco is not None and result.loco_probe is not None
+    assert result.loco["summary"]["horizon_epochs"] == result.loco_probe["summary"]["horizon_epochs"] == 6.0
+    assert max(p["epochs_pred"] for p in result.loco["points"]) == pytest.approx(6.0)
+    assert all(p["epochs_upper"] <= 6.0 for p in result.loco["points"])
+
+
 def test_when_one_kind_holds_every_exact_run_the_intervals_leave_one_run_out() -> None:
     from shiftcost.costmodel import CostModel
     from shiftcost.errors import InputError as CostModelRefusal

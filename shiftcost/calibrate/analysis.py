@@ -61,7 +61,7 @@ def analyse(
             group_key = GROUP_KEY if folds_note is None else None
             forecaster, forecaster_error = _fit_forecaster(usable, fit_rows, features, level, max_epochs, settings or {}, group_key)
             cost_model_error = forecaster_error or cost_model_error
-        loco, loco_probe, loco_error = _group_out(fit_rows, features, level, probe_joules)
+        loco, loco_probe, loco_error = _group_out(fit_rows, features, level, probe_joules, max_epochs)
 
         plot_curve, plot_error = _single_index_curve(fit_rows, level)
 
@@ -159,18 +159,20 @@ def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _group_out(
-    fit_rows: list[dict[str, Any]], features: Sequence[str], level: float, probe_joules: float | None
+    fit_rows: list[dict[str, Any]], features: Sequence[str], level: float, probe_joules: float | None, max_epochs: float
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
-    """Leave-one-corruption-out evaluation (and again with the probe's joules); or why not."""
-    from shiftcost.costmodel import leave_one_group_out
+    """Leave-one-corruption-out evaluation (and again with the probe's joules); or why not.
 
+    Predictions are held at the forecast horizon, as ``forecast`` and ``assess`` hold them."""
+    from shiftcost.costmodel import leave_one_group_out
+    from shiftcost.forecast.probe import horizon_epochs
+
+    options = {"level": level, "features": list(features), "horizon_epochs": horizon_epochs(max_epochs)}
     try:
-        loco = leave_one_group_out(fit_rows, GROUP_KEY, level=level, features=list(features)).to_dict()
+        loco = leave_one_group_out(fit_rows, GROUP_KEY, **options).to_dict()
         loco_probe = None
         if probe_joules is not None:
-            loco_probe = leave_one_group_out(
-                fit_rows, GROUP_KEY, level=level, joules_per_sample_epoch=probe_joules, features=list(features)
-            ).to_dict()
+            loco_probe = leave_one_group_out(fit_rows, GROUP_KEY, joules_per_sample_epoch=probe_joules, **options).to_dict()
     except Exception as error:  # noqa: BLE001
         return None, None, _describe(error)
     return loco, loco_probe, None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -79,6 +79,30 @@ class CostPrediction:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable dict (non-finite numbers become ``None``)."""
         return {key: _jsonable(value) for key, value in asdict(self).items()}
+
+    def held_at(self, horizon_epochs: float) -> CostPrediction:
+        """This prediction with epochs no larger than ``horizon_epochs``, energy and emissions
+        with them (both are proportional to epochs); an infinite upper bound stays infinite.
+
+        A model linear in log-epochs extrapolates exponentially: a kind it never saw can be
+        predicted at millions of epochs, where the product's forecasts stop at a horizon.
+        """
+
+        def held(epochs: float, *scaled: float | None) -> list[float | None]:
+            if not math.isfinite(epochs) or epochs <= horizon_epochs:
+                return [epochs, *scaled]
+            return [horizon_epochs] + [None if v is None else v * horizon_epochs / epochs for v in scaled]
+
+        columns = [
+            held(self.epochs, self.energy_kwh, self.emissions_kg),
+            held(self.epochs_lower, self.energy_kwh_lower, self.emissions_kg_lower),
+            held(self.epochs_upper, self.energy_kwh_upper, self.emissions_kg_upper),
+        ]
+        (epochs, kwh, co2), (lower, kwh_lower, co2_lower), (upper, kwh_upper, co2_upper) = columns
+        return replace(
+            self, epochs=epochs, epochs_lower=lower, epochs_upper=upper, energy_kwh=kwh, energy_kwh_lower=kwh_lower,
+            energy_kwh_upper=kwh_upper, emissions_kg=co2, emissions_kg_lower=co2_lower, emissions_kg_upper=co2_upper,
+        )
 
 
 class CostModel(RegressorMixin, BaseEstimator):

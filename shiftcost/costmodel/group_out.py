@@ -52,9 +52,13 @@ def leave_one_group_out(
     level: float = 0.90,
     joules_per_sample_epoch: float | None = None,
     group_folds: bool = True,
+    horizon_epochs: float | None = None,
     **model_params: Any,
 ) -> GroupOutReport:
     """Fit on all other groups (e.g. corruption types), predict the held-out group, repeat.
+
+    With ``horizon_epochs`` every prediction is held there before it is scored
+    (:meth:`CostPrediction.held_at`), as the forecasts a user is shown are.
 
     Energy is predicted with ``joules_per_sample_epoch`` when given, else with the value
     :func:`estimate_joules_per_sample_epoch` finds on the training groups alone. With
@@ -83,11 +87,14 @@ def leave_one_group_out(
         model.fit(train, groups=group_key if group_folds else None)
         joules = joules_per_sample_epoch or estimate_joules_per_sample_epoch(train)
         preds = model.predict_costs(test, joules_per_sample_epoch=joules, carbon_intensity=None)
+        if horizon_epochs is not None:
+            preds = [pred.held_at(horizon_epochs) for pred in preds]
         for row, pred in zip(test, preds):
             points.append(_score_point(row, pred, group_key, joules))
     summary = _group_summary(points, group_key, level)
     summary["model_params"] = dict(model_params)
     summary["group_folds"] = group_folds
+    summary["horizon_epochs"] = horizon_epochs
     # For contrast: the same model's leave-one-run-out error when every type is seen in training.
     summary["seen_types_loo"] = CostModel(level=level, **model_params).fit(rows).loo_
     return GroupOutReport(points=points, summary=summary)

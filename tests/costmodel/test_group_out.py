@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 
@@ -28,6 +31,32 @@ def test_held_out_predictions_equal_a_model_fitted_on_the_other_groups():
             assert point["epochs_pred"] == pred.epochs and point["energy_kwh_upper"] == pred.energy_kwh_upper
             assert point["ape_energy"] == pytest.approx(abs(pred.energy_kwh - row["energy_kwh"]) / row["energy_kwh"])
             assert point["energy_covered"] == (pred.energy_kwh_lower <= row["energy_kwh"] <= pred.energy_kwh_upper)
+
+
+def test_held_out_predictions_are_held_at_the_horizon_before_scoring():
+    rows = typed_rows(seed=1)
+    raw = leave_one_group_out(rows, "corruption")
+    horizon = float(np.median([p["epochs_pred"] for p in raw.points]))
+    held = leave_one_group_out(rows, "corruption", horizon_epochs=horizon)
+    assert held.summary["horizon_epochs"] == horizon and raw.summary["horizon_epochs"] is None
+    assert sum(p["epochs_pred"] > horizon for p in raw.points) >= 5
+    for before, after in zip(raw.points, held.points):
+        for epochs, energy in (("epochs_pred", "energy_kwh_pred"), ("epochs_upper", "energy_kwh_upper"), ("epochs_lower", "energy_kwh_lower")):
+            kept = min(before[epochs], horizon)
+            assert after[epochs] == pytest.approx(kept)
+            assert after[energy] == pytest.approx(before[energy] * kept / before[epochs])
+        if after["ape_epochs"] is not None:
+            assert after["ape_epochs"] == pytest.approx(abs(min(before["epochs_pred"], horizon) - after["epochs"]) / after["epochs"])
+
+
+def test_a_prediction_held_at_a_horizon_keeps_an_unbounded_upper_bound_and_missing_energy():
+    pred = CostModel().fit(typed_rows(seed=2)).predict_costs(typed_rows(seed=2)[:1])[0]
+    pred = dataclasses.replace(pred, epochs=100.0, epochs_lower=10.0, epochs_upper=math.inf, energy_kwh=2.0, energy_kwh_lower=0.2,
+                               energy_kwh_upper=math.inf, emissions_kg=None, emissions_kg_lower=None, emissions_kg_upper=None)
+    held = pred.held_at(45.0)
+    assert (held.epochs, held.epochs_lower, held.epochs_upper) == (45.0, 10.0, math.inf)
+    assert (held.energy_kwh, held.energy_kwh_lower, held.energy_kwh_upper) == (pytest.approx(0.9), 0.2, math.inf)
+    assert held.emissions_kg is None and held.features == pred.features
 
 
 def test_summary_figures_are_medians_and_fractions_of_the_points():
