@@ -87,22 +87,17 @@ class CostPrediction:
         A model linear in log-epochs extrapolates exponentially: a kind it never saw can be
         predicted at millions of epochs, where the product's forecasts stop at a horizon.
         """
-
-        def held(epochs: float, *scaled: float | None) -> list[float | None]:
-            if not math.isfinite(epochs) or epochs <= horizon_epochs:
-                return [epochs, *scaled]
-            return [horizon_epochs] + [None if v is None else v * horizon_epochs / epochs for v in scaled]
-
-        columns = [
-            held(self.epochs, self.energy_kwh, self.emissions_kg),
-            held(self.epochs_lower, self.energy_kwh_lower, self.emissions_kg_lower),
-            held(self.epochs_upper, self.energy_kwh_upper, self.emissions_kg_upper),
-        ]
-        (epochs, kwh, co2), (lower, kwh_lower, co2_lower), (upper, kwh_upper, co2_upper) = columns
-        return replace(
-            self, epochs=epochs, epochs_lower=lower, epochs_upper=upper, energy_kwh=kwh, energy_kwh_lower=kwh_lower,
-            energy_kwh_upper=kwh_upper, emissions_kg=co2, emissions_kg_lower=co2_lower, emissions_kg_upper=co2_upper,
-        )
+        changes: dict[str, float] = {}
+        for epochs, energy, emissions in (
+            ("epochs", "energy_kwh", "emissions_kg"),
+            ("epochs_lower", "energy_kwh_lower", "emissions_kg_lower"),
+            ("epochs_upper", "energy_kwh_upper", "emissions_kg_upper"),
+        ):
+            value = getattr(self, epochs)
+            if math.isfinite(value) and value > horizon_epochs:
+                changes[epochs] = horizon_epochs
+                changes.update({name: getattr(self, name) * horizon_epochs / value for name in (energy, emissions) if getattr(self, name) is not None})
+        return replace(self, **changes)
 
 
 class CostModel(RegressorMixin, BaseEstimator):
