@@ -494,6 +494,15 @@ class HostEnergyRate:
         """Estimated energy of that much more work in a run already under way (its overhead already paid)."""
         return self.joules_per_sample * (samples_trained + EVAL_SAMPLE_WEIGHT * samples_evaluated) / KWH_TO_JOULES
 
+    def thread_mismatch(self, threads: int) -> str | None:
+        """Why a CPU run at ``threads`` torch threads may cost another kWh than this rate says; None when the counts match or the rate records none."""
+        if self.threads is None or self.threads == threads:
+            return None
+        return (
+            f"the energy rate was fitted at {self.threads} torch thread(s) and this retrain trains at {threads}; "
+            "on a CPU the kWh it is priced and guarded by may be tens of percent off"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

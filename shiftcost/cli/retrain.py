@@ -243,18 +243,16 @@ def _budget_guard(
 
 
 def _thread_mismatch(rate: Any, device: str) -> str | None:
-    """Why a CPU retrain's kWh may be off the rate's estimate: it trains at another thread count than the rate was fitted at."""
+    """Why a CPU retrain's kWh may be off the rate's estimate, and what to do about it."""
     import torch
 
     from shiftcost.index.capture import resolve_device
 
     here = torch.get_num_threads()
-    if rate is None or rate.threads is None or rate.threads == here or resolve_device(device).type != "cpu":
+    if rate is None or resolve_device(device).type != "cpu":
         return None
-    return (
-        f"the cost model's energy rate was fitted at {rate.threads} torch thread(s) and this retrain trains at {here}; "
-        f"on a CPU the kWh it is guarded by may be tens of percent off: calibrate with --threads {here} to match."
-    )
+    mismatch = rate.thread_mismatch(here)
+    return None if mismatch is None else f"{mismatch[0].upper()}{mismatch[1:]}: calibrate with --threads {here} to match."
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:

@@ -132,7 +132,7 @@ def record_retrain_success(
     job = inputs.job
     assert result.energy is not None
     kwh, co2 = result.energy.energy_kwh, result.energy.emissions_kg
-    notes = list(notes or [])
+    notes = list(notes or []) + _priced_at_other_threads(inputs, result)
     stopped = result.status == RetrainStatus.STOPPED_BY_BUDGET
     if stopped:
         notes.append(f"stopped by the budget guard: {result.stop_reason}")
@@ -183,6 +183,17 @@ def record_retrain_success(
         settled=settled,
         notes=notes,
     )
+
+
+def _priced_at_other_threads(inputs: RetrainInputs, result: RetrainResult) -> list[str]:
+    """The rate that priced and guarded a CPU run, when it was fitted at another torch thread count."""
+    import torch
+
+    rate = None if inputs.forecaster is None else inputs.forecaster.energy_rate
+    if rate is None or not result.device.startswith("cpu"):
+        return []
+    mismatch = rate.thread_mismatch(torch.get_num_threads())
+    return [] if mismatch is None else [f"{mismatch}; run the workers at {rate.threads} thread(s) or calibrate at theirs"]
 
 
 def _gate_notes(version: int, gate: Gate | None) -> list[str]:

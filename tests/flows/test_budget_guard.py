@@ -105,6 +105,32 @@ def test_each_real_retrain_refits_the_host_energy_rate_as_the_median_over_runs(g
         assert runs[1].details["energy_rate"]["joules_per_sample_before"] == pytest.approx(ratios[0])
 
 
+def test_a_run_priced_by_a_rate_fitted_at_another_thread_count_records_so(guarded_env) -> None:
+    from sqlalchemy import select
+
+    from shiftcost import pipeline
+    from shiftcost.data import Batch, save_batch
+
+    settings, landing, trained = guarded_env
+    x, y = trained.splits["stream"]
+    threads = torch.get_num_threads()
+    try:
+        for name, part, count in (("one", slice(0, 150), threads), ("two", slice(150, 300), threads + 1)):
+            torch.set_num_threads(count)  # the first run's refit stamps the rate with this process's count
+            swapped = torch.where(y[part] == 0, 1, torch.where(y[part] == 1, 0, y[part]))
+            save_batch(Batch(brightened(x[part]), swapped, name), landing / f"{name}.npz")
+            (result,) = pipeline.watch_once(settings)
+            assert result.retraining is not None and result.retraining.energy_kwh, result.to_dict()
+    finally:
+        torch.set_num_threads(threads)
+    with pipeline.connect(settings) as database, database.session(readonly=True) as session:
+        first, second = session.scalars(select(db.RetrainRun).order_by(db.RetrainRun.id)).all()
+    # The given rate records no thread count; the refitted one was fitted at `threads`.
+    assert not any("torch thread" in note for note in first.details.get("notes", []))
+    expected = f"fitted at {threads} torch thread(s) and this retrain trains at {threads + 1}"
+    assert any(expected in note for note in second.details["notes"]), second.details.get("notes")
+
+
 def test_the_guard_prices_the_epochs_still_to_come_at_the_pool_the_run_trains_on_replay_included(guarded_env) -> None:
     """With a forecast of five epochs and a budget between what they cost on the batch alone and
     what they cost with the replayed reference samples, the run is stopped before its first step:
