@@ -41,6 +41,16 @@ def test_stage1_uses_out_of_fold_index_predictions_and_the_probe() -> None:
     assert forecaster.stage1.loo_["mdape_epochs"] < forecaster.stage0.loo_["mdape_epochs"]
 
 
+def test_stage1_keeps_the_rows_that_needed_no_training_as_left_censored() -> None:
+    rows = forecast_rows()
+    for row in rows[::8]:  # each kind's mildest level needed no training
+        row["epochs"] = 0.0
+    forecaster = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)
+    stage1 = forecaster.stage1
+    assert len(stage1.history_.latest.rows) == len(rows)
+    assert stage1.loo_["n_zero_cost"] == len(rows[::8])
+
+
 def slow_truncated_quantiles(mu: float, sd: float, bound: float, probs: list[float], n: int = 400_000) -> list[float]:
     draws = np.random.default_rng(0).normal(mu, sd, n)
     kept = draws[draws > bound]
