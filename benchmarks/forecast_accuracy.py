@@ -2,7 +2,7 @@
 
 Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shufflenet_v2_x0_5]
        [--calibration-intensities 4] [--seeds 2] [--noise-seeds 4] [--bootstrap 1000] [--json out.json]
-       [--kind-set original|fresh|third|fourth]
+       [--kind-set original|fresh|third|fourth] [--seed-offset 0]
 
 For each architecture (the demo CNN, and torchvision's shufflenet_v2_x0_5 at 16x16, which
 trains on this CPU in about a minute):
@@ -13,7 +13,9 @@ trains on this CPU in about a minute):
 2. **Score** on the evaluation-only kinds of ``benchmarks/eval_shifts.py`` (never seen in
    calibration or used to choose a setting; ``--kind-set fresh``, ``third`` and ``fourth``
    score the later sets), every intensity, ``--seeds`` seeds each: the
-   probe runs, then the real retrain under the one measurement protocol.
+   probe runs, then the real retrain under the one measurement protocol. ``--seed-offset``
+   moves every seed of steps 1 and 2 (not the model's), to see how far one run's figures
+   move with the seeds alone.
 3. Print per predictor (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
    in-flight after the first quarter of the probe forecast, which starts from the probe
    forecast, and the same with the run's own curve given no weight; settings chosen by
@@ -124,7 +126,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     target = ceiling - TOLERANCE
     protocol.check_above_chance(ceiling, spec.num_classes, TOLERANCE, f"{arch}'s reference split")
     t0 = time.perf_counter()
-    sweep = calibrate(model, spec, splits, stats, args.calibration_intensities)
+    sweep = calibrate(model, spec, splits, stats, args.calibration_intensities, seed=args.seed_offset)
     calibration_s = time.perf_counter() - t0
     forecaster = sweep.forecaster
     if forecaster is None or forecaster.stage1 is None:
@@ -148,11 +150,11 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     kinds = KIND_SETS[args.kind_set]
     for kind, intensities in kinds.items():
         for intensity in intensities:
-            shifted = eval_corrupt(new_x, kind, intensity, seed=0)
+            shifted = eval_corrupt(new_x, kind, intensity, seed=args.seed_offset)
             report = assess(model, spec, stats, shifted, new_y, device="cpu")
             features = {k: float(getattr(report, k)) for k in COST_FEATURES}
             stage0 = forecaster.predict(features)
-            for seed in range(args.seeds):
+            for seed in range(args.seed_offset, args.seed_offset + args.seeds):
                 probe = _probe(model, shifted, new_y, target, ceiling, seed, host_rate, forecaster.probe_options())
                 stage1 = forecaster.predict(features, probe=probe)
                 run = retrain_to_cutoff(
@@ -188,6 +190,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     noise_s = time.perf_counter() - t0
     return {
         "arch": arch,
+        "seed_offset": args.seed_offset,
         "reference_accuracy": ceiling,
         "calibration_points": len(cal_rows),
         "calibration_stage0_loo": forecaster.stage0.loo_,
@@ -484,7 +487,7 @@ def print_flags(counts: dict[str, dict[str, int]], indent: str = "") -> None:
 
 
 def print_arch(result: dict[str, Any]) -> None:
-    print(f"\n=== {result['arch']} (reference accuracy {result['reference_accuracy']:.3f}; {result['calibration_points']} calibration points)")
+    print(f"\n=== {result['arch']} (reference accuracy {result['reference_accuracy']:.3f}; {result['calibration_points']} calibration points; seed offset {result['seed_offset']})")
     print(f"calibration LOCO stage 0: {result['calibration_stage0_loo']}")
     print(f"calibration LOCO stage 1: {result['calibration_stage1_loo']}")
     print(f"stage 1 coefficients: {result['stage1_coefficients']}")
@@ -522,6 +525,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--noise-seeds", type=int, default=4)
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument(
+        "--seed-offset", type=int, default=0,
+        help=(
+            "first seed of the calibration sweep, the evaluation batches' corruptions and the scored retrains and probes "
+            "(the model stays the same): 0 gives the quoted figures; other offsets show how far one run's figures move "
+            "with the seeds alone"
+        ),
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--kind-set", choices=sorted(KIND_SETS), default="original",
