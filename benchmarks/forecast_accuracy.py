@@ -3,6 +3,7 @@
 Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shufflenet_v2_x0_5]
        [--calibration-intensities 4] [--seeds 2] [--noise-seeds 4] [--bootstrap 1000] [--json out.json]
        [--kind-set original|fresh|third|fourth] [--seed-offset 0]
+       python benchmarks/forecast_accuracy.py --combine a.json,b.json [--bootstrap 1000]
 
 For each architecture (the demo CNN, and torchvision's shufflenet_v2_x0_5 at 16x16, which
 trains on this CPU in about a minute):
@@ -491,16 +492,8 @@ def print_arch(result: dict[str, Any]) -> None:
     print(f"calibration LOCO stage 0: {result['calibration_stage0_loo']}")
     print(f"calibration LOCO stage 1: {result['calibration_stage1_loo']}")
     print(f"stage 1 coefficients: {result['stage1_coefficients']}")
-    m = result["metrics"]["predictors"]
-    print(f"{'predictor':28s} {'n':>4s} {'reached':>7s} {'capped':>6s} {'MdAPE':>7s} {'med|log|':>8s} {'C-index':>7s} {'cov90':>6s} {'capped miss':>11s}")
-    for name, s in m.items():
-        print(
-            f"{name:28s} {s['n']:4d} {s['n_reached']:7d} {s['n_capped']:6d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} "
-            f"{s['c_index']:7.3f} {100 * s['coverage']:5.0f}% {s['capped_definite_misses']:11d}"
-        )
+    print_metrics(result["metrics"])
     print_flags(result["not_converging"])
-    for base, ci in result["metrics"]["stage0_probe_minus_baseline_ci95"].items():
-        print(f"stage0+probe minus {base}: MdAPE diff 95% CI [{ci['mdape'][0]:+.3f}, {ci['mdape'][1]:+.3f}], C-index diff [{ci['c_index'][0]:+.3f}, {ci['c_index'][1]:+.3f}]")
     for pct, row in result["budget"].items():
         cells = "; ".join(
             f"{name}: over {v['overspent_upper']}/{v['admitted_upper']} admitted (median rule {v['overspent_median']}/{v['admitted_median']})"
@@ -516,6 +509,36 @@ def print_arch(result: dict[str, Any]) -> None:
                 f"{100 * nf['leave_one_seed_out_mdape']:.0f}% (left out, a seed capped: {', '.join(nf['kinds_with_a_capped_seed']) or 'none'})"
             )
     print(f"seconds: {result['seconds']}")
+
+
+def print_metrics(scored: dict[str, Any]) -> None:
+    """The per-predictor table and the paired bootstrap CIs of :func:`metrics`."""
+    print(f"{'predictor':28s} {'n':>4s} {'reached':>7s} {'capped':>6s} {'MdAPE':>7s} {'med|log|':>8s} {'C-index':>7s} {'cov90':>6s} {'capped miss':>11s}")
+    for name, s in scored["predictors"].items():
+        print(
+            f"{name:28s} {s['n']:4d} {s['n_reached']:7d} {s['n_capped']:6d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} "
+            f"{s['c_index']:7.3f} {100 * s['coverage']:5.0f}% {s['capped_definite_misses']:11d}"
+        )
+    for base, ci in scored["stage0_probe_minus_baseline_ci95"].items():
+        print(f"stage0+probe minus {base}: MdAPE diff 95% CI [{ci['mdape'][0]:+.3f}, {ci['mdape'][1]:+.3f}], C-index diff [{ci['c_index'][0]:+.3f}, {ci['c_index'][1]:+.3f}]")
+
+
+def print_pooled(paths: list[Path], resamples: int) -> None:
+    """The scored runs of several ``--json`` outputs (say several ``--seed-offset`` runs) pooled
+    per architecture: each predictor's figures and the paired bootstrap CIs over all of them."""
+    from shiftcost.forecast.forecaster import Interval
+
+    pooled: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        for result in json.loads(path.read_text()):
+            for run in result["runs"]:
+                for name in PREDICTORS:
+                    saved = run.get(name)
+                    run[name] = None if saved is None else Interval(*(math.inf if saved[k] is None else saved[k] for k in ("median", "low", "high", "level")))
+                pooled.setdefault(result["arch"], []).append(run)
+    for arch, runs in pooled.items():
+        print(f"\n=== {arch}: {len(runs)} scored runs pooled from {len(paths)} files")
+        print_metrics(metrics(runs, resamples))
 
 
 def main() -> None:
@@ -542,7 +565,11 @@ def main() -> None:
             "runs that needed no training stopped widening the intervals"
         ),
     )
+    parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print their scored runs pooled")
     args = parser.parse_args()
+    if args.combine:
+        print_pooled([Path(p) for p in args.combine.split(",")], args.bootstrap)
+        return
     torch.set_num_threads(1)
     load = os.getloadavg()
     started = time.perf_counter()
