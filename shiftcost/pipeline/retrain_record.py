@@ -74,7 +74,7 @@ def _run_measures(result: RetrainResult | None) -> dict[str, Any]:
 
 
 def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult) -> dict[str, Any] | None:
-    """Refit the architecture's energy rate from every finished run that measured energy.
+    """Refit the architecture's energy rate from every finished run that measured energy at this run's torch thread count.
 
     The rate (joules per training sample, evaluations weighted by
     ``EVAL_SAMPLE_WEIGHT``, and per run) is a robust line through the runs
@@ -93,9 +93,12 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
     if own[0] is None or own[0] <= 0:
         return None
     architecture = inputs.spec.architecture
+    threads = result.torch_threads or torch.get_num_threads()
     earlier = runs.measured_run_details(session, architecture, except_run=inputs.job.run_id)
-    works = [run_work(details) for details in earlier if details] + [own]
-    refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs", threads=torch.get_num_threads())
+    # The rate holds at one thread count; runs recorded before counts were kept are taken to share it.
+    same_threads = [d for d in earlier if d and d.get("torch_threads") in (None, threads)]
+    works = [run_work(details) for details in same_threads] + [own]
+    refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs", threads=threads)
     before = repository.latest_energy_probe(session, architecture)
     estimated = None
     if before is not None:
@@ -192,7 +195,7 @@ def _priced_at_other_threads(inputs: RetrainInputs, result: RetrainResult) -> li
     rate = None if inputs.forecaster is None else inputs.forecaster.energy_rate
     if rate is None or not result.device.startswith("cpu"):
         return []
-    mismatch = rate.thread_mismatch(torch.get_num_threads())
+    mismatch = rate.thread_mismatch(result.torch_threads or torch.get_num_threads())
     return [] if mismatch is None else [f"{mismatch}; run the workers at {rate.threads} thread(s) or calibrate at theirs"]
 
 

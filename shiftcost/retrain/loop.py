@@ -350,6 +350,7 @@ def _result(
         error=measured.error_text,
         stop_reason=tally.stop_reason if status in ("stopped", "stopped_by_budget") else None,
         recipe=cfg.to_dict()["recipe"] | {"replay_fraction": replay_fraction},
+        torch_threads=torch.get_num_threads(),
         holdout_indices=pool.holdout_idx.tolist(),
         model=run.work.eval(),
     )

@@ -99,6 +99,8 @@ class RetrainResult:
     error: str | None = None
     stop_reason: str | None = None
     recipe: dict[str, Any] = field(default_factory=dict)
+    #: Torch's CPU thread count during the run: on a CPU the energy of the same work depends on it.
+    torch_threads: int | None = None
     holdout_indices: list[int] = field(default_factory=list, repr=False)
     model: nn.Module | None = field(default=None, repr=False)
 

@@ -105,7 +105,7 @@ def test_each_real_retrain_refits_the_host_energy_rate_as_the_median_over_runs(g
         assert runs[1].details["energy_rate"]["joules_per_sample_before"] == pytest.approx(ratios[0])
 
 
-def test_a_run_priced_by_a_rate_fitted_at_another_thread_count_records_so(guarded_env) -> None:
+def test_a_run_at_another_thread_count_than_its_rate_says_so_and_refits_on_its_own_count(guarded_env) -> None:
     from sqlalchemy import select
 
     from shiftcost import pipeline
@@ -125,10 +125,14 @@ def test_a_run_priced_by_a_rate_fitted_at_another_thread_count_records_so(guarde
         torch.set_num_threads(threads)
     with pipeline.connect(settings) as database, database.session(readonly=True) as session:
         first, second = session.scalars(select(db.RetrainRun).order_by(db.RetrainRun.id)).all()
+        refitted = [p.details["rate"] for p in session.scalars(select(db.EnergyProbe).order_by(db.EnergyProbe.id)) if p.measurement_method == "refitted"]
+    assert (first.details["torch_threads"], second.details["torch_threads"]) == (threads, threads + 1)
     # The given rate records no thread count; the refitted one was fitted at `threads`.
     assert not any("torch thread" in note for note in first.details.get("notes", []))
     expected = f"fitted at {threads} torch thread(s) and this retrain trains at {threads + 1}"
     assert any(expected in note for note in second.details["notes"]), second.details.get("notes")
+    # The second refit pools only the runs at its own count: itself.
+    assert [(r["threads"], r["runs"]) for r in refitted] == [(threads, 1), (threads + 1, 1)]
 
 
 def test_the_guard_prices_the_epochs_still_to_come_at_the_pool_the_run_trains_on_replay_included(guarded_env) -> None:
