@@ -125,7 +125,8 @@ def test_a_run_at_another_thread_count_than_its_rate_says_so_and_refits_on_its_o
         torch.set_num_threads(threads)
     with pipeline.connect(settings) as database, database.session(readonly=True) as session:
         first, second = session.scalars(select(db.RetrainRun).order_by(db.RetrainRun.id)).all()
-        refitted = [p.details["rate"] for p in session.scalars(select(db.EnergyProbe).order_by(db.EnergyProbe.id)) if p.measurement_method == "refitted"]
+        probes = session.scalars(select(db.EnergyProbe).order_by(db.EnergyProbe.id)).all()
+        refitted = [p.details["rate"] for p in probes if p.measurement_method == "refitted"]
     assert (first.details["torch_threads"], second.details["torch_threads"]) == (threads, threads + 1)
     # The given rate records no thread count; the refitted one was fitted at `threads`.
     assert not any("torch thread" in note for note in first.details.get("notes", []))
