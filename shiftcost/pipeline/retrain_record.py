@@ -83,7 +83,6 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
     measured kWh beside what the rate in force before it estimated, and the rates; None when
     the run measured no energy.
     """
-    import torch
 
     from shiftcost.energy import HostEnergyRate, run_work
     from shiftcost.pipeline.common import stored_energy_rate
@@ -93,7 +92,7 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
     if own[0] is None or own[0] <= 0:
         return None
     architecture = inputs.spec.architecture
-    threads = result.torch_threads or torch.get_num_threads()
+    threads = _trained_threads(result)
     earlier = runs.measured_run_details(session, architecture, except_run=inputs.job.run_id)
     # The rate holds at one thread count; runs recorded before counts were kept are taken to share it.
     same_threads = [d for d in earlier if d and d.get("torch_threads") in (None, threads)]
@@ -190,13 +189,18 @@ def record_retrain_success(
 
 def _priced_at_other_threads(inputs: RetrainInputs, result: RetrainResult) -> list[str]:
     """The rate that priced and guarded a CPU run, when it was fitted at another torch thread count."""
-    import torch
-
     rate = None if inputs.forecaster is None else inputs.forecaster.energy_rate
     if rate is None or not result.device.startswith("cpu"):
         return []
-    mismatch = rate.thread_mismatch(result.torch_threads or torch.get_num_threads())
+    mismatch = rate.thread_mismatch(_trained_threads(result))
     return [] if mismatch is None else [f"{mismatch}; run the workers at {rate.threads} thread(s) or calibrate at theirs"]
+
+
+def _trained_threads(result: RetrainResult) -> int:
+    """The torch thread count the run trained at (this process's, for a result that does not record it)."""
+    import torch
+
+    return result.torch_threads or torch.get_num_threads()
 
 
 def _gate_notes(version: int, gate: Gate | None) -> list[str]:
