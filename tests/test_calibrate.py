@@ -430,6 +430,20 @@ def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
     assert result.settings["probe_steps"] == 3
 
 
+def test_the_sweeps_probes_follow_the_retrains_batch_norm_setting(tiny) -> None:
+    """The same points probed with batch-norm statistics frozen and followed learn different curves."""
+    model, spec, x, y = tiny
+    curves = {}
+    for freeze in (True, False):
+        result = run_sweep(
+            model, spec, x, y, x, y, sweep={"contrast": (0.9,)}, energy_options=FAST_ENERGY, probe_steps=3,
+            freeze_batchnorm=freeze, **RETRAIN,
+        )
+        assert result.settings["retrain"]["recipe"]["freeze_batchnorm"] is freeze
+        curves[freeze] = [(row["curve_log_epochs"], row["probe_loss_drop"]) for row in result.rows]
+    assert curves[True] != curves[False]
+
+
 class _DarkOrLight(torch.nn.Module):
     """Class 0 when the image is darker than 0.5: under brightness ``a`` it gets right exactly
     the dark images darker than 0.5 - a."""

@@ -149,13 +149,15 @@ def _fit_forecaster(
 
 def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """How the sweep's probes ran (see ``sweep._probe_point``): the probe's own steps, sample and
-    batch, at the retrains' learning rate and optimizer."""
+    batch, under the retrains' recipe (learning rate, optimizer, weight decay, momentum and
+    whether batch-norm statistics stay frozen)."""
     from shiftcost.forecast import probe
 
+    recipe = (settings.get("retrain") or {}).get("recipe") or {}
     return {
         "steps": settings.get("probe_steps"), "samples": probe.DEFAULT_SAMPLES, "batch_size": probe.DEFAULT_BATCH_SIZE,
         "lr": settings.get("lr"), "optimizer": settings.get("optimizer"),
-    }
+    } | {name: recipe.get(name) for name in ("weight_decay", "momentum", "freeze_batchnorm")}
 
 
 def _group_out(

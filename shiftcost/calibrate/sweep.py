@@ -362,10 +362,11 @@ def _probe_point(
     reference = retrain_kwargs["reference_accuracy"]
     target = max(0.0, reference - config.cutoff.tolerance)
     cap = config.caps.max_epochs or protocol.MAX_EPOCHS
+    recipe = config.recipe
     trajectory = run_probe(
-        model, x, y, target_accuracy=target, ceiling=reference, steps=steps, lr=config.recipe.lr,
-        optimizer=config.recipe.optimizer, holdout_fraction=config.cutoff.holdout_fraction, seed=seed,
-        device=config.device, retrain_batch_size=config.recipe.batch_size,
+        model, x, y, target_accuracy=target, ceiling=reference, steps=steps, lr=recipe.lr, optimizer=recipe.optimizer,
+        weight_decay=recipe.weight_decay, momentum=recipe.momentum, freeze_batchnorm=recipe.freeze_batchnorm,
+        holdout_fraction=config.cutoff.holdout_fraction, seed=seed, device=config.device, retrain_batch_size=recipe.batch_size,
     )
     row.update(probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap))
     row["probe_sample_gradients"] = trajectory.cost.sample_gradients

@@ -176,6 +176,9 @@ def run_probe(
     batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = 1e-3,
     optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    freeze_batchnorm: bool = False,
     holdout_fraction: float = protocol.HOLDOUT_FRACTION,
     min_holdout: int = 10,
     seed: int = 0,
@@ -197,7 +200,9 @@ def run_probe(
     estimate stands in when nothing is measured. The probe's cost is ``steps`` steps of
     ``batch_size`` and ``steps + 1`` evaluations of the holdout, whatever the retrain's length.
     ``retrain_batch_size`` is the real retrain's batch size (default: the recipe's): it sets
-    the steps per epoch that put the probe's steps on the retrain's time axis.
+    the steps per epoch that put the probe's steps on the retrain's time axis. ``lr``,
+    ``optimizer``, ``weight_decay``, ``momentum`` and ``freeze_batchnorm`` are the retrain
+    recipe's (:class:`~shiftcost.recipe.Recipe`): the probe steps as the retrain will.
     """
     from shiftcost.errors import ConfigError
     from shiftcost.recipe import Recipe
@@ -219,13 +224,13 @@ def run_probe(
     train = (x[train_idx[pick]], y[train_idx[pick]].long())
     hold = (x[hold_idx], y[hold_idx].long())
     batch = min(batch_size, len(train[0]))
-    optim = _make_optimizer(Recipe(optimizer=optimizer, lr=lr), [p for _, p in params])
+    optim = _make_optimizer(Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum), [p for _, p in params])
     retrain_batch_size = retrain_batch_size or Recipe().batch_size
     per_epoch = protocol.steps_per_epoch(len(train_idx), retrain_batch_size)
     meter, energy_error = _start_meter(track_energy, country_iso_code, energy_options)
     started = time.perf_counter()
     try:
-        walk = _walk(work, params, optim, train, hold, per_epoch, steps, batch, seed, dev)
+        walk = _walk(work, params, optim, train, hold, per_epoch, steps, batch, seed, dev, freeze_batchnorm)
     finally:
         seconds = time.perf_counter() - started
         energy, stop_error = _stop_meter(meter)
@@ -239,6 +244,7 @@ def run_probe(
         ceiling=float(ceiling), pool_samples=len(train_idx), holdout_samples=len(hold_idx), cost=cost,
         settings={
             "steps": steps, "samples": len(train[0]), "batch_size": batch, "lr": lr, "optimizer": optimizer, "seed": seed,
+            "weight_decay": weight_decay, "momentum": momentum, "freeze_batchnorm": freeze_batchnorm,
             "retrain_batch_size": retrain_batch_size,
         },
     )
@@ -278,9 +284,11 @@ def _walk(
     batch: int,
     seed: int,
     dev: torch.device,
+    freeze_batchnorm: bool,
 ) -> _Walk:
     """The probe's steps, with a held-out evaluation before the first and after every one."""
     from shiftcost.retrain import _evaluate, _fork_rng_devices
+    from shiftcost.retrain.training import _train_mode
 
     x_train, y_train = train
     shuffle = torch.Generator().manual_seed(seed)
@@ -288,12 +296,13 @@ def _walk(
 
     def evaluate() -> None:
         acc, loss = _evaluate(work, *hold, dev, 512)
+        _train_mode(work, freeze_batchnorm)  # evaluating left every layer in training mode
         walk.accuracy.append(acc), walk.loss.append(loss), walk.epochs.append(walk.steps / retrain_steps_per_epoch)
         walk.evaluated += len(hold[0])
 
     with torch.random.fork_rng(devices=_fork_rng_devices(dev)):
         torch.manual_seed(seed)
-        work.train()
+        _train_mode(work, freeze_batchnorm)
         order = torch.randperm(len(x_train), generator=shuffle)
         evaluate()
         cursor = 0

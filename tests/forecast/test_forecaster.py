@@ -359,6 +359,32 @@ def test_later_probes_repeat_the_calibrated_probe_and_a_probe_at_another_rate_is
         forecaster.predict(row, probe=dataclasses.replace(probe, settings={"lr": 1e-3, "optimizer": "adam"}), batch_samples=100)
 
 
+def test_a_calibration_records_the_probes_recipe_and_refuses_a_probe_on_another(tmp_path) -> None:
+    import dataclasses
+
+    from shiftcost.errors import ConfigError
+    from shiftcost.forecast.probe import ProbeCost, ProbeTrajectory
+    from shiftcost.recipe import RetrainConfig
+    from tests.test_calibrate import _synthetic_rows
+
+    recipe = {"lr": 3e-3, "optimizer": "sgd", "weight_decay": 0.01, "momentum": 0.5, "freeze_batchnorm": True}
+    config = RetrainConfig().replace(**recipe)
+    settings = {"lr": 3e-3, "optimizer": "sgd", "probe_steps": 12, "retrain": config.to_dict()}
+    loaded = Forecaster.load(analyse(_synthetic_rows(), settings=settings, features=["resque_dist"]).forecaster.save(tmp_path / "f.json"))
+    assert {name: loaded.probe_options()[name] for name in recipe} == recipe
+
+    cost = ProbeCost(steps=2, sample_gradients=32, samples_evaluated=90, seconds=0.1, energy_kwh=None, energy_measured=False)
+    probe = ProbeTrajectory(
+        epochs=[0.0, 0.1, 0.2], accuracy=[0.6, 0.7, 0.75], loss=[1.0, 0.8, 0.7], initial_grad_norm=1.0, grad_noise_scale=None,
+        loss_drop_per_step=0.15, target_accuracy=0.9, ceiling=0.93, pool_samples=70, holdout_samples=30, cost=cost, settings=recipe,
+    )
+    forecaster = fitted_forecaster()
+    forecaster.probe_settings = loaded.probe_settings
+    forecaster.predict(forecast_rows()[20], probe=probe, batch_samples=100)
+    with pytest.raises(ConfigError, match=r"freeze_batchnorm True \(here False\)"):
+        forecaster.predict(forecast_rows()[20], probe=dataclasses.replace(probe, settings=recipe | {"freeze_batchnorm": False}), batch_samples=100)
+
+
 def test_forecasts_stop_at_a_horizon_of_a_few_caps() -> None:
     from shiftcost.forecast.forecaster import HORIZON_CAPS, Interval
 
