@@ -140,11 +140,16 @@ def _fit_forecaster(
             fit_rows, features=list(features), level=level, max_epochs=max_epochs, group_key=group_key,
             energy_rate=rate, batch_size=int(settings.get("batch_size") or 64),
             probe_settings=_probe_settings(settings),
-            retrain_settings={name: settings.get(name) for name in EPOCH_SETTINGS},
+            retrain_settings={name: settings.get(name, _recipe(settings).get(name)) for name in EPOCH_SETTINGS},
         )
     except Exception as error:  # noqa: BLE001
         return None, _describe(error)
     return forecaster, None
+
+
+def _recipe(settings: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The sweep's retrain recipe as recorded (empty for settings from before it was)."""
+    return (settings.get("retrain") or {}).get("recipe") or {}
 
 
 def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -153,7 +158,7 @@ def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     whether batch-norm statistics stay frozen)."""
     from shiftcost.forecast import probe
 
-    recipe = (settings.get("retrain") or {}).get("recipe") or {}
+    recipe = _recipe(settings)
     return {
         "steps": settings.get("probe_steps"), "samples": probe.DEFAULT_SAMPLES, "batch_size": probe.DEFAULT_BATCH_SIZE,
         "lr": settings.get("lr"), "optimizer": settings.get("optimizer"),

@@ -80,7 +80,7 @@ STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
 STAGE1_DEFAULT: tuple[str, ...] = ("curve_log_epochs",)
 #: Retrain settings that change epochs to the cutoff (``RetrainConfig`` flat names): calibration
 #: records them, and a forecast is refused for retrains that do not share them.
-EPOCH_SETTINGS: tuple[str, ...] = ("batch_size", "lr", "optimizer", "tolerance", "holdout_fraction")
+EPOCH_SETTINGS: tuple[str, ...] = ("batch_size", "lr", "optimizer", "weight_decay", "freeze_batchnorm", "tolerance", "holdout_fraction")
 #: The probe settings a calibration records and every later probe repeats.
 PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "freeze_batchnorm")
 #: The probe's training settings that must match calibration's probes (the rest only size it).

@@ -315,14 +315,20 @@ def test_a_forecast_is_refused_for_retrains_unlike_the_calibrated_ones(tmp_path)
     from shiftcost.recipe import RetrainConfig
     from tests.test_calibrate import _synthetic_rows
 
-    calibrated = {"batch_size": 32, "lr": 3e-3, "optimizer": "sgd", "tolerance": 0.02, "holdout_fraction": 0.3}
-    # What a sweep records is what its forecaster keeps, through a file too.
-    result = analyse(_synthetic_rows(), settings=calibrated | {"probe_steps": 0}, features=["resque_dist"])
+    calibrated = {
+        "batch_size": 32, "lr": 3e-3, "optimizer": "sgd", "weight_decay": 0.01, "freeze_batchnorm": False, "tolerance": 0.02,
+        "holdout_fraction": 0.3,
+    }
+    same = RetrainConfig().replace(**calibrated)
+    # What a sweep records is what its forecaster keeps, through a file too; the recipe's own
+    # settings come from the recipe the sweep recorded whole.
+    recorded = {name: calibrated[name] for name in ("batch_size", "lr", "optimizer", "tolerance", "holdout_fraction")}
+    result = analyse(_synthetic_rows(), settings=recorded | {"probe_steps": 0, "retrain": same.to_dict()}, features=["resque_dist"])
     assert result.forecaster.retrain_settings == calibrated
     loaded = Forecaster.load(result.forecaster.save(tmp_path / "forecaster.json"))
-    same = RetrainConfig().replace(**calibrated)
     loaded.check_retrain(same, "this retrain")
-    for name, other in (("batch_size", 64), ("lr", 1e-3), ("optimizer", "adam"), ("tolerance", 0.05), ("holdout_fraction", 0.2)):
+    changes = (("batch_size", 64), ("lr", 1e-3), ("optimizer", "adam"), ("weight_decay", 0.0), ("freeze_batchnorm", True), ("tolerance", 0.05), ("holdout_fraction", 0.2))
+    for name, other in changes:
         with pytest.raises(ConfigError, match=rf"{name} {calibrated[name]} \(here {other}\), not what this retrain uses"):
             loaded.check_retrain(same.replace(**{name: other}), "this retrain")
 
