@@ -430,18 +430,19 @@ def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
     assert result.settings["probe_steps"] == 3
 
 
-def test_the_sweeps_probes_follow_the_retrains_batch_norm_setting(tiny) -> None:
-    """The same points probed with batch-norm statistics frozen and followed learn different curves."""
+def test_the_sweeps_probes_follow_the_retrains_weight_decay_but_not_their_frozen_batch_norm(tiny) -> None:
+    """The same point probed under recipes that differ in one setting: weight decay changes the
+    probe's curve; frozen batch-norm statistics in the retrains do not (the probe's follow its batches)."""
     model, spec, x, y = tiny
     curves = {}
-    for freeze in (True, False):
+    for name, value in (("weight_decay", 0.0), ("weight_decay", 0.5), ("freeze_batchnorm", False)):
+        recipe = {"weight_decay": 0.0, "freeze_batchnorm": True} | {name: value}
         result = run_sweep(
-            model, spec, x, y, x, y, sweep={"contrast": (0.9,)}, energy_options=FAST_ENERGY, probe_steps=3,
-            freeze_batchnorm=freeze, **RETRAIN,
+            model, spec, x, y, x, y, sweep={"contrast": (0.9,)}, energy_options=FAST_ENERGY, probe_steps=3, **recipe, **RETRAIN,
         )
-        assert result.settings["retrain"]["recipe"]["freeze_batchnorm"] is freeze
-        curves[freeze] = [(row["curve_log_epochs"], row["probe_loss_drop"]) for row in result.rows]
-    assert curves[True] != curves[False]
+        assert {key: result.settings["retrain"]["recipe"][key] for key in recipe} == recipe
+        curves[name, value] = [(row["curve_log_epochs"], row["probe_loss_drop"]) for row in result.rows]
+    assert curves["weight_decay", 0.5] != curves["weight_decay", 0.0] == curves["freeze_batchnorm", False]
 
 
 class _DarkOrLight(torch.nn.Module):

@@ -154,15 +154,14 @@ def _recipe(settings: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """How the sweep's probes ran (see ``sweep._probe_point``): the probe's own steps, sample and
-    batch, under the retrains' recipe (learning rate, optimizer, weight decay, momentum and
-    whether batch-norm statistics stay frozen)."""
+    batch, under the retrains' learning rate, optimizer, weight decay and momentum."""
     from shiftcost.forecast import probe
 
     recipe = _recipe(settings)
     return {
         "steps": settings.get("probe_steps"), "samples": probe.DEFAULT_SAMPLES, "batch_size": probe.DEFAULT_BATCH_SIZE,
         "lr": settings.get("lr"), "optimizer": settings.get("optimizer"),
-    } | {name: recipe.get(name) for name in ("weight_decay", "momentum", "freeze_batchnorm")}
+    } | {name: recipe.get(name) for name in ("weight_decay", "momentum")}
 
 
 def _group_out(

@@ -365,7 +365,7 @@ def _probe_point(
     recipe = config.recipe
     trajectory = run_probe(
         model, x, y, target_accuracy=target, ceiling=reference, steps=steps, lr=recipe.lr, optimizer=recipe.optimizer,
-        weight_decay=recipe.weight_decay, momentum=recipe.momentum, freeze_batchnorm=recipe.freeze_batchnorm,
+        weight_decay=recipe.weight_decay, momentum=recipe.momentum,
         holdout_fraction=config.cutoff.holdout_fraction, seed=seed, device=config.device, retrain_batch_size=recipe.batch_size,
     )
     row.update(probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap))

@@ -82,9 +82,9 @@ STAGE1_DEFAULT: tuple[str, ...] = ("curve_log_epochs",)
 #: records them, and a forecast is refused for retrains that do not share them.
 EPOCH_SETTINGS: tuple[str, ...] = ("batch_size", "lr", "optimizer", "weight_decay", "freeze_batchnorm", "tolerance", "holdout_fraction")
 #: The probe settings a calibration records and every later probe repeats.
-PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "freeze_batchnorm")
+PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum")
 #: The probe's training settings that must match calibration's probes (the rest only size it).
-PROBE_RECIPE: tuple[str, ...] = ("lr", "optimizer", "weight_decay", "momentum", "freeze_batchnorm")
+PROBE_RECIPE: tuple[str, ...] = ("lr", "optimizer", "weight_decay", "momentum")
 #: More predicted by the index model, a slower curve, a wider gap left: more cost; more progress or loss drop: less.
 STAGE1_SIGNS: dict[str, int] = {STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1, "probe_gap": 1, "cutoff_log_epochs": 1}
 
@@ -439,13 +439,13 @@ class Forecaster:
 
     def probe_options(self) -> dict[str, Any]:
         """The probe as calibration ran it (``steps``, ``samples``, ``batch_size`` and the
-        recipe's ``lr``, ``optimizer``, ``weight_decay``, ``momentum``, ``freeze_batchnorm``), for
+        recipe's ``lr``, ``optimizer``, ``weight_decay``, ``momentum``), for
         :func:`~shiftcost.forecast.probe.run_probe`: stage 1 was fitted on those probes'
         features, and a probe at another learning rate learns another curve (ten times a
         resnet18's calibrated rate took its accuracy from 0.87 to 0.52 before it recovered).
         Files that do not record the probe's rate and optimizer probed at their retrains'; the
         oldest record neither and fall back to the probe's defaults, as do files from before
-        probes followed the rest of the recipe (no weight decay, batch-norm statistics updated)."""
+        probes followed the recipe's weight decay and momentum (none and 0.9)."""
         options: dict[str, Any] = {"steps": probing.DEFAULT_STEPS, "samples": probing.DEFAULT_SAMPLES, "batch_size": probing.DEFAULT_BATCH_SIZE}
         options |= {name: self.retrain_settings[name] for name in ("lr", "optimizer") if name in self.retrain_settings}
         options |= {name: value for name, value in self.probe_settings.items() if name in PROBE_OPTIONS and value is not None}

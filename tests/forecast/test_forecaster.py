@@ -373,7 +373,7 @@ def test_a_calibration_records_the_probes_recipe_and_refuses_a_probe_on_another(
     from shiftcost.recipe import RetrainConfig
     from tests.test_calibrate import _synthetic_rows
 
-    recipe = {"lr": 3e-3, "optimizer": "sgd", "weight_decay": 0.01, "momentum": 0.5, "freeze_batchnorm": True}
+    recipe = {"lr": 3e-3, "optimizer": "sgd", "weight_decay": 0.01, "momentum": 0.5}
     config = RetrainConfig().replace(**recipe)
     settings = {"lr": 3e-3, "optimizer": "sgd", "probe_steps": 12, "retrain": config.to_dict()}
     loaded = Forecaster.load(analyse(_synthetic_rows(), settings=settings, features=["resque_dist"]).forecaster.save(tmp_path / "f.json"))
@@ -387,8 +387,8 @@ def test_a_calibration_records_the_probes_recipe_and_refuses_a_probe_on_another(
     forecaster = fitted_forecaster()
     forecaster.probe_settings = loaded.probe_settings
     forecaster.predict(forecast_rows()[20], probe=probe, batch_samples=100)
-    with pytest.raises(ConfigError, match=r"freeze_batchnorm True \(here False\)"):
-        forecaster.predict(forecast_rows()[20], probe=dataclasses.replace(probe, settings=recipe | {"freeze_batchnorm": False}), batch_samples=100)
+    with pytest.raises(ConfigError, match=r"weight_decay 0.01 \(here 0.0\)"):
+        forecaster.predict(forecast_rows()[20], probe=dataclasses.replace(probe, settings=recipe | {"weight_decay": 0.0}), batch_samples=100)
 
 
 def test_forecasts_stop_at_a_horizon_of_a_few_caps() -> None:
