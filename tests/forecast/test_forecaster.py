@@ -327,7 +327,10 @@ def test_a_forecast_is_refused_for_retrains_unlike_the_calibrated_ones(tmp_path)
     assert result.forecaster.retrain_settings == calibrated
     loaded = Forecaster.load(result.forecaster.save(tmp_path / "forecaster.json"))
     loaded.check_retrain(same, "this retrain")
-    changes = (("batch_size", 64), ("lr", 1e-3), ("optimizer", "adam"), ("weight_decay", 0.0), ("freeze_batchnorm", True), ("tolerance", 0.05), ("holdout_fraction", 0.2))
+    changes = (
+        ("batch_size", 64), ("lr", 1e-3), ("optimizer", "adam"), ("weight_decay", 0.0), ("freeze_batchnorm", True),
+        ("tolerance", 0.05), ("holdout_fraction", 0.2),
+    )
     for name, other in changes:
         with pytest.raises(ConfigError, match=rf"{name} {calibrated[name]} \(here {other}\), not what this retrain uses"):
             loaded.check_retrain(same.replace(**{name: other}), "this retrain")
