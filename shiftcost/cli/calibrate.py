@@ -185,6 +185,7 @@ def _print_tables(result: SweepResult, console: Console) -> None:
                 _pct(g["mdape_epochs"]), _pct(g["coverage_epochs"]),
             )
         console.print(loco)
+    _print_probe_stage(result.forecaster, console)
     if result.cost_model_error:
         console.print(f"cost model not fitted: {result.cost_model_error}", style="yellow")
     elif result.cost_model_note:
@@ -200,6 +201,21 @@ def _print_tables(result: SweepResult, console: Console) -> None:
         console.print(f"failed point {failed['corruption']} {failed['intensity']:g}: {failed['error']}", style="red")
     if result.files:
         console.print(f"written to {Path(result.files['report']).parent}: " + ", ".join(Path(p).name for p in result.files.values()))
+
+
+def _print_probe_stage(forecaster: Any, console: Console) -> None:
+    """The probe stage's own leave-one-kind-out error: what ``forecast`` uses once it probes."""
+    if forecaster is None or (forecaster.stage1 is None and not forecaster.stage1_error):
+        return
+    if forecaster.stage1 is None:
+        console.print(f"probe stage not fitted: {forecaster.stage1_error}", style="yellow")
+        return
+    loo = forecaster.stage1.loo_
+    console.print(
+        f"probe stage ({', '.join(forecaster.stage1.features_)}), leave one corruption kind out: MdAPE epochs "
+        f"{_pct(loo.get('mdape_epochs'))}, coverage epochs {_pct(loo.get('coverage'))} over {loo.get('n')} points "
+        f"({loo.get('n_censored')} capped, {loo.get('n_zero_cost')} needing no training)"
+    )
 
 
 def _summary_json(result: SweepResult) -> dict[str, Any]:
@@ -451,7 +467,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Corrupt new data with known shifts at known strengths, retrain to the cutoff for real, and measure how well the indices predict the cost.
 
-        For each corruption kind and intensity: the indices in one pass, then retraining until held-out accuracy is back at the reference accuracy minus --tolerance (CodeCarbon measures the energy). Prints Pearson/Spearman correlations of each index with steps, epochs, energy, emissions, gradient norm and parameter change, and the cost model's leave-one-corruption-out error; writes points.json/.csv, correlations.json, report.md, loco.json, costmodel.json (index stage), forecaster.json (index and probe stages, for shiftcost forecast and the retrain budget guard), reference.safetensors (the reference statistics used) and a PNG plot to --out. Progress goes to stderr, one line per point when it is not a terminal.
+        For each corruption kind and intensity: the indices in one pass, then retraining until held-out accuracy is back at the reference accuracy minus --tolerance (CodeCarbon measures the energy). Prints Pearson/Spearman correlations of each index with steps, epochs, energy, emissions, gradient norm and parameter change, and the leave-one-corruption-out error of the cost model and of the forecast's probe stage; writes points.json/.csv, correlations.json, report.md, loco.json, costmodel.json (index stage), forecaster.json (index and probe stages, for shiftcost forecast and the retrain budget guard), reference.safetensors (the reference statistics used) and a PNG plot to --out. Progress goes to stderr, one line per point when it is not a terminal.
         """
         from shiftcost.calibrate import SWEEP_CONFIG, run_sweep, torch_threads
 

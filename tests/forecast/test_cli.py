@@ -13,6 +13,7 @@ import torch
 from shiftcost.data.batches import Batch, save_batch
 from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model, save_model
+from shiftcost.forecast.forecaster import Forecaster
 from shiftcost.index.engine import compute_reference_stats
 from tests.forecast.helpers import bars, fitted_forecaster
 
@@ -198,6 +199,11 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     )
     assert done.returncode == 0, done.stderr
     assert json.loads((cal / "forecaster.json").read_text())["retrain"]["lr"] == 0.01
+    # The probe stage's own calibration error is printed beside the index stage's table.
+    loo = Forecaster.load(cal / "forecaster.json").stage1.loo_
+    printed = " ".join(done.stdout.split())
+    assert f"probe stage (curve_log_epochs), leave one corruption kind out: MdAPE epochs {100 * loo['mdape_epochs']:.0f}%" in printed
+    assert f"coverage epochs {100 * loo['coverage']:.0f}% over {loo['n']} points" in printed
     # The forecast probes as the calibration's probes did: at the calibrated rate, not the probe's default.
     probed = shiftcost(
         "forecast", "--model", str(files / "model.safetensors"), "--reference-stats", str(cal / "reference.safetensors"),
