@@ -140,28 +140,27 @@ def _fit_forecaster(
             fit_rows, features=list(features), level=level, max_epochs=max_epochs, group_key=group_key,
             energy_rate=rate, batch_size=int(settings.get("batch_size") or 64),
             probe_settings=_probe_settings(settings),
-            retrain_settings={name: settings.get(name, _recipe(settings).get(name)) for name in EPOCH_SETTINGS},
+            retrain_settings={name: _recorded(settings, name) for name in EPOCH_SETTINGS},
         )
     except Exception as error:  # noqa: BLE001
         return None, _describe(error)
     return forecaster, None
 
 
-def _recipe(settings: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The sweep's retrain recipe as recorded (empty for settings from before it was)."""
-    return (settings.get("retrain") or {}).get("recipe") or {}
+def _recorded(settings: Mapping[str, Any], name: str) -> Any:
+    """A retrain setting the sweep recorded: at the top level, or in the recipe it recorded whole
+    (``None`` where neither holds it, as in settings from before the recipe was kept)."""
+    return settings.get(name, ((settings.get("retrain") or {}).get("recipe") or {}).get(name))
 
 
 def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """How the sweep's probes ran (see ``sweep._probe_point``): the probe's own steps, sample and
     batch, under the retrains' learning rate, optimizer, weight decay and momentum."""
     from shiftcost.forecast import probe
+    from shiftcost.forecast.forecaster import PROBE_RECIPE
 
-    recipe = _recipe(settings)
-    return {
-        "steps": settings.get("probe_steps"), "samples": probe.DEFAULT_SAMPLES, "batch_size": probe.DEFAULT_BATCH_SIZE,
-        "lr": settings.get("lr"), "optimizer": settings.get("optimizer"),
-    } | {name: recipe.get(name) for name in ("weight_decay", "momentum")}
+    sized = {"steps": settings.get("probe_steps"), "samples": probe.DEFAULT_SAMPLES, "batch_size": probe.DEFAULT_BATCH_SIZE}
+    return sized | {name: _recorded(settings, name) for name in PROBE_RECIPE}
 
 
 def _group_out(

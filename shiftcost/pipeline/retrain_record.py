@@ -83,7 +83,6 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
     measured kWh beside what the rate in force before it estimated, and the rates; None when
     the run measured no energy.
     """
-
     from shiftcost.energy import HostEnergyRate, run_work
     from shiftcost.pipeline.common import stored_energy_rate
     from shiftcost.store import repository, runs
