@@ -56,11 +56,14 @@ def analyse(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         cost_model, cost_model_error, folds_note = _fit_cost_model(fit_rows, features, level, max_epochs)
-        forecaster = None
+        forecaster = loco_stages = None
         if cost_model is not None:
             group_key = GROUP_KEY if folds_note is None else None
             forecaster, forecaster_error = _fit_forecaster(usable, fit_rows, features, level, max_epochs, settings or {}, group_key)
             cost_model_error = forecaster_error or cost_model_error
+            if forecaster is not None and group_key is not None:
+                # Saved with the forecaster: whether a probe is worth running is decided on it.
+                loco_stages = forecaster.left_out = forecaster.leave_one_kind_out(fit_rows, group_key=group_key)
         loco, loco_probe, loco_error = _group_out(fit_rows, features, level, probe_joules, max_epochs)
 
         plot_curve, plot_error = _single_index_curve(fit_rows, level)
@@ -73,6 +76,7 @@ def analyse(
         loco=loco,
         loco_probe=loco_probe,
         loco_error=loco_error,
+        loco_stages=loco_stages,
         plot_curve=plot_curve if plot_curve is not None else {"error": plot_error},
         joules_per_sample_epoch={
             "probe": probe_joules,
@@ -304,6 +308,8 @@ def _fit_row(row: Mapping[str, Any]) -> dict[str, Any]:
         samples=float(row["samples"]),
         energy_kwh=row.get("energy_kwh"),
     )
+    if "probe_already_met" in row:
+        out["probe_already_met"] = bool(row["probe_already_met"])
     return out
 
 

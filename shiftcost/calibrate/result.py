@@ -47,10 +47,13 @@ class SweepResult:
     files: dict[str, str] = field(default_factory=dict)
     forecaster: Any = None
     label_free: dict[str, Any] | None = None
-    cost_model_note: str | None = None
-    """How the cost model's intervals were cross-validated when not by leaving one kind out."""
     """The label-free cost model (``cost_model``, features :data:`LABEL_FREE_FEATURES`) with
     its leave-one-corruption-out figures (``loco``) on the same runs, or its ``error``."""
+    cost_model_note: str | None = None
+    """How the cost model's intervals were cross-validated when not by leaving one kind out."""
+    loco_stages: dict[str, Any] | None = None
+    """Both forecast stages on the batches that needed training, each kind left out
+    (:meth:`~shiftcost.forecast.forecaster.Forecaster.leave_one_kind_out`), or ``None``."""
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -80,6 +83,7 @@ class SweepResult:
                 "loco": self.loco,
                 "loco_probe": self.loco_probe,
                 "loco_error": self.loco_error,
+                "loco_stages": self.loco_stages,
                 "label_free": None if self.label_free is None else {k: v for k, v in self.label_free.items() if k != "cost_model"},
                 "plot_curve": self.plot_curve,
                 "files": self.files,

@@ -87,6 +87,7 @@ COLUMNS: tuple[str, ...] = (
     *PROBE_FEATURES,
     "probe_sample_gradients",
     "probe_seconds",
+    "probe_already_met",
     "error",
 )
 

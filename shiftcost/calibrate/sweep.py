@@ -371,6 +371,7 @@ def _probe_point(
     row.update(probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap))
     row["probe_sample_gradients"] = trajectory.cost.sample_gradients
     row["probe_seconds"] = trajectory.cost.seconds
+    row["probe_already_met"] = trajectory.accuracy[0] >= target
 
 
 def _first_grad_norm(run: Mapping[str, Any]) -> float | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -185,7 +186,7 @@ def _print_tables(result: SweepResult, console: Console) -> None:
                 _pct(g["mdape_epochs"]), _pct(g["coverage_epochs"]),
             )
         console.print(loco)
-    _print_probe_stage(result.forecaster, console)
+    _print_probe_stage(result.forecaster, result.loco_stages, console)
     if result.cost_model_error:
         console.print(f"cost model not fitted: {result.cost_model_error}", style="yellow")
     elif result.cost_model_note:
@@ -203,19 +204,30 @@ def _print_tables(result: SweepResult, console: Console) -> None:
         console.print(f"written to {Path(result.files['report']).parent}: " + ", ".join(Path(p).name for p in result.files.values()))
 
 
-def _print_probe_stage(forecaster: Any, console: Console) -> None:
-    """The probe stage's own leave-one-kind-out error: what ``forecast`` uses once it probes."""
+def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, console: Console) -> None:
+    """Both stages' leave-one-kind-out error on the batches that needed training, as ``forecast``
+    makes them, and whether the saved forecaster will probe on their strength."""
     if forecaster is None or (forecaster.stage1 is None and not forecaster.stage1_error):
         return
     if forecaster.stage1 is None:
         console.print(f"probe stage not fitted: {forecaster.stage1_error}", style="yellow")
         return
-    loo = forecaster.stage1.loo_
+    if stages is None:
+        return
+    probe, index = stages["probe"], stages["index"]
     console.print(
-        f"probe stage ({', '.join(forecaster.stage1.features_)}), leave one corruption kind out: MdAPE epochs "
-        f"{_pct(loo.get('mdape_epochs'))}, coverage epochs {_pct(loo.get('coverage'))} over {loo.get('n')} points "
-        f"({loo.get('n_censored')} capped, {loo.get('n_zero_cost')} needing no training)"
+        f"probe stage ({', '.join(forecaster.stage1.features_)}), leave one corruption kind out, on the {probe['n']} batches that "
+        f"needed training ({probe['n_censored']} capped): MdAPE epochs {_pct(probe['mdape_epochs'])}, coverage epochs "
+        f"{_pct(probe['coverage_epochs'])}; index stage on the same: {_pct(index['mdape_epochs'])}, {_pct(index['coverage_epochs'])}. "
+        f"The probe's first evaluation put {stages['needing_none_forecast_at_zero']} of the {stages['needing_none']} that needed none at zero."
     )
+    reason = forecaster.probe_not_worth()
+    if reason:
+        console.print(
+            f"{reason}: forecast, retrain --cost-model and the pipeline will not probe with this cost model "
+            "(forecast --probe-steps N probes anyway); calibrating on more kinds or intensities may change that.",
+            style="yellow",
+        )
 
 
 def _summary_json(result: SweepResult) -> dict[str, Any]:
@@ -467,7 +479,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Corrupt new data with known shifts at known strengths, retrain to the cutoff for real, and measure how well the indices predict the cost.
 
-        For each corruption kind and intensity: the indices in one pass, then retraining until held-out accuracy is back at the reference accuracy minus --tolerance (CodeCarbon measures the energy). Prints Pearson/Spearman correlations of each index with steps, epochs, energy, emissions, gradient norm and parameter change, and the leave-one-corruption-out error of the cost model and of the forecast's probe stage; writes points.json/.csv, correlations.json, report.md, loco.json, costmodel.json (index stage), forecaster.json (index and probe stages, for shiftcost forecast and the retrain budget guard), reference.safetensors (the reference statistics used) and a PNG plot to --out. Progress goes to stderr, one line per point when it is not a terminal.
+        For each corruption kind and intensity: the indices in one pass, then retraining until held-out accuracy is back at the reference accuracy minus --tolerance (CodeCarbon measures the energy). Prints Pearson/Spearman correlations of each index with steps, epochs, energy, emissions, gradient norm and parameter change, the leave-one-corruption-out error of the cost model, and both forecast stages' on the batches that needed training (the probe stage as forecast makes it, with a warning when it does no better than the index stage); writes points.json/.csv, correlations.json, report.md, loco.json, costmodel.json (index stage), forecaster.json (index and probe stages, for shiftcost forecast and the retrain budget guard), reference.safetensors (the reference statistics used) and a PNG plot to --out. Progress goes to stderr, one line per point when it is not a terminal.
         """
         from shiftcost.calibrate import SWEEP_CONFIG, run_sweep, torch_threads
 

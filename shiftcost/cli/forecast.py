@@ -47,7 +47,7 @@ def forecast(
 ) -> None:
     """Forecast the epochs, kWh and kg CO2e of retraining a model on a labelled batch, with intervals.
 
-    The index forecast (stage 0) is free; the probe (stage 1) fine-tunes a copy of the model for a few steps on a small sample of the batch, and its own cost (steps, seconds, energy) is reported so it can be charged. --probe-steps and --no-probe are exclusive.
+    The index forecast (stage 0) is free; the probe (stage 1) fine-tunes a copy of the model for a few steps on a small sample of the batch, and its own cost (steps, seconds, energy) is reported so it can be charged. Without --probe-steps there is no probe where calibration forecast its batches no better with one (it says so). --probe-steps and --no-probe are exclusive.
     """
     from shiftcost.data.batches import check_batch, load_batch
     from shiftcost.data.models import load_model
@@ -71,7 +71,10 @@ def forecast(
     if probe_steps is not None and forecaster.stage1 is None:
         raise InputError(f"{cost_model} has no probe stage ({forecaster.stage1_error}); recalibrate with probe steps, or use --no-probe.")
     trajectory = None
-    if not no_probe and forecaster.stage1 is not None:
+    not_worth = forecaster.probe_not_worth() if probe_steps is None and forecaster.stage1 is not None else None
+    if not_worth and not no_probe:
+        make_console(stderr=True).print(f"no probe: {not_worth}; --probe-steps N probes anyway.", style="yellow")
+    if not no_probe and forecaster.stage1 is not None and not not_worth:
         trajectory = run_calibrated_probe(forecaster, net, new, reference.accuracy, tolerance, probe_steps, seed, device, str(batch), not no_energy, country)
     result = forecaster.predict(features, probe=trajectory, batch_samples=len(new.y), carbon_intensity=intensity)
     if as_json:

@@ -231,7 +231,10 @@ def _budget_guard(
         holdout_fraction=config.cutoff.holdout_fraction, replay_fraction=replay, reference_samples=0 if ref_x is None else len(ref_x),
     )
     if features is not None:
-        if probe and forecaster.stage1 is not None:
+        not_worth = forecaster.probe_not_worth() if probe and forecaster.stage1 is not None else None
+        if not_worth:
+            make_console(stderr=True).print(f"no probe: {not_worth}; the guard starts from the index forecast.", style="yellow")
+        if probe and forecaster.stage1 is not None and not not_worth:
             guard.probe = run_calibrated_probe(
                 forecaster, net, new, ceiling, config.cutoff.tolerance, None, config.seed, device, source,
                 config.energy.track, config.energy.country_iso_code,

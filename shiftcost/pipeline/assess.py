@@ -11,7 +11,8 @@ The steps, each a function a Prefect task can wrap:
 4. :func:`estimate_cost` predicts epochs, kWh and kg CO2e (skipped without drift unless
    ``always_assess``): the index model first, then, when it pays
    (``shiftcost.forecast.decide.probe_pays``: the index interval straddles what the
-   budgets have left and the probe is cheap beside it), a probe of a few fine-tuning steps
+   budgets have left and the probe is cheap beside it; never where calibration's batches were
+   forecast no better with a probe), a probe of a few fine-tuning steps
    whose learning curve gives the forecast the decision uses; the probe's cost is charged
    to the budgets like any other spend;
 5. :func:`store_assessment` decides under the budgets and stores everything in one
@@ -537,8 +538,9 @@ def _why_no_probe(loaded: LoadedBatch, prediction: CostPrediction, forecaster: A
     """Why no probe can change this decision, or None when one could."""
     if budget_left_kwh is None:
         return "no budget limits kWh, so a probe cannot change the decision"
-    if forecaster.stage1 is None:
-        return f"the cost model has no probe stage ({forecaster.stage1_error})"
+    not_worth = forecaster.probe_not_worth()
+    if not_worth:
+        return not_worth
     if loaded.reference.accuracy is None or prediction.energy_kwh is None:
         return "the model's reference accuracy or the energy of the forecast is unknown"
     if loaded.new_task:

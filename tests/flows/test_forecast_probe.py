@@ -17,6 +17,10 @@ PROBE = {"steps": 2, "samples": 8, "batch_size": 4, "lr": 2e-3, "optimizer": "ad
 
 @pytest.fixture
 def probe_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel):
+    return _bootstrapped(database_url, tmp_path, monkeypatch, trained_model)
+
+
+def _bootstrapped(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel, left_out=None):
     from shiftcost import pipeline
     from shiftcost.forecast.forecaster import Forecaster
 
@@ -26,6 +30,7 @@ def probe_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trai
     rows = [row | {"epochs": 10.0 * row["epochs"]} for row in forecast_rows()]
     forecaster = Forecaster.fit(rows, features=["resque_dist"], level=0.8, max_epochs=200.0, probe_settings=PROBE)
     assert forecaster.stage1 is not None, forecaster.stage1_error
+    forecaster.left_out = left_out
     pipeline.bootstrap(
         settings, trained_model.model, trained_model.spec, *trained_model.splits["holdout"],
         calibration=forecaster, joules_per_sample_epoch=JOULES_PER_SAMPLE, hardware="test",
@@ -99,6 +104,27 @@ def test_a_probe_runs_when_the_index_interval_straddles_the_budget_and_is_charge
         # (a retrain reservation, if any, was released: this assessment runs no retrain).
         left = seed.committed(database).remaining("probe-test", decision_id=decision_id).remaining_kwh
         assert left == pytest.approx(cap - probe_kwh)
+
+
+def test_no_probe_runs_where_calibration_forecast_its_batches_no_better_with_one(
+    database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel
+) -> None:
+    from shiftcost import pipeline
+    from shiftcost.data import Batch, save_batch
+    from tests.store import seed
+
+    left_out = {"probe": {"mdape_epochs": 0.85}, "index": {"mdape_epochs": 0.66}}
+    settings, landing, trained = _bootstrapped(database_url, tmp_path, monkeypatch, trained_model, left_out)
+    x, y = trained.splits["stream"]
+    save_batch(Batch(brightened(x[:200]), y[:200], "first"), landing / "first.npz")
+    first = _prediction(settings, pipeline.process_batch(settings, str(landing / "first.npz"), retrain=False).assessment.decision_id)
+    # The budget straddles the index interval, where a probe would otherwise run.
+    with pipeline.connect(settings) as database:
+        seed.committed(database).create_budget("probe-test", period="per_run", kwh_cap=math.sqrt(first.energy_kwh_lower * first.energy_kwh_upper))
+    save_batch(Batch(brightened(x[1:201]), y[1:201], "second"), landing / "second.npz")
+    second = pipeline.process_batch(settings, str(landing / "second.npz"), retrain=False).assessment
+    assert second.forecast_stage == "index" and second.probe_cost is None
+    assert "no better with the probe (MdAPE of epochs 85%) than with the indices alone (66%)" in second.probe_advice
 
 
 def test_a_cost_model_calibrated_at_another_retrain_batch_size_is_refused_before_any_decision(probe_env, monkeypatch) -> None:

@@ -89,6 +89,28 @@ def test_forecast_without_probe_is_the_index_stage(files) -> None:
     assert "curve_log_epochs" not in data["features"]
 
 
+def test_no_probe_runs_unasked_where_calibration_forecast_no_better_with_one(files) -> None:
+    forecaster = fitted_forecaster()
+    forecaster.left_out = {"probe": {"mdape_epochs": 0.85}, "index": {"mdape_epochs": 0.66}}
+    cost_model = forecaster.save(files / "forecaster-probe-no-better.json")
+    args = forecast_args(files, "--json", "--no-energy")
+    args[args.index("--cost-model") + 1] = str(cost_model)
+    done = shiftcost(*args, cwd=files)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["stage"] == "index" and json.loads(done.stdout)["probe"]["steps"] == 0
+    assert "no probe: calibration forecast its batches that needed training" in " ".join(done.stderr.split())
+    asked = shiftcost(*args, "--probe-steps", "3", cwd=files)
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["stage"] == "probe" and json.loads(asked.stdout)["probe"]["steps"] == 3
+    guarded = shiftcost(
+        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(files / "g.safetensors"),
+        "--reference-stats", str(files / "reference.safetensors"), "--cost-model", str(cost_model), "--budget-kwh", "60",
+        "--batch-size", "16", "--no-energy", "--device", "cpu", "--json", cwd=files,
+    )
+    assert guarded.returncode in (0, 3, 4), guarded.stderr
+    assert "the guard starts from the index forecast" in " ".join(guarded.stderr.split())
+
+
 def test_contradictory_probe_options_are_one_sentence(files) -> None:
     done = shiftcost(*forecast_args(files, "--no-probe", "--probe-steps", "3"), cwd=files)
     assert done.returncode == 2 and "contradict" in done.stderr and "Traceback" not in done.stderr
@@ -140,8 +162,6 @@ def test_the_guard_prices_each_epoch_at_the_pool_with_its_replayed_reference_sam
 
 
 def test_the_guard_starts_from_the_probe_stage_and_counts_the_probe_as_spent(files) -> None:
-    from shiftcost.forecast.forecaster import Forecaster
-
     forecaster = Forecaster.load(files / "forecaster.json")
     holdout = round(0.3 * len(bars()[1]))
     common = [
@@ -199,16 +219,27 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     )
     assert done.returncode == 0, done.stderr
     assert json.loads((cal / "forecaster.json").read_text())["retrain"]["lr"] == 0.01
-    # The probe stage's own calibration error is printed beside the index stage's table.
-    loo = Forecaster.load(cal / "forecaster.json").stage1.loo_
+    # Both stages' error on the batches that needed training, each kind left out, is printed and kept.
+    stages = json.loads((cal / "sweep.json").read_text())["loco_stages"]
+    probe, index = stages["probe"], stages["index"]
     printed = " ".join(done.stdout.split())
-    assert f"probe stage (curve_log_epochs), leave one corruption kind out: MdAPE epochs {100 * loo['mdape_epochs']:.0f}%" in printed
-    assert f"coverage epochs {100 * loo['coverage']:.0f}% over {loo['n']} points" in printed
-    # The forecast probes as the calibration's probes did: at the calibrated rate, not the probe's default.
+    assert (
+        f"probe stage (curve_log_epochs), leave one corruption kind out, on the {probe['n']} batches that needed training "
+        f"({probe['n_censored']} capped): MdAPE epochs {100 * probe['mdape_epochs']:.0f}%, coverage epochs {100 * probe['coverage_epochs']:.0f}%; "
+        f"index stage on the same: {100 * index['mdape_epochs']:.0f}%, {100 * index['coverage_epochs']:.0f}%."
+    ) in printed
+    needing_training = [r for r in json.loads((cal / "points.json").read_text()) if not (r["reached_cutoff"] and r["epochs"] == 0)]
+    assert probe["n"] == len(needing_training) > 0
+    # The verdict is saved with the forecaster, which probes only where probing forecast better.
+    saved = Forecaster.load(cal / "forecaster.json")
+    assert saved.left_out == stages
+    assert ("no better with the probe" in printed) == (probe["mdape_epochs"] >= index["mdape_epochs"]) == (saved.probe_not_worth() is not None)
+    # The forecast probes as the calibration's probes did: at the calibrated rate, not the probe's default
+    # (asked to probe, as it may not be worth it on these few kinds).
     probed = shiftcost(
         "forecast", "--model", str(files / "model.safetensors"), "--reference-stats", str(cal / "reference.safetensors"),
         "--batch", str(files / "batch.npz"), "--cost-model", str(cal / "forecaster.json"), "--device", "cpu", "--no-energy", "--json",
-        cwd=files,
+        "--probe-steps", str(saved.probe_options()["steps"]), cwd=files,
     )
     assert probed.returncode == 0, probed.stderr
     payload = json.loads(probed.stdout)

@@ -51,6 +51,67 @@ def test_stage1_keeps_the_rows_that_needed_no_training_as_left_censored() -> Non
     assert stage1.loo_["n_zero_cost"] == len(rows[::8])
 
 
+def test_leave_one_kind_out_scores_both_stages_as_forecast_makes_them_on_batches_that_needed_training() -> None:
+    rows = forecast_rows()
+    for row in rows[::8]:  # each kind's mildest level needed no training, and its probe started at the target
+        row.update(epochs=0.0, probe_already_met=True)
+    rows[1]["probe_already_met"] = True  # a probe whose first evaluation met the target by the split's luck
+    forecaster = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)
+    result = forecaster.leave_one_kind_out(rows)
+    # Independently: each kind forecast by a forecaster fitted on the others, one batch at a time.
+    probe_ape, index_ape, probe_hits = [], [], []
+    for kind in dict.fromkeys(r["corruption"] for r in rows):
+        fold = Forecaster.fit([r for r in rows if r["corruption"] != kind], features=list(INDEX), max_epochs=15.0)
+        for row in (r for r in rows if r["corruption"] == kind and r["epochs"] > 0):
+            probed = fold.predict_from_probe_features(row, row, already_met=row.get("probe_already_met", False)).epochs
+            index = fold.predict(row).epochs
+            probe_ape.append(abs(probed.median - row["epochs"]) / row["epochs"])
+            index_ape.append(abs(index.median - row["epochs"]) / row["epochs"])
+            probe_hits.append(probed.low <= row["epochs"] <= probed.high)
+    assert result["needing_none"] == result["needing_none_forecast_at_zero"] == 5
+    assert result["probe"]["n"] == result["index"]["n"] == len(rows) - 5 and result["probe"]["n_censored"] == 0
+    assert result["probe"]["mdape_epochs"] == pytest.approx(np.median(probe_ape))
+    assert result["probe"]["coverage_epochs"] == pytest.approx(np.mean(probe_hits))
+    assert result["index"]["mdape_epochs"] == pytest.approx(np.median(index_ape))
+    # The batch whose probe started at the target is forecast at zero although it needed training.
+    assert max(probe_ape) == pytest.approx(1.0)
+    # The probe's curve carries the truth here, the indices less so.
+    assert result["probe"]["mdape_epochs"] < result["index"]["mdape_epochs"]
+
+
+def test_leave_one_kind_out_counts_a_capped_batch_only_as_a_definite_miss() -> None:
+    rows = forecast_rows(cap=4.0)
+    capped = [r for r in rows if not r["reached_cutoff"]]
+    result = Forecaster.fit(rows, features=list(INDEX), max_epochs=4.0).leave_one_kind_out(rows)
+    assert capped and result["probe"]["n_censored"] == len(capped) and result["probe"]["n"] == len(rows)
+    for row in capped:
+        row["epochs"] = 1e6  # spent far beyond any forecast: every interval ends below it
+    result = Forecaster.fit(rows, features=list(INDEX), max_epochs=4.0).leave_one_kind_out(rows)
+    assert result["probe"]["censored_definite_misses"] == result["index"]["censored_definite_misses"] == len(capped)
+
+
+def test_a_probe_is_worth_running_only_where_calibration_forecast_better_with_it(tmp_path) -> None:
+    rows = forecast_rows()
+    helpful = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)
+    helpful.left_out = helpful.leave_one_kind_out(rows)
+    assert helpful.probe_not_worth() is None
+    # A probe curve that says nothing about the epochs: the indices alone forecast better.
+    curves = np.random.default_rng(1).permutation([r["curve_log_epochs"] for r in rows])
+    scrambled = [r | {"curve_log_epochs": float(c)} for r, c in zip(rows, curves)]
+    useless = Forecaster.fit(scrambled, features=list(INDEX), max_epochs=15.0)
+    useless.left_out = useless.leave_one_kind_out(scrambled)
+    probe, index = useless.left_out["probe"]["mdape_epochs"], useless.left_out["index"]["mdape_epochs"]
+    assert probe >= index
+    reason = useless.probe_not_worth()
+    assert reason is not None and f"MdAPE of epochs {probe:.0%}) than with the indices alone ({index:.0%})" in reason
+    # The verdict travels with the file and with the probe stage the pipeline stores.
+    assert Forecaster.load(useless.save(tmp_path / "forecaster.json")).probe_not_worth() == reason
+    assert Forecaster.with_probe_stage(useless.stage0, useless.probe_stage()).probe_not_worth() == reason
+    # A cost model saved before calibration measured this probes as before.
+    useless.left_out = None
+    assert useless.probe_not_worth() is None
+
+
 def slow_truncated_quantiles(mu: float, sd: float, bound: float, probs: list[float], n: int = 400_000) -> list[float]:
     draws = np.random.default_rng(0).normal(mu, sd, n)
     kept = draws[draws > bound]
