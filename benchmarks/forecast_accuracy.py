@@ -196,6 +196,8 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         "calibration_points": len(cal_rows),
         "calibration_stage0_loo": forecaster.stage0.loo_,
         "calibration_stage1_loo": forecaster.stage1.loo_,
+        "calibration_left_out": forecaster.left_out,
+        "probe_not_worth": forecaster.probe_not_worth(),
         "stage1_coefficients": dict(zip(forecaster.stage1.features_, map(float, forecaster.stage1.coef_))),
         "runs": runs,
         "metrics": metrics(runs, args.bootstrap),
@@ -491,6 +493,13 @@ def print_arch(result: dict[str, Any]) -> None:
     print(f"\n=== {result['arch']} (reference accuracy {result['reference_accuracy']:.3f}; {result['calibration_points']} calibration points; seed offset {result['seed_offset']})")
     print(f"calibration LOCO stage 0: {result['calibration_stage0_loo']}")
     print(f"calibration LOCO stage 1: {result['calibration_stage1_loo']}")
+    stages = result.get("calibration_left_out")
+    if stages:
+        print(
+            f"calibration, both stages on the {stages['probe']['n']} batches that needed training, each kind left out: MdAPE epochs "
+            f"probe {stages['probe']['mdape_epochs']:.0%}, index {stages['index']['mdape_epochs']:.0%}; "
+            f"the pipeline {'would not probe: ' + result['probe_not_worth'] if result.get('probe_not_worth') else 'probes where it pays'}"
+        )
     print(f"stage 1 coefficients: {result['stage1_coefficients']}")
     print_metrics(result["metrics"])
     print_flags(result["not_converging"])

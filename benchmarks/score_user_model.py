@@ -9,7 +9,8 @@ with ``-- --fit-intensities``. Every batch is the new data under an evaluation-o
 intensities, seed 0), retrained once to the cutoff under the measurement protocol; the
 retrain is the truth every calibration is scored against in the same run. Per calibration
 it prints, for the constant and isotonic-on-accuracy-drop baselines fitted on that
-calibration's points, the index stage and the probe stage: MdAPE of epochs on reached runs,
+calibration's points, the index stage, the probe stage and the default forecast (``shiftcost
+forecast`` without options: the probe stage unless the calibration found probing no better): MdAPE of epochs on reached runs,
 median |log error| with capped runs as bounds, C-index and 90% coverage, and paired bootstrap
 95% CIs of the probe stage's MdAPE and C-index minus each other predictor's, and for the index
 and probe stages how often the "not to converge" flag (which skips a batch) was raised on a
@@ -34,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_shifts import FOURTH_KINDS, FRESH_KINDS, eval_corrupt  # noqa: E402
 from forecast_accuracy import fit_baselines, flags, metrics, not_converging_flags, print_flags  # noqa: E402
 
-PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe")
+#: ``default``: what ``shiftcost forecast`` gives without options, the probe stage unless the
+#: calibration found probing no better (:meth:`Forecaster.probe_not_worth`), then the index stage.
+PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "default")
 #: Paired bootstrap resamples of the batches for the probe stage's differences from each baseline.
 RESAMPLES = 2000
 
@@ -87,10 +90,12 @@ def score(work: Path, name: str, model: Any, batches: list[dict[str, Any]]) -> d
         probed = forecaster.predict(features, probe=trajectory, batch_samples=len(batch["batch"].y))
         runs.append({
             "epochs": batch["epochs"], "censored": batch["censored"], "constant": constant, "isotonic_accuracy_drop": isotonic,
-            "stage0": index.epochs, "stage0_probe": probed.epochs,
+            "stage0": index.epochs, "stage0_probe": probed.epochs, "default": index.epochs if forecaster.probe_not_worth() else probed.epochs,
             "not_converging": flags(index, probed),
         })  # fmt: skip
-    return {"calibration_points": len(rows), "not_converging": not_converging_flags(runs)} | metrics(runs, RESAMPLES, predictors=PREDICTORS)
+    return {
+        "calibration_points": len(rows), "not_converging": not_converging_flags(runs), "probe_not_worth": forecaster.probe_not_worth(),
+    } | metrics(runs, RESAMPLES, predictors=PREDICTORS)
 
 
 def main() -> None:
@@ -110,6 +115,7 @@ def main() -> None:
     for name in names:
         figures[name] = score(options.workdir, name, model, batches)
         print(f"\n{name} ({figures[name]['calibration_points']} calibration points)")
+        print(f"  default forecast: {'index stage, ' + figures[name]['probe_not_worth'] if figures[name]['probe_not_worth'] else 'probe stage'}")
         print(f"  {'predictor':<24}{'MdAPE':>8}{'|log err|':>11}{'C-index':>9}{'cov 90%':>9}")
         for predictor, s in figures[name]["predictors"].items():
             cells = (s["mdape"], s["median_abs_log_error"], s["c_index"], s["coverage"])
