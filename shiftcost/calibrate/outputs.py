@@ -152,6 +152,11 @@ def markdown_report(result: SweepResult) -> str:
             lines += ["", *_loco_table(result.loco_probe["summary"], "J/sample-epoch from the hardware probe")]
     else:
         lines.append(f"Not evaluated: {result.loco_error}")
+    if result.loco_stages is not None:
+        lines += ["", "## Forecast stages on the batches that needed training (each kind left out, as `forecast` makes them)", ""]
+        lines += _stages_table(result.loco_stages)
+        reason = result.forecaster.probe_not_worth() if result.forecaster is not None else None
+        lines += ["", f"No probe with this cost model: {reason}." if reason else "The probe stage did better: `forecast` and the pipeline probe."]
     failed = result.failed
     if failed:
         lines += ["", "## Failed points", ""]
@@ -181,6 +186,15 @@ def _loco_table(summary: Mapping[str, Any], title: str) -> list[str]:
             f"| {name} | {g['n']} | {g['n_censored']} | {_pct(g['mdape_energy'])} | {_pct(g['mdape_epochs'])} | "
             f"{_pct(g['coverage_energy'])} | {_pct(g['coverage_epochs'])} |"
         )
+    return lines
+
+
+def _stages_table(stages: Mapping[str, Any]) -> list[str]:
+    lines = ["| stage | batches | capped | MdAPE epochs | coverage epochs |", "|---|---|---|---|---|"]
+    for name in ("index", "probe"):
+        s = stages[name]
+        lines.append(f"| {name} | {s['n']} | {s['n_censored']} | {_pct(s['mdape_epochs'])} | {_pct(s['coverage_epochs'])} |")
+    lines += ["", f"{stages['needing_none']} more needed no training; the probe's first evaluation put {stages['needing_none_forecast_at_zero']} of them at zero."]
     return lines
 
 

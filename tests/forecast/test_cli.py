@@ -234,6 +234,10 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     saved = Forecaster.load(cal / "forecaster.json")
     assert saved.left_out == stages
     assert ("no better with the probe" in printed) == (probe["mdape_epochs"] >= index["mdape_epochs"]) == (saved.probe_not_worth() is not None)
+    report = (cal / "report.md").read_text()
+    assert f"| probe | {probe['n']} | {probe['n_censored']} | {100 * probe['mdape_epochs']:.0f}% | {100 * probe['coverage_epochs']:.0f}% |" in report
+    assert f"| index | {index['n']} | {index['n_censored']} | {100 * index['mdape_epochs']:.0f}% |" in report
+    assert ("No probe with this cost model" in report) == (saved.probe_not_worth() is not None)
     # The forecast probes as the calibration's probes did: at the calibrated rate, not the probe's default
     # (asked to probe, as it may not be worth it on these few kinds).
     probed = shiftcost(
