@@ -10,11 +10,11 @@ intensities, seed 0), retrained once to the cutoff under the measurement protoco
 retrain is the truth every calibration is scored against in the same run. Per calibration
 it prints, for the constant and isotonic-on-accuracy-drop baselines fitted on that
 calibration's points, the index stage, the probe stage and the default forecast (``shiftcost
-forecast`` without options: the probe stage unless the calibration found probing no better): MdAPE of epochs on reached runs,
-median |log error| with capped runs as bounds, C-index and 90% coverage, and paired bootstrap
-95% CIs of the probe stage's MdAPE and C-index minus each other predictor's, and for the index
-and probe stages how often the "not to converge" flag (which skips a batch) was raised on a
-batch whose retrain reached the cutoff.
+forecast`` without options: the probe stage unless the calibration found probing no better):
+MdAPE of epochs on reached runs, median |log error| with capped runs as bounds, C-index and
+90% coverage, and paired bootstrap 95% CIs of the probe stage's MdAPE and C-index minus each
+other predictor's, and for the index and probe stages how often the "not to converge" flag
+(which skips a batch) was raised on a batch whose retrain reached the cutoff.
 """
 
 from __future__ import annotations
