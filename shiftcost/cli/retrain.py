@@ -115,7 +115,7 @@ ReferenceStatsOption = Annotated[
     typer.Option(
         "--reference-stats",
         help="Reference statistics: their accuracy is the reference accuracy when no other is given, and the guard's forecast before the run "
-        "starts from their indices (then from a probe, when the cost model has a probe stage).",
+        "starts from their indices (then from a probe, when the cost model has a probe stage its calibration found worth running).",
         show_default=False,
     ),
 ]
@@ -185,8 +185,8 @@ def _budget_guard(
 ) -> Any:
     """The budget guard for this run, with a forecast before the run when reference stats are given.
 
-    That forecast is the probe stage's when the cost model has one (unless ``probe`` is
-    False): the probe runs as calibration ran it, the forecast the accuracy benchmark scores
+    That forecast is the probe stage's when the cost model has one its calibration found
+    worth running (unless ``probe`` is False): the probe runs as calibration ran it, the forecast the accuracy benchmark scores
     the guard from, and its cost is charged to the budget before the run's first step.
     Otherwise it is the index forecast.
 
@@ -333,7 +333,7 @@ def retrain(
 
     Evaluates every --eval-every steps on a held-out part of the batch and stops at the first evaluation at or above the target, or at the step/epoch cap. Measures energy and emissions with CodeCarbon (offline; nothing written unless --emissions-csv). The training recipe is the model file's own (set at `shiftcost model import --recipe`), then --recipe FILE, then the flags.
 
-    With --cost-model and --budget-kwh a guard updates the forecast at every evaluation and stops the run when what is spent plus the forecast's lower bound exceeds the budget; the model is then left unchanged. With --reference-stats the forecast before the run is the probe stage's (its cost counted as spent) when the cost model has one, else the index forecast.
+    With --cost-model and --budget-kwh a guard updates the forecast at every evaluation and stops the run when what is spent plus the forecast's lower bound exceeds the budget; the model is then left unchanged. With --reference-stats the forecast before the run is the probe stage's (its cost counted as spent) when the cost model has one and its calibration forecast better with it, else the index forecast.
 
     Exit status: 0 when the target was reached (or already met), 3 when the cap ended the run first (the model is still written), 4 when the budget guard stopped it (no model written), 1 when the run failed.
     """
