@@ -14,8 +14,9 @@ Usage: python benchmarks/calibrate_user_model.py [--workdir DIR] [--reuse] [-- C
 
 Prints the wall and CPU seconds of the calibration, the load average before and after (the
 machine may be shared: CPU seconds are the load-independent figure), the points and
-retraining runs it made and their statuses, the leave-one-kind-out summary, and whether the
-forecast's interval is finite. ``--reuse`` keeps the model trained and imported by an earlier
+retraining runs it made and their statuses, the leave-one-kind-out summary (of the index stage,
+and of both stages on the points that needed training), and whether the forecast's interval is
+finite. ``--reuse`` keeps the model trained and imported by an earlier
 run in ``--workdir``.
 """
 
@@ -163,6 +164,8 @@ def summarise(out: Path) -> dict[str, Any]:
         "timing": sweep.get("timing"),
         "loco": {k: summary.get(k) for k in ("n", "n_censored", "mdape_epochs", "coverage_epochs", "mdape_energy", "coverage_energy")},
         "cost_model_error": sweep.get("cost_model_error"),
+        # Both forecast stages on the points that needed training (what decides whether forecasts probe).
+        "stages": {stage: (sweep.get("loco_stages") or {}).get(stage) for stage in ("index", "probe")},
     }
 
 
@@ -209,7 +212,7 @@ def main() -> None:
     print(
         f"calibrate: {t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU (user {t['user_s']:.0f}, sys {t['system_s']:.0f}), "
         f"max RSS {t['max_rss_mb']:.0f} MB; load {t['load_before']} -> {t['load_after']}; "
-        f"{s['points']} points ({s['points_measured']} measured), {s['retrain_runs']} retrains, statuses {s['statuses']}; loco {s['loco']}; "
+        f"{s['points']} points ({s['points_measured']} measured), {s['retrain_runs']} retrains, statuses {s['statuses']}; loco {s['loco']}; stages {s['stages']}; "
         + "; ".join(f"forecast {name}: epochs {f['epochs']} (stage {f['stage']})" for name, f in figures["forecast"].items())
     )
 
