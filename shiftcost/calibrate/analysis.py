@@ -63,7 +63,10 @@ def analyse(
             cost_model_error = forecaster_error or cost_model_error
             if forecaster is not None and group_key is not None:
                 # Saved with the forecaster: whether a probe is worth running is decided on it.
-                loco_stages = forecaster.left_out = forecaster.leave_one_kind_out(fit_rows, group_key=group_key)
+                try:
+                    loco_stages = forecaster.left_out = forecaster.leave_one_kind_out(fit_rows, group_key=group_key)
+                except Exception as error:  # noqa: BLE001 - the forecaster stands and probes; only the comparison is lost
+                    loco_stages = {"error": _describe(error)}
         loco, loco_probe, loco_error = _group_out(fit_rows, features, level, probe_joules, max_epochs)
 
         plot_curve, plot_error = _single_index_curve(fit_rows, level)

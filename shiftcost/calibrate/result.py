@@ -53,7 +53,8 @@ class SweepResult:
     """How the cost model's intervals were cross-validated when not by leaving one kind out."""
     loco_stages: dict[str, Any] | None = None
     """Both forecast stages on the batches that needed training, each kind left out
-    (:meth:`~shiftcost.forecast.forecaster.Forecaster.leave_one_kind_out`), or ``None``."""
+    (:meth:`~shiftcost.forecast.forecaster.Forecaster.leave_one_kind_out`), ``{"error": why}``
+    when they could not be compared, or ``None``."""
 
     @property
     def failed(self) -> list[dict[str, Any]]:

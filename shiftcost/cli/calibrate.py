@@ -214,6 +214,9 @@ def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, consol
         return
     if stages is None:
         return
+    if "error" in stages:
+        console.print(f"forecast stages not compared on the batches that needed training: {stages['error']}", style="yellow")
+        return
     probe, index = stages["probe"], stages["index"]
     console.print(
         f"probe stage ({', '.join(forecaster.stage1.features_)}), leave one corruption kind out, on the {probe['n']} batches that "

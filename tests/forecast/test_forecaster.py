@@ -90,6 +90,23 @@ def test_leave_one_kind_out_counts_a_capped_batch_only_as_a_definite_miss() -> N
     assert result["probe"]["censored_definite_misses"] == result["index"]["censored_definite_misses"] == len(capped)
 
 
+def test_a_calibration_whose_stages_cannot_be_compared_keeps_its_forecaster_and_says_why(monkeypatch) -> None:
+    from shiftcost.calibrate.outputs import markdown_report
+
+    def fails(self, rows, *, group_key="corruption"):
+        raise FloatingPointError("overflow in a fold")
+
+    monkeypatch.setattr(Forecaster, "leave_one_kind_out", fails)
+    sweep_rows = [
+        r | {"status": "reached", "intensity": 0.5, "runs": [], "accuracy_drop": 0.97 - r["accuracy"], "energy_kwh": None}
+        for r in forecast_rows()
+    ]
+    result = analyse(sweep_rows, settings={"batch_size": 16}, features=list(INDEX))
+    assert result.forecaster.stage1 is not None and result.forecaster.left_out is None
+    assert "overflow in a fold" in result.loco_stages["error"]
+    assert "Not compared: " in markdown_report(result)
+
+
 def test_a_probe_is_worth_running_only_where_calibration_forecast_better_with_it(tmp_path) -> None:
     rows = forecast_rows()
     helpful = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)
