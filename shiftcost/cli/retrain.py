@@ -186,9 +186,9 @@ def _budget_guard(
     """The budget guard for this run, with a forecast before the run when reference stats are given.
 
     That forecast is the probe stage's when the cost model has one its calibration found
-    worth running (unless ``probe`` is False): the probe runs as calibration ran it, the forecast the accuracy benchmark scores
-    the guard from, and its cost is charged to the budget before the run's first step.
-    Otherwise it is the index forecast.
+    worth running (unless ``probe`` is False): the probe runs as calibration ran it, the
+    forecast the accuracy benchmark scores the guard from, and its cost is charged to the
+    budget before the run's first step. Otherwise it is the index forecast.
 
     It prices every epoch still to come at the pool the run trains on: the training split of
     the batch plus the reference samples the recipe replays.

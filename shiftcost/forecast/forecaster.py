@@ -431,9 +431,8 @@ class Forecaster:
         """
         if self.stage1 is None:
             return None
-        rows = [dict(r) for r in rows]
         kinds = list(dict.fromkeys(r[group_key] for r in rows))
-        forecasts: dict[str, list[tuple[dict[str, Any], Interval]]] = {"index": [], "probe": []}
+        forecasts: dict[str, list[tuple[Mapping[str, Any], Interval]]] = {"index": [], "probe": []}
         not_fitted: list[str] = []
         for kind in kinds:
             train = [r for r in rows if r[group_key] != kind]
@@ -452,13 +451,12 @@ class Forecaster:
                 if fold.stage1 is not None:
                     probed = fold.predict_from_probe_features(row, row, already_met=bool(row.get("probe_already_met")))
                     forecasts["probe"].append((row, probed.epochs))
-        needing_none = [(r, e) for r, e in forecasts["probe"] if r["reached_cutoff"] and r["epochs"] == 0]
         return {
             "cv": f"leave one {group_key} out ({len(kinds)} kinds)",
             "level": self.level,
             "kinds_not_fitted": not_fitted,
-            "needing_none": sum(r["reached_cutoff"] and r["epochs"] == 0 for r in rows),
-            "needing_none_forecast_at_zero": sum(e.median == 0 for _, e in needing_none),
+            "needing_none": sum(_needed_none(r) for r in rows),
+            "needing_none_forecast_at_zero": sum(_needed_none(r) and e.median == 0 for r, e in forecasts["probe"]),
             "index": _left_out_error(forecasts["index"]),
             "probe": _left_out_error(forecasts["probe"]),
         }
@@ -654,7 +652,7 @@ def _left_out_error(forecasts: Sequence[tuple[Mapping[str, Any], Interval]]) -> 
     """MdAPE and coverage of epochs over the forecast batches that needed training and reached the
     cutoff; a capped batch's truth is only a lower bound, so it counts only as a definite miss,
     where the interval ends below what it spent (as in the index stage's evaluation)."""
-    needed = [(r, e) for r, e in forecasts if not (r["reached_cutoff"] and r["epochs"] == 0)]
+    needed = [(r, e) for r, e in forecasts if not _needed_none(r)]
     reached = [(r, e) for r, e in needed if r["reached_cutoff"]]
     capped = [(r, e) for r, e in needed if not r["reached_cutoff"]]
     ape = [abs(e.median - r["epochs"]) / r["epochs"] for r, e in reached]
@@ -665,6 +663,10 @@ def _left_out_error(forecasts: Sequence[tuple[Mapping[str, Any], Interval]]) -> 
         "coverage_epochs": float(np.mean([e.low <= r["epochs"] <= e.high for r, e in reached])) if reached else None,
         "censored_definite_misses": sum(e.high < r["epochs"] for r, e in capped),
     }
+
+
+def _needed_none(row: Mapping[str, Any]) -> bool:
+    return bool(row["reached_cutoff"]) and row["epochs"] == 0
 
 
 def _finite(value: Any) -> bool:
