@@ -131,7 +131,7 @@ def _fit_forecaster(
     import torch
 
     from shiftcost.energy import HostEnergyRate, run_work
-    from shiftcost.forecast.forecaster import EPOCH_SETTINGS, Forecaster
+    from shiftcost.forecast.forecaster import Forecaster
 
     # The clean batch is measured once and copied under every kind; its runs count once.
     runs = [run_work(run) for row in usable if not row.get("copy_of") for run in row.get("runs", [])]
@@ -147,7 +147,7 @@ def _fit_forecaster(
             fit_rows, features=list(features), level=level, max_epochs=max_epochs, group_key=group_key,
             energy_rate=rate, batch_size=int(settings.get("batch_size") or 64),
             probe_settings=_probe_settings(settings),
-            retrain_settings={name: _recorded(settings, name) for name in EPOCH_SETTINGS},
+            retrain_settings=_retrain_settings(settings),
         )
     except Exception as error:  # noqa: BLE001
         return None, _describe(error)
@@ -158,6 +158,17 @@ def _recorded(settings: Mapping[str, Any], name: str) -> Any:
     """A retrain setting the sweep recorded: at the top level, or in the recipe it recorded whole
     (``None`` where neither holds it, as in settings from before the recipe was kept)."""
     return settings.get(name, ((settings.get("retrain") or {}).get("recipe") or {}).get(name))
+
+
+def _retrain_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The sweep's :data:`~shiftcost.forecast.forecaster.EPOCH_SETTINGS`: a recipe recorded whole
+    without a training step trained on plain cross-entropy (``NO_TRAIN_STEP``)."""
+    from shiftcost.forecast.forecaster import EPOCH_SETTINGS, NO_TRAIN_STEP
+
+    recorded = {name: _recorded(settings, name) for name in EPOCH_SETTINGS}
+    if "train_step" in ((settings.get("retrain") or {}).get("recipe") or {}):
+        recorded["train_step"] = recorded["train_step"] or NO_TRAIN_STEP
+    return recorded
 
 
 def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:

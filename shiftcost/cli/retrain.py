@@ -206,7 +206,8 @@ def _budget_guard(
     from shiftcost.retrain import _evaluate
 
     forecaster = Forecaster.load(cost_model)
-    forecaster.check_retrain(config, "this retrain (its recipe options and file, and the model file's recipe)")
+    has_reference = ref_x is not None and ref_y is not None
+    forecaster.check_retrain(config, "this retrain (its recipe options and file, and the model file's recipe)", reference_available=has_reference)
     note = _thread_mismatch(forecaster.energy_rate, device)
     if note:
         make_console(stderr=True).print(note, style="yellow")
@@ -225,7 +226,7 @@ def _budget_guard(
     if ceiling is None:
         raise InputError("the budget guard needs the reference accuracy: give --reference, --reference-accuracy or --reference-stats.")
     protocol.check_above_chance(ceiling, spec.num_classes, config.cutoff.tolerance, "the reference")
-    replay = config.recipe.replay_with(ref_x is not None and ref_y is not None)
+    replay = config.recipe.replay_with(has_reference)
     guard = BudgetGuard(
         forecaster, budget_kwh=float(budget_kwh), batch_samples=len(new.y), ceiling=ceiling, features=features,
         holdout_fraction=config.cutoff.holdout_fraction, replay_fraction=replay, reference_samples=0 if ref_x is None else len(ref_x),

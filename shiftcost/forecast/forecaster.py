@@ -79,8 +79,14 @@ STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
 #: few points of what the measurement allows.
 STAGE1_DEFAULT: tuple[str, ...] = ("curve_log_epochs",)
 #: Retrain settings that change epochs to the cutoff (``RetrainConfig`` flat names): calibration
-#: records them, and a forecast is refused for retrains that do not share them.
-EPOCH_SETTINGS: tuple[str, ...] = ("batch_size", "lr", "optimizer", "weight_decay", "freeze_batchnorm", "tolerance", "holdout_fraction")
+#: records them, and a forecast is refused for retrains that do not share them. ``replay_fraction``
+#: is the share a run replays (the recipe's, or its default where reference data is at hand), and
+#: ``train_step`` is :data:`NO_TRAIN_STEP` for the plain cross-entropy step.
+EPOCH_SETTINGS: tuple[str, ...] = (
+    "batch_size", "lr", "optimizer", "weight_decay", "freeze_batchnorm", "tolerance", "holdout_fraction", "schedule", "augment",
+    "replay_fraction", "train_step",
+)
+NO_TRAIN_STEP = "none"
 #: The probe settings a calibration records and every later probe repeats.
 PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum")
 #: The probe's training settings that must match calibration's probes (the rest only size it).
@@ -531,20 +537,24 @@ class Forecaster:
                 "Forecaster.probe_options() so its curve is the kind the forecast was fitted on."
             )
 
-    def check_retrain(self, config: Any, where: str) -> None:
+    def check_retrain(self, config: Any, where: str, *, reference_available: bool = True) -> None:
         """Refuse to forecast retrains whose recipe or cutoff differs from what calibration measured.
 
         ``config`` is the :class:`~shiftcost.recipe.RetrainConfig` of the retrains to forecast;
-        ``where`` names them in the sentence. Epochs to the cutoff are not a property of the
-        shift alone: on the digits CNN the same batches took 1.5 to 2.2 times the epochs at
-        batch 128 as at 64, and 0.66 to 2 times at 32, neither the same epochs nor the same
-        steps, so no conversion is safe. Settings calibration did not record are not checked.
+        ``where`` names them in the sentence; ``reference_available``: whether they get labelled
+        reference data, which a recipe without a replay share replays by default. Epochs to the
+        cutoff are not a property of the shift alone: on the digits CNN the same batches took 1.5
+        to 2.2 times the epochs at batch 128 as at 64, and 0.66 to 2 times at 32, neither the same
+        epochs nor the same steps, so no conversion is safe. Settings calibration did not record
+        are not checked.
         """
-        differ = _differences(self.retrain_settings, lambda name: _epoch_setting(config, name))
+        differ = _differences(self.retrain_settings, lambda name: _epoch_setting(config, name, reference_available))
         if differ:
+            unreplayed = not reference_available and any(d.startswith("replay_fraction ") for d in differ)
             raise ConfigError(
                 f"the cost model was calibrated on retrains with {', '.join(differ)}, not what {where} uses; epochs to the cutoff "
-                "change with these settings, so recalibrate with them or retrain with the calibrated ones."
+                "change with these settings, so recalibrate with them or retrain with the calibrated ones"
+                + (" (replaying needs the labelled reference data)." if unreplayed else ".")
             )
 
     def to_json(self) -> str:
@@ -685,6 +695,12 @@ def _differences(calibrated: Mapping[str, Any], actual: Any) -> list[str]:
     return differ
 
 
-def _epoch_setting(config: Any, name: str) -> Any:
-    """One of :data:`EPOCH_SETTINGS` read from a ``RetrainConfig``."""
+def _epoch_setting(config: Any, name: str, reference_available: bool) -> Any:
+    """One of :data:`EPOCH_SETTINGS` read from a ``RetrainConfig``, as calibration records it."""
+    if name == "replay_fraction":
+        return config.recipe.replay_with(reference_available)
+    if name == "train_step":
+        return config.recipe.train_step or NO_TRAIN_STEP
+    if name == "augment":
+        return list(config.recipe.augment)
     return getattr(config.cutoff if name in ("tolerance", "holdout_fraction") else config.recipe, name)

@@ -253,6 +253,14 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
         "--reference-stats", str(cal / "reference.safetensors"), "--cost-model", str(cal / "forecaster.json"),
         "--budget-kwh", "1", "--no-energy", "--max-epochs", "1", "--device", "cpu",
     ]
+    # Calibration replayed half of each epoch from the labelled reference, as the default recipe
+    # does when it has one; a retrain without it would replay nothing and take other epochs.
+    unreplayed = shiftcost(*common, "--lr", "0.01", "--out", str(files / "unreplayed.safetensors"), cwd=files)
+    refused = " ".join(unreplayed.stderr.split())
+    assert unreplayed.returncode == 2 and "replay_fraction 0.5 (here 0.0)" in refused and "replaying needs the labelled reference data" in refused
+    assert "Traceback" not in refused
+    assert not (files / "unreplayed.safetensors").exists()
+    common += ["--reference", str(files / "reference.npz")]
     same = shiftcost(*common, "--lr", "0.01", "--out", str(files / "same.safetensors"), "--json", cwd=files)
     assert same.returncode in (0, 3), same.stderr
     assert json.loads(same.stdout)["status"] in ("reached", "already_met", "cap_reached")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -395,23 +396,32 @@ def test_a_forecast_is_refused_for_retrains_unlike_the_calibrated_ones(tmp_path)
 
     calibrated = {
         "batch_size": 32, "lr": 3e-3, "optimizer": "sgd", "weight_decay": 0.01, "freeze_batchnorm": False, "tolerance": 0.02,
-        "holdout_fraction": 0.3,
+        "holdout_fraction": 0.3, "schedule": "cosine", "augment": ["RandomHorizontalFlip"], "replay_fraction": 0.25,
     }
     same = RetrainConfig().replace(**calibrated)
     # What a sweep records is what its forecaster keeps, through a file too; the recipe's own
     # settings come from the recipe the sweep recorded whole.
-    recorded = {name: calibrated[name] for name in ("batch_size", "lr", "optimizer", "tolerance", "holdout_fraction")}
+    recorded = {name: calibrated[name] for name in ("batch_size", "lr", "optimizer", "tolerance", "holdout_fraction", "replay_fraction")}
     result = analyse(_synthetic_rows(), settings=recorded | {"probe_steps": 0, "retrain": same.to_dict()}, features=["resque_dist"])
-    assert result.forecaster.retrain_settings == calibrated
+    assert result.forecaster.retrain_settings == calibrated | {"train_step": "none"}
     loaded = Forecaster.load(result.forecaster.save(tmp_path / "forecaster.json"))
     loaded.check_retrain(same, "this retrain")
     changes = (
         ("batch_size", 64), ("lr", 1e-3), ("optimizer", "adam"), ("weight_decay", 0.0), ("freeze_batchnorm", True),
-        ("tolerance", 0.05), ("holdout_fraction", 0.2),
+        ("tolerance", 0.05), ("holdout_fraction", 0.2), ("schedule", "constant"), ("augment", []), ("replay_fraction", 0.5),
     )
     for name, other in changes:
-        with pytest.raises(ConfigError, match=rf"{name} {calibrated[name]} \(here {other}\), not what this retrain uses"):
+        with pytest.raises(ConfigError, match=rf"{name} {re.escape(str(calibrated[name]))} \(here {re.escape(str(other))}\), not what this retrain uses"):
             loaded.check_retrain(same.replace(**{name: other}), "this retrain")
+    with pytest.raises(ConfigError, match=r"train_step none \(here tests.forecast.test_forecaster:step\)"):
+        loaded.check_retrain(same.replace(train_step="tests.forecast.test_forecaster:step"), "this retrain")
+
+    # A recipe that leaves the replay share to its default replays only where reference data is given.
+    default_settings = {"probe_steps": 0, "replay_fraction": RetrainConfig().recipe.replay_with(True), "retrain": RetrainConfig().to_dict()}
+    by_default = analyse(_synthetic_rows(), settings=default_settings, features=["resque_dist"])
+    by_default.forecaster.check_retrain(RetrainConfig(), "this retrain", reference_available=True)
+    with pytest.raises(ConfigError, match=r"replay_fraction 0.5 \(here 0.0\)"):
+        by_default.forecaster.check_retrain(RetrainConfig(), "this retrain", reference_available=False)
 
 
 def test_later_probes_repeat_the_calibrated_probe_and_a_probe_at_another_rate_is_refused(tmp_path) -> None:
