@@ -181,6 +181,26 @@ def test_same_seed_same_run_and_caller_state_untouched() -> None:
     assert other.holdout_indices != a.holdout_indices
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_same_seed_same_run_on_cuda_with_a_convolutional_model() -> None:
+    from shiftcost.data.models import build_model
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(512, 3, 32, 32, generator=g)
+    y = (x[:, 0].mean(dim=(1, 2)) > x[:, 1].mean(dim=(1, 2))).long()
+    torch.manual_seed(0)
+    model, _ = build_model("resnet18", 2, in_channels=3, image_size=32)
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    runs = [
+        retrain_to_cutoff(model, x, y, target_accuracy=1.0, max_steps=40, eval_every=5, batch_size=64, seed=7, track_energy=False, device="cuda")
+        for _ in range(2)
+    ]
+    a, b = runs
+    assert [(p.step, p.accuracy, p.loss) for p in a.curve] == [(p.step, p.accuracy, p.loss) for p in b.curve]
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == flags
+
+
 def test_a_fixed_holdout_seed_judges_every_seed_on_the_same_samples() -> None:
     x, y, _ = separable(n=200, seed=3)
     torch.manual_seed(0)

@@ -220,7 +220,10 @@ def test_perspective_moves_each_corner_inward_and_keeps_lines_straight(digits, s
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", KINDS)
-def test_output_does_not_depend_on_the_device(digits, kind):
+def test_output_does_not_depend_on_the_device(digits, kind, monkeypatch):
+    # TF32 convolutions, cuDNN's default on Ampere and later, keep 10 mantissa bits: the blur
+    # would differ by ~1e-3 for that alone. The property is about the corruption's arithmetic.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     cpu = corrupt(digits, kind, _strongest(kind), seed=3)
     gpu = corrupt(digits.cuda(), kind, _strongest(kind), seed=3).cpu()
     assert torch.allclose(cpu, gpu, atol=1e-5)

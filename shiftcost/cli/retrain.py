@@ -222,7 +222,7 @@ def _budget_guard(
         features = {n: float(getattr(report, n)) for n in forecaster.stage0.features_ if getattr(report, n, None) is not None}
         ceiling = ceiling if ceiling is not None else stats.accuracy
     if ceiling is None and ref_x is not None:
-        ceiling, _ = _evaluate(net, ref_x, ref_y, torch.device("cpu"), 512)
+        ceiling, _ = _evaluate(net, ref_x, ref_y, next(net.parameters()).device, 512)
     if ceiling is None:
         raise InputError("the budget guard needs the reference accuracy: give --reference, --reference-accuracy or --reference-stats.")
     protocol.check_above_chance(ceiling, spec.num_classes, config.cutoff.tolerance, "the reference")

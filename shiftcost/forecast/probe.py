@@ -291,7 +291,7 @@ def _walk(
     dev: torch.device,
 ) -> _Walk:
     """The probe's steps, with a held-out evaluation before the first and after every one."""
-    from shiftcost.retrain import _evaluate, _fork_rng_devices
+    from shiftcost.retrain import _evaluate, _seeded
 
     x_train, y_train = train
     shuffle = torch.Generator().manual_seed(seed)
@@ -302,8 +302,7 @@ def _walk(
         walk.accuracy.append(acc), walk.loss.append(loss), walk.epochs.append(walk.steps / retrain_steps_per_epoch)
         walk.evaluated += len(hold[0])
 
-    with torch.random.fork_rng(devices=_fork_rng_devices(dev)):
-        torch.manual_seed(seed)
+    with _seeded(seed, dev):
         # Batch-norm statistics follow the probe's batches even where the recipe keeps them frozen
         # in retrains: how much re-estimated statistics recover says how hard the shift is. On the
         # built-in kinds with the retrains' statistics frozen (forecast_selection.py --windows 3

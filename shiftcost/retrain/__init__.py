@@ -28,8 +28,8 @@ from shiftcost.retrain.results import STATUSES, EvalPoint, ProbeResult, RetrainE
 
 # The building blocks stay importable from here, where the forecast probe and tests take them.
 from shiftcost.retrain.training import (  # noqa: F401
-    _batches, _check_logits, _check_xy, _evaluate, _fork_rng_devices, _holdout_split, _make_optimizer, _make_schedule,
-    _param_change, _train_mode, _trainable,
+    _batches, _check_logits, _check_xy, _evaluate, _holdout_split, _make_optimizer, _make_schedule,
+    _param_change, _seeded, _train_mode, _trainable,
 )
 
 __all__ = [

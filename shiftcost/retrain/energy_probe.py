@@ -16,7 +16,7 @@ from shiftcost.errors import ConfigError, InputError
 from shiftcost.index.capture import resolve_device
 from shiftcost.recipe import Recipe
 from shiftcost.retrain.results import ProbeResult
-from shiftcost.retrain.training import _batches, _check_logits, _check_xy, _fork_rng_devices, _make_optimizer, _trainable
+from shiftcost.retrain.training import _batches, _check_logits, _check_xy, _make_optimizer, _seeded, _trainable
 
 
 @dataclass
@@ -127,8 +127,7 @@ def probe_joules_per_sample_epoch(
         F.cross_entropy(work(x_dev[idx]), y_dev[idx]).backward()
         optim.step()
 
-    with torch.random.fork_rng(devices=_fork_rng_devices(dev)):
-        torch.manual_seed(seed)
+    with _seeded(seed, dev):
         for idx in _batches(samples, batch_size, gen)[:warmup_steps]:
             step(idx.to(dev))
         _sync(dev)

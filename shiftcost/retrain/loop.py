@@ -20,8 +20,8 @@ from shiftcost.index.capture import resolve_device
 from shiftcost.recipe import Recipe, RetrainConfig, build_augmentation, load_entry_point, pool_samples
 from shiftcost.retrain.results import EvalPoint, RetrainError, RetrainInterrupted, RetrainResult
 from shiftcost.retrain.training import (
-    _batches, _check_logits, _check_xy, _evaluate, _fork_rng_devices, _holdout_split, _make_optimizer, _make_schedule,
-    _param_change, _train_mode, _trainable,
+    _batches, _check_logits, _check_xy, _evaluate, _holdout_split, _make_optimizer, _make_schedule,
+    _param_change, _seeded, _train_mode, _trainable,
 )
 
 #: What a ``progress`` callback may return: ``None`` to go on, or a sentence saying why
@@ -206,8 +206,7 @@ class _CutoffRun:
         tally = self.tally
         try:
             self.t_zero = time.perf_counter()
-            with torch.random.fork_rng(devices=_fork_rng_devices(self.dev)):
-                torch.manual_seed(self.cfg.seed)  # dropout, augmentation and other randomness
+            with _seeded(self.cfg.seed, self.dev):  # dropout, augmentation and other randomness
                 _train_mode(self.work, self.cfg.recipe.freeze_batchnorm)
                 measured.status = self.run()
         except BaseException as exc:  # noqa: BLE001 - every failure must keep its partial cost

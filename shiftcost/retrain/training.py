@@ -4,6 +4,8 @@ optimizer and schedule, evaluation and the parameter change."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -142,6 +144,22 @@ def _fork_rng_devices(device: torch.device) -> list[int]:
     if device.type == "cuda":
         return [device.index if device.index is not None else torch.cuda.current_device()]
     return []
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """The block under ``seed``, the caller's random state untouched. cuDNN's deterministic
+    kernels too: its default weight-gradient kernels differ run to run, so the same seed on
+    CUDA would not give the same steps."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    with torch.random.fork_rng(devices=_fork_rng_devices(device)):
+        torch.manual_seed(seed)
+        cudnn.deterministic, cudnn.benchmark = True, False
+        try:
+            yield
+        finally:
+            cudnn.deterministic, cudnn.benchmark = saved
 
 
 def _train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
