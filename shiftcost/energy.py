@@ -476,7 +476,9 @@ class HostEnergyRate:
     median. Evaluations count, so a retrain that needed no training is priced at its one
     evaluation and its overhead, never at 0 kWh. ``threads`` is the torch CPU thread count
     the runs trained at: on a CPU, CodeCarbon's load model prices the same work differently
-    at another count (30% more at two threads than at one on a 2-core machine).
+    at another count (30% more at two threads than at one on a 2-core machine). ``device`` is
+    the kind of device they trained on (``cpu`` or ``cuda``): a rate does not carry from one
+    to the other.
     """
 
     joules_per_sample: float
@@ -485,6 +487,7 @@ class HostEnergyRate:
     hardware: str | None = None
     overhead_joules: float = 0.0
     threads: int | None = None
+    device: str | None = None
 
     def kwh(self, samples_trained: float, samples_evaluated: float) -> float:
         """Estimated energy of one measured run training on and evaluating that many samples."""
@@ -493,6 +496,14 @@ class HostEnergyRate:
     def marginal_kwh(self, samples_trained: float, samples_evaluated: float) -> float:
         """Estimated energy of that much more work in a run already under way (its overhead already paid)."""
         return self.joules_per_sample * (samples_trained + EVAL_SAMPLE_WEIGHT * samples_evaluated) / KWH_TO_JOULES
+
+    def device_mismatch(self, device: str) -> str | None:
+        """Why a run on ``device`` (``cpu``, ``cuda`` or ``cuda:N``) is not priced by this rate; None when the kinds match or the rate records none."""
+        kind = device.split(":")[0]
+        if self.device is None or self.device == kind:
+            return None
+        on = self.device if self.hardware is None else f"{self.device} ({self.hardware})"
+        return f"the energy rate was measured on {on} and this retrain runs on {kind}; the kWh it is priced and guarded by do not hold there"
 
     def thread_mismatch(self, threads: int) -> str | None:
         """Why a CPU run at ``threads`` torch threads may cost another kWh than this rate says; None when the counts match or the rate records none."""
@@ -508,10 +519,12 @@ class HostEnergyRate:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HostEnergyRate":
-        return cls(**{k: data[k] for k in ("joules_per_sample", "spread", "runs", "hardware", "overhead_joules", "threads") if k in data})
+        return cls(**{k: data[k] for k in ("joules_per_sample", "spread", "runs", "hardware", "overhead_joules", "threads", "device") if k in data})
 
     @classmethod
-    def fit(cls, runs: Any, hardware: str | None = None, method: str = "per_run_overhead", threads: int | None = None) -> "HostEnergyRate":
+    def fit(
+        cls, runs: Any, hardware: str | None = None, method: str = "per_run_overhead", threads: int | None = None, device: str | None = None
+    ) -> "HostEnergyRate":
         """From ``(energy_kwh, samples_trained, samples_evaluated)`` triples of measured runs.
 
         ``method="median_ratio"`` skips the overhead (the median of ``joules / work``); it
@@ -537,13 +550,14 @@ class HostEnergyRate:
         ratios = joules / (overhead + rate * work)
         spread = float(np.median(np.abs(ratios - np.median(ratios))) / np.median(ratios))
         return cls(
-            joules_per_sample=rate, spread=spread, runs=len(points), hardware=hardware, overhead_joules=overhead, threads=threads
+            joules_per_sample=rate, spread=spread, runs=len(points), hardware=hardware, overhead_joules=overhead, threads=threads,
+            device=device,
         )
 
     def refit(self, runs: Any) -> "HostEnergyRate":
         """A new rate from these runs; this one is kept when none of them was measured."""
         try:
-            return HostEnergyRate.fit(runs, hardware=self.hardware, threads=self.threads)
+            return HostEnergyRate.fit(runs, hardware=self.hardware, threads=self.threads, device=self.device)
         except EnergyMeasurementError:
             return self
 

@@ -642,4 +642,4 @@ def test_the_host_rate_counts_the_clean_batch_once() -> None:
     copies = [clean | {"corruption": kind, "copy_of": clean["corruption"]} for kind in {r["corruption"] for r in rows} - {clean["corruption"]}]
     result = analyse([clean, *rows, *copies], settings={"max_epochs": 15.0, "batch_size": 16, "threads": 3}, features=list(INDEX))
     once = [run_work(r["runs"][0]) for r in (clean, *rows)]
-    assert result.forecaster.energy_rate == HostEnergyRate.fit(once, hardware=None, threads=3)
+    assert result.forecaster.energy_rate == HostEnergyRate.fit(once, hardware=None, threads=3, device="cpu")

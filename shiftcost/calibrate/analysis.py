@@ -135,11 +135,13 @@ def _fit_forecaster(
 
     # The clean batch is measured once and copied under every kind; its runs count once.
     runs = [run_work(run) for row in usable if not row.get("copy_of") for run in row.get("runs", [])]
-    hardware = next((run["energy"].get("cpu_model") for row in usable for run in row.get("runs", []) if run.get("energy")), None)
-    # A sweep without its own thread count ran at torch's default, which this process still has.
+    # A sweep without its own device or thread count ran on the CPU at torch's default, which this process still has.
+    device = str(settings.get("device") or "cpu").split(":")[0]
+    meter = "gpu_model" if device == "cuda" else "cpu_model"
+    hardware = next((run["energy"].get(meter) for row in usable for run in row.get("runs", []) if run.get("energy")), None)
     threads = int(settings.get("threads") or torch.get_num_threads())
     try:
-        rate = HostEnergyRate.fit(runs, hardware=hardware, threads=threads)
+        rate = HostEnergyRate.fit(runs, hardware=hardware, threads=threads, device=device)
     except Exception:  # noqa: BLE001 - no measured energy: epochs are still forecast
         rate = None
     try:

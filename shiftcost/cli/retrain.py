@@ -208,7 +208,7 @@ def _budget_guard(
     forecaster = Forecaster.load(cost_model)
     has_reference = ref_x is not None and ref_y is not None
     forecaster.check_retrain(config, "this retrain (its recipe options and file, and the model file's recipe)", reference_available=has_reference)
-    note = _thread_mismatch(forecaster.energy_rate, device)
+    note = _rate_mismatch(forecaster.energy_rate, device)
     if note:
         make_console(stderr=True).print(note, style="yellow")
     features = None
@@ -246,17 +246,20 @@ def _budget_guard(
     return guard
 
 
-def _thread_mismatch(rate: Any, device: str) -> str | None:
-    """Why a CPU retrain's kWh may be off the rate's estimate, and what to do about it."""
+def _rate_mismatch(rate: Any, device: str) -> str | None:
+    """Why this retrain's kWh may be off the rate's estimate (another kind of device, or on a
+    CPU another thread count), and what to do about it."""
     import torch
 
     from shiftcost.index.capture import resolve_device
 
-    here = torch.get_num_threads()
-    if rate is None or resolve_device(device).type != "cpu":
+    if rate is None:
         return None
-    mismatch = rate.thread_mismatch(here)
-    return None if mismatch is None else f"{mismatch[0].upper()}{mismatch[1:]}: calibrate with --threads {here} to match."
+    kind, here = resolve_device(device).type, torch.get_num_threads()
+    mismatch, remedy = rate.device_mismatch(kind), f"--device {kind}"
+    if mismatch is None and kind == "cpu":
+        mismatch, remedy = rate.thread_mismatch(here), f"--threads {here}"
+    return None if mismatch is None else f"{mismatch[0].upper()}{mismatch[1:]}: calibrate with {remedy} to match."
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:

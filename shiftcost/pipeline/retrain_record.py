@@ -133,7 +133,7 @@ def record_retrain_success(
     job = inputs.job
     assert result.energy is not None
     kwh, co2 = result.energy.energy_kwh, result.energy.emissions_kg
-    notes = list(notes or []) + _priced_at_other_threads(inputs, result)
+    notes = list(notes or []) + _rate_mismatch_notes(inputs, result)
     stopped = result.status == RetrainStatus.STOPPED_BY_BUDGET
     if stopped:
         notes.append(f"stopped by the budget guard: {result.stop_reason}")
@@ -186,10 +186,16 @@ def record_retrain_success(
     )
 
 
-def _priced_at_other_threads(inputs: RetrainInputs, result: RetrainResult) -> list[str]:
-    """The rate that priced and guarded a CPU run, when it was fitted at another torch thread count."""
+def _rate_mismatch_notes(inputs: RetrainInputs, result: RetrainResult) -> list[str]:
+    """The rate that priced and guarded the run, when it was fitted on another kind of device or,
+    for a CPU run, at another torch thread count."""
     rate = None if inputs.forecaster is None else inputs.forecaster.energy_rate
-    if rate is None or not result.device.startswith("cpu"):
+    if rate is None:
+        return []
+    mismatch = rate.device_mismatch(result.device)
+    if mismatch is not None:
+        return [f"{mismatch}; calibrate on the workers' device"]
+    if not result.device.startswith("cpu"):
         return []
     mismatch = rate.thread_mismatch(_trained_threads(result))
     return [] if mismatch is None else [f"{mismatch}; run the workers at {rate.threads} thread(s) or calibrate at theirs"]

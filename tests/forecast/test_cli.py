@@ -148,6 +148,23 @@ def test_a_retrain_at_another_thread_count_than_the_rate_says_so(files) -> None:
     assert "--threads 1" in done.stderr
 
 
+def test_a_retrain_on_another_kind_of_device_than_the_rate_says_so(files) -> None:
+    import dataclasses
+
+    forecaster = fitted_forecaster()
+    forecaster.energy_rate = dataclasses.replace(forecaster.energy_rate, device="cuda", hardware="1 x NVIDIA H200", threads=64)
+    forecaster.save(files / "forecaster-cuda.json")
+    done = shiftcost(
+        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(files / "d.safetensors"),
+        "--reference-accuracy", "0.97", "--budget-kwh", "60", "--batch-size", "16", "--no-energy", "--json",
+        "--cost-model", str(files / "forecaster-cuda.json"), "--device", "cpu", cwd=files,
+    )
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 4, done.stderr
+    assert "measured on cuda (1 x NVIDIA H200) and this retrain runs on cpu" in said and "calibrate with --device cpu" in said
+    assert "torch thread" not in said  # the device is what differs first
+
+
 def test_the_guard_prices_each_epoch_at_the_pool_with_its_replayed_reference_samples(files) -> None:
     # A guard that left the replayed samples out would price the rest of the run too low and stop too late.
     done = shiftcost(

@@ -244,6 +244,19 @@ def test_host_energy_rate_separates_a_run_overhead_from_the_rate_and_ignores_out
     assert HostEnergyRate.from_dict(rate.to_dict()) == rate
 
 
+def test_a_rate_is_not_carried_to_another_kind_of_device() -> None:
+    rate = HostEnergyRate(1e-3, 0.1, 9, hardware="1 x NVIDIA H200", threads=1, device="cuda")
+    assert HostEnergyRate.from_dict(rate.to_dict()) == rate
+    assert rate.device_mismatch("cuda") is None and rate.device_mismatch("cuda:1") is None
+    assert rate.device_mismatch("cpu") == (
+        "the energy rate was measured on cuda (1 x NVIDIA H200) and this retrain runs on cpu; the kWh it is priced and guarded by do not hold there"
+    )
+    # Rates from before the device was recorded, and the refit of one, stay silent and keep it.
+    assert HostEnergyRate(1e-3, 0.1, 9).device_mismatch("cpu") is None
+    refitted = rate.refit([(1e-6, 1000, 300), (2e-6, 2000, 300), (4e-6, 4000, 300)])
+    assert refitted.device == "cuda" and refitted.joules_per_sample != rate.joules_per_sample
+
+
 @given(
     st.lists(st.tuples(st.integers(0, 20000), st.integers(1, 3000), st.floats(0.5, 2.0)), min_size=3, max_size=12),
     st.floats(0.0, 5.0),
