@@ -2,7 +2,7 @@
 
 Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shufflenet_v2_x0_5]
        [--calibration-intensities 4] [--seeds 2] [--noise-seeds 4] [--bootstrap 1000] [--json out.json]
-       [--kind-set original|fresh|third|fourth] [--seed-offset 0]
+       [--kind-set original|fresh|third|fourth] [--seed-offset 0] [--device cpu]
        python benchmarks/forecast_accuracy.py --combine a.json,b.json [--bootstrap 1000]
 
 For each architecture (the demo CNN, and torchvision's shufflenet_v2_x0_5 at 16x16, which
@@ -99,7 +99,8 @@ def build_arch(arch: str, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def calibrate(
-    model: Any, spec: Any, splits: dict[str, Any], reference_stats: Any, intensities: int, seed: int = 0, probe_steps: int = PROBE_STEPS
+    model: Any, spec: Any, splits: dict[str, Any], reference_stats: Any, intensities: int, seed: int = 0, probe_steps: int = PROBE_STEPS,
+    device: str = "cpu",
 ) -> Any:
     """The calibration sweep on the built-in kinds only (never the evaluation kinds); ``seed``
     sets its corruptions, held-out splits and shuffling."""
@@ -108,7 +109,7 @@ def calibrate(
     sweep = {kind: _subset(values, intensities) for kind, values in DEFAULT_SWEEP.items()}
     assert not set(sweep) & {k for kinds in KIND_SETS.values() for k in kinds}, "evaluation kinds must never enter calibration"
     return run_sweep(
-        model, spec, *splits["holdout"], *splits["stream"], sweep=sweep, seed=seed, repeats=1, probe=False, device="cpu",
+        model, spec, *splits["holdout"], *splits["stream"], sweep=sweep, seed=seed, repeats=1, probe=False, device=device,
         threads=1, reference_stats=reference_stats, energy_options={"measure_power_secs": 0.5}, level=LEVEL,
         probe_steps=probe_steps,
     )
@@ -122,12 +123,12 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     model, spec, splits = build_arch(arch)
     ref_x, ref_y = splits["holdout"]
     new_x, new_y = splits["stream"]
-    stats = compute_reference_stats(model, spec, ref_x, ref_y, device="cpu", seed=0)
+    stats = compute_reference_stats(model, spec, ref_x, ref_y, device=args.device, seed=0)
     ceiling = stats.accuracy
     target = ceiling - TOLERANCE
     protocol.check_above_chance(ceiling, spec.num_classes, TOLERANCE, f"{arch}'s reference split")
     t0 = time.perf_counter()
-    sweep = calibrate(model, spec, splits, stats, args.calibration_intensities, seed=args.seed_offset)
+    sweep = calibrate(model, spec, splits, stats, args.calibration_intensities, seed=args.seed_offset, device=args.device)
     calibration_s = time.perf_counter() - t0
     forecaster = sweep.forecaster
     if forecaster is None or forecaster.stage1 is None:
@@ -152,15 +153,15 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     for kind, intensities in kinds.items():
         for intensity in intensities:
             shifted = eval_corrupt(new_x, kind, intensity, seed=args.seed_offset)
-            report = assess(model, spec, stats, shifted, new_y, device="cpu")
+            report = assess(model, spec, stats, shifted, new_y, device=args.device)
             features = {k: float(getattr(report, k)) for k in COST_FEATURES}
             stage0 = forecaster.predict(features)
             for seed in range(args.seed_offset, args.seed_offset + args.seeds):
-                probe = _probe(model, shifted, new_y, target, ceiling, seed, host_rate, forecaster.probe_options())
+                probe = _probe(model, shifted, new_y, target, ceiling, seed, host_rate, forecaster.probe_options(), args.device)
                 stage1 = forecaster.predict(features, probe=probe)
                 run = retrain_to_cutoff(
                     model, shifted, new_y, seed=seed, reference_accuracy=ceiling, tolerance=TOLERANCE,
-                    holdout_fraction=protocol.HOLDOUT_FRACTION, max_epochs=protocol.MAX_EPOCHS, track_energy=False, device="cpu",
+                    holdout_fraction=protocol.HOLDOUT_FRACTION, max_epochs=protocol.MAX_EPOCHS, track_energy=False, device=args.device,
                     **TRAINING_RECIPE,
                 )
                 record = {
@@ -187,7 +188,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                 )
     scoring_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    noise = noise_floor(model, new_x, new_y, ceiling, args.noise_seeds, kinds) if args.noise_seeds > 1 else None
+    noise = noise_floor(model, new_x, new_y, ceiling, args.noise_seeds, kinds, args.device) if args.noise_seeds > 1 else None
     noise_s = time.perf_counter() - t0
     return {
         "arch": arch,
@@ -209,13 +210,15 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _probe(model: Any, x: Any, y: Any, target: float, ceiling: float, seed: int, rate: Any, options: dict[str, Any]) -> Any:
+def _probe(
+    model: Any, x: Any, y: Any, target: float, ceiling: float, seed: int, rate: Any, options: dict[str, Any], device: str
+) -> Any:
     """The probe as calibration ran it (``options``), measured with CodeCarbon as retrains are,
     and estimated through the host's rate."""
     from shiftcost.forecast.probe import run_probe
 
     return run_probe(
-        model, x, y, target_accuracy=target, ceiling=ceiling, seed=seed, device="cpu", track_energy=True,
+        model, x, y, target_accuracy=target, ceiling=ceiling, seed=seed, device=device, track_energy=True,
         energy_options={"measure_power_secs": 0.5}, energy_rate=rate, **options,
     )
 
@@ -423,7 +426,9 @@ def probe_cost(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def noise_floor(model: Any, x: Any, y: Any, ceiling: float, seeds: int, kinds: dict[str, tuple[float, ...]]) -> dict[str, Any]:
+def noise_floor(
+    model: Any, x: Any, y: Any, ceiling: float, seeds: int, kinds: dict[str, tuple[float, ...]], device: str = "cpu"
+) -> dict[str, Any]:
     """One batch per evaluation kind (middle intensity), ``seeds`` retrains, under the latest
     evaluation alone deciding the cutoff (window 1), the mean of two, and the chosen window
     (chosen on the built-in kinds by ``forecast_selection.py``; reported here, not chosen);
@@ -433,15 +438,17 @@ def noise_floor(model: Any, x: Any, y: Any, ceiling: float, seeds: int, kinds: d
     chosen = protocol.CUTOFF_WINDOW
     for window in sorted({1, 2, chosen}):
         protocol.CUTOFF_WINDOW = window
-        out[f"cutoff_window_{window}"] = seed_spread(model, batches, y, ceiling, seeds)
+        out[f"cutoff_window_{window}"] = seed_spread(model, batches, y, ceiling, seeds, device=device)
     protocol.CUTOFF_WINDOW = chosen
     # The probe sees the held-out split the retrain will be judged on (same seed): the part of
     # the floor left when only the training differs is the part such a forecast cannot remove.
-    out[f"cutoff_window_{chosen}_holdout_fixed"] = seed_spread(model, batches, y, ceiling, seeds, holdout_seed=100)
+    out[f"cutoff_window_{chosen}_holdout_fixed"] = seed_spread(model, batches, y, ceiling, seeds, holdout_seed=100, device=device)
     return out
 
 
-def seed_spread(model: Any, batches: dict[str, Any], y: Any, ceiling: float, seeds: int, holdout_seed: int | None = None) -> dict[str, Any]:
+def seed_spread(
+    model: Any, batches: dict[str, Any], y: Any, ceiling: float, seeds: int, holdout_seed: int | None = None, device: str = "cpu"
+) -> dict[str, Any]:
     """Epochs to the cutoff of each batch under ``seeds`` retrain seeds: the median CV and the
     leave-one-seed-out MdAPE (the error of forecasting one seed by the mean of the others).
 
@@ -456,7 +463,7 @@ def seed_spread(model: Any, batches: dict[str, Any], y: Any, ceiling: float, see
             retrain_to_cutoff(
                 model, shifted, y, seed=100 + s, reference_accuracy=ceiling, tolerance=TOLERANCE,
                 holdout_fraction=protocol.HOLDOUT_FRACTION, holdout_seed=holdout_seed, max_epochs=protocol.MAX_EPOCHS,
-                track_energy=False, device="cpu", **TRAINING_RECIPE,
+                track_energy=False, device=device, **TRAINING_RECIPE,
             )
             for s in range(seeds)
         ]
@@ -565,6 +572,10 @@ def main() -> None:
             "with the seeds alone"
         ),
     )
+    parser.add_argument(
+        "--device", default="cpu",
+        help="where calibration, probes and retrains run: cpu (the quoted figures), cuda or auto; the base model is trained on the CPU",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--kind-set", choices=sorted(KIND_SETS), default="original",
@@ -587,7 +598,11 @@ def main() -> None:
         result = score_arch(arch, args)
         print_arch(result)
         results.append(result)
-    print(f"\nwall {time.perf_counter() - started:.0f} s; load average at start {load}, at end {os.getloadavg()}; {os.cpu_count()} CPUs")
+    gpu = f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() and args.device != "cpu" else ""
+    print(
+        f"\nwall {time.perf_counter() - started:.0f} s; load average at start {load}, at end {os.getloadavg()}; "
+        f"{os.cpu_count()} CPUs; device {args.device}{gpu}"
+    )
     if args.json:
         for r in results:
             for run in r["runs"]:
