@@ -59,6 +59,9 @@ def forecast(
     if no_probe and probe_steps is not None:
         raise InputError("--probe-steps and --no-probe contradict each other; give one of them.")
     forecaster = Forecaster.load(cost_model)
+    note = rate_mismatch_note(forecaster.energy_rate, device)
+    if note:
+        make_console(stderr=True).print(note, style="yellow")
     net, spec = load_model(model)
     reference = ReferenceStats.load(reference_stats, model=net)
     new = load_batch(batch, spec=spec)
@@ -83,6 +86,22 @@ def forecast(
         typer.echo(json.dumps(payload, indent=2, allow_nan=False))
         return
     _print_forecast(result, forecaster, trajectory)
+
+
+def rate_mismatch_note(rate: Any, device: str) -> str | None:
+    """Why a retrain's kWh on ``device`` may be off the rate's estimate (another kind of device, or on a
+    CPU another thread count), and what to do about it."""
+    import torch
+
+    from shiftcost.index.capture import resolve_device
+
+    if rate is None:
+        return None
+    kind, here = resolve_device(device).type, torch.get_num_threads()
+    mismatch, remedy = rate.device_mismatch(kind), f"--device {kind}"
+    if mismatch is None and kind == "cpu":
+        mismatch, remedy = rate.thread_mismatch(here), f"--threads {here}"
+    return None if mismatch is None else f"{mismatch[0].upper()}{mismatch[1:]}: calibrate with {remedy} to match."
 
 
 def _index_features(net: Any, spec: Any, reference: Any, new: Any, device: str) -> dict[str, float]:

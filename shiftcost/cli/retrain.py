@@ -199,7 +199,7 @@ def _budget_guard(
         raise InputError("the budget guard needs both --cost-model and --budget-kwh; give both or neither.")
     import torch
 
-    from shiftcost.cli.forecast import run_calibrated_probe
+    from shiftcost.cli.forecast import rate_mismatch_note, run_calibrated_probe
     from shiftcost.forecast import protocol
     from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.forecast.guard import BudgetGuard
@@ -208,7 +208,7 @@ def _budget_guard(
     forecaster = Forecaster.load(cost_model)
     has_reference = ref_x is not None and ref_y is not None
     forecaster.check_retrain(config, "this retrain (its recipe options and file, and the model file's recipe)", reference_available=has_reference)
-    note = _rate_mismatch(forecaster.energy_rate, device)
+    note = rate_mismatch_note(forecaster.energy_rate, device)
     if note:
         make_console(stderr=True).print(note, style="yellow")
     features = None
@@ -244,22 +244,6 @@ def _budget_guard(
             guard.spent_before_kwh = guard.probe.cost.estimated_energy_kwh
         guard.initial = forecaster.predict(features, probe=guard.probe, batch_samples=len(new.y))
     return guard
-
-
-def _rate_mismatch(rate: Any, device: str) -> str | None:
-    """Why this retrain's kWh may be off the rate's estimate (another kind of device, or on a
-    CPU another thread count), and what to do about it."""
-    import torch
-
-    from shiftcost.index.capture import resolve_device
-
-    if rate is None:
-        return None
-    kind, here = resolve_device(device).type, torch.get_num_threads()
-    mismatch, remedy = rate.device_mismatch(kind), f"--device {kind}"
-    if mismatch is None and kind == "cpu":
-        mismatch, remedy = rate.thread_mismatch(here), f"--threads {here}"
-    return None if mismatch is None else f"{mismatch[0].upper()}{mismatch[1:]}: calibrate with {remedy} to match."
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:

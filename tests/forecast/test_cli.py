@@ -163,6 +163,11 @@ def test_a_retrain_on_another_kind_of_device_than_the_rate_says_so(files) -> Non
     assert done.returncode == 4, done.stderr
     assert "measured on cuda (1 x NVIDIA H200) and this retrain runs on cpu" in said and "calibrate with --device cpu" in said
     assert "torch thread" not in said  # the device is what differs first
+    args = forecast_args(files, "--no-probe", "--json")
+    args[args.index("--cost-model") + 1] = str(files / "forecaster-cuda.json")
+    forecast = shiftcost(*args, cwd=files)
+    assert forecast.returncode == 0, forecast.stderr
+    assert "measured on cuda (1 x NVIDIA H200)" in " ".join(forecast.stderr.split()) and json.loads(forecast.stdout)["energy_kwh"]
 
 
 def test_the_guard_prices_each_epoch_at_the_pool_with_its_replayed_reference_samples(files) -> None:
