@@ -74,7 +74,7 @@ def _run_measures(result: RetrainResult | None) -> dict[str, Any]:
 
 
 def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult) -> dict[str, Any] | None:
-    """Refit the architecture's energy rate from every finished run that measured energy at this run's torch thread count.
+    """Refit the architecture's energy rate from every finished run that measured energy like this one (:func:`runs_alike`).
 
     The rate (joules per training sample, evaluations weighted by
     ``EVAL_SAMPLE_WEIGHT``, and per run) is a robust line through the runs
@@ -91,12 +91,10 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
     if own[0] is None or own[0] <= 0:
         return None
     architecture = inputs.spec.architecture
-    threads = _trained_threads(result)
+    threads, kind = _trained_threads(result), result.device.split(":")[0]
     earlier = runs.measured_run_details(session, architecture, except_run=inputs.job.run_id)
-    # The rate holds at one thread count; runs recorded before counts were kept are taken to share it.
-    same_threads = [d for d in earlier if d and d.get("torch_threads") in (None, threads)]
-    works = [run_work(details) for details in same_threads] + [own]
-    refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs", threads=threads)
+    works = [run_work(details) for details in runs_alike(earlier, kind, threads)] + [own]
+    refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs", threads=threads, device=kind)
     before = repository.latest_energy_probe(session, architecture)
     estimated = None
     if before is not None:
@@ -184,6 +182,14 @@ def record_retrain_success(
         settled=settled,
         notes=notes,
     )
+
+
+def runs_alike(details: list[Any], device: str, threads: int) -> list[dict[str, Any]]:
+    """The runs (their ``details``) a rate for ``device`` (``cpu`` or ``cuda``) at ``threads``
+    torch threads is fitted on: one kind of device and, on a CPU, one thread count. Runs recorded
+    before either was kept are taken to share it."""
+    alike = [d for d in details if d and str(d.get("device") or device).split(":")[0] == device]
+    return alike if device != "cpu" else [d for d in alike if d.get("torch_threads") in (None, threads)]
 
 
 def _rate_mismatch_notes(inputs: RetrainInputs, result: RetrainResult) -> list[str]:

@@ -133,7 +133,19 @@ def test_a_run_at_another_thread_count_than_its_rate_says_so_and_refits_on_its_o
     expected = f"fitted at {threads} torch thread(s) and this retrain trains at {threads + 1}"
     assert any(expected in note for note in second.details["notes"]), second.details.get("notes")
     # The second refit pools only the runs at its own count: itself.
-    assert [(r["threads"], r["runs"]) for r in refitted] == [(threads, 1), (threads + 1, 1)]
+    assert [(r["threads"], r["runs"], r["device"]) for r in refitted] == [(threads, 1, "cpu"), (threads + 1, 1, "cpu")]
+
+
+def test_a_rate_is_refitted_on_runs_of_its_own_kind_of_device() -> None:
+    from shiftcost.pipeline.retrain_record import runs_alike
+
+    earlier = [
+        {"device": "cpu", "torch_threads": 2}, {"device": "cpu", "torch_threads": 4}, {"device": "cuda:0", "torch_threads": 2},
+        {"device": "cuda:1", "torch_threads": 8}, {"torch_threads": None}, None,
+    ]  # fmt: skip
+    assert runs_alike(earlier, "cpu", 2) == [earlier[0], earlier[4]]
+    # On a GPU the CPU thread count does not set the rate.
+    assert runs_alike(earlier, "cuda", 2) == [earlier[2], earlier[3], earlier[4]]
 
 
 def test_the_guard_prices_the_epochs_still_to_come_at_the_pool_the_run_trains_on_replay_included(guarded_env) -> None:
