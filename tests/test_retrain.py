@@ -135,8 +135,8 @@ def test_parameter_change_and_gradient_norm_match_independent_computation() -> N
     model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 2))
     result = retrain_to_cutoff(model, x, y, target_accuracy=1.0, max_steps=4, eval_every=1, batch_size=16, lr=0.05, track_energy=False)
     before = dict(model.named_parameters())
-    after = dict(result.model.named_parameters())
-    deltas = {name: (after[name].detach().double() - before[name].detach().double()).flatten() for name in before}
+    after = dict(result.model.named_parameters())  # on the run's device: CUDA where there is one
+    deltas = {name: (after[name].detach().cpu().double() - before[name].detach().double()).flatten() for name in before}
     flat = torch.cat(list(deltas.values()))
     assert result.param_change == pytest.approx(float(flat.norm()) / math.sqrt(flat.numel()), rel=1e-9)
     assert result.n_parameters == flat.numel() == 8 * 6 + 6 + 6 * 2 + 2
