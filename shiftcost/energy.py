@@ -514,6 +514,15 @@ class HostEnergyRate:
             "on a CPU the kWh it is priced and guarded by may be tens of percent off"
         )
 
+    def mismatch(self, device: str, threads: int) -> tuple[str, str] | None:
+        """What differs between this rate and a run on ``device`` at ``threads`` torch threads
+        (``"device"``, or on a CPU ``"threads"``) and why it matters; None when nothing does."""
+        why = self.device_mismatch(device)
+        if why is not None:
+            return "device", why
+        why = self.thread_mismatch(threads) if device.split(":")[0] == "cpu" else None
+        return None if why is None else ("threads", why)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -95,13 +95,13 @@ def rate_mismatch_note(rate: Any, device: str) -> str | None:
 
     from shiftcost.index.capture import resolve_device
 
-    if rate is None:
-        return None
     kind, here = resolve_device(device).type, torch.get_num_threads()
-    mismatch, remedy = rate.device_mismatch(kind), f"--device {kind}"
-    if mismatch is None and kind == "cpu":
-        mismatch, remedy = rate.thread_mismatch(here), f"--threads {here}"
-    return None if mismatch is None else f"{mismatch[0].upper()}{mismatch[1:]}: calibrate with {remedy} to match."
+    mismatch = None if rate is None else rate.mismatch(kind, here)
+    if mismatch is None:
+        return None
+    what, why = mismatch
+    remedy = f"--device {kind}" if what == "device" else f"--threads {here}"
+    return f"{why[0].upper()}{why[1:]}: calibrate with {remedy} to match."
 
 
 def _index_features(net: Any, spec: Any, reference: Any, new: Any, device: str) -> dict[str, float]:

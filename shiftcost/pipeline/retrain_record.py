@@ -196,15 +196,12 @@ def _rate_mismatch_notes(inputs: RetrainInputs, result: RetrainResult) -> list[s
     """The rate that priced and guarded the run, when it was fitted on another kind of device or,
     for a CPU run, at another torch thread count."""
     rate = None if inputs.forecaster is None else inputs.forecaster.energy_rate
-    if rate is None:
+    mismatch = None if rate is None else rate.mismatch(result.device, _trained_threads(result))
+    if mismatch is None:
         return []
-    mismatch = rate.device_mismatch(result.device)
-    if mismatch is not None:
-        return [f"{mismatch}; calibrate on the workers' device"]
-    if not result.device.startswith("cpu"):
-        return []
-    mismatch = rate.thread_mismatch(_trained_threads(result))
-    return [] if mismatch is None else [f"{mismatch}; run the workers at {rate.threads} thread(s) or calibrate at theirs"]
+    what, why = mismatch
+    remedy = "calibrate on the workers' device" if what == "device" else f"run the workers at {rate.threads} thread(s) or calibrate at theirs"
+    return [f"{why}; {remedy}"]
 
 
 def _trained_threads(result: RetrainResult) -> int:

@@ -251,6 +251,11 @@ def test_a_rate_is_not_carried_to_another_kind_of_device() -> None:
     assert rate.device_mismatch("cpu") == (
         "the energy rate was measured on cuda (1 x NVIDIA H200) and this retrain runs on cpu; the kWh it is priced and guarded by do not hold there"
     )
+    # The device is named before the thread count, which only a CPU run is priced by.
+    assert rate.mismatch("cpu", 2) == ("device", rate.device_mismatch("cpu"))
+    assert rate.mismatch("cuda:0", 2) is None
+    on_cpu = HostEnergyRate(1e-3, 0.1, 9, threads=1, device="cpu")
+    assert on_cpu.mismatch("cpu", 2) == ("threads", on_cpu.thread_mismatch(2)) and on_cpu.mismatch("cpu", 1) is None
     # Rates from before the device was recorded, and the refit of one, stay silent and keep it.
     assert HostEnergyRate(1e-3, 0.1, 9).device_mismatch("cpu") is None
     refitted = rate.refit([(1e-6, 1000, 300), (2e-6, 2000, 300), (4e-6, 4000, 300)])
