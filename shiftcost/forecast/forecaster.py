@@ -84,8 +84,11 @@ STAGE1_DEFAULT: tuple[str, ...] = ("curve_log_epochs",)
 #: ``train_step`` is :data:`NO_TRAIN_STEP` for the plain cross-entropy step.
 EPOCH_SETTINGS: tuple[str, ...] = (
     "batch_size", "lr", "optimizer", "weight_decay", "freeze_batchnorm", "tolerance", "holdout_fraction", "schedule", "augment",
-    "replay_fraction", "train_step",
+    "replay_fraction", "train_step", "momentum", "step_epochs", "gamma",
 )
+#: Settings that move epochs only under another one's value, and are checked only there: momentum
+#: is SGD's alone (Adam's moments are its own), the period and factor are the step schedule's.
+ONLY_UNDER: dict[str, tuple[str, str]] = {"momentum": ("optimizer", "sgd"), "step_epochs": ("schedule", "step"), "gamma": ("schedule", "step")}
 NO_TRAIN_STEP = "none"
 #: The probe settings a calibration records and every later probe repeats.
 PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum")
@@ -163,7 +166,8 @@ class Forecaster:
         self.energy_rate = energy_rate
         #: The calibration retrains' :data:`EPOCH_SETTINGS` (what is known of them; a plain cost model,
         #: ``batch_size=None``, knows none): forecasts hold for retrains that share them.
-        self.retrain_settings = {k: v for k, v in (retrain_settings or {}).items() if k in EPOCH_SETTINGS and v is not None}
+        known = {k: v for k, v in (retrain_settings or {}).items() if k in EPOCH_SETTINGS and v is not None}
+        self.retrain_settings = {k: v for k, v in known.items() if k not in ONLY_UNDER or known.get(ONLY_UNDER[k][0]) == ONLY_UNDER[k][1]}
         if batch_size is not None:
             self.retrain_settings["batch_size"] = int(batch_size)
         self.batch_size = self.retrain_settings.get("batch_size", 64)

@@ -415,18 +415,21 @@ def test_a_forecast_is_refused_for_retrains_unlike_the_calibrated_ones(tmp_path)
     calibrated = {
         "batch_size": 32, "lr": 3e-3, "optimizer": "sgd", "weight_decay": 0.01, "freeze_batchnorm": False, "tolerance": 0.02,
         "holdout_fraction": 0.3, "schedule": "cosine", "augment": ["RandomHorizontalFlip"], "replay_fraction": 0.25,
+        "momentum": 0.8,
     }
     same = RetrainConfig().replace(**calibrated)
     # What a sweep records is what its forecaster keeps, through a file too; the recipe's own
     # settings come from the recipe the sweep recorded whole.
     recorded = {name: calibrated[name] for name in ("batch_size", "lr", "optimizer", "tolerance", "holdout_fraction", "replay_fraction")}
     result = analyse(_synthetic_rows(), settings=recorded | {"probe_steps": 0, "retrain": same.to_dict()}, features=["resque_dist"])
+    # SGD's momentum is kept; the cosine schedule has no period or factor to keep.
     assert result.forecaster.retrain_settings == calibrated | {"train_step": "none"}
     loaded = Forecaster.load(result.forecaster.save(tmp_path / "forecaster.json"))
     loaded.check_retrain(same, "this retrain")
     changes = (
         ("batch_size", 64), ("lr", 1e-3), ("optimizer", "adam"), ("weight_decay", 0.0), ("freeze_batchnorm", True),
         ("tolerance", 0.05), ("holdout_fraction", 0.2), ("schedule", "constant"), ("augment", []), ("replay_fraction", 0.5),
+        ("momentum", 0.5),
     )
     for name, other in changes:
         with pytest.raises(ConfigError, match=rf"{name} {re.escape(str(calibrated[name]))} \(here {re.escape(str(other))}\), not what this retrain uses"):
@@ -440,6 +443,26 @@ def test_a_forecast_is_refused_for_retrains_unlike_the_calibrated_ones(tmp_path)
     by_default.forecaster.check_retrain(RetrainConfig(), "this retrain", reference_available=True)
     with pytest.raises(ConfigError, match=r"replay_fraction 0.5 \(here 0.0\)"):
         by_default.forecaster.check_retrain(RetrainConfig(), "this retrain", reference_available=False)
+
+
+def test_momentum_and_the_step_schedule_are_checked_only_where_they_move_the_training() -> None:
+    from shiftcost.errors import ConfigError
+    from shiftcost.recipe import RetrainConfig
+    from tests.test_calibrate import _synthetic_rows
+
+    def calibrated_on(config: RetrainConfig) -> Forecaster:
+        return analyse(_synthetic_rows(), settings={"probe_steps": 0, "retrain": config.to_dict()}, features=["resque_dist"]).forecaster
+
+    stepped = RetrainConfig().replace(optimizer="sgd", schedule="step", momentum=0.5, step_epochs=2.0, gamma=0.5)
+    forecaster = calibrated_on(stepped)
+    forecaster.check_retrain(stepped, "this retrain")
+    for name, other in (("momentum", 0.9), ("step_epochs", 5.0), ("gamma", 0.1)):
+        with pytest.raises(ConfigError, match=rf"{name} \S+ \(here {other}\)"):
+            forecaster.check_retrain(stepped.replace(**{name: other}), "this retrain")
+    # Adam ignores momentum and a constant schedule has no steps: changing them changes no run.
+    plain = RetrainConfig().replace(optimizer="adam", schedule="constant")
+    assert not {"momentum", "step_epochs", "gamma"} & set(calibrated_on(plain).retrain_settings)
+    calibrated_on(plain).check_retrain(plain.replace(momentum=0.5, step_epochs=1.0, gamma=0.9), "this retrain")
 
 
 def test_later_probes_repeat_the_calibrated_probe_and_a_probe_at_another_rate_is_refused(tmp_path) -> None:
