@@ -84,11 +84,15 @@ STAGE1_DEFAULT: tuple[str, ...] = ("curve_log_epochs",)
 #: ``train_step`` is :data:`NO_TRAIN_STEP` for the plain cross-entropy step.
 EPOCH_SETTINGS: tuple[str, ...] = (
     "batch_size", "lr", "optimizer", "weight_decay", "freeze_batchnorm", "tolerance", "holdout_fraction", "schedule", "augment",
-    "replay_fraction", "train_step", "momentum", "step_epochs", "gamma",
+    "replay_fraction", "train_step", "momentum", "step_epochs", "gamma", "max_epochs", "max_steps",
 )
 #: Settings that move epochs only under another one's value, and are checked only there: momentum
-#: is SGD's alone (Adam's moments are its own), the period and factor are the step schedule's.
-ONLY_UNDER: dict[str, tuple[str, str]] = {"momentum": ("optimizer", "sgd"), "step_epochs": ("schedule", "step"), "gamma": ("schedule", "step")}
+#: is SGD's alone (Adam's moments are its own), the period and factor are the step schedule's, and
+#: the caps set how fast the cosine schedule anneals (elsewhere they only end a run).
+ONLY_UNDER: dict[str, tuple[str, str]] = {
+    "momentum": ("optimizer", "sgd"), "step_epochs": ("schedule", "step"), "gamma": ("schedule", "step"),
+    "max_epochs": ("schedule", "cosine"), "max_steps": ("schedule", "cosine"),
+}
 NO_TRAIN_STEP = "none"
 #: The probe settings a calibration records and every later probe repeats.
 PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum")
@@ -707,4 +711,6 @@ def _epoch_setting(config: Any, name: str, reference_available: bool) -> Any:
         return config.recipe.train_step or NO_TRAIN_STEP
     if name == "augment":
         return list(config.recipe.augment)
+    if name in ("max_epochs", "max_steps"):
+        return getattr(config.caps, name)
     return getattr(config.cutoff if name in ("tolerance", "holdout_fraction") else config.recipe, name)

@@ -189,7 +189,7 @@ def check_forecaster(forecaster: Forecaster, settings: Settings, spec: Any) -> N
 
     forecaster.check_retrain(
         RetrainConfig.from_settings(settings).for_model(spec),
-        "the pipeline (settings retrain_batch_size, retrain_lr, cutoff_tolerance, retrain_holdout_fraction, and the model file's recipe)",
+        "the pipeline (settings retrain_batch_size, retrain_lr, cutoff_tolerance, retrain_holdout_fraction, retrain_max_epochs, retrain_max_steps, and the model file's recipe)",
     )
 
 

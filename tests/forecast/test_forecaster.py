@@ -445,13 +445,15 @@ def test_a_forecast_is_refused_for_retrains_unlike_the_calibrated_ones(tmp_path)
         by_default.forecaster.check_retrain(RetrainConfig(), "this retrain", reference_available=False)
 
 
-def test_momentum_and_the_step_schedule_are_checked_only_where_they_move_the_training() -> None:
+def test_momentum_the_step_schedule_and_the_caps_are_checked_only_where_they_move_the_training() -> None:
     from shiftcost.errors import ConfigError
     from shiftcost.recipe import RetrainConfig
     from tests.test_calibrate import _synthetic_rows
 
     def calibrated_on(config: RetrainConfig) -> Forecaster:
-        return analyse(_synthetic_rows(), settings={"probe_steps": 0, "retrain": config.to_dict()}, features=["resque_dist"]).forecaster
+        # The caps at the top level, where a sweep records them.
+        settings = {"probe_steps": 0, "retrain": config.to_dict(), "max_epochs": config.caps.max_epochs, "max_steps": config.caps.max_steps}
+        return analyse(_synthetic_rows(), settings=settings, features=["resque_dist"]).forecaster
 
     stepped = RetrainConfig().replace(optimizer="sgd", schedule="step", momentum=0.5, step_epochs=2.0, gamma=0.5)
     forecaster = calibrated_on(stepped)
@@ -459,10 +461,16 @@ def test_momentum_and_the_step_schedule_are_checked_only_where_they_move_the_tra
     for name, other in (("momentum", 0.9), ("step_epochs", 5.0), ("gamma", 0.1)):
         with pytest.raises(ConfigError, match=rf"{name} \S+ \(here {other}\)"):
             forecaster.check_retrain(stepped.replace(**{name: other}), "this retrain")
-    # Adam ignores momentum and a constant schedule has no steps: changing them changes no run.
-    plain = RetrainConfig().replace(optimizer="adam", schedule="constant")
-    assert not {"momentum", "step_epochs", "gamma"} & set(calibrated_on(plain).retrain_settings)
-    calibrated_on(plain).check_retrain(plain.replace(momentum=0.5, step_epochs=1.0, gamma=0.9), "this retrain")
+    # Cosine anneals over the step cap, so another cap is another schedule.
+    annealed = RetrainConfig().replace(schedule="cosine", max_epochs=15, max_steps=400)
+    for name, other in (("max_epochs", 20), ("max_steps", 300)):
+        with pytest.raises(ConfigError, match=rf"{name} \S+ \(here {other}\)"):
+            calibrated_on(annealed).check_retrain(annealed.replace(**{name: other}), "this retrain")
+    # Adam ignores momentum and a constant schedule has no steps to take or to anneal over:
+    # changing them (or the caps, which then only end a run) changes no run.
+    plain = RetrainConfig().replace(optimizer="adam", schedule="constant", max_epochs=15)
+    assert not {"momentum", "step_epochs", "gamma", "max_epochs", "max_steps"} & set(calibrated_on(plain).retrain_settings)
+    calibrated_on(plain).check_retrain(plain.replace(momentum=0.5, step_epochs=1.0, gamma=0.9, max_epochs=20), "this retrain")
 
 
 def test_later_probes_repeat_the_calibrated_probe_and_a_probe_at_another_rate_is_refused(tmp_path) -> None:
