@@ -42,7 +42,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +56,7 @@ __all__ = [
     "EnergyMeasurementError",
     "EnergyMeter",
     "measure_energy",
+    "options_for_device",
     "known_country_codes",
     "KWH_TO_JOULES",
 ]
@@ -195,7 +196,9 @@ class EnergyMeter:
 
     ``tracking_mode="process"`` (default) attributes CPU load and RAM of this process and
     its children only, so other work on a shared machine does not inflate the figure;
-    ``"machine"`` measures the whole machine.
+    ``"machine"`` measures the whole machine. ``count_gpu=False`` leaves GPU energy out of the
+    figure (for a run that uses none; see :func:`options_for_device`): CodeCarbon still reads
+    the GPUs, since its hardware cache takes ``gpu_ids=[]`` for "every GPU".
     """
 
     def __init__(
@@ -211,6 +214,7 @@ class EnergyMeter:
         project_name: str = "shiftcost",
         experiment_name: str = "run",
         gpu_ids: list[int] | None = None,
+        count_gpu: bool = True,
         force_cpu_power: float | None = None,
         force_ram_power: float | None = None,
         pue: float | None = None,
@@ -230,6 +234,7 @@ class EnergyMeter:
         self.project_name = project_name
         self.experiment_name = experiment_name
         self.gpu_ids = gpu_ids
+        self.count_gpu = count_gpu
         self.force_cpu_power = force_cpu_power
         self.force_ram_power = force_ram_power
         self.pue = pue
@@ -400,6 +405,18 @@ class EnergyMeter:
         emissions = float(data.emissions)
         if not (math.isfinite(energy) and math.isfinite(emissions)) or energy < 0 or emissions < 0:
             raise ValueError(f"energy {energy!r} kWh, emissions {emissions!r} kg")
+        gpu = {
+            "gpu_energy_kwh": float(data.gpu_energy), "gpu_power_w": float(data.gpu_power), "gpu_model": str(data.gpu_model or ""),
+            "gpu_count": int(data.gpu_count or 0), "gpu_utilization_percent": float(data.gpu_utilization_percent or 0.0),
+        }
+        methods = self._methods()
+        if not self.count_gpu:
+            # CodeCarbon's total is the components' sum, each already times the PUE.
+            kept = max(energy - gpu["gpu_energy_kwh"], 0.0)
+            emissions = emissions * kept / energy if energy > 0 else emissions
+            energy = kept
+            gpu = dict.fromkeys(gpu, 0.0) | {"gpu_model": "", "gpu_count": 0}
+            methods |= {"gpu_method": "not counted: the run used no GPU", "gpu_measured": None}
         if self.force_carbon_intensity is not None:
             source = "given by user"
         elif self.region:
@@ -410,15 +427,11 @@ class EnergyMeter:
             energy_kwh=energy,
             emissions_kg=emissions,
             cpu_energy_kwh=float(data.cpu_energy),
-            gpu_energy_kwh=float(data.gpu_energy),
             ram_energy_kwh=float(data.ram_energy),
             cpu_power_w=float(data.cpu_power),
-            gpu_power_w=float(data.gpu_power),
             ram_power_w=float(data.ram_power),
             duration_s=float(data.duration),
             cpu_model=str(data.cpu_model or ""),
-            gpu_model=str(data.gpu_model or ""),
-            gpu_count=int(data.gpu_count or 0),
             cpu_count=int(data.cpu_count or 0),
             country_iso_code=str(data.country_iso_code or self.country_iso_code),
             country_name=str(data.country_name or ""),
@@ -431,9 +444,23 @@ class EnergyMeter:
             measure_power_secs=self.measure_power_secs,
             codecarbon_version=str(data.codecarbon_version),
             cpu_utilization_percent=float(data.cpu_utilization_percent or 0.0),
-            gpu_utilization_percent=float(data.gpu_utilization_percent or 0.0),
-            **self._methods(),
+            **gpu,
+            **methods,
         )
+
+
+def options_for_device(options: Mapping[str, Any], device_type: str) -> dict[str, Any]:
+    """:class:`EnergyMeter` ``options`` for a run on ``device_type`` (``"cpu"``, ``"cuda"``).
+
+    A run on the CPU does not count the host's GPUs: NVML counts a GPU's whole draw, idle or
+    another process's, which such a run does not cause (on an H200 host a CPU retrain was charged
+    3.4e-5 kWh of GPU energy, 56% of its figure). A given ``count_gpu`` stands; a CUDA run counts
+    what CodeCarbon tracks (the GPUs in ``CUDA_VISIBLE_DEVICES``, else every GPU of the host).
+    """
+    chosen = dict(options)
+    if device_type == "cpu":
+        chosen.setdefault("count_gpu", False)
+    return chosen
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from shiftcost.energy import EnergyMeasurement, EnergyMeasurementError, EnergyMeter, measure_energy
+from shiftcost.energy import EnergyMeasurement, EnergyMeasurementError, EnergyMeter, measure_energy, options_for_device
 from shiftcost.errors import ConfigError
 from shiftcost.retrain import probe_joules_per_sample_epoch
 
@@ -173,6 +173,58 @@ def test_probe_joules_per_sample_epoch() -> None:
     assert result.input_shape == (1, 4, 4)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     json.dumps(result.to_dict(), allow_nan=False)
+
+
+def test_a_run_that_used_no_gpu_is_not_charged_the_hosts_gpus() -> None:
+    assert options_for_device({"experiment_name": "x"}, "cpu") == {"experiment_name": "x", "count_gpu": False}
+    assert options_for_device({"experiment_name": "x"}, "cuda") == {"experiment_name": "x"}
+    assert options_for_device({"count_gpu": True}, "cpu") == {"count_gpu": True}
+    # What CodeCarbon reported on an H200 host for a retrain on the CPU (its components' sum).
+    cpu, gpu, ram, intensity = 2.2162e-05, 3.3725e-05, 3.916e-06, 0.369473
+    total = cpu + gpu + ram
+    reported = SimpleNamespace(
+        energy_consumed=total, emissions=total * intensity, cpu_energy=cpu, gpu_energy=gpu, ram_energy=ram, cpu_power=39.6,
+        gpu_power=261.7, ram_power=10.0, duration=1.78, cpu_model="Xeon", gpu_model="1 x NVIDIA H200", gpu_count=1, cpu_count=16,
+        country_iso_code="USA", country_name="United States", region=None, tracking_mode="process", pue=1.0,
+        codecarbon_version="3.3.2", cpu_utilization_percent=50.0, gpu_utilization_percent=0.0,
+    )
+    counted = EnergyMeter()._to_measurement(reported)
+    assert counted.energy_kwh == total and counted.gpu_energy_kwh == gpu and counted.gpu_count == 1
+    left_out = EnergyMeter(count_gpu=False)._to_measurement(reported)
+    assert left_out.energy_kwh == pytest.approx(cpu + ram) and left_out.emissions_kg == pytest.approx((cpu + ram) * intensity)
+    assert left_out.gpu_energy_kwh == 0 and left_out.gpu_power_w == 0 and left_out.gpu_count == 0 and left_out.gpu_model == ""
+    assert left_out.gpu_measured is None and left_out.gpu_method.startswith("not counted")
+    assert left_out.cpu_energy_kwh == cpu and left_out.ram_energy_kwh == ram and left_out.carbon_intensity_kg_per_kwh == pytest.approx(intensity)
+
+
+@pytest.mark.parametrize("run", ["retrain", "probe", "energy_probe"])
+def test_retrains_and_probes_on_the_cpu_meter_no_gpu(monkeypatch, run: str) -> None:
+    import shiftcost.energy
+    import shiftcost.retrain.energy_probe
+    import shiftcost.retrain.loop
+    from shiftcost.forecast.probe import run_probe
+    from shiftcost.retrain import retrain_to_cutoff
+
+    built: list[dict] = []
+
+    class Recording(EnergyMeter):
+        def __init__(self, **options) -> None:
+            built.append(options)
+            super().__init__(**options)
+
+    for module in (shiftcost.energy, shiftcost.retrain.loop, shiftcost.retrain.energy_probe):
+        monkeypatch.setattr(module, "EnergyMeter", Recording)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(60, 1, 4, 4), torch.randint(0, 3, (60,))
+    if run == "retrain":
+        retrain_to_cutoff(model, x, y, target_accuracy=1.0, max_steps=2, device="cpu", energy_options={"measure_power_secs": 0.2})
+    elif run == "probe":
+        run_probe(model, x, y, target_accuracy=0.9, ceiling=0.95, steps=2, samples=20, batch_size=8, track_energy=True, device="cpu")
+    else:
+        spec = SimpleNamespace(architecture="tiny", num_classes=3, in_channels=1, image_size=4)
+        probe_joules_per_sample_epoch(model, spec, samples=32, epochs=1, batch_size=16, min_seconds=0.1, device="cpu")
+    assert len(built) == 1 and built[0]["count_gpu"] is False
 
 
 def test_importing_retrain_does_not_import_codecarbon() -> None:

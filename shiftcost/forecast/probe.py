@@ -232,7 +232,7 @@ def run_probe(
     optim = _make_optimizer(Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum), [p for _, p in params])
     retrain_batch_size = retrain_batch_size or Recipe().batch_size
     per_epoch = protocol.steps_per_epoch(len(train_idx), retrain_batch_size)
-    meter, energy_error = _start_meter(track_energy, country_iso_code, energy_options)
+    meter, energy_error = _start_meter(track_energy, country_iso_code, energy_options, dev)
     started = time.perf_counter()
     try:
         walk = _walk(work, params, optim, train, hold, per_epoch, steps, batch, seed, dev)
@@ -255,14 +255,15 @@ def run_probe(
     )
 
 
-def _start_meter(track: bool, country_iso_code: str, options: dict[str, Any] | None) -> tuple[Any, str | None]:
+def _start_meter(track: bool, country_iso_code: str, options: dict[str, Any] | None, dev: torch.device) -> tuple[Any, str | None]:
     """A started CodeCarbon meter, or why there is none: a probe is not worth failing over its meter."""
     if not track:
         return None, None
-    from shiftcost.energy import EnergyMeasurementError, EnergyMeter
+    from shiftcost.energy import EnergyMeasurementError, EnergyMeter, options_for_device
 
     try:
-        return EnergyMeter(**({"country_iso_code": country_iso_code, "experiment_name": "probe"} | dict(options or {}))).start(), None
+        chosen = options_for_device({"country_iso_code": country_iso_code, "experiment_name": "probe"} | dict(options or {}), dev.type)
+        return EnergyMeter(**chosen).start(), None
     except EnergyMeasurementError as error:
         return None, str(error)
 

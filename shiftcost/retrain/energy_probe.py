@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shiftcost.energy import EnergyMeasurement, EnergyMeter
+from shiftcost.energy import EnergyMeasurement, EnergyMeter, options_for_device
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.index.capture import resolve_device
 from shiftcost.recipe import Recipe
@@ -132,7 +132,7 @@ def probe_joules_per_sample_epoch(
             step(idx.to(dev))
         _sync(dev)
         options = {"country_iso_code": country_iso_code, "experiment_name": "probe", "measure_power_secs": 0.5}
-        options.update(energy_options or {})
+        options = options_for_device(options | dict(energy_options or {}), dev.type)
         run = _measure(
             step, dev, samples, batch_size, gen,
             epochs=epochs, min_seconds=min_seconds, max_epochs=max_epochs, meter_options=options,

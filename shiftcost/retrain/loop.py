@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shiftcost.energy import EnergyMeasurement, EnergyMeasurementError, EnergyMeter
+from shiftcost.energy import EnergyMeasurement, EnergyMeasurementError, EnergyMeter, options_for_device
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.forecast.protocol import cutoff_reached as protocol_cutoff_reached
 from shiftcost.index.capture import resolve_device
@@ -202,7 +202,7 @@ class _CutoffRun:
     def run_measured(self) -> _Measured:
         """:meth:`run` under the energy meter, in a forked random state; a crash is kept, not raised."""
         measured = _Measured()
-        meter = _start_meter(self.cfg)
+        meter = _start_meter(self.cfg, self.dev)
         tally = self.tally
         try:
             self.t_zero = time.perf_counter()
@@ -225,12 +225,12 @@ class _CutoffRun:
         return measured
 
 
-def _start_meter(cfg: RetrainConfig) -> EnergyMeter | None:
+def _start_meter(cfg: RetrainConfig, dev: torch.device) -> EnergyMeter | None:
     if not cfg.energy.track:
         return None
     options = {"country_iso_code": cfg.energy.country_iso_code, "experiment_name": "retrain"}
     options.update(cfg.energy.options or {})
-    meter = EnergyMeter(**options)
+    meter = EnergyMeter(**options_for_device(options, dev.type))
     meter.start()  # fails here, before any compute is spent, if CodeCarbon cannot start
     return meter
 
