@@ -643,3 +643,24 @@ def test_the_host_rate_counts_the_clean_batch_once() -> None:
     result = analyse([clean, *rows, *copies], settings={"max_epochs": 15.0, "batch_size": 16, "threads": 3}, features=list(INDEX))
     once = [run_work(r["runs"][0]) for r in (clean, *rows)]
     assert result.forecaster.energy_rate == HostEnergyRate.fit(once, hardware=None, threads=3, device="cpu")
+
+
+def test_calibrate_says_when_its_cosine_forecasts_hold_only_at_another_cap_than_the_retrains_default() -> None:
+    import io
+
+    from rich.console import Console
+
+    from shiftcost.cli.calibrate import _print_annealing_cap
+    from shiftcost.recipe import RetrainConfig
+
+    def said(config: RetrainConfig) -> str:
+        settings = {"probe_steps": 0, "retrain": config.to_dict(), "max_epochs": config.caps.max_epochs}
+        out = io.StringIO()
+        _print_annealing_cap(analyse(_synthetic_rows(), settings=settings, features=["resque_dist"]).forecaster, Console(file=out, width=400))
+        return out.getvalue()
+
+    cosine = RetrainConfig().replace(schedule="cosine", max_epochs=15)
+    assert "retrain --max-epochs 15" in said(cosine) and "calibrate with --max-epochs 20" in said(cosine)
+    # At the retrains' own cap, or where the cap only ends a run, there is nothing to say.
+    assert said(cosine.replace(max_epochs=20)) == ""
+    assert said(RetrainConfig().replace(schedule="constant", max_epochs=15)) == ""

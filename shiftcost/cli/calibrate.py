@@ -187,6 +187,7 @@ def _print_tables(result: SweepResult, console: Console) -> None:
             )
         console.print(loco)
     _print_probe_stage(result.forecaster, result.loco_stages, console)
+    _print_annealing_cap(result.forecaster, console)
     if result.cost_model_error:
         console.print(f"cost model not fitted: {result.cost_model_error}", style="yellow")
     elif result.cost_model_note:
@@ -202,6 +203,20 @@ def _print_tables(result: SweepResult, console: Console) -> None:
         console.print(f"failed point {failed['corruption']} {failed['intensity']:g}: {failed['error']}", style="red")
     if result.files:
         console.print(f"written to {Path(result.files['report']).parent}: " + ", ".join(Path(p).name for p in result.files.values()))
+
+
+def _print_annealing_cap(forecaster: Any, console: Console) -> None:
+    """Say so when the forecasts hold only at a cap other than the one retrains take by default."""
+    from shiftcost.recipe import Caps
+
+    calibrated = (forecaster.retrain_settings if forecaster is not None else {}).get("max_epochs")
+    if calibrated is not None and calibrated != Caps().max_epochs:
+        console.print(
+            f"the cosine schedule anneals over the run's cap, so these forecasts hold for retrains capped at {calibrated:g} epochs; "
+            f"retrain and the pipeline cap at {Caps().max_epochs:g} by default: pass retrain --max-epochs {calibrated:g} "
+            f"(SHIFTCOST_RETRAIN_MAX_EPOCHS={calibrated:g}), or calibrate with --max-epochs {Caps().max_epochs:g}.",
+            style="yellow",
+        )
 
 
 def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, console: Console) -> None:
