@@ -56,6 +56,7 @@ __all__ = [
     "EnergyMeasurementError",
     "EnergyMeter",
     "measure_energy",
+    "device_kind",
     "options_for_device",
     "known_country_codes",
     "KWH_TO_JOULES",
@@ -449,6 +450,11 @@ class EnergyMeter:
         )
 
 
+def device_kind(device: str) -> str:
+    """The kind of a torch device written as text (``cuda:1`` -> ``cuda``), as energy rates record it."""
+    return str(device).split(":")[0]
+
+
 def options_for_device(options: Mapping[str, Any], device_type: str) -> dict[str, Any]:
     """:class:`EnergyMeter` ``options`` for a run on ``device_type`` (``"cpu"``, ``"cuda"``).
 
@@ -526,7 +532,7 @@ class HostEnergyRate:
 
     def device_mismatch(self, device: str) -> str | None:
         """Why a run on ``device`` (``cpu``, ``cuda`` or ``cuda:N``) is not priced by this rate; None when the kinds match or the rate records none."""
-        kind = device.split(":")[0]
+        kind = device_kind(device)
         if self.device is None or self.device == kind:
             return None
         on = self.device if self.hardware is None else f"{self.device} ({self.hardware})"
@@ -547,7 +553,7 @@ class HostEnergyRate:
         why = self.device_mismatch(device)
         if why is not None:
             return "device", why
-        why = self.thread_mismatch(threads) if device.split(":")[0] == "cpu" else None
+        why = self.thread_mismatch(threads) if device_kind(device) == "cpu" else None
         return None if why is None else ("threads", why)
 
     def to_dict(self) -> dict[str, Any]:

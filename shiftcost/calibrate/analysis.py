@@ -130,13 +130,13 @@ def _fit_forecaster(
     """The forecaster fitted beside the index cost model, with the host's energy rate; or why not."""
     import torch
 
-    from shiftcost.energy import HostEnergyRate, run_work
+    from shiftcost.energy import HostEnergyRate, device_kind, run_work
     from shiftcost.forecast.forecaster import Forecaster
 
     # The clean batch is measured once and copied under every kind; its runs count once.
     runs = [run_work(run) for row in usable if not row.get("copy_of") for run in row.get("runs", [])]
     # A sweep without its own device or thread count ran on the CPU at torch's default, which this process still has.
-    device = str(settings.get("device") or "cpu").split(":")[0]
+    device = device_kind(settings.get("device") or "cpu")
     meter = "gpu_model" if device == "cuda" else "cpu_model"
     hardware = next((run["energy"].get(meter) for row in usable for run in row.get("runs", []) if run.get("energy")), None)
     threads = int(settings.get("threads") or torch.get_num_threads())

@@ -206,7 +206,8 @@ def _print_tables(result: SweepResult, console: Console) -> None:
 
 
 def _print_annealing_cap(forecaster: Any, console: Console) -> None:
-    """Say so when the forecasts hold only at a cap other than the one retrains take by default."""
+    """Say so when the forecasts hold only at a cap other than the one retrains take by default
+    (a cost model keeps its cap only where the cosine schedule anneals over it: ``ONLY_UNDER``)."""
     from shiftcost.recipe import Caps
 
     calibrated = (forecaster.retrain_settings if forecaster is not None else {}).get("max_epochs")

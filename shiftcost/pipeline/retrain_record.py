@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from shiftcost.energy import device_kind
 from shiftcost.pipeline.claims import ClaimLost, guarded_update
 from shiftcost.pipeline.common import json_safe, store_cost_model
 from shiftcost.statuses import BatchStatus, ModelStatus, RetrainStatus
@@ -91,7 +92,7 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
     if own[0] is None or own[0] <= 0:
         return None
     architecture = inputs.spec.architecture
-    threads, kind = _trained_threads(result), result.device.split(":")[0]
+    threads, kind = _trained_threads(result), device_kind(result.device)
     earlier = runs.measured_run_details(session, architecture, except_run=inputs.job.run_id)
     works = [run_work(details) for details in runs_alike(earlier, kind, threads)] + [own]
     refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs", threads=threads, device=kind)
@@ -188,7 +189,7 @@ def runs_alike(details: list[Any], device: str, threads: int) -> list[dict[str, 
     """The runs (their ``details``) a rate for ``device`` (``cpu`` or ``cuda``) at ``threads``
     torch threads is fitted on: one kind of device and, on a CPU, one thread count. Runs recorded
     before either was kept are taken to share it."""
-    alike = [d for d in details if d and str(d.get("device") or device).split(":")[0] == device]
+    alike = [d for d in details if d and device_kind(d.get("device") or device) == device]
     return alike if device != "cpu" else [d for d in alike if d.get("torch_threads") in (None, threads)]
 
 
