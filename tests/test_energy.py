@@ -68,20 +68,20 @@ def test_measurement_is_positive_complete_and_writes_nothing(in_empty_dir: Path)
 
 def test_energy_scales_with_work() -> None:
     measured = {}
-    for units in (2, 24):  # about 0.1 s and 0.8 s of work on an idle core
+    for units in (12, 72):  # about 0.1 s and 0.6 s of work on an idle core
         with measure_energy(measure_power_secs=0.2) as meter:
             busy_work(units)
         measured[units] = meter.measurement
-    ratio = measured[24].energy_kwh / measured[2].energy_kwh
-    cpu_ratio = measured[24].cpu_energy_kwh / measured[2].cpu_energy_kwh
-    # Twelve times the work: clearly more energy, within a factor of four of twelve times.
-    # The work ratio is wide because CodeCarbon's estimate is CPU load x TDP integrated
-    # over wall time, and other load on a shared 2-core machine moved the estimated power
-    # of a window up to 6x (with 3x the work the ratio ranged from 1.1 to 8.5; with 12x it
-    # ranged from 5.9 to 11.9 beside a busy process).
-    assert 3.0 < ratio < 48.0
-    assert 3.0 < cpu_ratio < 48.0
-    assert measured[24].emissions_kg > measured[2].emissions_kg
+    ratio = measured[72].energy_kwh / measured[12].energy_kwh
+    cpu_ratio = measured[72].cpu_energy_kwh / measured[12].cpu_energy_kwh
+    # Six times the work: clearly more energy, within a factor of three of six times.
+    # CodeCarbon's estimate is CPU load x TDP integrated over wall time plus a RAM model, so
+    # the tracker's own start and stop weigh on a short window: with 2 and 24 units (about
+    # 0.02 and 0.2 s) the ratio ranged from 3.4 to 7.4 beside one busy process and reached 54
+    # under the parallel test suite; with 12 and 72 it ranged from 5.2 to 7.7 beside one.
+    assert 2.0 < ratio < 18.0
+    assert 2.0 < cpu_ratio < 18.0
+    assert measured[72].emissions_kg > measured[12].emissions_kg
 
 
 def test_country_changes_carbon_intensity_not_energy_accounting() -> None:
@@ -225,6 +225,25 @@ def test_retrains_and_probes_on_the_cpu_meter_no_gpu(monkeypatch, run: str) -> N
         spec = SimpleNamespace(architecture="tiny", num_classes=3, in_channels=1, image_size=4)
         probe_joules_per_sample_epoch(model, spec, samples=32, epochs=1, batch_size=16, min_seconds=0.1, device="cpu")
     assert len(built) == 1 and built[0]["count_gpu"] is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_host_only_the_run_on_the_gpu_is_charged_its_draw() -> None:
+    from shiftcost.retrain import retrain_to_cutoff
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 3))
+    x, y = torch.rand(2000, 1, 16, 16), torch.randint(0, 3, (2000,))
+    runs = {
+        device: retrain_to_cutoff(model, x, y, target_accuracy=1.0, max_steps=300, device=device, energy_options={"measure_power_secs": 0.2})
+        for device in ("cpu", "cuda")
+    }
+    on_cpu, on_gpu = runs["cpu"].energy, runs["cuda"].energy
+    assert on_cpu.gpu_energy_kwh == 0 and on_cpu.gpu_count == 0 and on_cpu.gpu_method.startswith("not counted")
+    assert on_cpu.energy_kwh == pytest.approx(on_cpu.cpu_energy_kwh + on_cpu.ram_energy_kwh)
+    # NVML reads the GPU's whole draw; an idle H200 alone draws tens of watts.
+    assert on_gpu.gpu_count >= 1 and on_gpu.gpu_energy_kwh > 0
+    assert on_gpu.energy_kwh == pytest.approx(on_gpu.cpu_energy_kwh + on_gpu.gpu_energy_kwh + on_gpu.ram_energy_kwh)
 
 
 def test_importing_retrain_does_not_import_codecarbon() -> None:
