@@ -77,3 +77,13 @@ def test_the_probe_cutoff_is_where_its_own_evaluations_met_the_rule_or_else_the_
     assert met["cutoff_log_epochs"] == pytest.approx(math.log1p(0.4))
     rising = probe_features(epochs, [0.5, 0.6, 0.65, 0.7, 0.72, 0.74], [1.0] * 6, target=0.9, ceiling=0.93, cap_epochs=15.0)
     assert rising["cutoff_log_epochs"] == pytest.approx(rising["curve_log_epochs"]) and rising["cutoff_log_epochs"] > math.log1p(0.5)
+
+
+def test_a_probe_that_starts_at_the_target_has_crossed_at_once_whatever_its_steps_do() -> None:
+    epochs = [0.0, 0.1, 0.2, 0.3, 0.4]
+    # Its first steps push it below the target and the fitted curve never climbs back.
+    dipping = probe_features(epochs, [0.91, 0.85, 0.84, 0.83, 0.84], [1.0] * 5, target=0.9, ceiling=0.93, cap_epochs=15.0)
+    assert math.isinf(epochs_to_target(fit_curve(epochs, [0.91, 0.85, 0.84, 0.83, 0.84], 0.93), 0.9))
+    assert dipping["curve_log_epochs"] == 0.0 and dipping["cutoff_log_epochs"] == 0.0
+    just_under = probe_features(epochs, [0.899, 0.85, 0.84, 0.83, 0.84], [1.0] * 5, target=0.9, ceiling=0.93, cap_epochs=15.0)
+    assert just_under["curve_log_epochs"] == pytest.approx(math.log1p(HORIZON_CAPS * 15.0))
