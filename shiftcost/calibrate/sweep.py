@@ -356,7 +356,7 @@ def _probe_point(
     row: dict[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, steps: int, retrain_kwargs: Mapping[str, Any]
 ) -> None:
     """The learning probe's features and cost on this point (what the forecast will see)."""
-    from shiftcost.forecast.probe import probe_features, run_probe
+    from shiftcost.forecast.probe import probe_features, run_probe, starts_at_target
 
     config = retrain_kwargs["config"]
     reference = retrain_kwargs["reference_accuracy"]
@@ -371,7 +371,7 @@ def _probe_point(
     row.update(probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap))
     row["probe_sample_gradients"] = trajectory.cost.sample_gradients
     row["probe_seconds"] = trajectory.cost.seconds
-    row["probe_already_met"] = trajectory.accuracy[0] >= target
+    row["probe_already_met"] = starts_at_target(trajectory.accuracy, target)
 
 
 def _first_grad_norm(run: Mapping[str, Any]) -> float | None:

@@ -264,7 +264,8 @@ class Forecaster:
         )
         return self.predict_from_probe_features(
             features, values, probe_cost=probe.cost.to_dict() | {"settings": dict(probe.settings)},
-            already_met=probe.accuracy[0] >= probe.target_accuracy, batch_samples=batch_samples, carbon_intensity=carbon_intensity,
+            already_met=probing.starts_at_target(probe.accuracy, probe.target_accuracy),
+            batch_samples=batch_samples, carbon_intensity=carbon_intensity,
         )
 
     def predict_from_probe_features(

@@ -31,7 +31,7 @@ from shiftcost.energy import HostEnergyRate
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
 
-__all__ = ["ProbeCost", "ProbeTrajectory", "run_probe", "probe_features", "PROBE_FEATURES"]
+__all__ = ["ProbeCost", "ProbeTrajectory", "run_probe", "probe_features", "starts_at_target", "PROBE_FEATURES"]
 
 # Probe length chosen on calibration data only (digits CNN, built-in kinds, leave-one-kind-out
 # MdAPE of stage 1): 8 steps x 16 on 64 samples 79%, 16 x 16 on 128 73%, 16 x 16 on 256 53%,
@@ -113,6 +113,13 @@ class ProbeTrajectory:
         return _finite_or_none(out)
 
 
+def starts_at_target(accuracy: list[float], target: float) -> bool:
+    """Whether a trajectory's first evaluation already meets the target: the retrain, judged on
+    the same held-out split, stops there. Calibration rows, their curve feature and forecasts
+    all decide "no training needed" through this one rule."""
+    return accuracy[0] >= target
+
+
 def probe_features(
     epochs: list[float],
     accuracy: list[float],
@@ -145,7 +152,7 @@ def probe_features(
     # evaluation. Fitted through the dip the probe's first steps often make, the curve put such
     # batches at the horizon, and calibration's zero-cost rows then pulled stage 1's weight on the
     # curve towards zero (shufflenet_v2_x0_5 in forecast_accuracy.py: 0.0, and 1.04 with them at 0).
-    crossing = 0.0 if accuracy[0] >= target else min(epochs_to_target(fit, target), horizon)
+    crossing = 0.0 if starts_at_target(accuracy, target) else min(epochs_to_target(fit, target), horizon)
     tail = max(1, min(3, len(accuracy) - 1))
     first_acc, last_acc = accuracy[0], float(np.mean(accuracy[-tail:]))
     gap = target - first_acc
