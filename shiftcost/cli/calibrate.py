@@ -211,11 +211,12 @@ def _print_annealing_cap(forecaster: Any, console: Console) -> None:
     from shiftcost.recipe import Caps
 
     calibrated = (forecaster.retrain_settings if forecaster is not None else {}).get("max_epochs")
-    if calibrated is not None and calibrated != Caps().max_epochs:
+    default = Caps().max_epochs
+    if calibrated is not None and calibrated != default:
         console.print(
             f"the cosine schedule anneals over the run's cap, so these forecasts hold for retrains capped at {calibrated:g} epochs; "
-            f"retrain and the pipeline cap at {Caps().max_epochs:g} by default: pass retrain --max-epochs {calibrated:g} "
-            f"(SHIFTCOST_RETRAIN_MAX_EPOCHS={calibrated:g}), or calibrate with --max-epochs {Caps().max_epochs:g}.",
+            f"retrain and the pipeline cap at {default:g} by default: pass retrain --max-epochs {calibrated:g} "
+            f"(SHIFTCOST_RETRAIN_MAX_EPOCHS={calibrated:g}), or calibrate with --max-epochs {default:g}.",
             style="yellow",
         )
 
