@@ -130,6 +130,25 @@ def test_a_probe_is_worth_running_only_where_calibration_forecast_better_with_it
     assert useless.probe_not_worth() is None
 
 
+def test_a_probe_stage_whose_weight_is_held_at_its_sign_bound_is_not_worth_a_probe(tmp_path) -> None:
+    rows = forecast_rows()
+    # A curve that falls as the epochs rise: its sign bound (more curve, more cost) holds its weight at 0.
+    against = [r | {"curve_log_epochs": -r["curve_log_epochs"]} for r in rows]
+    held = Forecaster.fit(against, features=list(INDEX), max_epochs=15.0)
+    assert dict(zip(held.stage1.features_, held.stage1.coef_)) == {"curve_log_epochs": 0.0}
+    first, last = (held.predict_from_probe_features(rows[0], {"curve_log_epochs": c}).epochs for c in (-0.5, -3.0))
+    assert first == last  # what the probe sees changes nothing
+    reason = held.probe_not_worth()
+    assert reason is not None and "weight on curve_log_epochs is 0, held at its sign bound" in reason
+    assert Forecaster.load(held.save(tmp_path / "forecaster.json")).probe_not_worth() == reason
+    # Whatever calibration's own comparison said, and with a weight above 0 the comparison decides again.
+    held.left_out = {"probe": {"mdape_epochs": 0.1}, "index": {"mdape_epochs": 0.9}}
+    assert held.probe_not_worth() == reason
+    reading = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)
+    reading.left_out = held.left_out
+    assert reading.probe_not_worth() is None
+
+
 def slow_truncated_quantiles(mu: float, sd: float, bound: float, probs: list[float], n: int = 400_000) -> list[float]:
     draws = np.random.default_rng(0).normal(mu, sd, n)
     kept = draws[draws > bound]
