@@ -31,6 +31,7 @@ from shiftcost.data.batches import Batch, save_batch
 from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model, save_model
 from shiftcost.errors import ConfigError, InputError
+from shiftcost.forecast.probe import probe_features
 
 FAST_ENERGY = {"measure_power_secs": 0.2}
 # A shift so strong that the pixels overflow to infinity: a real crash inside the point.
@@ -427,6 +428,14 @@ def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
     for row in result.rows:
         assert row["probe_sample_gradients"] == 3 * 16 and row["probe_seconds"] > 0
         assert all(isinstance(row[name], float) for name in ("curve_log_epochs", "probe_progress", "probe_loss_drop"))
+        # What the probe saw is kept, and gives the row's features again.
+        curve = row["probe_curve"]
+        assert len(curve) == 3 + 1 and curve[0]["epoch"] == 0.0
+        again = probe_features(
+            [p["epoch"] for p in curve], [p["accuracy"] for p in curve], [p["loss"] for p in curve],
+            target=row["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=RETRAIN["max_epochs"],
+        )
+        assert again == {name: row[name] for name in again}
     assert result.settings["probe_steps"] == 3
 
 

@@ -20,7 +20,8 @@ class SweepResult:
     """Everything a calibration sweep produced; :meth:`to_dict` is its JSON view.
 
     ``rows``: one dict per (corruption, intensity), keys :data:`COLUMNS` plus ``runs`` (each
-    repeat's :meth:`RetrainResult.to_dict`) and ``notes``. ``correlations``: see
+    repeat's :meth:`RetrainResult.to_dict`), ``notes`` and, where the learning probe ran,
+    ``probe_curve`` (its evaluations: ``epoch`` on the retrain's clock, ``accuracy``, ``loss``). ``correlations``: see
     :func:`correlate`. ``cost_model``: fitted on every point (``None`` with the reason in
     ``cost_model_error`` when the points do not allow a fit). ``loco``: the
     leave-one-corruption-out evaluation (``GroupOutReport.to_dict()``) with the joules

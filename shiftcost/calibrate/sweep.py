@@ -372,6 +372,9 @@ def _probe_point(
     row["probe_sample_gradients"] = trajectory.cost.sample_gradients
     row["probe_seconds"] = trajectory.cost.seconds
     row["probe_already_met"] = starts_at_target(trajectory.accuracy, target)
+    # What the probe saw, beside each retrain's curve: the probe's features can be derived again
+    # from a saved calibration (how forecast_selection.py compares ways of reading the curve).
+    row["probe_curve"] = [{"epoch": e, "accuracy": a, "loss": loss} for e, a, loss in zip(trajectory.epochs, trajectory.accuracy, trajectory.loss)]
 
 
 def _first_grad_norm(run: Mapping[str, Any]) -> float | None:

@@ -251,9 +251,9 @@ def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, consol
 
 
 def _summary_json(result: SweepResult) -> dict[str, Any]:
-    """The JSON printed by --json: everything but each run's evaluation curve (in sweep.json)."""
+    """The JSON printed by --json: everything but the runs' and the probe's evaluation curves (in sweep.json)."""
     full = result.to_dict()
-    full["rows"] = [{k: v for k, v in row.items() if k != "runs"} for row in full["rows"]]
+    full["rows"] = [{k: v for k, v in row.items() if k not in ("runs", "probe_curve")} for row in full["rows"]]
     for key in ("loco", "loco_probe"):
         if full.get(key) is not None:
             full[key] = {"summary": full[key]["summary"], "points": full[key]["points"]}
