@@ -154,12 +154,13 @@ def markdown_report(result: SweepResult) -> str:
         lines.append(f"Not evaluated: {result.loco_error}")
     if result.loco_stages is not None:
         lines += ["", "## Forecast stages on the batches that needed training (each kind left out, as `forecast` makes them)", ""]
-        if "error" in result.loco_stages:
-            lines.append(f"Not compared: {result.loco_stages['error']}")
-        else:
-            lines += _stages_table(result.loco_stages)
-            reason = result.forecaster.probe_not_worth() if result.forecaster is not None else None
-            lines += ["", f"No probe with this cost model: {reason}." if reason else "The probe stage did better: `forecast` and the pipeline probe."]
+        compared = "error" not in result.loco_stages
+        lines += _stages_table(result.loco_stages) if compared else [f"Not compared: {result.loco_stages['error']}"]
+        reason = result.forecaster.probe_not_worth() if result.forecaster is not None else None
+        if reason:
+            lines += ["", f"No probe with this cost model: {reason}."]
+        elif compared:
+            lines += ["", "The probe stage did better: `forecast` and the pipeline probe."]
     failed = result.failed
     if failed:
         lines += ["", "## Failed points", ""]

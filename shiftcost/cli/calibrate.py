@@ -229,18 +229,16 @@ def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, consol
     if forecaster.stage1 is None:
         console.print(f"probe stage not fitted: {forecaster.stage1_error}", style="yellow")
         return
-    if stages is None:
-        return
-    if "error" in stages:
+    if stages is not None and "error" in stages:
         console.print(f"forecast stages not compared on the batches that needed training: {stages['error']}", style="yellow")
-        return
-    probe, index = stages["probe"], stages["index"]
-    console.print(
-        f"probe stage ({', '.join(forecaster.stage1.features_)}), leave one corruption kind out, on the {probe['n']} batches that "
-        f"needed training ({probe['n_censored']} capped): MdAPE epochs {_pct(probe['mdape_epochs'])}, coverage epochs "
-        f"{_pct(probe['coverage_epochs'])}; index stage on the same: {_pct(index['mdape_epochs'])}, {_pct(index['coverage_epochs'])}. "
-        f"The probe's first evaluation put {stages['needing_none_forecast_at_zero']} of the {stages['needing_none']} that needed none at zero."
-    )
+    elif stages is not None:
+        probe, index = stages["probe"], stages["index"]
+        console.print(
+            f"probe stage ({', '.join(forecaster.stage1.features_)}), leave one corruption kind out, on the {probe['n']} batches that "
+            f"needed training ({probe['n_censored']} capped): MdAPE epochs {_pct(probe['mdape_epochs'])}, coverage epochs "
+            f"{_pct(probe['coverage_epochs'])}; index stage on the same: {_pct(index['mdape_epochs'])}, {_pct(index['coverage_epochs'])}. "
+            f"The probe's first evaluation put {stages['needing_none_forecast_at_zero']} of the {stages['needing_none']} that needed none at zero."
+        )
     reason = forecaster.probe_not_worth()
     if reason:
         console.print(

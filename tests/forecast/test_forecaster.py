@@ -106,6 +106,20 @@ def test_a_calibration_whose_stages_cannot_be_compared_keeps_its_forecaster_and_
     assert result.forecaster.stage1 is not None and result.forecaster.left_out is None
     assert "overflow in a fold" in result.loco_stages["error"]
     assert "Not compared: " in markdown_report(result)
+    assert "No probe with this cost model" not in markdown_report(result)
+    # A probe stage that reads nothing of the probe is reported as such, compared or not.
+    against = [r | {"curve_log_epochs": -r["curve_log_epochs"]} for r in sweep_rows]
+    held = analyse(against, settings={"batch_size": 16}, features=list(INDEX))
+    assert "Not compared: " in markdown_report(held)
+    assert "No probe with this cost model: the probe stage's weight on curve_log_epochs is 0" in markdown_report(held)
+    from rich.console import Console
+
+    from shiftcost.cli.calibrate import _print_probe_stage
+
+    console = Console(record=True, width=1000)
+    _print_probe_stage(held.forecaster, held.loco_stages, console)
+    printed = console.export_text()
+    assert "overflow in a fold" in printed and "weight on curve_log_epochs is 0, held at its sign bound" in printed
 
 
 def test_a_probe_is_worth_running_only_where_calibration_forecast_better_with_it(tmp_path) -> None:
