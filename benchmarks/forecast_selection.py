@@ -21,7 +21,9 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    :data:`shiftcost.forecast.forecaster.OWN_CURVE_EVALS`). The weight with the lowest
    median |log error| of the in-flight forecast (capped runs as bounds) is chosen; the
    stage-1 design (:data:`STAGE1_DESIGNS`) with the lowest MdAPE is reported per
-   architecture; the design used is the one with the lowest mean MdAPE over both.
+   architecture; the design used is the one with the lowest mean MdAPE over both, where the
+   current design with its curve feature clipped at each of :data:`CURVE_HORIZONS` caps (read
+   again from each point's ``probe_curve``) competes too.
 3. On the same left-out points, **the "not to converge" flag** that skips a batch: how often
    the index stage, the probe stage and the pipeline's rule (a batch the index stage would
    skip is probed, and the probe decides) raise it on runs that reached the cutoff, and on
@@ -54,7 +56,7 @@ from forecast_accuracy import (  # noqa: E402
 
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.forecaster import STAGE0_FEATURE, Forecaster  # noqa: E402
-from shiftcost.forecast.probe import PROBE_FEATURES  # noqa: E402
+from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, probe_features  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt  # noqa: E402
 
 PROTOCOL_WINDOW = protocol.CUTOFF_WINDOW
@@ -93,19 +95,45 @@ STAGE1_DESIGNS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Where the curve feature of a probe whose curve does not reach the target is clipped, in epoch
+#: caps (:data:`~shiftcost.forecast.probe.HORIZON_CAPS`), compared on the current stage-1 design.
+CURVE_HORIZONS: tuple[float, ...] = (1.0, 1.5, 2.0, HORIZON_CAPS)
+
+
+def with_curve_horizon(rows: list[dict[str, Any]], caps: float) -> list[dict[str, Any]]:
+    """``rows`` with the probe's features read again from each row's ``probe_curve``, a curve that
+    does not reach the target clipped at ``caps`` caps."""
+    out = []
+    for row in rows:
+        curve = row["probe_curve"]
+        out.append(row | probe_features(
+            [p["epoch"] for p in curve], [p["accuracy"] for p in curve], [p["loss"] for p in curve],
+            target=row["runs"][0]["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=protocol.MAX_EPOCHS, horizon_caps=caps,
+        ))
+    return out
+
+
 def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights: list[float]) -> list[dict[str, Any]]:
     """Every calibration point forecast by predictors fitted on the other kinds (every seed's
     points of a kind are left out together).
 
     The in-flight forecasts start from the probe forecast of the current stage-1 design
     (:data:`~shiftcost.forecast.forecaster.STAGE1_DEFAULT`); each design adds a
-    ``stage0_probe[<design>]`` predictor."""
+    ``stage0_probe[<design>]`` predictor, and each of :data:`CURVE_HORIZONS` but the current one a
+    ``stage0_probe[curve to <caps> caps]``."""
     from shiftcost.calibrate.analysis import _fit_ready, _fit_row
 
     usable = [r for r in rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
+    horizons = {caps: with_curve_horizon(usable, caps) for caps in CURVE_HORIZONS if caps != HORIZON_CAPS}
     records: list[dict[str, Any]] = []
     for kind in dict.fromkeys(r["corruption"] for r in usable):
         train = [r for r in usable if r["corruption"] != kind]
+        clipped = {
+            caps: Forecaster.fit(
+                [_fit_row(r) for r in read if r["corruption"] != kind], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS,
+            )
+            for caps, read in horizons.items()
+        }
         forecaster = Forecaster.fit([_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS)
         if forecaster.stage1 is None:
             raise SystemExit(f"leaving {kind} out, stage 1 could not be fitted: {forecaster.stage1_error}")
@@ -114,12 +142,19 @@ def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights:
             name: Forecaster.fit([_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, stage1_features=f)
             for name, f in STAGE1_DESIGNS.items()
         }
-        for row in (r for r in usable if r["corruption"] == kind):
+        for i, row in enumerate(usable):
+            if row["corruption"] != kind:
+                continue
             record = _forecast_point(forecaster, baselines, row, features, weights)
+            met = row["runs"][0]["curve"][0]["accuracy"] >= row["runs"][0]["target_accuracy"]
             for name, design in designs.items():
                 record[f"stage0_probe[{name}]"] = design.predict_from_probe_features(
-                    {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES},
-                    already_met=row["runs"][0]["curve"][0]["accuracy"] >= row["runs"][0]["target_accuracy"],
+                    {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES}, already_met=met,
+                ).epochs
+            for caps, fit in clipped.items():
+                read = horizons[caps][i]
+                record[f"stage0_probe[curve to {caps:g} caps]"] = fit.predict_from_probe_features(
+                    {f: read[f] for f in features}, {f: read[f] for f in PROBE_FEATURES}, already_met=met,
                 ).epochs
             records.append(record)
     return records
@@ -179,6 +214,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     weights = [float(w) for w in args.own_curve_evals.split(",")]
     records = leave_one_kind_out([r for sweep in sweeps for r in sweep.rows], list(sweeps[0].forecaster.stage0.features_), weights)
     names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"stage0_probe[{d}]" for d in STAGE1_DESIGNS]
+    names += [f"stage0_probe[curve to {caps:g} caps]" for caps in CURVE_HORIZONS if caps != HORIZON_CAPS]
     names += ["in_flight_stage1_on_run"] + [f"in_flight_own_{w:g}" for w in weights]
     table = {name: _scores(records, name) for name in names}
     scored = {w: table[f"in_flight_own_{w:g}"]["median_abs_log_error"] for w in weights}
