@@ -62,6 +62,10 @@ STAGE0_FEATURE = "stage0_log_epochs"
 #: the same size, whose retrains differ in the last bits) ranked inf first: 0.381 | 0.322 against 8:
 #: 0.420 | 0.353, 16: 0.410 | 0.325, 4: 0.447 | 0.353, 2: 0.512 | 0.387. Over the three runs 8 keeps the
 #: lowest mean (0.270, then 16 0.275, 4 0.281, inf 0.298, 2 0.302): the weights lie within each run's noise.
+#: A fourth run, once a probe that starts at the target had its curve at 0 (``--seeds 4``, 216 points per
+#: architecture), ranked inf first: 0.365 | 0.241 (mean 0.303), then 16: 0.361 | 0.291, 8: 0.356 | 0.316,
+#: 4: 0.374 | 0.314, 2: 0.406 | 0.316. Over the four runs 8 still has the lowest mean (0.287; 16 0.288, 4
+#: 0.297, inf 0.299, 2 0.317).
 OWN_CURVE_EVALS = 8.0
 STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
 #: Features stage 1 is fitted on unless told otherwise. Chosen by the same two runs
@@ -76,7 +80,11 @@ STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
 #: 39% | 44% (mean 41.4%), the probe's own cutoff 37% | 55%, curve + progress + loss drop 39% | 57%,
 #: index + curve 48% | 74%, the gap left to the target 59% | 68%, curve + gap 62% | 68%; the noise
 #: floor of the same run (window 3, two seeds) was 37% | 41%, so on these kinds stage 1 is within a
-#: few points of what the measurement allows.
+#: few points of what the measurement allows. A fourth run, once a probe that starts at the target had
+#: its curve at 0 (``--seeds 4``, 216 points per architecture; floor 37% | 41% again), ranked the probe's
+#: own cutoff first: 37% | 58% (mean 47.6%) against the curve alone 44% | 59% (51.8%), index + curve
+#: 43% | 76%, curve + gap 50% | 69%, the gap 57% | 67%. Over the two runs that scored the cutoff the curve
+#: keeps the lower mean (46.6% against 46.8%).
 STAGE1_DEFAULT: tuple[str, ...] = ("curve_log_epochs",)
 #: Retrain settings that change epochs to the cutoff (``RetrainConfig`` flat names): calibration
 #: records them, and a forecast is refused for retrains that do not share them. ``replay_fraction``
