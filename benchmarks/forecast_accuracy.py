@@ -5,6 +5,10 @@ Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shu
        [--kind-set original|fresh|third|fourth] [--seed-offset 0] [--device cpu]
        python benchmarks/forecast_accuracy.py --combine a.json,b.json [--bootstrap 1000]
 
+``--json`` keeps every scored run's evaluations, index features and probe curve, and the
+calibration's rows (each with its probe curve), so that other designs can be scored on the
+same runs without retraining.
+
 For each architecture (the demo CNN, and torchvision's shufflenet_v2_x0_5 at 16x16, which
 trains on this CPU in about a minute):
 
@@ -175,6 +179,8 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                     "probe_energy_kwh_estimated": probe.cost.estimated_energy_kwh,
                     "retrain_energy_kwh_estimated": None if host_rate is None else host_rate.kwh(run.samples_seen, len(run.curve) * run.holdout_samples),
                     "stage0": stage0.epochs, "stage0_probe": stage1.epochs, "not_converging": flags(stage0, stage1),
+                    "features": features,
+                    "probe_curve": [{"epoch": e, "accuracy": a, "loss": loss} for e, a, loss in zip(probe.epochs, probe.accuracy, probe.loss)],
                 }
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
                 record["in_flight_quarter"] = _in_flight(forecaster, features, run, stage1, target, ceiling)
@@ -201,6 +207,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         "probe_not_worth": forecaster.probe_not_worth(),
         "stage1_coefficients": dict(zip(forecaster.stage1.features_, map(float, forecaster.stage1.coef_))),
         "runs": runs,
+        "calibration_rows": cal_rows,
         "metrics": metrics(runs, args.bootstrap),
         "not_converging": not_converging_flags(runs),
         "budget": budget_table(runs, forecaster, work),
@@ -608,7 +615,9 @@ def main() -> None:
             for run in r["runs"]:
                 for name in PREDICTORS:
                     run[name] = None if run[name] is None else run[name].to_dict()
-                run.pop("guard")
+                # The run's evaluations, with the probe's curve and the calibration rows (each with its
+                # probe_curve), let another design be scored on these very runs without retraining.
+                run["curve"] = [dict(zip(("step", "epoch", "samples_seen", "accuracy", "loss"), p)) for p in run.pop("guard")["curve"]]
         args.json.write_text(json.dumps(results, indent=1, default=str))
 
 
