@@ -7,7 +7,9 @@ Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shu
 
 ``--json`` keeps every scored run's evaluations, index features and probe curve, and the
 calibration's rows (each with its probe curve), so that other designs can be scored on the
-same runs without retraining.
+same runs without retraining: ``--rescore a.json [--stage1-features F] [--curve-horizon C]
+[--own-curve-evals W]``. Score a design on these evaluation-only kinds once it has been chosen
+on the built-in kinds (``forecast_selection.py``), never to choose it.
 
 For each architecture (the demo CNN, and torchvision's shufflenet_v2_x0_5 at 16x16, which
 trains on this CPU in about a minute):
@@ -61,7 +63,9 @@ from eval_shifts import EVAL_KINDS, FOURTH_KINDS, FRESH_KINDS, THIRD_KINDS, eval
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
 from shiftcost.features import COST_FEATURES  # noqa: E402
 from shiftcost.forecast import protocol  # noqa: E402
+from shiftcost.forecast.forecaster import STAGE1_DEFAULT  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
+from shiftcost.forecast.probe import HORIZON_CAPS  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
 
 TOLERANCE = 0.03
@@ -208,6 +212,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         "stage1_coefficients": dict(zip(forecaster.stage1.features_, map(float, forecaster.stage1.coef_))),
         "runs": runs,
         "calibration_rows": cal_rows,
+        "stage0_features": list(forecaster.stage0.features_),
         "metrics": metrics(runs, args.bootstrap),
         "not_converging": not_converging_flags(runs),
         "budget": budget_table(runs, forecaster, work),
@@ -593,9 +598,19 @@ def main() -> None:
         ),
     )
     parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print their scored runs pooled")
+    parser.add_argument(
+        "--rescore", default=None,
+        help="comma-separated --json outputs of earlier runs: score their runs again under the design below, without retraining",
+    )
+    parser.add_argument("--stage1-features", default=",".join(STAGE1_DEFAULT), help="with --rescore: stage 1's features")
+    parser.add_argument("--curve-horizon", type=float, default=HORIZON_CAPS, help="with --rescore: caps at which the curve feature is clipped")
+    parser.add_argument("--own-curve-evals", type=float, default=None, help="with --rescore: the in-flight weight on the run's own curve")
     args = parser.parse_args()
     if args.combine:
         print_pooled([Path(p) for p in args.combine.split(",")], args.bootstrap)
+        return
+    if args.rescore:
+        rescore([Path(p) for p in args.rescore.split(",")], args)
         return
     torch.set_num_threads(1)
     load = os.getloadavg()
@@ -619,6 +634,62 @@ def main() -> None:
                 # probe_curve), let another design be scored on these very runs without retraining.
                 run["curve"] = [dict(zip(("step", "epoch", "samples_seen", "accuracy", "loss"), p)) for p in run.pop("guard")["curve"]]
         args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+def rescore(paths: list[Path], args: argparse.Namespace) -> None:
+    """The runs of earlier ``--json`` outputs scored again under another design, with no retraining:
+    the forecaster is refitted on each output's calibration rows with ``--stage1-features`` and the
+    curve clipped at ``--curve-horizon`` caps (both read again from the saved probe curves), and the
+    in-flight forecast weighs the run's own curve with ``--own-curve-evals``. With the defaults it
+    repeats the live run's table. Budgets and the guard are left to live runs."""
+    from types import SimpleNamespace
+
+    from shiftcost.calibrate.analysis import _fit_ready, _fit_row
+    from shiftcost.forecast.forecaster import Forecaster
+    from shiftcost.forecast.probe import probe_features, starts_at_target
+
+    def read(curve: list[dict[str, float]], target: float, ceiling: float) -> dict[str, float]:
+        return probe_features(
+            [p["epoch"] for p in curve], [p["accuracy"] for p in curve], [p["loss"] for p in curve], target=target, ceiling=ceiling,
+            cap_epochs=protocol.MAX_EPOCHS, horizon_caps=args.curve_horizon,
+        )
+
+    stage1_features = tuple(args.stage1_features.split(","))
+    for path in paths:
+        for result in json.loads(path.read_text()):
+            if "calibration_rows" not in result or "stage0_features" not in result:
+                raise SystemExit(f"{path} does not keep its calibration rows (written by an older version); run the benchmark again with --json.")
+            features = result["stage0_features"]
+            ceiling = result["reference_accuracy"]
+            target = ceiling - TOLERANCE
+            cal_rows = [r for r in result["calibration_rows"] if r["status"] != "failed"]
+            fit_rows = [_fit_row(r | read(r["probe_curve"], r["target_accuracy"], r["reference_accuracy"])) for r in cal_rows if _fit_ready(r, features)]
+            forecaster = Forecaster.fit(fit_rows, features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, stage1_features=stage1_features)
+            if forecaster.stage1 is None:
+                raise SystemExit(f"{path}, {result['arch']}: stage 1 could not be fitted on {stage1_features}: {forecaster.stage1_error}")
+            baselines = fit_baselines(cal_rows)
+            runs = []
+            for saved in result["runs"]:
+                probe = saved["probe_curve"]
+                stage0 = forecaster.predict(saved["features"])
+                stage1 = forecaster.predict_from_probe_features(
+                    saved["features"], read(probe, target, ceiling), already_met=starts_at_target([p["accuracy"] for p in probe], target)
+                )
+                run = SimpleNamespace(curve=[SimpleNamespace(**p) for p in saved["curve"]])
+                record = {k: saved[k] for k in ("kind", "intensity", "seed", "epochs", "censored", "accuracy_drop")}
+                record |= {"stage0": stage0.epochs, "stage0_probe": stage1.epochs, "not_converging": flags(stage0, stage1)}
+                record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
+                record["in_flight_quarter"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, args.own_curve_evals)
+                record["in_flight_quarter_prior_only"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, math.inf)
+                runs.append(record)
+            coefficients = dict(zip(forecaster.stage1.features_, map(float, forecaster.stage1.coef_)))
+            print(
+                f"\n=== {result['arch']} from {path}: stage 1 on {', '.join(stage1_features)}, curve clipped at {args.curve_horizon:g} caps, "
+                f"in flight weighing the run's own curve at {'the default' if args.own_curve_evals is None else args.own_curve_evals}; "
+                f"stage 1 coefficients {coefficients}"
+            )
+            print_metrics(metrics(runs, args.bootstrap))
+            print_flags(not_converging_flags(runs))
 
 
 def _subset(values: tuple[float, ...], count: int) -> tuple[float, ...]:
