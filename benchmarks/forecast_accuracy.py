@@ -65,7 +65,7 @@ from shiftcost.features import COST_FEATURES  # noqa: E402
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.forecaster import STAGE1_DEFAULT  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
-from shiftcost.forecast.probe import HORIZON_CAPS  # noqa: E402
+from shiftcost.forecast.probe import HORIZON_CAPS, saved_curve  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
 
 TOLERANCE = 0.03
@@ -184,7 +184,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                     "retrain_energy_kwh_estimated": None if host_rate is None else host_rate.kwh(run.samples_seen, len(run.curve) * run.holdout_samples),
                     "stage0": stage0.epochs, "stage0_probe": stage1.epochs, "not_converging": flags(stage0, stage1),
                     "features": features,
-                    "probe_curve": [{"epoch": e, "accuracy": a, "loss": loss} for e, a, loss in zip(probe.epochs, probe.accuracy, probe.loss)],
+                    "probe_curve": saved_curve(probe.epochs, probe.accuracy, probe.loss),
                 }
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
                 record["in_flight_quarter"] = _in_flight(forecaster, features, run, stage1, target, ceiling)
@@ -646,13 +646,10 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
 
     from shiftcost.calibrate.analysis import _fit_ready, _fit_row
     from shiftcost.forecast.forecaster import Forecaster
-    from shiftcost.forecast.probe import probe_features, starts_at_target
+    from shiftcost.forecast.probe import features_of_saved_curve, starts_at_target
 
     def read(curve: list[dict[str, float]], target: float, ceiling: float) -> dict[str, float]:
-        return probe_features(
-            [p["epoch"] for p in curve], [p["accuracy"] for p in curve], [p["loss"] for p in curve], target=target, ceiling=ceiling,
-            cap_epochs=protocol.MAX_EPOCHS, horizon_caps=args.curve_horizon,
-        )
+        return features_of_saved_curve(curve, target=target, ceiling=ceiling, cap_epochs=protocol.MAX_EPOCHS, horizon_caps=args.curve_horizon)
 
     stage1_features = tuple(args.stage1_features.split(","))
     for path in paths:

@@ -56,7 +56,7 @@ from forecast_accuracy import (  # noqa: E402
 
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.forecaster import STAGE0_FEATURE, Forecaster  # noqa: E402
-from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, probe_features  # noqa: E402
+from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, features_of_saved_curve  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt  # noqa: E402
 
 PROTOCOL_WINDOW = protocol.CUTOFF_WINDOW
@@ -103,14 +103,12 @@ CURVE_HORIZONS: tuple[float, ...] = (1.0, 1.5, 2.0, HORIZON_CAPS)
 def with_curve_horizon(rows: list[dict[str, Any]], caps: float) -> list[dict[str, Any]]:
     """``rows`` with the probe's features read again from each row's ``probe_curve``, a curve that
     does not reach the target clipped at ``caps`` caps."""
-    out = []
-    for row in rows:
-        curve = row["probe_curve"]
-        out.append(row | probe_features(
-            [p["epoch"] for p in curve], [p["accuracy"] for p in curve], [p["loss"] for p in curve],
-            target=row["runs"][0]["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=protocol.MAX_EPOCHS, horizon_caps=caps,
-        ))
-    return out
+    return [
+        row | features_of_saved_curve(
+            row["probe_curve"], target=row["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=protocol.MAX_EPOCHS, horizon_caps=caps,
+        )
+        for row in rows
+    ]
 
 
 def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights: list[float]) -> list[dict[str, Any]]:
@@ -146,7 +144,7 @@ def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights:
             if row["corruption"] != kind:
                 continue
             record = _forecast_point(forecaster, baselines, row, features, weights)
-            met = row["runs"][0]["curve"][0]["accuracy"] >= row["runs"][0]["target_accuracy"]
+            met = bool(row["probe_already_met"])
             for name, design in designs.items():
                 record[f"stage0_probe[{name}]"] = design.predict_from_probe_features(
                     {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES}, already_met=met,
@@ -163,9 +161,7 @@ def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights:
 def _forecast_point(forecaster: Forecaster, baselines: Any, row: dict[str, Any], features: list[str], weights: list[float]) -> dict[str, Any]:
     run = row["runs"][0]
     x = {f: row[f] for f in features}
-    stage1 = forecaster.predict_from_probe_features(
-        x, {f: row[f] for f in PROBE_FEATURES}, already_met=run["curve"][0]["accuracy"] >= run["target_accuracy"]
-    )
+    stage1 = forecaster.predict_from_probe_features(x, {f: row[f] for f in PROBE_FEATURES}, already_met=bool(row["probe_already_met"]))
     stage0 = forecaster.predict(x)
     record = {
         "kind": row["corruption"], "intensity": row["intensity"], "epochs": float(run["epochs"]),

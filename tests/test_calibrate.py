@@ -31,7 +31,7 @@ from shiftcost.data.batches import Batch, save_batch
 from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model, save_model
 from shiftcost.errors import ConfigError, InputError
-from shiftcost.forecast.probe import probe_features
+from shiftcost.forecast.probe import features_of_saved_curve
 
 FAST_ENERGY = {"measure_power_secs": 0.2}
 # A shift so strong that the pixels overflow to infinity: a real crash inside the point.
@@ -431,10 +431,7 @@ def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
         # What the probe saw is kept, and gives the row's features again.
         curve = row["probe_curve"]
         assert len(curve) == 3 + 1 and curve[0]["epoch"] == 0.0
-        again = probe_features(
-            [p["epoch"] for p in curve], [p["accuracy"] for p in curve], [p["loss"] for p in curve],
-            target=row["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=RETRAIN["max_epochs"],
-        )
+        again = features_of_saved_curve(curve, target=row["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=RETRAIN["max_epochs"])
         assert again == {name: row[name] for name in again}
     assert result.settings["probe_steps"] == 3
 

@@ -356,7 +356,7 @@ def _probe_point(
     row: dict[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, steps: int, retrain_kwargs: Mapping[str, Any]
 ) -> None:
     """The learning probe's features and cost on this point (what the forecast will see)."""
-    from shiftcost.forecast.probe import probe_features, run_probe, starts_at_target
+    from shiftcost.forecast.probe import probe_features, run_probe, saved_curve, starts_at_target
 
     config = retrain_kwargs["config"]
     reference = retrain_kwargs["reference_accuracy"]
@@ -374,7 +374,7 @@ def _probe_point(
     row["probe_already_met"] = starts_at_target(trajectory.accuracy, target)
     # What the probe saw, beside each retrain's curve: the probe's features can be derived again
     # from a saved calibration (how forecast_selection.py compares ways of reading the curve).
-    row["probe_curve"] = [{"epoch": e, "accuracy": a, "loss": loss} for e, a, loss in zip(trajectory.epochs, trajectory.accuracy, trajectory.loss)]
+    row["probe_curve"] = saved_curve(trajectory.epochs, trajectory.accuracy, trajectory.loss)
 
 
 def _first_grad_norm(run: Mapping[str, Any]) -> float | None:

@@ -31,7 +31,9 @@ from shiftcost.energy import HostEnergyRate
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
 
-__all__ = ["ProbeCost", "ProbeTrajectory", "run_probe", "probe_features", "starts_at_target", "PROBE_FEATURES"]
+__all__ = [
+    "ProbeCost", "ProbeTrajectory", "run_probe", "probe_features", "saved_curve", "features_of_saved_curve", "starts_at_target", "PROBE_FEATURES",
+]
 
 # Probe length chosen on calibration data only (digits CNN, built-in kinds, leave-one-kind-out
 # MdAPE of stage 1): 8 steps x 16 on 64 samples 79%, 16 x 16 on 128 73%, 16 x 16 on 256 53%,
@@ -168,6 +170,21 @@ def probe_features(
         "curve_log_epochs": math.log1p(crossing), "probe_progress": progress, "probe_loss_drop": float(drop),
         "probe_gap": float(target - last_acc), "cutoff_log_epochs": math.log1p(cutoff),
     }
+
+
+def saved_curve(epochs: list[float], accuracy: list[float], loss: list[float]) -> list[dict[str, float]]:
+    """A probe's evaluations as calibration rows and benchmark outputs keep them (``probe_curve``)."""
+    return [{"epoch": e, "accuracy": a, "loss": value} for e, a, value in zip(epochs, accuracy, loss)]
+
+
+def features_of_saved_curve(
+    curve: list[dict[str, float]], *, target: float, ceiling: float, cap_epochs: float, horizon_caps: float | None = None
+) -> dict[str, float]:
+    """:func:`probe_features` of a :func:`saved_curve`: a saved calibration's probes read again."""
+    return probe_features(
+        [p["epoch"] for p in curve], [p["accuracy"] for p in curve], [p["loss"] for p in curve],
+        target=target, ceiling=ceiling, cap_epochs=cap_epochs, horizon_caps=horizon_caps,
+    )
 
 
 @dataclass
