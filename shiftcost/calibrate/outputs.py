@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from shiftcost.calibrate.helpers import _cost_model_summary, _count, _finite, _fmt, _fmt_load, _pct
 from shiftcost.jsonsafe import json_safe
+from shiftcost.forecast.forecaster import naive_did_better
 from shiftcost.calibrate.settings import COLUMNS, GROUP_KEY
 
 
@@ -156,6 +157,9 @@ def markdown_report(result: SweepResult) -> str:
         lines += ["", "## Forecast stages on the batches that needed training (each kind left out, as `forecast` makes them)", ""]
         compared = "error" not in result.loco_stages
         lines += _stages_table(result.loco_stages) if compared else [f"Not compared: {result.loco_stages['error']}"]
+        naive = naive_did_better(result.loco_stages) if compared else None
+        if naive:
+            lines += ["", f"{naive[0].upper()}{naive[1:]}."]
         reason = result.forecaster.probe_not_worth() if result.forecaster is not None else None
         if reason:
             lines += ["", f"No probe with this cost model: {reason}."]
@@ -195,9 +199,10 @@ def _loco_table(summary: Mapping[str, Any], title: str) -> list[str]:
 
 def _stages_table(stages: Mapping[str, Any]) -> list[str]:
     lines = ["| stage | batches | capped | MdAPE epochs | coverage epochs |", "|---|---|---|---|---|"]
-    for name in ("index", "probe"):
+    labels = {"index": "index", "probe": "probe", "constant": "median of the other kinds (naive)"}
+    for name, label in labels.items():
         s = stages[name]
-        lines.append(f"| {name} | {s['n']} | {s['n_censored']} | {_pct(s['mdape_epochs'])} | {_pct(s['coverage_epochs'])} |")
+        lines.append(f"| {label} | {s['n']} | {s['n_censored']} | {_pct(s['mdape_epochs'])} | {_pct(s['coverage_epochs'])} |")
     lines += ["", f"{stages['needing_none']} more needed no training; the probe's first evaluation put {stages['needing_none_forecast_at_zero']} of them at zero."]
     return lines
 

@@ -224,6 +224,8 @@ def _print_annealing_cap(forecaster: Any, console: Console) -> None:
 def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, console: Console) -> None:
     """Both stages' leave-one-kind-out error on the batches that needed training, as ``forecast``
     makes them, and whether the saved forecaster will probe on their strength."""
+    from shiftcost.forecast.forecaster import naive_did_better
+
     if forecaster is None or (forecaster.stage1 is None and not forecaster.stage1_error):
         return
     if forecaster.stage1 is None:
@@ -232,13 +234,17 @@ def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, consol
     if stages is not None and "error" in stages:
         console.print(f"forecast stages not compared on the batches that needed training: {stages['error']}", style="yellow")
     elif stages is not None:
-        probe, index = stages["probe"], stages["index"]
+        probe, index, naive = stages["probe"], stages["index"], stages["constant"]
         console.print(
             f"probe stage ({', '.join(forecaster.stage1.features_)}), leave one corruption kind out, on the {probe['n']} batches that "
             f"needed training ({probe['n_censored']} capped): MdAPE epochs {_pct(probe['mdape_epochs'])}, coverage epochs "
-            f"{_pct(probe['coverage_epochs'])}; index stage on the same: {_pct(index['mdape_epochs'])}, {_pct(index['coverage_epochs'])}. "
+            f"{_pct(probe['coverage_epochs'])}; index stage on the same: {_pct(index['mdape_epochs'])}, {_pct(index['coverage_epochs'])}; "
+            f"the other kinds' median epochs (naive): {_pct(naive['mdape_epochs'])}, {_pct(naive['coverage_epochs'])}. "
             f"The probe's first evaluation put {stages['needing_none_forecast_at_zero']} of the {stages['needing_none']} that needed none at zero."
         )
+        beaten = naive_did_better(stages)
+        if beaten:
+            console.print(f"{beaten}; calibrating on more kinds or intensities may change that.", style="yellow")
     reason = forecaster.probe_not_worth()
     if reason:
         console.print(

@@ -39,7 +39,7 @@ from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
 from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, ProbeTrajectory, horizon_epochs, probe_features
 
-__all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATURES"]
+__all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATURES", "naive_did_better"]
 
 FORMAT = "shiftcost.forecaster/1"
 STAGE0_FEATURE = "stage0_log_epochs"
@@ -450,15 +450,20 @@ class Forecaster:
         training. Batches that needed none are counted apart (``needing_none``, and how many of
         them the probe stage put at zero): inside the figures they would make any interval with
         a lower end at zero look right. A kind whose training kinds cannot fit a stage is left
-        out of that stage's figures and named in ``kinds_not_fitted``.
+        out of that stage's figures and named in ``kinds_not_fitted``. Beside both stages,
+        ``constant`` scores the naive forecast they must beat: the median epochs of the other
+        kinds' batches that needed training, with their quantiles at the level as its interval.
         """
         if self.stage1 is None:
             return None
         kinds = list(dict.fromkeys(r[group_key] for r in rows))
-        forecasts: dict[str, list[tuple[Mapping[str, Any], Interval]]] = {"index": [], "probe": []}
+        forecasts: dict[str, list[tuple[Mapping[str, Any], Interval]]] = {"index": [], "probe": [], "constant": []}
         not_fitted: list[str] = []
         for kind in kinds:
             train = [r for r in rows if r[group_key] != kind]
+            constant = _median_epochs([r for r in train if not _needed_none(r)], self.level)
+            if constant is not None:
+                forecasts["constant"] += [(row, constant) for row in rows if row[group_key] == kind]
             try:
                 fold = Forecaster.fit(
                     train, features=self.stage0.features_, level=self.level, max_epochs=self.max_epochs, group_key=group_key,
@@ -482,6 +487,7 @@ class Forecaster:
             "needing_none_forecast_at_zero": sum(_needed_none(r) and e.median == 0 for r, e in forecasts["probe"]),
             "index": _left_out_error(forecasts["index"]),
             "probe": _left_out_error(forecasts["probe"]),
+            "constant": _left_out_error(forecasts["constant"]),
         }
 
     def probe_not_worth(self) -> str | None:
@@ -701,6 +707,29 @@ def _left_out_error(forecasts: Sequence[tuple[Mapping[str, Any], Interval]]) -> 
         "coverage_epochs": float(np.mean([e.low <= r["epochs"] <= e.high for r, e in reached])) if reached else None,
         "censored_definite_misses": sum(e.high < r["epochs"] for r, e in capped),
     }
+
+
+def naive_did_better(left_out: Mapping[str, Any]) -> str | None:
+    """Why a :meth:`Forecaster.leave_one_kind_out` result says the forecast's median is no better
+    a guess than the naive one (the other kinds' median epochs), or ``None`` when a stage beat it."""
+    naive = left_out["constant"]["mdape_epochs"]
+    stages = {name: left_out[name]["mdape_epochs"] for name in ("index", "probe")}
+    if naive is None or any(v is None or v < naive for v in stages.values()):
+        return None
+    return (
+        f"neither stage forecast calibration's batches that needed training, each kind left out, better than the median "
+        f"epochs of the other kinds' batches (MdAPE of epochs {naive:.0%}, against {stages['index']:.0%} for the index stage "
+        f"and {stages['probe']:.0%} for the probe stage), so the forecast's median is no better a guess than that median here"
+    )
+
+
+def _median_epochs(rows: Sequence[Mapping[str, Any]], level: float) -> Interval | None:
+    """The median epochs of ``rows`` (capped ones at what they spent), with their quantiles at ``level``."""
+    if not rows:
+        return None
+    epochs = np.array([float(r["epochs"]) for r in rows])
+    low, high = np.quantile(epochs, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(float(np.median(epochs)), float(low), float(high), level)
 
 
 def _needed_none(row: Mapping[str, Any]) -> bool:

@@ -243,12 +243,13 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     assert json.loads((cal / "forecaster.json").read_text())["retrain"]["lr"] == 0.01
     # Both stages' error on the batches that needed training, each kind left out, is printed and kept.
     stages = json.loads((cal / "sweep.json").read_text())["loco_stages"]
-    probe, index = stages["probe"], stages["index"]
+    probe, index, naive = stages["probe"], stages["index"], stages["constant"]
     printed = " ".join(done.stdout.split())
     assert (
         f"probe stage (curve_log_epochs), leave one corruption kind out, on the {probe['n']} batches that needed training "
         f"({probe['n_censored']} capped): MdAPE epochs {100 * probe['mdape_epochs']:.0f}%, coverage epochs {100 * probe['coverage_epochs']:.0f}%; "
-        f"index stage on the same: {100 * index['mdape_epochs']:.0f}%, {100 * index['coverage_epochs']:.0f}%."
+        f"index stage on the same: {100 * index['mdape_epochs']:.0f}%, {100 * index['coverage_epochs']:.0f}%; "
+        f"the other kinds' median epochs (naive): {100 * naive['mdape_epochs']:.0f}%, {100 * naive['coverage_epochs']:.0f}%."
     ) in printed
     needing_training = [r for r in json.loads((cal / "points.json").read_text()) if not (r["reached_cutoff"] and r["epochs"] == 0)]
     assert probe["n"] == len(needing_training) > 0

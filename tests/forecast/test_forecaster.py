@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate
 from shiftcost.errors import InputError
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
-from shiftcost.forecast.forecaster import Forecaster, out_of_fold_log_epochs
+from shiftcost.forecast.forecaster import Forecaster, naive_did_better, out_of_fold_log_epochs
 from tests.forecast.helpers import INDEX, UNIT_RATE, fitted_forecaster, forecast_rows
 
 
@@ -60,10 +61,13 @@ def test_leave_one_kind_out_scores_both_stages_as_forecast_makes_them_on_batches
     forecaster = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)
     result = forecaster.leave_one_kind_out(rows)
     # Independently: each kind forecast by a forecaster fitted on the others, one batch at a time.
-    probe_ape, index_ape, probe_hits = [], [], []
+    probe_ape, index_ape, probe_hits, naive_ape, naive_hits = [], [], [], [], []
     for kind in dict.fromkeys(r["corruption"] for r in rows):
         fold = Forecaster.fit([r for r in rows if r["corruption"] != kind], features=list(INDEX), max_epochs=15.0)
+        others = sorted(r["epochs"] for r in rows if r["corruption"] != kind and r["epochs"] > 0)
         for row in (r for r in rows if r["corruption"] == kind and r["epochs"] > 0):
+            naive_ape.append(abs(statistics.median(others) - row["epochs"]) / row["epochs"])
+            naive_hits.append(np.quantile(others, 0.05) <= row["epochs"] <= np.quantile(others, 0.95))
             probed = fold.predict_from_probe_features(row, row, already_met=row.get("probe_already_met", False)).epochs
             index = fold.predict(row).epochs
             probe_ape.append(abs(probed.median - row["epochs"]) / row["epochs"])
@@ -74,10 +78,46 @@ def test_leave_one_kind_out_scores_both_stages_as_forecast_makes_them_on_batches
     assert result["probe"]["mdape_epochs"] == pytest.approx(np.median(probe_ape))
     assert result["probe"]["coverage_epochs"] == pytest.approx(np.mean(probe_hits))
     assert result["index"]["mdape_epochs"] == pytest.approx(np.median(index_ape))
+    # Beside them, the naive forecast both must beat: the other kinds' median epochs.
+    assert result["constant"]["n"] == result["index"]["n"]
+    assert result["constant"]["mdape_epochs"] == pytest.approx(np.median(naive_ape))
+    assert result["constant"]["coverage_epochs"] == pytest.approx(np.mean(naive_hits))
     # The batch whose probe started at the target is forecast at zero although it needed training.
     assert max(probe_ape) == pytest.approx(1.0)
     # The probe's curve carries the truth here, the indices less so.
     assert result["probe"]["mdape_epochs"] < result["index"]["mdape_epochs"]
+    assert result["probe"]["mdape_epochs"] < result["constant"]["mdape_epochs"] and naive_did_better(result) is None
+
+
+def test_calibration_says_when_neither_stage_beats_the_other_kinds_median_epochs() -> None:
+    from rich.console import Console
+
+    from shiftcost.calibrate.outputs import markdown_report
+    from shiftcost.cli.calibrate import _print_probe_stage
+
+    rows = [
+        r | {"status": "reached", "intensity": 0.5, "runs": [], "accuracy_drop": 0.97 - r["accuracy"], "energy_kwh": None}
+        for r in forecast_rows()
+    ]
+    result = analyse(rows, settings={"batch_size": 16}, features=list(INDEX))
+    # Here the probe's curve carries the truth: a stage beats the naive forecast and nothing is said.
+    assert naive_did_better(result.loco_stages) is None and "no better a guess" not in markdown_report(result)
+
+    def scored(naive: float, index: float, probe: float) -> dict:
+        stages = result.loco_stages
+        return stages | {name: stages[name] | {"mdape_epochs": v} for name, v in (("constant", naive), ("index", index), ("probe", probe))}
+
+    assert naive_did_better(scored(0.40, 0.39, 0.60)) is None  # one stage better is enough
+    assert naive_did_better(scored(0.40, 0.60, None)) is None  # a stage with nothing to score is not beaten
+    verdict = naive_did_better(scored(0.41, 0.68, 0.41))  # a tie is no better
+    assert verdict is not None and "(MdAPE of epochs 41%, against 68% for the index stage and 41% for the probe stage)" in verdict
+    result.loco_stages = scored(0.41, 0.68, 0.41)
+    report = markdown_report(result)
+    assert verdict[1:] in report and f"| median of the other kinds (naive) | {result.loco_stages['constant']['n']} |" in report
+    console = Console(record=True, width=1000)
+    _print_probe_stage(result.forecaster, result.loco_stages, console)
+    printed = console.export_text()
+    assert verdict in printed and "the other kinds' median epochs (naive): 41%" in printed
 
 
 def test_leave_one_kind_out_counts_a_capped_batch_only_as_a_definite_miss() -> None:
