@@ -85,7 +85,8 @@ PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "i
 TRAINING_RECIPE = {"lr": 1e-3, "freeze_batchnorm": False, "replay_fraction": 0.0}
 
 
-def build_arch(arch: str, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]:
+def build_arch(arch: str, seed: int = 0, recipe: dict[str, Any] | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """The trained model, its spec with ``recipe`` (default :data:`TRAINING_RECIPE`) and the digits splits."""
     import dataclasses
 
     from shiftcost.data.demo import load_digits, split_digits, train_classifier, train_demo_model
@@ -100,7 +101,7 @@ def build_arch(arch: str, seed: int = 0) -> tuple[Any, Any, dict[str, Any]]:
             torch.manual_seed(seed)
             model, spec = build_model(arch, 10, in_channels=1, image_size=16)
         train_classifier(model, *splits["train"], epochs=15, seed=seed)
-    return model, dataclasses.replace(spec, recipe=dict(TRAINING_RECIPE)), splits
+    return model, dataclasses.replace(spec, recipe=dict(TRAINING_RECIPE if recipe is None else recipe)), splits
 
 
 # ----------------------------------------------------------------------------- one arch
@@ -459,10 +460,13 @@ def noise_floor(
 
 
 def seed_spread(
-    model: Any, batches: dict[str, Any], y: Any, ceiling: float, seeds: int, holdout_seed: int | None = None, device: str = "cpu"
+    model: Any, batches: dict[str, Any], y: Any, ceiling: float, seeds: int, holdout_seed: int | None = None, device: str = "cpu",
+    recipe: dict[str, Any] | None = None, reference: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Epochs to the cutoff of each batch under ``seeds`` retrain seeds: the median CV and the
     leave-one-seed-out MdAPE (the error of forecasting one seed by the mean of the others).
+    ``recipe`` defaults to :data:`TRAINING_RECIPE`; one that replays needs the labelled
+    ``reference`` to replay from.
 
     Both are taken over batches whose every seed reached the cutoff, as forecast MdAPE is over
     reached runs: a capped run's epochs are only a bound, and two seeds capped at the same
@@ -475,7 +479,8 @@ def seed_spread(
             retrain_to_cutoff(
                 model, shifted, y, seed=100 + s, reference_accuracy=ceiling, tolerance=TOLERANCE,
                 holdout_fraction=protocol.HOLDOUT_FRACTION, holdout_seed=holdout_seed, max_epochs=protocol.MAX_EPOCHS,
-                track_energy=False, device=device, **TRAINING_RECIPE,
+                track_energy=False, device=device, reference_x=None if reference is None else reference[0],
+                reference_y=None if reference is None else reference[1], **(TRAINING_RECIPE if recipe is None else recipe),
             )
             for s in range(seeds)
         ]

@@ -1,7 +1,8 @@
 """Choose the forecast's settings on the built-in shift kinds only (leave-one-kind-out).
 
 Usage: nice -n 10 python benchmarks/forecast_selection.py [--archs digits_cnn,shufflenet_v2_x0_5]
-       [--windows 1,2,3] [--own-curve-evals inf,2,4,8,16] [--noise-seeds 4] [--seeds 3] [--probe-steps 16] [--json out.json]
+       [--windows 1,2,3] [--own-curve-evals inf,2,4,8,16] [--noise-seeds 4] [--seeds 3] [--probe-steps 16]
+       [--replay-fraction 0] [--json out.json]
 
 ``benchmarks/forecast_accuracy.py`` scores on evaluation-only kinds that must never choose
 anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAULT_SWEEP`:
@@ -51,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from forecast_accuracy import (  # noqa: E402
-    LEVEL, PROBE_STEPS, TOLERANCE, _scores, build_arch, calibrate, fit_baselines, flags, not_converging_flags, print_flags, seed_spread,
+    LEVEL, PROBE_STEPS, TOLERANCE, TRAINING_RECIPE, _scores, build_arch, calibrate, fit_baselines, flags, not_converging_flags, print_flags, seed_spread,
 )
 
 from shiftcost.forecast import protocol  # noqa: E402
@@ -62,9 +63,11 @@ from shiftcost.shifts import DEFAULT_SWEEP, corrupt  # noqa: E402
 PROTOCOL_WINDOW = protocol.CUTOFF_WINDOW
 
 
-def noise_floor_by_window(model: Any, x: Any, y: Any, ceiling: float, seeds: int, windows: list[int]) -> dict[str, Any]:
+def noise_floor_by_window(
+    model: Any, x: Any, y: Any, ceiling: float, seeds: int, windows: list[int], recipe: dict[str, Any], reference: tuple[Any, Any]
+) -> dict[str, Any]:
     """Leave-one-seed-out MdAPE and CV of epochs per cutoff window, on the built-in kinds
-    (one batch each, at its middle non-zero intensity)."""
+    (one batch each, at its middle non-zero intensity), retrained under ``recipe`` (replaying from ``reference`` if it replays)."""
     batches = {}
     for kind, values in DEFAULT_SWEEP.items():
         nonzero = [v for v in values if v > 0]
@@ -72,7 +75,7 @@ def noise_floor_by_window(model: Any, x: Any, y: Any, ceiling: float, seeds: int
     out: dict[str, Any] = {}
     for window in windows:
         protocol.CUTOFF_WINDOW = window
-        out[str(window)] = seed_spread(model, batches, y, ceiling, seeds)
+        out[str(window)] = seed_spread(model, batches, y, ceiling, seeds, recipe=recipe, reference=reference)
     return out
 
 
@@ -195,11 +198,12 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     from shiftcost.index.engine import compute_reference_stats
 
     started = time.perf_counter()
-    model, spec, splits = build_arch(arch)
+    recipe = TRAINING_RECIPE | {"replay_fraction": args.replay_fraction}
+    model, spec, splits = build_arch(arch, recipe=recipe)
     stats = compute_reference_stats(model, spec, *splits["holdout"], device="cpu", seed=0)
     new_x, new_y = splits["stream"]
     windows = [int(w) for w in args.windows.split(",")]
-    floors = noise_floor_by_window(model, new_x, new_y, stats.accuracy, args.noise_seeds, windows)
+    floors = noise_floor_by_window(model, new_x, new_y, stats.accuracy, args.noise_seeds, windows, recipe, splits["holdout"])
     window = choose_window(floors)
     protocol.CUTOFF_WINDOW = PROTOCOL_WINDOW  # the noise-floor runs set it; leave-one-kind-out measures the protocol
     # One sweep's choice is at the level of its retrains' noise: several seeds' sweeps (their own
@@ -224,12 +228,15 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
             | {name: r[name].to_dict() for name in ("stage0", "stage0_probe")}
             for r in records
         ],
-        "points": len(records), "seeds": args.seeds, "probe_steps": args.probe_steps, "seconds": time.perf_counter() - started,
+        "points": len(records), "seeds": args.seeds, "probe_steps": args.probe_steps, "replay_fraction": args.replay_fraction, "seconds": time.perf_counter() - started,
     }
 
 
 def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One setting for every architecture: the lowest mean of each criterion over them."""
+    recipes = {r.get("replay_fraction", 0.0) for r in results}
+    if len(recipes) > 1:
+        raise SystemExit(f"the runs retrained under different replay fractions ({sorted(recipes)}); combine runs of one recipe.")
     windows = results[0]["noise_floor_by_window"].keys()
     floor = {w: float(np.mean([r["noise_floor_by_window"][w]["leave_one_seed_out_mdape"] for r in results])) for w in windows}
     best = min(floor.values())
@@ -253,6 +260,10 @@ def main() -> None:
     parser.add_argument("--noise-seeds", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3, help="calibration sweeps pooled for leave-one-kind-out (seeds 0, 1, ...)")
     parser.add_argument("--probe-steps", type=int, default=PROBE_STEPS, help="the probe's length in steps (its batch stays the default)")
+    parser.add_argument(
+        "--replay-fraction", type=float, default=TRAINING_RECIPE["replay_fraction"],
+        help="share of each retrain's epoch replayed from the reference split (the library's default recipe replays 0.5)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
     args = parser.parse_args()
