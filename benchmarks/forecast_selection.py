@@ -52,7 +52,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from forecast_accuracy import (  # noqa: E402
-    LEVEL, PROBE_STEPS, TOLERANCE, TRAINING_RECIPE, _scores, build_arch, calibrate, fit_baselines, flags, not_converging_flags, print_flags, seed_spread,
+    LEVEL, PROBE_STEPS, TOLERANCE, TRAINING_RECIPE, _scores, build_arch, calibrate, fit_baselines, flags, not_converging_flags, print_flags,
+    seed_spread,
 )
 
 from shiftcost.forecast import protocol  # noqa: E402
@@ -228,7 +229,8 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
             | {name: r[name].to_dict() for name in ("stage0", "stage0_probe")}
             for r in records
         ],
-        "points": len(records), "seeds": args.seeds, "probe_steps": args.probe_steps, "replay_fraction": args.replay_fraction, "seconds": time.perf_counter() - started,
+        "points": len(records), "seeds": args.seeds, "probe_steps": args.probe_steps, "replay_fraction": args.replay_fraction,
+        "seconds": time.perf_counter() - started,
     }
 
 

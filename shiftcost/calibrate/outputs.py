@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shiftcost.calibrate.helpers import _cost_model_summary, _count, _finite, _fmt, _fmt_load, _pct
-from shiftcost.jsonsafe import json_safe
-from shiftcost.forecast.forecaster import naive_did_better
 from shiftcost.calibrate.settings import COLUMNS, GROUP_KEY
+from shiftcost.forecast.forecaster import naive_did_better
+from shiftcost.jsonsafe import json_safe
 
 
 if TYPE_CHECKING:
