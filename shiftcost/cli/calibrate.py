@@ -235,11 +235,14 @@ def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, consol
         console.print(f"forecast stages not compared on the batches that needed training: {stages['error']}", style="yellow")
     elif stages is not None:
         probe, index, naive = stages["probe"], stages["index"], stages["constant"]
+
+        def scores(stage: Mapping[str, Any]) -> str:
+            return f"{_pct(stage['mdape_epochs'])}, {_fmt(stage['median_abs_log_error'], '.2f')}, {_pct(stage['coverage_epochs'])}"
+
         console.print(
             f"probe stage ({', '.join(forecaster.stage1.features_)}), leave one corruption kind out, on the {probe['n']} batches that "
-            f"needed training ({probe['n_censored']} capped): MdAPE epochs {_pct(probe['mdape_epochs'])}, coverage epochs "
-            f"{_pct(probe['coverage_epochs'])}; index stage on the same: {_pct(index['mdape_epochs'])}, {_pct(index['coverage_epochs'])}; "
-            f"the other kinds' median epochs (naive): {_pct(naive['mdape_epochs'])}, {_pct(naive['coverage_epochs'])}. "
+            f"needed training ({probe['n_censored']} capped): MdAPE epochs, median |log error| (capped as bounds), coverage epochs "
+            f"{scores(probe)}; index stage on the same: {scores(index)}; the other kinds' median epochs (naive): {scores(naive)}. "
             f"The probe's first evaluation put {stages['needing_none_forecast_at_zero']} of the {stages['needing_none']} that needed none at zero."
         )
         beaten = naive_did_better(stages)

@@ -61,12 +61,13 @@ def test_leave_one_kind_out_scores_both_stages_as_forecast_makes_them_on_batches
     forecaster = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)
     result = forecaster.leave_one_kind_out(rows)
     # Independently: each kind forecast by a forecaster fitted on the others, one batch at a time.
-    probe_ape, index_ape, probe_hits, naive_ape, naive_hits = [], [], [], [], []
+    probe_ape, index_ape, probe_hits, naive_ape, naive_hits, naive_log = [], [], [], [], [], []
     for kind in dict.fromkeys(r["corruption"] for r in rows):
         fold = Forecaster.fit([r for r in rows if r["corruption"] != kind], features=list(INDEX), max_epochs=15.0)
         others = sorted(r["epochs"] for r in rows if r["corruption"] != kind and r["epochs"] > 0)
         for row in (r for r in rows if r["corruption"] == kind and r["epochs"] > 0):
             naive_ape.append(abs(statistics.median(others) - row["epochs"]) / row["epochs"])
+            naive_log.append(abs(math.log(1 + statistics.median(others)) - math.log(1 + row["epochs"])))
             naive_hits.append(np.quantile(others, 0.05) <= row["epochs"] <= np.quantile(others, 0.95))
             probed = fold.predict_from_probe_features(row, row, already_met=row.get("probe_already_met", False)).epochs
             index = fold.predict(row).epochs
@@ -82,6 +83,7 @@ def test_leave_one_kind_out_scores_both_stages_as_forecast_makes_them_on_batches
     assert result["constant"]["n"] == result["index"]["n"]
     assert result["constant"]["mdape_epochs"] == pytest.approx(np.median(naive_ape))
     assert result["constant"]["coverage_epochs"] == pytest.approx(np.mean(naive_hits))
+    assert result["constant"]["median_abs_log_error"] == pytest.approx(np.median(naive_log))
     # The batch whose probe started at the target is forecast at zero although it needed training.
     assert max(probe_ape) == pytest.approx(1.0)
     # The probe's curve carries the truth here, the indices less so.
@@ -103,21 +105,28 @@ def test_calibration_says_when_neither_stage_beats_the_other_kinds_median_epochs
     # Here the probe's curve carries the truth: a stage beats the naive forecast and nothing is said.
     assert naive_did_better(result.loco_stages) is None and "no better a guess" not in markdown_report(result)
 
-    def scored(naive: float, index: float, probe: float) -> dict:
+    def scored(naive: tuple, index: tuple, probe: tuple) -> dict:
         stages = result.loco_stages
-        return stages | {name: stages[name] | {"mdape_epochs": v} for name, v in (("constant", naive), ("index", index), ("probe", probe))}
+        return stages | {
+            name: stages[name] | {"mdape_epochs": mdape, "median_abs_log_error": log_error}
+            for name, (mdape, log_error) in (("constant", naive), ("index", index), ("probe", probe))
+        }
 
-    assert naive_did_better(scored(0.40, 0.39, 0.60)) is None  # one stage better is enough
-    assert naive_did_better(scored(0.40, 0.60, None)) is None  # a stage with nothing to score is not beaten
-    verdict = naive_did_better(scored(0.41, 0.68, 0.41))  # a tie is no better
-    assert verdict is not None and "(MdAPE of epochs 41%, against 68% for the index stage and 41% for the probe stage)" in verdict
-    result.loco_stages = scored(0.41, 0.68, 0.41)
+    assert naive_did_better(scored((0.40, 0.5), (0.39, 0.9), (0.60, 0.9))) is None  # one stage better is enough
+    # Better on the log error, where the batches that ran to the cap count, is enough too: MdAPE over
+    # reached batches alone favours a forecast at the middle.
+    assert naive_did_better(scored((0.40, 0.5), (0.60, 0.9), (0.60, 0.2))) is None
+    assert naive_did_better(scored((0.40, 0.5), (0.60, 0.9), (None, 0.9))) is None  # a stage with nothing to score is not beaten
+    verdict = naive_did_better(scored((0.41, 0.5), (0.68, 0.9), (0.41, 0.5)))  # a tie is no better
+    assert verdict is not None
+    assert "(MdAPE of epochs 41% and median |log error| 0.50, against 68% and 0.90 for the index stage and 41% and 0.50" in verdict
+    result.loco_stages = scored((0.41, 0.5), (0.68, 0.9), (0.41, 0.5))
     report = markdown_report(result)
     assert verdict[1:] in report and f"| median of the other kinds (naive) | {result.loco_stages['constant']['n']} |" in report
     console = Console(record=True, width=1000)
     _print_probe_stage(result.forecaster, result.loco_stages, console)
     printed = console.export_text()
-    assert verdict in printed and "the other kinds' median epochs (naive): 41%" in printed
+    assert verdict in printed and "the other kinds' median epochs (naive): 41%, 0.50," in printed
 
 
 def test_leave_one_kind_out_counts_a_capped_batch_only_as_a_definite_miss() -> None:
@@ -125,6 +134,15 @@ def test_leave_one_kind_out_counts_a_capped_batch_only_as_a_definite_miss() -> N
     capped = [r for r in rows if not r["reached_cutoff"]]
     result = Forecaster.fit(rows, features=list(INDEX), max_epochs=4.0).leave_one_kind_out(rows)
     assert capped and result["probe"]["n_censored"] == len(capped) and result["probe"]["n"] == len(rows)
+    # In the log error a capped batch is a bound: a forecast beyond what it spent is no error.
+    log_errors, beyond = [], 0
+    for kind in dict.fromkeys(r["corruption"] for r in rows):
+        fold = Forecaster.fit([r for r in rows if r["corruption"] != kind], features=list(INDEX), max_epochs=4.0)
+        for row in (r for r in rows if r["corruption"] == kind):
+            short = math.log1p(row["epochs"]) - math.log1p(fold.predict_from_probe_features(row, row).epochs.median)
+            log_errors.append(abs(short) if row["reached_cutoff"] else max(short, 0.0))
+            beyond += not row["reached_cutoff"] and short < 0
+    assert beyond > 0 and result["probe"]["median_abs_log_error"] == pytest.approx(np.median(log_errors))
     for row in capped:
         row["epochs"] = 1e6  # spent far beyond any forecast: every interval ends below it
     result = Forecaster.fit(rows, features=list(INDEX), max_epochs=4.0).leave_one_kind_out(rows)
