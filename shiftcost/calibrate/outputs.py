@@ -164,7 +164,7 @@ def markdown_report(result: SweepResult) -> str:
         if reason:
             lines += ["", f"No probe with this cost model: {reason}."]
         elif compared:
-            lines += ["", "The probe stage did better: `forecast` and the pipeline probe."]
+            lines += ["", "The probe stage did better than the index stage: `forecast` and the pipeline probe."]
     failed = result.failed
     if failed:
         lines += ["", "## Failed points", ""]
