@@ -696,9 +696,10 @@ def _left_out_error(forecasts: Sequence[tuple[Mapping[str, Any], Interval]]) -> 
     """MdAPE and coverage of epochs over the forecast batches that needed training and reached the
     cutoff; a capped batch's truth is only a lower bound, so it counts only as a definite miss,
     where the interval ends below what it spent (as in the index stage's evaluation), and in the
-    median |log error| over all of them as a bound: short of what it spent is an error, beyond it
+    mean |log error| over all of them as a bound: short of what it spent is an error, beyond it
     none. MdAPE alone, over reached batches, favours forecasts pulled to the middle, since the
-    batches that would have run longest are not in it."""
+    batches that would have run longest are not in it; a median of the log error would favour
+    forecasts beyond the cap wherever most batches were capped. The mean charges both."""
     needed = [(r, e) for r, e in forecasts if not _needed_none(r)]
     reached = [(r, e) for r, e in needed if r["reached_cutoff"]]
     capped = [(r, e) for r, e in needed if not r["reached_cutoff"]]
@@ -709,7 +710,7 @@ def _left_out_error(forecasts: Sequence[tuple[Mapping[str, Any], Interval]]) -> 
         "n": len(needed),
         "n_censored": len(capped),
         "mdape_epochs": float(np.median(ape)) if ape else None,
-        "median_abs_log_error": float(np.median(log_error)) if log_error else None,
+        "mean_abs_log_error": float(np.mean(log_error)) if log_error else None,
         "coverage_epochs": float(np.mean([e.low <= r["epochs"] <= e.high for r, e in reached])) if reached else None,
         "censored_definite_misses": sum(e.high < r["epochs"] for r, e in capped),
     }
@@ -718,8 +719,8 @@ def _left_out_error(forecasts: Sequence[tuple[Mapping[str, Any], Interval]]) -> 
 def naive_did_better(left_out: Mapping[str, Any]) -> str | None:
     """Why a :meth:`Forecaster.leave_one_kind_out` result says the forecast's median is no better
     a guess than the naive one (the other kinds' median epochs), or ``None`` when a stage beat it
-    on MdAPE or on median |log error| (where capped batches count, as bounds)."""
-    measures = ("mdape_epochs", "median_abs_log_error")
+    on MdAPE or on mean |log error| (where capped batches count, as bounds)."""
+    measures = ("mdape_epochs", "mean_abs_log_error")
     naive = {m: left_out["constant"][m] for m in measures}
     stages = {name: {m: left_out[name][m] for m in measures} for name in ("index", "probe")}
     if any(v is None for v in naive.values()):
@@ -729,9 +730,9 @@ def naive_did_better(left_out: Mapping[str, Any]) -> str | None:
     index, probe = stages["index"], stages["probe"]
     return (
         f"neither stage forecast calibration's batches that needed training, each kind left out, better than the median "
-        f"epochs of the other kinds' batches (MdAPE of epochs {naive['mdape_epochs']:.0%} and median |log error| "
-        f"{naive['median_abs_log_error']:.2f}, against {index['mdape_epochs']:.0%} and {index['median_abs_log_error']:.2f} for the "
-        f"index stage and {probe['mdape_epochs']:.0%} and {probe['median_abs_log_error']:.2f} for the probe stage), so the "
+        f"epochs of the other kinds' batches (MdAPE of epochs {naive['mdape_epochs']:.0%} and mean |log error| "
+        f"{naive['mean_abs_log_error']:.2f}, against {index['mdape_epochs']:.0%} and {index['mean_abs_log_error']:.2f} for the "
+        f"index stage and {probe['mdape_epochs']:.0%} and {probe['mean_abs_log_error']:.2f} for the probe stage), so the "
         "forecast's median is no better a guess than that median here"
     )
 

@@ -247,11 +247,11 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     printed = " ".join(done.stdout.split())
 
     def scores(stage: dict) -> str:
-        return f"{100 * stage['mdape_epochs']:.0f}%, {stage['median_abs_log_error']:.2f}, {100 * stage['coverage_epochs']:.0f}%"
+        return f"{100 * stage['mdape_epochs']:.0f}%, {stage['mean_abs_log_error']:.2f}, {100 * stage['coverage_epochs']:.0f}%"
 
     assert (
         f"probe stage (curve_log_epochs), leave one corruption kind out, on the {probe['n']} batches that needed training "
-        f"({probe['n_censored']} capped): MdAPE epochs, median |log error| (capped as bounds), coverage epochs {scores(probe)}; "
+        f"({probe['n_censored']} capped): MdAPE epochs, mean |log error| (capped as bounds), coverage epochs {scores(probe)}; "
         f"index stage on the same: {scores(index)}; the other kinds' median epochs (naive): {scores(naive)}."
     ) in printed
     needing_training = [r for r in json.loads((cal / "points.json").read_text()) if not (r["reached_cutoff"] and r["epochs"] == 0)]
@@ -262,7 +262,7 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     assert ("no better with the probe" in printed) == (probe["mdape_epochs"] >= index["mdape_epochs"]) == (saved.probe_not_worth() is not None)
     report = (cal / "report.md").read_text()
     assert (
-        f"| probe | {probe['n']} | {probe['n_censored']} | {100 * probe['mdape_epochs']:.0f}% | {probe['median_abs_log_error']:.2f} | "
+        f"| probe | {probe['n']} | {probe['n_censored']} | {100 * probe['mdape_epochs']:.0f}% | {probe['mean_abs_log_error']:.2f} | "
         f"{100 * probe['coverage_epochs']:.0f}% |"
     ) in report
     assert f"| index | {index['n']} | {index['n_censored']} | {100 * index['mdape_epochs']:.0f}% |" in report

@@ -83,7 +83,7 @@ def test_leave_one_kind_out_scores_both_stages_as_forecast_makes_them_on_batches
     assert result["constant"]["n"] == result["index"]["n"]
     assert result["constant"]["mdape_epochs"] == pytest.approx(np.median(naive_ape))
     assert result["constant"]["coverage_epochs"] == pytest.approx(np.mean(naive_hits))
-    assert result["constant"]["median_abs_log_error"] == pytest.approx(np.median(naive_log))
+    assert result["constant"]["mean_abs_log_error"] == pytest.approx(np.mean(naive_log))
     # The batch whose probe started at the target is forecast at zero although it needed training.
     assert max(probe_ape) == pytest.approx(1.0)
     # The probe's curve carries the truth here, the indices less so.
@@ -108,7 +108,7 @@ def test_calibration_says_when_neither_stage_beats_the_other_kinds_median_epochs
     def scored(naive: tuple, index: tuple, probe: tuple) -> dict:
         stages = result.loco_stages
         return stages | {
-            name: stages[name] | {"mdape_epochs": mdape, "median_abs_log_error": log_error}
+            name: stages[name] | {"mdape_epochs": mdape, "mean_abs_log_error": log_error}
             for name, (mdape, log_error) in (("constant", naive), ("index", index), ("probe", probe))
         }
 
@@ -119,7 +119,7 @@ def test_calibration_says_when_neither_stage_beats_the_other_kinds_median_epochs
     assert naive_did_better(scored((0.40, 0.5), (0.60, 0.9), (None, 0.9))) is None  # a stage with nothing to score is not beaten
     verdict = naive_did_better(scored((0.41, 0.5), (0.68, 0.9), (0.41, 0.5)))  # a tie is no better
     assert verdict is not None
-    assert "(MdAPE of epochs 41% and median |log error| 0.50, against 68% and 0.90 for the index stage and 41% and 0.50" in verdict
+    assert "(MdAPE of epochs 41% and mean |log error| 0.50, against 68% and 0.90 for the index stage and 41% and 0.50" in verdict
     result.loco_stages = scored((0.41, 0.5), (0.68, 0.9), (0.41, 0.5))
     report = markdown_report(result)
     assert verdict[1:] in report and f"| median of the other kinds (naive) | {result.loco_stages['constant']['n']} |" in report
@@ -142,7 +142,7 @@ def test_leave_one_kind_out_counts_a_capped_batch_only_as_a_definite_miss() -> N
             short = math.log1p(row["epochs"]) - math.log1p(fold.predict_from_probe_features(row, row).epochs.median)
             log_errors.append(abs(short) if row["reached_cutoff"] else max(short, 0.0))
             beyond += not row["reached_cutoff"] and short < 0
-    assert beyond > 0 and result["probe"]["median_abs_log_error"] == pytest.approx(np.median(log_errors))
+    assert beyond > 0 and result["probe"]["mean_abs_log_error"] == pytest.approx(np.mean(log_errors))
     for row in capped:
         row["epochs"] = 1e6  # spent far beyond any forecast: every interval ends below it
     result = Forecaster.fit(rows, features=list(INDEX), max_epochs=4.0).leave_one_kind_out(rows)
