@@ -65,7 +65,7 @@ from eval_shifts import EVAL_KINDS, FOURTH_KINDS, FRESH_KINDS, THIRD_KINDS, eval
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
 from shiftcost.features import COST_FEATURES  # noqa: E402
 from shiftcost.forecast import protocol  # noqa: E402
-from shiftcost.forecast.forecaster import STAGE1_DEFAULT  # noqa: E402
+from shiftcost.forecast.forecaster import STAGE1_DEFAULT, abs_log_errors, median_interval  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
 from shiftcost.forecast.probe import HORIZON_CAPS, saved_curve  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
@@ -275,8 +275,7 @@ def fit_baselines(rows: list[dict[str, Any]]) -> Any:
     epochs = np.array([r["epochs"] for r in rows], dtype=float)
     drop = np.array([r["accuracy_drop"] for r in rows], dtype=float)
     z = np.log1p(epochs)
-    lo_q, hi_q = np.quantile(epochs, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    constant = Interval(float(np.median(epochs)), float(lo_q), float(hi_q), LEVEL)
+    constant = median_interval(epochs, LEVEL)
     iso = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(drop, z)
     width = float(np.quantile(np.abs(z - iso.predict(drop)), LEVEL))
 
@@ -312,8 +311,7 @@ def _scores(runs: list[dict[str, Any]], name: str) -> dict[str, Any]:
     high = np.array([p.high for _, p in pairs])
     reached = ~cens & (truth > 0)
     ape = np.abs(med[reached] - truth[reached]) / truth[reached]
-    log_err = np.log1p(med) - np.log1p(truth)
-    log_err = np.where(cens, np.maximum(-log_err, 0.0), np.abs(log_err))
+    log_err = abs_log_errors(truth, med, ~cens)
     # The mean over the runs that needed training, as calibrate scores its naive forecast. MdAPE
     # leaves out the capped runs, so a forecast pulled to the middle scores well on it; the median
     # over all runs sits at 0 wherever most runs needed none or capped beyond the forecast, so one

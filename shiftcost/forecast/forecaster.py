@@ -39,7 +39,7 @@ from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
 from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, ProbeTrajectory, horizon_epochs, probe_features
 
-__all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATURES", "naive_did_better"]
+__all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATURES", "abs_log_errors", "median_interval", "naive_did_better"]
 
 FORMAT = "shiftcost.forecaster/1"
 STAGE0_FEATURE = "stage0_log_epochs"
@@ -461,7 +461,7 @@ class Forecaster:
         not_fitted: list[str] = []
         for kind in kinds:
             train = [r for r in rows if r[group_key] != kind]
-            constant = _median_epochs([r for r in train if not _needed_none(r)], self.level)
+            constant = median_interval([float(r["epochs"]) for r in train if not _needed_none(r)], self.level)
             if constant is not None:
                 forecasts["constant"] += [(row, constant) for row in rows if row[group_key] == kind]
             try:
@@ -704,13 +704,12 @@ def _left_out_error(forecasts: Sequence[tuple[Mapping[str, Any], Interval]]) -> 
     reached = [(r, e) for r, e in needed if r["reached_cutoff"]]
     capped = [(r, e) for r, e in needed if not r["reached_cutoff"]]
     ape = [abs(e.median - r["epochs"]) / r["epochs"] for r, e in reached]
-    short = [math.log1p(r["epochs"]) - math.log1p(e.median) for r, e in needed]
-    log_error = [abs(d) if r["reached_cutoff"] else max(d, 0.0) for d, (r, _) in zip(short, needed)]
+    log_error = abs_log_errors([r["epochs"] for r, _ in needed], [e.median for _, e in needed], [r["reached_cutoff"] for r, _ in needed])
     return {
         "n": len(needed),
         "n_censored": len(capped),
         "mdape_epochs": float(np.median(ape)) if ape else None,
-        "mean_abs_log_error": float(np.mean(log_error)) if log_error else None,
+        "mean_abs_log_error": float(np.mean(log_error)) if needed else None,
         "coverage_epochs": float(np.mean([e.low <= r["epochs"] <= e.high for r, e in reached])) if reached else None,
         "censored_definite_misses": sum(e.high < r["epochs"] for r, e in capped),
     }
@@ -737,11 +736,17 @@ def naive_did_better(left_out: Mapping[str, Any]) -> str | None:
     )
 
 
-def _median_epochs(rows: Sequence[Mapping[str, Any]], level: float) -> Interval | None:
-    """The median epochs of ``rows`` (capped ones at what they spent), with their quantiles at ``level``."""
-    if not rows:
+def abs_log_errors(truth: Sequence[float], forecast: Sequence[float], reached: Sequence[bool]) -> np.ndarray:
+    """|log(1 + forecast) - log(1 + truth)| per batch in epochs; a batch that did not reach the cutoff
+    spent only a lower bound of its cost, so a forecast beyond it is no error and only a shortfall counts."""
+    short = np.log1p(np.asarray(truth, dtype=float)) - np.log1p(np.asarray(forecast, dtype=float))
+    return np.where(np.asarray(reached, dtype=bool), np.abs(short), np.maximum(short, 0.0))
+
+
+def median_interval(epochs: Sequence[float], level: float) -> Interval | None:
+    """The naive forecast: the median of ``epochs`` (capped runs at what they spent), with their quantiles at ``level``."""
+    if not len(epochs):
         return None
-    epochs = np.array([float(r["epochs"]) for r in rows])
     low, high = np.quantile(epochs, [(1 - level) / 2, (1 + level) / 2])
     return Interval(float(np.median(epochs)), float(low), float(high), level)
 
