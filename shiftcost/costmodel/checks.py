@@ -229,6 +229,8 @@ def _params_to_json(params: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(params)
     if out.get("features") is not None:
         out["features"] = list(out["features"])
+    if out.get("offset_features") is not None:
+        out["offset_features"] = list(out["offset_features"])
     if isinstance(out.get("monotone"), Mapping):
         out["monotone"] = dict(out["monotone"])
     return out

@@ -33,7 +33,7 @@ from shiftcost.costmodel.checks import (
 )
 from shiftcost.costmodel.history import FORMAT, CostModelHistory, CostModelVersion
 from shiftcost.costmodel.intervals import IMPUTATIONS, _check_enough, _conformal_scores, _folds, _loo_summary, _predict_z, _to_epochs
-from shiftcost.costmodel.tobit import _fit_tobit, _model_arrays, _mu
+from shiftcost.costmodel.tobit import _fit_tobit_with_offsets, _model_arrays, _mu
 from shiftcost.features import KNOWN_FEATURES, SHIFT_FEATURES, Feature
 
 #: Sign each coefficient is held to when ``monotone=True`` (+1: cost rises with the feature).
@@ -125,6 +125,12 @@ class CostModel(RegressorMixin, BaseEstimator):
         left-censored: it shows only that the latent need is at most zero, so the fitted
         line is not dragged towards the many zero-cost runs of mild shifts. ``False`` fits
         them as observations at ``log(epochs_offset)``.
+    offset_features:
+        Features (among ``features``) that enter ``log(epochs + epochs_offset)`` with their
+        coefficient held at 1, offsets in the GLM sense: a feature that is itself a forecast of
+        that quantity (the probe's learning curve) is then trusted at its own scale and the fit
+        estimates only how far the outcome departs from it, where a fitted slope stretches or
+        shrinks it to the calibration kinds.
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class CostModel(RegressorMixin, BaseEstimator):
         epochs_offset: float = 1.0,
         max_epochs: float | None = None,
         zero_cost_censored: bool = True,
+        offset_features: Sequence[str] | None = None,
     ) -> None:
         self.level = level
         self.features = features
@@ -144,6 +151,7 @@ class CostModel(RegressorMixin, BaseEstimator):
         self.epochs_offset = epochs_offset
         self.max_epochs = max_epochs
         self.zero_cost_censored = zero_cost_censored
+        self.offset_features = offset_features
 
     # -- fitting -------------------------------------------------------------------------
 
@@ -413,6 +421,9 @@ class CostModel(RegressorMixin, BaseEstimator):
                 )
         for number, row in enumerate(rows):
             _require_features(row["x"], names, number, None)
+        unknown = [str(n) for n in self.offset_features or () if n not in names]
+        if unknown:
+            raise CostModelInputError(f"offset_features {unknown} are not among the features {names}; name each offset as a feature too.")
         return names
 
     def _adopt(self, history: CostModelHistory) -> None:
@@ -472,10 +483,11 @@ def _fit_version_single_threaded(
     kind = np.where(cens, 1, 0)
     if params.get("zero_cost_censored", True):
         kind[(epochs == 0) & ~cens] = -1
-    missing = _check_enough(len(names), kind, level)
+    offsets = [names.index(n) for n in params.get("offset_features") or ()]
+    missing = _check_enough(len(names) - len(offsets), kind, level)
     alpha = alpha + missing  # the prior stands in for the runs that are missing
 
-    full = _fit_tobit(X, z, kind, sign_arr, alpha)
+    full = _fit_tobit_with_offsets(X, z, kind, sign_arr, alpha, offsets)
     folds, cv_kind = _folds([r.get("group") for r in rows])
     fold_models = []
     fold_of_row = np.empty(len(rows), dtype=int)
@@ -487,7 +499,7 @@ def _fit_version_single_threaded(
                 f"leaving out fold {k} leaves fewer than 2 runs with a positive cost that reached the cutoff; "
                 "add such runs or fit without groups."
             )
-        fold_models.append(_fit_tobit(X[keep], z[keep], kind[keep], sign_arr, alpha, start=full))
+        fold_models.append(_fit_tobit_with_offsets(X[keep], z[keep], kind[keep], sign_arr, alpha, offsets, start=full))
         fold_of_row[members] = k
 
     loo_mu = np.array([_mu(fold_models[fold_of_row[i]], X[i]) for i in range(len(rows))])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,6 +91,32 @@ def _fit_tobit(
     coef = beta_std[1:] / scale
     intercept = beta_std[0] - coef @ mean
     return {"intercept": float(intercept), "coef": [float(c) for c in coef], "sigma": float(1.0 / tau)}
+
+
+def _fit_tobit_with_offsets(
+    X: np.ndarray,
+    z: np.ndarray,
+    kind: np.ndarray,
+    signs: np.ndarray,
+    alpha: float,
+    offsets: Sequence[int] = (),
+    start: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`_fit_tobit` with the coefficients of the columns ``offsets`` held at 1.
+
+    Such a column is an offset in the GLM sense: the fit estimates only how far ``z`` departs
+    from it. The returned model lists every column's coefficient, the held ones as 1, so it
+    predicts like any other.
+    """
+    if not offsets:
+        return _fit_tobit(X, z, kind, signs, alpha, start)
+    free = [j for j in range(X.shape[1]) if j not in set(offsets)]
+    if start is not None:
+        start = dict(start) | {"coef": [start["coef"][j] for j in free]}
+    fit = _fit_tobit(X[:, free], z - X[:, list(offsets)].sum(axis=1), kind, np.asarray(signs)[free], alpha, start)
+    coef = np.ones(X.shape[1])
+    coef[free] = fit["coef"]
+    return fit | {"coef": [float(c) for c in coef]}
 
 
 def _model_arrays(model: Mapping[str, Any]) -> tuple[float, np.ndarray, float]:

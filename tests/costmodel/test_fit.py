@@ -182,3 +182,51 @@ def test_bad_parameters_are_rejected(params):
 def test_unfitted_model_says_so():
     with pytest.raises(InputError, match="not been fitted"):
         CostModel().predict_costs([{"resque_dist": 0.1}])
+
+
+def _censored_rows():
+    rows = linear_rows(seed=11, n=35, slopes=(1.5, 0.5), cap_epochs=6.0)
+    rows += [{"resque_dist": 0.05 * i, "mean_entropy": 0.1, "epochs": 0.0, "reached_cutoff": True} for i in range(4)]
+    kinds = np.array([1 if not r["reached_cutoff"] else (-1 if r["epochs"] == 0 else 0) for r in rows])
+    assert (kinds == 1).sum() >= 3 and (kinds == -1).sum() >= 4
+    return rows, kinds
+
+
+def test_an_offset_feature_is_held_at_one_and_the_rest_is_the_textbook_tobit_of_what_departs_from_it():
+    rows, kinds = _censored_rows()
+    model = CostModel(monotone=False, alpha=0.5, offset_features=["resque_dist"]).fit(rows)
+    X = _matrix(rows)
+    z = np.log1p([r["epochs"] for r in rows])
+    intercept, coef, sigma = ref.tobit_reference(X[:, 1:], z - X[:, 0], kinds, alpha=0.5)
+    assert model.coef_[0] == 1.0
+    assert model.coef_[1] == pytest.approx(coef[0], rel=1e-4, abs=1e-5)
+    assert model.intercept_ == pytest.approx(intercept, abs=1e-5)
+    assert model.sigma_ == pytest.approx(sigma, rel=1e-4)
+    # A free fit of the same rows moves the slope away from 1: the offset is what holds it there.
+    assert abs(CostModel(monotone=False, alpha=0.5).fit(rows).coef_[0] - 1.0) > 0.05
+
+
+def test_an_offset_alone_fits_only_how_far_the_outcome_lies_from_it():
+    rows, kinds = _censored_rows()
+    model = CostModel(features=["resque_dist"], offset_features=["resque_dist"], alpha=0.5).fit(rows)
+    x = np.array([r["resque_dist"] for r in rows])
+    z = np.log1p([r["epochs"] for r in rows])
+    ones = np.ones((len(z), 1))
+    start = np.array([float(np.mean((z - x)[kinds == 0])), math.log(0.3)])
+    from scipy import optimize
+
+    res = optimize.minimize(lambda p: ref.tobit_negloglik(p, ones, z - x, kinds, 0.5), start, method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-12})
+    assert model.coef_.tolist() == [1.0]
+    assert model.intercept_ == pytest.approx(res.x[0], abs=1e-5)
+    assert model.sigma_ == pytest.approx(math.exp(res.x[1]), rel=1e-4)
+    saved = CostModel.from_json(model.to_json())
+    assert saved.offset_features == ["resque_dist"]
+    probe = [{"resque_dist": 0.3}, {"resque_dist": 0.9}]
+    assert [p.to_dict() for p in saved.predict_costs(probe)] == [p.to_dict() for p in model.predict_costs(probe)]
+    refitted = saved.refit([{"resque_dist": 0.5, "epochs": 2.0, "reached_cutoff": True}])
+    assert refitted.coef_.tolist() == [1.0]
+
+
+def test_an_offset_that_is_not_a_feature_is_refused():
+    with pytest.raises(InputError, match=r"offset_features \['mean_loss'\] are not among the features"):
+        CostModel(features=["resque_dist"], offset_features=["mean_loss"]).fit(linear_rows(seed=0, n=15))
