@@ -86,6 +86,8 @@ STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
 #: 43% | 76%, curve + gap 50% | 69%, the gap 57% | 67%. Over the two runs that scored the cutoff the curve
 #: keeps the lower mean (46.6% against 46.8%).
 STAGE1_DEFAULT: tuple[str, ...] = ("curve_log_epochs",)
+#: Stage-1 features whose coefficient is held at 1 (offsets) unless told otherwise.
+STAGE1_OFFSETS_DEFAULT: tuple[str, ...] = ()
 #: Retrain settings that change epochs to the cutoff (``RetrainConfig`` flat names): calibration
 #: records them, and a forecast is refused for retrains that do not share them. ``replay_fraction``
 #: is the share a run replays (the recipe's, or its default where reference data is at hand), and
@@ -204,9 +206,12 @@ class Forecaster:
         batch_size: int = 64,
         probe_settings: Mapping[str, Any] | None = None,
         stage1_features: Sequence[str] = STAGE1_DEFAULT,
+        stage1_offsets: Sequence[str] | None = STAGE1_OFFSETS_DEFAULT,
         retrain_settings: Mapping[str, Any] | None = None,
     ) -> Forecaster:
         """Fit stage 0 on ``features``; fit stage 1 on ``stage1_features`` when every row carries the probe's features.
+
+        ``stage1_offsets`` (among ``stage1_features``) enter stage 1 with their coefficient held at 1.
 
         ``max_epochs`` is the sweep's epoch cap: it sets the "not to converge" flag whether
         or not any calibration run was capped.
@@ -225,7 +230,8 @@ class Forecaster:
             with_prior = [r | {STAGE0_FEATURE: z} for r, z in zip(rows, out_of_fold_log_epochs(stage0))]
             try:
                 stage1 = CostModel(
-                    level=level, features=list(stage1_features), monotone={f: STAGE1_SIGNS[f] for f in stage1_features}, max_epochs=max_epochs
+                    level=level, features=list(stage1_features), monotone={f: STAGE1_SIGNS[f] for f in stage1_features}, max_epochs=max_epochs,
+                    offset_features=list(stage1_offsets or ()),
                 ).fit(with_prior, groups=group_key, note="stage 1: index prior + probe")
             except InputError as failure:
                 error = str(failure)
@@ -467,7 +473,7 @@ class Forecaster:
             try:
                 fold = Forecaster.fit(
                     train, features=self.stage0.features_, level=self.level, max_epochs=self.max_epochs, group_key=group_key,
-                    batch_size=self.batch_size, stage1_features=self.stage1.features_,
+                    batch_size=self.batch_size, stage1_features=self.stage1.features_, stage1_offsets=self.stage1.offset_features,
                 )
             except InputError:
                 not_fitted.append(str(kind))

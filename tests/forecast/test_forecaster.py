@@ -632,3 +632,23 @@ def test_forecasts_stop_at_a_horizon_of_a_few_caps() -> None:
     inside = Interval(1.0, 0.5, horizon / 2, 0.9)
     assert forecaster.within_horizon(inside) == inside
     assert forecaster.within_horizon(Interval(1.0, 0.5, math.inf, 0.9)).high == math.inf  # too few runs for a bound
+
+
+def test_a_curve_held_at_slope_one_stays_there_in_every_left_out_fold_and_once_saved(tmp_path) -> None:
+    rows = forecast_rows()
+    for row in rows:  # a curve that runs at 0.6 of the truth's log scale: a free slope stretches it
+        row["curve_log_epochs"] *= 0.6
+    held = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0, stage1_offsets=("curve_log_epochs",))
+    free = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)
+    assert held.stage1.coef_.tolist() == [1.0] and free.stage1.coef_[0] > 1.3
+    result = held.leave_one_kind_out(rows)
+    ape = []
+    for kind in dict.fromkeys(r["corruption"] for r in rows):
+        fold = Forecaster.fit([r for r in rows if r["corruption"] != kind], features=list(INDEX), max_epochs=15.0, stage1_offsets=("curve_log_epochs",))
+        for row in (r for r in rows if r["corruption"] == kind):
+            ape.append(abs(fold.predict_from_probe_features(row, row).epochs.median - row["epochs"]) / row["epochs"])
+    assert result["probe"]["mdape_epochs"] == pytest.approx(np.median(ape))
+    assert result["probe"]["mdape_epochs"] != pytest.approx(free.leave_one_kind_out(rows)["probe"]["mdape_epochs"], rel=0.05)
+    loaded = Forecaster.load(held.save(tmp_path / "forecaster.json"))
+    assert loaded.stage1.offset_features == ["curve_log_epochs"]
+    assert [loaded.predict_from_probe_features(r, r).to_dict() for r in rows[::7]] == [held.predict_from_probe_features(r, r).to_dict() for r in rows[::7]]
