@@ -7,7 +7,7 @@ Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shu
 
 ``--json`` keeps every scored run's evaluations, index features and probe curve, and the
 calibration's rows (each with its probe curve), so that other designs can be scored on the
-same runs without retraining: ``--rescore a.json [--stage1-features F] [--curve-horizon C]
+same runs without retraining: ``--rescore a.json [--stage1-features F] [--stage1-offsets F] [--curve-horizon C]
 [--own-curve-evals W]``. Score a design on these evaluation-only kinds once it has been chosen
 on the built-in kinds (``forecast_selection.py``), never to choose it.
 
@@ -65,7 +65,7 @@ from eval_shifts import EVAL_KINDS, FOURTH_KINDS, FRESH_KINDS, THIRD_KINDS, eval
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
 from shiftcost.features import COST_FEATURES  # noqa: E402
 from shiftcost.forecast import protocol  # noqa: E402
-from shiftcost.forecast.forecaster import STAGE1_DEFAULT, abs_log_errors, median_interval  # noqa: E402
+from shiftcost.forecast.forecaster import STAGE1_DEFAULT, STAGE1_OFFSETS_DEFAULT, abs_log_errors, median_interval  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
 from shiftcost.forecast.probe import HORIZON_CAPS, saved_curve  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
@@ -621,6 +621,9 @@ def main() -> None:
         help="comma-separated --json outputs of earlier runs: score their runs again under the design below, without retraining",
     )
     parser.add_argument("--stage1-features", default=",".join(STAGE1_DEFAULT), help="with --rescore: stage 1's features")
+    parser.add_argument(
+        "--stage1-offsets", default=",".join(STAGE1_OFFSETS_DEFAULT), help="with --rescore: stage 1's features whose coefficient is held at 1"
+    )
     parser.add_argument("--curve-horizon", type=float, default=HORIZON_CAPS, help="with --rescore: caps at which the curve feature is clipped")
     parser.add_argument("--own-curve-evals", type=float, default=None, help="with --rescore: the in-flight weight on the run's own curve")
     args = parser.parse_args()
@@ -670,6 +673,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
         return features_of_saved_curve(curve, target=target, ceiling=ceiling, cap_epochs=protocol.MAX_EPOCHS, horizon_caps=args.curve_horizon)
 
     stage1_features = tuple(args.stage1_features.split(","))
+    stage1_offsets = tuple(f for f in args.stage1_offsets.split(",") if f)
     for path in paths:
         for result in json.loads(path.read_text()):
             if "calibration_rows" not in result or "stage0_features" not in result:
@@ -679,7 +683,9 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             target = ceiling - TOLERANCE
             cal_rows = [r for r in result["calibration_rows"] if r["status"] != "failed"]
             fit_rows = [_fit_row(r | read(r["probe_curve"], r["target_accuracy"], r["reference_accuracy"])) for r in cal_rows if _fit_ready(r, features)]
-            forecaster = Forecaster.fit(fit_rows, features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, stage1_features=stage1_features)
+            forecaster = Forecaster.fit(
+                fit_rows, features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, stage1_features=stage1_features, stage1_offsets=stage1_offsets,
+            )
             if forecaster.stage1 is None:
                 raise SystemExit(f"{path}, {result['arch']}: stage 1 could not be fitted on {stage1_features}: {forecaster.stage1_error}")
             baselines = fit_baselines(cal_rows)
@@ -699,7 +705,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 runs.append(record)
             coefficients = dict(zip(forecaster.stage1.features_, map(float, forecaster.stage1.coef_)))
             print(
-                f"\n=== {result['arch']} from {path}: stage 1 on {', '.join(stage1_features)}, curve clipped at {args.curve_horizon:g} caps, "
+                f"\n=== {result['arch']} from {path}: stage 1 on {', '.join(stage1_features)} (held at 1: {', '.join(stage1_offsets) or 'none'}), curve clipped at {args.curve_horizon:g} caps, "
                 f"in flight weighing the run's own curve at {'the default' if args.own_curve_evals is None else args.own_curve_evals}; "
                 f"stage 1 coefficients {coefficients}"
             )

@@ -96,7 +96,10 @@ STAGE1_DESIGNS: dict[str, tuple[str, ...]] = {
     "curve+gap": ("curve_log_epochs", "probe_gap"),
     "cutoff": ("cutoff_log_epochs",),
     "cutoff+gap": ("cutoff_log_epochs", "probe_gap"),
+    "curve at slope 1": ("curve_log_epochs",),
 }
+#: Designs whose features enter with their coefficient held at 1 (offsets).
+STAGE1_DESIGN_OFFSETS: dict[str, tuple[str, ...]] = {"curve at slope 1": ("curve_log_epochs",)}
 
 
 #: Where the curve feature of a probe whose curve does not reach the target is clipped, in epoch
@@ -141,7 +144,10 @@ def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights:
             raise SystemExit(f"leaving {kind} out, stage 1 could not be fitted: {forecaster.stage1_error}")
         baselines = fit_baselines(train)
         designs = {
-            name: Forecaster.fit([_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, stage1_features=f)
+            name: Forecaster.fit(
+                [_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, stage1_features=f,
+                stage1_offsets=STAGE1_DESIGN_OFFSETS.get(name, ()),
+            )
             for name, f in STAGE1_DESIGNS.items()
         }
         for i, row in enumerate(usable):
