@@ -443,6 +443,9 @@ class CostModel(RegressorMixin, BaseEstimator):
         self.n_censored_ = int(sum(bool(r["censored"]) for r in latest.rows))
         self.cap_epochs_ = latest.state["cap_epochs"]
         self.loo_ = dict(latest.loo)
+        free = latest.state.get("free_coef")
+        #: Every coefficient as a fit without offsets gives it (``None`` when there are no offsets).
+        self.free_coef_ = None if free is None else np.asarray(free, dtype=float)
 
 
 # ----------------------------------------------------------------------------- one version
@@ -488,6 +491,9 @@ def _fit_version_single_threaded(
     alpha = alpha + missing  # the prior stands in for the runs that are missing
 
     full = _fit_tobit_with_offsets(X, z, kind, sign_arr, alpha, offsets)
+    # What the held coefficients would be if fitted: an offset that calibration's points run against
+    # (a fitted weight held at its sign bound) says nothing of cost, and callers can tell.
+    free_coef = _fit_tobit_with_offsets(X, z, kind, sign_arr, alpha)["coef"] if offsets else None
     folds, cv_kind = _folds([r.get("group") for r in rows])
     fold_models = []
     fold_of_row = np.empty(len(rows), dtype=int)
@@ -517,6 +523,7 @@ def _fit_version_single_threaded(
         "feature_max": X.max(axis=0).tolist(),
         "cap_epochs": cap_epochs,
         "prior_runs": missing,
+        "free_coef": free_coef,
     }
     loo = _loo_summary(epochs, cens, loo_mu, scores, fold_of_row, level, offset, cv_kind)
     return CostModelVersion(
