@@ -65,7 +65,7 @@ from eval_shifts import EVAL_KINDS, FOURTH_KINDS, FRESH_KINDS, THIRD_KINDS, eval
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
 from shiftcost.features import COST_FEATURES  # noqa: E402
 from shiftcost.forecast import protocol  # noqa: E402
-from shiftcost.forecast.forecaster import STAGE1_DEFAULT, STAGE1_OFFSETS_DEFAULT, abs_log_errors, median_interval  # noqa: E402
+from shiftcost.forecast.forecaster import STAGE1_DEFAULT, abs_log_errors, median_interval  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
 from shiftcost.forecast.probe import HORIZON_CAPS, saved_curve  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
@@ -622,7 +622,8 @@ def main() -> None:
     )
     parser.add_argument("--stage1-features", default=",".join(STAGE1_DEFAULT), help="with --rescore: stage 1's features")
     parser.add_argument(
-        "--stage1-offsets", default=",".join(STAGE1_OFFSETS_DEFAULT), help="with --rescore: stage 1's features whose coefficient is held at 1"
+        "--stage1-offsets", default=None,
+        help="with --rescore: stage 1's features whose coefficient is held at 1 ('' for none; default: the library's, where stage 1 reads them)",
     )
     parser.add_argument("--curve-horizon", type=float, default=HORIZON_CAPS, help="with --rescore: caps at which the curve feature is clipped")
     parser.add_argument("--own-curve-evals", type=float, default=None, help="with --rescore: the in-flight weight on the run's own curve")
@@ -673,7 +674,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
         return features_of_saved_curve(curve, target=target, ceiling=ceiling, cap_epochs=protocol.MAX_EPOCHS, horizon_caps=args.curve_horizon)
 
     stage1_features = tuple(args.stage1_features.split(","))
-    stage1_offsets = tuple(f for f in args.stage1_offsets.split(",") if f)
+    stage1_offsets = None if args.stage1_offsets is None else tuple(f for f in args.stage1_offsets.split(",") if f)
     for path in paths:
         for result in json.loads(path.read_text()):
             if "calibration_rows" not in result or "stage0_features" not in result:
@@ -705,7 +706,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 runs.append(record)
             coefficients = dict(zip(forecaster.stage1.features_, map(float, forecaster.stage1.coef_)))
             print(
-                f"\n=== {result['arch']} from {path}: stage 1 on {', '.join(stage1_features)} (held at 1: {', '.join(stage1_offsets) or 'none'}), curve clipped at {args.curve_horizon:g} caps, "
+                f"\n=== {result['arch']} from {path}: stage 1 on {', '.join(stage1_features)} (held at 1: {', '.join(forecaster.stage1.offset_features or ()) or 'none'}), curve clipped at {args.curve_horizon:g} caps, "
                 f"in flight weighing the run's own curve at {'the default' if args.own_curve_evals is None else args.own_curve_evals}; "
                 f"stage 1 coefficients {coefficients}"
             )

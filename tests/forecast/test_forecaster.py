@@ -177,7 +177,11 @@ def test_a_calibration_whose_stages_cannot_be_compared_keeps_its_forecaster_and_
     console = Console(record=True, width=1000)
     _print_probe_stage(held.forecaster, held.loco_stages, console)
     printed = console.export_text()
-    assert "overflow in a fold" in printed and "weight on curve_log_epochs is 0, held at its sign bound" in printed
+    assert "overflow in a fold" in printed and "weight on curve_log_epochs is 0 when fitted, held at its sign bound" in printed
+    # The same with the curve's weight fitted rather than held at 1.
+    fitted = Forecaster.fit(against, features=list(INDEX), stage1_offsets=())
+    assert fitted.stage1.free_coef_ is None and fitted.stage1.coef_.tolist() == [0.0]
+    assert "weight on curve_log_epochs is 0, held at its sign bound" in fitted.probe_not_worth()
 
 
 def test_a_probe_is_worth_running_only_where_calibration_forecast_better_with_it(tmp_path) -> None:
@@ -202,21 +206,24 @@ def test_a_probe_is_worth_running_only_where_calibration_forecast_better_with_it
     assert useless.probe_not_worth() is None
 
 
-def test_a_probe_stage_whose_weight_is_held_at_its_sign_bound_is_not_worth_a_probe(tmp_path) -> None:
+@pytest.mark.parametrize("offsets", [(), None], ids=["curve fitted", "curve held at 1"])
+def test_a_probe_stage_whose_weight_is_held_at_its_sign_bound_is_not_worth_a_probe(tmp_path, offsets) -> None:
     rows = forecast_rows()
-    # A curve that falls as the epochs rise: its sign bound (more curve, more cost) holds its weight at 0.
+    # A curve that falls as the epochs rise: its sign bound (more curve, more cost) holds its fitted weight at 0.
     against = [r | {"curve_log_epochs": -r["curve_log_epochs"]} for r in rows]
-    held = Forecaster.fit(against, features=list(INDEX), max_epochs=15.0)
-    assert dict(zip(held.stage1.features_, held.stage1.coef_)) == {"curve_log_epochs": 0.0}
+    held = Forecaster.fit(against, features=list(INDEX), max_epochs=15.0, stage1_offsets=offsets)
+    fitted = held.stage1.coef_ if offsets == () else held.stage1.free_coef_
+    assert dict(zip(held.stage1.features_, fitted)) == {"curve_log_epochs": 0.0}
     first, last = (held.predict_from_probe_features(rows[0], {"curve_log_epochs": c}).epochs for c in (-0.5, -3.0))
-    assert first == last  # what the probe sees changes nothing
+    # Fitted, what the probe sees changes nothing; held at 1, it is read against what calibration says.
+    assert (first == last) == (offsets == ())
     reason = held.probe_not_worth()
-    assert reason is not None and "weight on curve_log_epochs is 0, held at its sign bound" in reason
+    assert reason is not None and "weight on curve_log_epochs is 0" in reason and "held at its sign bound" in reason
     assert Forecaster.load(held.save(tmp_path / "forecaster.json")).probe_not_worth() == reason
     # Whatever calibration's own comparison said, and with a weight above 0 the comparison decides again.
     held.left_out = {"probe": {"mdape_epochs": 0.1}, "index": {"mdape_epochs": 0.9}}
     assert held.probe_not_worth() == reason
-    reading = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)
+    reading = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0, stage1_offsets=offsets)
     reading.left_out = held.left_out
     assert reading.probe_not_worth() is None
 
@@ -638,9 +645,11 @@ def test_a_curve_held_at_slope_one_stays_there_in_every_left_out_fold_and_once_s
     rows = forecast_rows()
     for row in rows:  # a curve that runs at 0.6 of the truth's log scale: a free slope stretches it
         row["curve_log_epochs"] *= 0.6
-    held = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0, stage1_offsets=("curve_log_epochs",))
-    free = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)
-    assert held.stage1.coef_.tolist() == [1.0] and free.stage1.coef_[0] > 1.3
+    held = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)  # held at 1 by default
+    free = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0, stage1_offsets=())
+    assert held.stage1.offset_features == ["curve_log_epochs"] and held.stage1.coef_.tolist() == [1.0] and free.stage1.coef_[0] > 1.3
+    # The weight a fit would have given it is kept beside: the free fit's.
+    assert held.stage1.free_coef_ == pytest.approx(free.stage1.coef_)
     result = held.leave_one_kind_out(rows)
     ape = []
     for kind in dict.fromkeys(r["corruption"] for r in rows):
