@@ -239,8 +239,10 @@ def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, consol
         def scores(stage: Mapping[str, Any]) -> str:
             return f"{_pct(stage['mdape_epochs'])}, {_fmt(stage['mean_abs_log_error'], '.2f')}, {_pct(stage['coverage_epochs'])}"
 
+        held = set(forecaster.stage1.offset_features or ())
+        read = ", ".join(f"{name} held at slope 1" if name in held else name for name in forecaster.stage1.features_)
         console.print(
-            f"probe stage ({', '.join(forecaster.stage1.features_)}), leave one corruption kind out, on the {probe['n']} batches that "
+            f"probe stage ({read}), leave one corruption kind out, on the {probe['n']} batches that "
             f"needed training ({probe['n_censored']} capped): MdAPE epochs, mean |log error| (capped as bounds), coverage epochs "
             f"{scores(probe)}; index stage on the same: {scores(index)}; the other kinds' median epochs (naive): {scores(naive)}. "
             f"The probe's first evaluation put {stages['needing_none_forecast_at_zero']} of the {stages['needing_none']} that needed none at zero."

@@ -250,7 +250,7 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
         return f"{100 * stage['mdape_epochs']:.0f}%, {stage['mean_abs_log_error']:.2f}, {100 * stage['coverage_epochs']:.0f}%"
 
     assert (
-        f"probe stage (curve_log_epochs), leave one corruption kind out, on the {probe['n']} batches that needed training "
+        f"probe stage (curve_log_epochs held at slope 1), leave one corruption kind out, on the {probe['n']} batches that needed training "
         f"({probe['n_censored']} capped): MdAPE epochs, mean |log error| (capped as bounds), coverage epochs {scores(probe)}; "
         f"index stage on the same: {scores(index)}; the other kinds' median epochs (naive): {scores(naive)}."
     ) in printed
