@@ -66,7 +66,9 @@ STAGE0_FEATURE = "stage0_log_epochs"
 #: A fourth run, once a probe that starts at the target had its curve at 0 (``--seeds 4``, 216 points per
 #: architecture), ranked inf first: 0.365 | 0.241 (mean 0.303), then 16: 0.361 | 0.291, 8: 0.356 | 0.316,
 #: 4: 0.374 | 0.314, 2: 0.406 | 0.316. Over the four runs 8 still has the lowest mean (0.287; 16 0.288, 4
-#: 0.297, inf 0.299, 2 0.317).
+#: 0.297, inf 0.299, 2 0.317). Once stage 1 held the curve at slope 1, one run with ``--seeds 2`` kept 8:
+#: 0.407 | 0.208 (mean 0.308), then 4: 0.426 | 0.196 (0.311), 16: 0.379 | 0.251, inf: 0.349 | 0.284, 2:
+#: 0.424 | 0.235.
 OWN_CURVE_EVALS = 8.0
 STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
 #: Features stage 1 is fitted on unless told otherwise. Chosen by the same two runs
