@@ -33,7 +33,7 @@ from shiftcost.costmodel.checks import (
 )
 from shiftcost.costmodel.history import FORMAT, CostModelHistory, CostModelVersion
 from shiftcost.costmodel.intervals import IMPUTATIONS, _check_enough, _conformal_scores, _folds, _loo_summary, _predict_z, _to_epochs
-from shiftcost.costmodel.tobit import _fit_tobit_with_offsets, _model_arrays, _mu
+from shiftcost.costmodel.tobit import _fit_tobit, _fit_tobit_with_offsets, _model_arrays, _mu
 from shiftcost.features import KNOWN_FEATURES, SHIFT_FEATURES, Feature
 
 #: Sign each coefficient is held to when ``monotone=True`` (+1: cost rises with the feature).
@@ -493,7 +493,7 @@ def _fit_version_single_threaded(
     full = _fit_tobit_with_offsets(X, z, kind, sign_arr, alpha, offsets)
     # What the held coefficients would be if fitted: an offset that calibration's points run against
     # (a fitted weight held at its sign bound) says nothing of cost, and callers can tell.
-    free_coef = _fit_tobit_with_offsets(X, z, kind, sign_arr, alpha)["coef"] if offsets else None
+    free_coef = _fit_tobit(X, z, kind, sign_arr, alpha)["coef"] if offsets else None
     folds, cv_kind = _folds([r.get("group") for r in rows])
     fold_models = []
     fold_of_row = np.empty(len(rows), dtype=int)

@@ -242,10 +242,11 @@ class Forecaster:
             # kinds went from 40% | 47% to 73% | 91% (digits CNN | shufflenet_v2_x0_5, forecast_selection.py
             # --windows 3 --noise-seeds 2 --seeds 2).
             with_prior = [r | {STAGE0_FEATURE: z} for r, z in zip(rows, out_of_fold_log_epochs(stage0))]
+            offsets = [f for f in STAGE1_OFFSETS_DEFAULT if f in stage1_features] if stage1_offsets is None else list(stage1_offsets)
             try:
                 stage1 = CostModel(
                     level=level, features=list(stage1_features), monotone={f: STAGE1_SIGNS[f] for f in stage1_features}, max_epochs=max_epochs,
-                    offset_features=[f for f in STAGE1_OFFSETS_DEFAULT if f in stage1_features] if stage1_offsets is None else list(stage1_offsets),
+                    offset_features=offsets,
                 ).fit(with_prior, groups=group_key, note="stage 1: index prior + probe")
             except InputError as failure:
                 error = str(failure)
@@ -514,9 +515,9 @@ class Forecaster:
         """Why a probe would not improve this forecaster's forecasts, or ``None`` when it may.
 
         A probe is worth its cost only where stage 1 reads it (a weight other than 0 on one of
-        the probe's features; for a feature held at 1, the weight a fit would have given) and where calibration's batches that needed training, each
-        kind left out, were forecast better with it than with the indices alone (MdAPE of
-        epochs). On a user's resnet18 whose calibration had 39 of 54 batches needing no
+        the probe's features; for a feature held at 1, the weight a fit would have given) and
+        where calibration's batches that needed training, each kind left out, were forecast
+        better with it than with the indices alone (MdAPE of epochs). On a user's resnet18 whose calibration had 39 of 54 batches needing no
         training, the probe stage scored 85% against the index stage's 66% there.
         """
         if self.stage1 is None:
