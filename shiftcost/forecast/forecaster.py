@@ -517,8 +517,9 @@ class Forecaster:
         A probe is worth its cost only where stage 1 reads it (a weight other than 0 on one of
         the probe's features; for a feature held at 1, the weight a fit would have given) and
         where calibration's batches that needed training, each kind left out, were forecast
-        better with it than with the indices alone (MdAPE of epochs). On a user's resnet18 whose calibration had 39 of 54 batches needing no
-        training, the probe stage scored 85% against the index stage's 66% there.
+        better with it than with the indices alone (MdAPE of epochs). On a user's resnet18 whose
+        calibration had 39 of 54 batches needing no training, the probe stage scored 85% against
+        the index stage's 66% there.
         """
         if self.stage1 is None:
             return f"the cost model has no probe stage ({self.stage1_error})"
