@@ -299,11 +299,11 @@ def main() -> None:
             )
         print(f"smallest window within one point of the lowest floor: {result['lowest_floor_window']}; "
               f"leave-one-kind-out under the protocol's window {result['protocol_window']}")
-        print(f"{'leave-one-kind-out':28s} {'n':>4s} {'MdAPE':>7s} {'med|log|':>8s} {'needed':>7s} {'C-index':>7s} {'cov90':>6s}")
+        print(f"{'leave-one-kind-out':28s} {'n':>4s} {'MdAPE':>7s} {'med|log|':>8s} {'needed':>7s} {'C-index':>7s} {'cov90':>6s} {'cov>0':>6s}")
         for name, s in result["loko"].items():
             print(
                 f"{name:28s} {s['n']:4d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} {s['mean_abs_log_error_needed']:7.3f} "
-                f"{s['c_index']:7.3f} {100 * s['coverage']:5.0f}%"
+                f"{s['c_index']:7.3f} {100 * s['coverage']:5.0f}% {100 * s['coverage_needed']:5.0f}%"
             )
         print_flags(result["not_converging"])
         print(f"lowest leave-one-kind-out MdAPE of stage 1: {result['chosen_stage1_design']}")
