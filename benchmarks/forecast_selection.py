@@ -2,7 +2,7 @@
 
 Usage: nice -n 10 python benchmarks/forecast_selection.py [--archs digits_cnn,shufflenet_v2_x0_5]
        [--windows 1,2,3] [--own-curve-evals inf,2,4,8,16] [--noise-seeds 4] [--seeds 3] [--probe-steps 16]
-       [--replay-fraction 0] [--json out.json]
+       [--replay-fraction 0] [--calibrations a.json,b.json] [--json out.json]
 
 ``benchmarks/forecast_accuracy.py`` scores on evaluation-only kinds that must never choose
 anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAULT_SWEEP`:
@@ -31,6 +31,10 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    the index stage, the probe stage and the pipeline's rule (a batch the index stage would
    skip is probed, and the probe decides) raise it on runs that reached the cutoff, and on
    how many of the capped runs.
+
+With ``--calibrations`` the sweeps of step 2 are the ones ``forecast_accuracy.py --json`` saved
+(one per seed offset: every kind set of one offset shares its sweep), and step 1 is skipped;
+those files' scored runs, of evaluation-only kinds, are not read.
 
 One protocol holds for every architecture: each setting is the one with the lowest mean of
 its criterion over the architectures (``--combine`` joins separate runs' ``--json``).
@@ -207,21 +211,27 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     from shiftcost.index.engine import compute_reference_stats
 
     started = time.perf_counter()
-    recipe = TRAINING_RECIPE | {"replay_fraction": args.replay_fraction}
-    model, spec, splits = build_arch(arch, recipe=recipe)
-    stats = compute_reference_stats(model, spec, *splits["holdout"], device="cpu", seed=0)
-    new_x, new_y = splits["stream"]
-    windows = [int(w) for w in args.windows.split(",")]
-    floors = noise_floor_by_window(model, new_x, new_y, stats.accuracy, args.noise_seeds, windows, recipe, splits["holdout"])
-    window = choose_window(floors)
-    protocol.CUTOFF_WINDOW = PROTOCOL_WINDOW  # the noise-floor runs set it; leave-one-kind-out measures the protocol
-    # One sweep's choice is at the level of its retrains' noise: several seeds' sweeps (their own
-    # corruptions, splits and shuffling) are pooled, each kind still left out as a whole.
-    sweeps = [
-        calibrate(model, spec, splits, stats, args.calibration_intensities, seed=seed, probe_steps=args.probe_steps) for seed in range(args.seeds)
-    ]
     weights = [float(w) for w in args.own_curve_evals.split(",")]
-    records = leave_one_kind_out([r for sweep in sweeps for r in sweep.rows], list(sweeps[0].forecaster.stage0.features_), weights)
+    if args.calibrations:
+        rows, features, seeds = saved_calibrations([Path(p) for p in args.calibrations.split(",")], arch)
+        floors: dict[str, Any] = {}
+        window = None
+    else:
+        recipe = TRAINING_RECIPE | {"replay_fraction": args.replay_fraction}
+        model, spec, splits = build_arch(arch, recipe=recipe)
+        stats = compute_reference_stats(model, spec, *splits["holdout"], device="cpu", seed=0)
+        new_x, new_y = splits["stream"]
+        windows = [int(w) for w in args.windows.split(",")]
+        floors = noise_floor_by_window(model, new_x, new_y, stats.accuracy, args.noise_seeds, windows, recipe, splits["holdout"])
+        window = choose_window(floors)
+        protocol.CUTOFF_WINDOW = PROTOCOL_WINDOW  # the noise-floor runs set it; leave-one-kind-out measures the protocol
+        # One sweep's choice is at the level of its retrains' noise: several seeds' sweeps (their own
+        # corruptions, splits and shuffling) are pooled, each kind still left out as a whole.
+        sweeps = [
+            calibrate(model, spec, splits, stats, args.calibration_intensities, seed=seed, probe_steps=args.probe_steps) for seed in range(args.seeds)
+        ]
+        rows, features, seeds = [r for sweep in sweeps for r in sweep.rows], list(sweeps[0].forecaster.stage0.features_), args.seeds
+    records = leave_one_kind_out(rows, features, weights)
     names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"stage0_probe[{d}]" for d in STAGE1_DESIGNS]
     names += [f"stage0_probe[curve to {caps:g} caps]" for caps in CURVE_HORIZONS if caps != HORIZON_CAPS]
     names += ["in_flight_stage1_on_run"] + [f"in_flight_own_{w:g}" for w in weights]
@@ -237,9 +247,28 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
             | {name: r[name].to_dict() for name in ("stage0", "stage0_probe")}
             for r in records
         ],
-        "points": len(records), "seeds": args.seeds, "probe_steps": args.probe_steps, "replay_fraction": args.replay_fraction,
+        "points": len(records), "seeds": seeds, "probe_steps": args.probe_steps, "replay_fraction": 0.0 if args.calibrations else args.replay_fraction,
         "seconds": time.perf_counter() - started,
     }
+
+
+def saved_calibrations(paths: list[Path], arch: str) -> tuple[list[dict[str, Any]], list[str], int]:
+    """The calibration sweeps that ``forecast_accuracy.py --json`` saved for ``arch`` (built-in kinds
+    only; the scored runs of evaluation-only kinds in the same files are never read), one per seed
+    offset however many kind sets share it, with their index features and how many sweeps there are."""
+    sweeps: dict[int, list[dict[str, Any]]] = {}
+    features: list[str] | None = None
+    for path in paths:
+        for result in json.loads(path.read_text()):
+            if result["arch"] != arch:
+                continue
+            if "calibration_rows" not in result:
+                raise SystemExit(f"{path} does not keep its calibration rows (written by an older version); run forecast_accuracy.py again with --json.")
+            sweeps.setdefault(int(result["seed_offset"]), result["calibration_rows"])
+            features = features or list(result["stage0_features"])
+    if features is None:
+        raise SystemExit(f"none of {', '.join(map(str, paths))} holds a calibration of {arch}; pass forecast_accuracy.py --json outputs that do.")
+    return [r for rows in sweeps.values() for r in rows], features, len(sweeps)
 
 
 def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -249,14 +278,14 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
         raise SystemExit(f"the runs retrained under different replay fractions ({sorted(recipes)}); combine runs of one recipe.")
     windows = results[0]["noise_floor_by_window"].keys()
     floor = {w: float(np.mean([r["noise_floor_by_window"][w]["leave_one_seed_out_mdape"] for r in results])) for w in windows}
-    best = min(floor.values())
+    best = min(floor.values(), default=math.nan)
     names = [n for n in results[0]["loko"] if n.startswith("in_flight_own_")]
     own = {n: float(np.mean([r["loko"][n]["median_abs_log_error"] for r in results])) for n in names}
     designs = [n for n in results[0]["loko"] if n.startswith("stage0_probe[")]
     design = {n: float(np.mean([r["loko"][n]["mdape"] for r in results])) for n in designs}
     needed = {n: float(np.mean([r["loko"][n]["mean_abs_log_error_needed"] for r in results])) for n in designs}
     return {
-        "lowest_floor_window": min(int(w) for w, v in floor.items() if v <= best + 0.01), "mean_noise_floor": floor,
+        "lowest_floor_window": min((int(w) for w, v in floor.items() if v <= best + 0.01), default=None), "mean_noise_floor": floor,
         "own_curve": min(own, key=own.get), "mean_in_flight_median_abs_log_error": own,
         "stage1_design": min(design, key=design.get), "mean_stage1_mdape": design,
         # Reported beside MdAPE, which leaves out the capped runs; settings are not chosen on it.
@@ -277,6 +306,13 @@ def main() -> None:
         "--replay-fraction", type=float, default=TRAINING_RECIPE["replay_fraction"],
         help="share of each retrain's epoch replayed from the reference split (the library's default recipe replays 0.5)",
     )
+    parser.add_argument(
+        "--calibrations", default=None,
+        help=(
+            "comma-separated forecast_accuracy.py --json outputs: leave one kind out on the calibration sweeps they saved "
+            "(one per seed offset) instead of running sweeps; no noise floor"
+        ),
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
     args = parser.parse_args()
@@ -291,6 +327,8 @@ def main() -> None:
         result = select_arch(arch, args)
         results.append(result)
         print(f"\n=== {arch}: {result['points']} calibration points from {result['seeds']} seeds' sweeps, {result['seconds']:.0f} s")
+        if args.calibrations:
+            print(f"sweeps read from {args.calibrations}")
         for window, nf in result["noise_floor_by_window"].items():
             print(
                 f"cutoff window {window}: noise floor leave-one-seed-out MdAPE {100 * nf['leave_one_seed_out_mdape']:.0f}%, "
