@@ -24,7 +24,10 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    stage-1 design (:data:`STAGE1_DESIGNS`) with the lowest MdAPE is reported per
    architecture; the design used is the one with the lowest mean MdAPE over both, where the
    current design with its curve feature clipped at each of :data:`CURVE_HORIZONS` caps (read
-   again from each point's ``probe_curve``) competes too. Beside MdAPE, which leaves out the
+   again from each point's ``probe_curve``) competes too. The probe's evaluations of the
+   held-out split, most of its cost, are compared at every step and every k-th of
+   :data:`PROBE_EVAL_EVERY` (read again from the same curves); the sparsest cadence whose mean
+   MdAPE is within two points of the lowest is chosen. Beside MdAPE, which leaves out the
    capped runs, every predictor's mean |log error| of the batches that needed training (capped
    runs as bounds) is printed, with the design lowest on it; settings are not chosen on it.
 3. On the same left-out points, **the "not to converge" flag** that skips a batch: how often
@@ -103,9 +106,10 @@ STAGE1_DESIGNS: dict[str, tuple[str, ...]] = {
     "cutoff": ("cutoff_log_epochs",),
     "cutoff+gap": ("cutoff_log_epochs", "probe_gap"),
     "curve at slope 1": ("curve_log_epochs",),
+    "cutoff at slope 1": ("cutoff_log_epochs",),
 }
 #: Designs whose features enter with their coefficient held at 1 (offsets).
-STAGE1_DESIGN_OFFSETS: dict[str, tuple[str, ...]] = {"curve at slope 1": ("curve_log_epochs",)}
+STAGE1_DESIGN_OFFSETS: dict[str, tuple[str, ...]] = {"curve at slope 1": ("curve_log_epochs",), "cutoff at slope 1": ("cutoff_log_epochs",)}
 
 
 #: Where the curve feature of a probe whose curve does not reach the target is clipped, in epoch
@@ -124,26 +128,44 @@ def with_curve_horizon(rows: list[dict[str, Any]], caps: float) -> list[dict[str
     ]
 
 
+#: Sparser evaluation of the probe's held-out split, every k-th step (the first and the last always),
+#: compared on the current stage-1 design. Evaluating does not change a probe's steps, so such a
+#: probe's curve is the saved full curve's subsequence: read again, not run again.
+PROBE_EVAL_EVERY: tuple[int, ...] = (2, 4)
+
+
+def with_probe_evaluations(rows: list[dict[str, Any]], every: int) -> list[dict[str, Any]]:
+    """``rows`` with the probe's features read again from every ``every``-th point of each row's
+    ``probe_curve`` (its first and last kept)."""
+    out = []
+    for row in rows:
+        curve = row["probe_curve"]
+        kept = [p for i, p in enumerate(curve) if i % every == 0 or i == len(curve) - 1]
+        out.append(row | features_of_saved_curve(kept, target=row["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=protocol.MAX_EPOCHS))
+    return out
+
+
 def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights: list[float]) -> list[dict[str, Any]]:
     """Every calibration point forecast by predictors fitted on the other kinds (every seed's
     points of a kind are left out together).
 
     The in-flight forecasts start from the probe forecast of the current stage-1 design
     (:data:`~shiftcost.forecast.forecaster.STAGE1_DEFAULT`); each design adds a
-    ``stage0_probe[<design>]`` predictor, and each of :data:`CURVE_HORIZONS` but the current one a
-    ``stage0_probe[curve to <caps> caps]``."""
+    ``stage0_probe[<design>]`` predictor, each of :data:`CURVE_HORIZONS` but the current one a
+    ``stage0_probe[curve to <caps> caps]`` and each of :data:`PROBE_EVAL_EVERY` a
+    ``stage0_probe[evaluated every <k> steps]``."""
     from shiftcost.calibrate.analysis import _fit_ready, _fit_row
 
     usable = [r for r in rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
-    horizons = {caps: with_curve_horizon(usable, caps) for caps in CURVE_HORIZONS if caps != HORIZON_CAPS}
+    reread = read_again(usable)
     records: list[dict[str, Any]] = []
     for kind in dict.fromkeys(r["corruption"] for r in usable):
         train = [r for r in usable if r["corruption"] != kind]
-        clipped = {
-            caps: Forecaster.fit(
+        refits = {
+            name: Forecaster.fit(
                 [_fit_row(r) for r in read if r["corruption"] != kind], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS,
             )
-            for caps, read in horizons.items()
+            for name, read in reread.items()
         }
         forecaster = Forecaster.fit([_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS)
         if forecaster.stage1 is None:
@@ -165,13 +187,20 @@ def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights:
                 record[f"stage0_probe[{name}]"] = design.predict_from_probe_features(
                     {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES}, already_met=met,
                 ).epochs
-            for caps, fit in clipped.items():
-                read = horizons[caps][i]
-                record[f"stage0_probe[curve to {caps:g} caps]"] = fit.predict_from_probe_features(
+            for name, fit in refits.items():
+                read = reread[name][i]
+                record[f"stage0_probe[{name}]"] = fit.predict_from_probe_features(
                     {f: read[f] for f in features}, {f: read[f] for f in PROBE_FEATURES}, already_met=met,
                 ).epochs
             records.append(record)
     return records
+
+
+def read_again(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """``rows`` with the probe's features read again from their saved curves, per variant compared
+    on the current design: the curve clipped at other horizons, the probe evaluated more sparsely."""
+    variants = {f"curve to {caps:g} caps": with_curve_horizon(rows, caps) for caps in CURVE_HORIZONS if caps != HORIZON_CAPS}
+    return variants | {f"evaluated every {k} steps": with_probe_evaluations(rows, k) for k in PROBE_EVAL_EVERY}
 
 
 def _forecast_point(forecaster: Forecaster, baselines: Any, row: dict[str, Any], features: list[str], weights: list[float]) -> dict[str, Any]:
@@ -234,6 +263,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     records = leave_one_kind_out(rows, features, weights)
     names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"stage0_probe[{d}]" for d in STAGE1_DESIGNS]
     names += [f"stage0_probe[curve to {caps:g} caps]" for caps in CURVE_HORIZONS if caps != HORIZON_CAPS]
+    names += [f"stage0_probe[evaluated every {k} steps]" for k in PROBE_EVAL_EVERY]
     names += ["in_flight_stage1_on_run"] + [f"in_flight_own_{w:g}" for w in weights]
     table = {name: _scores(records, name) for name in names}
     scored = {w: table[f"in_flight_own_{w:g}"]["median_abs_log_error"] for w in weights}
@@ -284,7 +314,10 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     designs = [n for n in results[0]["loko"] if n.startswith("stage0_probe[")]
     design = {n: float(np.mean([r["loko"][n]["mdape"] for r in results])) for n in designs}
     needed = {n: float(np.mean([r["loko"][n]["mean_abs_log_error_needed"] for r in results])) for n in designs}
+    cadence = {1: design["stage0_probe"] if "stage0_probe" in design else float(np.mean([r["loko"]["stage0_probe"]["mdape"] for r in results]))}
+    cadence |= {k: design[f"stage0_probe[evaluated every {k} steps]"] for k in PROBE_EVAL_EVERY if f"stage0_probe[evaluated every {k} steps]" in design}
     return {
+        "probe_eval_every": max(k for k, v in cadence.items() if v <= min(cadence.values()) + 0.02), "mean_mdape_by_probe_eval_every": cadence,
         "lowest_floor_window": min((int(w) for w, v in floor.items() if v <= best + 0.01), default=None), "mean_noise_floor": floor,
         "own_curve": min(own, key=own.get), "mean_in_flight_median_abs_log_error": own,
         "stage1_design": min(design, key=design.get), "mean_stage1_mdape": design,
