@@ -13,7 +13,7 @@ import torch
 from shiftcost.data.batches import Batch, save_batch
 from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model, save_model
-from shiftcost.forecast.forecaster import Forecaster
+from shiftcost.forecast.forecaster import STAGE1_DEFAULT, Forecaster
 from shiftcost.index.engine import compute_reference_stats
 from tests.forecast.helpers import bars, fitted_forecaster
 
@@ -250,7 +250,7 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
         return f"{100 * stage['mdape_epochs']:.0f}%, {stage['mean_abs_log_error']:.2f}, {100 * stage['coverage_epochs']:.0f}%"
 
     assert (
-        f"probe stage (curve_log_epochs held at slope 1), leave one corruption kind out, on the {probe['n']} batches that needed training "
+        f"probe stage ({STAGE1_DEFAULT[0]} held at slope 1), leave one corruption kind out, on the {probe['n']} batches that needed training "
         f"({probe['n_censored']} capped): MdAPE epochs, mean |log error| (capped as bounds), coverage epochs {scores(probe)}; "
         f"index stage on the same: {scores(index)}; the other kinds' median epochs (naive): {scores(naive)}."
     ) in printed

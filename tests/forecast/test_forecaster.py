@@ -17,8 +17,11 @@ from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate
 from shiftcost.errors import InputError
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
-from shiftcost.forecast.forecaster import Forecaster, naive_did_better, out_of_fold_log_epochs
+from shiftcost.forecast.forecaster import STAGE1_DEFAULT, Forecaster, naive_did_better, out_of_fold_log_epochs
 from tests.forecast.helpers import INDEX, UNIT_RATE, fitted_forecaster, forecast_rows
+
+#: The probe feature stage 1 reads by default (held at slope 1).
+READ = STAGE1_DEFAULT[0]
 
 
 def test_stage1_uses_out_of_fold_index_predictions_and_the_probe() -> None:
@@ -37,9 +40,9 @@ def test_stage1_uses_out_of_fold_index_predictions_and_the_probe() -> None:
             if row["corruption"] == kind:
                 assert oof[i] == pytest.approx(model.explain(row)["log_epochs"], abs=1e-5)
     assert version.rows[0]["group"] == "kind0"
-    # The probe's curve feature carries the truth here: stage 1 leans on it.
-    coef = dict(zip(forecaster.stage1.features_, forecaster.stage1.coef_))
-    assert coef["curve_log_epochs"] > 0.3
+    # The probe's feature carries the truth here: a fit of its weight leans on it.
+    free = dict(zip(forecaster.stage1.features_, forecaster.stage1.free_coef_))
+    assert free[READ] > 0.3
     assert forecaster.stage1.loo_["mdape_epochs"] < forecaster.stage0.loo_["mdape_epochs"]
 
 
@@ -166,10 +169,10 @@ def test_a_calibration_whose_stages_cannot_be_compared_keeps_its_forecaster_and_
     assert "Not compared: " in markdown_report(result)
     assert "No probe with this cost model" not in markdown_report(result)
     # A probe stage that reads nothing of the probe is reported as such, compared or not.
-    against = [r | {"curve_log_epochs": -r["curve_log_epochs"]} for r in sweep_rows]
+    against = [r | {READ: -r[READ]} for r in sweep_rows]
     held = analyse(against, settings={"batch_size": 16}, features=list(INDEX))
     assert "Not compared: " in markdown_report(held)
-    assert "No probe with this cost model: the probe stage's weight on curve_log_epochs is 0" in markdown_report(held)
+    assert f"No probe with this cost model: the probe stage's weight on {READ} is 0" in markdown_report(held)
     from rich.console import Console
 
     from shiftcost.cli.calibrate import _print_probe_stage
@@ -177,11 +180,11 @@ def test_a_calibration_whose_stages_cannot_be_compared_keeps_its_forecaster_and_
     console = Console(record=True, width=1000)
     _print_probe_stage(held.forecaster, held.loco_stages, console)
     printed = console.export_text()
-    assert "overflow in a fold" in printed and "weight on curve_log_epochs is 0 when fitted, held at its sign bound" in printed
+    assert "overflow in a fold" in printed and f"weight on {READ} is 0 when fitted, held at its sign bound" in printed
     # The same with the curve's weight fitted rather than held at 1.
     fitted = Forecaster.fit(against, features=list(INDEX), stage1_offsets=())
     assert fitted.stage1.free_coef_ is None and fitted.stage1.coef_.tolist() == [0.0]
-    assert "weight on curve_log_epochs is 0, held at its sign bound" in fitted.probe_not_worth()
+    assert f"weight on {READ} is 0, held at its sign bound" in fitted.probe_not_worth()
 
 
 def test_a_probe_is_worth_running_only_where_calibration_forecast_better_with_it(tmp_path) -> None:
@@ -190,8 +193,8 @@ def test_a_probe_is_worth_running_only_where_calibration_forecast_better_with_it
     helpful.left_out = helpful.leave_one_kind_out(rows)
     assert helpful.probe_not_worth() is None
     # A probe curve that says nothing about the epochs: the indices alone forecast better.
-    curves = np.random.default_rng(1).permutation([r["curve_log_epochs"] for r in rows])
-    scrambled = [r | {"curve_log_epochs": float(c)} for r, c in zip(rows, curves)]
+    curves = np.random.default_rng(1).permutation([r[READ] for r in rows])
+    scrambled = [r | {READ: float(c)} for r, c in zip(rows, curves)]
     useless = Forecaster.fit(scrambled, features=list(INDEX), max_epochs=15.0)
     useless.left_out = useless.leave_one_kind_out(scrambled)
     probe, index = useless.left_out["probe"]["mdape_epochs"], useless.left_out["index"]["mdape_epochs"]
@@ -206,19 +209,19 @@ def test_a_probe_is_worth_running_only_where_calibration_forecast_better_with_it
     assert useless.probe_not_worth() is None
 
 
-@pytest.mark.parametrize("offsets", [(), None], ids=["curve fitted", "curve held at 1"])
+@pytest.mark.parametrize("offsets", [(), None], ids=["weight fitted", "held at 1"])
 def test_a_probe_stage_whose_weight_is_held_at_its_sign_bound_is_not_worth_a_probe(tmp_path, offsets) -> None:
     rows = forecast_rows()
-    # A curve that falls as the epochs rise: its sign bound (more curve, more cost) holds its fitted weight at 0.
-    against = [r | {"curve_log_epochs": -r["curve_log_epochs"]} for r in rows]
+    # A probe feature that falls as the epochs rise: its sign bound (more of it, more cost) holds its fitted weight at 0.
+    against = [r | {READ: -r[READ]} for r in rows]
     held = Forecaster.fit(against, features=list(INDEX), max_epochs=15.0, stage1_offsets=offsets)
     fitted = held.stage1.coef_ if offsets == () else held.stage1.free_coef_
-    assert dict(zip(held.stage1.features_, fitted)) == {"curve_log_epochs": 0.0}
-    first, last = (held.predict_from_probe_features(rows[0], {"curve_log_epochs": c}).epochs for c in (-0.5, -3.0))
+    assert dict(zip(held.stage1.features_, fitted)) == {READ: 0.0}
+    first, last = (held.predict_from_probe_features(rows[0], {READ: c}).epochs for c in (-0.5, -3.0))
     # Fitted, what the probe sees changes nothing; held at 1, it is read against what calibration says.
     assert (first == last) == (offsets == ())
     reason = held.probe_not_worth()
-    assert reason is not None and "weight on curve_log_epochs is 0" in reason and "held at its sign bound" in reason
+    assert reason is not None and f"weight on {READ} is 0" in reason and "held at its sign bound" in reason
     assert Forecaster.load(held.save(tmp_path / "forecaster.json")).probe_not_worth() == reason
     # Whatever calibration's own comparison said, and with a weight above 0 the comparison decides again.
     held.left_out = {"probe": {"mdape_epochs": 0.1}, "index": {"mdape_epochs": 0.9}}
@@ -454,10 +457,10 @@ def test_a_probe_below_the_target_never_forecasts_zero_epochs() -> None:
     the curve crosses at once (a forecast of 0 epochs would admit it under any budget)."""
     # Calibration as on real data: batches already at the target cost nothing and their curve crosses at 0.
     met_rows = [
-        forecast_rows()[0] | {"corruption": f"kind{k}", "curve_log_epochs": 0.0, "epochs": 0.0, "accuracy": 0.95} for k in range(5) for _ in range(3)
+        forecast_rows()[0] | {"corruption": f"kind{k}", READ: 0.0, "epochs": 0.0, "accuracy": 0.95} for k in range(5) for _ in range(3)
     ]
     forecaster = Forecaster.fit(forecast_rows() + met_rows, features=list(INDEX), max_epochs=15.0, energy_rate=UNIT_RATE, batch_size=16)
-    crossing_at_once = {"curve_log_epochs": 0.0, "probe_progress": 1.0, "probe_loss_drop": 0.5}
+    crossing_at_once = {READ: 0.0, "probe_progress": 1.0, "probe_loss_drop": 0.5}
     fitted = forecaster.stage1.predict_costs([crossing_at_once])[0]
     assert fitted.epochs == fitted.epochs_lower == 0.0  # what the regression alone says
     below = forecaster.predict_from_probe_features(met_rows[0], crossing_at_once)
@@ -472,11 +475,11 @@ def test_a_probe_beyond_the_calibrated_range_is_held_at_its_edge_and_flagged() -
     edge = float(forecaster.stage1.history_.latest.state["feature_max"][0])
 
     def probe(curve: float):
-        return forecaster.predict_from_probe_features(row, {"curve_log_epochs": curve, "probe_progress": 0.5, "probe_loss_drop": 0.2})
+        return forecaster.predict_from_probe_features(row, {READ: curve, "probe_progress": 0.5, "probe_loss_drop": 0.2})
 
     assert probe(edge - 0.1).extrapolated == []
     beyond = probe(edge + 5.0)  # a curve that never crosses
-    assert beyond.extrapolated == ["curve_log_epochs"] and beyond.to_dict()["extrapolated"] == ["curve_log_epochs"]
+    assert beyond.extrapolated == [READ] and beyond.to_dict()["extrapolated"] == [READ]
     assert beyond.epochs == probe(edge).epochs
 
 
@@ -641,23 +644,23 @@ def test_forecasts_stop_at_a_horizon_of_a_few_caps() -> None:
     assert forecaster.within_horizon(Interval(1.0, 0.5, math.inf, 0.9)).high == math.inf  # too few runs for a bound
 
 
-def test_a_curve_held_at_slope_one_stays_there_in_every_left_out_fold_and_once_saved(tmp_path) -> None:
+def test_the_probe_feature_held_at_slope_one_stays_there_in_every_left_out_fold_and_once_saved(tmp_path) -> None:
     rows = forecast_rows()
-    for row in rows:  # a curve that runs at 0.6 of the truth's log scale: a free slope stretches it
-        row["curve_log_epochs"] *= 0.6
+    for row in rows:  # a probe feature at 0.6 of the truth's log scale: a free slope stretches it
+        row[READ] *= 0.6
     held = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)  # held at 1 by default
     free = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0, stage1_offsets=())
-    assert held.stage1.offset_features == ["curve_log_epochs"] and held.stage1.coef_.tolist() == [1.0] and free.stage1.coef_[0] > 1.3
+    assert held.stage1.offset_features == [READ] and held.stage1.coef_.tolist() == [1.0] and free.stage1.coef_[0] > 1.3
     # The weight a fit would have given it is kept beside: the free fit's.
     assert held.stage1.free_coef_ == pytest.approx(free.stage1.coef_)
     result = held.leave_one_kind_out(rows)
     ape = []
     for kind in dict.fromkeys(r["corruption"] for r in rows):
-        fold = Forecaster.fit([r for r in rows if r["corruption"] != kind], features=list(INDEX), max_epochs=15.0, stage1_offsets=("curve_log_epochs",))
+        fold = Forecaster.fit([r for r in rows if r["corruption"] != kind], features=list(INDEX), max_epochs=15.0, stage1_offsets=(READ,))
         for row in (r for r in rows if r["corruption"] == kind):
             ape.append(abs(fold.predict_from_probe_features(row, row).epochs.median - row["epochs"]) / row["epochs"])
     assert result["probe"]["mdape_epochs"] == pytest.approx(np.median(ape))
     assert result["probe"]["mdape_epochs"] != pytest.approx(free.leave_one_kind_out(rows)["probe"]["mdape_epochs"], rel=0.05)
     loaded = Forecaster.load(held.save(tmp_path / "forecaster.json"))
-    assert loaded.stage1.offset_features == ["curve_log_epochs"]
+    assert loaded.stage1.offset_features == [READ]
     assert [loaded.predict_from_probe_features(r, r).to_dict() for r in rows[::7]] == [held.predict_from_probe_features(r, r).to_dict() for r in rows[::7]]
