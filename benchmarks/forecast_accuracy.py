@@ -588,7 +588,7 @@ def print_pooled(paths: list[Path], resamples: int) -> None:
     per architecture: each predictor's figures and the paired bootstrap CIs over all of them."""
     from shiftcost.forecast.forecaster import Interval
 
-    pooled: dict[str, list[dict[str, Any]]] = {}
+    pooled: dict[str, list[list[dict[str, Any]]]] = {}
     for path in paths:
         for result in json.loads(path.read_text()):
             for run in result["runs"]:
@@ -677,7 +677,8 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
     the forecaster is refitted on each output's calibration rows with ``--stage1-features`` and the
     curve clipped at ``--curve-horizon`` caps (both read again from the saved probe curves), and the
     in-flight forecast weighs the run's own curve with ``--own-curve-evals``. With the defaults it
-    repeats the live run's table. Budgets and the guard are left to live runs."""
+    repeats the live run's table. Several files of one architecture (say several ``--seed-offset``
+    runs of a kind set) are also scored pooled. Budgets and the guard are left to live runs."""
     from types import SimpleNamespace
 
     from shiftcost.calibrate.analysis import _fit_ready, _fit_row
@@ -689,6 +690,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
 
     stage1_features = tuple(args.stage1_features.split(","))
     stage1_offsets = None if args.stage1_offsets is None else tuple(f for f in args.stage1_offsets.split(",") if f)
+    pooled: dict[str, list[list[dict[str, Any]]]] = {}
     for path in paths:
         for result in json.loads(path.read_text()):
             if "calibration_rows" not in result or "stage0_features" not in result:
@@ -726,6 +728,12 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             )
             print_metrics(metrics(runs, args.bootstrap))
             print_flags(not_converging_flags(runs))
+            pooled.setdefault(result["arch"], []).append(runs)
+    for arch, per_file in pooled.items():
+        if len(per_file) > 1:
+            runs = [run for file_runs in per_file for run in file_runs]
+            print(f"\n=== {arch}: the {len(runs)} runs of {len(per_file)} files pooled")
+            print_metrics(metrics(runs, args.bootstrap))
 
 
 def _subset(values: tuple[float, ...], count: int) -> tuple[float, ...]:
