@@ -61,7 +61,10 @@ MICRO_BATCHES = 4
 #: shufflenet_v2_x0_5): 1 cap 49% | 77%, 1.5 caps 47% | 68%, 2 caps 44% | 62%, 3 caps 44% | 59%. Once
 #: stage 1 held the curve at slope 1, one run with ``--seeds 2`` (108 points) gave 1 cap 36% | 59%,
 #: 1.5 caps 36% | 60%, 2 caps 35% | 54%, 3 caps 36% | 56%: 2 caps ahead by a point or two, where the
-#: larger run had 3 caps ahead on shufflenet; within the runs' noise, so 3 is kept.
+#: larger run had 3 caps ahead on shufflenet; within the runs' noise, so 3 is kept. Once stage 1 read the
+#: probe's own cutoff (whose value, where the probe never met the cutoff, is the clipped curve's crossing),
+#: ``forecast_selection.py --calibrations`` over four digits CNN and three shufflenet sweeps (216 and 162
+#: points) gave 1 cap 38% | 65%, 1.5 caps 40% | 54%, 2 caps 38% | 51%, 3 caps 35% | 49%.
 HORIZON_CAPS = 3.0
 
 
