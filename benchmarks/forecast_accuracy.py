@@ -588,7 +588,7 @@ def print_pooled(paths: list[Path], resamples: int) -> None:
     per architecture: each predictor's figures and the paired bootstrap CIs over all of them."""
     from shiftcost.forecast.forecaster import Interval
 
-    pooled: dict[str, list[list[dict[str, Any]]]] = {}
+    pooled: dict[str, list[dict[str, Any]]] = {}
     for path in paths:
         for result in json.loads(path.read_text()):
             for run in result["runs"]:

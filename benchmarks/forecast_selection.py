@@ -314,8 +314,9 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     designs = [n for n in results[0]["loko"] if n.startswith("stage0_probe[")]
     design = {n: float(np.mean([r["loko"][n]["mdape"] for r in results])) for n in designs}
     needed = {n: float(np.mean([r["loko"][n]["mean_abs_log_error_needed"] for r in results])) for n in designs}
-    cadence = {1: design["stage0_probe"] if "stage0_probe" in design else float(np.mean([r["loko"]["stage0_probe"]["mdape"] for r in results]))}
-    cadence |= {k: design[f"stage0_probe[evaluated every {k} steps]"] for k in PROBE_EVAL_EVERY if f"stage0_probe[evaluated every {k} steps]" in design}
+    # Every step is the current design itself; runs saved before the cadences were compared have only it.
+    cadence = {1: float(np.mean([r["loko"]["stage0_probe"]["mdape"] for r in results]))}
+    cadence |= {k: design[name] for k in PROBE_EVAL_EVERY if (name := f"stage0_probe[evaluated every {k} steps]") in design}
     return {
         "probe_eval_every": max(k for k, v in cadence.items() if v <= min(cadence.values()) + 0.02), "mean_mdape_by_probe_eval_every": cadence,
         "lowest_floor_window": min((int(w) for w, v in floor.items() if v <= best + 0.01), default=None), "mean_noise_floor": floor,
