@@ -111,7 +111,8 @@ class ProbeTrajectory:
     epochs: list[float]
     accuracy: list[float]
     loss: list[float]
-    initial_grad_norm: float
+    #: ``None`` for a probe that stopped before its first step (its batch already met the cutoff).
+    initial_grad_norm: float | None
     grad_noise_scale: float | None
     loss_drop_per_step: float
     target_accuracy: float
@@ -206,7 +207,7 @@ class _Walk:
     seen: int = 0
     steps: int = 0
     evaluated: int = 0
-    grad_norm0: float = 0.0
+    grad_norm0: float | None = None
     noise_scale: float | None = None
 
 
@@ -234,6 +235,7 @@ def run_probe(
     energy_rate: HostEnergyRate | None = None,
     source: str = "the batch",
     retrain_batch_size: int | None = None,
+    stop_at_cutoff: bool = True,
 ) -> ProbeTrajectory:
     """Fine-tune a copy of ``model`` for ``steps`` steps on ``samples`` training samples.
 
@@ -242,10 +244,14 @@ def run_probe(
     ``cost.energy_error`` says why and the estimate stands in); with ``energy_rate``
     (the host's :class:`~shiftcost.energy.HostEnergyRate`, the probe counted as one measured
     run) it is also estimated, and the
-    estimate stands in when nothing is measured. The probe's cost is ``steps`` steps of
+    estimate stands in when nothing is measured. The probe's cost is at most ``steps`` steps of
     ``batch_size`` and ``steps + 1`` evaluations of the holdout, whatever the retrain's length.
     ``retrain_batch_size`` is the real retrain's batch size (default: the recipe's): it sets
-    the steps per epoch that put the probe's steps on the retrain's time axis. ``lr``,
+    the steps per epoch that put the probe's steps on the retrain's time axis. With
+    ``stop_at_cutoff`` the probe stops at its first evaluation that meets the retrains' cutoff
+    rule (:func:`~shiftcost.forecast.protocol.cutoff_reached` on ``target_accuracy``), before
+    any step where the first one already does: the crossing stage 1 reads is then measured,
+    and later steps would only have cost. ``lr``,
     ``optimizer``, ``weight_decay`` and ``momentum`` are the retrain recipe's
     (:class:`~shiftcost.recipe.Recipe`). Batch-norm statistics follow the probe's batches even
     where the recipe freezes them in retrains (see ``_walk``).
@@ -276,14 +282,14 @@ def run_probe(
     meter, energy_error = _start_meter(track_energy, country_iso_code, energy_options, dev)
     started = time.perf_counter()
     try:
-        walk = _walk(work, params, optim, train, hold, per_epoch, steps, batch, seed, dev)
+        walk = _walk(work, params, optim, train, hold, per_epoch, steps, batch, seed, dev, target_accuracy if stop_at_cutoff else None)
     finally:
         seconds = time.perf_counter() - started
         energy, stop_error = _stop_meter(meter)
     estimated = None if energy_rate is None else energy_rate.kwh(walk.seen, walk.evaluated)
     kwh = energy.energy_kwh if energy is not None else estimated
     slope = float(np.polyfit(np.arange(len(walk.loss)), walk.loss, 1)[0]) if len(walk.loss) > 1 else 0.0
-    cost = ProbeCost(steps, walk.seen, walk.evaluated, seconds, kwh, energy is not None, estimated, energy_error or stop_error)
+    cost = ProbeCost(walk.steps, walk.seen, walk.evaluated, seconds, kwh, energy is not None, estimated, energy_error or stop_error)
     return ProbeTrajectory(
         epochs=walk.epochs, accuracy=walk.accuracy, loss=walk.loss, initial_grad_norm=walk.grad_norm0,
         grad_noise_scale=walk.noise_scale, loss_drop_per_step=-slope, target_accuracy=float(target_accuracy),
@@ -291,7 +297,7 @@ def run_probe(
         settings={
             "steps": steps, "samples": len(train[0]), "batch_size": batch, "lr": lr, "optimizer": optimizer, "seed": seed,
             "weight_decay": weight_decay, "momentum": momentum,
-            "retrain_batch_size": retrain_batch_size,
+            "retrain_batch_size": retrain_batch_size, "stop_at_cutoff": stop_at_cutoff,
         },
     )
 
@@ -331,18 +337,21 @@ def _walk(
     batch: int,
     seed: int,
     dev: torch.device,
+    stop_at: float | None,
 ) -> _Walk:
-    """The probe's steps, with a held-out evaluation before the first and after every one."""
+    """The probe's steps, with a held-out evaluation before the first and after every one, until
+    the evaluations meet the cutoff rule on ``stop_at`` (never stopping early when it is ``None``)."""
     from shiftcost.retrain import _evaluate, _seeded
 
     x_train, y_train = train
     shuffle = torch.Generator().manual_seed(seed)
     walk = _Walk()
 
-    def evaluate() -> None:
+    def evaluate_and_stop() -> bool:
         acc, loss = _evaluate(work, *hold, dev, 512)
         walk.accuracy.append(acc), walk.loss.append(loss), walk.epochs.append(walk.steps / retrain_steps_per_epoch)
         walk.evaluated += len(hold[0])
+        return stop_at is not None and protocol.cutoff_reached(walk.accuracy, stop_at)
 
     with _seeded(seed, dev):
         # Batch-norm statistics follow the probe's batches even where the recipe keeps them frozen
@@ -353,7 +362,8 @@ def _walk(
         # the retrains 50% / 0.89 | 97% / 0.75.
         work.train()
         order = torch.randperm(len(x_train), generator=shuffle)
-        evaluate()
+        if evaluate_and_stop():
+            return walk
         cursor = 0
         for step in range(steps):
             if cursor + batch > len(order):
@@ -369,7 +379,8 @@ def _walk(
             optim.step()
             walk.seen += len(idx)
             walk.steps += 1
-            evaluate()
+            if evaluate_and_stop():
+                break
     return walk
 
 

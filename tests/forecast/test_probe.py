@@ -11,7 +11,7 @@ from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate
 from shiftcost.forecast import protocol
-from shiftcost.forecast.probe import run_probe
+from shiftcost.forecast.probe import probe_features, run_probe
 from tests.forecast.helpers import bars
 
 #: 7.2 J per sample-gradient and 3.6 J per run: the probe is one measured run and pays its overhead once.
@@ -100,3 +100,33 @@ def test_the_probe_decays_weights_as_the_recipe_does(tiny) -> None:
     decayed = run_probe(model, 1 - x, y, weight_decay=0.5, **options)
     assert plain.loss[0] == decayed.loss[0] and plain.loss[-1] != decayed.loss[-1]
     assert decayed.settings["weight_decay"] == 0.5
+
+
+def test_the_probe_stops_at_its_first_evaluation_that_meets_the_cutoff(tiny) -> None:
+    """Stopped, the probe is the unstopped probe's prefix up to the first evaluation where the
+    retrains' rule holds, and costs only the steps it took; the crossing stage 1 reads is the same."""
+    model, _, x, y = tiny
+    options = dict(ceiling=1.0, steps=12, samples=64, batch_size=8, seed=1, energy_rate=RATE)
+    full = run_probe(model, 1 - x, y, target_accuracy=1.01, stop_at_cutoff=False, **options)
+    assert len(full.accuracy) == 13
+    first_met = {t: next((k for k in range(13) if protocol.cutoff_reached(full.accuracy[: k + 1], t)), None) for t in sorted(set(full.accuracy))}
+    chosen = {t: k for t, k in first_met.items() if k is not None and 0 < k < 12}
+    assert chosen, f"no target is met mid-way on this trajectory: {full.accuracy}"
+    holdout = full.holdout_samples
+    for target, k in chosen.items():
+        stopped = run_probe(model, 1 - x, y, target_accuracy=target, **options)
+        assert stopped.accuracy == full.accuracy[: k + 1] and stopped.loss == full.loss[: k + 1] and stopped.epochs == full.epochs[: k + 1]
+        assert (stopped.cost.steps, stopped.cost.sample_gradients, stopped.cost.samples_evaluated) == (k, 8 * k, (k + 1) * holdout)
+        assert stopped.settings["steps"] == 12 and stopped.settings["stop_at_cutoff"]
+        read = [probe_features(p.epochs, p.accuracy, p.loss, target=target, ceiling=1.0, cap_epochs=15.0)["cutoff_log_epochs"] for p in (stopped, full)]
+        assert read[0] == read[1]
+
+
+def test_a_batch_already_at_the_cutoff_costs_the_probe_one_evaluation(tiny) -> None:
+    model, _, x, y = tiny
+    probe = run_probe(model, x, y, target_accuracy=0.5, ceiling=1.0, steps=6, samples=40, batch_size=8, energy_rate=RATE)
+    assert probe.accuracy[0] >= 0.5 and len(probe.accuracy) == 1
+    cost = probe.cost
+    assert (cost.steps, cost.sample_gradients, cost.samples_evaluated) == (0, 0, probe.holdout_samples)
+    assert cost.energy_kwh == pytest.approx((3.6 + 7.2 * EVAL_SAMPLE_WEIGHT * probe.holdout_samples) / 3.6e6)
+    assert probe.initial_grad_norm is None and probe.grad_noise_scale is None
