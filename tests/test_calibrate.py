@@ -431,8 +431,7 @@ def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
         assert all(isinstance(row[name], float) for name in ("curve_log_epochs", "probe_progress", "probe_loss_drop"))
         # What the probe saw is kept, and gives the row's features again.
         curve = row["probe_curve"]
-        accuracy = [p["accuracy"] for p in curve]
-        met = next((k for k in range(len(curve)) if protocol.cutoff_reached(accuracy[: k + 1], row["target_accuracy"])), None)
+        met = protocol.first_cutoff([p["accuracy"] for p in curve], row["target_accuracy"])
         steps = 3 if met is None else met  # a probe stops where its evaluations meet the cutoff
         assert len(curve) == steps + 1 and curve[0]["epoch"] == 0.0
         assert row["probe_sample_gradients"] == steps * 16 and row["probe_seconds"] > 0

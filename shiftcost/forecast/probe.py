@@ -174,8 +174,8 @@ def probe_features(
     progress = 1.0 if gap <= 0 else float(np.clip((last_acc - first_acc) / gap, -1.0, 2.0))
     first_loss, last_loss = loss[0], float(np.mean(loss[-tail:]))
     drop = (first_loss - last_loss) / first_loss if first_loss > 0 else 0.0
-    met = next((epochs[k] for k in range(len(accuracy)) if protocol.cutoff_reached(accuracy[: k + 1], target)), None)
-    cutoff = met if met is not None else max(crossing, epochs[-1])
+    met = protocol.first_cutoff(accuracy, target)
+    cutoff = epochs[met] if met is not None else max(crossing, epochs[-1])
     return {
         "curve_log_epochs": math.log1p(crossing), "probe_progress": progress, "probe_loss_drop": float(drop),
         "probe_gap": float(target - last_acc), "cutoff_log_epochs": math.log1p(cutoff),

@@ -62,6 +62,12 @@ def cutoff_reached(history: Sequence[Any], target: float, window: int | None = N
     return values[-1] >= target and sum(recent) / len(recent) >= target
 
 
+def first_cutoff(history: Sequence[Any], target: float) -> int | None:
+    """Index of the first evaluation in ``history`` after which :func:`cutoff_reached` holds
+    (``None`` if none): where a run, or a probe, judged by the one rule stops."""
+    return next((k for k in range(len(history)) if cutoff_reached(history[: k + 1], target)), None)
+
+
 def eval_every(steps_per_epoch: int) -> int:
     """Optimizer steps between evaluations for a run with ``steps_per_epoch`` steps an epoch."""
     return max(1, steps_per_epoch // EVALS_PER_EPOCH)

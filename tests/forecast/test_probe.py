@@ -109,7 +109,7 @@ def test_the_probe_stops_at_its_first_evaluation_that_meets_the_cutoff(tiny) -> 
     options = dict(ceiling=1.0, steps=12, samples=64, batch_size=8, seed=1, energy_rate=RATE)
     full = run_probe(model, 1 - x, y, target_accuracy=1.01, stop_at_cutoff=False, **options)
     assert len(full.accuracy) == 13
-    first_met = {t: next((k for k in range(13) if protocol.cutoff_reached(full.accuracy[: k + 1], t)), None) for t in sorted(set(full.accuracy))}
+    first_met = {t: protocol.first_cutoff(full.accuracy, t) for t in sorted(set(full.accuracy))}
     chosen = {t: k for t, k in first_met.items() if k is not None and 0 < k < 12}
     assert chosen, f"no target is met mid-way on this trajectory: {full.accuracy}"
     holdout = full.holdout_samples
