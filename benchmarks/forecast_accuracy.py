@@ -8,7 +8,8 @@ Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shu
 ``--json`` keeps every scored run's evaluations, index features and probe curve, and the
 calibration's rows (each with its probe curve), so that other designs can be scored on the
 same runs without retraining: ``--rescore a.json [--stage1-features F] [--stage1-offsets F] [--curve-horizon C]
-[--own-curve-evals W]``. Score a design on these evaluation-only kinds once it has been chosen
+[--own-curve-evals W] [--probe-steps K]``, which also prints what the probes would have cost had
+they stopped at their cutoff, as probes now do. Score a design on these evaluation-only kinds once it has been chosen
 on the built-in kinds (``forecast_selection.py``), never to choose it.
 
 For each architecture (the demo CNN, and torchvision's shufflenet_v2_x0_5 at 16x16, which
@@ -438,8 +439,10 @@ def probe_cost(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for r in runs if r["probe_energy_kwh_measured"] is not None and r["probe_energy_kwh_estimated"]
     ]
     return {
-        "probe_steps": runs[0]["probe_steps"], "probe_batch_size": runs[0]["probe_batch_size"], "probe_samples": runs[0]["probe_samples"],
-        "probe_evaluations": runs[0]["probe_evaluations"],
+        # A probe stops where its evaluations meet the cutoff: its length varies, bounded by its settings.
+        "probe_steps_max": max(r["probe_steps"] for r in runs), "probe_steps_median": float(np.median([r["probe_steps"] for r in runs])),
+        "probe_batch_size": runs[0]["probe_batch_size"], "probe_samples": runs[0]["probe_samples"],
+        "probe_evaluations_max": max(r["probe_evaluations"] for r in runs),
         "work_ratio_incl_evaluations": probe_work / float(np.median([r["cost"] for r in runs])),
         "probe_energy_kwh_measured_median": float(np.median(measured)) if measured else None,
         "probe_energy_kwh_estimated_median": float(np.median(estimated)) if estimated else None,
@@ -641,6 +644,10 @@ def main() -> None:
     )
     parser.add_argument("--curve-horizon", type=float, default=HORIZON_CAPS, help="with --rescore: caps at which the curve feature is clipped")
     parser.add_argument("--own-curve-evals", type=float, default=None, help="with --rescore: the in-flight weight on the run's own curve")
+    parser.add_argument(
+        "--probe-steps", type=int, default=None,
+        help="with --rescore: read every saved probe (calibration's and the scored runs') as if it had stopped after this many steps",
+    )
     args = parser.parse_args()
     if args.combine:
         print_pooled([Path(p) for p in args.combine.split(",")], args.bootstrap)
@@ -676,7 +683,8 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
     """The runs of earlier ``--json`` outputs scored again under another design, with no retraining:
     the forecaster is refitted on each output's calibration rows with ``--stage1-features`` and the
     curve clipped at ``--curve-horizon`` caps (both read again from the saved probe curves), and the
-    in-flight forecast weighs the run's own curve with ``--own-curve-evals``. With the defaults it
+    in-flight forecast weighs the run's own curve with ``--own-curve-evals``; with ``--probe-steps`` every
+    saved probe is read as if it had stopped after that many steps. With the defaults it
     repeats the live run's table. Several files of one architecture (say several ``--seed-offset``
     runs of a kind set) are also scored pooled. Budgets and the guard are left to live runs."""
     from types import SimpleNamespace
@@ -686,11 +694,17 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
     from shiftcost.forecast.probe import features_of_saved_curve, starts_at_target
 
     def read(curve: list[dict[str, float]], target: float, ceiling: float) -> dict[str, float]:
-        return features_of_saved_curve(curve, target=target, ceiling=ceiling, cap_epochs=protocol.MAX_EPOCHS, horizon_caps=args.curve_horizon)
+        return features_of_saved_curve(
+            shortened(curve), target=target, ceiling=ceiling, cap_epochs=protocol.MAX_EPOCHS, horizon_caps=args.curve_horizon,
+        )
+
+    def shortened(curve: list[dict[str, float]]) -> list[dict[str, float]]:
+        return curve if args.probe_steps is None else curve[: args.probe_steps + 1]
 
     stage1_features = tuple(args.stage1_features.split(","))
     stage1_offsets = None if args.stage1_offsets is None else tuple(f for f in args.stage1_offsets.split(",") if f)
     pooled: dict[str, list[list[dict[str, Any]]]] = {}
+    probe_work: dict[str, list[tuple[int, int, int]]] = {}
     for path in paths:
         for result in json.loads(path.read_text()):
             if "calibration_rows" not in result or "stage0_features" not in result:
@@ -720,6 +734,11 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 record["in_flight_quarter"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, args.own_curve_evals)
                 record["in_flight_quarter_prior_only"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, math.inf)
                 runs.append(record)
+                read_probe = shortened(probe)
+                probe_work.setdefault(result["arch"], []).append((
+                    probe_steps_taken(read_probe, target) * saved["probe_batch_size"], (len(read_probe) - 1) * saved["probe_batch_size"],
+                    saved["samples_seen"],
+                ))
             coefficients = dict(zip(forecaster.stage1.features_, map(float, forecaster.stage1.coef_)))
             print(
                 f"\n=== {result['arch']} from {path}: stage 1 on {', '.join(stage1_features)} (held at 1: {', '.join(forecaster.stage1.offset_features or ()) or 'none'}), curve clipped at {args.curve_horizon:g} caps, "
@@ -728,12 +747,33 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             )
             print_metrics(metrics(runs, args.bootstrap))
             print_flags(not_converging_flags(runs))
+            print_probe_share(probe_work[result["arch"]][-len(runs):])
             pooled.setdefault(result["arch"], []).append(runs)
     for arch, per_file in pooled.items():
         if len(per_file) > 1:
             runs = [run for file_runs in per_file for run in file_runs]
             print(f"\n=== {arch}: the {len(runs)} runs of {len(per_file)} files pooled")
             print_metrics(metrics(runs, args.bootstrap))
+            print_probe_share(probe_work[arch])
+
+
+def probe_steps_taken(curve: list[dict[str, float]], target: float) -> int:
+    """The steps a saved probe would have taken had it stopped, as probes do, at its first
+    evaluation meeting the cutoff rule (features read under the cutoff design are the same)."""
+    met = protocol.first_cutoff([p["accuracy"] for p in curve], target)
+    return len(curve) - 1 if met is None else met
+
+
+def print_probe_share(work: list[tuple[int, int, int]]) -> None:
+    """The probes' sample-gradients, stopped at their cutoff and not, against the median retrain's."""
+    table = np.array(work, dtype=float)
+    stopped, full, retrain = np.median(table, axis=0)
+    mean = float(table[:, 0].mean())
+    print(
+        f"probe sample-gradients against the median retrain's {retrain:.0f}: stopped at its cutoff, median {stopped:.0f} "
+        f"({stopped / retrain:.1%}), mean {mean:.0f} ({mean / retrain:.1%}), {np.mean(table[:, 0] < table[:, 1]):.0%} stopped early; "
+        f"never stopped {full:.0f} ({full / retrain:.1%})"
+    )
 
 
 def _subset(values: tuple[float, ...], count: int) -> tuple[float, ...]:

@@ -27,7 +27,9 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    again from each point's ``probe_curve``) competes too. The probe's evaluations of the
    held-out split, most of its cost, are compared at every step and every k-th of
    :data:`PROBE_EVAL_EVERY` (read again from the same curves); the sparsest cadence whose mean
-   MdAPE is within two points of the lowest is chosen. Beside MdAPE, which leaves out the
+   MdAPE is within two points of the lowest is chosen. So is the probe's length: its first
+   k steps of :data:`PROBE_LENGTHS` against all of them, the shortest within two points of
+   the lowest mean MdAPE chosen. Beside MdAPE, which leaves out the
    capped runs, every predictor's mean |log error| of the batches that needed training (capped
    runs as bounds) is printed, with the design lowest on it; settings are not chosen on it.
 3. On the same left-out points, **the "not to converge" flag** that skips a batch: how often
@@ -145,6 +147,23 @@ def with_probe_evaluations(rows: list[dict[str, Any]], every: int) -> list[dict[
     return out
 
 
+#: Shorter probes, compared on the current stage-1 design: the first k steps of a probe are the
+#: same whatever its length (same samples, same order, same seed), so a k-step probe's curve is
+#: the saved curve's first k + 1 evaluations: read again, not run again.
+PROBE_LENGTHS: tuple[int, ...] = (8, 10, 12)
+
+
+def with_probe_length(rows: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
+    """``rows`` with the probe's features read again from the first ``steps`` steps of each row's
+    ``probe_curve``."""
+    return [
+        row | features_of_saved_curve(
+            row["probe_curve"][: steps + 1], target=row["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=protocol.MAX_EPOCHS,
+        )
+        for row in rows
+    ]
+
+
 def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights: list[float]) -> list[dict[str, Any]]:
     """Every calibration point forecast by predictors fitted on the other kinds (every seed's
     points of a kind are left out together).
@@ -152,8 +171,9 @@ def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights:
     The in-flight forecasts start from the probe forecast of the current stage-1 design
     (:data:`~shiftcost.forecast.forecaster.STAGE1_DEFAULT`); each design adds a
     ``stage0_probe[<design>]`` predictor, each of :data:`CURVE_HORIZONS` but the current one a
-    ``stage0_probe[curve to <caps> caps]`` and each of :data:`PROBE_EVAL_EVERY` a
-    ``stage0_probe[evaluated every <k> steps]``."""
+    ``stage0_probe[curve to <caps> caps]``, each of :data:`PROBE_EVAL_EVERY` a
+    ``stage0_probe[evaluated every <k> steps]`` and each of :data:`PROBE_LENGTHS` a
+    ``stage0_probe[probe of <k> steps]``."""
     from shiftcost.calibrate.analysis import _fit_ready, _fit_row
 
     usable = [r for r in rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
@@ -198,9 +218,11 @@ def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights:
 
 def read_again(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """``rows`` with the probe's features read again from their saved curves, per variant compared
-    on the current design: the curve clipped at other horizons, the probe evaluated more sparsely."""
+    on the current design: the curve clipped at other horizons, the probe evaluated more sparsely,
+    the probe stopped after fewer steps."""
     variants = {f"curve to {caps:g} caps": with_curve_horizon(rows, caps) for caps in CURVE_HORIZONS if caps != HORIZON_CAPS}
-    return variants | {f"evaluated every {k} steps": with_probe_evaluations(rows, k) for k in PROBE_EVAL_EVERY}
+    variants |= {f"evaluated every {k} steps": with_probe_evaluations(rows, k) for k in PROBE_EVAL_EVERY}
+    return variants | {f"probe of {k} steps": with_probe_length(rows, k) for k in PROBE_LENGTHS}
 
 
 def _forecast_point(forecaster: Forecaster, baselines: Any, row: dict[str, Any], features: list[str], weights: list[float]) -> dict[str, Any]:
@@ -264,6 +286,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"stage0_probe[{d}]" for d in STAGE1_DESIGNS]
     names += [f"stage0_probe[curve to {caps:g} caps]" for caps in CURVE_HORIZONS if caps != HORIZON_CAPS]
     names += [f"stage0_probe[evaluated every {k} steps]" for k in PROBE_EVAL_EVERY]
+    names += [f"stage0_probe[probe of {k} steps]" for k in PROBE_LENGTHS if k < args.probe_steps]
     names += ["in_flight_stage1_on_run"] + [f"in_flight_own_{w:g}" for w in weights]
     table = {name: _scores(records, name) for name in names}
     scored = {w: table[f"in_flight_own_{w:g}"]["median_abs_log_error"] for w in weights}
@@ -317,8 +340,12 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     # Every step is the current design itself; runs saved before the cadences were compared have only it.
     cadence = {1: float(np.mean([r["loko"]["stage0_probe"]["mdape"] for r in results]))}
     cadence |= {k: design[name] for k in PROBE_EVAL_EVERY if (name := f"stage0_probe[evaluated every {k} steps]") in design}
+    # The probe as calibrated is the current design itself.
+    lengths = {int(results[0]["probe_steps"]): cadence[1]}
+    lengths |= {k: design[name] for k in PROBE_LENGTHS if (name := f"stage0_probe[probe of {k} steps]") in design}
     return {
         "probe_eval_every": max(k for k, v in cadence.items() if v <= min(cadence.values()) + 0.02), "mean_mdape_by_probe_eval_every": cadence,
+        "probe_steps": min(k for k, v in lengths.items() if v <= min(lengths.values()) + 0.02), "mean_mdape_by_probe_steps": lengths,
         "lowest_floor_window": min((int(w) for w, v in floor.items() if v <= best + 0.01), default=None), "mean_noise_floor": floor,
         "own_curve": min(own, key=own.get), "mean_in_flight_median_abs_log_error": own,
         "stage1_design": min(design, key=design.get), "mean_stage1_mdape": design,

@@ -48,7 +48,10 @@ __all__ = [
 # but see less of its curve (the same command, one run beside 16 x 16 at 40% | 47%, C-index
 # 0.90 | 0.84): 8 steps x 32 49% | 48% (0.88 | 0.77), 4 x 64 49% | 48% (0.85 | 0.83). Stopping
 # the probe once its own evaluations meet the cutoff fits the curve to fewer points on the easy
-# batches: 46% | 57% (0.89 | 0.84).
+# batches: 46% | 57% (0.89 | 0.84). Stage 1 now reads the cutoff the probe met, which stopping
+# there leaves as it is, so probes stop (run_probe's stop_at_cutoff). Under that design, shorter
+# probes read again from saved curves (forecast_selection.py --calibrations, 216 | 162 points, each
+# kind left out): 8 steps 54% | 65%, 10 steps 48% | 60%, 12 steps 43% | 63%, against 32% | 47% for 16.
 #: Features the probe adds to a forecast (besides the index model's prediction).
 PROBE_FEATURES: tuple[str, ...] = ("curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs")
 DEFAULT_STEPS = 16
