@@ -74,6 +74,16 @@ def test_the_cutoff_rule_matches_its_longhand() -> None:
     assert not protocol.cutoff_reached([], 0.9)
 
 
+def test_the_first_cutoff_is_the_first_prefix_that_meets_the_rule() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        history = list(rng.uniform(0.8, 1.0, int(rng.integers(0, 9))))
+        met = [k for k in range(len(history)) if slow_cutoff_reached(history[: k + 1], 0.9, protocol.CUTOFF_WINDOW)]
+        assert protocol.first_cutoff(history, 0.9) == (met[0] if met else None), history
+
+
 def _noisy_task():
     import torch
     from torch import nn
