@@ -501,6 +501,7 @@ def probe_if_it_pays(
     if unprobeable is not None or reference_accuracy is None or budget_left_kwh is None:
         return prediction, "index", unprobeable or "", None
     chosen = forecaster.probe_options()
+    # Priced at its full length: a probe that meets the cutoff stops sooner, never later.
     probe_kwh = price.rate.kwh(chosen["steps"] * chosen["batch_size"], (chosen["steps"] + 1) * price.holdout)
     index_kwh = Interval(prediction.energy_kwh, prediction.energy_kwh_lower or 0.0, prediction.energy_kwh_upper or math.inf, prediction.level)
     advice = probe_pays(index_kwh, budget_left_kwh, probe_kwh)
