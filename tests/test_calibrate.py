@@ -439,6 +439,7 @@ def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
         again = features_of_saved_curve(curve, target=row["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=RETRAIN["max_epochs"])
         assert again == {name: row[name] for name in again}
     assert result.settings["probe_steps"] == 3 and full_length >= 1
+    assert result.settings["probe_stops_at_cutoff"] is True  # as every probe above did
 
 
 def test_the_sweeps_probes_follow_the_retrains_weight_decay_but_not_their_frozen_batch_norm(tiny) -> None:

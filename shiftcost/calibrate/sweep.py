@@ -197,6 +197,7 @@ def _sweep_settings(
         "replay_fraction": recipe.replay_with(True),
         "country_iso_code": config.energy.country_iso_code,
         "probe_steps": probe_steps,
+        "probe_stops_at_cutoff": True,  # run_probe's default, which _probe_point keeps
         "retrain": config.to_dict(),
         "threads": threads,
         "level": level,

@@ -125,7 +125,7 @@ ONLY_UNDER: dict[str, tuple[str, str]] = {
 }
 NO_TRAIN_STEP = "none"
 #: The probe settings a calibration records and every later probe repeats.
-PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum")
+PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "stop_at_cutoff")
 #: The probe's training settings that must match calibration's probes (the rest only size it).
 PROBE_RECIPE: tuple[str, ...] = ("lr", "optimizer", "weight_decay", "momentum")
 #: More predicted by the index model, a slower curve, a wider gap left: more cost; more progress or loss drop: less.
@@ -572,7 +572,7 @@ class Forecaster:
             max_epochs=saved.get("max_epochs") or stage0.max_epochs or stage0.cap_epochs_ or protocol.MAX_EPOCHS,
             energy_rate=None if rate is None else HostEnergyRate.from_dict(rate),
             batch_size=saved.get("batch_size") or batch_size,
-            probe_settings=saved.get("probe_settings"),
+            probe_settings=_as_saved(saved.get("probe_settings")),
             stage1_error=saved.get("stage1_error") or (None if stage1 else "the stored cost model has no probe stage"),
             retrain_settings=saved.get("retrain"),
             left_out=saved.get("left_out"),
@@ -586,7 +586,9 @@ class Forecaster:
         resnet18's calibrated rate took its accuracy from 0.87 to 0.52 before it recovered).
         Files that do not record the probe's rate and optimizer probed at their retrains'; the
         oldest record neither and fall back to the probe's defaults, as do files from before
-        probes followed the recipe's weight decay and momentum (none and 0.9)."""
+        probes followed the recipe's weight decay and momentum (none and 0.9). Probes stop at the
+        cutoff (``stop_at_cutoff``) where calibration's did; files from before they did probe
+        every step, since their stage 1 may read the whole curve."""
         options: dict[str, Any] = {"steps": probing.DEFAULT_STEPS, "samples": probing.DEFAULT_SAMPLES, "batch_size": probing.DEFAULT_BATCH_SIZE}
         options |= {name: self.retrain_settings[name] for name in ("lr", "optimizer") if name in self.retrain_settings}
         options |= {name: value for name, value in self.probe_settings.items() if name in PROBE_OPTIONS and value is not None}
@@ -672,7 +674,7 @@ class Forecaster:
                 max_epochs=payload.get("max_epochs", protocol.MAX_EPOCHS),
                 energy_rate=None if rate is None else HostEnergyRate.from_dict(rate),
                 batch_size=payload.get("batch_size", 64),
-                probe_settings=payload.get("probe_settings"),
+                probe_settings=_as_saved(payload.get("probe_settings")),
                 stage1_error=payload.get("stage1_error"),
                 retrain_settings=payload.get("retrain"),
                 left_out=payload.get("left_out"),
@@ -814,3 +816,9 @@ def _epoch_setting(config: Any, name: str, reference_available: bool) -> Any:
     if name in ("max_epochs", "max_steps"):
         return getattr(config.caps, name)
     return getattr(config.cutoff if name in ("tolerance", "holdout_fraction") else config.recipe, name)
+
+
+def _as_saved(probe_settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A saved forecaster's probe settings; files written before probes stopped at the cutoff
+    do not record it, and their probes ran every step."""
+    return {"stop_at_cutoff": False} | dict(probe_settings or {})

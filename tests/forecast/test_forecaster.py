@@ -584,13 +584,16 @@ def test_later_probes_repeat_the_calibrated_probe_and_a_probe_at_another_rate_is
     calibrated = {"batch_size": 32, "lr": 3e-3, "optimizer": "sgd", "tolerance": 0.02, "holdout_fraction": 0.3}
     result = analyse(_synthetic_rows(), settings=calibrated | {"probe_steps": 12}, features=["resque_dist"])
     loaded = Forecaster.load(result.forecaster.save(tmp_path / "forecaster.json"))
-    expected = {"steps": 12, "samples": DEFAULT_SAMPLES, "batch_size": DEFAULT_BATCH_SIZE, "lr": 3e-3, "optimizer": "sgd"}
+    # Settings from a sweep that does not say its probes stopped at the cutoff: they ran every step.
+    expected = {"steps": 12, "samples": DEFAULT_SAMPLES, "batch_size": DEFAULT_BATCH_SIZE, "lr": 3e-3, "optimizer": "sgd", "stop_at_cutoff": False}
     assert loaded.probe_options() == expected
     # A file that recorded only the probe's steps probed at its retrains' rate and optimizer.
     older = json.loads((tmp_path / "forecaster.json").read_text())
     older["probe_settings"] = {"steps": 12}
     (tmp_path / "older.json").write_text(json.dumps(older))
     assert Forecaster.load(tmp_path / "older.json").probe_options() == expected
+    stopping = analyse(_synthetic_rows(), settings=calibrated | {"probe_steps": 12, "probe_stops_at_cutoff": True}, features=["resque_dist"])
+    assert Forecaster.load(stopping.forecaster.save(tmp_path / "stopping.json")).probe_options() == expected | {"stop_at_cutoff": True}
 
     forecaster = fitted_forecaster()
     forecaster.retrain_settings["lr"] = 1e-4
