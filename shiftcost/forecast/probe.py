@@ -98,7 +98,8 @@ class ProbeCost:
 
 @dataclass(frozen=True)
 class ProbeTrajectory:
-    """Held-out accuracy and loss after 0..steps probe steps, with gradient statistics.
+    """Held-out accuracy and loss after 0..steps probe steps (fewer where the probe stopped at the
+    cutoff), with gradient statistics.
 
     ``epochs`` are the *real* retrain's epochs counted in optimizer steps (probe steps
     divided by the retrain's steps per epoch), so the probe's curve and a retrain's curve
@@ -240,7 +241,7 @@ def run_probe(
     retrain_batch_size: int | None = None,
     stop_at_cutoff: bool = True,
 ) -> ProbeTrajectory:
-    """Fine-tune a copy of ``model`` for ``steps`` steps on ``samples`` training samples.
+    """Fine-tune a copy of ``model`` for up to ``steps`` steps on ``samples`` training samples.
 
     The caller's model and the global random state are untouched. With ``track_energy``
     the probe is measured with CodeCarbon (as retrains are; when CodeCarbon cannot measure,
