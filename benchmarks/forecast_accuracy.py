@@ -704,7 +704,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
     stage1_features = tuple(args.stage1_features.split(","))
     stage1_offsets = None if args.stage1_offsets is None else tuple(f for f in args.stage1_offsets.split(",") if f)
     pooled: dict[str, list[list[dict[str, Any]]]] = {}
-    probe_work: dict[str, list[tuple[int, int, int]]] = {}
+    pooled_probes: dict[str, list[tuple[int, int, int]]] = {}
     for path in paths:
         for result in json.loads(path.read_text()):
             if "calibration_rows" not in result or "stage0_features" not in result:
@@ -720,7 +720,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             if forecaster.stage1 is None:
                 raise SystemExit(f"{path}, {result['arch']}: stage 1 could not be fitted on {stage1_features}: {forecaster.stage1_error}")
             baselines = fit_baselines(cal_rows)
-            runs = []
+            runs, probes = [], []
             for saved in result["runs"]:
                 probe = saved["probe_curve"]
                 stage0 = forecaster.predict(saved["features"])
@@ -735,7 +735,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 record["in_flight_quarter_prior_only"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, math.inf)
                 runs.append(record)
                 read_probe = shortened(probe)
-                probe_work.setdefault(result["arch"], []).append((
+                probes.append((
                     probe_steps_taken(read_probe, target) * saved["probe_batch_size"], (len(read_probe) - 1) * saved["probe_batch_size"],
                     saved["samples_seen"],
                 ))
@@ -747,14 +747,15 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             )
             print_metrics(metrics(runs, args.bootstrap))
             print_flags(not_converging_flags(runs))
-            print_probe_share(probe_work[result["arch"]][-len(runs):])
+            print_probe_share(probes)
             pooled.setdefault(result["arch"], []).append(runs)
+            pooled_probes.setdefault(result["arch"], []).extend(probes)
     for arch, per_file in pooled.items():
         if len(per_file) > 1:
             runs = [run for file_runs in per_file for run in file_runs]
             print(f"\n=== {arch}: the {len(runs)} runs of {len(per_file)} files pooled")
             print_metrics(metrics(runs, args.bootstrap))
-            print_probe_share(probe_work[arch])
+            print_probe_share(pooled_probes[arch])
 
 
 def probe_steps_taken(curve: list[dict[str, float]], target: float) -> int:

@@ -54,6 +54,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +120,16 @@ STAGE1_DESIGN_OFFSETS: dict[str, tuple[str, ...]] = {"curve at slope 1": ("curve
 CURVE_HORIZONS: tuple[float, ...] = (1.0, 1.5, 2.0, HORIZON_CAPS)
 
 
-def with_curve_horizon(rows: list[dict[str, Any]], caps: float) -> list[dict[str, Any]]:
-    """``rows`` with the probe's features read again from each row's ``probe_curve``, a curve that
-    does not reach the target clipped at ``caps`` caps."""
+def reread(
+    rows: list[dict[str, Any]], keep: Callable[[list[dict[str, float]]], list[dict[str, float]]] = list, horizon_caps: float | None = None,
+) -> list[dict[str, Any]]:
+    """``rows`` with the probe's features read again from what ``keep`` keeps of each row's
+    ``probe_curve`` (all of it by default), a curve that does not reach the target clipped at
+    ``horizon_caps`` caps (the library's horizon by default)."""
     return [
         row | features_of_saved_curve(
-            row["probe_curve"], target=row["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=protocol.MAX_EPOCHS, horizon_caps=caps,
+            keep(row["probe_curve"]), target=row["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=protocol.MAX_EPOCHS,
+            horizon_caps=horizon_caps,
         )
         for row in rows
     ]
@@ -136,32 +141,10 @@ def with_curve_horizon(rows: list[dict[str, Any]], caps: float) -> list[dict[str
 PROBE_EVAL_EVERY: tuple[int, ...] = (2, 4)
 
 
-def with_probe_evaluations(rows: list[dict[str, Any]], every: int) -> list[dict[str, Any]]:
-    """``rows`` with the probe's features read again from every ``every``-th point of each row's
-    ``probe_curve`` (its first and last kept)."""
-    out = []
-    for row in rows:
-        curve = row["probe_curve"]
-        kept = [p for i, p in enumerate(curve) if i % every == 0 or i == len(curve) - 1]
-        out.append(row | features_of_saved_curve(kept, target=row["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=protocol.MAX_EPOCHS))
-    return out
-
-
 #: Shorter probes, compared on the current stage-1 design: the first k steps of a probe are the
 #: same whatever its length (same samples, same order, same seed), so a k-step probe's curve is
 #: the saved curve's first k + 1 evaluations: read again, not run again.
 PROBE_LENGTHS: tuple[int, ...] = (8, 10, 12)
-
-
-def with_probe_length(rows: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
-    """``rows`` with the probe's features read again from the first ``steps`` steps of each row's
-    ``probe_curve``."""
-    return [
-        row | features_of_saved_curve(
-            row["probe_curve"][: steps + 1], target=row["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=protocol.MAX_EPOCHS,
-        )
-        for row in rows
-    ]
 
 
 def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights: list[float]) -> list[dict[str, Any]]:
@@ -220,9 +203,12 @@ def read_again(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """``rows`` with the probe's features read again from their saved curves, per variant compared
     on the current design: the curve clipped at other horizons, the probe evaluated more sparsely,
     the probe stopped after fewer steps."""
-    variants = {f"curve to {caps:g} caps": with_curve_horizon(rows, caps) for caps in CURVE_HORIZONS if caps != HORIZON_CAPS}
-    variants |= {f"evaluated every {k} steps": with_probe_evaluations(rows, k) for k in PROBE_EVAL_EVERY}
-    return variants | {f"probe of {k} steps": with_probe_length(rows, k) for k in PROBE_LENGTHS}
+    variants = {f"curve to {caps:g} caps": reread(rows, horizon_caps=caps) for caps in CURVE_HORIZONS if caps != HORIZON_CAPS}
+    variants |= {
+        f"evaluated every {k} steps": reread(rows, lambda curve, k=k: [p for i, p in enumerate(curve) if i % k == 0 or i == len(curve) - 1])
+        for k in PROBE_EVAL_EVERY
+    }
+    return variants | {f"probe of {k} steps": reread(rows, lambda curve, k=k: curve[: k + 1]) for k in PROBE_LENGTHS}
 
 
 def _forecast_point(forecaster: Forecaster, baselines: Any, row: dict[str, Any], features: list[str], weights: list[float]) -> dict[str, Any]:
