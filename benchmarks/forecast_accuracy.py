@@ -183,7 +183,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                     "samples_seen": run.samples_seen, "eval_every": run.eval_every,
                     "probe_sample_gradients": probe.cost.sample_gradients, "probe_samples_evaluated": probe.cost.samples_evaluated,
                     "probe_seconds": probe.cost.seconds, "retrain_seconds": run.wall_time_s, "probe_steps": probe.cost.steps,
-                    "probe_batch_size": probe.settings["batch_size"], "probe_samples": probe.settings["samples"],
+                    "probe_length": probe.settings["steps"], "probe_batch_size": probe.settings["batch_size"], "probe_samples": probe.settings["samples"],
                     "probe_evaluations": len(probe.accuracy), "probe_energy_kwh_measured": probe.cost.energy_kwh if probe.cost.energy_measured else None,
                     "probe_energy_kwh_estimated": probe.cost.estimated_energy_kwh,
                     "retrain_energy_kwh_estimated": None if host_rate is None else host_rate.kwh(run.samples_seen, len(run.curve) * run.holdout_samples),
@@ -734,11 +734,11 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 record["in_flight_quarter"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, args.own_curve_evals)
                 record["in_flight_quarter_prior_only"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, math.inf)
                 runs.append(record)
-                read_probe = shortened(probe)
-                probes.append((
-                    probe_steps_taken(read_probe, target) * saved["probe_batch_size"], (len(read_probe) - 1) * saved["probe_batch_size"],
-                    saved["samples_seen"],
-                ))
+                # A probe that stopped at its cutoff saved only the steps it took; files that do not say
+                # how long it could run were written when every probe ran its full length.
+                length = saved.get("probe_length", len(probe) - 1)
+                full = length if args.probe_steps is None else min(length, args.probe_steps)
+                probes.append((probe_steps_taken(shortened(probe), target) * saved["probe_batch_size"], full * saved["probe_batch_size"], saved["samples_seen"]))
             coefficients = dict(zip(forecaster.stage1.features_, map(float, forecaster.stage1.coef_)))
             print(
                 f"\n=== {result['arch']} from {path}: stage 1 on {', '.join(stage1_features)} (held at 1: {', '.join(forecaster.stage1.offset_features or ()) or 'none'}), curve clipped at {args.curve_horizon:g} caps, "

@@ -137,7 +137,9 @@ def reread(
 
 #: Sparser evaluation of the probe's held-out split, every k-th step (the first and the last always),
 #: compared on the current stage-1 design. Evaluating does not change a probe's steps, so such a
-#: probe's curve is the saved full curve's subsequence: read again, not run again.
+#: probe's curve is the saved full curve's subsequence: read again, not run again. A saved probe
+#: that stopped at its cutoff is read a little in the sparser probe's favour: that probe would have
+#: stopped at its next evaluation, up to k - 1 steps later, and the cutoff is read where it stopped.
 PROBE_EVAL_EVERY: tuple[int, ...] = (2, 4)
 
 
