@@ -137,10 +137,22 @@ def reread(
 
 #: Sparser evaluation of the probe's held-out split, every k-th step (the first and the last always),
 #: compared on the current stage-1 design. Evaluating does not change a probe's steps, so such a
-#: probe's curve is the saved full curve's subsequence: read again, not run again. A saved probe
-#: that stopped at its cutoff is read a little in the sparser probe's favour: that probe would have
-#: stopped at its next evaluation, up to k - 1 steps later, and the cutoff is read where it stopped.
+#: probe's curve is the saved full curve's subsequence: read again, not run again.
 PROBE_EVAL_EVERY: tuple[int, ...] = (2, 4)
+
+
+def evaluated_every(curve: list[dict[str, float]], k: int, length: int = PROBE_STEPS) -> list[dict[str, float]]:
+    """What a probe of ``length`` steps evaluating after every ``k``-th step (and after its last) saw of ``curve``.
+
+    A saved probe that stopped at its cutoff off that grid was seen by the sparser probe only at
+    its next evaluation: the stopping evaluation stands in for it there, up to ``k - 1`` steps
+    later (read where it stopped, the sparser probe would be credited with steps it never saw)."""
+    last = len(curve) - 1
+    seen = [p for i, p in enumerate(curve) if i % k == 0 or i == last]
+    if last < length and last % k:
+        step = curve[1]["epoch"] - curve[0]["epoch"]
+        seen[-1] = seen[-1] | {"epoch": curve[0]["epoch"] + min(-(-last // k) * k, length) * step}
+    return seen
 
 
 #: Shorter probes, compared on the current stage-1 design: the first k steps of a probe are the
@@ -207,8 +219,7 @@ def read_again(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     the probe stopped after fewer steps."""
     variants = {f"curve to {caps:g} caps": reread(rows, horizon_caps=caps) for caps in CURVE_HORIZONS if caps != HORIZON_CAPS}
     variants |= {
-        f"evaluated every {k} steps": reread(rows, lambda curve, k=k: [p for i, p in enumerate(curve) if i % k == 0 or i == len(curve) - 1])
-        for k in PROBE_EVAL_EVERY
+        f"evaluated every {k} steps": reread(rows, lambda curve, k=k: evaluated_every(curve, k)) for k in PROBE_EVAL_EVERY
     }
     return variants | {f"probe of {k} steps": reread(rows, lambda curve, k=k: curve[: k + 1]) for k in PROBE_LENGTHS}
 
