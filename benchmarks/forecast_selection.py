@@ -161,7 +161,9 @@ def evaluated_every(curve: list[dict[str, float]], k: int, length: int = PROBE_S
 PROBE_LENGTHS: tuple[int, ...] = (8, 10, 12)
 
 
-def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights: list[float]) -> list[dict[str, Any]]:
+def leave_one_kind_out(
+    rows: list[dict[str, Any]], features: list[str], weights: list[float], probe_steps: int = PROBE_STEPS,
+) -> list[dict[str, Any]]:
     """Every calibration point forecast by predictors fitted on the other kinds (every seed's
     points of a kind are left out together).
 
@@ -174,7 +176,7 @@ def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights:
     from shiftcost.calibrate.analysis import _fit_ready, _fit_row
 
     usable = [r for r in rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
-    reread = read_again(usable)
+    reread = read_again(usable, probe_steps)
     records: list[dict[str, Any]] = []
     for kind in dict.fromkeys(r["corruption"] for r in usable):
         train = [r for r in usable if r["corruption"] != kind]
@@ -213,13 +215,13 @@ def leave_one_kind_out(rows: list[dict[str, Any]], features: list[str], weights:
     return records
 
 
-def read_again(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def read_again(rows: list[dict[str, Any]], probe_steps: int = PROBE_STEPS) -> dict[str, list[dict[str, Any]]]:
     """``rows`` with the probe's features read again from their saved curves, per variant compared
     on the current design: the curve clipped at other horizons, the probe evaluated more sparsely,
     the probe stopped after fewer steps."""
     variants = {f"curve to {caps:g} caps": reread(rows, horizon_caps=caps) for caps in CURVE_HORIZONS if caps != HORIZON_CAPS}
     variants |= {
-        f"evaluated every {k} steps": reread(rows, lambda curve, k=k: evaluated_every(curve, k)) for k in PROBE_EVAL_EVERY
+        f"evaluated every {k} steps": reread(rows, lambda curve, k=k: evaluated_every(curve, k, probe_steps)) for k in PROBE_EVAL_EVERY
     }
     return variants | {f"probe of {k} steps": reread(rows, lambda curve, k=k: curve[: k + 1]) for k in PROBE_LENGTHS}
 
@@ -281,7 +283,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
             calibrate(model, spec, splits, stats, args.calibration_intensities, seed=seed, probe_steps=args.probe_steps) for seed in range(args.seeds)
         ]
         rows, features, seeds = [r for sweep in sweeps for r in sweep.rows], list(sweeps[0].forecaster.stage0.features_), args.seeds
-    records = leave_one_kind_out(rows, features, weights)
+    records = leave_one_kind_out(rows, features, weights, args.probe_steps)
     names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"stage0_probe[{d}]" for d in STAGE1_DESIGNS]
     names += [f"stage0_probe[curve to {caps:g} caps]" for caps in CURVE_HORIZONS if caps != HORIZON_CAPS]
     names += [f"stage0_probe[evaluated every {k} steps]" for k in PROBE_EVAL_EVERY]
