@@ -27,6 +27,9 @@ from shiftcost.recipe import RetrainConfig
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt
 
 
+#: Calibration's probes stop at their first evaluation that meets the cutoff (stage 1 reads that
+#: crossing); the sweep's settings record it, and later probes repeat it.
+PROBES_STOP_AT_CUTOFF = True
 #: What a point takes from the index report, under the same names.
 REPORT_COLUMNS: tuple[str, ...] = (
     "resque_dist", "inv_ari", "layer_shift", "preindex_p", "accuracy", "mean_loss", "mean_entropy", "mean_confidence", "reference_accuracy",
@@ -197,7 +200,7 @@ def _sweep_settings(
         "replay_fraction": recipe.replay_with(True),
         "country_iso_code": config.energy.country_iso_code,
         "probe_steps": probe_steps,
-        "probe_stops_at_cutoff": True,  # run_probe's default, which _probe_point keeps
+        "probe_stops_at_cutoff": PROBES_STOP_AT_CUTOFF,
         "retrain": config.to_dict(),
         "threads": threads,
         "level": level,
@@ -368,6 +371,7 @@ def _probe_point(
         model, x, y, target_accuracy=target, ceiling=reference, steps=steps, lr=recipe.lr, optimizer=recipe.optimizer,
         weight_decay=recipe.weight_decay, momentum=recipe.momentum,
         holdout_fraction=config.cutoff.holdout_fraction, seed=seed, device=config.device, retrain_batch_size=recipe.batch_size,
+        stop_at_cutoff=PROBES_STOP_AT_CUTOFF,
     )
     row.update(probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap))
     row["probe_sample_gradients"] = trajectory.cost.sample_gradients
