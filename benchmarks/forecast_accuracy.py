@@ -9,7 +9,7 @@ Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shu
 calibration's rows (each with its probe curve), so that other designs can be scored on the
 same runs without retraining: ``--rescore a.json [--stage1-features F] [--stage1-offsets F] [--curve-horizon C]
 [--own-curve-evals W] [--probe-steps K]``, which also prints what the probes would have cost had
-they stopped at their cutoff, as probes now do. Score a design on these evaluation-only kinds once it has been chosen
+they stopped at their cutoff, as probes now do, and the budgets and guard replayed on the saved evaluations. Score a design on these evaluation-only kinds once it has been chosen
 on the built-in kinds (``forecast_selection.py``), never to choose it.
 
 For each architecture (the demo CNN, and torchvision's shufflenet_v2_x0_5 at 16x16, which
@@ -153,12 +153,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     unit = HostEnergyRate(joules_per_sample=3.6e6, spread=0.0, runs=0)
     forecaster.energy_rate = unit
     n = len(new_y)
-    pool, holdout = protocol.split_sizes(n)
-    per_epoch = protocol.steps_per_epoch(pool, 64)
-
-    def work(epochs: float, evaluations: int | None = None) -> float:
-        evals = protocol.evaluations(epochs, per_epoch) if evaluations is None else evaluations
-        return epochs * pool + EVAL_SAMPLE_WEIGHT * evals * holdout
+    work = work_units(n)
 
     runs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -225,6 +220,18 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         "noise_floor": noise,
         "seconds": {"total": time.perf_counter() - started, "calibration": calibration_s, "scoring": scoring_s, "noise": noise_s},
     }
+
+
+def work_units(batch_samples: int) -> Any:
+    """Cost in sample-gradient equivalents of a retrain of ``epochs`` on a batch of ``batch_samples``."""
+    pool, holdout = protocol.split_sizes(batch_samples)
+    per_epoch = protocol.steps_per_epoch(pool, 64)
+
+    def work(epochs: float, evaluations: int | None = None) -> float:
+        evals = protocol.evaluations(epochs, per_epoch) if evaluations is None else evaluations
+        return epochs * pool + EVAL_SAMPLE_WEIGHT * evals * holdout
+
+    return work
 
 
 def _probe(
@@ -545,13 +552,7 @@ def print_arch(result: dict[str, Any]) -> None:
     print(f"stage 1 coefficients: {result['stage1_coefficients']}")
     print_metrics(result["metrics"])
     print_flags(result["not_converging"])
-    for pct, row in result["budget"].items():
-        cells = "; ".join(
-            f"{name}: over {v['overspent_upper']}/{v['admitted_upper']} admitted (median rule {v['overspent_median']}/{v['admitted_median']})"
-            for name, v in row.items() if name not in ("cap", "guard")
-        )
-        print(f"cap {pct} = {row['cap']:.0f} sample-gradients: {cells}")
-        print(f"   guard: {row['guard']}")
+    print_budget(result["budget"])
     print(f"probe cost: {result['probe_cost']}")
     if result["noise_floor"]:
         for name, nf in result["noise_floor"].items():
@@ -560,6 +561,29 @@ def print_arch(result: dict[str, Any]) -> None:
                 f"{100 * nf['leave_one_seed_out_mdape']:.0f}% (left out, a seed capped: {', '.join(nf['kinds_with_a_capped_seed']) or 'none'})"
             )
     print(f"seconds: {result['seconds']}")
+
+
+def print_budget(budget: dict[str, Any]) -> None:
+    for pct, row in budget.items():
+        cells = "; ".join(
+            f"{name}: over {v['overspent_upper']}/{v['admitted_upper']} admitted (median rule {v['overspent_median']}/{v['admitted_median']})"
+            for name, v in row.items() if name not in ("cap", "guard")
+        )
+        print(f"cap {pct} = {row['cap']:.0f} sample-gradients: {cells}")
+        print(f"   guard: {row['guard']}")
+
+
+def print_budget_totals(budgets: list[dict[str, Any]]) -> None:
+    """Overspends summed over several files' budget tables (each file's caps at its own percentiles)."""
+    cells = [row for budget in budgets for row in budget.values()]
+    names = [name for name in cells[0] if name not in ("cap", "guard")]
+    spent = "; ".join(f"{name} {sum(row[name]['overspent_upper'] for row in cells)}/{sum(row[name]['admitted_upper'] for row in cells)}" for name in names)
+    guard = [row["guard"] for row in cells]
+    print(
+        f"budgets over {len(cells)} caps, overspent/admitted on the upper bound: {spent}; guard: over by more than one interval "
+        f"{sum(g['over_cap_by_more_than_one_interval'] for g in guard)}, most {max(g['max_overshoot_intervals'] for g in guard):.2f} intervals, "
+        f"stopped {sum(g['stopped'] for g in guard)} ({sum(g['stopped_but_would_have_recovered_within_cap'] for g in guard)} would have recovered within the cap)"
+    )
 
 
 def print_metrics(scored: dict[str, Any]) -> None:
@@ -686,7 +710,9 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
     in-flight forecast weighs the run's own curve with ``--own-curve-evals``; with ``--probe-steps`` every
     saved probe is read as if it had stopped after that many steps. With the defaults it
     repeats the live run's table. Several files of one architecture (say several ``--seed-offset``
-    runs of a kind set) are also scored pooled. Budgets and the guard are left to live runs."""
+    runs of a kind set) are also scored pooled. Budgets and the guard are replayed on the saved
+    evaluations as a live run replays them (the guard only reads them), so a design that narrows the
+    intervals shows what it would overspend; pooled, the overspends are summed over the files."""
     from types import SimpleNamespace
 
     from shiftcost.calibrate.analysis import _fit_ready, _fit_row
@@ -705,6 +731,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
     stage1_offsets = None if args.stage1_offsets is None else tuple(f for f in args.stage1_offsets.split(",") if f)
     pooled: dict[str, list[list[dict[str, Any]]]] = {}
     pooled_probes: dict[str, list[tuple[int, int, int]]] = {}
+    pooled_budgets: dict[str, list[dict[str, Any]]] = {}
     for path in paths:
         for result in json.loads(path.read_text()):
             if "calibration_rows" not in result or "stage0_features" not in result:
@@ -719,6 +746,10 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             )
             if forecaster.stage1 is None:
                 raise SystemExit(f"{path}, {result['arch']}: stage 1 could not be fitted on {stage1_features}: {forecaster.stage1_error}")
+            forecaster.energy_rate = HostEnergyRate(joules_per_sample=3.6e6, spread=0.0, runs=0)
+            # Every retrain of a file is on the stream batch calibration corrupted: its pool and holdout.
+            batch_samples = cal_rows[0]["samples"] + cal_rows[0]["holdout_samples"]
+            work = work_units(batch_samples)
             baselines = fit_baselines(cal_rows)
             runs, probes = [], []
             for saved in result["runs"]:
@@ -728,7 +759,11 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                     saved["features"], read(probe, target, ceiling), already_met=starts_at_target([p["accuracy"] for p in probe], target)
                 )
                 run = SimpleNamespace(curve=[SimpleNamespace(**p) for p in saved["curve"]])
-                record = {k: saved[k] for k in ("kind", "intensity", "seed", "epochs", "censored", "accuracy_drop")}
+                record = {k: saved[k] for k in ("kind", "intensity", "seed", "epochs", "censored", "accuracy_drop", "cost", "status", "eval_every")}
+                record["guard"] = {
+                    "curve": [tuple(p[k] for k in ("step", "epoch", "samples_seen", "accuracy", "loss")) for p in saved["curve"]],
+                    "target": target, "initial": stage1, "n": batch_samples,
+                }
                 record |= {"stage0": stage0.epochs, "stage0_probe": stage1.epochs, "not_converging": flags(stage0, stage1)}
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
                 record["in_flight_quarter"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, args.own_curve_evals)
@@ -748,6 +783,9 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             print_metrics(metrics(runs, args.bootstrap))
             print_flags(not_converging_flags(runs))
             print_probe_share(probes)
+            budget = budget_table(runs, forecaster, work)
+            print_budget(budget)
+            pooled_budgets.setdefault(result["arch"], []).append(budget)
             pooled.setdefault(result["arch"], []).append(runs)
             pooled_probes.setdefault(result["arch"], []).extend(probes)
     for arch, per_file in pooled.items():
@@ -756,6 +794,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             print(f"\n=== {arch}: the {len(runs)} runs of {len(per_file)} files pooled")
             print_metrics(metrics(runs, args.bootstrap))
             print_probe_share(pooled_probes[arch])
+            print_budget_totals(pooled_budgets[arch])
 
 
 def probe_steps_taken(curve: list[dict[str, float]], target: float) -> int:
