@@ -29,7 +29,8 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    :data:`PROBE_EVAL_EVERY` (read again from the same curves); the sparsest cadence whose mean
    MdAPE is within two points of the lowest is chosen. So is the probe's length: its first
    k steps of :data:`PROBE_LENGTHS` against all of them, the shortest within two points of
-   the lowest mean MdAPE chosen. Beside MdAPE, which leaves out the
+   the lowest mean MdAPE chosen. How far the probe stage is pulled towards calibration's
+   median epochs (:data:`PULLS`) is the one with the lowest mean MdAPE. Beside MdAPE, which leaves out the
    capped runs, every predictor's mean |log error| of the batches that needed training (capped
    runs as bounds) is printed, with the design lowest on it; settings are not chosen on it.
 3. On the same left-out points, **the "not to converge" flag** that skips a batch: how often
@@ -49,6 +50,7 @@ Prints the figures each choice was made on; nothing here reads ``benchmarks/eval
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -160,6 +162,11 @@ def evaluated_every(curve: list[dict[str, float]], k: int, length: int = PROBE_S
 #: the saved curve's first k + 1 evaluations: read again, not run again.
 PROBE_LENGTHS: tuple[int, ...] = (8, 10, 12)
 
+#: How far the probe stage's forecast is pulled towards the median epochs of calibration's batches
+#: that needed training (:data:`~shiftcost.forecast.forecaster.PULL_TO_MEDIAN`), compared on the
+#: current design: the pull acts on the forecast, not the fit, so one fitted forecaster serves all.
+PULLS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+
 
 def leave_one_kind_out(
     rows: list[dict[str, Any]], features: list[str], weights: list[float], probe_steps: int = PROBE_STEPS,
@@ -204,6 +211,12 @@ def leave_one_kind_out(
             met = bool(row["probe_already_met"])
             for name, design in designs.items():
                 record[f"stage0_probe[{name}]"] = design.predict_from_probe_features(
+                    {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES}, already_met=met,
+                ).epochs
+            for pull in PULLS:
+                pulled = copy.copy(forecaster)
+                pulled.pull_to_median = pull
+                record[f"stage0_probe[pulled {pull:g} to the median]"] = pulled.predict_from_probe_features(
                     {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES}, already_met=met,
                 ).epochs
             for name, fit in refits.items():
@@ -288,6 +301,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     names += [f"stage0_probe[curve to {caps:g} caps]" for caps in CURVE_HORIZONS if caps != HORIZON_CAPS]
     names += [f"stage0_probe[evaluated every {k} steps]" for k in PROBE_EVAL_EVERY]
     names += [f"stage0_probe[probe of {k} steps]" for k in PROBE_LENGTHS if k < args.probe_steps]
+    names += [f"stage0_probe[pulled {pull:g} to the median]" for pull in PULLS]
     names += ["in_flight_stage1_on_run"] + [f"in_flight_own_{w:g}" for w in weights]
     table = {name: _scores(records, name) for name in names}
     scored = {w: table[f"in_flight_own_{w:g}"]["median_abs_log_error"] for w in weights}
@@ -344,7 +358,9 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     # The probe as calibrated is the current design itself.
     lengths = {int(results[0]["probe_steps"]): cadence[1]}
     lengths |= {k: design[name] for k in PROBE_LENGTHS if (name := f"stage0_probe[probe of {k} steps]") in design}
+    pulls = {pull: design[name] for pull in PULLS if (name := f"stage0_probe[pulled {pull:g} to the median]") in design}
     return {
+        "pull_to_median": min(pulls, key=pulls.get, default=None), "mean_mdape_by_pull_to_median": pulls,
         "probe_eval_every": max(k for k, v in cadence.items() if v <= min(cadence.values()) + 0.02), "mean_mdape_by_probe_eval_every": cadence,
         "probe_steps": min(k for k, v in lengths.items() if v <= min(lengths.values()) + 0.02), "mean_mdape_by_probe_steps": lengths,
         "lowest_floor_window": min((int(w) for w, v in floor.items() if v <= best + 0.01), default=None), "mean_noise_floor": floor,

@@ -667,3 +667,36 @@ def test_the_probe_feature_held_at_slope_one_stays_there_in_every_left_out_fold_
     loaded = Forecaster.load(held.save(tmp_path / "forecaster.json"))
     assert loaded.stage1.offset_features == [READ]
     assert [loaded.predict_from_probe_features(r, r).to_dict() for r in rows[::7]] == [held.predict_from_probe_features(r, r).to_dict() for r in rows[::7]]
+
+
+def _needing_training_median(rows: list[dict]) -> float:
+    return statistics.median(r["epochs"] for r in rows if not (r["reached_cutoff"] and r["epochs"] == 0))
+
+
+@pytest.mark.parametrize("pull", [0.25, 0.5, 1.0])
+def test_the_probe_stage_is_pulled_towards_the_median_epochs_of_calibrations_batches_that_needed_training(pull, tmp_path) -> None:
+    rows = forecast_rows()
+    for row in rows[::8]:  # each kind's mildest level needed no training: not part of the median
+        row["epochs"] = 0.0
+    forecaster = Forecaster.fit(rows, features=list(INDEX), max_epochs=15.0)
+    row = forecast_rows()[21]  # narrow interval far above zero epochs: conditioning on needing some training moves nothing
+    alone = forecaster.predict_from_probe_features(row, row).epochs
+    forecaster.pull_to_median = pull
+    pulled = forecaster.predict_from_probe_features(row, row).epochs
+    wanted = (1 - pull) * math.log1p(alone.median) + pull * math.log1p(_needing_training_median(rows))
+    assert math.log1p(pulled.median) == pytest.approx(wanted, abs=1e-6)
+    assert math.log1p(pulled.high) - math.log1p(pulled.low) == pytest.approx(math.log1p(alone.high) - math.log1p(alone.low), abs=1e-6)
+    saved = tmp_path / "forecaster.json"
+    forecaster.save(saved)
+    assert Forecaster.load(saved).predict_from_probe_features(row, row).epochs == pulled
+    assert Forecaster.with_probe_stage(forecaster.stage0, forecaster.probe_stage()).predict_from_probe_features(row, row).epochs == pulled
+
+
+@given(pull=st.floats(0.0, 0.95), curves=st.lists(st.floats(0.0, 2.5), min_size=2, max_size=2, unique=True))
+def test_a_pull_towards_the_median_keeps_the_order_of_the_forecasts(pull, curves) -> None:
+    forecaster = fitted_forecaster()
+    forecaster.pull_to_median = pull
+    row = forecast_rows()[20]
+    low, high = sorted(curves)
+    forecasts = [forecaster.predict_from_probe_features(row, {READ: c, "probe_progress": 0.5, "probe_loss_drop": 0.2}).epochs.median for c in (low, high)]
+    assert forecasts[0] <= forecasts[1] + 1e-9
