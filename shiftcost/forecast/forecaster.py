@@ -73,9 +73,8 @@ STAGE0_FEATURE = "stage0_log_epochs"
 OWN_CURVE_EVALS = 8.0
 #: How far the probe stage's forecast is pulled, in ``log(epochs + 1)``, towards the median epochs of
 #: calibration's batches that needed training (0: not at all; 1: that median alone), its interval moved
-#: with it, before it is conditioned on needing some training. A pull keeps the forecasts' order and
-#: trades the probe's reading for the naive median, which some kinds' forecasts are further from the
-#: truth than. Chosen by ``forecast_selection.py --calibrations`` over the sweeps of
+#: with it, before it is conditioned on needing some training. A pull keeps the forecasts' order; where
+#: the probe misreads a kind, the naive median may lie nearer the truth. Chosen by ``forecast_selection.py --calibrations`` over the sweeps of
 #: ``forecast_accuracy.py`` (four seeds per architecture, 216 points each, each kind left out, a 2-core
 #: Intel Xeon), MdAPE digits CNN | shufflenet_v2_x0_5: 0 25% | 54% (mean 39.8%), 0.25 41% | 53%, 0.5 58% |
 #: 54%, 0.75 65% | 73%. On shufflenet's first one and three seeds alone 0.5 led (37% against 52%, 45%
