@@ -76,6 +76,8 @@ TOLERANCE = 0.03
 KIND_SETS = {"original": EVAL_KINDS, "fresh": FRESH_KINDS, "third": THIRD_KINDS, "fourth": FOURTH_KINDS}
 LEVEL = 0.90
 PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "in_flight_quarter", "in_flight_quarter_prior_only")
+#: Cost is counted in sample-gradient equivalents: 3.6e6 J per sample makes the forecaster's kWh those units.
+WORK_RATE = HostEnergyRate(joules_per_sample=3.6e6, spread=0.0, runs=0)
 
 
 # ----------------------------------------------------------------------------- models
@@ -149,9 +151,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     host_rate = forecaster.energy_rate  # CodeCarbon's rate on this host, for the probe's estimated energy
     cal_rows = [r for r in sweep.rows if r["status"] != "failed"]
     baselines = fit_baselines(cal_rows)
-    # Cost in sample-gradient equivalents: a rate of 3.6e6 J per sample makes kWh == work units.
-    unit = HostEnergyRate(joules_per_sample=3.6e6, spread=0.0, runs=0)
-    forecaster.energy_rate = unit
+    forecaster.energy_rate = WORK_RATE
     n = len(new_y)
     work = work_units(n)
 
@@ -223,7 +223,8 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def work_units(batch_samples: int) -> Any:
-    """Cost in sample-gradient equivalents of a retrain of ``epochs`` on a batch of ``batch_samples``."""
+    """``work(epochs, evaluations=None)``: a retrain's cost on a batch of ``batch_samples``, in
+    sample-gradient equivalents (the unit :data:`WORK_RATE` makes the forecaster's kWh)."""
     pool, holdout = protocol.split_sizes(batch_samples)
     per_epoch = protocol.steps_per_epoch(pool, 64)
 
@@ -746,7 +747,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             )
             if forecaster.stage1 is None:
                 raise SystemExit(f"{path}, {result['arch']}: stage 1 could not be fitted on {stage1_features}: {forecaster.stage1_error}")
-            forecaster.energy_rate = HostEnergyRate(joules_per_sample=3.6e6, spread=0.0, runs=0)
+            forecaster.energy_rate = WORK_RATE
             # Every retrain of a file is on the stream batch calibration corrupted: its pool and holdout.
             batch_samples = cal_rows[0]["samples"] + cal_rows[0]["holdout_samples"]
             work = work_units(batch_samples)
