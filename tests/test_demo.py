@@ -162,3 +162,15 @@ def test_demo_that_cannot_start_prefect_says_why_in_one_sentence(tmp_path, timeo
     assert "Traceback" not in result.stderr + result.stdout
     [message] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert re.fullmatch(f"error: {sentence}.*", message), message
+
+
+def test_a_retrain_that_did_not_simply_succeed_says_how_it_ended():
+    from shiftcost.cli._demo_output import SHORT_OUTCOMES, short_reason, with_outcome
+    from shiftcost.statuses import RetrainStatus
+
+    allowed = short_reason([{"code": "within_budget", "effect": "allow", "blocking": False}])
+    assert with_outcome(allowed, RetrainStatus.STOPPED_BY_BUDGET) == "fits the budget; then stopped by the budget guard"
+    assert with_outcome(allowed, RetrainStatus.SUCCEEDED) == "fits the budget"
+    assert with_outcome(allowed, None) == "fits the budget"
+    # Every way a run can end other than success has its words.
+    assert set(SHORT_OUTCOMES) == set(RetrainStatus) - {RetrainStatus.RUNNING, RetrainStatus.SUCCEEDED}

@@ -59,8 +59,8 @@ def fill_rows(run: DemoRun, settings: Settings) -> None:
                 predicted_epochs=stored.get("predicted_epochs"),
                 decision=stored.get("action"),
                 reason=reason_text(stored.get("reasons")) or stored.get("failure_reason") or row.get("flow_error") or "",
-                why=short_reason(stored.get("reasons")) or _failure_words(stored.get("failure_reason"), path)
-                or row.get("flow_error") or "",
+                why=with_outcome(short_reason(stored.get("reasons")), stored.get("run_status"))
+                or _failure_words(stored.get("failure_reason"), path) or row.get("flow_error") or "",
                 actual_kwh=stored.get("actual_kwh"),
                 actual_epochs=stored.get("actual_epochs"),
                 run_status=stored.get("run_status"),
@@ -78,6 +78,21 @@ SHORT_REASONS = {
     "within_budget": "fits the budget",
     "no_budget": "no budget applies",
 }
+
+
+#: How a retrain that the decision allowed ended, where that is not a plain success: a row
+#: reading only "fits the budget" beside a run the guard stopped would say the opposite of what happened.
+SHORT_OUTCOMES = {
+    "stopped_by_budget": "then stopped by the budget guard",
+    "cap_reached": "then hit its training cap",
+    "failed": "then the retrain failed",
+}
+
+
+def with_outcome(why: str, run_status: str | None) -> str:
+    """``why`` followed by how the retrain ended, when it did not simply succeed."""
+    outcome = SHORT_OUTCOMES.get(run_status or "")
+    return f"{why}; {outcome}" if why and outcome else why
 
 
 def short_reason(reasons: Any) -> str:
