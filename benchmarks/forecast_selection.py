@@ -20,19 +20,23 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    and the in-flight forecast after a quarter of the probe forecast's median for each
    ``--own-curve-evals`` weight of the run's own curve,
    :data:`shiftcost.forecast.forecaster.OWN_CURVE_EVALS`). The weight with the lowest
-   median |log error| of the in-flight forecast (capped runs as bounds) is chosen; the
-   stage-1 design (:data:`STAGE1_DESIGNS`) with the lowest MdAPE is reported per
-   architecture; the design used is the one with the lowest mean MdAPE over both, where the
+   median |log error| of the in-flight forecast (capped runs as bounds) is chosen. Against the
+   current design (:data:`~shiftcost.forecast.forecaster.STAGE1_DEFAULT`, every step evaluated,
+   the probe's full length, no pull) compete: the stage-1 designs of :data:`STAGE1_DESIGNS`, the
    current design with its curve feature clipped at each of :data:`CURVE_HORIZONS` caps (read
-   again from each point's ``probe_curve``) competes too. The probe's evaluations of the
-   held-out split, most of its cost, are compared at every step and every k-th of
-   :data:`PROBE_EVAL_EVERY` (read again from the same curves); the sparsest cadence whose mean
-   MdAPE is within two points of the lowest is chosen. So is the probe's length: its first
-   k steps of :data:`PROBE_LENGTHS` against all of them, the shortest within two points of
-   the lowest mean MdAPE chosen. How far the probe stage is pulled towards calibration's
-   median epochs (:data:`PULLS`) is the one with the lowest mean MdAPE. Beside MdAPE, which leaves out the
-   capped runs, every predictor's mean |log error| of the batches that needed training (capped
-   runs as bounds) is printed, with the design lowest on it; settings are not chosen on it.
+   again from each point's ``probe_curve``), the probe's evaluations of the held-out split (most
+   of its cost) every k-th step of :data:`PROBE_EVAL_EVERY`, the probe's first k steps of
+   :data:`PROBE_LENGTHS`, and pulls towards calibration's median epochs (:data:`PULLS`). Each
+   is scored by its MdAPE, averaged over the architectures, and by a paired bootstrap 95% CI of
+   that mean minus the current design's, resampling each architecture's (kind, sweep) clusters.
+   A setting replaces the current one only on that evidence: a design, horizon or pull when its
+   whole CI lies below zero (the lowest such), the sparsest cadence and the shortest probe when
+   their CI lies below :data:`MARGIN` (no more than two points worse). Where the choice rested
+   on the lowest mean alone, four sweeps per architecture picked the curve clipped at 3 caps and
+   six picked 1.5, each by a lead the bootstrap puts well inside its noise. Beside MdAPE, which
+   leaves out the capped runs, every predictor's mean |log error| of the batches that needed
+   training (capped runs as bounds) is printed, with the design lowest on it; settings are not
+   chosen on it.
 3. On the same left-out points, **the "not to converge" flag** that skips a batch: how often
    the index stage, the probe stage and the pipeline's rule (a batch the index stage would
    skip is probed, and the probe decides) raise it on runs that reached the cutoff, and on
@@ -42,8 +46,8 @@ With ``--calibrations`` the sweeps of step 2 are the ones ``forecast_accuracy.py
 (one per seed offset: every kind set of one offset shares its sweep), and step 1 is skipped;
 those files' scored runs, of evaluation-only kinds, are not read.
 
-One protocol holds for every architecture: each setting is the one with the lowest mean of
-its criterion over the architectures (``--combine`` joins separate runs' ``--json``).
+One protocol holds for every architecture: each setting is chosen on the mean of its criterion
+over the architectures (``--combine`` joins separate runs' ``--json``).
 Prints the figures each choice was made on; nothing here reads ``benchmarks/eval_shifts.py``.
 """
 
@@ -71,7 +75,7 @@ from forecast_accuracy import (  # noqa: E402
 )
 
 from shiftcost.forecast import protocol  # noqa: E402
-from shiftcost.forecast.forecaster import STAGE0_FEATURE, Forecaster  # noqa: E402
+from shiftcost.forecast.forecaster import PULL_TO_MEDIAN, STAGE0_FEATURE, Forecaster  # noqa: E402
 from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, features_of_saved_curve  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt  # noqa: E402
 
@@ -245,7 +249,7 @@ def _forecast_point(forecaster: Forecaster, baselines: Any, row: dict[str, Any],
     stage1 = forecaster.predict_from_probe_features(x, {f: row[f] for f in PROBE_FEATURES}, already_met=bool(row["probe_already_met"]))
     stage0 = forecaster.predict(x)
     record = {
-        "kind": row["corruption"], "intensity": row["intensity"], "epochs": float(run["epochs"]),
+        "kind": row["corruption"], "sweep": row.get("sweep"), "intensity": row["intensity"], "epochs": float(run["epochs"]),
         "censored": run["status"] == "cap_reached", "stage0": stage0.epochs, "stage0_probe": stage1.epochs,
         "not_converging": flags(stage0, stage1),
     }
@@ -295,7 +299,8 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         sweeps = [
             calibrate(model, spec, splits, stats, args.calibration_intensities, seed=seed, probe_steps=args.probe_steps) for seed in range(args.seeds)
         ]
-        rows, features, seeds = [r for sweep in sweeps for r in sweep.rows], list(sweeps[0].forecaster.stage0.features_), args.seeds
+        rows = [r | {"sweep": seed} for seed, sweep in enumerate(sweeps) for r in sweep.rows]
+        features, seeds = list(sweeps[0].forecaster.stage0.features_), args.seeds
     records = leave_one_kind_out(rows, features, weights, args.probe_steps)
     names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"stage0_probe[{d}]" for d in STAGE1_DESIGNS]
     names += [f"stage0_probe[curve to {caps:g} caps]" for caps in CURVE_HORIZONS if caps != HORIZON_CAPS]
@@ -315,6 +320,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
             | {name: r[name].to_dict() for name in ("stage0", "stage0_probe")}
             for r in records
         ],
+        "stage1_errors": stage1_errors(records, [n for n in names if n.startswith("stage0_probe")]),
         "points": len(records), "seeds": seeds, "probe_steps": args.probe_steps, "replay_fraction": 0.0 if args.calibrations else args.replay_fraction,
         "seconds": time.perf_counter() - started,
     }
@@ -336,7 +342,46 @@ def saved_calibrations(paths: list[Path], arch: str) -> tuple[list[dict[str, Any
             features = features or list(result["stage0_features"])
     if features is None:
         raise SystemExit(f"none of {', '.join(map(str, paths))} holds a calibration of {arch}; pass forecast_accuracy.py --json outputs that do.")
-    return [r for rows in sweeps.values() for r in rows], features, len(sweeps)
+    return [r | {"sweep": offset} for offset, rows in sweeps.items() for r in rows], features, len(sweeps)
+
+
+#: MdAPE a cheaper probe may give up against the current design (non-inferiority margin).
+MARGIN = 0.02
+#: Resamples of the paired bootstrap that says whether a setting's lead over the current design
+#: exceeds what the draw of kinds and sweeps moves.
+RESAMPLES = 2000
+
+
+def stage1_errors(records: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Each point's absolute percentage error of epochs under every probe-stage predictor in
+    ``names``, on the points MdAPE reads (reached the cutoff after some training), with the
+    (kind, sweep) each belongs to: the unit the bootstrap resamples, since a kind's points in one
+    sweep share its intensities and are left out together."""
+    reached = [r for r in records if not r["censored"] and r["epochs"] > 0]
+    return {
+        "cluster": [f"{r['kind']}/{r['sweep']}" for r in reached],
+        "ape": {n: [abs(r[n].median - r["epochs"]) / r["epochs"] for r in reached] for n in names},
+    }
+
+
+def mdape_differences(results: list[dict[str, Any]], resamples: int = RESAMPLES, seed: int = 0) -> dict[str, list[float]]:
+    """Paired bootstrap 95% CI of each probe-stage setting's mean MdAPE over the architectures
+    minus the current design's, resampling each architecture's (kind, sweep) clusters."""
+    rng = np.random.default_rng(seed)
+    per_arch = []
+    for result in results:
+        errors = result["stage1_errors"]
+        clusters = np.array(errors["cluster"])
+        members = [np.flatnonzero(clusters == c) for c in dict.fromkeys(errors["cluster"])]
+        per_arch.append((members, {n: np.asarray(v, dtype=float) for n, v in errors["ape"].items()}))
+    names = [n for n in per_arch[0][1] if n != "stage0_probe" and all(n in ape for _, ape in per_arch)]
+    draws = {n: np.empty(resamples) for n in names}
+    for b in range(resamples):
+        picked = [np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]) for members, _ in per_arch]
+        current = np.mean([np.median(ape["stage0_probe"][idx]) for (_, ape), idx in zip(per_arch, picked)])
+        for n in names:
+            draws[n][b] = np.mean([np.median(ape[n][idx]) for (_, ape), idx in zip(per_arch, picked)]) - current
+    return {n: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for n, v in draws.items()}
 
 
 def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -359,16 +404,36 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     lengths = {int(results[0]["probe_steps"]): cadence[1]}
     lengths |= {k: design[name] for k in PROBE_LENGTHS if (name := f"stage0_probe[probe of {k} steps]") in design}
     pulls = {pull: design[name] for pull in PULLS if (name := f"stage0_probe[pulled {pull:g} to the median]") in design}
+    # Runs saved before the per-point errors were kept have no intervals: nothing then shows a change.
+    ci = mdape_differences(results) if all("stage1_errors" in r for r in results) else {}
+    better = [n for n in design if n in ci and ci[n][1] < 0]
     return {
-        "pull_to_median": min(pulls, key=pulls.get, default=None), "mean_mdape_by_pull_to_median": pulls,
-        "probe_eval_every": max(k for k, v in cadence.items() if v <= min(cadence.values()) + 0.02), "mean_mdape_by_probe_eval_every": cadence,
-        "probe_steps": min(k for k, v in lengths.items() if v <= min(lengths.values()) + 0.02), "mean_mdape_by_probe_steps": lengths,
+        "pull_to_median": min((p for p in pulls if f"stage0_probe[pulled {p:g} to the median]" in better), key=pulls.get, default=PULL_TO_MEDIAN),
+        "mean_mdape_by_pull_to_median": pulls,
+        "probe_eval_every": max((k for k in PROBE_EVAL_EVERY if _no_worse(ci, f"stage0_probe[evaluated every {k} steps]")), default=1),
+        "mean_mdape_by_probe_eval_every": cadence,
+        "probe_steps": min((k for k in PROBE_LENGTHS if _no_worse(ci, f"stage0_probe[probe of {k} steps]")), default=int(results[0]["probe_steps"])),
+        "mean_mdape_by_probe_steps": lengths,
         "lowest_floor_window": min((int(w) for w, v in floor.items() if v <= best + 0.01), default=None), "mean_noise_floor": floor,
         "own_curve": min(own, key=own.get), "mean_in_flight_median_abs_log_error": own,
-        "stage1_design": min(design, key=design.get), "mean_stage1_mdape": design,
+        "stage1_design": min(better, key=design.get, default="the current design"), "mean_stage1_mdape": design,
         # Reported beside MdAPE, which leaves out the capped runs; settings are not chosen on it.
         "mean_stage1_mean_abs_log_error_needed": needed,
+        "mean_mdape_minus_current_ci95": ci,
     }
+
+
+def _no_worse(ci: dict[str, list[float]], name: str) -> bool:
+    """Whether a cheaper probe's MdAPE is shown to lie within :data:`MARGIN` of the current design's."""
+    return name in ci and ci[name][1] < MARGIN
+
+
+def print_differences(combined: dict[str, Any]) -> None:
+    """Each setting's mean MdAPE over the architectures against the current design's, with its bootstrap CI."""
+    current = combined["mean_mdape_by_probe_eval_every"][1]
+    print("mean MdAPE over the architectures minus the current design's, paired bootstrap 95% CI over (kind, sweep):")
+    for name, (low, high) in combined["mean_mdape_minus_current_ci95"].items():
+        print(f"  {name:48s} {100 * (combined['mean_stage1_mdape'][name] - current):+6.1f} points [{100 * low:+.1f}, {100 * high:+.1f}]")
 
 
 def main() -> None:
@@ -395,7 +460,9 @@ def main() -> None:
     parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
     args = parser.parse_args()
     if args.combine:
-        print(json.dumps(combine([r for path in args.combine.split(",") for r in json.loads(Path(path).read_text())]), indent=1))
+        combined = combine([r for path in args.combine.split(",") for r in json.loads(Path(path).read_text())])
+        print(json.dumps(combined | {"mean_mdape_minus_current_ci95": "below" if combined["mean_mdape_minus_current_ci95"] else None}, indent=1))
+        print_differences(combined)
         return
     torch.set_num_threads(1)
     load = os.getloadavg()
@@ -427,7 +494,9 @@ def main() -> None:
         print(f"lowest mean |log error| of the batches that needed training (reported, not chosen on): {min(needed, key=needed.get)}")
         print(f"chosen own-curve weight (evaluations at half weight): {result['chosen_own_curve_evals']:g}")
     if len(results) > 1:
-        print(json.dumps(combine(results), indent=1))
+        combined = combine(results)
+        print(json.dumps(combined | {"mean_mdape_minus_current_ci95": "below" if combined["mean_mdape_minus_current_ci95"] else None}, indent=1))
+        print_differences(combined)
     print(f"\nwall {time.perf_counter() - started:.0f} s; load average at start {load}, at end {os.getloadavg()}")
     if args.json:
         for r in results:
