@@ -54,6 +54,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +174,8 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                     **TRAINING_RECIPE,
                 )
                 record = {
-                    "kind": kind, "intensity": intensity, "seed": seed, "epochs": run.epochs, "censored": run.status == "cap_reached",
+                    "kind": kind, "cluster": f"{kind}/{args.seed_offset}", "intensity": intensity, "seed": seed, "epochs": run.epochs,
+                    "censored": run.status == "cap_reached",
                     "status": run.status, "accuracy_drop": ceiling - features["accuracy"], "cost": work(run.epochs, len(run.curve)),
                     "samples_seen": run.samples_seen, "eval_every": run.eval_every,
                     "probe_sample_gradients": probe.cost.sample_gradients, "probe_samples_evaluated": probe.cost.samples_evaluated,
@@ -373,20 +375,34 @@ def not_converging_flags(runs: list[dict[str, Any]]) -> dict[str, dict[str, int]
 
 
 def metrics(runs: list[dict[str, Any]], resamples: int, predictors: tuple[str, ...] = PREDICTORS) -> dict[str, Any]:
-    table = {name: _scores(runs, name) for name in predictors}
+    """Each predictor's scores, and paired bootstrap CIs of the probe stage minus each baseline:
+    resampling runs, and, where runs say which (kind, seed offset) they belong to, resampling
+    those clusters, whose runs share a corruption and so are not independent draws."""
+    scored = {"predictors": {name: _scores(runs, name) for name in predictors}}
+    scored["stage0_probe_minus_baseline_ci95"] = _differences(runs, resamples, lambda rng: rng.integers(0, len(runs), len(runs)))
+    if runs and all("cluster" in r for r in runs):
+        labels = np.array([r["cluster"] for r in runs])
+        members = [np.flatnonzero(labels == c) for c in dict.fromkeys(labels)]
+        scored["stage0_probe_minus_baseline_ci95_by_cluster"] = _differences(
+            runs, resamples, lambda rng: np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]),
+        )
+    return scored
+
+
+def _differences(runs: list[dict[str, Any]], resamples: int, draw: Callable[[np.random.Generator], np.ndarray]) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     ci: dict[str, Any] = {}
     for baseline in ("constant", "isotonic_accuracy_drop", "stage0"):
         diffs = {"mdape": [], "c_index": [], "mean_abs_log_error_needed": []}
         for _ in range(resamples):
-            sample = [runs[i] for i in rng.integers(0, len(runs), len(runs))]
+            sample = [runs[i] for i in draw(rng)]
             a, b = _scores(sample, "stage0_probe"), _scores(sample, baseline)
             for measure, values in diffs.items():
                 values.append(a[measure] - b[measure])
         ci[baseline] = {
             k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in diffs.items()
         }
-    return {"predictors": table, "stage0_probe_minus_baseline_ci95": ci}
+    return ci
 
 
 def budget_table(runs: list[dict[str, Any]], forecaster: Any, work: Any) -> dict[str, Any]:
@@ -598,12 +614,13 @@ def print_metrics(scored: dict[str, Any]) -> None:
             f"{name:28s} {s['n']:4d} {s['n_reached']:7d} {s['n_capped']:6d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} "
             f"{s['mean_abs_log_error_needed']:7.3f} {s['c_index']:7.3f} {100 * s['coverage']:5.0f}% {100 * s['coverage_needed']:5.0f}% {_percent_range(s['coverage_all_bounds']):>9s} {s['capped_definite_misses']:11d}"
         )
-    for base, ci in scored["stage0_probe_minus_baseline_ci95"].items():
-        needed = ci["mean_abs_log_error_needed"]
-        print(
-            f"stage0+probe minus {base}: MdAPE diff 95% CI [{ci['mdape'][0]:+.3f}, {ci['mdape'][1]:+.3f}], C-index diff "
-            f"[{ci['c_index'][0]:+.3f}, {ci['c_index'][1]:+.3f}], mean |log error| of runs that needed training diff [{needed[0]:+.3f}, {needed[1]:+.3f}]"
-        )
+    for key, unit in (("stage0_probe_minus_baseline_ci95", ""), ("stage0_probe_minus_baseline_ci95_by_cluster", ", (kind, seed offset) resampled")):
+        for base, ci in scored.get(key, {}).items():
+            needed = ci["mean_abs_log_error_needed"]
+            print(
+                f"stage0+probe minus {base}{unit}: MdAPE diff 95% CI [{ci['mdape'][0]:+.3f}, {ci['mdape'][1]:+.3f}], C-index diff "
+                f"[{ci['c_index'][0]:+.3f}, {ci['c_index'][1]:+.3f}], mean |log error| of runs that needed training diff [{needed[0]:+.3f}, {needed[1]:+.3f}]"
+            )
 
 
 def _percent_range(bounds: list[float]) -> str:
@@ -761,6 +778,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 )
                 run = SimpleNamespace(curve=[SimpleNamespace(**p) for p in saved["curve"]])
                 record = {k: saved[k] for k in ("kind", "intensity", "seed", "epochs", "censored", "accuracy_drop", "cost", "status", "eval_every")}
+                record["cluster"] = f"{saved['kind']}/{result['seed_offset']}"
                 record["guard"] = {
                     "curve": [tuple(p[k] for k in ("step", "epoch", "samples_seen", "accuracy", "loss")) for p in saved["curve"]],
                     "target": target, "initial": stage1, "n": batch_samples,
