@@ -32,8 +32,8 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    A setting replaces the current one only on that evidence: a design, horizon or pull when its
    whole CI lies below zero (the lowest such), the sparsest cadence and the shortest probe when
    their CI lies below :data:`MARGIN` (no more than two points worse). Where the choice rested
-   on the lowest mean alone, four sweeps per architecture picked the curve clipped at 3 caps and
-   six picked 1.5, each by a lead the bootstrap puts well inside its noise. Beside MdAPE, which
+   on the lowest mean alone, the curve's horizon went from 3 caps to 2 with four sweeps per
+   architecture and to 1.5 with six, each by a lead the bootstrap puts well inside its noise. Beside MdAPE, which
    leaves out the capped runs, every predictor's mean |log error| of the batches that needed
    training (capped runs as bounds) is printed, with the design lowest on it; settings are not
    chosen on it.
