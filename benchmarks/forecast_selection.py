@@ -389,7 +389,8 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     recipes = {r.get("replay_fraction", 0.0) for r in results}
     if len(recipes) > 1:
         raise SystemExit(f"the runs retrained under different replay fractions ({sorted(recipes)}); combine runs of one recipe.")
-    windows = results[0]["noise_floor_by_window"].keys()
+    # Runs from saved calibrations measure no floor: a floor is read only where every run measured it.
+    windows = [w for w in results[0]["noise_floor_by_window"] if all(w in r["noise_floor_by_window"] for r in results)]
     floor = {w: float(np.mean([r["noise_floor_by_window"][w]["leave_one_seed_out_mdape"] for r in results])) for w in windows}
     best = min(floor.values(), default=math.nan)
     names = [n for n in results[0]["loko"] if n.startswith("in_flight_own_")]
