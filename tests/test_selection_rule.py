@@ -1,0 +1,114 @@
+"""The rule ``benchmarks/forecast_selection.py`` changes a forecast setting by, and the paired
+cluster bootstraps of both forecast benchmarks, on errors made up so that the answer is known."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _benchmark(name: str):
+    """A benchmark script as a module (they import each other from their own folder)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def selection():
+    return _benchmark("forecast_selection")
+
+
+def _result(current: np.ndarray, variants: dict[str, np.ndarray], clusters: list[str]) -> dict:
+    """One architecture's selection output, as much of it as ``combine`` reads."""
+    errors = {"stage0_probe": current} | variants
+    loko = {name: {"mdape": float(np.median(ape)), "mean_abs_log_error_needed": 0.0} for name, ape in errors.items()}
+    loko["in_flight_own_8"] = {"median_abs_log_error": 0.1}
+    return {
+        "noise_floor_by_window": {}, "loko": loko, "probe_steps": 16,
+        "stage1_errors": {"cluster": clusters, "ape": {name: list(map(float, ape)) for name, ape in errors.items()}},
+    }
+
+
+def _arch(seed: int, variants) -> dict:
+    rng = np.random.default_rng(seed)
+    clusters = [f"kind{k}/{s}" for k in range(9) for s in range(4) for _ in range(3)]
+    current = rng.uniform(0.0, 1.0, len(clusters))
+    return _result(current, {name: make(current, rng) for name, make in variants.items()}, clusters)
+
+
+def test_a_setting_changes_only_where_the_bootstrap_shows_it(selection):
+    variants = {
+        "stage0_probe[curve to 2 caps]": lambda cur, rng: cur - 0.1,  # better everywhere: adopted
+        "stage0_probe[curve to 1.5 caps]": lambda cur, rng: rng.permutation(cur) - 0.02,  # lower mean, within noise
+        "stage0_probe[probe of 12 steps]": lambda cur, rng: cur + 0.01,  # cheaper, within the margin
+        "stage0_probe[probe of 10 steps]": lambda cur, rng: cur + 0.01,  # cheaper still, within it too
+        "stage0_probe[probe of 8 steps]": lambda cur, rng: cur + 0.03,  # cheaper, beyond the margin
+        "stage0_probe[evaluated every 2 steps]": lambda cur, rng: cur + 0.03,
+        "stage0_probe[pulled 0.25 to the median]": lambda cur, rng: rng.permutation(cur) - 0.01,
+    }
+    combined = selection.combine([_arch(0, variants), _arch(1, variants)])
+    ci = combined["mean_mdape_minus_current_ci95"]
+    assert ci["stage0_probe[curve to 2 caps]"] == pytest.approx([-0.1, -0.1])
+    assert ci["stage0_probe[curve to 1.5 caps]"][0] < 0 < ci["stage0_probe[curve to 1.5 caps]"][1]
+    assert combined["stage1_design"] == "stage0_probe[curve to 2 caps]"
+    assert combined["probe_steps"] == 10
+    assert combined["probe_eval_every"] == 1
+    assert combined["pull_to_median"] == 0.0
+
+
+def test_without_evidence_nothing_changes(selection):
+    # A lower mean that the draw of clusters explains keeps the current design.
+    variants = {"stage0_probe[curve to 1.5 caps]": lambda cur, rng: rng.permutation(cur) - 0.02}
+    combined = selection.combine([_arch(2, variants), _arch(3, variants)])
+    assert combined["mean_stage1_mdape"]["stage0_probe[curve to 1.5 caps]"] < combined["mean_mdape_by_probe_eval_every"][1]
+    assert combined["stage1_design"] == "the current design"
+
+
+def test_the_bootstrap_resamples_whole_clusters(selection):
+    # A variant that differs from the current design in one cluster only: every resample that
+    # leaves that cluster out gives a difference of exactly zero, so with 12 clusters about
+    # (11/12)^12 = 35% of the draws sit at zero and the CI's lower end is zero.
+    clusters = [f"kind{k}/0" for k in range(12) for _ in range(5)]
+    current = np.linspace(0.1, 0.9, len(clusters))
+    worse = current.copy()
+    worse[:5] += 5.0
+    result = _result(current, {"stage0_probe[curve]": worse}, clusters)
+    draws_at_zero = selection.mdape_differences([result], resamples=400)["stage0_probe[curve]"]
+    assert draws_at_zero[0] == 0.0 and draws_at_zero[1] > 0.0
+
+
+def test_forecast_accuracy_resamples_kinds_whole_where_runs_name_them():
+    from shiftcost.forecast.forecaster import Interval
+
+    accuracy = _benchmark("forecast_accuracy")
+
+    rng = np.random.default_rng(0)
+    runs = []
+    for epochs in rng.uniform(0.5, 10.0, 40):
+        guess = lambda factor: Interval(float(epochs * factor), 0.0, 50.0, 0.9)  # noqa: E731
+        runs.append({
+            "epochs": float(epochs), "censored": False, "cluster": "one kind/0",
+            "constant": guess(rng.uniform(0.5, 2.0)), "isotonic_accuracy_drop": guess(rng.uniform(0.5, 2.0)),
+            "stage0": guess(rng.uniform(0.5, 2.0)), "stage0_probe": guess(rng.uniform(0.8, 1.2)),
+            "in_flight_quarter": guess(1.0), "in_flight_quarter_prior_only": guess(1.0),
+        })
+    scored = accuracy.metrics(runs, resamples=200)
+    table = scored["predictors"]
+    # One cluster: every resample draws all of it, so the CI is the sample's own difference ...
+    whole = scored["stage0_probe_minus_baseline_ci95_by_cluster"]["constant"]["mdape"]
+    assert whole == pytest.approx([table["stage0_probe"]["mdape"] - table["constant"]["mdape"]] * 2)
+    # ... where resampling runs spreads it.
+    spread = scored["stage0_probe_minus_baseline_ci95"]["constant"]["mdape"]
+    assert spread[1] - spread[0] > 0.05
+    # Runs that do not name their cluster get the runs' bootstrap alone.
+    unnamed = [{k: v for k, v in r.items() if k != "cluster"} for r in runs]
+    assert "stage0_probe_minus_baseline_ci95_by_cluster" not in accuracy.metrics(unnamed, resamples=10)
