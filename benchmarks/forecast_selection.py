@@ -429,8 +429,11 @@ def _no_worse(ci: dict[str, list[float]], name: str) -> bool:
     return name in ci and ci[name][1] < MARGIN
 
 
-def print_differences(combined: dict[str, Any]) -> None:
-    """Each setting's mean MdAPE over the architectures against the current design's, with its bootstrap CI."""
+def print_combined(results: list[dict[str, Any]]) -> None:
+    """The joint choice, then each setting's mean MdAPE over the architectures against the current
+    design's, with its bootstrap CI."""
+    combined = combine(results)
+    print(json.dumps(combined | {"mean_mdape_minus_current_ci95": "below" if combined["mean_mdape_minus_current_ci95"] else None}, indent=1))
     current = combined["mean_mdape_by_probe_eval_every"][1]
     print("mean MdAPE over the architectures minus the current design's, paired bootstrap 95% CI over (kind, sweep):")
     for name, (low, high) in combined["mean_mdape_minus_current_ci95"].items():
@@ -461,9 +464,7 @@ def main() -> None:
     parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
     args = parser.parse_args()
     if args.combine:
-        combined = combine([r for path in args.combine.split(",") for r in json.loads(Path(path).read_text())])
-        print(json.dumps(combined | {"mean_mdape_minus_current_ci95": "below" if combined["mean_mdape_minus_current_ci95"] else None}, indent=1))
-        print_differences(combined)
+        print_combined([r for path in args.combine.split(",") for r in json.loads(Path(path).read_text())])
         return
     torch.set_num_threads(1)
     load = os.getloadavg()
@@ -495,9 +496,7 @@ def main() -> None:
         print(f"lowest mean |log error| of the batches that needed training (reported, not chosen on): {min(needed, key=needed.get)}")
         print(f"chosen own-curve weight (evaluations at half weight): {result['chosen_own_curve_evals']:g}")
     if len(results) > 1:
-        combined = combine(results)
-        print(json.dumps(combined | {"mean_mdape_minus_current_ci95": "below" if combined["mean_mdape_minus_current_ci95"] else None}, indent=1))
-        print_differences(combined)
+        print_combined(results)
     print(f"\nwall {time.perf_counter() - started:.0f} s; load average at start {load}, at end {os.getloadavg()}")
     if args.json:
         for r in results:
