@@ -115,7 +115,7 @@ ReferenceStatsOption = Annotated[
     typer.Option(
         "--reference-stats",
         help="Reference statistics: their accuracy is the reference accuracy when no other is given, and the guard's forecast before the run "
-        "starts from their indices (then from a probe, when the cost model has a probe stage its calibration found worth running).",
+        "starts from their indices (then from a probe, when the cost model has a probe stage its calibration found worth running and the probe pays for itself against the budget).",
         show_default=False,
     ),
 ]
@@ -186,9 +186,11 @@ def _budget_guard(
     """The budget guard for this run, with a forecast before the run when reference stats are given.
 
     That forecast is the probe stage's when the cost model has one its calibration found
-    worth running (unless ``probe`` is False): the probe runs as calibration ran it, the
-    forecast the accuracy benchmark scores the guard from, and its cost is charged to the
-    budget before the run's first step. Otherwise it is the index forecast.
+    worth running (unless ``probe`` is False) and, as in the pipeline, the probe pays
+    (:func:`~shiftcost.forecast.decide.probe_pays`: the index forecast's interval in kWh
+    straddles the budget and the probe would cost at most a small share of it). The probe
+    runs as calibration ran it, and its cost is charged to the budget before the run's first
+    step. Otherwise it is the index forecast, and ``guard.probe_advice`` says why.
 
     It prices every epoch still to come at the pool the run trains on: the training split of
     the batch plus the reference samples the recipe replays.
@@ -201,8 +203,10 @@ def _budget_guard(
 
     from shiftcost.cli.forecast import rate_mismatch_note, run_calibrated_probe
     from shiftcost.forecast import protocol
+    from shiftcost.forecast.decide import probe_pays
     from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.forecast.guard import BudgetGuard
+    from shiftcost.forecast.price import RetrainPrice
     from shiftcost.retrain import _evaluate
 
     forecaster = Forecaster.load(cost_model)
@@ -232,17 +236,22 @@ def _budget_guard(
         holdout_fraction=config.cutoff.holdout_fraction, replay_fraction=replay, reference_samples=0 if ref_x is None else len(ref_x),
     )
     if features is not None:
-        not_worth = forecaster.probe_not_worth() if probe and forecaster.stage1 is not None else None
-        if not_worth:
-            make_console(stderr=True).print(f"no probe: {not_worth}; the guard starts from the index forecast.", style="yellow")
-        if probe and forecaster.stage1 is not None and not not_worth:
-            guard.probe = run_calibrated_probe(
-                forecaster, net, new, ceiling, config.cutoff.tolerance, None, config.seed, device, source,
-                config.energy.track, config.energy.country_iso_code,
-            )
-            # Priced through the host rate, as every step of the run is.
-            guard.spent_before_kwh = guard.probe.cost.estimated_energy_kwh
-        guard.initial = forecaster.predict(features, probe=guard.probe, batch_samples=len(new.y))
+        guard.initial = forecaster.predict(features, batch_samples=len(new.y))
+        if probe and forecaster.stage1 is not None:
+            price = RetrainPrice(guard.pool, guard.holdout, forecaster.batch_size, forecaster.energy_rate, config.caps.max_epochs)
+            not_worth = forecaster.probe_not_worth()
+            advice = None if not_worth else probe_pays(guard.initial.epochs.map(price.kwh), guard.budget_kwh, price.probe_kwh(forecaster.probe_options()))
+            guard.probe_advice = not_worth or advice.reason
+            if not_worth or not advice.probe:
+                make_console(stderr=True).print(f"no probe: {guard.probe_advice}; the guard starts from the index forecast.", style="yellow")
+            else:
+                guard.probe = run_calibrated_probe(
+                    forecaster, net, new, ceiling, config.cutoff.tolerance, None, config.seed, device, source,
+                    config.energy.track, config.energy.country_iso_code,
+                )
+                # Priced through the host rate, as every step of the run is.
+                guard.spent_before_kwh = guard.probe.cost.estimated_energy_kwh
+                guard.initial = forecaster.predict(features, probe=guard.probe, batch_samples=len(new.y))
     return guard
 
 
@@ -321,7 +330,7 @@ def retrain(
 
     Evaluates every --eval-every steps on a held-out part of the batch and stops at the first evaluation at or above the target, or at the step/epoch cap. Measures energy and emissions with CodeCarbon (offline; nothing written unless --emissions-csv). The training recipe is the model file's own (set at `shiftcost model import --recipe`), then --recipe FILE, then the flags.
 
-    With --cost-model and --budget-kwh a guard updates the forecast at every evaluation and stops the run when what is spent plus the forecast's lower bound exceeds the budget; the model is then left unchanged. With --reference-stats the forecast before the run is the probe stage's (its cost counted as spent) when the cost model has one and its calibration forecast better with it, else the index forecast.
+    With --cost-model and --budget-kwh a guard updates the forecast at every evaluation and stops the run when what is spent plus the forecast's lower bound exceeds the budget; the model is then left unchanged. With --reference-stats the forecast before the run is the probe stage's (its cost counted as spent) when the cost model has one, its calibration forecast better with it, and, as in the pipeline, the probe can change the guard's first verdict (the index forecast's interval straddles the budget) and costs at most 5% of the budget; else the index forecast, and stderr says why.
 
     Exit status: 0 when the target was reached (or already met), 3 when the cap ended the run first (the model is still written), 4 when the budget guard stopped it (no model written), 1 when the run failed.
     """
@@ -421,6 +430,7 @@ def _result_payload(result: RetrainResult, guard: Any) -> dict[str, Any]:
             "estimated_kwh": guard.spent_kwh,
             "pool_samples": guard.pool,
             "probe": None if guard.probe is None else guard.probe.cost.to_dict(),
+            "probe_advice": guard.probe_advice,
             "initial": None if guard.initial is None else guard.initial.epochs.to_dict() | {"stage": guard.initial.stage},
             "measured_kwh": result.energy_kwh,
             "forecasts": guard.forecasts,

@@ -54,6 +54,8 @@ class BudgetGuard:
     spent_before_kwh: float = 0.0
     #: The probe's trajectory behind ``initial``, when one ran (kept for the run's record).
     probe: Any = None
+    #: Why that probe ran, or did not (``shiftcost.forecast.decide.probe_pays`` or the calibration's verdict).
+    probe_advice: str | None = None
     spent_kwh: float = 0.0
     reason: str | None = None
     forecasts: list[dict[str, Any]] = field(default_factory=list)

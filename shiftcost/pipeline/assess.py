@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.features import KNOWN_FEATURES
+from shiftcost.forecast.price import RetrainPrice
 from shiftcost.pipeline.assess_record import AssessOutcome, fail_assessment, outcome_of
 from shiftcost.pipeline.claims import Claim, ClaimLost
 from shiftcost.pipeline.decide import decide_batch, status_after
@@ -344,43 +345,6 @@ def retrain_pool_samples(settings: Settings, loaded: LoadedBatch) -> int:
     return pool_samples(training_samples(len(loaded.data), settings.retrain_holdout_fraction), replay, loaded.reference.samples)
 
 
-@dataclass(frozen=True)
-class RetrainPrice:
-    """kWh of a retrain that runs ``epochs`` under the measurement protocol.
-
-    It trains ``epochs`` over the pool and evaluates the holdout at the protocol's cadence,
-    at the host's rate (an evaluated sample weighs ``EVAL_SAMPLE_WEIGHT``, and the run pays
-    its overhead once, as the rate refitted from measured retrains counts them), so a
-    retrain that needs no training is still priced at its one evaluation and its overhead. It never runs past
-    its epoch cap, so no bound is priced beyond the cap.
-    """
-
-    pool: int
-    holdout: int
-    batch_size: int
-    rate: HostEnergyRate
-    cap_epochs: float | None
-
-    def kwh(self, epochs: float) -> float:
-        from shiftcost.forecast import protocol
-
-        run = max(float(epochs), 0.0) if self.cap_epochs is None else min(max(float(epochs), 0.0), self.cap_epochs)
-        if not math.isfinite(run):
-            return math.inf
-        evaluations = protocol.evaluations(run, protocol.steps_per_epoch(self.pool, self.batch_size))
-        return self.rate.kwh(run * self.pool, evaluations * self.holdout)
-
-    def priced(self, prediction: CostPrediction, epochs: tuple[float, float, float], intensity: float) -> CostPrediction:
-        """``prediction`` with ``epochs`` (median, low, high) and their kWh and kg CO2e."""
-        median, low, high = (self.kwh(e) for e in epochs)
-        return dataclasses.replace(
-            prediction,
-            epochs=epochs[0], epochs_lower=epochs[1], epochs_upper=epochs[2],
-            energy_kwh=median, energy_kwh_lower=low, energy_kwh_upper=high,
-            emissions_kg=median * intensity, emissions_kg_lower=low * intensity, emissions_kg_upper=high * intensity,
-        )  # fmt: skip
-
-
 def retrain_price(settings: Settings, loaded: LoadedBatch, rate: HostEnergyRate) -> RetrainPrice:
     """How this batch's retrain is priced: its pool, holdout, batch size and epoch cap."""
     from shiftcost.forecast.protocol import split_sizes
@@ -501,8 +465,7 @@ def probe_if_it_pays(
     if unprobeable is not None or reference_accuracy is None or budget_left_kwh is None:
         return prediction, "index", unprobeable or "", None
     chosen = forecaster.probe_options()
-    # Priced at its full length: a probe that meets the cutoff stops sooner, never later.
-    probe_kwh = price.rate.kwh(chosen["steps"] * chosen["batch_size"], (chosen["steps"] + 1) * price.holdout)
+    probe_kwh = price.probe_kwh(chosen)
     index_kwh = Interval(prediction.energy_kwh, prediction.energy_kwh_lower or 0.0, prediction.energy_kwh_upper or math.inf, prediction.level)
     advice = probe_pays(index_kwh, budget_left_kwh, probe_kwh)
     if not advice.probe:

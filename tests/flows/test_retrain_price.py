@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shiftcost.energy import HostEnergyRate
-from shiftcost.pipeline.assess import RetrainPrice
+from shiftcost.forecast.price import RetrainPrice
 
 # One kWh per sample-gradient, and 5 kWh a run, keep the figures countable by hand.
 KWH = 3.6e6

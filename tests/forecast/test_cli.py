@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from shiftcost.data.batches import Batch, save_batch
 from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model, save_model
 from shiftcost.forecast.forecaster import STAGE1_DEFAULT, Forecaster
+from shiftcost.forecast.price import RetrainPrice
 from shiftcost.index.engine import compute_reference_stats
-from tests.forecast.helpers import bars, fitted_forecaster
+from tests.forecast.helpers import INDEX, UNIT_RATE, bars, fitted_forecaster, forecast_rows
 
 INTERVAL = {"median", "low", "high", "level"}
 
@@ -183,30 +185,66 @@ def test_the_guard_prices_each_epoch_at_the_pool_with_its_replayed_reference_sam
     assert json.loads(done.stdout)["guard"]["pool_samples"] == train + round(train / 3)
 
 
-def test_the_guard_starts_from_the_probe_stage_and_counts_the_probe_as_spent(files) -> None:
-    forecaster = Forecaster.load(files / "forecaster.json")
-    holdout = round(0.3 * len(bars()[1]))
-    common = [
-        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"),
-        "--reference-stats", str(files / "reference.safetensors"), "--cost-model", str(files / "forecaster.json"),
-        "--budget-kwh", "60", "--batch-size", "16", "--no-energy", "--device", "cpu", "--json",
-    ]
-    probed = shiftcost(*common, "--out", str(files / "probed.safetensors"), cwd=files)
-    assert probed.returncode in (0, 3, 4), probed.stderr
-    guard = json.loads(probed.stdout)["guard"]
-    # The forecast the accuracy benchmark scores the guard from: the probe's, probed as calibrated.
-    assert guard["initial"]["stage"] == "probe" and guard["probe"]["steps"] == forecaster.probe_options()["steps"]
-    probe_kwh = guard["probe"]["estimated_energy_kwh"]
-    assert probe_kwh > 0
-    # Already spent at the run's first evaluation (the initial one, of the holdout alone).
-    first = guard["forecasts"][0]
-    assert first["step"] == 0 and first["spent_kwh"] == pytest.approx(probe_kwh + forecaster.energy_rate.kwh(0, holdout))
+#: A two-step probe beside retrains ten times as long as the shared forecaster's, so that a probe
+#: can be cheap beside a budget inside the index interval.
+CHEAP_PROBE = {"steps": 2, "samples": 8, "batch_size": 4, "lr": 1e-3, "optimizer": "adam"}
 
-    index_only = shiftcost(*common, "--no-probe", "--out", str(files / "index-only.safetensors"), cwd=files)
-    assert index_only.returncode in (0, 3, 4), index_only.stderr
-    guard = json.loads(index_only.stdout)["guard"]
-    assert guard["initial"]["stage"] == "index" and guard["probe"] is None
-    assert guard["forecasts"][0]["spent_kwh"] == pytest.approx(forecaster.energy_rate.kwh(0, holdout))
+
+@pytest.fixture(scope="module")
+def cheap_probe_forecaster(files):
+    rows = [row | {"epochs": 10.0 * row["epochs"]} for row in forecast_rows()]
+    forecaster = Forecaster.fit(rows, features=list(INDEX), max_epochs=200.0, energy_rate=UNIT_RATE, batch_size=16, probe_settings=CHEAP_PROBE)
+    assert forecaster.stage1 is not None, forecaster.stage1_error
+    return forecaster, forecaster.save(files / "forecaster-cheap-probe.json")
+
+
+def test_the_guard_probes_only_when_the_probe_can_change_its_first_verdict(files, cheap_probe_forecaster) -> None:
+    forecaster, cost_model = cheap_probe_forecaster
+    holdout = round(0.3 * len(bars()[1]))
+
+    def guarded(budget: float, *extra: str) -> tuple[dict, str]:
+        done = shiftcost(
+            "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(files / "g.safetensors"),
+            "--reference-stats", str(files / "reference.safetensors"), "--cost-model", str(cost_model), "--budget-kwh", repr(budget),
+            "--batch-size", "16", "--max-epochs", "400", "--max-steps", "2", "--no-energy", "--device", "cpu", "--json", *extra, cwd=files,
+        )
+        assert done.returncode in (0, 3, 4), done.stderr
+        return json.loads(done.stdout)["guard"], " ".join(done.stderr.split())
+
+    # The index forecast alone, priced as the pipeline prices it, says where the budget decides.
+    index_only, _ = guarded(1e12, "--no-probe")
+    assert index_only["initial"]["stage"] == "index" and index_only["probe"] is None and index_only["probe_advice"] is None
+    assert index_only["forecasts"][0]["spent_kwh"] == pytest.approx(UNIT_RATE.kwh(0, holdout))
+    price = RetrainPrice(index_only["pool_samples"], holdout, 16, UNIT_RATE, 400.0)
+    low, high = price.kwh(index_only["initial"]["low"]), price.kwh(index_only["initial"]["high"])
+    probe_kwh = price.probe_kwh(forecaster.probe_options())
+    straddled = math.sqrt(low * high)
+    assert 20 * probe_kwh < straddled  # the probe is cheap beside a budget inside the interval
+
+    # Inside the interval only a probe can tell which side the run falls: it runs, as calibrated,
+    # and its cost is already spent at the run's first evaluation (of the holdout alone).
+    probed, _ = guarded(straddled)
+    assert probed["initial"]["stage"] == "probe" and probed["probe"]["steps"] <= CHEAP_PROBE["steps"]
+    assert "straddles" in probed["probe_advice"]
+    spent_on_probe = probed["probe"]["estimated_energy_kwh"]
+    assert 0 < spent_on_probe <= probe_kwh
+    assert probed["forecasts"][0]["spent_kwh"] == pytest.approx(spent_on_probe + UNIT_RATE.kwh(0, holdout))
+
+    # Where the whole interval fits, or none of it does, the probe could not change the verdict: it would only cost.
+    for budget, why in ((high * 2, "upper bound fits"), (low / 2, "lower bound exceeds")):
+        guard, stderr = guarded(budget)
+        assert guard["initial"]["stage"] == "index" and guard["probe"] is None, budget
+        assert why in guard["probe_advice"] and f"no probe: {guard['probe_advice']}" in stderr
+        assert guard["forecasts"][0]["spent_kwh"] == pytest.approx(UNIT_RATE.kwh(0, holdout))
+
+    # A budget so small that the probe would eat more than its share of it is not probed either.
+    costly = CHEAP_PROBE | {"steps": 80, "batch_size": 16}
+    rows = [row | {"epochs": 10.0 * row["epochs"]} for row in forecast_rows()]
+    dear = Forecaster.fit(rows, features=list(INDEX), max_epochs=200.0, energy_rate=UNIT_RATE, batch_size=16, probe_settings=costly)
+    assert price.probe_kwh(dear.probe_options()) > 0.05 * straddled
+    cost_model = dear.save(files / "forecaster-dear-probe.json")
+    guard, _ = guarded(straddled)
+    assert guard["probe"] is None and "more than 5% of the budget left" in guard["probe_advice"]
 
 
 def test_the_guard_needs_both_options(files) -> None:
