@@ -23,6 +23,7 @@ from shiftcost.calibrate.settings import COLUMNS, COST_FEATURES, SWEEP_CONFIG, P
 from shiftcost.data.demo import torch_threads
 from shiftcost.errors import InputError
 from shiftcost.forecast import protocol
+from shiftcost.forecast.probe import DEFAULT_MAX_HOLDOUT
 from shiftcost.recipe import RetrainConfig
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt
 
@@ -201,6 +202,7 @@ def _sweep_settings(
         "country_iso_code": config.energy.country_iso_code,
         "probe_steps": probe_steps,
         "probe_stops_at_cutoff": PROBES_STOP_AT_CUTOFF,
+        "probe_max_holdout": DEFAULT_MAX_HOLDOUT,
         "retrain": config.to_dict(),
         "threads": threads,
         "level": level,
@@ -371,7 +373,7 @@ def _probe_point(
         model, x, y, target_accuracy=target, ceiling=reference, steps=steps, lr=recipe.lr, optimizer=recipe.optimizer,
         weight_decay=recipe.weight_decay, momentum=recipe.momentum,
         holdout_fraction=config.cutoff.holdout_fraction, seed=seed, device=config.device, retrain_batch_size=recipe.batch_size,
-        stop_at_cutoff=PROBES_STOP_AT_CUTOFF,
+        stop_at_cutoff=PROBES_STOP_AT_CUTOFF, max_holdout=DEFAULT_MAX_HOLDOUT,
     )
     row.update(probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap))
     row["probe_sample_gradients"] = trajectory.cost.sample_gradients

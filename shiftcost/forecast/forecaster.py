@@ -136,7 +136,7 @@ ONLY_UNDER: dict[str, tuple[str, str]] = {
 }
 NO_TRAIN_STEP = "none"
 #: The probe settings a calibration records and every later probe repeats.
-PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "stop_at_cutoff")
+PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "stop_at_cutoff", "max_holdout")
 #: The probe's training settings that must match calibration's probes (the rest only size it).
 PROBE_RECIPE: tuple[str, ...] = ("lr", "optimizer", "weight_decay", "momentum")
 #: More predicted by the index model, a slower curve, a wider gap left: more cost; more progress or loss drop: less.
@@ -611,7 +611,9 @@ class Forecaster:
         oldest record neither and fall back to the probe's defaults, as do files from before
         probes followed the recipe's weight decay and momentum (none and 0.9). Probes stop at the
         cutoff (``stop_at_cutoff``) where calibration's did; files from before they did probe
-        every step, since their stage 1 may read the whole curve."""
+        every step, since their stage 1 may read the whole curve. Probes evaluate at most
+        ``max_holdout`` held-out images where calibration's did; files from before the cap
+        evaluate the whole holdout, as their calibration did."""
         options: dict[str, Any] = {"steps": probing.DEFAULT_STEPS, "samples": probing.DEFAULT_SAMPLES, "batch_size": probing.DEFAULT_BATCH_SIZE}
         options |= {name: self.retrain_settings[name] for name in ("lr", "optimizer") if name in self.retrain_settings}
         options |= {name: value for name, value in self.probe_settings.items() if name in PROBE_OPTIONS and value is not None}

@@ -48,9 +48,11 @@ class RetrainPrice:
     def probe_kwh(self, probe_options: dict[str, Any]) -> float:
         """A probe run as ``probe_options`` (``Forecaster.probe_options()``) on this retrain's batch,
         priced at its full length: one that meets the cutoff stops sooner, never later. It
-        evaluates the same holdout as the retrain, once before its first step and after each."""
+        evaluates the retrain's holdout, or at most ``max_holdout`` of it, once before its first
+        step and after each."""
         steps = int(probe_options["steps"])
-        return self.rate.kwh(steps * int(probe_options["batch_size"]), (steps + 1) * self.holdout)
+        evaluated = min(self.holdout, probe_options.get("max_holdout") or self.holdout)
+        return self.rate.kwh(steps * int(probe_options["batch_size"]), (steps + 1) * evaluated)
 
     def priced(self, prediction: CostPrediction, epochs: tuple[float, float, float], intensity: float) -> CostPrediction:
         """``prediction`` with ``epochs`` (median, low, high) and their kWh and kg CO2e."""

@@ -57,6 +57,13 @@ PROBE_FEATURES: tuple[str, ...] = ("curve_log_epochs", "probe_progress", "probe_
 DEFAULT_STEPS = 16
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_SAMPLES = 256
+#: The most held-out images a probe evaluates (a random part of the retrain's holdout where that
+#: is larger). Its evaluations, one before its first step and one after each, are most of its
+#: cost, and the retrain's holdout grows with the batch: uncapped, a probe on a batch of 6,000
+#: costs about what an epoch of its retrain does, whatever the retrain's length. Every forecast
+#: in benchmarks/ was calibrated and scored on probes evaluating 162 images; 512 reads each
+#: accuracy at least as precisely. benchmarks/probe_holdout.py measures what the cap moves.
+DEFAULT_MAX_HOLDOUT = 512
 MICRO_BATCHES = 4
 #: Horizon (in multiples of the epoch cap) at which a curve that never crosses is clipped. Where the
 #: curve feature is clipped was compared by ``benchmarks/forecast_selection.py --windows 3 --noise-seeds 2
@@ -240,6 +247,7 @@ def run_probe(
     source: str = "the batch",
     retrain_batch_size: int | None = None,
     stop_at_cutoff: bool = True,
+    max_holdout: int | None = None,
 ) -> ProbeTrajectory:
     """Fine-tune a copy of ``model`` for up to ``steps`` steps on ``samples`` training samples.
 
@@ -258,14 +266,19 @@ def run_probe(
     and later steps would only have cost. ``lr``,
     ``optimizer``, ``weight_decay`` and ``momentum`` are the retrain recipe's
     (:class:`~shiftcost.recipe.Recipe`). Batch-norm statistics follow the probe's batches even
-    where the recipe freezes them in retrains (see ``_walk``).
+    where the recipe freezes them in retrains (see ``_walk``). ``max_holdout`` caps the
+    held-out images each evaluation reads (a seeded random part of the retrain's holdout; ``None``:
+    all of it, as probes calibrated before the cap did).
     """
     from shiftcost.errors import ConfigError
     from shiftcost.recipe import Recipe
     from shiftcost.retrain import _check_logits, _check_xy, _holdout_split, _make_optimizer, _trainable, resolve_device
 
-    if steps < 1 or samples < 2 or batch_size < 2:
-        raise ConfigError(f"the probe needs steps >= 1, samples >= 2 and batch_size >= 2, got {steps}, {samples}, {batch_size}.")
+    if steps < 1 or samples < 2 or batch_size < 2 or (max_holdout is not None and max_holdout < 2):
+        raise ConfigError(
+            f"the probe needs steps >= 1, samples >= 2, batch_size >= 2 and max_holdout >= 2 (or none), "
+            f"got {steps}, {samples}, {batch_size}, {max_holdout}."
+        )
     _check_xy(x, y, source)
     dev = resolve_device(device)
     work = copy.deepcopy(model).to(dev)
@@ -278,6 +291,8 @@ def run_probe(
     train_idx, hold_idx, _ = _holdout_split(y, holdout_fraction, seed, min_holdout, source)
     pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed + 7))[: min(samples, len(train_idx))]
     train = (x[train_idx[pick]], y[train_idx[pick]].long())
+    if max_holdout is not None and len(hold_idx) > max_holdout:
+        hold_idx = hold_idx[torch.randperm(len(hold_idx), generator=torch.Generator().manual_seed(seed + 11))[:max_holdout]]
     hold = (x[hold_idx], y[hold_idx].long())
     batch = min(batch_size, len(train[0]))
     optim = _make_optimizer(Recipe(optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum), [p for _, p in params])
@@ -301,7 +316,7 @@ def run_probe(
         settings={
             "steps": steps, "samples": len(train[0]), "batch_size": batch, "lr": lr, "optimizer": optimizer, "seed": seed,
             "weight_decay": weight_decay, "momentum": momentum,
-            "retrain_batch_size": retrain_batch_size, "stop_at_cutoff": stop_at_cutoff,
+            "retrain_batch_size": retrain_batch_size, "stop_at_cutoff": stop_at_cutoff, "max_holdout": max_holdout,
         },
     )
 

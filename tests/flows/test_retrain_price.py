@@ -35,3 +35,11 @@ def test_more_epochs_never_cost_less_and_none_past_the_cap_cost_more(a: float, b
     low, high = sorted((a, b))
     assert price.kwh(low) <= price.kwh(high) <= price.kwh(15.0)
     assert price.kwh(0.0) > 0
+
+
+def test_a_probe_is_priced_at_its_full_length_and_at_most_its_capped_holdout() -> None:
+    price = RetrainPrice(pool=140, holdout=60, batch_size=32, rate=RATE, cap_epochs=20.0)
+    # Sixteen steps of sixteen, seventeen evaluations of the 60 held-out images, the overhead once.
+    assert price.probe_kwh({"steps": 16, "batch_size": 16}) == pytest.approx(5 + 256 + 17 * 60 / 3)
+    assert price.probe_kwh({"steps": 16, "batch_size": 16, "max_holdout": 12}) == pytest.approx(5 + 256 + 17 * 12 / 3)
+    assert price.probe_kwh({"steps": 16, "batch_size": 16, "max_holdout": 512}) == price.probe_kwh({"steps": 16, "batch_size": 16})

@@ -594,6 +594,9 @@ def test_later_probes_repeat_the_calibrated_probe_and_a_probe_at_another_rate_is
     assert Forecaster.load(tmp_path / "older.json").probe_options() == expected
     stopping = analyse(_synthetic_rows(), settings=calibrated | {"probe_steps": 12, "probe_stops_at_cutoff": True}, features=["resque_dist"])
     assert Forecaster.load(stopping.forecaster.save(tmp_path / "stopping.json")).probe_options() == expected | {"stop_at_cutoff": True}
+    # Probes that read at most 512 held-out images are repeated so; older ones read the whole holdout.
+    capped = analyse(_synthetic_rows(), settings=calibrated | {"probe_steps": 12, "probe_max_holdout": 512}, features=["resque_dist"])
+    assert Forecaster.load(capped.forecaster.save(tmp_path / "capped.json")).probe_options() == expected | {"max_holdout": 512}
 
     forecaster = fitted_forecaster()
     forecaster.retrain_settings["lr"] = 1e-4

@@ -62,6 +62,27 @@ def test_the_probe_runs_on_the_retrain_clock_in_steps(tiny) -> None:
         assert probe.settings["retrain_batch_size"] == retrain_batch_size
 
 
+def test_the_probes_evaluations_read_at_most_max_holdout_images(tiny) -> None:
+    model, _, x, y = tiny
+    holdout = round(len(y) * 0.3)
+    noisy = x + 2.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))  # neither lost nor learnt at once
+    args = dict(target_accuracy=0.99, ceiling=0.99, steps=4, samples=40, batch_size=8, energy_rate=RATE)
+    whole = run_probe(model, noisy, y, **args)
+    capped = run_probe(model, noisy, y, max_holdout=10, **args)
+    # Every evaluation reads ten of the held-out images, the same ten each time, whatever it saw.
+    assert capped.holdout_samples == 10 and capped.cost.samples_evaluated == 5 * 10 and capped.settings["max_holdout"] == 10
+    assert all(round(a * 10, 9) == round(a * 10) for a in capped.accuracy) and capped.accuracy != whole.accuracy
+    assert 0 < min(whole.accuracy) < max(whole.accuracy) < 1
+    assert capped.cost.estimated_energy_kwh < whole.cost.estimated_energy_kwh
+    # It trains as the uncapped probe does: the cap changes what is read, not the steps.
+    assert capped.cost.sample_gradients == whole.cost.sample_gradients and capped.initial_grad_norm == whole.initial_grad_norm
+    # A cap above the holdout changes nothing.
+    loose = run_probe(model, noisy, y, max_holdout=holdout + 1, **args)
+    assert loose.holdout_samples == whole.holdout_samples == holdout
+    assert loose.accuracy == whole.accuracy and loose.loss == whole.loss
+    assert capped.accuracy == run_probe(model, noisy, y, max_holdout=10, **args).accuracy
+
+
 def test_the_same_seed_gives_the_same_probe(tiny) -> None:
     model, _, x, y = tiny
     a = run_probe(model, 1 - x, y, target_accuracy=0.9, ceiling=0.95, steps=4, seed=3)
