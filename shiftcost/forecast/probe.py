@@ -60,9 +60,10 @@ DEFAULT_SAMPLES = 256
 #: The most held-out images a probe evaluates (a random part of the retrain's holdout where that
 #: is larger). Its evaluations, one before its first step and one after each, are most of its
 #: cost, and the retrain's holdout grows with the batch: uncapped, a probe on a batch of 6,000
-#: costs about what an epoch of its retrain does, whatever the retrain's length. Every forecast
-#: in benchmarks/ was calibrated and scored on probes evaluating 162 images; 512 reads each
-#: accuracy at least as precisely. benchmarks/probe_holdout.py measures what the cap moves.
+#: costs 10,456 sample-gradient equivalents, 1.6 epochs of its retrain (6,600 an epoch), whatever
+#: the retrain's length; capped, 3,157. Every forecast in benchmarks/ was calibrated and scored on
+#: probes evaluating at most 162 images, so 512 reads each accuracy at least as precisely.
+#: benchmarks/probe_holdout.py measures what the cap moves.
 DEFAULT_MAX_HOLDOUT = 512
 MICRO_BATCHES = 4
 #: Horizon (in multiples of the epoch cap) at which a curve that never crosses is clipped. Where the
