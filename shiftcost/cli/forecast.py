@@ -165,7 +165,9 @@ def _print_forecast(result: Any, forecaster: Any, trajectory: Any) -> None:
         c = trajectory.cost
         how = "measured" if c.energy_measured else "estimated" if c.energy_kwh is not None else "not known"
         energy = f", {c.energy_kwh:.3g} kWh ({how})" if c.energy_kwh is not None else ""
-        make_console().print(f"probe: {c.steps} steps, {c.sample_gradients} sample-gradients, {c.seconds:.2f} s{energy}")
+        make_console().print(
+            f"probe: {c.steps} steps, {c.sample_gradients} sample-gradients, {c.samples_evaluated} held-out samples evaluated, {c.seconds:.2f} s{energy}"
+        )
         if c.energy_error:
             make_console(stderr=True).print(
                 f"CodeCarbon could not measure the probe ({c.energy_error}); its energy is the host rate's estimate.", style="yellow"

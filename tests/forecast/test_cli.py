@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -74,6 +75,16 @@ def test_forecast_json_names(files) -> None:
     assert {"resque_dist", "accuracy", "curve_log_epochs"} <= set(data["features"])
     assert isinstance(data["not_converging"], bool)
     assert isinstance(data["extrapolated"], list)
+
+
+def test_the_forecast_table_says_what_the_probe_trained_and_evaluated(files) -> None:
+    done = shiftcost(*forecast_args(files, "--probe-steps", "3", "--no-energy"), cwd=files)
+    assert done.returncode == 0, done.stderr
+    said = re.search(r"probe: (\d+) steps, (\d+) sample-gradients, (\d+) held-out samples evaluated", " ".join(done.stdout.split()))
+    assert said, done.stdout
+    steps, trained, evaluated = map(int, said.groups())
+    # Each step trains one batch of 16; the holdout (30% of the batch) is read before the first step and after each.
+    assert 1 <= steps <= 3 and trained == 16 * steps and evaluated == (steps + 1) * round(0.3 * len(bars()[1]))
 
 
 def test_forecast_without_energy_tracking_charges_the_estimate(files) -> None:
