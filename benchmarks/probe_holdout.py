@@ -56,11 +56,11 @@ def large_batch(splits: dict[str, Any], size: int, seed: int = 0) -> tuple[torch
 
     x = torch.cat([splits["holdout"][0], splits["stream"][0]])
     y = torch.cat([splits["holdout"][1], splits["stream"][1]])
-    move = v2.GaussianNoise(sigma=0.05)
+    jitter = v2.GaussianNoise(sigma=0.05)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         picks = torch.randint(0, len(y), (size,))
-        images = torch.stack([move(x[i]) for i in picks.tolist()])
+        images = torch.stack([jitter(x[i]) for i in picks.tolist()])
     return images.contiguous(), y[picks].clone()
 
 
