@@ -191,7 +191,8 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
                 record["in_flight_quarter"] = _in_flight(forecaster, features, run, stage1, target, ceiling)
                 record["in_flight_quarter_prior_only"] = _in_flight(forecaster, features, run, stage1, target, ceiling, math.inf)
-                record["guard"] = _guard_replay(forecaster, features, run, stage1, ceiling, n)
+                spent_on_probe = probe.cost.sample_gradients + EVAL_SAMPLE_WEIGHT * probe.cost.samples_evaluated
+                record["guard"] = _guard_replay(run, stage0, stage1, n, spent_on_probe, forecaster.probe_options())
                 runs.append(record)
                 print(
                     f"  {arch} {kind} {intensity:g} seed {seed}: {run.status} {run.epochs:.2f} ep; "
@@ -269,9 +270,62 @@ def _in_flight(
     return forecast.epochs
 
 
-def _guard_replay(forecaster: Any, features: dict[str, float], run: Any, stage1: Any, ceiling: float, n: int) -> Any:
-    """Per budget cap (filled in later): where a guard would have stopped this run."""
-    return {"curve": [(p.step, p.epoch, p.samples_seen, p.accuracy, p.loss) for p in run.curve], "target": run.target_accuracy, "initial": stage1, "n": n}
+def _guard_replay(run: Any, stage0: Any, stage1: Any, n: int, probe_work: float, probe_options: dict[str, Any]) -> Any:
+    """What the guard's replay under each budget cap (:func:`budget_table`) reads: the run's
+    evaluations, both stages' forecasts, and the probe's work as spent and as priced before it ran."""
+    return {
+        "curve": [(p.step, p.epoch, p.samples_seen, p.accuracy, p.loss) for p in run.curve], "target": run.target_accuracy, "n": n,
+        "initial": stage1, "index": stage0, "probe_work": probe_work, "probe_full_work": probe_price(n, probe_options),
+    }
+
+
+def probe_price(batch_samples: int, probe_options: dict[str, Any]) -> float:
+    """The probe's full-length work on a batch, priced as ``retrain --budget-kwh`` and the pipeline price it."""
+    from shiftcost.forecast.price import RetrainPrice
+
+    pool, holdout = protocol.split_sizes(batch_samples)
+    return RetrainPrice(pool, holdout, 64, WORK_RATE, None).probe_kwh(probe_options)
+
+
+def _guard_figures(runs: list[dict[str, Any]], forecaster: Any, cap: float, *, as_deployed: bool, work: Any) -> dict[str, Any]:
+    """Where a guard holding each run to ``cap`` stops it, and how far past the cap the run then spends."""
+    from shiftcost.forecast.decide import probe_pays
+    from shiftcost.forecast.guard import BudgetGuard
+    from shiftcost.retrain import EvalPoint
+
+    over_intervals, stopped, wasted, unguarded, probed = [], 0, 0, 0, 0
+    for r in runs:
+        g = r["guard"]
+        initial, spent_before = g["initial"], 0.0
+        if as_deployed:
+            index_work = g["index"].epochs.map(work)
+            if probe_pays(index_work, cap, g["probe_full_work"]).probe:
+                probed += 1
+                spent_before = g["probe_work"]
+            else:
+                initial = g["index"]
+        guard = BudgetGuard(
+            forecaster, budget_kwh=cap, batch_samples=g["n"], ceiling=g["target"] + TOLERANCE, initial=initial, spent_before_kwh=spent_before,
+        )
+        spent = spent_before + r["cost"]
+        for k, (step, epoch, seen, acc, loss) in enumerate(g["curve"]):
+            point = EvalPoint(step=step, epoch=epoch, samples_seen=seen, accuracy=acc, loss=loss, grad_norm=None, elapsed_s=0.0)
+            if guard(point, 0, g["target"]) == "stopped_by_budget":
+                stopped += 1
+                wasted += int(r["status"] == "reached" and spent_before + r["cost"] <= cap)  # it would have recovered within the cap
+                spent = spent_before + seen + EVAL_SAMPLE_WEIGHT * (k + 1) * guard.holdout
+                break
+        unguarded += int(spent_before + r["cost"] > cap)
+        interval_cost = r["eval_every"] * 64 + EVAL_SAMPLE_WEIGHT * guard.holdout
+        over_intervals.append(max(spent - cap, 0.0) / interval_cost)
+    figures = {
+        "stopped": stopped,
+        "stopped_but_would_have_recovered_within_cap": wasted,
+        "over_cap_without_guard": unguarded,
+        "over_cap_by_more_than_one_interval": int(sum(v > 1.0 for v in over_intervals)),
+        "max_overshoot_intervals": float(max(over_intervals)),
+    }
+    return figures | ({"probed": probed, "runs": len(runs)} if as_deployed else {})
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -405,11 +459,17 @@ def _differences(runs: list[dict[str, Any]], resamples: int, draw: Callable[[np.
     return ci
 
 
-def budget_table(runs: list[dict[str, Any]], forecaster: Any, work: Any) -> dict[str, Any]:
-    """Budgeting on each predictor's upper bound, and the guard, under caps at cost percentiles."""
-    from shiftcost.forecast.guard import BudgetGuard
-    from shiftcost.retrain import EvalPoint
+#: Entries of a budget row that are the guard's, not a predictor's admissions.
+GUARD_ROWS = ("guard", "guard_as_deployed")
 
+
+def budget_table(runs: list[dict[str, Any]], forecaster: Any, work: Any) -> dict[str, Any]:
+    """Budgeting on each predictor's upper bound, and the guard, under caps at cost percentiles.
+
+    The guard is replayed twice: from the probe stage's forecast on every run, its probe not
+    charged (``guard``), and as ``retrain --budget-kwh`` and the pipeline run it (``guard_as_deployed``):
+    the probe only where it pays against the cap (``probe_pays``, its full length priced), its
+    work then charged before the first step, and from the index forecast elsewhere."""
     costs = np.array([r["cost"] for r in runs])
     out: dict[str, Any] = {}
     for pct in (25, 50, 75):
@@ -424,28 +484,8 @@ def budget_table(runs: list[dict[str, Any]], forecaster: Any, work: Any) -> dict
                 "admitted_median": len(point),
                 "overspent_median": sum(r["cost"] > cap for r in point),
             }
-        over_intervals, stopped, wasted, unguarded = [], 0, 0, 0
-        for r in runs:
-            g = r["guard"]
-            guard = BudgetGuard(forecaster, budget_kwh=cap, batch_samples=g["n"], ceiling=g["target"] + TOLERANCE, initial=g["initial"])
-            spent = r["cost"]
-            for k, (step, epoch, seen, acc, loss) in enumerate(g["curve"]):
-                point = EvalPoint(step=step, epoch=epoch, samples_seen=seen, accuracy=acc, loss=loss, grad_norm=None, elapsed_s=0.0)
-                if guard(point, 0, g["target"]) == "stopped_by_budget":
-                    stopped += 1
-                    wasted += int(r["status"] == "reached" and r["cost"] <= cap)  # it would have recovered within the cap
-                    spent = seen + EVAL_SAMPLE_WEIGHT * (k + 1) * guard.holdout
-                    break
-            unguarded += int(r["cost"] > cap)
-            interval_cost = r["eval_every"] * 64 + EVAL_SAMPLE_WEIGHT * guard.holdout
-            over_intervals.append(max(spent - cap, 0.0) / interval_cost)
-        row["guard"] = {
-            "stopped": stopped,
-            "stopped_but_would_have_recovered_within_cap": wasted,
-            "over_cap_without_guard": unguarded,
-            "over_cap_by_more_than_one_interval": int(sum(v > 1.0 for v in over_intervals)),
-            "max_overshoot_intervals": float(max(over_intervals)),
-        }
+        row["guard"] = _guard_figures(runs, forecaster, cap, as_deployed=False, work=work)
+        row["guard_as_deployed"] = _guard_figures(runs, forecaster, cap, as_deployed=True, work=work)
         out[f"p{pct}"] = row
     return out
 
@@ -584,23 +624,30 @@ def print_budget(budget: dict[str, Any]) -> None:
     for pct, row in budget.items():
         cells = "; ".join(
             f"{name}: over {v['overspent_upper']}/{v['admitted_upper']} admitted (median rule {v['overspent_median']}/{v['admitted_median']})"
-            for name, v in row.items() if name not in ("cap", "guard")
+            for name, v in row.items() if name != "cap" and name not in GUARD_ROWS
         )
         print(f"cap {pct} = {row['cap']:.0f} sample-gradients: {cells}")
         print(f"   guard: {row['guard']}")
+        if "guard_as_deployed" in row:
+            print(f"   guard as deployed: {row['guard_as_deployed']}")
 
 
 def print_budget_totals(budgets: list[dict[str, Any]]) -> None:
     """Overspends summed over several files' budget tables (each file's caps at its own percentiles)."""
     cells = [row for budget in budgets for row in budget.values()]
-    names = [name for name in cells[0] if name not in ("cap", "guard")]
+    names = [name for name in cells[0] if name != "cap" and name not in GUARD_ROWS]
     spent = "; ".join(f"{name} {sum(row[name]['overspent_upper'] for row in cells)}/{sum(row[name]['admitted_upper'] for row in cells)}" for name in names)
-    guard = [row["guard"] for row in cells]
-    print(
-        f"budgets over {len(cells)} caps, overspent/admitted on the upper bound: {spent}; guard: over by more than one interval "
-        f"{sum(g['over_cap_by_more_than_one_interval'] for g in guard)}, most {max(g['max_overshoot_intervals'] for g in guard):.2f} intervals, "
-        f"stopped {sum(g['stopped'] for g in guard)} ({sum(g['stopped_but_would_have_recovered_within_cap'] for g in guard)} would have recovered within the cap)"
-    )
+    print(f"budgets over {len(cells)} caps, overspent/admitted on the upper bound: {spent}")
+    for name in GUARD_ROWS:
+        guard = [row[name] for row in cells if name in row]
+        if not guard:
+            continue
+        probed = f"probed {sum(g['probed'] for g in guard)} of {sum(g['runs'] for g in guard)} replays, " if "probed" in guard[0] else ""
+        print(
+            f"   {name.replace('_', ' ')}: {probed}over by more than one interval {sum(g['over_cap_by_more_than_one_interval'] for g in guard)}, "
+            f"most {max(g['max_overshoot_intervals'] for g in guard):.2f} intervals, stopped {sum(g['stopped'] for g in guard)} "
+            f"({sum(g['stopped_but_would_have_recovered_within_cap'] for g in guard)} would have recovered within the cap)"
+        )
 
 
 def print_metrics(scored: dict[str, Any]) -> None:
@@ -779,9 +826,12 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 run = SimpleNamespace(curve=[SimpleNamespace(**p) for p in saved["curve"]])
                 record = {k: saved[k] for k in ("kind", "intensity", "seed", "epochs", "censored", "accuracy_drop", "cost", "status", "eval_every")}
                 record["cluster"] = f"{saved['kind']}/{result['seed_offset']}"
+                spent_on_probe = saved["probe_sample_gradients"] + EVAL_SAMPLE_WEIGHT * saved["probe_samples_evaluated"]
+                saved_probe = {"steps": saved.get("probe_length", len(probe) - 1), "batch_size": saved["probe_batch_size"]}
                 record["guard"] = {
                     "curve": [tuple(p[k] for k in ("step", "epoch", "samples_seen", "accuracy", "loss")) for p in saved["curve"]],
-                    "target": target, "initial": stage1, "n": batch_samples,
+                    "target": target, "n": batch_samples, "initial": stage1, "index": stage0,
+                    "probe_work": spent_on_probe, "probe_full_work": probe_price(batch_samples, saved_probe),
                 }
                 record |= {"stage0": stage0.epochs, "stage0_probe": stage1.epochs, "not_converging": flags(stage0, stage1)}
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
