@@ -36,7 +36,9 @@ trains on this CPU in about a minute):
    25/50/75th percentiles of measured cost, and paired bootstrap 95% CIs of stage 0 + probe
    minus each baseline (MdAPE, C-index, and mean |log error| of the runs that needed training). Then the budget guard replayed on every
    run's evaluations (the guard only reads them, so the replay stops exactly where a live
-   guard would), the probe's cost against the median retrain, and the noise floor: one
+   guard would), twice: from the probe stage's forecast, and as deployed (the probe only where
+   it pays against the cap, its work then charged; the index forecast elsewhere); the probe's
+   cost against the median retrain, and the noise floor: one
    batch per kind retrained with ``--noise-seeds`` seeds under the protocol, with the
    cutoff decided by the latest evaluation, the mean of the last two and the chosen window,
    and under the chosen window with the held-out split fixed (the training alone differing).
