@@ -133,6 +133,28 @@ def calibrate(
     )
 
 
+def add_scenario_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that calibrate one architecture and score one kind set."""
+    parser.add_argument("--arch", default="digits_cnn")
+    parser.add_argument("--kind-set", default="fourth", choices=sorted(KIND_SETS))
+    parser.add_argument("--calibration-intensities", type=int, default=6)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None)
+
+
+def calibrated(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], Any, Any]:
+    """``args.arch``'s model, spec, splits, reference stats and a forecaster calibrated on the
+    built-in kinds (on the stream split, seed 0); exits where calibration gives no probe stage."""
+    from shiftcost.index.engine import compute_reference_stats
+
+    model, spec, splits = build_arch(args.arch)
+    stats = compute_reference_stats(model, spec, *splits["holdout"], device=args.device, seed=0)
+    forecaster = calibrate(model, spec, splits, stats, args.calibration_intensities, device=args.device).forecaster
+    if forecaster is None or forecaster.stage1 is None:
+        raise SystemExit(f"{args.arch}: calibration gave no probe stage")
+    return model, spec, splits, stats, forecaster
+
+
 def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     from shiftcost.index.engine import assess, compute_reference_stats
     from shiftcost.retrain import retrain_to_cutoff

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forecast_accuracy import KIND_SETS, TOLERANCE, TRAINING_RECIPE, build_arch, calibrate, work_units  # noqa: E402
+from forecast_accuracy import KIND_SETS, TOLERANCE, TRAINING_RECIPE, add_scenario_arguments, calibrated, work_units  # noqa: E402
 
 from eval_shifts import eval_corrupt  # noqa: E402
 
@@ -69,28 +69,20 @@ def probe_work(probe: Any) -> float:
 
 
 def main() -> None:
-    from shiftcost.index.engine import assess, compute_reference_stats
+    from shiftcost.index.engine import assess
     from shiftcost.retrain import retrain_to_cutoff
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="digits_cnn")
+    add_scenario_arguments(parser)
     parser.add_argument("--batch", type=int, default=6000)
     parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--kind-set", default="fourth", choices=sorted(KIND_SETS))
-    parser.add_argument("--calibration-intensities", type=int, default=6)
     parser.add_argument("--bootstrap", type=int, default=2000)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     started = time.perf_counter()
-    model, spec, splits = build_arch(args.arch)
-    stats = compute_reference_stats(model, spec, *splits["holdout"], device=args.device, seed=0)
+    model, spec, splits, stats, forecaster = calibrated(args)
     ceiling, target = stats.accuracy, stats.accuracy - TOLERANCE
-    forecaster = calibrate(model, spec, splits, stats, args.calibration_intensities, device=args.device).forecaster
-    if forecaster is None or forecaster.stage1 is None:
-        raise SystemExit(f"{args.arch}: calibration gave no probe stage")
     options = forecaster.probe_options()
     print(f"calibrated in {time.perf_counter() - started:.0f} s; probe {options}", flush=True)
 
