@@ -216,7 +216,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                 record["in_flight_quarter"] = _in_flight(forecaster, features, run, stage1, target, ceiling)
                 record["in_flight_quarter_prior_only"] = _in_flight(forecaster, features, run, stage1, target, ceiling, math.inf)
                 spent_on_probe = probe.cost.sample_gradients + EVAL_SAMPLE_WEIGHT * probe.cost.samples_evaluated
-                record["guard"] = _guard_replay(run, stage0, stage1, n, spent_on_probe, forecaster.probe_options())
+                record["guard"] = _guard_replay(run, run.target_accuracy, stage0, stage1, n, spent_on_probe, forecaster.probe_options())
                 runs.append(record)
                 print(
                     f"  {arch} {kind} {intensity:g} seed {seed}: {run.status} {run.epochs:.2f} ep; "
@@ -294,11 +294,11 @@ def _in_flight(
     return forecast.epochs
 
 
-def _guard_replay(run: Any, stage0: Any, stage1: Any, n: int, probe_work: float, probe_options: dict[str, Any]) -> Any:
+def _guard_replay(run: Any, target: float, stage0: Any, stage1: Any, n: int, probe_work: float, probe_options: dict[str, Any]) -> Any:
     """What the guard's replay under each budget cap (:func:`budget_table`) reads: the run's
     evaluations, both stages' forecasts, and the probe's work as spent and as priced before it ran."""
     return {
-        "curve": [(p.step, p.epoch, p.samples_seen, p.accuracy, p.loss) for p in run.curve], "target": run.target_accuracy, "n": n,
+        "curve": [(p.step, p.epoch, p.samples_seen, p.accuracy, p.loss) for p in run.curve], "target": target, "n": n,
         "initial": stage1, "index": stage0, "probe_work": probe_work, "probe_full_work": probe_price(n, probe_options),
     }
 
@@ -852,11 +852,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 record["cluster"] = f"{saved['kind']}/{result['seed_offset']}"
                 spent_on_probe = saved["probe_sample_gradients"] + EVAL_SAMPLE_WEIGHT * saved["probe_samples_evaluated"]
                 saved_probe = {"steps": saved.get("probe_length", len(probe) - 1), "batch_size": saved["probe_batch_size"]}
-                record["guard"] = {
-                    "curve": [tuple(p[k] for k in ("step", "epoch", "samples_seen", "accuracy", "loss")) for p in saved["curve"]],
-                    "target": target, "n": batch_samples, "initial": stage1, "index": stage0,
-                    "probe_work": spent_on_probe, "probe_full_work": probe_price(batch_samples, saved_probe),
-                }
+                record["guard"] = _guard_replay(run, target, stage0, stage1, batch_samples, spent_on_probe, saved_probe)
                 record |= {"stage0": stage0.epochs, "stage0_probe": stage1.epochs, "not_converging": flags(stage0, stage1)}
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
                 record["in_flight_quarter"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, args.own_curve_evals)

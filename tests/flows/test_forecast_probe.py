@@ -8,7 +8,7 @@ import pytest
 
 from shiftcost.store import models as db
 from tests.flows.flow_support import TrainedModel, brightened, environment_settings
-from tests.forecast.helpers import forecast_rows
+from tests.forecast.helpers import long_retrain_rows
 
 JOULES_PER_SAMPLE = 0.5
 #: A rate other than the probe's default, so a probe that ignored the calibrated one would show.
@@ -27,8 +27,7 @@ def _bootstrapped(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, 
     settings = environment_settings(database_url, tmp_path, monkeypatch)
     landing = tmp_path / "landing"
     # Long retrains beside a two-step probe, so a probe is cheap next to what is at stake.
-    rows = [row | {"epochs": 10.0 * row["epochs"]} for row in forecast_rows()]
-    forecaster = Forecaster.fit(rows, features=["resque_dist"], level=0.8, max_epochs=200.0, probe_settings=PROBE)
+    forecaster = Forecaster.fit(long_retrain_rows(), features=["resque_dist"], level=0.8, max_epochs=200.0, probe_settings=PROBE)
     assert forecaster.stage1 is not None, forecaster.stage1_error
     forecaster.left_out = left_out
     pipeline.bootstrap(

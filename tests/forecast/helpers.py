@@ -47,6 +47,11 @@ def forecast_rows(seed: int = 0, kinds: int = 5, per_kind: int = 8, cap: float |
     return rows
 
 
+def long_retrain_rows() -> list[dict]:
+    """:func:`forecast_rows` with retrains ten times as long, so that a small probe is cheap beside them."""
+    return [row | {"epochs": 10.0 * row["epochs"]} for row in forecast_rows()]
+
+
 def fitted_forecaster(cap: float = 15.0) -> Forecaster:
     return Forecaster.fit(forecast_rows(), features=list(INDEX), max_epochs=cap, energy_rate=UNIT_RATE, batch_size=16)
 

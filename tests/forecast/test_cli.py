@@ -18,7 +18,7 @@ from shiftcost.data.models import build_model, save_model
 from shiftcost.forecast.forecaster import STAGE1_DEFAULT, Forecaster
 from shiftcost.forecast.price import RetrainPrice
 from shiftcost.index.engine import compute_reference_stats
-from tests.forecast.helpers import INDEX, UNIT_RATE, bars, fitted_forecaster, forecast_rows
+from tests.forecast.helpers import INDEX, UNIT_RATE, bars, fitted_forecaster, long_retrain_rows
 
 INTERVAL = {"median", "low", "high", "level"}
 
@@ -203,8 +203,7 @@ CHEAP_PROBE = {"steps": 2, "samples": 8, "batch_size": 4, "lr": 1e-3, "optimizer
 
 @pytest.fixture(scope="module")
 def cheap_probe_forecaster(files):
-    rows = [row | {"epochs": 10.0 * row["epochs"]} for row in forecast_rows()]
-    forecaster = Forecaster.fit(rows, features=list(INDEX), max_epochs=200.0, energy_rate=UNIT_RATE, batch_size=16, probe_settings=CHEAP_PROBE)
+    forecaster = Forecaster.fit(long_retrain_rows(), features=list(INDEX), max_epochs=200.0, energy_rate=UNIT_RATE, batch_size=16, probe_settings=CHEAP_PROBE)
     assert forecaster.stage1 is not None, forecaster.stage1_error
     return forecaster, forecaster.save(files / "forecaster-cheap-probe.json")
 
@@ -250,8 +249,7 @@ def test_the_guard_probes_only_when_the_probe_can_change_its_first_verdict(files
 
     # A budget so small that the probe would eat more than its share of it is not probed either.
     costly = CHEAP_PROBE | {"steps": 80, "batch_size": 16}
-    rows = [row | {"epochs": 10.0 * row["epochs"]} for row in forecast_rows()]
-    dear = Forecaster.fit(rows, features=list(INDEX), max_epochs=200.0, energy_rate=UNIT_RATE, batch_size=16, probe_settings=costly)
+    dear = Forecaster.fit(long_retrain_rows(), features=list(INDEX), max_epochs=200.0, energy_rate=UNIT_RATE, batch_size=16, probe_settings=costly)
     assert price.probe_kwh(dear.probe_options()) > 0.05 * straddled
     cost_model = dear.save(files / "forecaster-dear-probe.json")
     guard, _ = guarded(straddled)
