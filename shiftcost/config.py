@@ -150,6 +150,12 @@ class Settings(BaseSettings):
     on_not_converging: Literal["skip", "defer"] = Field(
         default="skip", description="What to do when retraining is predicted not to reach the cutoff."
     )
+    probe_max_share: float = Field(
+        default=0.05, ge=0, le=1,
+        description="A probe runs before the decision only when the index forecast's interval straddles what the budgets "
+        "have left and the probe costs at most this share of it (a model whose retrains are tens of steps needs more than "
+        "the default for a probe ever to run; 0: never probe).",
+    )
     budget_name: str = Field(default="default", description="Name of the budget created from budget_kwh / budget_co2.")
     budget_kwh: float | None = Field(default=None, ge=0, description="kWh cap of the default budget (none: no cap).")
     budget_co2: float | None = Field(default=None, ge=0, description="kg CO2e cap of the default budget (none: no cap).")

@@ -119,6 +119,13 @@ ReferenceStatsOption = Annotated[
         show_default=False,
     ),
 ]
+ProbeMaxShareOption = Annotated[
+    float,
+    typer.Option(
+        "--probe-max-share", min=0.0, max=1.0,
+        help="With the guard: probe only when the probe costs at most this share of --budget-kwh (as the pipeline's probe_max_share).",
+    ),
+]
 NoProbeOption = Annotated[
     bool,
     typer.Option("--no-probe", help="With the guard: start from the index forecast alone, without the probe the cost model was calibrated with."),
@@ -182,13 +189,14 @@ class _Progress:
 def _budget_guard(
     net: Any, spec: Any, new: Any, ref_x: Any, ref_y: Any, cost_model: Path | None, budget_kwh: float | None,
     reference_stats: Path | None, reference_accuracy: float | None, config: Any, device: str, probe: bool, source: str,
+    probe_max_share: float,
 ) -> Any:
     """The budget guard for this run, with a forecast before the run when reference stats are given.
 
     That forecast is the probe stage's when the cost model has one its calibration found
     worth running (unless ``probe`` is False) and, as in the pipeline, the probe pays
     (:func:`~shiftcost.forecast.decide.probe_pays`: the index forecast's interval in kWh
-    straddles the budget and the probe would cost at most a small share of it). The probe
+    straddles the budget and the probe would cost at most ``probe_max_share`` of it). The probe
     runs as calibration ran it, and its cost is charged to the budget before the run's first
     step. Otherwise it is the index forecast, and ``guard.probe_advice`` says why.
 
@@ -240,7 +248,9 @@ def _budget_guard(
         if probe and forecaster.stage1 is not None:
             price = RetrainPrice(guard.pool, guard.holdout, forecaster.batch_size, forecaster.energy_rate, config.caps.max_epochs)
             not_worth = forecaster.probe_not_worth()
-            advice = None if not_worth else probe_pays(guard.initial.epochs.map(price.kwh), guard.budget_kwh, price.probe_kwh(forecaster.probe_options()))
+            advice = None if not_worth else probe_pays(
+                guard.initial.epochs.map(price.kwh), guard.budget_kwh, price.probe_kwh(forecaster.probe_options()), probe_max_share
+            )
             guard.probe_advice = not_worth or advice.reason
             if not_worth or not advice.probe:
                 make_console(stderr=True).print(f"no probe: {guard.probe_advice}; the guard starts from the index forecast.", style="yellow")
@@ -324,13 +334,14 @@ def retrain(
     budget_kwh: BudgetKwhOption = None,
     reference_stats: ReferenceStatsOption = None,
     no_probe: NoProbeOption = False,
+    probe_max_share: ProbeMaxShareOption = 0.05,
     as_json: JsonOption = False,
 ) -> None:
     """Fine-tune a model on a labelled batch until held-out accuracy reaches the target.
 
     Evaluates every --eval-every steps on a held-out part of the batch and stops at the first evaluation at or above the target, or at the step/epoch cap. Measures energy and emissions with CodeCarbon (offline; nothing written unless --emissions-csv). The training recipe is the model file's own (set at `shiftcost model import --recipe`), then --recipe FILE, then the flags.
 
-    With --cost-model and --budget-kwh a guard updates the forecast at every evaluation and stops the run when what is spent plus the forecast's lower bound exceeds the budget; the model is then left unchanged. With --reference-stats the forecast before the run is the probe stage's (its cost counted as spent) when the cost model has one, its calibration forecast better with it, and, as in the pipeline, the probe can change the guard's first verdict (the index forecast's interval straddles the budget) and costs at most 5% of the budget; else the index forecast, and stderr says why.
+    With --cost-model and --budget-kwh a guard updates the forecast at every evaluation and stops the run when what is spent plus the forecast's lower bound exceeds the budget; the model is then left unchanged. With --reference-stats the forecast before the run is the probe stage's (its cost counted as spent) when the cost model has one, its calibration forecast better with it, and, as in the pipeline, the probe can change the guard's first verdict (the index forecast's interval straddles the budget) and costs at most --probe-max-share of the budget; else the index forecast, and stderr says why.
 
     Exit status: 0 when the target was reached (or already met), 3 when the cap ended the run first (the model is still written), 4 when the budget guard stopped it (no model written), 1 when the run failed.
     """
@@ -351,7 +362,8 @@ def retrain(
     guard = None
     if cost_model is not None or budget_kwh is not None:
         guard = _budget_guard(
-            net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, config, device, not no_probe, str(batch)
+            net, spec, new, ref_x, ref_y, cost_model, budget_kwh, reference_stats, reference_accuracy, config, device, not no_probe, str(batch),
+            probe_max_share,
         )
     if target_accuracy is None and reference_accuracy is None and reference is None:
         # The guard has read it from --reference-stats already.

@@ -11,7 +11,7 @@ The steps, each a function a Prefect task can wrap:
 4. :func:`estimate_cost` predicts epochs, kWh and kg CO2e (skipped without drift unless
    ``always_assess``): the index model first, then, when it pays
    (``shiftcost.forecast.decide.probe_pays``: the index interval straddles what the
-   budgets have left and the probe is cheap beside it; never where calibration's batches were
+   budgets have left and the probe costs at most ``probe_max_share`` of it; never where calibration's batches were
    forecast no better with a probe), a probe of a few fine-tuning steps
    whose learning curve gives the forecast the decision uses; the probe's cost is charged
    to the budgets like any other spend;
@@ -467,7 +467,7 @@ def probe_if_it_pays(
     chosen = forecaster.probe_options()
     probe_kwh = price.probe_kwh(chosen)
     index_kwh = Interval(prediction.energy_kwh, prediction.energy_kwh_lower or 0.0, prediction.energy_kwh_upper or math.inf, prediction.level)
-    advice = probe_pays(index_kwh, budget_left_kwh, probe_kwh)
+    advice = probe_pays(index_kwh, budget_left_kwh, probe_kwh, settings.probe_max_share)
     if not advice.probe:
         return prediction, "index", advice.reason, None
     # Measured like the retrain it stands in for; the estimate stays beside it in the record.

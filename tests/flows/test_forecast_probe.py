@@ -105,6 +105,28 @@ def test_a_probe_runs_when_the_index_interval_straddles_the_budget_and_is_charge
         assert left == pytest.approx(cap - probe_kwh)
 
 
+def test_the_share_of_the_budget_a_probe_may_cost_is_the_settings(probe_env) -> None:
+    from shiftcost import pipeline
+    from shiftcost.data import Batch, save_batch
+    from tests.store import seed
+
+    settings, landing, trained = probe_env
+    x, y = trained.splits["stream"]
+    save_batch(Batch(brightened(x[:200]), y[:200], "first"), landing / "first.npz")
+    first = _prediction(settings, pipeline.process_batch(settings, str(landing / "first.npz"), retrain=False).assessment.decision_id)
+    cap = math.sqrt(first.energy_kwh_lower * first.energy_kwh_upper)
+    with pipeline.connect(settings) as database:
+        seed.committed(database).create_budget("probe-test", period="per_run", kwh_cap=cap)
+    # The probe's full price on a batch of 200, as the rate prices it (two steps of four, three evaluations).
+    probe_kwh = JOULES_PER_SAMPLE * (8 + 3 * round(200 * 0.3) / 3.0) / 3.6e6
+    assert probe_kwh < settings.probe_max_share * cap  # the default share lets it run (the test above)
+    stingy = settings.model_copy(update={"probe_max_share": 0.9 * probe_kwh / cap})
+    save_batch(Batch(brightened(x[1:201]), y[1:201], "second"), landing / "second.npz")
+    second = pipeline.process_batch(stingy, str(landing / "second.npz"), retrain=False).assessment
+    assert second.forecast_stage == "index" and second.probe_cost is None
+    assert "the probe would cost more than" in second.probe_advice
+
+
 def test_no_probe_runs_where_calibration_forecast_its_batches_no_better_with_one(
     database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel
 ) -> None:

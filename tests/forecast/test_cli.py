@@ -254,6 +254,11 @@ def test_the_guard_probes_only_when_the_probe_can_change_its_first_verdict(files
     cost_model = dear.save(files / "forecaster-dear-probe.json")
     guard, _ = guarded(straddled)
     assert guard["probe"] is None and "more than 5% of the budget left" in guard["probe_advice"]
+    # Unless the user allows the probe that share of the budget.
+    share = price.probe_kwh(dear.probe_options()) / straddled
+    assert share < 0.5
+    guard, _ = guarded(straddled, "--probe-max-share", repr(2 * share))
+    assert guard["initial"]["stage"] == "probe" and "straddles" in guard["probe_advice"]
 
 
 def test_the_guard_needs_both_options(files) -> None:

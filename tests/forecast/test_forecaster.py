@@ -484,7 +484,11 @@ def test_a_probe_beyond_the_calibrated_range_is_held_at_its_edge_and_flagged() -
 
 
 def test_a_probe_pays_only_when_the_index_interval_straddles_the_budget() -> None:
-    from shiftcost.forecast.decide import probe_pays
+    import inspect
+
+    from shiftcost.cli.retrain import retrain
+    from shiftcost.config import Settings
+    from shiftcost.forecast.decide import MAX_PROBE_SHARE, probe_pays
     from shiftcost.forecast.forecaster import Interval
 
     interval = Interval(2.0, 1.0, 5.0, 0.9)
@@ -492,6 +496,15 @@ def test_a_probe_pays_only_when_the_index_interval_straddles_the_budget() -> Non
     assert not probe_pays(interval, budget_left_kwh=6.0, probe_energy_kwh=0.01).probe  # fits anyway
     assert not probe_pays(interval, budget_left_kwh=0.5, probe_energy_kwh=0.01).probe  # deferred anyway
     assert not probe_pays(interval, budget_left_kwh=3.0, probe_energy_kwh=1.0).probe  # would eat the budget
+    # The share is the caller's: a third of the budget may be allowed, a share of 0 never probes.
+    dear = probe_pays(interval, budget_left_kwh=3.0, probe_energy_kwh=1.0, max_share=0.25)
+    assert not dear.probe and "more than 25% of the budget left" in dear.reason
+    allowed = probe_pays(interval, budget_left_kwh=3.0, probe_energy_kwh=1.0, max_share=0.34)
+    assert allowed.probe and "at most 34% of it" in allowed.reason
+    assert not probe_pays(interval, budget_left_kwh=3.0, probe_energy_kwh=1e-9, max_share=0.0).probe
+    # Every entry point starts from the library's share: the pipeline's setting and `retrain --probe-max-share`.
+    assert Settings().probe_max_share == MAX_PROBE_SHARE
+    assert inspect.signature(retrain).parameters["probe_max_share"].default == MAX_PROBE_SHARE
 
 
 def test_stage1_needs_only_the_probe_features_its_design_reads() -> None:
