@@ -70,6 +70,7 @@ from eval_shifts import EVAL_KINDS, FOURTH_KINDS, FRESH_KINDS, THIRD_KINDS, eval
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
 from shiftcost.features import COST_FEATURES  # noqa: E402
 from shiftcost.forecast import protocol  # noqa: E402
+from shiftcost.forecast.decide import MAX_PROBE_SHARE  # noqa: E402
 from shiftcost.forecast.forecaster import STAGE1_DEFAULT, abs_log_errors, median_interval  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
 from shiftcost.forecast.probe import HORIZON_CAPS, saved_curve  # noqa: E402
@@ -311,8 +312,11 @@ def probe_price(batch_samples: int, probe_options: dict[str, Any]) -> float:
     return RetrainPrice(pool, holdout, 64, WORK_RATE, None).probe_kwh(probe_options)
 
 
-def _guard_figures(runs: list[dict[str, Any]], forecaster: Any, cap: float, *, as_deployed: bool, work: Any) -> dict[str, Any]:
-    """Where a guard holding each run to ``cap`` stops it, and how far past the cap the run then spends."""
+def _guard_figures(
+    runs: list[dict[str, Any]], forecaster: Any, cap: float, *, as_deployed: bool, work: Any, max_share: float = MAX_PROBE_SHARE
+) -> dict[str, Any]:
+    """Where a guard holding each run to ``cap`` stops it, and how far past the cap the run then spends
+    (as deployed: probing where the probe costs at most ``max_share`` of the cap)."""
     from shiftcost.forecast.decide import probe_pays
     from shiftcost.forecast.guard import BudgetGuard
     from shiftcost.retrain import EvalPoint
@@ -323,7 +327,7 @@ def _guard_figures(runs: list[dict[str, Any]], forecaster: Any, cap: float, *, a
         initial, spent_before = g["initial"], 0.0
         if as_deployed:
             index_work = g["index"].epochs.map(work)
-            if probe_pays(index_work, cap, g["probe_full_work"]).probe:
+            if probe_pays(index_work, cap, g["probe_full_work"], max_share).probe:
                 probed += 1
                 spent_before = g["probe_work"]
             else:
@@ -483,17 +487,27 @@ def _differences(runs: list[dict[str, Any]], resamples: int, draw: Callable[[np.
     return ci
 
 
+#: Shares of the cap the probe may cost (``probe_max_share``) at which the deployed guard is
+#: replayed too, beside the default: on these small models the default never lets it run.
+DEPLOYED_SHARES = (0.25, 1.0)
+
+
+def _deployed_row(share: float) -> str:
+    return f"guard_as_deployed_probe_share_{share:g}"
+
+
 #: Entries of a budget row that are the guard's, not a predictor's admissions.
-GUARD_ROWS = ("guard", "guard_as_deployed")
+GUARD_ROWS = ("guard", "guard_as_deployed", *map(_deployed_row, DEPLOYED_SHARES))
 
 
 def budget_table(runs: list[dict[str, Any]], forecaster: Any, work: Any) -> dict[str, Any]:
     """Budgeting on each predictor's upper bound, and the guard, under caps at cost percentiles.
 
-    The guard is replayed twice: from the probe stage's forecast on every run, its probe not
+    The guard is replayed from the probe stage's forecast on every run, its probe not
     charged (``guard``), and as ``retrain --budget-kwh`` and the pipeline run it (``guard_as_deployed``):
     the probe only where it pays against the cap (``probe_pays``, its full length priced), its
-    work then charged before the first step, and from the index forecast elsewhere."""
+    work then charged before the first step, and from the index forecast elsewhere; that at the
+    default ``probe_max_share`` and at each of ``DEPLOYED_SHARES``."""
     costs = np.array([r["cost"] for r in runs])
     out: dict[str, Any] = {}
     for pct in (25, 50, 75):
@@ -510,6 +524,8 @@ def budget_table(runs: list[dict[str, Any]], forecaster: Any, work: Any) -> dict
             }
         row["guard"] = _guard_figures(runs, forecaster, cap, as_deployed=False, work=work)
         row["guard_as_deployed"] = _guard_figures(runs, forecaster, cap, as_deployed=True, work=work)
+        for share in DEPLOYED_SHARES:
+            row[_deployed_row(share)] = _guard_figures(runs, forecaster, cap, as_deployed=True, work=work, max_share=share)
         out[f"p{pct}"] = row
     return out
 
@@ -651,9 +667,9 @@ def print_budget(budget: dict[str, Any]) -> None:
             for name, v in row.items() if name != "cap" and name not in GUARD_ROWS
         )
         print(f"cap {pct} = {row['cap']:.0f} sample-gradients: {cells}")
-        print(f"   guard: {row['guard']}")
-        if "guard_as_deployed" in row:
-            print(f"   guard as deployed: {row['guard_as_deployed']}")
+        for name in GUARD_ROWS:
+            if name in row:
+                print(f"   {name.replace('_', ' ')}: {row[name]}")
 
 
 def print_budget_totals(budgets: list[dict[str, Any]]) -> None:

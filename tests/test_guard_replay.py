@@ -10,6 +10,7 @@ from shiftcost.energy import EVAL_SAMPLE_WEIGHT
 from shiftcost.forecast import protocol
 from shiftcost.forecast.forecaster import Forecast, Interval
 
+PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe")
 BATCH = 100  # 70 trained, 30 held out: an evaluation costs 10 work units
 
 
@@ -59,3 +60,7 @@ def test_the_deployed_guard_probes_where_the_index_interval_straddles_the_cap_an
     # A probe priced above 5% of the cap is not run, so nothing is charged for it.
     dear = _run(_forecast(10.0, 0.5, 40.0, "index"), probe_full_work=0.06 * cap, probe_work=30.0)
     assert accuracy._guard_figures([dear], forecaster, cap, as_deployed=True, work=work)["probed"] == 0
+    # Unless the share allowed is the user's larger one, as the benchmark replays it too.
+    assert accuracy._guard_figures([dear], forecaster, cap, as_deployed=True, work=work, max_share=0.1)["probed"] == 1
+    rows = accuracy.budget_table([dear | dict.fromkeys(PREDICTORS, Interval(2.0, 1.0, 3.0, 0.9))], forecaster, work)
+    assert {row[accuracy._deployed_row(1.0)]["probed"] for row in rows.values()} == {1}
