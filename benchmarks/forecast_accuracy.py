@@ -321,7 +321,7 @@ def _guard_figures(
     from shiftcost.forecast.guard import BudgetGuard
     from shiftcost.retrain import EvalPoint
 
-    over_intervals, stopped, wasted, unguarded, probed = [], 0, 0, 0, 0
+    over_intervals, stopped, wasted, unguarded, probed, recovered, total_spent = [], 0, 0, 0, 0, 0, 0.0
     for r in runs:
         g = r["guard"]
         initial, spent_before = g["initial"], 0.0
@@ -343,12 +343,17 @@ def _guard_figures(
                 wasted += int(r["status"] == "reached" and spent_before + r["cost"] <= cap)  # it would have recovered within the cap
                 spent = spent_before + seen + EVAL_SAMPLE_WEIGHT * (k + 1) * guard.holdout
                 break
+        else:
+            recovered += int(r["status"] == "reached" and spent <= cap)
+        total_spent += spent
         unguarded += int(spent_before + r["cost"] > cap)
         interval_cost = r["eval_every"] * 64 + EVAL_SAMPLE_WEIGHT * guard.holdout
         over_intervals.append(max(spent - cap, 0.0) / interval_cost)
     figures = {
         "stopped": stopped,
         "stopped_but_would_have_recovered_within_cap": wasted,
+        "recovered_within_cap": recovered,
+        "work_spent": total_spent,
         "over_cap_without_guard": unguarded,
         "over_cap_by_more_than_one_interval": int(sum(v > 1.0 for v in over_intervals)),
         "max_overshoot_intervals": float(max(over_intervals)),
@@ -686,7 +691,8 @@ def print_budget_totals(budgets: list[dict[str, Any]]) -> None:
         print(
             f"   {name.replace('_', ' ')}: {probed}over by more than one interval {sum(g['over_cap_by_more_than_one_interval'] for g in guard)}, "
             f"most {max(g['max_overshoot_intervals'] for g in guard):.2f} intervals, stopped {sum(g['stopped'] for g in guard)} "
-            f"({sum(g['stopped_but_would_have_recovered_within_cap'] for g in guard)} would have recovered within the cap)"
+            f"({sum(g['stopped_but_would_have_recovered_within_cap'] for g in guard)} would have recovered within the cap), "
+            f"recovered within the cap {sum(g['recovered_within_cap'] for g in guard)}, work spent {sum(g['work_spent'] for g in guard):.4g}"
         )
 
 

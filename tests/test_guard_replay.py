@@ -42,8 +42,10 @@ def test_the_deployed_guard_starts_from_the_index_forecast_where_a_probe_cannot_
     as_scored = accuracy._guard_figures([run], forecaster, cap, as_deployed=False, work=work)
     deployed = accuracy._guard_figures([run], forecaster, cap, as_deployed=True, work=work)
     # From the probe stage the run goes through; from the index forecast it is stopped at once, needlessly.
-    assert as_scored["stopped"] == 0
+    assert as_scored["stopped"] == 0 and as_scored["recovered_within_cap"] == 1 and as_scored["work_spent"] == run["cost"]
     assert deployed["probed"] == 0 and deployed["stopped"] == 1 and deployed["stopped_but_would_have_recovered_within_cap"] == 1
+    # Stopped at its first evaluation (of the holdout alone), before a step.
+    assert deployed["recovered_within_cap"] == 0 and deployed["work_spent"] == EVAL_SAMPLE_WEIGHT * protocol.split_sizes(BATCH)[1]
 
 
 def test_the_deployed_guard_probes_where_the_index_interval_straddles_the_cap_and_charges_the_probe():
@@ -56,6 +58,7 @@ def test_the_deployed_guard_probes_where_the_index_interval_straddles_the_cap_an
     deployed = accuracy._guard_figures([run], forecaster, cap, as_deployed=True, work=work)
     assert deployed["probed"] == 1 and deployed["runs"] == 1
     assert deployed["over_cap_without_guard"] == 1  # charged: 30 + the run's cost is over the cap
+    assert deployed["recovered_within_cap"] == 0 and deployed["work_spent"] <= 30.0 + run["cost"]
     assert accuracy._guard_figures([run], forecaster, cap, as_deployed=False, work=work)["over_cap_without_guard"] == 0
     # A probe priced above 5% of the cap is not run, so nothing is charged for it.
     dear = _run(_forecast(10.0, 0.5, 40.0, "index"), probe_full_work=0.06 * cap, probe_work=30.0)
