@@ -125,3 +125,29 @@ class PipelineEnv:
             value = seed.committed(db).remaining(name).remaining_kwh
         assert value is not None
         return value
+
+
+#: Joules per sample of the pipelines bootstrapped by :func:`bootstrapped_with_probe`.
+PROBE_JOULES_PER_SAMPLE = 0.5
+#: A rate other than the probe's default, so a probe that ignored the calibrated one would show.
+PROBE = {"steps": 2, "samples": 8, "batch_size": 4, "lr": 2e-3, "optimizer": "adam"}
+
+
+def bootstrapped_with_probe(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel, left_out: Any = None
+) -> tuple[Any, Path, TrainedModel]:
+    """A pipeline whose cost model has a probe stage (:data:`PROBE`): settings, landing folder, model."""
+    from shiftcost import pipeline
+    from shiftcost.forecast.forecaster import Forecaster
+    from tests.forecast.helpers import long_retrain_rows
+
+    settings = environment_settings(database_url, tmp_path, monkeypatch)
+    # Long retrains beside a two-step probe, so a probe is cheap next to what is at stake.
+    forecaster = Forecaster.fit(long_retrain_rows(), features=["resque_dist"], level=0.8, max_epochs=200.0, probe_settings=PROBE)
+    assert forecaster.stage1 is not None, forecaster.stage1_error
+    forecaster.left_out = left_out
+    pipeline.bootstrap(
+        settings, trained_model.model, trained_model.spec, *trained_model.splits["holdout"],
+        calibration=forecaster, joules_per_sample_epoch=PROBE_JOULES_PER_SAMPLE, hardware="test",
+    )  # fmt: skip
+    return settings, tmp_path / "landing", trained_model

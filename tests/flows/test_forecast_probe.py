@@ -7,34 +7,11 @@ import math
 import pytest
 
 from shiftcost.store import models as db
-from tests.flows.flow_support import TrainedModel, brightened, environment_settings
-from tests.forecast.helpers import long_retrain_rows
-
-JOULES_PER_SAMPLE = 0.5
-#: A rate other than the probe's default, so a probe that ignored the calibrated one would show.
-PROBE = {"steps": 2, "samples": 8, "batch_size": 4, "lr": 2e-3, "optimizer": "adam"}
-
+from tests.flows.flow_support import PROBE, PROBE_JOULES_PER_SAMPLE, TrainedModel, bootstrapped_with_probe, brightened
 
 @pytest.fixture
 def probe_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel):
-    return _bootstrapped(database_url, tmp_path, monkeypatch, trained_model)
-
-
-def _bootstrapped(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel, left_out=None):
-    from shiftcost import pipeline
-    from shiftcost.forecast.forecaster import Forecaster
-
-    settings = environment_settings(database_url, tmp_path, monkeypatch)
-    landing = tmp_path / "landing"
-    # Long retrains beside a two-step probe, so a probe is cheap next to what is at stake.
-    forecaster = Forecaster.fit(long_retrain_rows(), features=["resque_dist"], level=0.8, max_epochs=200.0, probe_settings=PROBE)
-    assert forecaster.stage1 is not None, forecaster.stage1_error
-    forecaster.left_out = left_out
-    pipeline.bootstrap(
-        settings, trained_model.model, trained_model.spec, *trained_model.splits["holdout"],
-        calibration=forecaster, joules_per_sample_epoch=JOULES_PER_SAMPLE, hardware="test",
-    )  # fmt: skip
-    return settings, landing, trained_model
+    return bootstrapped_with_probe(database_url, tmp_path, monkeypatch, trained_model)
 
 
 def _prediction(settings, decision_id: int) -> db.CostPrediction:
@@ -83,7 +60,7 @@ def test_a_probe_runs_when_the_index_interval_straddles_the_budget_and_is_charge
     assert probe["cost"]["steps"] == 2 and probe["cost"]["sample_gradients"] == 8 and probe["cost"]["samples_evaluated"] == 3 * holdout
     assert probe["settings"]["lr"] == PROBE["lr"] and probe["settings"]["optimizer"] == PROBE["optimizer"]
     # Measured with CodeCarbon like a retrain, with the host rate's estimate kept beside it.
-    assert probe["cost"]["estimated_energy_kwh"] == pytest.approx(JOULES_PER_SAMPLE * (8 + 3 * holdout / 3.0) / 3.6e6)
+    assert probe["cost"]["estimated_energy_kwh"] == pytest.approx(PROBE_JOULES_PER_SAMPLE * (8 + 3 * holdout / 3.0) / 3.6e6)
     assert probe["cost"]["energy_measured"] is True and probe["cost"]["seconds"] > 0
     probe_kwh = probe["cost"]["energy_kwh"]
     assert probe_kwh > 0
@@ -118,7 +95,7 @@ def test_the_share_of_the_budget_a_probe_may_cost_is_the_settings(probe_env) -> 
     with pipeline.connect(settings) as database:
         seed.committed(database).create_budget("probe-test", period="per_run", kwh_cap=cap)
     # The probe's full price on a batch of 200, as the rate prices it (two steps of four, three evaluations).
-    probe_kwh = JOULES_PER_SAMPLE * (8 + 3 * round(200 * 0.3) / 3.0) / 3.6e6
+    probe_kwh = PROBE_JOULES_PER_SAMPLE * (8 + 3 * round(200 * 0.3) / 3.0) / 3.6e6
     assert probe_kwh < settings.probe_max_share * cap  # the default share lets it run (the test above)
     stingy = settings.model_copy(update={"probe_max_share": 0.9 * probe_kwh / cap})
     save_batch(Batch(brightened(x[1:201]), y[1:201], "second"), landing / "second.npz")
@@ -135,7 +112,7 @@ def test_no_probe_runs_where_calibration_forecast_its_batches_no_better_with_one
     from tests.store import seed
 
     left_out = {"probe": {"mdape_epochs": 0.85}, "index": {"mdape_epochs": 0.66}}
-    settings, landing, trained = _bootstrapped(database_url, tmp_path, monkeypatch, trained_model, left_out)
+    settings, landing, trained = bootstrapped_with_probe(database_url, tmp_path, monkeypatch, trained_model, left_out)
     x, y = trained.splits["stream"]
     save_batch(Batch(brightened(x[:200]), y[:200], "first"), landing / "first.npz")
     first = _prediction(settings, pipeline.process_batch(settings, str(landing / "first.npz"), retrain=False).assessment.decision_id)
