@@ -1,5 +1,6 @@
 """The documented deployment, for real: ``prefect server start`` on PostgreSQL, the work pools,
-``prefect deploy --all``, one process worker per pool, batches through watch → assess → retrain.
+``prefect deploy --all``, one process worker per pool, batches through watch → assess → retrain,
+and a probe run by the deployed assess on the gpu worker.
 
 Slow (a server, two workers and one Python process per flow run), but it is the only test of
 what an operator does; ``.ci/run`` runs it.
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flow_support import PipelineEnv, brightened
+from flow_support import PipelineEnv, bootstrapped_with_probe, brightened
 from prefect_stack import PrefectStack, prefect_database, stack_environment
 
 from shiftcost.store import models as db
@@ -137,3 +138,61 @@ def test_batches_go_watch_assess_retrain_through_a_server_and_workers(
     assert [entry.kind for entry in env.rows(db.LedgerEntry)] == ["reserve", "settle"]
     assert [model.version for model in env.rows(db.Model)] == [1, 2]
     stack.run("flow-run", "ls")  # the listing the 422 used to break; run() fails on a non-zero exit
+
+
+@pytest.fixture
+def probe_pipeline(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trained_model):
+    """A pipeline whose cost model has a probe stage, in this test's environment (which the
+    ``stack`` fixture, requested after it, hands to the server, the CLI and the workers)."""
+    return bootstrapped_with_probe(database_url, tmp_path, monkeypatch, trained_model)
+
+
+def test_the_probe_runs_on_the_gpu_worker_under_the_share_its_settings_allow(probe_pipeline, stack: PrefectStack, tmp_path: Path) -> None:
+    """The deployed assess probes where the probe pays, with the settings the worker was given,
+    stores what the probe saw and charges its measured cost to the budget once."""
+    import math
+
+    from sqlalchemy import select
+
+    from shiftcost import pipeline
+    from shiftcost.data import Batch, save_batch
+    from tests.store import seed
+
+    settings, landing, trained = probe_pipeline
+    x, y = trained.splits["stream"]
+    # The index forecast of a like batch, assessed here outside the landing area, places a
+    # per-run budget inside its interval, where only a probe can tell which side a batch falls.
+    elsewhere = tmp_path / "elsewhere"
+    first = pipeline.process_batch(settings, str(save_batch(Batch(brightened(x[:200]), y[:200], "first"), elsewhere / "first.npz")), retrain=False)
+    with pipeline.connect(settings) as database, database.session(readonly=True) as session:
+        index = session.get(db.CostPrediction, session.get(db.Decision, first.assessment.decision_id).cost_prediction_id)
+        assert index.details["stage"] == "index"
+        cap = math.sqrt(index.energy_kwh_lower * index.energy_kwh_upper)
+    with pipeline.connect(settings) as database:
+        seed.committed(database).create_budget("per-run", period="per_run", kwh_cap=cap)
+
+    stack.environment["SHIFTCOST_PROBE_MAX_SHARE"] = "0.2"  # the workers' setting, named in the decision's reason
+    for pool in ("cpu", "gpu"):
+        stack.run("work-pool", "create", pool, "--type", "process")
+    stack.run("--no-prompt", "deploy", "--all")
+    stack.start("worker-cpu", "worker", "start", "--pool", "cpu", "--type", "process")
+    stack.start("worker-gpu", "worker", "start", "--pool", "gpu", "--type", "process")
+    save_batch(Batch(brightened(x[1:201]), y[1:201], "second"), landing / ".second.partial.npz").rename(landing / "second.npz")
+    stack.run("deployment", "run", "watch/shiftcost-watch")
+    wait_for(lambda: any(run.state.is_final() for run in flow_runs(stack.api_url).get("assess", [])), 300, stack, "the assess run to finish")
+
+    (assess_run,) = flow_runs(stack.api_url)["assess"]
+    assert assess_run.state.is_completed(), f"{assess_run.state.message}\n{stack.all_logs()}"
+    assert assess_run.work_pool_name == "gpu"
+    with pipeline.connect(settings) as database, database.session(readonly=True) as session:
+        (batch,) = session.scalars(select(db.Batch).where(db.Batch.source_uri.endswith("second.npz"))).all()
+        decision = session.scalars(select(db.Decision).where(db.Decision.batch_id == batch.id)).one()
+        prediction = session.get(db.CostPrediction, decision.cost_prediction_id)
+        assert prediction.details["stage"] == "probe", prediction.details["probe_advice"]
+        assert "straddles" in prediction.details["probe_advice"] and "at most 20% of it" in prediction.details["probe_advice"]
+        probe = prediction.details["probe"]
+        assert probe["cost"]["steps"] == 2 and probe["cost"]["energy_kwh"] > 0
+        charged = session.scalars(
+            select(db.LedgerEntry).where(db.LedgerEntry.decision_id == decision.id, db.LedgerEntry.kind == "settle")
+        ).all()  # fmt: skip
+        assert [entry.energy_kwh for entry in charged if "probe" in (entry.reason or "")] == [pytest.approx(probe["cost"]["energy_kwh"])]
