@@ -84,6 +84,11 @@ PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "i
 WORK_RATE = HostEnergyRate(joules_per_sample=3.6e6, spread=0.0, runs=0)
 
 
+def probe_work(sample_gradients: float, samples_evaluated: float) -> float:
+    """What a probe spent, in the sample-gradient equivalents :data:`WORK_RATE` prices."""
+    return WORK_RATE.kwh(sample_gradients, samples_evaluated)
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -216,7 +221,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
                 record["in_flight_quarter"] = _in_flight(forecaster, features, run, stage1, target, ceiling)
                 record["in_flight_quarter_prior_only"] = _in_flight(forecaster, features, run, stage1, target, ceiling, math.inf)
-                spent_on_probe = probe.cost.sample_gradients + EVAL_SAMPLE_WEIGHT * probe.cost.samples_evaluated
+                spent_on_probe = probe_work(probe.cost.sample_gradients, probe.cost.samples_evaluated)
                 record["guard"] = _guard_replay(run, run.target_accuracy, stage0, stage1, n, spent_on_probe, forecaster.probe_options())
                 runs.append(record)
                 print(
@@ -295,12 +300,12 @@ def _in_flight(
     return forecast.epochs
 
 
-def _guard_replay(run: Any, target: float, stage0: Any, stage1: Any, n: int, probe_work: float, probe_options: dict[str, Any]) -> Any:
+def _guard_replay(run: Any, target: float, stage0: Any, stage1: Any, n: int, probe_spent: float, probe_options: dict[str, Any]) -> Any:
     """What the guard's replay under each budget cap (:func:`budget_table`) reads: the run's
     evaluations, both stages' forecasts, and the probe's work as spent and as priced before it ran."""
     return {
         "curve": [(p.step, p.epoch, p.samples_seen, p.accuracy, p.loss) for p in run.curve], "target": target, "n": n,
-        "initial": stage1, "index": stage0, "probe_work": probe_work, "probe_full_work": probe_price(n, probe_options),
+        "initial": stage1, "index": stage0, "probe_work": probe_spent, "probe_full_work": probe_price(n, probe_options),
     }
 
 
@@ -540,7 +545,7 @@ def probe_cost(runs: list[dict[str, Any]]) -> dict[str, Any]:
     samples trained + 1/3 of samples evaluated), and its energy measured vs estimated."""
     retrain = float(np.median([r["samples_seen"] for r in runs]))
     probe = float(np.median([r["probe_sample_gradients"] for r in runs]))
-    probe_work = float(np.median([r["probe_sample_gradients"] + EVAL_SAMPLE_WEIGHT * r["probe_samples_evaluated"] for r in runs]))
+    probe_median = float(np.median([probe_work(r["probe_sample_gradients"], r["probe_samples_evaluated"]) for r in runs]))
     measured = [r["probe_energy_kwh_measured"] for r in runs if r["probe_energy_kwh_measured"] is not None]
     estimated = [r["probe_energy_kwh_estimated"] for r in runs if r["probe_energy_kwh_estimated"] is not None]
     ratios = [
@@ -552,7 +557,7 @@ def probe_cost(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "probe_steps_max": max(r["probe_steps"] for r in runs), "probe_steps_median": float(np.median([r["probe_steps"] for r in runs])),
         "probe_batch_size": runs[0]["probe_batch_size"], "probe_samples": runs[0]["probe_samples"],
         "probe_evaluations_max": max(r["probe_evaluations"] for r in runs),
-        "work_ratio_incl_evaluations": probe_work / float(np.median([r["cost"] for r in runs])),
+        "work_ratio_incl_evaluations": probe_median / float(np.median([r["cost"] for r in runs])),
         "probe_energy_kwh_measured_median": float(np.median(measured)) if measured else None,
         "probe_energy_kwh_estimated_median": float(np.median(estimated)) if estimated else None,
         "probe_energy_measured_over_estimated_median": float(np.median(ratios)) if ratios else None,
@@ -872,7 +877,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 run = SimpleNamespace(curve=[SimpleNamespace(**p) for p in saved["curve"]])
                 record = {k: saved[k] for k in ("kind", "intensity", "seed", "epochs", "censored", "accuracy_drop", "cost", "status", "eval_every")}
                 record["cluster"] = f"{saved['kind']}/{result['seed_offset']}"
-                spent_on_probe = saved["probe_sample_gradients"] + EVAL_SAMPLE_WEIGHT * saved["probe_samples_evaluated"]
+                spent_on_probe = probe_work(saved["probe_sample_gradients"], saved["probe_samples_evaluated"])
                 saved_probe = {"steps": saved.get("probe_length", len(probe) - 1), "batch_size": saved["probe_batch_size"]}
                 record["guard"] = _guard_replay(run, target, stage0, stage1, batch_samples, spent_on_probe, saved_probe)
                 record |= {"stage0": stage0.epochs, "stage0_probe": stage1.epochs, "not_converging": flags(stage0, stage1)}

@@ -37,11 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forecast_accuracy import KIND_SETS, TOLERANCE, TRAINING_RECIPE, add_scenario_arguments, calibrated, work_units  # noqa: E402
+from forecast_accuracy import KIND_SETS, TOLERANCE, TRAINING_RECIPE, add_scenario_arguments, calibrated, probe_work, work_units  # noqa: E402
 
 from eval_shifts import eval_corrupt  # noqa: E402
 
-from shiftcost.energy import EVAL_SAMPLE_WEIGHT  # noqa: E402
 from shiftcost.features import COST_FEATURES  # noqa: E402
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_MAX_HOLDOUT, run_probe  # noqa: E402
@@ -62,10 +61,6 @@ def large_batch(splits: dict[str, Any], size: int, seed: int = 0) -> tuple[torch
         picks = torch.randint(0, len(y), (size,))
         images = torch.stack([jitter(x[i]) for i in picks.tolist()])
     return images.contiguous(), y[picks].clone()
-
-
-def probe_work(probe: Any) -> float:
-    return probe.cost.sample_gradients + EVAL_SAMPLE_WEIGHT * probe.cost.samples_evaluated
 
 
 def main() -> None:
@@ -104,7 +99,7 @@ def main() -> None:
                 probe = run_probe(model, shifted, y, target_accuracy=target, ceiling=ceiling, seed=seed, device=args.device, **(options | {"max_holdout": cap}))
                 forecast = forecaster.predict(features, probe=probe).epochs
                 record[way] = {
-                    "median": forecast.median, "low": forecast.low, "high": forecast.high, "work": probe_work(probe),
+                    "median": forecast.median, "low": forecast.low, "high": forecast.high, "work": probe_work(probe.cost.sample_gradients, probe.cost.samples_evaluated),
                     "steps": probe.cost.steps, "seconds": time.perf_counter() - t0,
                 }
             run = retrain_to_cutoff(
