@@ -199,15 +199,15 @@ def _loco_table(summary: Mapping[str, Any], title: str) -> list[str]:
 
 def _stages_table(stages: Mapping[str, Any]) -> list[str]:
     lines = [
-        "| stage | batches | capped | MdAPE epochs | mean abs log error (capped as bounds) | coverage epochs |",
-        "|---|---|---|---|---|---|",
+        "| stage | batches | capped | MdAPE epochs | mean abs log error (capped as bounds) | coverage epochs (reached) | capped past the upper end |",
+        "|---|---|---|---|---|---|---|",
     ]
     labels = {"index": "index", "probe": "probe", "constant": "median of the other kinds (naive)"}
     for name, label in labels.items():
         s = stages[name]
         lines.append(
             f"| {label} | {s['n']} | {s['n_censored']} | {_pct(s['mdape_epochs'])} | {_fmt(s['mean_abs_log_error'], '.2f')} | "
-            f"{_pct(s['coverage_epochs'])} |"
+            f"{_pct(s['coverage_epochs'])} | {s['censored_definite_misses']} |"
         )
     lines += ["", f"{stages['needing_none']} more needed no training; the probe's first evaluation put {stages['needing_none_forecast_at_zero']} of them at zero."]
     return lines

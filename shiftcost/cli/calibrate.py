@@ -237,13 +237,17 @@ def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, consol
         probe, index, naive = stages["probe"], stages["index"], stages["constant"]
 
         def scores(stage: Mapping[str, Any]) -> str:
-            return f"{_pct(stage['mdape_epochs'])}, {_fmt(stage['mean_abs_log_error'], '.2f')}, {_pct(stage['coverage_epochs'])}"
+            return (
+                f"{_pct(stage['mdape_epochs'])}, {_fmt(stage['mean_abs_log_error'], '.2f')}, {_pct(stage['coverage_epochs'])}, "
+                f"{stage['censored_definite_misses']}"
+            )
 
         held = set(forecaster.stage1.offset_features or ())
         read = ", ".join(f"{name} held at slope 1" if name in held else name for name in forecaster.stage1.features_)
         console.print(
             f"probe stage ({read}), leave one corruption kind out, on the {probe['n']} batches that "
             f"needed training ({probe['n_censored']} capped): MdAPE epochs, mean |log error| (capped as bounds), coverage epochs "
+            "of those that reached the cutoff, capped ones that spent more than the upper end "
             f"{scores(probe)}; index stage on the same: {scores(index)}; the other kinds' median epochs (naive): {scores(naive)}. "
             f"The probe's first evaluation put {stages['needing_none_forecast_at_zero']} of the {stages['needing_none']} that needed none at zero."
         )

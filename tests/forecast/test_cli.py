@@ -299,11 +299,12 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     printed = " ".join(done.stdout.split())
 
     def scores(stage: dict) -> str:
-        return f"{100 * stage['mdape_epochs']:.0f}%, {stage['mean_abs_log_error']:.2f}, {100 * stage['coverage_epochs']:.0f}%"
+        return f"{100 * stage['mdape_epochs']:.0f}%, {stage['mean_abs_log_error']:.2f}, {100 * stage['coverage_epochs']:.0f}%, {stage['censored_definite_misses']}"
 
     assert (
         f"probe stage ({STAGE1_DEFAULT[0]} held at slope 1), leave one corruption kind out, on the {probe['n']} batches that needed training "
-        f"({probe['n_censored']} capped): MdAPE epochs, mean |log error| (capped as bounds), coverage epochs {scores(probe)}; "
+        f"({probe['n_censored']} capped): MdAPE epochs, mean |log error| (capped as bounds), coverage epochs of those that reached "
+        f"the cutoff, capped ones that spent more than the upper end {scores(probe)}; "
         f"index stage on the same: {scores(index)}; the other kinds' median epochs (naive): {scores(naive)}."
     ) in printed
     needing_training = [r for r in json.loads((cal / "points.json").read_text()) if not (r["reached_cutoff"] and r["epochs"] == 0)]
@@ -315,7 +316,7 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     report = (cal / "report.md").read_text()
     assert (
         f"| probe | {probe['n']} | {probe['n_censored']} | {100 * probe['mdape_epochs']:.0f}% | {probe['mean_abs_log_error']:.2f} | "
-        f"{100 * probe['coverage_epochs']:.0f}% |"
+        f"{100 * probe['coverage_epochs']:.0f}% | {probe['censored_definite_misses']} |"
     ) in report
     assert f"| index | {index['n']} | {index['n_censored']} | {100 * index['mdape_epochs']:.0f}% |" in report
     assert ("No probe with this cost model" in report) == (saved.probe_not_worth() is not None)
