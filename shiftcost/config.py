@@ -26,6 +26,9 @@ from pydantic_settings import (
 from shiftcost.errors import ConfigError
 
 CONFIG_FILE_VARIABLE = "SHIFTCOST_CONFIG"
+#: The share of the budget left a probe may cost before the decision, unless the user allows more
+#: (``probe_max_share``, ``retrain --probe-max-share``; :func:`shiftcost.forecast.decide.probe_pays`).
+MAX_PROBE_SHARE = 0.05
 
 
 class Settings(BaseSettings):
@@ -151,7 +154,7 @@ class Settings(BaseSettings):
         default="skip", description="What to do when retraining is predicted not to reach the cutoff."
     )
     probe_max_share: float = Field(
-        default=0.05, ge=0, le=1,
+        default=MAX_PROBE_SHARE, ge=0, le=1,
         description="A probe runs before the decision only when the index forecast's interval straddles what the budgets "
         "have left and the probe costs at most this share of it (a model whose retrains are tens of steps needs more than "
         "the default for a probe ever to run; 0: never probe).",

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from shiftcost.cli._console import make_console
+from shiftcost.config import MAX_PROBE_SHARE
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -334,7 +335,7 @@ def retrain(
     budget_kwh: BudgetKwhOption = None,
     reference_stats: ReferenceStatsOption = None,
     no_probe: NoProbeOption = False,
-    probe_max_share: ProbeMaxShareOption = 0.05,
+    probe_max_share: ProbeMaxShareOption = MAX_PROBE_SHARE,
     as_json: JsonOption = False,
 ) -> None:
     """Fine-tune a model on a labelled batch until held-out accuracy reaches the target.

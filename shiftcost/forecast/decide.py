@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shiftcost.config import MAX_PROBE_SHARE
 from shiftcost.forecast.forecaster import Interval
 
-__all__ = ["ProbeAdvice", "probe_pays"]
-
-#: The probe may cost at most this share of the budget left, unless the caller allows more.
-MAX_PROBE_SHARE = 0.05
+__all__ = ["MAX_PROBE_SHARE", "ProbeAdvice", "probe_pays"]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import pytest
 from shiftcost.store import models as db
 from tests.flows.flow_support import PROBE, PROBE_JOULES_PER_SAMPLE, TrainedModel, bootstrapped_with_probe, brightened
 
+
 @pytest.fixture
 def probe_env(database_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, trained_model: TrainedModel):
     return bootstrapped_with_probe(database_url, tmp_path, monkeypatch, trained_model)
