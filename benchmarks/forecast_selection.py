@@ -26,12 +26,15 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    current design with its curve feature clipped at each of :data:`CURVE_HORIZONS` caps (read
    again from each point's ``probe_curve``), the probe's evaluations of the held-out split (most
    of its cost) every k-th step of :data:`PROBE_EVAL_EVERY`, the probe's first k steps of
-   :data:`PROBE_LENGTHS`, and pulls towards calibration's median epochs (:data:`PULLS`). Each
+   :data:`PROBE_LENGTHS`, a probe sized by the index stage's forecast (:data:`ADAPTIVE`: each
+   point's probe read at the length that forecast gives, its sample-gradients and the retrains'
+   printed), and pulls towards calibration's median epochs (:data:`PULLS`). Each
    is scored by its MdAPE, averaged over the architectures, and by a paired bootstrap 95% CI of
    that mean minus the current design's, resampling each architecture's (kind, sweep) clusters.
    A setting replaces the current one only on that evidence: a design, horizon or pull when its
    whole CI lies below zero (the lowest such), the sparsest cadence and the shortest probe when
-   their CI lies below :data:`MARGIN` (no more than two points worse). Where the choice rested
+   their CI lies below :data:`MARGIN` (no more than two points worse), the probe sized by the
+   forecast on the same margin. Where the choice rested
    on the lowest mean alone, the curve's horizon went from 3 caps to 2 with four sweeps per
    architecture and to 1.5 with six, each by a lead the bootstrap puts well inside its noise. Beside MdAPE, which
    leaves out the capped runs, every predictor's mean |log error| of the batches that needed
@@ -71,11 +74,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from forecast_accuracy import (  # noqa: E402
     LEVEL, PROBE_STEPS, TOLERANCE, TRAINING_RECIPE, _scores, build_arch, calibrate, fit_baselines, flags, not_converging_flags, print_flags,
-    seed_spread,
+    probe_steps_taken, seed_spread,
 )
 
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.forecaster import PULL_TO_MEDIAN, STAGE0_FEATURE, Forecaster  # noqa: E402
+from shiftcost.forecast.probe import DEFAULT_BATCH_SIZE as PROBE_BATCH  # noqa: E402
 from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, features_of_saved_curve  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt  # noqa: E402
 
@@ -208,11 +212,25 @@ def leave_one_kind_out(
             )
             for name, f in STAGE1_DESIGNS.items()
         }
+        lengths = [adaptive_length(forecaster, row, features, probe_steps) for row in usable]
+        adaptive_rows = reread_each(usable, lengths)
+        adaptive = Forecaster.fit(
+            [_fit_row(r) for r in adaptive_rows if r["corruption"] != kind], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS,
+        )
         for i, row in enumerate(usable):
             if row["corruption"] != kind:
                 continue
             record = _forecast_point(forecaster, baselines, row, features, weights)
             met = bool(row["probe_already_met"])
+            read = adaptive_rows[i]
+            record[f"stage0_probe[{ADAPTIVE}]"] = adaptive.predict_from_probe_features(
+                {f: read[f] for f in features}, {f: read[f] for f in PROBE_FEATURES}, already_met=met,
+            ).epochs
+            record["probe_work"] = {  # sample-gradients, each probe stopped at its cutoff
+                "current": probe_steps_taken(row["probe_curve"], row["target_accuracy"]) * PROBE_BATCH,
+                ADAPTIVE: probe_steps_taken(row["probe_curve"][: lengths[i] + 1], row["target_accuracy"]) * PROBE_BATCH,
+                "retrain": float(row["runs"][0]["steps"]) * forecaster.batch_size,
+            }
             for name, design in designs.items():
                 record[f"stage0_probe[{name}]"] = design.predict_from_probe_features(
                     {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES}, already_met=met,
@@ -230,6 +248,28 @@ def leave_one_kind_out(
                 ).epochs
             records.append(record)
     return records
+
+
+#: A probe sized by the index stage's forecast instead of a fixed length: at most ADAPTIVE_SHARE of
+#: the sample-gradients of the retrain that forecast says, within [ADAPTIVE_MIN_STEPS, the probe's
+#: length] steps. Calibration's probes are read at the length the forecast of each gives (its
+#: first steps are the same whatever its length, as for PROBE_LENGTHS).
+ADAPTIVE_SHARE = 0.2
+ADAPTIVE_MIN_STEPS = min(PROBE_LENGTHS)
+ADAPTIVE = f"probe to {ADAPTIVE_SHARE:g} of the index forecast"
+
+
+def adaptive_length(forecaster: Forecaster, row: dict[str, Any], features: list[str], probe_steps: int) -> int:
+    """The steps of a probe sized by ``forecaster``'s index-stage forecast of ``row``."""
+    batch = forecaster.batch_size
+    forecast_steps = forecaster.predict({f: row[f] for f in features}).epochs.median * protocol.steps_per_epoch(int(row["samples"]), batch)
+    length = math.floor(ADAPTIVE_SHARE * batch * forecast_steps / PROBE_BATCH)
+    return int(min(probe_steps, max(ADAPTIVE_MIN_STEPS, length)))
+
+
+def reread_each(rows: list[dict[str, Any]], lengths: list[int]) -> list[dict[str, Any]]:
+    """``rows`` with each probe read again as if it had stopped after its own length in ``lengths``."""
+    return [reread([row], lambda curve, k=k: curve[: k + 1])[0] for row, k in zip(rows, lengths)]
 
 
 def read_again(rows: list[dict[str, Any]], probe_steps: int = PROBE_STEPS) -> dict[str, list[dict[str, Any]]]:
@@ -306,7 +346,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     names += [f"stage0_probe[curve to {caps:g} caps]" for caps in CURVE_HORIZONS if caps != HORIZON_CAPS]
     names += [f"stage0_probe[evaluated every {k} steps]" for k in PROBE_EVAL_EVERY]
     names += [f"stage0_probe[probe of {k} steps]" for k in PROBE_LENGTHS if k < args.probe_steps]
-    names += [f"stage0_probe[pulled {pull:g} to the median]" for pull in PULLS]
+    names += [f"stage0_probe[pulled {pull:g} to the median]" for pull in PULLS] + [f"stage0_probe[{ADAPTIVE}]"]
     names += ["in_flight_stage1_on_run"] + [f"in_flight_own_{w:g}" for w in weights]
     table = {name: _scores(records, name) for name in names}
     scored = {w: table[f"in_flight_own_{w:g}"]["median_abs_log_error"] for w in weights}
@@ -321,6 +361,10 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
             for r in records
         ],
         "stage1_errors": stage1_errors(records, [n for n in names if n.startswith("stage0_probe")]),
+        "probe_work": {
+            name: {"median": float(np.median([r["probe_work"][name] for r in records])), "mean": float(np.mean([r["probe_work"][name] for r in records]))}
+            for name in ("current", ADAPTIVE, "retrain")
+        },
         "points": len(records), "seeds": seeds, "probe_steps": args.probe_steps, "replay_fraction": 0.0 if args.calibrations else args.replay_fraction,
         "seconds": time.perf_counter() - started,
     }
@@ -415,6 +459,8 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_mdape_by_probe_eval_every": cadence,
         "probe_steps": min((k for k in PROBE_LENGTHS if _no_worse(ci, f"stage0_probe[probe of {k} steps]")), default=int(results[0]["probe_steps"])),
         "mean_mdape_by_probe_steps": lengths,
+        # A probe sized by the index forecast is a cheaper probe: taken on the same margin as a shorter one.
+        "probe_sized_by_index_forecast": _no_worse(ci, f"stage0_probe[{ADAPTIVE}]"),
         "lowest_floor_window": min((int(w) for w, v in floor.items() if v <= best + 0.01), default=None), "mean_noise_floor": floor,
         "own_curve": min(own, key=own.get), "mean_in_flight_median_abs_log_error": own,
         "stage1_design": min(better, key=design.get, default="the current design"), "mean_stage1_mdape": design,
@@ -495,6 +541,12 @@ def main() -> None:
         needed = {d: result["loko"][f"stage0_probe[{d}]"]["mean_abs_log_error_needed"] for d in STAGE1_DESIGNS}
         print(f"lowest mean |log error| of the batches that needed training (reported, not chosen on): {min(needed, key=needed.get)}")
         print(f"chosen own-curve weight (evaluations at half weight): {result['chosen_own_curve_evals']:g}")
+        work = result["probe_work"]
+        print(
+            "sample-gradients, median / mean over the points: probe as calibrated (stopped at its cutoff) "
+            f"{work['current']['median']:.0f} / {work['current']['mean']:.0f}, {ADAPTIVE} {work[ADAPTIVE]['median']:.0f} / "
+            f"{work[ADAPTIVE]['mean']:.0f}, retrain {work['retrain']['median']:.0f} / {work['retrain']['mean']:.0f}"
+        )
     if len(results) > 1:
         print_combined(results)
     print(f"\nwall {time.perf_counter() - started:.0f} s; load average at start {load}, at end {os.getloadavg()}")

@@ -54,6 +54,7 @@ def test_a_setting_changes_only_where_the_bootstrap_shows_it(selection):
         "stage0_probe[probe of 8 steps]": lambda cur, rng: cur + 0.03,  # cheaper, beyond the margin
         "stage0_probe[evaluated every 2 steps]": lambda cur, rng: cur + 0.03,
         "stage0_probe[pulled 0.25 to the median]": lambda cur, rng: rng.permutation(cur) - 0.01,
+        f"stage0_probe[{selection.ADAPTIVE}]": lambda cur, rng: cur + 0.03,  # cheaper, beyond the margin
     }
     combined = selection.combine([_arch(0, variants), _arch(1, variants)])
     ci = combined["mean_mdape_minus_current_ci95"]
@@ -63,6 +64,24 @@ def test_a_setting_changes_only_where_the_bootstrap_shows_it(selection):
     assert combined["probe_steps"] == 10
     assert combined["probe_eval_every"] == 1
     assert combined["pull_to_median"] == 0.0
+    assert combined["probe_sized_by_index_forecast"] is False
+    within = {f"stage0_probe[{selection.ADAPTIVE}]": lambda cur, rng: cur + 0.01}
+    assert selection.combine([_arch(0, within), _arch(1, within)])["probe_sized_by_index_forecast"] is True
+
+
+@pytest.mark.parametrize(("forecast_epochs", "steps"), [(0.0, 8), (1.0, 8), (2.5, 12), (2.7, 12), (3.0, 14), (5.0, 16)])
+def test_a_probe_sized_by_the_index_forecast_costs_a_share_of_that_retrain(selection, forecast_epochs, steps):
+    from types import SimpleNamespace
+
+    class IndexStage:  # the forecaster's index stage as adaptive_length reads it
+        batch_size = 64
+
+        def predict(self, features):
+            return SimpleNamespace(epochs=SimpleNamespace(median=forecast_epochs))
+
+    # 378 pool images at 64 a step: 6 steps an epoch. 0.2 of a retrain of 6 e steps of 64 images,
+    # in probe steps of 16, is floor(4.8 e), held to [8, 16].
+    assert selection.adaptive_length(IndexStage(), {"samples": 378, "f": 0.0}, ["f"], 16) == steps
 
 
 def test_without_evidence_nothing_changes(selection):
