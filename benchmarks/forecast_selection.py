@@ -229,7 +229,7 @@ def leave_one_kind_out(
             record["probe_work"] = {  # sample-gradients, each probe stopped at its cutoff
                 "current": probe_steps_taken(row["probe_curve"], row["target_accuracy"]) * PROBE_BATCH,
                 ADAPTIVE: probe_steps_taken(row["probe_curve"][: lengths[i] + 1], row["target_accuracy"]) * PROBE_BATCH,
-                "retrain": float(row["runs"][0]["steps"]) * forecaster.batch_size,
+                "retrain": float(row["runs"][0]["samples_seen"]),
             }
             for name, design in designs.items():
                 record[f"stage0_probe[{name}]"] = design.predict_from_probe_features(
