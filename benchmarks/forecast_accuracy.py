@@ -473,28 +473,36 @@ def metrics(runs: list[dict[str, Any]], resamples: int, predictors: tuple[str, .
     scored = {"predictors": {name: _scores(runs, name) for name in predictors}}
     scored["stage0_probe_minus_baseline_ci95"] = _differences(runs, resamples, lambda rng: rng.integers(0, len(runs), len(runs)))
     if runs and all("cluster" in r for r in runs):
-        labels = np.array([r["cluster"] for r in runs])
-        members = [np.flatnonzero(labels == c) for c in dict.fromkeys(labels)]
-        scored["stage0_probe_minus_baseline_ci95_by_cluster"] = _differences(
-            runs, resamples, lambda rng: np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]),
-        )
+        scored["stage0_probe_minus_baseline_ci95_by_cluster"] = _differences(runs, resamples, cluster_draw(runs))
     return scored
+
+
+def cluster_draw(runs: list[dict[str, Any]]) -> Callable[[np.random.Generator], np.ndarray]:
+    """A bootstrap draw of ``runs``' indices that resamples whole clusters (each run's ``cluster``)."""
+    labels = np.array([r["cluster"] for r in runs])
+    members = [np.flatnonzero(labels == c) for c in dict.fromkeys(labels)]
+    return lambda rng: np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+
+
+def paired_ci(
+    runs: list[dict[str, Any]], resamples: int, draw: Callable[[np.random.Generator], np.ndarray], forecast: str, against: str,
+    measures: tuple[str, ...] = ("mdape",), rng: np.random.Generator | None = None,
+) -> dict[str, list[float]]:
+    """Paired bootstrap 95% CI of each measure of ``forecast`` minus ``against`` over the same resampled runs."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    diffs: dict[str, list[float]] = {m: [] for m in measures}
+    for _ in range(resamples):
+        sample = [runs[i] for i in draw(rng)]
+        a, b = _scores(sample, forecast), _scores(sample, against)
+        for measure, values in diffs.items():
+            values.append(a[measure] - b[measure])
+    return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in diffs.items()}
 
 
 def _differences(runs: list[dict[str, Any]], resamples: int, draw: Callable[[np.random.Generator], np.ndarray]) -> dict[str, Any]:
     rng = np.random.default_rng(0)
-    ci: dict[str, Any] = {}
-    for baseline in ("constant", "isotonic_accuracy_drop", "stage0"):
-        diffs = {"mdape": [], "c_index": [], "mean_abs_log_error_needed": []}
-        for _ in range(resamples):
-            sample = [runs[i] for i in draw(rng)]
-            a, b = _scores(sample, "stage0_probe"), _scores(sample, baseline)
-            for measure, values in diffs.items():
-                values.append(a[measure] - b[measure])
-        ci[baseline] = {
-            k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in diffs.items()
-        }
-    return ci
+    measures = ("mdape", "c_index", "mean_abs_log_error_needed")
+    return {baseline: paired_ci(runs, resamples, draw, "stage0_probe", baseline, measures, rng) for baseline in ("constant", "isotonic_accuracy_drop", "stage0")}
 
 
 #: Shares of the cap the probe may cost (``probe_max_share``) at which the deployed guard is
