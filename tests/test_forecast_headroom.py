@@ -64,3 +64,13 @@ def test_replicates_are_the_same_shift_at_the_other_seed_offsets(headroom):
     assert runs[0][headroom.REPLICATES].median == pytest.approx(6.0)  # median of 4, 6, 100
     assert runs[3][headroom.REPLICATES].median == pytest.approx(4.0)  # median of 2, 4, 6
     assert runs[4][headroom.REPLICATES] is None  # no other offset drew that intensity
+
+
+def test_each_kind_gets_its_own_offset(headroom):
+    runs = [_run("a", c, math.exp(c + 0.2) - 1.0) for c in np.linspace(0.3, 2.0, 9)]
+    runs += [_run("b", c, math.exp(c - 0.5) - 1.0) for c in np.linspace(0.8, 2.0, 9)]
+    headroom.add_headroom(runs)
+    for r in runs:
+        assert r[headroom.KIND_OFFSET].median == pytest.approx(r["epochs"], abs=0.02)
+    # One offset for both kinds cannot make both exact.
+    assert max(abs(r[headroom.OFFSET].median - r["epochs"]) for r in runs) > 0.1
