@@ -9,7 +9,7 @@ intercept and interval fitted on the built-in kinds. On the evaluation-only kind
 it wrongly for these kinds) or the signal's (no function of that number forecasts these runs
 better), by fitting on the very runs it scores, which a real forecast can never do:
 
-- ``offset fitted on these runs``: the shipped form, ``exp(cutoff + b) - 1``, with ``b`` chosen to
+- ``intercept fitted on these runs``: the shipped form, ``exp(cutoff + b) - 1``, with ``b`` chosen to
   minimise the MdAPE of these runs themselves: the best any recalibration of the intercept could do.
 - ``each kind's median bias removed``: the shipped form with one intercept per kind, the median of
   ``log(epochs + 1) - cutoff`` over the kind's runs that reached the cutoff after training: what is
@@ -48,10 +48,10 @@ from forecast_accuracy import TOLERANCE, _scores, cluster_draw, paired_ci  # noq
 
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.forecaster import Interval  # noqa: E402
-from shiftcost.forecast.probe import features_of_saved_curve  # noqa: E402
+from shiftcost.forecast.probe import features_of_saved_curve, starts_at_target  # noqa: E402
 
 SHIPPED = "probe stage (shipped)"
-OFFSET = "offset fitted on these runs"
+OFFSET = "intercept fitted on these runs"
 KIND_OFFSET = "each kind's median bias removed"
 ISOTONIC = "isotonic on the cutoff, other unseen kinds"
 LINEAR = "linear on cutoff, index forecast, accuracy drop, other unseen kinds"
@@ -67,13 +67,15 @@ def read_runs(paths: list[Path]) -> dict[str, list[dict[str, Any]]]:
     for path in paths:
         for result in json.loads(path.read_text()):
             ceiling = result["reference_accuracy"]
+            target = ceiling - TOLERANCE
             for saved in result["runs"]:
-                read = features_of_saved_curve(saved["probe_curve"], target=ceiling - TOLERANCE, ceiling=ceiling, cap_epochs=protocol.MAX_EPOCHS)
+                probe = saved["probe_curve"]
+                read = features_of_saved_curve(probe, target=target, ceiling=ceiling, cap_epochs=protocol.MAX_EPOCHS)
                 by_arch.setdefault(result["arch"], []).append({
                     "kind": saved["kind"], "intensity": saved["intensity"], "offset": result["seed_offset"], "cluster": f"{saved['kind']}/{result['seed_offset']}",
                     "epochs": saved["epochs"], "censored": saved["censored"], "accuracy_drop": saved["accuracy_drop"],
                     "cutoff": read["cutoff_log_epochs"], "stage0_log": math.log(saved["stage0"]["median"] + 1.0),
-                    "already_met": saved["stage0_probe"]["high"] == 0.0,
+                    "already_met": starts_at_target([p["accuracy"] for p in probe], target),
                     SHIPPED: Interval(**saved["stage0_probe"]),
                 })  # fmt: skip
     return by_arch
@@ -140,7 +142,7 @@ def main() -> None:
         offset = add_headroom(runs)
         kinds = sorted({r["kind"] for r in runs})
         print(f"\n=== {arch}: {len(runs)} runs, {len(_reached(runs))} reached the cutoff after training, kinds {', '.join(kinds)}")
-        print(f"offset fitted on these runs: {offset:+.2f} in log(epochs + 1)")
+        print(f"intercept fitted on these runs: {offset:+.2f} in log(epochs + 1)")
         print(f"{'forecast':<70s} {'MdAPE':>6s} {'C-index':>8s}  MdAPE minus shipped, 95% CI (clusters)")
         for name in (SHIPPED,) + HEADROOM:
             scored = [r for r in runs if r[name] is not None]
