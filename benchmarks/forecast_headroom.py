@@ -48,7 +48,7 @@ from forecast_accuracy import TOLERANCE, _scores, cluster_draw, paired_ci  # noq
 
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.forecaster import Interval  # noqa: E402
-from shiftcost.forecast.probe import features_of_saved_curve, starts_at_target  # noqa: E402
+from shiftcost.forecast.probe import features_of_saved_curve, horizon_epochs, starts_at_target  # noqa: E402
 
 SHIPPED = "probe stage (shipped)"
 OFFSET = "intercept fitted on these runs"
@@ -86,8 +86,8 @@ def point(epochs: float) -> Interval:
 
 
 def from_log(z: float, already_met: bool) -> Interval:
-    """A forecast of ``log(epochs + 1)`` as epochs; a probe that started at the target forecasts 0, as shipped."""
-    return point(0.0 if already_met else min(max(math.exp(z) - 1.0, 0.0), protocol.MAX_EPOCHS * 3))
+    """A forecast of ``log(epochs + 1)`` as epochs, within the forecast horizon; a probe that started at the target forecasts 0, as shipped."""
+    return point(0.0 if already_met else min(max(math.exp(z) - 1.0, 0.0), horizon_epochs(protocol.MAX_EPOCHS)))
 
 
 def _reached(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
