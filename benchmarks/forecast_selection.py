@@ -120,9 +120,12 @@ STAGE1_DESIGNS: dict[str, tuple[str, ...]] = {
     "cutoff+gap": ("cutoff_log_epochs", "probe_gap"),
     "curve at slope 1": ("curve_log_epochs",),
     "cutoff at slope 1": ("cutoff_log_epochs",),
+    "index+cutoff at slope 1": (STAGE0_FEATURE, "cutoff_log_epochs"),
 }
 #: Designs whose features enter with their coefficient held at 1 (offsets).
-STAGE1_DESIGN_OFFSETS: dict[str, tuple[str, ...]] = {"curve at slope 1": ("curve_log_epochs",), "cutoff at slope 1": ("cutoff_log_epochs",)}
+STAGE1_DESIGN_OFFSETS: dict[str, tuple[str, ...]] = {
+    "curve at slope 1": ("curve_log_epochs",), "cutoff at slope 1": ("cutoff_log_epochs",), "index+cutoff at slope 1": ("cutoff_log_epochs",),
+}
 
 
 #: Where the curve feature of a probe whose curve does not reach the target is clipped, in epoch
