@@ -13,6 +13,7 @@ from shiftcost.jsonsafe import json_safe
 from shiftcost.calibrate.outputs import _write_csv, _write_text, markdown_report, plot_sweep
 from shiftcost.calibrate.settings import LABEL_FREE_FILE, PLOT_NAME
 from shiftcost.errors import InputError
+from shiftcost.forecast.forecaster import FORECASTER_FILE
 
 
 @dataclass
@@ -111,7 +112,7 @@ class SweepResult:
         if self.cost_model is not None:
             files["cost_model"] = out / "costmodel.json"
         if self.forecaster is not None:
-            files["forecaster"] = out / "forecaster.json"
+            files["forecaster"] = out / FORECASTER_FILE
         label_free_model = (self.label_free or {}).get("cost_model")
         if label_free_model is not None:
             files["label_free_cost_model"] = out / LABEL_FREE_FILE

@@ -44,6 +44,8 @@ from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, ProbeTrajecto
 __all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATURES", "abs_log_errors", "median_interval", "naive_did_better"]
 
 FORMAT = "shiftcost.forecaster/1"
+#: What ``shiftcost calibrate --out`` names the forecaster it writes beside ``costmodel.json``.
+FORECASTER_FILE = "forecaster.json"
 STAGE0_FEATURE = "stage0_log_epochs"
 #: Evaluations at which the run's own curve weighs as much as the forecast made before the run
 #: (``inf``: the forecast alone, truncated). Chosen by ``benchmarks/forecast_selection.py
@@ -675,13 +677,28 @@ class Forecaster:
         return path
 
     @classmethod
+    def beside(cls, path: str | Path) -> Forecaster | None:
+        """The ``forecaster.json`` that ``shiftcost calibrate`` wrote beside the cost model at
+        ``path`` (a ``costmodel.json`` or its directory), or ``None`` where there is none."""
+        path = Path(path)
+        found = (path if path.is_dir() else path.parent) / FORECASTER_FILE
+        if not found.is_file() or found == path:
+            return None
+        try:
+            return cls.load(found)
+        except InputError as error:
+            raise InputError(f"Forecaster file {found}: {error}") from None
+
+    @classmethod
     def load(cls, path: str | Path) -> Forecaster:
-        """Read a forecaster, or a plain cost model (stage 0 only), from ``path``: the file, or
-        the directory ``shiftcost calibrate --out`` wrote it to (its ``forecaster.json``, else
-        its ``costmodel.json``)."""
+        """Read a forecaster from ``path``: the file, or the directory ``shiftcost calibrate
+        --out`` wrote it to (its ``forecaster.json``, else its ``costmodel.json``). A plain cost
+        model file is the index stage of the ``forecaster.json`` beside it, whose probe stage and
+        host energy rate come with it (as ``shiftcost model register`` pairs them); alone, it is
+        stage 0 with no energy rate."""
         path = Path(path)
         if path.is_dir():
-            inside = [path / name for name in ("forecaster.json", "costmodel.json") if (path / name).is_file()]
+            inside = [path / name for name in (FORECASTER_FILE, "costmodel.json") if (path / name).is_file()]
             if not inside:
                 raise InputError(f"directory {path} holds neither forecaster.json nor costmodel.json; give the --out directory of `shiftcost calibrate`.")
             path = inside[0]
@@ -708,8 +725,21 @@ class Forecaster:
                 pull_to_median=payload.get("pull_to_median", 0.0),
             )
         stage0 = CostModel.from_json(path.read_text())
+        paired = cls.beside(path)
+        if paired is not None:
+            paired.stage0 = stage0
+            return paired
         cap = stage0.max_epochs or stage0.cap_epochs_ or protocol.MAX_EPOCHS
         return cls(stage0, None, max_epochs=cap, batch_size=None, stage1_error="a plain cost model file has no probe stage")
+
+
+def missing_energy_rate(path: str | Path, consequence: str) -> str:
+    """The sentence for a cost model file that holds no host energy rate: what follows, and
+    which file does hold one."""
+    return (
+        f"{path} holds no energy rate for this host, so {consequence}; `shiftcost calibrate` fits one on the retrains "
+        f"it measures and writes it to {FORECASTER_FILE}: give that file, or the --out folder calibrate wrote it to."
+    )
 
 
 def out_of_fold_log_epochs(model: CostModel) -> list[float]:

@@ -397,19 +397,11 @@ def register_from_files(
 
 def _forecaster_beside(path_text: str, cost_model: CostModel) -> Forecaster | None:
     """The probe stage in the ``forecaster.json`` that calibrate writes beside ``costmodel.json``, if any."""
-    from pathlib import Path
-
     from shiftcost.forecast.forecaster import Forecaster
 
-    path = Path(path_text)
-    beside = (path if path.is_dir() else path.parent) / "forecaster.json"
-    if not beside.is_file():
-        return None
-    try:
-        saved = Forecaster.load(beside)
-    except InputError as error:
-        raise InputError(f"Forecaster file {beside}: {error}") from None
-    saved.stage0 = cost_model  # the index stage is the cost model being registered
+    saved = Forecaster.beside(path_text)
+    if saved is not None:
+        saved.stage0 = cost_model  # the index stage is the cost model being registered
     return saved
 
 

@@ -388,9 +388,20 @@ def test_round_trip_and_plain_cost_model_files(tmp_path) -> None:
     again = Forecaster.load(path)
     row = forecast_rows()[7]
     assert again.predict(row).to_dict() == forecaster.predict(row).to_dict()
-    (tmp_path / "costmodel.json").write_text(forecaster.stage0.to_json())
-    plain = Forecaster.load(tmp_path / "costmodel.json")
-    assert plain.stage1 is None and plain.max_epochs == 15.0
+    # calibrate writes costmodel.json beside forecaster.json: named alone, it brings the
+    # forecaster's probe stage and energy rate with it, and is the index stage itself.
+    other = Forecaster.fit(forecast_rows(seed=3), features=list(INDEX), max_epochs=15.0).stage0
+    (tmp_path / "costmodel.json").write_text(other.to_json())
+    paired = Forecaster.load(tmp_path / "costmodel.json")
+    assert paired.energy_rate == forecaster.energy_rate and paired.stage1 is not None
+    assert json.loads(paired.stage0.to_json()) == json.loads(other.to_json())
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "costmodel.json").write_text(forecaster.stage0.to_json())
+    plain = Forecaster.load(tmp_path / "alone" / "costmodel.json")
+    assert plain.stage1 is None and plain.energy_rate is None and plain.max_epochs == 15.0
+    (tmp_path / "alone" / "forecaster.json").write_text("{")
+    with pytest.raises(InputError, match="Forecaster file .*forecaster.json: .*not readable JSON"):
+        Forecaster.load(tmp_path / "alone" / "costmodel.json")
     with pytest.raises(InputError, match="does not exist"):
         Forecaster.load(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{")
