@@ -27,7 +27,7 @@ def forecast(
     ],
     batch: Annotated[Path, typer.Option("--batch", "-b", help="Labelled new batch: ImageFolder directory, .npz or .pt.", show_default=False)],
     cost_model: Annotated[
-        Path, typer.Option("--cost-model", "-c", help="forecaster.json (or costmodel.json, stage 0 only) written by shiftcost calibrate, or the directory holding it.", show_default=False)
+        Path, typer.Option("--cost-model", "-c", help="forecaster.json written by shiftcost calibrate, the costmodel.json beside it (read with it; alone: the index stage, epochs only) or the directory holding them.", show_default=False)
     ],
     probe_steps: Annotated[
         int | None, typer.Option("--probe-steps", min=1, help="Probe fine-tuning steps (default: as calibrated).", show_default=False)
@@ -53,13 +53,16 @@ def forecast(
     from shiftcost.data.models import load_model
     from shiftcost.errors import InputError
     from shiftcost.forecast import protocol
-    from shiftcost.forecast.forecaster import Forecaster
+    from shiftcost.forecast.forecaster import Forecaster, missing_energy_rate
     from shiftcost.index.reference import ReferenceStats
 
     if no_probe and probe_steps is not None:
         raise InputError("--probe-steps and --no-probe contradict each other; give one of them.")
     forecaster = Forecaster.load(cost_model)
-    note = rate_mismatch_note(forecaster.energy_rate, device)
+    if forecaster.energy_rate is None:
+        note = missing_energy_rate(cost_model, "the forecast gives epochs, with no kWh or kg CO2e")
+    else:
+        note = rate_mismatch_note(forecaster.energy_rate, device)
     if note:
         make_console(stderr=True).print(note, style="yellow")
     net, spec = load_model(model)

@@ -105,7 +105,7 @@ EmissionsCsvOption = Annotated[
 ]
 CostModelOption = Annotated[
     Path | None,
-    typer.Option("--cost-model", help="forecaster.json from shiftcost calibrate (or the directory holding it): guards --budget-kwh during the run.", show_default=False),
+    typer.Option("--cost-model", help="forecaster.json from shiftcost calibrate (or the costmodel.json beside it, or their directory): guards --budget-kwh during the run.", show_default=False),
 ]
 BudgetKwhOption = Annotated[
     float | None,
@@ -213,12 +213,14 @@ def _budget_guard(
     from shiftcost.cli.forecast import rate_mismatch_note, run_calibrated_probe
     from shiftcost.forecast import protocol
     from shiftcost.forecast.decide import probe_pays
-    from shiftcost.forecast.forecaster import Forecaster
+    from shiftcost.forecast.forecaster import Forecaster, missing_energy_rate
     from shiftcost.forecast.guard import BudgetGuard
     from shiftcost.forecast.price import RetrainPrice
     from shiftcost.retrain import _evaluate
 
     forecaster = Forecaster.load(cost_model)
+    if forecaster.energy_rate is None:
+        raise InputError(missing_energy_rate(cost_model, "a budget in kWh cannot be guarded"))
     has_reference = ref_x is not None and ref_y is not None
     forecaster.check_retrain(config, "this retrain (its recipe options and file, and the model file's recipe)", reference_available=has_reference)
     note = rate_mismatch_note(forecaster.energy_rate, device)

@@ -6,8 +6,10 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,6 +332,27 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     assert probed.returncode == 0, probed.stderr
     payload = json.loads(probed.stdout)
     assert payload["stage"] == "probe" and payload["probe"]["settings"]["lr"] == 0.01
+    # The costmodel.json `model register` is given reads with the forecaster.json beside it, here
+    # too; copied alone, it forecasts epochs only and says which file prices them.
+    alone = files / "alone"
+    alone.mkdir()
+    shutil.copy(cal / "costmodel.json", alone / "costmodel.json")
+
+    def index_forecast(cost_model: Path) -> subprocess.CompletedProcess:
+        return shiftcost(
+            "forecast", "--model", str(files / "model.safetensors"), "--reference-stats", str(cal / "reference.safetensors"),
+            "--batch", str(files / "batch.npz"), "--cost-model", str(cost_model), "--device", "cpu", "--no-probe", "--json", cwd=files,
+        )
+
+    named = {path: index_forecast(path) for path in (cal / "forecaster.json", cal / "costmodel.json", alone / "costmodel.json")}
+    assert all(done.returncode == 0 for done in named.values()), [done.stderr for done in named.values()]
+    paired, beside, lone = (json.loads(done.stdout) for done in named.values())
+    assert paired["energy_kwh"] is not None and paired["co2_kg"] is not None
+    assert {key: beside[key] for key in ("epochs", "energy_kwh", "co2_kg")} == {key: paired[key] for key in ("epochs", "energy_kwh", "co2_kg")}
+    assert lone["epochs"] == paired["epochs"] and lone["energy_kwh"] is None and lone["co2_kg"] is None
+    said = " ".join(named[alone / "costmodel.json"].stderr.split())
+    assert f"{alone / 'costmodel.json'} holds no energy rate for this host" in said and "forecaster.json" in said
+    assert "energy rate" not in named[cal / "costmodel.json"].stderr
     common = [
         "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"),
         "--reference-stats", str(cal / "reference.safetensors"), "--cost-model", str(cal / "forecaster.json"),
@@ -349,6 +372,11 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     other = shiftcost(*common, "--out", str(files / "other.safetensors"), "--lr", "0.05", cwd=files)
     assert other.returncode == 2 and "lr" in other.stderr and "(here 0.05)" in other.stderr and "Traceback" not in other.stderr
     assert not (files / "other.safetensors").exists()
+    unpriced = [str(alone / "costmodel.json") if arg == str(cal / "forecaster.json") else arg for arg in common]
+    unguarded = shiftcost(*unpriced, "--lr", "0.01", "--out", str(files / "unguarded.safetensors"), cwd=files)
+    refused = " ".join(unguarded.stderr.split())
+    assert unguarded.returncode == 2 and "so a budget in kWh cannot be guarded" in refused and "forecaster.json" in refused
+    assert "Traceback" not in refused and not (files / "unguarded.safetensors").exists()
 
 
 def test_a_forecast_held_at_the_horizon_reads_as_at_least_that_many(files) -> None:
