@@ -6,9 +6,8 @@ Usage: nice -n 10 python benchmarks/batch_size_transfer.py [--arch digits_cnn] [
 Calibrates on the built-in kinds as ``forecast_accuracy.py`` does, on its stream of 539 images.
 Then, for each size, draws batches of that many distinct stream images (a seeded subset per
 seed), corrupts them with every evaluation-only kind of ``--kind-set`` at each of its
-intensities, forecasts with the index stage and the probe stage (``batch_samples`` set to the
-batch's size, as ``forecast`` and the pipeline set it), and retrains to the cutoff. Prints per
-size: runs, reached and capped, the median epochs and steps of the reached runs, and each
+intensities, forecasts the epochs with the index stage and the probe stage, and retrains to the
+cutoff. Prints per size: runs, reached and capped, the median epochs and steps of the reached runs, and each
 stage's MdAPE of epochs, median log(forecast / epochs) (its bias) and 90% coverage on the runs
 that reached the cutoff after some training. Nothing here chooses a setting.
 """
@@ -66,7 +65,7 @@ def main() -> None:
                     report = assess(model, spec, stats, shifted, y, device=args.device)
                     features = {k: float(getattr(report, k)) for k in COST_FEATURES}
                     probe = run_probe(model, shifted, y, target_accuracy=target, ceiling=ceiling, seed=seed, device=args.device, **forecaster.probe_options())
-                    forecasts = {"stage0": forecaster.predict(features, batch_samples=size), "stage0_probe": forecaster.predict(features, probe=probe, batch_samples=size)}
+                    forecasts = {"stage0": forecaster.predict(features), "stage0_probe": forecaster.predict(features, probe=probe)}
                     run = retrain_to_cutoff(
                         model, shifted, y, seed=seed, reference_accuracy=ceiling, tolerance=TOLERANCE, holdout_fraction=protocol.HOLDOUT_FRACTION,
                         max_epochs=protocol.MAX_EPOCHS, track_energy=False, device=args.device, **TRAINING_RECIPE,

@@ -86,8 +86,8 @@ def score(work: Path, name: str, model: Any, batches: list[dict[str, Any]]) -> d
         drop = model.reference.accuracy - features["accuracy"]
         constant, isotonic = baselines(drop)
         trajectory = run_calibrated_probe(forecaster, model.net, batch["batch"], model.reference.accuracy, 0.03, None, 0, "cpu", batch["kind"], False, "USA")
-        index = forecaster.predict(features, batch_samples=len(batch["batch"].y))
-        probed = forecaster.predict(features, probe=trajectory, batch_samples=len(batch["batch"].y))
+        index = forecaster.predict(features)
+        probed = forecaster.predict(features, probe=trajectory)
         runs.append({
             "epochs": batch["epochs"], "censored": batch["censored"], "constant": constant, "isotonic_accuracy_drop": isotonic,
             "stage0": index.epochs, "stage0_probe": probed.epochs, "default": index.epochs if forecaster.probe_not_worth() else probed.epochs,

@@ -47,7 +47,7 @@ def forecast(
 ) -> None:
     """Forecast the epochs, kWh and kg CO2e of retraining a model on a labelled batch, with intervals.
 
-    The index forecast (stage 0) is free; the probe (stage 1) fine-tunes a copy of the model for a few steps on a small sample of the batch, and its own cost (steps, seconds, energy) is reported so it can be charged. Without --probe-steps there is no probe where calibration forecast its batches no better with one (it says so). --probe-steps and --no-probe are exclusive.
+    The index forecast (stage 0) is free; the probe (stage 1) fine-tunes a copy of the model for a few steps on a small sample of the batch, and its own cost (steps, seconds, energy) is reported so it can be charged. Without --probe-steps there is no probe where calibration forecast its batches no better with one (it says so). --probe-steps and --no-probe are exclusive. kWh are priced as the pipeline prices the retrain: each epoch trains the batch's training split and the reference samples the model's recipe replays (as many as the reference statistics summarise), the holdout is evaluated at the protocol's cadence, and no run goes past the retrains' epoch cap (20 by default).
     """
     from shiftcost.data.batches import check_batch, load_batch
     from shiftcost.data.models import load_model
@@ -55,6 +55,7 @@ def forecast(
     from shiftcost.forecast import protocol
     from shiftcost.forecast.forecaster import Forecaster, missing_energy_rate
     from shiftcost.index.reference import ReferenceStats
+    from shiftcost.recipe import RetrainConfig
 
     if no_probe and probe_steps is not None:
         raise InputError("--probe-steps and --no-probe contradict each other; give one of them.")
@@ -82,7 +83,12 @@ def forecast(
         make_console(stderr=True).print(f"no probe: {not_worth}; --probe-steps N probes anyway.", style="yellow")
     if not no_probe and forecaster.stage1 is not None and not not_worth:
         trajectory = run_calibrated_probe(forecaster, net, new, reference.accuracy, tolerance, probe_steps, seed, device, str(batch), not no_energy, country)
-    result = forecaster.predict(features, probe=trajectory, batch_samples=len(new.y), carbon_intensity=intensity)
+    # Priced as the pipeline prices this retrain: the model's recipe replays reference samples too.
+    retrain = RetrainConfig().for_model(spec)
+    price = forecaster.retrain_price(
+        len(new.y), replay_fraction=retrain.recipe.replay_with(True), reference_samples=reference.samples, cap_epochs=retrain.caps.max_epochs
+    )
+    result = forecaster.predict(features, probe=trajectory, price=price, carbon_intensity=intensity)
     if as_json:
         payload = _payload(result)
         payload.update(model=str(model), batch=str(batch), cost_model=str(cost_model))

@@ -247,7 +247,7 @@ def _budget_guard(
         holdout_fraction=config.cutoff.holdout_fraction, replay_fraction=replay, reference_samples=0 if ref_x is None else len(ref_x),
     )
     if features is not None:
-        guard.initial = forecaster.predict(features, batch_samples=len(new.y))
+        guard.initial = forecaster.predict(features)
         if probe and forecaster.stage1 is not None:
             price = RetrainPrice(guard.pool, guard.holdout, forecaster.batch_size, forecaster.energy_rate, config.caps.max_epochs)
             not_worth = forecaster.probe_not_worth()
@@ -264,7 +264,7 @@ def _budget_guard(
                 )
                 # Priced through the host rate, as every step of the run is.
                 guard.spent_before_kwh = guard.probe.cost.estimated_energy_kwh
-                guard.initial = forecaster.predict(features, probe=guard.probe, batch_samples=len(new.y))
+                guard.initial = forecaster.predict(features, probe=guard.probe)
     return guard
 
 

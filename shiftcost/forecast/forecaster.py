@@ -39,7 +39,9 @@ from shiftcost.errors import ConfigError, InputError
 from shiftcost.forecast import probe as probing
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
+from shiftcost.forecast.price import RetrainPrice
 from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, ProbeTrajectory, horizon_epochs, probe_features
+from shiftcost.recipe import pool_samples
 
 __all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATURES", "abs_log_errors", "median_interval", "naive_did_better"]
 
@@ -300,14 +302,14 @@ class Forecaster:
         features: Mapping[str, Any],
         *,
         probe: ProbeTrajectory | None = None,
-        batch_samples: int | None = None,
+        price: RetrainPrice | None = None,
         carbon_intensity: float | None = None,
     ) -> Forecast:
         """Stage 0 alone, or stage 1 when a probe trajectory is given and stage 1 is fitted."""
         if probe is None or self.stage1 is None:
             prediction = self.stage0.predict_costs([dict(features)], max_epochs=self.max_epochs)[0]
             return self._finish(
-                prediction, "index", dict(prediction.features), None, batch_samples, carbon_intensity, extrapolated=prediction.extrapolated
+                prediction, "index", dict(prediction.features), None, price, carbon_intensity, extrapolated=prediction.extrapolated
             )
         self._check_probe(probe)
         values = probe_features(
@@ -316,7 +318,7 @@ class Forecaster:
         return self.predict_from_probe_features(
             features, values, probe_cost=probe.cost.to_dict() | {"settings": dict(probe.settings)},
             already_met=probing.starts_at_target(probe.accuracy, probe.target_accuracy),
-            batch_samples=batch_samples, carbon_intensity=carbon_intensity,
+            price=price, carbon_intensity=carbon_intensity,
         )
 
     def predict_from_probe_features(
@@ -326,7 +328,7 @@ class Forecaster:
         *,
         probe_cost: dict[str, Any] | None = None,
         already_met: bool = False,
-        batch_samples: int | None = None,
+        price: RetrainPrice | None = None,
         carbon_intensity: float | None = None,
     ) -> Forecast:
         """Stage 1 on the probe's features (:func:`~shiftcost.forecast.probe.probe_features`), e.g. a calibration row's."""
@@ -346,7 +348,7 @@ class Forecaster:
             # a curve that crosses at once no longer forecasts "no training" (an upper bound of 0).
             known, p_fail = _condition_on_spent(fitted, 0.0, self.stage1.epochs_offset, self.max_epochs)
         return self._finish(
-            prediction, "probe", dict(features) | row, probe_cost, batch_samples, carbon_intensity, epochs=known, p_not_converge=p_fail,
+            prediction, "probe", dict(features) | row, probe_cost, price, carbon_intensity, epochs=known, p_not_converge=p_fail,
             extrapolated=outside,
         )
 
@@ -360,7 +362,7 @@ class Forecaster:
         ceiling: float,
         features: Mapping[str, Any] | None = None,
         prior: Forecast | None = None,
-        batch_samples: int | None = None,
+        price: RetrainPrice | None = None,
         carbon_intensity: float | None = None,
         own_curve_evals: float | None = None,
     ) -> Forecast:
@@ -396,7 +398,7 @@ class Forecaster:
         interval, p_fail = _condition_on_spent(base, float(epochs[-1]), offset, self.max_epochs, own, weight)
         return self._finish(
             None, "in_flight", dict(features or {}) | row | {"own_curve_epochs": own, "own_curve_weight": weight}, None,
-            batch_samples, carbon_intensity, epochs=interval, p_not_converge=p_fail,
+            price, carbon_intensity, epochs=interval, p_not_converge=p_fail,
         )
 
     def _pulled_to_median(self, fitted: Interval) -> Interval:
@@ -424,14 +426,25 @@ class Forecaster:
         high = min(epochs.high, horizon) if math.isfinite(epochs.high) else math.inf
         return Interval(min(epochs.median, horizon), min(epochs.low, horizon), high, epochs.level)
 
-    def energy_interval(self, epochs: Interval, batch_samples: int | None) -> Interval | None:
-        """kWh of the epochs interval for a batch of ``batch_samples`` (evaluations included)."""
-        if self.energy_rate is None or batch_samples is None:
+    def retrain_price(
+        self,
+        batch_samples: int,
+        *,
+        replay_fraction: float = 0.0,
+        reference_samples: int = 0,
+        holdout_fraction: float = protocol.HOLDOUT_FRACTION,
+        cap_epochs: float | None = None,
+    ) -> RetrainPrice | None:
+        """How a retrain on a labelled batch of ``batch_samples`` is priced at this host's rate
+        (``None`` without one): each epoch trains the batch's training split plus the reference
+        samples its recipe replays (``replay_fraction`` of the pool, at most ``reference_samples``),
+        the holdout is evaluated at the protocol's cadence, and no run goes past ``cap_epochs``
+        (default: the calibrated cap)."""
+        if self.energy_rate is None:
             return None
-        pool, holdout = protocol.split_sizes(batch_samples)
-        per_epoch = protocol.steps_per_epoch(pool, self.batch_size)
-        rate = self.energy_rate
-        return epochs.map(lambda e: rate.kwh(e * pool, protocol.evaluations(e, per_epoch) * holdout))
+        train, holdout = protocol.split_sizes(batch_samples, holdout_fraction)
+        pool = pool_samples(train, replay_fraction, reference_samples)
+        return RetrainPrice(pool, holdout, self.batch_size, self.energy_rate, self.max_epochs if cap_epochs is None else cap_epochs)
 
     def _stage1_row(
         self,
@@ -473,7 +486,7 @@ class Forecaster:
         stage: str,
         features: dict[str, Any],
         probe: dict[str, Any] | None,
-        batch_samples: int | None,
+        price: RetrainPrice | None,
         carbon_intensity: float | None,
         *,
         epochs: Interval | None = None,
@@ -485,7 +498,7 @@ class Forecaster:
             epochs = Interval(prediction.epochs, prediction.epochs_lower, prediction.epochs_upper, prediction.level)
             p_not_converge = prediction.p_not_converge
         epochs = self.within_horizon(epochs)
-        energy = self.energy_interval(epochs, batch_samples)
+        energy = None if price is None else epochs.map(price.kwh)
         co2 = None if energy is None or carbon_intensity is None else energy.map(lambda k: k * carbon_intensity)
         flag = bool(epochs.median >= self.max_epochs or (p_not_converge is not None and p_not_converge >= 0.5))
         numeric = {k: float(v) for k, v in features.items() if _finite(v)}

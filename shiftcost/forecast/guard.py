@@ -69,12 +69,13 @@ class BudgetGuard:
 
             raise InputError("the cost model has no energy rate for this host, so a budget in kWh cannot be guarded; recalibrate with energy tracking.")
         self.rate = self.forecaster.energy_rate
-        from shiftcost.recipe import pool_samples
-
-        train, self.holdout = protocol.split_sizes(self.batch_samples, self.holdout_fraction)
         # Each epoch still to come trains on the replayed samples too: leaving them out would
         # price the rest of the run at a fraction of its cost and stop it too late.
-        self.pool = pool_samples(train, self.replay_fraction, self.reference_samples)
+        price = self.forecaster.retrain_price(
+            self.batch_samples, replay_fraction=self.replay_fraction, reference_samples=self.reference_samples, holdout_fraction=self.holdout_fraction
+        )
+        assert price is not None  # the rate was checked above
+        self.pool, self.holdout = price.pool, price.holdout
 
     def __call__(self, point: Any, step_cap: int, target: float) -> str | None:
         rate = self.rate
@@ -116,6 +117,6 @@ class BudgetGuard:
         if len(self._epochs) >= MIN_POINTS and can_forecast:
             return self.forecaster.in_flight(
                 self._epochs, self._accuracy, self._loss, target=target, ceiling=self.ceiling, features=self.features,
-                prior=self.initial, batch_samples=self.batch_samples,
+                prior=self.initial,
             )
         return self.initial

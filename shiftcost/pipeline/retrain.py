@@ -314,7 +314,7 @@ def budget_guard(inputs: RetrainInputs, holdout_fraction: float, replay_fraction
         initial = Forecast(epochs, None, None, decided["stage"], False, None, {})
     else:
         try:
-            initial = forecaster.predict(inputs.features, batch_samples=len(inputs.data))
+            initial = forecaster.predict(inputs.features)
         except InputError:
             initial = None  # the indices the cost model needs are missing: only spend is watched
     return BudgetGuard(

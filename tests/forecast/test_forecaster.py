@@ -295,13 +295,36 @@ def test_energy_counts_evaluations_so_zero_epochs_is_not_free() -> None:
     forecaster = fitted_forecaster()
     from shiftcost.forecast.forecaster import Interval
 
-    energy = forecaster.energy_interval(Interval(0.0, 0.0, 2.0, 0.9), batch_samples=100)
+    energy = Interval(0.0, 0.0, 2.0, 0.9).map(forecaster.retrain_price(100).kwh)
     pool, holdout = protocol.split_sizes(100)
     assert (pool, holdout) == (70, 30)
     assert energy.median == pytest.approx(EVAL_SAMPLE_WEIGHT * holdout) and energy.median > 0
     per_epoch = protocol.steps_per_epoch(pool, 16)
     evals = 1 + math.ceil(2 * per_epoch / max(1, per_epoch // 4))
     assert energy.high == pytest.approx(2 * pool + EVAL_SAMPLE_WEIGHT * evals * holdout)
+
+
+def test_a_forecast_prices_the_replayed_reference_and_stops_at_the_cap() -> None:
+    """kWh as the retrain spends them: its epochs train the replayed reference samples too (half the
+    pool at replay 0.5, as many as the reference holds), and no run goes past the cap."""
+    forecaster = fitted_forecaster()
+    plain = forecaster.retrain_price(100)
+    replayed = forecaster.retrain_price(100, replay_fraction=0.5, reference_samples=1000)
+    short = forecaster.retrain_price(100, replay_fraction=0.5, reference_samples=20)
+    assert (plain.pool, replayed.pool, short.pool) == (70, 140, 90) and plain.holdout == replayed.holdout == 30
+    per_epoch = protocol.steps_per_epoch(140, 16)
+    evals = 1 + math.ceil(2 * per_epoch / max(1, per_epoch // 4))
+    assert replayed.kwh(2.0) == pytest.approx(2 * 140 + EVAL_SAMPLE_WEIGHT * evals * 30)
+    cap = forecaster.max_epochs
+    assert replayed.kwh(3 * cap) == replayed.kwh(cap) > replayed.kwh(cap - 1)
+    longer = forecaster.retrain_price(100, cap_epochs=2 * cap)
+    assert longer.kwh(3 * cap) == longer.kwh(2 * cap) > plain.kwh(2 * cap)
+    row = forecast_rows()[20]
+    forecast = forecaster.predict(row, price=replayed, carbon_intensity=0.5)
+    assert forecast.energy_kwh == forecast.epochs.map(replayed.kwh)
+    assert forecast.co2_kg.median == pytest.approx(0.5 * forecast.energy_kwh.median)
+    assert forecaster.predict(row).energy_kwh is None
+    assert Forecaster(forecaster.stage0, max_epochs=cap).retrain_price(100) is None
 
 
 def test_host_energy_rate_is_the_median_ratio_where_no_line_is_identified() -> None:
@@ -456,10 +479,10 @@ def test_a_probe_that_starts_at_the_target_forecasts_no_training() -> None:
         )
 
     row = forecast_rows()[20]
-    met = forecaster.predict(row, probe=probe(0.91), batch_samples=100)
+    met = forecaster.predict(row, probe=probe(0.91), price=forecaster.retrain_price(100))
     assert (met.epochs.median, met.epochs.low, met.epochs.high) == (0.0, 0.0, 0.0) and not met.not_converging
     assert met.energy_kwh.median > 0  # its one evaluation still costs
-    unmet = forecaster.predict(row, probe=probe(0.89), batch_samples=100)
+    unmet = forecaster.predict(row, probe=probe(0.89), price=forecaster.retrain_price(100))
     assert unmet.epochs.median > 0 and unmet.epochs.median <= 3 * forecaster.max_epochs
 
 
@@ -631,9 +654,9 @@ def test_later_probes_repeat_the_calibrated_probe_and_a_probe_at_another_rate_is
         settings={"lr": 1e-4, "optimizer": "adam"},
     )
     row = forecast_rows()[20]
-    assert forecaster.predict(row, probe=probe, batch_samples=100).probe["settings"]["lr"] == 1e-4
+    assert forecaster.predict(row, probe=probe).probe["settings"]["lr"] == 1e-4
     with pytest.raises(ConfigError, match=r"lr 0.0001 \(here 0.001\)"):
-        forecaster.predict(row, probe=dataclasses.replace(probe, settings={"lr": 1e-3, "optimizer": "adam"}), batch_samples=100)
+        forecaster.predict(row, probe=dataclasses.replace(probe, settings={"lr": 1e-3, "optimizer": "adam"}))
 
 
 def test_a_calibration_records_the_probes_recipe_and_refuses_a_probe_on_another(tmp_path) -> None:
@@ -657,9 +680,9 @@ def test_a_calibration_records_the_probes_recipe_and_refuses_a_probe_on_another(
     )
     forecaster = fitted_forecaster()
     forecaster.probe_settings = loaded.probe_settings
-    forecaster.predict(forecast_rows()[20], probe=probe, batch_samples=100)
+    forecaster.predict(forecast_rows()[20], probe=probe)
     with pytest.raises(ConfigError, match=r"weight_decay 0.01 \(here 0.0\)"):
-        forecaster.predict(forecast_rows()[20], probe=dataclasses.replace(probe, settings=recipe | {"weight_decay": 0.0}), batch_samples=100)
+        forecaster.predict(forecast_rows()[20], probe=dataclasses.replace(probe, settings=recipe | {"weight_decay": 0.0}))
 
 
 def test_forecasts_stop_at_a_horizon_of_a_few_caps() -> None:
