@@ -131,6 +131,21 @@ def store_cost_model(
     )
 
 
+def refitted_forecaster(session: Session, architecture: str, cost_model: CostModel) -> Forecaster | None:
+    """``cost_model``, refitted from ``architecture``'s newest calibration, with that calibration's
+    probe stage, probe settings and calibrated recipe (``None`` where it stored none).
+
+    A refit adds a real retrain to stage 0 only; storing it without the rest would leave every
+    later assessment without a probe stage and every guard without the recipe check.
+    """
+    from shiftcost.forecast.forecaster import Forecaster
+    from shiftcost.store import repository
+
+    row = repository.latest_calibration(session, architecture)
+    saved = None if row is None else (row.details or {}).get("forecaster")
+    return None if not saved else Forecaster.with_probe_stage(cost_model, saved)
+
+
 def load_cost_model(session: Session, architecture: str) -> tuple[CostModel, Calibration] | None:
     """The newest stored cost model of ``architecture`` and its calibration row, if any."""
     from shiftcost.costmodel import CostModel

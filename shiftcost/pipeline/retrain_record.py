@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from shiftcost.energy import device_kind
 from shiftcost.pipeline.claims import ClaimLost, guarded_update
-from shiftcost.pipeline.common import json_safe, store_cost_model
+from shiftcost.pipeline.common import json_safe, refitted_forecaster, store_cost_model
 from shiftcost.statuses import BatchStatus, ModelStatus, RetrainStatus
 
 if TYPE_CHECKING:
@@ -155,7 +155,9 @@ def record_retrain_success(
             notes += _gate_notes(new_model.version, new_version.gate)
         calibration = None
         if cost_model is not None:
-            calibration = store_cost_model(session, inputs.spec.architecture, cost_model, source="refit", model_id=inputs.model_id)
+            architecture = inputs.spec.architecture
+            kept = refitted_forecaster(session, architecture, cost_model)
+            calibration = store_cost_model(session, architecture, cost_model, source="refit", model_id=inputs.model_id, forecaster=kept)
         status = result.status if result.status in (RetrainStatus.CAP_REACHED, RetrainStatus.STOPPED_BY_BUDGET) else RetrainStatus.SUCCEEDED
         measures = _run_measures(result)
         energy_rate = refit_energy_rate(session, inputs, result)

@@ -144,3 +144,34 @@ def test_a_cost_model_calibrated_at_another_retrain_batch_size_is_refused_before
         pipeline.process_batch(settings, str(landing / "other.npz"), retrain=False)
     with pipeline.connect(settings) as database, database.session(readonly=True) as session:
         assert session.scalar(select(func.count()).select_from(db.Decision)) == 0
+
+
+def test_a_refit_after_a_real_retrain_keeps_the_probe_stage_and_the_calibrated_recipe(probe_env) -> None:
+    import json
+
+    from shiftcost import pipeline
+    from shiftcost.data import Batch, save_batch
+    from shiftcost.pipeline.common import load_forecaster
+    from shiftcost.store import repository
+
+    settings, landing, trained = probe_env
+    architecture = trained.spec.architecture
+
+    def newest() -> tuple[db.Calibration, object]:
+        with pipeline.connect(settings) as database, database.session(readonly=True) as session:
+            row = repository.latest_calibration(session, architecture)
+            session.expunge(row)
+            return row, load_forecaster(session, architecture, batch_size=64)
+
+    registered, before = newest()
+    x, y = trained.splits["stream"]
+    save_batch(Batch(brightened(x[:200]), y[:200], "first"), landing / "first.npz")
+    done = pipeline.process_batch(settings, str(landing / "first.npz"))
+    assert done.retraining is not None and done.retraining.epochs is not None, done.to_dict()
+    refit, after = newest()
+    # Stage 0 learned the run; the probe stage, its probes and the recipe it was calibrated on stay.
+    assert (refit.source, refit.n_points, refit.version) == ("refit", registered.n_points + 1, registered.version + 1)
+    assert after.stage0.history_.latest.version == before.stage0.history_.latest.version + 1
+    assert after.stage1 is not None and json.loads(after.stage1.to_json()) == json.loads(before.stage1.to_json())
+    assert after.probe_options() == before.probe_options() == before.probe_options() | PROBE
+    assert (after.retrain_settings, after.left_out, after.max_epochs) == (before.retrain_settings, before.left_out, before.max_epochs)
