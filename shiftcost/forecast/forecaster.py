@@ -610,7 +610,7 @@ class Forecaster:
             energy_rate=None if rate is None else HostEnergyRate.from_dict(rate),
             batch_size=saved.get("batch_size") or batch_size,
             probe_settings=_as_saved(saved.get("probe_settings")),
-            stage1_error=saved.get("stage1_error") or (None if stage1 else "the stored cost model has no probe stage"),
+            stage1_error=saved.get("stage1_error") or (None if stage1 else "its calibration stored none"),
             retrain_settings=saved.get("retrain"),
             left_out=saved.get("left_out"),
             pull_to_median=saved.get("pull_to_median", 0.0),
@@ -743,7 +743,7 @@ class Forecaster:
             paired.stage0 = stage0
             return paired
         cap = stage0.max_epochs or stage0.cap_epochs_ or protocol.MAX_EPOCHS
-        return cls(stage0, None, max_epochs=cap, batch_size=None, stage1_error="a plain cost model file has no probe stage")
+        return cls(stage0, None, max_epochs=cap, batch_size=None, stage1_error="a plain cost model file holds none")
 
 
 def missing_energy_rate(path: str | Path, consequence: str) -> str:
