@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from scipy import special, stats
 
+from shiftcost.costmodel import FORMAT as COST_MODEL_FORMAT
 from shiftcost.costmodel import CostModel, CostPrediction
 from shiftcost.energy import HostEnergyRate
 from shiftcost.errors import ConfigError, InputError
@@ -721,7 +722,12 @@ class Forecaster:
             raise InputError(f"cost model file {path} does not exist; write one with `shiftcost calibrate`.") from None
         except (OSError, json.JSONDecodeError) as error:
             raise InputError(f"cost model file {path} is not readable JSON ({error}); write it again with `shiftcost calibrate`.") from None
-        if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, COST_MODEL_FORMAT):
+            raise InputError(
+                f"{path} is neither a forecaster nor a cost model file; give the {FORECASTER_FILE} or costmodel.json that "
+                "`shiftcost calibrate` wrote, or its --out folder."
+            )
+        if payload.get("format") == FORMAT:
             stage1 = None if payload.get("stage1") is None else CostModel.from_json(json.dumps(payload["stage1"]))
             rate = payload.get("energy_rate")
             return cls(

@@ -430,6 +430,10 @@ def test_round_trip_and_plain_cost_model_files(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match="not readable JSON"):
         Forecaster.load(tmp_path / "bad.json")
+    # Another file calibrate writes, named by mistake: one sentence naming the files that would do.
+    (tmp_path / "points.json").write_text(json.dumps([{"epochs": 1.0}]))
+    with pytest.raises(InputError, match=r"points.json is neither a forecaster nor a cost model file; give the forecaster.json or costmodel.json"):
+        Forecaster.load(tmp_path / "points.json")
     # The directory `calibrate --out` wrote: its forecaster.json, else its costmodel.json.
     assert Forecaster.load(tmp_path).stage1 is not None
     (tmp_path / "forecaster.json").unlink()
