@@ -306,6 +306,23 @@ def test_target_defaults_to_reference_accuracy_minus_tolerance_and_replay_mixes_
     assert result.pool_samples == 160 + result.replay_samples
 
 
+def test_a_model_no_better_than_chance_on_its_reference_is_refused_in_one_sentence() -> None:
+    """Its target would sit at chance, which it meets at once: the run would say ``already_met``."""
+    x, y, w = separable(n=200, seed=5)
+    model = nn.Linear(8, 2)
+    with torch.no_grad():  # one class for every input: right on about half, as chance is
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([1.0, 0.0]))
+    at_chance = independent_accuracy(model, x, y)
+    assert abs(at_chance - 0.5) < 0.1
+    for given in ({"reference_x": x, "reference_y": y}, {"reference_accuracy": at_chance}):
+        with pytest.raises(InputError, match=r"^the model scores 0\.\d+ on the reference, no better than chance \(0\.500 for 2 classes\)"):
+            retrain_to_cutoff(model, x, y, tolerance=0.05, max_steps=2, track_energy=False, **given)
+    # A target the caller sets is theirs: the run goes ahead.
+    result = retrain_to_cutoff(model, x, y, target_accuracy=0.9, max_steps=2, track_energy=False)
+    assert result.steps == 2 and result.status == "cap_reached"
+
+
 def test_result_round_trips_through_json() -> None:
     x, y, w = separable(n=100)
     result = retrain_to_cutoff(wrong_linear(w), x, y, target_accuracy=0.8, max_steps=6, eval_every=2, batch_size=16, **FAST)

@@ -15,6 +15,7 @@ from torch import nn
 
 from shiftcost.energy import EnergyMeasurement, EnergyMeasurementError, EnergyMeter, options_for_device
 from shiftcost.errors import ConfigError, InputError
+from shiftcost.forecast.protocol import check_above_chance
 from shiftcost.forecast.protocol import cutoff_reached as protocol_cutoff_reached
 from shiftcost.index.capture import resolve_device
 from shiftcost.recipe import Recipe, RetrainConfig, build_augmentation, load_entry_point, pool_samples
@@ -257,9 +258,13 @@ def _check_reference(
 
 def _resolve_target(
     work: nn.Module, dev: torch.device, cfg: RetrainConfig, reference_x: Any, reference_y: Any,
-    target_accuracy: float | None, reference_accuracy: float | None,
+    target_accuracy: float | None, reference_accuracy: float | None, num_classes: int,
 ) -> tuple[float, float | None]:
-    """(target accuracy, reference accuracy): as given, else measured on the reference data."""
+    """(target accuracy, reference accuracy): as given, else measured on the reference data.
+
+    A target taken from a reference accuracy no better than chance is refused: such a model
+    meets it at once, and the run would be recorded as ``already_met``.
+    """
     if target_accuracy is None:
         if reference_accuracy is None:
             if reference_x is None:
@@ -268,6 +273,7 @@ def _resolve_target(
                 )
             _check_logits(work, reference_x, reference_y, dev, "the reference data")
             reference_accuracy, _ = _evaluate(work, reference_x, reference_y, dev, cfg.cutoff.eval_batch_size)
+        check_above_chance(reference_accuracy, num_classes, cfg.cutoff.tolerance, "the reference")
         target_accuracy = max(0.0, reference_accuracy - cfg.cutoff.tolerance)
     if not 0.0 <= target_accuracy <= 1.0:
         raise ConfigError(f"target accuracy must lie in [0, 1], got {target_accuracy!r}.")
@@ -435,9 +441,9 @@ def retrain_to_cutoff(
     params = _trainable(work)
     if not params:
         raise InputError("the model has no trainable parameters; nothing to retrain.")
-    _check_logits(work, x, y, dev, source)
+    num_classes = _check_logits(work, x, y, dev, source)
     target_accuracy, reference_accuracy = _resolve_target(
-        work, dev, cfg, reference_x, reference_y, target_accuracy, reference_accuracy
+        work, dev, cfg, reference_x, reference_y, target_accuracy, reference_accuracy, num_classes
     )
 
     pool = _build_pool(x, y, reference_x, reference_y, cfg, replay_fraction, source)

@@ -73,7 +73,8 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.
     return correct / len(x), loss_sum / len(x)
 
 
-def _check_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, what: str) -> None:
+def _check_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, what: str) -> int:
+    """The model's number of classes, once its logits are checked against the labels of ``x``."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -83,6 +84,7 @@ def _check_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: to
         raise InputError(f"the model must return class logits of shape (N, K), got {getattr(logits, 'shape', type(logits).__name__)}.")
     if int(y.max()) >= logits.shape[1]:
         raise InputError(f"{what} has label {int(y.max())} but the model has only {logits.shape[1]} outputs; check the labels or the model.")
+    return int(logits.shape[1])
 
 
 def _make_optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.Optimizer:
