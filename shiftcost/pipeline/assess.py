@@ -416,7 +416,9 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
     except InputError as error:
         problem = str(error)
     stage, advice, probe_record = "index", None, None
-    if prediction is not None and forecaster is not None and loaded.data.has_labels:  # a probe trains: it needs labels
+    if not loaded.data.has_labels:
+        advice = "the batch has no labels, and a probe trains on them"
+    elif prediction is not None and forecaster is not None:
         prediction, stage, advice, probe_record = probe_if_it_pays(
             settings, loaded, features, prediction, forecaster, budget_left, price, intensity
         )

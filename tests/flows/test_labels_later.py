@@ -45,6 +45,8 @@ def test_an_unlabelled_batch_awaits_its_labels_then_is_retrained(pipeline_env: P
     (decision,) = env.rows(db.Decision)
     assert decision.action == "defer" and decision.cost_prediction_id is not None
     assert "awaiting_labels" in [reason["code"] for reason in decision.reasons]
+    (prediction,) = env.rows(db.CostPrediction)
+    assert prediction.details["stage"] == "index" and prediction.details["probe_advice"] == "the batch has no labels, and a probe trains on them"
     assert env.count(db.RetrainRun) == 0 and env.count(db.LedgerEntry) == 0
     # The label-free features of the pass are kept with the index run: no accuracy or loss, but entropy and confidence.
     (index_run,) = env.rows(db.IndexRun)
