@@ -47,11 +47,11 @@ def forecast(
 ) -> None:
     """Forecast the epochs, kWh and kg CO2e of retraining a model on a labelled batch, with intervals.
 
-    The index forecast (stage 0) is free; the probe (stage 1) fine-tunes a copy of the model for a few steps on a small sample of the batch, and its own cost (steps, seconds, energy) is reported so it can be charged. Without --probe-steps there is no probe where calibration forecast its batches no better with one (it says so). --probe-steps and --no-probe are exclusive. kWh are priced as the pipeline prices the retrain: each epoch trains the batch's training split and the reference samples the model's recipe replays (as many as the reference statistics summarise), the holdout is evaluated at the protocol's cadence, and no run goes past the retrains' epoch cap (20 by default).
+    The index forecast (stage 0) is free; the probe (stage 1) fine-tunes a copy of the model for a few steps on a small sample of the batch, and its own cost (steps, seconds, energy) is reported so it can be charged. Without --probe-steps there is no probe where calibration forecast its batches no better with one (it says so). --probe-steps and --no-probe are exclusive. The forecast is of a retrain like calibration's: where the model file's recipe differs from the calibrated one, stderr names each difference (the pipeline and retrain --cost-model refuse such a cost model). kWh are priced as the pipeline prices the retrain: each epoch trains the batch's training split and the reference samples that retrain replays (as many as the reference statistics summarise), the holdout is evaluated at the protocol's cadence, and no run goes past the retrains' epoch cap (20 by default).
     """
     from shiftcost.data.batches import check_batch, load_batch
     from shiftcost.data.models import load_model
-    from shiftcost.errors import InputError
+    from shiftcost.errors import ConfigError, InputError
     from shiftcost.forecast import protocol
     from shiftcost.forecast.forecaster import Forecaster, missing_energy_rate
     from shiftcost.index.reference import ReferenceStats
@@ -83,11 +83,15 @@ def forecast(
         make_console(stderr=True).print(f"no probe: {not_worth}; --probe-steps N probes anyway.", style="yellow")
     if not no_probe and forecaster.stage1 is not None and not not_worth:
         trajectory = run_calibrated_probe(forecaster, net, new, reference.accuracy, tolerance, probe_steps, seed, device, str(batch), not no_energy, country)
-    # Priced as the pipeline prices this retrain: the model's recipe replays reference samples too.
     retrain = RetrainConfig().for_model(spec)
-    price = forecaster.retrain_price(
-        len(new.y), replay_fraction=retrain.recipe.replay_with(True), reference_samples=reference.samples, cap_epochs=retrain.caps.max_epochs
-    )
+    try:
+        forecaster.check_retrain(retrain, "this model file's recipe", reference_available=True)
+    except ConfigError as differ:
+        # The pipeline refuses such a cost model; a retrain run by hand may take the calibrated settings as flags.
+        make_console(stderr=True).print(f"This forecasts a retrain with the calibrated settings: {differ}", style="yellow")
+    # Priced as the pipeline prices the retrain, the replayed reference samples included.
+    replay = forecaster.retrain_settings.get("replay_fraction", retrain.recipe.replay_with(True))
+    price = forecaster.retrain_price(len(new.y), replay_fraction=replay, reference_samples=reference.samples, cap_epochs=retrain.caps.max_epochs)
     result = forecaster.predict(features, probe=trajectory, price=price, carbon_intensity=intensity)
     if as_json:
         payload = _payload(result)

@@ -337,6 +337,9 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     assert probed.returncode == 0, probed.stderr
     payload = json.loads(probed.stdout)
     assert payload["stage"] == "probe" and payload["probe"]["settings"]["lr"] == 0.01
+    # The model file keeps the default recipe, which the pipeline would refuse: the forecast says so.
+    said = " ".join(probed.stderr.split())
+    assert "This forecasts a retrain with the calibrated settings: the cost model was calibrated on retrains with lr 0.01 (here 0.0001)" in said
     # The costmodel.json `model register` is given reads with the forecaster.json beside it, here
     # too; copied alone, it forecasts epochs only and says which file prices them.
     alone = files / "alone"
