@@ -363,11 +363,10 @@ class Forecaster:
         ceiling: float,
         features: Mapping[str, Any] | None = None,
         prior: Forecast | None = None,
-        price: RetrainPrice | None = None,
-        carbon_intensity: float | None = None,
         own_curve_evals: float | None = None,
     ) -> Forecast:
-        """Forecast of the *total* epochs of a running retrain from its evaluations so far.
+        """Forecast of the *total* epochs of a running retrain from its evaluations so far (epochs only: the
+        guard prices them itself).
 
         The forecast made before the run (``prior``: the probe's or the index model's;
         without it stage 0 on ``features``, else stage 1 on the run's own curve) is moved
@@ -399,7 +398,7 @@ class Forecaster:
         interval, p_fail = _condition_on_spent(base, float(epochs[-1]), offset, self.max_epochs, own, weight)
         return self._finish(
             None, "in_flight", dict(features or {}) | row | {"own_curve_epochs": own, "own_curve_weight": weight}, None,
-            price, carbon_intensity, epochs=interval, p_not_converge=p_fail,
+            None, None, epochs=interval, p_not_converge=p_fail,
         )
 
     def _pulled_to_median(self, fitted: Interval) -> Interval:
