@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from shiftcost.errors import ConfigError
+from shiftcost.forecast.protocol import MAX_EPOCHS
 
 CONFIG_FILE_VARIABLE = "SHIFTCOST_CONFIG"
 #: The share of the budget left a probe may cost before the decision, unless the user allows more
@@ -176,7 +177,9 @@ class Settings(BaseSettings):
     cutoff_tolerance: float = Field(
         default=0.03, ge=0, lt=1, description="Retraining stops at the reference accuracy minus this."
     )
-    retrain_max_epochs: float | None = Field(default=20.0, gt=0, description="Epoch cap of one retraining.")
+    retrain_max_epochs: float | None = Field(
+        default=MAX_EPOCHS, gt=0, description="Epoch cap of one retraining (calibration's, so forecasts know the runs they price)."
+    )
     retrain_max_steps: int | None = Field(default=None, ge=1, description="Optimizer step cap of one retraining.")
     retrain_batch_size: int = Field(default=64, ge=1, description="Mini-batch size of retraining.")
     retrain_lr: float | None = Field(

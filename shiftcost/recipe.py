@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from shiftcost.errors import ConfigError, InputError
+from shiftcost.forecast import protocol
 
 __all__ = [
     "Recipe",
@@ -162,7 +163,7 @@ class Caps:
     """Where a retrain gives up: the first of ``max_steps`` and ``max_epochs``."""
 
     max_steps: int | None = None
-    max_epochs: float | None = 20
+    max_epochs: float | None = protocol.MAX_EPOCHS
 
     def __post_init__(self) -> None:
         _check(self.max_steps is not None or self.max_epochs is not None, "give max_steps or max_epochs (or both): a run needs a cap.")

@@ -672,8 +672,8 @@ def test_calibrate_says_when_its_cosine_forecasts_hold_only_at_another_cap_than_
         _print_annealing_cap(analyse(_synthetic_rows(), settings=settings, features=["resque_dist"]).forecaster, Console(file=out, width=400))
         return out.getvalue()
 
-    cosine = RetrainConfig().replace(schedule="cosine", max_epochs=15)
-    assert "retrain --max-epochs 15" in said(cosine) and "calibrate with --max-epochs 20" in said(cosine)
+    cosine = RetrainConfig().replace(schedule="cosine", max_epochs=10)
+    assert "retrain --max-epochs 10" in said(cosine) and "calibrate with --max-epochs 15" in said(cosine)
     # At the retrains' own cap, or where the cap only ends a run, there is nothing to say.
-    assert said(cosine.replace(max_epochs=20)) == ""
-    assert said(RetrainConfig().replace(schedule="constant", max_epochs=15)) == ""
+    assert said(cosine.replace(max_epochs=15)) == ""
+    assert said(RetrainConfig().replace(schedule="constant", max_epochs=10)) == ""

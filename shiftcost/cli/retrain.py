@@ -97,7 +97,7 @@ EvalEveryOption = Annotated[
     int | None, typer.Option("--eval-every", min=1, help="Optimizer steps between evaluations (default: a quarter epoch).", show_default=False)
 ]
 MaxStepsOption = Annotated[int | None, typer.Option("--max-steps", min=1, help="Step cap.", show_default=False)]
-MaxEpochsOption = Annotated[float | None, typer.Option("--max-epochs", min=0.01, help="Epoch cap, fractions allowed (default 20).", show_default=False)]
+MaxEpochsOption = Annotated[float | None, typer.Option("--max-epochs", min=0.01, help="Epoch cap, fractions allowed (default 15, calibration's).", show_default=False)]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for the split, shuffling and dropout.")]
 NoEnergyOption = Annotated[bool, typer.Option("--no-energy", help="Do not measure energy (no CodeCarbon).")]
 EmissionsCsvOption = Annotated[

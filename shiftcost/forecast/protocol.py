@@ -30,7 +30,10 @@ from shiftcost.energy import EVAL_SAMPLE_WEIGHT  # noqa: F401 - part of the prot
 HOLDOUT_FRACTION = 0.3
 #: Evaluations per epoch (a quarter-epoch cadence).
 EVALS_PER_EPOCH = 4
-#: Epoch cap of calibration sweeps and the default of forecasts' "not to converge" flag.
+#: Epoch cap of every retrain unless set otherwise: calibration sweeps, ``shiftcost retrain`` and the
+#: pipeline. Calibration's capped runs are censored here, so a forecast knows nothing past it: its
+#: "not to converge" flag fires here, and a retrain allowed to run on would be priced beyond what any
+#: calibration run measured.
 MAX_EPOCHS = 15.0
 #: Evaluations whose mean decides the cutoff (1: the latest alone). ``benchmarks/forecast_selection.py
 #: --windows 1,2,3 --noise-seeds 4`` measures the noise floor (leave-one-seed-out MdAPE of epochs,

@@ -104,8 +104,8 @@ def test_forecast_without_probe_is_the_index_stage(files) -> None:
     assert "curve_log_epochs" not in data["features"]
     # Priced as the retrain spends: 84 training images of the 120 plus as many replayed from the
     # reference (the default recipe replays half of each epoch), the holdout of 36 evaluated, at
-    # most the retrains' 20-epoch cap.
-    price = RetrainPrice(pool=84 + 84, holdout=36, batch_size=16, rate=UNIT_RATE, cap_epochs=20.0)
+    # most the retrains' 15-epoch cap (calibration's).
+    price = RetrainPrice(pool=84 + 84, holdout=36, batch_size=16, rate=UNIT_RATE, cap_epochs=15.0)
     assert data["energy_kwh"] == pytest.approx({key: price.kwh(value) if key != "level" else value for key, value in data["epochs"].items()})
 
 

@@ -8,6 +8,7 @@ import re
 from shiftcost.calibrate import SWEEP_CONFIG, _round_robin, run_sweep
 from shiftcost.config import Settings
 from shiftcost.forecast import protocol
+from shiftcost.recipe import RetrainConfig
 
 
 def test_every_retrain_path_defaults_to_the_protocol() -> None:
@@ -16,6 +17,9 @@ def test_every_retrain_path_defaults_to_the_protocol() -> None:
     assert SWEEP_CONFIG.cutoff.eval_every is None  # a quarter epoch, decided by retrain_to_cutoff
     assert SWEEP_CONFIG.caps.max_epochs == protocol.MAX_EPOCHS
     assert Settings().retrain_holdout_fraction == protocol.HOLDOUT_FRACTION
+    # A retrain gives up where calibration's runs were censored: past that cap a forecast has
+    # never seen a run, so its "not to converge" flag and its price end there too.
+    assert RetrainConfig().caps.max_epochs == Settings().retrain_max_epochs == protocol.MAX_EPOCHS
     from typer.testing import CliRunner
 
     from shiftcost.cli import app
