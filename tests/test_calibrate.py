@@ -144,6 +144,23 @@ def test_the_clean_batch_is_measured_once_and_matches_a_fresh_measurement(swept,
         assert copy[name] == pytest.approx(alone[name], rel=1e-6, abs=1e-9), name
 
 
+def test_a_sweep_trains_at_the_thread_count_retrains_use_unless_given_one(tiny) -> None:
+    # retrain and the pipeline train at this process's torch thread count, and the host energy
+    # rate holds only at the count it was fitted at: by default the sweep measures at that count.
+    model, spec, x, y = tiny
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        default = run_sweep(model, spec, x, y, x, y, sweep={"contrast": (0.0,)}, energy_options=FAST_ENERGY, **RETRAIN)
+        given = run_sweep(model, spec, x, y, x, y, sweep={"contrast": (0.0,)}, energy_options=FAST_ENERGY, threads=1, **RETRAIN)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert {run["torch_threads"] for run in default.rows[0]["runs"]} == {2} and default.settings["threads"] == 2
+    assert {run["torch_threads"] for run in given.rows[0]["runs"]} == {1} and given.settings["threads"] == 1
+    assert after == 2
+
+
 def _float(text: str) -> float | None:
     return float(text) if text not in ("", "None") else None
 

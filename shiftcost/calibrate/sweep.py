@@ -50,7 +50,7 @@ def run_sweep(
     repeats: int = 2,
     config: RetrainConfig | None = None,
     probe_steps: int = 0,
-    threads: int | None = 1,
+    threads: int | None = None,
     probe: bool = True,
     probe_seconds: float = 3.0,
     level: float = 0.90,
@@ -76,10 +76,12 @@ def run_sweep(
     see :meth:`~shiftcost.recipe.RetrainConfig.replace`), drives every run through
     :func:`~shiftcost.retrain.retrain_to_cutoff`, so the sweep measures the recipe the
     model's retrains use; holdout, cadence and cap default to :mod:`shiftcost.forecast.protocol`.
-    ``threads`` sets torch's CPU threads for the sweep (restored afterwards; ``None`` leaves
-    them): a small model gains nothing from intra-op threads, which on a busy machine spin
-    against other processes. ``probe`` measures joules per sample-epoch with the hardware
-    probe for at least ``probe_seconds``; ``probe_steps`` > 0 also runs the learning probe
+    ``threads`` sets torch's CPU threads for the sweep (restored afterwards). ``None`` leaves
+    them, so the sweep trains at the count ``shiftcost retrain`` and the pipeline use, which the
+    host energy rate it fits holds for. A small model on a busy machine may train faster at 1,
+    where intra-op threads spin against other processes; its retrains should then run at 1 too.
+    ``probe`` measures joules per sample-epoch with the hardware probe for at least
+    ``probe_seconds``; ``probe_steps`` > 0 also runs the learning probe
     (:func:`shiftcost.forecast.probe.run_probe`) on every point, calibrating the forecast's
     probe stage. ``features`` and ``level``: the cost model's inputs and interval coverage.
     ``progress(done, total, label)`` is called before the first point and after each one;
@@ -204,7 +206,8 @@ def _sweep_settings(
         "probe_stops_at_cutoff": PROBES_STOP_AT_CUTOFF,
         "probe_max_holdout": DEFAULT_MAX_HOLDOUT,
         "retrain": config.to_dict(),
-        "threads": threads,
+        # The count trained at, not the option: a rate refitted from points.json elsewhere needs it.
+        "threads": threads if threads is not None else torch.get_num_threads(),
         "level": level,
         "features": list(features),
         "architecture": getattr(spec, "architecture", None),

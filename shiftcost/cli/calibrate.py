@@ -462,10 +462,11 @@ MaxEpochsOption = Annotated[
 ]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the demo model, the corruptions and the first repeat.")]
 ThreadsOption = Annotated[
-    int,
+    int | None,
     typer.Option(
-        "--threads", min=1,
-        help="Torch CPU threads during the sweep. The host energy rate it fits holds at this many: give what the retrains will use.",
+        "--threads", min=1, show_default=False,
+        help="Torch CPU threads during the sweep (default: torch's, as retrain and the pipeline use). "
+        "The host energy rate it fits holds at this many: give what the retrains will use.",
     ),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")]
@@ -505,7 +506,7 @@ def register(app: typer.Typer) -> None:
         freeze_batchnorm: FreezeBnOption = None,
         train_step: TrainStepOption = None,
         seed: SeedOption = 0,
-        threads: ThreadsOption = 1,
+        threads: ThreadsOption = None,
         device: DeviceOption = "auto",
         country: CountryOption = "USA",
         as_json: JsonOption = False,
