@@ -19,8 +19,9 @@ measured / estimated (1 is unbiased; above 1 the estimate is low), and the share
 whose measured kWh is above the estimate (a budget on the estimate overspends on those),
 and the median measured / estimated of the runs that trained on nothing (already at the
 cutoff: one evaluation and the run's overhead). Calibration retrains at one torch thread,
-as ``shiftcost calibrate`` does by default; the scored retrains at the process default, as
-``shiftcost retrain`` and the pipeline do, unless ``--retrain-threads`` is given. CodeCarbon's figure on a CPU is a load model (TDP x load plus RAM), so it moves with what
+as ``forecast_accuracy.py``'s sweeps do; the scored retrains at the process default, as
+``shiftcost retrain`` and the pipeline do, unless ``--retrain-threads`` is given (give 1 to
+score the rate at the count it was fitted at). CodeCarbon's figure on a CPU is a load model (TDP x load plus RAM), so it moves with what
 else runs on the machine: run nothing else meanwhile.
 """
 
