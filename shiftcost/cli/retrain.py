@@ -215,7 +215,6 @@ def _budget_guard(
     from shiftcost.forecast.decide import probe_pays
     from shiftcost.forecast.forecaster import Forecaster, missing_energy_rate
     from shiftcost.forecast.guard import BudgetGuard
-    from shiftcost.forecast.price import RetrainPrice
     from shiftcost.retrain import _evaluate
 
     forecaster = Forecaster.load(cost_model)
@@ -245,11 +244,12 @@ def _budget_guard(
     guard = BudgetGuard(
         forecaster, budget_kwh=float(budget_kwh), batch_samples=len(new.y), ceiling=ceiling, features=features,
         holdout_fraction=config.cutoff.holdout_fraction, replay_fraction=replay, reference_samples=0 if ref_x is None else len(ref_x),
+        cap_epochs=config.caps.max_epochs,
     )
     if features is not None:
         guard.initial = forecaster.predict(features)
         if probe and forecaster.stage1 is not None:
-            price = RetrainPrice(guard.pool, guard.holdout, forecaster.batch_size, forecaster.energy_rate, config.caps.max_epochs)
+            price = guard.price
             not_worth = forecaster.probe_not_worth()
             advice = None if not_worth else probe_pays(
                 guard.initial.epochs.map(price.kwh), guard.budget_kwh, price.probe_kwh(forecaster.probe_options()), probe_max_share

@@ -50,6 +50,8 @@ class BudgetGuard:
     holdout_fraction: float = protocol.HOLDOUT_FRACTION
     replay_fraction: float = 0.0
     reference_samples: int = 0
+    #: The run's epoch cap, where no forecast is priced past (default: the calibrated cap).
+    cap_epochs: float | None = None
     #: Spent on the run's behalf before it started (the probe behind ``initial``), charged to the budget too.
     spent_before_kwh: float = 0.0
     #: The probe's trajectory behind ``initial``, when one ran (kept for the run's record).
@@ -67,14 +69,20 @@ class BudgetGuard:
         if self.forecaster.energy_rate is None:
             from shiftcost.errors import InputError
 
-            raise InputError("the cost model has no energy rate for this host, so a budget in kWh cannot be guarded; recalibrate with energy tracking.")
+            raise InputError(
+                "the cost model has no energy rate for this host, so a budget in kWh cannot be guarded; give the forecaster.json "
+                "that shiftcost calibrate wrote (it holds the rate), or calibrate with energy tracking."
+            )
         self.rate = self.forecaster.energy_rate
         # Each epoch still to come trains on the replayed samples too: leaving them out would
         # price the rest of the run at a fraction of its cost and stop it too late.
         price = self.forecaster.retrain_price(
-            self.batch_samples, replay_fraction=self.replay_fraction, reference_samples=self.reference_samples, holdout_fraction=self.holdout_fraction
+            self.batch_samples, replay_fraction=self.replay_fraction, reference_samples=self.reference_samples,
+            holdout_fraction=self.holdout_fraction, cap_epochs=self.cap_epochs,
         )
         assert price is not None  # the rate was checked above
+        #: The whole run's price (what a probe is weighed against before it starts).
+        self.price = price
         self.pool, self.holdout = price.pool, price.holdout
 
     def __call__(self, point: Any, step_cap: int, target: float) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -112,3 +113,23 @@ def test_the_run_overhead_is_charged_once_at_the_start_and_never_to_the_epochs_s
     plain, with_overhead = guards[0.0], guards[500.0]
     assert with_overhead.spent_kwh == pytest.approx(plain.spent_kwh + 500.0)
     assert with_overhead.forecasts[0]["remaining_low_kwh"] == pytest.approx(plain.forecasts[0]["remaining_low_kwh"])
+
+
+def test_the_guard_prices_the_whole_run_at_the_run_s_own_cap_or_the_calibrated_one() -> None:
+    forecaster = fitted_forecaster(cap=15.0)
+    calibrated = BudgetGuard(forecaster, budget_kwh=1.0, batch_samples=N, ceiling=0.97)
+    own = BudgetGuard(forecaster, budget_kwh=1.0, batch_samples=N, ceiling=0.97, cap_epochs=5.0)
+    # Unit rate: an epoch is the 280 training samples, plus a third of each evaluation's 120.
+    assert (calibrated.price.pool, calibrated.price.holdout) == (280, 120)
+    for guard, cap in ((calibrated, 15.0), (own, 5.0)):
+        evaluations = 1 + math.ceil(cap * 18 / 4)  # 18 steps of 16 an epoch, evaluated every 4th step
+        assert guard.price.kwh(100.0) == guard.price.kwh(cap) == pytest.approx(cap * 280 + evaluations * EVAL_SAMPLE_WEIGHT * 120)
+
+
+def test_a_forecaster_without_an_energy_rate_is_refused_with_what_to_give() -> None:
+    from shiftcost.errors import InputError
+
+    forecaster = fitted_forecaster()
+    forecaster.energy_rate = None
+    with pytest.raises(InputError, match="give the forecaster.json that shiftcost calibrate wrote"):
+        BudgetGuard(forecaster, budget_kwh=1.0, batch_samples=N, ceiling=0.97)
