@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shiftcost.forecast import protocol
-from shiftcost.forecast.forecaster import Forecast, Forecaster
+from shiftcost.forecast.forecaster import Forecast, Forecaster, missing_energy_rate
 
 __all__ = ["BudgetGuard", "STOPPED_BY_BUDGET"]
 
@@ -69,10 +69,7 @@ class BudgetGuard:
         if self.forecaster.energy_rate is None:
             from shiftcost.errors import InputError
 
-            raise InputError(
-                "the cost model has no energy rate for this host, so a budget in kWh cannot be guarded; give the forecaster.json "
-                "that shiftcost calibrate wrote (it holds the rate), or calibrate with energy tracking."
-            )
+            raise InputError(missing_energy_rate("the cost model", "a budget in kWh cannot be guarded"))
         self.rate = self.forecaster.energy_rate
         # Each epoch still to come trains on the replayed samples too: leaving them out would
         # price the rest of the run at a fraction of its cost and stop it too late.

@@ -131,5 +131,5 @@ def test_a_forecaster_without_an_energy_rate_is_refused_with_what_to_give() -> N
 
     forecaster = fitted_forecaster()
     forecaster.energy_rate = None
-    with pytest.raises(InputError, match="give the forecaster.json that shiftcost calibrate wrote"):
+    with pytest.raises(InputError, match="writes it to forecaster.json: give that file"):
         BudgetGuard(forecaster, budget_kwh=1.0, batch_samples=N, ceiling=0.97)
