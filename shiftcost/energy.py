@@ -34,10 +34,20 @@ Behaviour of CodeCarbon 3.3 that this module guards against (read from its sourc
   a function of its load; an unknown CPU model gets 4 W per thread. RAM power is always an
   estimate from a DIMM model (at least 10 W on x86). NVIDIA GPUs are measured through
   NVML's energy counter when it is available, else from sampled power.
+- In ``process`` tracking mode that load is the process's CPU-time delta over the window
+  since the previous sample, and samples come from three threads (the scheduler, the
+  1-second monitor, ``stop()``), so windows can be a few milliseconds long, shorter than
+  the 10 ms tick of the CPU-time counters; each window's power is then multiplied by the
+  time since the previous *measurement*. The same 1.4 s of single-threaded work was
+  reported as 1.5e-6 to 8.3e-5 kWh of CPU energy on one idle 2-core host. CodeCarbon's
+  model, TDP x CPU-seconds / cores, integrates exactly, so the meter takes the process's
+  CPU seconds (with its children) at start and stop and applies the model once to the
+  whole run; ``cpu_method`` says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -245,6 +255,7 @@ class EnergyMeter:
         self._tracker: Any = None
         self._stopped = False
         self._started_at: float | None = None
+        self._cpu_seconds_at_start: dict[int, float] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -263,6 +274,7 @@ class EnergyMeter:
         if getattr(self._tracker, "_start_time", None) is None:
             raise self._fail("CodeCarbon's tracker did not start (see its log above)")
         self._started_at = time.perf_counter()
+        self._cpu_seconds_at_start = _process_cpu_seconds()
         return self
 
     def stop(self) -> EnergyMeasurement:
@@ -279,6 +291,7 @@ class EnergyMeter:
         short = _MIN_RUN_S - (time.perf_counter() - (self._started_at or 0.0))
         if short > 0:
             time.sleep(short)
+        cpu_seconds = _cpu_seconds_between(self._cpu_seconds_at_start, _process_cpu_seconds())
         emissions = self._tracker.stop()
         data = getattr(self._tracker, "final_emissions_data", None)
         if emissions is None or data is None:
@@ -289,7 +302,7 @@ class EnergyMeter:
         if isinstance(samples, int) and samples < 2:
             raise self._fail(f"CodeCarbon completed {samples} power samples, so its figure is not a measurement (its error is in the log above)")
         try:
-            self.measurement = self._to_measurement(data)
+            self.measurement = self._to_measurement(data, cpu_seconds=cpu_seconds)
         except (TypeError, ValueError, AttributeError) as error:
             raise self._fail(f"CodeCarbon returned an unusable measurement ({error})") from error
         return self.measurement
@@ -401,23 +414,46 @@ class EnergyMeter:
             ram_measured=ram_measured,
         )
 
-    def _to_measurement(self, data: Any) -> EnergyMeasurement:
+    def _process_load_cpu(self) -> Any:
+        """CodeCarbon's CPU object when it estimates this process's CPU power from its load, else None."""
+        if self.tracking_mode != "process":
+            return None
+        for hw in getattr(self._tracker, "_hardware", []):
+            if type(hw).__name__ == "CPU" and getattr(hw, "_mode", None) == "cpu_load":
+                return hw
+        return None
+
+    def _to_measurement(self, data: Any, *, cpu_seconds: float | None = None) -> EnergyMeasurement:
+        """The measurement from CodeCarbon's record; ``cpu_seconds`` (the run's process CPU time)
+        replaces its sampled CPU figure with the whole-run integral of the same model."""
         energy = float(data.energy_consumed)
         emissions = float(data.emissions)
         if not (math.isfinite(energy) and math.isfinite(emissions)) or energy < 0 or emissions < 0:
             raise ValueError(f"energy {energy!r} kWh, emissions {emissions!r} kg")
+        intensity = emissions / energy if energy > 0 else None
         gpu = {
             "gpu_energy_kwh": float(data.gpu_energy), "gpu_power_w": float(data.gpu_power), "gpu_model": str(data.gpu_model or ""),
             "gpu_count": int(data.gpu_count or 0), "gpu_utilization_percent": float(data.gpu_utilization_percent or 0.0),
         }
+        cpu = {"cpu_energy_kwh": float(data.cpu_energy), "cpu_power_w": float(data.cpu_power)}
         methods = self._methods()
+        hw = self._process_load_cpu() if cpu_seconds is not None else None
+        if hw is not None:
+            # CodeCarbon's process-mode power is TDP x (CPU-seconds / wall-seconds) / cores,
+            # so over the whole run its energy is TDP x CPU-seconds / cores (then the PUE).
+            joules = float(hw._tdp) * cpu_seconds / max(int(hw._cpu_count), 1) * float(data.pue)
+            cpu_kwh = joules / KWH_TO_JOULES
+            energy += cpu_kwh - cpu["cpu_energy_kwh"]
+            duration = float(data.duration)
+            cpu = {"cpu_energy_kwh": cpu_kwh, "cpu_power_w": joules / duration if duration > 0 else 0.0}
+            methods["cpu_method"] = methods["cpu_method"].replace("CPU load x TDP", "process CPU time x TDP / cores")
         if not self.count_gpu:
             # CodeCarbon's total is the components' sum, each already times the PUE.
-            kept = max(energy - gpu["gpu_energy_kwh"], 0.0)
-            emissions = emissions * kept / energy if energy > 0 else emissions
-            energy = kept
+            energy = max(energy - gpu["gpu_energy_kwh"], 0.0)
             gpu = dict.fromkeys(gpu, 0.0) | {"gpu_model": "", "gpu_count": 0}
             methods |= {"gpu_method": "not counted: the run used no GPU", "gpu_measured": None}
+        if intensity is not None:
+            emissions = energy * intensity
         if self.force_carbon_intensity is not None:
             source = "given by user"
         elif self.region:
@@ -427,9 +463,7 @@ class EnergyMeter:
         return EnergyMeasurement(
             energy_kwh=energy,
             emissions_kg=emissions,
-            cpu_energy_kwh=float(data.cpu_energy),
             ram_energy_kwh=float(data.ram_energy),
-            cpu_power_w=float(data.cpu_power),
             ram_power_w=float(data.ram_power),
             duration_s=float(data.duration),
             cpu_model=str(data.cpu_model or ""),
@@ -445,9 +479,29 @@ class EnergyMeter:
             measure_power_secs=self.measure_power_secs,
             codecarbon_version=str(data.codecarbon_version),
             cpu_utilization_percent=float(data.cpu_utilization_percent or 0.0),
+            **cpu,
             **gpu,
             **methods,
         )
+
+
+def _process_cpu_seconds() -> dict[int, float]:
+    """CPU seconds so far of this process (with its reaped children) and of each live descendant."""
+    import psutil
+
+    me = psutil.Process()
+    times = me.cpu_times()
+    seconds = {me.pid: times.user + times.system + times.children_user + times.children_system}
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # it exited meanwhile
+            child_times = child.cpu_times()
+            seconds[child.pid] = child_times.user + child_times.system
+    return seconds
+
+
+def _cpu_seconds_between(start: Mapping[int, float], stop: Mapping[int, float]) -> float:
+    """CPU seconds spent between two :func:`_process_cpu_seconds` readings."""
+    return sum(max(seconds - start.get(pid, 0.0), 0.0) for pid, seconds in stop.items())
 
 
 def device_kind(device: str) -> str:
