@@ -101,7 +101,7 @@ MaxEpochsOption = Annotated[float | None, typer.Option("--max-epochs", min=0.01,
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for the split, shuffling and dropout.")]
 NoEnergyOption = Annotated[bool, typer.Option("--no-energy", help="Do not measure energy (no CodeCarbon).")]
 EmissionsCsvOption = Annotated[
-    Path | None, typer.Option("--emissions-csv", help="Also append CodeCarbon's row to emissions.csv in this directory.", show_default=False)
+    Path | None, typer.Option("--emissions-csv", help="Also append CodeCarbon's own row to emissions.csv in this directory (its CPU figure is the one it sampled, which can differ from the one printed: see the README's energy section).", show_default=False)
 ]
 CostModelOption = Annotated[
     Path | None,
