@@ -94,13 +94,13 @@ def _estimated_cpu_tdp_and_cores() -> tuple[float, int]:
 
 def test_cpu_energy_is_the_tdp_model_over_the_runs_cpu_seconds() -> None:
     tdp, cores = _estimated_cpu_tdp_and_cores()
-    before = time.process_time()
     with measure_energy(measure_power_secs=0.2) as meter:
-        busy_work(24)
-    cpu_seconds = time.process_time() - before
+        before = time.process_time()
+        busy_work(36)
+        cpu_seconds = time.process_time() - before
     m = meter.measurement
-    # process_time() also counts the tracker's start and stop, a few hundredths of a second.
-    assert m.cpu_energy_kwh * 3.6e6 == pytest.approx(tdp * cpu_seconds / cores, rel=0.15)
+    # The meter's window also holds CodeCarbon's sampling threads, a few milliseconds here.
+    assert m.cpu_energy_kwh * 3.6e6 == pytest.approx(tdp * cpu_seconds / cores, rel=0.1)
     assert m.cpu_power_w == pytest.approx(m.cpu_energy_kwh * 3.6e6 / m.duration_s)
     assert m.energy_kwh == pytest.approx(m.cpu_energy_kwh + m.ram_energy_kwh + m.gpu_energy_kwh)
     assert m.carbon_intensity_kg_per_kwh == pytest.approx(m.emissions_kg / m.energy_kwh)
