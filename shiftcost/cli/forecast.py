@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from shiftcost.cli._console import make_console
+from shiftcost.cli._threads import ThreadsOption, at_torch_threads
 from shiftcost.features import COST_FEATURES
 
 
@@ -40,6 +41,7 @@ def forecast(
     country: Annotated[str, typer.Option("--country", help="3-letter ISO code of the grid (carbon intensity).")] = "USA",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the probe's split and sample.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
+    threads: ThreadsOption = None,
     no_energy: Annotated[
         bool, typer.Option("--no-energy", help="Do not measure the probe with CodeCarbon; its energy is then estimated from the host's rate.")
     ] = False,
@@ -113,8 +115,11 @@ def rate_mismatch_note(rate: Any, device: str) -> str | None:
     if mismatch is None:
         return None
     what, why = mismatch
-    remedy = f"--device {kind}" if what == "device" else f"--threads {here}"
-    return f"{why[0].upper()}{why[1:]}: calibrate with {remedy} to match."
+    if what == "device":
+        remedy = f"calibrate with --device {kind}"
+    else:
+        remedy = f"give this command --threads {rate.threads}, or calibrate with --threads {here},"
+    return f"{why[0].upper()}{why[1:]}: {remedy} to match."
 
 
 def _index_features(net: Any, spec: Any, reference: Any, new: Any, device: str) -> dict[str, float]:
@@ -188,4 +193,4 @@ def _print_forecast(result: Any, forecaster: Any, trajectory: Any) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("forecast")(forecast)
+    app.command("forecast")(at_torch_threads(forecast))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from shiftcost.cli._console import make_console
+from shiftcost.cli._threads import ThreadsOption, at_torch_threads
 from shiftcost.config import MAX_PROBE_SHARE
 
 if TYPE_CHECKING:
@@ -328,6 +329,7 @@ def retrain(
     train_step: TrainStepOption = None,
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     country: CountryOption = "USA",
     region: RegionOption = None,
     tracking_mode: TrackingOption = "process",
@@ -475,6 +477,7 @@ def probe_energy(
     min_seconds: Annotated[float, typer.Option("--min-seconds", min=0.0, help="Minimum measured duration; more epochs run until reached.")] = 3.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training mini-batch size.")] = 64,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     country: CountryOption = "USA",
     region: RegionOption = None,
     tracking_mode: TrackingOption = "process",
@@ -521,5 +524,5 @@ def _probe_table(result: Any, spec: Any) -> Any:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("retrain")(retrain)
-    app.command("probe-energy")(probe_energy)
+    app.command("retrain")(at_torch_threads(retrain))
+    app.command("probe-energy")(at_torch_threads(probe_energy))

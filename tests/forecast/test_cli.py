@@ -164,8 +164,42 @@ def test_a_retrain_at_another_thread_count_than_the_rate_says_so(files) -> None:
     ]  # fmt: skip
     done = shiftcost(*args, "--cost-model", str(files / "forecaster-64-threads.json"), "--device", "cpu", cwd=files)
     assert done.returncode == 4, done.stderr
-    assert "fitted at 64 torch thread(s) and this retrain trains at 1" in " ".join(done.stderr.split())
-    assert "--threads 1" in done.stderr
+    said = " ".join(done.stderr.split())
+    assert "fitted at 64 torch thread(s) and this retrain trains at 1" in said
+    assert "give this command --threads 64, or calibrate with --threads 1, to match" in said
+    assert json.loads(done.stdout)["torch_threads"] == 1
+
+
+def test_threads_option_trains_at_the_rates_count_and_the_note_goes(files) -> None:
+    import dataclasses
+
+    forecaster = fitted_forecaster()
+    forecaster.energy_rate = dataclasses.replace(forecaster.energy_rate, threads=2)
+    forecaster.save(files / "forecaster-2-threads.json")
+    args = [
+        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(files / "t2.safetensors"),
+        "--reference-accuracy", "0.97", "--budget-kwh", "60", "--batch-size", "16", "--no-energy", "--json",
+        "--cost-model", str(files / "forecaster-2-threads.json"), "--device", "cpu",
+    ]  # fmt: skip
+    done = shiftcost(*args, "--threads", "2", cwd=files)  # OMP_NUM_THREADS=1 in its environment
+    assert done.returncode == 4, done.stderr
+    assert "torch thread" not in done.stderr
+    assert json.loads(done.stdout)["torch_threads"] == 2
+    forecast = forecast_args(files, "--no-probe", "--json")
+    forecast[forecast.index("--cost-model") + 1] = str(files / "forecaster-2-threads.json")
+    assert "torch thread" in shiftcost(*forecast, cwd=files).stderr
+    assert "torch thread" not in shiftcost(*forecast, "--threads", "2", cwd=files).stderr
+
+
+def test_a_command_runs_at_its_threads_and_torch_gets_its_count_back() -> None:
+    from shiftcost.cli._threads import at_torch_threads
+
+    seen = []
+    command = at_torch_threads(lambda *, threads=None: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    command(threads=3)
+    command(threads=None)
+    assert seen == [3, before] and torch.get_num_threads() == before
 
 
 def test_a_retrain_on_another_kind_of_device_than_the_rate_says_so(files) -> None:
