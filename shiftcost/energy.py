@@ -35,14 +35,14 @@ Behaviour of CodeCarbon 3.3 that this module guards against (read from its sourc
   estimate from a DIMM model (at least 10 W on x86). NVIDIA GPUs are measured through
   NVML's energy counter when it is available, else from sampled power.
 - In ``process`` tracking mode that load is the process's CPU-time delta over the window
-  since the previous sample, and samples come from three threads (the scheduler, the
-  1-second monitor, ``stop()``), so windows can be a few milliseconds long, shorter than
-  the 10 ms tick of the CPU-time counters; each window's power is then multiplied by the
-  time since the previous *measurement*. The same 1.4 s of single-threaded work was
-  reported as 1.5e-6 to 8.3e-5 kWh of CPU energy on one idle 2-core host. CodeCarbon's
-  model, TDP x CPU-seconds / cores, integrates exactly, so the meter takes the process's
-  CPU seconds (with its children) at start and stop and applies the model once to the
-  whole run; ``cpu_method`` says so.
+  since the previous sample, taken by three threads (the scheduler, the 1-second monitor,
+  ``stop()``), and each window's power is multiplied by the time since the previous
+  *measurement*. When the measured work holds Python's lock, the threads wake late and
+  together, windows shrink to a few milliseconds, under the 10 ms tick of the CPU-time
+  counters, and the figure swings: 1.4 s of pure-Python work read 1.5e-6 to 8.3e-5 kWh of
+  CPU energy on one idle 2-core host. The model itself, TDP x CPU-seconds / cores,
+  integrates exactly, so the meter reads the process's CPU seconds (its children's
+  included) at start and stop and applies it once to the whole run; ``cpu_method`` says so.
 """
 
 from __future__ import annotations
