@@ -10,14 +10,15 @@ import typer
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
-ThreadsOption = Annotated[
-    int | None,
-    typer.Option(
-        "--threads", min=1, show_default=False,
-        help="Torch CPU threads (default: torch's). A calibration's energy rate holds at the count it trained at: "
-        "give that count where it differs.",
-    ),
-]
+
+def threads_option(help_text: str) -> Any:
+    """A ``--threads N`` option (at least 1; None when not given) with this help."""
+    return Annotated[int | None, typer.Option("--threads", min=1, show_default=False, help=help_text)]
+
+
+ThreadsOption = threads_option(
+    "Torch CPU threads (default: torch's). A calibration's energy rate holds at the count it trained at: give that count where it differs."
+)
 
 
 def at_torch_threads(command: Command) -> Command:

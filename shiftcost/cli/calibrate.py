@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from shiftcost.cli._console import make_console
+from shiftcost.cli._threads import threads_option
 from shiftcost.cli.retrain import (
     AugmentOption,
     BatchSizeOption,
@@ -461,14 +462,10 @@ MaxEpochsOption = Annotated[
     float | None, typer.Option("--max-epochs", min=0.01, help="Epoch cap per run (default 15; 3 with --quick).", show_default=False)
 ]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the demo model, the corruptions and the first repeat.")]
-ThreadsOption = Annotated[
-    int | None,
-    typer.Option(
-        "--threads", min=1, show_default=False,
-        help="Torch CPU threads during the sweep (default: torch's, as retrain and the pipeline use). "
-        "The host energy rate it fits holds at this many: give what the retrains will use.",
-    ),
-]
+ThreadsOption = threads_option(
+    "Torch CPU threads during the sweep (default: torch's, as retrain and the pipeline use). "
+    "The host energy rate it fits holds at this many: give what the retrains will use."
+)
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")]
 CountryOption = Annotated[str, typer.Option("--country", help="3-letter ISO code of the grid (carbon intensity).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")]

@@ -152,17 +152,25 @@ def test_retrain_with_a_budget_stops_and_writes_no_model(files) -> None:
     assert "torch thread" not in done.stderr  # the rate records no thread count to differ from
 
 
-def test_a_retrain_at_another_thread_count_than_the_rate_says_so(files) -> None:
+def guarded_retrain_at_rate_threads(files, rate_threads: int) -> tuple[list[str], Path]:
+    """A guarded CPU retrain's arguments (without --threads), and its cost model, whose rate was fitted at ``rate_threads``."""
     import dataclasses
 
     forecaster = fitted_forecaster()
-    forecaster.energy_rate = dataclasses.replace(forecaster.energy_rate, threads=64)
-    forecaster.save(files / "forecaster-64-threads.json")
+    forecaster.energy_rate = dataclasses.replace(forecaster.energy_rate, threads=rate_threads)
+    cost_model = files / f"forecaster-{rate_threads}-threads.json"
+    forecaster.save(cost_model)
     args = [
-        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(files / "t.safetensors"),
-        "--reference-accuracy", "0.97", "--budget-kwh", "60", "--batch-size", "16", "--no-energy", "--json",
+        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"),
+        "--out", str(files / f"t{rate_threads}.safetensors"), "--reference-accuracy", "0.97", "--budget-kwh", "60", "--batch-size", "16",
+        "--no-energy", "--json", "--cost-model", str(cost_model), "--device", "cpu",
     ]  # fmt: skip
-    done = shiftcost(*args, "--cost-model", str(files / "forecaster-64-threads.json"), "--device", "cpu", cwd=files)
+    return args, cost_model
+
+
+def test_a_retrain_at_another_thread_count_than_the_rate_says_so(files) -> None:
+    args, _ = guarded_retrain_at_rate_threads(files, 64)
+    done = shiftcost(*args, cwd=files)
     assert done.returncode == 4, done.stderr
     said = " ".join(done.stderr.split())
     assert "fitted at 64 torch thread(s) and this retrain trains at 1" in said
@@ -171,22 +179,13 @@ def test_a_retrain_at_another_thread_count_than_the_rate_says_so(files) -> None:
 
 
 def test_threads_option_trains_at_the_rates_count_and_the_note_goes(files) -> None:
-    import dataclasses
-
-    forecaster = fitted_forecaster()
-    forecaster.energy_rate = dataclasses.replace(forecaster.energy_rate, threads=2)
-    forecaster.save(files / "forecaster-2-threads.json")
-    args = [
-        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(files / "t2.safetensors"),
-        "--reference-accuracy", "0.97", "--budget-kwh", "60", "--batch-size", "16", "--no-energy", "--json",
-        "--cost-model", str(files / "forecaster-2-threads.json"), "--device", "cpu",
-    ]  # fmt: skip
+    args, cost_model = guarded_retrain_at_rate_threads(files, 2)
     done = shiftcost(*args, "--threads", "2", cwd=files)  # OMP_NUM_THREADS=1 in its environment
     assert done.returncode == 4, done.stderr
     assert "torch thread" not in done.stderr
     assert json.loads(done.stdout)["torch_threads"] == 2
     forecast = forecast_args(files, "--no-probe", "--json")
-    forecast[forecast.index("--cost-model") + 1] = str(files / "forecaster-2-threads.json")
+    forecast[forecast.index("--cost-model") + 1] = str(cost_model)
     assert "torch thread" in shiftcost(*forecast, cwd=files).stderr
     assert "torch thread" not in shiftcost(*forecast, "--threads", "2", cwd=files).stderr
 
