@@ -16,9 +16,9 @@ It prints per step count the CPU joules per step of
   tracker), its model applied window by window between samples;
 
 as median, min, max, max/min and coefficient of variation. Only meaningful where the CPU is
-estimated from its load (no RAPL): where it is measured, both are the counter's figure. Run
-nothing else meanwhile: a second process changes the CPU time of neither, but its load slows
-this one.
+estimated from its load (no RAPL): where it is measured, both are the counter's figure. Other
+work on the machine changes what both read: torch's OpenMP threads spin while they wait for a
+core, and that is CPU time (compare ``--threads 1`` and ``OMP_WAIT_POLICY=PASSIVE`` there).
 """
 
 from __future__ import annotations
