@@ -101,9 +101,11 @@ class BudgetGuard:
                 )
                 return STOPPED_BY_BUDGET
             return None
+        # The run stops at its cap whatever the forecast says, so no more than the cap is charged.
+        needed_epochs = forecast.epochs.low if self.price.cap_epochs is None else min(forecast.epochs.low, self.price.cap_epochs)
         per_epoch = protocol.steps_per_epoch(self.pool, self.forecaster.batch_size)
-        remaining_epochs = max(forecast.epochs.low - spent_epochs, 0.0)
-        remaining_evals = protocol.evaluations(forecast.epochs.low, per_epoch) - protocol.evaluations(spent_epochs, per_epoch)
+        remaining_epochs = max(needed_epochs - spent_epochs, 0.0)
+        remaining_evals = protocol.evaluations(needed_epochs, per_epoch) - protocol.evaluations(spent_epochs, per_epoch)
         remaining_kwh = rate.marginal_kwh(remaining_epochs * self.pool, max(remaining_evals, 0) * self.holdout)
         self.forecasts.append(
             {"step": point.step, "epoch": spent_epochs, "spent_kwh": self.spent_kwh, "remaining_low_kwh": remaining_kwh}
@@ -112,7 +114,9 @@ class BudgetGuard:
         if self.spent_kwh + remaining_kwh > self.budget_kwh:
             self.reason = (
                 f"after {spent_epochs:.2f} epochs ({self.spent_kwh:.3g} kWh spent) the forecast needs at least "
-                f"{forecast.epochs.low:.2f} epochs in all, {remaining_kwh:.3g} kWh more, beyond the budget of {self.budget_kwh:.3g} kWh"
+                f"{forecast.epochs.low:.2f} epochs in all"
+                + (f" (the run stops at its cap of {needed_epochs:.2f})" if needed_epochs < forecast.epochs.low else "")
+                + f", {remaining_kwh:.3g} kWh more, beyond the budget of {self.budget_kwh:.3g} kWh"
             )
             return STOPPED_BY_BUDGET
         return None

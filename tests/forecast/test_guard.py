@@ -38,10 +38,10 @@ def task() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, y
 
 
-def run(guard: BudgetGuard | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+def run(guard: BudgetGuard | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_epochs: float = 20):
     return retrain_to_cutoff(
         model, x, y, target_accuracy=0.95, holdout_fraction=0.3, eval_every=2, batch_size=16, lr=0.02, optimizer="sgd",
-        max_epochs=20, track_energy=False, progress=guard, device="cpu",
+        max_epochs=max_epochs, track_energy=False, progress=guard, device="cpu",
     )
 
 
@@ -124,6 +124,26 @@ def test_the_guard_prices_the_whole_run_at_the_run_s_own_cap_or_the_calibrated_o
     for guard, cap in ((calibrated, 15.0), (own, 5.0)):
         evaluations = 1 + math.ceil(cap * 18 / 4)  # 18 steps of 16 an epoch, evaluated every 4th step
         assert guard.price.kwh(100.0) == guard.price.kwh(cap) == pytest.approx(cap * 280 + evaluations * EVAL_SAMPLE_WEIGHT * 120)
+
+
+def test_a_forecast_past_the_run_s_cap_is_charged_only_up_to_the_cap() -> None:
+    """A run capped at one epoch never spends what 40 epochs would: a budget that holds the capped
+    run lets it train, and one that does not stops it before its first step, saying why."""
+    pessimistic = Forecast(Interval(50.0, 40.0, 80.0, 0.9), None, None, "index", False, None, {})
+    priced = BudgetGuard(fitted_forecaster(cap=15.0), budget_kwh=1.0, batch_samples=N, ceiling=0.97, cap_epochs=1.0).price
+    holds_the_cap = 1.5 * priced.kwh(1.0)
+    assert holds_the_cap < priced.rate.kwh(40.0 * priced.pool, 0)
+    model, x, y = task()
+    guard = BudgetGuard(fitted_forecaster(cap=15.0), budget_kwh=holds_the_cap, batch_samples=N, ceiling=0.97, initial=pessimistic, cap_epochs=1.0)
+    result = run(guard, model, x, y, max_epochs=1.0)
+    assert result.status != STOPPED_BY_BUDGET and result.steps > 0, guard.reason
+    assert guard.forecasts[0]["remaining_low_kwh"] == pytest.approx(priced.kwh(1.0) - guard.forecasts[0]["spent_kwh"])
+
+    model, x, y = task()
+    short = BudgetGuard(fitted_forecaster(cap=15.0), budget_kwh=0.5 * priced.kwh(1.0), batch_samples=N, ceiling=0.97, initial=pessimistic, cap_epochs=1.0)
+    result = run(short, model, x, y, max_epochs=1.0)
+    assert result.status == STOPPED_BY_BUDGET and result.steps == 0
+    assert "at least 40.00 epochs in all (the run stops at its cap of 1.00)" in short.reason
 
 
 def test_a_forecaster_without_an_energy_rate_is_refused_with_what_to_give() -> None:
