@@ -266,7 +266,7 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     config = RetrainConfig.from_settings(settings).for_model(inputs.spec)
     reference = load_replay_data(inputs, config)
     replay = config.recipe.replay_with(reference is not None)
-    guard = budget_guard(inputs, config.cutoff.holdout_fraction, replay, 0 if reference is None else len(reference))
+    guard = budget_guard(inputs, config.cutoff.holdout_fraction, replay, 0 if reference is None else len(reference), config.caps.max_epochs)
     result = retrain_to_cutoff(
         inputs.model,
         data.x,
@@ -283,11 +283,14 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     return result
 
 
-def budget_guard(inputs: RetrainInputs, holdout_fraction: float, replay_fraction: float = 0.0, replay_samples: int = 0) -> Any:
+def budget_guard(
+    inputs: RetrainInputs, holdout_fraction: float, replay_fraction: float = 0.0, replay_samples: int = 0, cap_epochs: float | None = None
+) -> Any:
     """The in-flight guard against what the budgets had left at reservation, or None.
 
     ``replay_fraction`` and ``replay_samples`` (the reference samples the run may replay)
-    make the guard price every epoch still to come at the pool the run really trains on.
+    make the guard price every epoch still to come at the pool the run really trains on;
+    ``cap_epochs``, the run's epoch cap, is the most it prices (default: the calibrated cap).
 
     None when no budget limits kWh or no cost model with an energy rate is stored. The
     initial forecast is the one the decision was made on (index or probe stage), else the
@@ -327,6 +330,7 @@ def budget_guard(inputs: RetrainInputs, holdout_fraction: float, replay_fraction
         holdout_fraction=holdout_fraction,
         replay_fraction=replay_fraction,
         reference_samples=replay_samples,
+        cap_epochs=cap_epochs,
     )
 
 

@@ -148,16 +148,12 @@ def test_a_rate_is_refitted_on_runs_of_its_own_kind_of_device() -> None:
     assert runs_alike(earlier, "cuda", 2) == [earlier[2], earlier[3], earlier[4]]
 
 
-def test_the_guard_prices_the_epochs_still_to_come_at_the_pool_the_run_trains_on_replay_included(guarded_env) -> None:
-    """With a forecast of five epochs and a budget between what they cost on the batch alone and
-    what they cost with the replayed reference samples, the run is stopped before its first step:
-    the epochs to come train on both."""
-    import dataclasses
-
+def claimed_bright_batch(guarded_env) -> tuple[object, object, int, int]:
+    """A claimed retrain of 200 brightened images: its inputs, its config, its holdout, and the pool
+    an epoch trains on, counted here from the recipe's rule (half of each epoch's pool is
+    replayed, capped by the reference)."""
     from shiftcost import pipeline
     from shiftcost.data import Batch, save_batch
-    from shiftcost.energy import EVAL_SAMPLE_WEIGHT
-    from shiftcost.forecast import protocol
     from shiftcost.pipeline.retrain import load_replay_data
     from shiftcost.recipe import RetrainConfig
 
@@ -170,18 +166,34 @@ def test_the_guard_prices_the_epochs_still_to_come_at_the_pool_the_run_trains_on
         inputs = pipeline.load_for_retrain(database, settings, job)
     config = RetrainConfig.from_settings(settings).for_model(inputs.spec)
     replayable = len(load_replay_data(inputs, config))
-    # Counted here from the recipe's rule: half of each epoch's pool is replayed, capped by the reference.
     holdout = round(200 * config.cutoff.holdout_fraction)
     train = 200 - holdout
-    pool = train + min(train, replayable)
+    return inputs, config, holdout, train + min(train, replayable)
+
+
+def joules(pool_samples: int, holdout: int, batch_size: int, epochs: float) -> float:
+    """What ``epochs`` over ``pool_samples`` cost at the test's rate, every evaluation included."""
+    from shiftcost.energy import EVAL_SAMPLE_WEIGHT
+    from shiftcost.forecast import protocol
+
+    per_epoch = protocol.steps_per_epoch(pool_samples, batch_size)
+    evaluations = protocol.evaluations(epochs, per_epoch)  # the one at step 0 included
+    return JOULES_PER_SAMPLE * (epochs * pool_samples + EVAL_SAMPLE_WEIGHT * evaluations * holdout)
+
+
+def test_the_guard_prices_the_epochs_still_to_come_at_the_pool_the_run_trains_on_replay_included(guarded_env) -> None:
+    """With a forecast of five epochs and a budget between what they cost on the batch alone and
+    what they cost with the replayed reference samples, the run is stopped before its first step:
+    the epochs to come train on both."""
+    import dataclasses
+
+    from shiftcost import pipeline
+
+    settings = guarded_env[0]
+    inputs, config, holdout, pool = claimed_bright_batch(guarded_env)
+    train = 200 - holdout
     assert pool > train
-
-    def joules(pool_samples: int, epochs: float) -> float:
-        per_epoch = protocol.steps_per_epoch(pool_samples, config.recipe.batch_size)
-        evaluations = protocol.evaluations(epochs, per_epoch)  # the one at step 0 included
-        return JOULES_PER_SAMPLE * (epochs * pool_samples + EVAL_SAMPLE_WEIGHT * evaluations * holdout)
-
-    without_replay, with_replay = joules(train, 5.0), joules(pool, 5.0)
+    without_replay, with_replay = (joules(samples, holdout, config.recipe.batch_size, 5.0) for samples in (train, pool))
     assert without_replay < with_replay
     five_epochs = {"median": 6.0, "low": 5.0, "high": 8.0, "level": 0.8, "stage": "index"}
     budget_kwh = (without_replay + with_replay) / 2 / 3.6e6
@@ -192,6 +204,26 @@ def test_the_guard_prices_the_epochs_still_to_come_at_the_pool_the_run_trains_on
     assert result.pool_samples == pool
     assert result.status == "stopped_by_budget" and result.steps == 0, result.stop_reason
     assert "at least 5.00 epochs" in result.stop_reason
+
+
+def test_the_guard_charges_a_forecast_past_the_settings_epoch_cap_only_up_to_that_cap(guarded_env) -> None:
+    """Retrains capped at one epoch by the settings: a forecast of at least 40 epochs, under a budget
+    that holds one epoch and not the calibrated cap's 15, lets the run train to its cap."""
+    import dataclasses
+
+    from shiftcost import pipeline
+
+    settings, _, _ = guarded_env
+    inputs, config, holdout, pool = claimed_bright_batch(guarded_env)
+    capped = settings.model_copy(update={"retrain_max_epochs": 1.0})
+    one_epoch, calibrated_cap = (joules(pool, holdout, config.recipe.batch_size, e) for e in (1.0, inputs.forecaster.max_epochs))
+    assert 2 * one_epoch < calibrated_cap
+    hopeless = {"median": 50.0, "low": 40.0, "high": 80.0, "level": 0.8, "stage": "index"}
+    guarded = dataclasses.replace(inputs, decided_epochs=hopeless, budget_left_kwh=2 * one_epoch / 3.6e6)
+
+    result = pipeline.execute_retrain(capped, guarded)
+
+    assert result.status != "stopped_by_budget" and 0 < result.epochs <= 1.0, result.stop_reason
 
 
 def test_a_stage_zero_forecaster_prices_the_retrain_at_the_model_files_batch_size(database_url, tmp_path, monkeypatch, trained_model) -> None:
