@@ -113,7 +113,7 @@ def import_command(
 ) -> None:
     """Turn a plain state dict into a shiftcost model file, with its preprocessing and recipe.
 
-    Only tensors are read (no unpickling of Python objects). With --data the accuracy is checked first: near chance refuses the import (nothing written); where ImageNet's mean/std or [-1, 1] would do much better, one sentence says so and names the flags.
+    Only tensors are read (no unpickling of Python objects). With --data the accuracy is checked first: near chance refuses the import (nothing written); where ImageNet's mean/std, [-1, 1] or the images' own per-channel mean/std would do much better, one sentence says so and names the flags.
     """
     from shiftcost.data import check_batch, load_batch, save_model
     from shiftcost.data.importing import check_accuracy, import_model, refuse_near_chance

@@ -8,7 +8,8 @@ rule, mean/std normalisation, recipe).
 
 :func:`check_accuracy` measures the model's accuracy on labelled data; near chance it is
 refused (a model fed the wrong preprocessing makes every index and forecast after it
-wrong), and where a common normalisation would do much better, one sentence names it.
+wrong), and where a common normalisation, or one by the images' own mean and std, would do much
+better, one sentence names it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from shiftcost.data.models import (
 )
 from shiftcost.errors import InputError
 
-__all__ = ["AccuracyCheck", "COMMON_NORMALISATIONS", "accuracy_of", "check_accuracy", "import_model"]
+__all__ = ["AccuracyCheck", "COMMON_NORMALISATIONS", "OWN_NORMALISATION", "accuracy_of", "check_accuracy", "import_model", "own_normalisation"]
 
 #: Normalisations models are commonly trained with: name -> (mean, std) per RGB channel
 #: (single-channel models use the first value).
@@ -45,6 +46,11 @@ COMMON_NORMALISATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | N
     "[-1, 1]": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "no normalisation": None,
 }
+#: The normalisation by the checked images' own per-channel mean and std, tried beside the common
+#: ones: models trained on their own data (CIFAR's, MNIST's) are as often normalised that way.
+OWN_NORMALISATION = "these images' own mean/std"
+#: Significant digits of the suggested own mean/std (the accuracy is checked at the rounded figures).
+OWN_DIGITS = 4
 #: An alternative normalisation is suggested when it gains at least this much accuracy.
 MUCH_BETTER = 0.10
 #: Accuracy refused as near chance: not above chance at this significance (one-sided binomial test).
@@ -99,11 +105,15 @@ def check_accuracy(model: nn.Module, spec: ModelSpec, batch: Batch, *, device: s
     p_value = float(binomtest(correct, len(batch), chance, alternative="greater").pvalue)
     check = AccuracyCheck(accuracy=accuracy, samples=len(batch), chance=chance, p_value=p_value, source=str(batch.source))
     current = (spec.mean, spec.std) if spec.mean is not None else None
+    candidates: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {}
     for name, norm in COMMON_NORMALISATIONS.items():
         if norm is not None:
-            norm = (norm[0][: spec.in_channels], norm[1][: spec.in_channels])
             if spec.in_channels not in (1, 3):
                 continue
+            norm = (norm[0][: spec.in_channels], norm[1][: spec.in_channels])
+        candidates[name] = norm
+    candidates[OWN_NORMALISATION] = own_normalisation(batch.x)
+    for name, norm in candidates.items():
         if norm == current:
             continue
         trial = copy.deepcopy(model)
@@ -113,14 +123,26 @@ def check_accuracy(model: nn.Module, spec: ModelSpec, batch: Batch, *, device: s
     if check.alternatives:
         best = max(check.alternatives, key=check.alternatives.__getitem__)
         if check.alternatives[best] >= accuracy + MUCH_BETTER:
-            norm = COMMON_NORMALISATIONS[best]
-            flags = _flags(norm[0][: spec.in_channels], norm[1][: spec.in_channels]) if norm is not None else "no --mean/--std"
+            norm = candidates[best]
+            flags = _flags(*norm) if norm is not None else "no --mean/--std"
+            if best == OWN_NORMALISATION:
+                flags += " (or the exact figures it was trained with)"
             check.fix = f"with {best} it is {check.alternatives[best]:.2f}: import it again with {flags}"
             check.suggestion = (
                 f"The model's accuracy on {batch.source} is {accuracy:.2f}, but {check.alternatives[best]:.2f} with {best}: "
                 f"it was probably trained with that normalisation; import it again with {flags}."
             )
     return check
+
+
+def own_normalisation(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation over every pixel of the images ``x`` (N, C, H, W),
+    each to :data:`OWN_DIGITS` significant digits (a channel that never varies gets std 1)."""
+    std, mean = torch.std_mean(x.float(), dim=(0, 2, 3), correction=0)
+    return (
+        tuple(float(f"{v:.{OWN_DIGITS}g}") for v in mean.tolist()),
+        tuple(float(f"{v:.{OWN_DIGITS}g}") if v > 0 else 1.0 for v in std.tolist()),
+    )
 
 
 def _with_norm(spec: ModelSpec, mean: Sequence[float] | None, std: Sequence[float] | None) -> ModelSpec:
