@@ -428,7 +428,8 @@ def _retrain_showing_progress(err: Console, guard: Any, as_json: bool, *args: An
     progress = _Progress(err, guard)
     try:
         with progress:
-            return retrain_to_cutoff(*args, progress=progress, **kwargs)
+            result = retrain_to_cutoff(*args, progress=progress, **kwargs)
+        return result if guard is None else guard.explained(result)
     except (RetrainError, RetrainInterrupted) as failure:
         if as_json:
             typer.echo(json.dumps(failure.partial.to_dict(), indent=2))

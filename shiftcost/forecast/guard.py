@@ -15,6 +15,7 @@ overshoots its budget by at most one evaluation interval's cost.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,13 @@ class BudgetGuard:
             )
             return STOPPED_BY_BUDGET
         return None
+
+    def explained(self, result: Any) -> Any:
+        """``result`` (a :class:`~shiftcost.retrain.RetrainResult`) with this guard's sentence as its
+        ``stop_reason`` where the guard stopped it: the run itself only knows the status."""
+        if result.status == STOPPED_BY_BUDGET and self.reason:
+            return dataclasses.replace(result, stop_reason=self.reason)
+        return result
 
     def _forecast(self, target: float) -> Forecast | None:
         can_forecast = self.initial is not None or self.features is not None or self.forecaster.stage1 is not None

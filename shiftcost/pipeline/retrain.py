@@ -256,11 +256,8 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     guard stops has status ``stopped_by_budget`` and the guard's sentence as its
     ``stop_reason``.
     """
-    import dataclasses
-
-    from shiftcost.retrain import retrain_to_cutoff
-
     from shiftcost.recipe import RetrainConfig
+    from shiftcost.retrain import retrain_to_cutoff
 
     data = inputs.data
     config = RetrainConfig.from_settings(settings).for_model(inputs.spec)
@@ -278,9 +275,7 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
         progress=guard,
         source=f"batch {inputs.source_uri}",
     )
-    if guard is not None and result.status == "stopped_by_budget" and guard.reason:
-        result = dataclasses.replace(result, stop_reason=guard.reason)
-    return result
+    return result if guard is None else guard.explained(result)
 
 
 def budget_guard(

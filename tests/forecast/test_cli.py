@@ -147,7 +147,8 @@ def test_retrain_with_a_budget_stops_and_writes_no_model(files) -> None:
     data = json.loads(done.stdout)
     assert data["status"] == "stopped_by_budget" and data["stopped_by_budget"] is True
     assert {"epochs", "steps", "energy_kwh"} <= set(data)
-    assert data["guard"]["estimated_kwh"] > 0 and data["guard"]["reason"]
+    assert data["guard"]["estimated_kwh"] > 0 and "beyond the budget of 60 kWh" in data["guard"]["reason"]
+    assert data["stop_reason"] == data["guard"]["reason"]  # the sentence, as the pipeline records it
     assert not out.exists()
     assert "torch thread" not in done.stderr  # the rate records no thread count to differ from
 
