@@ -444,7 +444,8 @@ def _scores(runs: list[dict[str, Any]], name: str) -> dict[str, Any]:
 
 
 #: Whose "not to converge" flag skips a batch: the index stage's alone, the probe stage's alone,
-#: or the pipeline's rule (a batch the index stage would skip is probed, and the probe decides).
+#: or a batch the index stage would skip probed and the probe deciding (a rule the pipeline tried and
+#: dropped: the probe stage's flag let the capped runs through; the pipeline skips on the index stage's).
 FLAG_RULES = ("stage0", "stage0_probe", "probe_when_index_flags")
 
 

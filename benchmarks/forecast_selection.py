@@ -41,9 +41,9 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    training (capped runs as bounds) is printed, with the design lowest on it; settings are not
    chosen on it.
 3. On the same left-out points, **the "not to converge" flag** that skips a batch: how often
-   the index stage, the probe stage and the pipeline's rule (a batch the index stage would
-   skip is probed, and the probe decides) raise it on runs that reached the cutoff, and on
-   how many of the capped runs.
+   the index stage (the pipeline's rule), the probe stage and a batch the index stage would
+   skip probed with the probe deciding (a rule the pipeline tried and dropped) raise it on
+   runs that reached the cutoff, and on how many of the capped runs.
 
 With ``--calibrations`` the sweeps of step 2 are the ones ``forecast_accuracy.py --json`` saved
 (one per seed offset: every kind set of one offset shares its sweep), and step 1 is skipped;
