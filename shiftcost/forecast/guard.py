@@ -8,7 +8,7 @@ forecast of the run's total epochs from its own evaluations
 towards the run's own curve and truncated at what is spent; the initial forecast alone
 until three evaluations exist), and returns ``"stopped_by_budget"`` (which ends the run, the
 caller's model untouched) when what is spent plus the forecast's *lower* bound of what is
-still needed exceeds the budget. Stopping on the lower bound stops only runs that will
+still needed (up to the run's epoch cap, where the run stops anyway) exceeds the budget. Stopping on the lower bound stops only runs that will
 overspend even in the favourable case; because the check runs at every evaluation, a run
 overshoots its budget by at most one evaluation interval's cost.
 """
