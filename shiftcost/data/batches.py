@@ -16,6 +16,7 @@ Accepted tensor layouts for ``x`` in ``.npz`` and ``.pt`` files:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -54,6 +55,17 @@ class Batch:
     @property
     def has_labels(self) -> bool:
         return self.y is not None
+
+    def with_model_ids(self, spec: ModelSpec | None) -> Batch:
+        """This batch with its labels as ``spec``'s label ids, where every class it names is one of
+        the model's; as it is otherwise (no names, no labels, or classes the model lacks, which
+        :func:`check_batch` refuses and a new task keeps)."""
+        if spec is None or self.y is None or self.classes is None or not set(self.classes) <= set(spec.classes):
+            return self
+        if len(self.y) and int(self.y.max()) >= len(self.classes):
+            raise InputError(f"Batch {self.source} has label {int(self.y.max())} but names only {len(self.classes)} classes; name every class.")
+        model_ids = torch.tensor([spec.classes.index(name) for name in self.classes], dtype=torch.int64)
+        return dataclasses.replace(self, y=model_ids[self.y], classes=spec.classes)
 
 
 # ------------------------------------------------------------------------------- loading
@@ -127,7 +139,7 @@ def _from_arrays(path: Path, arrays: dict[str, Any], spec: ModelSpec | None) -> 
             classes = tuple(str(name) for name in (classes.tolist() if hasattr(classes, "tolist") else classes))
         except TypeError:
             raise InputError(f'Batch {path} has an unreadable "classes" entry; store class names as a list of strings.') from None
-    return Batch(x=x, y=y, source=str(path), classes=classes)
+    return Batch(x=x, y=y, source=str(path), classes=classes).with_model_ids(spec)
 
 
 def _as_images(path: Path, raw: Any, spec: ModelSpec | None) -> torch.Tensor:
@@ -254,12 +266,7 @@ def _load_image_folder(path: Path, spec: ModelSpec | None) -> Batch:
         images = _common_shape(path, dataset.samples, images)
 
     y = torch.tensor(dataset.targets, dtype=torch.int64)
-    classes = tuple(dataset.classes)
-    if spec is not None and set(classes) <= set(spec.classes):
-        # Folder names that are the model's class names keep the model's label ids.
-        model_ids = torch.tensor([spec.classes.index(name) for name in classes], dtype=torch.int64)
-        y, classes = model_ids[y], spec.classes
-    return Batch(x=torch.stack(images).contiguous(), y=y, source=str(path), classes=classes)
+    return Batch(x=torch.stack(images).contiguous(), y=y, source=str(path), classes=tuple(dataset.classes)).with_model_ids(spec)
 
 
 def _common_shape(path: Path, samples: Sequence[tuple[str, int]], images: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -344,6 +351,14 @@ def check_batch(batch: Batch, spec: ModelSpec) -> None:
             raise InputError(
                 f"Batch {source} has labels in [{int(y.min())}, {int(y.max())}] but the model knows classes 0..{spec.num_classes - 1}; "
                 "relabel the batch or use a model for these classes."
+            )
+        unknown = [] if batch.classes is None else [name for name in batch.classes if name not in spec.classes]
+        if unknown:
+            # Its label ids count its own classes, not the model's: read as the model's they would be wrong.
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise InputError(
+                f"Batch {source} has classes the model has no output for ({shown}; the model knows {', '.join(spec.classes[:12])}"
+                f"{', ...' if len(spec.classes) > 12 else ''}); remove their images or use a model for these classes."
             )
 
 

@@ -217,18 +217,13 @@ def load_model_and_reference(name: str, version: int, weights: str, stats_uri: s
 
 def align_labels(data: Batch, spec: ModelSpec) -> tuple[Batch, bool, list[Any]]:
     """Map named labels to the model's label ids; detect labels the model has no output for."""
-    import torch
-
     if data.y is None:
         return data, False, []
     if data.classes is not None:
         unknown = [name for name in data.classes if name not in spec.classes]
         if unknown:
             return data, True, unknown
-        ids = torch.tensor([spec.classes.index(name) for name in data.classes], dtype=torch.int64)
-        if int(data.y.max()) >= len(ids):
-            raise InputError(f"Batch {data.source} has label {int(data.y.max())} but names only {len(ids)} classes; name every class.")
-        return dataclasses.replace(data, y=ids[data.y], classes=spec.classes), False, []
+        return data.with_model_ids(spec), False, []
     unknown_ids = sorted(int(label) for label in data.y.unique() if int(label) >= spec.num_classes)
     return data, bool(unknown_ids), unknown_ids
 

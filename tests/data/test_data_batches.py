@@ -219,6 +219,31 @@ def test_image_folder_of_a_new_label_space_keeps_folder_labels(tmp_path):
     assert batch.classes == ("cat", "dog") and batch.y.tolist() == [0, 1, 1]
 
 
+def test_a_labelled_batch_naming_a_class_the_model_lacks_is_refused_by_check(tmp_path):
+    # Its folder labels count its own classes ("11" would be read as the model's "1").
+    _write_folder(tmp_path, {"0": [("L", 10, (16, 16))], "11": [("L", 20, (16, 16))] * 2})
+    batch = load_batch(tmp_path, spec=SPEC)
+    assert batch.classes == ("0", "11") and batch.y.tolist() == [0, 1, 1]
+    with pytest.raises(InputError) as caught:
+        check_batch(batch, SPEC)
+    message = str(caught.value)
+    assert str(tmp_path) in message and "no output for (11;" in message and "the model knows 0, 1, 2" in message
+    check_batch(Batch(x=batch.x, y=None, source=batch.source, classes=batch.classes), SPEC)  # a new task's images pass
+
+
+def test_tensor_files_naming_their_classes_get_the_model_s_label_ids(tmp_path):
+    path = tmp_path / "named.npz"
+    np.savez(path, x=_images(3), y=np.array([0, 1, 1]), classes=np.array(["9", "0"]))
+    batch = load_batch(path, spec=SPEC)
+    assert batch.y.tolist() == [9, 0, 0] and batch.classes == SPEC.classes
+    check_batch(batch, SPEC)
+    assert load_batch(path).y.tolist() == [0, 1, 1]  # without a model, as stored
+
+    short = tmp_path / "short.npz"
+    np.savez(short, x=_images(3), y=np.array([0, 1, 2]), classes=np.array(["9", "0"]))
+    _refused(short, "has label 2 but names only 2 classes", spec=SPEC)
+
+
 def test_image_folder_without_spec_keeps_size_and_grey_channel(tmp_path):
     _write_folder(tmp_path, {"a": [("L", 40, (9, 7))], "b": [("L", 80, (9, 7))]})
     batch = load_batch(tmp_path)
