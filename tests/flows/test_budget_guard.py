@@ -206,24 +206,25 @@ def test_the_guard_prices_the_epochs_still_to_come_at_the_pool_the_run_trains_on
     assert "at least 5.00 epochs" in result.stop_reason
 
 
-def test_the_guard_charges_a_forecast_past_the_settings_epoch_cap_only_up_to_that_cap(guarded_env) -> None:
-    """Retrains capped at one epoch by the settings: a forecast of at least 40 epochs, under a budget
-    that holds one epoch and not the calibrated cap's 15, lets the run train to its cap."""
+def test_the_guard_holds_the_run_to_the_settings_epoch_cap_not_the_calibrated_one(guarded_env) -> None:
+    """Retrains capped at one epoch by the settings: a forecast of at least two epochs is past that
+    cap (the calibrated one is 15), and the guard's sentence says so when it stops the run."""
     import dataclasses
 
     from shiftcost import pipeline
 
     settings, _, _ = guarded_env
     inputs, config, holdout, pool = claimed_bright_batch(guarded_env)
+    assert inputs.forecaster.max_epochs == 15.0
     capped = settings.model_copy(update={"retrain_max_epochs": 1.0})
-    one_epoch, calibrated_cap = (joules(pool, holdout, config.recipe.batch_size, e) for e in (1.0, inputs.forecaster.max_epochs))
-    assert 2 * one_epoch < calibrated_cap
-    hopeless = {"median": 50.0, "low": 40.0, "high": 80.0, "level": 0.8, "stage": "index"}
-    guarded = dataclasses.replace(inputs, decided_epochs=hopeless, budget_left_kwh=2 * one_epoch / 3.6e6)
+    two_epochs = {"median": 3.0, "low": 2.0, "high": 4.0, "level": 0.8, "stage": "index"}
+    budget_kwh = 1.5 * joules(pool, holdout, config.recipe.batch_size, 1.0) / 3.6e6  # holds one epoch, not two
+    guarded = dataclasses.replace(inputs, decided_epochs=two_epochs, budget_left_kwh=budget_kwh)
 
     result = pipeline.execute_retrain(capped, guarded)
 
-    assert result.status != "stopped_by_budget" and 0 < result.epochs <= 1.0, result.stop_reason
+    assert result.status == "stopped_by_budget" and result.steps == 0, result.stop_reason
+    assert "past the run's cap of 1.00 where it would stop short of the cutoff" in result.stop_reason
 
 
 def test_a_stage_zero_forecaster_prices_the_retrain_at_the_model_files_batch_size(database_url, tmp_path, monkeypatch, trained_model) -> None:

@@ -126,24 +126,24 @@ def test_the_guard_prices_the_whole_run_at_the_run_s_own_cap_or_the_calibrated_o
         assert guard.price.kwh(100.0) == guard.price.kwh(cap) == pytest.approx(cap * 280 + evaluations * EVAL_SAMPLE_WEIGHT * 120)
 
 
-def test_a_forecast_past_the_run_s_cap_is_charged_only_up_to_the_cap() -> None:
-    """A run capped at one epoch never spends what 40 epochs would: a budget that holds the capped
-    run lets it train, and one that does not stops it before its first step, saying why."""
+def test_a_forecast_past_the_run_s_cap_is_charged_in_full_and_the_sentence_names_the_cap() -> None:
+    """A run capped at one epoch and forecast to need at least 40 is stopped before its first step
+    even under a budget that holds the capped run: it would end at its cap short of the cutoff."""
     pessimistic = Forecast(Interval(50.0, 40.0, 80.0, 0.9), None, None, "index", False, None, {})
     priced = BudgetGuard(fitted_forecaster(cap=15.0), budget_kwh=1.0, batch_samples=N, ceiling=0.97, cap_epochs=1.0).price
     holds_the_cap = 1.5 * priced.kwh(1.0)
-    assert holds_the_cap < priced.rate.kwh(40.0 * priced.pool, 0)
     model, x, y = task()
     guard = BudgetGuard(fitted_forecaster(cap=15.0), budget_kwh=holds_the_cap, batch_samples=N, ceiling=0.97, initial=pessimistic, cap_epochs=1.0)
     result = run(guard, model, x, y, max_epochs=1.0)
-    assert result.status != STOPPED_BY_BUDGET and result.steps > 0, guard.reason
-    assert guard.forecasts[0]["remaining_low_kwh"] == pytest.approx(priced.kwh(1.0) - guard.forecasts[0]["spent_kwh"])
-
-    model, x, y = task()
-    short = BudgetGuard(fitted_forecaster(cap=15.0), budget_kwh=0.5 * priced.kwh(1.0), batch_samples=N, ceiling=0.97, initial=pessimistic, cap_epochs=1.0)
-    result = run(short, model, x, y, max_epochs=1.0)
     assert result.status == STOPPED_BY_BUDGET and result.steps == 0
-    assert "at least 40.00 epochs in all (the run stops at its cap of 1.00)" in short.reason
+    assert guard.forecasts[0]["remaining_low_kwh"] > priced.rate.kwh(39.0 * priced.pool, 0)  # all 40 epochs, not the cap's one
+    assert "at least 40.00 epochs in all, past the run's cap of 1.00 where it would stop short of the cutoff" in guard.reason
+
+    within = Forecast(Interval(0.8, 0.5, 0.9, 0.9), None, None, "index", False, None, {})
+    model, x, y = task()
+    plain = BudgetGuard(fitted_forecaster(cap=15.0), budget_kwh=0.1 * priced.kwh(1.0), batch_samples=N, ceiling=0.97, initial=within, cap_epochs=1.0)
+    run(plain, model, x, y, max_epochs=1.0)
+    assert plain.reason is not None and "past the run's cap" not in plain.reason
 
 
 def test_a_forecaster_without_an_energy_rate_is_refused_with_what_to_give() -> None:
