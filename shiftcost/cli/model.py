@@ -125,6 +125,7 @@ def import_command(
     net, spec = import_model(
         weights, classes=_classes(classes, data), image_size=image_size, architecture=arch, factory=factory,
         in_channels=channels, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), resize=resize, recipe=recipe_table,
+        classes_from="--classes" if classes is not None else f"the sub-folders of {data}",
     )  # fmt: skip
     result: dict[str, Any] = {"out": str(out), "spec": spec.to_dict()}
     check = None

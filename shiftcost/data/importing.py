@@ -173,12 +173,15 @@ def import_model(
     std: Sequence[float] | None = None,
     resize: str = "stretch",
     recipe: Mapping[str, Any] | None = None,
+    classes_from: str = "--classes",
 ) -> tuple[nn.Module, ModelSpec]:
     """Rebuild a model from a plain state dict and describe it with a spec (nothing written).
 
     Exactly one of ``architecture`` (a name :func:`~shiftcost.data.build_model` knows) and
     ``factory`` (``pkg.module:build``, called with ``num_classes=`` when it takes it) builds
     the module. A state dict saved from ``nn.DataParallel`` (keys prefixed ``module.``) loads too.
+    ``classes_from`` says where ``classes`` came from, for the sentence refusing weights with
+    another number of outputs.
     """
     path = Path(weights)
     if (architecture is None) == (factory is None):
@@ -214,6 +217,12 @@ def import_model(
         factory=factory,
         recipe=None if recipe is None else dict(recipe),
     )
+    outputs = state.get(f"{spec.classifier}.weight")
+    if outputs is not None and outputs.ndim == 2 and outputs.shape[0] != len(classes):
+        raise InputError(
+            f"Weights file {path} has {outputs.shape[0]} outputs but {len(classes)} classes come from {classes_from}; "
+            f"give --classes with the model's {outputs.shape[0]} class names in output order, or their count."
+        )
     _load_state(model, state, path, spec)
     _check_outputs(model, spec, path)
     apply_preprocessing(model, spec)

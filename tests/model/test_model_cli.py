@@ -174,3 +174,18 @@ def test_bad_imports_are_one_sentence_exit_2_and_write_nothing(user, flags, frag
     assert code == 2
     assert fragment in err and "\n" not in err.strip() and "Traceback" not in err
     assert not out.exists()
+
+
+def test_classes_read_from_data_folders_that_disagree_with_the_weights_say_where_they_came_from(user, tmp_path) -> None:
+    import shutil
+
+    root, _ = user
+    two = tmp_path / "two"
+    for name in sorted(p.name for p in (root / "ref").iterdir())[:2]:
+        shutil.copytree(root / "ref" / name, two / name)
+    out = tmp_path / "resnet.safetensors"
+    code, _, err = run(["model", "import", root / "resnet18.pt", "--arch", "resnet18", "--image-size", "32", "--data", two, "-o", out])
+    assert code == 2 and not out.exists()
+    assert f"has 4 outputs but 2 classes come from the sub-folders of {two}; give --classes with the model's 4 class names" in err
+    assert "\n" not in err.strip() and "Traceback" not in err
+
