@@ -56,11 +56,15 @@ class Batch:
     def has_labels(self) -> bool:
         return self.y is not None
 
+    def unknown_classes(self, spec: ModelSpec) -> list[str]:
+        """The classes this batch names that ``spec`` has no output for (none when it names none)."""
+        return [] if self.classes is None else [name for name in self.classes if name not in spec.classes]
+
     def with_model_ids(self, spec: ModelSpec | None) -> Batch:
         """This batch with its labels as ``spec``'s label ids, where every class it names is one of
         the model's; as it is otherwise (no names, no labels, or classes the model lacks, which
         :func:`check_batch` refuses and a new task keeps)."""
-        if spec is None or self.y is None or self.classes is None or not set(self.classes) <= set(spec.classes):
+        if spec is None or self.y is None or self.classes is None or self.unknown_classes(spec):
             return self
         if len(self.y) and int(self.y.max()) >= len(self.classes):
             raise InputError(f"Batch {self.source} has label {int(self.y.max())} but names only {len(self.classes)} classes; name every class.")
@@ -352,7 +356,7 @@ def check_batch(batch: Batch, spec: ModelSpec) -> None:
                 f"Batch {source} has labels in [{int(y.min())}, {int(y.max())}] but the model knows classes 0..{spec.num_classes - 1}; "
                 "relabel the batch or use a model for these classes."
             )
-        unknown = [] if batch.classes is None else [name for name in batch.classes if name not in spec.classes]
+        unknown = batch.unknown_classes(spec)
         if unknown:
             # Its label ids count its own classes, not the model's: read as the model's they would be wrong.
             shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")

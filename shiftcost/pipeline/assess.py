@@ -220,7 +220,7 @@ def align_labels(data: Batch, spec: ModelSpec) -> tuple[Batch, bool, list[Any]]:
     if data.y is None:
         return data, False, []
     if data.classes is not None:
-        unknown = [name for name in data.classes if name not in spec.classes]
+        unknown = data.unknown_classes(spec)
         if unknown:
             return data, True, unknown
         return data.with_model_ids(spec), False, []
