@@ -10,7 +10,7 @@ from shiftcost.calibrate.helpers import _describe, _finite
 from shiftcost.calibrate.result import SweepResult
 from shiftcost.calibrate.settings import COST_FEATURES, CORRELATION_FEATURES, CORRELATION_MEASURES, GROUP_KEY, INDEX_FEATURES, LABEL_FREE_FEATURES
 from shiftcost.forecast import protocol
-from shiftcost.forecast.probe import PROBE_FEATURES
+from shiftcost.forecast.probe import PROBE_FEATURES, PROBE_STRATUM
 
 
 def label_free_analysis(rows: Sequence[Mapping[str, Any]], level: float) -> dict[str, Any]:
@@ -319,7 +319,7 @@ def _fit_ready(row: Mapping[str, Any], features: Sequence[str]) -> bool:
 
 def _fit_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """The cost model's view of a point: features, target epochs, censoring, energy."""
-    keys = set(COST_FEATURES) | set(LABEL_FREE_FEATURES) | set(INDEX_FEATURES) | set(PROBE_FEATURES) | {"accuracy_drop"}
+    keys = set(COST_FEATURES) | set(LABEL_FREE_FEATURES) | set(INDEX_FEATURES) | set(PROBE_FEATURES) | {PROBE_STRATUM, "accuracy_drop"}
     out = {name: row[name] for name in keys if _finite(row.get(name))}
     out.update(
         corruption=row[GROUP_KEY],

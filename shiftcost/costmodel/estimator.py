@@ -249,6 +249,7 @@ class CostModel(RegressorMixin, BaseEstimator):
         level: float | None = None,
         version: int | None = None,
         feature_names: Sequence[str] | None = None,
+        calibration_runs: Sequence[bool] | None = None,
     ) -> list[CostPrediction]:
         """One :class:`CostPrediction` per row of ``X``.
 
@@ -256,12 +257,17 @@ class CostModel(RegressorMixin, BaseEstimator):
         ``carbon_intensity`` (kg CO2e per kWh) are scalars or one value per row; when not
         given, dict rows may carry ``samples``, ``joules_per_sample_epoch`` and
         ``carbon_intensity_kg_per_kwh``. ``version`` picks an older fitted version.
+        ``calibration_runs`` (one flag per row the version was fitted on) sizes the intervals on
+        those runs' conformal scores alone: the stratum of a Mondrian interval.
         """
         chosen = self._history().get(version)
         level = chosen.params["level"] if level is None else level
         _check_level(level)
         matrix, raw_rows = _feature_matrix(X, chosen.features, feature_names, chosen.version)
-        z_point, z_lo, z_hi, sigma = _predict_z(chosen, matrix, level)
+        if calibration_runs is not None and len(calibration_runs) != len(chosen.rows):
+            raise CostModelInputError(f"calibration_runs has {len(calibration_runs)} flags for the {len(chosen.rows)} runs version {chosen.version} was fitted on.")
+        runs = None if calibration_runs is None else np.asarray(calibration_runs, dtype=bool)
+        z_point, z_lo, z_hi, sigma = _predict_z(chosen, matrix, level, runs)
         offset = chosen.params["epochs_offset"]
         cap = max_epochs if max_epochs is not None else chosen.params.get("max_epochs")
         if cap is None:

@@ -61,7 +61,12 @@ def _conformal_ranks(n: int, level: float, m: int = 1) -> tuple[int, int]:
     return n * m + 1 - upper, upper
 
 
-def _predict_z(version: CostModelVersion, matrix: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def _predict_z(
+    version: CostModelVersion, matrix: np.ndarray, level: float, runs: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Point, CV+ lower and upper bound of ``z`` for each row of ``matrix``, and the full model's
+    sigma. ``runs`` (a mask over calibration runs) restricts the conformal scores to those runs,
+    each still scored by the fold model that left it out (Mondrian CV+ for one stratum)."""
     state = version.state
     intercept, coef, sigma = _model_arrays(state["full"])
     point = intercept + matrix @ coef
@@ -70,9 +75,12 @@ def _predict_z(version: CostModelVersion, matrix: np.ndarray, level: float) -> t
     fold_of_row = np.asarray(state["fold_of_row"], dtype=int)
     m = int(state["imputations"])
     scores, owner = _expanded_scores(state["scores"], m)
+    if runs is not None:
+        kept = np.asarray(runs, dtype=bool)[owner]
+        scores, owner = scores[kept], owner[kept]
     mu_folds = fold_i[None, :] + matrix @ fold_c.T  # (rows, folds)
     mu_runs = mu_folds[:, fold_of_row[owner]]  # mu_{-k(i)}(x) for every score of every calibration run i
-    lo_rank, hi_rank = _conformal_ranks(len(fold_of_row), level, m)
+    lo_rank, hi_rank = _conformal_ranks(len(owner) // m, level, m)
     if hi_rank > len(scores):
         upper = np.full(matrix.shape[0], np.inf)
         lower = np.full(matrix.shape[0], -np.inf)

@@ -34,14 +34,14 @@ import numpy as np
 from scipy import special, stats
 
 from shiftcost.costmodel import FORMAT as COST_MODEL_FORMAT
-from shiftcost.costmodel import CostModel, CostPrediction
+from shiftcost.costmodel import CostModel, CostPrediction, min_points_needed
 from shiftcost.energy import HostEnergyRate
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.forecast import probe as probing
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
 from shiftcost.forecast.price import RetrainPrice
-from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, ProbeTrajectory, horizon_epochs, probe_features
+from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, PROBE_STRATUM, ProbeTrajectory, horizon_epochs, probe_features
 from shiftcost.recipe import pool_samples
 
 __all__ = ["Forecast", "Forecaster", "Interval", "STAGE0_FEATURE", "STAGE1_FEATURES", "abs_log_errors", "median_interval", "naive_did_better"]
@@ -87,6 +87,10 @@ OWN_CURVE_EVALS = 8.0
 #: 0.25-0.75 on shufflenet, whose three seeds it took from 54% to 50% while the in-flight forecast went
 #: from 31% to 49% and the interval's coverage from 92% to 97%.
 PULL_TO_MEDIAN = 0.0
+#: Whether the probe stage's interval is sized on the calibration runs of the batch's own stratum
+#: (:data:`~shiftcost.forecast.probe.PROBE_STRATUM`: the probe's evaluations met the cutoff, or its
+#: cutoff is extrapolated), its median staying that of the law sized on every run.
+INTERVAL_BY_STRATUM = False
 STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
 #: Features stage 1 is fitted on unless told otherwise. Chosen by the same two runs
 #: (leave-one-kind-out over the nine built-in kinds, cutoff window 3, the probe on the retrain's
@@ -210,6 +214,7 @@ class Forecaster:
         retrain_settings: Mapping[str, Any] | None = None,
         left_out: Mapping[str, Any] | None = None,
         pull_to_median: float = PULL_TO_MEDIAN,
+        interval_by_stratum: bool = INTERVAL_BY_STRATUM,
     ) -> None:
         self.stage0 = stage0
         self.stage1 = stage1
@@ -228,6 +233,7 @@ class Forecaster:
         #: (:meth:`leave_one_kind_out`), where calibration measured it.
         self.left_out = None if left_out is None else dict(left_out)
         self.pull_to_median = float(pull_to_median)
+        self.interval_by_stratum = bool(interval_by_stratum)
 
     # -- fitting -------------------------------------------------------------------------
 
@@ -348,6 +354,7 @@ class Forecaster:
             # ... and otherwise it does not stop there: conditioned on needing more than zero epochs,
             # a curve that crosses at once no longer forecasts "no training" (an upper bound of 0).
             known, p_fail = _condition_on_spent(fitted, 0.0, self.stage1.epochs_offset, self.max_epochs)
+            known = self._interval_of_stratum(row, values.get(PROBE_STRATUM), known)
         return self._finish(
             prediction, "probe", dict(features) | row, probe_cost, price, carbon_intensity, epochs=known, p_not_converge=p_fail,
             extrapolated=outside,
@@ -400,6 +407,37 @@ class Forecaster:
             None, "in_flight", dict(features or {}) | row | {"own_curve_epochs": own, "own_curve_weight": weight}, None,
             None, None, epochs=interval, p_not_converge=p_fail,
         )
+
+    def _interval_of_stratum(self, row: Mapping[str, float], stratum: float | None, pooled: Interval) -> Interval:
+        """``pooled`` (the probe stage's conditioned law sized on every calibration run) with its
+        interval sized instead on the runs of the batch's stratum, conditioned the same way, where
+        :attr:`interval_by_stratum` holds and the stratum has enough runs for a finite interval.
+
+        The median stays the pooled law's: conditioned on needing some training, a law's median
+        rises the more the wider it is, and that rise is part of how near the median lies (the
+        narrower law of the stratum whose probes met the cutoff put its runs below their epochs).
+        Where the stratum's interval misses that median it is widened to hold it.
+        """
+        assert self.stage1 is not None
+        runs = self._stratum_runs(stratum)
+        if runs is None:
+            return pooled
+        p = self.stage1.predict_costs([dict(row)], max_epochs=self.max_epochs, calibration_runs=runs)[0]
+        fitted = self._pulled_to_median(Interval(p.epochs, p.epochs_lower, p.epochs_upper, p.level))
+        own, _ = _condition_on_spent(fitted, 0.0, self.stage1.epochs_offset, self.max_epochs)
+        return Interval(pooled.median, min(own.low, pooled.median), max(own.high, pooled.median), pooled.level)
+
+    def _stratum_runs(self, stratum: float | None) -> list[bool] | None:
+        """Which of stage 1's calibration runs share the batch's stratum (probes that started at
+        the target, which stage 1 never forecasts, in neither); ``None`` where the interval is
+        not split, the rows do not record strata (calibrations before them) or too few share it."""
+        if not self.interval_by_stratum or stratum is None or self.stage1 is None:
+            return None
+        metas = [r["meta"] for r in self.stage1.history_.latest.rows]
+        if any(PROBE_STRATUM not in meta for meta in metas):
+            return None
+        runs = [meta[PROBE_STRATUM] == stratum and not meta.get("probe_already_met") for meta in metas]
+        return runs if sum(runs) >= min_points_needed(0, self.level) else None  # a finite interval's runs
 
     def _pulled_to_median(self, fitted: Interval) -> Interval:
         """``fitted`` (the probe stage's law, before conditioning) moved by :attr:`pull_to_median` of
@@ -614,6 +652,7 @@ class Forecaster:
             retrain_settings=saved.get("retrain"),
             left_out=saved.get("left_out"),
             pull_to_median=saved.get("pull_to_median", 0.0),
+            interval_by_stratum=saved.get("interval_by_stratum", False),
         )
 
     def probe_options(self) -> dict[str, Any]:
@@ -678,6 +717,7 @@ class Forecaster:
             "probe_settings": self.probe_settings,
             "left_out": self.left_out,
             "pull_to_median": self.pull_to_median,
+            "interval_by_stratum": self.interval_by_stratum,
             "protocol": {"holdout_fraction": protocol.HOLDOUT_FRACTION, "evals_per_epoch": protocol.EVALS_PER_EPOCH},
         }
         return json.dumps(payload, allow_nan=False)
@@ -741,6 +781,8 @@ class Forecaster:
                 left_out=payload.get("left_out"),
                 # Files from before the pull forecast with none.
                 pull_to_median=payload.get("pull_to_median", 0.0),
+                # Files from before the split size every interval on all runs.
+                interval_by_stratum=payload.get("interval_by_stratum", False),
             )
         stage0 = CostModel.from_json(path.read_text())
         paired = cls.beside(path)

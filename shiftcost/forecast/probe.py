@@ -32,7 +32,7 @@ from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
 
 __all__ = [
-    "ProbeCost", "ProbeTrajectory", "run_probe", "probe_features", "saved_curve", "features_of_saved_curve", "starts_at_target", "PROBE_FEATURES",
+    "ProbeCost", "ProbeTrajectory", "run_probe", "probe_features", "saved_curve", "features_of_saved_curve", "starts_at_target", "PROBE_FEATURES", "PROBE_STRATUM",
 ]
 
 # Probe length chosen on calibration data only (digits CNN, built-in kinds, leave-one-kind-out
@@ -54,6 +54,10 @@ __all__ = [
 # kind left out): 8 steps 54% | 65%, 10 steps 48% | 60%, 12 steps 43% | 63%, against 32% | 47% for 16.
 #: Features the probe adds to a forecast (besides the index model's prediction).
 PROBE_FEATURES: tuple[str, ...] = ("curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs")
+#: 1 where the probe's own evaluations met the cutoff after training, 0 where they never did (its
+#: cutoff is the curve's extrapolated crossing): not a feature, the stratum of the probe stage's
+#: interval (:attr:`~shiftcost.forecast.forecaster.Forecaster.interval_by_stratum`).
+PROBE_STRATUM = "probe_met_cutoff"
 DEFAULT_STEPS = 16
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_SAMPLES = 256
@@ -171,7 +175,7 @@ def probe_features(
     epochs at which the probe's own evaluations first met the cutoff rule
     (:func:`~shiftcost.forecast.protocol.cutoff_reached`), a measured crossing rather than an
     extrapolated one; where they never did, the curve's crossing, but no less than the probe's
-    length.
+    length. ``probe_met_cutoff`` (:data:`PROBE_STRATUM`) says which of the two the cutoff is.
     """
     fit = fit_curve(epochs, accuracy, ceiling)
     horizon = (HORIZON_CAPS if horizon_caps is None else horizon_caps) * cap_epochs
@@ -191,6 +195,7 @@ def probe_features(
     return {
         "curve_log_epochs": math.log1p(crossing), "probe_progress": progress, "probe_loss_drop": float(drop),
         "probe_gap": float(target - last_acc), "cutoff_log_epochs": math.log1p(cutoff),
+        PROBE_STRATUM: float(met is not None and met > 0),
     }
 
 

@@ -24,8 +24,9 @@ def _xz(rows):
     return X, np.log1p([r["epochs"] for r in rows])
 
 
-def _explicit_interval(rows, tests, folds, alpha, level):
-    """CV+ (jackknife+ when every fold is one run) by refitting closed-form ridge per fold."""
+def _explicit_interval(rows, tests, folds, alpha, level, runs=None):
+    """CV+ (jackknife+ when every fold is one run) by refitting closed-form ridge per fold; with
+    ``runs`` (flags), over those runs' residuals alone, each fold still fitted on every other run."""
     X, z = _xz(rows)
     Xt = np.array([[t[n] for n in NAMES] for t in tests])
     mu_at_test = np.zeros((len(tests), len(rows)))
@@ -36,7 +37,8 @@ def _explicit_interval(rows, tests, folds, alpha, level):
         for i in members:
             residuals[i] = abs(z[i] - b0 - X[i] @ coef)
             mu_at_test[:, i] = b0 + Xt @ coef
-    bounds = [ref.jackknife_plus(list(mu_at_test[j]), list(residuals), level) for j in range(len(tests))]
+    kept = [i for i in range(len(rows)) if runs is None or runs[i]]
+    bounds = [ref.jackknife_plus(list(mu_at_test[j][kept]), list(residuals[kept]), level) for j in range(len(tests))]
     return [(max(math.expm1(lo), 0.0), max(math.expm1(hi), 0.0)) for lo, hi in bounds]
 
 
@@ -65,6 +67,24 @@ def test_cv_plus_uses_groups_as_folds():
         assert pred.epochs_lower == pytest.approx(lo, rel=1e-6)
         assert pred.epochs_upper == pytest.approx(hi, rel=1e-6)
     assert model.loo_["cv"] == "leave-one-group-out (4 groups)"
+
+
+def test_an_interval_sized_on_some_calibration_runs_uses_their_scores_alone():
+    """Mondrian CV+: the stratum's residuals and fold predictions, the folds fitted on every run."""
+    rows = linear_rows(seed=22, n=24, intercept=1.0)
+    groups = [f"g{i % 4}" for i in range(len(rows))]
+    model = CostModel(monotone=False, alpha=0.3).fit(rows, groups=groups)
+    folds = [[i for i, g in enumerate(groups) if g == label] for label in ("g0", "g1", "g2", "g3")]
+    stratum = [i % 3 != 0 for i in range(len(rows))]
+    expected = _explicit_interval(rows, TESTS, folds, 0.3, 0.9, runs=stratum)
+    pooled = model.predict_costs(TESTS)
+    for pred, every, (lo, hi) in zip(model.predict_costs(TESTS, calibration_runs=stratum), pooled, expected):
+        assert pred.epochs_lower == pytest.approx(lo, rel=1e-6)
+        assert pred.epochs_upper == pytest.approx(hi, rel=1e-6)
+        assert pred.epochs == every.epochs
+    assert [p.epochs_upper for p in pooled] != pytest.approx([hi for _, hi in expected], rel=1e-6)
+    with pytest.raises(ValueError, match="calibration_runs has 3 flags for the 24 runs"):
+        model.predict_costs(TESTS, calibration_runs=[True] * 3)
 
 
 def test_interval_level_can_change_at_prediction_time():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -18,6 +19,7 @@ from shiftcost.errors import InputError
 from shiftcost.forecast import protocol
 from shiftcost.forecast.curve import epochs_to_target, fit_curve
 from shiftcost.forecast.forecaster import STAGE1_DEFAULT, Forecaster, naive_did_better, out_of_fold_log_epochs
+from shiftcost.forecast.probe import PROBE_STRATUM
 from tests.forecast.helpers import INDEX, UNIT_RATE, fitted_forecaster, forecast_rows
 
 #: The probe feature stage 1 reads by default (held at slope 1).
@@ -754,3 +756,62 @@ def test_a_pull_towards_the_median_keeps_the_order_of_the_forecasts(pull, curves
     low, high = sorted(curves)
     forecasts = [forecaster.predict_from_probe_features(row, {READ: c, "probe_progress": 0.5, "probe_loss_drop": 0.2}).epochs.median for c in (low, high)]
     assert forecasts[0] <= forecasts[1] + 1e-9
+
+
+def _stratified_rows(seed: int, kinds: int = 6, per_kind: int = 12) -> list[dict]:
+    """Rows whose probe read the cost closely where it met the cutoff (every other run) and
+    loosely where its cutoff was extrapolated, as the two strata do on real probes."""
+    rng = np.random.default_rng(seed)
+    rows = forecast_rows(seed=seed, kinds=kinds, per_kind=per_kind)
+    for i, row in enumerate(rows):
+        met = i % 2 == 0
+        row[PROBE_STRATUM] = float(met)
+        row[READ] = math.log1p(row["epochs"]) + float(rng.normal(0.0, 0.05 if met else 0.8))
+    return rows
+
+
+def _log_width(interval) -> float:
+    return math.log1p(interval.high) - math.log1p(interval.low)
+
+
+def test_an_interval_by_stratum_keeps_the_median_and_covers_each_stratum_near_its_level(tmp_path) -> None:
+    forecaster = Forecaster.fit(_stratified_rows(0), features=list(INDEX), max_epochs=50.0)
+    fresh = _stratified_rows(1)
+    split = copy.copy(forecaster)
+    split.interval_by_stratum = True
+    hits: dict[tuple[bool, float], list[bool]] = {}
+    for row in fresh:
+        pooled = forecaster.predict_from_probe_features(row, row).epochs
+        own = split.predict_from_probe_features(row, row).epochs
+        assert own.median == pooled.median and own.low <= own.median <= own.high
+        assert (_log_width(own) < _log_width(pooled)) == (row[PROBE_STRATUM] == 1.0)
+        for design, interval in ((False, pooled), (True, own)):
+            hits.setdefault((design, row[PROBE_STRATUM]), []).append(interval.low <= row["epochs"] <= interval.high)
+    coverage = {key: float(np.mean(v)) for key, v in hits.items()}
+    # One interval for both strata over-covers the close one and under-covers the loose one ...
+    assert coverage[(False, 1.0)] == 1.0 and coverage[(False, 0.0)] < 0.85
+    # ... sized on each stratum's own runs, both lie near the level.
+    assert 0.8 <= coverage[(True, 1.0)] <= 0.97 and 0.8 <= coverage[(True, 0.0)] <= 0.97
+    saved = forecaster.save(tmp_path / "pooled.json")
+    assert Forecaster.load(saved).interval_by_stratum is False
+    again = Forecaster.load(split.save(tmp_path / "split.json"))
+    assert again.interval_by_stratum is True
+    assert again.predict_from_probe_features(fresh[0], fresh[0]).epochs == split.predict_from_probe_features(fresh[0], fresh[0]).epochs
+    assert Forecaster.with_probe_stage(split.stage0, split.probe_stage()).interval_by_stratum is True
+
+
+def test_an_interval_by_stratum_falls_back_to_every_run_where_a_stratum_is_too_small_or_unrecorded() -> None:
+    rows = _stratified_rows(0)
+    for row in rows[1:]:
+        row[PROBE_STRATUM] = 0.0
+    few = [row | {PROBE_STRATUM: 1.0} for row in rows[::16]]  # fewer met runs than a finite 90% interval needs
+    for row in rows[::16]:
+        row[PROBE_STRATUM] = 1.0
+    assert len(few) < 9
+    unrecorded = [{k: v for k, v in row.items() if k != PROBE_STRATUM} for row in rows]
+    query = rows[3] | {PROBE_STRATUM: 1.0}
+    for calibration in (rows, unrecorded):
+        forecaster = Forecaster.fit(calibration, features=list(INDEX), max_epochs=50.0)
+        pooled = forecaster.predict_from_probe_features(query, query).epochs
+        forecaster.interval_by_stratum = True
+        assert forecaster.predict_from_probe_features(query, query).epochs == pooled

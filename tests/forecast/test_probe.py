@@ -11,7 +11,7 @@ from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate
 from shiftcost.forecast import protocol
-from shiftcost.forecast.probe import probe_features, run_probe
+from shiftcost.forecast.probe import PROBE_STRATUM, probe_features, run_probe
 from tests.forecast.helpers import bars
 
 #: 7.2 J per sample-gradient and 3.6 J per run: the probe is one measured run and pays its overhead once.
@@ -151,3 +151,21 @@ def test_a_batch_already_at_the_cutoff_costs_the_probe_one_evaluation(tiny) -> N
     assert (cost.steps, cost.sample_gradients, cost.samples_evaluated) == (0, 0, probe.holdout_samples)
     assert cost.energy_kwh == pytest.approx((3.6 + 7.2 * EVAL_SAMPLE_WEIGHT * probe.holdout_samples) / 3.6e6)
     assert probe.initial_grad_norm is None and probe.grad_noise_scale is None
+
+
+def test_the_stratum_says_whether_the_probes_own_evaluations_met_the_cutoff_after_training() -> None:
+    epochs = [0.1 * k for k in range(7)]
+    loss = [1.0 - 0.1 * k for k in range(7)]
+    read = {
+        "met after training": [0.5, 0.6, 0.7, 0.9, 0.9, 0.9, 0.9],
+        "never met, its crossing extrapolated": [0.5, 0.55, 0.6, 0.65, 0.7, 0.72, 0.74],
+        "met at the first evaluation": [0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9],
+        "met by one lucky evaluation only": [0.5, 0.6, 0.9, 0.6, 0.65, 0.7, 0.7],
+    }
+    strata = {
+        name: probe_features(epochs, accuracy, loss, target=0.85, ceiling=0.9, cap_epochs=15.0)[PROBE_STRATUM] for name, accuracy in read.items()
+    }
+    assert strata == {
+        "met after training": 1.0, "never met, its crossing extrapolated": 0.0, "met at the first evaluation": 0.0,
+        "met by one lucky evaluation only": 0.0,
+    }
