@@ -794,6 +794,10 @@ def main() -> None:
     parser.add_argument("--curve-horizon", type=float, default=HORIZON_CAPS, help="with --rescore: caps at which the curve feature is clipped")
     parser.add_argument("--own-curve-evals", type=float, default=None, help="with --rescore: the in-flight weight on the run's own curve")
     parser.add_argument(
+        "--interval-by-stratum", choices=("on", "off"), default=None,
+        help="with --rescore: size the probe stage's interval on the calibration runs of the batch's stratum, or on every run (default: the library's)",
+    )
+    parser.add_argument(
         "--probe-steps", type=int, default=None,
         help="with --rescore: read every saved probe (calibration's and the scored runs') as if it had stopped after this many steps",
     )
@@ -872,6 +876,8 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             if forecaster.stage1 is None:
                 raise SystemExit(f"{path}, {result['arch']}: stage 1 could not be fitted on {stage1_features}: {forecaster.stage1_error}")
             forecaster.energy_rate = WORK_RATE
+            if args.interval_by_stratum is not None:
+                forecaster.interval_by_stratum = args.interval_by_stratum == "on"
             # Every retrain of a file is on the stream batch calibration corrupted: its pool and holdout.
             batch_samples = cal_rows[0]["samples"] + cal_rows[0]["holdout_samples"]
             work = work_units(batch_samples)
@@ -902,7 +908,8 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             coefficients = dict(zip(forecaster.stage1.features_, map(float, forecaster.stage1.coef_)))
             print(
                 f"\n=== {result['arch']} from {path}: stage 1 on {', '.join(stage1_features)} (held at 1: {', '.join(forecaster.stage1.offset_features or ()) or 'none'}), curve clipped at {args.curve_horizon:g} caps, "
-                f"in flight weighing the run's own curve at {'the default' if args.own_curve_evals is None else args.own_curve_evals}; "
+                f"in flight weighing the run's own curve at {'the default' if args.own_curve_evals is None else args.own_curve_evals}, "
+                f"interval {'by stratum' if forecaster.interval_by_stratum else 'on every run'}; "
                 f"stage 1 coefficients {coefficients}"
             )
             print_metrics(metrics(runs, args.bootstrap))

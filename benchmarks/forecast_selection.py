@@ -78,9 +78,9 @@ from forecast_accuracy import (  # noqa: E402
 )
 
 from shiftcost.forecast import protocol  # noqa: E402
-from shiftcost.forecast.forecaster import PULL_TO_MEDIAN, STAGE0_FEATURE, Forecaster  # noqa: E402
+from shiftcost.forecast.forecaster import INTERVAL_BY_STRATUM, PULL_TO_MEDIAN, STAGE0_FEATURE, Forecaster  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_BATCH_SIZE as PROBE_BATCH  # noqa: E402
-from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, features_of_saved_curve  # noqa: E402
+from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, PROBE_STRATUM, features_of_saved_curve  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt  # noqa: E402
 
 PROTOCOL_WINDOW = protocol.CUTOFF_WINDOW
@@ -177,6 +177,11 @@ PROBE_LENGTHS: tuple[int, ...] = (8, 10, 12)
 #: that needed training (:data:`~shiftcost.forecast.forecaster.PULL_TO_MEDIAN`), compared on the
 #: current design: the pull acts on the forecast, not the fit, so one fitted forecaster serves all.
 PULLS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+#: The probe stage's interval sized on every calibration run, or on the runs of the batch's stratum
+#: (:attr:`~shiftcost.forecast.forecaster.Forecaster.interval_by_stratum`); the median is the same.
+INTERVAL_DESIGNS: dict[bool, str] = {False: "interval on every run", True: "interval by stratum"}
+#: The design scored beside the library's.
+OTHER_INTERVAL = INTERVAL_DESIGNS[not INTERVAL_BY_STRATUM]
 
 
 def leave_one_kind_out(
@@ -238,6 +243,11 @@ def leave_one_kind_out(
                 record[f"stage0_probe[{name}]"] = design.predict_from_probe_features(
                     {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES}, already_met=met,
                 ).epochs
+            split = copy.copy(forecaster)
+            split.interval_by_stratum = not forecaster.interval_by_stratum
+            record[f"stage0_probe[{_interval_design(split)}]"] = split.predict_from_probe_features(
+                {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES + (PROBE_STRATUM,)}, already_met=met,
+            ).epochs
             for pull in PULLS:
                 pulled = copy.copy(forecaster)
                 pulled.pull_to_median = pull
@@ -251,6 +261,11 @@ def leave_one_kind_out(
                 ).epochs
             records.append(record)
     return records
+
+
+def _interval_design(forecaster: Forecaster) -> str:
+    """The name of the probe stage's interval design ``forecaster`` uses."""
+    return INTERVAL_DESIGNS[forecaster.interval_by_stratum]
 
 
 #: A probe sized by the index stage's forecast instead of a fixed length: at most ADAPTIVE_SHARE of
@@ -289,7 +304,9 @@ def read_again(rows: list[dict[str, Any]], probe_steps: int = PROBE_STEPS) -> di
 def _forecast_point(forecaster: Forecaster, baselines: Any, row: dict[str, Any], features: list[str], weights: list[float]) -> dict[str, Any]:
     run = row["runs"][0]
     x = {f: row[f] for f in features}
-    stage1 = forecaster.predict_from_probe_features(x, {f: row[f] for f in PROBE_FEATURES}, already_met=bool(row["probe_already_met"]))
+    stage1 = forecaster.predict_from_probe_features(
+        x, {f: row[f] for f in PROBE_FEATURES + (PROBE_STRATUM,)}, already_met=bool(row["probe_already_met"])
+    )
     stage0 = forecaster.predict(x)
     record = {
         "kind": row["corruption"], "sweep": row.get("sweep"), "intensity": row["intensity"], "epochs": float(run["epochs"]),
@@ -350,6 +367,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     names += [f"stage0_probe[evaluated every {k} steps]" for k in PROBE_EVAL_EVERY]
     names += [f"stage0_probe[probe of {k} steps]" for k in PROBE_LENGTHS if k < args.probe_steps]
     names += [f"stage0_probe[pulled {pull:g} to the median]" for pull in PULLS] + [f"stage0_probe[{ADAPTIVE}]"]
+    names += [f"stage0_probe[{OTHER_INTERVAL}]"]
     names += ["in_flight_stage1_on_run"] + [f"in_flight_own_{w:g}" for w in weights]
     table = {name: _scores(records, name) for name in names}
     scored = {w: table[f"in_flight_own_{w:g}"]["median_abs_log_error"] for w in weights}
@@ -389,7 +407,9 @@ def saved_calibrations(paths: list[Path], arch: str) -> tuple[list[dict[str, Any
             features = features or list(result["stage0_features"])
     if features is None:
         raise SystemExit(f"none of {', '.join(map(str, paths))} holds a calibration of {arch}; pass forecast_accuracy.py --json outputs that do.")
-    return [r | {"sweep": offset} for offset, rows in sweeps.items() for r in rows], features, len(sweeps)
+    # Read again from the saved curves: the same features, and those of a later version (the stratum).
+    rows = [r | {"sweep": offset} for offset, rows in sweeps.items() for r in rows]
+    return [reread([r])[0] if r.get("probe_curve") else r for r in rows], features, len(sweeps)
 
 
 #: MdAPE a cheaper probe may give up against the current design (non-inferiority margin).
@@ -470,7 +490,27 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
         # Reported beside MdAPE, which leaves out the capped runs; settings are not chosen on it.
         "mean_stage1_mean_abs_log_error_needed": needed,
         "mean_mdape_minus_current_ci95": ci,
+        # Runs saved before the interval designs were compared have only the current one.
+        "interval_design": interval_choice(results) if all(f"stage0_probe[{OTHER_INTERVAL}]" in r["loko"] for r in results) else None,
     }
+
+
+def interval_choice(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The probe stage's interval design: the other design replaces the library's where its 90%
+    coverage of the runs whose cost is known lies nearer the level (mean distance over the
+    architectures) and it lets no more of each architecture's runs than the upper tail's share,
+    ``(1 - level) / 2``, cap beyond its upper end (a capped run that spent more than the upper bound
+    is a definite miss on the high side, which coverage of the known costs leaves out). The median
+    is the same under both, so MdAPE cannot decide."""
+    distance, upper_tail_held = {}, {}
+    for design in INTERVAL_DESIGNS.values():
+        key = f"stage0_probe[{design}]" if design == OTHER_INTERVAL else "stage0_probe"
+        scores = [r["loko"][key] for r in results]
+        distance[design] = float(np.mean([abs(s["coverage"] - LEVEL) for s in scores]))
+        upper_tail_held[design] = all(s["capped_definite_misses"] <= (1 - LEVEL) / 2 * s["n"] for s in scores)
+    current = INTERVAL_DESIGNS[INTERVAL_BY_STRATUM]
+    better = upper_tail_held[OTHER_INTERVAL] and distance[OTHER_INTERVAL] < distance[current]
+    return {"chosen": OTHER_INTERVAL if better else current, "mean_distance_of_cov90_from_level": distance, "upper_tail_held": upper_tail_held}
 
 
 def _no_worse(ci: dict[str, list[float]], name: str) -> bool:
@@ -533,11 +573,14 @@ def main() -> None:
             )
         print(f"smallest window within one point of the lowest floor: {result['lowest_floor_window']}; "
               f"leave-one-kind-out under the protocol's window {result['protocol_window']}")
-        print(f"{'leave-one-kind-out':28s} {'n':>4s} {'MdAPE':>7s} {'med|log|':>8s} {'needed':>7s} {'C-index':>7s} {'cov90':>6s} {'cov>0':>6s}")
+        print(
+            f"{'leave-one-kind-out':28s} {'n':>4s} {'MdAPE':>7s} {'med|log|':>8s} {'needed':>7s} {'C-index':>7s} {'cov90':>6s} {'cov>0':>6s} "
+            f"{'capped>hi':>9s}"
+        )
         for name, s in result["loko"].items():
             print(
                 f"{name:28s} {s['n']:4d} {100 * s['mdape']:6.0f}% {s['median_abs_log_error']:8.3f} {s['mean_abs_log_error_needed']:7.3f} "
-                f"{s['c_index']:7.3f} {100 * s['coverage']:5.0f}% {100 * s['coverage_needed']:5.0f}%"
+                f"{s['c_index']:7.3f} {100 * s['coverage']:5.0f}% {100 * s['coverage_needed']:5.0f}% {s['capped_definite_misses']:9d}"
             )
         print_flags(result["not_converging"])
         print(f"lowest leave-one-kind-out MdAPE of stage 1: {result['chosen_stage1_design']}")

@@ -131,3 +131,19 @@ def test_forecast_accuracy_resamples_kinds_whole_where_runs_name_them():
     # Runs that do not name their cluster get the runs' bootstrap alone.
     unnamed = [{k: v for k, v in r.items() if k != "cluster"} for r in runs]
     assert "stage0_probe_minus_baseline_ci95_by_cluster" not in accuracy.metrics(unnamed, resamples=10)
+
+
+@pytest.mark.parametrize(
+    ("other", "chosen"),
+    [
+        ({"coverage": 0.91, "capped_definite_misses": 2}, "other"),  # nearer the level, upper tail held
+        ({"coverage": 0.91, "capped_definite_misses": 6}, "current"),  # nearer, but 6 of 100 capped runs past the upper end
+        ({"coverage": 0.99, "capped_definite_misses": 0}, "current"),  # farther from the level
+    ],
+)
+def test_the_interval_design_changes_only_nearer_the_level_with_the_upper_tail_held(selection, other, chosen):
+    current = {"coverage": 0.97, "capped_definite_misses": 0, "n": 100}
+    results = [{"loko": {"stage0_probe": current, f"stage0_probe[{selection.OTHER_INTERVAL}]": current | other}} for _ in range(2)]
+    picked = selection.interval_choice(results)["chosen"]
+    library = next(d for d in selection.INTERVAL_DESIGNS.values() if d != selection.OTHER_INTERVAL)
+    assert picked == (selection.OTHER_INTERVAL if chosen == "other" else library)
