@@ -133,17 +133,31 @@ def test_forecast_accuracy_resamples_kinds_whole_where_runs_name_them():
     assert "stage0_probe_minus_baseline_ci95_by_cluster" not in accuracy.metrics(unnamed, resamples=10)
 
 
+def _interval_result(selection, other_inside, other_capped_misses: int) -> dict:
+    """One architecture's interval figures: every known-cost point of 36 (kind, sweep) clusters of
+    ten inside the library's interval, ``other_inside(cluster)`` of each inside the other's."""
+    clusters = [f"kind{k}/{s}" for k in range(9) for s in range(4)]
+    library = next(d for d in selection.INTERVAL_DESIGNS.values() if d != selection.OTHER_INTERVAL)
+    inside = {library: [True] * 360, selection.OTHER_INTERVAL: [j < other_inside(c) for c in range(36) for j in range(10)]}
+    coverage = {design: float(np.mean(hits)) for design, hits in inside.items()}
+    return {
+        "loko": {
+            "stage0_probe": {"coverage": coverage[library], "capped_definite_misses": 0, "n": 400},
+            f"stage0_probe[{selection.OTHER_INTERVAL}]": {"coverage": coverage[selection.OTHER_INTERVAL], "capped_definite_misses": other_capped_misses, "n": 400},
+        },
+        "interval_hits": {"cluster": [clusters[c] for c in range(36) for _ in range(10)], "inside": inside},
+    }
+
+
 @pytest.mark.parametrize(
-    ("other", "chosen"),
+    ("other_inside", "capped_misses", "adopted"),
     [
-        ({"coverage": 0.91, "capped_definite_misses": 2}, "other"),  # nearer the level, upper tail held
-        ({"coverage": 0.91, "capped_definite_misses": 6}, "current"),  # nearer, but 6 of 100 capped runs past the upper end
-        ({"coverage": 0.99, "capped_definite_misses": 0}, "current"),  # farther from the level
+        (lambda cluster: 9, 2, True),  # 90% in every cluster: nearer the level beyond the bootstrap's noise
+        (lambda cluster: 9, 30, False),  # as near, but 30 of 400 runs capped past its upper end (more than 5%)
+        (lambda cluster: 9 if cluster == 0 else 10, 0, False),  # nearer in one cluster only: within the noise
     ],
 )
-def test_the_interval_design_changes_only_nearer_the_level_with_the_upper_tail_held(selection, other, chosen):
-    current = {"coverage": 0.97, "capped_definite_misses": 0, "n": 100}
-    results = [{"loko": {"stage0_probe": current, f"stage0_probe[{selection.OTHER_INTERVAL}]": current | other}} for _ in range(2)]
-    picked = selection.interval_choice(results)["chosen"]
-    library = next(d for d in selection.INTERVAL_DESIGNS.values() if d != selection.OTHER_INTERVAL)
-    assert picked == (selection.OTHER_INTERVAL if chosen == "other" else library)
+def test_the_interval_design_changes_only_where_the_bootstrap_shows_coverage_nearer_the_level(selection, other_inside, capped_misses, adopted):
+    results = [_interval_result(selection, other_inside, capped_misses) for _ in range(2)]
+    choice = selection.interval_choice(results)
+    assert (choice["chosen"] == selection.OTHER_INTERVAL) == adopted
