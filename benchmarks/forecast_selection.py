@@ -432,6 +432,17 @@ def stage1_errors(records: list[dict[str, Any]], names: list[str]) -> dict[str, 
     }
 
 
+def _by_cluster(clusters: list[str], series: dict[str, list[Any]]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """Each (kind, sweep) cluster's point indices, and each named per-point series as an array."""
+    labels = np.array(clusters)
+    return [np.flatnonzero(labels == c) for c in dict.fromkeys(clusters)], {n: np.asarray(v, dtype=float) for n, v in series.items()}
+
+
+def _draw(rng: np.random.Generator, members: list[np.ndarray]) -> np.ndarray:
+    """The points of as many clusters as there are, drawn with replacement."""
+    return np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+
+
 def interval_hits(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Whether each point whose cost is known lies inside each interval design's interval (what
     cov90 counts), with its (kind, sweep) cluster."""
@@ -448,17 +459,12 @@ def coverage_distance_difference(results: list[dict[str, Any]], resamples: int =
     over the architectures minus the library's, resampling each architecture's (kind, sweep) clusters."""
     rng = np.random.default_rng(seed)
     current = INTERVAL_DESIGNS[INTERVAL_BY_STRATUM]
-    per_arch = []
-    for result in results:
-        hits = result["interval_hits"]
-        clusters = np.array(hits["cluster"])
-        members = [np.flatnonzero(clusters == c) for c in dict.fromkeys(hits["cluster"])]
-        per_arch.append((members, {d: np.asarray(v, dtype=float) for d, v in hits["inside"].items()}))
+    per_arch = [_by_cluster(r["interval_hits"]["cluster"], r["interval_hits"]["inside"]) for r in results]
     draws = np.empty(resamples)
     for b in range(resamples):
         gaps = []
         for members, inside in per_arch:
-            idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+            idx = _draw(rng, members)
             gaps.append(abs(inside[OTHER_INTERVAL][idx].mean() - LEVEL) - abs(inside[current][idx].mean() - LEVEL))
         draws[b] = np.mean(gaps)
     return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
@@ -468,16 +474,11 @@ def mdape_differences(results: list[dict[str, Any]], resamples: int = RESAMPLES,
     """Paired bootstrap 95% CI of each probe-stage setting's mean MdAPE over the architectures
     minus the current design's, resampling each architecture's (kind, sweep) clusters."""
     rng = np.random.default_rng(seed)
-    per_arch = []
-    for result in results:
-        errors = result["stage1_errors"]
-        clusters = np.array(errors["cluster"])
-        members = [np.flatnonzero(clusters == c) for c in dict.fromkeys(errors["cluster"])]
-        per_arch.append((members, {n: np.asarray(v, dtype=float) for n, v in errors["ape"].items()}))
+    per_arch = [_by_cluster(r["stage1_errors"]["cluster"], r["stage1_errors"]["ape"]) for r in results]
     names = [n for n in per_arch[0][1] if n != "stage0_probe" and all(n in ape for _, ape in per_arch)]
     draws = {n: np.empty(resamples) for n in names}
     for b in range(resamples):
-        picked = [np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]) for members, _ in per_arch]
+        picked = [_draw(rng, members) for members, _ in per_arch]
         current = np.mean([np.median(ape["stage0_probe"][idx]) for (_, ape), idx in zip(per_arch, picked)])
         for n in names:
             draws[n][b] = np.mean([np.median(ape[n][idx]) for (_, ape), idx in zip(per_arch, picked)]) - current
