@@ -28,13 +28,15 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    of its cost) every k-th step of :data:`PROBE_EVAL_EVERY`, the probe's first k steps of
    :data:`PROBE_LENGTHS`, a probe sized by the index stage's forecast (:data:`ADAPTIVE`: each
    point's probe read at the length that forecast gives, its sample-gradients and the retrains'
-   printed), and pulls towards calibration's median epochs (:data:`PULLS`). Each
+   printed), pulls towards calibration's median epochs (:data:`PULLS`), and the probe stage's interval
+   sized on the batch's stratum or on every run (:data:`INTERVAL_DESIGNS`, the median the same). Each
    is scored by its MdAPE, averaged over the architectures, and by a paired bootstrap 95% CI of
    that mean minus the current design's, resampling each architecture's (kind, sweep) clusters.
    A setting replaces the current one only on that evidence: a design, horizon or pull when its
    whole CI lies below zero (the lowest such), the sparsest cadence and the shortest probe when
    their CI lies below :data:`MARGIN` (no more than two points worse), the probe sized by the
-   forecast on the same margin. Where the choice rested
+   forecast on the same margin, the other interval design when the CI of its coverage's distance
+   from the level, minus the current one's, lies below zero (:func:`interval_choice`). Where the choice rested
    on the lowest mean alone, the curve's horizon went from 3 caps to 2 with four sweeps per
    architecture and to 1.5 with six, each by a lead the bootstrap puts well inside its noise. Beside MdAPE, which
    leaves out the capped runs, every predictor's mean |log error| of the batches that needed
@@ -245,7 +247,7 @@ def leave_one_kind_out(
                 ).epochs
             split = copy.copy(forecaster)
             split.interval_by_stratum = not forecaster.interval_by_stratum
-            record[f"stage0_probe[{_interval_design(split)}]"] = split.predict_from_probe_features(
+            record[_interval_key(OTHER_INTERVAL)] = split.predict_from_probe_features(
                 {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES + (PROBE_STRATUM,)}, already_met=met,
             ).epochs
             for pull in PULLS:
@@ -263,9 +265,9 @@ def leave_one_kind_out(
     return records
 
 
-def _interval_design(forecaster: Forecaster) -> str:
-    """The name of the probe stage's interval design ``forecaster`` uses."""
-    return INTERVAL_DESIGNS[forecaster.interval_by_stratum]
+def _interval_key(design: str) -> str:
+    """The predictor that forecasts with the interval ``design``: the library's is the current design."""
+    return f"stage0_probe[{design}]" if design == OTHER_INTERVAL else "stage0_probe"
 
 
 #: A probe sized by the index stage's forecast instead of a fixed length: at most ADAPTIVE_SHARE of
@@ -367,7 +369,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     names += [f"stage0_probe[evaluated every {k} steps]" for k in PROBE_EVAL_EVERY]
     names += [f"stage0_probe[probe of {k} steps]" for k in PROBE_LENGTHS if k < args.probe_steps]
     names += [f"stage0_probe[pulled {pull:g} to the median]" for pull in PULLS] + [f"stage0_probe[{ADAPTIVE}]"]
-    names += [f"stage0_probe[{OTHER_INTERVAL}]"]
+    names += [_interval_key(OTHER_INTERVAL)]
     names += ["in_flight_stage1_on_run"] + [f"in_flight_own_{w:g}" for w in weights]
     table = {name: _scores(records, name) for name in names}
     scored = {w: table[f"in_flight_own_{w:g}"]["median_abs_log_error"] for w in weights}
@@ -447,7 +449,7 @@ def interval_hits(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Whether each point whose cost is known lies inside each interval design's interval (what
     cov90 counts), with its (kind, sweep) cluster."""
     known = [r for r in records if not r["censored"]]
-    keys = {design: f"stage0_probe[{design}]" if design == OTHER_INTERVAL else "stage0_probe" for design in INTERVAL_DESIGNS.values()}
+    keys = {design: _interval_key(design) for design in INTERVAL_DESIGNS.values()}
     return {
         "cluster": [f"{r['kind']}/{r['sweep']}" for r in known],
         "inside": {design: [bool(r[key].low <= r["epochs"] <= r[key].high) for r in known] for design, key in keys.items()},
@@ -538,8 +540,7 @@ def interval_choice(results: list[dict[str, Any]]) -> dict[str, Any]:
     known costs leaves out). The median is the same under both, so MdAPE cannot decide."""
     distance, upper_tail_held = {}, {}
     for design in INTERVAL_DESIGNS.values():
-        key = f"stage0_probe[{design}]" if design == OTHER_INTERVAL else "stage0_probe"
-        scores = [r["loko"][key] for r in results]
+        scores = [r["loko"][_interval_key(design)] for r in results]
         distance[design] = float(np.mean([abs(s["coverage"] - LEVEL) for s in scores]))
         upper_tail_held[design] = all(s["capped_definite_misses"] <= (1 - LEVEL) / 2 * s["n"] for s in scores)
     ci = coverage_distance_difference(results)
