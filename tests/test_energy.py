@@ -76,9 +76,11 @@ def test_energy_scales_with_work() -> None:
     cpu_ratio = measured[72].cpu_energy_kwh / measured[12].cpu_energy_kwh
     # Six times the work. The CPU part follows CPU seconds, which contention hardly changes
     # (5.3-6.9 in five pairs on an idle 2-core host; CodeCarbon's sampled figure gave 5.4-319).
-    # The RAM model charges wall time, which a busy machine stretches, so the total gets room.
+    # The RAM part is CodeCarbon's sampled figure: 0.65-2.8 times its own power x wall time in
+    # six pairs on a 2-core AMD EPYC, so the total's ratio ran 4.5-13.3 there, and 21 beside a
+    # second test process. Only its growth is asserted.
     assert 4.0 < cpu_ratio < 9.0
-    assert 2.0 < ratio < 18.0
+    assert ratio > 2.0
     assert measured[72].emissions_kg > measured[12].emissions_kg
 
 
