@@ -266,8 +266,7 @@ class CostModel(RegressorMixin, BaseEstimator):
         matrix, raw_rows = _feature_matrix(X, chosen.features, feature_names, chosen.version)
         if calibration_runs is not None and len(calibration_runs) != len(chosen.rows):
             raise CostModelInputError(f"calibration_runs has {len(calibration_runs)} flags for the {len(chosen.rows)} runs version {chosen.version} was fitted on.")
-        runs = None if calibration_runs is None else np.asarray(calibration_runs, dtype=bool)
-        z_point, z_lo, z_hi, sigma = _predict_z(chosen, matrix, level, runs)
+        z_point, z_lo, z_hi, sigma = _predict_z(chosen, matrix, level, calibration_runs)
         offset = chosen.params["epochs_offset"]
         cap = max_epochs if max_epochs is not None else chosen.params.get("max_epochs")
         if cap is None:

@@ -62,7 +62,7 @@ def _conformal_ranks(n: int, level: float, m: int = 1) -> tuple[int, int]:
 
 
 def _predict_z(
-    version: CostModelVersion, matrix: np.ndarray, level: float, runs: np.ndarray | None = None
+    version: CostModelVersion, matrix: np.ndarray, level: float, runs: Sequence[bool] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Point, CV+ lower and upper bound of ``z`` for each row of ``matrix``, and the full model's
     sigma. ``runs`` (a mask over calibration runs) restricts the conformal scores to those runs,
