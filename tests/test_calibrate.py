@@ -32,7 +32,7 @@ from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model, save_model
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.forecast import protocol
-from shiftcost.forecast.probe import DEFAULT_MAX_HOLDOUT, features_of_saved_curve
+from shiftcost.forecast.probe import DEFAULT_MAX_HOLDOUT, RATE_SCALING, features_of_saved_curve
 
 FAST_ENERGY = {"measure_power_secs": 0.2}
 # A shift so strong that the pixels overflow to infinity: a real crash inside the point.
@@ -458,6 +458,7 @@ def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
     assert result.settings["probe_steps"] == 3 and full_length >= 1
     assert result.settings["probe_stops_at_cutoff"] is True  # as every probe above did
     assert result.settings["probe_max_holdout"] == DEFAULT_MAX_HOLDOUT
+    assert result.settings["probe_rate_scaling"] == RATE_SCALING
 
 
 def test_the_sweeps_probes_follow_the_retrains_weight_decay_but_not_their_frozen_batch_norm(tiny) -> None:

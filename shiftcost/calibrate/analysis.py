@@ -176,14 +176,16 @@ def _retrain_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """How the sweep's probes ran (see ``sweep._probe_point``): the probe's own steps, sample and
     batch, whether they stopped at the cutoff (sweeps from before they did ran every step), the
-    held-out images they evaluated at most (none recorded: the whole holdout, as before the cap), under
-    the retrains' learning rate, optimizer, weight decay and momentum."""
+    held-out images they evaluated at most (none recorded: the whole holdout, as before the cap), whether
+    their rate and clock followed their batch (none recorded: they did not, see ``probe.RATE_SCALING``),
+    under the retrains' learning rate, optimizer, weight decay and momentum."""
     from shiftcost.forecast import probe
     from shiftcost.forecast.forecaster import PROBE_RECIPE
 
     sized = {
         "steps": settings.get("probe_steps"), "samples": probe.DEFAULT_SAMPLES, "batch_size": probe.DEFAULT_BATCH_SIZE,
         "stop_at_cutoff": bool(settings.get("probe_stops_at_cutoff", False)), "max_holdout": settings.get("probe_max_holdout"),
+        "rate_scaling": settings.get("probe_rate_scaling", "none"),
     }
     return sized | {name: _recorded(settings, name) for name in PROBE_RECIPE}
 

@@ -22,6 +22,7 @@ from shiftcost.calibrate.result import SweepInterrupted, SweepResult
 from shiftcost.calibrate.settings import COLUMNS, COST_FEATURES, SWEEP_CONFIG, Progress
 from shiftcost.data.demo import torch_threads
 from shiftcost.errors import InputError
+from shiftcost.forecast import probe as probing
 from shiftcost.forecast import protocol
 from shiftcost.forecast.probe import DEFAULT_MAX_HOLDOUT
 from shiftcost.recipe import RetrainConfig
@@ -205,6 +206,7 @@ def _sweep_settings(
         "probe_steps": probe_steps,
         "probe_stops_at_cutoff": PROBES_STOP_AT_CUTOFF,
         "probe_max_holdout": DEFAULT_MAX_HOLDOUT,
+        "probe_rate_scaling": probing.RATE_SCALING,
         "retrain": config.to_dict(),
         # The count trained at, not the option: a rate refitted from points.json elsewhere needs it.
         "threads": threads if threads is not None else torch.get_num_threads(),
@@ -376,7 +378,7 @@ def _probe_point(
         model, x, y, target_accuracy=target, ceiling=reference, steps=steps, lr=recipe.lr, optimizer=recipe.optimizer,
         weight_decay=recipe.weight_decay, momentum=recipe.momentum,
         holdout_fraction=config.cutoff.holdout_fraction, seed=seed, device=config.device, retrain_batch_size=recipe.batch_size,
-        stop_at_cutoff=PROBES_STOP_AT_CUTOFF, max_holdout=DEFAULT_MAX_HOLDOUT,
+        stop_at_cutoff=PROBES_STOP_AT_CUTOFF, max_holdout=DEFAULT_MAX_HOLDOUT, rate_scaling=probing.RATE_SCALING,
     )
     row.update(probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap))
     row["probe_sample_gradients"] = trajectory.cost.sample_gradients

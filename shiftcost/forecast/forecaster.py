@@ -150,7 +150,7 @@ ONLY_UNDER: dict[str, tuple[str, str]] = {
 }
 NO_TRAIN_STEP = "none"
 #: The probe settings a calibration records and every later probe repeats.
-PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "stop_at_cutoff", "max_holdout")
+PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "stop_at_cutoff", "max_holdout", "rate_scaling")
 #: The probe's training settings that must match calibration's probes (the rest only size it).
 PROBE_RECIPE: tuple[str, ...] = ("lr", "optimizer", "weight_decay", "momentum")
 #: More predicted by the index model, a slower curve, a wider gap left: more cost; more progress or loss drop: less.
@@ -681,7 +681,7 @@ class Forecaster:
     def _check_probe(self, probe: ProbeTrajectory) -> None:
         """Refuse a probe whose steps are not the ones calibration's probes took (its recipe)."""
         calibrated = self.probe_options()
-        compared = [name for name in PROBE_RECIPE if name in calibrated and name in probe.settings]
+        compared = [name for name in (*PROBE_RECIPE, "rate_scaling") if name in calibrated and name in probe.settings]
         differ = _differences({name: calibrated[name] for name in compared}, probe.settings.__getitem__)
         if differ:
             raise ConfigError(
@@ -953,5 +953,6 @@ def _epoch_setting(config: Any, name: str, reference_available: bool) -> Any:
 
 def _as_saved(probe_settings: Mapping[str, Any] | None) -> dict[str, Any]:
     """A saved forecaster's probe settings; files written before probes stopped at the cutoff
-    do not record it, and their probes ran every step."""
-    return {"stop_at_cutoff": False} | dict(probe_settings or {})
+    do not record it, and their probes ran every step; nor do files from before the probe's rate
+    and clock followed its batch (``rate_scaling``)."""
+    return {"stop_at_cutoff": False, "rate_scaling": "none"} | dict(probe_settings or {})

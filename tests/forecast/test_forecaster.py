@@ -637,8 +637,12 @@ def test_later_probes_repeat_the_calibrated_probe_and_a_probe_at_another_rate_is
     calibrated = {"batch_size": 32, "lr": 3e-3, "optimizer": "sgd", "tolerance": 0.02, "holdout_fraction": 0.3}
     result = analyse(_synthetic_rows(), settings=calibrated | {"probe_steps": 12}, features=["resque_dist"])
     loaded = Forecaster.load(result.forecaster.save(tmp_path / "forecaster.json"))
-    # Settings from a sweep that does not say its probes stopped at the cutoff: they ran every step.
-    expected = {"steps": 12, "samples": DEFAULT_SAMPLES, "batch_size": DEFAULT_BATCH_SIZE, "lr": 3e-3, "optimizer": "sgd", "stop_at_cutoff": False}
+    # Settings from a sweep that does not say its probes stopped at the cutoff (or scaled their rate):
+    # they ran every step, at the retrains' rate.
+    expected = {
+        "steps": 12, "samples": DEFAULT_SAMPLES, "batch_size": DEFAULT_BATCH_SIZE, "lr": 3e-3, "optimizer": "sgd", "stop_at_cutoff": False,
+        "rate_scaling": "none",
+    }
     assert loaded.probe_options() == expected
     # A file that recorded only the probe's steps probed at its retrains' rate and optimizer.
     older = json.loads((tmp_path / "forecaster.json").read_text())
@@ -650,6 +654,9 @@ def test_later_probes_repeat_the_calibrated_probe_and_a_probe_at_another_rate_is
     # Probes that read at most 512 held-out images are repeated so; older ones read the whole holdout.
     capped = analyse(_synthetic_rows(), settings=calibrated | {"probe_steps": 12, "probe_max_holdout": 512}, features=["resque_dist"])
     assert Forecaster.load(capped.forecaster.save(tmp_path / "capped.json")).probe_options() == expected | {"max_holdout": 512}
+    # Probes whose rate and clock followed their batch are repeated so; older ones stepped at the retrains' rate.
+    scaled = analyse(_synthetic_rows(), settings=calibrated | {"probe_steps": 12, "probe_rate_scaling": "sqrt"}, features=["resque_dist"])
+    assert Forecaster.load(scaled.forecaster.save(tmp_path / "scaled.json")).probe_options() == expected | {"rate_scaling": "sqrt"}
 
     forecaster = fitted_forecaster()
     forecaster.retrain_settings["lr"] = 1e-4
@@ -663,6 +670,10 @@ def test_later_probes_repeat_the_calibrated_probe_and_a_probe_at_another_rate_is
     assert forecaster.predict(row, probe=probe).probe["settings"]["lr"] == 1e-4
     with pytest.raises(ConfigError, match=r"lr 0.0001 \(here 0.001\)"):
         forecaster.predict(row, probe=dataclasses.replace(probe, settings={"lr": 1e-3, "optimizer": "adam"}))
+    # A probe on another clock learns another curve: refused too.
+    forecaster.probe_settings["rate_scaling"] = "sqrt"
+    with pytest.raises(ConfigError, match="rate_scaling"):
+        forecaster.predict(row, probe=dataclasses.replace(probe, settings={"lr": 1e-4, "optimizer": "adam", "rate_scaling": "none"}))
 
 
 def test_a_calibration_records_the_probes_recipe_and_refuses_a_probe_on_another(tmp_path) -> None:

@@ -11,7 +11,7 @@ from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate
 from shiftcost.forecast import protocol
-from shiftcost.forecast.probe import PROBE_STRATUM, probe_features, run_probe
+from shiftcost.forecast.probe import PROBE_STRATUM, RATE_SCALINGS, probe_features, run_probe
 from tests.forecast.helpers import bars
 
 #: 7.2 J per sample-gradient and 3.6 J per run: the probe is one measured run and pays its overhead once.
@@ -36,7 +36,9 @@ def test_probe_cost_is_counted_exactly_and_the_model_is_untouched(tiny) -> None:
     shifted = (1 - x).contiguous()  # inverted images: the model must relearn
     before = copy.deepcopy(model.state_dict())
     rng_state = torch.get_rng_state()
-    probe = run_probe(model, shifted, y, target_accuracy=0.9, ceiling=0.95, steps=6, samples=40, batch_size=8, energy_rate=RATE)
+    probe = run_probe(
+        model, shifted, y, target_accuracy=0.9, ceiling=0.95, steps=6, samples=40, batch_size=8, retrain_batch_size=8, energy_rate=RATE
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng_state, torch.get_rng_state())
     holdout = round(len(y) * 0.3)
@@ -49,17 +51,44 @@ def test_probe_cost_is_counted_exactly_and_the_model_is_untouched(tiny) -> None:
     assert probe.initial_grad_norm > 0 and probe.loss[-1] < probe.loss[0]
 
 
-def test_the_probe_runs_on_the_retrain_clock_in_steps(tiny) -> None:
-    """Probe step ``k`` sits at ``k`` retrain steps, whatever the probe's own batch size."""
+def test_the_probe_runs_on_the_retrain_clock(tiny) -> None:
+    """Probe step ``k`` sits at ``k`` retrain steps at the retrain's rate, and at ``k * batch_size /
+    retrain_batch_size`` where the rate follows the batch, whatever the probe's own batch size."""
     model, _, x, y = tiny
     for batch_size, retrain_batch_size in ((8, 64), (8, 16), (32, 16)):
-        probe = run_probe(
-            model, 1 - x, y, target_accuracy=0.9, ceiling=0.95, steps=5, samples=64, batch_size=batch_size,
-            retrain_batch_size=retrain_batch_size,
-        )
-        per_epoch = protocol.steps_per_epoch(probe.pool_samples, retrain_batch_size)
-        assert probe.epochs == pytest.approx([k / per_epoch for k in range(6)])
-        assert probe.settings["retrain_batch_size"] == retrain_batch_size
+        for scaling in RATE_SCALINGS:
+            probe = run_probe(
+                model, 1 - x, y, target_accuracy=0.9, ceiling=0.95, steps=5, samples=64, batch_size=batch_size,
+                retrain_batch_size=retrain_batch_size, rate_scaling=scaling,
+            )
+            share = 1.0 if scaling == "none" else batch_size / retrain_batch_size
+            per_epoch = protocol.steps_per_epoch(probe.pool_samples, retrain_batch_size)
+            assert probe.epochs == pytest.approx([k * share / per_epoch for k in range(6)])
+            assert probe.settings["retrain_batch_size"] == retrain_batch_size and probe.settings["rate_scaling"] == scaling
+
+
+@pytest.mark.parametrize(("scaling", "rate_factor"), [("linear", 1 / 4), ("sqrt", 1 / 2)])
+def test_a_scaled_probe_is_the_plain_probe_at_the_scaled_rate_on_the_sample_clock(tiny, scaling, rate_factor) -> None:
+    """Four steps of 8 images stand for one retrain step of 32: the same curve as a probe at the
+    scaled rate, each of its steps counted as a quarter step."""
+    model, _, x, y = tiny
+    options = dict(target_accuracy=1.01, ceiling=1.0, steps=5, samples=40, batch_size=8, retrain_batch_size=32, seed=2)
+    scaled = run_probe(model, 1 - x, y, lr=1e-2, rate_scaling=scaling, **options)
+    plain = run_probe(model, 1 - x, y, lr=1e-2 * rate_factor, rate_scaling="none", **options)
+    at_full_rate = run_probe(model, 1 - x, y, lr=1e-2, rate_scaling="none", **options)
+    assert scaled.accuracy == plain.accuracy and scaled.loss == plain.loss
+    assert scaled.epochs == pytest.approx([e / 4 for e in plain.epochs])
+    assert scaled.loss != at_full_rate.loss
+    # The rate recorded is the recipe's, which is what a forecaster checks a probe against.
+    assert scaled.settings["lr"] == 1e-2
+
+
+def test_an_unknown_rate_scaling_is_refused_in_one_sentence(tiny) -> None:
+    from shiftcost.errors import ConfigError
+
+    model, _, x, y = tiny
+    with pytest.raises(ConfigError, match="rate scaling must be one of none, linear, sqrt, got 'cubic'"):
+        run_probe(model, x, y, target_accuracy=0.9, ceiling=0.95, rate_scaling="cubic")
 
 
 def test_the_probes_evaluations_read_at_most_max_holdout_images(tiny) -> None:
@@ -127,7 +156,7 @@ def test_the_probe_stops_at_its_first_evaluation_that_meets_the_cutoff(tiny) -> 
     """Stopped, the probe is the unstopped probe's prefix up to the first evaluation where the
     retrains' rule holds, and costs only the steps it took; the crossing stage 1 reads is the same."""
     model, _, x, y = tiny
-    options = dict(ceiling=1.0, steps=12, samples=64, batch_size=8, seed=1, energy_rate=RATE)
+    options = dict(ceiling=1.0, steps=12, samples=64, batch_size=8, retrain_batch_size=8, seed=1, energy_rate=RATE)
     full = run_probe(model, 1 - x, y, target_accuracy=1.01, stop_at_cutoff=False, **options)
     assert len(full.accuracy) == 13
     first_met = {t: protocol.first_cutoff(full.accuracy, t) for t in sorted(set(full.accuracy))}
