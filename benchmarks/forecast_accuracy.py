@@ -801,7 +801,15 @@ def main() -> None:
         "--probe-steps", type=int, default=None,
         help="with --rescore: read every saved probe (calibration's and the scored runs') as if it had stopped after this many steps",
     )
+    parser.add_argument(
+        "--probe-rate-scaling", choices=("none", "linear", "sqrt"), default=None,
+        help="calibrate and score with probes whose rate and clock follow their batch so, see shiftcost.forecast.probe.RATE_SCALING (default: the library's)",
+    )
     args = parser.parse_args()
+    if args.probe_rate_scaling is not None:
+        from shiftcost.forecast import probe
+
+        probe.RATE_SCALING = args.probe_rate_scaling
     if args.combine:
         print_pooled([Path(p) for p in args.combine.split(",")], args.bootstrap)
         return

@@ -551,6 +551,36 @@ def interval_choice(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def probe_choice(current: list[dict[str, Any]], other: list[dict[str, Any]], resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """Two probe designs, each calibrated on the same sweeps (the probe changes no retrain): the other
+    replaces the current one where the paired bootstrap 95% CI of its probe stage's MdAPE, averaged
+    over the architectures, minus the current one's lies below zero, resampling each architecture's
+    (kind, sweep) clusters as :func:`mdape_differences` does. A probe cannot be read again from another
+    probe's curve, so each design's sweeps are run under it (``forecast_accuracy.py
+    --probe-rate-scaling``) and selected apart (``--json``) before they are paired here."""
+    arches = [r["arch"] for r in current]
+    if arches != [r["arch"] for r in other]:
+        raise SystemExit(f"the two selections cover different architectures ({arches} against {[r['arch'] for r in other]}).")
+    rng = np.random.default_rng(seed)
+    paired = []
+    for mine, theirs in zip(current, other):
+        epochs = [[p["epochs"] for p in r["points_scored"]] for r in (mine, theirs)]
+        if epochs[0] != epochs[1] or mine["stage1_errors"]["cluster"] != theirs["stage1_errors"]["cluster"]:
+            raise SystemExit(f"{mine['arch']}: the two selections did not score the same retrains; pair sweeps of the same seed offsets.")
+        members, ape = _by_cluster(mine["stage1_errors"]["cluster"], {"current": mine["stage1_errors"]["ape"]["stage0_probe"]})
+        paired.append((members, ape["current"], np.asarray(theirs["stage1_errors"]["ape"]["stage0_probe"], dtype=float)))
+    draws = np.empty(resamples)
+    for b in range(resamples):
+        picked = [(_draw(rng, members), mine, theirs) for members, mine, theirs in paired]
+        draws[b] = np.mean([np.median(theirs[idx]) - np.median(mine[idx]) for idx, mine, theirs in picked])
+    ci = [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+    scores = {
+        name: {r["arch"]: {k: r["loko"]["stage0_probe"][k] for k in ("mdape", "c_index", "coverage", "mean_abs_log_error_needed")} for r in results}
+        for name, results in (("current", current), ("other", other))
+    }
+    return {"chosen": "other" if ci[1] < 0 else "current", "mean_mdape_minus_current_ci95": ci, "probe_stage": scores}
+
+
 def _no_worse(ci: dict[str, list[float]], name: str) -> bool:
     """Whether a cheaper probe's MdAPE is shown to lie within :data:`MARGIN` of the current design's."""
     return name in ci and ci[name][1] < MARGIN
@@ -589,7 +619,15 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
+    parser.add_argument(
+        "--compare-probes", nargs=2, type=Path, default=None, metavar=("CURRENT", "OTHER"),
+        help="two --json outputs of selections on the same sweeps run under two probe designs: print which probe stage to keep",
+    )
     args = parser.parse_args()
+    if args.compare_probes:
+        current, other = (json.loads(path.read_text()) for path in args.compare_probes)
+        print(json.dumps(probe_choice(current, other), indent=1))
+        return
     if args.combine:
         print_combined([r for path in args.combine.split(",") for r in json.loads(Path(path).read_text())])
         return

@@ -161,3 +161,42 @@ def test_the_interval_design_changes_only_where_the_bootstrap_shows_coverage_nea
     results = [_interval_result(selection, other_inside, capped_misses) for _ in range(2)]
     choice = selection.interval_choice(results)
     assert (choice["chosen"] == selection.OTHER_INTERVAL) == adopted
+
+
+def _probe_selection(arch: str, ape: np.ndarray, clusters: list[str], epochs: list[float]) -> dict:
+    """One architecture's selection under one probe design, as much of it as ``probe_choice`` reads."""
+    loko = {"stage0_probe": {"mdape": float(np.median(ape)), "c_index": 0.9, "coverage": 0.9, "mean_abs_log_error_needed": 0.3}}
+    return {
+        "arch": arch, "loko": loko, "points_scored": [{"epochs": e} for e in epochs],
+        "stage1_errors": {"cluster": clusters, "ape": {"stage0_probe": list(map(float, ape))}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("make_other", "chosen"),
+    [
+        (lambda cur, rng: cur - 0.1, "other"),  # better on every cluster
+        (lambda cur, rng: rng.permutation(cur) - 0.02, "current"),  # a lower median the draw explains
+        (lambda cur, rng: np.where(np.arange(len(cur)) < 3, cur - 5.0, cur), "current"),  # better on one cluster only
+    ],
+)
+def test_a_probe_design_replaces_the_current_one_only_where_the_bootstrap_shows_it(selection, make_other, chosen):
+    rng = np.random.default_rng(4)
+    clusters = [f"kind{k}/{s}" for k in range(9) for s in range(4) for _ in range(3)]
+    epochs = list(rng.uniform(0.5, 6.0, len(clusters)))
+    current, other = [], []
+    for arch in ("a", "b"):
+        ape = rng.uniform(0.0, 1.0, len(clusters))
+        current.append(_probe_selection(arch, ape, clusters, epochs))
+        other.append(_probe_selection(arch, np.clip(make_other(ape, rng), 0.0, None), clusters, epochs))
+    assert selection.probe_choice(current, other, resamples=500)["chosen"] == chosen
+
+
+def test_probe_designs_are_paired_only_on_the_same_retrains(selection):
+    clusters = [f"kind{k}/0" for k in range(9)]
+    ape = np.linspace(0.1, 0.9, 9)
+    current = [_probe_selection("a", ape, clusters, [1.0] * 9)]
+    with pytest.raises(SystemExit, match="same retrains"):
+        selection.probe_choice(current, [_probe_selection("a", ape - 0.05, clusters, [2.0] * 9)])
+    with pytest.raises(SystemExit, match="different architectures"):
+        selection.probe_choice(current, [_probe_selection("b", ape, clusters, [1.0] * 9)])
