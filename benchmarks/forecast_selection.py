@@ -567,8 +567,10 @@ def probe_choice(current: list[dict[str, Any]], other: list[dict[str, Any]], res
         epochs = [[p["epochs"] for p in r["points_scored"]] for r in (mine, theirs)]
         if epochs[0] != epochs[1] or mine["stage1_errors"]["cluster"] != theirs["stage1_errors"]["cluster"]:
             raise SystemExit(f"{mine['arch']}: the two selections did not score the same retrains; pair sweeps of the same seed offsets.")
-        members, ape = _by_cluster(mine["stage1_errors"]["cluster"], {"current": mine["stage1_errors"]["ape"]["stage0_probe"]})
-        paired.append((members, ape["current"], np.asarray(theirs["stage1_errors"]["ape"]["stage0_probe"], dtype=float)))
+        members, ape = _by_cluster(
+            mine["stage1_errors"]["cluster"], {"current": mine["stage1_errors"]["ape"]["stage0_probe"], "other": theirs["stage1_errors"]["ape"]["stage0_probe"]}
+        )
+        paired.append((members, ape["current"], ape["other"]))
     draws = np.empty(resamples)
     for b in range(resamples):
         picked = [(_draw(rng, members), mine, theirs) for members, mine, theirs in paired]

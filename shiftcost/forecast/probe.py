@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -81,7 +82,7 @@ DEFAULT_MAX_HOLDOUT = 512
 #: mean's CI against none reaches above zero for both ([-31.1, +8.5] and [-33.4, +5.0] points), so
 #: "none" stays (benchmarks/README.md, "The probe's rate scaled with its batch").
 RATE_SCALING = "none"
-RATE_SCALINGS: dict[str, Any] = {"none": lambda share: 1.0, "linear": lambda share: share, "sqrt": math.sqrt}
+RATE_SCALINGS: dict[str, Callable[[float], float]] = {"none": lambda share: 1.0, "linear": lambda share: share, "sqrt": math.sqrt}
 MICRO_BATCHES = 4
 #: Horizon (in multiples of the epoch cap) at which a curve that never crosses is clipped. Where the
 #: curve feature is clipped was compared by ``benchmarks/forecast_selection.py --windows 3 --noise-seeds 2
@@ -131,7 +132,8 @@ class ProbeTrajectory:
     share one time axis. Steps, not samples: with an adaptive optimizer at a fixed learning
     rate, a step on the probe's small batch moves the model about as far as a step on the
     retrain's batch, so counting samples would place the probe's progress several times too
-    early on the retrain's clock. The steps per epoch are those of the new images' training
+    early on the retrain's clock (a probe whose rate follows its batch, ``rate_scaling``, is on the
+    sample clock instead). The steps per epoch are those of the new images' training
     split: a retrain that replays reference images takes more steps an epoch, a constant factor
     that stage 1's fit absorbs (placed on the replaying pool's clock instead, the digits CNN's
     probe stage scored 51% against 50% in ``forecast_selection.py --replay-fraction 0.5 --seeds 2``).
@@ -319,10 +321,10 @@ def run_probe(
     hold = (x[hold_idx], y[hold_idx].long())
     batch = min(batch_size, len(train[0]))
     retrain_batch_size = retrain_batch_size or Recipe().batch_size
-    share = 1.0 if rate_scaling == "none" else batch / retrain_batch_size
-    scaled_lr = lr * RATE_SCALINGS[rate_scaling](batch / retrain_batch_size)
+    ratio = batch / retrain_batch_size
+    scaled_lr = lr * RATE_SCALINGS[rate_scaling](ratio)
     optim = _make_optimizer(Recipe(optimizer=optimizer, lr=scaled_lr, weight_decay=weight_decay, momentum=momentum), [p for _, p in params])
-    per_epoch = protocol.steps_per_epoch(len(train_idx), retrain_batch_size) / share
+    per_epoch = protocol.steps_per_epoch(len(train_idx), retrain_batch_size) / (1.0 if rate_scaling == "none" else ratio)
     meter, energy_error = _start_meter(track_energy, country_iso_code, energy_options, dev)
     started = time.perf_counter()
     try:
