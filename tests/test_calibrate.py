@@ -32,7 +32,7 @@ from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model, save_model
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.forecast import protocol
-from shiftcost.forecast.probe import DEFAULT_MAX_HOLDOUT, RATE_SCALING, features_of_saved_curve
+from shiftcost.forecast.probe import DEFAULT_MAX_HOLDOUT, RATE_SCALING, calibration_scalings, features_of_saved_curve
 
 FAST_ENERGY = {"measure_power_secs": 0.2}
 # A shift so strong that the pixels overflow to infinity: a real crash inside the point.
@@ -444,7 +444,12 @@ def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
         model, spec, x, y, x, y, sweep={"contrast": (0.0, 0.9)}, energy_options=FAST_ENERGY, probe_steps=3, **RETRAIN
     )
     full_length = 0
+    scalings = calibration_scalings("adam")
+    assert scalings == (RATE_SCALING, "sqrt") and result.settings["probe_rate_scalings"] == list(scalings)
     for row in result.rows:
+        # Every point ran a probe per scaling; with one kind none can be left out, so the first is kept.
+        assert list(row["probes"]) == list(scalings) and row["probes"]["none"] != row["probes"]["sqrt"]
+        assert {name: row[name] for name in row["probes"][RATE_SCALING]} == row["probes"][RATE_SCALING]
         assert all(isinstance(row[name], float) for name in ("curve_log_epochs", "probe_progress", "probe_loss_drop"))
         # What the probe saw is kept, and gives the row's features again.
         curve = row["probe_curve"]
@@ -459,6 +464,23 @@ def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
     assert result.settings["probe_stops_at_cutoff"] is True  # as every probe above did
     assert result.settings["probe_max_holdout"] == DEFAULT_MAX_HOLDOUT
     assert result.settings["probe_rate_scaling"] == RATE_SCALING
+
+
+def test_a_sweep_probes_under_each_rate_scaling_it_chooses_among_or_one_fixed_scaling_alone(tiny, monkeypatch) -> None:
+    from shiftcost.forecast import probe as probing
+
+    model, spec, x, y = tiny
+    sweep = {"contrast": (0.9,), "gaussian_noise": (0.6,)}
+    result = run_sweep(model, spec, x, y, x, y, sweep=sweep, energy_options=FAST_ENERGY, probe_steps=3, **RETRAIN)
+    # This tiny model needs training on one batch only: no probe stage to score, so the first scaling is kept.
+    choice = result.settings["probe_rate_scaling_choice"]
+    assert choice["chosen"] == result.settings["probe_rate_scaling"] == RATE_SCALING
+    assert choice["mdape_epochs_probe"] == {"none": None, "sqrt": None}
+    monkeypatch.setattr(probing, "CALIBRATED_SCALINGS", ("linear",))
+    fixed = run_sweep(model, spec, x, y, x, y, sweep=sweep, energy_options=FAST_ENERGY, probe_steps=3, **RETRAIN)
+    assert fixed.settings["probe_rate_scaling"] == "linear" and "probe_rate_scaling_choice" not in fixed.settings
+    assert [list(row["probes"]) for row in fixed.rows] == [["linear"], ["linear"]]
+    assert [row["probe_curve"] for row in fixed.rows] == [row["probes"]["linear"]["probe_curve"] for row in fixed.rows]
 
 
 def test_the_sweeps_probes_follow_the_retrains_weight_decay_but_not_their_frozen_batch_norm(tiny) -> None:

@@ -47,6 +47,12 @@ def analyse(
         max_epochs = (settings or {}).get("max_epochs") or protocol.MAX_EPOCHS
 
     usable = [row for row in rows if row["status"] != "failed"]
+    settings = dict(settings or {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        scaling_choice = choose_rate_scaling(usable, settings, features, level, max_epochs)
+    if scaling_choice is not None:
+        settings |= {"probe_rate_scaling": scaling_choice["chosen"], "probe_rate_scaling_choice": scaling_choice}
     correlations = correlate(usable)
     fit_rows = [_fit_row(row) for row in usable if _fit_ready(row, features)]
     sweep_joules = _sweep_joules(usable)
@@ -59,12 +65,14 @@ def analyse(
         forecaster = loco_stages = None
         if cost_model is not None:
             group_key = GROUP_KEY if folds_note is None else None
-            forecaster, forecaster_error = _fit_forecaster(usable, fit_rows, features, level, max_epochs, settings or {}, group_key)
+            forecaster, forecaster_error = _fit_forecaster(usable, fit_rows, features, level, max_epochs, settings, group_key)
             cost_model_error = forecaster_error or cost_model_error
             if forecaster is not None and group_key is not None:
                 # Saved with the forecaster: whether a probe is worth running is decided on it.
                 try:
                     loco_stages = forecaster.left_out = forecaster.leave_one_kind_out(fit_rows, group_key=group_key)
+                    if loco_stages is not None and scaling_choice is not None:
+                        loco_stages["rate_scaling"] = scaling_choice
                 except Exception as error:  # noqa: BLE001 - the forecaster stands and probes; only the comparison is lost
                     loco_stages = {"error": _describe(error)}
         loco, loco_probe, loco_error = _group_out(fit_rows, features, level, probe_joules, max_epochs)
@@ -88,11 +96,44 @@ def analyse(
         },
         probe=dict(probe) if probe else None,
         best_index=best_index(correlations),
-        settings=dict(settings or {}),
+        settings=settings,
         timing={},
         forecaster=forecaster,
         cost_model_note=folds_note,
     )
+
+
+def choose_rate_scaling(
+    usable: Sequence[dict[str, Any]], settings: Mapping[str, Any], features: Sequence[str], level: float, max_epochs: float
+) -> dict[str, Any] | None:
+    """Which of the probes each point ran (``row["probes"]``, one per rate scaling the sweep
+    recorded in ``settings["probe_rate_scalings"]``, see ``probe.calibration_scalings``) the forecast
+    reads, and how each did; ``None`` where the sweep recorded fewer than two. Kept: the scaling whose
+    probe stage forecast the sweep's own batches that needed training best, each kind left out, by
+    MdAPE of epochs, the measure the shipped design was chosen by; the first (``probe.RATE_SCALING``)
+    on a tie, or where no stage could be scored. On the built-in kinds this read picked the better
+    probe for each of eight sweeps of two architectures, which no single scaling did. Every probed
+    row's own probe fields are set to the kept probe's."""
+    probed = [row for row in usable if row.get("probes")]
+    scalings = [name for name in settings.get("probe_rate_scalings") or () if probed and all(name in row["probes"] for row in probed)]
+    if len(scalings) < 2:
+        return None
+    scores: dict[str, float | None] = {}
+    for scaling in scalings:
+        for row in probed:
+            row.update(row["probes"][scaling])
+        fit_rows = [_fit_row(row) for row in usable if _fit_ready(row, features)]
+        forecaster, _ = _fit_forecaster(usable, fit_rows, features, level, max_epochs, {**settings, "probe_rate_scaling": scaling})
+        try:
+            stages = forecaster.leave_one_kind_out(fit_rows, group_key=GROUP_KEY) if forecaster is not None else None
+        except Exception:  # noqa: BLE001 - a probe its kinds cannot score is not chosen
+            stages = None
+        scores[scaling] = ((stages or {}).get("probe") or {}).get("mdape_epochs")
+    scored = [name for name in scalings if scores[name] is not None]
+    chosen = min(scored, key=lambda name: scores[name]) if scored else scalings[0]
+    for row in probed:
+        row.update(row["probes"][chosen])
+    return {"chosen": chosen, "mdape_epochs_probe": scores, "rule": "the lowest probe-stage MdAPE of epochs, each kind left out"}
 
 
 def _fit_cost_model(

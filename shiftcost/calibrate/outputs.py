@@ -210,7 +210,15 @@ def _stages_table(stages: Mapping[str, Any]) -> list[str]:
             f"{_pct(s['coverage_epochs'])} | {s['censored_definite_misses']} |"
         )
     lines += ["", f"{stages['needing_none']} more needed no training; the probe's first evaluation put {stages['needing_none_forecast_at_zero']} of them at zero."]
+    if "rate_scaling" in stages:
+        lines += ["", f"{describe_rate_scaling(stages['rate_scaling'])}."]
     return lines
+
+
+def describe_rate_scaling(choice: Mapping[str, Any]) -> str:
+    """One sentence on the probe's rate scaling the analysis kept (``analysis.choose_rate_scaling``)."""
+    scores = ", ".join(f"{name} {_pct(mdape)}" for name, mdape in choice["mdape_epochs_probe"].items())
+    return f"probe's rate scaling: {choice['chosen']}, of the probes every point ran ({choice['rule']}: {scores})"
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

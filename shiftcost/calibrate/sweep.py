@@ -206,7 +206,9 @@ def _sweep_settings(
         "probe_steps": probe_steps,
         "probe_stops_at_cutoff": PROBES_STOP_AT_CUTOFF,
         "probe_max_holdout": DEFAULT_MAX_HOLDOUT,
-        "probe_rate_scaling": probing.RATE_SCALING,
+        # The rows' probe until the analysis keeps the scaling its kinds forecast better.
+        "probe_rate_scaling": probing.calibration_scalings(recipe.optimizer)[0],
+        "probe_rate_scalings": list(probing.calibration_scalings(recipe.optimizer)),
         "retrain": config.to_dict(),
         # The count trained at, not the option: a rate refitted from points.json elsewhere needs it.
         "threads": threads if threads is not None else torch.get_num_threads(),
@@ -366,7 +368,9 @@ def _summarise_runs(row: dict[str, Any], failed: bool = False) -> None:
 def _probe_point(
     row: dict[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, steps: int, retrain_kwargs: Mapping[str, Any]
 ) -> None:
-    """The learning probe's features and cost on this point (what the forecast will see)."""
+    """The learning probe's features and cost on this point (what the forecast will see), under
+    each of :func:`~shiftcost.forecast.probe.calibration_scalings` in ``row["probes"]``; the
+    row's own fields hold the first until the analysis chooses (``analysis.choose_rate_scaling``)."""
     from shiftcost.forecast.probe import probe_features, run_probe, saved_curve, starts_at_target
 
     config = retrain_kwargs["config"]
@@ -374,19 +378,23 @@ def _probe_point(
     target = max(0.0, reference - config.cutoff.tolerance)
     cap = config.caps.max_epochs or protocol.MAX_EPOCHS
     recipe = config.recipe
-    trajectory = run_probe(
-        model, x, y, target_accuracy=target, ceiling=reference, steps=steps, lr=recipe.lr, optimizer=recipe.optimizer,
-        weight_decay=recipe.weight_decay, momentum=recipe.momentum,
-        holdout_fraction=config.cutoff.holdout_fraction, seed=seed, device=config.device, retrain_batch_size=recipe.batch_size,
-        stop_at_cutoff=PROBES_STOP_AT_CUTOFF, max_holdout=DEFAULT_MAX_HOLDOUT, rate_scaling=probing.RATE_SCALING,
-    )
-    row.update(probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap))
-    row["probe_sample_gradients"] = trajectory.cost.sample_gradients
-    row["probe_seconds"] = trajectory.cost.seconds
-    row["probe_already_met"] = starts_at_target(trajectory.accuracy, target)
-    # What the probe saw, beside each retrain's curve: the probe's features can be derived again
-    # from a saved calibration (how forecast_selection.py compares ways of reading the curve).
-    row["probe_curve"] = saved_curve(trajectory.epochs, trajectory.accuracy, trajectory.loss)
+    row["probes"] = {}
+    for scaling in probing.calibration_scalings(recipe.optimizer):
+        trajectory = run_probe(
+            model, x, y, target_accuracy=target, ceiling=reference, steps=steps, lr=recipe.lr, optimizer=recipe.optimizer,
+            weight_decay=recipe.weight_decay, momentum=recipe.momentum,
+            holdout_fraction=config.cutoff.holdout_fraction, seed=seed, device=config.device, retrain_batch_size=recipe.batch_size,
+            stop_at_cutoff=PROBES_STOP_AT_CUTOFF, max_holdout=DEFAULT_MAX_HOLDOUT, rate_scaling=scaling,
+        )
+        seen = probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap)
+        seen["probe_sample_gradients"] = trajectory.cost.sample_gradients
+        seen["probe_seconds"] = trajectory.cost.seconds
+        seen["probe_already_met"] = starts_at_target(trajectory.accuracy, target)
+        # What the probe saw, beside each retrain's curve: the probe's features can be derived again
+        # from a saved calibration (how forecast_selection.py compares ways of reading the curve).
+        seen["probe_curve"] = saved_curve(trajectory.epochs, trajectory.accuracy, trajectory.loss)
+        row["probes"][scaling] = seen
+    row.update(next(iter(row["probes"].values())))
 
 
 def _first_grad_norm(run: Mapping[str, Any]) -> float | None:

@@ -225,6 +225,7 @@ def _print_annealing_cap(forecaster: Any, console: Console) -> None:
 def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, console: Console) -> None:
     """Both stages' leave-one-kind-out error on the batches that needed training, as ``forecast``
     makes them, and whether the saved forecaster will probe on their strength."""
+    from shiftcost.calibrate.outputs import describe_rate_scaling
     from shiftcost.forecast.forecaster import naive_did_better
 
     if forecaster is None or (forecaster.stage1 is None and not forecaster.stage1_error):
@@ -252,6 +253,8 @@ def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, consol
             f"{scores(probe)}; index stage on the same: {scores(index)}; the other kinds' median epochs (naive): {scores(naive)}. "
             f"The probe's first evaluation put {stages['needing_none_forecast_at_zero']} of the {stages['needing_none']} that needed none at zero."
         )
+        if "rate_scaling" in stages:
+            console.print(f"{describe_rate_scaling(stages['rate_scaling'])}.")
         beaten = naive_did_better(stages)
         if beaten:
             console.print(f"{beaten}; calibrating on more kinds or intensities may change that.", style="yellow")
@@ -446,7 +449,7 @@ FeaturesOption = Annotated[
     ),
 ]
 ProbeStepsOption = Annotated[
-    int, typer.Option("--probe-steps", min=0, help="Learning-probe steps per point for the forecast's probe stage (0: index stage only).")
+    int, typer.Option("--probe-steps", min=0, help="Learning-probe steps per point for the forecast's probe stage (0: index stage only). Each point is probed at the retrain's learning rate and at the rate the optimizer's rule gives the probe's smaller batch; the probe whose stage forecasts the sweep's own kinds better, each left out in turn, is kept.")
 ]
 #: Seconds the default sweep may take: with loading before it and the fit and writing after
 #: it, the whole command stays within 10 minutes on a 2-core CPU whatever the model.

@@ -826,3 +826,57 @@ def test_an_interval_by_stratum_falls_back_to_every_run_where_a_stratum_is_too_s
         pooled = forecaster.predict_from_probe_features(query, query).epochs
         forecaster.interval_by_stratum = True
         assert forecaster.predict_from_probe_features(query, query).epochs == pooled
+
+
+PROBE_FIELDS = ("curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs")
+
+
+@pytest.mark.parametrize("order", [("none", "sqrt"), ("sqrt", "none")], ids=["first scaling informative", "second informative"])
+def test_calibration_keeps_the_probe_whose_rate_forecast_its_kinds_better(order, tmp_path) -> None:
+    """Each point ran two probes: one whose curve follows the epochs, one whose curves are
+    another point's. Whichever scaling's name it has and whichever came first, the informative one
+    is kept, read by the forecaster, and written into every row."""
+    informative, scrambled = order
+    rows = [
+        r | {"status": "reached", "intensity": 0.5, "runs": [], "accuracy_drop": 0.97 - r["accuracy"], "energy_kwh": None}
+        for r in forecast_rows()
+    ]
+    shuffled = np.random.default_rng(3).permutation(len(rows))
+    for row, other in zip(rows, shuffled):
+        probes = {informative: {name: row[name] for name in PROBE_FIELDS}, scrambled: {name: rows[other][name] for name in PROBE_FIELDS}}
+        row["probes"] = {name: probes[name] for name in ("none", "sqrt")}
+        row |= row["probes"]["none"]
+    result = analyse(copy.deepcopy(rows), settings={"batch_size": 16, "probe_rate_scalings": ["none", "sqrt"]}, features=list(INDEX))
+    choice = result.settings["probe_rate_scaling_choice"]
+    scores = choice["mdape_epochs_probe"]
+    assert choice["chosen"] == informative and scores[informative] < scores[scrambled]
+    assert result.settings["probe_rate_scaling"] == informative == result.loco_stages["rate_scaling"]["chosen"]
+    assert Forecaster.load(result.forecaster.save(tmp_path / "forecaster.json")).probe_options()["rate_scaling"] == informative
+    assert all(row[name] == row["probes"][informative][name] for row in result.rows for name in PROBE_FIELDS)
+    # The kept probe's score is the forecaster's own, each kind left out.
+    assert result.loco_stages["probe"]["mdape_epochs"] == scores[informative]
+    from rich.console import Console
+
+    from shiftcost.calibrate.outputs import markdown_report
+    from shiftcost.cli.calibrate import _print_probe_stage
+
+    console = Console(record=True, width=1000)
+    _print_probe_stage(result.forecaster, result.loco_stages, console)
+    said = f"probe's rate scaling: {informative}, of the probes every point ran"
+    assert said in console.export_text() and said in markdown_report(result)
+    assert f"{informative} {scores[informative]:.0%}" in markdown_report(result)
+
+
+def test_a_tie_between_probes_keeps_the_first_scaling() -> None:
+    rows = [
+        r | {"status": "reached", "intensity": 0.5, "runs": [], "accuracy_drop": 0.97 - r["accuracy"], "energy_kwh": None}
+        for r in forecast_rows()
+    ]
+    for row in rows:
+        row["probes"] = {name: {field: row[field] for field in PROBE_FIELDS} for name in ("sqrt", "none")}
+    for first in ("sqrt", "none"):
+        settings = {"batch_size": 16, "probe_rate_scalings": [first, ({"sqrt", "none"} - {first}).pop()]}
+        choice = analyse(rows, settings=settings, features=list(INDEX)).settings["probe_rate_scaling_choice"]
+        assert choice["chosen"] == first and choice["mdape_epochs_probe"]["sqrt"] == choice["mdape_epochs_probe"]["none"]
+    # A second analysis on other features (as the label-free model's) does not choose again.
+    assert "probe_rate_scaling_choice" not in analyse(rows, settings={"batch_size": 16}, features=list(INDEX)).settings

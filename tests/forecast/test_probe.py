@@ -11,7 +11,7 @@ from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate
 from shiftcost.forecast import protocol
-from shiftcost.forecast.probe import PROBE_STRATUM, RATE_SCALINGS, probe_features, run_probe
+from shiftcost.forecast.probe import PROBE_STRATUM, RATE_SCALINGS, calibration_scalings, probe_features, run_probe
 from tests.forecast.helpers import bars
 
 #: 7.2 J per sample-gradient and 3.6 J per run: the probe is one measured run and pays its overhead once.
@@ -65,6 +65,19 @@ def test_the_probe_runs_on_the_retrain_clock(tiny) -> None:
             per_epoch = protocol.steps_per_epoch(probe.pool_samples, retrain_batch_size)
             assert probe.epochs == pytest.approx([k * share / per_epoch for k in range(6)])
             assert probe.settings["retrain_batch_size"] == retrain_batch_size and probe.settings["rate_scaling"] == scaling
+
+
+def test_calibration_probes_at_the_retrains_rate_and_under_the_rule_for_its_optimizer(monkeypatch) -> None:
+    from shiftcost.forecast import probe as probing
+    from shiftcost.recipe import OPTIMIZERS
+
+    assert {optimizer: calibration_scalings(optimizer) for optimizer in OPTIMIZERS} == {
+        "sgd": ("none", "linear"), "adam": ("none", "sqrt"), "adamw": ("none", "sqrt"),
+    }
+    monkeypatch.setattr(probing, "RATE_SCALING", "sqrt")
+    assert calibration_scalings("adam") == ("sqrt",)  # the default is its optimizer's rule: nothing to choose
+    monkeypatch.setattr(probing, "CALIBRATED_SCALINGS", ("linear",))
+    assert calibration_scalings("adam") == ("linear",)
 
 
 @pytest.mark.parametrize(("scaling", "rate_factor"), [("linear", 1 / 4), ("sqrt", 1 / 2)])
