@@ -665,6 +665,10 @@ def print_arch(result: dict[str, Any]) -> None:
             f"probe {stages['probe']['mdape_epochs']:.0%}, index {stages['index']['mdape_epochs']:.0%}; "
             f"the pipeline {'would not probe: ' + result['probe_not_worth'] if result.get('probe_not_worth') else 'probes where it pays'}"
         )
+        if "rate_scaling" in stages:
+            from shiftcost.calibrate.outputs import describe_rate_scaling
+
+            print(f"calibration's {describe_rate_scaling(stages['rate_scaling'])}")
     print(f"stage 1 coefficients: {result['stage1_coefficients']}")
     print_metrics(result["metrics"])
     print_flags(result["not_converging"])
@@ -803,13 +807,15 @@ def main() -> None:
     )
     parser.add_argument(
         "--probe-rate-scaling", choices=("none", "linear", "sqrt"), default=None,
-        help="calibrate and score with probes whose rate and clock follow their batch so, see shiftcost.forecast.probe.RATE_SCALING (default: the library's)",
+        help="calibrate and score with probes whose rate and clock follow their batch so only (default: the library's, which "
+        "probes with each of shiftcost.forecast.probe.calibration_scalings and keeps the one calibration's kinds forecast better)",
     )
     args = parser.parse_args()
     if args.probe_rate_scaling is not None:
         from shiftcost.forecast import probe
 
         probe.RATE_SCALING = args.probe_rate_scaling
+        probe.CALIBRATED_SCALINGS = (args.probe_rate_scaling,)
     if args.combine:
         print_pooled([Path(p) for p in args.combine.split(",")], args.bootstrap)
         return

@@ -65,6 +65,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,7 @@ OTHER_INTERVAL = INTERVAL_DESIGNS[not INTERVAL_BY_STRATUM]
 
 
 def leave_one_kind_out(
-    rows: list[dict[str, Any]], features: list[str], weights: list[float], probe_steps: int = PROBE_STEPS,
+    rows: list[dict[str, Any]], features: list[str], weights: list[float], probe_steps: int = PROBE_STEPS, probe_scaling: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every calibration point forecast by predictors fitted on the other kinds (every seed's
     points of a kind are left out together).
@@ -197,13 +198,23 @@ def leave_one_kind_out(
     ``stage0_probe[<design>]`` predictor, each of :data:`CURVE_HORIZONS` but the current one a
     ``stage0_probe[curve to <caps> caps]``, each of :data:`PROBE_EVAL_EVERY` a
     ``stage0_probe[evaluated every <k> steps]`` and each of :data:`PROBE_LENGTHS` a
-    ``stage0_probe[probe of <k> steps]``."""
+    ``stage0_probe[probe of <k> steps]``. ``probe_scaling`` says which probe each point is read
+    under, where its sweep ran several (``row["probes"]``): ``None``, the one its calibration kept;
+    a scaling, that one throughout; :data:`IN_FOLD`, in each fold the one each sweep's other kinds
+    forecast better (``shiftcost.calibrate.analysis.choose_rate_scaling``), so that the left-out
+    kind plays no part in its own probe's choice, as an unseen kind plays none in calibration's."""
     from shiftcost.calibrate.analysis import _fit_ready, _fit_row
 
-    usable = [r for r in rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
+    if probe_scaling not in (None, IN_FOLD):
+        rows = with_probe(rows, probe_scaling)
+    everything = [r for r in rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
+    usable = everything
     reread = read_again(usable, probe_steps)
     records: list[dict[str, Any]] = []
-    for kind in dict.fromkeys(r["corruption"] for r in usable):
+    for kind in dict.fromkeys(r["corruption"] for r in everything):
+        if probe_scaling == IN_FOLD:
+            usable = chosen_in_fold(everything, kind, features)
+            reread = read_again(usable, probe_steps)
         train = [r for r in usable if r["corruption"] != kind]
         refits = {
             name: Forecaster.fit(
@@ -231,6 +242,7 @@ def leave_one_kind_out(
             if row["corruption"] != kind:
                 continue
             record = _forecast_point(forecaster, baselines, row, features, weights)
+            record["probe_read_under"] = row.get("probe_read_under")
             met = bool(row["probe_already_met"])
             read = adaptive_rows[i]
             record[f"stage0_probe[{ADAPTIVE}]"] = adaptive.predict_from_probe_features(
@@ -263,6 +275,37 @@ def leave_one_kind_out(
                 ).epochs
             records.append(record)
     return records
+
+
+#: ``--probe-scaling`` for the rate scaling chosen in each fold, as calibration chooses it.
+IN_FOLD = "chosen-in-fold"
+
+
+def with_probe(rows: list[dict[str, Any]], scaling: str) -> list[dict[str, Any]]:
+    """``rows`` read under the probe their sweep ran at ``scaling`` beside the one it kept."""
+    missing = sum(1 for r in rows if r["status"] != "failed" and scaling not in r.get("probes", {}))
+    if missing:
+        raise SystemExit(
+            f"{missing} calibration points ran no probe under the rate scaling {scaling!r}; pass sweeps that ran it "
+            "(forecast_accuracy.py under the library's default, or --probe-rate-scaling with it)."
+        )
+    return [r | r["probes"][scaling] if r["status"] != "failed" else r for r in rows]
+
+
+def chosen_in_fold(rows: list[dict[str, Any]], kind: str, features: list[str]) -> list[dict[str, Any]]:
+    """``rows`` with each sweep's points read under the probe its kinds other than ``kind`` forecast
+    better, ``kind``'s own points included."""
+    from shiftcost.calibrate.analysis import choose_rate_scaling
+
+    out: list[dict[str, Any]] = []
+    for sweep in dict.fromkeys(r["sweep"] for r in rows):
+        mine = [dict(r) for r in rows if r["sweep"] == sweep]
+        scalings = {"probe_rate_scalings": list(mine[0].get("probes", {}))}
+        choice = choose_rate_scaling([r for r in mine if r["corruption"] != kind], scalings, features, LEVEL, protocol.MAX_EPOCHS)
+        if choice is None:
+            raise SystemExit(f"sweep {sweep} ran one probe per point, so there is no scaling to choose; pass sweeps that ran several.")
+        out += [r | r["probes"][choice["chosen"]] | {"probe_read_under": choice["chosen"]} for r in mine]
+    return out
 
 
 def _interval_key(design: str) -> str:
@@ -363,7 +406,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         ]
         rows = [r | {"sweep": seed} for seed, sweep in enumerate(sweeps) for r in sweep.rows]
         features, seeds = list(sweeps[0].forecaster.stage0.features_), args.seeds
-    records = leave_one_kind_out(rows, features, weights, args.probe_steps)
+    records = leave_one_kind_out(rows, features, weights, args.probe_steps, args.probe_scaling)
     names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"stage0_probe[{d}]" for d in STAGE1_DESIGNS]
     names += [f"stage0_probe[curve to {caps:g} caps]" for caps in CURVE_HORIZONS if caps != HORIZON_CAPS]
     names += [f"stage0_probe[evaluated every {k} steps]" for k in PROBE_EVAL_EVERY]
@@ -389,6 +432,9 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
             name: {"median": float(np.median([r["probe_work"][name] for r in records])), "mean": float(np.mean([r["probe_work"][name] for r in records]))}
             for name in ("current", ADAPTIVE, "retrain")
         },
+        "probe_read_under": {
+            kind: dict(Counter(r["probe_read_under"] for r in records if r["kind"] == kind)) for kind in dict.fromkeys(r["kind"] for r in records)
+        } if args.probe_scaling == IN_FOLD else args.probe_scaling,
         "points": len(records), "seeds": seeds, "probe_steps": args.probe_steps, "replay_fraction": 0.0 if args.calibrations else args.replay_fraction,
         "seconds": time.perf_counter() - started,
     }
@@ -619,6 +665,14 @@ def main() -> None:
             "(one per seed offset) instead of running sweeps; no noise floor"
         ),
     )
+    parser.add_argument(
+        "--probe-scaling", default=None,
+        help=(
+            f"with --calibrations of sweeps that ran a probe per rate scaling: read every point under this scaling's probe "
+            f"(none, linear, sqrt), or under the one each sweep's other kinds forecast better in each fold ({IN_FOLD}); "
+            "default: the one each calibration kept"
+        ),
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
     parser.add_argument(
@@ -661,6 +715,9 @@ def main() -> None:
                 f"{s['c_index']:7.3f} {100 * s['coverage']:5.0f}% {100 * s['coverage_needed']:5.0f}% {s['capped_definite_misses']:9d}"
             )
         print_flags(result["not_converging"])
+        if isinstance(result["probe_read_under"], dict):
+            read = "; ".join(f"{kind} {', '.join(f'{n} {s}' for s, n in under.items())}" for kind, under in result["probe_read_under"].items())
+            print(f"points read under each rate scaling, chosen in each fold on the other kinds: {read}")
         print(f"lowest leave-one-kind-out MdAPE of stage 1: {result['chosen_stage1_design']}")
         needed = {d: result["loko"][f"stage0_probe[{d}]"]["mean_abs_log_error_needed"] for d in STAGE1_DESIGNS}
         print(f"lowest mean |log error| of the batches that needed training (reported, not chosen on): {min(needed, key=needed.get)}")

@@ -200,3 +200,34 @@ def test_probe_designs_are_paired_only_on_the_same_retrains(selection):
         selection.probe_choice(current, [_probe_selection("a", ape - 0.05, clusters, [2.0] * 9)])
     with pytest.raises(SystemExit, match="different architectures"):
         selection.probe_choice(current, [_probe_selection("b", ape, clusters, [1.0] * 9)])
+
+
+def _two_probe_rows() -> list[dict]:
+    """Calibration points that ran two probes: the same curve under both scalings except in kind0,
+    where only the square root's follows the epochs (the retrain's rate's are kind0's curves shuffled)."""
+    from tests.forecast.helpers import forecast_rows
+
+    fields = ("curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs")
+    rows = [r | {"status": "reached", "intensity": 0.5, "runs": [], "sweep": 0} for r in forecast_rows(kinds=5, per_kind=8)]
+    kind0 = [i for i, r in enumerate(rows) if r["corruption"] == "kind0"]
+    shuffled = dict(zip(kind0, np.random.default_rng(4).permutation(kind0)))
+    for i, row in enumerate(rows):
+        own = {name: row[name] for name in fields}
+        other = {name: rows[shuffled.get(i, i)][name] for name in fields}
+        row["probes"] = {"none": own if i not in shuffled else other, "sqrt": own}
+    for row in rows:
+        row |= row["probes"]["none"]
+    return rows
+
+
+def test_a_fold_reads_each_sweep_under_the_probe_its_other_kinds_chose(selection):
+    from tests.forecast.helpers import INDEX
+
+    rows = _two_probe_rows()
+    shuffled_none = [r["probes"]["none"]["curve_log_epochs"] for r in rows]
+    # With kind0 in the fold its informative probe decides; left out, the others tie and the first is kept.
+    assert [r["curve_log_epochs"] for r in selection.chosen_in_fold(rows, "kind1", list(INDEX))] == [r["probes"]["sqrt"]["curve_log_epochs"] for r in rows]
+    assert [r["curve_log_epochs"] for r in selection.chosen_in_fold(rows, "kind0", list(INDEX))] == shuffled_none
+    with pytest.raises(SystemExit, match="ran no probe under the rate scaling 'linear'"):
+        selection.with_probe(rows, "linear")
+    assert [r["curve_log_epochs"] for r in selection.with_probe(rows, "sqrt")] == [r["probes"]["sqrt"]["curve_log_epochs"] for r in rows]
