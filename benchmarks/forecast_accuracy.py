@@ -806,16 +806,17 @@ def main() -> None:
         help="with --rescore: read every saved probe (calibration's and the scored runs') as if it had stopped after this many steps",
     )
     parser.add_argument(
-        "--probe-rate-scaling", choices=("none", "linear", "sqrt"), default=None,
-        help="calibrate and score with probes whose rate and clock follow their batch so only (default: the library's, which "
-        "probes with each of shiftcost.forecast.probe.calibration_scalings and keeps the one calibration's kinds forecast better)",
+        "--probe-rate-scaling", choices=("none", "linear", "sqrt", "chosen"), default=None,
+        help="calibrate and score with probes whose rate and clock follow their batch so, or (chosen) with the one each calibration "
+        "keeps of the retrain's rate and its optimizer's rule, see shiftcost.forecast.probe.CHOOSE_RATE_SCALING (default: the library's)",
     )
     args = parser.parse_args()
     if args.probe_rate_scaling is not None:
         from shiftcost.forecast import probe
 
-        probe.RATE_SCALING = args.probe_rate_scaling
-        probe.CALIBRATED_SCALINGS = (args.probe_rate_scaling,)
+        probe.CHOOSE_RATE_SCALING = args.probe_rate_scaling == "chosen"
+        if args.probe_rate_scaling != "chosen":
+            probe.RATE_SCALING = args.probe_rate_scaling
     if args.combine:
         print_pooled([Path(p) for p in args.combine.split(",")], args.bootstrap)
         return

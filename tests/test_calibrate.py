@@ -444,11 +444,9 @@ def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
         model, spec, x, y, x, y, sweep={"contrast": (0.0, 0.9)}, energy_options=FAST_ENERGY, probe_steps=3, **RETRAIN
     )
     full_length = 0
-    scalings = calibration_scalings("adam")
-    assert scalings == (RATE_SCALING, "sqrt") and result.settings["probe_rate_scalings"] == list(scalings)
+    assert result.settings["probe_rate_scalings"] == [RATE_SCALING] and "probe_rate_scaling_choice" not in result.settings
     for row in result.rows:
-        # Every point ran a probe per scaling; with one kind none can be left out, so the first is kept.
-        assert list(row["probes"]) == list(scalings) and row["probes"]["none"] != row["probes"]["sqrt"]
+        assert list(row["probes"]) == [RATE_SCALING]
         assert {name: row[name] for name in row["probes"][RATE_SCALING]} == row["probes"][RATE_SCALING]
         assert all(isinstance(row[name], float) for name in ("curve_log_epochs", "probe_progress", "probe_loss_drop"))
         # What the probe saw is kept, and gives the row's features again.
@@ -466,17 +464,23 @@ def test_probe_steps_record_the_learning_probe_on_every_point(tiny) -> None:
     assert result.settings["probe_rate_scaling"] == RATE_SCALING
 
 
-def test_a_sweep_probes_under_each_rate_scaling_it_chooses_among_or_one_fixed_scaling_alone(tiny, monkeypatch) -> None:
+def test_a_sweep_that_chooses_probes_under_each_rate_scaling_and_one_that_does_not_under_its_own(tiny, monkeypatch) -> None:
     from shiftcost.forecast import probe as probing
 
     model, spec, x, y = tiny
     sweep = {"contrast": (0.9,), "gaussian_noise": (0.6,)}
+    monkeypatch.setattr(probing, "CHOOSE_RATE_SCALING", True)
     result = run_sweep(model, spec, x, y, x, y, sweep=sweep, energy_options=FAST_ENERGY, probe_steps=3, **RETRAIN)
+    assert result.settings["probe_rate_scalings"] == list(calibration_scalings("adam")) == [RATE_SCALING, "sqrt"]
+    for row in result.rows:
+        assert list(row["probes"]) == [RATE_SCALING, "sqrt"] and row["probes"][RATE_SCALING] != row["probes"]["sqrt"]
     # This tiny model needs training on one batch only: no probe stage to score, so the first scaling is kept.
     choice = result.settings["probe_rate_scaling_choice"]
     assert choice["chosen"] == result.settings["probe_rate_scaling"] == RATE_SCALING
     assert choice["mdape_epochs_probe"] == {"none": None, "sqrt": None}
-    monkeypatch.setattr(probing, "CALIBRATED_SCALINGS", ("linear",))
+    assert all(row["probe_curve"] == row["probes"][RATE_SCALING]["probe_curve"] for row in result.rows)
+    monkeypatch.setattr(probing, "CHOOSE_RATE_SCALING", False)
+    monkeypatch.setattr(probing, "RATE_SCALING", "linear")
     fixed = run_sweep(model, spec, x, y, x, y, sweep=sweep, energy_options=FAST_ENERGY, probe_steps=3, **RETRAIN)
     assert fixed.settings["probe_rate_scaling"] == "linear" and "probe_rate_scaling_choice" not in fixed.settings
     assert [list(row["probes"]) for row in fixed.rows] == [["linear"], ["linear"]]

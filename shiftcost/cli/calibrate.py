@@ -449,7 +449,7 @@ FeaturesOption = Annotated[
     ),
 ]
 ProbeStepsOption = Annotated[
-    int, typer.Option("--probe-steps", min=0, help="Learning-probe steps per point for the forecast's probe stage (0: index stage only). Each point is probed at the retrain's learning rate and at the rate the optimizer's rule gives the probe's smaller batch; the probe whose stage forecasts the sweep's own kinds better, each left out in turn, is kept.")
+    int, typer.Option("--probe-steps", min=0, help="Learning-probe steps per point for the forecast's probe stage (0: index stage only).")
 ]
 #: Seconds the default sweep may take: with loading before it and the fit and writing after
 #: it, the whole command stays within 10 minutes on a 2-core CPU whatever the model.

@@ -67,17 +67,17 @@ def test_the_probe_runs_on_the_retrain_clock(tiny) -> None:
             assert probe.settings["retrain_batch_size"] == retrain_batch_size and probe.settings["rate_scaling"] == scaling
 
 
-def test_calibration_probes_at_the_retrains_rate_and_under_the_rule_for_its_optimizer(monkeypatch) -> None:
+def test_calibration_probes_at_the_retrains_rate_and_where_it_chooses_under_the_rule_for_its_optimizer(monkeypatch) -> None:
     from shiftcost.forecast import probe as probing
     from shiftcost.recipe import OPTIMIZERS
 
+    assert {optimizer: calibration_scalings(optimizer) for optimizer in OPTIMIZERS} == dict.fromkeys(OPTIMIZERS, ("none",))
+    monkeypatch.setattr(probing, "CHOOSE_RATE_SCALING", True)
     assert {optimizer: calibration_scalings(optimizer) for optimizer in OPTIMIZERS} == {
         "sgd": ("none", "linear"), "adam": ("none", "sqrt"), "adamw": ("none", "sqrt"),
     }
     monkeypatch.setattr(probing, "RATE_SCALING", "sqrt")
     assert calibration_scalings("adam") == ("sqrt",)  # the default is its optimizer's rule: nothing to choose
-    monkeypatch.setattr(probing, "CALIBRATED_SCALINGS", ("linear",))
-    assert calibration_scalings("adam") == ("linear",)
 
 
 @pytest.mark.parametrize(("scaling", "rate_factor"), [("linear", 1 / 4), ("sqrt", 1 / 2)])
