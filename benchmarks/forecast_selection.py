@@ -308,6 +308,49 @@ def chosen_in_fold(rows: list[dict[str, Any]], kind: str, features: list[str]) -
     return out
 
 
+def each_sweep_left_out(rows: list[dict[str, Any]], features: list[str], weights: list[float], probe_scaling: str | None) -> list[dict[str, Any]]:
+    """Every calibration point forecast as its own calibration's leave-one-kind-out forecasts it: by
+    predictors fitted on its sweep's other kinds alone (``calibrate`` fits one sweep, where
+    :func:`leave_one_kind_out` pools them), each point's probe read as ``probe_scaling`` says
+    there. Where sweeps keep different probes, a pooled fit would read a mixture no calibration
+    fits, so probe designs chosen per sweep are compared here."""
+    from shiftcost.calibrate.analysis import _fit_ready, _fit_row
+
+    if probe_scaling not in (None, IN_FOLD):
+        rows = with_probe(rows, probe_scaling)
+    usable = [r for r in rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
+    records: list[dict[str, Any]] = []
+    for sweep in dict.fromkeys(r["sweep"] for r in usable):
+        mine = [r for r in usable if r["sweep"] == sweep]
+        for kind in dict.fromkeys(r["corruption"] for r in mine):
+            read = chosen_in_fold(mine, kind, features) if probe_scaling == IN_FOLD else mine
+            train = [r for r in read if r["corruption"] != kind]
+            forecaster = Forecaster.fit([_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS)
+            if forecaster.stage1 is None:
+                raise SystemExit(f"sweep {sweep}, leaving {kind} out: stage 1 could not be fitted: {forecaster.stage1_error}")
+            baselines = fit_baselines(train)
+            for row in (r for r in read if r["corruption"] == kind):
+                records.append(_forecast_point(forecaster, baselines, row, features, weights) | {"probe_read_under": row.get("probe_read_under")})
+    return records
+
+
+def select_each_sweep(arch: str, args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`each_sweep_left_out` on the saved calibrations of ``arch``, scored as :func:`select_arch`
+    scores, in the shape :func:`probe_choice` pairs."""
+    started = time.perf_counter()
+    weights = [float(w) for w in args.own_curve_evals.split(",")]
+    rows, features, seeds = saved_calibrations([Path(p) for p in args.calibrations.split(",")], arch)
+    records = each_sweep_left_out(rows, features, weights, args.probe_scaling)
+    names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"in_flight_own_{w:g}" for w in weights]
+    return {
+        "arch": arch, "each_sweep": True, "loko": {name: _scores(records, name) for name in names},
+        "points_scored": [{k: r[k] for k in ("kind", "sweep", "intensity", "epochs", "censored")} for r in records],
+        "stage1_errors": stage1_errors(records, ["stage0_probe"]),
+        "probe_read_under": dict(Counter(r["probe_read_under"] for r in records)) if args.probe_scaling == IN_FOLD else args.probe_scaling,
+        "points": len(records), "seeds": seeds, "seconds": time.perf_counter() - started,
+    }
+
+
 def _interval_key(design: str) -> str:
     """The predictor that forecasts with the interval ``design``: the library's is the current design."""
     return f"stage0_probe[{design}]" if design == OTHER_INTERVAL else "stage0_probe"
@@ -673,6 +716,10 @@ def main() -> None:
             "default: the one each calibration kept"
         ),
     )
+    parser.add_argument(
+        "--each-sweep", action="store_true",
+        help="with --calibrations: fit each sweep on its own other kinds, as calibrate does, and score the probe stage only",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
     parser.add_argument(
@@ -691,6 +738,20 @@ def main() -> None:
     load = os.getloadavg()
     started = time.perf_counter()
     results = []
+    if args.each_sweep:
+        if not args.calibrations:
+            raise SystemExit("--each-sweep reads saved sweeps; pass them with --calibrations.")
+        for arch in args.archs.split(","):
+            result = select_each_sweep(arch, args)
+            results.append(result)
+            print(f"\n=== {arch}: {result['points']} calibration points, each sweep's kinds left out within it ({result['seeds']} sweeps), {result['seconds']:.0f} s")
+            print(f"probes read under: {result['probe_read_under'] or 'the one each calibration kept'}")
+            for name, sc in result["loko"].items():
+                print(f"{name:28s} {sc['n']:4d} MdAPE {100 * sc['mdape']:4.0f}%  C-index {sc['c_index']:.3f}  cov90 {100 * sc['coverage']:3.0f}%  "
+                      f"mean |log error| needed {sc['mean_abs_log_error_needed']:.3f}")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
+        return
     for arch in args.archs.split(","):
         result = select_arch(arch, args)
         results.append(result)

@@ -231,3 +231,26 @@ def test_a_fold_reads_each_sweep_under_the_probe_its_other_kinds_chose(selection
     with pytest.raises(SystemExit, match="ran no probe under the rate scaling 'linear'"):
         selection.with_probe(rows, "linear")
     assert [r["curve_log_epochs"] for r in selection.with_probe(rows, "sqrt")] == [r["probes"]["sqrt"]["curve_log_epochs"] for r in rows]
+
+
+def test_each_sweep_is_forecast_from_its_own_other_kinds_only(selection):
+    """As calibrate fits one sweep: a second sweep whose retrains ran ten times as long changes
+    nothing in the first's forecasts, where the pooled leave-one-kind-out would read it."""
+    from tests.forecast.helpers import INDEX, forecast_rows
+
+    def sweep(number: int, stretch: float) -> list[dict]:
+        rows = []
+        for r in forecast_rows(seed=number):
+            epochs = stretch * r["epochs"]
+            run = {"epochs": epochs, "status": "reached", "curve": [], "target_accuracy": 0.9}
+            rows.append(r | {"epochs": epochs, "status": "reached", "intensity": 0.5, "runs": [run], "sweep": number,
+                             "accuracy_drop": 0.97 - r["accuracy"], "probe_already_met": False, "probe_met_cutoff": 0.0})
+        return rows
+
+    first, second = sweep(0, 1.0), sweep(1, 10.0)
+    alone = selection.each_sweep_left_out(first, list(INDEX), [8.0], None)
+    beside = selection.each_sweep_left_out(first + second, list(INDEX), [8.0], None)
+    assert len(beside) == 2 * len(alone)
+    for name in ("stage0_probe", "constant", "isotonic_accuracy_drop"):
+        assert [r[name] for r in beside[: len(alone)]] == [r[name] for r in alone]
+        assert [r[name].median for r in beside[len(alone):]] != [r[name].median for r in alone]
