@@ -2,7 +2,8 @@
 
 Usage: nice -n 10 python benchmarks/forecast_selection.py [--archs digits_cnn,shufflenet_v2_x0_5]
        [--windows 1,2,3] [--own-curve-evals inf,2,4,8,16] [--noise-seeds 4] [--seeds 3] [--probe-steps 16]
-       [--replay-fraction 0] [--calibrations a.json,b.json] [--json out.json]
+       [--replay-fraction 0] [--calibrations a.json,b.json [--probe-scaling S] [--each-sweep]] [--json out.json]
+       python benchmarks/forecast_selection.py --compare-probes current.json other.json
 
 ``benchmarks/forecast_accuracy.py`` scores on evaluation-only kinds that must never choose
 anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAULT_SWEEP`:
@@ -49,7 +50,13 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
 
 With ``--calibrations`` the sweeps of step 2 are the ones ``forecast_accuracy.py --json`` saved
 (one per seed offset: every kind set of one offset shares its sweep), and step 1 is skipped;
-those files' scored runs, of evaluation-only kinds, are not read.
+those files' scored runs, of evaluation-only kinds, are not read. Sweeps that ran a probe per rate
+scaling (``forecast_accuracy.py --probe-rate-scaling chosen``) are read under one of them with
+``--probe-scaling none|linear|sqrt``, or with ``--probe-scaling chosen-in-fold`` under the one each
+sweep's other kinds forecast better in each fold. ``--each-sweep`` fits every sweep on its own other
+kinds, as ``calibrate`` fits one sweep, and scores the probe stage and the baselines only: probes
+chosen per sweep are compared so, where a pooled fit would read a mixture of them. ``--compare-probes``
+pairs two such selections of the same sweeps (:func:`probe_choice`).
 
 One protocol holds for every architecture: each setting is chosen on the mean of its criterion
 over the architectures (``--combine`` joins separate runs' ``--json``).
@@ -287,7 +294,7 @@ def with_probe(rows: list[dict[str, Any]], scaling: str) -> list[dict[str, Any]]
     if missing:
         raise SystemExit(
             f"{missing} calibration points ran no probe under the rate scaling {scaling!r}; pass sweeps that ran it "
-            "(forecast_accuracy.py under the library's default, or --probe-rate-scaling with it)."
+            "(forecast_accuracy.py --probe-rate-scaling chosen, or --probe-rate-scaling with that scaling)."
         )
     return [r | r["probes"][scaling] if r["status"] != "failed" else r for r in rows]
 
@@ -303,7 +310,10 @@ def chosen_in_fold(rows: list[dict[str, Any]], kind: str, features: list[str]) -
         scalings = {"probe_rate_scalings": list(mine[0].get("probes", {}))}
         choice = choose_rate_scaling([r for r in mine if r["corruption"] != kind], scalings, features, LEVEL, protocol.MAX_EPOCHS)
         if choice is None:
-            raise SystemExit(f"sweep {sweep} ran one probe per point, so there is no scaling to choose; pass sweeps that ran several.")
+            raise SystemExit(
+                f"sweep {sweep} ran one probe per point, so there is no scaling to choose; pass sweeps that ran several "
+                "(forecast_accuracy.py --probe-rate-scaling chosen)."
+            )
         out += [r | r["probes"][choice["chosen"]] | {"probe_read_under": choice["chosen"]} for r in mine]
     return out
 
@@ -646,7 +656,8 @@ def probe_choice(current: list[dict[str, Any]], other: list[dict[str, Any]], res
     over the architectures, minus the current one's lies below zero, resampling each architecture's
     (kind, sweep) clusters as :func:`mdape_differences` does. A probe cannot be read again from another
     probe's curve, so each design's sweeps are run under it (``forecast_accuracy.py
-    --probe-rate-scaling``) and selected apart (``--json``) before they are paired here."""
+    --probe-rate-scaling``, ``chosen`` running every scaling the choice reads) and selected apart
+    (``--json``, with ``--probe-scaling`` where the sweeps ran several) before they are paired here."""
     arches = [r["arch"] for r in current]
     if arches != [r["arch"] for r in other]:
         raise SystemExit(f"the two selections cover different architectures ({arches} against {[r['arch'] for r in other]}).")

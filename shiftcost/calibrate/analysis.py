@@ -111,9 +111,9 @@ def choose_rate_scaling(
     reads, and how each did; ``None`` where the sweep recorded fewer than two. Kept: the scaling whose
     probe stage forecast the sweep's own batches that needed training best, each kind left out, by
     MdAPE of epochs, the measure the shipped design was chosen by; the first (``probe.RATE_SCALING``)
-    on a tie, or where no stage could be scored. On the built-in kinds this read picked the better
-    probe for each of eight sweeps of two architectures, which no single scaling did. Every probed
-    row's own probe fields are set to the kept probe's."""
+    on a tie, or where no stage could be scored. Every probed row's own probe fields are set to the
+    kept probe's. Sweeps run several probes only where ``probe.CHOOSE_RATE_SCALING`` is set (its
+    comment says why it is not)."""
     probed = [row for row in usable if row.get("probes")]
     scalings = [name for name in settings.get("probe_rate_scalings") or () if probed and all(name in row["probes"] for row in probed)]
     if len(scalings) < 2:
