@@ -91,7 +91,8 @@ SCALING_RULES = {"sgd": "linear", "adam": "sqrt", "adamw": "sqrt"}
 #: architectures above, but this choice did not pass the rule either: each sweep fitted on its own
 #: other kinds, as calibrate fits it (forecast_selection.py --each-sweep, four sweeps per architecture
 #: on a 2-core AMD EPYC), the probe stage's MdAPE went from 32% | 56% to 34% | 36%, the mean's CI
-#: [-20.3, +2.2] points (benchmarks/README.md, "The probe's rate chosen per model").
+#: [-20.3, +2.2] points, and on four fresh sweeps from 43% | 53% to 46% | 51%, [-18.9, +8.0]
+#: (benchmarks/README.md, "The probe's rate chosen per model").
 CHOOSE_RATE_SCALING = False
 
 
