@@ -210,13 +210,12 @@ def leave_one_kind_out(
     a scaling, that one throughout; :data:`IN_FOLD`, in each fold the one each sweep's other kinds
     forecast better (``shiftcost.calibrate.analysis.choose_rate_scaling``), so that the left-out
     kind plays no part in its own probe's choice, as an unseen kind plays none in calibration's."""
-    from shiftcost.calibrate.analysis import _fit_ready, _fit_row
+    from shiftcost.calibrate.analysis import _fit_row
 
-    if probe_scaling not in (None, IN_FOLD):
-        rows = with_probe(rows, probe_scaling)
-    everything = [r for r in rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
+    everything = scored_points(rows, features, probe_scaling)
     usable = everything
-    reread = read_again(usable, probe_steps)
+    # Chosen in each fold, the points are read again in each fold.
+    reread = read_again(usable, probe_steps) if probe_scaling != IN_FOLD else {}
     records: list[dict[str, Any]] = []
     for kind in dict.fromkeys(r["corruption"] for r in everything):
         if probe_scaling == IN_FOLD:
@@ -288,6 +287,25 @@ def leave_one_kind_out(
 IN_FOLD = "chosen-in-fold"
 
 
+def scored_points(rows: list[dict[str, Any]], features: list[str], probe_scaling: str | None) -> list[dict[str, Any]]:
+    """The calibration points leave-one-kind-out scores (measured, with their features and runs),
+    read under ``probe_scaling``'s probe where that is one scaling throughout."""
+    from shiftcost.calibrate.analysis import _fit_ready
+
+    if probe_scaling not in (None, IN_FOLD):
+        rows = with_probe(rows, probe_scaling)
+    return [r for r in rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
+
+
+def read_under(records: list[dict[str, Any]], probe_scaling: str | None) -> Any:
+    """How many points of each kind were read under each scaling where each fold chose it; else the
+    one scaling (``None``: the one each calibration kept)."""
+    if probe_scaling != IN_FOLD:
+        return probe_scaling
+    kinds = dict.fromkeys(r["kind"] for r in records)
+    return {kind: dict(Counter(r["probe_read_under"] for r in records if r["kind"] == kind)) for kind in kinds}
+
+
 def with_probe(rows: list[dict[str, Any]], scaling: str) -> list[dict[str, Any]]:
     """``rows`` read under the probe their sweep ran at ``scaling`` beside the one it kept."""
     missing = sum(1 for r in rows if r["status"] != "failed" and scaling not in r.get("probes", {}))
@@ -324,11 +342,9 @@ def each_sweep_left_out(rows: list[dict[str, Any]], features: list[str], weights
     :func:`leave_one_kind_out` pools them), each point's probe read as ``probe_scaling`` says
     there. Where sweeps keep different probes, a pooled fit would read a mixture no calibration
     fits, so probe designs chosen per sweep are compared here."""
-    from shiftcost.calibrate.analysis import _fit_ready, _fit_row
+    from shiftcost.calibrate.analysis import _fit_row
 
-    if probe_scaling not in (None, IN_FOLD):
-        rows = with_probe(rows, probe_scaling)
-    usable = [r for r in rows if r["status"] != "failed" and _fit_ready(r, features) and r.get("runs")]
+    usable = scored_points(rows, features, probe_scaling)
     records: list[dict[str, Any]] = []
     for sweep in dict.fromkeys(r["sweep"] for r in usable):
         mine = [r for r in usable if r["sweep"] == sweep]
@@ -356,7 +372,7 @@ def select_each_sweep(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         "arch": arch, "each_sweep": True, "loko": {name: _scores(records, name) for name in names},
         "points_scored": [{k: r[k] for k in ("kind", "sweep", "intensity", "epochs", "censored")} for r in records],
         "stage1_errors": stage1_errors(records, ["stage0_probe"]),
-        "probe_read_under": dict(Counter(r["probe_read_under"] for r in records)) if args.probe_scaling == IN_FOLD else args.probe_scaling,
+        "probe_read_under": read_under(records, args.probe_scaling),
         "points": len(records), "seeds": seeds, "seconds": time.perf_counter() - started,
     }
 
@@ -485,9 +501,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
             name: {"median": float(np.median([r["probe_work"][name] for r in records])), "mean": float(np.mean([r["probe_work"][name] for r in records]))}
             for name in ("current", ADAPTIVE, "retrain")
         },
-        "probe_read_under": {
-            kind: dict(Counter(r["probe_read_under"] for r in records if r["kind"] == kind)) for kind in dict.fromkeys(r["kind"] for r in records)
-        } if args.probe_scaling == IN_FOLD else args.probe_scaling,
+        "probe_read_under": read_under(records, args.probe_scaling),
         "points": len(records), "seeds": seeds, "probe_steps": args.probe_steps, "replay_fraction": 0.0 if args.calibrations else args.replay_fraction,
         "seconds": time.perf_counter() - started,
     }
@@ -699,6 +713,14 @@ def print_combined(results: list[dict[str, Any]]) -> None:
         print(f"  {name:48s} {100 * (combined['mean_stage1_mdape'][name] - current):+6.1f} points [{100 * low:+.1f}, {100 * high:+.1f}]")
 
 
+def print_read_under(read: Any) -> None:
+    if isinstance(read, dict):
+        counts = "; ".join(f"{kind} {', '.join(f'{n} {scaling}' for scaling, n in under.items())}" for kind, under in read.items())
+        print(f"points read under each rate scaling, chosen in each fold on the other kinds: {counts}")
+    else:
+        print(f"probes read under: {read or 'the one each calibration kept'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="digits_cnn,shufflenet_v2_x0_5")
@@ -756,7 +778,7 @@ def main() -> None:
             result = select_each_sweep(arch, args)
             results.append(result)
             print(f"\n=== {arch}: {result['points']} calibration points, each sweep's kinds left out within it ({result['seeds']} sweeps), {result['seconds']:.0f} s")
-            print(f"probes read under: {result['probe_read_under'] or 'the one each calibration kept'}")
+            print_read_under(result["probe_read_under"])
             for name, sc in result["loko"].items():
                 print(f"{name:28s} {sc['n']:4d} MdAPE {100 * sc['mdape']:4.0f}%  C-index {sc['c_index']:.3f}  cov90 {100 * sc['coverage']:3.0f}%  "
                       f"mean |log error| needed {sc['mean_abs_log_error_needed']:.3f}")
@@ -787,9 +809,7 @@ def main() -> None:
                 f"{s['c_index']:7.3f} {100 * s['coverage']:5.0f}% {100 * s['coverage_needed']:5.0f}% {s['capped_definite_misses']:9d}"
             )
         print_flags(result["not_converging"])
-        if isinstance(result["probe_read_under"], dict):
-            read = "; ".join(f"{kind} {', '.join(f'{n} {s}' for s, n in under.items())}" for kind, under in result["probe_read_under"].items())
-            print(f"points read under each rate scaling, chosen in each fold on the other kinds: {read}")
+        print_read_under(result["probe_read_under"])
         print(f"lowest leave-one-kind-out MdAPE of stage 1: {result['chosen_stage1_design']}")
         needed = {d: result["loko"][f"stage0_probe[{d}]"]["mean_abs_log_error_needed"] for d in STAGE1_DESIGNS}
         print(f"lowest mean |log error| of the batches that needed training (reported, not chosen on): {min(needed, key=needed.get)}")

@@ -189,6 +189,7 @@ def _sweep_settings(
 ) -> dict[str, Any]:
     """The settings a sweep records beside its rows."""
     recipe, cutoff, caps = config.recipe, config.cutoff, config.caps
+    scalings = probing.calibration_scalings(recipe.optimizer)
     return {
         "sweep": {kind: list(values) for kind, values in sweep.items()},
         "seed": seed,
@@ -207,8 +208,8 @@ def _sweep_settings(
         "probe_stops_at_cutoff": PROBES_STOP_AT_CUTOFF,
         "probe_max_holdout": DEFAULT_MAX_HOLDOUT,
         # The rows' probe until the analysis keeps the scaling its kinds forecast better.
-        "probe_rate_scaling": probing.calibration_scalings(recipe.optimizer)[0],
-        "probe_rate_scalings": list(probing.calibration_scalings(recipe.optimizer)),
+        "probe_rate_scaling": scalings[0],
+        "probe_rate_scalings": list(scalings),
         "retrain": config.to_dict(),
         # The count trained at, not the option: a rate refitted from points.json elsewhere needs it.
         "threads": threads if threads is not None else torch.get_num_threads(),
