@@ -815,6 +815,14 @@ def main() -> None:
         help="with --rescore: read every saved probe (calibration's and the scored runs') as if it had stopped after this many steps",
     )
     parser.add_argument(
+        "--calibration-runs", type=int, default=None,
+        help="with --rescore: read each calibration point as the mean of its first this many retrains (default: all it kept)",
+    )
+    parser.add_argument(
+        "--against-calibration-runs", type=int, default=None,
+        help="with --rescore: also fit on each point's first this many retrains, and pair the two probe stages on the same runs",
+    )
+    parser.add_argument(
         "--probe-rate-scaling", choices=("none", "linear", "sqrt", "chosen"), default=None,
         help="calibrate and score with probes whose rate and clock follow their batch so, or (chosen) with the one each calibration "
         "keeps of the retrain's rate and its optimizer's rule, see shiftcost.forecast.probe.CHOOSE_RATE_SCALING (default: the library's)",
@@ -865,7 +873,13 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
     repeats the live run's table. Several files of one architecture (say several ``--seed-offset``
     runs of a kind set) are also scored pooled. Budgets and the guard are replayed on the saved
     evaluations as a live run replays them (the guard only reads them), so a design that narrows the
-    intervals shows what it would overspend; pooled, the overspends are summed over the files."""
+    intervals shows what it would overspend; pooled, the overspends are summed over the files.
+
+    With ``--calibration-runs K`` each calibration point counts as the mean of its first K retrains
+    (a sweep run with ``--calibration-repeats 2`` read with ``K = 1`` is the sweep run with one, since
+    the first retrain's seed does not depend on the repeats); with ``--against-calibration-runs J`` a
+    second forecaster is fitted on the points read with J, and its probe stage is scored on the same
+    runs with the paired bootstrap CI of the first's minus its own."""
     from types import SimpleNamespace
 
     from shiftcost.calibrate.analysis import _fit_ready, _fit_row
@@ -880,6 +894,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
     def shortened(curve: list[dict[str, float]]) -> list[dict[str, float]]:
         return curve if args.probe_steps is None else curve[: args.probe_steps + 1]
 
+    predictors = PREDICTORS if args.against_calibration_runs is None else (*PREDICTORS, AGAINST)
     stage1_features = tuple(args.stage1_features.split(","))
     stage1_offsets = None if args.stage1_offsets is None else tuple(f for f in args.stage1_offsets.split(",") if f)
     pooled: dict[str, list[list[dict[str, Any]]]] = {}
@@ -892,16 +907,23 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             features = result["stage0_features"]
             ceiling = result["reference_accuracy"]
             target = ceiling - TOLERANCE
-            cal_rows = [r for r in result["calibration_rows"] if r["status"] != "failed"]
-            fit_rows = [_fit_row(r | read(r["probe_curve"], r["target_accuracy"], r["reference_accuracy"])) for r in cal_rows if _fit_ready(r, features)]
-            forecaster = Forecaster.fit(
-                fit_rows, features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, stage1_features=stage1_features, stage1_offsets=stage1_offsets,
-            )
-            if forecaster.stage1 is None:
-                raise SystemExit(f"{path}, {result['arch']}: stage 1 could not be fitted on {stage1_features}: {forecaster.stage1_error}")
-            forecaster.energy_rate = WORK_RATE
-            if args.interval_by_stratum is not None:
-                forecaster.interval_by_stratum = args.interval_by_stratum == "on"
+
+            def fitted(cal_rows: list[dict[str, Any]]) -> Any:
+                fit_rows = [_fit_row(r | read(r["probe_curve"], r["target_accuracy"], r["reference_accuracy"])) for r in cal_rows if _fit_ready(r, features)]
+                forecaster = Forecaster.fit(
+                    fit_rows, features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, stage1_features=stage1_features, stage1_offsets=stage1_offsets,
+                )
+                if forecaster.stage1 is None:
+                    raise SystemExit(f"{path}, {result['arch']}: stage 1 could not be fitted on {stage1_features}: {forecaster.stage1_error}")
+                forecaster.energy_rate = WORK_RATE
+                if args.interval_by_stratum is not None:
+                    forecaster.interval_by_stratum = args.interval_by_stratum == "on"
+                return forecaster
+
+            usable = [r for r in result["calibration_rows"] if r["status"] != "failed"]
+            cal_rows = over_first_runs(usable, args.calibration_runs)
+            forecaster = fitted(cal_rows)
+            against = None if args.against_calibration_runs is None else fitted(over_first_runs(usable, args.against_calibration_runs))
             # Every retrain of a file is on the stream batch calibration corrupted: its pool and holdout.
             batch_samples = cal_rows[0]["samples"] + cal_rows[0]["holdout_samples"]
             work = work_units(batch_samples)
@@ -920,6 +942,10 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 saved_probe = {"steps": saved.get("probe_length", len(probe) - 1), "batch_size": saved["probe_batch_size"]}
                 record["guard"] = _guard_replay(run, target, stage0, stage1, batch_samples, spent_on_probe, saved_probe)
                 record |= {"stage0": stage0.epochs, "stage0_probe": stage1.epochs, "not_converging": flags(stage0, stage1)}
+                if against is not None:
+                    record[AGAINST] = against.predict_from_probe_features(
+                        saved["features"], read(probe, target, ceiling), already_met=starts_at_target([p["accuracy"] for p in probe], target)
+                    ).epochs
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
                 record["in_flight_quarter"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, args.own_curve_evals)
                 record["in_flight_quarter_prior_only"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, math.inf)
@@ -936,7 +962,8 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 f"interval {'by stratum' if forecaster.interval_by_stratum else 'on every run'}; "
                 f"stage 1 coefficients {coefficients}"
             )
-            print_metrics(metrics(runs, args.bootstrap))
+            print_metrics(metrics(runs, args.bootstrap, predictors))
+            print_against(runs, args)
             print_flags(not_converging_flags(runs))
             print_probe_share(probes)
             budget = budget_table(runs, forecaster, work)
@@ -948,9 +975,41 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
         if len(per_file) > 1:
             runs = [run for file_runs in per_file for run in file_runs]
             print(f"\n=== {arch}: the {len(runs)} runs of {len(per_file)} files pooled")
-            print_metrics(metrics(runs, args.bootstrap))
+            print_metrics(metrics(runs, args.bootstrap, predictors))
+            print_against(runs, args)
             print_probe_share(pooled_probes[arch])
             print_budget_totals(pooled_budgets[arch])
+
+
+#: The probe stage of ``rescore``'s second forecaster (``--against-calibration-runs``).
+AGAINST = "stage0_probe_against"
+
+
+def over_first_runs(rows: list[dict[str, Any]], count: int | None) -> list[dict[str, Any]]:
+    """Calibration rows as if each point had been retrained only its first ``count`` times
+    (``None``: every retrain it kept), their means and status summarised again as the sweep does."""
+    from shiftcost.calibrate.sweep import _summarise_runs
+
+    read = []
+    for row in rows:
+        if count is not None and len(row["runs"]) > count:
+            row = row | {"runs": row["runs"][:count], "repeats": count, "notes": list(row["notes"])}
+            _summarise_runs(row)
+        read.append(row)
+    return read
+
+
+def print_against(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """The paired bootstrap CI of the probe stage minus ``rescore``'s second forecaster's."""
+    if args.against_calibration_runs is None:
+        return
+    ci = paired_ci(runs, args.bootstrap, cluster_draw(runs), "stage0_probe", AGAINST, ("mdape", "c_index", "mean_abs_log_error_needed"))
+    own = "every retrain" if args.calibration_runs is None else f"the first {args.calibration_runs}"
+    print(
+        f"stage0+probe on {own} of each calibration point minus on the first {args.against_calibration_runs}, (kind, seed offset) resampled: "
+        f"MdAPE diff 95% CI [{ci['mdape'][0]:+.3f}, {ci['mdape'][1]:+.3f}], C-index diff [{ci['c_index'][0]:+.3f}, {ci['c_index'][1]:+.3f}], "
+        f"mean |log error| of runs that needed training diff [{ci['mean_abs_log_error_needed'][0]:+.3f}, {ci['mean_abs_log_error_needed'][1]:+.3f}]"
+    )
 
 
 def probe_steps_taken(curve: list[dict[str, float]], target: float) -> int:

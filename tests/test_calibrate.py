@@ -320,6 +320,23 @@ def test_bad_sweeps_are_refused_before_any_work(tiny) -> None:
         run_sweep(model, spec, x, y, x, None, sweep={"contrast": (0.0,)}, **RETRAIN)
 
 
+def test_a_sweep_read_over_its_first_retrain_is_the_sweep_that_ran_one(tiny) -> None:
+    """What ``forecast_accuracy.py --rescore --calibration-runs 1`` relies on: a point's first
+    retrain does not depend on how many follow it."""
+    from tests.test_selection_rule import _benchmark
+
+    over_first_runs = _benchmark("forecast_accuracy").over_first_runs
+    model, spec, x, y = tiny
+    sweep = {"contrast": (0.7, 0.9), "gaussian_noise": (0.6,)}
+    twice = run_sweep(model, spec, x, y, x, y, sweep=sweep, energy_options=FAST_ENERGY, **RETRAIN).rows
+    once = run_sweep(model, spec, x, y, x, y, sweep=sweep, energy_options=FAST_ENERGY, **(RETRAIN | {"repeats": 1})).rows
+    measures = ("status", "epochs", "steps", "censored", "param_change", "final_accuracy", "grad_norm", "first_grad_norm")
+    assert [[row[m] for m in measures] for row in over_first_runs(twice, 1)] == [[row[m] for m in measures] for row in once]
+    assert [[row[m] for m in measures] for row in twice] != [[row[m] for m in measures] for row in once]  # the second retrain counts
+    assert over_first_runs(twice, None) == over_first_runs(twice, 2) == twice
+    assert [len(row["runs"]) for row in twice] == [2, 2, 2]  # the sweep's rows are left as they were
+
+
 def test_interrupted_sweep_keeps_the_finished_points(tiny, tmp_path) -> None:
     model, spec, x, y = tiny
 
