@@ -815,12 +815,12 @@ def main() -> None:
         help="with --rescore: read every saved probe (calibration's and the scored runs') as if it had stopped after this many steps",
     )
     parser.add_argument(
-        "--calibration-runs", type=int, default=None,
-        help="with --rescore: read each calibration point as the mean of its first this many retrains (default: all it kept)",
+        "--calibration-fit", choices=CALIBRATION_FITS, default="mean",
+        help="with --rescore: fit each calibration point on the mean of its retrains (as calibrate does), its first alone, or each as a row",
     )
     parser.add_argument(
-        "--against-calibration-runs", type=int, default=None,
-        help="with --rescore: also fit on each point's first this many retrains, and pair the two probe stages on the same runs",
+        "--against-calibration-fit", choices=CALIBRATION_FITS, default=None,
+        help="with --rescore: also fit the calibration points so, and pair the two probe stages on the same runs",
     )
     parser.add_argument(
         "--probe-rate-scaling", choices=("none", "linear", "sqrt", "chosen"), default=None,
@@ -875,11 +875,10 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
     evaluations as a live run replays them (the guard only reads them), so a design that narrows the
     intervals shows what it would overspend; pooled, the overspends are summed over the files.
 
-    With ``--calibration-runs K`` each calibration point counts as the mean of its first K retrains
-    (a sweep run with ``--calibration-repeats 2`` read with ``K = 1`` is the sweep run with one, since
-    the first retrain's seed does not depend on the repeats); with ``--against-calibration-runs J`` a
-    second forecaster is fitted on the points read with J, and its probe stage is scored on the same
-    runs with the paired bootstrap CI of the first's minus its own."""
+    ``--calibration-fit`` says how a calibration point retrained several times is fitted
+    (:func:`rows_fitted_as`); with ``--against-calibration-fit`` a second forecaster is fitted the
+    other way, and its probe stage is scored on the same runs with the paired bootstrap CI of the
+    first's minus its own."""
     from types import SimpleNamespace
 
     from shiftcost.calibrate.analysis import _fit_ready, _fit_row
@@ -894,7 +893,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
     def shortened(curve: list[dict[str, float]]) -> list[dict[str, float]]:
         return curve if args.probe_steps is None else curve[: args.probe_steps + 1]
 
-    predictors = PREDICTORS if args.against_calibration_runs is None else (*PREDICTORS, AGAINST)
+    predictors = PREDICTORS if args.against_calibration_fit is None else (*PREDICTORS, AGAINST)
     stage1_features = tuple(args.stage1_features.split(","))
     stage1_offsets = None if args.stage1_offsets is None else tuple(f for f in args.stage1_offsets.split(",") if f)
     pooled: dict[str, list[list[dict[str, Any]]]] = {}
@@ -921,9 +920,9 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 return forecaster
 
             usable = [r for r in result["calibration_rows"] if r["status"] != "failed"]
-            cal_rows = over_first_runs(usable, args.calibration_runs)
+            cal_rows = rows_fitted_as(usable, args.calibration_fit)
             forecaster = fitted(cal_rows)
-            against = None if args.against_calibration_runs is None else fitted(over_first_runs(usable, args.against_calibration_runs))
+            against = None if args.against_calibration_fit is None else fitted(rows_fitted_as(usable, args.against_calibration_fit))
             # Every retrain of a file is on the stream batch calibration corrupted: its pool and holdout.
             batch_samples = cal_rows[0]["samples"] + cal_rows[0]["holdout_samples"]
             work = work_units(batch_samples)
@@ -981,34 +980,46 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             print_budget_totals(pooled_budgets[arch])
 
 
-#: The probe stage of ``rescore``'s second forecaster (``--against-calibration-runs``).
+#: The probe stage of ``rescore``'s second forecaster (``--against-calibration-fit``).
 AGAINST = "stage0_probe_against"
+#: How a calibration point retrained several times can be fitted: on the mean of its retrains
+#: (``shiftcost calibrate``), on its first retrain alone (the sweep with one retrain per point, since
+#: the first retrain's seed does not depend on how many follow it), or on each retrain as a row.
+CALIBRATION_FITS = ("mean", "first", "each")
 
 
-def over_first_runs(rows: list[dict[str, Any]], count: int | None) -> list[dict[str, Any]]:
-    """Calibration rows as if each point had been retrained only its first ``count`` times
-    (``None``: every retrain it kept), their means and status summarised again as the sweep does."""
+def rows_fitted_as(rows: list[dict[str, Any]], how: str) -> list[dict[str, Any]]:
+    """Calibration rows to fit, each point's retrains read as ``how`` (:data:`CALIBRATION_FITS`) says."""
+    if how == "mean":
+        return rows
+    if how == "first":
+        return [_over_runs(row, row["runs"][:1]) for row in rows]
+    if how == "each":
+        return [_over_runs(row, [run]) for row in rows for run in row["runs"]]
+    raise ValueError(f"a calibration point is fitted as one of {CALIBRATION_FITS}, not {how!r}")
+
+
+def _over_runs(row: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``row`` as if its point had been retrained ``runs`` only, summarised again as the sweep does."""
     from shiftcost.calibrate.sweep import _summarise_runs
 
-    read = []
-    for row in rows:
-        if count is not None and len(row["runs"]) > count:
-            row = row | {"runs": row["runs"][:count], "repeats": count, "notes": list(row["notes"])}
-            _summarise_runs(row)
-        read.append(row)
-    return read
+    if runs == row["runs"]:
+        return row
+    row = row | {"runs": runs, "repeats": len(runs), "notes": list(row["notes"])}
+    _summarise_runs(row)
+    return row
 
 
 def print_against(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """The paired bootstrap CI of the probe stage minus ``rescore``'s second forecaster's."""
-    if args.against_calibration_runs is None:
+    if args.against_calibration_fit is None:
         return
     ci = paired_ci(runs, args.bootstrap, cluster_draw(runs), "stage0_probe", AGAINST, ("mdape", "c_index", "mean_abs_log_error_needed"))
-    own = "every retrain" if args.calibration_runs is None else f"the first {args.calibration_runs}"
     print(
-        f"stage0+probe on {own} of each calibration point minus on the first {args.against_calibration_runs}, (kind, seed offset) resampled: "
-        f"MdAPE diff 95% CI [{ci['mdape'][0]:+.3f}, {ci['mdape'][1]:+.3f}], C-index diff [{ci['c_index'][0]:+.3f}, {ci['c_index'][1]:+.3f}], "
-        f"mean |log error| of runs that needed training diff [{ci['mean_abs_log_error_needed'][0]:+.3f}, {ci['mean_abs_log_error_needed'][1]:+.3f}]"
+        f"stage0+probe fitted on each calibration point's {args.calibration_fit} minus on its {args.against_calibration_fit}, "
+        f"(kind, seed offset) resampled: MdAPE diff 95% CI [{ci['mdape'][0]:+.3f}, {ci['mdape'][1]:+.3f}], "
+        f"C-index diff [{ci['c_index'][0]:+.3f}, {ci['c_index'][1]:+.3f}], mean |log error| of runs that needed training diff "
+        f"[{ci['mean_abs_log_error_needed'][0]:+.3f}, {ci['mean_abs_log_error_needed'][1]:+.3f}]"
     )
 
 

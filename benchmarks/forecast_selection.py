@@ -2,7 +2,8 @@
 
 Usage: nice -n 10 python benchmarks/forecast_selection.py [--archs digits_cnn,shufflenet_v2_x0_5]
        [--windows 1,2,3] [--own-curve-evals inf,2,4,8,16] [--noise-seeds 4] [--seeds 3] [--probe-steps 16]
-       [--replay-fraction 0] [--calibrations a.json,b.json [--probe-scaling S] [--each-sweep]] [--json out.json]
+       [--replay-fraction 0] [--calibrations a.json,b.json [--probe-scaling S] [--each-sweep [--calibration-fit mean|first|each]]]
+       [--json out.json]
        python benchmarks/forecast_selection.py --compare-probes current.json other.json
 
 ``benchmarks/forecast_accuracy.py`` scores on evaluation-only kinds that must never choose
@@ -55,8 +56,11 @@ scaling (``forecast_accuracy.py --probe-rate-scaling chosen``) are read under on
 ``--probe-scaling none|linear|sqrt``, or with ``--probe-scaling chosen-in-fold`` under the one each
 sweep's other kinds forecast better in each fold. ``--each-sweep`` fits every sweep on its own other
 kinds, as ``calibrate`` fits one sweep, and scores the probe stage and the baselines only: probes
-chosen per sweep are compared so, where a pooled fit would read a mixture of them. ``--compare-probes``
-pairs two such selections of the same sweeps (:func:`probe_choice`).
+chosen per sweep are compared so, where a pooled fit would read a mixture of them. With sweeps that
+retrained every point more than once (``forecast_accuracy.py --calibration-repeats``), ``--calibration-fit``
+fits each point on the mean of its retrains (as ``calibrate`` does), on its first alone or on each
+as a row, and scores every left-out point on its first retrain. ``--compare-probes`` pairs two such
+selections of the same sweeps (:func:`probe_choice`).
 
 One protocol holds for every architecture: each setting is chosen on the mean of its criterion
 over the architectures (``--combine`` joins separate runs' ``--json``).
@@ -83,8 +87,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from forecast_accuracy import (  # noqa: E402
-    LEVEL, PROBE_STEPS, TOLERANCE, TRAINING_RECIPE, _scores, build_arch, calibrate, fit_baselines, flags, not_converging_flags, print_flags,
-    probe_steps_taken, seed_spread,
+    CALIBRATION_FITS, LEVEL, PROBE_STEPS, TOLERANCE, TRAINING_RECIPE, _scores, build_arch, calibrate, fit_baselines, flags, not_converging_flags,
+    print_flags, probe_steps_taken, rows_fitted_as, seed_spread,
 )
 
 from shiftcost.forecast import protocol  # noqa: E402
@@ -336,12 +340,16 @@ def chosen_in_fold(rows: list[dict[str, Any]], kind: str, features: list[str]) -
     return out
 
 
-def each_sweep_left_out(rows: list[dict[str, Any]], features: list[str], weights: list[float], probe_scaling: str | None) -> list[dict[str, Any]]:
+def each_sweep_left_out(
+    rows: list[dict[str, Any]], features: list[str], weights: list[float], probe_scaling: str | None, calibration_fit: str = "mean",
+) -> list[dict[str, Any]]:
     """Every calibration point forecast as its own calibration's leave-one-kind-out forecasts it: by
     predictors fitted on its sweep's other kinds alone (``calibrate`` fits one sweep, where
     :func:`leave_one_kind_out` pools them), each point's probe read as ``probe_scaling`` says
     there. Where sweeps keep different probes, a pooled fit would read a mixture no calibration
-    fits, so probe designs chosen per sweep are compared here."""
+    fits, so probe designs chosen per sweep are compared here. The other kinds' points are fitted
+    as ``calibration_fit`` says (``forecast_accuracy.rows_fitted_as``); every left-out point is
+    scored on its first retrain, as one retrain of an unseen batch is, however the fit read them."""
     from shiftcost.calibrate.analysis import _fit_row
 
     usable = scored_points(rows, features, probe_scaling)
@@ -350,7 +358,7 @@ def each_sweep_left_out(rows: list[dict[str, Any]], features: list[str], weights
         mine = [r for r in usable if r["sweep"] == sweep]
         for kind in dict.fromkeys(r["corruption"] for r in mine):
             read = chosen_in_fold(mine, kind, features) if probe_scaling == IN_FOLD else mine
-            train = [r for r in read if r["corruption"] != kind]
+            train = rows_fitted_as([r for r in read if r["corruption"] != kind], calibration_fit)
             forecaster = Forecaster.fit([_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS)
             if forecaster.stage1 is None:
                 raise SystemExit(f"sweep {sweep}, leaving {kind} out: stage 1 could not be fitted: {forecaster.stage1_error}")
@@ -366,10 +374,10 @@ def select_each_sweep(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     weights = [float(w) for w in args.own_curve_evals.split(",")]
     rows, features, seeds = saved_calibrations([Path(p) for p in args.calibrations.split(",")], arch)
-    records = each_sweep_left_out(rows, features, weights, args.probe_scaling)
+    records = each_sweep_left_out(rows, features, weights, args.probe_scaling, args.calibration_fit)
     names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"in_flight_own_{w:g}" for w in weights]
     return {
-        "arch": arch, "each_sweep": True, "loko": {name: _scores(records, name) for name in names},
+        "arch": arch, "each_sweep": True, "calibration_fit": args.calibration_fit, "loko": {name: _scores(records, name) for name in names},
         "points_scored": [{k: r[k] for k in ("kind", "sweep", "intensity", "epochs", "censored")} for r in records],
         "stage1_errors": stage1_errors(records, ["stage0_probe"]),
         "probe_read_under": read_under(records, args.probe_scaling),
@@ -753,13 +761,25 @@ def main() -> None:
         "--each-sweep", action="store_true",
         help="with --calibrations: fit each sweep on its own other kinds, as calibrate does, and score the probe stage only",
     )
+    parser.add_argument(
+        "--calibration-fit", choices=CALIBRATION_FITS, default="mean",
+        help=(
+            "with --each-sweep: fit each calibration point retrained several times (forecast_accuracy.py --calibration-repeats) on "
+            "the mean of its retrains, as calibrate does, on its first alone, or on each as a row; points are scored on their first"
+        ),
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
     parser.add_argument(
         "--compare-probes", nargs=2, type=Path, default=None, metavar=("CURRENT", "OTHER"),
-        help="two --json outputs of selections on the same sweeps run under two probe designs: print which probe stage to keep",
+        help=(
+            "two --json outputs of selections on the same sweeps run under two probe designs, or fitted under two --calibration-fit: "
+            "print which probe stage to keep"
+        ),
     )
     args = parser.parse_args()
+    if args.calibration_fit != "mean" and not args.each_sweep:
+        raise SystemExit("--calibration-fit is read with --each-sweep only; add it.")
     if args.compare_probes:
         current, other = (json.loads(path.read_text()) for path in args.compare_probes)
         print(json.dumps(probe_choice(current, other), indent=1))
@@ -774,6 +794,7 @@ def main() -> None:
     if args.each_sweep:
         if not args.calibrations:
             raise SystemExit("--each-sweep reads saved sweeps; pass them with --calibrations.")
+        print(f"each calibration point fitted on its retrains' {args.calibration_fit}")
         for arch in args.archs.split(","):
             result = select_each_sweep(arch, args)
             results.append(result)

@@ -320,20 +320,31 @@ def test_bad_sweeps_are_refused_before_any_work(tiny) -> None:
         run_sweep(model, spec, x, y, x, None, sweep={"contrast": (0.0,)}, **RETRAIN)
 
 
-def test_a_sweep_read_over_its_first_retrain_is_the_sweep_that_ran_one(tiny) -> None:
-    """What ``forecast_accuracy.py --rescore --calibration-runs 1`` relies on: a point's first
-    retrain does not depend on how many follow it."""
+def test_a_sweep_fitted_on_its_first_retrains_is_the_sweep_that_ran_one(tiny) -> None:
+    """What ``forecast_accuracy.py --rescore --calibration-fit first`` relies on: a point's first
+    retrain does not depend on how many follow it; ``each`` makes every retrain a row of its own."""
     from tests.test_selection_rule import _benchmark
 
-    over_first_runs = _benchmark("forecast_accuracy").over_first_runs
+    rows_fitted_as = _benchmark("forecast_accuracy").rows_fitted_as
     model, spec, x, y = tiny
     sweep = {"contrast": (0.7, 0.9), "gaussian_noise": (0.6,)}
     twice = run_sweep(model, spec, x, y, x, y, sweep=sweep, energy_options=FAST_ENERGY, **RETRAIN).rows
     once = run_sweep(model, spec, x, y, x, y, sweep=sweep, energy_options=FAST_ENERGY, **(RETRAIN | {"repeats": 1})).rows
     measures = ("status", "epochs", "steps", "censored", "param_change", "final_accuracy", "grad_norm", "first_grad_norm")
-    assert [[row[m] for m in measures] for row in over_first_runs(twice, 1)] == [[row[m] for m in measures] for row in once]
-    assert [[row[m] for m in measures] for row in twice] != [[row[m] for m in measures] for row in once]  # the second retrain counts
-    assert over_first_runs(twice, None) == over_first_runs(twice, 2) == twice
+
+    def table(rows):
+        return [[row[m] for m in measures] for row in rows]
+
+    assert table(rows_fitted_as(twice, "first")) == table(once)
+    assert table(twice) != table(once)  # the second retrain counts in the mean
+    # Each retrain a row: the point's features, its own retrain's measures.
+    each = rows_fitted_as(twice, "each")
+    assert table(each[0::2]) == table(once)
+    own = ("status", "epochs", "steps", "param_change", "final_accuracy")
+    assert [[row[m] for m in own] for row in each[1::2]] == [[row["runs"][1][m] for m in own] for row in twice]
+    assert table(each[1::2]) != table(once)
+    assert [row["accuracy"] for row in each] == [row["accuracy"] for row in twice for _ in range(2)]
+    assert rows_fitted_as(twice, "mean") == twice
     assert [len(row["runs"]) for row in twice] == [2, 2, 2]  # the sweep's rows are left as they were
 
 
