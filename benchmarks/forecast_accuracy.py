@@ -477,10 +477,35 @@ def metrics(runs: list[dict[str, Any]], resamples: int, predictors: tuple[str, .
     resampling runs, and, where runs say which (kind, seed offset) they belong to, resampling
     those clusters, whose runs share a corruption and so are not independent draws."""
     scored = {"predictors": {name: _scores(runs, name) for name in predictors}}
+    if runs and all("cluster" in r and "seed" in r for r in runs):
+        scored["predictors"][OTHER_SEED] = _scores(other_seed(runs), OTHER_SEED)
     scored["stage0_probe_minus_baseline_ci95"] = _differences(runs, resamples, lambda rng: rng.integers(0, len(runs), len(runs)))
     if runs and all("cluster" in r for r in runs):
         scored["stage0_probe_minus_baseline_ci95_by_cluster"] = _differences(runs, resamples, cluster_draw(runs))
     return scored
+
+
+#: Each scored run forecast by its batch's other seeds (:func:`other_seed`).
+OTHER_SEED = "other_seeds_same_batch"
+
+
+def other_seed(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``runs``, each with :data:`OTHER_SEED`: the mean epochs of the other seeds' retrains of the
+    same batch (the same kind, intensity and corruption; a capped one counts at its cap), as a point
+    with no interval. Its errors are the retrains' own seed-to-seed spread, on exactly the runs
+    scored: a floor that no forecast of one run from the batch can be expected to beat (its coverage
+    means nothing)."""
+    from shiftcost.forecast.forecaster import Interval
+
+    batches: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for run in runs:
+        batches.setdefault((run["cluster"], run["intensity"]), []).append(run)
+    out = []
+    for run in runs:
+        others = [mate["epochs"] for mate in batches[(run["cluster"], run["intensity"])] if mate["seed"] != run["seed"]]
+        epochs = float(np.mean(others)) if others else None
+        out.append(run | {OTHER_SEED: None if epochs is None else Interval(epochs, epochs, epochs, LEVEL)})
+    return out
 
 
 def cluster_draw(runs: list[dict[str, Any]]) -> Callable[[np.random.Generator], np.ndarray]:

@@ -133,6 +133,32 @@ def test_forecast_accuracy_resamples_kinds_whole_where_runs_name_them():
     assert "stage0_probe_minus_baseline_ci95_by_cluster" not in accuracy.metrics(unnamed, resamples=10)
 
 
+def test_forecast_accuracy_scores_each_run_against_its_batchs_other_seeds():
+    from shiftcost.forecast.forecaster import Interval
+
+    accuracy = _benchmark("forecast_accuracy")
+    guess = Interval(1.0, 0.5, 2.0, 0.9)
+    batches = [  # (kind, intensity): each seed's epochs, and whether it capped
+        ("blur", 0.1, [(2.0, False), (3.0, False)]),
+        ("blur", 0.2, [(4.0, False), (15.0, True)]),  # the reached seed is forecast at the cap; the capped one is not scored
+        ("ghost", 0.1, [(1.0, False), (2.0, False), (6.0, False)]),  # the mean of the other two
+        ("ghost", 0.2, [(5.0, False)]),  # no other seed: not forecast
+    ]
+    runs = [
+        {"kind": kind, "cluster": f"{kind}/0", "intensity": intensity, "seed": seed, "epochs": epochs, "censored": capped}
+        | {name: guess for name in accuracy.PREDICTORS}
+        for kind, intensity, seeds in batches for seed, (epochs, capped) in enumerate(seeds)
+    ]
+    floor = accuracy.metrics(runs, resamples=10)["predictors"][accuracy.OTHER_SEED]
+    errors = [1 / 2, 1 / 3, 11 / 4, 3 / 1, 1.5 / 2, 4.5 / 6]
+    assert floor["n"] == 7 and floor["n_reached"] == 6
+    assert floor["mdape"] == pytest.approx(float(np.median(errors)))
+    # Seeds of the same intensity in another seed offset are another batch.
+    moved = accuracy.other_seed(runs + [r | {"cluster": "blur/1", "seed": r["seed"] + 1, "epochs": 100.0} for r in runs[:2]])
+    assert [r[accuracy.OTHER_SEED].median for r in moved[:2]] == [3.0, 2.0]
+    assert [r[accuracy.OTHER_SEED].median for r in moved[-2:]] == [100.0, 100.0]
+
+
 def _interval_result(selection, other_inside, other_capped_misses: int) -> dict:
     """One architecture's interval figures: every known-cost point of 36 (kind, sweep) clusters of
     ten inside the library's interval, ``other_inside(cluster)`` of each inside the other's."""
