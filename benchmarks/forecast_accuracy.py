@@ -3,12 +3,13 @@
 Usage: nice -n 10 python benchmarks/forecast_accuracy.py [--archs digits_cnn,shufflenet_v2_x0_5]
        [--calibration-intensities 4] [--seeds 2] [--noise-seeds 4] [--bootstrap 1000] [--json out.json]
        [--kind-set original|fresh|third|fourth] [--seed-offset 0] [--device cpu]
+       [--calibration-repeats 1]
        python benchmarks/forecast_accuracy.py --combine a.json,b.json [--bootstrap 1000]
 
 ``--json`` keeps every scored run's evaluations, index features and probe curve, and the
 calibration's rows (each with its probe curve), so that other designs can be scored on the
 same runs without retraining: ``--rescore a.json [--stage1-features F] [--stage1-offsets F] [--curve-horizon C]
-[--own-curve-evals W] [--probe-steps K]``, which also prints what the probes would have cost had
+[--own-curve-evals W] [--probe-steps K] [--calibration-fit F [--against-calibration-fit G]]``, which also prints what the probes would have cost had
 they stopped at their cutoff, as probes now do, and the budgets and guard replayed on the saved evaluations. Score a design on these evaluation-only kinds once it has been chosen
 on the built-in kinds (``forecast_selection.py``), never to choose it.
 
@@ -27,7 +28,8 @@ trains on this CPU in about a minute):
 3. Print per predictor (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
    in-flight after the first quarter of the probe forecast, which starts from the probe
    forecast, and the same with the run's own curve given no weight; settings chosen by
-   ``forecast_selection.py`` on the built-in kinds): MdAPE of epochs on reached
+   ``forecast_selection.py`` on the built-in kinds; and, as a floor, each run forecast by its batch's
+   other seeds, whose errors are the retrains' own seed-to-seed spread): MdAPE of epochs on reached
    runs, median |log error| (capped runs count as bounds) over all runs and its mean over the
    runs that needed training (``needed``: MdAPE leaves out the capped runs, which favours a
    forecast pulled to the middle), Harrell's C-index (capped runs censored), 90% coverage
