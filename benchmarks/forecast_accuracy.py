@@ -28,8 +28,8 @@ trains on this CPU in about a minute):
 3. Print per predictor (constant, isotonic on accuracy drop, stage 0, stage 0 + probe,
    in-flight after the first quarter of the probe forecast, which starts from the probe
    forecast, and the same with the run's own curve given no weight; settings chosen by
-   ``forecast_selection.py`` on the built-in kinds; and, as a floor, each run forecast by its batch's
-   other seeds, whose errors are the retrains' own seed-to-seed spread): MdAPE of epochs on reached
+   ``forecast_selection.py`` on the built-in kinds; and, for reference, each run forecast by its
+   batch's other seeds, whose errors are the retrains' own seed-to-seed spread): MdAPE of epochs on reached
    runs, median |log error| (capped runs count as bounds) over all runs and its mean over the
    runs that needed training (``needed``: MdAPE leaves out the capped runs, which favours a
    forecast pulled to the middle), Harrell's C-index (capped runs censored), 90% coverage
@@ -494,9 +494,11 @@ OTHER_SEED = "other_seeds_same_batch"
 def other_seed(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``runs``, each with :data:`OTHER_SEED`: the mean epochs of the other seeds' retrains of the
     same batch (the same kind, intensity and corruption; a capped one counts at its cap), as a point
-    with no interval. Its errors are the retrains' own seed-to-seed spread, on exactly the runs
-    scored: a floor that no forecast of one run from the batch can be expected to beat (its coverage
-    means nothing)."""
+    with no interval (its coverage means nothing). Its errors are the retrains' own seed-to-seed
+    spread on exactly the runs scored, which no forecast from the batch removes; with one other
+    seed they carry that seed's noise as well as the scored run's, so a forecast of the batch's
+    typical epochs can err less (by about a factor of the square root of 2 in log epochs where the
+    spread is log-normal)."""
     from shiftcost.forecast.forecaster import Interval
 
     batches: dict[tuple[str, float], list[dict[str, Any]]] = {}
