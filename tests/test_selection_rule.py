@@ -149,10 +149,10 @@ def test_forecast_accuracy_scores_each_run_against_its_batchs_other_seeds():
         | {name: guess for name in accuracy.PREDICTORS}
         for kind, intensity, seeds in batches for seed, (epochs, capped) in enumerate(seeds)
     ]
-    floor = accuracy.metrics(runs, resamples=10)["predictors"][accuracy.OTHER_SEED]
+    reference = accuracy.metrics(runs, resamples=10)["predictors"][accuracy.OTHER_SEED]
     errors = [1 / 2, 1 / 3, 11 / 4, 3 / 1, 1.5 / 2, 4.5 / 6]
-    assert floor["n"] == 7 and floor["n_reached"] == 6
-    assert floor["mdape"] == pytest.approx(float(np.median(errors)))
+    assert reference["n"] == 7 and reference["n_reached"] == 6
+    assert reference["mdape"] == pytest.approx(float(np.median(errors)))
     # Seeds of the same intensity in another seed offset are another batch.
     moved = accuracy.other_seed(runs + [r | {"cluster": "blur/1", "seed": r["seed"] + 1, "epochs": 100.0} for r in runs[:2]])
     assert [r[accuracy.OTHER_SEED].median for r in moved[:2]] == [3.0, 2.0]
