@@ -959,10 +959,10 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             runs, probes = [], []
             for saved in result["runs"]:
                 probe = saved["probe_curve"]
+                probe_read = read(probe, target, ceiling)
+                met = starts_at_target([p["accuracy"] for p in probe], target)
                 stage0 = forecaster.predict(saved["features"])
-                stage1 = forecaster.predict_from_probe_features(
-                    saved["features"], read(probe, target, ceiling), already_met=starts_at_target([p["accuracy"] for p in probe], target)
-                )
+                stage1 = forecaster.predict_from_probe_features(saved["features"], probe_read, already_met=met)
                 run = SimpleNamespace(curve=[SimpleNamespace(**p) for p in saved["curve"]])
                 record = {k: saved[k] for k in ("kind", "intensity", "seed", "epochs", "censored", "accuracy_drop", "cost", "status", "eval_every")}
                 record["cluster"] = f"{saved['kind']}/{result['seed_offset']}"
@@ -971,9 +971,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 record["guard"] = _guard_replay(run, target, stage0, stage1, batch_samples, spent_on_probe, saved_probe)
                 record |= {"stage0": stage0.epochs, "stage0_probe": stage1.epochs, "not_converging": flags(stage0, stage1)}
                 if against is not None:
-                    record[AGAINST] = against.predict_from_probe_features(
-                        saved["features"], read(probe, target, ceiling), already_met=starts_at_target([p["accuracy"] for p in probe], target)
-                    ).epochs
+                    record[AGAINST] = against.predict_from_probe_features(saved["features"], probe_read, already_met=met).epochs
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
                 record["in_flight_quarter"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, args.own_curve_evals)
                 record["in_flight_quarter_prior_only"] = _in_flight(forecaster, saved["features"], run, stage1, target, ceiling, math.inf)
