@@ -92,9 +92,9 @@ from forecast_accuracy import (  # noqa: E402
 )
 
 from shiftcost.forecast import protocol  # noqa: E402
-from shiftcost.forecast.forecaster import INTERVAL_BY_STRATUM, PULL_TO_MEDIAN, STAGE0_FEATURE, Forecaster  # noqa: E402
+from shiftcost.forecast.forecaster import INTERVAL_BY_STRATUM, PULL_TO_MEDIAN, STAGE0_FEATURE, STAGE1_INPUTS, Forecaster  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_BATCH_SIZE as PROBE_BATCH  # noqa: E402
-from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_FEATURES, PROBE_STRATUM, features_of_saved_curve  # noqa: E402
+from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_STRATUM, features_of_saved_curve  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt  # noqa: E402
 
 PROTOCOL_WINDOW = protocol.CUTOFF_WINDOW
@@ -135,11 +135,19 @@ STAGE1_DESIGNS: dict[str, tuple[str, ...]] = {
     "curve at slope 1": ("curve_log_epochs",),
     "cutoff at slope 1": ("cutoff_log_epochs",),
     "index+cutoff at slope 1": (STAGE0_FEATURE, "cutoff_log_epochs"),
+    "cutoff at slope 1 + stratum": ("cutoff_log_epochs", PROBE_STRATUM),
+    "cutoff at slope 1 + gap": ("cutoff_log_epochs", "probe_gap"),
 }
 #: Designs whose features enter with their coefficient held at 1 (offsets).
 STAGE1_DESIGN_OFFSETS: dict[str, tuple[str, ...]] = {
     "curve at slope 1": ("curve_log_epochs",), "cutoff at slope 1": ("cutoff_log_epochs",), "index+cutoff at slope 1": ("cutoff_log_epochs",),
+    "cutoff at slope 1 + stratum": ("cutoff_log_epochs",), "cutoff at slope 1 + gap": ("cutoff_log_epochs",),
 }
+
+
+def probe_values(row: dict[str, Any]) -> dict[str, float]:
+    """What a point's probe gives stage 1 (:data:`~shiftcost.forecast.forecaster.STAGE1_INPUTS`)."""
+    return {f: row[f] for f in STAGE1_INPUTS}
 
 
 #: Where the curve feature of a probe whose curve does not reach the target is clipped, in epoch
@@ -256,7 +264,7 @@ def leave_one_kind_out(
             met = bool(row["probe_already_met"])
             read = adaptive_rows[i]
             record[f"stage0_probe[{ADAPTIVE}]"] = adaptive.predict_from_probe_features(
-                {f: read[f] for f in features}, {f: read[f] for f in PROBE_FEATURES}, already_met=met,
+                {f: read[f] for f in features}, probe_values(read), already_met=met,
             ).epochs
             record["probe_work"] = {  # sample-gradients, each probe stopped at its cutoff
                 "current": probe_steps_taken(row["probe_curve"], row["target_accuracy"]) * PROBE_BATCH,
@@ -265,23 +273,23 @@ def leave_one_kind_out(
             }
             for name, design in designs.items():
                 record[f"stage0_probe[{name}]"] = design.predict_from_probe_features(
-                    {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES}, already_met=met,
+                    {f: row[f] for f in features}, probe_values(row), already_met=met,
                 ).epochs
             split = copy.copy(forecaster)
             split.interval_by_stratum = not forecaster.interval_by_stratum
             record[_interval_key(OTHER_INTERVAL)] = split.predict_from_probe_features(
-                {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES + (PROBE_STRATUM,)}, already_met=met,
+                {f: row[f] for f in features}, probe_values(row), already_met=met,
             ).epochs
             for pull in PULLS:
                 pulled = copy.copy(forecaster)
                 pulled.pull_to_median = pull
                 record[f"stage0_probe[pulled {pull:g} to the median]"] = pulled.predict_from_probe_features(
-                    {f: row[f] for f in features}, {f: row[f] for f in PROBE_FEATURES}, already_met=met,
+                    {f: row[f] for f in features}, probe_values(row), already_met=met,
                 ).epochs
             for name, fit in refits.items():
                 read = reread[name][i]
                 record[f"stage0_probe[{name}]"] = fit.predict_from_probe_features(
-                    {f: read[f] for f in features}, {f: read[f] for f in PROBE_FEATURES}, already_met=met,
+                    {f: read[f] for f in features}, probe_values(read), already_met=met,
                 ).epochs
             records.append(record)
     return records
@@ -427,7 +435,7 @@ def _forecast_point(forecaster: Forecaster, baselines: Any, row: dict[str, Any],
     run = row["runs"][0]
     x = {f: row[f] for f in features}
     stage1 = forecaster.predict_from_probe_features(
-        x, {f: row[f] for f in PROBE_FEATURES + (PROBE_STRATUM,)}, already_met=bool(row["probe_already_met"])
+        x, probe_values(row), already_met=bool(row["probe_already_met"])
     )
     stage0 = forecaster.predict(x)
     record = {

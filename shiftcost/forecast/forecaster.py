@@ -97,6 +97,8 @@ PULL_TO_MEDIAN = 0.0
 #: bootstrap 95% CI of the difference [-2.2, +1.0] points. Not shown nearer the level, so not taken.
 INTERVAL_BY_STRATUM = False
 STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
+#: What a probe gives that stage 1 may read: its features and the stratum of its cutoff.
+STAGE1_INPUTS: tuple[str, ...] = PROBE_FEATURES + (PROBE_STRATUM,)
 #: Features stage 1 is fitted on unless told otherwise. Chosen by the same two runs
 #: (leave-one-kind-out over the nine built-in kinds, cutoff window 3, the probe on the retrain's
 #: step clock; MdAPE of epochs, digits CNN | shufflenet_v2_x0_5, first run; second run; the lowest
@@ -154,7 +156,12 @@ PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optim
 #: The probe's training settings that must match calibration's probes (the rest only size it).
 PROBE_RECIPE: tuple[str, ...] = ("lr", "optimizer", "weight_decay", "momentum")
 #: More predicted by the index model, a slower curve, a wider gap left: more cost; more progress or loss drop: less.
-STAGE1_SIGNS: dict[str, int] = {STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1, "probe_gap": 1, "cutoff_log_epochs": 1}
+#: The stratum is free: where the probe met the cutoff its crossing is measured, elsewhere extrapolated,
+#: and nothing says which of the two lies further from the retrain's.
+STAGE1_SIGNS: dict[str, int] = {
+    STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1, "probe_gap": 1, "cutoff_log_epochs": 1,
+    PROBE_STRATUM: 0,
+}
 
 
 @dataclass(frozen=True)
@@ -270,7 +277,7 @@ class Forecaster:
         stage0 = CostModel(level=level, features=list(features), max_epochs=max_epochs).fit(rows, groups=group_key, note="stage 0")
         stage1 = None
         error = None
-        probe_inputs = [f for f in stage1_features if f in PROBE_FEATURES]
+        probe_inputs = [f for f in stage1_features if f in STAGE1_INPUTS]
         if probe_inputs and all(all(_finite(r.get(f)) for f in probe_inputs) for r in rows):
             # Rows that needed no training stay in, left-censored at zero, although stage 1 only ever
             # forecasts batches the probe's first evaluation finds unrecovered: they pin the short end
@@ -349,7 +356,7 @@ class Forecaster:
         missing = [f for f in self.stage1.features_ if f != STAGE0_FEATURE and f not in values]
         if missing:
             raise InputError(f"the probe gave no {', '.join(missing)}, which this cost model's probe stage needs; rerun the probe with this version.")
-        row, outside = self._clip_stage1({STAGE0_FEATURE: self.stage0_log_epochs(features)} | {k: float(values[k]) for k in PROBE_FEATURES if k in values})
+        row, outside = self._clip_stage1({STAGE0_FEATURE: self.stage0_log_epochs(features)} | {k: float(values[k]) for k in STAGE1_INPUTS if k in values})
         prediction = self.stage1.predict_costs([row], max_epochs=self.max_epochs)[0]
         fitted = self._pulled_to_median(Interval(prediction.epochs, prediction.epochs_lower, prediction.epochs_upper, prediction.level))
         if already_met:
@@ -612,7 +619,7 @@ class Forecaster:
             return f"the cost model has no probe stage ({self.stage1_error})"
         held = self.stage1.free_coef_ is not None
         weights = self.stage1.free_coef_ if held else self.stage1.coef_
-        read = [(name, float(coef)) for name, coef in zip(self.stage1.features_, weights) if name in PROBE_FEATURES]
+        read = [(name, float(coef)) for name, coef in zip(self.stage1.features_, weights) if name in STAGE1_INPUTS]
         if read and all(coef == 0.0 for _, coef in read):
             # A weight held at its sign bound leaves a stage-1 forecast that is the same whatever the
             # probe sees (shufflenet_v2_x0_5's calibration, while rows that needed no training had their

@@ -828,6 +828,29 @@ def test_an_interval_by_stratum_falls_back_to_every_run_where_a_stratum_is_too_s
         assert forecaster.predict_from_probe_features(query, query).epochs == pooled
 
 
+def test_stage1_can_read_the_stratum_with_either_sign_beside_the_cutoff_at_slope_one() -> None:
+    # Where the probe met the cutoff its crossing lies above the retrain's by a factor of two, where it
+    # was extrapolated it lies on it: a term for the stratum moves the first down and leaves the rest.
+    def rows(seed: int) -> list[dict]:
+        out = []
+        for row in _stratified_rows(seed):
+            met = row[PROBE_STRATUM] == 1.0
+            out.append(row | {READ: math.log1p(row["epochs"]) + (math.log(2.0) if met else 0.0)})
+        return out
+
+    with_stratum = Forecaster.fit(rows(0), features=list(INDEX), max_epochs=50.0, stage1_features=(READ, PROBE_STRATUM), stage1_offsets=(READ,))
+    cutoff_alone = Forecaster.fit(rows(0), features=list(INDEX), max_epochs=50.0, stage1_features=(READ,), stage1_offsets=(READ,))
+    errors: dict[tuple[str, bool], list[float]] = {}
+    for row in rows(1):
+        for name, forecaster in (("stratum", with_stratum), ("alone", cutoff_alone)):
+            median = forecaster.predict_from_probe_features(row, row).epochs.median
+            errors.setdefault((name, row[PROBE_STRATUM] == 1.0), []).append(math.log1p(median) - math.log1p(row["epochs"]))
+    bias = {key: float(np.median(v)) for key, v in errors.items()}
+    assert abs(bias[("stratum", True)]) < 0.15 and abs(bias[("stratum", False)]) < 0.15
+    # One intercept for both strata splits the difference: the met runs high, the others low.
+    assert bias[("alone", True)] > 0.2 and bias[("alone", False)] < -0.2
+
+
 PROBE_FIELDS = ("curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs")
 
 
