@@ -2,7 +2,7 @@
 
 Usage: nice -n 10 python benchmarks/forecast_selection.py [--archs digits_cnn,shufflenet_v2_x0_5]
        [--windows 1,2,3] [--own-curve-evals inf,2,4,8,16] [--noise-seeds 4] [--seeds 3] [--probe-steps 16]
-       [--replay-fraction 0] [--calibrations a.json,b.json [--probe-scaling S] [--each-sweep [--calibration-fit mean|first|each]]]
+       [--replay-fraction 0] [--calibrations a.json,b.json [--probe-scaling S] [--each-sweep [--calibration-fit mean|first|each] [--stage1-design D]]]
        [--json out.json]
        python benchmarks/forecast_selection.py --compare-probes current.json other.json
 
@@ -59,8 +59,9 @@ kinds, as ``calibrate`` fits one sweep, and scores the probe stage and the basel
 chosen per sweep are compared so, where a pooled fit would read a mixture of them. With sweeps that
 retrained every point more than once (``forecast_accuracy.py --calibration-repeats``), ``--calibration-fit``
 fits each point on the mean of its retrains (as ``calibrate`` does), on its first alone or on each
-as a row, and scores every left-out point on its first retrain. ``--compare-probes`` pairs two such
-selections of the same sweeps (:func:`probe_choice`).
+as a row, and scores every left-out point on its first retrain; ``--stage1-design`` fits stage 1 on one
+of :data:`STAGE1_DESIGNS` instead of the library's. ``--compare-probes`` pairs two such selections of
+the same sweeps (:func:`probe_choice`).
 
 One protocol holds for every architecture: each setting is chosen on the mean of its criterion
 over the architectures (``--combine`` joins separate runs' ``--json``).
@@ -350,6 +351,7 @@ def chosen_in_fold(rows: list[dict[str, Any]], kind: str, features: list[str]) -
 
 def each_sweep_left_out(
     rows: list[dict[str, Any]], features: list[str], weights: list[float], probe_scaling: str | None, calibration_fit: str = "mean",
+    stage1_design: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every calibration point forecast as its own calibration's leave-one-kind-out forecasts it: by
     predictors fitted on its sweep's other kinds alone (``calibrate`` fits one sweep, where
@@ -357,7 +359,8 @@ def each_sweep_left_out(
     there. Where sweeps keep different probes, a pooled fit would read a mixture no calibration
     fits, so probe designs chosen per sweep are compared here. The other kinds' points are fitted
     as ``calibration_fit`` says (``forecast_accuracy.rows_fitted_as``); every left-out point is
-    scored on its first retrain, as one retrain of an unseen batch is, however the fit read them."""
+    scored on its first retrain, as one retrain of an unseen batch is, however the fit read them.
+    ``stage1_design`` (a key of :data:`STAGE1_DESIGNS`) fits stage 1 on that design instead of the library's."""
     from shiftcost.calibrate.analysis import _fit_row
 
     usable = scored_points(rows, features, probe_scaling)
@@ -367,7 +370,10 @@ def each_sweep_left_out(
         for kind in dict.fromkeys(r["corruption"] for r in mine):
             read = chosen_in_fold(mine, kind, features) if probe_scaling == IN_FOLD else mine
             train = rows_fitted_as([r for r in read if r["corruption"] != kind], calibration_fit)
-            forecaster = Forecaster.fit([_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS)
+            design = {} if stage1_design is None else {
+                "stage1_features": STAGE1_DESIGNS[stage1_design], "stage1_offsets": STAGE1_DESIGN_OFFSETS.get(stage1_design, ()),
+            }
+            forecaster = Forecaster.fit([_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, **design)
             if forecaster.stage1 is None:
                 raise SystemExit(f"sweep {sweep}, leaving {kind} out: stage 1 could not be fitted: {forecaster.stage1_error}")
             baselines = fit_baselines(train)
@@ -382,10 +388,10 @@ def select_each_sweep(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     weights = [float(w) for w in args.own_curve_evals.split(",")]
     rows, features, seeds = saved_calibrations([Path(p) for p in args.calibrations.split(",")], arch)
-    records = each_sweep_left_out(rows, features, weights, args.probe_scaling, args.calibration_fit)
+    records = each_sweep_left_out(rows, features, weights, args.probe_scaling, args.calibration_fit, args.stage1_design)
     names = ["constant", "isotonic_accuracy_drop", "stage0", "stage0_probe"] + [f"in_flight_own_{w:g}" for w in weights]
     return {
-        "arch": arch, "each_sweep": True, "calibration_fit": args.calibration_fit, "loko": {name: _scores(records, name) for name in names},
+        "arch": arch, "each_sweep": True, "calibration_fit": args.calibration_fit, "stage1_design": args.stage1_design, "loko": {name: _scores(records, name) for name in names},
         "points_scored": [{k: r[k] for k in ("kind", "sweep", "intensity", "epochs", "censored")} for r in records],
         "stage1_errors": stage1_errors(records, ["stage0_probe"]),
         "probe_read_under": read_under(records, args.probe_scaling),
@@ -776,6 +782,10 @@ def main() -> None:
             "the mean of its retrains, as calibrate does, on its first alone, or on each as a row; points are scored on their first"
         ),
     )
+    parser.add_argument(
+        "--stage1-design", choices=sorted(STAGE1_DESIGNS), default=None,
+        help="with --each-sweep: fit stage 1 on this design of STAGE1_DESIGNS instead of the library's (compare two with --compare-probes)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--combine", default=None, help="comma-separated --json outputs of earlier runs: print the joint choice only")
     parser.add_argument(
@@ -786,8 +796,9 @@ def main() -> None:
         ),
     )
     args = parser.parse_args()
-    if args.calibration_fit != "mean" and not args.each_sweep:
-        raise SystemExit("--calibration-fit is read with --each-sweep only; add it.")
+    for option, given in (("--calibration-fit", args.calibration_fit != "mean"), ("--stage1-design", args.stage1_design is not None)):
+        if given and not args.each_sweep:
+            raise SystemExit(f"{option} is read with --each-sweep only; add it.")
     if args.compare_probes:
         current, other = (json.loads(path.read_text()) for path in args.compare_probes)
         print(json.dumps(probe_choice(current, other), indent=1))
@@ -802,7 +813,8 @@ def main() -> None:
     if args.each_sweep:
         if not args.calibrations:
             raise SystemExit("--each-sweep reads saved sweeps; pass them with --calibrations.")
-        print(f"each calibration point fitted on its retrains' {args.calibration_fit}")
+        design = "the library's stage 1" if args.stage1_design is None else f"stage 1 on {args.stage1_design}"
+        print(f"each calibration point fitted on its retrains' {args.calibration_fit}, {design}")
         for arch in args.archs.split(","):
             result = select_each_sweep(arch, args)
             results.append(result)
