@@ -4,6 +4,7 @@ cluster bootstraps of both forecast benchmarks, on errors made up so that the an
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 from pathlib import Path
 
@@ -259,24 +260,50 @@ def test_a_fold_reads_each_sweep_under_the_probe_its_other_kinds_chose(selection
     assert [r["curve_log_epochs"] for r in selection.with_probe(rows, "sqrt")] == [r["probes"]["sqrt"]["curve_log_epochs"] for r in rows]
 
 
+def _saved_sweep(number: int, stretch: float = 1.0) -> list[dict]:
+    """A saved calibration sweep's points, as :func:`each_sweep_left_out` reads them."""
+    from tests.forecast.helpers import forecast_rows
+
+    rows = []
+    for r in forecast_rows(seed=number):
+        epochs = stretch * r["epochs"]
+        run = {"epochs": epochs, "status": "reached", "curve": [], "target_accuracy": 0.9}
+        rows.append(r | {"epochs": epochs, "status": "reached", "intensity": 0.5, "runs": [run], "sweep": number,
+                         "accuracy_drop": 0.97 - r["accuracy"], "probe_already_met": False, "probe_met_cutoff": 0.0})
+    return rows
+
+
 def test_each_sweep_is_forecast_from_its_own_other_kinds_only(selection):
     """As calibrate fits one sweep: a second sweep whose retrains ran ten times as long changes
     nothing in the first's forecasts, where the pooled leave-one-kind-out would read it."""
-    from tests.forecast.helpers import INDEX, forecast_rows
+    from tests.forecast.helpers import INDEX
 
-    def sweep(number: int, stretch: float) -> list[dict]:
-        rows = []
-        for r in forecast_rows(seed=number):
-            epochs = stretch * r["epochs"]
-            run = {"epochs": epochs, "status": "reached", "curve": [], "target_accuracy": 0.9}
-            rows.append(r | {"epochs": epochs, "status": "reached", "intensity": 0.5, "runs": [run], "sweep": number,
-                             "accuracy_drop": 0.97 - r["accuracy"], "probe_already_met": False, "probe_met_cutoff": 0.0})
-        return rows
-
-    first, second = sweep(0, 1.0), sweep(1, 10.0)
+    first, second = _saved_sweep(0), _saved_sweep(1, 10.0)
     alone = selection.each_sweep_left_out(first, list(INDEX), [8.0], None)
     beside = selection.each_sweep_left_out(first + second, list(INDEX), [8.0], None)
     assert len(beside) == 2 * len(alone)
     for name in ("stage0_probe", "constant", "isotonic_accuracy_drop"):
         assert [r[name] for r in beside[: len(alone)]] == [r[name] for r in alone]
         assert [r[name].median for r in beside[len(alone):]] != [r[name].median for r in alone]
+
+
+def test_each_sweep_fits_stage_1_on_the_design_it_is_told(selection):
+    from shiftcost.forecast.forecaster import STAGE1_DEFAULT, STAGE1_OFFSETS_DEFAULT
+    from tests.forecast.helpers import INDEX
+
+    rows = _saved_sweep(0)
+    for row in rows[::2]:  # the probe met the cutoff on every other point, whose retrain took half its epochs
+        row |= {"probe_met_cutoff": 1.0, "cutoff_log_epochs": row["cutoff_log_epochs"] + math.log(2.0)}
+
+    def medians(design: str | None) -> list[float]:
+        return [r["stage0_probe"].median for r in selection.each_sweep_left_out(rows, list(INDEX), [8.0], None, stage1_design=design)]
+
+    library = [name for name, f in selection.STAGE1_DESIGNS.items()
+               if f == STAGE1_DEFAULT and selection.STAGE1_DESIGN_OFFSETS.get(name, ()) == tuple(o for o in STAGE1_OFFSETS_DEFAULT if o in f)]
+    assert library == ["cutoff at slope 1"]
+    assert medians(None) == medians("cutoff at slope 1")
+    with_stratum = medians("cutoff at slope 1 + stratum")
+    assert with_stratum != medians(None)
+    truth = [r["epochs"] for r in rows]
+    error = {name: float(np.median(np.abs(np.log1p(m) - np.log1p(truth)))) for name, m in (("library", medians(None)), ("stratum", with_stratum))}
+    assert error["stratum"] < error["library"] / 2
