@@ -155,12 +155,12 @@ NO_TRAIN_STEP = "none"
 PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "stop_at_cutoff", "max_holdout", "rate_scaling")
 #: The probe's training settings that must match calibration's probes (the rest only size it).
 PROBE_RECIPE: tuple[str, ...] = ("lr", "optimizer", "weight_decay", "momentum")
-#: More predicted by the index model, a slower curve, a wider gap left: more cost; more progress or loss drop: less.
+#: More predicted by the index model, a slower curve, a wider gap to close or left: more cost; more progress or loss drop: less.
 #: The stratum is free: where the probe met the cutoff its crossing is measured, elsewhere extrapolated,
 #: and nothing says which of the two lies further from the retrain's.
 STAGE1_SIGNS: dict[str, int] = {
     STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1, "probe_gap": 1, "cutoff_log_epochs": 1,
-    PROBE_STRATUM: 0,
+    "probe_initial_gap": 1, PROBE_STRATUM: 0,
 }
 
 

@@ -54,7 +54,7 @@ __all__ = [
 # probes read again from saved curves (forecast_selection.py --calibrations, 216 | 162 points, each
 # kind left out): 8 steps 54% | 65%, 10 steps 48% | 60%, 12 steps 43% | 63%, against 32% | 47% for 16.
 #: Features the probe adds to a forecast (besides the index model's prediction).
-PROBE_FEATURES: tuple[str, ...] = ("curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs")
+PROBE_FEATURES: tuple[str, ...] = ("curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs", "probe_initial_gap")
 #: 1 where the probe's own evaluations met the cutoff after training, 0 where they never did (its
 #: cutoff is the curve's extrapolated crossing): not a feature, the stratum of the probe stage's
 #: interval (:attr:`~shiftcost.forecast.forecaster.Forecaster.interval_by_stratum`).
@@ -211,6 +211,8 @@ def probe_features(
     (:func:`~shiftcost.forecast.protocol.cutoff_reached`), a measured crossing rather than an
     extrapolated one; where they never did, the curve's crossing, but no less than the probe's
     length. ``probe_met_cutoff`` (:data:`PROBE_STRATUM`) says which of the two the cutoff is.
+    ``probe_initial_gap``: how far the first evaluation (the model before any step) lies below
+    the target.
     """
     fit = fit_curve(epochs, accuracy, ceiling)
     horizon = (HORIZON_CAPS if horizon_caps is None else horizon_caps) * cap_epochs
@@ -229,7 +231,7 @@ def probe_features(
     cutoff = epochs[met] if met is not None else max(crossing, epochs[-1])
     return {
         "curve_log_epochs": math.log1p(crossing), "probe_progress": progress, "probe_loss_drop": float(drop),
-        "probe_gap": float(target - last_acc), "cutoff_log_epochs": math.log1p(cutoff),
+        "probe_gap": float(target - last_acc), "cutoff_log_epochs": math.log1p(cutoff), "probe_initial_gap": float(gap),
         PROBE_STRATUM: float(met is not None and met > 0),
     }
 

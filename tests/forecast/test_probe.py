@@ -211,3 +211,13 @@ def test_the_stratum_says_whether_the_probes_own_evaluations_met_the_cutoff_afte
         "met after training": 1.0, "never met, its crossing extrapolated": 0.0, "met at the first evaluation": 0.0,
         "met by one lucky evaluation only": 0.0,
     }
+
+
+def test_the_initial_gap_is_how_far_the_model_before_any_step_lies_below_the_target() -> None:
+    epochs = [0.1 * k for k in range(4)]
+    loss = [1.0, 0.9, 0.8, 0.7]
+    gaps = [
+        probe_features(epochs, [first, 0.8, 0.84, 0.86], loss, target=0.85, ceiling=0.9, cap_epochs=15.0)["probe_initial_gap"]
+        for first in (0.5, 0.7, 0.9)
+    ]
+    assert gaps == pytest.approx([0.35, 0.15, -0.05])
