@@ -119,7 +119,10 @@ STAGE1_INPUTS: tuple[str, ...] = PROBE_FEATURES + (PROBE_STRATUM,)
 #: ``forecast_selection.py --calibrations`` over the sweeps of ``forecast_accuracy.py`` (four seeds of the
 #: digits CNN and three of shufflenet, 216 and 162 points, each kind left out, a 2-core AMD EPYC), MdAPE /
 #: mean |log error| of the batches that needed training: the cutoff at slope 1 35% / 0.53 | 49% / 0.54
-#: (mean MdAPE 41.9%) against the curve at slope 1 36% / 0.54 | 56% / 0.55 (45.8%).
+#: (mean MdAPE 41.9%) against the curve at slope 1 36% / 0.54 | 56% / 0.55 (45.8%). A term beside it did
+#: not help on eight sweeps per architecture (432 points, a 2-core AMD EPYC): the cutoff alone 33% | 51%,
+#: with the stratum 37% | 53%, the gap left 43% | 73%, the initial gap 50% | 86% (benchmarks/README.md,
+#: "A term beside the probe's cutoff").
 STAGE1_DEFAULT: tuple[str, ...] = ("cutoff_log_epochs",)
 #: Stage-1 features whose coefficient is held at 1 (offsets) unless told otherwise. The curve is itself
 #: a forecast of log(epochs + 1): held at 1, stage 1 fits only how far retrains lie from it (an intercept
