@@ -149,8 +149,9 @@ STAGE1_DESIGN_OFFSETS: dict[str, tuple[str, ...]] = {
 
 
 def probe_values(row: dict[str, Any]) -> dict[str, float]:
-    """What a point's probe gives stage 1 (:data:`~shiftcost.forecast.forecaster.STAGE1_INPUTS`)."""
-    return {f: row[f] for f in STAGE1_INPUTS}
+    """What a point's probe gives stage 1 (:data:`~shiftcost.forecast.forecaster.STAGE1_INPUTS`); a stage 1
+    that reads one the point lacks says so itself."""
+    return {f: row[f] for f in STAGE1_INPUTS if f in row}
 
 
 #: Where the curve feature of a probe whose curve does not reach the target is clipped, in epoch
