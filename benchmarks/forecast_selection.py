@@ -148,6 +148,11 @@ STAGE1_DESIGN_OFFSETS: dict[str, tuple[str, ...]] = {
 }
 
 
+def design_fit(name: str) -> dict[str, tuple[str, ...]]:
+    """``Forecaster.fit``'s stage-1 arguments for the design ``name`` of :data:`STAGE1_DESIGNS`."""
+    return {"stage1_features": STAGE1_DESIGNS[name], "stage1_offsets": STAGE1_DESIGN_OFFSETS.get(name, ())}
+
+
 def probe_values(row: dict[str, Any]) -> dict[str, float]:
     """What a point's probe gives stage 1 (:data:`~shiftcost.forecast.forecaster.STAGE1_INPUTS`); a stage 1
     that reads one the point lacks says so itself."""
@@ -249,11 +254,8 @@ def leave_one_kind_out(
             raise SystemExit(f"leaving {kind} out, stage 1 could not be fitted: {forecaster.stage1_error}")
         baselines = fit_baselines(train)
         designs = {
-            name: Forecaster.fit(
-                [_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, stage1_features=f,
-                stage1_offsets=STAGE1_DESIGN_OFFSETS.get(name, ()),
-            )
-            for name, f in STAGE1_DESIGNS.items()
+            name: Forecaster.fit([_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, **design_fit(name))
+            for name in STAGE1_DESIGNS
         }
         lengths = [adaptive_length(forecaster, row, features, probe_steps) for row in usable]
         adaptive_rows = reread_each(usable, lengths)
@@ -367,15 +369,13 @@ def each_sweep_left_out(
     from shiftcost.calibrate.analysis import _fit_row
 
     usable = scored_points(rows, features, probe_scaling)
+    design = {} if stage1_design is None else design_fit(stage1_design)
     records: list[dict[str, Any]] = []
     for sweep in dict.fromkeys(r["sweep"] for r in usable):
         mine = [r for r in usable if r["sweep"] == sweep]
         for kind in dict.fromkeys(r["corruption"] for r in mine):
             read = chosen_in_fold(mine, kind, features) if probe_scaling == IN_FOLD else mine
             train = rows_fitted_as([r for r in read if r["corruption"] != kind], calibration_fit)
-            design = {} if stage1_design is None else {
-                "stage1_features": STAGE1_DESIGNS[stage1_design], "stage1_offsets": STAGE1_DESIGN_OFFSETS.get(stage1_design, ()),
-            }
             forecaster = Forecaster.fit([_fit_row(r) for r in train], features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, **design)
             if forecaster.stage1 is None:
                 raise SystemExit(f"sweep {sweep}, leaving {kind} out: stage 1 could not be fitted: {forecaster.stage1_error}")

@@ -298,8 +298,8 @@ def test_each_sweep_fits_stage_1_on_the_design_it_is_told(selection):
     def medians(design: str | None) -> list[float]:
         return [r["stage0_probe"].median for r in selection.each_sweep_left_out(rows, list(INDEX), [8.0], None, stage1_design=design)]
 
-    library = [name for name, f in selection.STAGE1_DESIGNS.items()
-               if f == STAGE1_DEFAULT and selection.STAGE1_DESIGN_OFFSETS.get(name, ()) == tuple(o for o in STAGE1_OFFSETS_DEFAULT if o in f)]
+    library_fit = {"stage1_features": STAGE1_DEFAULT, "stage1_offsets": tuple(o for o in STAGE1_OFFSETS_DEFAULT if o in STAGE1_DEFAULT)}
+    library = [name for name in selection.STAGE1_DESIGNS if selection.design_fit(name) == library_fit]
     assert library == ["cutoff at slope 1"]
     assert medians(None) == medians("cutoff at slope 1")
     with_stratum = medians("cutoff at slope 1 + stratum")
