@@ -87,15 +87,22 @@ OWN_CURVE_EVALS = 8.0
 #: 0.25-0.75 on shufflenet, whose three seeds it took from 54% to 50% while the in-flight forecast went
 #: from 31% to 49% and the interval's coverage from 92% to 97%.
 PULL_TO_MEDIAN = 0.0
-#: Whether the probe stage's interval is sized on the calibration runs of the batch's own stratum
-#: (:data:`~shiftcost.forecast.probe.PROBE_STRATUM`: the probe's evaluations met the cutoff, or its
-#: cutoff is extrapolated), its median staying that of the law sized on every run. Compared by
-#: ``forecast_selection.py --calibrations`` over the sweeps of ``forecast_accuracy.py`` (four seeds per
-#: architecture, 216 points each, each kind left out, a 2-core AMD EPYC): cov90 of the runs whose cost
-#: is known 98% | 92% (digits CNN | shufflenet_v2_x0_5) on every run, 96% | 94% by stratum, capped runs
-#: past the upper end 4 | 0 and 0 | 0; mean distance from 90% 5.1 against 4.6 points, the paired
-#: bootstrap 95% CI of the difference [-2.2, +1.0] points. Not shown nearer the level, so not taken.
-INTERVAL_BY_STRATUM = False
+#: Which calibration runs size the probe stage's interval; its median is always that of the law sized
+#: on every run. ``"every run"``. ``"needing training"``: the runs whose probe's first evaluation missed
+#: the target, the only batches stage 1 forecasts (the others are forecast at zero, exactly): a run that
+#: needed no training scores 0 and is covered by any interval, so where many did, an interval sized on
+#: every run covers fewer than its level of the batches it is used on (a user's resnet18 whose calibration
+#: had 28 of 54 such points: 79% of the other 24, each kind left out). ``"stratum"``: the runs of the
+#: batch's own stratum (:data:`~shiftcost.forecast.probe.PROBE_STRATUM`: the probe's evaluations met the
+#: cutoff, or its cutoff is extrapolated) among those. A set with fewer runs than a finite interval needs
+#: falls back to every run. The stratum was compared by ``forecast_selection.py --calibrations`` over the
+#: sweeps of ``forecast_accuracy.py`` (four seeds per architecture, 216 points each, each kind left out, a
+#: 2-core AMD EPYC): cov90 of the runs whose cost is known 98% | 92% (digits CNN | shufflenet_v2_x0_5) on
+#: every run, 96% | 94% by stratum, capped runs past the upper end 4 | 0 and 0 | 0; mean distance from
+#: 90% 5.1 against 4.6 points, the paired bootstrap 95% CI of the difference [-2.2, +1.0] points. Not
+#: shown nearer the level, so not taken.
+INTERVAL_RUNS: tuple[str, ...] = ("every run", "needing training", "stratum")
+INTERVAL_SIZED_ON = "every run"
 STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
 #: What a probe gives that stage 1 may read: its features and the stratum of its cutoff.
 STAGE1_INPUTS: tuple[str, ...] = PROBE_FEATURES + (PROBE_STRATUM,)
@@ -229,7 +236,7 @@ class Forecaster:
         retrain_settings: Mapping[str, Any] | None = None,
         left_out: Mapping[str, Any] | None = None,
         pull_to_median: float = PULL_TO_MEDIAN,
-        interval_by_stratum: bool = INTERVAL_BY_STRATUM,
+        interval_sized_on: str = INTERVAL_SIZED_ON,
     ) -> None:
         self.stage0 = stage0
         self.stage1 = stage1
@@ -248,7 +255,9 @@ class Forecaster:
         #: (:meth:`leave_one_kind_out`), where calibration measured it.
         self.left_out = None if left_out is None else dict(left_out)
         self.pull_to_median = float(pull_to_median)
-        self.interval_by_stratum = bool(interval_by_stratum)
+        if interval_sized_on not in INTERVAL_RUNS:
+            raise InputError(f"the probe stage's interval is sized on one of {', '.join(map(repr, INTERVAL_RUNS))}, not {interval_sized_on!r}.")
+        self.interval_sized_on = interval_sized_on
 
     # -- fitting -------------------------------------------------------------------------
 
@@ -425,16 +434,16 @@ class Forecaster:
 
     def _interval_of_stratum(self, row: Mapping[str, float], stratum: float | None, pooled: Interval) -> Interval:
         """``pooled`` (the probe stage's conditioned law sized on every calibration run) with its
-        interval sized instead on the runs of the batch's stratum, conditioned the same way, where
-        :attr:`interval_by_stratum` holds and the stratum has enough runs for a finite interval.
+        interval sized instead on the runs :attr:`interval_sized_on` names, conditioned the same way,
+        where they are enough for a finite interval.
 
         The median stays the pooled law's: conditioned on needing some training, a law's median
         rises the more the wider it is, and that rise is part of how near the median lies (the
         narrower law of the stratum whose probes met the cutoff put its runs below their epochs).
-        Where the stratum's interval misses that median it is widened to hold it.
+        Where the other runs' interval misses that median it is widened to hold it.
         """
         assert self.stage1 is not None
-        runs = self._stratum_runs(stratum)
+        runs = self._interval_runs(stratum)
         if runs is None:
             return pooled
         p = self.stage1.predict_costs([dict(row)], max_epochs=self.max_epochs, calibration_runs=runs)[0]
@@ -442,16 +451,21 @@ class Forecaster:
         own, _ = _condition_on_spent(fitted, 0.0, self.stage1.epochs_offset, self.max_epochs)
         return Interval(pooled.median, min(own.low, pooled.median), max(own.high, pooled.median), pooled.level)
 
-    def _stratum_runs(self, stratum: float | None) -> list[bool] | None:
-        """Which of stage 1's calibration runs share the batch's stratum (probes that started at
-        the target, which stage 1 never forecasts, in neither); ``None`` where the interval is
-        not split, the rows do not record strata (calibrations before them) or too few share it."""
-        if not self.interval_by_stratum or stratum is None or self.stage1 is None:
+    def _interval_runs(self, stratum: float | None) -> list[bool] | None:
+        """Which of stage 1's calibration runs size the interval of a batch in ``stratum``: those
+        whose probe did not start at the target (stage 1 never forecasts the others), of the batch's
+        stratum where :attr:`interval_sized_on` says so; ``None`` (every run) where it says every run,
+        the rows do not record the strata (calibrations before them) or too few runs are left."""
+        if self.interval_sized_on == "every run" or self.stage1 is None:
+            return None
+        by_stratum = self.interval_sized_on == "stratum"
+        if by_stratum and stratum is None:
             return None
         metas = [r["meta"] for r in self.stage1.history_.latest.rows]
-        if any(PROBE_STRATUM not in meta for meta in metas):
+        if by_stratum and any(PROBE_STRATUM not in meta for meta in metas):
             return None
-        runs = [meta[PROBE_STRATUM] == stratum and not meta.get("probe_already_met") for meta in metas]
+        # Rows that do not say whether their probe started at the target count as not (every run, before it was recorded).
+        runs = [not meta.get("probe_already_met") and (not by_stratum or meta[PROBE_STRATUM] == stratum) for meta in metas]
         return runs if sum(runs) >= min_points_needed(0, self.level) else None  # a finite interval's runs
 
     def _pulled_to_median(self, fitted: Interval) -> Interval:
@@ -667,7 +681,7 @@ class Forecaster:
             retrain_settings=saved.get("retrain"),
             left_out=saved.get("left_out"),
             pull_to_median=saved.get("pull_to_median", 0.0),
-            interval_by_stratum=saved.get("interval_by_stratum", False),
+            interval_sized_on=_interval_sized_on(saved),
         )
 
     def probe_options(self) -> dict[str, Any]:
@@ -732,7 +746,7 @@ class Forecaster:
             "probe_settings": self.probe_settings,
             "left_out": self.left_out,
             "pull_to_median": self.pull_to_median,
-            "interval_by_stratum": self.interval_by_stratum,
+            "interval_sized_on": self.interval_sized_on,
             "protocol": {"holdout_fraction": protocol.HOLDOUT_FRACTION, "evals_per_epoch": protocol.EVALS_PER_EPOCH},
         }
         return json.dumps(payload, allow_nan=False)
@@ -796,8 +810,7 @@ class Forecaster:
                 left_out=payload.get("left_out"),
                 # Files from before the pull forecast with none.
                 pull_to_median=payload.get("pull_to_median", 0.0),
-                # Files from before the split size every interval on all runs.
-                interval_by_stratum=payload.get("interval_by_stratum", False),
+                interval_sized_on=_interval_sized_on(payload),
             )
         stage0 = CostModel.from_json(path.read_text())
         paired = cls.beside(path)
@@ -966,3 +979,9 @@ def _as_saved(probe_settings: Mapping[str, Any] | None) -> dict[str, Any]:
     do not record it, and their probes ran every step; nor do files from before the probe's rate
     and clock followed its batch (``rate_scaling``)."""
     return {"stop_at_cutoff": False, "rate_scaling": "none"} | dict(probe_settings or {})
+
+
+def _interval_sized_on(saved: Mapping[str, Any]) -> str:
+    """The runs a saved forecaster's probe-stage interval is sized on; files from before the choice
+    say whether it was split by stratum (``interval_by_stratum``), the oldest nothing (every run)."""
+    return saved.get("interval_sized_on") or ("stratum" if saved.get("interval_by_stratum") else "every run")

@@ -57,7 +57,7 @@ __all__ = [
 PROBE_FEATURES: tuple[str, ...] = ("curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs", "probe_initial_gap")
 #: 1 where the probe's own evaluations met the cutoff after training, 0 where they never did (its
 #: cutoff is the curve's extrapolated crossing): not a feature, the stratum of the probe stage's
-#: interval (:attr:`~shiftcost.forecast.forecaster.Forecaster.interval_by_stratum`).
+#: interval where it is sized by stratum (:attr:`~shiftcost.forecast.forecaster.Forecaster.interval_sized_on`).
 PROBE_STRATUM = "probe_met_cutoff"
 DEFAULT_STEPS = 16
 DEFAULT_BATCH_SIZE = 16
