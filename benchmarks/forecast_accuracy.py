@@ -73,7 +73,7 @@ from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
 from shiftcost.features import COST_FEATURES  # noqa: E402
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.decide import MAX_PROBE_SHARE  # noqa: E402
-from shiftcost.forecast.forecaster import STAGE1_DEFAULT, abs_log_errors, median_interval  # noqa: E402
+from shiftcost.forecast.forecaster import INTERVAL_RUNS, STAGE1_DEFAULT, abs_log_errors, median_interval  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
 from shiftcost.forecast.probe import HORIZON_CAPS, saved_curve  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
@@ -836,8 +836,8 @@ def main() -> None:
     parser.add_argument("--curve-horizon", type=float, default=HORIZON_CAPS, help="with --rescore: caps at which the curve feature is clipped")
     parser.add_argument("--own-curve-evals", type=float, default=None, help="with --rescore: the in-flight weight on the run's own curve")
     parser.add_argument(
-        "--interval-by-stratum", choices=("on", "off"), default=None,
-        help="with --rescore: size the probe stage's interval on the calibration runs of the batch's stratum, or on every run (default: the library's)",
+        "--interval-sized-on", choices=INTERVAL_RUNS, default=None,
+        help="with --rescore: the calibration runs the probe stage's interval is sized on (default: the library's)",
     )
     parser.add_argument(
         "--probe-steps", type=int, default=None,
@@ -944,8 +944,8 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
                 if forecaster.stage1 is None:
                     raise SystemExit(f"{path}, {result['arch']}: stage 1 could not be fitted on {stage1_features}: {forecaster.stage1_error}")
                 forecaster.energy_rate = WORK_RATE
-                if args.interval_by_stratum is not None:
-                    forecaster.interval_by_stratum = args.interval_by_stratum == "on"
+                if args.interval_sized_on is not None:
+                    forecaster.interval_sized_on = args.interval_sized_on
                 return forecaster
 
             usable = [r for r in result["calibration_rows"] if r["status"] != "failed"]
@@ -985,7 +985,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             print(
                 f"\n=== {result['arch']} from {path}: stage 1 on {', '.join(stage1_features)} (held at 1: {', '.join(forecaster.stage1.offset_features or ()) or 'none'}), curve clipped at {args.curve_horizon:g} caps, "
                 f"in flight weighing the run's own curve at {'the default' if args.own_curve_evals is None else args.own_curve_evals}, "
-                f"interval {'by stratum' if forecaster.interval_by_stratum else 'on every run'}; "
+                f"interval sized on {forecaster.interval_sized_on}; "
                 f"stage 1 coefficients {coefficients}"
             )
             print_metrics(metrics(runs, args.bootstrap, predictors))

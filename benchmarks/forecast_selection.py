@@ -31,13 +31,14 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    :data:`PROBE_LENGTHS`, a probe sized by the index stage's forecast (:data:`ADAPTIVE`: each
    point's probe read at the length that forecast gives, its sample-gradients and the retrains'
    printed), pulls towards calibration's median epochs (:data:`PULLS`), and the probe stage's interval
-   sized on the batch's stratum or on every run (:data:`INTERVAL_DESIGNS`, the median the same). Each
+   sized on every run, on the runs that needed training or on the batch's stratum (:data:`INTERVAL_DESIGNS`,
+   the median the same). Each
    is scored by its MdAPE, averaged over the architectures, and by a paired bootstrap 95% CI of
    that mean minus the current design's, resampling each architecture's (kind, sweep) clusters.
    A setting replaces the current one only on that evidence: a design, horizon or pull when its
    whole CI lies below zero (the lowest such), the sparsest cadence and the shortest probe when
    their CI lies below :data:`MARGIN` (no more than two points worse), the probe sized by the
-   forecast on the same margin, the other interval design when the CI of its coverage's distance
+   forecast on the same margin, another interval design when the CI of its coverage's distance
    from the level, minus the current one's, lies below zero (:func:`interval_choice`). Where the choice rested
    on the lowest mean alone, the curve's horizon went from 3 caps to 2 with four sweeps per
    architecture and to 1.5 with six, each by a lead the bootstrap puts well inside its noise. Beside MdAPE, which
@@ -93,7 +94,7 @@ from forecast_accuracy import (  # noqa: E402
 )
 
 from shiftcost.forecast import protocol  # noqa: E402
-from shiftcost.forecast.forecaster import INTERVAL_BY_STRATUM, PULL_TO_MEDIAN, STAGE0_FEATURE, STAGE1_INPUTS, Forecaster  # noqa: E402
+from shiftcost.forecast.forecaster import INTERVAL_RUNS, INTERVAL_SIZED_ON, PULL_TO_MEDIAN, STAGE0_FEATURE, STAGE1_INPUTS, Forecaster  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_BATCH_SIZE as PROBE_BATCH  # noqa: E402
 from shiftcost.forecast.probe import HORIZON_CAPS, PROBE_STRATUM, features_of_saved_curve  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP, corrupt  # noqa: E402
@@ -208,11 +209,11 @@ PROBE_LENGTHS: tuple[int, ...] = (8, 10, 12)
 #: that needed training (:data:`~shiftcost.forecast.forecaster.PULL_TO_MEDIAN`), compared on the
 #: current design: the pull acts on the forecast, not the fit, so one fitted forecaster serves all.
 PULLS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
-#: The probe stage's interval sized on every calibration run, or on the runs of the batch's stratum
-#: (:attr:`~shiftcost.forecast.forecaster.Forecaster.interval_by_stratum`); the median is the same.
-INTERVAL_DESIGNS: dict[bool, str] = {False: "interval on every run", True: "interval by stratum"}
-#: The design scored beside the library's.
-OTHER_INTERVAL = INTERVAL_DESIGNS[not INTERVAL_BY_STRATUM]
+#: The calibration runs the probe stage's interval may be sized on
+#: (:attr:`~shiftcost.forecast.forecaster.Forecaster.interval_sized_on`); the median is the same.
+INTERVAL_DESIGNS: tuple[str, ...] = INTERVAL_RUNS
+#: The designs scored beside the library's.
+OTHER_INTERVALS: tuple[str, ...] = tuple(d for d in INTERVAL_DESIGNS if d != INTERVAL_SIZED_ON)
 
 
 def leave_one_kind_out(
@@ -281,11 +282,12 @@ def leave_one_kind_out(
                 record[f"stage0_probe[{name}]"] = design.predict_from_probe_features(
                     {f: row[f] for f in features}, probe_values(row), already_met=met,
                 ).epochs
-            split = copy.copy(forecaster)
-            split.interval_by_stratum = not forecaster.interval_by_stratum
-            record[_interval_key(OTHER_INTERVAL)] = split.predict_from_probe_features(
-                {f: row[f] for f in features}, probe_values(row), already_met=met,
-            ).epochs
+            for design in OTHER_INTERVALS:
+                resized = copy.copy(forecaster)
+                resized.interval_sized_on = design
+                record[_interval_key(design)] = resized.predict_from_probe_features(
+                    {f: row[f] for f in features}, probe_values(row), already_met=met,
+                ).epochs
             for pull in PULLS:
                 pulled = copy.copy(forecaster)
                 pulled.pull_to_median = pull
@@ -404,7 +406,7 @@ def select_each_sweep(arch: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _interval_key(design: str) -> str:
     """The predictor that forecasts with the interval ``design``: the library's is the current design."""
-    return f"stage0_probe[{design}]" if design == OTHER_INTERVAL else "stage0_probe"
+    return "stage0_probe" if design == INTERVAL_SIZED_ON else f"stage0_probe[interval on {design}]"
 
 
 #: A probe sized by the index stage's forecast instead of a fixed length: at most ADAPTIVE_SHARE of
@@ -506,7 +508,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     names += [f"stage0_probe[evaluated every {k} steps]" for k in PROBE_EVAL_EVERY]
     names += [f"stage0_probe[probe of {k} steps]" for k in PROBE_LENGTHS if k < args.probe_steps]
     names += [f"stage0_probe[pulled {pull:g} to the median]" for pull in PULLS] + [f"stage0_probe[{ADAPTIVE}]"]
-    names += [_interval_key(OTHER_INTERVAL)]
+    names += [_interval_key(design) for design in OTHER_INTERVALS]
     names += ["in_flight_stage1_on_run"] + [f"in_flight_own_{w:g}" for w in weights]
     table = {name: _scores(records, name) for name in names}
     scored = {w: table[f"in_flight_own_{w:g}"]["median_abs_log_error"] for w in weights}
@@ -585,27 +587,36 @@ def _draw(rng: np.random.Generator, members: list[np.ndarray]) -> np.ndarray:
 
 def interval_hits(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Whether each point whose cost is known lies inside each interval design's interval (what
-    cov90 counts), with its (kind, sweep) cluster."""
+    cov90 counts), with its (kind, sweep) cluster, and which of them reached the cutoff after some
+    training (a batch whose probe already met the target is forecast at exactly zero and covered by
+    any design: the others' coverage is the interval's own)."""
     known = [r for r in records if not r["censored"]]
-    keys = {design: _interval_key(design) for design in INTERVAL_DESIGNS.values()}
     return {
         "cluster": [f"{r['kind']}/{r['sweep']}" for r in known],
-        "inside": {design: [bool(r[key].low <= r["epochs"] <= r[key].high) for r in known] for design, key in keys.items()},
+        "trained": [bool(r["epochs"] > 0) for r in known],
+        "inside": {design: [bool(r[_interval_key(design)].low <= r["epochs"] <= r[_interval_key(design)].high) for r in known] for design in INTERVAL_DESIGNS},
     }
 
 
-def coverage_distance_difference(results: list[dict[str, Any]], resamples: int = RESAMPLES, seed: int = 0) -> list[float]:
-    """Paired bootstrap 95% CI of the other interval design's mean distance of cov90 from the level
-    over the architectures minus the library's, resampling each architecture's (kind, sweep) clusters."""
+def coverage_distance_difference(
+    results: list[dict[str, Any]], design: str, *, trained_only: bool = False, resamples: int = RESAMPLES, seed: int = 0
+) -> list[float]:
+    """Paired bootstrap 95% CI of interval ``design``'s mean distance of cov90 from the level over the
+    architectures minus the library's, resampling each architecture's (kind, sweep) clusters;
+    ``trained_only``: over the runs that reached the cutoff after some training."""
     rng = np.random.default_rng(seed)
-    current = INTERVAL_DESIGNS[INTERVAL_BY_STRATUM]
-    per_arch = [_by_cluster(r["interval_hits"]["cluster"], r["interval_hits"]["inside"]) for r in results]
+    per_arch = []
+    for r in results:
+        hits = r["interval_hits"]
+        kept = [trained or not trained_only for trained in hits["trained"]]
+        inside = {d: [v for v, keep in zip(values, kept) if keep] for d, values in hits["inside"].items()}
+        per_arch.append(_by_cluster([c for c, keep in zip(hits["cluster"], kept) if keep], inside))
     draws = np.empty(resamples)
     for b in range(resamples):
         gaps = []
         for members, inside in per_arch:
             idx = _draw(rng, members)
-            gaps.append(abs(inside[OTHER_INTERVAL][idx].mean() - LEVEL) - abs(inside[current][idx].mean() - LEVEL))
+            gaps.append(abs(inside[design][idx].mean() - LEVEL) - abs(inside[INTERVAL_SIZED_ON][idx].mean() - LEVEL))
         draws[b] = np.mean(gaps)
     return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
 
@@ -670,22 +681,27 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def interval_choice(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The probe stage's interval design: the other design replaces the library's where the paired
+    """The probe stage's interval design: another design replaces the library's where the paired
     bootstrap 95% CI of its mean distance of cov90 (over the runs whose cost is known) from the
     level, minus the library's, lies below zero, and it lets no more of each architecture's runs
     than the upper tail's share, ``(1 - level) / 2``, cap beyond its upper end (a capped run that
     spent more than the upper bound is a definite miss on the high side, which coverage of the
-    known costs leaves out). The median is the same under both, so MdAPE cannot decide."""
-    distance, upper_tail_held = {}, {}
-    for design in INTERVAL_DESIGNS.values():
+    known costs leaves out); of several such, the nearest the level. The median is the same under
+    every design, so MdAPE cannot decide. The same distance over the runs that reached the cutoff
+    after some training (the interval's own coverage) is reported beside it; it decides nothing."""
+    distance, distance_trained, upper_tail_held = {}, {}, {}
+    for design in INTERVAL_DESIGNS:
         scores = [r["loko"][_interval_key(design)] for r in results]
         distance[design] = float(np.mean([abs(s["coverage"] - LEVEL) for s in scores]))
+        distance_trained[design] = float(np.mean([abs(s["coverage_needed"] - LEVEL) for s in scores]))
         upper_tail_held[design] = all(s["capped_definite_misses"] <= (1 - LEVEL) / 2 * s["n"] for s in scores)
-    ci = coverage_distance_difference(results)
-    better = upper_tail_held[OTHER_INTERVAL] and ci[1] < 0
+    ci = {design: coverage_distance_difference(results, design) for design in OTHER_INTERVALS}
+    ci_trained = {design: coverage_distance_difference(results, design, trained_only=True) for design in OTHER_INTERVALS}
+    better = [design for design in OTHER_INTERVALS if upper_tail_held[design] and ci[design][1] < 0]
     return {
-        "chosen": OTHER_INTERVAL if better else INTERVAL_DESIGNS[INTERVAL_BY_STRATUM], "mean_distance_of_cov90_from_level": distance,
+        "chosen": min(better, key=distance.get, default=INTERVAL_SIZED_ON), "mean_distance_of_cov90_from_level": distance,
         "distance_minus_current_ci95": ci, "upper_tail_held": upper_tail_held,
+        "mean_distance_of_trained_cov90_from_level": distance_trained, "trained_distance_minus_current_ci95": ci_trained,
     }
 
 

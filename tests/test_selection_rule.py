@@ -160,19 +160,21 @@ def test_forecast_accuracy_scores_each_run_against_its_batchs_other_seeds():
     assert [r[accuracy.OTHER_SEED].median for r in moved[-2:]] == [100.0, 100.0]
 
 
-def _interval_result(selection, other_inside, other_capped_misses: int) -> dict:
+def _interval_result(selection, design: str, other_inside, other_capped_misses: int) -> dict:
     """One architecture's interval figures: every known-cost point of 36 (kind, sweep) clusters of
-    ten inside the library's interval, ``other_inside(cluster)`` of each inside the other's."""
+    ten inside the library's interval and every design's but ``design``, ``other_inside(cluster)``
+    of each inside that one's."""
     clusters = [f"kind{k}/{s}" for k in range(9) for s in range(4)]
-    library = next(d for d in selection.INTERVAL_DESIGNS.values() if d != selection.OTHER_INTERVAL)
-    inside = {library: [True] * 360, selection.OTHER_INTERVAL: [j < other_inside(c) for c in range(36) for j in range(10)]}
-    coverage = {design: float(np.mean(hits)) for design, hits in inside.items()}
+    inside = {d: [True] * 360 for d in selection.INTERVAL_DESIGNS}
+    inside[design] = [j < other_inside(c) for c in range(36) for j in range(10)]
+    loko = {}
+    for d, hits in inside.items():
+        coverage = float(np.mean(hits))
+        misses = other_capped_misses if d == design else 0
+        loko[selection._interval_key(d)] = {"coverage": coverage, "coverage_needed": coverage, "capped_definite_misses": misses, "n": 400}
     return {
-        "loko": {
-            "stage0_probe": {"coverage": coverage[library], "capped_definite_misses": 0, "n": 400},
-            f"stage0_probe[{selection.OTHER_INTERVAL}]": {"coverage": coverage[selection.OTHER_INTERVAL], "capped_definite_misses": other_capped_misses, "n": 400},
-        },
-        "interval_hits": {"cluster": [clusters[c] for c in range(36) for _ in range(10)], "inside": inside},
+        "loko": loko,
+        "interval_hits": {"cluster": [clusters[c] for c in range(36) for _ in range(10)], "trained": [True] * 360, "inside": inside},
     }
 
 
@@ -184,10 +186,12 @@ def _interval_result(selection, other_inside, other_capped_misses: int) -> dict:
         (lambda cluster: 9 if cluster == 0 else 10, 0, False),  # nearer in one cluster only: within the noise
     ],
 )
-def test_the_interval_design_changes_only_where_the_bootstrap_shows_coverage_nearer_the_level(selection, other_inside, capped_misses, adopted):
-    results = [_interval_result(selection, other_inside, capped_misses) for _ in range(2)]
+@pytest.mark.parametrize("design", ["needing training", "stratum"])
+def test_the_interval_design_changes_only_where_the_bootstrap_shows_coverage_nearer_the_level(selection, design, other_inside, capped_misses, adopted):
+    assert selection.INTERVAL_SIZED_ON == "every run" and design in selection.OTHER_INTERVALS
+    results = [_interval_result(selection, design, other_inside, capped_misses) for _ in range(2)]
     choice = selection.interval_choice(results)
-    assert (choice["chosen"] == selection.OTHER_INTERVAL) == adopted
+    assert choice["chosen"] == (design if adopted else "every run")
 
 
 def _probe_selection(arch: str, ape: np.ndarray, clusters: list[str], epochs: list[float]) -> dict:
