@@ -12,14 +12,17 @@ it prints, for the constant and isotonic-on-accuracy-drop baselines fitted on th
 calibration's points, the index stage, the probe stage and the default forecast (``shiftcost
 forecast`` without options: the probe stage unless the calibration found probing no better):
 MdAPE of epochs on reached runs, median |log error| with capped runs as bounds, C-index and
-90% coverage, and paired bootstrap 95% CIs of the probe stage's MdAPE and C-index minus each
-other predictor's, and for the index and probe stages how often the "not to converge" flag
-(which skips a batch) was raised on a batch whose retrain reached the cutoff.
+90% coverage (of the runs whose cost is known, and of those that reached the cutoff after some
+training), the probe stage again with its interval sized on each other set of calibration runs,
+paired bootstrap 95% CIs of the probe stage's MdAPE and C-index minus each other predictor's,
+and for the index and probe stages how often the "not to converge" flag (which skips a batch)
+was raised on a batch whose retrain reached the cutoff.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -35,9 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_shifts import FOURTH_KINDS, FRESH_KINDS, eval_corrupt  # noqa: E402
 from forecast_accuracy import fit_baselines, flags, metrics, not_converging_flags, print_flags  # noqa: E402
 
+from shiftcost.forecast.forecaster import INTERVAL_RUNS, INTERVAL_SIZED_ON  # noqa: E402
+
 #: ``default``: what ``shiftcost forecast`` gives without options, the probe stage unless the
 #: calibration found probing no better (:meth:`Forecaster.probe_not_worth`), then the index stage.
 PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "default")
+#: The probe stage with its interval sized on each other set of calibration runs
+#: (:attr:`~shiftcost.forecast.forecaster.Forecaster.interval_sized_on`; the median is the same).
+INTERVAL_PREDICTORS = {f"stage0_probe[interval on {design}]": design for design in INTERVAL_RUNS if design != INTERVAL_SIZED_ON}
 #: Paired bootstrap resamples of the batches for the probe stage's differences from each baseline.
 RESAMPLES = 2000
 
@@ -88,14 +96,17 @@ def score(work: Path, name: str, model: Any, batches: list[dict[str, Any]]) -> d
         trajectory = run_calibrated_probe(forecaster, model.net, batch["batch"], model.reference.accuracy, 0.03, None, 0, "cpu", batch["kind"], False, "USA")
         index = forecaster.predict(features)
         probed = forecaster.predict(features, probe=trajectory)
-        runs.append({
+        resized = {name: copy.copy(forecaster) for name in INTERVAL_PREDICTORS}
+        for name, other in resized.items():
+            other.interval_sized_on = INTERVAL_PREDICTORS[name]
+        runs.append({name: other.predict(features, probe=trajectory).epochs for name, other in resized.items()} | {
             "epochs": batch["epochs"], "censored": batch["censored"], "constant": constant, "isotonic_accuracy_drop": isotonic,
             "stage0": index.epochs, "stage0_probe": probed.epochs, "default": index.epochs if forecaster.probe_not_worth() else probed.epochs,
             "not_converging": flags(index, probed),
         })  # fmt: skip
     return {
         "calibration_points": len(rows), "not_converging": not_converging_flags(runs), "probe_not_worth": forecaster.probe_not_worth(),
-    } | metrics(runs, RESAMPLES, predictors=PREDICTORS)
+    } | metrics(runs, RESAMPLES, predictors=PREDICTORS + tuple(INTERVAL_PREDICTORS))
 
 
 def main() -> None:
@@ -116,10 +127,10 @@ def main() -> None:
         figures[name] = score(options.workdir, name, model, batches)
         print(f"\n{name} ({figures[name]['calibration_points']} calibration points)")
         print(f"  default forecast: {'index stage, ' + figures[name]['probe_not_worth'] if figures[name]['probe_not_worth'] else 'probe stage'}")
-        print(f"  {'predictor':<24}{'MdAPE':>8}{'|log err|':>11}{'C-index':>9}{'cov 90%':>9}")
+        print(f"  {'predictor':<44}{'MdAPE':>8}{'|log err|':>11}{'C-index':>9}{'cov 90%':>9}{'cov>0':>7}")
         for predictor, s in figures[name]["predictors"].items():
-            cells = (s["mdape"], s["median_abs_log_error"], s["c_index"], s["coverage"])
-            print(f"  {predictor:<24}" + "".join(f"{'-' if math.isnan(v) else format(v, '.2f'):>{w}}" for v, w in zip(cells, (8, 11, 9, 9))))
+            cells = (s["mdape"], s["median_abs_log_error"], s["c_index"], s["coverage"], s["coverage_needed"])
+            print(f"  {predictor:<44}" + "".join(f"{'-' if math.isnan(v) else format(v, '.2f'):>{w}}" for v, w in zip(cells, (8, 11, 9, 9, 7))))
         print_flags(figures[name]["not_converging"], indent="  ")
         for baseline, ci in figures[name]["stage0_probe_minus_baseline_ci95"].items():
             print(f"  probe stage minus {baseline}, 95% CI: MdAPE [{ci['mdape'][0]:+.2f}, {ci['mdape'][1]:+.2f}], "
