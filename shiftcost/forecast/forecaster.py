@@ -801,6 +801,11 @@ class Forecaster:
                 "`shiftcost calibrate` wrote, or its --out folder."
             )
         if payload.get("format") == FORMAT:
+            if _interval_sized_on(payload) not in INTERVAL_RUNS:
+                raise InputError(
+                    f"forecaster file {path} sizes the probe stage's interval on {_interval_sized_on(payload)!r}, none of "
+                    f"{', '.join(map(repr, INTERVAL_RUNS))}; write it again with `shiftcost calibrate`."
+                )
             stage1 = None if payload.get("stage1") is None else CostModel.from_json(json.dumps(payload["stage1"]))
             rate = payload.get("energy_rate")
             return cls(

@@ -874,6 +874,9 @@ def test_files_from_before_the_interval_design_was_named_load_with_the_design_th
         assert Forecaster.load(path).interval_sized_on == design
     with pytest.raises(InputError, match="not 'by kind'"):
         Forecaster(forecaster.stage0, forecaster.stage1, interval_sized_on="by kind")
+    path.write_text(json.dumps(json.loads(forecaster.to_json()) | {"interval_sized_on": "by kind"}))
+    with pytest.raises(InputError, match=re.escape(f"forecaster file {path} sizes the probe stage's interval on 'by kind'")):
+        Forecaster.load(path)
 
 
 def test_stage1_can_read_the_stratum_with_either_sign_beside_the_cutoff_at_slope_one() -> None:
