@@ -103,6 +103,16 @@ def calibration_scalings(optimizer: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((RATE_SCALING, SCALING_RULES.get(optimizer, RATE_SCALING))))
 
 
+#: Micro-batches the probe's first step is taken in (its gradient summed over them; the gradient noise
+#: scale is read from their spread). A model with batch norm normalises each micro-batch by its own
+#: statistics and updates its running statistics once per micro-batch, so that first step is not the
+#: one a batch of 16 would take: on shufflenet_v2_x0_5 the probe's held-out accuracy falls after it on
+#: six of the nine built-in kinds (median), where every retrain's rises after its first step. An
+#: ordinary first step (1) removed the fall but forecast worse, compared on the built-in kinds
+#: (``forecast_selection.py --compare-probes``, four sweeps per architecture, 216 points each, each kind
+#: left out, a 2-core Intel Xeon): the probe stage's MdAPE 25% | 54% with 4 against 39% | 67% with 1,
+#: the CI of the mean's difference [-1.7, +33.6] points; so 4 stays (benchmarks/README.md, "The probe's
+#: first step taken whole").
 MICRO_BATCHES = 4
 #: Horizon (in multiples of the epoch cap) at which a curve that never crosses is clipped. Where the
 #: curve feature is clipped was compared by ``benchmarks/forecast_selection.py --windows 3 --noise-seeds 2
@@ -458,8 +468,8 @@ def _first_step_gradients(
 ) -> tuple[float, float | None, float]:
     """Accumulate the step's gradient micro-batch by micro-batch; return (|G_big|, noise scale, loss).
 
-    The accumulated gradient equals the full batch's (weighted by micro-batch size), so the
-    step taken is the ordinary one.
+    Without batch norm the accumulated gradient equals the full batch's (weighted by micro-batch
+    size), so the step taken is the ordinary one; with it, see :data:`MICRO_BATCHES`.
     """
     chunks = [c for c in torch.arange(len(xb)).chunk(MICRO_BATCHES) if len(c) >= 1]
     small_sq: list[float] = []
