@@ -140,12 +140,13 @@ STAGE1_DESIGNS: dict[str, tuple[str, ...]] = {
     "cutoff at slope 1 + stratum": ("cutoff_log_epochs", PROBE_STRATUM),
     "cutoff at slope 1 + gap": ("cutoff_log_epochs", "probe_gap"),
     "cutoff at slope 1 + initial gap": ("cutoff_log_epochs", "probe_initial_gap"),
+    "cutoff at slope 1 + first-step gain": ("cutoff_log_epochs", "probe_first_step_gain"),
 }
 #: Designs whose features enter with their coefficient held at 1 (offsets).
 STAGE1_DESIGN_OFFSETS: dict[str, tuple[str, ...]] = {
     "curve at slope 1": ("curve_log_epochs",), "cutoff at slope 1": ("cutoff_log_epochs",), "index+cutoff at slope 1": ("cutoff_log_epochs",),
     "cutoff at slope 1 + stratum": ("cutoff_log_epochs",), "cutoff at slope 1 + gap": ("cutoff_log_epochs",),
-    "cutoff at slope 1 + initial gap": ("cutoff_log_epochs",),
+    "cutoff at slope 1 + initial gap": ("cutoff_log_epochs",), "cutoff at slope 1 + first-step gain": ("cutoff_log_epochs",),
 }
 
 

@@ -171,11 +171,13 @@ PROBE_OPTIONS: tuple[str, ...] = ("steps", "samples", "batch_size", "lr", "optim
 #: The probe's training settings that must match calibration's probes (the rest only size it).
 PROBE_RECIPE: tuple[str, ...] = ("lr", "optimizer", "weight_decay", "momentum")
 #: More predicted by the index model, a slower curve, a wider gap to close or left: more cost; more progress or loss drop: less.
+#: A larger first-step gain: more than the probe's cutoff says (much of that gain is the micro-batched first step's
+#: re-estimate of batch-norm statistics, which a retrain's steps do not make as fast).
 #: The stratum is free: where the probe met the cutoff its crossing is measured, elsewhere extrapolated,
 #: and nothing says which of the two lies further from the retrain's.
 STAGE1_SIGNS: dict[str, int] = {
     STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1, "probe_gap": 1, "cutoff_log_epochs": 1,
-    "probe_initial_gap": 1, PROBE_STRATUM: 0,
+    "probe_initial_gap": 1, "probe_first_step_gain": 1, PROBE_STRATUM: 0,
 }
 
 

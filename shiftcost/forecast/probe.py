@@ -54,7 +54,9 @@ __all__ = [
 # probes read again from saved curves (forecast_selection.py --calibrations, 216 | 162 points, each
 # kind left out): 8 steps 54% | 65%, 10 steps 48% | 60%, 12 steps 43% | 63%, against 32% | 47% for 16.
 #: Features the probe adds to a forecast (besides the index model's prediction).
-PROBE_FEATURES: tuple[str, ...] = ("curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs", "probe_initial_gap")
+PROBE_FEATURES: tuple[str, ...] = (
+    "curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs", "probe_initial_gap", "probe_first_step_gain",
+)
 #: 1 where the probe's own evaluations met the cutoff after training, 0 where they never did (its
 #: cutoff is the curve's extrapolated crossing): not a feature, the stratum of the probe stage's
 #: interval where it is sized by stratum (:attr:`~shiftcost.forecast.forecaster.Forecaster.interval_sized_on`).
@@ -222,7 +224,9 @@ def probe_features(
     extrapolated one; where they never did, the curve's crossing, but no less than the probe's
     length. ``probe_met_cutoff`` (:data:`PROBE_STRATUM`) says which of the two the cutoff is.
     ``probe_initial_gap``: how far the first evaluation (the model before any step) lies below
-    the target.
+    the target. ``probe_first_step_gain``: how far the first step moved the held-out accuracy
+    (0 for a probe that took none), much of it, on a model with batch norm, the first step's
+    re-estimate of its running statistics (:data:`MICRO_BATCHES`).
     """
     fit = fit_curve(epochs, accuracy, ceiling)
     horizon = (HORIZON_CAPS if horizon_caps is None else horizon_caps) * cap_epochs
@@ -242,7 +246,7 @@ def probe_features(
     return {
         "curve_log_epochs": math.log1p(crossing), "probe_progress": progress, "probe_loss_drop": float(drop),
         "probe_gap": float(target - last_acc), "cutoff_log_epochs": math.log1p(cutoff), "probe_initial_gap": float(gap),
-        PROBE_STRATUM: float(met is not None and met > 0),
+        "probe_first_step_gain": float(accuracy[1] - first_acc) if len(accuracy) > 1 else 0.0, PROBE_STRATUM: float(met is not None and met > 0),
     }
 
 

@@ -213,6 +213,17 @@ def test_the_stratum_says_whether_the_probes_own_evaluations_met_the_cutoff_afte
     }
 
 
+def test_the_first_step_gain_is_how_far_the_first_step_moved_the_held_out_accuracy() -> None:
+    loss = [1.0, 0.9, 0.8, 0.7]
+    gains = [
+        probe_features([0.1 * k for k in range(len(accuracy))], accuracy, loss[: len(accuracy)], target=0.85, ceiling=0.9, cap_epochs=15.0)[
+            "probe_first_step_gain"
+        ]
+        for accuracy in ([0.5, 0.6, 0.84, 0.86], [0.7, 0.65, 0.8, 0.8], [0.9])
+    ]
+    assert gains == pytest.approx([0.1, -0.05, 0.0])
+
+
 def test_the_initial_gap_is_how_far_the_model_before_any_step_lies_below_the_target() -> None:
     epochs = [0.1 * k for k in range(4)]
     loss = [1.0, 0.9, 0.8, 0.7]
