@@ -87,25 +87,22 @@ OWN_CURVE_EVALS = 8.0
 #: 0.25-0.75 on shufflenet, whose three seeds it took from 54% to 50% while the in-flight forecast went
 #: from 31% to 49% and the interval's coverage from 92% to 97%.
 PULL_TO_MEDIAN = 0.0
-#: Which calibration runs size the probe stage's interval; its median is always that of the law sized
-#: on every run. ``"every run"``. ``"needing training"``: the runs whose probe's first evaluation missed
-#: the target, the only batches stage 1 forecasts (the others are forecast at zero, exactly): a run that
-#: needed no training scores 0 and is covered by any interval, so where many did, an interval sized on
-#: every run covers fewer than its level of the batches it is used on (a user's resnet18 whose calibration
-#: had 28 of 54 such points: 79% of the other 24, each kind left out). ``"stratum"``: the runs of the
-#: batch's own stratum (:data:`~shiftcost.forecast.probe.PROBE_STRATUM`: the probe's evaluations met the
-#: cutoff, or its cutoff is extrapolated) among those. A set with fewer runs than a finite interval needs
-#: falls back to every run. Runs needing training were compared by ``forecast_selection.py --calibrations``
-#: (four seeds per architecture, 216 points each, each kind left out, a 2-core Intel Xeon) under the rule
-#: below: cov90 97% | 92% on every run, 98% | 94% on them (95% | 87% and 96% | 91% of the runs that
-#: reached the cutoff after training), mean distance from 90% 4.4 against 6.1 points, CI of the difference
-#: [-0.5, +3.0]: not taken (benchmarks/README.md, "The interval sized on the runs that needed training").
-#: The stratum was compared by ``forecast_selection.py --calibrations`` over the
-#: sweeps of ``forecast_accuracy.py`` (four seeds per architecture, 216 points each, each kind left out, a
-#: 2-core AMD EPYC): cov90 of the runs whose cost is known 98% | 92% (digits CNN | shufflenet_v2_x0_5) on
-#: every run, 96% | 94% by stratum, capped runs past the upper end 4 | 0 and 0 | 0; mean distance from
-#: 90% 5.1 against 4.6 points, the paired bootstrap 95% CI of the difference [-2.2, +1.0] points. Not
-#: shown nearer the level, so not taken.
+#: The calibration runs that size the probe stage's interval (its median is always the law's sized on
+#: every run): ``"every run"``; ``"needing training"``, the runs whose probe's first evaluation missed
+#: the target, the only batches stage 1 forecasts (the others are forecast at exactly zero); or
+#: ``"stratum"``, those of them in the batch's stratum (:data:`~shiftcost.forecast.probe.PROBE_STRATUM`:
+#: the probe's evaluations met the cutoff, or its cutoff is extrapolated). A set with fewer runs than a
+#: finite interval needs falls back to every run. A run that needed no training scores 0 and lies inside
+#: any interval, so where many did, an interval sized on every run covers fewer than its level of the
+#: batches it is used on: a user's resnet18 whose calibration had 28 of 54 such points covered 79% of the
+#: other 24, each kind left out, and 83% sized on them. On the built-in kinds (``forecast_selection.py
+#: --calibrations``, four seeds per architecture, 216 points each, each kind left out, a 2-core Intel Xeon)
+#: cov90 of the runs whose cost is known was 97% | 92% (digits CNN | shufflenet_v2_x0_5) on every run and
+#: 98% | 94% on those needing training; mean distance from 90% 4.4 against 6.1 points, the paired
+#: bootstrap 95% CI of the difference [-0.5, +3.0] (benchmarks/README.md, "The interval sized on the runs
+#: that needed training"). By stratum, on a 2-core AMD EPYC: 98% | 92% against 96% | 94%, capped runs
+#: past the upper end 4 | 0 and 0 | 0, distance 5.1 against 4.6 points, CI [-2.2, +1.0]. Neither was
+#: shown nearer the level, so every run stays.
 INTERVAL_RUNS: tuple[str, ...] = ("every run", "needing training", "stratum")
 INTERVAL_SIZED_ON = "every run"
 STAGE1_FEATURES: tuple[str, ...] = (STAGE0_FEATURE,) + PROBE_FEATURES
@@ -386,7 +383,7 @@ class Forecaster:
             # ... and otherwise it does not stop there: conditioned on needing more than zero epochs,
             # a curve that crosses at once no longer forecasts "no training" (an upper bound of 0).
             known, p_fail = _condition_on_spent(fitted, 0.0, self.stage1.epochs_offset, self.max_epochs)
-            known = self._interval_of_stratum(row, values.get(PROBE_STRATUM), known)
+            known = self._resized_interval(row, values.get(PROBE_STRATUM), known)
         return self._finish(
             prediction, "probe", dict(features) | row, probe_cost, price, carbon_intensity, epochs=known, p_not_converge=p_fail,
             extrapolated=outside,
@@ -440,7 +437,7 @@ class Forecaster:
             None, None, epochs=interval, p_not_converge=p_fail,
         )
 
-    def _interval_of_stratum(self, row: Mapping[str, float], stratum: float | None, pooled: Interval) -> Interval:
+    def _resized_interval(self, row: Mapping[str, float], stratum: float | None, pooled: Interval) -> Interval:
         """``pooled`` (the probe stage's conditioned law sized on every calibration run) with its
         interval sized instead on the runs :attr:`interval_sized_on` names, conditioned the same way,
         where they are enough for a finite interval.
@@ -804,9 +801,10 @@ class Forecaster:
                 "`shiftcost calibrate` wrote, or its --out folder."
             )
         if payload.get("format") == FORMAT:
-            if _interval_sized_on(payload) not in INTERVAL_RUNS:
+            sized_on = _interval_sized_on(payload)
+            if sized_on not in INTERVAL_RUNS:
                 raise InputError(
-                    f"forecaster file {path} sizes the probe stage's interval on {_interval_sized_on(payload)!r}, none of "
+                    f"forecaster file {path} sizes the probe stage's interval on {sized_on!r}, none of "
                     f"{', '.join(map(repr, INTERVAL_RUNS))}; write it again with `shiftcost calibrate`."
                 )
             stage1 = None if payload.get("stage1") is None else CostModel.from_json(json.dumps(payload["stage1"]))
@@ -823,7 +821,7 @@ class Forecaster:
                 left_out=payload.get("left_out"),
                 # Files from before the pull forecast with none.
                 pull_to_median=payload.get("pull_to_median", 0.0),
-                interval_sized_on=_interval_sized_on(payload),
+                interval_sized_on=sized_on,
             )
         stage0 = CostModel.from_json(path.read_text())
         paired = cls.beside(path)
