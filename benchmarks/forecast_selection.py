@@ -592,10 +592,15 @@ def interval_hits(records: list[dict[str, Any]]) -> dict[str, Any]:
     training (a batch whose probe already met the target is forecast at exactly zero and covered by
     any design: the others' coverage is the interval's own)."""
     known = [r for r in records if not r["censored"]]
+
+    def inside(r: dict[str, Any], design: str) -> bool:
+        interval = r[_interval_key(design)]
+        return bool(interval.low <= r["epochs"] <= interval.high)
+
     return {
         "cluster": [f"{r['kind']}/{r['sweep']}" for r in known],
         "trained": [bool(r["epochs"] > 0) for r in known],
-        "inside": {design: [bool(r[_interval_key(design)].low <= r["epochs"] <= r[_interval_key(design)].high) for r in known] for design in INTERVAL_DESIGNS},
+        "inside": {design: [inside(r, design) for r in known] for design in INTERVAL_DESIGNS},
     }
 
 
