@@ -841,7 +841,7 @@ def _half_needing_no_training(seed: int) -> list[dict]:
     return rows + untouched
 
 
-def test_an_interval_sized_on_the_runs_that_needed_training_covers_them_near_its_level(tmp_path) -> None:
+def test_an_interval_sized_on_the_runs_that_needed_training_covers_them_nearer_its_level(tmp_path) -> None:
     forecaster = Forecaster.fit(_half_needing_no_training(0), features=list(INDEX), max_epochs=50.0)
     trained = copy.copy(forecaster)
     trained.interval_sized_on = "needing training"
