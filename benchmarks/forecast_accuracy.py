@@ -53,6 +53,7 @@ shared CPU, CodeCarbon's per-run figure is a load model and would only add noise
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -73,7 +74,7 @@ from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate  # noqa: E402
 from shiftcost.features import COST_FEATURES  # noqa: E402
 from shiftcost.forecast import protocol  # noqa: E402
 from shiftcost.forecast.decide import MAX_PROBE_SHARE  # noqa: E402
-from shiftcost.forecast.forecaster import INTERVAL_RUNS, STAGE1_DEFAULT, abs_log_errors, median_interval  # noqa: E402
+from shiftcost.forecast.forecaster import INTERVAL_RUNS, INTERVAL_SIZED_ON, STAGE1_DEFAULT, abs_log_errors, median_interval  # noqa: E402
 from shiftcost.forecast.probe import DEFAULT_STEPS as PROBE_STEPS  # noqa: E402
 from shiftcost.forecast.probe import HORIZON_CAPS, saved_curve  # noqa: E402
 from shiftcost.shifts import DEFAULT_SWEEP  # noqa: E402
@@ -82,6 +83,21 @@ TOLERANCE = 0.03
 KIND_SETS = {"original": EVAL_KINDS, "fresh": FRESH_KINDS, "third": THIRD_KINDS, "fourth": FOURTH_KINDS}
 LEVEL = 0.90
 PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "in_flight_quarter", "in_flight_quarter_prior_only")
+#: The sets of calibration runs the probe stage's interval may be sized on besides the library's
+#: (:attr:`~shiftcost.forecast.forecaster.Forecaster.interval_sized_on`; the median is the same).
+OTHER_INTERVALS: tuple[str, ...] = tuple(d for d in INTERVAL_RUNS if d != INTERVAL_SIZED_ON)
+
+
+def interval_key(design: str) -> str:
+    """The predictor that forecasts with the interval ``design``: the library's is the probe stage itself."""
+    return "stage0_probe" if design == INTERVAL_SIZED_ON else f"stage0_probe[interval on {design}]"
+
+
+def resized(forecaster: Any, design: str) -> Any:
+    """``forecaster`` with its probe stage's interval sized on ``design``'s runs."""
+    other = copy.copy(forecaster)
+    other.interval_sized_on = design
+    return other
 #: Cost is counted in sample-gradient equivalents: 3.6e6 J per sample makes the forecaster's kWh those units.
 WORK_RATE = HostEnergyRate(joules_per_sample=3.6e6, spread=0.0, runs=0)
 

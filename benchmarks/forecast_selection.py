@@ -31,7 +31,7 @@ anything; every setting is chosen here instead, on :data:`shiftcost.shifts.DEFAU
    :data:`PROBE_LENGTHS`, a probe sized by the index stage's forecast (:data:`ADAPTIVE`: each
    point's probe read at the length that forecast gives, its sample-gradients and the retrains'
    printed), pulls towards calibration's median epochs (:data:`PULLS`), and the probe stage's interval
-   sized on every run, on the runs that needed training or on the batch's stratum (:data:`INTERVAL_DESIGNS`,
+   sized on every run, on the runs that needed training or on the batch's stratum (:data:`~shiftcost.forecast.forecaster.INTERVAL_RUNS`,
    the median the same). Each
    is scored by its MdAPE, averaged over the architectures, and by a paired bootstrap 95% CI of
    that mean minus the current design's, resampling each architecture's (kind, sweep) clusters.
@@ -89,8 +89,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from forecast_accuracy import (  # noqa: E402
-    CALIBRATION_FITS, LEVEL, PROBE_STEPS, TOLERANCE, TRAINING_RECIPE, _scores, build_arch, calibrate, fit_baselines, flags, not_converging_flags,
-    print_flags, probe_steps_taken, rows_fitted_as, seed_spread,
+    CALIBRATION_FITS, LEVEL, OTHER_INTERVALS, PROBE_STEPS, TOLERANCE, TRAINING_RECIPE, _scores, build_arch, calibrate, fit_baselines, flags,
+    interval_key, not_converging_flags, print_flags, probe_steps_taken, resized, rows_fitted_as, seed_spread,
 )
 
 from shiftcost.forecast import protocol  # noqa: E402
@@ -210,11 +210,6 @@ PROBE_LENGTHS: tuple[int, ...] = (8, 10, 12)
 #: that needed training (:data:`~shiftcost.forecast.forecaster.PULL_TO_MEDIAN`), compared on the
 #: current design: the pull acts on the forecast, not the fit, so one fitted forecaster serves all.
 PULLS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
-#: The calibration runs the probe stage's interval may be sized on
-#: (:attr:`~shiftcost.forecast.forecaster.Forecaster.interval_sized_on`); the median is the same.
-INTERVAL_DESIGNS: tuple[str, ...] = INTERVAL_RUNS
-#: The designs scored beside the library's.
-OTHER_INTERVALS: tuple[str, ...] = tuple(d for d in INTERVAL_DESIGNS if d != INTERVAL_SIZED_ON)
 
 
 def leave_one_kind_out(
@@ -284,9 +279,7 @@ def leave_one_kind_out(
                     {f: row[f] for f in features}, probe_values(row), already_met=met,
                 ).epochs
             for design in OTHER_INTERVALS:
-                resized = copy.copy(forecaster)
-                resized.interval_sized_on = design
-                record[_interval_key(design)] = resized.predict_from_probe_features(
+                record[interval_key(design)] = resized(forecaster, design).predict_from_probe_features(
                     {f: row[f] for f in features}, probe_values(row), already_met=met,
                 ).epochs
             for pull in PULLS:
@@ -405,11 +398,6 @@ def select_each_sweep(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _interval_key(design: str) -> str:
-    """The predictor that forecasts with the interval ``design``: the library's is the current design."""
-    return "stage0_probe" if design == INTERVAL_SIZED_ON else f"stage0_probe[interval on {design}]"
-
-
 #: A probe sized by the index stage's forecast instead of a fixed length: at most ADAPTIVE_SHARE of
 #: the sample-gradients of the retrain that forecast says, within [ADAPTIVE_MIN_STEPS, the probe's
 #: length] steps. Calibration's probes are read at the length the forecast of each gives (its
@@ -509,7 +497,7 @@ def select_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     names += [f"stage0_probe[evaluated every {k} steps]" for k in PROBE_EVAL_EVERY]
     names += [f"stage0_probe[probe of {k} steps]" for k in PROBE_LENGTHS if k < args.probe_steps]
     names += [f"stage0_probe[pulled {pull:g} to the median]" for pull in PULLS] + [f"stage0_probe[{ADAPTIVE}]"]
-    names += [_interval_key(design) for design in OTHER_INTERVALS]
+    names += [interval_key(design) for design in OTHER_INTERVALS]
     names += ["in_flight_stage1_on_run"] + [f"in_flight_own_{w:g}" for w in weights]
     table = {name: _scores(records, name) for name in names}
     scored = {w: table[f"in_flight_own_{w:g}"]["median_abs_log_error"] for w in weights}
@@ -594,13 +582,13 @@ def interval_hits(records: list[dict[str, Any]]) -> dict[str, Any]:
     known = [r for r in records if not r["censored"]]
 
     def inside(r: dict[str, Any], design: str) -> bool:
-        interval = r[_interval_key(design)]
+        interval = r[interval_key(design)]
         return bool(interval.low <= r["epochs"] <= interval.high)
 
     return {
         "cluster": [f"{r['kind']}/{r['sweep']}" for r in known],
         "trained": [bool(r["epochs"] > 0) for r in known],
-        "inside": {design: [inside(r, design) for r in known] for design in INTERVAL_DESIGNS},
+        "inside": {design: [inside(r, design) for r in known] for design in INTERVAL_RUNS},
     }
 
 
@@ -696,8 +684,8 @@ def interval_choice(results: list[dict[str, Any]]) -> dict[str, Any]:
     every design, so MdAPE cannot decide. The same distance over the runs that reached the cutoff
     after some training (the interval's own coverage) is reported beside it; it decides nothing."""
     distance, distance_trained, upper_tail_held = {}, {}, {}
-    for design in INTERVAL_DESIGNS:
-        scores = [r["loko"][_interval_key(design)] for r in results]
+    for design in INTERVAL_RUNS:
+        scores = [r["loko"][interval_key(design)] for r in results]
         distance[design] = float(np.mean([abs(s["coverage"] - LEVEL) for s in scores]))
         distance_trained[design] = float(np.mean([abs(s["coverage_needed"] - LEVEL) for s in scores]))
         upper_tail_held[design] = all(s["capped_definite_misses"] <= (1 - LEVEL) / 2 * s["n"] for s in scores)

@@ -22,7 +22,6 @@ was raised on a batch whose retrain reached the cutoff.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -36,16 +35,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_shifts import FOURTH_KINDS, FRESH_KINDS, eval_corrupt  # noqa: E402
-from forecast_accuracy import fit_baselines, flags, metrics, not_converging_flags, print_flags  # noqa: E402
-
-from shiftcost.forecast.forecaster import INTERVAL_RUNS, INTERVAL_SIZED_ON  # noqa: E402
+from forecast_accuracy import OTHER_INTERVALS, fit_baselines, flags, interval_key, metrics, not_converging_flags, print_flags, resized  # noqa: E402
 
 #: ``default``: what ``shiftcost forecast`` gives without options, the probe stage unless the
 #: calibration found probing no better (:meth:`Forecaster.probe_not_worth`), then the index stage.
 PREDICTORS = ("constant", "isotonic_accuracy_drop", "stage0", "stage0_probe", "default")
-#: The probe stage with its interval sized on each other set of calibration runs
-#: (:attr:`~shiftcost.forecast.forecaster.Forecaster.interval_sized_on`; the median is the same).
-INTERVAL_PREDICTORS = {f"stage0_probe[interval on {design}]": design for design in INTERVAL_RUNS if design != INTERVAL_SIZED_ON}
 #: Paired bootstrap resamples of the batches for the probe stage's differences from each baseline.
 RESAMPLES = 2000
 
@@ -96,17 +90,14 @@ def score(work: Path, name: str, model: Any, batches: list[dict[str, Any]]) -> d
         trajectory = run_calibrated_probe(forecaster, model.net, batch["batch"], model.reference.accuracy, 0.03, None, 0, "cpu", batch["kind"], False, "USA")
         index = forecaster.predict(features)
         probed = forecaster.predict(features, probe=trajectory)
-        resized = {name: copy.copy(forecaster) for name in INTERVAL_PREDICTORS}
-        for name, other in resized.items():
-            other.interval_sized_on = INTERVAL_PREDICTORS[name]
-        runs.append({name: other.predict(features, probe=trajectory).epochs for name, other in resized.items()} | {
+        runs.append({interval_key(d): resized(forecaster, d).predict(features, probe=trajectory).epochs for d in OTHER_INTERVALS} | {
             "epochs": batch["epochs"], "censored": batch["censored"], "constant": constant, "isotonic_accuracy_drop": isotonic,
             "stage0": index.epochs, "stage0_probe": probed.epochs, "default": index.epochs if forecaster.probe_not_worth() else probed.epochs,
             "not_converging": flags(index, probed),
         })  # fmt: skip
     return {
         "calibration_points": len(rows), "not_converging": not_converging_flags(runs), "probe_not_worth": forecaster.probe_not_worth(),
-    } | metrics(runs, RESAMPLES, predictors=PREDICTORS + tuple(INTERVAL_PREDICTORS))
+    } | metrics(runs, RESAMPLES, predictors=PREDICTORS + tuple(map(interval_key, OTHER_INTERVALS)))
 
 
 def main() -> None:

@@ -165,13 +165,13 @@ def _interval_result(selection, design: str, other_inside, other_capped_misses: 
     ten inside the library's interval and every design's but ``design``, ``other_inside(cluster)``
     of each inside that one's."""
     clusters = [f"kind{k}/{s}" for k in range(9) for s in range(4)]
-    inside = {d: [True] * 360 for d in selection.INTERVAL_DESIGNS}
+    inside = {d: [True] * 360 for d in selection.INTERVAL_RUNS}
     inside[design] = [j < other_inside(c) for c in range(36) for j in range(10)]
     loko = {}
     for d, hits in inside.items():
         coverage = float(np.mean(hits))
         misses = other_capped_misses if d == design else 0
-        loko[selection._interval_key(d)] = {"coverage": coverage, "coverage_needed": coverage, "capped_definite_misses": misses, "n": 400}
+        loko[selection.interval_key(d)] = {"coverage": coverage, "coverage_needed": coverage, "capped_definite_misses": misses, "n": 400}
     return {
         "loko": loko,
         "interval_hits": {"cluster": [clusters[c] for c in range(36) for _ in range(10)], "trained": [True] * 360, "inside": inside},
