@@ -240,6 +240,7 @@ def score_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                     "stage0": stage0.epochs, "stage0_probe": stage1.epochs, "not_converging": flags(stage0, stage1),
                     "features": features,
                     "probe_curve": saved_curve(probe.epochs, probe.accuracy, probe.loss),
+                    "probe_bn_adapted_accuracy": probe.bn_adapted_accuracy,
                 }
                 record["constant"], record["isotonic_accuracy_drop"] = baselines(record["accuracy_drop"])
                 record["in_flight_quarter"] = _in_flight(forecaster, features, run, stage1, target, ceiling)
@@ -930,9 +931,10 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
     from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.forecast.probe import features_of_saved_curve, starts_at_target
 
-    def read(curve: list[dict[str, float]], target: float, ceiling: float) -> dict[str, float]:
+    def read(curve: list[dict[str, float]], target: float, ceiling: float, bn_adapted: float | None = None) -> dict[str, float]:
         return features_of_saved_curve(
             shortened(curve), target=target, ceiling=ceiling, cap_epochs=protocol.MAX_EPOCHS, horizon_caps=args.curve_horizon,
+            bn_adapted_accuracy=bn_adapted,
         )
 
     def shortened(curve: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -953,7 +955,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             target = ceiling - TOLERANCE
 
             def fitted(cal_rows: list[dict[str, Any]]) -> Any:
-                fit_rows = [_fit_row(r | read(r["probe_curve"], r["target_accuracy"], r["reference_accuracy"])) for r in cal_rows if _fit_ready(r, features)]
+                fit_rows = [_fit_row(r | read(r["probe_curve"], r["target_accuracy"], r["reference_accuracy"], r.get("probe_bn_adapted_accuracy"))) for r in cal_rows if _fit_ready(r, features)]
                 forecaster = Forecaster.fit(
                     fit_rows, features=features, level=LEVEL, max_epochs=protocol.MAX_EPOCHS, stage1_features=stage1_features, stage1_offsets=stage1_offsets,
                 )
@@ -975,7 +977,7 @@ def rescore(paths: list[Path], args: argparse.Namespace) -> None:
             runs, probes = [], []
             for saved in result["runs"]:
                 probe = saved["probe_curve"]
-                probe_read = read(probe, target, ceiling)
+                probe_read = read(probe, target, ceiling, saved.get("probe_bn_adapted_accuracy"))
                 met = starts_at_target([p["accuracy"] for p in probe], target)
                 stage0 = forecaster.predict(saved["features"])
                 stage1 = forecaster.predict_from_probe_features(saved["features"], probe_read, already_met=met)

@@ -141,12 +141,14 @@ STAGE1_DESIGNS: dict[str, tuple[str, ...]] = {
     "cutoff at slope 1 + gap": ("cutoff_log_epochs", "probe_gap"),
     "cutoff at slope 1 + initial gap": ("cutoff_log_epochs", "probe_initial_gap"),
     "cutoff at slope 1 + first-step gain": ("cutoff_log_epochs", "probe_first_step_gain"),
+    "cutoff at slope 1 + batch-norm gain": ("cutoff_log_epochs", "probe_bn_gain"),
 }
 #: Designs whose features enter with their coefficient held at 1 (offsets).
 STAGE1_DESIGN_OFFSETS: dict[str, tuple[str, ...]] = {
     "curve at slope 1": ("curve_log_epochs",), "cutoff at slope 1": ("cutoff_log_epochs",), "index+cutoff at slope 1": ("cutoff_log_epochs",),
     "cutoff at slope 1 + stratum": ("cutoff_log_epochs",), "cutoff at slope 1 + gap": ("cutoff_log_epochs",),
     "cutoff at slope 1 + initial gap": ("cutoff_log_epochs",), "cutoff at slope 1 + first-step gain": ("cutoff_log_epochs",),
+    "cutoff at slope 1 + batch-norm gain": ("cutoff_log_epochs",),
 }
 
 
@@ -175,7 +177,7 @@ def reread(
     return [
         row | features_of_saved_curve(
             keep(row["probe_curve"]), target=row["target_accuracy"], ceiling=row["reference_accuracy"], cap_epochs=protocol.MAX_EPOCHS,
-            horizon_caps=horizon_caps,
+            horizon_caps=horizon_caps, bn_adapted_accuracy=row.get("probe_bn_adapted_accuracy"),
         )
         for row in rows
     ]

@@ -387,7 +387,11 @@ def _probe_point(
             holdout_fraction=config.cutoff.holdout_fraction, seed=seed, device=config.device, retrain_batch_size=recipe.batch_size,
             stop_at_cutoff=PROBES_STOP_AT_CUTOFF, max_holdout=DEFAULT_MAX_HOLDOUT, rate_scaling=scaling,
         )
-        seen = probe_features(trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap)
+        seen = probe_features(
+            trajectory.epochs, trajectory.accuracy, trajectory.loss, target=target, ceiling=reference, cap_epochs=cap,
+            bn_adapted_accuracy=trajectory.bn_adapted_accuracy,
+        )
+        seen["probe_bn_adapted_accuracy"] = trajectory.bn_adapted_accuracy
         seen["probe_sample_gradients"] = trajectory.cost.sample_gradients
         seen["probe_seconds"] = trajectory.cost.seconds
         seen["probe_already_met"] = starts_at_target(trajectory.accuracy, target)

@@ -175,7 +175,7 @@ PROBE_RECIPE: tuple[str, ...] = ("lr", "optimizer", "weight_decay", "momentum")
 #: and nothing says which of the two lies further from the retrain's.
 STAGE1_SIGNS: dict[str, int] = {
     STAGE0_FEATURE: 1, "curve_log_epochs": 1, "probe_progress": -1, "probe_loss_drop": -1, "probe_gap": 1, "cutoff_log_epochs": 1,
-    "probe_initial_gap": 1, "probe_first_step_gain": 1, PROBE_STRATUM: 0,
+    "probe_initial_gap": 1, "probe_first_step_gain": 1, "probe_bn_gain": 0, PROBE_STRATUM: 0,
 }
 
 
@@ -349,7 +349,8 @@ class Forecaster:
             )
         self._check_probe(probe)
         values = probe_features(
-            probe.epochs, probe.accuracy, probe.loss, target=probe.target_accuracy, ceiling=probe.ceiling, cap_epochs=self.max_epochs
+            probe.epochs, probe.accuracy, probe.loss, target=probe.target_accuracy, ceiling=probe.ceiling, cap_epochs=self.max_epochs,
+            bn_adapted_accuracy=probe.bn_adapted_accuracy,
         )
         return self.predict_from_probe_features(
             features, values, probe_cost=probe.cost.to_dict() | {"settings": dict(probe.settings)},

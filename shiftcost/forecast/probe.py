@@ -55,7 +55,7 @@ __all__ = [
 # kind left out): 8 steps 54% | 65%, 10 steps 48% | 60%, 12 steps 43% | 63%, against 32% | 47% for 16.
 #: Features the probe adds to a forecast (besides the index model's prediction).
 PROBE_FEATURES: tuple[str, ...] = (
-    "curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs", "probe_initial_gap", "probe_first_step_gain",
+    "curve_log_epochs", "probe_progress", "probe_loss_drop", "probe_gap", "cutoff_log_epochs", "probe_initial_gap", "probe_first_step_gain", "probe_bn_gain",
 )
 #: 1 where the probe's own evaluations met the cutoff after training, 0 where they never did (its
 #: cutoff is the curve's extrapolated crossing): not a feature, the stratum of the probe stage's
@@ -116,6 +116,14 @@ def calibration_scalings(optimizer: str) -> tuple[str, ...]:
 #: the CI of the mean's difference [-1.7, +33.6] points; so 4 stays (benchmarks/README.md, "The probe's
 #: first step taken whole").
 MICRO_BATCHES = 4
+#: Whether a probe that took a step also reads the model's held-out accuracy with its batch-norm statistics
+#: estimated afresh on the probe's sample, no gradient (:attr:`ProbeTrajectory.bn_adapted_accuracy`, stage 1's
+#: ``probe_bn_gain``): one more pass over the sample and the holdout. Measured, not yet decided.
+BN_READING = False
+#: Whether the probe's batch-norm running statistics are the plain average over its batches (PyTorch's
+#: ``momentum=None``, the count reset) rather than the recipe's exponential average, whose few updates on
+#: batches of 16 (and the first step's micro-batches of 4) leave them noisy. Measured, not yet decided.
+BN_RUNNING_AVERAGE = False
 #: Horizon (in multiples of the epoch cap) at which a curve that never crosses is clipped. Where the
 #: curve feature is clipped was compared by ``benchmarks/forecast_selection.py --windows 3 --noise-seeds 2
 #: --seeds 4`` (216 points per architecture, each kind left out; MdAPE of epochs, digits CNN |
@@ -184,6 +192,9 @@ class ProbeTrajectory:
     holdout_samples: int
     cost: ProbeCost
     settings: dict[str, Any] = field(default_factory=dict)
+    #: Held-out accuracy of the model before any step with its batch-norm statistics estimated afresh on the
+    #: probe's sample (no gradient); ``None`` without batch norm or where the probe took no step.
+    bn_adapted_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -207,6 +218,7 @@ def probe_features(
     ceiling: float,
     cap_epochs: float,
     horizon_caps: float | None = None,
+    bn_adapted_accuracy: float | None = None,
 ) -> dict[str, float]:
     """The probe's (or a run's first evaluations') view of how learnable the shift is.
 
@@ -226,7 +238,9 @@ def probe_features(
     ``probe_initial_gap``: how far the first evaluation (the model before any step) lies below
     the target. ``probe_first_step_gain``: how far the first step moved the held-out accuracy
     (0 for a probe that took none), much of it, on a model with batch norm, the first step's
-    re-estimate of its running statistics (:data:`MICRO_BATCHES`).
+    re-estimate of its running statistics (:data:`MICRO_BATCHES`). ``probe_bn_gain``: how far
+    ``bn_adapted_accuracy`` (:attr:`ProbeTrajectory.bn_adapted_accuracy`) lies above the first evaluation,
+    the part of the shift new statistics alone undo (0 where there is no such reading).
     """
     fit = fit_curve(epochs, accuracy, ceiling)
     horizon = (HORIZON_CAPS if horizon_caps is None else horizon_caps) * cap_epochs
@@ -246,7 +260,8 @@ def probe_features(
     return {
         "curve_log_epochs": math.log1p(crossing), "probe_progress": progress, "probe_loss_drop": float(drop),
         "probe_gap": float(target - last_acc), "cutoff_log_epochs": math.log1p(cutoff), "probe_initial_gap": float(gap),
-        "probe_first_step_gain": float(accuracy[1] - first_acc) if len(accuracy) > 1 else 0.0, PROBE_STRATUM: float(met is not None and met > 0),
+        "probe_first_step_gain": float(accuracy[1] - first_acc) if len(accuracy) > 1 else 0.0,
+        "probe_bn_gain": 0.0 if bn_adapted_accuracy is None else float(bn_adapted_accuracy - first_acc), PROBE_STRATUM: float(met is not None and met > 0),
     }
 
 
@@ -256,12 +271,13 @@ def saved_curve(epochs: list[float], accuracy: list[float], loss: list[float]) -
 
 
 def features_of_saved_curve(
-    curve: list[dict[str, float]], *, target: float, ceiling: float, cap_epochs: float, horizon_caps: float | None = None
+    curve: list[dict[str, float]], *, target: float, ceiling: float, cap_epochs: float, horizon_caps: float | None = None,
+    bn_adapted_accuracy: float | None = None,
 ) -> dict[str, float]:
     """:func:`probe_features` of a :func:`saved_curve`: a saved calibration's probes read again."""
     return probe_features(
         [p["epoch"] for p in curve], [p["accuracy"] for p in curve], [p["loss"] for p in curve],
-        target=target, ceiling=ceiling, cap_epochs=cap_epochs, horizon_caps=horizon_caps,
+        target=target, ceiling=ceiling, cap_epochs=cap_epochs, horizon_caps=horizon_caps, bn_adapted_accuracy=bn_adapted_accuracy,
     )
 
 
@@ -365,6 +381,9 @@ def run_probe(
     started = time.perf_counter()
     try:
         walk = _walk(work, params, optim, train, hold, per_epoch, steps, batch, seed, dev, target_accuracy if stop_at_cutoff else None)
+        bn_adapted = _bn_adapted_accuracy(model, train[0], hold, dev) if BN_READING and walk.steps else None
+        if bn_adapted is not None:
+            walk.evaluated += len(train[0]) + len(hold[0])
     finally:
         seconds = time.perf_counter() - started
         energy, stop_error = _stop_meter(meter)
@@ -382,6 +401,7 @@ def run_probe(
             "retrain_batch_size": retrain_batch_size, "stop_at_cutoff": stop_at_cutoff, "max_holdout": max_holdout,
             "rate_scaling": rate_scaling,
         },
+        bn_adapted_accuracy=bn_adapted,
     )
 
 
@@ -444,6 +464,10 @@ def _walk(
         # C-index, digits CNN | shufflenet_v2_x0_5: following 52% / 0.92 | 50% / 0.86, frozen like
         # the retrains 50% / 0.89 | 97% / 0.75.
         work.train()
+        if BN_RUNNING_AVERAGE:
+            for norm in _batch_norms(work):
+                norm.momentum = None
+                norm.num_batches_tracked.zero_()
         order = torch.randperm(len(x_train), generator=shuffle)
         if evaluate_and_stop():
             return walk
@@ -465,6 +489,32 @@ def _walk(
             if evaluate_and_stop():
                 break
     return walk
+
+
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The batch-norm layers of ``model`` that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _bn_adapted_accuracy(model: nn.Module, x_train: torch.Tensor, hold: tuple[torch.Tensor, torch.Tensor], dev: torch.device) -> float | None:
+    """Held-out accuracy of ``model`` with its batch-norm statistics estimated afresh on ``x_train``
+    (their plain average over batches of 64, no gradient, nothing else in training mode); ``None``
+    for a model without batch norm."""
+    from shiftcost.retrain import _evaluate
+
+    adapted = copy.deepcopy(model).to(dev).eval()
+    norms = _batch_norms(adapted)
+    if not norms:
+        return None
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    with torch.no_grad():
+        for chunk in x_train.split(64):
+            adapted(chunk.to(dev))
+    adapted.eval()
+    return _evaluate(adapted, *hold, dev, 512)[0]
 
 
 def _first_step_gradients(

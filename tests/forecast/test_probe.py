@@ -11,6 +11,7 @@ from shiftcost.data.demo import train_classifier
 from shiftcost.data.models import build_model
 from shiftcost.energy import EVAL_SAMPLE_WEIGHT, HostEnergyRate
 from shiftcost.forecast import protocol
+from shiftcost.forecast import probe as probing
 from shiftcost.forecast.probe import PROBE_STRATUM, RATE_SCALINGS, calibration_scalings, probe_features, run_probe
 from tests.forecast.helpers import bars
 
@@ -232,3 +233,62 @@ def test_the_initial_gap_is_how_far_the_model_before_any_step_lies_below_the_tar
         for first in (0.5, 0.7, 0.9)
     ]
     assert gaps == pytest.approx([0.35, 0.15, -0.05])
+
+
+def _normalised_on_entry() -> torch.nn.Module:
+    """A classifier of 8x8 one-channel images whose first layer is batch norm on its input."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.BatchNorm2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 3))
+
+
+def test_the_batch_norm_reading_undoes_a_shift_that_new_statistics_alone_undo(monkeypatch) -> None:
+    """Brightened images of lower contrast, normalised on entry by statistics estimated on
+    them, are the original images normalised by theirs: the reading on the shifted batch is the
+    reading on the original one, while the model with its old statistics loses accuracy."""
+    monkeypatch.setattr(probing, "BN_READING", True)
+    x, y = bars()
+    model = _normalised_on_entry()
+    train_classifier(model, x, y, epochs=8, batch_size=16, lr=1e-2)
+    shifted = 0.2 * x + 1.0
+    options = dict(target_accuracy=1.01, ceiling=1.0, steps=2, samples=40, batch_size=8)
+    on_shifted, on_original = run_probe(model, shifted, y, **options), run_probe(model, x, y, **options)
+    assert on_shifted.accuracy[0] < on_original.accuracy[0] - 0.2
+    assert on_shifted.bn_adapted_accuracy == pytest.approx(on_original.bn_adapted_accuracy, abs=1e-9)
+    assert on_shifted.bn_adapted_accuracy > on_shifted.accuracy[0] + 0.2
+    read = probe_features(
+        on_shifted.epochs, on_shifted.accuracy, on_shifted.loss, target=1.01, ceiling=1.0, cap_epochs=15.0,
+        bn_adapted_accuracy=on_shifted.bn_adapted_accuracy,
+    )
+    assert read["probe_bn_gain"] == pytest.approx(on_shifted.bn_adapted_accuracy - on_shifted.accuracy[0])
+
+
+def test_the_batch_norm_reading_leaves_the_walk_alone_and_is_charged(tiny, monkeypatch) -> None:
+    model, _, x, y = tiny
+    options = dict(target_accuracy=1.01, ceiling=1.0, steps=3, samples=40, batch_size=8, seed=2)
+    plain = run_probe(model, 1 - x, y, **options)
+    monkeypatch.setattr(probing, "BN_READING", True)
+    read = run_probe(model, 1 - x, y, **options)
+    assert (read.accuracy, read.loss, read.grad_noise_scale) == (plain.accuracy, plain.loss, plain.grad_noise_scale)
+    assert plain.bn_adapted_accuracy is None and 0.0 <= read.bn_adapted_accuracy <= 1.0
+    assert read.cost.samples_evaluated == plain.cost.samples_evaluated + 40 + read.holdout_samples
+    without_norms = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    assert run_probe(without_norms, x, y, **options).bn_adapted_accuracy is None
+    assert probe_features([0.0], [0.5], [1.0], target=0.9, ceiling=1.0, cap_epochs=15.0)["probe_bn_gain"] == 0.0
+
+
+def test_plain_average_statistics_forget_the_models_old_ones_after_the_first_step(tiny, monkeypatch) -> None:
+    """With the running statistics a plain average over the probe's batches, what the model's
+    statistics were before the probe moves only its first evaluation; with the recipe's
+    exponential average it moves every one."""
+    model, _, x, y = tiny
+    skewed = copy.deepcopy(model)
+    for norm in probing._batch_norms(skewed):
+        norm.running_mean.add_(0.5)
+        norm.running_var.mul_(3.0)
+    options = dict(target_accuracy=1.01, ceiling=1.0, steps=3, samples=40, batch_size=8, seed=2)
+    exponential = [run_probe(m, 1 - x, y, **options).loss for m in (model, skewed)]
+    monkeypatch.setattr(probing, "BN_RUNNING_AVERAGE", True)
+    average = [run_probe(m, 1 - x, y, **options).loss for m in (model, skewed)]
+    assert average[0][0] != average[1][0] and average[0][1:] == pytest.approx(average[1][1:], abs=1e-6)
+    assert all(abs(a - b) > 1e-4 for a, b in zip(exponential[0][1:], exponential[1][1:]))
