@@ -132,7 +132,8 @@ STAGE1_INPUTS: tuple[str, ...] = PROBE_FEATURES + (PROBE_STRATUM,)
 #: not help on eight sweeps per architecture (432 points, a 2-core AMD EPYC): the cutoff alone 33% | 51%,
 #: with the stratum 37% | 53%, the gap left 43% | 73%, the initial gap 50% | 86% (benchmarks/README.md,
 #: "A term beside the probe's cutoff"); nor the first step's gain on four (216 points, a 2-core Intel Xeon):
-#: 25% | 54% alone, 53% | 49% with it ("The probe's first-step gain beside its cutoff").
+#: 25% | 54% alone, 53% | 49% with it ("The probe's first-step gain beside its cutoff"); nor the batch-norm
+#: gain on four (a 2-core AMD EPYC): 35% | 61% alone, 52% | 99% with it ("The probe's batch-norm statistics").
 STAGE1_DEFAULT: tuple[str, ...] = ("cutoff_log_epochs",)
 #: Stage-1 features whose coefficient is held at 1 (offsets) unless told otherwise. The curve is itself
 #: a forecast of log(epochs + 1): held at 1, stage 1 fits only how far retrains lie from it (an intercept

@@ -118,11 +118,17 @@ def calibration_scalings(optimizer: str) -> tuple[str, ...]:
 MICRO_BATCHES = 4
 #: Whether a probe that took a step also reads the model's held-out accuracy with its batch-norm statistics
 #: estimated afresh on the probe's sample, no gradient (:attr:`ProbeTrajectory.bn_adapted_accuracy`, stage 1's
-#: ``probe_bn_gain``): one more pass over the sample and the holdout. Measured, not yet decided.
+#: ``probe_bn_gain``): one more pass over the sample and the holdout. Beside the cutoff it forecast worse on
+#: the built-in kinds (forecast_selection.py --calibrations, eight sweeps, 216 points per architecture, each
+#: kind left out, a 2-core AMD EPYC): the probe stage's MdAPE 52% | 99% against 35% | 61%, the CI of the mean's
+#: difference [+5.3, +47.1] points (benchmarks/README.md, "The probe's batch-norm statistics"); so it is off.
 BN_READING = False
 #: Whether the probe's batch-norm running statistics are the plain average over its batches (PyTorch's
 #: ``momentum=None``, the count reset) rather than the recipe's exponential average, whose few updates on
-#: batches of 16 (and the first step's micro-batches of 4) leave them noisy. Measured, not yet decided.
+#: batches of 16 (and the first step's micro-batches of 4) leave them noisy. After the first step it holds
+#: only that step's 16 images, and shufflenet_v2_x0_5's accuracy falls further there; compared on the built-in
+#: kinds (forecast_selection.py --compare-probes, eight sweeps, a 2-core AMD EPYC): the probe stage's MdAPE
+#: 59% | 66% against 35% | 61%, the CI of the mean's difference [-7.2, +28.8] points; so it is off.
 BN_RUNNING_AVERAGE = False
 #: Horizon (in multiples of the epoch cap) at which a curve that never crosses is clipped. Where the
 #: curve feature is clipped was compared by ``benchmarks/forecast_selection.py --windows 3 --noise-seeds 2
