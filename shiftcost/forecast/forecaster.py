@@ -710,7 +710,13 @@ class Forecaster:
         return options
 
     def _check_probe(self, probe: ProbeTrajectory) -> None:
-        """Refuse a probe whose steps are not the ones calibration's probes took (its recipe)."""
+        """Refuse a probe whose steps are not the ones calibration's probes took (its recipe), or that
+        lacks a reading stage 1 needs."""
+        if self.stage1 is not None and "probe_bn_gain" in self.stage1.features_ and not probe.settings.get("bn_reading"):
+            raise ConfigError(
+                "the probe stage reads the probe's batch-norm reading (probe_bn_gain), which this probe did not take; "
+                "set shiftcost.forecast.probe.BN_READING before probing."
+            )
         calibrated = self.probe_options()
         compared = [name for name in (*PROBE_RECIPE, "rate_scaling") if name in calibrated and name in probe.settings]
         differ = _differences({name: calibrated[name] for name in compared}, probe.settings.__getitem__)

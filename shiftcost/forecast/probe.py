@@ -405,7 +405,7 @@ def run_probe(
             "steps": steps, "samples": len(train[0]), "batch_size": batch, "lr": lr, "optimizer": optimizer, "seed": seed,
             "weight_decay": weight_decay, "momentum": momentum,
             "retrain_batch_size": retrain_batch_size, "stop_at_cutoff": stop_at_cutoff, "max_holdout": max_holdout,
-            "rate_scaling": rate_scaling,
+            "rate_scaling": rate_scaling, "bn_reading": BN_READING,
         },
         bn_adapted_accuracy=bn_adapted,
     )

@@ -292,3 +292,21 @@ def test_plain_average_statistics_forget_the_models_old_ones_after_the_first_ste
     average = [run_probe(m, 1 - x, y, **options).loss for m in (model, skewed)]
     assert average[0][0] != average[1][0] and average[0][1:] == pytest.approx(average[1][1:], abs=1e-6)
     assert all(abs(a - b) > 1e-4 for a, b in zip(exponential[0][1:], exponential[1][1:]))
+
+
+def test_a_stage_1_that_reads_the_batch_norm_gain_refuses_a_probe_without_the_reading(tiny, monkeypatch) -> None:
+    from shiftcost.errors import ConfigError
+    from shiftcost.forecast.forecaster import Forecaster
+    from tests.forecast.helpers import INDEX, forecast_rows
+
+    model, _, x, y = tiny
+    rows = [row | {"probe_bn_gain": 0.05 * row["cutoff_log_epochs"]} for row in forecast_rows()]
+    forecaster = Forecaster.fit(
+        rows, features=list(INDEX), max_epochs=15.0, stage1_features=("cutoff_log_epochs", "probe_bn_gain"), stage1_offsets=("cutoff_log_epochs",),
+    )
+    features = {name: rows[0][name] for name in INDEX}
+    options = dict(target_accuracy=1.01, ceiling=1.0, steps=2, samples=40, batch_size=8)
+    with pytest.raises(ConfigError, match="batch-norm reading"):
+        forecaster.predict(features, probe=run_probe(model, 1 - x, y, **options))
+    monkeypatch.setattr(probing, "BN_READING", True)
+    assert forecaster.predict(features, probe=run_probe(model, 1 - x, y, **options)).stage == "probe"
