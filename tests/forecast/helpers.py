@@ -41,6 +41,7 @@ def forecast_rows(seed: int = 0, kinds: int = 5, per_kind: int = 8, cap: float |
                     "cutoff_log_epochs": float(z),
                     "probe_initial_gap": float(0.1 * z),
                     "probe_first_step_gain": float(0.02 * z),
+                    "probe_bn_gain": float(0.03 * z),
                     "epochs": cap if censored else epochs,
                     "reached_cutoff": not censored,
                     "samples": 300,
