@@ -98,6 +98,8 @@ def resized(forecaster: Any, design: str) -> Any:
     other = copy.copy(forecaster)
     other.interval_sized_on = design
     return other
+
+
 #: Cost is counted in sample-gradient equivalents: 3.6e6 J per sample makes the forecaster's kWh those units.
 WORK_RATE = HostEnergyRate(joules_per_sample=3.6e6, spread=0.0, runs=0)
 

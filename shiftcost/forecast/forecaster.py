@@ -172,6 +172,8 @@ PROBE_RECIPE: tuple[str, ...] = ("lr", "optimizer", "weight_decay", "momentum")
 #: More predicted by the index model, a slower curve, a wider gap to close or left: more cost; more progress or loss drop: less.
 #: A larger first-step gain: more than the probe's cutoff says (much of that gain is the micro-batched first step's
 #: re-estimate of batch-norm statistics, which a retrain's steps do not make as fast).
+#: The batch-norm gain is free: a shift that new statistics alone undo may be one the retrain undoes as fast, or one
+#: whose gain the probe's first steps over-credit, as the first-step gain's sign says.
 #: The stratum is free: where the probe met the cutoff its crossing is measured, elsewhere extrapolated,
 #: and nothing says which of the two lies further from the retrain's.
 STAGE1_SIGNS: dict[str, int] = {
