@@ -99,7 +99,7 @@ class BudgetGuard:
             # No forecast to go by: the run is stopped only once what it spent is over the budget.
             if self.spent_kwh > self.budget_kwh:
                 self.reason = (
-                    f"after {spent_epochs:.2f} epochs the run has spent {self.spent_kwh:.3g} kWh, "
+                    f"after {spent_epochs:.2f} epochs the run has spent {self.spent_kwh:.3g} kWh at the energy rate's price, "
                     f"beyond the budget of {self.budget_kwh:.3g} kWh"
                 )
                 return STOPPED_BY_BUDGET
@@ -122,7 +122,7 @@ class BudgetGuard:
         )
         if self.spent_kwh + remaining_kwh > self.budget_kwh:
             self.reason = (
-                f"after {spent_epochs:.2f} epochs ({self.spent_kwh:.3g} kWh spent) the forecast needs at least "
+                f"after {spent_epochs:.2f} epochs ({self.spent_kwh:.3g} kWh spent at the energy rate's price) the forecast needs at least "
                 f"{needed_epochs:.2f} epochs in all"
                 + (f", past the run's cap of {cap:.2f} where it would stop short of the cutoff" if cap is not None and needed_epochs > cap else "")
                 + f", {remaining_kwh:.3g} kWh more, beyond the budget of {self.budget_kwh:.3g} kWh"

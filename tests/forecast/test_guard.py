@@ -56,6 +56,8 @@ def test_a_forecast_beyond_the_budget_stops_before_training_and_keeps_the_model(
     assert not result.reached_cutoff and result.steps == 0
     assert guard.spent_kwh == pytest.approx(EVAL_SAMPLE_WEIGHT * 120) and guard.spent_kwh < budget
     assert "beyond the budget" in guard.reason
+    # Written in flight, before any measured figure exists: the spend it names is the rate's price.
+    assert f"({guard.spent_kwh:.3g} kWh spent at the energy rate's price)" in guard.reason
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -95,6 +97,7 @@ def test_without_any_forecast_the_guard_stops_once_the_spend_passes_the_budget()
     # It stopped at the first evaluation past the budget, not before.
     assert budget < guard.spent_kwh <= budget + interval
     assert "beyond the budget" in guard.reason and not guard.forecasts
+    assert f"has spent {guard.spent_kwh:.3g} kWh at the energy rate's price" in guard.reason
 
 
 def test_the_run_overhead_is_charged_once_at_the_start_and_never_to_the_epochs_still_to_come() -> None:
