@@ -76,9 +76,10 @@ def test_energy_scales_with_work() -> None:
     cpu_ratio = measured[72].cpu_energy_kwh / measured[12].cpu_energy_kwh
     # Six times the work. The CPU part follows the process's CPU seconds (5.3-6.9 in five pairs
     # on an idle 2-core host; CodeCarbon's sampled figure gave 5.4-319), but a unit's CPU time is
-    # not fixed on a shared host: 11.5-15.8 ms from run to run on a 2-core AMD EPYC beside a busy
-    # neighbour, and a CI run there measured 3.9. So the bound is a factor of two either way:
-    # a figure that did not follow the work (a fixed charge per run, say) still fails it.
+    # not fixed on a shared host: on a 2-core AMD EPYC, 11.5-15.1 ms from run to run alone and
+    # 11.7-15.8 ms beside a busy neighbour, and a CI run there measured 3.9. So the bound is a
+    # factor of two either way: a figure that did not follow the work (a fixed charge per run,
+    # say) still fails it.
     # The RAM part is CodeCarbon's sampled figure: 0.65-2.8 times its own power x wall time in
     # six pairs on a 2-core AMD EPYC, so the total's ratio ran 4.5-13.3 there, and 21 beside a
     # second test process. Only its growth is asserted.
