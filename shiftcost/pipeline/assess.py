@@ -367,8 +367,8 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
         stored = None
         if not loaded.data.has_labels:
             # Forecast from label-free features only, when such a model was calibrated.
-            stored = load_cost_model(session, label_free_key(architecture))
-        stored = stored or load_cost_model(session, architecture)
+            stored = load_cost_model(session, label_free_key(architecture), model_name=loaded.model_name)
+        stored = stored or load_cost_model(session, architecture, model_name=loaded.model_name)
         probe = repository.latest_energy_probe(session, architecture)
         probe_values = None if probe is None else (probe.id, stored_energy_rate(probe))
         forecaster = None
@@ -389,7 +389,10 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
 
             budget_left = least_kwh_left([b.as_dict() for b in ledger.budget_status(session, loaded.model_name)])
     if stored is None:
-        raise ConfigError(f"No cost model is calibrated for architecture {architecture}; bootstrap one from a calibration sweep.")
+        raise ConfigError(
+            f"No cost model is calibrated for model {loaded.model_name} ({architecture}); "
+            "register it with the costmodel.json of `shiftcost calibrate` (`shiftcost model register --cost-model`)."
+        )
     if probe_values is None:
         raise ConfigError(
             f"No energy probe is recorded for architecture {architecture}, so epochs cannot be turned into kWh; "

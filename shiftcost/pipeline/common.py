@@ -1,9 +1,11 @@
 """What every pipeline step shares: the database, the artifacts location, the cost model store.
 
-The cost model of an architecture lives in the ``calibrations`` table, one row per fitted
-version: ``fit_data`` holds that version's training rows and ``parameters`` the rest of it
-(estimator parameters, fitted state, leave-one-out error), so any version can be rebuilt
-exactly with :func:`load_cost_model` and every stored prediction explained later.
+A model's cost model lives in the ``calibrations`` table, one row per fitted version, keyed
+by the model's architecture and tied to the model version it was fitted for (see
+``repository.latest_calibration``): ``fit_data`` holds that version's training rows and
+``parameters`` the rest of it (estimator parameters, fitted state, leave-one-out error), so
+any version can be rebuilt exactly with :func:`load_cost_model` and every stored prediction
+explained later.
 """
 
 from __future__ import annotations
@@ -131,8 +133,8 @@ def store_cost_model(
     )
 
 
-def refitted_forecaster(session: Session, architecture: str, cost_model: CostModel) -> Forecaster | None:
-    """``cost_model``, refitted from ``architecture``'s newest calibration, with that calibration's
+def refitted_forecaster(session: Session, architecture: str, cost_model: CostModel, *, model_name: str) -> Forecaster | None:
+    """``cost_model``, refitted from model ``model_name``'s newest calibration, with that calibration's
     probe stage, probe settings and calibrated recipe (``None`` where it stored none).
 
     A refit adds a real retrain to stage 0 only; storing it without the rest would leave every
@@ -141,17 +143,18 @@ def refitted_forecaster(session: Session, architecture: str, cost_model: CostMod
     from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.store import repository
 
-    row = repository.latest_calibration(session, architecture)
+    row = repository.latest_calibration(session, architecture, model_name=model_name)
     saved = None if row is None else (row.details or {}).get("forecaster")
     return None if not saved else Forecaster.with_probe_stage(cost_model, saved)
 
 
-def load_cost_model(session: Session, architecture: str) -> tuple[CostModel, Calibration] | None:
-    """The newest stored cost model of ``architecture`` and its calibration row, if any."""
+def load_cost_model(session: Session, architecture: str, *, model_name: str | None) -> tuple[CostModel, Calibration] | None:
+    """Model ``model_name``'s newest stored cost model (``architecture`` is its calibration key)
+    and its calibration row, if any; ``None`` for the architecture's newest of any model."""
     from shiftcost.costmodel import CostModel
     from shiftcost.store import repository
 
-    row = repository.latest_calibration(session, architecture)
+    row = repository.latest_calibration(session, architecture, model_name=model_name)
     if row is None:
         return None
     version = dict(row.parameters["version"])
@@ -160,8 +163,8 @@ def load_cost_model(session: Session, architecture: str) -> tuple[CostModel, Cal
     return CostModel.from_json(json.dumps(payload)), row
 
 
-def load_forecaster(session: Session, architecture: str, *, batch_size: int) -> Forecaster | None:
-    """The architecture's newest cost model as a forecaster, with the host's energy rate.
+def load_forecaster(session: Session, architecture: str, *, model_name: str, batch_size: int) -> Forecaster | None:
+    """Model ``model_name``'s newest cost model as a forecaster, with the host's energy rate.
 
     The energy rate is the architecture's newest energy probe (refitted from real retrains
     after each one, see ``pipeline.retrain.refit_energy_rate``), read as joules per
@@ -172,7 +175,7 @@ def load_forecaster(session: Session, architecture: str, *, batch_size: int) -> 
     from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.store import repository
 
-    stored = load_cost_model(session, architecture)
+    stored = load_cost_model(session, architecture, model_name=model_name)
     if stored is None:
         return None
     stage0, row = stored

@@ -218,7 +218,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         # The batch size the retrain will run at (the model file's recipe applied), as the assessment priced it.
         batch_size = RetrainConfig.from_settings(settings).for_model(spec).recipe.batch_size
         with db.session(readonly=True) as session:
-            forecaster = load_forecaster(session, architecture, batch_size=batch_size)
+            forecaster = load_forecaster(session, architecture, model_name=name, batch_size=batch_size)
         if forecaster is not None:
             check_forecaster(forecaster, settings, spec)
     with landing.local_copy(source_uri) as path:
@@ -475,9 +475,9 @@ def _new_reference(settings: Settings, inputs: RetrainInputs, result: RetrainRes
 def refit_cost_model(db: Database, inputs: RetrainInputs, result: RetrainResult) -> tuple[CostModel | None, str | None]:
     """The cost model refitted with this run (censored when the cap stopped it), or why not."""
     with db.session(readonly=True) as session:
-        stored = load_cost_model(session, inputs.spec.architecture)
+        stored = load_cost_model(session, inputs.spec.architecture, model_name=inputs.model_name)
     if stored is None:
-        return None, f"no cost model is stored for {inputs.spec.architecture}, so none was refitted"
+        return None, f"no cost model is stored for model {inputs.model_name} ({inputs.spec.architecture}), so none was refitted"
     cost_model, _ = stored
     row = dict(inputs.features)
     row.update(

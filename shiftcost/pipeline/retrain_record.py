@@ -156,7 +156,7 @@ def record_retrain_success(
         calibration = None
         if cost_model is not None:
             architecture = inputs.spec.architecture
-            kept = refitted_forecaster(session, architecture, cost_model)
+            kept = refitted_forecaster(session, architecture, cost_model, model_name=inputs.model_name)
             calibration = store_cost_model(session, architecture, cost_model, source="refit", model_id=inputs.model_id, forecaster=kept)
         status = result.status if result.status in (RetrainStatus.CAP_REACHED, RetrainStatus.STOPPED_BY_BUDGET) else RetrainStatus.SUCCEEDED
         measures = _run_measures(result)

@@ -20,7 +20,7 @@ import statistics
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, select
+from sqlalchemy import Select, and_, case, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from shiftcost.redaction import redact_url
@@ -363,10 +363,14 @@ def calibrations(
 ) -> AuditResult:
     """Every cost-model version: architecture, version, source, points, leave-one-out error.
 
+    With ``model``, the versions that model forecasts with: its own, and those stored for its
+    architecture as a whole (no model); another model's are left out.
+
     SELECT c.id AS calibration_id, c.created_at, c.architecture, c.version, c.source,
            c.n_points, c.loo_error, c.interval_level, m.name AS model, c.parameters
     FROM calibrations c LEFT JOIN models m ON m.id = c.model_id
-    WHERE c.architecture IN (SELECT architecture FROM models WHERE name = :model)
+    WHERE (c.model_id IN (SELECT id FROM models WHERE name = :model)
+           OR c.model_id IS NULL AND c.architecture IN (SELECT architecture FROM models WHERE name = :model))
       AND c.created_at >= :since AND c.created_at < :until
     ORDER BY c.architecture, c.version
     """
@@ -381,7 +385,8 @@ def calibrations(
         .order_by(c.architecture, c.version)
     )
     if model is not None:
-        query = query.where(c.architecture.in_(select(Model.architecture).where(Model.name == model)))
+        architectures = select(Model.architecture).where(Model.name == model)
+        query = query.where(or_(c.model_id.in_(_model_ids(model)), c.model_id.is_(None) & c.architecture.in_(architectures)))
     runner = _Runner(session)
     rows = runner.rows(_window(query, c.created_at, since, until))
     errors = [row["loo_error"] for row in rows if row["loo_error"] is not None]

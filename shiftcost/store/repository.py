@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -382,9 +382,18 @@ def add_calibration(
     return _add(session, _assign(row, values))
 
 
-def latest_calibration(session: Session, architecture: str) -> Calibration | None:
-    """The newest cost-model version for an architecture, if any."""
+def latest_calibration(session: Session, architecture: str, *, model_name: str | None) -> Calibration | None:
+    """The newest cost-model version for an architecture, if any.
+
+    With ``model_name``, the newest of those stored for that model's versions or for the
+    architecture as a whole (no model): two models of one architecture learn at their own
+    pace on their own data and recipes, so neither forecasts with the other's calibration.
+    Without it, the architecture's newest, whichever model it came from.
+    """
     query = select(Calibration).where(Calibration.architecture == architecture)
+    if model_name is not None:
+        own = select(Model.id).where(Model.name == model_name)
+        query = query.where(or_(Calibration.model_id.in_(own), Calibration.model_id.is_(None)))
     return session.scalars(query.order_by(Calibration.version.desc()).limit(1)).first()
 
 

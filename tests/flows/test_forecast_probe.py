@@ -159,9 +159,9 @@ def test_a_refit_after_a_real_retrain_keeps_the_probe_stage_and_the_calibrated_r
 
     def newest() -> tuple[db.Calibration, object]:
         with pipeline.connect(settings) as database, database.session(readonly=True) as session:
-            row = repository.latest_calibration(session, architecture)
+            row = repository.latest_calibration(session, architecture, model_name=settings.model_name)
             session.expunge(row)
-            return row, load_forecaster(session, architecture, batch_size=64)
+            return row, load_forecaster(session, architecture, model_name=settings.model_name, batch_size=64)
 
     registered, before = newest()
     x, y = trained.splits["stream"]

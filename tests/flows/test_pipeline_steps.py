@@ -54,11 +54,38 @@ def test_a_stored_cost_model_predicts_exactly_as_the_fitted_one(pipeline_env: Pi
         with database.session() as session:
             row = pipeline.store_cost_model(session, "digits_cnn", fitted, source="sweep")
         with database.session(readonly=True) as session:
-            loaded, latest = pipeline.load_cost_model(session, "digits_cnn")
+            loaded, latest = pipeline.load_cost_model(session, "digits_cnn", model_name=env.settings.model_name)
     assert latest.id == row.id and latest.version == 2  # version 1 came from the bootstrap
     inputs = [{"resque_dist": value} for value in (0.0, 0.05, 0.2, 0.5)]
     options = {"samples": 160, "joules_per_sample_epoch": 0.5, "carbon_intensity": 0.05}
     assert [p.to_dict() for p in loaded.predict_costs(inputs, **options)] == [p.to_dict() for p in fitted.predict_costs(inputs, **options)]
+
+
+@sqlite_only
+def test_two_models_of_one_architecture_each_forecast_and_learn_with_their_own_calibration(pipeline_env: PipelineEnv) -> None:
+    env = pipeline_env
+    own = env.bootstrapped.calibration_id
+    # Registered after it, a sibling of the same architecture whose retrains ran four times as long.
+    slower = [row | {"epochs": 4 * row["epochs"]} for row in hand_made_calibration()]
+    x_ref, y_ref = env.trained.splits["holdout"]
+    sibling = pipeline.bootstrap(
+        env.settings, env.trained.model, env.trained.spec, x_ref, y_ref, name="sibling",
+        calibration=pipeline.fit_cost_model(slower, level=0.8, features=["resque_dist"]), joules_per_sample_epoch=0.5,
+    )  # fmt: skip
+    assert sibling.calibration_id > own
+    env.budget("monthly", period="monthly", kwh=1.0)
+    x, y = env.stream(0, 200)
+    env.drop("bright.npz", brightened(x), y)
+
+    (result,) = pipeline.watch_once(env.settings)
+
+    assert result.assessment.action == "retrain" and result.retraining.status == "succeeded", result.to_dict()
+    (prediction,) = env.rows(db.CostPrediction)
+    assert prediction.calibration_id == own
+    refit = env.rows(db.Calibration)[-1]
+    assert refit.source == "refit" and refit.model_id == env.bootstrapped.model.model_id
+    own_rows = env.rows(db.Calibration, db.Calibration.id == own)[0].fit_data["rows"]
+    assert refit.fit_data["rows"][:-1] == own_rows  # its own ten runs and the new one, none of the sibling's
 
 
 @sqlite_only

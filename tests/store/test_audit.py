@@ -87,6 +87,11 @@ def history(db):
                                        n_points=5 + j, loo_error=0.1 * (j + 1), model_id=None)
             row.created_at = T0 + timedelta(days=days)
             calibrations.append((row.id, arch, row.created_at))
+        # A third model of digits' architecture with a calibration of its own, which digits never uses.
+        sibling = seed.model(session, name="sibling", architecture="small-cnn")
+        row = repo.add_calibration(session, "small-cnn", "sweep", {}, {}, n_points=3, model_id=sibling.id)
+        row.created_at = T0 + timedelta(days=30)
+        calibrations.append((row.id, "small-cnn", row.created_at))
     return {"runs": runs, "decisions": decisions, "calibrations": calibrations}
 
 
@@ -153,9 +158,12 @@ def test_decisions_newest_first_and_budget_filter(db, history) -> None:
 
 def test_calibration_history_by_model_and_time(db, history) -> None:
     result = _query(db, "calibrations", model="digits")  # digits is a small-cnn
-    expected = [c for c in history["calibrations"] if c[1] == "small-cnn"]
+    sibling_id = history["calibrations"][-1][0]
+    expected = [c for c in history["calibrations"] if c[1] == "small-cnn" and c[0] != sibling_id]
     assert [row["calibration_id"] for row in result.rows] == [c[0] for c in expected]
-    assert [row["version"] for row in result.rows] == [1, 2, 3]
+    assert [row["version"] for row in result.rows] == [1, 2, 3]  # version 4 is the sibling's
+    sibling = _query(db, "calibrations", model="sibling")
+    assert [(row["version"], row["model"]) for row in sibling.rows] == [(1, None), (2, None), (3, None), (4, "sibling")]
     late = _query(db, "calibrations", since=T0 + timedelta(days=21))
     assert {row["calibration_id"] for row in late.rows} == {
         c[0] for c in history["calibrations"] if c[2] >= T0 + timedelta(days=21)}

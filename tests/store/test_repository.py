@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -179,10 +180,30 @@ def test_calibration_versions_and_energy_probes(db) -> None:
             repo.add_energy_probe(session, "small-cnn", "cpu:x", "1x8x8", -1.0)
     assert (first.version, second.version, other.version) == (1, 2, 1)
     with db.session(readonly=True) as session:
-        assert repo.latest_calibration(session, "small-cnn").id == second.id
+        assert repo.latest_calibration(session, "small-cnn", model_name=None).id == second.id
         assert [c.version for c in repo.calibration_history(session, "small-cnn")] == [1, 2]
         assert repo.latest_energy_probe(session, "small-cnn", "cpu:x").joules_per_sample_epoch == 0.7
         assert repo.latest_energy_probe(session, "small-cnn", "gpu:y") is None
+
+
+def test_a_model_uses_its_own_calibrations_or_its_architectures_never_another_models(db) -> None:
+    with db.session() as session:
+        digits = seed.model(session, "digits", "small-cnn")
+        digits_v2 = seed.model(session, "digits", "small-cnn", parent_id=digits.id)
+        sibling = seed.model(session, "sibling", "small-cnn")
+        seed.model(session, "stranger", "small-cnn")
+        add = functools.partial(repo.add_calibration, session, "small-cnn", "sweep", {}, {}, n_points=1)
+        whole = add()  # stored for the architecture as a whole, by no model
+        digits_own = add(model_id=digits.id)
+        digits_refit = add(model_id=digits_v2.id)  # a later version of the same model
+        sibling_own = add(model_id=sibling.id)
+    with db.session(readonly=True) as session:
+        newest = functools.partial(repo.latest_calibration, session, "small-cnn")
+        assert newest(model_name="digits").id == digits_refit.id != digits_own.id
+        assert newest(model_name="sibling").id == sibling_own.id
+        assert newest(model_name="stranger").id == whole.id  # no calibration of its own yet
+        assert newest(model_name=None).id == sibling_own.id  # the architecture's history, any model
+        assert repo.latest_calibration(session, "resnet", model_name="digits") is None
 
 
 def test_timestamps_are_stored_and_returned_in_utc(db) -> None:
