@@ -28,6 +28,10 @@ model_app = typer.Typer(
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 NameOption = Annotated[str | None, typer.Option("--name", help="Model name (default: the model_name setting).", show_default=False)]
+COST_MODEL_HELP = "costmodel.json (or its directory) written by `shiftcost calibrate` on this model file."
+JoulesOption = Annotated[
+    float | None, typer.Option("--joules-per-sample-epoch", min=0.0, help="Energy unit of one training sample-epoch (default: the sweep's).", show_default=False)
+]
 
 
 def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
@@ -153,12 +157,8 @@ def register_command(
     reference: Annotated[
         Path, typer.Option("--reference", "-r", help="Labelled reference data the model serves well (ImageFolder, .npz, .pt).", show_default=False)
     ],
-    cost_model: Annotated[
-        Path | None, typer.Option("--cost-model", help="costmodel.json (or its directory) written by `shiftcost calibrate` on this model file.", show_default=False)
-    ] = None,
-    joules: Annotated[
-        float | None, typer.Option("--joules-per-sample-epoch", min=0.0, help="Energy unit of one training sample-epoch (default: the sweep's).", show_default=False)
-    ] = None,
+    cost_model: Annotated[Path | None, typer.Option("--cost-model", help=COST_MODEL_HELP, show_default=False)] = None,
+    joules: JoulesOption = None,
     name: NameOption = None,
     database_url: DatabaseUrlOption = None,
     as_json: JsonOption = False,
@@ -188,6 +188,33 @@ def register_command(
     suggestion = done.accuracy.get("suggestion")
     if suggestion:
         make_console(stderr=True).print(suggestion, highlight=False, soft_wrap=True)
+
+
+@model_app.command("cost-model")
+def cost_model_command(
+    cost_model: Annotated[Path, typer.Argument(help=COST_MODEL_HELP, show_default=False)],
+    joules: JoulesOption = None,
+    name: NameOption = None,
+    database_url: DatabaseUrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Give the model's current version a new calibration: the costmodel.json of a later `shiftcost calibrate` (new hardware, recipe or points).
+
+    The next assessment and retrain forecast with it, and retrains refit it from then on. A cost model calibrated on another architecture or with another recipe than the model's is refused (nothing written); earlier calibrations stay, so past decisions still name theirs.
+    """
+    from shiftcost.pipeline.bootstrap import attach_cost_model
+
+    done = attach_cost_model(_settings(database_url), str(cost_model), name=name, joules_per_sample_epoch=joules)
+    data = {
+        "name": done.name,
+        "version": done.version,
+        "architecture": done.architecture,
+        "calibration_version": done.calibration.calibration_version,
+        "replaced_calibration_version": done.replaced_calibration_version,
+        "cost_model_version": done.calibration.cost_model_version,
+        "joules_per_sample_epoch": done.joules_per_sample_epoch,
+    }
+    _print(data, as_json, f"{done.name} version {done.version} forecasts with calibration {done.calibration.calibration_version}")
 
 
 def check_reference_accuracy(net: Any, spec: Any, data: Path, *, allow_chance: bool = False) -> Any:

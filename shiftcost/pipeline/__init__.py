@@ -40,6 +40,7 @@ from shiftcost.pipeline.assess import (
 from shiftcost.pipeline.bootstrap import (
     Bootstrapped,
     ModelVersion,
+    attach_cost_model,
     bootstrap,
     ensure_default_budget,
     fit_cost_model,
@@ -102,6 +103,7 @@ __all__ = [
     "RetrainJob",
     "RetrainOutcome",
     "assess_batch",
+    "attach_cost_model",
     "bootstrap",
     "build_new_version",
     "carbon_intensity",

@@ -391,7 +391,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
     if stored is None:
         raise ConfigError(
             f"No cost model is calibrated for model {loaded.model_name} ({architecture}); "
-            "register it with the costmodel.json of `shiftcost calibrate` (`shiftcost model register --cost-model`)."
+            "give it the costmodel.json of `shiftcost calibrate` with `shiftcost model cost-model`."
         )
     if probe_values is None:
         raise ConfigError(

@@ -8,7 +8,10 @@ of them already:
   registers the version with them, in one transaction;
 - :func:`fit_cost_model` fits the initial cost model on calibration runs (rows as
   ``shiftcost.costmodel.CostModel.fit`` takes them, e.g. from a calibration sweep) and
-  :func:`store_cost_model` stores a fitted one as the architecture's next calibration;
+  :func:`store_cost_model` stores a fitted one as the next calibration of its architecture;
+- :func:`register_from_files` and :func:`attach_cost_model` are ``shiftcost model register``
+  and ``shiftcost model cost-model``: what ``shiftcost calibrate`` wrote, read and checked by
+  :func:`read_calibration_files`, becomes a model version's calibration;
 - :func:`record_energy_probe` stores joules per training sample-epoch on this hardware, the
   unit that turns predicted epochs into kWh (:func:`measure_energy_probe` measures it);
 - :func:`ensure_default_budget` creates the budget the settings describe, once.
@@ -25,6 +28,7 @@ from shiftcost.pipeline.common import Artifacts, json_safe, connect, store_cost_
 
 if TYPE_CHECKING:
     import torch
+    from sqlalchemy.orm import Session
     from torch import nn
 
     from shiftcost.config import Settings
@@ -37,13 +41,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Bootstrapped",
+    "CalibrationFiles",
+    "CostModelAttached",
     "ModelVersion",
+    "StoredCalibration",
+    "attach_cost_model",
     "bootstrap",
     "ensure_default_budget",
     "fit_cost_model",
     "measure_energy_probe",
+    "read_calibration_files",
     "record_energy_probe",
     "register_model_version",
+    "store_calibration_files",
     "store_cost_model",
 ]
 
@@ -175,6 +185,14 @@ def record_energy_probe(
     ``rate``, fitted from measured runs, is stored whole (its per-run overhead with it), so
     the pipeline prices with it exactly as ``shiftcost forecast`` and the guard do.
     """
+    with db.session() as session:
+        return _add_energy_probe(session, spec, joules_per_sample_epoch, hardware=hardware, probe=probe, rate=rate)
+
+
+def _add_energy_probe(
+    session: Session, spec: ModelSpec, joules_per_sample_epoch: float, *, hardware: str, probe: ProbeResult | None = None,
+    rate: HostEnergyRate | None = None,
+) -> int:
     from shiftcost.store import repository
 
     values: dict[str, Any] = {"measurement_method": "given"}
@@ -189,12 +207,10 @@ def record_energy_probe(
             "measurement_method": "measured" if probe.energy.fully_measured else "estimated",
             "details": json_safe(probe.to_dict()),
         }
-    with db.session() as session:
-        row = repository.add_energy_probe(
-            session, spec.architecture, hardware, f"{spec.in_channels}x{spec.image_size}x{spec.image_size}",
-            joules_per_sample_epoch, **values,
-        )  # fmt: skip
-        return row.id
+    row = repository.add_energy_probe(
+        session, spec.architecture, hardware, f"{spec.in_channels}x{spec.image_size}x{spec.image_size}", joules_per_sample_epoch, **values
+    )
+    return row.id
 
 
 def measure_energy_probe(settings: Settings, model: nn.Module, spec: ModelSpec) -> ProbeResult:
@@ -349,7 +365,6 @@ def register_from_files(
             )  # fmt: skip
     from shiftcost.data import check_batch, load_batch, load_model
     from shiftcost.data.importing import check_accuracy, refuse_near_chance
-    from shiftcost.pipeline.labels import label_free_key
     from shiftcost.store import repository
     from shiftcost.store.errors import NotFoundError
 
@@ -361,15 +376,7 @@ def register_from_files(
         raise InputError(f"Reference data {reference_path} has no labels; the reference needs a label per image.")
     accuracy = check_accuracy(model, spec, reference, device="cpu")
     refuse_near_chance(accuracy)
-    cost_model = joules_from_sweep = label_free = forecaster = None
-    if cost_model_path is not None:
-        cost_model, joules_from_sweep, label_free = _read_calibration(cost_model_path, spec)
-        forecaster = _forecaster_beside(cost_model_path, cost_model)
-    joules = joules_per_sample_epoch if joules_per_sample_epoch is not None else joules_from_sweep
-    # The rate fitted on the calibration's measured retrains prices a run as the forecast does, overhead included.
-    fitted = None if joules_per_sample_epoch is not None or forecaster is None else forecaster.energy_rate
-    if fitted is not None:
-        joules = fitted.joules_per_sample
+    calibration = None if cost_model_path is None else read_calibration_files(cost_model_path, spec, joules_per_sample_epoch)
     with db.session(readonly=True) as session:
         try:
             parent = repository.get_model(session, name)
@@ -379,20 +386,117 @@ def register_from_files(
 
     version = register_model_version(db, settings, model, spec, reference.x, reference.y, name=name, parent_id=parent_id)
     calibration_id = cost_model_version = probe_id = None
-    if cost_model is not None:
-        with db.session() as session:
-            calibration_id = store_cost_model(
-                session, spec.architecture, cost_model, source="sweep", model_id=version.model_id, forecaster=forecaster
-            ).id
-            if label_free is not None:
-                store_cost_model(session, label_free_key(spec.architecture), label_free, source="sweep", model_id=version.model_id)
-        cost_model_version = cost_model.version_
-    if joules is not None:
-        probe_id = record_energy_probe(
-            db, spec, joules, hardware=(fitted and fitted.hardware) or "measured by the calibration sweep", rate=fitted
-        )
+    joules = joules_per_sample_epoch
+    with db.session() as session:
+        if calibration is not None:
+            stored = store_calibration_files(session, spec, version.model_id, calibration)
+            calibration_id, cost_model_version, probe_id, joules = stored.calibration_id, stored.cost_model_version, stored.energy_probe_id, calibration.joules
+        elif joules is not None:
+            probe_id = _add_energy_probe(session, spec, joules, hardware="given with --joules-per-sample-epoch")
     budget = ensure_default_budget(db, settings)
     return Registered(version, parent_version, accuracy.to_dict(), calibration_id, cost_model_version, probe_id, joules, budget)
+
+
+@dataclass(frozen=True)
+class CalibrationFiles:
+    """What ``shiftcost calibrate --out DIR`` wrote, read and checked against a model's spec."""
+
+    cost_model: CostModel
+    forecaster: Forecaster | None
+    label_free: CostModel | None
+    joules: float | None
+    # The rate fitted on the calibration's measured retrains prices a run as the forecast does, overhead included.
+    rate: HostEnergyRate | None
+
+
+@dataclass(frozen=True)
+class StoredCalibration:
+    calibration_id: int
+    calibration_version: int
+    cost_model_version: int
+    energy_probe_id: int | None
+
+
+def read_calibration_files(path_text: str, spec: ModelSpec, joules_per_sample_epoch: float | None = None) -> CalibrationFiles:
+    """``costmodel.json`` (or its folder) and what calibrate wrote beside it; ``joules_per_sample_epoch``,
+    when given, replaces the sweep's energy unit. Refused in one sentence where it does not fit ``spec``."""
+    cost_model, joules_from_sweep, label_free = _read_calibration(path_text, spec)
+    forecaster = _forecaster_beside(path_text, cost_model)
+    rate = None if joules_per_sample_epoch is not None or forecaster is None else forecaster.energy_rate
+    joules = joules_per_sample_epoch if joules_per_sample_epoch is not None else joules_from_sweep
+    if rate is not None:
+        joules = rate.joules_per_sample
+    return CalibrationFiles(cost_model, forecaster, label_free, joules, rate)
+
+
+def store_calibration_files(session: Session, spec: ModelSpec, model_id: int, files: CalibrationFiles) -> StoredCalibration:
+    """The cost model (its probe stage with it), the label-free one and the energy unit, as the
+    calibration of model version ``model_id``, in the caller's transaction."""
+    from shiftcost.pipeline.labels import label_free_key
+
+    row = store_cost_model(session, spec.architecture, files.cost_model, source="sweep", model_id=model_id, forecaster=files.forecaster)
+    if files.label_free is not None:
+        store_cost_model(session, label_free_key(spec.architecture), files.label_free, source="sweep", model_id=model_id)
+    probe_id = None
+    if files.joules is not None:
+        hardware = (files.rate and files.rate.hardware) or "measured by the calibration sweep"
+        probe_id = _add_energy_probe(session, spec, files.joules, hardware=hardware, rate=files.rate)
+    return StoredCalibration(row.id, row.version, files.cost_model.version_, probe_id)
+
+
+@dataclass(frozen=True)
+class CostModelAttached:
+    """What :func:`attach_cost_model` stored, and the calibration it replaces."""
+
+    name: str
+    version: int
+    architecture: str
+    calibration: StoredCalibration
+    joules_per_sample_epoch: float | None
+    replaced_calibration_version: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def attach_cost_model(
+    settings: Settings,
+    cost_model_path: str,
+    *,
+    name: str | None = None,
+    joules_per_sample_epoch: float | None = None,
+    db: Database | None = None,
+) -> CostModelAttached:
+    """``shiftcost model cost-model``: a new sweep's ``costmodel.json`` (after new hardware, a new
+    recipe, more points) becomes the calibration the model's current version forecasts with.
+
+    Checked against that version's spec first (another architecture or recipe is refused,
+    nothing written); earlier calibrations stay, so past decisions still name theirs.
+    """
+    if db is None:
+        with connect(settings) as database:
+            return attach_cost_model(settings, cost_model_path, name=name, joules_per_sample_epoch=joules_per_sample_epoch, db=database)
+    from shiftcost.data import ModelSpec
+    from shiftcost.store import repository
+    from shiftcost.store.errors import NotFoundError
+
+    name = name or settings.model_name
+    with db.session() as session:
+        try:
+            current = repository.get_model(session, name)
+        except NotFoundError:
+            raise InputError(
+                f"No model named {name} is registered; register it first with "
+                f"`shiftcost model register -m MODEL_FILE -r REFERENCE_DATA --cost-model {cost_model_path}`."
+            ) from None
+        saved_spec = (current.details or {}).get("spec")
+        if saved_spec is None:
+            raise InputError(f"Model {name} version {current.version} was registered without its spec; register the model file again with `shiftcost model register`.")
+        spec = ModelSpec.from_dict(saved_spec, source=f"model {name} version {current.version}")
+        files = read_calibration_files(cost_model_path, spec, joules_per_sample_epoch)
+        replaced = repository.latest_calibration(session, spec.architecture, model_name=name)
+        stored = store_calibration_files(session, spec, current.id, files)
+        return CostModelAttached(name, current.version, spec.architecture, stored, files.joules, None if replaced is None else replaced.version)
 
 
 def _forecaster_beside(path_text: str, cost_model: CostModel) -> Forecaster | None:
@@ -443,6 +547,12 @@ def _read_calibration(path_text: str, spec: ModelSpec) -> tuple[CostModel, float
     except json.JSONDecodeError:
         raise InputError(f"{sweep_file} beside the cost model is not valid JSON; run `shiftcost calibrate` again.") from None
     settings = sweep.get("settings") or {}
+    swept_architecture = settings.get("architecture")
+    if swept_architecture is not None and swept_architecture != spec.architecture:
+        raise InputError(
+            f"The cost model in {path} was calibrated on a {swept_architecture} model, not on this {spec.architecture}; "
+            "run `shiftcost calibrate` on this model file."
+        )
     swept = (settings.get("retrain") or {}).get("recipe")
     if swept is not None:
         expected = RetrainConfig().for_model(spec).to_dict()["recipe"]

@@ -289,12 +289,14 @@ def decisions(
     action: str | None = None,
     limit: int | None = None,
 ) -> AuditResult:
-    """Every decision with its reasons, newest first (optionally only those a budget blocked).
+    """Every decision with its reasons, newest first (optionally only those a budget blocked),
+    and the calibration its forecast came from (``calibration_id``, as ``calibrations`` lists it).
 
     SELECT d.id AS decision_id, d.created_at, m.name AS model, m.version, d.batch_id,
            b.source_uri, d.action, d.blocked_by_budget, d.reasons, d.retry_after,
            cp.energy_kwh AS predicted_kwh, cp.energy_kwh_upper AS predicted_kwh_upper,
-           cp.emissions_kg AS predicted_co2, cp.emissions_kg_upper AS predicted_co2_upper
+           cp.emissions_kg AS predicted_co2, cp.emissions_kg_upper AS predicted_co2_upper,
+           cp.calibration_id
     FROM decisions d
     JOIN models m ON m.id = d.model_id
     JOIN batches b ON b.id = d.batch_id
@@ -328,7 +330,7 @@ def decisions(
                 Decision.batch_id, Batch.source_uri, Decision.action, Decision.blocked_by_budget,
                 Decision.reasons, Decision.retry_after, cp.energy_kwh.label("predicted_kwh"),
                 cp.energy_kwh_upper.label("predicted_kwh_upper"), cp.emissions_kg.label("predicted_co2"),
-                cp.emissions_kg_upper.label("predicted_co2_upper"),
+                cp.emissions_kg_upper.label("predicted_co2_upper"), cp.calibration_id,
             ).select_from(Decision)
         )
         .join(m, m.id == Decision.model_id)
