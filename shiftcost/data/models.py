@@ -107,6 +107,11 @@ class ModelSpec:
         """The (C, H, W) shape of one input image."""
         return (self.in_channels, self.image_size, self.image_size)
 
+    @property
+    def shape_key(self) -> str:
+        """``CxHxW``: the input size an energy probe was measured at (``energy_probes.image_size``)."""
+        return "x".join(str(n) for n in self.input_shape)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types: str, int, float and lists."""
         data = asdict(self)

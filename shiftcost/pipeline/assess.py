@@ -369,7 +369,7 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
             # Forecast from label-free features only, when such a model was calibrated.
             stored = load_cost_model(session, label_free_key(architecture), model_name=loaded.model_name)
         stored = stored or load_cost_model(session, architecture, model_name=loaded.model_name)
-        probe = repository.latest_energy_probe(session, architecture)
+        probe = repository.latest_energy_probe(session, architecture, image_size=loaded.spec.shape_key)
         probe_values = None if probe is None else (probe.id, stored_energy_rate(probe))
         forecaster = None
         budget_left = None

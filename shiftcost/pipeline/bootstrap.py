@@ -207,9 +207,7 @@ def _add_energy_probe(
             "measurement_method": "measured" if probe.energy.fully_measured else "estimated",
             "details": json_safe(probe.to_dict()),
         }
-    row = repository.add_energy_probe(
-        session, spec.architecture, hardware, f"{spec.in_channels}x{spec.image_size}x{spec.image_size}", joules_per_sample_epoch, **values
-    )
+    row = repository.add_energy_probe(session, spec.architecture, hardware, spec.shape_key, joules_per_sample_epoch, **values)
     return row.id
 
 

@@ -163,14 +163,17 @@ def load_cost_model(session: Session, architecture: str, *, model_name: str | No
     return CostModel.from_json(json.dumps(payload)), row
 
 
-def load_forecaster(session: Session, architecture: str, *, model_name: str, batch_size: int) -> Forecaster | None:
+def load_forecaster(
+    session: Session, architecture: str, *, model_name: str, image_size: str | None, batch_size: int
+) -> Forecaster | None:
     """Model ``model_name``'s newest cost model as a forecaster, with the host's energy rate.
 
-    The energy rate is the architecture's newest energy probe (refitted from real retrains
-    after each one, see ``pipeline.retrain.refit_energy_rate``), read as joules per
-    sample-gradient, so the guard prices a run exactly as the assessment priced it. A
-    probe stage (stage 1) is used when the calibration row stores one under
-    ``details["forecaster"]`` (what ``Forecaster.to_json`` writes for it).
+    The energy rate is the newest energy probe of the architecture at ``image_size`` (a
+    ``ModelSpec.shape_key``; None: at any size), refitted from real retrains after each one
+    (``pipeline.retrain.refit_energy_rate``), read as joules per sample-gradient, so the
+    guard prices a run exactly as the assessment priced it. A probe stage (stage 1) is used
+    when the calibration row stores one under ``details["forecaster"]`` (what
+    ``Forecaster.to_json`` writes for it).
     """
     from shiftcost.forecast.forecaster import Forecaster
     from shiftcost.store import repository
@@ -180,7 +183,7 @@ def load_forecaster(session: Session, architecture: str, *, model_name: str, bat
         return None
     stage0, row = stored
     forecaster = Forecaster.with_probe_stage(stage0, (row.details or {}).get("forecaster") or {}, batch_size=batch_size)
-    probe = repository.latest_energy_probe(session, architecture)
+    probe = repository.latest_energy_probe(session, architecture, image_size=image_size)
     if probe is not None:
         forecaster.energy_rate = stored_energy_rate(probe)
     return forecaster

@@ -218,7 +218,7 @@ def load_for_retrain(db: Database, settings: Settings, job: RetrainJob) -> Retra
         # The batch size the retrain will run at (the model file's recipe applied), as the assessment priced it.
         batch_size = RetrainConfig.from_settings(settings).for_model(spec).recipe.batch_size
         with db.session(readonly=True) as session:
-            forecaster = load_forecaster(session, architecture, model_name=name, batch_size=batch_size)
+            forecaster = load_forecaster(session, architecture, model_name=name, image_size=spec.shape_key, batch_size=batch_size)
         if forecaster is not None:
             check_forecaster(forecaster, settings, spec)
     with landing.local_copy(source_uri) as path:

@@ -75,12 +75,13 @@ def _run_measures(result: RetrainResult | None) -> dict[str, Any]:
 
 
 def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult) -> dict[str, Any] | None:
-    """Refit the architecture's energy rate from every finished run that measured energy like this one (:func:`runs_alike`).
+    """Refit the energy rate of the architecture at this input size from every finished run of it that measured
+    energy like this one (:func:`runs_alike`).
 
     The rate (joules per training sample, evaluations weighted by
     ``EVAL_SAMPLE_WEIGHT``, and per run) is a robust line through the runs
-    (``HostEnergyRate.fit``): one run on a loaded machine does not move it far. It is stored as the architecture's newest
-    energy probe, which the next assessment and the next guard price with. Returns the run's
+    (``HostEnergyRate.fit``): one run on a loaded machine does not move it far. It is stored as the newest energy
+    probe of the architecture at that size, which the next assessment and the next guard price with. Returns the run's
     measured kWh beside what the rate in force before it estimated, and the rates; None when
     the run measured no energy.
     """
@@ -93,16 +94,16 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
         return None
     architecture = inputs.spec.architecture
     threads, kind = _trained_threads(result), device_kind(result.device)
-    earlier = runs.measured_run_details(session, architecture, except_run=inputs.job.run_id)
+    shape = inputs.spec.shape_key
+    earlier = [run for run, model in runs.measured_run_details(session, architecture, except_run=inputs.job.run_id) if _shape_key(model) == shape]
     works = [run_work(details) for details in runs_alike(earlier, kind, threads)] + [own]
     refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs", threads=threads, device=kind)
-    before = repository.latest_energy_probe(session, architecture)
+    before = repository.latest_energy_probe(session, architecture, image_size=shape)
     estimated = None
     if before is not None:
         estimated = stored_energy_rate(before).kwh(own[1], own[2])
     repository.add_energy_probe(
-        session, architecture, refitted.hardware or "refitted", f"{inputs.spec.in_channels}x{inputs.spec.image_size}x{inputs.spec.image_size}",
-        refitted.joules_per_sample, measurement_method="refitted", energy_kwh=own[0],
+        session, architecture, refitted.hardware or "refitted", shape, refitted.joules_per_sample, measurement_method="refitted", energy_kwh=own[0],
         details=json_safe({"rate": refitted.to_dict(), "run_id": inputs.job.run_id}),
     )  # fmt: skip
     return json_safe(
@@ -185,6 +186,14 @@ def record_retrain_success(
         settled=settled,
         notes=notes,
     )
+
+
+def _shape_key(model_details: Any) -> str | None:
+    """The input size of a model version, from the spec its row keeps (None where it keeps none)."""
+    from shiftcost.data import ModelSpec
+
+    saved = (model_details or {}).get("spec")
+    return None if saved is None else ModelSpec.from_dict(saved).shape_key
 
 
 def runs_alike(details: list[Any], device: str, threads: int) -> list[dict[str, Any]]:

@@ -99,14 +99,15 @@ def closing_entries(session: Session, decision_id: int | None) -> tuple[list[int
     )
 
 
-def measured_run_details(session: Session, architecture: str, *, except_run: int) -> list[Any]:
-    """The ``details`` of every other run of ``architecture`` that measured some energy."""
+def measured_run_details(session: Session, architecture: str, *, except_run: int) -> list[tuple[Any, Any]]:
+    """The ``details`` of every other run of ``architecture`` that measured some energy, each
+    beside the ``details`` of the model version it retrained (its spec: the input size)."""
     query = (
-        select(RetrainRun.details)
+        select(RetrainRun.details, Model.details)
         .join(Model, Model.id == RetrainRun.model_id)
         .where(Model.architecture == architecture, RetrainRun.id != except_run, RetrainRun.energy_kwh > 0)
     )
-    return list(session.scalars(query).all())
+    return [tuple(row) for row in session.execute(query).all()]
 
 
 # ----------------------------------------------------------------------------- a finished run

@@ -161,7 +161,7 @@ def test_a_refit_after_a_real_retrain_keeps_the_probe_stage_and_the_calibrated_r
         with pipeline.connect(settings) as database, database.session(readonly=True) as session:
             row = repository.latest_calibration(session, architecture, model_name=settings.model_name)
             session.expunge(row)
-            return row, load_forecaster(session, architecture, model_name=settings.model_name, batch_size=64)
+            return row, load_forecaster(session, architecture, model_name=settings.model_name, image_size=trained.spec.shape_key, batch_size=64)
 
     registered, before = newest()
     x, y = trained.splits["stream"]

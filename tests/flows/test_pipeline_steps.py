@@ -89,6 +89,38 @@ def test_two_models_of_one_architecture_each_forecast_and_learn_with_their_own_c
 
 
 @sqlite_only
+def test_an_architectures_energy_rate_at_another_input_size_neither_prices_nor_refits_this_models(pipeline_env: PipelineEnv) -> None:
+    from shiftcost.data import build_model
+    from shiftcost.store import repository
+    from tests.store import seed
+
+    env = pipeline_env
+    # The same architecture on images four times the size, measured on this host after the bootstrap's 0.5 J.
+    _, larger = build_model("digits_cnn", 10, in_channels=1, image_size=16)
+    with pipeline.connect(env.settings) as database:
+        pipeline.record_energy_probe(database, larger, 8.0, hardware="test machine")
+        with database.session() as session:
+            wide = seed.model(session, name="wide", architecture="digits_cnn", details={"spec": larger.to_dict()})
+            run = repository.start_retrain_run(session, wide.id)
+            work = {"energy": {"energy_kwh": 1e-3}, "samples_seen": 400, "curve": [0.5, 0.9], "holdout_samples": 50, "device": "cpu"}
+            repository.finish_retrain_run(session, run.id, "succeeded", energy_kwh=1e-3, details=work)
+    env.budget("monthly", period="monthly", kwh=1.0)
+    x, y = env.stream(0, 200)
+    env.drop("bright.npz", brightened(x), y)
+
+    (result,) = pipeline.watch_once(env.settings)
+
+    assert result.retraining is not None and result.retraining.status == "succeeded", result.to_dict()
+    (prediction,) = env.rows(db.CostPrediction)
+    assert prediction.joules_per_sample_epoch == 0.5
+    (own,) = env.rows(db.RetrainRun, db.RetrainRun.model_id == env.bootstrapped.model.model_id)
+    refit = own.details["energy_rate"]
+    assert refit["joules_per_sample_before"] == 0.5 and refit["runs"] == 1  # the wide model's run left out
+    newest = env.rows(db.EnergyProbe)[-1]
+    assert (newest.image_size, newest.measurement_method) == ("1x8x8", "refitted")
+
+
+@sqlite_only
 def test_batches_in_an_fsspec_landing_location_go_through_the_library_pipeline(pipeline_env: PipelineEnv) -> None:
     import fsspec
 

@@ -18,10 +18,10 @@ def test_a_stored_forecaster_predicts_its_probe_stage_exactly_as_the_fitted_one(
         with database.session() as session:
             store_cost_model(session, "digits_cnn", fitted.stage0, source="sweep", forecaster=fitted)
         with database.session() as session:
-            assert load_forecaster(session, "digits_cnn", model_name="digits", batch_size=32).energy_rate == fitted.energy_rate
+            assert load_forecaster(session, "digits_cnn", model_name="digits", image_size="1x8x8", batch_size=32).energy_rate == fitted.energy_rate
             repository.add_energy_probe(session, "digits_cnn", "here", "1x8x8", 2.0)
         with database.session(readonly=True) as session:
-            loaded = load_forecaster(session, "digits_cnn", model_name="digits", batch_size=32)
+            loaded = load_forecaster(session, "digits_cnn", model_name="digits", image_size="1x8x8", batch_size=32)
     finally:
         database.dispose()
     # The batch calibration retrained at is stored and wins over the caller's stand-in.
@@ -59,11 +59,11 @@ def test_a_rate_fitted_from_measured_runs_is_stored_whole_and_prices_the_pipelin
             store_cost_model(session, "digits_cnn", fitted.stage0, source="sweep", forecaster=fitted)
         record_energy_probe(database, spec, rate.joules_per_sample, hardware="here", rate=rate)
         with database.session(readonly=True) as session:
-            assert load_forecaster(session, "digits_cnn", model_name="digits", batch_size=32).energy_rate == rate
+            assert load_forecaster(session, "digits_cnn", model_name="digits", image_size="1x8x8", batch_size=32).energy_rate == rate
         # A probe of training throughput alone has no overhead to carry.
         record_energy_probe(database, spec, 0.003, hardware="here")
         with database.session(readonly=True) as session:
-            plain = load_forecaster(session, "digits_cnn", model_name="digits", batch_size=32).energy_rate
+            plain = load_forecaster(session, "digits_cnn", model_name="digits", image_size="1x8x8", batch_size=32).energy_rate
     finally:
         database.dispose()
     assert (plain.joules_per_sample, plain.overhead_joules) == (0.003, 0.0)
