@@ -395,8 +395,8 @@ def estimate_cost(db: Database, settings: Settings, loaded: LoadedBatch, report:
         )
     if probe_values is None:
         raise ConfigError(
-            f"No energy probe is recorded for architecture {architecture}, so epochs cannot be turned into kWh; "
-            "run `shiftcost probe-energy` or give joules_per_sample_epoch when bootstrapping."
+            f"No energy rate is recorded for {architecture} at {loaded.spec.shape_key} inputs, so epochs cannot be turned into kWh; "
+            "give the model its calibration with `shiftcost model cost-model DIR` (or `--joules-per-sample-epoch J`, as `shiftcost probe-energy` measures it)."
         )
     cost_model, calibration = stored
     probe_id, rate = probe_values
