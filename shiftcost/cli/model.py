@@ -192,13 +192,13 @@ def register_command(
 
 @model_app.command("cost-model")
 def cost_model_command(
-    cost_model: Annotated[Path, typer.Argument(help=COST_MODEL_HELP, show_default=False)],
+    cost_model: Annotated[Path, typer.Argument(metavar="CALIBRATION", help=COST_MODEL_HELP, show_default=False)],
     joules: JoulesOption = None,
     name: NameOption = None,
     database_url: DatabaseUrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Give the model's current version a new calibration: the costmodel.json of a later `shiftcost calibrate` (new hardware, recipe or points).
+    """Give the model's current version a new calibration: the costmodel.json of a later `shiftcost calibrate` (new hardware, more points or kinds).
 
     The next assessment and retrain forecast with it, and retrains refit it from then on. A cost model calibrated on another architecture or with another recipe than the model's is refused (nothing written); earlier calibrations stay, so past decisions still name theirs.
     """

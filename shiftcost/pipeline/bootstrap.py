@@ -465,8 +465,8 @@ def attach_cost_model(
     joules_per_sample_epoch: float | None = None,
     db: Database | None = None,
 ) -> CostModelAttached:
-    """``shiftcost model cost-model``: a new sweep's ``costmodel.json`` (after new hardware, a new
-    recipe, more points) becomes the calibration the model's current version forecasts with.
+    """``shiftcost model cost-model``: a new sweep's ``costmodel.json`` (after new hardware, with
+    more points) becomes the calibration the model's current version forecasts with.
 
     Checked against that version's spec first (another architecture or recipe is refused,
     nothing written); earlier calibrations stay, so past decisions still name theirs.
