@@ -28,11 +28,11 @@ from shiftcost.calibrate import (
 from shiftcost.calibrate.ladder import SCALES
 from shiftcost.cli.calibrate import DEFAULT_TIME_BUDGET_S
 from shiftcost.data.batches import Batch, save_batch
-from shiftcost.data.demo import train_classifier
-from shiftcost.data.models import build_model, save_model
+from shiftcost.data.models import save_model
 from shiftcost.errors import ConfigError, InputError
 from shiftcost.forecast import protocol
 from shiftcost.forecast.probe import DEFAULT_MAX_HOLDOUT, RATE_SCALING, calibration_scalings, features_of_saved_curve
+from tests.forecast.helpers import trained_bars
 
 FAST_ENERGY = {"measure_power_secs": 0.2}
 # A shift so strong that the pixels overflow to infinity: a real crash inside the point.
@@ -41,30 +41,9 @@ SWEEP = {"gaussian_noise": (0.0, 0.6, OVERFLOW, 1.2), "contrast": (0.0, 0.7, 0.9
 RETRAIN = dict(repeats=2, max_epochs=2.0, eval_every=1, batch_size=16, lr=3e-3, probe=False, device="cpu")
 
 
-def bars(n_per_class: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three classes of 8x8 images: a bright horizontal band at one of three heights, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(3).repeat_interleave(n_per_class)
-    x = 0.15 * torch.rand(len(y), 1, 8, 8, generator=g)
-    for k in range(3):
-        x[y == k, :, 1 + 2 * k : 3 + 2 * k, :] += 0.8
-    order = torch.randperm(len(y), generator=g)
-    return x.clamp(0, 1)[order], y[order]
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        x, y = bars()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model, spec = build_model("digits_cnn", 3, in_channels=1, image_size=8)
-        train_classifier(model, x, y, epochs=8, batch_size=16, lr=1e-2)
-    finally:
-        torch.set_num_threads(threads)
-    return model, spec, x, y
+    return trained_bars()
 
 
 @pytest.fixture(scope="module")

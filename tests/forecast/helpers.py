@@ -7,6 +7,8 @@ import math
 import numpy as np
 import torch
 
+from shiftcost.data.demo import train_classifier
+from shiftcost.data.models import ModelSpec, build_model
 from shiftcost.energy import HostEnergyRate
 from shiftcost.forecast.forecaster import Forecaster
 
@@ -68,3 +70,18 @@ def bars(n_per_class: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
         x[y == k, :, 1 + 2 * k : 3 + 2 * k, :] += 0.8
     order = torch.randperm(len(y), generator=g)
     return x.clamp(0, 1)[order], y[order]
+
+
+def trained_bars() -> tuple[torch.nn.Module, ModelSpec, torch.Tensor, torch.Tensor]:
+    """The digits CNN trained on :func:`bars` at one thread, seeded: the command-line tests' small model."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x, y = bars()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, spec = build_model("digits_cnn", 3, in_channels=1, image_size=8)
+        train_classifier(model, x, y, epochs=8, batch_size=16, lr=1e-2)
+    finally:
+        torch.set_num_threads(threads)
+    return model, spec, x, y

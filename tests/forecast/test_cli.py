@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from shiftcost.data.batches import Batch, save_batch
-from shiftcost.data.demo import train_classifier
-from shiftcost.data.models import build_model, save_model
+from shiftcost.data.models import save_model
 from shiftcost.forecast.forecaster import STAGE1_DEFAULT, Forecaster
 from shiftcost.forecast.price import RetrainPrice
 from shiftcost.index.engine import compute_reference_stats
-from tests.forecast.helpers import INDEX, UNIT_RATE, bars, fitted_forecaster, long_retrain_rows
+from tests.forecast.helpers import INDEX, UNIT_RATE, bars, fitted_forecaster, long_retrain_rows, trained_bars
 
 INTERVAL = {"median", "low", "high", "level"}
 
@@ -31,11 +30,7 @@ def files(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        x, y = bars()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model, spec = build_model("digits_cnn", 3, in_channels=1, image_size=8)
-        train_classifier(model, x, y, epochs=8, batch_size=16, lr=1e-2)
+        model, spec, x, y = trained_bars()
         save_model(model, spec, out / "model.safetensors")
         compute_reference_stats(model, spec, x, y, device="cpu").save(out / "reference.safetensors")
         save_batch(Batch((1 - x).contiguous(), y, "inverted"), out / "batch.npz")

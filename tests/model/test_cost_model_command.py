@@ -11,38 +11,27 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from shiftcost.data import Batch, build_model, save_batch, save_model
-from shiftcost.data.demo import train_classifier
+from shiftcost.data import Batch, save_batch, save_model
 from shiftcost.shifts import corrupt
+from tests.forecast.helpers import bars, trained_bars
 from tests.model.test_model_cli import run
-from tests.test_calibrate import bars
 
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory) -> Path:
     """A small model, its reference data, a shifted batch, and one `shiftcost calibrate` folder."""
     root = tmp_path_factory.mktemp("rotation")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        x, y = bars()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model, spec = build_model("digits_cnn", 3, in_channels=1, image_size=8)
-        train_classifier(model, x, y, epochs=8, batch_size=16, lr=1e-2)
-        save_model(model, spec, root / "model.safetensors")
-        save_batch(Batch(x, y, "reference"), root / "reference.npz")
-        x_new, y_new = bars(seed=1)
-        save_batch(Batch(corrupt(x_new, "gaussian_noise", 0.8, seed=1, clamp=True), y_new, "noisy"), root / "noisy.npz")
-        code, _, err = run([
-            "calibrate", "-m", root / "model.safetensors", "-r", root / "reference.npz", "-d", root / "reference.npz",
-            "--sweep", "gaussian_noise=0,0.75,0.85", "--sweep", "contrast=0,0.72,0.78", "--repeats", "1", "--max-epochs", "4",
-            "--device", "cpu", "--threads", "1", "--out", root / "calibration",
-        ])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    model, spec, x, y = trained_bars()
+    save_model(model, spec, root / "model.safetensors")
+    save_batch(Batch(x, y, "reference"), root / "reference.npz")
+    x_new, y_new = bars(seed=1)
+    save_batch(Batch(corrupt(x_new, "gaussian_noise", 0.8, seed=1, clamp=True), y_new, "noisy"), root / "noisy.npz")
+    code, _, err = run([
+        "calibrate", "-m", root / "model.safetensors", "-r", root / "reference.npz", "-d", root / "reference.npz",
+        "--sweep", "gaussian_noise=0,0.75,0.85", "--sweep", "contrast=0,0.72,0.78", "--repeats", "1", "--max-epochs", "4",
+        "--device", "cpu", "--threads", "1", "--out", root / "calibration",
+    ])  # fmt: skip
     assert code == 0, err
     assert (root / "calibration" / "costmodel.json").is_file()
     return root
