@@ -383,16 +383,19 @@ def register_from_files(
         parent_id, parent_version = (None, None) if parent is None else (parent.id, parent.version)
 
     version = register_model_version(db, settings, model, spec, reference.x, reference.y, name=name, parent_id=parent_id)
-    calibration_id = cost_model_version = probe_id = None
-    joules = joules_per_sample_epoch
+    stored = probe_id = None
     with db.session() as session:
         if calibration is not None:
             stored = store_calibration_files(session, spec, version.model_id, calibration)
-            calibration_id, cost_model_version, probe_id, joules = stored.calibration_id, stored.cost_model_version, stored.energy_probe_id, calibration.joules
-        elif joules is not None:
-            probe_id = _add_energy_probe(session, spec, joules, hardware="given with --joules-per-sample-epoch")
+        elif joules_per_sample_epoch is not None:
+            probe_id = _add_energy_probe(session, spec, joules_per_sample_epoch, hardware="given with --joules-per-sample-epoch")
     budget = ensure_default_budget(db, settings)
-    return Registered(version, parent_version, accuracy.to_dict(), calibration_id, cost_model_version, probe_id, joules, budget)
+    if stored is None:
+        return Registered(version, parent_version, accuracy.to_dict(), None, None, probe_id, joules_per_sample_epoch, budget)
+    return Registered(
+        version, parent_version, accuracy.to_dict(), stored.calibration_id, stored.cost_model_version, stored.energy_probe_id,
+        calibration.joules, budget,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -75,13 +75,13 @@ def _run_measures(result: RetrainResult | None) -> dict[str, Any]:
 
 
 def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult) -> dict[str, Any] | None:
-    """Refit the energy rate of the architecture at this input size from every finished run of it that measured
-    energy like this one (:func:`runs_alike`).
+    """Refit the energy rate of the architecture at this input size from every finished run of
+    it that measured energy like this one (:func:`runs_alike`).
 
-    The rate (joules per training sample, evaluations weighted by
-    ``EVAL_SAMPLE_WEIGHT``, and per run) is a robust line through the runs
-    (``HostEnergyRate.fit``): one run on a loaded machine does not move it far. It is stored as the newest energy
-    probe of the architecture at that size, which the next assessment and the next guard price with. Returns the run's
+    The rate (joules per training sample, evaluations weighted by ``EVAL_SAMPLE_WEIGHT``, and
+    per run) is a robust line through the runs (``HostEnergyRate.fit``): one run on a loaded
+    machine does not move it far. It is stored as the newest energy probe of the architecture
+    at that size, which the next assessment and the next guard price with. Returns the run's
     measured kWh beside what the rate in force before it estimated, and the rates; None when
     the run measured no energy.
     """
@@ -95,7 +95,8 @@ def refit_energy_rate(session: Any, inputs: RetrainInputs, result: RetrainResult
     architecture = inputs.spec.architecture
     threads, kind = _trained_threads(result), device_kind(result.device)
     shape = inputs.spec.shape_key
-    earlier = [run for run, model in runs.measured_run_details(session, architecture, except_run=inputs.job.run_id) if _shape_key(model) == shape]
+    measured = runs.measured_run_details(session, architecture, except_run=inputs.job.run_id)
+    earlier = [run for run, model in measured if _shape_key(model) == shape]
     works = [run_work(details) for details in runs_alike(earlier, kind, threads)] + [own]
     refitted = HostEnergyRate.fit(works, hardware=f"refitted from {len(works)} retrain runs", threads=threads, device=kind)
     before = repository.latest_energy_probe(session, architecture, image_size=shape)
