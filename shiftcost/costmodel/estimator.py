@@ -506,8 +506,9 @@ def _fit_version_single_threaded(
         keep = np.ones(len(rows), dtype=bool)
         keep[members] = False
         if (kind[keep] == 0).sum() < 2:
+            left_out = rows[int(members[0])].get("group")
             raise CostModelInputError(
-                f"leaving out fold {k} leaves fewer than 2 runs with a positive cost that reached the cutoff; "
+                f"leaving out group {left_out!r} leaves fewer than 2 runs with a positive cost that reached the cutoff; "
                 "add such runs or fit without groups."
             )
         fold_models.append(_fit_tobit_with_offsets(X[keep], z[keep], kind[keep], sign_arr, alpha, offsets, start=full))

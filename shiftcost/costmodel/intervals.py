@@ -158,12 +158,13 @@ def min_points_needed(n_features: int, level: float = 0.90) -> int:
     return max(n_features + 3, math.ceil(level / (1.0 - level) - _EPS))
 
 
-#: Runs with an exact cost below which not even the prior can be fitted (a spread needs two).
-MIN_EXACT_RUNS = 2
+#: Runs with an exact cost below which not even the prior can be fitted: each leave-one-out fold
+#: that sizes the intervals fits a spread, which needs two, so three in all.
+MIN_EXACT_RUNS = 3
 
 
 def _check_enough(n_features: int, kind: np.ndarray, level: float) -> int:
-    """How many exact runs the full model misses (the prior stands in for them); refuses below 2."""
+    """How many exact runs the full model misses (the prior stands in for them); refuses below ``MIN_EXACT_RUNS``."""
     need = min_points_needed(n_features, level)
     exact = int((kind == 0).sum())
     if exact < MIN_EXACT_RUNS:

@@ -109,8 +109,12 @@ def test_too_few_points_names_how_many_are_needed_and_given():
     # Fewer exact runs than the full model needs: fitted with a prior standing in for the missing ones.
     assert CostModel().fit(rows[:8] + censored).history_.latest.state["prior_runs"] == 1
     assert CostModel().fit(rows[:9] + censored).history_.latest.state["prior_runs"] == 0
-    with pytest.raises(InputError, match=r"need at least 2 runs whose exact cost is known \(and 9 for the full model.*got 1; 3 hit the cap and 0 needed no training"):
+    with pytest.raises(InputError, match=r"need at least 3 runs whose exact cost is known \(and 9 for the full model.*got 1; 3 hit the cap and 0 needed no training"):
         CostModel().fit(rows[:1] + censored)
+    # Two are refused too: each leave-one-out fold of the intervals needs two for its spread.
+    with pytest.raises(InputError, match=r"need at least 3 runs whose exact cost is known .*got 2; 3 hit the cap"):
+        CostModel().fit(rows[:2] + censored)
+    assert CostModel().fit(rows[:3] + censored).history_.latest.state["prior_runs"] == 6
     six = [dict(r, inv_ari=0.1, layer_shift=0.2, preindex_p=0.3, accuracy=0.9) for r in rows]
     assert min_points_needed(6, 0.8) == 9  # here the features set the floor: 6 + 3
     assert CostModel(level=0.8).fit(six[:7]).history_.latest.state["prior_runs"] == 2

@@ -51,8 +51,8 @@ def test_the_prior_fades_once_the_full_model_has_its_runs() -> None:
     assert model.coef_ == pytest.approx(coef, abs=1e-4) and model.intercept_ == pytest.approx(intercept, abs=1e-4)
 
 
-def test_below_two_exact_runs_even_the_prior_is_refused_in_one_sentence() -> None:
+def test_below_three_exact_runs_even_the_prior_is_refused_in_one_sentence() -> None:
     rows = [dict(r, reached_cutoff=True) for r in linear_rows(seed=3, n=3)]
     capped = [dict(r, reached_cutoff=False) for r in rows[1:]]
-    with pytest.raises(InputError, match=r"need at least 2 runs whose exact cost is known \(and 9 for the full model.*got 1; 2 hit the cap"):
+    with pytest.raises(InputError, match=r"need at least 3 runs whose exact cost is known \(and 9 for the full model.*got 1; 2 hit the cap"):
         CostModel(features=FEATURES).fit(rows[:1] + capped)
