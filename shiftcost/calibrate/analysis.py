@@ -191,6 +191,7 @@ def _fit_forecaster(
             energy_rate=rate, batch_size=int(settings.get("batch_size") or 64),
             probe_settings=_probe_settings(settings),
             retrain_settings=_retrain_settings(settings),
+            architecture=settings.get("architecture"),
         )
     except Exception as error:  # noqa: BLE001
         return None, _describe(error)

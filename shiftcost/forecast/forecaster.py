@@ -245,6 +245,7 @@ class Forecaster:
         left_out: Mapping[str, Any] | None = None,
         pull_to_median: float = PULL_TO_MEDIAN,
         interval_sized_on: str = INTERVAL_SIZED_ON,
+        architecture: str | None = None,
     ) -> None:
         self.stage0 = stage0
         self.stage1 = stage1
@@ -266,6 +267,9 @@ class Forecaster:
         if interval_sized_on not in INTERVAL_RUNS:
             raise InputError(f"the probe stage's interval is sized on one of {', '.join(map(repr, INTERVAL_RUNS))}, not {interval_sized_on!r}.")
         self.interval_sized_on = interval_sized_on
+        #: The architecture calibration retrained (``None`` where it was not recorded): indices and
+        #: epochs of another model say nothing of this one's (:meth:`check_model`).
+        self.architecture = architecture
 
     # -- fitting -------------------------------------------------------------------------
 
@@ -284,6 +288,7 @@ class Forecaster:
         stage1_features: Sequence[str] = STAGE1_DEFAULT,
         stage1_offsets: Sequence[str] | None = None,
         retrain_settings: Mapping[str, Any] | None = None,
+        architecture: str | None = None,
     ) -> Forecaster:
         """Fit stage 0 on ``features``; fit stage 1 on ``stage1_features`` when every row carries the probe's features.
 
@@ -324,6 +329,7 @@ class Forecaster:
             probe_settings=probe_settings,
             stage1_error=error,
             retrain_settings=retrain_settings,
+            architecture=architecture,
         )
 
     # -- forecasting ---------------------------------------------------------------------
@@ -691,6 +697,7 @@ class Forecaster:
             left_out=saved.get("left_out"),
             pull_to_median=saved.get("pull_to_median", 0.0),
             interval_sized_on=_interval_sized_on(saved),
+            architecture=saved.get("architecture"),
         )
 
     def probe_options(self) -> dict[str, Any]:
@@ -748,6 +755,10 @@ class Forecaster:
                 + (" (replaying needs the labelled reference data)." if unreplayed else ".")
             )
 
+    def check_model(self, architecture: str, model: str) -> None:
+        """Refuse to forecast retrains of another architecture than calibration retrained (:func:`check_architecture`)."""
+        check_architecture(self.architecture, architecture, "The cost model", model)
+
     def to_json(self) -> str:
         payload = {
             "format": FORMAT,
@@ -762,6 +773,7 @@ class Forecaster:
             "left_out": self.left_out,
             "pull_to_median": self.pull_to_median,
             "interval_sized_on": self.interval_sized_on,
+            "architecture": self.architecture,
             "protocol": {"holdout_fraction": protocol.HOLDOUT_FRACTION, "evals_per_epoch": protocol.EVALS_PER_EPOCH},
         }
         return json.dumps(payload, allow_nan=False)
@@ -832,6 +844,7 @@ class Forecaster:
                 # Files from before the pull forecast with none.
                 pull_to_median=payload.get("pull_to_median", 0.0),
                 interval_sized_on=sized_on,
+                architecture=payload.get("architecture"),
             )
         stage0 = CostModel.from_json(path.read_text())
         paired = cls.beside(path)
@@ -840,6 +853,16 @@ class Forecaster:
             return paired
         cap = stage0.max_epochs or stage0.cap_epochs_ or protocol.MAX_EPOCHS
         return cls(stage0, None, max_epochs=cap, batch_size=None, stage1_error="a plain cost model file holds none")
+
+
+def check_architecture(calibrated: str | None, architecture: str, what: str, model: str) -> None:
+    """Refuse a calibration (``what``) of a ``calibrated`` model for ``model``, a model of
+    ``architecture``: indices and epochs of one architecture say nothing of another's. Not
+    checked where calibration did not record its architecture (``None``)."""
+    if calibrated is not None and architecture != calibrated:
+        raise InputError(
+            f"{what} was calibrated on a {calibrated} model, not on a {architecture} like {model}; run `shiftcost calibrate` on this model file."
+        )
 
 
 def missing_energy_rate(path: str | Path, consequence: str) -> str:

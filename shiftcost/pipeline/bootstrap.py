@@ -522,6 +522,7 @@ def _read_calibration(path_text: str, spec: ModelSpec) -> tuple[CostModel, float
 
     from shiftcost.calibrate import LABEL_FREE_FILE
     from shiftcost.costmodel import CostModel
+    from shiftcost.forecast.forecaster import check_architecture
     from shiftcost.recipe import RetrainConfig
 
     path = Path(path_text)
@@ -548,12 +549,7 @@ def _read_calibration(path_text: str, spec: ModelSpec) -> tuple[CostModel, float
     except json.JSONDecodeError:
         raise InputError(f"{sweep_file} beside the cost model is not valid JSON; run `shiftcost calibrate` again.") from None
     settings = sweep.get("settings") or {}
-    swept_architecture = settings.get("architecture")
-    if swept_architecture is not None and swept_architecture != spec.architecture:
-        raise InputError(
-            f"The cost model in {path} was calibrated on a {swept_architecture} model, not on this {spec.architecture}; "
-            "run `shiftcost calibrate` on this model file."
-        )
+    check_architecture(settings.get("architecture"), spec.architecture, f"The cost model in {path}", "this model file")
     swept = (settings.get("retrain") or {}).get("recipe")
     if swept is not None:
         expected = RetrainConfig().for_model(spec).to_dict()["recipe"]

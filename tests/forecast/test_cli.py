@@ -126,6 +126,26 @@ def test_no_probe_runs_unasked_where_calibration_forecast_no_better_with_one(fil
     assert "the guard starts from the index forecast" in " ".join(guarded.stderr.split())
 
 
+def test_a_cost_model_of_another_architecture_is_refused_before_any_work(files, tmp_path) -> None:
+    other = fitted_forecaster()
+    other.architecture = "resnet18"
+    cost_model = other.save(tmp_path / "forecaster.json")
+    forecast = shiftcost(
+        "forecast", "--model", str(files / "model.safetensors"), "--reference-stats", str(files / "reference.safetensors"),
+        "--batch", str(files / "batch.npz"), "--cost-model", str(cost_model), "--device", "cpu", cwd=tmp_path,
+    )
+    out = tmp_path / "retrained.safetensors"
+    guarded = shiftcost(
+        "retrain", "--model", str(files / "model.safetensors"), "--batch", str(files / "batch.npz"), "--out", str(out),
+        "--cost-model", str(cost_model), "--budget-kwh", "60", "--batch-size", "16", "--no-energy", "--device", "cpu", cwd=tmp_path,
+    )
+    for done, model in ((forecast, files / "model.safetensors"), (guarded, "this model file")):
+        sentence = " ".join(done.stderr.split())
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert f"The cost model was calibrated on a resnet18 model, not on a digits_cnn like {model}; run `shiftcost calibrate`" in sentence
+    assert not out.exists()
+
+
 def test_contradictory_probe_options_are_one_sentence(files) -> None:
     done = shiftcost(*forecast_args(files, "--no-probe", "--probe-steps", "3"), cwd=files)
     assert done.returncode == 2 and "contradict" in done.stderr and "Traceback" not in done.stderr

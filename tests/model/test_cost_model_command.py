@@ -34,6 +34,8 @@ def calibrated(tmp_path_factory) -> Path:
     ])  # fmt: skip
     assert code == 0, err
     assert (root / "calibration" / "costmodel.json").is_file()
+    # What forecast and retrain --cost-model check a model file against.
+    assert json.loads((root / "calibration" / "forecaster.json").read_text())["architecture"] == "digits_cnn"
     return root
 
 
@@ -71,7 +73,7 @@ def test_a_new_calibration_replaces_the_models_own_and_a_later_sibling_does_not(
     foreign = _edited_copy(root, "foreign", lambda settings: settings.update(architecture="resnet18"))
     other_recipe = _edited_copy(root, "other-recipe", lambda settings: settings["retrain"]["recipe"].update(lr=0.5))
     for folder, sentence in (
-        (foreign, f"The cost model in {foreign / 'costmodel.json'} was calibrated on a resnet18 model, not on this digits_cnn"),
+        (foreign, f"The cost model in {foreign / 'costmodel.json'} was calibrated on a resnet18 model, not on a digits_cnn like this model file"),
         (other_recipe, f"The cost model in {other_recipe / 'costmodel.json'} was calibrated with another recipe than the model's (lr differ)"),
         (tmp_path / "nowhere", f"Cost model file {tmp_path / 'nowhere'} does not exist"),
     ):
