@@ -192,6 +192,7 @@ def _fit_forecaster(
             probe_settings=_probe_settings(settings),
             retrain_settings=_retrain_settings(settings),
             architecture=settings.get("architecture"),
+            input_shape=settings.get("input_shape"),
         )
     except Exception as error:  # noqa: BLE001
         return None, _describe(error)

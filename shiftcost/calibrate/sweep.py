@@ -216,6 +216,7 @@ def _sweep_settings(
         "level": level,
         "features": list(features),
         "architecture": getattr(spec, "architecture", None),
+        "input_shape": getattr(spec, "shape_key", None),
     }
 
 

@@ -69,7 +69,7 @@ def forecast(
     if note:
         make_console(stderr=True).print(note, style="yellow")
     net, spec = load_model(model)
-    forecaster.check_model(spec.architecture, str(model))
+    forecaster.check_model(spec, str(model))
     reference = ReferenceStats.load(reference_stats, model=net)
     new = load_batch(batch, spec=spec)
     check_batch(new, spec)

@@ -221,7 +221,7 @@ def _budget_guard(
     forecaster = Forecaster.load(cost_model)
     if forecaster.energy_rate is None:
         raise InputError(missing_energy_rate(cost_model, "a budget in kWh cannot be guarded"))
-    forecaster.check_model(spec.architecture, "this model file")
+    forecaster.check_model(spec, "this model file")
     has_reference = ref_x is not None and ref_y is not None
     forecaster.check_retrain(config, "this retrain (its recipe options and file, and the model file's recipe)", reference_available=has_reference)
     note = rate_mismatch_note(forecaster.energy_rate, device)

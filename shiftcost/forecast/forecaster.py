@@ -246,6 +246,7 @@ class Forecaster:
         pull_to_median: float = PULL_TO_MEDIAN,
         interval_sized_on: str = INTERVAL_SIZED_ON,
         architecture: str | None = None,
+        input_shape: str | None = None,
     ) -> None:
         self.stage0 = stage0
         self.stage1 = stage1
@@ -267,9 +268,11 @@ class Forecaster:
         if interval_sized_on not in INTERVAL_RUNS:
             raise InputError(f"the probe stage's interval is sized on one of {', '.join(map(repr, INTERVAL_RUNS))}, not {interval_sized_on!r}.")
         self.interval_sized_on = interval_sized_on
-        #: The architecture calibration retrained (``None`` where it was not recorded): indices and
-        #: epochs of another model say nothing of this one's (:meth:`check_model`).
+        #: The architecture and input shape (``ModelSpec.shape_key``) calibration retrained (``None``
+        #: where not recorded): another model's indices, epochs and joules say nothing of this one's
+        #: (:meth:`check_model`).
         self.architecture = architecture
+        self.input_shape = input_shape
 
     # -- fitting -------------------------------------------------------------------------
 
@@ -289,6 +292,7 @@ class Forecaster:
         stage1_offsets: Sequence[str] | None = None,
         retrain_settings: Mapping[str, Any] | None = None,
         architecture: str | None = None,
+        input_shape: str | None = None,
     ) -> Forecaster:
         """Fit stage 0 on ``features``; fit stage 1 on ``stage1_features`` when every row carries the probe's features.
 
@@ -330,6 +334,7 @@ class Forecaster:
             stage1_error=error,
             retrain_settings=retrain_settings,
             architecture=architecture,
+            input_shape=input_shape,
         )
 
     # -- forecasting ---------------------------------------------------------------------
@@ -698,6 +703,7 @@ class Forecaster:
             pull_to_median=saved.get("pull_to_median", 0.0),
             interval_sized_on=_interval_sized_on(saved),
             architecture=saved.get("architecture"),
+            input_shape=saved.get("input_shape"),
         )
 
     def probe_options(self) -> dict[str, Any]:
@@ -755,9 +761,9 @@ class Forecaster:
                 + (" (replaying needs the labelled reference data)." if unreplayed else ".")
             )
 
-    def check_model(self, architecture: str, model: str) -> None:
-        """Refuse to forecast retrains of another architecture than calibration retrained (:func:`check_architecture`)."""
-        check_architecture(self.architecture, architecture, "The cost model", model)
+    def check_model(self, spec: Any, model: str) -> None:
+        """Refuse to forecast retrains of another model than calibration retrained (:func:`check_calibrated_model`)."""
+        check_calibrated_model(self.architecture, self.input_shape, spec, "The cost model", model)
 
     def to_json(self) -> str:
         payload = {
@@ -774,6 +780,7 @@ class Forecaster:
             "pull_to_median": self.pull_to_median,
             "interval_sized_on": self.interval_sized_on,
             "architecture": self.architecture,
+            "input_shape": self.input_shape,
             "protocol": {"holdout_fraction": protocol.HOLDOUT_FRACTION, "evals_per_epoch": protocol.EVALS_PER_EPOCH},
         }
         return json.dumps(payload, allow_nan=False)
@@ -845,6 +852,7 @@ class Forecaster:
                 pull_to_median=payload.get("pull_to_median", 0.0),
                 interval_sized_on=sized_on,
                 architecture=payload.get("architecture"),
+                input_shape=payload.get("input_shape"),
             )
         stage0 = CostModel.from_json(path.read_text())
         paired = cls.beside(path)
@@ -855,14 +863,17 @@ class Forecaster:
         return cls(stage0, None, max_epochs=cap, batch_size=None, stage1_error="a plain cost model file holds none")
 
 
-def check_architecture(calibrated: str | None, architecture: str, what: str, model: str) -> None:
-    """Refuse a calibration (``what``) of a ``calibrated`` model for ``model``, a model of
-    ``architecture``: indices and epochs of one architecture say nothing of another's. Not
-    checked where calibration did not record its architecture (``None``)."""
-    if calibrated is not None and architecture != calibrated:
-        raise InputError(
-            f"{what} was calibrated on a {calibrated} model, not on a {architecture} like {model}; run `shiftcost calibrate` on this model file."
-        )
+def check_calibrated_model(architecture: str | None, input_shape: str | None, spec: Any, what: str, model: str) -> None:
+    """Refuse a calibration (``what``) of an ``architecture`` at ``input_shape`` for ``model``, whose
+    ``spec`` differs in either: indices, epochs and joules per sample of one model say nothing of
+    another's. What calibration did not record (``None``) is not checked."""
+    if (architecture or spec.architecture) == spec.architecture and (input_shape or spec.shape_key) == spec.shape_key:
+        return
+    calibrated = architecture or spec.architecture
+    raise InputError(
+        f"{what} was calibrated on {calibrated}{'' if input_shape is None else f' at {input_shape}'}, not on {spec.architecture} at "
+        f"{spec.shape_key} like {model}; run `shiftcost calibrate` on this model file."
+    )
 
 
 def missing_energy_rate(path: str | Path, consequence: str) -> str:

@@ -522,7 +522,7 @@ def _read_calibration(path_text: str, spec: ModelSpec) -> tuple[CostModel, float
 
     from shiftcost.calibrate import LABEL_FREE_FILE
     from shiftcost.costmodel import CostModel
-    from shiftcost.forecast.forecaster import check_architecture
+    from shiftcost.forecast.forecaster import check_calibrated_model
     from shiftcost.recipe import RetrainConfig
 
     path = Path(path_text)
@@ -549,7 +549,7 @@ def _read_calibration(path_text: str, spec: ModelSpec) -> tuple[CostModel, float
     except json.JSONDecodeError:
         raise InputError(f"{sweep_file} beside the cost model is not valid JSON; run `shiftcost calibrate` again.") from None
     settings = sweep.get("settings") or {}
-    check_architecture(settings.get("architecture"), spec.architecture, f"The cost model in {path}", "this model file")
+    check_calibrated_model(settings.get("architecture"), settings.get("input_shape"), spec, f"The cost model in {path}", "this model file")
     swept = (settings.get("retrain") or {}).get("recipe")
     if swept is not None:
         expected = RetrainConfig().for_model(spec).to_dict()["recipe"]

@@ -126,9 +126,15 @@ def test_no_probe_runs_unasked_where_calibration_forecast_no_better_with_one(fil
     assert "the guard starts from the index forecast" in " ".join(guarded.stderr.split())
 
 
-def test_a_cost_model_of_another_architecture_is_refused_before_any_work(files, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "architecture, input_shape, calibrated_on",
+    [("resnet18", None, "resnet18"), ("digits_cnn", "1x32x32", "digits_cnn at 1x32x32")],
+)
+def test_a_cost_model_of_another_architecture_or_input_size_is_refused_before_any_work(
+    files, tmp_path, architecture: str, input_shape: str | None, calibrated_on: str
+) -> None:
     other = fitted_forecaster()
-    other.architecture = "resnet18"
+    other.architecture, other.input_shape = architecture, input_shape
     cost_model = other.save(tmp_path / "forecaster.json")
     forecast = shiftcost(
         "forecast", "--model", str(files / "model.safetensors"), "--reference-stats", str(files / "reference.safetensors"),
@@ -142,7 +148,7 @@ def test_a_cost_model_of_another_architecture_is_refused_before_any_work(files, 
     for done, model in ((forecast, files / "model.safetensors"), (guarded, "this model file")):
         sentence = " ".join(done.stderr.split())
         assert done.returncode == 2 and "Traceback" not in done.stderr
-        assert f"The cost model was calibrated on a resnet18 model, not on a digits_cnn like {model}; run `shiftcost calibrate`" in sentence
+        assert f"The cost model was calibrated on {calibrated_on}, not on digits_cnn at 1x8x8 like {model}; run `shiftcost calibrate`" in sentence
     assert not out.exists()
 
 

@@ -35,7 +35,8 @@ def calibrated(tmp_path_factory) -> Path:
     assert code == 0, err
     assert (root / "calibration" / "costmodel.json").is_file()
     # What forecast and retrain --cost-model check a model file against.
-    assert json.loads((root / "calibration" / "forecaster.json").read_text())["architecture"] == "digits_cnn"
+    saved = json.loads((root / "calibration" / "forecaster.json").read_text())
+    assert (saved["architecture"], saved["input_shape"]) == ("digits_cnn", "1x8x8")
     return root
 
 
@@ -73,7 +74,7 @@ def test_a_new_calibration_replaces_the_models_own_and_a_later_sibling_does_not(
     foreign = _edited_copy(root, "foreign", lambda settings: settings.update(architecture="resnet18"))
     other_recipe = _edited_copy(root, "other-recipe", lambda settings: settings["retrain"]["recipe"].update(lr=0.5))
     for folder, sentence in (
-        (foreign, f"The cost model in {foreign / 'costmodel.json'} was calibrated on a resnet18 model, not on a digits_cnn like this model file"),
+        (foreign, f"The cost model in {foreign / 'costmodel.json'} was calibrated on resnet18 at 1x8x8, not on digits_cnn at 1x8x8 like this model file"),
         (other_recipe, f"The cost model in {other_recipe / 'costmodel.json'} was calibrated with another recipe than the model's (lr differ)"),
         (tmp_path / "nowhere", f"Cost model file {tmp_path / 'nowhere'} does not exist"),
     ):
