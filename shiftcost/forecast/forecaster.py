@@ -867,7 +867,9 @@ def check_calibrated_model(architecture: str | None, input_shape: str | None, sp
     """Refuse a calibration (``what``) of an ``architecture`` at ``input_shape`` for ``model``, whose
     ``spec`` differs in either: indices, epochs and joules per sample of one model say nothing of
     another's. What calibration did not record (``None``) is not checked."""
-    if (architecture or spec.architecture) == spec.architecture and (input_shape or spec.shape_key) == spec.shape_key:
+    other_architecture = architecture is not None and architecture != spec.architecture
+    other_shape = input_shape is not None and input_shape != spec.shape_key
+    if not (other_architecture or other_shape):
         return
     calibrated = architecture or spec.architecture
     raise InputError(

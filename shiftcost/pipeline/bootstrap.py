@@ -456,9 +456,6 @@ class CostModelAttached:
     joules_per_sample_epoch: float | None
     replaced_calibration_version: int | None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def attach_cost_model(
     settings: Settings,
