@@ -36,6 +36,26 @@ def _register_commands() -> None:
         importlib.import_module(f"{__name__}.{module.name}").register(app)
 
 
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import shiftcost
+
+        typer.echo(f"shiftcost {shiftcost.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    # Only carries the eager --version option; the app's help stays the Typer help above.
+    return None
+
+
 _register_commands()
 
 
