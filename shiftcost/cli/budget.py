@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from enum import Enum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from shiftcost.cli._console import make_console
 from shiftcost.cli.db import DatabaseUrlOption, open_for_cli
+
+if TYPE_CHECKING:
+    from shiftcost.store.models import Budget
 
 budget_app = typer.Typer(
     name="budget",
@@ -28,6 +31,18 @@ class Period(str, Enum):
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
+
+
+def _summary(verb: str, budget: Budget) -> str:
+    """One line saying what a budget now allows, e.g. ``created budget b: 2 kWh, - kg CO2e per UTC month for *``."""
+    period = {
+        Period.per_run.value: "per run",
+        Period.daily.value: "per UTC day",
+        Period.monthly.value: "per UTC month",
+    }.get(budget.period) or f"per rolling {budget.rolling_days} days"
+    disabled = "" if budget.disabled_at is None else " (disabled)"
+    return (f"{verb} budget {budget.name}: {_number(budget.kwh_cap)} kWh, {_number(budget.co2_cap)} kg CO2e "
+            f"{period} for {budget.scope}{disabled}")
 
 
 @budget_app.command("create")
@@ -56,13 +71,10 @@ def create(
             )
     finally:
         database.dispose()
-    data = {"id": budget.id, "name": budget.name, "scope": budget.scope, "period": budget.period,
-            "rolling_days": budget.rolling_days, "kwh_cap": budget.kwh_cap, "co2_cap": budget.co2_cap}
     if as_json:
-        typer.echo(json.dumps(data))
+        typer.echo(json.dumps(_budget_data(budget)))
     else:
-        typer.echo(f"created budget {budget.name}: {_number(budget.kwh_cap)} kWh, "
-                   f"{_number(budget.co2_cap)} kg CO2e per {budget.period} for {budget.scope}")
+        typer.echo(_summary("created", budget))
 
 
 @budget_app.command("list")
@@ -98,7 +110,7 @@ def list_(
     make_console().print(table)
 
 
-def _budget_data(budget) -> dict:
+def _budget_data(budget: Budget) -> dict:
     return {"id": budget.id, "name": budget.name, "scope": budget.scope, "period": budget.period,
             "rolling_days": budget.rolling_days, "kwh_cap": budget.kwh_cap, "co2_cap": budget.co2_cap,
             "enabled": budget.disabled_at is None}
@@ -164,12 +176,10 @@ def _change(name: str, changes: dict, as_json: bool, database_url: str | None, v
             budget = ledger.update_budget(session, name, **changes)
     finally:
         database.dispose()
-    data = _budget_data(budget)
     if as_json:
-        typer.echo(json.dumps(data))
+        typer.echo(json.dumps(_budget_data(budget)))
     else:
-        typer.echo(f"{verb} budget {budget.name}: {_number(budget.kwh_cap)} kWh, {_number(budget.co2_cap)} kg CO2e "
-                   f"per {budget.period} for {budget.scope}{'' if data['enabled'] else ' (disabled)'}")
+        typer.echo(_summary(verb, budget))
 
 
 @budget_app.command("delete")

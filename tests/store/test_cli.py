@@ -74,6 +74,26 @@ def test_budget_commands(database_url: str, db) -> None:
     assert seed.committed(db).remaining("day").remaining_kwh == pytest.approx(5.0)
 
 
+def test_budget_changes_are_said_in_one_line_with_the_period_in_words(database_url: str) -> None:
+    lines = [
+        invoke("budget", *args, url=database_url).output.strip()
+        for args in (
+            ("create", "month", "--period", "monthly", "--kwh", "2"),
+            ("create", "window", "--period", "rolling_days", "--rolling-days", "30", "--co2", "1", "--scope", "digits"),
+            ("create", "each", "--period", "per_run", "--kwh", "0.5"),
+            ("disable", "month"),
+            ("update", "window", "--co2", "3"),
+        )
+    ]
+    assert lines == [
+        "created budget month: 2 kWh, - kg CO2e per UTC month for *",
+        "created budget window: - kWh, 1 kg CO2e per rolling 30 days for digits",
+        "created budget each: 0.5 kWh, - kg CO2e per run for *",
+        "disabled budget month: 2 kWh, - kg CO2e per UTC month for * (disabled)",
+        "updated budget window: - kWh, 3 kg CO2e per rolling 30 days for digits",
+    ]
+
+
 def test_audit_formats(database_url: str, db) -> None:
     with db.session() as session:
         decision = seed.decision(session, seed.model(session, name="digits"), action="skip",
