@@ -6,8 +6,9 @@ docker/compose.yaml). Embedded: ``shiftcost serve`` builds the same deployments 
 serves them from one process with Prefect's ``serve``, on Prefect's ephemeral API (SQLite,
 no server to install) unless ``PREFECT_API_URL`` names a server. The ephemeral API runs no
 scheduler service, so the watch schedule is kept by a ticker thread beside the runner:
-every poll interval it starts a ``watch`` run of the served deployment, keyed by the
-interval's slot so that two tickers never start the same poll twice.
+every poll interval it starts a ``watch`` run of the served deployment (unless its last one
+has not finished), keyed by the interval's slot so that two tickers never start the same poll
+twice.
 """
 
 from __future__ import annotations
@@ -110,22 +111,43 @@ def served_deployments(settings: Settings, overrides: dict[str, Any] | None = No
 
 
 def _tick(interval_s: float, stop: threading.Event, log: Any) -> None:
-    """Start a watch run every ``interval_s`` seconds until ``stop`` is set."""
+    """Start a watch run every ``interval_s`` seconds until ``stop`` is set.
+
+    A poll is skipped while the watch run this ticker started last has not finished: that run
+    will see whatever lands meanwhile, and a run started behind it would only wait for the
+    deployment's one slot. Without the skip, a watch that outlasts the interval (an inline
+    retrain) left one more run queued every interval, each then run in turn.
+    """
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
     watch = next(spec for spec in DEPLOYMENTS if spec.scheduled)
+    previous = None
+    told = None
     while not stop.is_set():
         slot = int(time.time() // interval_s)
         try:
-            run = run_deployment(watch.full_name, timeout=0, as_subflow=False, idempotency_key=f"tick-{slot}")
-            log(f"poll {slot}: watch run {run.name} scheduled")
+            if previous is not None and not _finished(previous.id):
+                if told != previous.id:
+                    log(f"poll {slot}: watch run {previous.name} has not finished; later polls wait for it")
+                    told = previous.id
+            else:
+                previous = run_deployment(watch.full_name, timeout=0, as_subflow=False, idempotency_key=f"tick-{slot}")
+                log(f"poll {slot}: watch run {previous.name} scheduled")
         except ObjectNotFound:
             stop.wait(1.0)  # the runner has not registered the deployments yet
             continue
         except Exception as error:  # noqa: BLE001 - a failed tick must not end the serving
             log(f"poll {slot}: could not start a watch run ({error}); trying again next poll")
         stop.wait(max(0.0, (slot + 1) * interval_s - time.time()))
+
+
+def _finished(flow_run_id: Any) -> bool:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run_id).state
+    return state is not None and state.is_final()
 
 
 def check_prefect_api(url: str, timeout_s: float = 5.0) -> None:

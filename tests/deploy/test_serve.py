@@ -1,0 +1,87 @@
+"""``shiftcost serve`` as a user runs it: one process, Prefect's ephemeral API, a landing folder, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flow_support import PipelineEnv, brightened, sqlite_only
+
+from shiftcost.store import models as db
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def watch_run_states(prefect_home: Path) -> list[str]:
+    """The state of every run of the watch deployment, read from the ephemeral API's own database."""
+    with sqlite3.connect(f"file:{prefect_home / 'prefect.db'}?mode=ro", uri=True) as connection:
+        rows = connection.execute(
+            "SELECT flow_run.state_type FROM flow_run JOIN deployment ON flow_run.deployment_id = deployment.id "
+            "WHERE deployment.name = 'shiftcost-watch'"
+        ).fetchall()
+    return [state for (state,) in rows]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@sqlite_only
+@pytest.mark.slow
+def test_serve_retrains_a_landed_batch_queues_no_polls_behind_a_running_watch_and_stops_on_ctrl_c(
+    pipeline_env: PipelineEnv, tmp_path: Path
+) -> None:
+    env = pipeline_env
+    env.budget("monthly", period="monthly", kwh=1.0)
+    x, y = env.stream(0, 200)
+    env.drop("bright.npz", brightened(x), y)
+    prefect_home = tmp_path / "prefect-home"
+    environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"} | {"PREFECT_HOME": str(prefect_home)}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        # A poll every second: the watch that assesses and retrains the batch inline lasts many polls.
+        serve = subprocess.Popen(
+            [sys.executable, "-c", "from shiftcost.cli import main; main()", "serve", "--interval", "1"],
+            cwd=tmp_path, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while serve.poll() is None and time.monotonic() < deadline and env.count(db.RetrainRun, db.RetrainRun.status == "succeeded") == 0:
+            time.sleep(1)
+        assert env.count(db.RetrainRun, db.RetrainRun.status == "succeeded") == 1, log_path.read_text()[-4000:]
+        # Polls go on after the watch that retrained: the runner picks the next one up.
+        while serve.poll() is None and time.monotonic() < deadline and watch_run_states(prefect_home).count("COMPLETED") < 2:
+            time.sleep(1)
+        assert serve.poll() is None, log_path.read_text()[-4000:]
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's foreground group
+        try:
+            returncode = serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            raise
+    output = log_path.read_text()
+    assert returncode == 0, output[-4000:]
+    deadline = time.monotonic() + 10
+    while group_alive(serve.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(serve.pid), "the temporary Prefect server outlived `shiftcost serve`"
+
+    (batch,) = env.rows(db.Batch)
+    assert batch.status == "done"
+    states = watch_run_states(prefect_home)
+    assert states.count("COMPLETED") >= 2, states
+    # At most the one poll started last may be left waiting; one run queued per poll while the
+    # retraining watch ran would leave a dozen.
+    assert sum(state in ("SCHEDULED", "PENDING") for state in states) <= 1, states
+    assert "Traceback" not in output, output[-4000:]
