@@ -12,10 +12,10 @@ import sys
 import typer
 from rich.text import Text
 
-from shiftcost.cli._console import make_console
+from shiftcost.cli._console import command_group, make_console
 from shiftcost.errors import ShiftcostError
 
-app = typer.Typer(
+app = command_group(
     name="shiftcost",
     help="Predict, budget and audit what retraining under data drift costs.",
     no_args_is_help=True,
@@ -34,6 +34,25 @@ def _register_commands() -> None:
         if module.name.startswith("_"):
             continue
         importlib.import_module(f"{__name__}.{module.name}").register(app)
+
+
+def _whole_summaries(group: typer.Typer) -> None:
+    """List every command with the whole first paragraph of its help.
+
+    Click would cut it to the listing's width ("Assess one batch: drift, indices, predicted
+    cost and the..."); a short help it is given is wrapped instead.
+    """
+    import inspect
+
+    for command in group.registered_commands:
+        if command.short_help is None:
+            text = command.help or inspect.getdoc(command.callback) or ""
+            command.short_help = " ".join(text.split("\n\n")[0].split())
+    for subgroup in group.registered_groups:
+        info = subgroup.typer_instance.info
+        if isinstance(info.help, str) and not isinstance(info.short_help, str):
+            info.short_help = info.help
+        _whole_summaries(subgroup.typer_instance)
 
 
 
@@ -57,6 +76,7 @@ def _options(
 
 
 _register_commands()
+_whole_summaries(app)
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import typer
 from rich.console import Console
 
 # Rich gives a file or a pipe 80 columns, where a table of ten columns folds each cell into
@@ -23,3 +25,14 @@ def make_console(*, stderr: bool = False) -> Console:
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = PIPE_WIDTH
     return console
+
+
+def command_group(**options: Any) -> typer.Typer:
+    """A Typer app whose ``--help`` is Click's plain text.
+
+    Typer's rich help cut long option names to fit 80 columns (a pipe, or a common terminal):
+    ``retrain --help`` showed ``--reference-st…`` and ``--probe-max-sh…``, the very names a reader
+    came for. Plain help wraps the descriptions and keeps every name whole, and a usage error is
+    one ``Error:`` line instead of a box.
+    """
+    return typer.Typer(rich_markup_mode=None, **options)

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from shiftcost.cli._console import make_console
+from shiftcost.cli._console import command_group, make_console
 from shiftcost.cli.db import DatabaseUrlOption, open_for_cli
 
 if TYPE_CHECKING:
     from shiftcost.store.audit import AuditResult
 
-audit_app = typer.Typer(
+audit_app = command_group(
     name="audit",
     help="Audit history: retrain cost, prediction error, decisions, budget burn, calibrations.",
     no_args_is_help=True,

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from shiftcost.cli._console import make_console
+from shiftcost.cli._console import command_group, make_console
 from shiftcost.cli.db import DatabaseUrlOption, open_for_cli
 
 if TYPE_CHECKING:
     from shiftcost.store.models import Budget
 
-budget_app = typer.Typer(
+budget_app = command_group(
     name="budget",
     help="Create, change and inspect energy/carbon budgets; release reservations of runs proven dead.",
     no_args_is_help=True,

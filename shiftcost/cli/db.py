@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from shiftcost.cli._console import make_console
+from shiftcost.cli._console import command_group, make_console
 
 if TYPE_CHECKING:
     from shiftcost.store.db import Database
@@ -23,7 +23,7 @@ DatabaseUrlOption = Annotated[
     ),
 ]
 
-db_app = typer.Typer(
+db_app = command_group(
     name="db",
     help="Create, migrate and inspect the shiftcost database schema.",
     no_args_is_help=True,

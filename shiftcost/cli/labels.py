@@ -7,10 +7,11 @@ from typing import Annotated
 
 import typer
 
+from shiftcost.cli._console import command_group
 from shiftcost.cli.db import DatabaseUrlOption
 from shiftcost.redaction import redact_url
 
-labels_app = typer.Typer(name="labels", help="Attach labels to a batch that arrived without them.", no_args_is_help=True)
+labels_app = command_group(name="labels", help="Attach labels to a batch that arrived without them.", no_args_is_help=True)
 
 
 @labels_app.command("attach")

@@ -16,11 +16,11 @@ from typing import Annotated, Any
 
 import typer
 
-from shiftcost.cli._console import make_console
+from shiftcost.cli._console import command_group, make_console
 from shiftcost.cli.db import DatabaseUrlOption
 from shiftcost.redaction import redact_url
 
-model_app = typer.Typer(
+model_app = command_group(
     name="model",
     help="Import, register, list, show and approve model versions.",
     no_args_is_help=True,
@@ -108,7 +108,7 @@ def import_command(
     std: Annotated[str | None, typer.Option("--std", help="Normalisation std per channel, e.g. 0.229,0.224,0.225.", show_default=False)] = None,
     resize: Annotated[str, typer.Option("--resize", help="stretch (both sides to --image-size) or shorter_side_crop (shorter side, then centre crop).")] = "stretch",
     recipe: Annotated[
-        Path | None, typer.Option("--recipe", help="TOML file whose \\[recipe] table becomes the model's retraining recipe.", show_default=False)
+        Path | None, typer.Option("--recipe", help="TOML file whose [recipe] table becomes the model's retraining recipe.", show_default=False)
     ] = None,
     data: Annotated[
         Path | None, typer.Option("--data", "-d", help="Labelled images (ImageFolder, .npz, .pt) to check the accuracy on.", show_default=False)

@@ -46,7 +46,7 @@ TrackingOption = Annotated[
 
 RecipeFileOption = Annotated[
     Path | None,
-    typer.Option("--recipe", help="TOML file with a \\[recipe] table (and optionally \\[cutoff], \\[caps]); flags override it.", show_default=False),
+    typer.Option("--recipe", help="TOML file with a [recipe] table (and optionally [cutoff], [caps]); flags override it.", show_default=False),
 ]
 OptimizerOption = Annotated[str | None, typer.Option("--optimizer", help="adam, adamw or sgd (default: the model's recipe, else adam).", show_default=False)]
 LrOption = Annotated[float | None, typer.Option("--lr", min=0.0, help="Learning rate (default: the model's recipe, else 1e-4).", show_default=False)]

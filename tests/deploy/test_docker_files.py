@@ -174,6 +174,6 @@ def test_the_deploy_job_registers_the_mounted_model_once(services: dict, tmp_pat
 
     from shiftcost.cli import app
 
-    help_text = CliRunner().invoke(app, ["model", "register", "--help"], env={"COLUMNS": "200"}).stdout
+    help_text = CliRunner().invoke(app, ["model", "register", "--help"]).stdout
     for option in re.findall(r"(?:^|\s)(--?[\w-]+)", registered.removeprefix("shiftcost model register")):
         assert option in help_text, option

@@ -24,9 +24,11 @@ def test_every_retrain_path_defaults_to_the_protocol() -> None:
 
     from shiftcost.cli import app
 
-    help_text = CliRunner().invoke(app, ["retrain", "--help"], env={"COLUMNS": "200"}).output
-    line = next(line for line in help_text.splitlines() if "--holdout-fraction" in line)
-    assert re.search(rf"default:? {protocol.HOLDOUT_FRACTION}\b", line), line
+    help_text = CliRunner().invoke(app, ["retrain", "--help"]).output
+    # The option's entry: its line and the wrapped description under it, up to the next option.
+    entry = re.search(r"^ +--holdout-fraction\b.*?(?=^ +-)", help_text, re.MULTILINE | re.DOTALL)
+    assert entry is not None, help_text
+    assert re.search(rf"default:? {protocol.HOLDOUT_FRACTION}\b", entry.group()), entry.group()
 
 
 def test_the_quarter_epoch_cadence_matches_the_retrain_loop() -> None:
