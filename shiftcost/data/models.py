@@ -252,8 +252,9 @@ def build_model(
         num_classes = _positive_int(num_classes)
     except (TypeError, ValueError):
         raise InputError(f"num_classes must be a positive integer, got {num_classes!r}.") from None
-    names = available_architectures()
-    if architecture not in names:
+    # Built-in names first: listing torchvision's imports it, 2 s of a digits CNN's `shiftcost index`.
+    if architecture not in CUSTOM_ARCHITECTURES and architecture not in _torchvision_names():
+        names = available_architectures()
         close = difflib.get_close_matches(str(architecture), names, n=5, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(names)}."
         raise InputError(f"Unknown model architecture {architecture!r}; {hint}")

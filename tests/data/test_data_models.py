@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,15 @@ def test_built_models_produce_one_logit_per_class(architecture, in_channels, ima
     assert logits.shape == (2, 7)
     head = model.get_submodule(spec.classifier)
     assert getattr(head, "out_features", getattr(head, "out_channels", None)) == 7
+
+
+def test_a_built_in_architecture_loads_without_importing_torchvision(tmp_path: Path) -> None:
+    # torchvision's import is most of `shiftcost index`'s start-up; a digits CNN needs none of it.
+    model, spec = build_model("digits_cnn", 3, image_size=8)
+    path = save_model(model, spec, tmp_path / "model.safetensors")
+    script = f"import sys; from shiftcost.data import load_model; load_model({str(path)!r}); print('torchvision' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done.stderr
 
 
 def test_digits_cnn_defaults_to_one_channel_16_pixels_and_a_penultimate_wider_than_the_classes():
