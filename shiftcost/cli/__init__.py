@@ -55,8 +55,6 @@ def _whole_summaries(group: typer.Typer) -> None:
         _whole_summaries(subgroup.typer_instance)
 
 
-
-
 def _print_version(value: bool) -> None:
     if value:
         import shiftcost
