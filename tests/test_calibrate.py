@@ -645,8 +645,8 @@ def test_cli_fits_the_intensities_it_sweeps_when_asked(tiny, tmp_path) -> None:
         "--kinds", "gaussian_noise", "--fit-intensities", "--repeats", "1", "--max-epochs", "1", "--probe-steps", "0",
         "--batch-size", "16", "--device", "cpu", "--json", "--out", str(tmp_path / "out"),
     ])  # fmt: skip
-    assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
+    assert result.exit_code == (0 if data["cost_model"] else 3), result.output
     (fit,) = data["settings"]["fitted_intensities"]
     expected = [float(f"{v * fit['scale']:.3g}") for v in DEFAULT_SWEEP["gaussian_noise"]]
     assert fit["kind"] == "gaussian_noise" and fit["scale"] != 1.0
@@ -683,7 +683,7 @@ def test_cli_says_which_kinds_never_needed_training(tiny, tmp_path) -> None:
         ],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}, timeout=300, cwd=tmp_path,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 3, done.stderr  # no cost model: these points show it no cost
     assert "never needed training at any intensity: contrast;" in done.stdout
     saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert saved["uninformative_kinds"] == {"never_retrained": ["contrast"], "capped_throughout": []}
@@ -728,3 +728,26 @@ def test_calibrate_says_when_its_cosine_forecasts_hold_only_at_another_cap_than_
     # At the retrains' own cap, or where the cap only ends a run, there is nothing to say.
     assert said(cosine.replace(max_epochs=15)) == ""
     assert said(RetrainConfig().replace(schedule="constant", max_epochs=10)) == ""
+
+
+def test_a_calibration_that_fits_no_cost_model_exits_3_and_says_when_even_the_new_data_hit_the_cap(tiny, tmp_path) -> None:
+    from shiftcost.shifts import corrupt
+
+    model, spec, x, y = tiny
+    save_model(model, spec, tmp_path / "model.safetensors")
+    save_batch(Batch(x, y, "reference"), tmp_path / "reference.npz")
+    # New data the model has lost, and a cap of a few steps: every retrain stops at the cap, the unshifted one too.
+    save_batch(Batch(corrupt(x, "gaussian_noise", 0.9, seed=0, clamp=True), y, "new"), tmp_path / "new.npz")
+    done = subprocess.run(
+        [
+            *_shiftcost_command(), "calibrate", "--model", str(tmp_path / "model.safetensors"),
+            "--reference", str(tmp_path / "reference.npz"), "--data", str(tmp_path / "new.npz"), "--sweep", "contrast=0,0.3",
+            "--repeats", "1", "--max-epochs", "0.1", "--probe-steps", "0", "--out", str(tmp_path / "out"), "--device", "cpu",
+            "--batch-size", "16",
+        ],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 3, done.stdout[-3000:] + done.stderr
+    assert "the new data itself (intensity 0) reached the epoch cap" in done.stdout
+    assert "cost model not fitted" in done.stdout and not (tmp_path / "out" / "costmodel.json").exists()
+    assert (tmp_path / "out" / "points.json").exists() and "Traceback" not in done.stderr

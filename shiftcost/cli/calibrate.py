@@ -138,6 +138,14 @@ def _print_tables(result: SweepResult, console: Console) -> None:
             "give only lower bounds: sweep them milder (--sweep kind=intensity,...) or raise --max-epochs.",
             style="yellow",
         )
+    clean = [row for row in result.rows if row["intensity"] == 0 and row["status"] != "failed"]
+    if clean and all(row.get("censored") for row in clean):
+        console.print(
+            f"the new data itself (intensity 0) reached the epoch cap, at held-out accuracy {clean[0]['final_accuracy']:.3f} against "
+            f"a target of {clean[0]['target_accuracy']:.3f}, so no milder shift gets there either: retrain with the recipe the model "
+            "was trained with (`shiftcost model import --recipe`), or calibrate on new data nearer the reference or with a larger --tolerance.",
+            style="yellow",
+        )
     if result.settings.get("stopped_early"):
         console.print(
             f"sweep stopped early at its {result.settings['stopped_early']}; "
@@ -388,7 +396,11 @@ def _run_options(quick: bool, repeats: int | None, max_epochs: float | None) -> 
     return options, quick_cap if max_epochs is None else max_epochs
 
 
-def _finish(result: SweepResult, reference_path: Path, as_json: bool) -> None:
+#: Exit status of `shiftcost calibrate` when a calibration (not --quick's smoke test) fitted no cost model.
+EXIT_NO_COST_MODEL = 3
+
+
+def _finish(result: SweepResult, reference_path: Path, as_json: bool, quick: bool) -> None:
     from shiftcost.errors import InputError
 
     result.files["reference_stats"] = str(reference_path)
@@ -398,6 +410,8 @@ def _finish(result: SweepResult, reference_path: Path, as_json: bool) -> None:
         typer.echo(json.dumps(_summary_json(result), indent=1, allow_nan=False))
     else:
         _print_tables(result, make_console())
+    if result.cost_model_error and not quick:
+        raise typer.Exit(EXIT_NO_COST_MODEL)
 
 
 ModelFileOption = Annotated[
@@ -514,6 +528,8 @@ def register(app: typer.Typer) -> None:
         """Corrupt new data with known shifts at known strengths, retrain to the cutoff for real, and measure how well the indices predict the cost.
 
         For each corruption kind and intensity: the indices in one pass, then retraining until held-out accuracy is back at the reference accuracy minus --tolerance (CodeCarbon measures the energy). Prints Pearson/Spearman correlations of each index with steps, epochs, energy, emissions, gradient norm and parameter change, the leave-one-corruption-out error of the cost model, and both forecast stages' on the batches that needed training beside the naive forecast, the other kinds' median epochs (the probe stage as forecast makes it, with a warning when it does no better than the index stage, or neither stage better than the naive forecast); writes points.json/.csv, correlations.json, report.md, loco.json, costmodel.json (index stage), forecaster.json (index and probe stages, for shiftcost forecast and the retrain budget guard), reference.safetensors (the reference statistics used) and a PNG plot to --out. Progress goes to stderr, one line per point when it is not a terminal.
+
+        Exit status: 0 when the cost model was written (or --quick ran), 3 when the sweep ran but fitted no cost model (its points and report are written; the output says why and what to change), 2 on bad input.
         """
         from shiftcost.calibrate import SWEEP_CONFIG, run_sweep, torch_threads
 
@@ -538,4 +554,4 @@ def register(app: typer.Typer) -> None:
                 time_budget_s=time_budget or None, reference_stats=reference_stats, seed=seed, config=config, threads=threads,
                 progress=progress, out_dir=out, fit_intensities=fit, **options,
             )
-        _finish(result, reference_path, as_json)
+        _finish(result, reference_path, as_json, quick)

@@ -46,7 +46,9 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
 
 
 def _classes(classes: str | None, data: Path | None) -> tuple[str, ...]:
-    """Class names from --classes (names, or a count), else the sub-folders of --data."""
+    """Class names from --classes (names, or a count), else the sub-folders of --data, or the
+    ``classes`` array of a tensor file given as --data."""
+    from shiftcost.data import load_batch
     from shiftcost.errors import InputError
 
     if classes is not None:
@@ -61,7 +63,14 @@ def _classes(classes: str | None, data: Path | None) -> tuple[str, ...]:
         names = tuple(sorted(entry.name for entry in data.iterdir() if entry.is_dir()))
         if len(names) >= 2:
             return names
-    raise InputError("give --classes (names in the model's output order, or their count), or --data with one sub-folder per class.")
+    elif data is not None:
+        names = load_batch(data).classes or ()
+        if len(names) >= 2:
+            return tuple(names)
+    raise InputError(
+        "give --classes (names in the model's output order, or their count), or --data as an ImageFolder "
+        "(one sub-folder per class) or an .npz/.pt file with a classes array."
+    )
 
 
 def _settings(database_url: str | None) -> Any:
@@ -129,7 +138,7 @@ def import_command(
     net, spec = import_model(
         weights, classes=_classes(classes, data), image_size=image_size, architecture=arch, factory=factory,
         in_channels=channels, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), resize=resize, recipe=recipe_table,
-        classes_from="--classes" if classes is not None else f"the sub-folders of {data}",
+        classes_from="--classes" if classes is not None else f"the sub-folders of {data}" if data and data.is_dir() else f"the classes array of {data}",
     )  # fmt: skip
     result: dict[str, Any] = {"out": str(out), "spec": spec.to_dict()}
     check = None

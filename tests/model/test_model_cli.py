@@ -194,3 +194,24 @@ def test_classes_read_from_data_folders_that_disagree_with_the_weights_say_where
     assert f"has 4 outputs but 2 classes come from the sub-folders of {two}; give --classes with the model's 4 class names" in err
     assert "\n" not in err.strip() and "Traceback" not in err
 
+
+
+def test_class_names_come_from_a_tensor_files_classes_array_and_one_sentence_says_when_there_is_none(user, tmp_path) -> None:
+    import numpy as np
+
+    root, accuracies = user
+    x, y = story.read_folder(root / "ref", normalize=False)
+    named, unnamed = tmp_path / "ref.npz", tmp_path / "ref-unnamed.npz"
+    np.savez(named, x=x.numpy(), y=y.numpy(), classes=np.array(story.CLASSES))
+    np.savez(unnamed, x=x.numpy(), y=y.numpy())
+    flags = [root / "tiny.safetensors", "--factory", "tests.model.story:build_tiny", "--image-size", "32", "--json"]
+
+    code, out, err = run(["model", "import", *flags, "--data", named, "-o", tmp_path / "tiny.safetensors"])
+    assert code == 0, err
+    imported = json.loads(out)
+    assert imported["spec"]["classes"] == list(story.CLASSES)
+    assert imported["accuracy"]["accuracy"] == pytest.approx(accuracies["tiny"], abs=0.01)
+
+    code, _, err = run(["model", "import", *flags, "--data", unnamed, "-o", tmp_path / "unnamed.safetensors"])
+    assert code == 2 and not (tmp_path / "unnamed.safetensors").exists()
+    assert "or an .npz/.pt file with a classes array" in err and "\n" not in err.strip()
