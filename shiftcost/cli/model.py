@@ -109,7 +109,7 @@ def import_command(
         typer.Option("--factory", help="Your own module: pkg.module:build, called with num_classes= when it takes it, returning an nn.Module.", show_default=False),
     ] = None,
     classes: Annotated[
-        str | None, typer.Option("--classes", help="Class names in output order, comma-separated, or their count (default: the sub-folders of --data).", show_default=False)
+        str | None, typer.Option("--classes", help="Class names in output order, comma-separated, or their count (default: the sub-folders of --data, or the classes array of an .npz/.pt given as --data).", show_default=False)
     ] = None,
     image_size: Annotated[int, typer.Option("--image-size", min=1, help="Square input size the model was trained on.")] = 224,
     channels: Annotated[int, typer.Option("--channels", min=1, help="Input channels (1 grey, 3 RGB).")] = 3,
