@@ -16,7 +16,7 @@ from flow_support import PipelineEnv, brightened, sqlite_only
 
 from shiftcost.store import models as db
 
-ROOT = Path(__file__).resolve().parents[2]
+SERVE = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); from shiftcost.cli import main; main()"
 
 
 def watch_run_states(prefect_home: Path) -> list[str]:
@@ -52,7 +52,8 @@ def test_serve_retrains_a_landed_batch_queues_no_polls_behind_a_running_watch_an
     with open(log_path, "wb") as log:
         # A poll every second: the watch that assesses and retrains the batch inline lasts many polls.
         serve = subprocess.Popen(
-            [sys.executable, "-c", "from shiftcost.cli import main; main()", "serve", "--interval", "1"],
+            # As from a terminal, whatever this process inherited: a shell's background job ignores SIGINT.
+            [sys.executable, "-c", SERVE, "serve", "--interval", "1"],
             cwd=tmp_path, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
