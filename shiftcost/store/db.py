@@ -262,6 +262,12 @@ def open_database(
         from shiftcost.config import load_settings
 
         url = load_settings().database_url
+    missing = None if upgrade or not check_schema else _missing_sqlite_file(url)
+    if missing is not None:
+        # Connecting would create an empty file there, which a mistyped URL then leaves behind.
+        raise SchemaVersionError(
+            f"There is no database at {missing}: run `shiftcost db upgrade` to create it, or check SHIFTCOST_DATABASE_URL."
+        )
     database = Database(url, **engine_kwargs)
     try:
         database.ping()
@@ -275,6 +281,16 @@ def open_database(
         database.dispose()
         raise
     return database
+
+
+def _missing_sqlite_file(url: str | URL) -> str | None:
+    """The path of a SQLite URL's database file when the file does not exist but its folder does
+    (a missing folder is the connection's own error); else None."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:") or parsed.query.get("uri"):
+        return None
+    path = parsed.database
+    return path if not os.path.exists(path) and os.path.isdir(os.path.dirname(path) or ".") else None
 
 
 # One Database per (process, URL): a pool is never shared across a fork, where two

@@ -125,3 +125,19 @@ def test_shared_database_refuses_an_unmigrated_schema_in_one_sentence(empty_data
             shared_database(empty_database_url)
         assert str(shared.value) == str(direct.value)
         assert "\n" not in str(shared.value) and "run `shiftcost db upgrade`" in str(shared.value)
+
+
+def test_a_sqlite_url_naming_no_file_is_refused_in_one_sentence_and_no_file_is_left(tmp_path) -> None:
+    from shiftcost.store.errors import SchemaVersionError
+
+    missing = tmp_path / "mistyped.db"
+    with pytest.raises(SchemaVersionError) as raised:
+        open_database(f"sqlite:///{missing}")
+    assert str(raised.value) == (
+        f"There is no database at {missing}: run `shiftcost db upgrade` to create it, or check SHIFTCOST_DATABASE_URL."
+    )
+    assert not missing.exists()
+    # Creating it is what upgrading is for.
+    open_database(f"sqlite:///{missing}", upgrade=True).dispose()
+    assert missing.exists()
+    open_database(f"sqlite:///{missing}").dispose()
