@@ -89,16 +89,21 @@ def current(
 ) -> None:
     """Show the database's schema revision and whether it is at this shiftcost's head."""
     from shiftcost.store import migrate
-    from shiftcost.store.db import redact
+    from shiftcost.store.db import missing_sqlite_file, redact
 
-    database = _engine(database_url)
-    try:
-        revisions = migrate.current_revisions(database.engine)
-    finally:
-        database.dispose()
+    url = resolve_url(database_url)
+    missing = missing_sqlite_file(url) is not None
+    if missing:  # connecting would leave an empty file behind
+        revisions: tuple[str, ...] = ()
+    else:
+        database = _engine(url)
+        try:
+            revisions = migrate.current_revisions(database.engine)
+        finally:
+            database.dispose()
     heads = migrate.head_revisions()
     result = {
-        "database": redact(database.url),
+        "database": redact(url),
         "current": list(revisions),
         "head": list(heads),
         "up_to_date": set(revisions) == set(heads),
@@ -106,7 +111,7 @@ def current(
     if as_json:
         typer.echo(json.dumps(result))
         return
-    state = "up to date" if result["up_to_date"] else "needs `shiftcost db upgrade`"
+    state = "up to date" if result["up_to_date"] else "no database file yet: `shiftcost db upgrade` creates it" if missing else "needs `shiftcost db upgrade`"
     make_console().print(
         f"{result['database']}: revision {', '.join(revisions) or 'none'} "
         f"(head {', '.join(heads)}) - {state}",

@@ -262,7 +262,7 @@ def open_database(
         from shiftcost.config import load_settings
 
         url = load_settings().database_url
-    missing = None if upgrade or not check_schema else _missing_sqlite_file(url)
+    missing = None if upgrade or not check_schema else missing_sqlite_file(url)
     if missing is not None:
         # Connecting would create an empty file there, which a mistyped URL then leaves behind.
         raise SchemaVersionError(
@@ -283,7 +283,7 @@ def open_database(
     return database
 
 
-def _missing_sqlite_file(url: str | URL) -> str | None:
+def missing_sqlite_file(url: str | URL) -> str | None:
     """The path of a SQLite URL's database file when the file does not exist but its folder does
     (a missing folder is the connection's own error); else None."""
     parsed = make_url(url)

@@ -45,6 +45,16 @@ def test_db_upgrade_current_downgrade(empty_database_url: str) -> None:
     assert migrate.current_revisions(empty_database_url) == ()
 
 
+def test_db_current_of_a_sqlite_url_naming_no_file_says_so_and_leaves_no_file(tmp_path: Path) -> None:
+    missing = tmp_path / "not-yet.db"
+    shown = invoke("db", "current", url=f"sqlite:///{missing}")
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.strip().endswith("revision none (head " + ", ".join(migrate.head_revisions()) + ") - no database file yet: `shiftcost db upgrade` creates it")
+    assert not missing.exists()
+    assert invoke("db", "upgrade", url=f"sqlite:///{missing}").exit_code == 0
+    assert json.loads(invoke("db", "current", "--json", url=f"sqlite:///{missing}").output)["up_to_date"]
+
+
 def test_budget_commands(database_url: str, db) -> None:
     created = invoke("budget", "create", "day", "--period", "daily", "--kwh", "5", "--co2", "2", "--json",
                      url=database_url)
