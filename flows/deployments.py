@@ -3,7 +3,7 @@
 Production: ``prefect deploy --all`` reads ``prefect.yaml``; the Prefect server schedules
 ``watch`` and workers on the ``cpu`` and ``gpu`` work pools run the flows (see
 docker/compose.yaml). Embedded: ``shiftcost serve`` builds the same deployments here and
-serves them from one process with Prefect's ``serve``, on Prefect's ephemeral API (SQLite,
+serves them from one process with a Prefect ``Runner``, on Prefect's ephemeral API (SQLite,
 no server to install) unless ``PREFECT_API_URL`` names a server. The ephemeral API runs no
 scheduler service, so the watch schedule is kept by a ticker thread beside the runner:
 every poll interval it starts a ``watch`` run of the served deployment (unless its last one
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from shiftcost.config import Settings
 from shiftcost.redaction import redact_url
@@ -209,19 +211,100 @@ def prefect_api(startup_timeout_s: int = 180) -> Iterator[str]:
         server.stop()
 
 
-def serve(settings: Settings, *, overrides: dict[str, Any] | None = None, limit: int | None = None) -> None:
-    """Serve the three deployments from this process, polling every ``poll_interval_s``, until interrupted."""
-    from prefect import serve as prefect_serve
+def serve(settings: Settings, *, grace_s: float, overrides: dict[str, Any] | None = None, limit: int | None = None) -> None:
+    """Serve the three deployments from this process, polling every ``poll_interval_s``, until interrupted.
+
+    Ctrl-C or SIGTERM stops it once the flow runs in flight have ended, or have recorded how they
+    ended within ``grace_s`` seconds of being interrupted (see :class:`_Shutdown`); a second one
+    stops it at once.
+    """
+    import asyncio
+
     from prefect.logging import get_logger
+    from prefect.runner import Runner
 
     logger = get_logger("shiftcost.serve")
+
+    class GracefulRunner(Runner):
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            shutdown(signal.SIGTERM)
+
     with prefect_api() as url:
         logger.info("Prefect API at %s", redact_url(url))
+        runner = GracefulRunner(pause_on_shutdown=True, limit=limit)
+        for deployment in served_deployments(settings, overrides, scheduled=False):
+            runner.add_deployment(deployment)
         stop = threading.Event()
         ticker = threading.Thread(target=_tick, args=(settings.poll_interval_s, stop, logger.info), name="shiftcost-ticker", daemon=True)
+        shutdown = _Shutdown(stop, grace_s, logger.info)
+
+        async def run_until_stopped() -> None:
+            shutdown.main_task = asyncio.current_task()
+            await runner.start()
+
         ticker.start()
+        # Installed before the event loop starts, so that asyncio keeps it instead of its own.
+        previous = signal.signal(signal.SIGINT, shutdown)
         try:
-            prefect_serve(*served_deployments(settings, overrides, scheduled=False), limit=limit, print_starting_message=True)
+            asyncio.run(run_until_stopped())
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            logger.info("stopped")
         finally:
+            signal.signal(signal.SIGINT, previous)
             stop.set()
             ticker.join(timeout=10)
+
+
+class _Shutdown:
+    """The first Ctrl-C or SIGTERM of ``serve``: no more polls, the flow runs in flight end, then the runner.
+
+    Prefect's runner stops by killing its flow-run processes at once (SIGKILL), so a retrain
+    in flight could not record that it was stopped: its run stayed ``running``, its reservation
+    held and what it had spent unsettled until its lease ran out. Here the flow runs get
+    ``grace_s`` seconds to end (a terminal's Ctrl-C has reached them too, and they record that
+    they were interrupted; a signal sent to this process alone lets them finish), then those
+    still running get a Ctrl-C of their own and ``grace_s`` more to record how they ended. The
+    signal is not sent at once since one that reached them already would interrupt that record.
+    The runner's event loop waits meanwhile, so that it starts no new run.
+    """
+
+    def __init__(self, polls: threading.Event, grace_s: float, log: Any) -> None:
+        self.polls, self.grace_s, self.log = polls, grace_s, log
+        self.main_task: Any = None
+        # The processes started before the runner (the ephemeral API) are not flow runs.
+        self.not_flow_runs = {child.pid for child in psutil.Process().children()}
+
+    def __call__(self, signum: int, frame: Any = None) -> None:
+        if self.polls.is_set() or self.main_task is None:
+            raise KeyboardInterrupt  # a second one, or before the runner started: stop now
+        self.polls.set()
+        runs = [child for child in psutil.Process().children() if child.pid not in self.not_flow_runs]
+        if runs:
+            self.log(f"{signal.Signals(signum).name}: no more polls; waiting up to {self.grace_s:g} s for {len(runs)} flow run(s) to end (Ctrl-C again stops now)")
+        if running := self._wait(runs):
+            self.log(f"interrupting {len(running)} flow run(s) still running; waiting up to {self.grace_s:g} s for them to record it")
+            for run in running:
+                try:
+                    run.send_signal(signal.SIGINT)
+                except psutil.NoSuchProcess:
+                    continue
+            self._wait(running)
+        # As asyncio's own Ctrl-C does: the runner's shutdown runs in its cancelled task.
+        self.main_task.get_loop().call_soon_threadsafe(self.main_task.cancel)
+
+    def _wait(self, runs: list[psutil.Process]) -> list[psutil.Process]:
+        """Wait up to ``grace_s`` for ``runs`` to end; those still running.
+
+        Polled, not waited for: the event loop's child watcher reaps them and reads their exit codes.
+        """
+        deadline = time.monotonic() + self.grace_s
+        while (running := [run for run in runs if _alive(run)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return running
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,6 +1,6 @@
 """``shiftcost serve``: run the watch, assess and retrain deployments locally on a schedule.
 
-Prefect's ``serve`` runs the three deployments of ``prefect.yaml`` from this process:
+A Prefect runner serves the three deployments of ``prefect.yaml`` from this process:
 ``watch`` every poll interval, ``assess`` and ``retrain`` when started. No Prefect server
 is needed: without ``PREFECT_API_URL`` Prefect runs its ephemeral API on SQLite in
 ``PREFECT_HOME``. Prefect is imported inside the command (through ``flows``), so the rest
@@ -24,8 +24,16 @@ def register(app: typer.Typer) -> None:
             typer.Option("--interval", min=1.0, help="Seconds between polls of the landing location (default: SHIFTCOST_POLL_INTERVAL_S).", show_default=False),
         ] = None,
         limit: Annotated[int | None, typer.Option("--limit", min=1, help="Most flow runs at the same time.", show_default=False)] = None,
+        grace_period: Annotated[
+            float,
+            typer.Option(
+                "--grace-period", min=0.0,
+                help="Seconds the flow runs in flight get to end after Ctrl-C or SIGTERM; those still running are then "
+                "interrupted and get as long again to record it.",
+            ),
+        ] = 30.0,
     ) -> None:
-        """Serve the watch (scheduled), assess and retrain deployments until interrupted (Ctrl-C).
+        """Serve the watch (scheduled), assess and retrain deployments until interrupted (Ctrl-C or SIGTERM).
 
         Settings come from SHIFTCOST_* variables or the SHIFTCOST_CONFIG file, as for every command; set
         SHIFTCOST_FLOW_MODE=deployment to hand batches between the served deployments instead of running them
@@ -41,4 +49,4 @@ def register(app: typer.Typer) -> None:
         from flows.deployments import serve as serve_deployments
 
         typer.echo(f"watching {redact_url(settings.landing)} every {settings.poll_interval_s:g} s for model {settings.model_name} (Ctrl-C stops)")
-        serve_deployments(settings, limit=limit)
+        serve_deployments(settings, limit=limit, grace_s=grace_period)

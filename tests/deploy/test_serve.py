@@ -12,11 +12,24 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from flow_support import PipelineEnv, brightened, sqlite_only
 
 from shiftcost.store import models as db
 
 SERVE = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); from shiftcost.cli import main; main()"
+
+
+def start_serve(tmp_path: Path, log_path: Path, *options: str, **environment: str) -> subprocess.Popen[bytes]:
+    """``shiftcost serve --interval 1`` in a process group of its own, on a fresh ephemeral API in ``tmp_path``."""
+    inherited = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            # As from a terminal, whatever this process inherited: a shell's background job ignores SIGINT.
+            [sys.executable, "-c", SERVE, "serve", "--interval", "1", *options],
+            cwd=tmp_path, env=inherited | {"PREFECT_HOME": str(tmp_path / "prefect-home")} | environment,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
 
 
 def watch_run_states(prefect_home: Path) -> list[str]:
@@ -47,15 +60,9 @@ def test_serve_retrains_a_landed_batch_queues_no_polls_behind_a_running_watch_an
     x, y = env.stream(0, 200)
     env.drop("bright.npz", brightened(x), y)
     prefect_home = tmp_path / "prefect-home"
-    environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"} | {"PREFECT_HOME": str(prefect_home)}
     log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        # A poll every second: the watch that assesses and retrains the batch inline lasts many polls.
-        serve = subprocess.Popen(
-            # As from a terminal, whatever this process inherited: a shell's background job ignores SIGINT.
-            [sys.executable, "-c", SERVE, "serve", "--interval", "1"],
-            cwd=tmp_path, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    # A poll every second: the watch that assesses and retrains the batch inline lasts many polls.
+    serve = start_serve(tmp_path, log_path)
     try:
         deadline = time.monotonic() + 300
         while serve.poll() is None and time.monotonic() < deadline and env.count(db.RetrainRun, db.RetrainRun.status == "succeeded") == 0:
@@ -93,3 +100,44 @@ def test_serve_retrains_a_landed_batch_queues_no_polls_behind_a_running_watch_an
     # retraining watch ran would leave a dozen.
     assert sum(state in ("SCHEDULED", "PENDING") for state in states) <= 1, states
     assert "Traceback" not in output, output[-4000:]
+
+
+@sqlite_only
+@pytest.mark.slow
+def test_sigterm_to_serve_alone_lets_a_retrain_in_flight_record_that_it_was_stopped_and_settle_what_it_spent(
+    pipeline_env: PipelineEnv, tmp_path: Path
+) -> None:
+    """What ``docker stop`` or ``kill`` does: SIGTERM to the serving process only, during a retrain."""
+    env = pipeline_env
+    env.budget("monthly", period="monthly", kwh=1.0)
+    x, y = env.stream(0, 200)
+    # Shuffled labels: no epoch cap in reach, so the retrain is still learning when serve is stopped.
+    env.drop("unlearnable.npz", brightened(x), y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))])
+    log_path = tmp_path / "serve.log"
+    grace_s = 10
+    serve = start_serve(tmp_path, log_path, "--grace-period", str(grace_s), SHIFTCOST_RETRAIN_MAX_EPOCHS="100000")
+    try:
+        deadline = time.monotonic() + 300
+        while serve.poll() is None and time.monotonic() < deadline and env.count(db.RetrainRun) == 0:
+            time.sleep(0.1)
+        assert env.count(db.RetrainRun) == 1, log_path.read_text()[-4000:]
+        serve.send_signal(signal.SIGTERM)
+        returncode = serve.wait(timeout=2 * grace_s + 30)
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    assert returncode == 0, output[-4000:]
+
+    # Prefect's runner would have killed the run's process at once: the run stayed `running`
+    # and its reservation held until its lease ran out, and what it had spent was never settled.
+    (run,) = env.rows(db.RetrainRun)
+    assert run.status == "failed" and "stopped after" in (run.error or ""), (run.status, run.error)
+    assert run.steps is not None and run.steps > 0 and run.energy_kwh is not None and run.energy_kwh > 0
+    entries = env.rows(db.LedgerEntry, db.LedgerEntry.decision_id == run.decision_id)
+    assert sorted(entry.kind for entry in entries) == ["reserve", "settle"]
+    (settled,) = [entry for entry in entries if entry.kind == "settle"]
+    assert settled.energy_kwh == pytest.approx(run.energy_kwh)
+    (batch,) = env.rows(db.Batch)
+    assert batch.status == "failed"
+    assert "interrupting 1 flow run(s) still running" in output, output[-4000:]
