@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -153,7 +153,7 @@ def _finished(flow_run_id: Any) -> bool:
     return state is not None and state.is_final()
 
 
-def check_prefect_api(url: str, timeout_s: float = 5.0) -> None:
+def check_prefect_api(url: str, timeout_s: float = 5.0, *, embedded: bool = True) -> None:
     """Fail with one sentence when no Prefect server answers at ``url`` (``PREFECT_API_URL``)."""
     import httpx
 
@@ -168,7 +168,7 @@ def check_prefect_api(url: str, timeout_s: float = 5.0) -> None:
         hint = "; the URL of a server's API ends in /api" if not url.rstrip("/").endswith("/api") else ""
         raise ConfigError(
             f"PREFECT_API_URL is {url}, but no Prefect server answers there ({problem}){hint}: start one with "
-            "`prefect server start`, fix the variable, or unset it to run on an embedded API."
+            "`prefect server start`" + (", fix the variable, or unset it to run on an embedded API." if embedded else " or fix the variable.")
         )
 
 
@@ -214,19 +214,17 @@ def prefect_api(startup_timeout_s: int = 180) -> Iterator[str]:
 def serve(settings: Settings, *, grace_s: float, overrides: dict[str, Any] | None = None, limit: int | None = None) -> None:
     """Serve the three deployments from this process, polling every ``poll_interval_s``, until interrupted.
 
-    Ctrl-C or SIGTERM stops it once the flow runs in flight have ended, or have recorded how they
-    ended within ``grace_s`` seconds of being interrupted (see :class:`_Shutdown`); a second one
-    stops it at once.
+    Ctrl-C or SIGTERM stops it once the flow runs in flight have ended, or have recorded how
+    they ended within ``grace_s`` seconds of being interrupted (see :class:`GracefulShutdown`);
+    a second one stops it at once.
     """
-    import asyncio
-
     from prefect.logging import get_logger
     from prefect.runner import Runner
 
     logger = get_logger("shiftcost.serve")
 
     class GracefulRunner(Runner):
-        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:  # installed by its start(), over ours
             shutdown(signal.SIGTERM)
 
     with prefect_api() as url:
@@ -236,51 +234,41 @@ def serve(settings: Settings, *, grace_s: float, overrides: dict[str, Any] | Non
             runner.add_deployment(deployment)
         stop = threading.Event()
         ticker = threading.Thread(target=_tick, args=(settings.poll_interval_s, stop, logger.info), name="shiftcost-ticker", daemon=True)
-        shutdown = _Shutdown(stop, grace_s, logger.info)
-
-        async def run_until_stopped() -> None:
-            shutdown.main_task = asyncio.current_task()
-            await runner.start()
-
+        shutdown = GracefulShutdown(stop, grace_s, logger.info)
         ticker.start()
-        # Installed before the event loop starts, so that asyncio keeps it instead of its own.
-        previous = signal.signal(signal.SIGINT, shutdown)
         try:
-            asyncio.run(run_until_stopped())
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            logger.info("stopped")
+            shutdown.run(runner.start)
         finally:
-            signal.signal(signal.SIGINT, previous)
             stop.set()
             ticker.join(timeout=10)
 
 
-class _Shutdown:
-    """The first Ctrl-C or SIGTERM of ``serve``: no more polls, the flow runs in flight end, then the runner.
+class GracefulShutdown:
+    """The first Ctrl-C or SIGTERM of ``serve`` or ``worker``: no new runs, those in flight end, then stop.
 
-    Prefect's runner stops by killing its flow-run processes at once (SIGKILL), so a retrain
-    in flight could not record that it was stopped: its run stayed ``running``, its reservation
-    held and what it had spent unsettled until its lease ran out. Here the flow runs get
-    ``grace_s`` seconds to end (a terminal's Ctrl-C has reached them too, and they record that
-    they were interrupted; a signal sent to this process alone lets them finish), then those
-    still running get a Ctrl-C of their own and ``grace_s`` more to record how they ended. The
-    signal is not sent at once since one that reached them already would interrupt that record.
-    The runner's event loop waits meanwhile, so that it starts no new run.
+    Prefect's runner (a process worker's too) stops by killing its flow-run processes at once
+    (SIGKILL), so a retrain in flight could not record that it was stopped: its run stayed
+    ``running``, its reservation held and what it had spent unsettled until its lease ran out.
+    Here the flow runs get ``grace_s`` seconds to end (a terminal's Ctrl-C has reached them too,
+    and they record that they were interrupted; a signal sent to this process alone lets them
+    finish), then those still running get a Ctrl-C of their own and ``grace_s`` more to record
+    how they ended. The signal is not sent at once since one that reached them already would
+    interrupt that record. The event loop waits meanwhile, so that no new run starts.
     """
 
-    def __init__(self, polls: threading.Event, grace_s: float, log: Any) -> None:
-        self.polls, self.grace_s, self.log = polls, grace_s, log
+    def __init__(self, stopping: threading.Event, grace_s: float, log: Any) -> None:
+        self.stopping, self.grace_s, self.log = stopping, grace_s, log
         self.main_task: Any = None
         # The processes started before the runner (the ephemeral API) are not flow runs.
         self.not_flow_runs = {child.pid for child in psutil.Process().children()}
 
     def __call__(self, signum: int, frame: Any = None) -> None:
-        if self.polls.is_set() or self.main_task is None:
+        if self.stopping.is_set() or self.main_task is None:
             raise KeyboardInterrupt  # a second one, or before the runner started: stop now
-        self.polls.set()
+        self.stopping.set()
         runs = [child for child in psutil.Process().children() if child.pid not in self.not_flow_runs]
         if runs:
-            self.log(f"{signal.Signals(signum).name}: no more polls; waiting up to {self.grace_s:g} s for {len(runs)} flow run(s) to end (Ctrl-C again stops now)")
+            self.log(f"{signal.Signals(signum).name}: no new runs; waiting up to {self.grace_s:g} s for {len(runs)} flow run(s) to end (Ctrl-C again stops now)")
         if running := self._wait(runs):
             self.log(f"interrupting {len(running)} flow run(s) still running; waiting up to {self.grace_s:g} s for them to record it")
             for run in running:
@@ -291,6 +279,24 @@ class _Shutdown:
             self._wait(running)
         # As asyncio's own Ctrl-C does: the runner's shutdown runs in its cancelled task.
         self.main_task.get_loop().call_soon_threadsafe(self.main_task.cancel)
+
+    def run(self, start: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run ``start()`` in an event loop of its own until Ctrl-C or SIGTERM stops it."""
+        import asyncio
+
+        async def until_stopped() -> None:
+            self.main_task = asyncio.current_task()
+            await start()
+
+        # Installed before the event loop starts, so that asyncio keeps its own SIGINT handler out.
+        previous = {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            asyncio.run(until_stopped())
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            self.log("stopped")
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _wait(self, runs: list[psutil.Process]) -> list[psutil.Process]:
         """Wait up to ``grace_s`` for ``runs`` to end; those still running.

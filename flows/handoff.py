@@ -28,7 +28,7 @@ def no_worker_message(run_name: str, pool: str, timeout_s: float | None) -> str:
     until = f"; it is cancelled if none starts it within {timeout_s:g} s (SHIFTCOST_HANDOFF_TIMEOUT_S)" if timeout_s else ""
     return (
         f"No worker is polling work pool '{pool}': flow run '{run_name}' waits for one{until}. "
-        f"Start one with: prefect worker start --pool {pool} --type process"
+        f"Start one with: shiftcost worker --pool {pool}"
     )
 
 
@@ -115,7 +115,7 @@ def cancel_unstarted_runs(deployment_name: str, timeout_s: float) -> list[str]:
             pool = run.work_pool_name or deployment.work_pool_name or "?"
             message = (
                 f"No worker of work pool '{pool}' started this run within {timeout_s:g} s, so it was cancelled "
-                f"instead of waiting forever; start one with: prefect worker start --pool {pool} --type process"
+                f"instead of waiting forever; start one with: shiftcost worker --pool {pool}"
             )
             result = client.set_flow_run_state(run.id, Cancelled(message=message))
             if result.status == SetStateStatus.ACCEPT:

@@ -15,6 +15,18 @@ import typer
 
 from shiftcost.redaction import redact_url
 
+#: ``--grace-period`` of the commands that run flow runs as processes of their own.
+GracePeriod = Annotated[
+    float,
+    typer.Option(
+        "--grace-period", min=0.0,
+        help="Seconds the flow runs in flight get to end after Ctrl-C or SIGTERM; those still running are then "
+        "interrupted and get as long again to record it.",
+    ),
+]  # fmt: skip
+#: Most flow runs at the same time, for the same commands.
+Limit = Annotated[int | None, typer.Option("--limit", min=1, help="Most flow runs at the same time.", show_default=False)]
+
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
@@ -23,15 +35,8 @@ def register(app: typer.Typer) -> None:
             float | None,
             typer.Option("--interval", min=1.0, help="Seconds between polls of the landing location (default: SHIFTCOST_POLL_INTERVAL_S).", show_default=False),
         ] = None,
-        limit: Annotated[int | None, typer.Option("--limit", min=1, help="Most flow runs at the same time.", show_default=False)] = None,
-        grace_period: Annotated[
-            float,
-            typer.Option(
-                "--grace-period", min=0.0,
-                help="Seconds the flow runs in flight get to end after Ctrl-C or SIGTERM; those still running are then "
-                "interrupted and get as long again to record it.",
-            ),
-        ] = 30.0,
+        limit: Limit = None,
+        grace_period: GracePeriod = 30.0,
     ) -> None:
         """Serve the watch (scheduled), assess and retrain deployments until interrupted (Ctrl-C or SIGTERM).
 

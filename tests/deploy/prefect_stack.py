@@ -33,6 +33,10 @@ def prefect_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefect", *args]
 
 
+def shiftcost_command(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from shiftcost.cli import main; main()", *args]
+
+
 @contextmanager
 def prefect_database(admin_url: str) -> Iterator[str]:
     """A fresh PostgreSQL database for Prefect's own state; yields its asyncpg URL, drops it after."""
@@ -62,9 +66,17 @@ class PrefectStack:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """``prefect *args`` as process ``name``."""
+        return self.start_command(name, prefect_command(*args))
+
+    def start_worker(self, pool: str, *options: str) -> subprocess.Popen[bytes]:
+        """``shiftcost worker --pool pool``, as docker/compose.yaml starts it, as process ``worker-{pool}``."""
+        return self.start_command(f"worker-{pool}", shiftcost_command("worker", "--pool", pool, *options))
+
+    def start_command(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen(
-            prefect_command(*args), cwd=ROOT, env=self.environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command, cwd=ROOT, env=self.environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()
         self.processes[name] = process

@@ -101,6 +101,19 @@ def test_the_stack_starts_in_order_and_a_one_shot_job_deploys_the_flows(services
         assert pool == worker.removeprefix("worker-")
 
 
+def test_the_workers_stop_gracefully_and_compose_waits_for_them(services: dict) -> None:
+    from typer.main import get_command
+
+    from shiftcost.cli import app
+
+    (grace,) = [param.default for param in get_command(app).commands["worker"].params if param.name == "grace_period"]
+    for worker in ("worker-cpu", "worker-gpu"):
+        assert services[worker]["entrypoint"][:2] == ["shiftcost", "worker"], worker
+        # Both waits of the worker (runs ending, then recording their interruption) and a margin.
+        stop = re.fullmatch(r"(\d+)s", services[worker]["stop_grace_period"])
+        assert stop is not None and int(stop.group(1)) > 2 * grace, (worker, services[worker]["stop_grace_period"], grace)
+
+
 def test_the_landing_area_is_a_documented_bind_mount_where_the_workers_look(services: dict) -> None:
     text = (DOCKER / "compose.yaml").read_text()
     for worker in ("worker-cpu", "worker-gpu"):

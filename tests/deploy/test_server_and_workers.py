@@ -1,6 +1,6 @@
 """The documented deployment, for real: ``prefect server start`` on PostgreSQL, the work pools,
-``prefect deploy --all``, one process worker per pool, batches through watch → assess → retrain,
-and a probe run by the deployed assess on the gpu worker.
+``prefect deploy --all``, one ``shiftcost worker`` per pool, batches through watch → assess →
+retrain, a probe run by the deployed assess on the gpu worker, and a worker stopped mid-retrain.
 
 Slow (a server, two workers and one Python process per flow run), but it is the only test of
 what an operator does; ``.ci/run`` runs it.
@@ -9,11 +9,14 @@ what an operator does; ``.ci/run`` runs it.
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from flow_support import PipelineEnv, bootstrapped_with_probe, brightened
 from prefect_stack import PrefectStack, prefect_database, stack_environment
 
@@ -95,7 +98,7 @@ def test_batches_go_watch_assess_retrain_through_a_server_and_workers(
     assert "cpu" in pools and "gpu" in pools
     (schedule,) = deployment(stack.api_url, "watch/shiftcost-watch").schedules
     assert schedule.active and schedule.schedule.interval.total_seconds() == 60
-    stack.start("worker-cpu", "worker", "start", "--pool", "cpu", "--type", "process")
+    stack.start_worker("cpu")
 
     # No gpu worker: watch hands the two readable batches to assess, whose runs wait.
     stack.run("deployment", "run", "watch/shiftcost-watch")
@@ -109,7 +112,7 @@ def test_batches_go_watch_assess_retrain_through_a_server_and_workers(
     assert {batch.status for batch in env.rows(db.Batch) if batch.status != "failed"} == {"registered"}
 
     # A gpu worker: the batches are handed off afresh and go through.
-    stack.start("worker-gpu", "worker", "start", "--pool", "gpu", "--type", "process")
+    stack.start_worker("gpu")
     stack.run("deployment", "run", "watch/shiftcost-watch")
 
     def settled() -> bool:
@@ -175,8 +178,8 @@ def test_the_probe_runs_on_the_gpu_worker_under_the_share_its_settings_allow(pro
     for pool in ("cpu", "gpu"):
         stack.run("work-pool", "create", pool, "--type", "process")
     stack.run("--no-prompt", "deploy", "--all")
-    stack.start("worker-cpu", "worker", "start", "--pool", "cpu", "--type", "process")
-    stack.start("worker-gpu", "worker", "start", "--pool", "gpu", "--type", "process")
+    stack.start_worker("cpu")
+    stack.start_worker("gpu")
     save_batch(Batch(brightened(x[1:201]), y[1:201], "second"), landing / ".second.partial.npz").rename(landing / "second.npz")
     stack.run("deployment", "run", "watch/shiftcost-watch")
     wait_for(lambda: any(run.state.is_final() for run in flow_runs(stack.api_url).get("assess", [])), 300, stack, "the assess run to finish")
@@ -196,3 +199,40 @@ def test_the_probe_runs_on_the_gpu_worker_under_the_share_its_settings_allow(pro
             select(db.LedgerEntry).where(db.LedgerEntry.decision_id == decision.id, db.LedgerEntry.kind == "settle")
         ).all()  # fmt: skip
         assert [entry.energy_kwh for entry in charged if "probe" in (entry.reason or "")] == [pytest.approx(probe["cost"]["energy_kwh"])]
+
+
+def test_a_worker_stopped_during_a_retrain_lets_it_record_that_it_was_stopped_and_settle_what_it_spent(
+    pipeline_env: PipelineEnv, stack: PrefectStack
+) -> None:
+    """What ``docker stop`` does to a worker: SIGTERM to the worker process alone."""
+    env = pipeline_env
+    env.budget("monthly", period="monthly", kwh=1.0)
+    x, y = env.stream(0, 200)
+    # Shuffled labels: no epoch cap in reach, so the retrain is still learning when its worker stops.
+    env.drop("unlearnable.npz", brightened(x), y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))])
+    stack.environment["SHIFTCOST_RETRAIN_MAX_EPOCHS"] = "100000"
+    for pool in ("cpu", "gpu"):
+        stack.run("work-pool", "create", pool, "--type", "process")
+    stack.run("--no-prompt", "deploy", "--all")
+    stack.start_worker("cpu")
+    grace_s = 10
+    gpu = stack.start_worker("gpu", "--grace-period", str(grace_s))
+    stack.run("deployment", "run", "watch/shiftcost-watch")
+    wait_for(lambda: env.count(db.RetrainRun) == 1, 300, stack, "the retrain run")
+    gpu.send_signal(signal.SIGTERM)
+    try:
+        returncode = gpu.wait(timeout=2 * grace_s + 30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the gpu worker outlived its two grace periods:\n{stack.all_logs()}") from None
+    assert returncode == 0, stack.log("worker-gpu")
+
+    # Prefect's process worker would have killed the run's process at once: the run stayed
+    # `running` and its reservation held until its lease ran out, its spend never settled.
+    (run,) = env.rows(db.RetrainRun)
+    assert run.status == "failed" and "stopped after" in (run.error or ""), (run.status, run.error, stack.log("worker-gpu"))
+    assert run.steps is not None and run.steps > 0 and run.energy_kwh is not None and run.energy_kwh > 0
+    entries = env.rows(db.LedgerEntry, db.LedgerEntry.decision_id == run.decision_id)
+    assert sorted(entry.kind for entry in entries) == ["reserve", "settle"]
+    (settled,) = [entry for entry in entries if entry.kind == "settle"]
+    assert settled.energy_kwh == pytest.approx(run.energy_kwh)
+    assert "interrupting 1 flow run(s) still running" in stack.log("worker-gpu", tail=100_000)
