@@ -259,6 +259,9 @@ def test_interrupt_keeps_partial_and_stays_a_keyboard_interrupt() -> None:
         retrain_to_cutoff(FailsAfter(3, "interrupt"), x, y, target_accuracy=1.0, max_steps=50, batch_size=16, **FAST)
     assert isinstance(caught.value, KeyboardInterrupt) and not isinstance(caught.value, Exception)
     assert caught.value.partial.steps == 3 and caught.value.partial.energy.energy_kwh > 0
+    # A bare Ctrl-C has no message: the record names it without an empty one after it.
+    assert caught.value.partial.error == "KeyboardInterrupt"
+    assert str(caught.value).startswith("retraining stopped after 3 steps (KeyboardInterrupt); cost so far")
 
 
 def test_batch_without_labels_is_refused() -> None:

@@ -214,7 +214,7 @@ class _CutoffRun:
             tally.loop_end = time.perf_counter()
             measured.status = "failed"
             measured.crash = exc
-            measured.error_text = f"{type(exc).__name__}: {exc}"
+            measured.error_text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__  # Ctrl-C has no message
         finally:
             if tally.loop_end is None:
                 tally.loop_end = time.perf_counter()
