@@ -71,6 +71,11 @@ def brightened(x: torch.Tensor, amount: float = 0.3) -> torch.Tensor:
     return corrupt(x, "brightness", amount, seed=0)
 
 
+def shuffled(y: torch.Tensor) -> torch.Tensor:
+    """Labels that no model learns: a retrain on them runs until its epoch cap or until stopped."""
+    return y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+
+
 @dataclass
 class PipelineEnv:
     """A bootstrapped pipeline in a temporary folder: settings, data and helpers."""
@@ -116,6 +121,20 @@ class PipelineEnv:
 
         with connect(self.settings) as db:
             seed.committed(db).create_budget(name, period=period, kwh_cap=kwh)
+
+    def assert_stopped_retrain_recorded(self, context: str = "") -> None:
+        """The one retrain run was stopped mid-run and recorded so: ``failed`` with what it had
+        done, its spend settled at what it measured, its batch failed."""
+        from shiftcost.store import models as db
+
+        (run,) = self.rows(db.RetrainRun)
+        assert run.status == "failed" and "stopped after" in (run.error or ""), (run.status, run.error, context)
+        assert run.steps is not None and run.steps > 0 and run.energy_kwh is not None and run.energy_kwh > 0
+        entries = self.rows(db.LedgerEntry, db.LedgerEntry.decision_id == run.decision_id)
+        assert sorted(entry.kind for entry in entries) == ["reserve", "settle"]
+        (settled,) = [entry for entry in entries if entry.kind == "settle"]
+        assert settled.energy_kwh == pytest.approx(run.energy_kwh)
+        assert [batch.status for batch in self.rows(db.Batch)] == ["failed"]
 
     def remaining_kwh(self, name: str) -> float:
         from shiftcost.pipeline import connect
