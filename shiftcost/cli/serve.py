@@ -15,7 +15,8 @@ import typer
 
 from shiftcost.redaction import redact_url
 
-#: ``--grace-period`` of the commands that run flow runs as processes of their own.
+#: ``--grace-period`` of the commands that run flow runs as processes of their own, and its default.
+GRACE_PERIOD_S = 30.0
 GracePeriod = Annotated[
     float,
     typer.Option(
@@ -36,7 +37,7 @@ def register(app: typer.Typer) -> None:
             typer.Option("--interval", min=1.0, help="Seconds between polls of the landing location (default: SHIFTCOST_POLL_INTERVAL_S).", show_default=False),
         ] = None,
         limit: Limit = None,
-        grace_period: GracePeriod = 30.0,
+        grace_period: GracePeriod = GRACE_PERIOD_S,
     ) -> None:
         """Serve the watch (scheduled), assess and retrain deployments until interrupted (Ctrl-C or SIGTERM).
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from shiftcost.cli.serve import GracePeriod, Limit
+from shiftcost.cli.serve import GRACE_PERIOD_S, GracePeriod, Limit
 
 
 def register(app: typer.Typer) -> None:
@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         pool: Annotated[str, typer.Option("--pool", help="Work pool to take runs from (prefect.yaml: cpu for watch, gpu for assess and retrain).")],
         name: Annotated[str | None, typer.Option("--name", help="Worker name shown by Prefect (default: a random one).", show_default=False)] = None,
         limit: Limit = None,
-        grace_period: GracePeriod = 30.0,
+        grace_period: GracePeriod = GRACE_PERIOD_S,
     ) -> None:
         """Run the flow runs of a work pool, as `prefect worker start --type process` does, until Ctrl-C or SIGTERM.
 
