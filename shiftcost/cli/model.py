@@ -48,7 +48,7 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
 def _classes(classes: str | None, data: Path | None) -> tuple[str, ...]:
     """Class names from --classes (names, or a count), else the sub-folders of --data, or the
     ``classes`` array of a tensor file given as --data."""
-    from shiftcost.data import load_batch
+    from shiftcost.data.batches import declared_classes
     from shiftcost.errors import InputError
 
     if classes is not None:
@@ -58,15 +58,11 @@ def _classes(classes: str | None, data: Path | None) -> tuple[str, ...]:
         if len(names) < 2:
             raise InputError(f"--classes {classes!r} names fewer than 2 classes; list them in the model's output order, comma-separated.")
         return names
-    if data is not None and data.is_dir():
-        # ImageFolder's order (sorted folder names), which a torchvision-trained model learnt.
-        names = tuple(sorted(entry.name for entry in data.iterdir() if entry.is_dir()))
+    if data is not None:
+        # An ImageFolder's sorted folder names are the order a torchvision-trained model learnt.
+        names = declared_classes(data) or ()
         if len(names) >= 2:
             return names
-    elif data is not None:
-        names = load_batch(data).classes or ()
-        if len(names) >= 2:
-            return tuple(names)
     raise InputError(
         "give --classes (names in the model's output order, or their count), or --data as an ImageFolder "
         "(one sub-folder per class) or an .npz/.pt file with a classes array."

@@ -111,6 +111,34 @@ def load_batch(path: str | os.PathLike[str], *, spec: ModelSpec | None = None) -
     return batch
 
 
+def declared_classes(path: str | os.PathLike[str]) -> tuple[str, ...] | None:
+    """The class names a batch source declares, reading nothing else: an ImageFolder's sorted
+    sub-folder names, or the ``classes`` entry of a tensor file; None where it declares none.
+
+    For a model import, whose spec (and so how the images are read) needs the names first.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return tuple(sorted(entry.name for entry in path.iterdir() if entry.is_dir())) or None
+    if path.is_file() and path.suffix.lower() == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:  # members are read on access only
+                raw = archive["classes"] if "classes" in archive.files else None
+        except Exception as error:  # bad zip, pickled object arrays, truncated members
+            raise InputError(f"Batch {path} is not a readable .npz of plain arrays ({short_error(error)}); save it with numpy.savez.") from None
+        return _class_names(path, raw)
+    return load_batch(path).classes
+
+
+def _class_names(path: Path, raw: Any) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    try:
+        return tuple(str(name) for name in (raw.tolist() if hasattr(raw, "tolist") else raw))
+    except TypeError:
+        raise InputError(f'Batch {path} has an unreadable "classes" entry; store class names as a list of strings.') from None
+
+
 def _load_npz(path: Path, spec: ModelSpec | None) -> Batch:
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -137,13 +165,7 @@ def _from_arrays(path: Path, arrays: dict[str, Any], spec: ModelSpec | None) -> 
         raise InputError(f'Batch {path} has no "x" array (found {", ".join(map(str, arrays)) or "nothing"}); store the images under "x".')
     x = _as_images(path, arrays["x"], spec)
     y = _as_labels(path, arrays["y"], len(x)) if arrays.get("y") is not None else None
-    classes = arrays.get("classes")
-    if classes is not None:
-        try:
-            classes = tuple(str(name) for name in (classes.tolist() if hasattr(classes, "tolist") else classes))
-        except TypeError:
-            raise InputError(f'Batch {path} has an unreadable "classes" entry; store class names as a list of strings.') from None
-    return Batch(x=x, y=y, source=str(path), classes=classes).with_model_ids(spec)
+    return Batch(x=x, y=y, source=str(path), classes=_class_names(path, arrays.get("classes"))).with_model_ids(spec)
 
 
 def _as_images(path: Path, raw: Any, spec: ModelSpec | None) -> torch.Tensor:

@@ -302,3 +302,30 @@ def test_content_fingerprint_of_a_directory_follows_names_and_bytes(tmp_path):
     assert tree(tmp_path / "e", {"x/1.png": b"on", "y/2.png": b"etwo"}) != base
     with pytest.raises(InputError, match="absent"):
         content_fingerprint(tmp_path / "absent")
+
+
+def test_declared_classes_read_only_the_names_and_say_none_where_there_are_none(tmp_path):
+    import io
+    import zipfile
+
+    from shiftcost.data.batches import declared_classes
+
+    for name in ("zebra", "ant", "moth"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+    assert declared_classes(tmp_path / "folder") == ("ant", "moth", "zebra")  # ImageFolder's order
+    # An .npz whose images cannot be parsed: the names are read all the same, so the images
+    # are read once, by the load that needs them, not also for the names.
+    names = io.BytesIO()
+    np.save(names, np.array(["cat", "dog"]))
+    with zipfile.ZipFile(tmp_path / "named.npz", "w") as archive:
+        archive.writestr("classes.npy", names.getvalue())
+        archive.writestr("x.npy", b"not an array")
+    assert declared_classes(tmp_path / "named.npz") == ("cat", "dog")
+    with pytest.raises(InputError, match='"x" entry of type bytes'):
+        load_batch(tmp_path / "named.npz")
+    np.savez(tmp_path / "unnamed.npz", x=np.zeros((2, 8, 8), dtype=np.uint8))
+    assert declared_classes(tmp_path / "unnamed.npz") is None
+    torch.save({"x": torch.zeros(2, 1, 8, 8), "classes": ["cat", "dog"]}, tmp_path / "named.pt")
+    assert declared_classes(tmp_path / "named.pt") == ("cat", "dog")
+    with pytest.raises(InputError, match="does not exist"):
+        declared_classes(tmp_path / "missing.npz")
