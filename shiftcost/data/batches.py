@@ -125,7 +125,7 @@ def declared_classes(path: str | os.PathLike[str]) -> tuple[str, ...] | None:
             with np.load(path, allow_pickle=False) as archive:  # members are read on access only
                 raw = archive["classes"] if "classes" in archive.files else None
         except Exception as error:  # bad zip, pickled object arrays, truncated members
-            raise InputError(f"Batch {path} is not a readable .npz of plain arrays ({short_error(error)}); save it with numpy.savez.") from None
+            raise _unreadable_npz(path, error) from None
         return _class_names(path, raw)
     return load_batch(path).classes
 
@@ -144,8 +144,12 @@ def _load_npz(path: Path, spec: ModelSpec | None) -> Batch:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except Exception as error:  # bad zip, pickled object arrays, truncated members
-        raise InputError(f"Batch {path} is not a readable .npz of plain arrays ({short_error(error)}); save it with numpy.savez.") from None
+        raise _unreadable_npz(path, error) from None
     return _from_arrays(path, arrays, spec)
+
+
+def _unreadable_npz(path: Path, error: Exception) -> InputError:
+    return InputError(f"Batch {path} is not a readable .npz of plain arrays ({short_error(error)}); save it with numpy.savez.")
 
 
 def _load_pt(path: Path, spec: ModelSpec | None) -> Batch:

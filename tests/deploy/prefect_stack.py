@@ -34,6 +34,7 @@ def prefect_command(*args: str) -> list[str]:
 
 
 def shiftcost_command(*args: str) -> list[str]:
+    """The ``shiftcost`` command line, as the console script's entry point runs it."""
     return [sys.executable, "-c", "from shiftcost.cli import main; main()", *args]
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from prefect_stack import ROOT, free_loopback_port
+from prefect_stack import ROOT, free_loopback_port, shiftcost_command
 
 
 def run_command(api_url: str | None, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -16,8 +15,7 @@ def run_command(api_url: str | None, cwd: Path, *args: str) -> subprocess.Comple
     for key in [key for key in environment if key.startswith("PREFECT_")] + ["SHIFTCOST_CONFIG"]:
         environment.pop(key, None)
     environment |= {"PREFECT_API_URL": api_url} if api_url is not None else {"PREFECT_HOME": str(cwd / "prefect-home")}
-    command = [sys.executable, "-c", "from shiftcost.cli import main; main()", *args]  # the console script's entry point
-    return subprocess.run(command, env=environment, cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(shiftcost_command(*args), env=environment, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def run_serve(api_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:

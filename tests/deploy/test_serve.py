@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from flow_support import PipelineEnv, brightened, shuffled, sqlite_only
+from flow_support import PipelineEnv, brightened, sqlite_only
 
 from shiftcost.store import models as db
 
@@ -109,9 +109,7 @@ def test_sigterm_to_serve_alone_lets_a_retrain_in_flight_record_that_it_was_stop
     """What ``docker stop`` or ``kill`` does: SIGTERM to the serving process only, during a retrain."""
     env = pipeline_env
     env.budget("monthly", period="monthly", kwh=1.0)
-    x, y = env.stream(0, 200)
-    # No cutoff in reach and no cap: the retrain is still learning when serve is stopped.
-    env.drop("unlearnable.npz", brightened(x), shuffled(y))
+    env.drop_unlearnable("unlearnable.npz")
     log_path = tmp_path / "serve.log"
     grace_s = 10
     serve = start_serve(tmp_path, log_path, "--grace-period", str(grace_s), SHIFTCOST_RETRAIN_MAX_EPOCHS="100000")

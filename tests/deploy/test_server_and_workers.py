@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flow_support import PipelineEnv, bootstrapped_with_probe, brightened, shuffled
+from flow_support import PipelineEnv, bootstrapped_with_probe, brightened
 from prefect_stack import PrefectStack, prefect_database, stack_environment
 
 from shiftcost.store import models as db
@@ -206,9 +206,7 @@ def test_a_worker_stopped_during_a_retrain_lets_it_record_that_it_was_stopped_an
     """What ``docker stop`` does to a worker: SIGTERM to the worker process alone."""
     env = pipeline_env
     env.budget("monthly", period="monthly", kwh=1.0)
-    x, y = env.stream(0, 200)
-    # No cutoff in reach and no cap: the retrain is still learning when its worker stops.
-    env.drop("unlearnable.npz", brightened(x), shuffled(y))
+    env.drop_unlearnable("unlearnable.npz")
     stack.environment["SHIFTCOST_RETRAIN_MAX_EPOCHS"] = "100000"
     for pool in ("cpu", "gpu"):
         stack.run("work-pool", "create", pool, "--type", "process")

@@ -122,6 +122,11 @@ class PipelineEnv:
         with connect(self.settings) as db:
             seed.committed(db).create_budget(name, period=period, kwh_cap=kwh)
 
+    def drop_unlearnable(self, name: str) -> Path:
+        """A shifted batch with shuffled labels: its retrain, uncapped, is still learning when stopped."""
+        x, y = self.stream(0, 200)
+        return self.drop(name, brightened(x), shuffled(y))
+
     def assert_stopped_retrain_recorded(self, context: str = "") -> None:
         """The one retrain run was stopped mid-run and recorded so: ``failed`` with what it had
         done, its spend settled at what it measured, its batch failed."""
