@@ -108,7 +108,8 @@ class Settings(BaseSettings):
         gt=0,
         description=(
             "Lease of a running retrain: a run whose heartbeat is older than this is proven dead (its process was "
-            "killed); the watcher marks it and its batch failed and releases its reservation."
+            "killed); the watcher marks it and its batch failed and settles its reservation at the work its last heartbeat "
+            "carried, priced at the host's energy rate (released when there is no rate)."
         ),
     )
     retrain_heartbeat_s: float = Field(

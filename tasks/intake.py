@@ -55,7 +55,8 @@ def fail_stale_retrains(settings: Settings) -> list[int]:
     with pipeline.connect(settings) as db:
         closed = pipeline.fail_stale_retrains(db, settings.model_name, settings.retrain_stale_after_s)
     for outcome in closed:
-        held = "its reservation was released" if outcome.released else "it held no open reservation"
+        held = ("its reservation was settled at that price" if outcome.settled
+                else "its reservation was released" if outcome.released else "it held no open reservation")
         get_run_logger().warning("retrain run %d (batch %s) %s; %s", outcome.run_id, outcome.batch_id, outcome.error, held)
     return [outcome.run_id for outcome in closed if outcome.run_id is not None]
 

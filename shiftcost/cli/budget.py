@@ -222,7 +222,8 @@ def release_open(
 
     A reservation whose retrain run still renews its heartbeat is kept, however old: that
     run will settle it. Should a released run finish after all, its spend is recorded as a
-    late settlement.
+    late settlement; so is a dead run's work, priced at its last heartbeat, once the watch
+    closes that run.
     """
     from shiftcost.config import load_settings
     from shiftcost.store import ledger

@@ -90,7 +90,7 @@ class BudgetGuard:
         self._epochs.append(float(point.epoch))
         self._accuracy.append(float(point.accuracy))
         self._loss.append(float(point.loss))
-        self.spent_kwh = self.spent_before_kwh + rate.kwh(point.samples_seen, len(self._epochs) * self.holdout)
+        self.spent_kwh = self.spent_before_kwh + self.price.spent_kwh(point.samples_seen, len(self._epochs))
         if protocol.cutoff_reached(self._accuracy, target):
             return None  # the run stops by itself at this evaluation
         forecast = self._forecast(target)

@@ -45,6 +45,11 @@ class RetrainPrice:
         evaluations = protocol.evaluations(run, protocol.steps_per_epoch(self.pool, self.batch_size))
         return self.rate.kwh(run * self.pool, evaluations * self.holdout)
 
+    def spent_kwh(self, samples_trained: float, evaluations: int) -> float:
+        """What a run under way has cost after training on ``samples_trained`` samples and
+        evaluating the holdout ``evaluations`` times (its overhead included)."""
+        return self.rate.kwh(samples_trained, evaluations * self.holdout)
+
     def probe_kwh(self, probe_options: dict[str, Any]) -> float:
         """A probe run as ``probe_options`` (``Forecaster.probe_options()``) on this retrain's batch,
         priced at its full length: one that meets the cutoff stops sooner, never later. It

@@ -10,6 +10,12 @@ building the new version, refitting) renews it, and it stops with the process. A
 that fails (database busy or away for a moment) is retried at the next beat; if the
 database stays away longer than the lease, the run may be closed as dead, and when it
 then finishes its spend is still recorded as a late settlement.
+
+Each beat also stores the run's latest :class:`Progress` (``retrain_runs.progress``),
+which the training loop reports at every evaluation (:func:`report`). A process killed
+outright (SIGKILL, the OOM killer, a lost host) measures nothing, so the watch that closes
+it settles that work at the host energy rate's price rather than nothing: a lower bound of
+what the run spent, since work after its last beat is not known.
 """
 
 from __future__ import annotations
@@ -18,21 +24,62 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any
 
 from shiftcost.store import Database
 
-__all__ = ["heartbeat", "renew"]
+__all__ = ["Progress", "heartbeat", "renew", "report"]
 
 _log = logging.getLogger(__name__)
 
 
-def renew(db: Database, run_id: int, now: datetime | None = None) -> bool:
-    """Renew the heartbeat of a ``running`` run; False if the run is no longer running."""
+@dataclass(frozen=True)
+class Progress:
+    """What a running retrain has done by its latest evaluation.
+
+    ``spent_kwh`` and ``spent_kg`` price that work (training and evaluations, overhead
+    included) at the host's energy rate and the grid's carbon intensity; both are None when
+    the run has no energy rate to go by.
+    """
+
+    steps: int
+    epochs: float
+    spent_kwh: float | None = None
+    spent_kg: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "Progress | None":
+        return None if not data else cls(**{name: data.get(name) for name in ("steps", "epochs", "spent_kwh", "spent_kg")})
+
+
+# The training loop and the heartbeat thread of one run meet here, in the run's process,
+# by run id: the pipeline's steps (and the flows' tasks) pass a run its inputs, not its heartbeat.
+_latest: dict[int, Progress] = {}
+_latest_lock = threading.Lock()
+
+
+def report(run_id: int, progress: Progress) -> None:
+    """Record ``progress`` as the run's latest; its next heartbeat stores it."""
+    with _latest_lock:
+        _latest[run_id] = progress
+
+
+def _reported(run_id: int, *, forget: bool = False) -> Progress | None:
+    with _latest_lock:
+        return _latest.pop(run_id, None) if forget else _latest.get(run_id)
+
+
+def renew(db: Database, run_id: int, now: datetime | None = None, progress: Progress | None = None) -> bool:
+    """Renew the heartbeat of a ``running`` run (storing ``progress`` when given); False if the run is no longer running."""
     from shiftcost.store import runs
 
     with db.session() as session:
-        return runs.renew_heartbeat(session, run_id, now)
+        return runs.renew_heartbeat(session, run_id, now, None if progress is None else progress.to_dict())
 
 
 @contextmanager
@@ -44,16 +91,18 @@ def heartbeat(open_db: Callable[[], Database] | Database, run_id: int, every_s: 
     never wait for a beat).
     """
     stop = threading.Event()
+    _reported(run_id, forget=True)  # a report left by a run of this id outside any heartbeat is not this run's
 
     def beat() -> None:
         while not stop.wait(every_s):
+            progress = _reported(run_id)
             try:
                 if isinstance(open_db, Database):
-                    alive = renew(open_db, run_id)
+                    alive = renew(open_db, run_id, progress=progress)
                 else:
                     database = open_db()
                     try:
-                        alive = renew(database, run_id)
+                        alive = renew(database, run_id, progress=progress)
                     finally:
                         database.dispose()
             except Exception as error:  # a passing fault: the next beat tries again
@@ -69,3 +118,4 @@ def heartbeat(open_db: Callable[[], Database] | Database, run_id: int, every_s: 
     finally:
         stop.set()
         thread.join(timeout=max(every_s, 5.0))
+        _reported(run_id, forget=True)

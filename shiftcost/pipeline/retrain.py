@@ -22,8 +22,10 @@
 Any failure goes to :func:`record_retrain_failure` instead: the run is marked failed with
 what it measured up to the crash, the budget reservation is settled with that measure (or
 released when nothing was measured), the batch is marked failed, and the model stays as it
-was. A process killed outright records nothing: the watch closes its run once it is proven
-dead (:func:`fail_stale_retrains`) and releases the reservation. A crashed run is not retried on its own: it spent
+was. A process killed outright records nothing itself: the watch closes its run once it is
+proven dead (:func:`fail_stale_retrains`) and settles the work its last heartbeat carried,
+priced at the host's energy rate (``shiftcost.pipeline.lease``), or releases the
+reservation when there was no rate to price it. A crashed run is not retried on its own: it spent
 energy, and spending more needs a new decision.
 """
 
@@ -36,7 +38,7 @@ from shiftcost import landing
 from shiftcost.errors import ConfigError, InputError, ShiftcostError
 from shiftcost.pipeline.assess import REPORT_FEATURES
 from shiftcost.pipeline.claims import Claim, claim
-from shiftcost.pipeline.common import Artifacts, check_forecaster, json_safe, least_kwh_left, load_cost_model, load_forecaster
+from shiftcost.pipeline.common import Artifacts, carbon_intensity, check_forecaster, json_safe, least_kwh_left, load_cost_model, load_forecaster
 from shiftcost.pipeline.retrain_record import (
     RetrainOutcome,
     fail_stale_retrains,
@@ -263,7 +265,12 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     config = RetrainConfig.from_settings(settings).for_model(inputs.spec)
     reference = load_replay_data(inputs, config)
     replay = config.recipe.replay_with(reference is not None)
-    guard = budget_guard(inputs, config.cutoff.holdout_fraction, replay, 0 if reference is None else len(reference), config.caps.max_epochs)
+    replay_samples = 0 if reference is None else len(reference)
+    guard = budget_guard(inputs, config.cutoff.holdout_fraction, replay, replay_samples, config.caps.max_epochs)
+    price = None if inputs.forecaster is None else inputs.forecaster.retrain_price(
+        len(data), replay_fraction=replay, reference_samples=replay_samples,
+        holdout_fraction=config.cutoff.holdout_fraction, cap_epochs=config.caps.max_epochs,
+    )
     result = retrain_to_cutoff(
         inputs.model,
         data.x,
@@ -272,10 +279,28 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
         reference_x=None if reference is None else reference.x,
         reference_y=None if reference is None else reference.y,
         reference_accuracy=inputs.reference.accuracy,
-        progress=guard,
+        progress=_reporting_progress(inputs.job.run_id, price, None if price is None else carbon_intensity(settings), guard),
         source=f"batch {inputs.source_uri}",
     )
     return result if guard is None else guard.explained(result)
+
+
+def _reporting_progress(run_id: int, price: Any, kg_per_kwh: float | None, guard: Any) -> Any:
+    """The run's ``progress`` callback: it reports the work done so far to the run's heartbeat
+    (priced by ``price``, a :class:`~shiftcost.forecast.price.RetrainPrice`, when there is
+    one), then lets ``guard`` decide whether the run goes on."""
+    from shiftcost.pipeline.lease import Progress, report
+
+    evaluations = 0
+
+    def progress(point: Any, step_cap: int, target: float) -> str | None:
+        nonlocal evaluations
+        evaluations += 1
+        kwh = None if price is None else price.spent_kwh(point.samples_seen, evaluations)
+        report(run_id, Progress(point.step, point.epoch, kwh, None if kwh is None or kg_per_kwh is None else kwh * kg_per_kwh))
+        return None if guard is None else guard(point, step_cap, target)
+
+    return progress
 
 
 def budget_guard(

@@ -268,31 +268,52 @@ def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now:
     """Close the retrain runs of ``model_name`` proven dead: ``running`` with no heartbeat
     (before the first one: no start) within the last ``older_than_s`` seconds (the lease).
 
-    Such a run's process was killed (a crash it survived would have recorded itself): the
-    run and its batch are marked failed and the decision's reservation is released, in one
-    transaction per run. The energy it spent is unknown and not charged (should the run
-    still finish, it records its spend as a late settlement). Each run is closed by a
-    guarded UPDATE, so of racing watchers exactly one closes it. Returns what was closed;
-    ``released`` is empty when there was nothing left to release.
+    Such a run's process was killed (a crash it survived would have recorded itself), so it
+    measured nothing. The run and its batch are marked failed, and the decision's
+    reservation is settled with the work the run's last heartbeat carried, priced at the
+    host's energy rate (a lower bound: work after that beat is not known), or released
+    when the run had no rate to price it by or never reported; one transaction per run.
+    Should the run still finish, it records its measured spend as a late settlement. Each
+    run is closed by a guarded UPDATE, so of racing watchers exactly one closes it.
+    Returns what was closed.
     """
     from datetime import timedelta
 
+    from shiftcost.pipeline.lease import Progress
     from shiftcost.store import ledger, runs
     from shiftcost.store.models import utcnow
 
     now = utcnow() if now is None else now
     lease = timedelta(seconds=older_than_s)
     span = f"{older_than_s / 3600.0:.3g} h" if older_than_s >= 3600 else f"{older_than_s:.3g} s"
-    message = f"abandoned: no heartbeat for {span} (its lease), so its process was killed"
+    abandoned = f"abandoned: no heartbeat for {span} (its lease), so its process was killed"
     with db.session(readonly=True) as session:
         stale = runs.dead_runs(session, model_name, lease, now)
     closed: list[RetrainOutcome] = []
-    for run_id, batch_id, decision_id in stale:
+    for run_id, batch_id, decision_id, reported in stale:
+        progress = Progress.from_dict(reported)
+        priced = progress is not None and progress.spent_kwh is not None
+        message = abandoned if progress is None else (
+            f"{abandoned} after {progress.steps} steps ({progress.epochs:.2f} epochs) by its last heartbeat"
+            + (f", {progress.spent_kwh:.3g} kWh at the energy rate's price" if priced else "")
+        )
+        settled: list[int] = []
+        released: list[int] = []
         with db.session() as session:
-            if not runs.close_dead_run(session, run_id, batch_id, lease, now, message):
+            if not runs.close_dead_run(session, run_id, batch_id, lease, now, message, progress):
                 continue  # another watcher closed it, or the run proved alive meanwhile
-            released = [] if decision_id is None else ledger.release_decision(session, decision_id, f"retrain run {run_id} {message}")
-        closed.append(RetrainOutcome(batch_id, RetrainStatus.FAILED, run_id=run_id, decision_id=decision_id, released=released, error=message))
+            if decision_id is not None and progress is not None and progress.spent_kwh is not None:
+                settled = ledger.settle_decision(
+                    session, decision_id, progress.spent_kwh, progress.spent_kg or 0.0,
+                    note=f"retrain run {run_id} {message} (priced, not measured)",
+                )
+            elif decision_id is not None:
+                released = ledger.release_decision(session, decision_id, f"retrain run {run_id} {message}")
+        closed.append(RetrainOutcome(
+            batch_id, RetrainStatus.FAILED, run_id=run_id, decision_id=decision_id,
+            steps=None if progress is None else progress.steps, epochs=None if progress is None else progress.epochs,
+            settled=settled, released=released, error=message,
+        ))  # fmt: skip
     return closed
 
 

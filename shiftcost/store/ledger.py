@@ -314,9 +314,10 @@ def _add_closing(session: Session, closed: LedgerEntry, kind: str, kwh: float, c
 
 def _overrun_reason(reservation: LedgerEntry, kwh: float, co2: float) -> str | None:
     over = [
-        f"{measured:.6g} {unit} measured against {reserved:.6g} reserved"
-        for measured, reserved, unit in ((kwh, reservation.energy_kwh, "kWh"), (co2, reservation.emissions_kg, "kg CO2e"))
-        if measured > reserved + _SLACK * max(1.0, reserved)
+        # "spent", not "measured": a run killed outright is settled at its priced work.
+        f"{spent:.6g} {unit} spent against {reserved:.6g} reserved"
+        for spent, reserved, unit in ((kwh, reservation.energy_kwh, "kWh"), (co2, reservation.emissions_kg, "kg CO2e"))
+        if spent > reserved + _SLACK * max(1.0, reserved)
     ]
     return "overrun: " + ", ".join(over) if over else None
 

@@ -392,6 +392,9 @@ class RetrainRun(Base):
     heartbeat_at: Mapped[datetime | None]
     """Renewed by the running process; a ``running`` run whose heartbeat (or, before the
     first, its start) is older than the lease is proven dead (``pipeline.lease``)."""
+    progress: Mapped[dict[str, Any] | None]
+    """What the running process had done by its latest heartbeat (``pipeline.lease.Progress``):
+    a run killed outright is settled at this work's price when it is closed as dead."""
 
 
 class Calibration(Base):

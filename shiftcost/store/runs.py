@@ -32,39 +32,50 @@ __all__ = [
 ]
 
 
-def renew_heartbeat(session: Session, run_id: int, now: datetime | None = None) -> bool:
-    """Renew the heartbeat of a ``running`` run; False if the run is no longer running."""
+def renew_heartbeat(session: Session, run_id: int, now: datetime | None = None, progress: dict[str, Any] | None = None) -> bool:
+    """Renew the heartbeat of a ``running`` run, with what it has done so far when ``progress``
+    is given; False if the run is no longer running."""
+    values: dict[str, Any] = {"heartbeat_at": now or utcnow()}
+    if progress is not None:
+        values["progress"] = json_safe(progress)
     result = session.execute(
         update(RetrainRun)
         .where(RetrainRun.id == run_id, RetrainRun.status == RetrainStatus.RUNNING)
-        .values(heartbeat_at=now or utcnow())
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
 
 
-def dead_runs(session: Session, model_name: str, lease: timedelta, now: datetime) -> list[tuple[int, int | None, int | None]]:
-    """(run id, batch id, decision id) of the runs of ``model_name`` still ``running`` with no
-    heartbeat (before the first one: no start) within ``lease`` of ``now``, oldest first."""
+def dead_runs(
+    session: Session, model_name: str, lease: timedelta, now: datetime
+) -> list[tuple[int, int | None, int | None, dict[str, Any] | None]]:
+    """(run id, batch id, decision id, progress of its last heartbeat) of the runs of
+    ``model_name`` still ``running`` with no heartbeat (before the first one: no start)
+    within ``lease`` of ``now``, oldest first."""
     query = (
-        select(RetrainRun.id, RetrainRun.batch_id, RetrainRun.decision_id)
+        select(RetrainRun.id, RetrainRun.batch_id, RetrainRun.decision_id, RetrainRun.progress)
         .join(Model, Model.id == RetrainRun.model_id)
         .where(Model.name == model_name, RetrainRun.status == RetrainStatus.RUNNING, ~live_run_condition(lease, now))
         .order_by(RetrainRun.id)
     )
-    return [(run_id, batch_id, decision_id) for run_id, batch_id, decision_id in session.execute(query)]
+    return [(run_id, batch_id, decision_id, progress) for run_id, batch_id, decision_id, progress in session.execute(query)]
 
 
-def close_dead_run(session: Session, run_id: int, batch_id: int | None, lease: timedelta, now: datetime, message: str) -> bool:
-    """Mark a dead run and its ``retraining`` batch failed with ``message``.
+def close_dead_run(
+    session: Session, run_id: int, batch_id: int | None, lease: timedelta, now: datetime, message: str, progress: Any = None
+) -> bool:
+    """Mark a dead run and its ``retraining`` batch failed with ``message``; the run keeps the
+    steps and epochs of ``progress`` (a ``pipeline.lease.Progress``: its last heartbeat's), if any.
 
     Guarded: False (nothing written) when the run is no longer running or proved alive
     meanwhile, so of racing watchers exactly one closes it.
     """
+    done = {} if progress is None else {"steps": progress.steps, "epochs": progress.epochs}
     finished = session.execute(
         update(RetrainRun)
         .where(RetrainRun.id == run_id, RetrainRun.status == RetrainStatus.RUNNING, ~live_run_condition(lease, now))
-        .values(status=RetrainStatus.FAILED, error=message, finished_at=utcnow())
+        .values(status=RetrainStatus.FAILED, error=message, finished_at=utcnow(), **done)
         .execution_options(synchronize_session=False)
     )
     if finished.rowcount != 1:

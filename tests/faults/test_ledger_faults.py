@@ -80,6 +80,62 @@ def test_a_heartbeat_renews_the_lease_while_the_block_runs(db) -> None:
     assert datetime.now(UTC) - beat < timedelta(seconds=30)
 
 
+def test_a_heartbeat_stores_the_progress_its_run_reported_and_forgets_it_after_the_block(db) -> None:
+    import time
+
+    from shiftcost.pipeline import lease
+
+    _, run_id = _decision_with_run(db, started_ago=timedelta(hours=1), beat_ago=timedelta(hours=1))
+    reported = lease.Progress(steps=120, epochs=1.5, spent_kwh=2.5e-4, spent_kg=1e-4)
+    with lease.heartbeat(db, run_id, every_s=0.05):
+        lease.report(run_id, reported)
+        time.sleep(0.6)
+    with db.session(readonly=True) as session:
+        stored = session.get(RetrainRun, run_id).progress
+    assert lease.Progress.from_dict(stored) == reported
+    assert lease._reported(run_id) is None  # a later run of this id starts from nothing
+
+
+def _dead_run_with_progress(db, progress: dict | None) -> tuple[int, int, str]:
+    seed.committed(db).create_budget("month", period="monthly", kwh_cap=1.0, co2_cap=1.0)
+    decision_id, run_id = _decision_with_run(db, started_ago=timedelta(hours=2), beat_ago=timedelta(hours=1))
+    seed.committed(db).reserve("month", 0.2, 0.02, decision_id)
+    with db.session() as session:
+        run = session.get(RetrainRun, run_id)
+        run.progress = progress
+        model_name = repo.get_model_by_id(session, run.model_id).name
+    return decision_id, run_id, model_name
+
+
+def test_a_run_killed_outright_is_settled_at_the_priced_work_of_its_last_heartbeat(db) -> None:
+    from shiftcost import pipeline
+
+    decision_id, run_id, model_name = _dead_run_with_progress(
+        db, {"steps": 40, "epochs": 0.75, "spent_kwh": 3e-3, "spent_kg": 1.2e-3}
+    )
+    (closed,) = pipeline.fail_stale_retrains(db, model_name, older_than_s=LEASE.total_seconds())
+
+    assert closed.run_id == run_id and closed.settled and closed.released == []
+    assert "after 40 steps (0.75 epochs) by its last heartbeat, 0.003 kWh" in closed.error
+    assert _kinds(db, decision_id) == ["reserve", "settle"]
+    status = seed.committed(db).remaining("month")
+    assert status.remaining_kwh == pytest.approx(1.0 - 3e-3) and status.remaining_co2 == pytest.approx(1.0 - 1.2e-3)
+    with db.session(readonly=True) as session:
+        run = session.get(RetrainRun, run_id)
+        assert (run.status, run.steps, run.epochs, run.energy_kwh) == ("failed", 40, 0.75, None)  # priced, not measured
+
+
+def test_a_dead_run_with_no_price_for_its_work_releases_its_reservation(db) -> None:
+    from shiftcost import pipeline
+
+    decision_id, run_id, model_name = _dead_run_with_progress(db, {"steps": 40, "epochs": 0.75, "spent_kwh": None, "spent_kg": None})
+    (closed,) = pipeline.fail_stale_retrains(db, model_name, older_than_s=LEASE.total_seconds())
+
+    assert closed.released and closed.settled == [] and "after 40 steps" in closed.error
+    assert _kinds(db, decision_id) == ["reserve", "release"]
+    assert seed.committed(db).remaining("month").remaining_kwh == pytest.approx(1.0)
+
+
 # --- late settlements and overruns ---------------------------------------------------------------
 
 

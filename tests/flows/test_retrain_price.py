@@ -43,3 +43,20 @@ def test_a_probe_is_priced_at_its_full_length_and_at_most_its_capped_holdout() -
     assert price.probe_kwh({"steps": 16, "batch_size": 16}) == pytest.approx(5 + 256 + 17 * 60 / 3)
     assert price.probe_kwh({"steps": 16, "batch_size": 16, "max_holdout": 12}) == pytest.approx(5 + 256 + 17 * 12 / 3)
     assert price.probe_kwh({"steps": 16, "batch_size": 16, "max_holdout": 512}) == price.probe_kwh({"steps": 16, "batch_size": 16})
+
+
+def test_a_run_under_way_is_priced_at_what_it_trained_and_evaluated() -> None:
+    price = RetrainPrice(pool=140, holdout=60, batch_size=32, rate=RATE, cap_epochs=20.0)
+    # Before any step: the overhead and the first evaluation.
+    assert price.spent_kwh(0, 1) == pytest.approx(5 + 60 / 3)
+    # 96 samples trained (three steps of 32) and four evaluations.
+    assert price.spent_kwh(96, 4) == pytest.approx(5 + 96 + 4 * 60 / 3)
+
+
+@given(st.integers(0, 40), st.integers(2, 500), st.integers(1, 200), st.integers(1, 64))
+def test_a_whole_epochs_run_priced_under_way_costs_what_it_was_priced_at_before(epochs: int, pool: int, holdout: int, batch: int) -> None:
+    from shiftcost.forecast import protocol
+
+    price = RetrainPrice(pool, holdout, batch, RATE, cap_epochs=None)
+    evaluations = protocol.evaluations(epochs, protocol.steps_per_epoch(pool, batch))
+    assert price.spent_kwh(epochs * pool, evaluations) == pytest.approx(price.kwh(epochs))
