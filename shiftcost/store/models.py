@@ -342,8 +342,9 @@ class Decision(Base):
 class RetrainRun(Base):
     """What one retraining really did and cost, as the retrain executor measured it.
 
-    ``energy_method`` says how the energy was obtained (e.g. ``measured`` from RAPL/NVML
-    or ``estimated`` from TDP and load), so an audit can tell the two apart.
+    ``energy_method`` says how the energy was obtained (``measured`` from RAPL/NVML,
+    ``estimated`` from TDP and load, or ``priced``: a run killed outright, its last
+    heartbeat's work at the host's energy rate), so an audit can tell them apart.
     """
 
     __tablename__ = "retrain_runs"

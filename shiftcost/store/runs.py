@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from shiftcost.jsonsafe import json_safe
@@ -20,6 +20,7 @@ from shiftcost.store.models import Batch, LedgerEntry, Model, RetrainRun, utcnow
 from shiftcost.store.records import Claim, ClaimLost
 
 __all__ = [
+    "PRICED",
     "add_version",
     "close_dead_run",
     "closing_entries",
@@ -30,6 +31,11 @@ __all__ = [
     "renew_heartbeat",
     "run_columns",
 ]
+
+
+#: ``energy_method`` of a run killed outright: its energy is its last heartbeat's work priced at
+#: the host's energy rate, not a measurement.
+PRICED = "priced"
 
 
 def renew_heartbeat(session: Session, run_id: int, now: datetime | None = None, progress: dict[str, Any] | None = None) -> bool:
@@ -66,12 +72,15 @@ def close_dead_run(
     session: Session, run_id: int, batch_id: int | None, lease: timedelta, now: datetime, message: str, progress: Any = None
 ) -> bool:
     """Mark a dead run and its ``retraining`` batch failed with ``message``; the run keeps the
-    steps and epochs of ``progress`` (a ``pipeline.lease.Progress``: its last heartbeat's), if any.
+    steps and epochs of ``progress`` (a ``pipeline.lease.Progress``: its last heartbeat's), if
+    any, and its priced energy, with ``energy_method`` :data:`PRICED`.
 
     Guarded: False (nothing written) when the run is no longer running or proved alive
     meanwhile, so of racing watchers exactly one closes it.
     """
     done = {} if progress is None else {"steps": progress.steps, "epochs": progress.epochs}
+    if progress is not None and progress.spent_kwh is not None:
+        done |= {"energy_kwh": progress.spent_kwh, "emissions_kg": progress.spent_kg, "energy_method": PRICED}
     finished = session.execute(
         update(RetrainRun)
         .where(RetrainRun.id == run_id, RetrainRun.status == RetrainStatus.RUNNING, ~live_run_condition(lease, now))
@@ -117,6 +126,8 @@ def measured_run_details(session: Session, architecture: str, *, except_run: int
         select(RetrainRun.details, Model.details)
         .join(Model, Model.id == RetrainRun.model_id)
         .where(Model.architecture == architecture, RetrainRun.id != except_run, RetrainRun.energy_kwh > 0)
+        # A dead run's energy was priced at the rate itself: fitting the rate to it would only echo the rate.
+        .where(or_(RetrainRun.energy_method.is_(None), RetrainRun.energy_method != PRICED))
     )
     return [tuple(row) for row in session.execute(query).all()]
 

@@ -52,12 +52,13 @@ def test_a_retrain_killed_outright_is_settled_at_the_priced_work_its_last_heartb
         (closed,) = pipeline.fail_stale_retrains(database, env.settings.model_name, older_than_s=1)
 
     (run,) = env.rows(db.RetrainRun)
-    assert (run.status, run.steps, run.energy_kwh) == ("failed", last["steps"], None)  # priced, not measured
+    assert (run.status, run.steps, run.energy_method) == ("failed", last["steps"], "priced")  # not measured
     assert f"after {last['steps']} steps" in run.error and closed.settled and not closed.released
     entries = env.rows(db.LedgerEntry, db.LedgerEntry.decision_id == run.decision_id)
     assert [entry.kind for entry in entries] == ["reserve", "settle"]
     settled = entries[1].energy_kwh
-    assert settled > 0 and settled == pytest.approx(last["spent_kwh"]) and "priced, not measured" in entries[1].reason
+    assert settled > 0 and settled == pytest.approx(last["spent_kwh"]) == pytest.approx(run.energy_kwh)
+    assert "priced, not measured" in entries[1].reason
     assert env.remaining_kwh("monthly") == pytest.approx(1.0 - settled)
     assert [batch.status for batch in env.rows(db.Batch)] == ["failed"]
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import insert
 
 from shiftcost.policy import PolicySettings, decide
-from shiftcost.store import audit
+from shiftcost.store import audit, runs
 from shiftcost.store import repository as repo
 from shiftcost.store.errors import BudgetError
 from shiftcost.store.models import Budget, LedgerEntry, RetrainRun
@@ -122,7 +122,13 @@ def test_a_run_killed_outright_is_settled_at_the_priced_work_of_its_last_heartbe
     assert status.remaining_kwh == pytest.approx(1.0 - 3e-3) and status.remaining_co2 == pytest.approx(1.0 - 1.2e-3)
     with db.session(readonly=True) as session:
         run = session.get(RetrainRun, run_id)
-        assert (run.status, run.steps, run.epochs, run.energy_kwh) == ("failed", 40, 0.75, None)  # priced, not measured
+        assert (run.status, run.steps, run.epochs) == ("failed", 40, 0.75)
+        assert (run.energy_kwh, run.emissions_kg, run.energy_method) == (3e-3, 1.2e-3, "priced")  # not measured
+        # The audit of what runs cost adds up to what the ledger settled.
+        assert audit.cost_history(session).totals["energy_kwh"] == pytest.approx(3e-3)
+        # The energy rate is refitted from measured runs only: a priced one would echo the rate.
+        architecture = repo.get_model_by_id(session, run.model_id).architecture
+        assert runs.measured_run_details(session, architecture, except_run=-1) == []
 
 
 def test_a_dead_run_with_no_price_for_its_work_releases_its_reservation(db) -> None:
