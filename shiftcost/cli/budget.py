@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -214,38 +214,63 @@ def release_open(
         typer.Option("--lease", help="A run with a heartbeat within this is alive and keeps its reservation "
                      "(default: SHIFTCOST_RETRAIN_STALE_AFTER_S)."),
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be released; change nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be released or settled; change nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     database_url: DatabaseUrlOption = None,
 ) -> None:
     """Release reservations left open by runs proven dead (no heartbeat within the lease) or never started.
 
     A reservation whose retrain run still renews its heartbeat is kept, however old: that
-    run will settle it. Should a released run finish after all, its spend is recorded as a
-    late settlement; so is a dead run's work, priced at its last heartbeat, once the watch
-    closes that run.
+    run will settle it. A dead run whose last heartbeat priced the work it had done is
+    closed as the watch closes it, its reservation settled at that price (listed under
+    "settled"). Should a released run finish after all, its spend is recorded as a late
+    settlement.
     """
     from shiftcost.config import load_settings
-    from shiftcost.store import ledger
+    from shiftcost.pipeline import fail_stale_retrains
+    from shiftcost.pipeline.lease import Progress
+    from shiftcost.store import ledger, runs
+    from shiftcost.store.models import utcnow
 
     age = parse_age(older_than)
     lease_age = parse_age(lease) if lease is not None else timedelta(seconds=load_settings().retrain_stale_after_s)
     database = open_for_cli(database_url)
     try:
-        with database.session() as session:
-            reservations = ledger.release_open(session, age, reason, lease=lease_age, budget_name=name, dry_run=dry_run)
+        with database.session(readonly=True) as session:
+            due = ledger.release_open(session, age, reason, lease=lease_age, budget_name=name, dry_run=True)
+            dead = runs.dead_runs(session, None, lease_age, utcnow(), decision_ids={r.decision_id for r in due})
+        priced = {decision_id: progress for _, _, decision_id, reported in dead
+                  if (progress := Progress.from_dict(reported)) is not None and progress.spent_kwh is not None}
+        if dry_run:
+            reservations = [r for r in due if r.decision_id not in priced]
+        else:
+            fail_stale_retrains(database, None, lease_age.total_seconds(), decision_ids=set(priced))
+            with database.session() as session:
+                reservations = ledger.release_open(session, age, reason, lease=lease_age, budget_name=name)
     finally:
         database.dispose()
-    rows = [{"reservation_id": r.id, "budget": r.budget, "decision_id": r.decision_id, "kwh": r.kwh,
-             "co2": r.co2, "created_at": r.created_at.isoformat()} for r in reservations]
+    rows = [_reservation_row(r, r.kwh, r.co2) for r in reservations]
+    settled = [_reservation_row(r, p.spent_kwh, p.spent_kg or 0.0, steps=p.steps) for r in due if (p := priced.get(r.decision_id))]
     if as_json:
-        typer.echo(json.dumps({"released": not dry_run, "reservations": rows}))
+        typer.echo(json.dumps({"released": not dry_run, "reservations": rows, "settled": settled}))
         return
-    verb = "would release" if dry_run else "released"
-    typer.echo(f"{verb} {len(rows)} open reservation(s)")
+    typer.echo(f"{'would release' if dry_run else 'released'} {len(rows)} open reservation(s)")
     for row in rows:
-        typer.echo(f"  #{row['reservation_id']} {row['budget']}: {row['kwh']:.6g} kWh, {row['co2']:.6g} kg CO2e "
-                   f"(decision {row['decision_id']}, reserved {row['created_at']})")
+        typer.echo(_reservation_line(row))
+    if settled:
+        typer.echo(f"{'would settle' if dry_run else 'settled'} {len(settled)} reservation(s) of dead runs at the work their last heartbeat priced")
+        for row in settled:
+            typer.echo(_reservation_line(row) + f", after {row['steps']} steps")
+
+
+def _reservation_row(reservation: Any, kwh: float, co2: float, **extra: Any) -> dict[str, Any]:
+    return {"reservation_id": reservation.id, "budget": reservation.budget, "decision_id": reservation.decision_id,
+            "kwh": kwh, "co2": co2, "created_at": reservation.created_at.isoformat()} | extra
+
+
+def _reservation_line(row: dict[str, Any]) -> str:
+    return (f"  #{row['reservation_id']} {row['budget']}: {row['kwh']:.6g} kWh, {row['co2']:.6g} kg CO2e "
+            f"(decision {row['decision_id']}, reserved {row['created_at']})")
 
 
 def parse_age(text: str):

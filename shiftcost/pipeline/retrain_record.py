@@ -19,6 +19,7 @@ from shiftcost.pipeline.common import json_safe, refitted_forecaster, store_cost
 from shiftcost.statuses import BatchStatus, ModelStatus, RetrainStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
     from datetime import datetime
 
     from shiftcost.costmodel import CostModel
@@ -264,9 +265,12 @@ def record_retrain_failure(db: Database, job: RetrainJob, error: BaseException, 
     )
 
 
-def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now: datetime | None = None) -> list[RetrainOutcome]:
-    """Close the retrain runs of ``model_name`` proven dead: ``running`` with no heartbeat
-    (before the first one: no start) within the last ``older_than_s`` seconds (the lease).
+def fail_stale_retrains(
+    db: Database, model_name: str | None, older_than_s: float, now: datetime | None = None, *, decision_ids: Collection[int] | None = None
+) -> list[RetrainOutcome]:
+    """Close the retrain runs of ``model_name`` (None: of every model; ``decision_ids``: of
+    those decisions only) proven dead: ``running`` with no heartbeat (before the first one:
+    no start) within the last ``older_than_s`` seconds (the lease).
 
     Such a run's process was killed (a crash it survived would have recorded itself), so it
     measured nothing. The run and its batch are marked failed, and the decision's
@@ -288,7 +292,7 @@ def fail_stale_retrains(db: Database, model_name: str, older_than_s: float, now:
     span = f"{older_than_s / 3600.0:.3g} h" if older_than_s >= 3600 else f"{older_than_s:.3g} s"
     abandoned = f"abandoned: no heartbeat for {span} (its lease), so its process was killed"
     with db.session(readonly=True) as session:
-        stale = runs.dead_runs(session, model_name, lease, now)
+        stale = runs.dead_runs(session, model_name, lease, now, decision_ids)
     closed: list[RetrainOutcome] = []
     for run_id, batch_id, decision_id, reported in stale:
         progress = Progress.from_dict(reported)

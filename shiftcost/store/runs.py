@@ -5,6 +5,7 @@ Every function runs in the caller's session; the caller commits.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -54,17 +55,22 @@ def renew_heartbeat(session: Session, run_id: int, now: datetime | None = None, 
 
 
 def dead_runs(
-    session: Session, model_name: str, lease: timedelta, now: datetime
+    session: Session, model_name: str | None, lease: timedelta, now: datetime, decision_ids: Collection[int] | None = None
 ) -> list[tuple[int, int | None, int | None, dict[str, Any] | None]]:
     """(run id, batch id, decision id, progress of its last heartbeat) of the runs of
-    ``model_name`` still ``running`` with no heartbeat (before the first one: no start)
-    within ``lease`` of ``now``, oldest first."""
+    ``model_name`` (None: of every model; ``decision_ids``: of those decisions only) still
+    ``running`` with no heartbeat (before the first one: no start) within ``lease`` of
+    ``now``, oldest first."""
     query = (
         select(RetrainRun.id, RetrainRun.batch_id, RetrainRun.decision_id, RetrainRun.progress)
         .join(Model, Model.id == RetrainRun.model_id)
-        .where(Model.name == model_name, RetrainRun.status == RetrainStatus.RUNNING, ~live_run_condition(lease, now))
+        .where(RetrainRun.status == RetrainStatus.RUNNING, ~live_run_condition(lease, now))
         .order_by(RetrainRun.id)
     )
+    if model_name is not None:
+        query = query.where(Model.name == model_name)
+    if decision_ids is not None:
+        query = query.where(RetrainRun.decision_id.in_(decision_ids))
     return [(run_id, batch_id, decision_id, progress) for run_id, batch_id, decision_id, progress in session.execute(query)]
 
 

@@ -93,3 +93,36 @@ def test_release_open_leaves_a_live_run_alone(database_url: str, db) -> None:
         session.get(RetrainRun, run_id).heartbeat_at = datetime.now(UTC) - timedelta(hours=1)
     released = json.loads(invoke("budget", "release-open", "--older-than", "1h", "--json", url=database_url).output)
     assert [r["decision_id"] for r in released["reservations"]] == [decision_id]
+
+
+def test_release_open_settles_a_dead_run_at_its_priced_work_and_releases_a_decision_that_never_ran(database_url: str, db) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from shiftcost.store import repository as repo
+    from shiftcost.store.models import LedgerEntry, RetrainRun
+
+    seed.committed(db).create_budget("day", period="daily", kwh_cap=5.0, co2_cap=5.0)
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    with db.session() as session:
+        decision = seed.decision(session)
+        run = repo.start_retrain_run(session, decision.model_id, decision_id=decision.id, batch_id=decision.batch_id)
+        run.started_at = run.heartbeat_at = an_hour_ago
+        run.progress = {"steps": 30, "epochs": 0.5, "spent_kwh": 0.25, "spent_kg": 0.1}
+        dead, run_id = decision.id, run.id
+    (never_ran,) = seed.decisions(db, 1)
+    for decision_id in (dead, never_ran):
+        seed.committed(db).reserve("day", 2.0, 0.5, decision_id, at=an_hour_ago)
+
+    dry = json.loads(invoke("budget", "release-open", "--older-than", "0", "--dry-run", "--json", url=database_url).output)
+    assert [(r["decision_id"], r["kwh"], r["co2"], r["steps"]) for r in dry["settled"]] == [(dead, 0.25, 0.1, 30)]
+    assert [r["decision_id"] for r in dry["reservations"]] == [never_ran]
+    assert len(seed.committed(db).open_reservations()) == 2  # a dry run changes nothing
+
+    done = json.loads(invoke("budget", "release-open", "--older-than", "0", "--json", url=database_url).output)
+    assert done["settled"] == dry["settled"] and done["reservations"] == dry["reservations"]
+    with db.session(readonly=True) as session:
+        kinds = {d: [e.kind for e in session.query(LedgerEntry).filter_by(decision_id=d).order_by(LedgerEntry.id)] for d in (dead, never_ran)}
+        run = session.get(RetrainRun, run_id)
+        assert (run.status, run.steps, run.energy_kwh, run.energy_method) == ("failed", 30, 0.25, "priced")
+    assert kinds == {dead: ["reserve", "settle"], never_ran: ["reserve", "release"]}
+    assert seed.committed(db).remaining("day").remaining_kwh == pytest.approx(5.0 - 0.25)
