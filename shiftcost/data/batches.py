@@ -127,6 +127,12 @@ def declared_classes(path: str | os.PathLike[str]) -> tuple[str, ...] | None:
         except Exception as error:  # bad zip, pickled object arrays, truncated members
             raise _unreadable_npz(path, error) from None
         return _class_names(path, raw)
+    if path.is_file() and path.suffix.lower() == ".pt":
+        try:  # mapped, not read: the images stay on disk
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # a file mapping cannot read (the legacy format) or no file of tensors at all
+            return load_batch(path).classes
+        return _class_names(path, payload.get("classes") if isinstance(payload, dict) else None)
     return load_batch(path).classes
 
 

@@ -327,5 +327,13 @@ def test_declared_classes_read_only_the_names_and_say_none_where_there_are_none(
     assert declared_classes(tmp_path / "unnamed.npz") is None
     torch.save({"x": torch.zeros(2, 1, 8, 8), "classes": ["cat", "dog"]}, tmp_path / "named.pt")
     assert declared_classes(tmp_path / "named.pt") == ("cat", "dog")
+    # A tensor file too: its images are mapped, not read, so names come even where they would not load.
+    torch.save({"x": "not images", "classes": ["cat", "dog"]}, tmp_path / "bad_images.pt")
+    assert declared_classes(tmp_path / "bad_images.pt") == ("cat", "dog")
+    with pytest.raises(InputError, match='"x"'):
+        load_batch(tmp_path / "bad_images.pt")
+    # The legacy format cannot be mapped: it is read whole, as before.
+    torch.save({"x": torch.zeros(2, 1, 8, 8), "classes": ["cat", "dog"]}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert declared_classes(tmp_path / "legacy.pt") == ("cat", "dog")
     with pytest.raises(InputError, match="does not exist"):
         declared_classes(tmp_path / "missing.npz")
