@@ -41,6 +41,20 @@ def watch_run_states(prefect_home: Path) -> list[str]:
     return [state for (state,) in rows]
 
 
+def tracebacks_other_than_keyboard_interrupt(output: str) -> list[str]:
+    """The exception lines of the tracebacks in ``output`` that did not end in KeyboardInterrupt.
+
+    A terminal's Ctrl-C reaches every process of the group: a flow-run process Prefect's runner
+    has just started may still be importing, and Python prints that interruption's stack.
+    """
+    raised = []
+    for block in output.split("Traceback (most recent call last):")[1:]:
+        exception = next((line for line in block.splitlines()[1:] if line and not line[0].isspace()), "")
+        if exception.strip() != "KeyboardInterrupt":
+            raised.append(exception)
+    return raised
+
+
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -98,7 +112,7 @@ def test_serve_retrains_a_landed_batch_queues_no_polls_behind_a_running_watch_an
     # At most the one poll started last may be left waiting; one run queued per poll while the
     # retraining watch ran would leave a dozen.
     assert sum(state in ("SCHEDULED", "PENDING") for state in states) <= 1, states
-    assert "Traceback" not in output, output[-4000:]
+    assert not tracebacks_other_than_keyboard_interrupt(output), output[-4000:]
 
 
 @sqlite_only
