@@ -9,7 +9,8 @@ The heartbeat is a daemon thread beside the run, so every step (loading, trainin
 building the new version, refitting) renews it, and it stops with the process. A renewal
 that fails (database busy or away for a moment) is retried at the next beat; if the
 database stays away longer than the lease, the run may be closed as dead, and when it
-then finishes its spend is still recorded as a late settlement.
+then finishes its measured spend is still recorded: as a late settlement, or in place of
+the price its last heartbeat gave (below).
 
 Each beat also stores the run's latest :class:`Progress` (``retrain_runs.progress``),
 which the training loop reports at every evaluation (:func:`report`). A process killed

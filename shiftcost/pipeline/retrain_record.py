@@ -149,8 +149,8 @@ def record_retrain_success(
         except ClaimLost:
             # Closed as dead while it ran (no heartbeat within the lease): the batch stays
             # failed, but what the run spent is real and is still recorded.
-            notes.append("the run was closed as dead while it ran; its spend is recorded as a late settlement "
-                         "and no new model version is registered")
+            notes.append("the run was closed as dead while it ran; its measured spend is recorded as a late settlement "
+                         "(or in place of the price of its last heartbeat's work) and no new model version is registered")
             new_version = None
         new_model = None
         if new_version is not None:
@@ -163,13 +163,14 @@ def record_retrain_success(
             calibration = store_cost_model(session, architecture, cost_model, source="refit", model_id=inputs.model_id, forecaster=kept)
         status = result.status if result.status in (RetrainStatus.CAP_REACHED, RetrainStatus.STOPPED_BY_BUDGET) else RetrainStatus.SUCCEEDED
         measures = _run_measures(result)
+        priced = runs.closed_as_dead_at_a_price(session, job.run_id)
         energy_rate = refit_energy_rate(session, inputs, result)
         if energy_rate is not None:
             measures["details"] = measures.get("details", {}) | {"energy_rate": energy_rate}
         if notes:
             measures["details"] = measures.get("details", {}) | {"notes": notes}
         repository.finish_retrain_run(session, job.run_id, status, new_model_id=None if new_model is None else new_model.id, **measures)
-        settled = ledger.settle_decision(session, job.decision_id, kwh, co2)
+        settled = ledger.settle_decision(session, job.decision_id, kwh, co2, replaces_priced=priced)
     return RetrainOutcome(
         batch_id=job.batch_id,
         status=status,

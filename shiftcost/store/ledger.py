@@ -12,6 +12,9 @@ Accounting rule (one place, used by ``remaining`` and by the audit):
 * a run that finishes after its reservation was released still records what it measured:
   a *late settlement* (a ``settle`` entry closing the ``release`` entry), counted as
   settled in the reservation's period, so a released run's spend is never lost;
+* a run closed as dead is settled at its last heartbeat's priced work; should it finish
+  after all, its measure is a ``settle`` entry closing that settlement and counts in its
+  place;
 * what a settlement measured beyond its reservation is its *overrun*; it is part of the
   settled amount (and so of what is left) and reported on its own as well.
 
@@ -262,13 +265,17 @@ def open_reservations(
     return [Reservation(*row) for row in rows]
 
 
-def settle_decision(session: Session, decision_id: int, kwh: float, co2: float, *, note: str | None = None) -> list[int]:
+def settle_decision(
+    session: Session, decision_id: int, kwh: float, co2: float, *, note: str | None = None, replaces_priced: bool = False
+) -> list[int]:
     """Record a decision's measured cost on each of its reservations; returns entry ids.
 
     An open reservation is settled (with an ``overrun`` reason when the measure exceeds
     it); one released before the run finished gets a late settlement, so the spend
-    still counts. A reservation already settled is left as it is. ``note`` opens each
-    entry's reason (a failed run's spend, say).
+    still counts. A reservation already settled is left as it is, unless
+    ``replaces_priced``: the run was closed as dead and settled at its last heartbeat's
+    priced work, then finished after all, so its measure closes that settlement and takes
+    its place. ``note`` opens each entry's reason (a failed run's spend, say).
     """
     kwh, co2 = _amount(kwh, "measured kWh"), _amount(co2, "measured kg CO2e")
     _require_session(session)
@@ -283,6 +290,10 @@ def settle_decision(session: Session, decision_id: int, kwh: float, co2: float, 
             late = (f"late settlement: the run finished after reservation {reservation.id} was released "
                     f"({closing.reason})")
             ids.append(_add_closing(session, closing, LedgerKind.SETTLE, kwh, co2, _reason(note, late, overrun)))
+        elif closing.kind == LedgerKind.SETTLE and replaces_priced and _closing(session, closing.id) is None:
+            measured = (f"measured by the run, which finished after it was closed as dead, in place of the "
+                        f"{closing.energy_kwh:.6g} kWh its last heartbeat priced")
+            ids.append(_add_closing(session, closing, LedgerKind.SETTLE, kwh, co2, _reason(note, measured, overrun)))
     return ids
 
 

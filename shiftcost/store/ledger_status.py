@@ -180,7 +180,7 @@ def entry_effect(kind: str, amount: float, closed_amount: float | None) -> float
     ``closed_amount`` is the amount of the entry it closes (None for a reservation). A
     reservation adds what it holds; a release gives it back; a settlement replaces it by
     the measure. A late settlement closes a release (which holds nothing), so it adds its
-    whole measure.
+    whole measure; a measure closing a dead run's priced settlement replaces that price.
     """
     if kind == LedgerKind.RESERVE:
         return amount
@@ -193,20 +193,23 @@ def usage_columns(r: Any, c: Any, late: Any) -> dict[str, Any]:
     """Per-reservation SQL expressions of the accounting rule (one place; the audit uses them).
 
     ``r`` is the reservation, ``c`` the entry closing it (settle or release) and ``late`` a
-    late settlement closing that release, each outer-joined (NULL when absent)::
+    settlement closing that one, each outer-joined (NULL when absent): a late settlement of
+    a release, or the measure that replaced a dead run's priced settlement. The last entry
+    of the chain is what the reservation used::
 
-        measured = CASE WHEN c.kind = 'settle' THEN c.energy_kwh
-                        WHEN late.id IS NOT NULL THEN late.energy_kwh ELSE 0 END
+        measured = CASE WHEN late.id IS NOT NULL THEN late.energy_kwh
+                        WHEN c.kind = 'settle' THEN c.energy_kwh ELSE 0 END
         held     = CASE WHEN c.id IS NULL THEN r.energy_kwh ELSE 0 END      -- still open
+        late     = CASE WHEN c.kind = 'release' AND late.id IS NOT NULL THEN late.energy_kwh ELSE 0 END
         overrun  = CASE WHEN measured > r.energy_kwh THEN measured - r.energy_kwh ELSE 0 END
     """
     columns: dict[str, Any] = {}
     for measure, column in (("kwh", "energy_kwh"), ("co2", "emissions_kg")):
         reserved = getattr(r, column)
-        measured = case((c.kind == LedgerKind.SETTLE, getattr(c, column)), (late.id.is_not(None), getattr(late, column)), else_=0.0)
+        measured = case((late.id.is_not(None), getattr(late, column)), (c.kind == LedgerKind.SETTLE, getattr(c, column)), else_=0.0)
         columns[f"settled_{measure}"] = measured
         columns[f"reserved_{measure}"] = case((c.id.is_(None), reserved), else_=0.0)
-        columns[f"late_{measure}"] = case((late.id.is_not(None), getattr(late, column)), else_=0.0)
+        columns[f"late_{measure}"] = case((and_(c.kind == LedgerKind.RELEASE, late.id.is_not(None)), getattr(late, column)), else_=0.0)
         columns[f"overrun_{measure}"] = case((measured > reserved, measured - reserved), else_=0.0)
     columns["open"] = case((c.id.is_(None), 1), else_=0)
     columns["released"] = case((c.kind == LedgerKind.RELEASE, 1), else_=0)

@@ -24,6 +24,7 @@ __all__ = [
     "PRICED",
     "add_version",
     "close_dead_run",
+    "closed_as_dead_at_a_price",
     "closing_entries",
     "dead_runs",
     "latest_run",
@@ -103,6 +104,13 @@ def close_dead_run(
             .execution_options(synchronize_session=False)
         )
     return True
+
+
+def closed_as_dead_at_a_price(session: Session, run_id: int) -> bool:
+    """Whether the run was closed as dead and settled at its last heartbeat's priced work
+    (:func:`close_dead_run`): a measure it records after all replaces that price."""
+    run = session.get(RetrainRun, run_id)
+    return run is not None and run.status == RetrainStatus.FAILED and run.energy_method == PRICED
 
 
 def latest_run(session: Session, batch_id: int) -> RetrainRun | None:
@@ -226,8 +234,10 @@ def record_failure(
         guarded_update(session, claim, status=BatchStatus.FAILED, failure_reason=reason)
     except ClaimLost:
         pass
+    priced = closed_as_dead_at_a_price(session, run_id)
     repository.finish_retrain_run(session, run_id, RetrainStatus.FAILED, **(columns | {"error": message}))
     if columns.get("energy_kwh") is None:
         return [], ledger.release_decision(session, decision_id, reason)
     note = f"spent by a run that then failed: {message}"
-    return ledger.settle_decision(session, decision_id, columns["energy_kwh"], columns.get("emissions_kg") or 0.0, note=note), []
+    kwh, co2 = columns["energy_kwh"], columns.get("emissions_kg") or 0.0
+    return ledger.settle_decision(session, decision_id, kwh, co2, note=note, replaces_priced=priced), []

@@ -56,6 +56,36 @@ def test_a_run_closed_as_dead_that_still_finishes_records_a_late_settlement(pipe
     assert run.energy_kwh == pytest.approx(measured)
 
 
+def test_a_run_closed_as_dead_at_a_price_that_still_finishes_has_its_measure_replace_the_price(pipeline_env: PipelineEnv) -> None:
+    from shiftcost.pipeline import lease
+    from shiftcost.store import audit_budget
+
+    env = pipeline_env
+    _drifted(env)
+    with pipeline.connect(env.settings) as database:
+        (assessed,) = pipeline.watch_once(env.settings, retrain=False, db=database)
+        job = pipeline.claim_retrain(database, assessed.assessment.batch_id)
+        inputs = pipeline.load_for_retrain(database, env.settings, job)
+        # Its last heartbeat priced 4 steps; then nothing for an hour (the database away, say).
+        assert lease.renew(database, job.run_id, progress=lease.Progress(4, 0.5, 2e-6, 1e-6))
+        (closed,) = pipeline.fail_stale_retrains(database, env.settings.model_name, 900, now=db.utcnow() + timedelta(hours=1))
+        assert closed.settled and env.remaining_kwh("monthly") == pytest.approx(1.0 - 2e-6)
+        result = pipeline.execute_retrain(env.settings, inputs)
+        outcome = pipeline.record_retrain_success(database, inputs, result, None, None)
+        with database.session(readonly=True) as session:
+            burn = audit_budget.budget_burn(session).totals
+    measured = result.energy.energy_kwh
+    assert measured > 0 and outcome.settled
+    entries = env.rows(db.LedgerEntry)
+    assert [e.kind for e in entries] == ["reserve", "settle", "settle"]
+    assert entries[2].reservation_id == entries[1].id and "in place of the 2e-06 kWh" in entries[2].reason
+    # The measure counts once, in place of the price: not beside it, and not as a late settlement.
+    assert env.remaining_kwh("monthly") == pytest.approx(1.0 - measured)
+    assert (burn["settled_kwh"], burn["late_kwh"]) == (pytest.approx(measured), 0)
+    (run,) = env.rows(db.RetrainRun)
+    assert run.energy_kwh == pytest.approx(measured) and run.energy_method != "priced"
+
+
 def test_a_retrain_that_cannot_save_its_new_version_keeps_its_energy_and_leaves_no_files(pipeline_env: PipelineEnv) -> None:
     env = pipeline_env
     _drifted(env)
