@@ -56,7 +56,8 @@ def test_a_run_closed_as_dead_that_still_finishes_records_a_late_settlement(pipe
     assert run.energy_kwh == pytest.approx(measured)
 
 
-def test_a_run_closed_as_dead_at_a_price_that_still_finishes_has_its_measure_replace_the_price(pipeline_env: PipelineEnv) -> None:
+@pytest.mark.parametrize("ends", ["succeeds", "fails after measuring"])
+def test_a_run_closed_as_dead_at_a_price_that_still_finishes_has_its_measure_replace_the_price(pipeline_env: PipelineEnv, ends: str) -> None:
     from shiftcost.pipeline import lease
     from shiftcost.store import audit_budget
 
@@ -71,7 +72,10 @@ def test_a_run_closed_as_dead_at_a_price_that_still_finishes_has_its_measure_rep
         (closed,) = pipeline.fail_stale_retrains(database, env.settings.model_name, 900, now=db.utcnow() + timedelta(hours=1))
         assert closed.settled and env.remaining_kwh("monthly") == pytest.approx(1.0 - 2e-6)
         result = pipeline.execute_retrain(env.settings, inputs)
-        outcome = pipeline.record_retrain_success(database, inputs, result, None, None)
+        if ends == "succeeds":
+            outcome = pipeline.record_retrain_success(database, inputs, result, None, None)
+        else:  # saving the new version failed, say
+            outcome = pipeline.record_retrain_failure(database, job, OSError("disk full"), result)
         with database.session(readonly=True) as session:
             burn = audit_budget.budget_burn(session).totals
     measured = result.energy.energy_kwh
