@@ -23,6 +23,13 @@ def _drifted(env: PipelineEnv) -> None:
     env.drop("bright.npz", brightened(x), y)
 
 
+def _claimed_retrain(env: PipelineEnv, database) -> tuple[pipeline.RetrainJob, pipeline.RetrainInputs]:
+    """The drifted batch assessed, its retrain claimed and its inputs loaded, not yet run."""
+    (assessed,) = pipeline.watch_once(env.settings, retrain=False, db=database)
+    job = pipeline.claim_retrain(database, assessed.assessment.batch_id)
+    return job, pipeline.load_for_retrain(database, env.settings, job)
+
+
 def test_assess_without_retraining_leaves_no_open_reservation(pipeline_env: PipelineEnv) -> None:
     env = pipeline_env
     _drifted(env)
@@ -36,9 +43,7 @@ def test_a_run_closed_as_dead_that_still_finishes_records_a_late_settlement(pipe
     env = pipeline_env
     _drifted(env)
     with pipeline.connect(env.settings) as database:
-        (assessed,) = pipeline.watch_once(env.settings, retrain=False, db=database)
-        job = pipeline.claim_retrain(database, assessed.assessment.batch_id)
-        inputs = pipeline.load_for_retrain(database, env.settings, job)
+        job, inputs = _claimed_retrain(env, database)
         # Cut off long enough to be taken as dead: the watch closes the run and releases.
         later = db.utcnow() + timedelta(hours=1)
         (closed,) = pipeline.fail_stale_retrains(database, env.settings.model_name, 900, now=later)
@@ -64,9 +69,7 @@ def test_a_run_closed_as_dead_at_a_price_that_still_finishes_has_its_measure_rep
     env = pipeline_env
     _drifted(env)
     with pipeline.connect(env.settings) as database:
-        (assessed,) = pipeline.watch_once(env.settings, retrain=False, db=database)
-        job = pipeline.claim_retrain(database, assessed.assessment.batch_id)
-        inputs = pipeline.load_for_retrain(database, env.settings, job)
+        job, inputs = _claimed_retrain(env, database)
         # Its last heartbeat priced 4 steps; then nothing for an hour (the database away, say).
         assert lease.renew(database, job.run_id, progress=lease.Progress(4, 0.5, 2e-6, 1e-6))
         (closed,) = pipeline.fail_stale_retrains(database, env.settings.model_name, 900, now=db.utcnow() + timedelta(hours=1))
