@@ -22,6 +22,7 @@ what the run spent, since work after its last beat is not known.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,8 +55,21 @@ class Progress:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "Progress | None":
-        return None if not data else cls(**{name: data.get(name) for name in ("steps", "epochs", "spent_kwh", "spent_kg")})
+    def from_dict(cls, data: Any) -> "Progress | None":
+        """The stored progress, or None where there is none or it is not one (a row edited by
+        hand must not stop the watch that closes dead runs)."""
+        try:
+            steps, epochs = int(data["steps"]), float(data["epochs"])
+            spent_kwh, spent_kg = (_amount(data.get(name)) for name in ("spent_kwh", "spent_kg"))
+        except (TypeError, KeyError, ValueError):
+            return None
+        return cls(steps, epochs, spent_kwh, None if spent_kwh is None else spent_kg)
+
+
+def _amount(value: Any) -> float | None:
+    """A stored amount that can be settled: a finite, non-negative number, else None."""
+    amount = None if value is None else float(value)
+    return amount if amount is not None and math.isfinite(amount) and amount >= 0 else None
 
 
 # The training loop and the heartbeat thread of one run meet here, in the run's process,

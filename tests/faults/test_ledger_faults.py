@@ -262,3 +262,16 @@ def test_a_rolling_budget_never_sets_a_retry_time(db) -> None:
     decision = decide(prediction, [status], drift_verdict=True)
     assert decision.action == "defer" and decision.retry_after is None
     assert "waits for room." in decision.blocking_reasons[0].message
+
+
+@pytest.mark.parametrize(
+    "stored", [{"steps": "many"}, {"epochs": 1.0}, ["not", "a", "dict"], {"steps": 3, "epochs": 0.5, "spent_kwh": -1.0, "spent_kg": 0.1}]
+)
+def test_progress_that_is_not_one_releases_the_dead_run_and_the_watch_goes_on(db, stored) -> None:
+    from shiftcost import pipeline
+
+    decision_id, run_id, model_name = _dead_run_with_progress(db, stored)
+    (closed,) = pipeline.fail_stale_retrains(db, model_name, older_than_s=LEASE.total_seconds())
+
+    assert closed.run_id == run_id and closed.released and closed.settled == []
+    assert _kinds(db, decision_id) == ["reserve", "release"]
