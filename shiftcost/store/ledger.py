@@ -265,6 +265,10 @@ def open_reservations(
     return [Reservation(*row) for row in rows]
 
 
+#: Marks the reason of a settlement at a dead run's priced work, the only settlement a measure may replace.
+PRICED_NOT_MEASURED = "priced, not measured"
+
+
 def settle_decision(
     session: Session, decision_id: int, kwh: float, co2: float, *, note: str | None = None, replaces_priced: bool = False
 ) -> list[int]:
@@ -273,9 +277,10 @@ def settle_decision(
     An open reservation is settled (with an ``overrun`` reason when the measure exceeds
     it); one released before the run finished gets a late settlement, so the spend
     still counts. A reservation already settled is left as it is, unless
-    ``replaces_priced``: the run was closed as dead and settled at its last heartbeat's
-    priced work, then finished after all, so its measure closes that settlement and takes
-    its place. ``note`` opens each entry's reason (a failed run's spend, say).
+    ``replaces_priced`` and its settlement is a dead run's priced work
+    (:data:`PRICED_NOT_MEASURED`): the run finished after all, so its measure closes that
+    settlement and takes its place. A probe's spend (:func:`record_spend`) is never
+    replaced. ``note`` opens each entry's reason (a failed run's spend, say).
     """
     kwh, co2 = _amount(kwh, "measured kWh"), _amount(co2, "measured kg CO2e")
     _require_session(session)
@@ -290,11 +295,15 @@ def settle_decision(
             late = (f"late settlement: the run finished after reservation {reservation.id} was released "
                     f"({closing.reason})")
             ids.append(_add_closing(session, closing, LedgerKind.SETTLE, kwh, co2, _reason(note, late, overrun)))
-        elif closing.kind == LedgerKind.SETTLE and replaces_priced and _closing(session, closing.id) is None:
+        elif replaces_priced and _is_priced(closing) and _closing(session, closing.id) is None:
             measured = (f"measured by the run, which finished after it was closed as dead, in place of the "
                         f"{closing.energy_kwh:.6g} kWh its last heartbeat priced")
             ids.append(_add_closing(session, closing, LedgerKind.SETTLE, kwh, co2, _reason(note, measured, overrun)))
     return ids
+
+
+def _is_priced(entry: LedgerEntry) -> bool:
+    return entry.kind == LedgerKind.SETTLE and PRICED_NOT_MEASURED in (entry.reason or "")
 
 
 def _reason(*parts: str | None) -> str | None:
@@ -382,6 +391,7 @@ def release_open(
 
 __all__ = [
     "MAX_ROLLING_DAYS",
+    "PRICED_NOT_MEASURED",
     "PERIODIC",
     "PERIOD_ALIASES",
     "BudgetStatus",

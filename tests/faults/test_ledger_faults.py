@@ -264,6 +264,25 @@ def test_a_rolling_budget_never_sets_a_retry_time(db) -> None:
     assert "waits for room." in decision.blocking_reasons[0].message
 
 
+def test_a_measure_replaces_a_dead_runs_priced_settlement_but_never_the_probes_spend(db) -> None:
+    from shiftcost.store import ledger
+
+    seed.committed(db).create_budget("month", period="monthly", kwh_cap=1.0, co2_cap=1.0)
+    (decision_id,) = seed.decisions(db, 1)
+    seed.committed(db).record_spend(["month"], 0.01, 0.001, decision_id, "probe before deciding")
+    seed.committed(db).reserve("month", 0.2, 0.02, decision_id)
+    seed.committed(db).settle_decision(decision_id, 0.05, 0.005, note=f"retrain run 1 abandoned ({ledger.PRICED_NOT_MEASURED})")
+    assert seed.committed(db).remaining("month").remaining_kwh == pytest.approx(1.0 - 0.01 - 0.05)
+
+    replaced = seed.committed(db).settle_decision(decision_id, 0.08, 0.008, replaces_priced=True)
+
+    assert len(replaced) == 1  # the priced settlement's, not the probe's
+    assert _kinds(db, decision_id) == ["reserve", "settle", "reserve", "settle", "settle"]
+    status = seed.committed(db).remaining("month")
+    assert status.remaining_kwh == pytest.approx(1.0 - 0.01 - 0.08) and status.remaining_co2 == pytest.approx(1.0 - 0.001 - 0.008)
+    assert seed.committed(db).settle_decision(decision_id, 0.09, 0.009, replaces_priced=True) == []  # replaced once
+
+
 @pytest.mark.parametrize(
     "stored", [{"steps": "many"}, {"epochs": 1.0}, ["not", "a", "dict"], {"steps": 3, "epochs": 0.5, "spent_kwh": -1.0, "spent_kg": 0.1}]
 )
