@@ -310,7 +310,7 @@ def fail_stale_retrains(
             if decision_id is not None and progress is not None and progress.spent_kwh is not None:
                 settled = ledger.settle_decision(
                     session, decision_id, progress.spent_kwh, progress.spent_kg or 0.0,
-                    note=f"retrain run {run_id} {message} ({ledger.PRICED_NOT_MEASURED})",
+                    note=f"retrain run {run_id} {message}", priced=True,
                 )
             elif decision_id is not None:
                 released = ledger.release_decision(session, decision_id, f"retrain run {run_id} {message}")

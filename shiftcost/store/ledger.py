@@ -208,7 +208,9 @@ def release(session: Session, reservation_id: int, reason: str) -> int:
     return _close(session, reservation_id, LedgerKind.RELEASE, 0.0, 0.0, reason)
 
 
-def _close(session: Session, reservation_id: int, kind: str, kwh: float, co2: float, reason: str | None) -> int:
+def _close(
+    session: Session, reservation_id: int, kind: str, kwh: float, co2: float, reason: str | None, *, priced: bool = False
+) -> int:
     _require_session(session)
     reservation = session.get(LedgerEntry, reservation_id)
     if reservation is None or reservation.kind != LedgerKind.RESERVE:
@@ -216,7 +218,7 @@ def _close(session: Session, reservation_id: int, kind: str, kwh: float, co2: fl
     _lock_budget_by_id(session, reservation.budget_id)
     _refuse_if_closed(session, reservation_id, kind)
     # The unique key refuses a second close even if the lock was bypassed.
-    return _add_closing(session, reservation, kind, kwh, co2, reason)
+    return _add_closing(session, reservation, kind, kwh, co2, reason, priced=priced)
 
 
 def _refuse_if_closed(session: Session, reservation_id: int, kind: str) -> None:
@@ -265,12 +267,19 @@ def open_reservations(
     return [Reservation(*row) for row in rows]
 
 
-#: Marks the reason of a settlement at a dead run's priced work, the only settlement a measure may replace.
+#: Closes the reason of a settlement at a dead run's priced work (``LedgerEntry.priced``), for the reader.
 PRICED_NOT_MEASURED = "priced, not measured"
 
 
 def settle_decision(
-    session: Session, decision_id: int, kwh: float, co2: float, *, note: str | None = None, replaces_priced: bool = False
+    session: Session,
+    decision_id: int,
+    kwh: float,
+    co2: float,
+    *,
+    note: str | None = None,
+    priced: bool = False,
+    replaces_priced: bool = False,
 ) -> list[int]:
     """Record a decision's measured cost on each of its reservations; returns entry ids.
 
@@ -278,32 +287,32 @@ def settle_decision(
     it); one released before the run finished gets a late settlement, so the spend
     still counts. A reservation already settled is left as it is, unless
     ``replaces_priced`` and its settlement is a dead run's priced work
-    (:data:`PRICED_NOT_MEASURED`): the run finished after all, so its measure closes that
+    (``priced``): the run finished after all, so its measure closes that
     settlement and takes its place. A probe's spend (:func:`record_spend`) is never
-    replaced. ``note`` opens each entry's reason (a failed run's spend, say).
+    replaced. ``priced`` marks the amounts as a dead run's work priced by its last
+    heartbeat rather than measured. ``note`` opens each entry's reason (a failed run's
+    spend, say).
     """
     kwh, co2 = _amount(kwh, "measured kWh"), _amount(co2, "measured kg CO2e")
     _require_session(session)
+    if priced:
+        note = f"{note} ({PRICED_NOT_MEASURED})" if note else PRICED_NOT_MEASURED
     ids = []
     for reservation in _reservations_of(session, decision_id):
         _lock_budget_by_id(session, reservation.budget_id)
         closing = _closing(session, reservation.id)
         overrun = _overrun_reason(reservation, kwh, co2)
         if closing is None:
-            ids.append(_close(session, reservation.id, LedgerKind.SETTLE, kwh, co2, _reason(note, overrun)))
+            ids.append(_close(session, reservation.id, LedgerKind.SETTLE, kwh, co2, _reason(note, overrun), priced=priced))
         elif closing.kind == LedgerKind.RELEASE and _closing(session, closing.id) is None:
             late = (f"late settlement: the run finished after reservation {reservation.id} was released "
                     f"({closing.reason})")
-            ids.append(_add_closing(session, closing, LedgerKind.SETTLE, kwh, co2, _reason(note, late, overrun)))
-        elif replaces_priced and _is_priced(closing) and _closing(session, closing.id) is None:
+            ids.append(_add_closing(session, closing, LedgerKind.SETTLE, kwh, co2, _reason(note, late, overrun), priced=priced))
+        elif replaces_priced and closing.priced and _closing(session, closing.id) is None:
             measured = (f"measured by the run, which finished after it was closed as dead, in place of the "
                         f"{closing.energy_kwh:.6g} kWh its last heartbeat priced")
             ids.append(_add_closing(session, closing, LedgerKind.SETTLE, kwh, co2, _reason(note, measured, overrun)))
     return ids
-
-
-def _is_priced(entry: LedgerEntry) -> bool:
-    return entry.kind == LedgerKind.SETTLE and PRICED_NOT_MEASURED in (entry.reason or "")
 
 
 def _reason(*parts: str | None) -> str | None:
@@ -319,10 +328,12 @@ def _closing(session: Session, entry_id: int) -> LedgerEntry | None:
     return session.scalars(select(LedgerEntry).where(LedgerEntry.reservation_id == entry_id)).first()
 
 
-def _add_closing(session: Session, closed: LedgerEntry, kind: str, kwh: float, co2: float, reason: str | None) -> int:
+def _add_closing(
+    session: Session, closed: LedgerEntry, kind: str, kwh: float, co2: float, reason: str | None, *, priced: bool = False
+) -> int:
     entry = LedgerEntry(
         budget_id=closed.budget_id, decision_id=closed.decision_id, kind=kind,
-        energy_kwh=kwh, emissions_kg=co2, reservation_id=closed.id, reason=reason,
+        energy_kwh=kwh, emissions_kg=co2, reservation_id=closed.id, reason=reason, priced=priced,
     )
     try:
         with session.begin_nested():

@@ -45,6 +45,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -500,6 +501,7 @@ class LedgerEntry(Base):
             "OR (kind <> 'reserve' AND reservation_id IS NOT NULL)",
             name="reservation_link",
         ),
+        CheckConstraint("NOT priced OR kind = 'settle'", name="priced_settles"),
         Index(None, "budget_id", "kind", "created_at"),
     )
 
@@ -511,6 +513,9 @@ class LedgerEntry(Base):
     emissions_kg: Mapped[float] = mapped_column(Float)
     reservation_id: Mapped[int | None] = mapped_column(ForeignKey("budget_ledger.id"), unique=True)
     reason: Mapped[str | None] = mapped_column(Text)
+    # A settlement at a dead run's work priced by its last heartbeat, not measured: the only
+    # settlement a late measure of the same run may replace.
+    priced: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     budget: Mapped[Budget] = relationship()

@@ -271,8 +271,11 @@ def test_a_measure_replaces_a_dead_runs_priced_settlement_but_never_the_probes_s
     (decision_id,) = seed.decisions(db, 1)
     seed.committed(db).record_spend(["month"], 0.01, 0.001, decision_id, "probe before deciding")
     seed.committed(db).reserve("month", 0.2, 0.02, decision_id)
-    seed.committed(db).settle_decision(decision_id, 0.05, 0.005, note=f"retrain run 1 abandoned ({ledger.PRICED_NOT_MEASURED})")
+    seed.committed(db).settle_decision(decision_id, 0.05, 0.005, note="retrain run 1 abandoned", priced=True)
     assert seed.committed(db).remaining("month").remaining_kwh == pytest.approx(1.0 - 0.01 - 0.05)
+    with db.session(readonly=True) as session:
+        settles = session.query(LedgerEntry).filter_by(decision_id=decision_id, kind="settle").order_by(LedgerEntry.id).all()
+        assert [(e.priced, ledger.PRICED_NOT_MEASURED in e.reason) for e in settles] == [(False, False), (True, True)]
 
     replaced = seed.committed(db).settle_decision(decision_id, 0.08, 0.008, replaces_priced=True)
 

@@ -104,3 +104,38 @@ def test_revisions_do_not_import_the_models() -> None:
             alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
         } | {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert not any(name.startswith("shiftcost") for name in imported), script.name
+
+
+def test_0009_marks_priced_the_settlements_whose_reason_says_so_and_0008_reads_them_back(empty_database_url: str) -> None:
+    from shiftcost.store import ledger
+    from shiftcost.store.models import LedgerEntry
+    from tests.store import seed
+
+    engine = make_engine(empty_database_url)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    database = open_database(empty_database_url)
+    try:
+        seed.committed(database).create_budget("month", period="monthly", kwh_cap=1.0)
+        priced_decision, measured_decision = seed.decisions(database, 2)
+        for decision_id in (priced_decision, measured_decision):
+            seed.committed(database).reserve("month", 0.2, 0.0, decision_id)
+        seed.committed(database).settle_decision(priced_decision, 0.05, 0.0, note="retrain run 1 abandoned", priced=True)
+        seed.committed(database).settle_decision(measured_decision, 0.07, 0.0)
+
+        migrate.downgrade(database.engine, "0008")
+        with database.engine.connect() as connection:
+            assert "priced" not in {c["name"] for c in inspect(connection).get_columns("budget_ledger")}
+        migrate.upgrade(database.engine)
+
+        with database.session(readonly=True) as session:
+            settles = {e.decision_id: e for e in session.query(LedgerEntry).filter_by(kind="settle")}
+        assert settles[priced_decision].priced and ledger.PRICED_NOT_MEASURED in settles[priced_decision].reason
+        assert not settles[measured_decision].priced
+        # The flag is the ledger's reading, not the text: the restored settlement can be replaced once.
+        replaced = seed.committed(database).settle_decision(priced_decision, 0.08, 0.0, replaces_priced=True)
+        assert len(replaced) == 1 and seed.committed(database).settle_decision(measured_decision, 0.08, 0.0, replaces_priced=True) == []
+    finally:
+        database.dispose()
