@@ -205,7 +205,11 @@ def release_open(
     older_than: Annotated[
         str, typer.Option("--older-than", help="Only reservations older than this: 30m, 6h, 2d (0 = all).")
     ] = "1h",
-    name: Annotated[str | None, typer.Option("--budget", help="Only this budget.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--budget", help="Only this budget's reservations. A dead run found through them is closed "
+                     "whole: its work is settled on every budget it reserved on, and all are listed."),
+    ] = None,
     reason: Annotated[
         str, typer.Option("--reason", help="Recorded on each release.")
     ] = "released by `shiftcost budget release-open`: its run is dead or never started",
@@ -239,8 +243,10 @@ def release_open(
         with database.session(readonly=True) as session:
             due = ledger.release_open(session, age, reason, lease=lease_age, budget_name=name, dry_run=True)
             dead = runs.dead_runs(session, None, lease_age, utcnow(), decision_ids={r.decision_id for r in due})
-        priced = {decision_id: progress for _, _, decision_id, reported in dead
-                  if (progress := Progress.from_dict(reported)) is not None and progress.spent_kwh is not None}
+            priced = {decision_id: progress for _, _, decision_id, reported in dead
+                      if (progress := Progress.from_dict(reported)) is not None and progress.spent_kwh is not None}
+            # Closing a dead run settles its decision on each budget, not only on --budget's.
+            to_settle = [r for decision_id in sorted(priced) for r in ledger.open_reservations(session, decision_id=decision_id)]
         if dry_run:
             reservations = [r for r in due if r.decision_id not in priced]
         else:
@@ -250,7 +256,11 @@ def release_open(
     finally:
         database.dispose()
     rows = [_reservation_row(r, r.kwh, r.co2) for r in reservations]
-    settled = [_reservation_row(r, p.spent_kwh, p.spent_kg or 0.0, steps=p.steps) for r in due if (p := priced.get(r.decision_id))]
+    settled = [
+        _reservation_row(r, progress.spent_kwh, progress.spent_kg or 0.0, steps=progress.steps)
+        for r in to_settle
+        for progress in (priced[r.decision_id],)
+    ]
     if as_json:
         typer.echo(json.dumps({"released": not dry_run, "reservations": rows, "settled": settled}))
         return

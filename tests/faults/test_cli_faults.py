@@ -126,3 +126,33 @@ def test_release_open_settles_a_dead_run_at_its_priced_work_and_releases_a_decis
         assert (run.status, run.steps, run.energy_kwh, run.energy_method) == ("failed", 30, 0.25, "priced")
     assert kinds == {dead: ["reserve", "settle"], never_ran: ["reserve", "release"]}
     assert seed.committed(db).remaining("day").remaining_kwh == pytest.approx(5.0 - 0.25)
+
+
+def test_release_open_on_one_budget_settles_a_dead_run_on_every_budget_it_reserved_on_and_lists_each(database_url: str, db) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from shiftcost.store import repository as repo
+
+    seed.committed(db).create_budget("day", period="daily", kwh_cap=5.0)
+    seed.committed(db).create_budget("carbon", period="monthly", co2_cap=5.0)
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    with db.session() as session:
+        decision = seed.decision(session)
+        run = repo.start_retrain_run(session, decision.model_id, decision_id=decision.id, batch_id=decision.batch_id)
+        run.started_at = run.heartbeat_at = an_hour_ago
+        run.progress = {"steps": 12, "epochs": 0.2, "spent_kwh": 0.25, "spent_kg": 0.1}
+        dead = decision.id
+    (only_carbon,) = seed.decisions(db, 1)
+    for budget in ("day", "carbon"):
+        seed.committed(db).reserve(budget, 2.0, 0.5, dead, at=an_hour_ago)
+    seed.committed(db).reserve("carbon", 1.0, 0.4, only_carbon, at=an_hour_ago)
+
+    args = ("budget", "release-open", "--budget", "day", "--older-than", "0", "--json")
+    dry = json.loads(invoke(*args, "--dry-run", url=database_url).output)
+    done = json.loads(invoke(*args, url=database_url).output)
+
+    for listing in (dry, done):
+        assert sorted((r["budget"], r["decision_id"], r["kwh"]) for r in listing["settled"]) == [("carbon", dead, 0.25), ("day", dead, 0.25)]
+        assert listing["reservations"] == []
+    assert [r.decision_id for r in seed.committed(db).open_reservations()] == [only_carbon]  # another budget's, not asked for
+    assert seed.committed(db).remaining("carbon").remaining_co2 == pytest.approx(5.0 - 0.1 - 0.4)
