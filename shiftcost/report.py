@@ -269,12 +269,12 @@ def _decisions_table(data: ReportData) -> Table:
 
 
 def _budget_table(data: ReportData) -> Table:
-    headers = ["budget", "period", "reservations", "open", "released", "settled kWh", "reserved kWh",
+    headers = ["budget", "period", "reservations", "open", "released", "settled kWh", "of it priced kWh", "reserved kWh",
                "remaining kWh", "settled kg CO2e", "reserved kg CO2e", "remaining kg CO2e", "kWh cap", "kg CO2e cap"]
     rows = [
         [
             _text(row["budget"]), _text(f"{row['budget_period']} {row['period']}"), _num(row["reservations"]), _num(row["open"]),
-            _num(row["released"]), _num(row["settled_kwh"]), _num(row["reserved_kwh"]), _num(row["remaining_kwh"]),
+            _num(row["released"]), _num(row["settled_kwh"]), _num(row["priced_kwh"]), _num(row["reserved_kwh"]), _num(row["remaining_kwh"]),
             _num(row["settled_co2"]), _num(row["reserved_co2"]), _num(row["remaining_co2"]), _num(row["kwh_cap"]),
             _num(row["co2_cap"]),
         ]

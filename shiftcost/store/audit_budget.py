@@ -59,8 +59,10 @@ def _burn_query(budget_ids: list[int], since: datetime | None, until: datetime |
     ).group_by(p.budget_id, p.day)
 
 
-_BURN_SUMS = ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2", "late_kwh", "late_co2",
-              "overrun_kwh", "overrun_co2", "open", "released")
+# What each reservation used, as ``ledger.usage_columns`` names it.
+_MEASURES = ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2", "late_kwh", "late_co2",
+             "overrun_kwh", "overrun_co2", "priced_kwh", "priced_co2")
+_BURN_SUMS = (*_MEASURES, "open", "released")
 
 
 def _spend_once_query(budget_ids: list[int], since: datetime | None, until: datetime | None) -> Select:
@@ -77,14 +79,12 @@ def _spend_once_query(budget_ids: list[int], since: datetime | None, until: date
 
     base, r, c, late = ledger.usage_joins(select())
     usage = ledger.usage_columns(r, c, late)
-    measures = ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2", "late_kwh", "late_co2",
-                "overrun_kwh", "overrun_co2")
     per_decision = _window(
-        base.add_columns(r.decision_id, *(func.max(usage[key]).label(key) for key in measures))
+        base.add_columns(r.decision_id, *(func.max(usage[key]).label(key) for key in _MEASURES))
         .where(r.budget_id.in_(budget_ids)),
         r.created_at, since, until,
     ).group_by(r.decision_id).subquery("per_decision")
-    return select(*(func.coalesce(func.sum(per_decision.c[key]), 0.0).label(key) for key in measures))
+    return select(*(func.coalesce(func.sum(per_decision.c[key]), 0.0).label(key) for key in _MEASURES))
 
 
 def budget_burn(
@@ -129,12 +129,11 @@ def budget_burn(
     spend = runner.rows(_spend_once_query([b.id for b in budgets], since, until))[0] if budgets else {}
     totals = {
         "budgets": len(budgets),
-        **{key: _float(spend.get(key)) for key in ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2",
-                                                  "late_kwh", "late_co2", "overrun_kwh", "overrun_co2")},
+        **{key: _float(spend.get(key)) for key in _MEASURES},
     }
     columns = ["budget", "period", "period_start", "period_end", "reservations", "open", "released",
-               "reserved_kwh", "settled_kwh", "late_kwh", "overrun_kwh", "remaining_kwh",
-               "reserved_co2", "settled_co2", "late_co2", "overrun_co2", "remaining_co2"]
+               "reserved_kwh", "settled_kwh", "priced_kwh", "late_kwh", "overrun_kwh", "remaining_kwh",
+               "reserved_co2", "settled_co2", "priced_co2", "late_co2", "overrun_co2", "remaining_co2"]
     return AuditResult("budget", columns, rows, totals, runner.sql)
 
 
@@ -204,11 +203,13 @@ def _burn_row(b: Budget, period: str, start: datetime | None, end: datetime | No
         "released": int(total("released")),
         "reserved_kwh": reserved_kwh,
         "settled_kwh": settled_kwh,
+        "priced_kwh": total("priced_kwh"),
         "late_kwh": total("late_kwh"),
         "overrun_kwh": total("overrun_kwh"),
         "remaining_kwh": None if b.kwh_cap is None else b.kwh_cap - settled_kwh - reserved_kwh,
         "reserved_co2": reserved_co2,
         "settled_co2": settled_co2,
+        "priced_co2": total("priced_co2"),
         "late_co2": total("late_co2"),
         "overrun_co2": total("overrun_co2"),
         "remaining_co2": None if b.co2_cap is None else b.co2_cap - settled_co2 - reserved_co2,

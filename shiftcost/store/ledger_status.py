@@ -202,6 +202,10 @@ def usage_columns(r: Any, c: Any, late: Any) -> dict[str, Any]:
         held     = CASE WHEN c.id IS NULL THEN r.energy_kwh ELSE 0 END      -- still open
         late     = CASE WHEN c.kind = 'release' AND late.id IS NOT NULL THEN late.energy_kwh ELSE 0 END
         overrun  = CASE WHEN measured > r.energy_kwh THEN measured - r.energy_kwh ELSE 0 END
+        priced   = measured WHEN the chain's last entry is priced (a dead run's work, not measured), ELSE 0
+
+    ``measured`` counts every settlement, priced ones included: ``priced`` says how much of
+    it no meter read.
     """
     columns: dict[str, Any] = {}
     for measure, column in (("kwh", "energy_kwh"), ("co2", "emissions_kg")):
@@ -211,6 +215,11 @@ def usage_columns(r: Any, c: Any, late: Any) -> dict[str, Any]:
         columns[f"reserved_{measure}"] = case((c.id.is_(None), reserved), else_=0.0)
         columns[f"late_{measure}"] = case((and_(c.kind == LedgerKind.RELEASE, late.id.is_not(None)), getattr(late, column)), else_=0.0)
         columns[f"overrun_{measure}"] = case((measured > reserved, measured - reserved), else_=0.0)
+        columns[f"priced_{measure}"] = case(
+            (late.id.is_not(None), case((late.priced, getattr(late, column)), else_=0.0)),
+            (and_(c.kind == LedgerKind.SETTLE, c.priced), getattr(c, column)),
+            else_=0.0,
+        )
     columns["open"] = case((c.id.is_(None), 1), else_=0)
     columns["released"] = case((c.kind == LedgerKind.RELEASE, 1), else_=0)
     return columns

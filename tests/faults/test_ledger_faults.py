@@ -126,6 +126,9 @@ def test_a_run_killed_outright_is_settled_at_the_priced_work_of_its_last_heartbe
         assert (run.energy_kwh, run.emissions_kg, run.energy_method) == (3e-3, 1.2e-3, "priced")  # not measured
         # The audit of what runs cost adds up to what the ledger settled.
         assert audit.cost_history(session).totals["energy_kwh"] == pytest.approx(3e-3)
+        # ... and the budget audit says that all of it was priced, none measured.
+        (burn,) = audit.budget_burn(session).rows
+        assert (burn["settled_kwh"], burn["priced_kwh"], burn["priced_co2"]) == pytest.approx((3e-3, 3e-3, 1.2e-3))
         # The energy rate is refitted from measured runs only: a priced one would echo the rate.
         architecture = repo.get_model_by_id(session, run.model_id).architecture
         assert runs.measured_run_details(session, architecture, except_run=-1) == []
@@ -277,6 +280,9 @@ def test_a_measure_replaces_a_dead_runs_priced_settlement_but_never_the_probes_s
         settles = session.query(LedgerEntry).filter_by(decision_id=decision_id, kind="settle").order_by(LedgerEntry.id).all()
         assert [(e.priced, ledger.PRICED_NOT_MEASURED in e.reason) for e in settles] == [(False, False), (True, True)]
 
+    with db.session(readonly=True) as session:
+        assert audit.budget_burn(session).totals["priced_kwh"] == pytest.approx(0.05)
+
     replaced = seed.committed(db).settle_decision(decision_id, 0.08, 0.008, replaces_priced=True)
 
     assert len(replaced) == 1  # the priced settlement's, not the probe's
@@ -284,6 +290,9 @@ def test_a_measure_replaces_a_dead_runs_priced_settlement_but_never_the_probes_s
     status = seed.committed(db).remaining("month")
     assert status.remaining_kwh == pytest.approx(1.0 - 0.01 - 0.08) and status.remaining_co2 == pytest.approx(1.0 - 0.001 - 0.008)
     assert seed.committed(db).settle_decision(decision_id, 0.09, 0.009, replaces_priced=True) == []  # replaced once
+    with db.session(readonly=True) as session:
+        (burn,) = audit.budget_burn(session).rows
+    assert (burn["settled_kwh"], burn["priced_kwh"]) == pytest.approx((0.01 + 0.08, 0.0))  # the measure stands now
 
 
 @pytest.mark.parametrize(
