@@ -69,21 +69,28 @@ def _spend_once_query(budget_ids: list[int], since: datetime | None, until: date
     """What the decisions behind these budgets' reservations spent, each decision counted once.
 
     A decision reserves (and settles) the same amounts on every budget that applies to it,
-    so summing over budgets would count one run's spend once per budget. Per decision the
-    largest figure over its reservations is taken, then summed:
+    so summing over budgets would count one run's spend once per budget. A decision may
+    also hold several reservations on one budget (a probe's spend beside its retrain's),
+    which add up. So per decision and budget the reservations are summed, per decision the
+    largest of those budget sums is taken, and the decisions are summed:
 
-    SELECT sum(settled_kwh), ... FROM (SELECT r.decision_id, max(measured) AS settled_kwh,
-           max(held) AS reserved_kwh, max(late), max(overrun) ... GROUP BY r.decision_id)
+    SELECT sum(settled_kwh), ... FROM (SELECT decision_id, max(settled_kwh) AS settled_kwh, ...
+        FROM (SELECT r.decision_id, r.budget_id, sum(measured) AS settled_kwh, sum(held) AS reserved_kwh,
+                     sum(late), sum(overrun), ... GROUP BY r.decision_id, r.budget_id)
+        GROUP BY decision_id)
     """
     from shiftcost.store import ledger
 
     base, r, c, late = ledger.usage_joins(select())
     usage = ledger.usage_columns(r, c, late)
-    per_decision = _window(
-        base.add_columns(r.decision_id, *(func.max(usage[key]).label(key) for key in _MEASURES))
+    per_budget = _window(
+        base.add_columns(r.decision_id, *(func.sum(usage[key]).label(key) for key in _MEASURES))
         .where(r.budget_id.in_(budget_ids)),
         r.created_at, since, until,
-    ).group_by(r.decision_id).subquery("per_decision")
+    ).group_by(r.decision_id, r.budget_id).subquery("per_budget")
+    per_decision = select(*(func.max(per_budget.c[key]).label(key) for key in _MEASURES)).group_by(
+        per_budget.c.decision_id
+    ).subquery("per_decision")
     return select(*(func.coalesce(func.sum(per_decision.c[key]), 0.0).label(key) for key in _MEASURES))
 
 

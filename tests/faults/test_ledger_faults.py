@@ -197,6 +197,22 @@ def test_audit_budget_totals_count_each_spend_once(db) -> None:
     assert result.totals["settled_kwh"] == pytest.approx(0.000109926)
 
 
+def test_audit_budget_totals_add_a_probes_spend_to_its_decisions_retrain(db) -> None:
+    for name, period in (("day", "daily"), ("month", "monthly")):
+        seed.committed(db).create_budget(name, period=period, kwh_cap=1.0, co2_cap=1.0)
+    probed, plain = seed.decisions(db, 2)
+    seed.committed(db).record_spend(["day", "month"], 0.01, 0.001, probed, "probe before deciding")
+    seed.committed(db).reserve_many(["day", "month"], 0.2, 0.02, probed)
+    seed.committed(db).settle_decision(probed, 0.08, 0.008)
+    seed.committed(db).reserve_many(["day", "month"], 0.3, 0.03, plain)  # still open
+    with db.session(readonly=True) as session:
+        result = audit.budget_burn(session)
+    assert [row["settled_kwh"] for row in result.rows] == pytest.approx([0.09] * 2)
+    # Each decision once, however many budgets; the probe's spend and the retrain's both.
+    totals = result.totals
+    assert (totals["settled_kwh"], totals["settled_co2"], totals["reserved_kwh"]) == pytest.approx((0.09, 0.009, 0.3))
+
+
 # --- budgets validated, changed, disabled, deleted -----------------------------------------------
 
 
