@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from typer.testing import CliRunner
@@ -74,8 +75,6 @@ def test_budget_update_disable_enable_delete(database_url: str, db) -> None:
 
 
 def test_release_open_leaves_a_live_run_alone(database_url: str, db) -> None:
-    from datetime import UTC, datetime, timedelta
-
     from shiftcost.store import repository as repo
     from shiftcost.store.models import RetrainRun
 
@@ -95,23 +94,32 @@ def test_release_open_leaves_a_live_run_alone(database_url: str, db) -> None:
     assert [r["decision_id"] for r in released["reservations"]] == [decision_id]
 
 
-def test_release_open_settles_a_dead_run_at_its_priced_work_and_releases_a_decision_that_never_ran(database_url: str, db) -> None:
-    from datetime import UTC, datetime, timedelta
+# Fixed at import: a test's budget figures are read at this time too, so that a daily budget's
+# period is the reservations' own even when the test runs just after midnight.
+_AN_HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
 
+
+def _run_dead_for_an_hour(db, progress: dict) -> tuple[int, int]:
+    """A decision whose retrain run last beat an hour ago with ``progress``: (decision id, run id)."""
     from shiftcost.store import repository as repo
-    from shiftcost.store.models import LedgerEntry, RetrainRun
 
-    seed.committed(db).create_budget("day", period="daily", kwh_cap=5.0, co2_cap=5.0)
-    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
     with db.session() as session:
         decision = seed.decision(session)
         run = repo.start_retrain_run(session, decision.model_id, decision_id=decision.id, batch_id=decision.batch_id)
-        run.started_at = run.heartbeat_at = an_hour_ago
-        run.progress = {"steps": 30, "epochs": 0.5, "spent_kwh": 0.25, "spent_kg": 0.1}
-        dead, run_id = decision.id, run.id
+        run.started_at = run.heartbeat_at = _AN_HOUR_AGO
+        run.progress = progress
+        session.flush()
+        return decision.id, run.id
+
+
+def test_release_open_settles_a_dead_run_at_its_priced_work_and_releases_a_decision_that_never_ran(database_url: str, db) -> None:
+    from shiftcost.store.models import LedgerEntry, RetrainRun
+
+    seed.committed(db).create_budget("day", period="daily", kwh_cap=5.0, co2_cap=5.0)
+    dead, run_id = _run_dead_for_an_hour(db, {"steps": 30, "epochs": 0.5, "spent_kwh": 0.25, "spent_kg": 0.1})
     (never_ran,) = seed.decisions(db, 1)
     for decision_id in (dead, never_ran):
-        seed.committed(db).reserve("day", 2.0, 0.5, decision_id, at=an_hour_ago)
+        seed.committed(db).reserve("day", 2.0, 0.5, decision_id, at=_AN_HOUR_AGO)
 
     dry = json.loads(invoke("budget", "release-open", "--older-than", "0", "--dry-run", "--json", url=database_url).output)
     assert [(r["decision_id"], r["kwh"], r["co2"], r["steps"]) for r in dry["settled"]] == [(dead, 0.25, 0.1, 30)]
@@ -125,27 +133,17 @@ def test_release_open_settles_a_dead_run_at_its_priced_work_and_releases_a_decis
         run = session.get(RetrainRun, run_id)
         assert (run.status, run.steps, run.energy_kwh, run.energy_method) == ("failed", 30, 0.25, "priced")
     assert kinds == {dead: ["reserve", "settle"], never_ran: ["reserve", "release"]}
-    assert seed.committed(db).remaining("day").remaining_kwh == pytest.approx(5.0 - 0.25)
+    assert seed.committed(db).remaining("day", at=_AN_HOUR_AGO).remaining_kwh == pytest.approx(5.0 - 0.25)
 
 
 def test_release_open_on_one_budget_settles_a_dead_run_on_every_budget_it_reserved_on_and_lists_each(database_url: str, db) -> None:
-    from datetime import UTC, datetime, timedelta
-
-    from shiftcost.store import repository as repo
-
     seed.committed(db).create_budget("day", period="daily", kwh_cap=5.0)
     seed.committed(db).create_budget("carbon", period="monthly", co2_cap=5.0)
-    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
-    with db.session() as session:
-        decision = seed.decision(session)
-        run = repo.start_retrain_run(session, decision.model_id, decision_id=decision.id, batch_id=decision.batch_id)
-        run.started_at = run.heartbeat_at = an_hour_ago
-        run.progress = {"steps": 12, "epochs": 0.2, "spent_kwh": 0.25, "spent_kg": 0.1}
-        dead = decision.id
+    dead, _ = _run_dead_for_an_hour(db, {"steps": 12, "epochs": 0.2, "spent_kwh": 0.25, "spent_kg": 0.1})
     (only_carbon,) = seed.decisions(db, 1)
     for budget in ("day", "carbon"):
-        seed.committed(db).reserve(budget, 2.0, 0.5, dead, at=an_hour_ago)
-    seed.committed(db).reserve("carbon", 1.0, 0.4, only_carbon, at=an_hour_ago)
+        seed.committed(db).reserve(budget, 2.0, 0.5, dead, at=_AN_HOUR_AGO)
+    seed.committed(db).reserve("carbon", 1.0, 0.4, only_carbon, at=_AN_HOUR_AGO)
 
     args = ("budget", "release-open", "--budget", "day", "--older-than", "0", "--json")
     dry = json.loads(invoke(*args, "--dry-run", url=database_url).output)
@@ -155,4 +153,4 @@ def test_release_open_on_one_budget_settles_a_dead_run_on_every_budget_it_reserv
         assert sorted((r["budget"], r["decision_id"], r["kwh"]) for r in listing["settled"]) == [("carbon", dead, 0.25), ("day", dead, 0.25)]
         assert listing["reservations"] == []
     assert [r.decision_id for r in seed.committed(db).open_reservations()] == [only_carbon]  # another budget's, not asked for
-    assert seed.committed(db).remaining("carbon").remaining_co2 == pytest.approx(5.0 - 0.1 - 0.4)
+    assert seed.committed(db).remaining("carbon", at=_AN_HOUR_AGO).remaining_co2 == pytest.approx(5.0 - 0.1 - 0.4)

@@ -45,14 +45,15 @@ def test_release_open_keeps_the_reservation_of_a_run_that_renews_its_heartbeat(d
     live, _ = _decision_with_run(db, started_ago=timedelta(hours=5), beat_ago=timedelta(seconds=30))
     dead, _ = _decision_with_run(db, started_ago=timedelta(hours=5), beat_ago=timedelta(hours=2))
     never_started = seed.decisions(db, 1)[0]
+    reserved_at = datetime.now(UTC) - timedelta(hours=3)
     for decision_id in (live, dead, never_started):
-        seed.committed(db).reserve("month", 1.0, 0.1, decision_id, at=datetime.now(UTC) - timedelta(hours=3))
+        seed.committed(db).reserve("month", 1.0, 0.1, decision_id, at=reserved_at)
 
     released = seed.committed(db).release_open(timedelta(hours=1), "crash", lease=LEASE)
 
     assert sorted(r.decision_id for r in released) == sorted([dead, never_started])
     assert _kinds(db, live) == ["reserve"]
-    assert seed.committed(db).remaining("month").open_reservations == 1
+    assert seed.committed(db).remaining("month", at=reserved_at).open_reservations == 1  # its period, even on the 1st
 
 
 def test_the_watch_closes_a_run_by_its_heartbeat_not_its_age(db) -> None:
