@@ -98,14 +98,14 @@ def list_(
     from rich.table import Table
 
     table = Table(title="Budgets (current period)")
-    for column in ("name", "scope", "period", "kWh cap", "kWh used", "kWh left", "kWh late", "kWh overrun",
+    for column in ("name", "scope", "period", "kWh cap", "kWh used", "kWh left", "kWh late", "kWh overrun", "kWh priced",
                    "CO2e cap", "CO2e used", "CO2e left", "open"):
         table.add_column(column)
     for s in statuses:
         period = f"rolling {s.rolling_days} d" if s.period == "rolling_days" else s.period
         name = f"{s.name} (disabled)" if s.disabled else s.name
         table.add_row(name, s.scope, period, _number(s.kwh_cap), _number(s.spent_kwh), _number(s.remaining_kwh),
-                      _number(s.late_kwh), _number(s.overrun_kwh),
+                      _number(s.late_kwh), _number(s.overrun_kwh), _number(s.priced_kwh),
                       _number(s.co2_cap), _number(s.spent_co2), _number(s.remaining_co2), str(s.open_reservations))
     make_console().print(table)
 

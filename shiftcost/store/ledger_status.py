@@ -53,6 +53,9 @@ class BudgetStatus:
     overrun_kwh: float = 0.0
     """Part of ``settled_kwh`` that runs measured beyond what they had reserved."""
     overrun_co2: float = 0.0
+    priced_kwh: float = 0.0
+    """Part of ``settled_kwh`` that dead runs' last heartbeats priced: work no meter read."""
+    priced_co2: float = 0.0
     disabled: bool = False
 
     @classmethod
@@ -240,7 +243,7 @@ def usage_joins(query: Any) -> tuple[Any, Any, Any, Any]:
 
 
 _USAGE = ("settled_kwh", "settled_co2", "reserved_kwh", "reserved_co2", "open",
-          "late_kwh", "late_co2", "overrun_kwh", "overrun_co2")
+          "late_kwh", "late_co2", "overrun_kwh", "overrun_co2", "priced_kwh", "priced_co2")
 
 
 def _usage_query(budget_id: int, start: datetime | None, end: datetime | None, decision_id: int | None):

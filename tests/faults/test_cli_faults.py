@@ -134,6 +134,9 @@ def test_release_open_settles_a_dead_run_at_its_priced_work_and_releases_a_decis
         assert (run.status, run.steps, run.energy_kwh, run.energy_method) == ("failed", 30, 0.25, "priced")
     assert kinds == {dead: ["reserve", "settle"], never_ran: ["reserve", "release"]}
     assert seed.committed(db).remaining("day", at=_AN_HOUR_AGO).remaining_kwh == pytest.approx(5.0 - 0.25)
+    (listed,) = json.loads(invoke("budget", "list", "--json", url=database_url).output)
+    if listed["window_start"] <= _AN_HOUR_AGO.isoformat():  # today's period holds the reservations (not just after midnight)
+        assert (listed["settled_kwh"], listed["priced_kwh"], listed["priced_co2"]) == pytest.approx((0.25, 0.25, 0.1))
 
 
 def test_release_open_on_one_budget_settles_a_dead_run_on_every_budget_it_reserved_on_and_lists_each(database_url: str, db) -> None:
