@@ -5,6 +5,8 @@ The CLI prints the message alone (no traceback) and exits non-zero; library call
 catch ``ShiftcostError`` to tell user errors from bugs.
 """
 
+import re
+
 
 class ShiftcostError(Exception):
     """An error caused by input or environment that the user can fix.
@@ -29,7 +31,11 @@ class ConfigError(ShiftcostError):
     """A setting is missing or inconsistent."""
 
 
+# Colour and style codes some libraries put in their messages (torch's load advice does).
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def short_error(error: BaseException, limit: int = 120) -> str:
     """An underlying error's message on one line, cut to ``limit`` characters, to quote inside a sentence."""
-    text = " ".join(str(error).split()) or type(error).__name__
+    text = " ".join(_TERMINAL_CODES.sub("", str(error)).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -29,8 +29,17 @@ def read_safetensors(path: Path, damaged: Callable[[str], str]) -> tuple[dict[st
 
 
 def load_tensors_only(path: Path, damaged: Callable[[str], str]) -> Any:
-    """``torch.load`` restricted to tensors and plain containers (no pickled code), on CPU."""
+    """``torch.load`` restricted to tensors and plain containers (no pickled code), on CPU.
+
+    ``damaged`` gets what is wrong with the file: that it holds pickled objects (torch's own
+    refusal is a page of advice on loading them anyway, which shiftcost never does), or the
+    underlying error of a truncated or foreign file.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling refusals, truncated zips, foreign bytes
-        raise InputError(damaged(short_error(error))) from None
+        if str(error).startswith("Weights only load failed"):
+            why = "it holds pickled Python objects, such as a whole model saved with torch.save(model), and loading them would run code"
+        else:
+            why = f"truncated, or not a file torch.save wrote: {short_error(error)}"
+        raise InputError(damaged(why)) from None

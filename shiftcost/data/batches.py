@@ -160,7 +160,7 @@ def _unreadable_npz(path: Path, error: Exception) -> InputError:
 
 def _load_pt(path: Path, spec: ModelSpec | None) -> Batch:
     payload = load_tensors_only(path, lambda why: (
-        f"Batch {path} cannot be read as tensors only (truncated, foreign, or holding Python objects: {why}); "
+        f"Batch {path} cannot be read as tensors only ({why}); "
         'save a dict {"x": tensor, "y": tensor} with torch.save.'
     ))
     if isinstance(payload, torch.Tensor):

@@ -452,7 +452,8 @@ def load_model(
         spec = ModelSpec.from_dict(stored_spec, source=f"Model file {path}")
     elif spec is None:
         raise InputError(
-            f"Model file {path} holds weights but no model spec; pass the architecture and classes, or save it with shiftcost."
+            f"Model file {path} holds weights but no model spec (the architecture, input size and classes); "
+            "give them to `shiftcost model import`, which writes a model file that carries them."
         )
     try:
         model = build_from_spec(spec)
@@ -482,8 +483,8 @@ def _read_safetensors(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
 
 def _read_torch(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     payload = load_tensors_only(path, lambda why: (
-        f"Model file {path} cannot be read as tensors only (truncated, not a model file, or it holds arbitrary Python objects: {why}); "
-        "save the weights with shiftcost or as a plain state dict."
+        f"Model file {path} cannot be read as tensors only ({why}); save its weights as a plain state dict, "
+        "torch.save(model.state_dict(), path), and import them with `shiftcost model import`."
     ))
     if isinstance(payload, Mapping) and "state_dict" in payload:
         state, stored_spec = payload["state_dict"], payload.get("spec")

@@ -225,6 +225,23 @@ def test_pickled_python_object_is_never_unpickled(tmp_path):
     assert payload.marker.exists()
 
 
+def test_a_whole_pickled_model_is_refused_in_one_plain_sentence_that_says_how_to_save_it(tmp_path):
+    model, _ = _digits_model()
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)  # the module itself, not its state dict
+    message = str(_assert_refused(path, "pickled Python objects, such as a whole model saved with torch.save(model)"))
+    assert "model.state_dict()" in message and "\x1b" not in message and "Weights only load failed" not in message
+
+
+def test_a_truncated_model_file_names_the_damage(tmp_path):
+    model, spec = _digits_model()
+    whole = tmp_path / "whole.pt"
+    torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict()}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    _assert_refused(cut, "truncated, or not a file torch.save wrote")
+
+
 def test_file_that_is_not_a_model_is_refused(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([1, 2, 3], path)

@@ -181,6 +181,18 @@ def test_bad_imports_are_one_sentence_exit_2_and_write_nothing(user, flags, frag
     assert not out.exists()
 
 
+def test_a_whole_saved_model_and_weights_without_a_spec_get_sentences_that_name_the_fix(user, tmp_path) -> None:
+    root, _ = user
+    whole = tmp_path / "whole.pt"
+    torch.save(torchvision.models.resnet18(num_classes=4), whole)
+    code, _, err = run(["model", "import", whole, "--arch", "resnet18", "--image-size", "32", "--classes", "4", "-o", tmp_path / "o.safetensors"])
+    assert code == 2 and "\n" not in err.strip() and "\x1b" not in err
+    assert "a whole model saved with torch.save(model)" in err and "torch.save(model.state_dict(), path)" in err
+    # Weights with no spec given to a command that takes no architecture: the fix is `model import`.
+    code, _, err = run(["reference", "-m", root / "resnet18.pt", "-d", root / "ref", "-o", tmp_path / "ref.safetensors"])
+    assert code == 2 and "holds weights but no model spec" in err and "`shiftcost model import`" in err
+
+
 def test_classes_read_from_data_folders_that_disagree_with_the_weights_say_where_they_came_from(user, tmp_path) -> None:
     import shutil
 
