@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Assess one batch: drift, indices, predicted cost and the decision under the budgets; retrain if decided.
 
-        The model must have been set up first (shiftcost.pipeline.bootstrap, or `shiftcost demo`). Exit status: 0 when
+        The model must have been registered first (`shiftcost model register`, or `shiftcost demo`). Exit status: 0 when
         the batch was processed (or had been before), 2 when the batch was refused (the reason is stored), 1 when a
         decided retraining failed (the run is marked failed and what it measured charged to its budget).
         """

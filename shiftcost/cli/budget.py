@@ -59,7 +59,7 @@ def create(
     as_json: Annotated[bool, typer.Option("--json", help="Print the budget as JSON.")] = False,
     database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Create a budget with a kWh cap, a kg CO2e cap, or both (caps must be zero or more)."""
+    """Create a budget with a kWh cap, a kg CO2e cap, or both (caps must be finite, zero or more)."""
     from shiftcost.store import ledger
 
     database = open_for_cli(database_url)

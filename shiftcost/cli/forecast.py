@@ -24,7 +24,7 @@ from shiftcost.features import COST_FEATURES
 def forecast(
     model: Annotated[Path, typer.Option("--model", "-m", help="Model file (.safetensors or .pt) written by shiftcost.", show_default=False)],
     reference_stats: Annotated[
-        Path, typer.Option("--reference-stats", "-r", help="Reference statistics of the model (shiftcost index reference, or calibrate --model).", show_default=False)
+        Path, typer.Option("--reference-stats", "-r", help="Reference statistics of the model (shiftcost reference, or calibrate --model).", show_default=False)
     ],
     batch: Annotated[Path, typer.Option("--batch", "-b", help="Labelled new batch: ImageFolder directory, .npz or .pt.", show_default=False)],
     cost_model: Annotated[

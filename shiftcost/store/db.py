@@ -149,11 +149,12 @@ def unavailable(url: URL, error: BaseException) -> DatabaseUnavailableError:
     from shiftcost.redaction import scrub
 
     reason = scrub(_driver_reason(error), url.render_as_string(hide_password=False))
-    return DatabaseUnavailableError(
-        f"Cannot use the database at {redact(url)} ({reason}); check that the server is "
-        "running and that SHIFTCOST_DATABASE_URL names the right host, database, user "
-        "and password."
-    )
+    if url.get_backend_name() == "sqlite":
+        fix = ("check that the file's folder exists and can be written, and that SHIFTCOST_DATABASE_URL "
+               "(or --database-url) names the file you mean")
+    else:
+        fix = "check that the server is running and that SHIFTCOST_DATABASE_URL names the right host, database, user and password"
+    return DatabaseUnavailableError(f"Cannot use the database at {redact(url)} ({reason}); {fix}.")
 
 
 def _driver_reason(error: BaseException) -> str:

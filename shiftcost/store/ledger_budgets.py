@@ -90,7 +90,7 @@ def _validated(name: str, period: str, kwh_cap: float | None, co2_cap: float | N
         raise BudgetError(f"Budget {name!r} needs a kWh cap, a kg CO2e cap, or both.")
     for what, cap in (("kWh", kwh_cap), ("kg CO2e", co2_cap)):
         if cap is not None and (not math.isfinite(cap) or cap < 0):
-            raise BudgetError(f"Budget {name!r} has a {what} cap of {cap}; caps must be zero or more.")
+            raise BudgetError(f"Budget {name!r} has a {what} cap of {cap}; caps must be finite numbers, zero or more.")
     if period == BudgetPeriod.ROLLING_DAYS:
         if rolling_days is None or rolling_days < 1:
             raise BudgetError(f"Budget {name!r} is rolling and needs --rolling-days of 1 or more.")

@@ -65,7 +65,7 @@ def test_budget_commands(database_url: str, db) -> None:
 
     negative = invoke("budget", "create", "bad", "--period", "daily", "--kwh", "-1", url=database_url)
     assert negative.exit_code != 0
-    assert "caps must be zero or more" in str(negative.exception)
+    assert "caps must be finite numbers, zero or more" in str(negative.exception)
     assert [b.name for b in seed.committed(db).list_budgets()] == ["day"]
 
     (decision_id,) = seed.decisions(db, 1)

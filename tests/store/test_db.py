@@ -20,6 +20,7 @@ def test_unopenable_sqlite_file_names_the_url(tmp_path) -> None:
     with pytest.raises(DatabaseUnavailableError, match="unable to open database file") as raised:
         open_database(url)
     assert url in str(raised.value)
+    assert "folder exists" in str(raised.value) and "server" not in str(raised.value)  # a file, not a server
 
 
 def test_unreachable_server_message_hides_the_password() -> None:
@@ -29,6 +30,7 @@ def test_unreachable_server_message_hides_the_password() -> None:
     message = str(raised.value)
     assert "pa55word" not in message
     assert "postgresql+psycopg2://auditor:***@127.0.0.1:1/ledger" in message
+    assert "check that the server is running" in message
     assert "\n" not in message
     assert redact(url) == "postgresql+psycopg2://auditor:***@127.0.0.1:1/ledger"
 

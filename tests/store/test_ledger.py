@@ -32,9 +32,10 @@ def _entries(db) -> list[tuple]:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"period": "daily", "kwh_cap": -1.0}, "caps must be zero or more"),
-        ({"period": "daily", "co2_cap": -0.001}, "caps must be zero or more"),
-        ({"period": "daily", "kwh_cap": float("nan")}, "caps must be zero or more"),
+        ({"period": "daily", "kwh_cap": -1.0}, "caps must be finite numbers, zero or more"),
+        ({"period": "daily", "co2_cap": -0.001}, "caps must be finite numbers, zero or more"),
+        ({"period": "daily", "kwh_cap": float("nan")}, "caps must be finite numbers, zero or more"),
+        ({"period": "daily", "co2_cap": float("inf")}, "caps must be finite numbers, zero or more"),
         ({"period": "daily"}, "needs a kWh cap"),
         ({"period": "weekly", "kwh_cap": 1.0}, "unknown period"),
         ({"period": "rolling_days", "kwh_cap": 1.0}, "rolling-days"),
