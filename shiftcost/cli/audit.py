@@ -150,8 +150,20 @@ def _run(name: str, title: str, database_url: str | None, output: OutputFormat, 
         database.dispose()
     emit(result, OutputFormat.json if as_json else output, title)
     if show_sql:
-        for statement in result.sql:
+        for statement, parameters in zip(result.sql, result.parameters, strict=True):
             typer.echo(f"{statement};", err=True)
+            if parameters:
+                typer.echo("-- bound, in order: " + ", ".join(f"{name} = {_shown(value)}" for name, value in parameters), err=True)
+
+
+def _shown(value: Any) -> str:
+    """A bound value as SQL would spell it: text and times quoted."""
+    from datetime import datetime
+    from enum import Enum
+
+    if isinstance(value, datetime):
+        return f"'{value.isoformat(sep=' ')}'"
+    return repr(value.value if isinstance(value, Enum) else value)
 
 
 def _listing(name: str, title: str, doc: str) -> Any:

@@ -2,7 +2,8 @@
 
 Each query is a SQLAlchemy Core statement; its SQL is in the function's docstring and
 ``AuditResult.sql`` holds every statement as compiled for the database it ran on, with
-placeholders. Filters are always bound parameters, never formatted into the SQL.
+placeholders, and ``AuditResult.parameters`` the values bound to them. Filters are always
+bound parameters, never formatted into the SQL.
 
 Common filters: ``model`` (a model *name*: all its versions), ``since`` (inclusive) and
 ``until`` (exclusive), both UTC, on the natural timestamp of each query (run start,
@@ -108,7 +109,7 @@ def cost_history(
     }
     columns = ["run_id", "started_at", "model", "version", "new_version", "status", "reached_cutoff",
                "epochs", "steps", "energy_kwh", "emissions_kg", "energy_method", "wall_seconds"]
-    return AuditResult("cost", columns, rows, totals, runner.sql)
+    return AuditResult("cost", columns, rows, totals, runner.sql, runner.parameters)
 
 
 # --- prediction error -----------------------------------------------------------------------
@@ -236,7 +237,7 @@ def prediction_errors(
     columns = ["run_id", "started_at", "model", "version", "status", "stopped_before_cutoff", "predicted_epochs",
                "actual_epochs", "predicted_kwh", "energy_kwh_lower", "energy_kwh_upper", "actual_kwh",
                "kwh_relative_error", "kwh_in_interval", "predicted_co2", "actual_co2", "co2_in_interval"]
-    return AuditResult("errors", columns, rows, totals, runner.sql)
+    return AuditResult("errors", columns, rows, totals, runner.sql, runner.parameters)
 
 
 def _error_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -350,7 +351,7 @@ def decisions(
               "shown": len(rows)}
     columns = ["decision_id", "created_at", "model", "version", "batch_id", "action",
                "blocked_by_budget", "reasons", "retry_after", "predicted_kwh_upper", "predicted_co2_upper"]
-    return AuditResult("decisions", columns, rows, totals, runner.sql)
+    return AuditResult("decisions", columns, rows, totals, runner.sql, runner.parameters)
 
 
 # --- calibration history -------------------------------------------------------------------------
@@ -395,7 +396,7 @@ def calibrations(
     totals = {"versions": len(rows), "latest_loo_error": errors[-1] if errors else None}
     columns = ["calibration_id", "created_at", "architecture", "version", "source", "n_points",
                "loo_error", "interval_level", "model"]
-    return AuditResult("calibrations", columns, rows, totals, runner.sql)
+    return AuditResult("calibrations", columns, rows, totals, runner.sql, runner.parameters)
 
 
 def run(session: Session, name: str, **filters: Any) -> AuditResult:

@@ -118,7 +118,7 @@ def budget_burn(
         budget_query = budget_query.where(Budget.name == budget)
     budgets = list(session.scalars(budget_query))
     runner = _Runner(session)
-    runner.sql.append(str(budget_query.compile(dialect=runner.connection.dialect)))
+    runner.record(budget_query)
     rows: list[dict[str, Any]] = []
     if budgets:
         longest = max(b.rolling_days or 0 for b in budgets)
@@ -141,7 +141,7 @@ def budget_burn(
     columns = ["budget", "period", "period_start", "period_end", "reservations", "open", "released",
                "reserved_kwh", "settled_kwh", "priced_kwh", "late_kwh", "overrun_kwh", "remaining_kwh",
                "reserved_co2", "settled_co2", "priced_co2", "late_co2", "overrun_co2", "remaining_co2"]
-    return AuditResult("budget", columns, rows, totals, runner.sql)
+    return AuditResult("budget", columns, rows, totals, runner.sql, runner.parameters)
 
 
 def _period_rows(b: Budget, days: dict[date, dict[str, Any]], since: datetime | None) -> list[dict[str, Any]]:

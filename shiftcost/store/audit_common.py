@@ -17,13 +17,17 @@ from shiftcost.store.models import Model
 
 @dataclass
 class AuditResult:
-    """Rows of one audit query, the column order to show, totals, and the SQL that ran."""
+    """Rows of one audit query, the column order to show, totals, and the SQL that ran.
+
+    ``parameters`` holds each statement's bound (name, value) pairs, in the order of its placeholders.
+    """
 
     name: str
     columns: list[str]
     rows: list[dict[str, Any]]
     totals: dict[str, Any] = field(default_factory=dict)
     sql: list[str] = field(default_factory=list)
+    parameters: list[list[tuple[str, Any]]] = field(default_factory=list)
 
 
 class utc_day(FunctionElement[str]):
@@ -50,9 +54,17 @@ class _Runner:
     def __init__(self, session: Session) -> None:
         self.connection = session.connection()
         self.sql: list[str] = []
+        self.parameters: list[list[tuple[str, Any]]] = []
+
+    def record(self, query: Select) -> None:
+        """Keep ``query``'s SQL as this database runs it (lists expanded) and its bound values."""
+        compiled = query.compile(dialect=self.connection.dialect, compile_kwargs={"render_postcompile": True})
+        names = compiled.positiontup if compiled.positional else list(compiled.params)
+        self.sql.append(str(compiled))
+        self.parameters.append([(name, compiled.params[name]) for name in names or ()])
 
     def rows(self, query: Select) -> list[dict[str, Any]]:
-        self.sql.append(str(query.compile(dialect=self.connection.dialect)))
+        self.record(query)
         result = self.connection.execute(query)
         keys = list(result.keys())
         return [dict(zip(keys, row, strict=True)) for row in result.all()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -238,6 +239,33 @@ def test_filters_are_bound_parameters(db, history) -> None:
     result = _query(db, "cost", model=hostile)
     assert result.rows == []
     assert hostile not in result.sql[0]
+
+
+def _run_as_printed(connection, statement: str, bound: list[tuple[str, object]]) -> list:
+    """``statement`` run as `--show-sql` prints it, with its bound values handed to the driver."""
+    values = [(name, value.value if isinstance(value, enum.Enum) else value) for name, value in bound]
+    if connection.dialect.positional:
+        assert statement.count("?") == len(values)
+        return connection.exec_driver_sql(statement, tuple(value for _, value in values)).all()
+    return connection.exec_driver_sql(statement, dict(values)).all()
+
+
+@pytest.mark.parametrize("name", ["cost", "errors", "decisions", "calibrations"])
+def test_each_statement_run_with_its_bound_values_gives_what_the_audit_read(db, history, name) -> None:
+    result = _query(db, name, model="digits")
+    with db.engine.connect() as connection:
+        rows, *totals = (_run_as_printed(connection, *statement) for statement in zip(result.sql, result.parameters, strict=True))
+    assert len(rows) == len(result.rows) > 0  # the first statement reads the rows; the others, totals, run too
+
+
+def test_the_budget_audits_statements_run_with_their_bound_values(db, history) -> None:
+    seed.committed(db).create_budget("month", period="monthly", kwh_cap=5.0)
+    seed.committed(db).create_budget("day", period="daily", kwh_cap=5.0)
+    seed.committed(db).reserve_many(["day", "month"], 1.0, 0.1, history["decisions"][0].decision_id)
+    result = _query(db, "budget", since=T0)
+    with db.engine.connect() as connection:
+        budgets, days, spend = (_run_as_printed(connection, *statement) for statement in zip(result.sql, result.parameters, strict=True))
+    assert [row[1] for row in budgets] == ["day", "month"] and len(days) == 2 and len(spend) == 1
 
 
 def test_limits_keep_the_newest_rows_and_totals_cover_all(db, history) -> None:

@@ -133,7 +133,10 @@ def test_audit_formats(database_url: str, db) -> None:
 
     with_sql = invoke("audit", "calibrations", "--model", "digits", "--show-sql", url=database_url)
     assert with_sql.exit_code == 0 and "FROM calibrations" in with_sql.stderr
-    assert "'digits'" not in with_sql.stderr  # bound, not formatted into the statement
+    statements = [line for line in with_sql.stderr.splitlines() if not line.startswith("-- bound, in order: ")]
+    bound = [line for line in with_sql.stderr.splitlines() if line.startswith("-- bound, in order: ")]
+    assert "'digits'" not in "\n".join(statements)  # bound, not formatted into the statement
+    assert bound and all("name_1 = 'digits'" in line for line in bound)  # and printed beside it
 
     bad_time = invoke("audit", "cost", "--since", "last tuesday", url=database_url)
     assert bad_time.exit_code != 0 and "Cannot read the time" in str(bad_time.exception)
