@@ -392,8 +392,10 @@ def calibrations(
         query = query.where(or_(c.model_id.in_(_model_ids(model)), c.model_id.is_(None) & c.architecture.in_(architectures)))
     runner = _Runner(session)
     rows = runner.rows(_window(query, c.created_at, since, until))
-    errors = [row["loo_error"] for row in rows if row["loo_error"] is not None]
-    totals = {"versions": len(rows), "latest_loo_error": errors[-1] if errors else None}
+    # Rows come by architecture, then version: the last one seen per architecture is its newest.
+    # The labelled and the label-free cost models are two architectures here, with errors of their own.
+    newest_error = {row["architecture"]: row["loo_error"] for row in rows if row["loo_error"] is not None}
+    totals = {"versions": len(rows), "latest_loo_error": newest_error}
     columns = ["calibration_id", "created_at", "architecture", "version", "source", "n_points",
                "loo_error", "interval_level", "model"]
     return AuditResult("calibrations", columns, rows, totals, runner.sql, runner.parameters)

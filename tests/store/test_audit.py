@@ -165,6 +165,8 @@ def test_calibration_history_by_model_and_time(db, history) -> None:
     assert [row["version"] for row in result.rows] == [1, 2, 3]  # version 4 is the sibling's
     sibling = _query(db, "calibrations", model="sibling")
     assert [(row["version"], row["model"]) for row in sibling.rows] == [(1, None), (2, None), (3, None), (4, "sibling")]
+    # Each architecture's newest error (a label-free cost model is an architecture of its own here).
+    assert _query(db, "calibrations").totals["latest_loo_error"] == pytest.approx({"resnet": 0.3, "small-cnn": 0.4})
     late = _query(db, "calibrations", since=T0 + timedelta(days=21))
     assert {row["calibration_id"] for row in late.rows} == {
         c[0] for c in history["calibrations"] if c[2] >= T0 + timedelta(days=21)}
