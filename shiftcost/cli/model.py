@@ -125,9 +125,10 @@ def import_command(
     Only tensors are read (no unpickling of Python objects). With --data the accuracy is checked first: near chance refuses the import (nothing written); where ImageNet's mean/std, [-1, 1] or the images' own per-channel mean/std would do much better, one sentence says so and names the flags.
     """
     from shiftcost.data import check_batch, load_batch, save_model
-    from shiftcost.data.importing import check_accuracy, import_model, refuse_near_chance
+    from shiftcost.data.importing import check_accuracy, check_weights_file, import_model, refuse_near_chance
     from shiftcost.recipe import RetrainConfig
 
+    check_weights_file(weights)  # a wrong path is the first thing to say, before missing options
     recipe_table = None
     if recipe is not None:
         recipe_table = RetrainConfig.from_toml(recipe).to_dict()["recipe"]

@@ -37,7 +37,7 @@ from shiftcost.data.models import (
 )
 from shiftcost.errors import InputError
 
-__all__ = ["AccuracyCheck", "COMMON_NORMALISATIONS", "OWN_NORMALISATION", "accuracy_of", "check_accuracy", "import_model", "own_normalisation"]
+__all__ = ["AccuracyCheck", "COMMON_NORMALISATIONS", "OWN_NORMALISATION", "accuracy_of", "check_accuracy", "check_weights_file", "import_model", "own_normalisation"]
 
 #: Normalisations models are commonly trained with: name -> (mean, std) per RGB channel
 #: (single-channel models use the first value).
@@ -161,6 +161,12 @@ def refuse_near_chance(check: AccuracyCheck) -> None:
         )
 
 
+def check_weights_file(path: Path) -> None:
+    """Refuse a weights path that names no file, before any other check of an import."""
+    if not Path(path).is_file():
+        raise InputError(f"Weights file {path} does not exist; check the path.")
+
+
 def import_model(
     weights: str | os.PathLike[str],
     *,
@@ -186,8 +192,7 @@ def import_model(
     path = Path(weights)
     if (architecture is None) == (factory is None):
         raise InputError("give either --arch (a torchvision architecture name) or --factory pkg.module:build, not both or neither.")
-    if not path.is_file():
-        raise InputError(f"Weights file {path} does not exist; check the path.")
+    check_weights_file(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         _, state = _read_safetensors(path)

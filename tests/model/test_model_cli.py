@@ -193,6 +193,11 @@ def test_a_whole_saved_model_and_weights_without_a_spec_get_sentences_that_name_
     assert code == 2 and "holds weights but no model spec" in err and "`shiftcost model import`" in err
 
 
+def test_a_wrong_weights_path_is_said_before_any_missing_option(tmp_path) -> None:
+    code, _, err = run(["model", "import", tmp_path / "nothere.pt", "--arch", "resnet18", "--image-size", "32", "-o", tmp_path / "o.safetensors"])
+    assert code == 2 and "Weights file" in err and "does not exist" in err and "--classes" not in err
+
+
 def test_classes_read_from_data_folders_that_disagree_with_the_weights_say_where_they_came_from(user, tmp_path) -> None:
     import shutil
 
