@@ -83,7 +83,11 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Every budget with what its current period has used and has left."""
+    """Every budget with what its current period has used and has left.
+
+    A per-run budget caps each run alone, so its figures are a new run's: nothing used, the
+    whole cap left. What past runs used against it is in `shiftcost audit budget`.
+    """
     from shiftcost.store import ledger
 
     database = open_for_cli(database_url)
@@ -97,7 +101,9 @@ def list_(
         return
     from rich.table import Table
 
-    table = Table(title="Budgets (current period)")
+    # A per-run budget has no period to have used: its figures are what a new run may use
+    # (`audit budget` shows what each past run used).
+    table = Table(title="Budgets (current period; per-run budgets: a new run's)")
     for column in ("name", "scope", "period", "kWh cap", "kWh used", "kWh left", "kWh late", "kWh overrun", "kWh priced",
                    "CO2e cap", "CO2e used", "CO2e left", "open"):
         table.add_column(column)
