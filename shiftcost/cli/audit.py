@@ -140,6 +140,11 @@ def _run(name: str, title: str, database_url: str | None, output: OutputFormat, 
 
     for key in ("since", "until"):
         filters[key] = parse_time(filters.get(key))
+    if filters["since"] is not None and filters["until"] is not None and filters["since"] >= filters["until"]:
+        from shiftcost.errors import InputError
+
+        raise InputError(f"--since ({filters['since']:%Y-%m-%d %H:%M} UTC) is not before --until "
+                         f"({filters['until']:%Y-%m-%d %H:%M} UTC), so no row could match; give the earlier time to --since.")
     if filters.get("limit") == 0:
         filters["limit"] = None
     database = open_for_cli(database_url)

@@ -140,6 +140,8 @@ def test_audit_formats(database_url: str, db) -> None:
 
     bad_time = invoke("audit", "cost", "--since", "last tuesday", url=database_url)
     assert bad_time.exit_code != 0 and "Cannot read the time" in str(bad_time.exception)
+    backwards = invoke("audit", "budget", "--since", "2027-01-01", "--until", "2026-01-01", url=database_url)
+    assert backwards.exit_code != 0 and "is not before --until" in str(backwards.exception)
 
 
 def test_decisions_table_in_a_pipe_keeps_its_headers_and_names_reasons_by_code(database_url: str, db) -> None:
