@@ -84,7 +84,10 @@ def leave_one_group_out(
         train = [r for r, g in zip(rows, labels) if g != held_out]
         test = [r for r, g in zip(rows, labels) if g == held_out]
         model = CostModel(level=level, **model_params)
-        model.fit(train, groups=group_key if group_folds else None)
+        try:
+            model.fit(train, groups=group_key if group_folds else None)
+        except CostModelInputError as error:  # its counts are the fold's, not the whole sweep's: say which fold
+            raise CostModelInputError(f"with {group_key} {held_out!r} left out, {error}") from None
         joules = joules_per_sample_epoch or estimate_joules_per_sample_epoch(train)
         preds = model.predict_costs(test, joules_per_sample_epoch=joules, carbon_intensity=None)
         if horizon_epochs is not None:

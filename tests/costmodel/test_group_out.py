@@ -119,3 +119,12 @@ def test_report_contrasts_unseen_types_with_seen_types():
     summary = leave_one_group_out(rows, "corruption").summary
     pooled = CostModel().fit(rows).loo_
     assert summary["seen_types_loo"] == pooled and pooled["cv"] == "leave-one-out"
+
+
+def test_a_fold_that_cannot_be_fitted_is_named_with_its_own_counts():
+    rows = typed_rows(seed=3, per_type=4)
+    # Every run outside type0 hit the cap: the fold that leaves type0 out has no exact cost to fit on.
+    rows = [r if r["corruption"] == "type0" else dict(r, reached_cutoff=False) for r in rows]
+    CostModel().fit(rows)  # the whole sweep can be fitted
+    with pytest.raises(InputError, match=r"^with corruption 'type0' left out, too few calibration runs .* got 0;"):
+        leave_one_group_out(rows, "corruption")
