@@ -247,19 +247,22 @@ def _print_probe_stage(forecaster: Any, stages: Mapping[str, Any] | None, consol
         probe, index, naive = stages["probe"], stages["index"], stages["constant"]
 
         def scores(stage: Mapping[str, Any]) -> str:
+            # Each stage is scored on the kinds it could be fitted without, so each says on how many batches.
             return (
                 f"{_pct(stage['mdape_epochs'])}, {_fmt(stage['mean_abs_log_error'], '.2f')}, {_pct(stage['coverage_epochs'])}, "
-                f"{stage['censored_definite_misses']}"
+                f"{stage['censored_definite_misses']} (of {stage['n']}, {stage['n_censored']} capped)"
             )
 
         held = set(forecaster.stage1.offset_features or ())
         read = ", ".join(f"{name} held at slope 1" if name in held else name for name in forecaster.stage1.features_)
+        unfitted = stages.get("kinds_not_fitted") or []
         console.print(
-            f"probe stage ({read}), leave one corruption kind out, on the {probe['n']} batches that "
-            f"needed training ({probe['n_censored']} capped): MdAPE epochs, mean |log error| (capped as bounds), coverage epochs "
-            "of those that reached the cutoff, capped ones that spent more than the upper end "
-            f"{scores(probe)}; index stage on the same: {scores(index)}; the other kinds' median epochs (naive): {scores(naive)}. "
-            f"The probe's first evaluation put {stages['needing_none_forecast_at_zero']} of the {stages['needing_none']} that needed none at zero."
+            f"probe stage ({read}), leave one corruption kind out, on the batches that needed training: MdAPE epochs, "
+            "mean |log error| (capped as bounds), coverage epochs of those that reached the cutoff, capped ones that spent "
+            f"more than the upper end {scores(probe)}; index stage: {scores(index)}; the other kinds' median epochs (naive): {scores(naive)}"
+            + (f"; no probe stage could be fitted with {' or '.join(unfitted)} left out, so its figures leave {'that kind' if len(unfitted) == 1 else 'those kinds'} out"
+               if unfitted else "")
+            + f". The probe's first evaluation put {stages['needing_none_forecast_at_zero']} of the {stages['needing_none']} that needed none at zero."
         )
         if "rate_scaling" in stages:
             console.print(f"{describe_rate_scaling(stages['rate_scaling'])}.")

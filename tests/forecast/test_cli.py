@@ -361,13 +361,14 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     printed = " ".join(done.stdout.split())
 
     def scores(stage: dict) -> str:
-        return f"{100 * stage['mdape_epochs']:.0f}%, {stage['mean_abs_log_error']:.2f}, {100 * stage['coverage_epochs']:.0f}%, {stage['censored_definite_misses']}"
+        return (f"{100 * stage['mdape_epochs']:.0f}%, {stage['mean_abs_log_error']:.2f}, {100 * stage['coverage_epochs']:.0f}%, "
+                f"{stage['censored_definite_misses']} (of {stage['n']}, {stage['n_censored']} capped)")
 
     assert (
-        f"probe stage ({STAGE1_DEFAULT[0]} held at slope 1), leave one corruption kind out, on the {probe['n']} batches that needed training "
-        f"({probe['n_censored']} capped): MdAPE epochs, mean |log error| (capped as bounds), coverage epochs of those that reached "
+        f"probe stage ({STAGE1_DEFAULT[0]} held at slope 1), leave one corruption kind out, on the batches that needed training: "
+        "MdAPE epochs, mean |log error| (capped as bounds), coverage epochs of those that reached "
         f"the cutoff, capped ones that spent more than the upper end {scores(probe)}; "
-        f"index stage on the same: {scores(index)}; the other kinds' median epochs (naive): {scores(naive)}."
+        f"index stage: {scores(index)}; the other kinds' median epochs (naive): {scores(naive)}."
     ) in printed
     needing_training = [r for r in json.loads((cal / "points.json").read_text()) if not (r["reached_cutoff"] and r["epochs"] == 0)]
     assert probe["n"] == len(needing_training) > 0

@@ -132,6 +132,12 @@ def test_calibration_says_when_neither_stage_beats_the_other_kinds_median_epochs
     _print_probe_stage(result.forecaster, result.loco_stages, console)
     printed = console.export_text()
     assert verdict in printed and "the other kinds' median epochs (naive): 41%, 0.50," in printed
+    naive = result.loco_stages["constant"]
+    assert f"(of {naive['n']}, {naive['n_censored']} capped)" in printed and "no probe stage could be fitted" not in printed
+    # A kind no fold could leave out is named: the stages' figures then cover different batches.
+    console = Console(record=True, width=1000)
+    _print_probe_stage(result.forecaster, result.loco_stages | {"kinds_not_fitted": ["frost"]}, console)
+    assert "no probe stage could be fitted with frost left out, so its figures leave that kind out." in console.export_text()
 
 
 def test_leave_one_kind_out_counts_a_capped_batch_only_as_a_definite_miss() -> None:
