@@ -223,7 +223,10 @@ def _budget_guard(
         raise InputError(missing_energy_rate(cost_model, "a budget in kWh cannot be guarded"))
     forecaster.check_model(spec, "this model file")
     has_reference = ref_x is not None and ref_y is not None
-    forecaster.check_retrain(config, "this retrain (its recipe options and file, and the model file's recipe)", reference_available=has_reference)
+    forecaster.check_retrain(
+        config, "this retrain (its recipe options and file, and the model file's recipe)",
+        reference_available=has_reference, reference_option="--reference DATA",
+    )
     note = rate_mismatch_note(forecaster.energy_rate, device)
     if note:
         make_console(stderr=True).print(note, style="yellow")

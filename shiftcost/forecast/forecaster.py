@@ -741,12 +741,13 @@ class Forecaster:
                 "Forecaster.probe_options() so its curve is the kind the forecast was fitted on."
             )
 
-    def check_retrain(self, config: Any, where: str, *, reference_available: bool = True) -> None:
+    def check_retrain(self, config: Any, where: str, *, reference_available: bool = True, reference_option: str | None = None) -> None:
         """Refuse to forecast retrains whose recipe or cutoff differs from what calibration measured.
 
         ``config`` is the :class:`~shiftcost.recipe.RetrainConfig` of the retrains to forecast;
         ``where`` names them in the sentence; ``reference_available``: whether they get labelled
-        reference data, which a recipe without a replay share replays by default. Epochs to the
+        reference data, which a recipe without a replay share replays by default; ``reference_option``
+        names the option that gives it, for the sentence. Epochs to the
         cutoff are not a property of the shift alone: on the digits CNN the same batches took 1.5
         to 2.2 times the epochs at batch 128 as at 64, and 0.66 to 2 times at 32, neither the same
         epochs nor the same steps, so no conversion is safe. Settings calibration did not record
@@ -758,7 +759,8 @@ class Forecaster:
             raise ConfigError(
                 f"the cost model was calibrated on retrains with {', '.join(differ)}, not what {where} uses; epochs to the cutoff "
                 "change with these settings, so recalibrate with them or retrain with the calibrated ones"
-                + (" (replaying needs the labelled reference data)." if unreplayed else ".")
+                + (f" (replaying needs the labelled reference data{f': give it with {reference_option}' if reference_option else ''})."
+                   if unreplayed else ".")
             )
 
     def check_model(self, spec: Any, model: str) -> None:

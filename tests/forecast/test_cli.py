@@ -426,7 +426,7 @@ def test_a_calibration_guards_a_retrain_like_its_own_and_refuses_another_recipe(
     # does when it has one; a retrain without it would replay nothing and take other epochs.
     unreplayed = shiftcost(*common, "--lr", "0.01", "--out", str(files / "unreplayed.safetensors"), cwd=files)
     refused = " ".join(unreplayed.stderr.split())
-    assert unreplayed.returncode == 2 and "replay_fraction 0.5 (here 0.0)" in refused and "replaying needs the labelled reference data" in refused
+    assert unreplayed.returncode == 2 and "replay_fraction 0.5 (here 0.0)" in refused and "replaying needs the labelled reference data: give it with --reference DATA" in refused
     assert "Traceback" not in refused
     assert not (files / "unreplayed.safetensors").exists()
     common += ["--reference", str(files / "reference.npz")]
