@@ -150,6 +150,7 @@ def _run(name: str, title: str, database_url: str | None, output: OutputFormat, 
     database = open_for_cli(database_url)
     try:
         with database.session(readonly=True) as session:
+            _require_known_model(session, name, filters.get("model"))
             result = audit.run(session, name, **filters)
     finally:
         database.dispose()
@@ -159,6 +160,16 @@ def _run(name: str, title: str, database_url: str | None, output: OutputFormat, 
             typer.echo(f"{statement};", err=True)
             if parameters:
                 typer.echo("-- bound, in order: " + ", ".join(f"{name} = {_shown(value)}" for name, value in parameters), err=True)
+
+
+def _require_known_model(session: Any, query: str, model: str | None) -> None:
+    """Refuse a --model that names no model: a typo would otherwise read as a model that never
+    retrained. A budget's scope may name a model not registered yet, so `audit budget` takes any."""
+    from shiftcost.errors import InputError
+    from shiftcost.store import repository
+
+    if model is not None and query != "budget" and not repository.model_versions(session, model):
+        raise InputError(f"No model is named {model!r}; `shiftcost model list` shows the names.")
 
 
 def _shown(value: Any) -> str:

@@ -122,6 +122,9 @@ def test_audit_formats(database_url: str, db) -> None:
     as_csv = invoke("audit", "cost", "--model", "other", "--since", "30d", "--format", "csv", url=database_url)
     rows = list(csv.DictReader(io.StringIO(as_csv.output)))
     assert [(int(r["run_id"]), float(r["energy_kwh"])) for r in rows] == [(run.id, 0.25)]
+    typo = invoke("audit", "cost", "--model", "ohter", url=database_url)
+    assert typo.exit_code != 0 and "No model is named 'ohter'" in str(typo.exception)
+    assert invoke("audit", "budget", "--model", "not-registered-yet", url=database_url).exit_code == 0  # a scope may precede its model
 
     table = invoke("audit", "cost", url=database_url)
     assert table.exit_code == 0 and "energy_kwh=0.25" in table.output
