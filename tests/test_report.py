@@ -268,6 +268,10 @@ def test_cli_report_writes_the_file_and_prints_json(database_url, tmp_path):
     assert payload["path"] == str(out.resolve()) and payload["plots"] == list(PLOTS)
     assert payload["batches"] == 5 and payload["retrain_runs"] == 2
     assert set(_parse(out).images) == set(PLOTS)
+    for wrong, sentence in ((["--model", "no-such-model"], "No model is named 'no-such-model'"),
+                            (["--since", "2027-01-01", "--until", "2026-01-01"], "is not before --until")):
+        refused = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "no.html"), "--database-url", database_url, *wrong])
+        assert refused.exit_code != 0 and sentence in str(refused.exception) and not (tmp_path / "no.html").exists()
 
 
 @pytest.mark.slow

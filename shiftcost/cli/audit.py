@@ -138,19 +138,14 @@ def _run(name: str, title: str, database_url: str | None, output: OutputFormat, 
          show_sql: bool = False, **filters: Any) -> None:
     from shiftcost.store import audit
 
-    for key in ("since", "until"):
-        filters[key] = parse_time(filters.get(key))
-    if filters["since"] is not None and filters["until"] is not None and filters["since"] >= filters["until"]:
-        from shiftcost.errors import InputError
-
-        raise InputError(f"--since ({filters['since']:%Y-%m-%d %H:%M} UTC) is not before --until "
-                         f"({filters['until']:%Y-%m-%d %H:%M} UTC), so no row could match; give the earlier time to --since.")
+    filters["since"], filters["until"] = time_window(filters.get("since"), filters.get("until"))
     if filters.get("limit") == 0:
         filters["limit"] = None
     database = open_for_cli(database_url)
     try:
         with database.session(readonly=True) as session:
-            _require_known_model(session, name, filters.get("model"))
+            if name != "budget":  # a budget's scope may name a model not registered yet
+                require_known_model(session, filters.get("model"))
             result = audit.run(session, name, **filters)
     finally:
         database.dispose()
@@ -162,13 +157,23 @@ def _run(name: str, title: str, database_url: str | None, output: OutputFormat, 
                 typer.echo("-- bound, in order: " + ", ".join(f"{name} = {_shown(value)}" for name, value in parameters), err=True)
 
 
-def _require_known_model(session: Any, query: str, model: str | None) -> None:
-    """Refuse a --model that names no model: a typo would otherwise read as a model that never
-    retrained. A budget's scope may name a model not registered yet, so `audit budget` takes any."""
+def time_window(since: str | None, until: str | None) -> tuple[Any, Any]:
+    """--since and --until as UTC times; refused when no row could fall between them."""
+    start, end = parse_time(since), parse_time(until)
+    if start is not None and end is not None and start >= end:
+        from shiftcost.errors import InputError
+
+        raise InputError(f"--since ({start:%Y-%m-%d %H:%M} UTC) is not before --until ({end:%Y-%m-%d %H:%M} UTC), "
+                         "so no row could match; give the earlier time to --since.")
+    return start, end
+
+
+def require_known_model(session: Any, model: str | None) -> None:
+    """Refuse a --model that names no model: a typo would otherwise read as a model that never retrained."""
     from shiftcost.errors import InputError
     from shiftcost.store import repository
 
-    if model is not None and query != "budget" and not repository.model_versions(session, model):
+    if model is not None and not repository.model_versions(session, model):
         raise InputError(f"No model is named {model!r}; `shiftcost model list` shows the names.")
 
 

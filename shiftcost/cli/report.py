@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from shiftcost.cli._console import make_console
-from shiftcost.cli.audit import ModelOption, SinceOption, UntilOption, parse_time
+from shiftcost.cli.audit import ModelOption, SinceOption, UntilOption, require_known_model, time_window
 from shiftcost.cli.db import DatabaseUrlOption, open_for_cli
 
 
@@ -32,12 +32,12 @@ def report(
     """Write an HTML report (plots embedded) of indices, predicted vs actual energy, budgets and decisions."""
     from shiftcost.report import write_report
 
+    start, end = time_window(since, until)
     database = open_for_cli(database_url)
     try:
-        summary = write_report(
-            database, out, model=model, since=parse_time(since), until=parse_time(until),
-            limit=limit or None, title=title,
-        )
+        with database.session(readonly=True) as session:
+            require_known_model(session, model)
+        summary = write_report(database, out, model=model, since=start, until=end, limit=limit or None, title=title)
     finally:
         database.dispose()
     if as_json:
