@@ -267,10 +267,16 @@ def execute_retrain(settings: Settings, inputs: RetrainInputs) -> RetrainResult:
     replay = config.recipe.replay_with(reference is not None)
     replay_samples = 0 if reference is None else len(reference)
     guard = budget_guard(inputs, config.cutoff.holdout_fraction, replay, replay_samples, config.caps.max_epochs)
-    price = None if inputs.forecaster is None else inputs.forecaster.retrain_price(
-        len(data), replay_fraction=replay, reference_samples=replay_samples,
-        holdout_fraction=config.cutoff.holdout_fraction, cap_epochs=config.caps.max_epochs,
-    )
+    # The heartbeat prices the work as the guard does: the guard's own price where there is a guard.
+    if guard is not None:
+        price = guard.price
+    elif inputs.forecaster is not None:
+        price = inputs.forecaster.retrain_price(
+            len(data), replay_fraction=replay, reference_samples=replay_samples,
+            holdout_fraction=config.cutoff.holdout_fraction, cap_epochs=config.caps.max_epochs,
+        )
+    else:
+        price = None
     result = retrain_to_cutoff(
         inputs.model,
         data.x,
